@@ -1,0 +1,99 @@
+"""Finding a trustworthy spconv.
+
+spconv is optional (install it through an extra: ``cad-spconv[cu120]``, ``[cu126]``, ...). The
+CPU-only ``spconv`` wheel computes wrong convolutions (SubMConv2d vs dense conv max error ~0.8
+measured on 2.3.6 and 2.3.8), so it is refused: the package metadata is checked, and the first
+use runs a small self-check of ``indice_conv`` against a torch gather-GEMM.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import warnings
+from functools import lru_cache
+
+__all__ = ["spconv_status", "require_spconv", "SpconvUnavailable", "INSTALL_HINT"]
+
+INSTALL_HINT = ("install a CUDA build of spconv, which is also correct on CPU: "
+                "`pip install 'cad-spconv[cu120]'` (Python <= 3.11) or "
+                "`pip install 'cad-spconv[cu126]'` (Python >= 3.12); "
+                "remove the CPU-only wheel first with `pip uninstall spconv`")
+
+
+class SpconvUnavailable(RuntimeError):
+    """spconv is missing or not trustworthy; the message says what to install."""
+
+
+def _installed_spconv_dists() -> list[str]:
+    names = []
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name == "spconv" or name.startswith("spconv-cu"):
+            names.append(name)
+    return sorted(set(names))
+
+
+def _import_spconv():
+    with warnings.catch_warnings():
+        # spconv 2.3 uses deprecated torch.cuda.amp decorators at import time
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        importlib.import_module("spconv.pytorch")
+        return importlib.import_module("spconv.pytorch.functional")
+
+
+def _self_check() -> float:
+    """Max error of spconv's indice_conv against a dense torch gather on a tiny problem."""
+    import torch
+
+    from spconv.pytorch.core import ConvAlgo
+
+    functional = _import_spconv()
+    gen = torch.Generator().manual_seed(0)
+    n_in, n_out, c_in, c_out = 24, 20, 4, 3
+    feats = torch.randn(n_in, c_in, generator=gen)
+    weight = torch.randn(c_out, 3, 3, c_in, generator=gen)
+    gather = torch.randint(-1, n_in, (n_out, 9), generator=gen)
+    from .rulebook import Rulebook
+
+    book = Rulebook(gather, n_in, (3, 3), 0, 0)
+    pairs, counts = book.spconv_pairs()
+    out = functional.indice_conv(feats, weight, pairs, counts, n_out, ConvAlgo.Native)
+    padded = torch.cat([feats, feats.new_zeros(1, c_in)])
+    ref = torch.einsum("nkc,okc->no", padded[book.padded()], weight.reshape(c_out, 9, c_in))
+    return float((out - ref).abs().max())
+
+
+@lru_cache(maxsize=1)
+def spconv_status() -> tuple[bool, str]:
+    """``(usable, reason)`` for the spconv engine on this machine (checked once)."""
+    dists = _installed_spconv_dists()
+    if not dists:
+        return False, "spconv is not installed; " + INSTALL_HINT
+    if dists == ["spconv"]:
+        return False, ("the CPU-only `spconv` wheel is installed and computes wrong "
+                       "convolutions; " + INSTALL_HINT)
+    if len(dists) > 1:
+        return False, (f"several spconv wheels are installed ({', '.join(dists)}); they share "
+                       "one module and the result is undefined: keep exactly one CUDA build ("
+                       + INSTALL_HINT + ")")
+    try:
+        _import_spconv()
+    except Exception as exc:  # broken install, missing CUDA runtime libs, ...
+        return False, f"spconv ({dists[0]}) failed to import: {exc!r}; " + INSTALL_HINT
+    try:
+        err = _self_check()
+    except Exception as exc:
+        return False, f"spconv ({dists[0]}) failed its self-check: {exc!r}; " + INSTALL_HINT
+    if not err < 1e-4:
+        return False, (f"spconv ({dists[0]}) failed its self-check (max error {err:.3g} against "
+                       "a dense reference); " + INSTALL_HINT)
+    return True, f"{dists[0]} (self-check max error {err:.1e})"
+
+
+def require_spconv():
+    """Return ``spconv.pytorch.functional`` or raise :class:`SpconvUnavailable`."""
+    ok, reason = spconv_status()
+    if not ok:
+        raise SpconvUnavailable(reason)
+    return _import_spconv()

@@ -1,0 +1,106 @@
+"""Functional ops on :class:`~cad_spconv.tensor.CADTensor` (the rules of ``SEMANTICS.md``).
+
+Geometry (rulebooks) comes from the tensor's cache; compute goes through :mod:`.engines`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .engines import sparse_conv, sparse_max
+from .rulebook import Rulebook, conv_rulebook, pool2_rulebook
+from .tensor import CADTensor
+
+__all__ = ["conv2d", "max_pool2d", "batch_norm", "pointwise", "global_avg_pool", "densify",
+           "conv_book"]
+
+IntPair = Union[int, tuple[int, int]]
+
+
+def _pair(v: IntPair, what: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return int(v[0]), int(v[1])
+    raise TypeError(f"{what} must be an int or a pair of ints, got {v!r}")
+
+
+def _step_out(x: CADTensor, stride: IntPair) -> int:
+    sy, sx = _pair(stride, "stride")
+    if sy != sx or sy not in (1, 2):
+        raise ValueError(f"stride must be 1 (same sites) or 2 (adaptive downsampling), got {stride}")
+    if sy == 2 and x.step >= x.plan.num_levels:
+        raise ValueError(f"a stride-2 layer at step {x.step}, but the plan has only "
+                         f"{x.plan.num_levels} adaptive steps; convert with a larger coarsest stride "
+                         "or build the plan with more levels")
+    return x.step + (sy == 2)
+
+
+def conv_book(x: CADTensor, kernel_size: IntPair, dilation: IntPair, stride: IntPair) -> Rulebook:
+    """The (cached) rulebook of a conv with this geometry applied to ``x``."""
+    kh, kw = _pair(kernel_size, "kernel_size")
+    dil = _pair(dilation, "dilation")
+    step_out = _step_out(x, stride)
+    key = ("conv", kh, kw, dil, x.step, step_out)
+    return x.cache.get(key, lambda: conv_rulebook(x.plan, (kh, kw), dil, x.step, step_out))
+
+
+def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           stride: IntPair = 1, dilation: IntPair = 1, groups: int = 1,
+           engine: str = "auto") -> CADTensor:
+    """Conv with same padding. ``dilation`` is the layer's dilation in the coarsest-stride
+    network; on the finest grid its taps are ``dilation * 2**step`` apart. Stride 2 is an
+    adaptive downsampling step."""
+    book = conv_book(x, weight.shape[-2:], dilation, stride)
+    out = sparse_conv(x.features, weight, bias, book, groups, engine)
+    return x.replace_features(out, book.step_out)
+
+
+def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: IntPair = 0,
+               dilation: IntPair = 1) -> CADTensor:
+    """Max pool: window = stride 2 (``2x2/2``: merged sites take the max of their children,
+    kept sites pass through), or an odd window with same padding (the conv rule with max;
+    out-of-grid taps ignored), stride 1 or 2."""
+    k = _pair(kernel_size, "kernel_size")
+    s = _pair(stride, "stride")
+    p = _pair(padding, "padding")
+    d = _pair(dilation, "dilation")
+    if k == (2, 2) and s == (2, 2) and p == (0, 0) and d == (1, 1):
+        _step_out(x, 2)
+        book = x.cache.get(("pool2", x.step), lambda: pool2_rulebook(x.plan, x.step))
+    elif k[0] % 2 == 1 and k[1] % 2 == 1 and p == (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2):
+        book = conv_book(x, k, d, s)
+    else:
+        raise ValueError(f"unsupported max pool kernel={k}, stride={s}, padding={p}, dilation={d}: "
+                         "supported are 2x2 window with stride 2, and odd windows with same "
+                         "padding (dilation*(k-1)/2) and stride 1 or 2")
+    return x.replace_features(sparse_max(x.features, book), book.step_out)
+
+
+def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> CADTensor:
+    """Batch norm per site; in training the statistics are taken over sites."""
+    out = F.batch_norm(x.features, running_mean, running_var, weight, bias, training, momentum, eps)
+    return x.replace_features(out)
+
+
+def pointwise(x: CADTensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> CADTensor:
+    """Apply an elementwise function (activation, dropout, ...) to every site."""
+    return x.replace_features(fn(x.features))
+
+
+def global_avg_pool(x: CADTensor) -> torch.Tensor:
+    """Area-weighted mean over sites: ``[B, C]``, equal to the dense mean of :func:`densify`."""
+    geo = x.plan.geometry(x.step)
+    area = geo.area.to(x.dtype)
+    sums = x.features.new_zeros(x.batch_size, x.num_channels)
+    sums = sums.index_add(0, geo.coords[:, 0], x.features * area[:, None])
+    H, W = x.plan.grid
+    return sums / (H * W)
+
+
+def densify(x: CADTensor, grid: str = "finest") -> torch.Tensor:
+    """Dense ``[B, C, H, W]`` by owner fill (see :meth:`CADTensor.dense`)."""
+    return x.dense(grid)

@@ -1,0 +1,180 @@
+"""Modules on :class:`~cad_spconv.tensor.CADTensor`, mirroring ``torch.nn``.
+
+Each module subclasses its ``torch.nn`` counterpart, so parameter names, shapes and
+``state_dict`` keys are the same and adapters can swap them in while keeping the weights
+(``from_module`` shares the original parameters instead of copying them).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as CF
+from .engines import ENGINES
+from .tensor import CADTensor
+
+__all__ = ["CADConv2d", "CADBatchNorm2d", "CADPointwise", "CADMaxPool2d",
+           "CADAdaptiveAvgPool2d", "Densify", "Sparsify"]
+
+
+def _expect_cad(x, module: nn.Module):
+    if not isinstance(x, CADTensor):
+        raise TypeError(f"{type(module).__name__} expects a CADTensor, got {type(x).__name__}; "
+                        "enter with CADTensor.from_dense(x, keep, num_levels) or a Sparsify module")
+
+
+class CADConv2d(nn.Conv2d):
+    """``nn.Conv2d`` on a multi-resolution tensor (same padding, stride 1 or 2).
+
+    ``dilation`` is the layer's dilation in the coarsest-stride network; at step ``t`` its taps
+    are ``dilation * 2**t`` apart on the finest grid. Stride 2 is an adaptive downsampling step.
+    ``engine``: ``"auto"``, ``"torch"`` or ``"spconv"`` (see :mod:`cad_spconv.engines`).
+    """
+
+    def __init__(self, *args, engine: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engine = engine
+        self._validate()
+
+    def _validate(self):
+        kh, kw = self.kernel_size
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"CADConv2d needs an odd kernel size, got {kh}x{kw}")
+        same = (self.dilation[0] * (kh - 1) // 2, self.dilation[1] * (kw - 1) // 2)
+        if tuple(self.padding) != same:
+            raise ValueError(f"CADConv2d needs same padding dilation*(k-1)/2 = {same}, got "
+                             f"{self.padding}")
+        if self.stride[0] != self.stride[1] or self.stride[0] not in (1, 2):
+            raise ValueError(f"CADConv2d stride must be 1 or 2, got {self.stride}")
+        if self.padding_mode != "zeros":
+            raise ValueError(f"CADConv2d supports zero padding only, got {self.padding_mode!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d, dilation=None, engine: str = "auto") -> "CADConv2d":
+        """Wrap ``conv``'s parameters (shared, not copied). ``dilation`` overrides the conv's
+        own (the adapter passes the dilation of the coarsest-stride network)."""
+        d = conv.dilation if dilation is None else (
+            (dilation, dilation) if isinstance(dilation, int) else tuple(dilation))
+        kh, kw = conv.kernel_size
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                  padding=(d[0] * (kh - 1) // 2, d[1] * (kw - 1) // 2), dilation=d,
+                  groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                  device="meta", engine=engine)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        return new
+
+    @property
+    def macs_per_site(self) -> int:
+        """Multiply-adds per output site: ``kh * kw * C_in / groups * C_out``."""
+        kh, kw = self.kernel_size
+        return kh * kw * (self.in_channels // self.groups) * self.out_channels
+
+    def forward(self, x: CADTensor) -> CADTensor:
+        _expect_cad(x, self)
+        return CF.conv2d(x, self.weight, self.bias, self.stride, self.dilation, self.groups,
+                         self.engine)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", engine={self.engine!r}"
+
+
+class CADBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` per site; training mode normalizes over the sites of the batch."""
+
+    @classmethod
+    def from_module(cls, bn: nn.BatchNorm2d) -> "CADBatchNorm2d":
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  device="meta")
+        new.weight, new.bias = bn.weight, bn.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(bn, name))
+        new.train(bn.training)
+        return new
+
+    def forward(self, x: CADTensor) -> CADTensor:
+        _expect_cad(x, self)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or self.running_mean is None
+        return CF.batch_norm(
+            x, self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, use_batch, factor, self.eps)
+
+
+class CADPointwise(nn.Module):
+    """Applies an elementwise module (ReLU, GELU, Dropout, ...) to every site."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: CADTensor) -> CADTensor:
+        _expect_cad(x, self)
+        return CF.pointwise(x, self.module)
+
+
+class CADMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d``: 2x2 window with stride 2 (VGG) or odd window with same padding."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.return_indices:
+            raise ValueError("CADMaxPool2d does not return indices")
+
+    @classmethod
+    def from_module(cls, pool: nn.MaxPool2d) -> "CADMaxPool2d":
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                   ceil_mode=pool.ceil_mode)
+
+    def forward(self, x: CADTensor) -> CADTensor:
+        _expect_cad(x, self)
+        return CF.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+
+
+class CADAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """Global average pool (``output_size=1``), area-weighted; returns dense ``[B, C, 1, 1]``."""
+
+    def __init__(self, output_size=1):
+        super().__init__(output_size)
+        if output_size not in (1, (1, 1)):
+            raise ValueError(f"CADAdaptiveAvgPool2d supports output_size=1 only, got {output_size}")
+
+    def forward(self, x: CADTensor) -> torch.Tensor:
+        _expect_cad(x, self)
+        return CF.global_avg_pool(x)[:, :, None, None]
+
+
+class Densify(nn.Module):
+    """Leave the multi-resolution form: owner fill onto the finest grid (or the step's grid)."""
+
+    def __init__(self, grid: str = "finest"):
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: CADTensor) -> torch.Tensor:
+        _expect_cad(x, self)
+        return x.dense(self.grid)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid!r}"
+
+
+class Sparsify(nn.Module):
+    """Enter the multi-resolution form at step 0: ``forward(x_dense, keep)``."""
+
+    def __init__(self, num_levels: int):
+        super().__init__()
+        self.num_levels = num_levels
+
+    def forward(self, x: torch.Tensor, keep) -> CADTensor:
+        return CADTensor.from_dense(x, keep, self.num_levels)
+
+    def extra_repr(self) -> str:
+        return f"num_levels={self.num_levels}"

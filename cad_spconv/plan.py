@@ -1,0 +1,298 @@
+"""Level plans: which finest-grid cells are merged into coarser sites.
+
+A :class:`LevelPlan` stores, for every finest-grid cell of every image, the final level of the
+site that owns it (a quadtree, see ``SEMANTICS.md``). From it follow, per step ``t``, the
+active sites (raster order), the owner map (cell -> site index) and the area each site owns.
+Everything is computed with vectorized tensor ops on the plan's device and cached on the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LevelPlan", "StepGeometry", "make_plan", "reduce_to_grid", "same_device"]
+
+
+@dataclass(frozen=True)
+class StepGeometry:
+    """Sites of one step of a plan.
+
+    coords: ``[N, 3]`` int64 (batch, y, x) of the active sites in raster order.
+    owner:  ``[B, H, W]`` int64, index into ``coords`` of the site owning each cell.
+    area:   ``[N]`` int64, cells owned by each site (blocks clipped at the border).
+    """
+
+    coords: torch.Tensor
+    owner: torch.Tensor
+    area: torch.Tensor
+
+    @property
+    def num_sites(self) -> int:
+        return self.coords.shape[0]
+
+
+def _block_any(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Per aligned ``size x size`` block (clipped at the border): any cell true. ``[B,H,W]``."""
+    pooled = F.max_pool2d(x[:, None].to(torch.float32), size, size, ceil_mode=True)[:, 0]
+    return pooled > 0
+
+
+def _expand_blocks(x: torch.Tensor, size: int, shape: Sequence[int]) -> torch.Tensor:
+    """Broadcast a per-block map back onto the cells it covers."""
+    return x.repeat_interleave(size, 1).repeat_interleave(size, 2)[:, : shape[0], : shape[1]]
+
+
+def _check_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"{what} must be a bool tensor (True = keep at finest resolution), got {mask.dtype}; "
+            "convert it explicitly, e.g. `mask > 0.5`")
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise ValueError(f"{what} must be [B, 1, h, w] or [B, h, w], got {tuple(mask.shape)}")
+        mask = mask[:, 0]
+    if mask.dim() != 3:
+        raise ValueError(f"{what} must be [B, 1, h, w] or [B, h, w], got {tuple(mask.shape)}")
+    return mask
+
+
+def reduce_to_grid(mask: torch.Tensor, grid: Sequence[int], what: str = "keep mask") -> torch.Tensor:
+    """Reduce a bool mask ``[B, h, w]`` onto the finest grid ``(H, W)``.
+
+    A cell is kept if any pixel of its footprint is kept. The footprint of cell ``i`` is
+    ``[i*s, (i+1)*s)`` clipped to the mask, for the integer scale ``s`` with
+    ``ceil(h/s) == H`` and ``ceil(w/s) == W`` (the size rule of strided convs with same padding).
+    """
+    mask = _check_mask(mask, what)
+    H, W = int(grid[0]), int(grid[1])
+    h, w = mask.shape[-2:]
+    if (h, w) == (H, W):
+        return mask
+    scale = None
+    for s in range(max(1, h // max(H, 1)), h + 1):
+        if -(-h // s) == H and -(-w // s) == W:
+            scale = s
+            break
+        if -(-h // s) < H:
+            break
+    if scale is None:
+        raise ValueError(
+            f"{what} of size {h}x{w} does not map onto the finest grid {H}x{W}: give it at the "
+            f"finest grid, or at a resolution s times finer (ceil(h/s) == {H}, ceil(w/s) == {W}), "
+            "e.g. at image resolution")
+    return _block_any(mask, scale)
+
+
+@dataclass(eq=False)
+class LevelPlan:
+    """Final level of every finest-grid cell's owner site, for a batch of images.
+
+    levels: ``[B, H, W]`` int64 in ``0..num_levels``, block-consistent (a level-``l`` site sits
+    at multiples of ``2**l`` and all cells of its clipped ``2**l`` block carry level ``l``).
+    Build it with :meth:`from_keep`, :meth:`from_level_masks`, :meth:`from_level_map` or
+    :func:`make_plan`.
+    """
+
+    levels: torch.Tensor
+    num_levels: int
+
+    def __post_init__(self):
+        self._geometry: dict[int, StepGeometry] = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor, grid: Sequence[int], num_levels: int) -> "LevelPlan":
+        """One keep mask per image: kept cells stay at level 0, blocks of ``2**s`` without a
+        kept cell merge (the coarsest such block wins), giving a quadtree."""
+        keep = reduce_to_grid(keep, grid)
+        return cls.from_level_masks([keep], grid, num_levels)
+
+    @classmethod
+    def from_level_masks(cls, masks: Sequence[torch.Tensor], grid: Sequence[int],
+                         num_levels: int) -> "LevelPlan":
+        """Per-level masks, finest first: mask ``l`` marks cells that must be at level ``<= l``.
+        Fewer than ``num_levels`` masks leave the missing levels unconstrained."""
+        _check_levels(num_levels)
+        if len(masks) == 0 or len(masks) > num_levels:
+            raise ValueError(f"expected 1..{num_levels} per-level masks (one per adaptive step, "
+                             f"finest first), got {len(masks)}")
+        grid = (int(grid[0]), int(grid[1]))
+        reduced = [reduce_to_grid(m, grid, f"level mask {i}") for i, m in enumerate(masks)]
+        first = reduced[0]
+        for i, m in enumerate(reduced[1:], 1):
+            if m.shape[0] != first.shape[0]:
+                raise ValueError(f"level mask {i} has batch size {m.shape[0]}, mask 0 has {first.shape[0]}")
+            if m.device != first.device:
+                raise ValueError(f"level mask {i} is on {m.device}, mask 0 on {first.device}")
+        forbidden = torch.zeros_like(first)
+        levels = torch.zeros(first.shape, dtype=torch.int64, device=first.device)
+        for s in range(1, num_levels + 1):
+            if s - 1 < len(reduced):
+                forbidden = forbidden | reduced[s - 1]
+            merge = ~_expand_blocks(_block_any(forbidden, 2 ** s), 2 ** s, grid)
+            levels += merge.to(torch.int64)  # merges are nested, so the count is the level
+        return cls(levels, num_levels)
+
+    @classmethod
+    def from_level_map(cls, level_map: torch.Tensor, num_levels: int) -> "LevelPlan":
+        """An explicit level map ``[B, H, W]`` (or ``[B, 1, H, W]``) of integers."""
+        _check_levels(num_levels)
+        if not isinstance(level_map, torch.Tensor):
+            raise TypeError(f"level map must be a torch.Tensor, got {type(level_map).__name__}")
+        if level_map.dtype.is_floating_point or level_map.dtype == torch.bool or level_map.is_complex():
+            raise TypeError(f"level map must be an integer tensor, got {level_map.dtype}")
+        if level_map.dim() == 4 and level_map.shape[1] == 1:
+            level_map = level_map[:, 0]
+        if level_map.dim() != 3:
+            raise ValueError(f"level map must be [B, H, W] or [B, 1, H, W], got {tuple(level_map.shape)}")
+        levels = level_map.to(torch.int64)
+        lo, hi = int(levels.min()), int(levels.max())
+        if lo < 0 or hi > num_levels:
+            raise ValueError(f"level map values must lie in 0..{num_levels}, got {lo}..{hi}")
+        grid = levels.shape[-2:]
+        for s in range(1, num_levels + 1):
+            is_s = levels == s
+            any_s = _block_any(is_s, 2 ** s)
+            all_s = ~_block_any(~is_s, 2 ** s)
+            bad = any_s & ~all_s
+            if bool(bad.any()):
+                b, by, bx = (int(v) for v in bad.nonzero()[0])
+                raise ValueError(
+                    f"level map is not block-consistent: image {b}, block at ({by * 2 ** s}, "
+                    f"{bx * 2 ** s}) of size {2 ** s} mixes level {s} with other levels; a level-{s} "
+                    f"site must fill its whole aligned {2 ** s}x{2 ** s} block")
+        del grid
+        return cls(levels, num_levels)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def batch_size(self) -> int:
+        return self.levels.shape[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.levels.shape[1]), int(self.levels.shape[2])
+
+    @property
+    def device(self) -> torch.device:
+        return self.levels.device
+
+    def to(self, device) -> "LevelPlan":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return LevelPlan(self.levels.to(device), self.num_levels)
+
+    def level_at(self, step: int) -> torch.Tensor:
+        """Level of each cell's owner at step ``step`` (``min(final level, step)``)."""
+        self._check_step(step)
+        return self.levels.clamp(max=step)
+
+    def geometry(self, step: int) -> StepGeometry:
+        """Active sites, owner map and areas at ``step`` (cached)."""
+        self._check_step(step)
+        geo = self._geometry.get(step)
+        if geo is None:
+            geo = self._build_geometry(step)
+            self._geometry[step] = geo
+        return geo
+
+    def num_sites(self, step: int) -> int:
+        return self.geometry(step).num_sites
+
+    def sites_per_image(self, step: int) -> torch.Tensor:
+        """``[B]`` number of sites of each image at ``step``."""
+        coords = self.geometry(step).coords
+        return torch.bincount(coords[:, 0], minlength=self.batch_size)
+
+    def level_fractions(self) -> torch.Tensor:
+        """``[B, L+1]`` fraction of finest-grid cells owned by sites of each level."""
+        counts = F.one_hot(self.levels.flatten(1), self.num_levels + 1).sum(1)
+        return counts.to(torch.float64) / self.levels[0].numel()
+
+    # ------------------------------------------------------------------ internals
+    def _check_step(self, step: int):
+        if not 0 <= step <= self.num_levels:
+            raise ValueError(f"step must lie in 0..{self.num_levels}, got {step}")
+
+    def _build_geometry(self, step: int) -> StepGeometry:
+        B, H, W = self.levels.shape
+        dev = self.device
+        m = self.levels.clamp(max=step)
+        ys = torch.arange(H, device=dev).view(1, H, 1)
+        xs = torch.arange(W, device=dev).view(1, 1, W)
+        # owner block's top-left corner: clear the low m bits
+        oy = (ys >> m) << m
+        ox = (xs >> m) << m
+        is_site = (oy == ys) & (ox == xs)
+        flat_site = is_site.flatten()
+        site_index = torch.cumsum(flat_site, 0) - 1
+        bs = torch.arange(B, device=dev).view(B, 1, 1)
+        owner_flat = (bs * H + oy) * W + ox
+        owner = site_index[owner_flat]
+        coords = is_site.nonzero()
+        area = torch.bincount(owner.flatten(), minlength=coords.shape[0])
+        return StepGeometry(coords=coords, owner=owner, area=area)
+
+
+def same_device(a, b) -> bool:
+    """Device equality that treats ``cuda`` and ``cuda:<current>`` alike."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        return a.type != "cuda" or (a.index or torch.cuda.current_device()) == (b.index or torch.cuda.current_device())
+    return a.index == b.index
+
+
+def _check_levels(num_levels: int):
+    if not isinstance(num_levels, int) or num_levels < 1:
+        raise ValueError(f"num_levels (adaptive steps L) must be an int >= 1, got {num_levels!r}")
+
+
+PlanSpec = Union[LevelPlan, torch.Tensor, Sequence[torch.Tensor]]
+
+
+def make_plan(spec: PlanSpec, grid: Sequence[int], num_levels: int,
+              batch_size: int | None = None, device=None) -> LevelPlan:
+    """Build a :class:`LevelPlan` from any accepted form.
+
+    - a :class:`LevelPlan` (checked against ``grid`` and ``num_levels``);
+    - a bool keep mask ``[B, 1, h, w]`` / ``[B, h, w]`` at the finest grid or finer;
+    - a list of bool per-level masks, finest first;
+    - an integer level map ``[B, H, W]`` at the finest grid.
+    """
+    grid = (int(grid[0]), int(grid[1]))
+    if isinstance(spec, LevelPlan):
+        plan = spec
+        if plan.num_levels != num_levels:
+            raise ValueError(f"plan has {plan.num_levels} levels, the model needs {num_levels}")
+    elif isinstance(spec, torch.Tensor):
+        if spec.dtype == torch.bool:
+            plan = LevelPlan.from_keep(spec, grid, num_levels)
+        elif not spec.dtype.is_floating_point:
+            plan = LevelPlan.from_level_map(spec, num_levels)
+        else:
+            raise TypeError(
+                f"keep must be a bool mask or an integer level map, got a {spec.dtype} tensor; "
+                "threshold it explicitly, e.g. `keep = scores > 0.5`")
+    elif isinstance(spec, (list, tuple)):
+        plan = LevelPlan.from_level_masks(list(spec), grid, num_levels)
+    else:
+        raise TypeError("keep must be a bool tensor, a list of bool tensors (one per level), an "
+                        f"integer level map or a LevelPlan, got {type(spec).__name__}")
+    if plan.grid != grid:
+        raise ValueError(f"plan grid {plan.grid[0]}x{plan.grid[1]} does not match the finest grid "
+                         f"{grid[0]}x{grid[1]}")
+    if batch_size is not None and plan.batch_size != batch_size:
+        raise ValueError(f"keep has batch size {plan.batch_size}, the input has {batch_size}: "
+                         "give one mask per image")
+    if device is not None and not same_device(plan.device, device):
+        raise ValueError(f"keep is on {plan.device}, the input on {torch.device(device)}: move the "
+                         "mask with `.to(images.device)`")
+    return plan

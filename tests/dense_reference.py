@@ -1,0 +1,105 @@
+"""An independent dense emulation of SEMANTICS.md, for tests only.
+
+Written without the library: levels by looping over quadtree blocks in numpy, owners by
+modular arithmetic, every sparse layer as "fill through the owner map, then a dense torch op on
+the finest grid, then sample at the output sites".
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def levels_from_masks(masks, num_levels: int) -> np.ndarray:
+    """masks: list of bool arrays [B, H, W] at the finest grid (mask l: level <= l)."""
+    masks = [np.asarray(m, dtype=bool) for m in masks]
+    B, H, W = masks[0].shape
+    levels = np.zeros((B, H, W), dtype=np.int64)
+    forbidden = np.zeros((B, H, W), dtype=bool)
+    for s in range(1, num_levels + 1):
+        if s - 1 < len(masks):
+            forbidden |= masks[s - 1]
+        size = 2 ** s
+        for b in range(B):
+            for y0 in range(0, H, size):
+                for x0 in range(0, W, size):
+                    if not forbidden[b, y0:y0 + size, x0:x0 + size].any():
+                        levels[b, y0:y0 + size, x0:x0 + size] = s
+    return levels
+
+
+def keep_to_grid(keep: np.ndarray, grid) -> np.ndarray:
+    """Any-pixel reduction of [B, h, w] onto [B, H, W] with an integer factor (ceil sizes)."""
+    B, h, w = keep.shape
+    H, W = grid
+    s = next(s for s in range(1, h + 1) if -(-h // s) == H and -(-w // s) == W)
+    out = np.zeros((B, H, W), dtype=bool)
+    for i in range(H):
+        for j in range(W):
+            out[:, i, j] = keep[:, i * s:(i + 1) * s, j * s:(j + 1) * s].reshape(B, -1).any(1)
+    return out
+
+
+class Geometry:
+    """Sites and owners of one step, from a level map [B, H, W]."""
+
+    def __init__(self, levels: np.ndarray, step: int):
+        self.levels = levels
+        B, H, W = levels.shape
+        size = 2 ** np.minimum(levels, step)
+        ys = np.arange(H)[None, :, None]
+        xs = np.arange(W)[None, None, :]
+        self.owner_y = ys - ys % size
+        self.owner_x = xs - xs % size
+        site = (self.owner_y == ys) & (self.owner_x == xs)
+        self.sites = np.argwhere(site)  # raster order (b, y, x)
+        index = -np.ones((B, H, W), dtype=np.int64)
+        index[site] = np.arange(len(self.sites))
+        bs = np.arange(B)[:, None, None]
+        self.owner = index[bs, self.owner_y, self.owner_x]
+        self.area = np.bincount(self.owner.ravel(), minlength=len(self.sites))
+
+    def fill(self, features: torch.Tensor) -> torch.Tensor:
+        """Dense [B, C, H, W] where every cell takes its owner's features."""
+        owner = torch.as_tensor(self.owner, device=features.device)
+        return features[owner].permute(0, 3, 1, 2)
+
+    def sample(self, dense: torch.Tensor) -> torch.Tensor:
+        """Features [N, C] of a dense map at this step's sites."""
+        b, y, x = (torch.as_tensor(self.sites[:, i], device=dense.device) for i in range(3))
+        return dense[b, :, y, x]
+
+
+def conv(features, levels, step_in, stride, weight, bias=None, dilation=1, groups=1):
+    """The conv rule: fill, dense conv at the finest grid with spacing D, sample at outputs."""
+    D = dilation * 2 ** step_in
+    k = weight.shape[-1]
+    dense = Geometry(levels, step_in).fill(features)
+    out = F.conv2d(dense, weight, bias, padding=D * (k // 2), dilation=D, groups=groups)
+    return Geometry(levels, step_in + (stride == 2)).sample(out)
+
+
+def max_pool_overlap(features, levels, step_in, k, stride):
+    """Odd window, same padding, taps spaced 2**step_in, out-of-grid taps ignored."""
+    D = 2 ** step_in
+    dense = Geometry(levels, step_in).fill(features)
+    pad = D * (k // 2)
+    padded = F.pad(dense, (pad, pad, pad, pad), value=float("-inf"))
+    out = F.max_pool2d(padded, k, stride=1, dilation=D)
+    return Geometry(levels, step_in + (stride == 2)).sample(out)
+
+
+def max_pool_2x2(features, levels, step_in):
+    """Merged sites: max over children at spacing 2**step_in; kept sites pass through."""
+    S = 2 ** step_in
+    dense = Geometry(levels, step_in).fill(features)
+    padded = F.pad(dense, (0, S, 0, S), value=float("-inf"))
+    pooled = F.max_pool2d(padded, 2, stride=1, dilation=S)
+    out_geo = Geometry(levels, step_in + 1)
+    merged = torch.as_tensor(levels >= step_in + 1, device=dense.device)[:, None]
+    return out_geo.sample(torch.where(merged, pooled, dense))
+
+
+def global_avg_pool(features, levels, step):
+    return Geometry(levels, step).fill(features).mean((2, 3))

@@ -1,0 +1,123 @@
+"""Every op against the independent dense emulation (float64 and float32), both engines."""
+import numpy as np
+import pytest
+import torch
+
+import dense_reference as ref
+from cad_spconv import CADTensor, LevelPlan, functional as CF
+from cad_spconv.backend import spconv_status
+from conftest import random_masks
+
+SPCONV = spconv_status()[0]
+ENGINES = ["torch", pytest.param("spconv", marks=pytest.mark.skipif(
+    not SPCONV, reason=f"spconv engine unavailable: {spconv_status()[1]}"))]
+
+CASES = [  # (grid, num_levels, mask kind)
+    ((13, 11), 1, "keep"), ((13, 11), 2, "levels"), ((17, 23), 3, "map"), ((9, 16), 2, "keep"),
+    ((13, 11), 2, "all"), ((13, 11), 2, "none"),
+]
+
+
+def make_input(case, step, channels, dtype, device, seed=0):
+    grid, L, kind = case
+    rng = np.random.default_rng(seed)
+    spec, masks = random_masks(rng, 3, grid, L, kind)
+    levels = ref.levels_from_masks(masks, L)
+    plan = LevelPlan.from_level_map(torch.from_numpy(levels).to(device), L)
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(plan.num_sites(step), channels, generator=gen, dtype=dtype).to(device)
+    return CADTensor(feats, plan, step), levels
+
+
+def tol(dtype):
+    return dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k,dilation,stride,groups,bias", [
+    (3, 1, 1, 1, True), (3, 1, 2, 1, False), (1, 1, 2, 1, True), (1, 1, 1, 1, False),
+    (5, 1, 1, 1, False), (3, 2, 1, 1, True), (3, 3, 2, 1, False), (3, 1, 1, 2, True),
+    (3, 1, 2, 3, False), (1, 1, 1, 3, True)])
+def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, groups, bias, device):
+    L = case[1]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(L + (stride == 1)):
+        if stride == 2 and step == L:
+            continue
+        x, levels = make_input(case, step, 6, dtype, device, seed=step)
+        w = torch.randn(6, 6 // groups, k, k, generator=gen, dtype=dtype).to(device)
+        b = torch.randn(6, generator=gen, dtype=dtype).to(device) if bias else None
+        if engine == "spconv" and groups > 1:
+            with pytest.raises(ValueError, match="grouped"):
+                CF.conv2d(x, w, b, stride, dilation, groups, engine)
+            return
+        y = CF.conv2d(x, w, b, stride, dilation, groups, engine)
+        assert y.step == step + (stride == 2)
+        expected = ref.conv(x.features, levels, step, stride, w, b, dilation, groups)
+        torch.testing.assert_close(y.features, expected, **tol(dtype))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_max_pools_match_dense_reference(case, dtype, device):
+    L = case[1]
+    for step in range(L):
+        x, levels = make_input(case, step, 4, dtype, device, seed=step)
+        y = CF.max_pool2d(x, 2, 2)
+        torch.testing.assert_close(y.features, ref.max_pool_2x2(x.features, levels, step), **tol(dtype))
+        y = CF.max_pool2d(x, 3, 2, 1)
+        torch.testing.assert_close(y.features, ref.max_pool_overlap(x.features, levels, step, 3, 2),
+                                   **tol(dtype))
+        y = CF.max_pool2d(x, 3, 1, 1)
+        torch.testing.assert_close(y.features, ref.max_pool_overlap(x.features, levels, step, 3, 1),
+                                   **tol(dtype))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_global_avg_pool_and_densify(case, device):
+    L = case[1]
+    for step in range(L + 1):
+        x, levels = make_input(case, step, 5, torch.float64, device, seed=step)
+        geo = ref.Geometry(levels, step)
+        torch.testing.assert_close(CF.global_avg_pool(x), ref.global_avg_pool(x.features, levels, step))
+        dense = geo.fill(x.features)
+        torch.testing.assert_close(x.dense(), dense)
+        s = 2 ** step
+        torch.testing.assert_close(x.dense("step"), dense[:, :, ::s, ::s])
+
+
+def test_from_dense_roundtrip(device):
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64, device=device)
+    t = CADTensor.from_dense(x, torch.rand(2, 7, 9, device=device) < 0.2, 2)
+    assert t.step == 0 and t.num_sites == 2 * 7 * 9
+    torch.testing.assert_close(t.dense(), x)
+    np.testing.assert_array_equal(t.indices[:, 1:].cpu().numpy().max(0), [6, 8])
+
+
+def test_batch_norm_eval_and_train(device):
+    x, levels = make_input(CASES[1], 1, 4, torch.float64, device)
+    bn = torch.nn.BatchNorm2d(4).double().to(device)
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    from cad_spconv.nn import CADBatchNorm2d
+    cbn = CADBatchNorm2d.from_module(bn).eval()
+    bn.eval()
+    expected = bn(x.features[:, :, None, None])[:, :, 0, 0]
+    torch.testing.assert_close(cbn(x).features, expected)
+    cbn.train()
+    out = cbn(x).features
+    torch.testing.assert_close(out.mean(0), bn.bias, atol=1e-9, rtol=0)  # normalized over sites
+    assert int(bn.num_batches_tracked) == 1  # buffers are shared with the original module
+
+
+def test_rulebooks_are_cached_and_shared(device):
+    x, _ = make_input(CASES[1], 0, 4, torch.float64, device)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64, device=device)
+    y = CF.conv2d(x, w)
+    y = CF.conv2d(y, w)
+    z = CF.conv2d(y, w, stride=2)
+    z = CF.conv2d(z, w) + CF.conv2d(z, w)
+    assert x.cache is z.cache
+    assert x.cache.builds == 3  # stride 1 at step 0, stride 2 at step 0, stride 1 at step 1
