@@ -14,6 +14,9 @@ from . import __version__
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("cad_spconv.demo", "convert a model, run dense and CAD on an image, print savings"),
+    "eval": ("cad_spconv.evaluate", "evaluate a converted segmentation model on Cityscapes"),
+    "train-mask": ("cad_spconv.train_mask", "train the learned mask estimator (paper recipe)"),
+    "bench": ("cad_spconv.bench", "time dense coarsest, dense finest and CAD on the same weights"),
 }
 
 
