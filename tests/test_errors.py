@@ -1,0 +1,101 @@
+"""Bad input gets a clear error that names the problem and the fix."""
+import pytest
+import torch
+from torch import nn
+
+from cad_spconv import CADTensor, LevelPlan, functional as CF, make_plan
+from cad_spconv.nn import CADConv2d, CADMaxPool2d
+
+
+def x_and_keep(B=2, H=9, W=7):
+    return torch.randn(B, 4, H, W), torch.rand(B, H, W) < 0.2
+
+
+def test_keep_mask_wrong_shape():
+    x, _ = x_and_keep()
+    with pytest.raises(ValueError, match="does not map onto the finest grid 9x7"):
+        CADTensor.from_dense(x, torch.zeros(2, 10, 10, dtype=torch.bool), 1)
+    with pytest.raises(ValueError, match=r"\[B, 1, h, w\] or \[B, h, w\]"):
+        CADTensor.from_dense(x, torch.zeros(2, 3, 9, 7, dtype=torch.bool), 1)
+    with pytest.raises(ValueError, match=r"\[B, 1, h, w\] or \[B, h, w\]"):
+        CADTensor.from_dense(x, torch.zeros(9, 7, dtype=torch.bool), 1)
+
+
+def test_keep_mask_wrong_batch_size():
+    x, _ = x_and_keep()
+    with pytest.raises(ValueError, match="batch size 3, the input has 2: give one mask per image"):
+        CADTensor.from_dense(x, torch.zeros(3, 9, 7, dtype=torch.bool), 1)
+
+
+def test_keep_mask_not_bool():
+    x, keep = x_and_keep()
+    with pytest.raises(TypeError, match="threshold it explicitly"):
+        CADTensor.from_dense(x, keep.float(), 1)
+    with pytest.raises(TypeError, match="must be a bool tensor"):
+        LevelPlan.from_level_masks([keep, keep.float()], (9, 7), 2)
+
+
+def test_level_map_inconsistent_or_out_of_range():
+    levels = torch.zeros(1, 4, 4, dtype=torch.int64)
+    levels[0, 0, 0] = 1
+    with pytest.raises(ValueError, match="not block-consistent: image 0, block at \\(0, 0\\) of size 2"):
+        LevelPlan.from_level_map(levels, 2)
+    with pytest.raises(ValueError, match="must lie in 0..2, got 3..3"):
+        LevelPlan.from_level_map(torch.full((1, 4, 4), 3), 2)
+    with pytest.raises(TypeError, match="integer tensor"):
+        LevelPlan.from_level_map(torch.zeros(1, 4, 4), 2)
+
+
+def test_too_many_level_masks_and_bad_num_levels():
+    _, keep = x_and_keep()
+    with pytest.raises(ValueError, match="expected 1..1 per-level masks"):
+        LevelPlan.from_level_masks([keep, keep], (9, 7), 1)
+    with pytest.raises(ValueError, match="num_levels"):
+        LevelPlan.from_keep(keep, (9, 7), 0)
+
+
+def test_even_kernel_and_bad_padding():
+    with pytest.raises(ValueError, match="odd kernel size"):
+        CADConv2d(4, 4, 2, padding=0)
+    with pytest.raises(ValueError, match="same padding"):
+        CADConv2d(4, 4, 3, padding=0)
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        CADConv2d(4, 4, 3, stride=4, padding=1)
+    x, keep = x_and_keep()
+    t = CADTensor.from_dense(x, keep, 1)
+    with pytest.raises(ValueError, match="kernel size must be odd"):
+        CF.conv2d(t, torch.randn(4, 4, 2, 2))
+    with pytest.raises(ValueError, match="unsupported max pool"):
+        CADMaxPool2d(2, 1)(t)
+
+
+def test_device_mismatch():
+    x, keep = x_and_keep()
+    with pytest.raises(ValueError, match=r"keep is on cpu, the input on meta: move the mask"):
+        make_plan(keep, (9, 7), 1, device="meta")
+
+
+def test_stride_beyond_levels_and_mixed_sites():
+    x, keep = x_and_keep()
+    t = CADTensor.from_dense(x, keep, 1)
+    w = torch.randn(4, 4, 3, 3)
+    y = CF.conv2d(t, w, stride=2)
+    with pytest.raises(ValueError, match="only 1 adaptive steps"):
+        CF.conv2d(y, w, stride=2)
+    with pytest.raises(ValueError, match="same sites"):
+        _ = t + y
+
+
+def test_modules_refuse_dense_input_and_unknown_engine():
+    with pytest.raises(TypeError, match="expects a CADTensor.*from_dense"):
+        CADConv2d(4, 4, 3, padding=1)(torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="unknown engine"):
+        CADConv2d(4, 4, 3, padding=1, engine="cudnn")
+
+
+def test_from_module_shares_parameters():
+    conv = nn.Conv2d(4, 6, 3, 2, 1)
+    cad = CADConv2d.from_module(conv)
+    assert cad.weight is conv.weight and cad.bias is conv.bias
+    assert cad.macs_per_site == 3 * 3 * 4 * 6
+    cad.load_state_dict(conv.state_dict())
