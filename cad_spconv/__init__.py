@@ -7,10 +7,12 @@ from .plan import LevelPlan, StepGeometry, make_plan, reduce_to_grid
 from .rulebook import Rulebook, RulebookCache, conv_rulebook, pool2_rulebook
 from .tensor import CADTensor
 from .engines import ENGINES, sparse_conv, sparse_max
-from .backend import spconv_status, SpconvUnavailable
+from .backend import spconv_status, SpconvUnavailable, warn_if_cpu_only_wheel
 from . import functional, nn
 
 __version__ = "0.1.0"
+
+warn_if_cpu_only_wheel()
 
 __all__ = ["LevelPlan", "StepGeometry", "make_plan", "reduce_to_grid", "Rulebook",
            "RulebookCache", "conv_rulebook", "pool2_rulebook", "CADTensor", "ENGINES",

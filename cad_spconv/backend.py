@@ -12,7 +12,7 @@ import importlib.metadata
 import warnings
 from functools import lru_cache
 
-__all__ = ["spconv_status", "require_spconv", "SpconvUnavailable", "INSTALL_HINT"]
+__all__ = ["spconv_status", "require_spconv", "warn_if_cpu_only_wheel", "SpconvUnavailable", "INSTALL_HINT"]
 
 INSTALL_HINT = ("install a CUDA build of spconv, which is also correct on CPU: "
                 "`pip install 'cad-spconv[cu120]'` (Python <= 3.11) or "
@@ -89,6 +89,15 @@ def spconv_status() -> tuple[bool, str]:
         return False, (f"spconv ({dists[0]}) failed its self-check (max error {err:.3g} against "
                        "a dense reference); " + INSTALL_HINT)
     return True, f"{dists[0]} (self-check max error {err:.1e})"
+
+
+def warn_if_cpu_only_wheel():
+    """Import-time check (package metadata only, no spconv import): warn about the CPU-only
+    wheel at once rather than at the first conv."""
+    if _installed_spconv_dists() == ["spconv"]:
+        warnings.warn("cad_spconv: the CPU-only `spconv` wheel is installed and computes wrong "
+                      "convolutions; the spconv engine is disabled and convs use the torch engine. "
+                      "To use spconv, " + INSTALL_HINT, RuntimeWarning, stacklevel=3)
 
 
 def require_spconv():

@@ -42,3 +42,14 @@ def test_auto_engine_never_needs_spconv_on_cpu(monkeypatch, fresh_status):
     CF.conv2d(t, torch.randn(3, 2, 3, 3), stride=2)  # auto -> torch engine, no error
     with pytest.raises(SpconvUnavailable):
         CF.conv2d(t, torch.randn(3, 2, 3, 3), engine="spconv")
+
+
+def test_import_time_warning_for_cpu_only_wheel(monkeypatch):
+    monkeypatch.setattr(backend, "_installed_spconv_dists", lambda: ["spconv"])
+    with pytest.warns(RuntimeWarning, match="CPU-only `spconv` wheel"):
+        backend.warn_if_cpu_only_wheel()
+    monkeypatch.setattr(backend, "_installed_spconv_dists", lambda: ["spconv-cu120"])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend.warn_if_cpu_only_wheel()
