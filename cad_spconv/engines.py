@@ -1,9 +1,15 @@
 """Conv execution engines: rulebook + features + weight -> output features.
 
-- ``"torch"``: gather rows through the rulebook (a zero row for out-of-grid taps), then one
-  GEMM per chunk of output sites (im2col on the sites). Handles groups; autograd is torch's
-  own (a row read by several outputs gets their gradients summed by index backward). Also the
-  independent reference of the tests.
+- ``"lattice"``: the sites on the coarse lattice of the output step form a complete dense grid
+  (:class:`~cad_spconv.rulebook.LatticeSplit`), so they are computed by one dense conv
+  (oneDNN / cuDNN, channels-last views of the feature matrix, no copy at step 0); only the
+  remaining finer sites go through a gather + GEMM. For the paper's 8->16 ResNet this puts the
+  whole stride-16 part of every layer on the dense conv and leaves 3/4 of the kept sites to the
+  gather. Every multiply-add it does is one the CAD count includes. 1x1 convs are one GEMM on
+  the feature matrix. Handles groups and autograd.
+- ``"torch"``: gather rows through the full rulebook (a zero row for out-of-grid taps), then one
+  GEMM per chunk of output sites (im2col on the sites). Handles groups and autograd; the
+  plain baseline.
 - ``"spconv"``: spconv's ``indice_conv`` autograd function on the rulebook's indice pairs, in
   its non-submanifold mode (parent-fill pairs are not symmetric). No groups.
 - ``"auto"``: the fastest correct engine for the device and layer (see :func:`select_engine`).
@@ -12,21 +18,23 @@ Weights are in ``torch.nn.Conv2d`` layout ``[C_out, C_in / groups, kh, kw]``.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from .backend import require_spconv, spconv_status
-from .rulebook import Rulebook
+from .backend import require_spconv
+from .rulebook import LatticeSplit, Rulebook
 
 __all__ = ["ENGINES", "sparse_conv", "sparse_max", "select_engine"]
 
-ENGINES = ("auto", "torch", "spconv")
+ENGINES = ("auto", "lattice", "torch", "spconv")
 
 # Upper bound on gathered elements held at once by the torch engine (64 MiB of fp32).
 _CHUNK_ELEMENTS = 1 << 24
-_warned_fallback = False
+# Gathered bytes per chunk of the lattice engine's gather + GEMM: small enough that the GEMM
+# reads its im2col block from cache (BENCHMARKS.md, chunk sweep).
+_GATHER_CHUNK_BYTES = 4 << 20
 
 
 def _check_engine(engine: str):
@@ -35,24 +43,14 @@ def _check_engine(engine: str):
 
 
 def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:
-    """Engine that ``"auto"`` uses for a layer."""
-    if book.is_identity or groups != 1:
-        return "torch"
-    if device.type == "cuda" and spconv_status()[0]:
-        return "spconv"
-    if device.type == "cuda":
-        _warn_fallback()
-    # On CPU the chunked gather + one GEMM beats spconv's per-tap gather-GEMM-scatter
-    # (BENCHMARKS.md), and it needs no extra package.
-    return "torch"
+    """Engine that ``"auto"`` uses for a layer.
 
-
-def _warn_fallback():
-    global _warned_fallback
-    if not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn("cad_spconv: spconv engine unavailable, using the torch engine: "
-                      + spconv_status()[1], RuntimeWarning, stacklevel=3)
+    Conv rulebooks (they keep their plan) go to ``"lattice"`` on every device: its dense part
+    runs on the vendor conv and the rest is the same gather + GEMM as ``"torch"`` without the
+    zero-row copy (CPU figures in BENCHMARKS.md). Hand-built rulebooks go to ``"torch"``.
+    """
+    del device, groups
+    return "lattice" if book.plan is not None else "torch"
 
 
 def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -71,10 +69,12 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                          f"{book.kernel_size[0]}x{book.kernel_size[1]}")
     if engine == "auto":
         engine = select_engine(features.device, groups, book)
+    if engine == "lattice":
+        return _lattice_conv(features, weight, bias, book, groups)
     if engine == "spconv":
         if groups != 1:
-            raise ValueError("the spconv engine has no grouped convs; use engine='torch' "
-                             "(or 'auto', which picks it for grouped layers)")
+            raise ValueError("the spconv engine has no grouped convs; use engine='lattice' or "
+                             "'torch' (or 'auto')")
         out = _spconv_conv(features, weight, book)
     else:
         out = _torch_conv(features, weight, book, groups)
@@ -83,6 +83,86 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return out
 
 
+# ---------------------------------------------------------------------- lattice engine
+def _lattice_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
+    if book.num_taps == 1:
+        return _pointwise_conv(features, weight, bias, book, groups)
+    split = book.lattice()
+    c_in, c_out = features.shape[1], weight.shape[0]
+    kh, kw = book.kernel_size
+    dy, dx = book.dilation
+    x = features if split.in_rows is None else features.index_select(0, split.in_rows)
+    # the feature matrix of lattice sites is an NHWC map: a channels-last NCHW view, no copy
+    x = x.reshape(split.batch, *split.in_grid, c_in).permute(0, 3, 1, 2)
+    y = F.conv2d(x, weight, bias, split.stride, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups)
+    y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
+    if split.out_rows is None:  # step 0: every site is on the lattice
+        return y
+    out = y.new_empty(book.num_out, c_out)
+    out.index_copy_(0, split.out_rows, y)
+    if split.num_rest:
+        out.index_copy_(0, split.rest_rows, _gather_gemm(features, weight, bias, split, groups))
+    return out
+
+
+def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
+    """1x1 conv: one GEMM on the feature matrix (rows picked first for a stride-2 step)."""
+    x = features if book.is_identity else features.index_select(0, book.gather[:, 0])
+    c_out = weight.shape[0]
+    if groups == 1:
+        return F.linear(x, weight.reshape(c_out, -1), bias)
+    g, c_in_g = groups, weight.shape[1]
+    cols = x.reshape(-1, g, c_in_g).transpose(0, 1)
+    w = weight.reshape(g, c_out // g, c_in_g).transpose(1, 2)
+    out = _grouped_mm(cols, w)
+    return out if bias is None else out + bias
+
+
+def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int) -> torch.Tensor:
+    """Output rows of the off-lattice sites (``split.rest_rows`` order): im2col by
+    ``index_select`` in cache-sized chunks, one GEMM per chunk."""
+    c_in = features.shape[1]
+    c_out, c_in_g, kh, kw = weight.shape
+    k, g = kh * kw, groups
+    # [G, K * C_in_g, C_out_g], matching the gathered column order (tap-major, then channel)
+    w = weight.reshape(g, c_out // g, c_in_g, k).permute(0, 3, 2, 1).reshape(g, k * c_in_g, -1)
+    index = split.rest_index
+    rows = max(1, _GATHER_CHUNK_BYTES // (k * c_in * features.element_size()))
+    track = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))
+
+    def block(start: int, stop: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+        n = stop - start
+        cols = features.index_select(0, index[start:stop].reshape(-1))
+        if start >= split.num_inside:  # border sites: zero the out-of-grid taps
+            valid = split.border_valid[start - split.num_inside:stop - split.num_inside]
+            cols = cols.view(n, k, c_in) * valid[:, :, None].to(cols.dtype)
+        if g == 1:
+            cols = cols.view(n, k * c_in)
+            if out is None:
+                return cols @ w[0] if bias is None else torch.addmm(bias, cols, w[0])
+            if bias is None:
+                return torch.mm(cols, w[0], out=out)
+            return torch.addmm(bias, cols, w[0], out=out)
+        cols = cols.view(n, k, g, c_in_g).permute(2, 0, 1, 3).reshape(g, n, k * c_in_g)
+        res = _grouped_mm(cols, w)
+        res = res if bias is None else res + bias
+        if out is not None:
+            out.copy_(res)
+        return res
+
+    bounds = []
+    for lo, hi in ((0, split.num_inside), (split.num_inside, split.num_rest)):
+        bounds += [(s, min(hi, s + rows)) for s in range(lo, hi, rows)]
+    if track:
+        return torch.cat([block(s, e, None) for s, e in bounds])
+    out = features.new_empty(split.num_rest, c_out)
+    for s, e in bounds:
+        block(s, e, out[s:e])
+    return out
+
+
+# ---------------------------------------------------------------------- torch engine
 def _torch_conv(features, weight, book: Rulebook, groups: int) -> torch.Tensor:
     n_in, c_in = features.shape
     c_out, c_in_g, kh, kw = weight.shape
@@ -118,6 +198,7 @@ def _grouped_mm(cols: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.transpose(0, 1).reshape(cols.shape[1], -1)
 
 
+# ---------------------------------------------------------------------- spconv engine
 def _spconv_conv(features, weight, book: Rulebook) -> torch.Tensor:
     functional = require_spconv()
     from spconv.pytorch.core import ConvAlgo

@@ -8,43 +8,105 @@ output site ``p`` reads ``q = p + D*o`` with ``D = d * 2**step_in``; out-of-grid
 Rulebooks only depend on the plan and the layer geometry, so they are cached in a
 :class:`RulebookCache` that travels with every tensor derived from the same input: a ResNet
 builds a handful per forward, not one per layer.
+
+A conv rulebook can also be split along the coarse lattice (:meth:`Rulebook.lattice`): at step
+``t`` every finest cell whose coordinates are multiples of ``2**t`` is itself a site (a block
+of level ``<= t`` always has a site at its top-left corner), so those sites form a complete
+dense grid at stride ``f * 2**t``, on which the layer is an ordinary dense conv with the
+layer's own dilation. Only the remaining (finer, off-lattice) sites need a gather.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Hashable, Optional
 
 import torch
 
 from .plan import LevelPlan
 
-__all__ = ["Rulebook", "RulebookCache", "conv_rulebook", "pool2_rulebook"]
+__all__ = ["Rulebook", "RulebookCache", "LatticeSplit", "conv_rulebook", "pool2_rulebook"]
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
+class LatticeSplit:
+    """A conv rulebook split into a dense part on the coarse lattice and a gathered rest.
+
+    The dense part reads the input sites on the lattice of ``step_in`` (``in_rows``, raster
+    order over ``[B, *in_grid]``; ``None`` when they are all input rows in order, as at step 0)
+    and writes the output sites on the lattice of ``step_out`` (``out_rows`` over
+    ``[B, *out_grid]``, ``None`` likewise): a dense conv with ``stride`` (1, or 2 for an adaptive
+    step), the layer's ``dilation`` and same padding.
+
+    The rest are the output sites off that lattice: ``rest_rows`` (sites whose taps all lie in
+    the grid first, ``num_inside`` of them, then the border sites), read through
+    ``rest_index`` ``[R, K]`` (in-grid input rows; out-of-grid taps point at row 0 and are
+    zeroed through ``border_valid`` ``[R - num_inside, K]``).
+    """
+
+    batch: int
+    in_grid: tuple[int, int]
+    out_grid: tuple[int, int]
+    in_rows: Optional[torch.Tensor]
+    out_rows: Optional[torch.Tensor]
+    stride: int
+    rest_rows: torch.Tensor
+    rest_index: torch.Tensor
+    num_inside: int
+    border_valid: torch.Tensor
+
+    @property
+    def num_rest(self) -> int:
+        return self.rest_rows.shape[0]
+
+
 class Rulebook:
     """Input row per (output site, tap).
 
-    gather: ``[N_out, K]`` int64; ``-1`` marks a tap that reads zero (outside the grid).
+    ``gather``: ``[N_out, K]`` int64; ``-1`` marks a tap that reads zero (outside the grid).
     Taps are in row-major kernel order, matching ``weight.flatten(2)`` of a ``torch.nn.Conv2d``
     and spconv's ``[C_out, kh, kw, C_in]`` filters.
+
+    Conv rulebooks (:func:`conv_rulebook`) keep their plan and dilation and build ``gather`` on
+    first use, so an engine that only needs the :meth:`lattice` split never builds the full one.
     """
 
-    gather: torch.Tensor
-    num_in: int
-    kernel_size: tuple[int, int]
-    step_in: int
-    step_out: int
-    _padded: Optional[torch.Tensor] = field(default=None, repr=False)
-    _pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+    def __init__(self, gather: Optional[torch.Tensor], num_in: int, kernel_size: tuple[int, int],
+                 step_in: int, step_out: int, *, plan: Optional[LevelPlan] = None,
+                 dilation: tuple[int, int] = (1, 1)):
+        if gather is None and plan is None:
+            raise ValueError("a Rulebook needs either its gather table or the plan to build it from")
+        self._gather = gather
+        self.num_in = int(num_in)
+        self.kernel_size = (int(kernel_size[0]), int(kernel_size[1]))
+        self.step_in = int(step_in)
+        self.step_out = int(step_out)
+        self.plan = plan
+        self.dilation = (int(dilation[0]), int(dilation[1]))
+        self._padded: Optional[torch.Tensor] = None
+        self._pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._lattice: Optional[LatticeSplit] = None
+
+    def __repr__(self) -> str:
+        kh, kw = self.kernel_size
+        return (f"Rulebook({kh}x{kw}, dilation={self.dilation}, steps {self.step_in}->"
+                f"{self.step_out}, in={self.num_in}, out={self.num_out})")
+
+    @property
+    def gather(self) -> torch.Tensor:
+        if self._gather is None:
+            coords = self.plan.geometry(self.step_out).coords
+            self._gather = _read_owner(self.plan, self.step_in, coords, *self._offsets(coords.device))
+        return self._gather
 
     @property
     def num_out(self) -> int:
-        return self.gather.shape[0]
+        if self._gather is None:
+            return self.plan.num_sites(self.step_out)
+        return self._gather.shape[0]
 
     @property
     def num_taps(self) -> int:
-        return self.gather.shape[1]
+        return self.kernel_size[0] * self.kernel_size[1]
 
     @property
     def is_identity(self) -> bool:
@@ -65,18 +127,61 @@ class Rulebook:
         """spconv's native format: ``indice_pairs`` int32 ``[2, K, N_out]`` (row 0 input, row 1
         output, valid entries first per tap, rest ``-1``) and ``indice_pair_num`` int32 ``[K]``."""
         if self._pairs is None:
-            valid = self.gather >= 0
+            gather = self.gather
+            valid = gather >= 0
             # stable sort puts the valid rows of each tap first, keeping output order
             order = torch.sort((~valid).to(torch.int8), dim=0, stable=True).indices
-            inp = torch.gather(self.gather, 0, order)
+            inp = torch.gather(gather, 0, order)
             counts = valid.sum(0)
-            rows = torch.arange(self.num_out, device=self.gather.device)[:, None]
+            rows = torch.arange(self.num_out, device=gather.device)[:, None]
             used = rows < counts[None, :]
             out = torch.where(used, order, -1)
             inp = torch.where(used, inp, -1)
             pairs = torch.stack([inp.t(), out.t()]).to(torch.int32).contiguous()
             self._pairs = (pairs, counts.to(torch.int32))
         return self._pairs
+
+    def lattice(self) -> LatticeSplit:
+        """The coarse-lattice split of a conv rulebook (cached); see :class:`LatticeSplit`."""
+        if self._lattice is None:
+            if self.plan is None:
+                raise ValueError("only conv rulebooks built by conv_rulebook (which keep their "
+                                 "plan) have a lattice split; use the 'torch' engine for others")
+            self._lattice = self._build_lattice()
+        return self._lattice
+
+    # ------------------------------------------------------------------ internals
+    def _offsets(self, device):
+        spacing = (self.dilation[0] * 2 ** self.step_in, self.dilation[1] * 2 ** self.step_in)
+        return _tap_offsets(self.kernel_size, spacing, device)
+
+    def _build_lattice(self) -> LatticeSplit:
+        plan = self.plan
+        B, (H, W) = plan.batch_size, plan.grid
+        s_in, s_out = 2 ** self.step_in, 2 ** self.step_out
+        in_grid = (-(-H // s_in), -(-W // s_in))
+        out_grid = (-(-H // s_out), -(-W // s_out))
+        # every lattice cell is a site of its step, so the owner there is the site itself
+        in_rows = None
+        if self.step_in > 0:
+            in_rows = plan.geometry(self.step_in).owner[:, ::s_in, ::s_in].reshape(-1)
+        geo_out = plan.geometry(self.step_out)
+        out_rows = None
+        if self.step_out > 0:
+            out_rows = geo_out.owner[:, ::s_out, ::s_out].reshape(-1)
+        coords = geo_out.coords
+        off = ((coords[:, 1] | coords[:, 2]) & (s_out - 1)) != 0
+        rest_rows = off.nonzero()[:, 0]
+        gather = _read_owner(plan, self.step_in, coords[rest_rows], *self._offsets(coords.device))
+        valid = gather >= 0
+        inside = valid.all(1)
+        order = torch.argsort((~inside).to(torch.int8), stable=True)  # inside first
+        rest_rows, gather, valid = rest_rows[order], gather[order], valid[order]
+        num_inside = int(inside.sum())
+        return LatticeSplit(
+            batch=B, in_grid=in_grid, out_grid=out_grid, in_rows=in_rows, out_rows=out_rows,
+            stride=s_out // s_in, rest_rows=rest_rows, rest_index=gather.clamp(min=0),
+            num_inside=num_inside, border_valid=valid[num_inside:])
 
 
 class RulebookCache:
@@ -93,6 +198,9 @@ class RulebookCache:
             self._books[key] = book
             self.builds += 1
         return book
+
+    def keys(self) -> list:
+        return list(self._books)
 
     def __len__(self) -> int:
         return len(self._books)
@@ -122,17 +230,15 @@ def _read_owner(plan: LevelPlan, step_in: int, coords: torch.Tensor, oy: torch.T
 def conv_rulebook(plan: LevelPlan, kernel_size: tuple[int, int], dilation: tuple[int, int],
                   step_in: int, step_out: int) -> Rulebook:
     """Rulebook of a conv (or overlapping pool) read from step ``step_in``, written to the sites
-    of ``step_out`` (``step_in`` for stride 1, ``step_in + 1`` for an adaptive step)."""
+    of ``step_out`` (``step_in`` for stride 1, ``step_in + 1`` for an adaptive step).
+    The gather table and the lattice split are built on first use."""
     kh, kw = kernel_size
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"kernel size must be odd (same padding), got {kh}x{kw}")
     if step_out not in (step_in, step_in + 1):
         raise ValueError(f"step_out must be step_in or step_in + 1, got {step_in} -> {step_out}")
-    coords = plan.geometry(step_out).coords
-    spacing = (dilation[0] * 2 ** step_in, dilation[1] * 2 ** step_in)
-    oy, ox = _tap_offsets(kernel_size, spacing, coords.device)
-    gather = _read_owner(plan, step_in, coords, oy, ox)
-    return Rulebook(gather, plan.num_sites(step_in), (kh, kw), step_in, step_out)
+    return Rulebook(None, plan.num_sites(step_in), (kh, kw), step_in, step_out, plan=plan,
+                    dilation=dilation)
 
 
 def pool2_rulebook(plan: LevelPlan, step_in: int) -> Rulebook:

@@ -1,0 +1,153 @@
+"""Every engine against the independent dense emulation: the lead's op checks (test_ops.py)
+re-run for the engines added for speed, plus gradients, the lattice split and bad input."""
+import numpy as np
+import pytest
+import torch
+
+import dense_reference as ref
+from cad_spconv import CADTensor, LevelPlan, conv_rulebook, functional as CF
+from cad_spconv.engines import ENGINES, select_engine, sparse_conv
+from test_ops import CASES, make_input, tol
+
+NEW_ENGINES = ["lattice", "auto"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("engine", NEW_ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k,dilation,stride,groups,bias", [
+    (3, 1, 1, 1, True), (3, 1, 2, 1, False), (1, 1, 2, 1, True), (1, 1, 1, 1, False),
+    (5, 1, 1, 1, False), (3, 2, 1, 1, True), (3, 3, 2, 1, False), (3, 1, 1, 2, True),
+    (3, 1, 2, 3, False), (1, 1, 1, 3, True), (1, 1, 2, 3, True), ((3, 5), (2, 1), 1, 1, True)])
+def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, groups, bias,
+                                      device):
+    L = case[1]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(1)
+    for step in range(L + (stride == 1)):
+        if stride == 2 and step == L:
+            continue
+        x, levels = make_input(case, step, 6, dtype, device, seed=step)
+        w = torch.randn(6, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
+        b = torch.randn(6, generator=gen, dtype=dtype).to(device) if bias else None
+        y = CF.conv2d(x, w, b, stride, dilation, groups, engine)
+        assert y.step == step + (stride == 2)
+        expected = _reference_conv(x.features, levels, step, stride, w, b, dilation, groups)
+        torch.testing.assert_close(y.features, expected, **tol(dtype))
+
+
+def _reference_conv(features, levels, step_in, stride, weight, bias, dilation, groups):
+    """ref.conv for square or rectangular kernels / dilations."""
+    import torch.nn.functional as F
+    dy, dx = (dilation, dilation) if isinstance(dilation, int) else dilation
+    kh, kw = weight.shape[-2:]
+    D = (dy * 2 ** step_in, dx * 2 ** step_in)
+    dense = ref.Geometry(levels, step_in).fill(features)
+    out = F.conv2d(dense, weight, bias, padding=(D[0] * (kh // 2), D[1] * (kw // 2)), dilation=D,
+                   groups=groups)
+    return ref.Geometry(levels, step_in + (stride == 2)).sample(out)
+
+
+@pytest.mark.parametrize("engine", ["lattice", "torch"])
+@pytest.mark.parametrize("k,stride,groups", [(3, 1, 1), (3, 2, 1), (1, 2, 1), (1, 1, 1),
+                                             (3, 2, 2), (1, 1, 2)])
+def test_gradients_match_dense_reference(engine, k, stride, groups, device):
+    """Backward through the engine equals backward through the dense emulation (float64)."""
+    case = ((13, 11), 2, "levels")
+    for step in range(2 if stride == 2 else 3):
+        x, levels = make_input(case, step, 4, torch.float64, device, seed=step + 7)
+        gen = torch.Generator().manual_seed(step)
+        w = torch.randn(6, 4 // groups, k, k, generator=gen, dtype=torch.float64).to(device)
+        b = torch.randn(6, generator=gen, dtype=torch.float64).to(device)
+        grads = []
+        for run in ("engine", "reference"):
+            f = x.features.clone().requires_grad_(True)
+            wr, br = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            if run == "engine":
+                y = CF.conv2d(CADTensor(f, x.plan, step), wr, br, stride, 1, groups, engine).features
+            else:
+                y = ref.conv(f, levels, step, stride, wr, br, 1, groups)
+            up = torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
+                             dtype=torch.float64).to(device)
+            (y * up).sum().backward()
+            grads.append((f.grad, wr.grad, br.grad))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("grid,L", [((13, 11), 1), ((17, 23), 3), ((64, 128), 1)])
+def test_lattice_split_partitions_the_output(grid, L, device):
+    """Lattice rows and rest rows cover every output site once; the rest reads exactly the
+    full rulebook's entries; the lattice cells are sites of their step."""
+    rng = np.random.default_rng(0)
+    keep = torch.from_numpy(rng.uniform(size=(2, *grid)) < 0.1).to(device)
+    plan = LevelPlan.from_keep(keep, grid, L)
+    for step_in in range(L + 1):
+        for step_out in {step_in, min(step_in + 1, L)}:
+            book = conv_rulebook(plan, (3, 3), (2, 2), step_in, step_out)
+            split = book.lattice()
+            out_rows = (torch.arange(book.num_out, device=device) if split.out_rows is None
+                        else split.out_rows)
+            rows = torch.cat([out_rows, split.rest_rows]).sort().values
+            assert torch.equal(rows, torch.arange(book.num_out, device=device))
+            coords = plan.geometry(step_out).coords[out_rows]
+            s = 2 ** step_out
+            assert bool(((coords[:, 1] % s == 0) & (coords[:, 2] % s == 0)).all())
+            if split.in_rows is not None:
+                cin = plan.geometry(step_in).coords[split.in_rows]
+                Hi, Wi = split.in_grid
+                ys = torch.arange(Hi, device=device).repeat_interleave(Wi).repeat(2) * 2 ** step_in
+                assert torch.equal(cin[:, 1], ys)
+            full = book.gather[split.rest_rows]
+            inside = split.num_inside
+            assert torch.equal(full[:inside], split.rest_index[:inside])
+            assert bool((full[:inside] >= 0).all())
+            assert torch.equal(full[inside:] >= 0, split.border_valid)
+            assert torch.equal(full[inside:].clamp(min=0), split.rest_index[inside:])
+
+
+def test_lattice_at_step_zero_is_one_dense_conv(device):
+    """With nothing merged yet the lattice engine is exactly the dense conv (no gather)."""
+    x = torch.randn(2, 5, 9, 14, dtype=torch.float64, device=device)
+    t = CADTensor.from_dense(x, torch.zeros(2, 9, 14, dtype=torch.bool, device=device), 1)
+    w = torch.randn(7, 5, 3, 3, dtype=torch.float64, device=device)
+    y = CF.conv2d(t, w, engine="lattice")
+    assert y.cache.keys() and y.cache._books[y.cache.keys()[0]]._gather is None
+    torch.testing.assert_close(y.dense(), torch.nn.functional.conv2d(x, w, padding=1),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_auto_engine_selection():
+    plan = LevelPlan.from_keep(torch.zeros(1, 5, 5, dtype=torch.bool), (5, 5), 1)
+    book = conv_rulebook(plan, (3, 3), (1, 1), 0, 1)
+    assert select_engine(torch.device("cpu"), 1, book) == "lattice"
+    from cad_spconv import Rulebook
+    hand = Rulebook(book.gather, book.num_in, (3, 3), 0, 1)
+    assert select_engine(torch.device("cpu"), 1, hand) == "torch"
+    with pytest.raises(ValueError, match="lattice split"):
+        sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, hand, engine="lattice")
+    with pytest.raises(ValueError, match="unknown engine"):
+        sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, book, engine="fast")
+    assert set(NEW_ENGINES) <= set(ENGINES)
+
+
+def test_inference_path_matches_autograd_path():
+    """The no-grad path (preallocated buffers, chunked) equals the autograd path bit for bit
+    in float64, also when the rest spans several chunks."""
+    import cad_spconv.engines as E
+    case = ((40, 37), 1, "keep")
+    x, levels = make_input(case, 1, 8, torch.float64, "cpu", seed=5)
+    w = torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+    old = E._GATHER_CHUNK_BYTES
+    try:
+        E._GATHER_CHUNK_BYTES = 9 * 8 * 8 * 7  # 7 rows per chunk
+        with torch.no_grad():
+            fast = CF.conv2d(x, w, b, engine="lattice").features
+        slow = CF.conv2d(x, w.requires_grad_(True), b, engine="lattice").features
+    finally:
+        E._GATHER_CHUNK_BYTES = old
+    assert x.plan.geometry(1).coords.shape[0] > 7 * 3
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast, ref.conv(x.features, levels, 1, 1, w.detach(), b), rtol=1e-9,
+                               atol=1e-10)
