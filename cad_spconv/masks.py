@@ -1,0 +1,350 @@
+"""Downsampling masks from the paper (Hesse et al., CVPRW 2023, Sec. 4 and supplement C).
+
+Every function returns keep masks that converted models and :func:`~cad_spconv.plan.make_plan`
+accept: bool ``[B, 1, H, W]`` at image resolution (``True`` = keep at the finest resolution),
+or, for :func:`keypoints`, a list of such masks, one per adaptive step, finest first. A model
+reduces them onto its finest grid with the any-pixel rule (a cell is kept if any pixel of its
+footprint is kept, ``SEMANTICS.md``); :func:`subsample` gives the reference code's reduction
+instead (every ``stride``-th pixel).
+
+- :func:`edge`: thresholded image gradients, dilated (Sec. 4.2, "edge mask").
+- :func:`oracle`: wrong at the coarse stride but right at the fine one, dilated (Sec. 4.1).
+- :func:`keypoints`: keypoints dilated with one square size per level (Sec. 4.3);
+  :func:`sift_keypoints` detects them with OpenCV (optional extra ``cad-spconv[sift]``).
+- :func:`random`, :func:`random_like`, :func:`invert`: "inadequate masks" (Sec. 4.3).
+- :func:`kept_fraction`: fraction of cells of a given stride that a mask keeps.
+
+Images are ImageNet-normalised float tensors ``[B, 3, H, W]`` (as the data pipeline yields).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "random", "random_like", "invert",
+           "dilate", "subsample", "kept_fraction", "IMAGENET_MEAN", "IMAGENET_STD",
+           "EDGE_OPERATORS", "GRAYSCALES"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: ``reference``: the public reference code's detector: central differences
+#: ``g[y, x+1] - g[y, x-1]`` and ``g[y+1, x] - g[y-1, x]`` with zero padding, each compared
+#: *signed* against the threshold (one-sided: only intensity rising to the right / downwards
+#: fires). The paper's thresholds 0.15 / 0.35 / 0.95 were set with this detector.
+#: ``sobel``: what the paper's text says: magnitude ``sqrt(gx^2 + gy^2)`` of the 3x3 Sobel
+#: gradient (replicate padding). Its gain is 4x that of the central difference, so the same
+#: threshold keeps far more (docs/masks.md has the measured fractions).
+EDGE_OPERATORS = ("reference", "sobel")
+#: ``luminance``: ``0.299 R + 0.587 G + 0.114 B`` (the reference code); ``mean``: channel mean.
+GRAYSCALES = ("luminance", "mean")
+
+MaskList = Sequence[torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W] (ImageNet-normalised RGB), got "
+                         f"{tuple(images.shape)}; add a batch dimension with images[None]")
+    if not images.dtype.is_floating_point:
+        raise TypeError(f"images must be float (ImageNet-normalised), got {images.dtype}; "
+                        "convert with (images / 255 - mean) / std")
+    return images
+
+
+def _check_keep(keep: torch.Tensor, what: str = "keep mask") -> torch.Tensor:
+    """A bool mask ``[B, 1, H, W]`` (``[B, H, W]`` is accepted and given a channel)."""
+    if not isinstance(keep, torch.Tensor):
+        raise TypeError(f"{what} must be a bool torch.Tensor [B, 1, H, W], got {type(keep).__name__}")
+    if keep.dtype != torch.bool:
+        raise TypeError(f"{what} must be a bool tensor, got {keep.dtype}; threshold it "
+                        "explicitly, e.g. `mask > 0.5`")
+    if keep.dim() == 3:
+        keep = keep[:, None]
+    if keep.dim() != 4 or keep.shape[1] != 1:
+        raise ValueError(f"{what} must be [B, 1, H, W] or [B, H, W], got {tuple(keep.shape)}")
+    return keep
+
+
+def _check_size(size: int, what: str, allow_zero: bool = False) -> int:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"{what} must be an int, got {size!r}")
+    if allow_zero and size == 0:
+        return 0
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"{what} must be an odd square kernel size >= 1 (a centred window"
+                         f"{', or 0 for none' if allow_zero else ''}), got {size}")
+    return size
+
+
+def dilate(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Dilate a bool mask ``[B, 1, H, W]`` with a centred ``size x size`` square (odd size;
+    1 = unchanged). Pixels outside the image are not kept."""
+    mask = _check_keep(mask, "mask")
+    size = _check_size(size, "dilation")
+    if size == 1:
+        return mask
+    # max pool pads with -inf, so the border never grows the mask
+    out = F.max_pool2d(mask.to(torch.float32), size, stride=1, padding=size // 2)
+    return out > 0
+
+
+def _gray(images: torch.Tensor, grayscale: str) -> torch.Tensor:
+    if grayscale == "luminance":
+        w = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images * w).sum(1, keepdim=True)
+    if grayscale == "mean":
+        return images.mean(1, keepdim=True)
+    raise ValueError(f"grayscale must be one of {', '.join(GRAYSCALES)}, got {grayscale!r}")
+
+
+# ---------------------------------------------------------------------------------- edge
+def edge(images: torch.Tensor, threshold: float = 0.15, dilation: int = 11,
+         operator: str = "reference", grayscale: str = "luminance") -> torch.Tensor:
+    """The paper's edge mask (Sec. 4.2): gradients of the grayscale of the ImageNet-normalised
+    image against ``threshold`` (paper: 0.15 / 0.35 / 0.95), dilated with a square kernel of
+    size ``dilation`` (paper: 11).
+
+    ``operator``: ``"reference"`` (default; the reference code's signed central differences,
+    with which the paper's thresholds were set) or ``"sobel"`` (Sobel magnitude), see
+    :data:`EDGE_OPERATORS`. ``grayscale``: ``"luminance"`` (default, as the reference code) or
+    ``"mean"``. Returns bool ``[B, 1, H, W]`` at image resolution. The reference code then
+    reduces the mask to the finest grid with :func:`subsample`; a model given this mask uses
+    the any-pixel rule, which keeps somewhat more cells (docs/masks.md).
+    """
+    images = _check_images(images)
+    dilation = _check_size(dilation, "dilation")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+        raise TypeError(f"threshold must be a number, got {threshold!r}")
+    g = _gray(images, grayscale)
+    if operator == "reference":
+        p = F.pad(g, (1, 1, 1, 1))  # zero padding, as the reference's conv with padding=1
+        gx = p[:, :, 1:-1, 2:] - p[:, :, 1:-1, :-2]
+        gy = p[:, :, 2:, 1:-1] - p[:, :, :-2, 1:-1]
+        edges = (gx >= threshold) | (gy >= threshold)
+    elif operator == "sobel":
+        p = F.pad(g, (1, 1, 1, 1), mode="replicate")
+        dx = p[:, :, :, 2:] - p[:, :, :, :-2]            # [B,1,H+2,W]
+        dy = p[:, :, 2:, :] - p[:, :, :-2, :]            # [B,1,H,W+2]
+        gx = dx[:, :, :-2] + 2 * dx[:, :, 1:-1] + dx[:, :, 2:]
+        gy = dy[:, :, :, :-2] + 2 * dy[:, :, :, 1:-1] + dy[:, :, :, 2:]
+        edges = (gx * gx + gy * gy).sqrt() >= threshold
+    else:
+        raise ValueError(f"operator must be one of {', '.join(EDGE_OPERATORS)}, got {operator!r}")
+    return dilate(edges, dilation)
+
+
+# ---------------------------------------------------------------------------------- oracle
+def _labels(pred: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(pred, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(pred).__name__}")
+    if pred.dtype.is_floating_point:
+        if pred.dim() != 4:
+            raise ValueError(f"{what}: float predictions must be logits [B, C, H, W], got "
+                             f"{tuple(pred.shape)}")
+        return pred.argmax(1)
+    if pred.dtype == torch.bool or pred.dim() != 3:
+        raise ValueError(f"{what} must be logits [B, C, H, W] or an integer label map [B, H, W], "
+                         f"got {pred.dtype} {tuple(pred.shape)}")
+    return pred
+
+
+def oracle(pred_coarse: torch.Tensor, pred_fine: torch.Tensor, target: torch.Tensor,
+           dilation: int, ignore_index: int = 255) -> torch.Tensor:
+    """The oracle mask (Sec. 4.1): pixels misclassified at the coarse stride but classified
+    correctly at the fine stride, dilated with a square of size ``dilation``.
+
+    Predictions are logits ``[B, C, H, W]`` (argmax taken) or label maps ``[B, H, W]`` at the
+    resolution of ``target`` ``[B, H, W]`` (integer class ids, ``ignore_index`` ignored).
+    Returns bool ``[B, 1, H, W]``.
+    """
+    coarse = _labels(pred_coarse, "pred_coarse")
+    fine = _labels(pred_fine, "pred_fine")
+    if not isinstance(target, torch.Tensor) or target.dim() != 3 or target.dtype.is_floating_point \
+            or target.dtype == torch.bool:
+        raise ValueError("target must be an integer label map [B, H, W]")
+    for name, p in (("pred_coarse", coarse), ("pred_fine", fine)):
+        if p.shape != target.shape:
+            raise ValueError(
+                f"{name} has size {tuple(p.shape)}, target {tuple(target.shape)}: upsample the "
+                "logits to the target size first, e.g. F.interpolate(logits, size=target.shape"
+                "[-2:], mode='bilinear', align_corners=False)")
+    wrong_then_right = (coarse != target) & (fine == target) & (target != ignore_index)
+    return dilate(wrong_then_right[:, None], _check_size(dilation, "dilation"))
+
+
+# ---------------------------------------------------------------------------------- keypoints
+def _points_list(points) -> list[torch.Tensor]:
+    if isinstance(points, torch.Tensor) and points.dim() == 2:
+        points = [points]
+    if isinstance(points, torch.Tensor) and points.dim() == 3:
+        points = list(points)
+    if not isinstance(points, (list, tuple)):
+        raise TypeError("points must be a list (one entry per image) of [N, 2] (x, y) "
+                        f"coordinates, got {type(points).__name__}")
+    out = []
+    for i, p in enumerate(points):
+        p = torch.as_tensor(p)
+        if p.numel() == 0:
+            p = p.reshape(0, 2)
+        if p.dim() != 2 or p.shape[1] != 2:
+            raise ValueError(f"points of image {i} must be [N, 2] (x, y), got {tuple(p.shape)}")
+        out.append(p)
+    return out
+
+
+def keypoints(points, image_size: Sequence[int], dilations: Sequence[int],
+              device=None) -> list[torch.Tensor]:
+    """Per-level masks from keypoints (Sec. 4.3): one square dilation per adaptive step.
+
+    ``points``: per image an ``[N, 2]`` array of ``(x, y)`` pixel coordinates (OpenCV
+    convention: pixel centres at integers; rounded to the nearest pixel, ties to even). ``dilations``: one
+    odd size per level, finest first (the paper's triples, e.g. ``(11, 19, 35)``); ``0`` leaves
+    that level unconstrained. Mask ``l`` marks what must stay at level ``<= l``. Returns a list
+    of ``len(dilations)`` bool masks ``[B, 1, H, W]``.
+    """
+    H, W = (int(v) for v in image_size)
+    pts = _points_list(points)
+    if len(dilations) == 0:
+        raise ValueError("dilations must name one size per adaptive step (finest first)")
+    sizes = [_check_size(d, f"dilations[{i}]", allow_zero=True) for i, d in enumerate(dilations)]
+    B = len(pts)
+    if device is None:
+        device = pts[0].device if B and isinstance(pts[0], torch.Tensor) else "cpu"
+    seeds = torch.zeros(B, 1, H, W, dtype=torch.bool, device=device)
+    counts = torch.tensor([p.shape[0] for p in pts], device=device)
+    if int(counts.sum()):
+        xy = torch.cat([p.to(device=device, dtype=torch.float64) for p in pts])
+        xi = torch.round(xy[:, 0]).to(torch.int64)
+        yi = torch.round(xy[:, 1]).to(torch.int64)
+        outside = (xi < 0) | (xi >= W) | (yi < 0) | (yi >= H)
+        if bool(outside.any()):
+            j = int(outside.nonzero()[0])
+            raise ValueError(f"keypoint ({float(xy[j, 0])}, {float(xy[j, 1])}) lies outside the "
+                             f"{H}x{W} image; points are (x, y) pixel coordinates")
+        b = torch.repeat_interleave(torch.arange(B, device=device), counts)
+        seeds[b, 0, yi, xi] = True
+    return [dilate(seeds, s) if s else torch.zeros_like(seeds) for s in sizes]
+
+
+def sift_keypoints(images: torch.Tensor, num_points: int = 512) -> list[torch.Tensor]:
+    """The ``num_points`` strongest SIFT keypoints per image (as the paper, following Uzpak et
+    al.), ``(x, y)`` float64 ``[N, 2]`` per image. ``images``: ImageNet-normalised
+    ``[B, 3, H, W]``. Needs OpenCV: ``pip install 'cad-spconv[sift]'``."""
+    try:
+        import cv2
+    except ImportError as e:  # optional dependency
+        raise ImportError("sift_keypoints needs OpenCV: pip install 'cad-spconv[sift]' "
+                          "(opencv-python-headless)") from e
+    images = _check_images(images)
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = ((images.detach() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    detector = cv2.SIFT_create(nfeatures=int(num_points))
+    out = []
+    for img in rgb.permute(0, 2, 3, 1).cpu().numpy():  # one OpenCV call per image
+        gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        kps = sorted(detector.detect(gray, None), key=lambda k: -k.response)[:num_points]
+        out.append(torch.tensor([k.pt for k in kps], dtype=torch.float64).reshape(-1, 2))
+    return out
+
+
+# ---------------------------------------------------------------------------------- ablation
+def _cells(size: Sequence[int], cell: int) -> tuple[int, int]:
+    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
+        raise ValueError(f"cell must be an int >= 1 (pixels per cell side), got {cell!r}")
+    return -(-int(size[0]) // cell), -(-int(size[1]) // cell)
+
+
+def _expand(cells: torch.Tensor, cell: int, size: Sequence[int]) -> torch.Tensor:
+    out = cells.repeat_interleave(cell, -2).repeat_interleave(cell, -1)
+    return out[..., : int(size[0]), : int(size[1])]
+
+
+def random(batch_size: int, image_size: Sequence[int], fraction: float, cell: int = 1,
+           generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """A random keep mask for the "inadequate mask" ablation: per image exactly
+    ``round(fraction * cells)`` of the ``cell x cell`` cells (clipped at the border) are kept,
+    at uniformly random positions. Use ``cell`` = the finest stride to control the kept
+    fraction of the finest grid. Returns bool ``[B, 1, H, W]``."""
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    h, w = _cells(image_size, cell)
+    n = round(float(fraction) * h * w)
+    scores = torch.rand(batch_size, h * w, generator=generator).to(device or "cpu")
+    rank = scores.argsort(1).argsort(1)
+    kept = (rank < n).view(batch_size, 1, h, w)
+    return _expand(kept, cell, image_size)
+
+
+def random_like(keep: Union[torch.Tensor, MaskList], cell: int = 1,
+                generator: Optional[torch.Generator] = None):
+    """The same budget at random places: the ``cell x cell`` cells of ``keep`` (any-pixel
+    rule) are shuffled by one random permutation per image, so every image keeps exactly as
+    many cells as before. A per-level list is shuffled with one shared permutation (nested masks
+    stay nested). Returns the same form as ``keep``, at its resolution."""
+    masks = [keep] if isinstance(keep, torch.Tensor) else list(keep)
+    if not masks:
+        raise ValueError("random_like needs a mask or a non-empty list of masks")
+    masks = [_check_keep(m, f"mask {i}") for i, m in enumerate(masks)]
+    B, _, H, W = masks[0].shape
+    for i, m in enumerate(masks[1:], 1):
+        if m.shape != masks[0].shape:
+            raise ValueError(f"mask {i} has shape {tuple(m.shape)}, mask 0 {tuple(masks[0].shape)}")
+    h, w = _cells((H, W), cell)
+    perm = torch.rand(B, h * w, generator=generator).argsort(1).to(masks[0].device)
+    out = []
+    for m in masks:
+        cells = F.max_pool2d(m.to(torch.float32), cell, cell, ceil_mode=True) > 0
+        shuffled = cells.flatten(1).gather(1, perm).view(B, 1, h, w)
+        out.append(_expand(shuffled, cell, (H, W)))
+    return out[0] if isinstance(keep, torch.Tensor) else out
+
+
+def invert(keep: Union[torch.Tensor, MaskList]):
+    """The "unreasonable" mask: keep what was downsampled and vice versa.
+
+    For one mask: its complement. For a per-level list ``m_0 <= ... <= m_{L-1}`` (mask ``l`` =
+    level ``<= l``): ``[~m_{L-1}, ..., ~m_0]``, so a cell whose finest allowed level was ``r``
+    gets ``L - r`` (far from keypoints becomes finest, keypoints coarsest).
+    """
+    if isinstance(keep, torch.Tensor):
+        return ~_check_keep(keep)
+    masks = [_check_keep(m, f"mask {i}") for i, m in enumerate(keep)]
+    if not masks:
+        raise ValueError("invert needs a mask or a non-empty list of masks")
+    return [~m for m in reversed(masks)]
+
+
+# ---------------------------------------------------------------------------------- reduction
+def subsample(keep: torch.Tensor, stride: int) -> torch.Tensor:
+    """The reference code's reduction onto a grid of stride ``stride``: every ``stride``-th
+    pixel, ``keep[..., ::stride, ::stride]`` (size ``ceil(H / stride)``). Give the result to a
+    model with that finest stride to reproduce the reference's masks exactly."""
+    keep = _check_keep(keep)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    return keep[:, :, ::stride, ::stride]
+
+
+def kept_fraction(keep: torch.Tensor, stride: int, sample_stride: Optional[int] = None
+                  ) -> torch.Tensor:
+    """Fraction of the cells of stride ``stride`` (``stride x stride`` pixels, clipped at the
+    border) that contain a kept pixel, per image: float64 ``[B]``. ``keep`` is at image
+    resolution. With ``sample_stride`` (the finest stride ``f``) the mask is first reduced as the
+    reference code does (:func:`subsample`), then a cell counts if any of its samples is kept."""
+    keep = _check_keep(keep)
+    if sample_stride is not None:
+        if stride % sample_stride:
+            raise ValueError(f"stride {stride} must be a multiple of sample_stride {sample_stride}")
+        keep = subsample(keep, sample_stride)
+        stride //= sample_stride
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    cells = F.max_pool2d(keep.to(torch.float32), stride, stride, ceil_mode=True) > 0
+    return cells.flatten(1).to(torch.float64).mean(1)
