@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 __all__ = ["SEGMENTATION_MODELS", "CheckpointInfo", "CheckpointMismatchError",
-           "resolve_checkpoint", "read_checkpoint", "load_into", "build_segmentation_model"]
+           "resolve_checkpoint", "read_checkpoint", "load_into", "build_segmentation_model",
+           "read_mask_estimator"]
 
 # torchvision segmentation builders whose backbone is a ResNet (the ones CAD converts)
 SEGMENTATION_MODELS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "fcn_resnet50", "fcn_resnet101")
@@ -200,3 +201,36 @@ def build_segmentation_model(model_name: str = "deeplabv3_resnet101", checkpoint
     if state is not None:
         load_into(model, state, source=info.source)
     return model.eval(), info
+
+
+# prefixes under which the mask estimator's layers ("0.weight" ... "7.bias") are stored: the
+# reference code's end-to-end model, a wrapper module, or the bare estimator
+_ESTIMATOR_PREFIXES = ("", "backbone.mask_estimator.", "mask_estimator.", "estimator.")
+
+
+def read_mask_estimator(spec) -> tuple[dict, str]:
+    """State dict of a learned mask estimator (keys ``0.weight`` ... ``7.bias``, the layout of
+    :class:`cad_spconv.learned_mask.MaskEstimator`) and the file it came from.
+
+    Accepts the paper's end-to-end checkpoint (``model_state`` with ``backbone.mask_estimator.``),
+    a dict with a ``"mask_estimator"`` / ``"estimator"`` / ``"state_dict"`` entry, or a bare
+    estimator state dict.
+    """
+    path = resolve_checkpoint(spec)
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    for key in ("model_state", "mask_estimator", "estimator", "state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    flat = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()
+            if isinstance(v, torch.Tensor)}
+    for prefix in _ESTIMATOR_PREFIXES:
+        if prefix + "0.weight" in flat and prefix + "7.bias" in flat:
+            return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)
+                    and re.fullmatch(r"\d+\.(weight|bias)", k[len(prefix):])}, path
+    shown = ", ".join(sorted(flat)[:8])
+    raise CheckpointMismatchError(
+        f"{path} holds no mask estimator (expected keys 0.weight ... 7.bias, optionally under "
+        f"{', '.join(repr(p) for p in _ESTIMATOR_PREFIXES[1:])}); found: {shown or 'no tensors'}")
