@@ -218,7 +218,7 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
         if not ckpt_path or not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start without "
                                     "--resume or point --out at the run's folder")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
         if (meta or {}) != state.get("meta", {}):
             raise ValueError(f"checkpoint {ckpt_path} was written for {state.get('meta')}, this "
                              f"run is {meta}: resume with the same model settings")
@@ -462,11 +462,10 @@ def main(args) -> int:
     estimator = MaskEstimator(feature_channels(model, args.finest_stride), downsample=factor,
                               tau=args.tau)
     if args.estimator_weights:
-        state = torch.load(args.estimator_weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "estimator" in state:
-            estimator.load_state_dict(state["estimator"])
-        else:
-            estimator.load_reference(state)
+        from .checkpoints import load_into, read_mask_estimator
+
+        state, path = read_mask_estimator(args.estimator_weights)
+        load_into(estimator, state, source=path)
     blended = BlendedSegmenter(model, estimator, args.finest_stride, args.coarsest_stride)
     meta = {"model": args.model, "num_classes": num_classes,
             "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride}

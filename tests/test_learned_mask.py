@@ -249,5 +249,13 @@ def test_cli_train_mask_on_synthetic_cityscapes(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "last.pt"))
     state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert state["iteration"] == 2 and set(state["estimator"]) == set(MaskEstimator(64).state_dict())
+    # a train-mask checkpoint initialises the estimator of a new run
+    out2 = str(tmp_path / "run2")
+    assert cli.main(argv[:-3] + [out2, "--no-progress", "--no-eval", "--iters", "0",
+                                 "--estimator-weights", os.path.join(out, "last.pt")]) == 0
+    state2 = torch.load(os.path.join(out2, "last.pt"), weights_only=True)
+    assert state2["iteration"] == 0
+    for k, v in state["estimator"].items():
+        assert torch.equal(state2["estimator"][k], v), k
     with pytest.raises(SystemExit, match="exactly one"):
         cli.main(["train-mask", "--out", out, "--no-eval"])
