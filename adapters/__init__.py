@@ -1,1 +1,73 @@
-"""Convert torchvision models to content-adaptive (CAD) form. Implemented in a later change."""
+"""Convert torchvision models to content-adaptive (CAD) form (Hesse et al., CVPRW 2023).
+
+    from adapters import convert
+    cad = convert(model, finest_stride=8, coarsest_stride=16)
+    out = cad(images, keep)
+
+The converted model runs densely up to ``finest_stride``; every downsampling from there to
+``coarsest_stride`` becomes an adaptive step (``L = log2(coarsest / finest)``), and layers past
+the coarsest stride keep their dilation of the coarsest-stride network. It holds the original
+parameters (nothing is copied), so ``cad.load_state_dict(model.state_dict())`` works. See
+``docs/adapters.md`` for the rules.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.resnet import ResNet
+from torchvision.models.segmentation.deeplabv3 import DeepLabV3
+from torchvision.models.segmentation.fcn import FCN
+from torchvision.models.vgg import VGG
+
+from .common import SUPPORTED, CADModel, UnsupportedModelError, check_engine
+from .resnet import CADBasicBlock, CADBottleneck, CADResNet, convert_resnet
+from .segmentation import CADASPP, CADASPPPooling, CADSegmentation, convert_segmentation
+from .vgg import CADVGGFeatures, convert_vgg_features
+
+__all__ = ["convert", "CADModel", "CADResNet", "CADSegmentation", "CADVGGFeatures",
+           "CADBottleneck", "CADBasicBlock", "CADASPP", "CADASPPPooling", "convert_resnet",
+           "convert_segmentation", "convert_vgg_features", "UnsupportedModelError", "SUPPORTED"]
+
+
+def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
+            sparse_head: bool = False, engine: str = "auto") -> CADModel:
+    """Content-adaptive version of a torchvision model, sharing its parameters.
+
+    - ``model``: a torchvision ResNet / ResNeXt / Wide ResNet classifier, an FCN or DeepLabV3
+      with a ResNet backbone (any ``replace_stride_with_dilation``), or a VGG feature stack
+      (``vgg16(...).features``, ``vgg16_bn(...).features`` or a prefix of one).
+    - ``finest_stride`` / ``coarsest_stride``: powers of two; ResNets adapt at their strided
+      stages (finest 4, 8 or 16; coarsest up to 32), VGG stacks at their 2x2 max pools (coarsest
+      = the stride the stack ends at).
+    - ``sparse_head`` (segmentation only): run the head on the multi-resolution tensor and
+      densify only before the final upsampling; by default the backbone output is densified at
+      the finest stride and the head runs densely there (the paper's setup).
+    - ``engine``: conv engine of the converted layers (``"auto"``, ``"torch"``, ``"spconv"``).
+
+    Returns a :class:`CADResNet`, :class:`CADSegmentation` or :class:`CADVGGFeatures`, called
+    as ``cad(images, keep)``; ``keep`` is a bool keep mask (True = keep at the finest
+    resolution) ``[B, 1, h, w]`` / ``[B, h, w]`` at image resolution or at the finest grid, a
+    list of ``L`` per-level masks (finest first), an integer level map, a ``LevelPlan``, or a
+    callable (e.g. a mask estimator module) taking the dense feature map entering the first
+    adaptive step and returning one of these.
+    """
+    check_engine(engine)
+    if not isinstance(sparse_head, bool):
+        raise TypeError(f"sparse_head must be a bool, got {sparse_head!r}")
+    if type(model) in (FCN, DeepLabV3):
+        return convert_segmentation(model, finest_stride, coarsest_stride, sparse_head, engine)
+    if sparse_head:
+        raise ValueError(f"sparse_head=True applies to segmentation models (FCN, DeepLabV3) only, "
+                         f"not to {type(model).__name__}: classifiers always pool area-weighted "
+                         "over the multi-resolution tensor, VGG stacks have no head")
+    if type(model) is ResNet:
+        return convert_resnet(model, finest_stride, coarsest_stride, engine)
+    if type(model) is nn.Sequential:
+        return convert_vgg_features(model, finest_stride, coarsest_stride, engine)
+    if type(model) is VGG:
+        raise UnsupportedModelError(
+            "cannot convert the VGG classifier (avgpool: AdaptiveAvgPool2d((7, 7)), classifier: "
+            "fully connected layers need a fixed 7x7 grid): convert its feature stack instead, "
+            "e.g. convert(model.features[:23], finest_stride=1, coarsest_stride=8) for D2-Net")
+    raise UnsupportedModelError(
+        f"cannot convert the model ({type(model).__module__}.{type(model).__name__}): it has no "
+        f"content-adaptive adapter. Supported: {SUPPORTED}")

@@ -1,0 +1,232 @@
+"""What every adapter shares: stride checks, keep masks, layer conversion, the model base class.
+
+Conversion never copies a parameter: converted layers are new module shells that hold the
+original ``Parameter`` and buffer objects, so ``cad.load_state_dict(model.state_dict())`` works
+and training either one trains both.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cad_spconv.engines import ENGINES
+from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise
+from cad_spconv.plan import LevelPlan, make_plan
+from cad_spconv.tensor import CADTensor
+
+__all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides", "check_engine",
+           "dense_conv", "cad_conv", "cad_layer", "shell", "keep_to_grid", "CADModel",
+           "expect_type", "sequential"]
+
+SUPPORTED = ("torchvision ResNet / ResNeXt / Wide ResNet classifiers (BasicBlock, Bottleneck); "
+             "torchvision FCN and DeepLabV3 with a ResNet backbone; VGG-style feature stacks "
+             "such as torchvision vgg16(...).features or vgg16_bn(...).features (or a prefix)")
+
+# Elementwise modules: they act on every site alone, so they run unchanged on site features.
+POINTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid,
+             nn.Tanh, nn.Identity, nn.Dropout)
+
+
+class UnsupportedModelError(TypeError):
+    """A model or sub-module that has no content-adaptive form; the message names its path."""
+
+
+def expect_type(module: nn.Module, path: str, types, what: str):
+    """Exact type check (a subclass may override ``forward``, which conversion would lose)."""
+    types = types if isinstance(types, tuple) else (types,)
+    if type(module) not in types:
+        raise UnsupportedModelError(
+            f"cannot convert {path or 'the model'} ({type(module).__module__}."
+            f"{type(module).__name__}): expected {what}. Supported: {SUPPORTED}")
+
+
+def _power_of_two(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1 and (v & (v - 1)) == 0
+
+
+def check_strides(finest: int, coarsest: int, finest_allowed: Sequence[int], coarsest_max: int,
+                  family: str, where_steps: str) -> int:
+    """Validate the stride pair for a family; returns ``L = log2(coarsest / finest)``."""
+    for name, v in (("finest_stride", finest), ("coarsest_stride", coarsest)):
+        if not _power_of_two(v):
+            raise ValueError(f"{name} must be a power of two (1, 2, 4, 8, ...), got {v!r}")
+    if coarsest <= finest:
+        raise ValueError(f"coarsest_stride ({coarsest}) must be larger than finest_stride "
+                         f"({finest}): there must be at least one adaptive downsampling step")
+    if finest not in finest_allowed:
+        raise ValueError(f"{family}: finest_stride must be one of "
+                         f"{', '.join(map(str, finest_allowed))} ({where_steps}), got {finest}")
+    if coarsest > coarsest_max:
+        raise ValueError(f"{family}: coarsest_stride can be at most {coarsest_max} (the stride of "
+                         f"its last downsampling), got {coarsest}")
+    return (coarsest // finest).bit_length() - 1
+
+
+def check_engine(engine: str):
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+# ---------------------------------------------------------------------- layer conversion
+def _same(conv: nn.Conv2d, dilation: int) -> tuple[int, int]:
+    kh, kw = conv.kernel_size
+    return dilation * (kh - 1) // 2, dilation * (kw - 1) // 2
+
+
+def dense_conv(conv: nn.Conv2d, stride: int, dilation: int) -> nn.Conv2d:
+    """``conv`` with this stride and dilation (same padding): the module itself when it already
+    has them, else a shell sharing its parameters."""
+    pad = _same(conv, dilation)
+    if (tuple(conv.stride) == (stride, stride) and tuple(conv.dilation) == (dilation, dilation)
+            and tuple(conv.padding) == pad):
+        return conv
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=stride,
+                    padding=pad, dilation=dilation, groups=conv.groups,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
+    new.weight, new.bias = conv.weight, conv.bias
+    new.train(conv.training)
+    return new
+
+
+def cad_conv(conv: nn.Conv2d, stride: int, dilation: int, engine: str, path: str = "") -> CADConv2d:
+    """``conv`` on a multi-resolution tensor: ``dilation`` is its dilation in the coarsest-stride
+    network, ``stride`` 2 makes it an adaptive downsampling step. Parameters are shared."""
+    expect_type(conv, path, nn.Conv2d, "an nn.Conv2d")
+    kh, kw = conv.kernel_size
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise UnsupportedModelError(f"cannot convert {path} ({conv}): content-adaptive convs need "
+                                    "an odd kernel (same padding)")
+    if conv.padding_mode != "zeros":
+        raise UnsupportedModelError(f"cannot convert {path} ({conv}): only zero padding is "
+                                    f"supported, got padding_mode={conv.padding_mode!r}")
+    new = CADConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=stride,
+                    padding=_same(conv, dilation), dilation=dilation, groups=conv.groups,
+                    bias=conv.bias is not None, device="meta", engine=engine)
+    new.weight, new.bias = conv.weight, conv.bias
+    new.train(conv.training)
+    return new
+
+
+def cad_layer(module: nn.Module, path: str, engine: str, dilation: Optional[int] = None) -> nn.Module:
+    """A stride-1 layer of a plain stack (conv, batch norm, elementwise op) in CAD form.
+    ``dilation``: the conv's dilation in the coarsest-stride network (default: its own)."""
+    if type(module) is nn.Conv2d:
+        if tuple(module.stride) != (1, 1):
+            raise UnsupportedModelError(f"cannot convert {path} ({module}): a strided conv here is "
+                                        "not supported (only the family's downsampling layers)")
+        d = module.dilation[0] if dilation is None else dilation
+        if module.dilation[0] != module.dilation[1]:
+            raise UnsupportedModelError(f"cannot convert {path} ({module}): anisotropic dilation")
+        if tuple(module.padding) != _same(module, module.dilation[0]):
+            raise UnsupportedModelError(f"cannot convert {path} ({module}): only same padding "
+                                        "(dilation * (k - 1) / 2) is supported")
+        return cad_conv(module, 1, d, engine, path)
+    if type(module) is nn.BatchNorm2d:
+        return CADBatchNorm2d.from_module(module)
+    if type(module) in POINTWISE:
+        return CADPointwise(module)
+    raise UnsupportedModelError(
+        f"cannot convert {path} ({type(module).__module__}.{type(module).__name__}): a layer here "
+        "must be nn.Conv2d, nn.BatchNorm2d or an elementwise op ("
+        + ", ".join(t.__name__ for t in POINTWISE) + f"). Supported models: {SUPPORTED}")
+
+
+def shell(module: nn.Module, children: dict[str, Optional[nn.Module]]) -> nn.Module:
+    """A shallow copy of ``module`` (same class and forward, same parameter objects) with some
+    children replaced; the original is left untouched."""
+    new = copy.copy(module)
+    new._modules = type(module._modules)(module._modules)
+    new._parameters = type(module._parameters)(module._parameters)
+    new._buffers = type(module._buffers)(module._buffers)
+    for name, child in children.items():
+        new._modules[name] = child
+    return new
+
+
+# ---------------------------------------------------------------------- keep masks
+def _check_bool_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise ValueError(f"{what} must be [B, 1, h, w] or [B, h, w], got {tuple(mask.shape)}")
+        mask = mask[:, 0]
+    if mask.dim() != 3:
+        raise ValueError(f"{what} must be [B, 1, h, w] or [B, h, w], got {tuple(mask.shape)}")
+    return mask
+
+
+def keep_to_grid(mask, grid: Sequence[int], image_size: Sequence[int], stride: int,
+                 what: str = "keep mask"):
+    """A bool mask at image resolution -> the finest grid: a cell is kept if any pixel of its
+    footprint ``[stride*i, stride*(i+1))`` is kept (pixels a floor-mode pool dropped are ignored).
+    Masks at the finest grid and anything else pass through to :func:`make_plan`."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return mask
+    mask = _check_bool_mask(mask, what)
+    H, W = int(grid[0]), int(grid[1])
+    if tuple(mask.shape[-2:]) == (H, W) or tuple(mask.shape[-2:]) != tuple(image_size):
+        return mask
+    pooled = F.max_pool2d(mask[:, None].to(torch.float32), stride, stride, ceil_mode=True)[:, 0]
+    if pooled.shape[-2] < H or pooled.shape[-1] < W:  # cannot happen for the supported families
+        raise ValueError(f"{what} at image resolution {tuple(image_size)} does not cover the "
+                         f"finest grid {H}x{W} at stride {stride}")
+    return pooled[:, :H, :W] > 0
+
+
+class CADModel(nn.Module):
+    """Base of converted models: strides, entering the multi-resolution form, parts.
+
+    Attributes: ``finest_stride``, ``coarsest_stride``, ``num_levels`` (adaptive steps L) and
+    ``last_plan`` (the :class:`~cad_spconv.plan.LevelPlan` of the last forward).
+    """
+
+    def __init__(self, finest_stride: int, coarsest_stride: int):
+        super().__init__()
+        self.finest_stride = finest_stride
+        self.coarsest_stride = coarsest_stride
+        self.num_levels = (coarsest_stride // finest_stride).bit_length() - 1
+        self.last_plan: Optional[LevelPlan] = None
+        # the keep module of the last forward, for parts(); kept out of the module tree
+        self.__dict__["_keep_module"] = None
+
+    def _enter(self, x: torch.Tensor, keep, images: torch.Tensor) -> CADTensor:
+        """Dense map at the finest grid + keep -> step-0 multi-resolution tensor."""
+        self.__dict__["_keep_module"] = None
+        if callable(keep) and not isinstance(keep, (torch.Tensor, LevelPlan)):
+            if isinstance(keep, nn.Module):
+                self.__dict__["_keep_module"] = keep
+            keep = keep(x)
+        grid = x.shape[-2:]
+        size = images.shape[-2:]
+        if isinstance(keep, torch.Tensor):
+            keep = keep_to_grid(keep, grid, size, self.finest_stride)
+        elif isinstance(keep, (list, tuple)):
+            keep = [keep_to_grid(m, grid, size, self.finest_stride, f"level mask {i}")
+                    for i, m in enumerate(keep)]
+        plan = make_plan(keep, grid, self.num_levels, batch_size=x.shape[0], device=x.device)
+        self.last_plan = plan
+        return CADTensor.from_dense(x, plan)
+
+    @staticmethod
+    def _check_images(images):
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError("images must be a [B, C, H, W] tensor, got "
+                             + (str(tuple(images.shape)) if isinstance(images, torch.Tensor)
+                                else type(images).__name__))
+
+    def _mask_part(self) -> dict[str, nn.Module]:
+        module = self.__dict__.get("_keep_module")
+        return {"mask": module} if module is not None else {}
+
+    def extra_repr(self) -> str:
+        return (f"finest_stride={self.finest_stride}, coarsest_stride={self.coarsest_stride}, "
+                f"num_levels={self.num_levels}")
+
+
+def sequential(modules: Sequence[nn.Module]) -> nn.Sequential:
+    """An ``nn.Sequential`` view of existing modules (for :meth:`parts`; nothing is copied)."""
+    return nn.Sequential(*modules)
+

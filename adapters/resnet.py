@@ -1,0 +1,322 @@
+"""torchvision ResNet / ResNeXt / Wide ResNet in content-adaptive form.
+
+The adaptive downsampling steps are the strided residual stages (``layer2``..``layer4``, at
+canonical strides 8, 16, 32). The stem and every stage up to ``finest_stride`` run densely with
+the standard strides; each stage whose stride takes the network from ``finest_stride`` to
+``coarsest_stride`` becomes an adaptive step (paper Sec. 3: its strided conv and the 1x1
+shortcut merge blocks without kept cells); stages past ``coarsest_stride`` replace the stride
+by dilation as in the coarsest-stride network (torchvision ``replace_stride_with_dilation``).
+
+Dilation rule (``SEMANTICS.md``): a conv's dilation in the coarsest-stride network is
+``max(1, s / coarsest_stride)`` where ``s`` is the canonical stride of its *input*. For a
+Bottleneck this is torchvision's rule (the first block of a dilated stage keeps the previous
+dilation in its strided 3x3 conv); for a BasicBlock the conv after a replaced stride is dilated
+too (torchvision's BasicBlock refuses dilation, so no convention exists there).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from cad_spconv.nn import CADAdaptiveAvgPool2d, CADBatchNorm2d, CADPointwise
+from cad_spconv.tensor import CADTensor
+
+from .common import (CADModel, UnsupportedModelError, cad_conv, check_strides, dense_conv,
+                     expect_type, sequential, shell)
+
+__all__ = ["CADResNet", "CADBottleneck", "CADBasicBlock", "CADResNetBackbone", "convert_resnet"]
+
+STEM = ("conv1", "bn1", "relu", "maxpool")
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+# canonical (standard network) stride after each child
+CANONICAL_STRIDE = {"conv1": 2, "bn1": 2, "relu": 2, "maxpool": 4, "layer1": 4, "layer2": 8,
+                    "layer3": 16, "layer4": 32}
+RESNET_FINEST = (4, 8, 16)
+WHERE_STEPS = "the adaptive steps of a ResNet are its strided stages layer2..layer4"
+
+
+# ---------------------------------------------------------------------- blocks
+class CADBottleneck(nn.Module):
+    """torchvision ``Bottleneck`` on a multi-resolution tensor (same child names and
+    parameters). The stride sits on ``conv2`` (ResNet v1.5) and on the shortcut's 1x1 conv."""
+
+    def __init__(self, block: Bottleneck, stride: int, dilation: int, engine: str, path: str):
+        super().__init__()
+        self.conv1 = cad_conv(block.conv1, 1, 1, engine, f"{path}.conv1")
+        self.bn1 = CADBatchNorm2d.from_module(block.bn1)
+        self.conv2 = cad_conv(block.conv2, stride, dilation, engine, f"{path}.conv2")
+        self.bn2 = CADBatchNorm2d.from_module(block.bn2)
+        self.conv3 = cad_conv(block.conv3, 1, 1, engine, f"{path}.conv3")
+        self.bn3 = CADBatchNorm2d.from_module(block.bn3)
+        self.relu = CADPointwise(block.relu)
+        self.downsample = _cad_shortcut(block, stride, engine, path)
+
+    def forward(self, x: CADTensor) -> CADTensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class CADBasicBlock(nn.Module):
+    """torchvision ``BasicBlock`` on a multi-resolution tensor. ``dilation_in`` is the dilation
+    of the strided ``conv1``; ``dilation_out`` that of ``conv2`` (after the stride)."""
+
+    def __init__(self, block: BasicBlock, stride: int, dilation_in: int, dilation_out: int,
+                 engine: str, path: str):
+        super().__init__()
+        self.conv1 = cad_conv(block.conv1, stride, dilation_in, engine, f"{path}.conv1")
+        self.bn1 = CADBatchNorm2d.from_module(block.bn1)
+        self.relu = CADPointwise(block.relu)
+        self.conv2 = cad_conv(block.conv2, 1, dilation_out, engine, f"{path}.conv2")
+        self.bn2 = CADBatchNorm2d.from_module(block.bn2)
+        self.downsample = _cad_shortcut(block, stride, engine, path)
+
+    def forward(self, x: CADTensor) -> CADTensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+def _cad_shortcut(block, stride: int, engine: str, path: str) -> Optional[nn.Sequential]:
+    ds = block.downsample
+    if ds is None:
+        return None
+    return nn.Sequential(cad_conv(ds[0], stride, 1, engine, f"{path}.downsample.0"),
+                         CADBatchNorm2d.from_module(ds[1]))
+
+
+def _stride_conv_name(block) -> str:
+    return "conv2" if type(block) is Bottleneck else "conv1"
+
+
+def _dense_block(block, stride: int):
+    """The block with the standard stride and no dilation (a shell only if that differs)."""
+    changes = {}
+    strided = _stride_conv_name(block)
+    names = ("conv1", "conv2", "conv3") if type(block) is Bottleneck else ("conv1", "conv2")
+    for name in names:
+        conv = getattr(block, name)
+        new = dense_conv(conv, stride if name == strided else 1, 1)
+        if new is not conv:
+            changes[name] = new
+    if block.downsample is not None:
+        conv = block.downsample[0]
+        new = dense_conv(conv, stride, 1)
+        if new is not conv:
+            changes["downsample"] = shell(block.downsample, {"0": new})
+    return shell(block, changes) if changes else block
+
+
+# ---------------------------------------------------------------------- structure checks
+def _check_block(block, path: str, first: bool):
+    expect_type(block, path, (BasicBlock, Bottleneck), "a torchvision BasicBlock or Bottleneck")
+    names = ("conv1", "conv2", "conv3") if type(block) is Bottleneck else ("conv1", "conv2")
+    bns = ("bn1", "bn2", "bn3") if type(block) is Bottleneck else ("bn1", "bn2")
+    for name in names:
+        expect_type(getattr(block, name), f"{path}.{name}", nn.Conv2d, "an nn.Conv2d")
+    for name in bns:
+        expect_type(getattr(block, name), f"{path}.{name}", nn.BatchNorm2d, "an nn.BatchNorm2d "
+                    "(other norms, e.g. FrozenBatchNorm2d, are not supported)")
+    expect_type(block.relu, f"{path}.relu", nn.ReLU, "an nn.ReLU")
+    ds = block.downsample
+    if ds is not None:
+        expect_type(ds, f"{path}.downsample", nn.Sequential, "nn.Sequential(conv1x1, BatchNorm2d)")
+        if len(ds) != 2:
+            raise UnsupportedModelError(f"cannot convert {path}.downsample: expected "
+                                        f"(conv1x1, BatchNorm2d), got {len(ds)} modules")
+        expect_type(ds[0], f"{path}.downsample.0", nn.Conv2d, "a 1x1 nn.Conv2d")
+        expect_type(ds[1], f"{path}.downsample.1", nn.BatchNorm2d, "an nn.BatchNorm2d")
+        if ds[0].kernel_size != (1, 1):
+            raise UnsupportedModelError(f"cannot convert {path}.downsample.0: expected a 1x1 conv, "
+                                        f"got {ds[0]}")
+    elif first:
+        raise UnsupportedModelError(f"cannot convert {path}: the first block of a strided stage "
+                                    "needs a downsample shortcut (torchvision always builds one)")
+
+
+def _check_stem(children: dict[str, nn.Module], prefix: str):
+    c = children["conv1"]
+    expect_type(c, prefix + "conv1", nn.Conv2d, "an nn.Conv2d")
+    if c.kernel_size != (7, 7) or c.stride != (2, 2) or c.padding != (3, 3):
+        raise UnsupportedModelError(f"cannot convert {prefix}conv1 ({c}): expected torchvision's "
+                                    "7x7 stride-2 stem conv")
+    expect_type(children["bn1"], prefix + "bn1", nn.BatchNorm2d, "an nn.BatchNorm2d")
+    expect_type(children["relu"], prefix + "relu", nn.ReLU, "an nn.ReLU")
+    p = children["maxpool"]
+    expect_type(p, prefix + "maxpool", nn.MaxPool2d, "an nn.MaxPool2d")
+    if (p.kernel_size, p.stride, p.padding) not in ((3, 2, 1), ((3, 3), (2, 2), (1, 1))):
+        raise UnsupportedModelError(f"cannot convert {prefix}maxpool ({p}): expected torchvision's "
+                                    "3x3 stride-2 max pool")
+
+
+def given_strides(children: dict[str, nn.Module]) -> dict[str, int]:
+    """Output stride of every stage in the model as given (with its own stride/dilation)."""
+    s = children["conv1"].stride[0] * 2  # stem conv and max pool
+    strides = {}
+    for name in STAGES:
+        if name not in children:
+            break
+        first = children[name][0]
+        s *= getattr(first, _stride_conv_name(first)).stride[0]
+        strides[name] = s
+    return strides
+
+
+# ---------------------------------------------------------------------- the trunk
+class _ResNetTrunk:
+    """Mixin: the stem and stages of a ResNet, dense up to the finest stride, CAD after."""
+
+    def _build_trunk(self, children: dict[str, nn.Module], finest: int, coarsest: int,
+                     engine: str, prefix: str):
+        for name in STEM:
+            if name not in children:
+                raise UnsupportedModelError(f"cannot convert {prefix or 'the model'}: missing the "
+                                            f"ResNet stem child {name!r}")
+        _check_stem(children, prefix)
+        stages = [n for n in STAGES if n in children]
+        if stages != list(STAGES[:len(stages)]):
+            raise UnsupportedModelError(f"cannot convert {prefix or 'the model'}: expected the "
+                                        f"stages {', '.join(STAGES)} in order, got {stages}")
+        for name in stages:
+            layer = children[name]
+            expect_type(layer, prefix + name, nn.Sequential, "an nn.Sequential of blocks")
+            for i, block in enumerate(layer):
+                _check_block(block, f"{prefix}{name}.{i}", first=(i == 0 and name != "layer1"))
+        self.given_strides = given_strides(children)
+        self.dense_names: list[str] = []
+        self.sparse_names: list[str] = []
+        for name in STEM:  # always dense: finest_stride >= 4
+            self.add_module(name, children[name])
+            self.dense_names.append(name)
+        s_in = 4
+        for name in stages:
+            unit = name != "layer1"
+            s_out = s_in * 2 if unit else s_in
+            layer = children[name]
+            if s_out <= finest:
+                blocks = [_dense_block(b, 2 if unit and i == 0 else 1) for i, b in enumerate(layer)]
+                changed = {str(i): b for i, b in enumerate(blocks) if b is not layer[i]}
+                self.add_module(name, shell(layer, changed) if changed else layer)
+                self.dense_names.append(name)
+            else:
+                self.add_module(name, self._cad_stage(layer, name, s_in, s_out, unit, coarsest,
+                                                      engine, prefix))
+                self.sparse_names.append(name)
+            s_in = s_out
+        if not self.sparse_names or CANONICAL_STRIDE[stages[-1]] < coarsest:
+            raise ValueError(f"coarsest_stride {coarsest} is beyond the last stage "
+                             f"{prefix}{stages[-1]} (stride {CANONICAL_STRIDE[stages[-1]]})")
+
+    @staticmethod
+    def _cad_stage(layer, name, s_in, s_out, unit, coarsest, engine, prefix) -> nn.Sequential:
+        d_in, d_out = max(1, s_in // coarsest), max(1, s_out // coarsest)
+        stride = 2 if unit and s_out <= coarsest else 1
+        blocks = []
+        for i, block in enumerate(layer):
+            path = f"{prefix}{name}.{i}"
+            first = i == 0
+            if type(block) is Bottleneck:
+                blocks.append(CADBottleneck(block, stride if first else 1, d_in if first else d_out,
+                                            engine, path))
+            else:
+                blocks.append(CADBasicBlock(block, stride if first else 1,
+                                            d_in if first else d_out, d_out, engine, path))
+        return nn.Sequential(*blocks)
+
+    def _run_trunk(self, images: torch.Tensor, enter: Callable, capture=()):
+        """Run the stem and stages; ``enter(dense, images)`` makes the step-0 tensor. Returns
+        the last stage's output and the outputs of the stages named in ``capture``."""
+        captured = {}
+        x = images
+        for name in self.dense_names:
+            x = getattr(self, name)(x)
+            if name in capture:
+                captured[name] = x
+        x = enter(x, images)
+        for name in self.sparse_names:
+            x = getattr(self, name)(x)
+            if name in capture:
+                captured[name] = x
+        return x, captured
+
+    def _trunk_parts(self) -> dict[str, nn.Module]:
+        return {"dense": sequential([getattr(self, n) for n in self.dense_names]),
+                "sparse": sequential([getattr(self, n) for n in self.sparse_names])}
+
+
+def _trunk_strides(children, finest, coarsest, family):
+    last = [n for n in STAGES if n in children]
+    top = CANONICAL_STRIDE[last[-1]] if last else 4
+    return check_strides(finest, coarsest, RESNET_FINEST, top, family, WHERE_STEPS)
+
+
+class CADResNet(_ResNetTrunk, CADModel):
+    """A torchvision ResNet classifier with content-adaptive downsampling.
+
+    ``forward(images, keep)`` returns the logits: the global average pool is area-weighted
+    over the sites (every site counts with the finest-grid cells it owns), then ``fc``.
+    ``forward_features(images, keep)`` returns ``layer4``'s output as a CADTensor.
+    """
+
+    def __init__(self, model: ResNet, finest_stride: int = 8, coarsest_stride: int = 16,
+                 engine: str = "auto"):
+        CADModel.__init__(self, finest_stride, coarsest_stride)
+        expect_type(model, "", ResNet, "a torchvision ResNet")
+        children = dict(model.named_children())
+        extra = set(children) - set(STEM) - set(STAGES) - {"avgpool", "fc"}
+        if extra:
+            name = sorted(extra)[0]
+            raise UnsupportedModelError(f"cannot convert {name} ({type(children[name]).__name__}): "
+                                        "not a child of torchvision's ResNet")
+        _trunk_strides(children, finest_stride, coarsest_stride, "ResNet")
+        self._build_trunk({k: v for k, v in children.items() if k not in ("avgpool", "fc")},
+                          finest_stride, coarsest_stride, engine, "")
+        pool = children["avgpool"]
+        expect_type(pool, "avgpool", nn.AdaptiveAvgPool2d, "nn.AdaptiveAvgPool2d((1, 1))")
+        if pool.output_size not in (1, (1, 1)):
+            raise UnsupportedModelError(f"cannot convert avgpool ({pool}): only a global pool "
+                                        "(output size 1) is supported")
+        expect_type(children["fc"], "fc", nn.Linear, "an nn.Linear")
+        self.avgpool = CADAdaptiveAvgPool2d(1)
+        self.fc = children["fc"]
+
+    def forward_features(self, images: torch.Tensor, keep) -> CADTensor:
+        self._check_images(images)
+        return self._run_trunk(images, lambda x, img: self._enter(x, keep, img))[0]
+
+    def forward(self, images: torch.Tensor, keep) -> torch.Tensor:
+        x = self.forward_features(images, keep)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {**self._trunk_parts(), "head": sequential([self.avgpool, self.fc]),
+                **self._mask_part()}
+
+
+class CADResNetBackbone(_ResNetTrunk, nn.Module):
+    """The ResNet trunk of a segmentation model (torchvision ``IntermediateLayerGetter``
+    children ``conv1``..``layer4``), same child names so ``state_dict`` keys match."""
+
+    def __init__(self, children: dict[str, nn.Module], finest_stride: int, coarsest_stride: int,
+                 engine: str, prefix: str):
+        nn.Module.__init__(self)
+        self._build_trunk(children, finest_stride, coarsest_stride, engine, prefix)
+
+    def run(self, images, enter, capture=()):
+        return self._run_trunk(images, enter, capture)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("CADResNetBackbone is run by its CADSegmentation model")
+
+
+def convert_resnet(model: ResNet, finest_stride: int = 8, coarsest_stride: int = 16,
+                   engine: str = "auto") -> CADResNet:
+    """Convert a torchvision ResNet / ResNeXt / Wide ResNet classifier (torchvision-style
+    builder; see :func:`adapters.convert`)."""
+    return CADResNet(model, finest_stride, coarsest_stride, engine)

@@ -1,0 +1,260 @@
+"""torchvision FCN / DeepLabV3 (ResNet backbones) in content-adaptive form.
+
+Backbone: the converted ResNet trunk (:mod:`adapters.resnet`). Heads, two ways:
+
+- default (the paper's setup, Sec. 4.2): the backbone output is densified at the finest stride
+  (owner fill) and the head runs densely there;
+- ``sparse_head=True``: the head runs on the multi-resolution tensor as well (its convs by the
+  conv rule, the ASPP image-pooling branch area-weighted over the sites) and only its logits are
+  densified, right before the final bilinear upsampling. The reference code cannot do this.
+
+ASPP atrous rates are rescaled so that receptive fields in image space are those of the model as
+given: a rate ``r`` at the given output stride ``s`` becomes ``r * s / t`` at the stride ``t``
+the head runs at (the finest stride for a dense head; the coarsest-stride network for a sparse
+one, i.e. ``r * s / t * 2**L`` on the finest grid). All other head convs keep their dilation, as
+DeepLab does between output strides 8 and 16.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from fractions import Fraction
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import (ASPP, ASPPConv, ASPPPooling, DeepLabHead,
+                                                       DeepLabV3)
+from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+from cad_spconv.nn import CADAdaptiveAvgPool2d
+from cad_spconv.tensor import CADTensor
+
+from .common import (POINTWISE, CADModel, UnsupportedModelError, cad_conv, cad_layer,
+                     dense_conv, expect_type, shell)
+from .resnet import CANONICAL_STRIDE, STAGES, CADResNetBackbone, _trunk_strides
+
+__all__ = ["CADSegmentation", "CADASPP", "CADASPPPooling", "convert_segmentation"]
+
+Features = Union[torch.Tensor, CADTensor]
+
+
+class CADASPPPooling(nn.Sequential):
+    """ASPP image-pooling branch on a multi-resolution tensor: area-weighted global mean over
+    the sites, the branch's 1x1 conv / batch norm / ReLU on the pooled ``[B, C, 1, 1]`` vector,
+    then every site of an image receives its image's vector (the dense branch's upsampling of a
+    1x1 map is a constant)."""
+
+    def __init__(self, branch: ASPPPooling):
+        super().__init__(CADAdaptiveAvgPool2d(1), *list(branch)[1:])
+
+    def forward(self, x: CADTensor) -> CADTensor:
+        pooled = self[0](x)
+        for module in list(self)[1:]:
+            pooled = module(pooled)
+        images = x.plan.geometry(x.step).coords[:, 0]
+        return x.replace_features(pooled.flatten(1)[images])
+
+
+class CADASPP(nn.Module):
+    """torchvision ``ASPP`` on a multi-resolution tensor: the branches run on the same sites and
+    are concatenated per site, then projected."""
+
+    def __init__(self, aspp: ASPP, rate_scale: Fraction, engine: str, path: str):
+        super().__init__()
+        branches = []
+        for i, branch in enumerate(aspp.convs):
+            p = f"{path}.convs.{i}"
+            if type(branch) is ASPPPooling:
+                _check_pooling(branch, p)
+                branches.append(CADASPPPooling(branch))
+            elif type(branch) is ASPPConv:
+                conv = branch[0]
+                branches.append(nn.Sequential(
+                    cad_conv(conv, 1, _scaled_rate(conv, rate_scale, f"{p}.0"), engine, f"{p}.0"),
+                    *[cad_layer(m, f"{p}.{j}", engine) for j, m in enumerate(branch) if j > 0]))
+            elif type(branch) is nn.Sequential:
+                branches.append(_cad_sequential(branch, p, engine, rate_scale))
+            else:
+                expect_type(branch, p, (ASPPConv, ASPPPooling, nn.Sequential), "an ASPP branch")
+        self.convs = nn.ModuleList(branches)
+        expect_type(aspp.project, f"{path}.project", nn.Sequential, "an nn.Sequential")
+        self.project = _cad_sequential(aspp.project, f"{path}.project", engine, rate_scale)
+
+    def forward(self, x: CADTensor) -> CADTensor:
+        outs = [branch(x) for branch in self.convs]
+        for o in outs[1:]:
+            outs[0].check_same_sites(o, "ASPP branches")
+        return self.project(x.replace_features(torch.cat([o.features for o in outs], dim=1)))
+
+
+def _check_pooling(branch: ASPPPooling, path: str):
+    pool = branch[0]
+    expect_type(pool, f"{path}.0", nn.AdaptiveAvgPool2d, "nn.AdaptiveAvgPool2d(1)")
+    if pool.output_size not in (1, (1, 1)):
+        raise UnsupportedModelError(f"cannot convert {path}.0 ({pool}): only a global pool")
+    for j, m in enumerate(list(branch)[1:], 1):
+        if type(m) not in (nn.Conv2d, nn.BatchNorm2d) + POINTWISE:
+            expect_type(m, f"{path}.{j}", (nn.Conv2d, nn.BatchNorm2d), "a 1x1 conv, batch norm "
+                        "or elementwise op")
+        if type(m) is nn.Conv2d and m.kernel_size != (1, 1):
+            raise UnsupportedModelError(f"cannot convert {path}.{j} ({m}): the pooling branch "
+                                        "must use 1x1 convs")
+
+
+def _scaled_rate(conv: nn.Conv2d, scale: Fraction, path: str) -> int:
+    d = conv.dilation[0]
+    rate = d * scale
+    if conv.dilation[0] != conv.dilation[1] or rate.denominator != 1 or rate < 1:
+        raise ValueError(
+            f"cannot rescale the atrous rate of {path} ({conv}): rate {d} at the given output "
+            f"stride becomes {rate} at the stride the head runs at, which is not a whole "
+            "number; choose strides for which it is (e.g. finest_stride equal to the model's "
+            "output stride)")
+    return int(rate)
+
+
+def _cad_sequential(seq: nn.Sequential, path: str, engine: str, rate_scale: Fraction) -> nn.Sequential:
+    layers = []
+    for i, m in enumerate(seq):
+        p = f"{path}.{i}"
+        if type(m) is ASPP:
+            layers.append(CADASPP(m, rate_scale, engine, p))
+        else:
+            layers.append(cad_layer(m, p, engine))
+    return nn.Sequential(*layers)
+
+
+def _dense_head(head: nn.Module, rate_scale: Fraction, path: str) -> nn.Module:
+    """The head for dense use at another stride: ASPP atrous convs rescaled (shells), all else
+    shared; the head itself when nothing changes."""
+    if rate_scale == 1:
+        return head
+    if type(head) is ASPPConv:
+        conv = head[0]
+        new = dense_conv(conv, 1, _scaled_rate(conv, rate_scale, f"{path}.0"))
+        return shell(head, {"0": new}) if new is not conv else head
+    changes = {}
+    for name, child in head.named_children():
+        new = _dense_head(child, rate_scale, f"{path}.{name}")
+        if new is not child:
+            changes[name] = new
+    return shell(head, changes) if changes else head
+
+
+def _cad_head(head: nn.Module, rate_scale: Fraction, engine: str, path: str) -> nn.Module:
+    expect_type(head, path, (DeepLabHead, FCNHead, nn.Sequential),
+                "a torchvision DeepLabHead, FCNHead or an nn.Sequential of convertible layers")
+    return _cad_sequential(head, path, engine, rate_scale)
+
+
+class CADSegmentation(CADModel):
+    """torchvision FCN / DeepLabV3 with content-adaptive downsampling in the backbone.
+
+    ``forward(images, keep)`` returns an ``OrderedDict`` with ``"out"`` (and ``"aux"`` where the
+    model has an auxiliary classifier), logits upsampled bilinearly to the image size as in
+    torchvision. ``forward_logits`` stops before the upsampling; ``forward_features`` returns the
+    backbone output (a CADTensor).
+    """
+
+    def __init__(self, model: Union[FCN, DeepLabV3], finest_stride: int = 8,
+                 coarsest_stride: int = 16, sparse_head: bool = False, engine: str = "auto"):
+        super().__init__(finest_stride, coarsest_stride)
+        expect_type(model, "", (FCN, DeepLabV3), "a torchvision FCN or DeepLabV3")
+        if not isinstance(sparse_head, bool):
+            raise TypeError(f"sparse_head must be a bool, got {sparse_head!r}")
+        self.sparse_head = sparse_head
+        backbone = model.backbone
+        expect_type(backbone, "backbone", IntermediateLayerGetter,
+                    "torchvision's IntermediateLayerGetter over a ResNet (other backbones, e.g. "
+                    "MobileNetV3, are not supported)")
+        children = dict(backbone.named_children())
+        unknown = [n for n in children if n not in CANONICAL_STRIDE]
+        if unknown:
+            raise UnsupportedModelError(
+                f"cannot convert backbone.{unknown[0]} ({type(children[unknown[0]]).__name__}): "
+                "only ResNet backbones (conv1, bn1, relu, maxpool, layer1..layer4) are supported")
+        returns = dict(backbone.return_layers)
+        self.out_layer = _layer_for(returns, "out")
+        self.aux_layer = _layer_for(returns, "aux") if model.aux_classifier is not None else None
+        _trunk_strides(children, finest_stride, coarsest_stride, "DeepLabV3/FCN")
+        self.backbone = CADResNetBackbone(children, finest_stride, coarsest_stride, engine,
+                                          "backbone.")
+        if self.out_layer not in self.backbone.sparse_names:
+            raise ValueError(f"the backbone output ({self.out_layer}) lies before the first "
+                             f"adaptive step: lower finest_stride")
+        self.classifier = self._convert_head(model.classifier, self.out_layer, "classifier", engine)
+        self.aux_classifier = (None if self.aux_layer is None else
+                               self._convert_head(model.aux_classifier, self.aux_layer,
+                                                  "aux_classifier", engine))
+
+    def _head_is_sparse(self, layer: str) -> bool:
+        """Whether the head on ``layer`` runs on the multi-resolution tensor (else densely on
+        the densified map, or on a dense stage output before the first adaptive step)."""
+        return self.sparse_head and layer in self.backbone.sparse_names
+
+    def _head_stride(self, layer: str, sparse: bool) -> int:
+        """Stride of the grid a head reads, in the network it runs in."""
+        if sparse:  # the coarsest-stride network
+            return min(CANONICAL_STRIDE[layer], self.coarsest_stride)
+        return self.finest_stride  # densified at the finest grid
+
+    def _convert_head(self, head: nn.Module, layer: str, path: str, engine: str) -> nn.Module:
+        sparse = self._head_is_sparse(layer)
+        scale = Fraction(self.backbone.given_strides[layer], self._head_stride(layer, sparse))
+        if sparse:
+            return _cad_head(head, scale, engine, path)
+        return _dense_head(head, scale, path)
+
+    # ------------------------------------------------------------------ forward
+    def _backbone(self, images, keep):
+        self._check_images(images)
+        capture = () if self.aux_layer is None else (self.aux_layer,)
+        return self.backbone.run(images, lambda x, img: self._enter(x, keep, img), capture)
+
+    def forward_features(self, images: torch.Tensor, keep) -> CADTensor:
+        return self._backbone(images, keep)[0]
+
+    def forward_logits(self, images: torch.Tensor, keep) -> "OrderedDict[str, Features]":
+        """Head outputs before upsampling: a CADTensor for a sparse head, else a dense map at
+        the finest stride."""
+        out, captured = self._backbone(images, keep)
+        result = OrderedDict(out=self._apply_head(self.classifier, self.out_layer, out))
+        if self.aux_classifier is not None:
+            result["aux"] = self._apply_head(self.aux_classifier, self.aux_layer,
+                                             captured[self.aux_layer])
+        return result
+
+    def _apply_head(self, head: nn.Module, layer: str, x: Features) -> Features:
+        if isinstance(x, CADTensor) and not self._head_is_sparse(layer):
+            x = x.dense()  # the paper's setup: densify at the finest stride
+        return head(x)
+
+    def forward(self, images: torch.Tensor, keep) -> "OrderedDict[str, torch.Tensor]":
+        size = images.shape[-2:]
+        result = OrderedDict()
+        for key, logits in self.forward_logits(images, keep).items():
+            dense = logits.dense() if isinstance(logits, CADTensor) else logits
+            result[key] = F.interpolate(dense, size=size, mode="bilinear", align_corners=False)
+        return result
+
+    def parts(self) -> dict[str, nn.Module]:
+        parts = {**self.backbone._trunk_parts(), "head": self.classifier}
+        if self.aux_classifier is not None:
+            parts["aux"] = self.aux_classifier
+        return {**parts, **self._mask_part()}
+
+
+def _layer_for(returns: dict[str, str], key: str) -> str:
+    names = [k for k, v in returns.items() if v == key]
+    if len(names) != 1 or names[0] not in STAGES:
+        raise UnsupportedModelError(f"cannot convert backbone: its return_layers must map one "
+                                    f"ResNet stage (layer1..layer4) to {key!r}, got {returns}")
+    return names[0]
+
+
+def convert_segmentation(model, finest_stride: int = 8, coarsest_stride: int = 16,
+                         sparse_head: bool = False, engine: str = "auto") -> CADSegmentation:
+    """Convert a torchvision FCN / DeepLabV3 with a ResNet backbone (see :func:`adapters.convert`)."""
+    return CADSegmentation(model, finest_stride, coarsest_stride, sparse_head, engine)
