@@ -1,0 +1,145 @@
+"""What the experiment scripts share: arguments, one evaluation per mask setting, plots.
+
+Every setting is a ``cad-spconv eval`` run (:func:`cad_spconv.evaluate.evaluate`) writing its own
+JSON under ``<out>/runs/``, so an interrupted experiment resumes where it stopped and any point of
+a plot can be inspected image by image.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Sequence
+
+from cad_spconv.evaluate import EvalConfig, evaluate, parse_mask, write_json_atomic
+
+__all__ = ["base_parser", "run_setting", "point", "dense_points", "write_report", "plot_tradeoff",
+           "setting_label"]
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data-root", required=True, help="Cityscapes folder (leftImg8bit/, gtFine/)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--model", default="deeplabv3_resnet101")
+    p.add_argument("--checkpoint", help="segmentation weights (file or torchvision weights name); "
+                   "random weights without it")
+    p.add_argument("--finest-stride", type=int, default=8)
+    p.add_argument("--coarsest-stride", type=int, default=16)
+    p.add_argument("--dilation", type=int, default=11, help="edge / oracle mask dilation (paper: 11)")
+    p.add_argument("--sparse-head", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--no-timing", dest="timing", action="store_false",
+                   help="skip timed forward passes (half the cost; no times in the report)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", required=True, help="output folder (JSON, PNG, per-setting runs)")
+    return p
+
+
+def setting_label(mask: str) -> str:
+    """File-system friendly name of a mask setting."""
+    spec = parse_mask(mask)
+    text = str(spec) if spec.kind != "learned" else "learned_" + os.path.splitext(
+        os.path.basename(spec.path))[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def run_setting(args, mask: str) -> dict:
+    """Evaluate one mask setting (resuming ``<out>/runs/<label>.json``); returns the results."""
+    cfg = EvalConfig(
+        data_root=args.data_root, out=os.path.join(args.out, "runs", setting_label(mask) + ".json"),
+        model=args.model, checkpoint=args.checkpoint, split=args.split,
+        finest_stride=args.finest_stride, coarsest_stride=args.coarsest_stride, mask=mask,
+        dilation=args.dilation, sparse_head=args.sparse_head, device=args.device, dtype=args.dtype,
+        batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit,
+        timing=args.timing, progress=args.progress)
+    result = evaluate(cfg)
+    if result is None:
+        raise RuntimeError("experiments run in one process; use `cad-spconv eval` under torchrun")
+    return result
+
+
+def point(result: dict, label: str, group: str) -> dict:
+    """One row of an experiment report: the numbers a plot needs, from an eval result."""
+    s = result["summary"]
+    return {"label": label, "group": group, "mask": result["config"]["mask"],
+            "miou": s["miou"], "macs_per_image": s["macs_mean"]["total"],
+            "macs_parts_per_image": {k: v for k, v in s["macs_mean"].items() if k != "total"},
+            "macs_fraction_of_finest": s["macs_fraction_of_finest"],
+            "macs_fraction_of_coarsest": s["macs_fraction_of_coarsest"],
+            "kept_fraction": s["kept_fraction_mean"],
+            "time_per_image_s": s["time_per_image_s_median"],
+            "dense_finest_macs_per_image": s["macs_dense_finest_mean"],
+            "dense_coarsest_macs_per_image": s["macs_dense_coarsest_mean"],
+            "num_images": s["num_images"]}
+
+
+def write_report(path: str, experiment: str, args, points: Sequence[dict], **extra) -> dict:
+    report = {"experiment": experiment,
+              "config": {k: getattr(args, k) for k in (
+                  "data_root", "split", "model", "checkpoint", "finest_stride", "coarsest_stride",
+                  "dilation", "sparse_head", "dtype", "limit")},
+              "points": list(points), **extra}
+    write_json_atomic(path, report)
+    return report
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+GROUP_STYLE = {  # group -> (marker, colour, line)
+    "dense": ("s", "black", False),
+    "edge": ("o", "tab:blue", True),
+    "learned": ("^", "tab:orange", True),
+    "oracle": ("*", "tab:green", False),
+    "shuffled-edge": ("x", "tab:red", True),
+    "inverted-edge": ("v", "tab:purple", True),
+    "random": ("D", "tab:gray", True),
+}
+
+
+def plot_tradeoff(path: str, points: Sequence[dict], title: str, args) -> None:
+    """mIoU over multiply-adds per image (the paper's Fig. 4 / 6 layout)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        if p["miou"] is not None:
+            groups.setdefault(p["group"], []).append(p)
+    for group, pts in groups.items():
+        marker, color, line = GROUP_STYLE.get(group, ("o", None, False))
+        pts = sorted(pts, key=lambda p: p["macs_per_image"])
+        xs = [p["macs_per_image"] / 1e9 for p in pts]
+        ys = [p["miou"] for p in pts]
+        ax.plot(xs, ys, marker=marker, color=color, linestyle="-" if line and len(pts) > 1 else "",
+                label=group, markersize=9 if marker == "*" else 6)
+        for p, x, y in zip(pts, xs, ys):
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if points:
+        coarse = points[0]["dense_coarsest_macs_per_image"] / 1e9
+        ax.axvline(coarse, color="gray", linestyle=":", linewidth=1)
+        ax.annotate(f"dense stride {args.coarsest_stride} network", (coarse, ax.get_ylim()[0]),
+                    rotation=90, fontsize=7, color="gray", xytext=(2, 4), textcoords="offset points")
+    ax.set_xlabel("multiply-adds per image (G)")
+    ax.set_ylabel("mIoU")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def dense_points(args) -> list[dict]:
+    """The two baselines through the same path: nothing kept and everything kept."""
+    return [point(run_setting(args, "none"), f"stride {args.coarsest_stride} (none kept)", "dense"),
+            point(run_setting(args, "all"), f"stride {args.finest_stride} (all kept)", "dense")]
