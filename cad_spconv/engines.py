@@ -18,6 +18,7 @@ Weights are in ``torch.nn.Conv2d`` layout ``[C_out, C_in / groups, kh, kw]``.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -26,15 +27,17 @@ import torch.nn.functional as F
 from .backend import require_spconv
 from .rulebook import LatticeSplit, Rulebook
 
-__all__ = ["ENGINES", "sparse_conv", "sparse_max", "select_engine"]
+__all__ = ["ENGINES", "sparse_conv", "sparse_max", "select_engine", "prepare"]
 
 ENGINES = ("auto", "lattice", "torch", "spconv")
 
 # Upper bound on gathered elements held at once by the torch engine (64 MiB of fp32).
 _CHUNK_ELEMENTS = 1 << 24
-# Gathered bytes per chunk of the lattice engine's gather + GEMM: small enough that the GEMM
-# reads its im2col block from cache (BENCHMARKS.md, chunk sweep).
+# Gathered bytes per chunk of the lattice engine's gather + GEMM. CPU: small enough that the
+# GEMM reads its im2col block from cache (BENCHMARKS.md, chunk sweep); GPU: large, so that
+# each GEMM fills the device.
 _GATHER_CHUNK_BYTES = 4 << 20
+_GATHER_CHUNK_BYTES_CUDA = 256 << 20
 
 
 def _check_engine(engine: str):
@@ -51,6 +54,25 @@ def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:
     """
     del device, groups
     return "lattice" if book.plan is not None else "torch"
+
+
+def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1) -> str:
+    """Build everything ``engine`` reads from ``book`` (what a first forward builds lazily), so
+    geometry cost can be timed apart from compute. Returns the engine actually used."""
+    _check_engine(engine)
+    if engine == "auto":
+        engine = select_engine(torch.device(device or "cpu"), groups, book)
+    if engine == "lattice":
+        if book.num_taps == 1:
+            if not book.is_identity:
+                book.gather
+        else:
+            book.lattice()
+    elif engine == "spconv":
+        book.spconv_pairs()
+    elif not book.is_identity:
+        book.padded()
+    return engine
 
 
 def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -120,46 +142,77 @@ def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torc
 
 def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int) -> torch.Tensor:
     """Output rows of the off-lattice sites (``split.rest_rows`` order): im2col by
-    ``index_select`` in cache-sized chunks, one GEMM per chunk."""
+    ``index_select`` in cache-sized chunks, one GEMM per chunk.
+
+    Without autograd the im2col chunks go into a per-thread workspace that lives across calls
+    and the GEMMs write straight into the output: a fresh buffer per chunk costs page faults
+    worth a third of the gather (BENCHMARKS.md)."""
     c_in = features.shape[1]
     c_out, c_in_g, kh, kw = weight.shape
     k, g = kh * kw, groups
     # [G, K * C_in_g, C_out_g], matching the gathered column order (tap-major, then channel)
     w = weight.reshape(g, c_out // g, c_in_g, k).permute(0, 3, 2, 1).reshape(g, k * c_in_g, -1)
     index = split.rest_index
-    rows = max(1, _GATHER_CHUNK_BYTES // (k * c_in * features.element_size()))
-    track = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))
-
-    def block(start: int, stop: int, out: Optional[torch.Tensor]) -> torch.Tensor:
-        n = stop - start
-        cols = features.index_select(0, index[start:stop].reshape(-1))
-        if start >= split.num_inside:  # border sites: zero the out-of-grid taps
-            valid = split.border_valid[start - split.num_inside:stop - split.num_inside]
-            cols = cols.view(n, k, c_in) * valid[:, :, None].to(cols.dtype)
-        if g == 1:
-            cols = cols.view(n, k * c_in)
-            if out is None:
-                return cols @ w[0] if bias is None else torch.addmm(bias, cols, w[0])
-            if bias is None:
-                return torch.mm(cols, w[0], out=out)
-            return torch.addmm(bias, cols, w[0], out=out)
-        cols = cols.view(n, k, g, c_in_g).permute(2, 0, 1, 3).reshape(g, n, k * c_in_g)
-        res = _grouped_mm(cols, w)
-        res = res if bias is None else res + bias
-        if out is not None:
-            out.copy_(res)
-        return res
-
+    budget = _GATHER_CHUNK_BYTES_CUDA if features.is_cuda else _GATHER_CHUNK_BYTES
+    rows = max(1, budget // (k * c_in * features.element_size()))
     bounds = []
     for lo, hi in ((0, split.num_inside), (split.num_inside, split.num_rest)):
         bounds += [(s, min(hi, s + rows)) for s in range(lo, hi, rows)]
+    track = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))
     if track:
-        return torch.cat([block(s, e, None) for s, e in bounds])
+        return torch.cat([_im2col_block(features, w, bias, split, s, e, g, None, None)
+                          for s, e in bounds])
     out = features.new_empty(split.num_rest, c_out)
+    buf = _workspace(features, min(rows, split.num_rest) * k * c_in).view(-1, c_in)
     for s, e in bounds:
-        block(s, e, out[s:e])
+        _im2col_block(features, w, bias, split, s, e, g, buf[:(e - s) * k], out[s:e])
     return out
+
+
+def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int, groups: int,
+                  cols: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows ``start:stop`` of the rest: gather (into ``cols`` if given), zero out-of-grid taps
+    of border sites, GEMM (into ``out`` if given)."""
+    n, c_in = stop - start, features.shape[1]
+    k = split.rest_index.shape[1]
+    idx = split.rest_index[start:stop].reshape(-1)
+    if cols is None:
+        cols = features.index_select(0, idx)
+    else:
+        torch.index_select(features, 0, idx, out=cols)
+    if start >= split.num_inside:  # border sites: zero the out-of-grid taps
+        valid = split.border_valid[start - split.num_inside:stop - split.num_inside]
+        mask = valid.reshape(-1, 1).to(cols.dtype)
+        cols = cols.mul_(mask) if out is not None else cols * mask
+    if groups == 1:
+        cols = cols.view(n, k * c_in)
+        if out is None:
+            return cols @ w[0] if bias is None else torch.addmm(bias, cols, w[0])
+        if bias is None:
+            return torch.mm(cols, w[0], out=out)
+        return torch.addmm(bias, cols, w[0], out=out)
+    c_in_g = c_in // groups
+    cols = cols.view(n, k, groups, c_in_g).permute(2, 0, 1, 3).reshape(groups, n, k * c_in_g)
+    res = _grouped_mm(cols, w)
+    res = res if bias is None else res + bias
+    return res if out is None else out.copy_(res)
+
+
+_workspaces = threading.local()
+
+
+def _workspace(like: torch.Tensor, numel: int) -> torch.Tensor:
+    """A flat scratch tensor of at least ``numel`` elements, reused across calls (per thread,
+    device and dtype). Only for results that are consumed before the next call returns."""
+    store = getattr(_workspaces, "buffers", None)
+    if store is None:
+        store = _workspaces.buffers = {}
+    key = (like.device, like.dtype)
+    buf = store.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = store[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
 
 
 # ---------------------------------------------------------------------- torch engine

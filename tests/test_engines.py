@@ -139,14 +139,14 @@ def test_inference_path_matches_autograd_path():
     x, levels = make_input(case, 1, 8, torch.float64, "cpu", seed=5)
     w = torch.randn(8, 8, 3, 3, dtype=torch.float64)
     b = torch.randn(8, dtype=torch.float64)
-    old = E._GATHER_CHUNK_BYTES
+    old = E._GATHER_CHUNK_BYTES, E._GATHER_CHUNK_BYTES_CUDA
     try:
-        E._GATHER_CHUNK_BYTES = 9 * 8 * 8 * 7  # 7 rows per chunk
+        E._GATHER_CHUNK_BYTES = E._GATHER_CHUNK_BYTES_CUDA = 9 * 8 * 8 * 7  # 7 rows per chunk
         with torch.no_grad():
             fast = CF.conv2d(x, w, b, engine="lattice").features
         slow = CF.conv2d(x, w.requires_grad_(True), b, engine="lattice").features
     finally:
-        E._GATHER_CHUNK_BYTES = old
+        E._GATHER_CHUNK_BYTES, E._GATHER_CHUNK_BYTES_CUDA = old
     assert x.plan.geometry(1).coords.shape[0] > 7 * 3
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast, ref.conv(x.features, levels, 1, 1, w.detach(), b), rtol=1e-9,
