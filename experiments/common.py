@@ -37,6 +37,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="skip timed forward passes (half the cost; no times in the report)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", required=True, help="output folder (JSON, PNG, per-setting runs)")
+    p.add_argument("--title", help="plot title (default: model and strides)")
     return p
 
 
@@ -130,7 +131,7 @@ def plot_tradeoff(path: str, points: Sequence[dict], title: str, args) -> None:
                     rotation=90, fontsize=7, color="gray", xytext=(2, 4), textcoords="offset points")
     ax.set_xlabel("multiply-adds per image (G)")
     ax.set_ylabel("mIoU")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(getattr(args, "title", None) or title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cad_spconv.data import make_synthetic_cityscapes
-from experiments import inadequate_masks, oracle, overlays, tradeoff
+from experiments import inadequate_masks, oracle, overlays, synthetic_model, tradeoff
 
 COMMON = ["--model", "deeplabv3_resnet50", "--device", "cpu", "--num-workers", "0", "--no-progress",
           "--no-timing", "--dilation", "3"]
@@ -21,6 +21,7 @@ COMMON = ["--model", "deeplabv3_resnet50", "--device", "cpu", "--num-workers", "
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cityscapes")
     make_synthetic_cityscapes(root, num_images=2, size=(40, 56), seed=3)
+    make_synthetic_cityscapes(root, "train", num_images=3, size=(40, 56), seed=4)
     out = tmp_path_factory.mktemp("experiments")
     return ["--data-root", str(root), "--out", str(out)] + COMMON, out
 
@@ -87,3 +88,23 @@ def test_scripts_run_from_the_command_line(setup):
     proc = subprocess.run([sys.executable, "-m", "experiments.tradeoff", "--help"], cwd=repo,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--thresholds" in proc.stdout
+
+
+def test_synthetic_model_makes_predictions_that_are_not_noise(setup, tmp_path):
+    from cad_spconv.checkpoints import build_segmentation_model
+    from cad_spconv.evaluate import EvalConfig, evaluate
+    argv, _ = setup
+    root = argv[argv.index("--data-root") + 1]
+    ckpt = tmp_path / "synthetic.pth"
+    assert synthetic_model.main(["--data-root", root, "--model", "deeplabv3_resnet50",
+                                 "--iterations", "30", "--out", str(ckpt)]) == 0
+    _, info = build_segmentation_model("deeplabv3_resnet50", ckpt)
+    assert info.format == "deeplabv3plus-pytorch" and info.num_classes == 19
+
+    def miou(checkpoint):
+        cfg = EvalConfig(data_root=root, out=str(tmp_path / f"{checkpoint is None}.json"),
+                         split="train", model="deeplabv3_resnet50", checkpoint=checkpoint,
+                         mask="all", device="cpu", num_workers=0, progress=False, timing=False)
+        return evaluate(cfg)["summary"]["miou"]
+    probe, random = miou(str(ckpt)), miou(None)
+    assert probe > 0.2 and probe > 10 * random
