@@ -7,8 +7,9 @@ coarsest-stride baseline), ``--mask all`` keeps everything (the dense finest-str
 ``inverted-edge:T`` and ``shuffled-edge:T`` are the "inadequate mask" ablation.
 
 Per image it records multiply-adds (absolute, per part, and as fractions of the dense
-torchvision networks at the finest / coarsest output stride on the same image size), the fraction of cells kept, the time of the forward pass (CUDA
-events on GPU, ``perf_counter`` on CPU) and the image's confusion matrix; the summary holds mIoU
+torchvision networks at the finest / coarsest output stride on the same image size), the
+fraction of cells kept, the time of the forward pass (CUDA events on GPU, ``perf_counter`` on
+CPU) and the image's confusion matrix; the summary holds mIoU
 and per-class IoU over all images. The JSON file is rewritten atomically after every step, so an
 interrupted run resumes where it stopped (images already in the file are skipped). Under
 ``torchrun --nproc_per_node=N`` each process evaluates a shard and rank 0 merges and writes.
@@ -22,8 +23,8 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
 
 FORMAT = "cad-spconv-eval/1"
 MASK_HELP = ("edge:T (Sobel edges > T, paper: 0.15/0.35/0.95) | learned:PATH | oracle | none "
@@ -128,7 +129,8 @@ def configure(parser: argparse.ArgumentParser):
     p.add_argument("--dilation", type=int, default=11,
                    help="square dilation of edge / oracle masks in pixels (paper: 11)")
     p.add_argument("--sparse-head", action="store_true",
-                   help="convert the head too (default: the head runs densified at the finest stride, as in the paper)")
+                   help="convert the head too (default: the head runs densified at the finest "
+                        "stride, as in the paper)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--batch-size", type=int, default=1)
@@ -155,7 +157,7 @@ def main(args) -> int:
     try:
         cfg = config_from_args(args)
         result = evaluate(cfg)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"cad-spconv eval: error: {e}", file=sys.stderr)
         return 2
     if result is not None:  # rank 0
