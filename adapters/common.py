@@ -18,7 +18,8 @@ from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise
 from cad_spconv.plan import LevelPlan, make_plan
 from cad_spconv.tensor import CADTensor
 
-__all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides", "check_engine",
+__all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides",
+           "check_stride_pair", "check_engine",
            "dense_conv", "cad_conv", "cad_layer", "shell", "keep_to_grid", "CADModel",
            "expect_type", "sequential"]
 
@@ -51,18 +52,24 @@ def _power_of_two(v) -> bool:
 def check_strides(finest: int, coarsest: int, finest_allowed: Sequence[int], coarsest_max: int,
                   family: str, where_steps: str) -> int:
     """Validate the stride pair for a family; returns ``L = log2(coarsest / finest)``."""
-    for name, v in (("finest_stride", finest), ("coarsest_stride", coarsest)):
-        if not _power_of_two(v):
-            raise ValueError(f"{name} must be a power of two (1, 2, 4, 8, ...), got {v!r}")
-    if coarsest <= finest:
-        raise ValueError(f"coarsest_stride ({coarsest}) must be larger than finest_stride "
-                         f"({finest}): there must be at least one adaptive downsampling step")
+    num_levels = check_stride_pair(finest, coarsest)
     if finest not in finest_allowed:
         raise ValueError(f"{family}: finest_stride must be one of "
                          f"{', '.join(map(str, finest_allowed))} ({where_steps}), got {finest}")
     if coarsest > coarsest_max:
         raise ValueError(f"{family}: coarsest_stride can be at most {coarsest_max} (the stride of "
                          f"its last downsampling), got {coarsest}")
+    return num_levels
+
+
+def check_stride_pair(finest: int, coarsest: int) -> int:
+    """Powers of two with ``coarsest > finest``; returns ``L = log2(coarsest / finest)``."""
+    for name, v in (("finest_stride", finest), ("coarsest_stride", coarsest)):
+        if not _power_of_two(v):
+            raise ValueError(f"{name} must be a power of two (1, 2, 4, 8, ...), got {v!r}")
+    if coarsest <= finest:
+        raise ValueError(f"coarsest_stride ({coarsest}) must be larger than finest_stride "
+                         f"({finest}): there must be at least one adaptive downsampling step")
     return (coarsest // finest).bit_length() - 1
 
 
@@ -139,9 +146,9 @@ def shell(module: nn.Module, children: dict[str, Optional[nn.Module]]) -> nn.Mod
     """A shallow copy of ``module`` (same class and forward, same parameter objects) with some
     children replaced; the original is left untouched."""
     new = copy.copy(module)
-    new._modules = type(module._modules)(module._modules)
-    new._parameters = type(module._parameters)(module._parameters)
-    new._buffers = type(module._buffers)(module._buffers)
+    for key, value in list(new.__dict__.items()):
+        if isinstance(value, dict):  # children, parameters, buffers, hook tables: own copies
+            new.__dict__[key] = type(value)(value)
     for name, child in children.items():
         new._modules[name] = child
     return new
@@ -185,9 +192,9 @@ class CADModel(nn.Module):
 
     def __init__(self, finest_stride: int, coarsest_stride: int):
         super().__init__()
+        self.num_levels = check_stride_pair(finest_stride, coarsest_stride)
         self.finest_stride = finest_stride
         self.coarsest_stride = coarsest_stride
-        self.num_levels = (coarsest_stride // finest_stride).bit_length() - 1
         self.last_plan: Optional[LevelPlan] = None
         # the keep module of the last forward, for parts(); kept out of the module tree
         self.__dict__["_keep_module"] = None
