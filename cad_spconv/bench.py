@@ -72,6 +72,10 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--dense-format", default="both", choices=("both",) + FORMATS,
                         help="memory format of the dense models; 'both' times both and takes the "
                              "faster as the reference (default)")
+    parser.add_argument("--clock", default="wall", choices=("wall", "process"),
+                        help="CPU timing: wall clock (default), or the CPU seconds of this "
+                             "process (all threads), a proxy that other processes on a busy "
+                             "machine disturb less (use it with --threads 1)")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per variant (default: 5)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed runs per variant first (default: 1)")
@@ -406,7 +410,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_once(fn, args, device) -> float:
+def _time_once(fn, args, device, clock=time.perf_counter) -> float:
     import torch
 
     if device.type == "cuda":
@@ -418,9 +422,9 @@ def _time_once(fn, args, device) -> float:
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    t0 = clock()
     fn(*args)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _median(values):
@@ -462,6 +466,16 @@ class _RssSampler:
         return self.peak - self.base
 
 
+def _release_free_heap():
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), where available."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_memory(fn, args, device):
     """Bytes a run needs above what was allocated before it (``None`` where unmeasurable)."""
     import gc
@@ -479,6 +493,7 @@ def _peak_memory(fn, args, device):
         return torch.cuda.max_memory_allocated(device) - base
     if not os.path.exists("/proc/self/statm"):
         return None
+    _release_free_heap()  # else the run reuses freed pages and the RSS does not grow
     with _RssSampler() as sampler:
         out = fn(*args)
         del out
@@ -520,6 +535,7 @@ def _bench_input(args, bench, images, keep, device, dtype) -> dict:
     from .tensor import CADTensor
 
     variants = bench["variants"]
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     states = {v.name: v.setup(images, keep) for v in variants}
     samples = {v.name: [] for v in variants}
     outputs = {}
@@ -536,7 +552,7 @@ def _bench_input(args, bench, images, keep, device, dtype) -> dict:
     for r in range(args.reps):
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate
         for v in order:
-            samples[v.name].append(_time_once(v.run, states[v.name], device))
+            samples[v.name].append(_time_once(v.run, states[v.name], device, clock))
     res = {"variants": {}}
     for v in variants:
         entry = {"kind": v.kind, "seconds": _median(samples[v.name]),
@@ -558,8 +574,9 @@ def _bench_input(args, bench, images, keep, device, dtype) -> dict:
         planning = _plan_seconds(keep, plan.grid, plan.num_levels, device)
         n = max(3, args.reps)
         entry = res["variants"][v.name]
-        entry["geometry_seconds"] = (_median([_time_once(replay, (), device) for _ in range(n)])
-                                     + _median([_time_once(planning, (), device) for _ in range(n)]))
+        entry["geometry_seconds"] = (
+            _median([_time_once(replay, (), device, clock) for _ in range(n)])
+            + _median([_time_once(planning, (), device, clock) for _ in range(n)]))
         entry["rulebooks"] = len(cache)
         entry["level_fractions"] = plan.level_fractions().mean(0).tolist()
     # Guarantee 2: CAD at the coarse sites == dense coarsest stride
@@ -724,7 +741,10 @@ def markdown(report) -> str:
            if env["malloc_env"] else "") + ".",
         f"Dense c / dense f: the dense backbone at stride {c} / {f} (faster memory format); CAD: "
         f"stride {f}->{c}, output densified at stride {f}; median of {cfg['reps']} runs after "
-        f"{cfg['warmup']} warm-up, variants alternating. eff = t_dense_f x MAC fraction / t_CAD; "
+        f"{cfg['warmup']} warm-up, variants alternating"
+        + (", CPU seconds of the process (--clock process), not wall clock"
+           if cfg.get("clock") == "process" and env["device"] == "cpu" else "")
+        + ". eff = t_dense_f x MAC fraction / t_CAD; "
         f"geometry = plan + rulebooks share of the CAD time.\n",
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join("---" for _ in HEADER) + "|",

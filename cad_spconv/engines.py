@@ -19,6 +19,7 @@ Weights are in ``torch.nn.Conv2d`` layout ``[C_out, C_in / groups, kh, kw]``.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -150,16 +151,15 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int) -> to
     c_in = features.shape[1]
     c_out, c_in_g, kh, kw = weight.shape
     k, g = kh * kw, groups
-    # [G, K * C_in_g, C_out_g], matching the gathered column order (tap-major, then channel)
-    w = weight.reshape(g, c_out // g, c_in_g, k).permute(0, 3, 2, 1).reshape(g, k * c_in_g, -1)
+    track = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))
+    w = _gemm_weight(weight, g, cache=not track)
     index = split.rest_index
     budget = _GATHER_CHUNK_BYTES_CUDA if features.is_cuda else _GATHER_CHUNK_BYTES
     rows = max(1, budget // (k * c_in * features.element_size()))
     bounds = []
     for lo, hi in ((0, split.num_inside), (split.num_inside, split.num_rest)):
         bounds += [(s, min(hi, s + rows)) for s in range(lo, hi, rows)]
-    track = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))
     if track:
         return torch.cat([_im2col_block(features, w, bias, split, s, e, g, None, None)
                           for s, e in bounds])
@@ -199,6 +199,30 @@ def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int,
     return res if out is None else out.copy_(res)
 
 
+def _gemm_weight(weight: torch.Tensor, groups: int, cache: bool) -> torch.Tensor:
+    """``[G, K * C_in_g, C_out_g]``: the conv weight in the gathered column order (tap-major,
+    then channel). The permutation is a copy, so without autograd it is kept per weight tensor
+    and rebuilt only when the weight changes (its version counter or storage)."""
+    c_out, c_in_g, kh, kw = weight.shape
+    k = kh * kw
+
+    def pack():
+        return weight.reshape(groups, c_out // groups, c_in_g, k).permute(0, 3, 2, 1).reshape(
+            groups, k * c_in_g, -1)
+
+    if not cache:
+        return pack()
+    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device, groups)
+    entry = _packed.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == stamp:
+        return entry[2]
+    packed = pack().contiguous()
+    key = id(weight)
+    _packed[key] = (weakref.ref(weight, lambda _, key=key: _packed.pop(key, None)), stamp, packed)
+    return packed
+
+
+_packed: dict = {}
 _workspaces = threading.local()
 
 

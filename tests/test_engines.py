@@ -151,3 +151,16 @@ def test_inference_path_matches_autograd_path():
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast, ref.conv(x.features, levels, 1, 1, w.detach(), b), rtol=1e-9,
                                atol=1e-10)
+
+
+def test_packed_weight_follows_weight_updates():
+    """The cached GEMM layout of a weight is rebuilt after an in-place update (inference)."""
+    case = ((21, 19), 1, "keep")
+    x, levels = make_input(case, 1, 5, torch.float64, "cpu", seed=11)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        first = CF.conv2d(x, w, engine="lattice").features
+        w.mul_(-2.0)
+        second = CF.conv2d(x, w, engine="lattice").features
+    torch.testing.assert_close(second, -2.0 * first, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(second, ref.conv(x.features, levels, 1, 1, w), rtol=1e-9, atol=1e-10)

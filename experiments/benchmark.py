@@ -1,0 +1,89 @@
+"""The benchmark suites behind BENCHMARKS.md (issue 5: performance).
+
+    python experiments/benchmark.py cpu      # DeepLabV3-ResNet101 backbone, 512x1024, 2 threads
+    python experiments/benchmark.py ops      # one 3x3 conv after the adaptive step, per engine
+    python experiments/benchmark.py gpu      # 1024x2048, batch 1 and 4, fp32 / fp16 / bf16
+    python experiments/benchmark.py cpu --dry-run   # print the commands only
+
+Each suite runs ``cad-spconv bench`` (``cad_spconv/bench.py``) in this process with the settings
+below, writes JSON under ``experiments/results/`` and appends a table headed by the exact
+command to ``BENCHMARKS.md``. Pass ``--no-markdown`` to leave BENCHMARKS.md alone and
+``--reps N`` to change the number of timed runs. Frames: the three Cityscapes frames in
+``../shared/data/cityscapes_frames`` (``--frames DIR`` to use others).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shlex
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DEFAULT_FRAMES = os.path.join(ROOT, "..", "shared", "data", "cityscapes_frames")
+
+
+def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]]]:
+    """Suite name -> [(result name, bench arguments)]."""
+    edge = ["--images", *frames, "--threshold", "0.35", "--dilation", "11"]
+    common = ["--reps", str(reps), "--warmup", "1"]
+    cpu = ["--device", "cpu", "--threads", "2"]
+    out = {
+        "cpu": [("cpu_deeplabv3_resnet101_512x1024",
+                 ["--model", "deeplabv3_resnet101", "--size", "512", "1024", *edge, *cpu,
+                  "--engine", "auto", *common])],
+        "ops": [("cpu_conv3x3_256_512x1024",
+                 ["--model", "conv3x3", "--channels", "256", "--size", "512", "1024", *edge, *cpu,
+                  "--engine", "lattice,torch,spconv", *common]),
+                ("cpu_conv3x3_512_512x1024",
+                 ["--model", "conv3x3", "--channels", "512", "--size", "512", "1024", *edge, *cpu,
+                  "--engine", "lattice,torch", *common])],
+        "gpu": [],
+    }
+    for batch in (1, 4):
+        for dtype in ("float32", "float16", "bfloat16"):
+            out["gpu"].append((
+                f"gpu_deeplabv3_resnet101_1024x2048_b{batch}_{dtype}",
+                ["--model", "deeplabv3_resnet101", "--size", "1024", "2048", *edge, "--device",
+                 "cuda", "--dtype", dtype, "--batch", str(batch), "--engine", "auto,spconv",
+                 *common]))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("suite", choices=("cpu", "ops", "gpu", "all"))
+    parser.add_argument("--frames", default=DEFAULT_FRAMES, help="folder of RGB frames")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    frames = sorted(glob.glob(os.path.join(args.frames, "*.png")))
+    if not frames:
+        raise SystemExit(f"no PNG frames in {args.frames}")
+    frames = [os.path.relpath(f, ROOT) for f in frames]
+    chosen = ("cpu", "ops", "gpu") if args.suite == "all" else (args.suite,)
+    os.chdir(ROOT)
+
+    from cad_spconv import bench
+    from cad_spconv.cli import build_parser
+
+    parser = build_parser()
+    for suite in chosen:
+        for name, bench_args in suites(frames, args.reps)[suite]:
+            full = ["bench", *bench_args, "--json", f"experiments/results/{name}.json",
+                    "--label", name]
+            if not args.no_markdown:
+                full += ["--markdown", "BENCHMARKS.md"]
+            command = "cad-spconv " + shlex.join(full)
+            print(command, flush=True)
+            if args.dry_run:
+                continue
+            bench.main(parser.parse_args(full), command=command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
