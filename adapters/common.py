@@ -118,7 +118,8 @@ def cad_conv(conv: nn.Conv2d, stride: int, dilation: int, engine: str, path: str
     return new
 
 
-def cad_layer(module: nn.Module, path: str, engine: str, dilation: Optional[int] = None) -> nn.Module:
+def cad_layer(module: nn.Module, path: str, engine: str,
+              dilation: Optional[int] = None) -> nn.Module:
     """A stride-1 layer of a plain stack (conv, batch norm, elementwise op) in CAD form.
     ``dilation``: the conv's dilation in the coarsest-stride network (default: its own)."""
     if type(module) is nn.Conv2d:

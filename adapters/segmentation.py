@@ -115,7 +115,8 @@ def _scaled_rate(conv: nn.Conv2d, scale: Fraction, path: str) -> int:
     return int(rate)
 
 
-def _cad_sequential(seq: nn.Sequential, path: str, engine: str, rate_scale: Fraction) -> nn.Sequential:
+def _cad_sequential(seq: nn.Sequential, path: str, engine: str,
+                    rate_scale: Fraction) -> nn.Sequential:
     layers = []
     for i, m in enumerate(seq):
         p = f"{path}.{i}"
@@ -256,5 +257,6 @@ def _layer_for(returns: dict[str, str], key: str) -> str:
 
 def convert_segmentation(model, finest_stride: int = 8, coarsest_stride: int = 16,
                          sparse_head: bool = False, engine: str = "auto") -> CADSegmentation:
-    """Convert a torchvision FCN / DeepLabV3 with a ResNet backbone (see :func:`adapters.convert`)."""
+    """Convert a torchvision FCN / DeepLabV3 with a ResNet backbone (see
+    :func:`adapters.convert`)."""
     return CADSegmentation(model, finest_stride, coarsest_stride, sparse_head, engine)

@@ -71,7 +71,8 @@ class CADVGGFeatures(CADModel):
         for name, m in layers[:first]:
             self.add_module(name, m)
         for name, m in layers[first:]:
-            self.add_module(name, CADMaxPool2d(2, 2) if _is_pool2(m) else cad_layer(m, name, engine))
+            self.add_module(name, CADMaxPool2d(2, 2) if _is_pool2(m)
+                            else cad_layer(m, name, engine))
 
     def forward_features(self, images: torch.Tensor, keep) -> CADTensor:
         self._check_images(images)

@@ -45,7 +45,8 @@ def storages(module):
 @pytest.mark.parametrize("build,kwargs", [
     (resnet, {}), (lambda: resnet("resnext50_32x4d"), {}),
     (lambda: resnet("resnet50", replace_stride_with_dilation=[True, True, True]), {}),
-    (deeplab, {}), (deeplab, dict(sparse_head=True)), (deeplab, dict(finest_stride=16, coarsest_stride=32)),
+    (deeplab, {}), (deeplab, dict(sparse_head=True)),
+    (deeplab, dict(finest_stride=16, coarsest_stride=32)),
     (deeplab, dict(finest_stride=4, coarsest_stride=16)),
     (vgg, dict(finest_stride=2, coarsest_stride=8))])
 def test_parameters_are_shared_and_state_dict_loads(build, kwargs):
@@ -139,7 +140,8 @@ def test_parts_cover_the_model(build, kwargs, keys):
     assert covered == {id(p) for p in cad.parameters()}
     seen = [id(p) for part in parts.values() for p in part.parameters()]
     assert len(seen) == len(set(seen))  # parts are disjoint
-    assert all(isinstance(m, CADConv2d) for m in parts["sparse"].modules() if isinstance(m, nn.Conv2d))
+    sparse_convs = [m for m in parts["sparse"].modules() if isinstance(m, nn.Conv2d)]
+    assert sparse_convs and all(isinstance(m, CADConv2d) for m in sparse_convs)
     assert not any(isinstance(m, CADConv2d) for m in parts["dense"].modules())
 
 
@@ -193,7 +195,8 @@ def test_unsupported_models_name_the_module_and_what_is_supported():
 
     model = resnet()
     model.layer3[0].__class__ = MyBlock
-    with pytest.raises(UnsupportedModelError, match=r"layer3\.0 .*MyBlock.*BasicBlock or Bottleneck"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer3\.0 .*MyBlock.*BasicBlock or Bottleneck"):
         convert(model, 8, 16)
     seg = deeplab()
     seg.classifier[0].convs[4] = nn.Identity()
@@ -249,3 +252,18 @@ def test_bad_images():
     cad = convert(resnet(), 8, 16)
     with pytest.raises(ValueError, match=r"images must be a \[B, C, H, W\]"):
         cad(torch.zeros(3, *SIZE), torch.ones(1, *SIZE, dtype=torch.bool))
+
+
+def test_dense_shells_leave_the_given_model_alone():
+    """A given model at output stride 4 runs layer2 with the standard stride in the converted
+    model: a shell sharing its parameters; the original modules and their hooks are untouched."""
+    model = resnet("resnet50", replace_stride_with_dilation=[True, True, True])
+    cad = convert(model, 8, 16)
+    assert cad.layer2 is not model.layer2 and cad.layer1 is model.layer1
+    assert cad.layer2[0].conv2.stride == (2, 2) and model.layer2[0].conv2.stride == (1, 1)
+    assert cad.layer2[0].conv2.weight is model.layer2[0].conv2.weight
+    assert cad.layer2[1].conv2.dilation == (1, 1) and model.layer2[1].conv2.dilation == (2, 2)
+    assert cad.layer2[1].bn1 is model.layer2[1].bn1  # only what differs is a new shell
+    handle = cad.layer2[0].register_forward_hook(lambda *a: None)
+    assert len(model.layer2[0]._forward_hooks) == 0
+    handle.remove()
