@@ -13,10 +13,8 @@ derived here from the canonical (standard, stride-32) architecture:
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,22 +23,6 @@ import dense_reference as ref
 
 
 # ---------------------------------------------------------------------- test helpers
-@pytest.fixture(autouse=True)
-def skip_slow_unless_asked(request):
-    """Tests marked slow run only with ``--runslow`` (where conftest defines it) or with
-    ``CAD_RUNSLOW=1``; import this fixture into a test module to apply it there."""
-    if request.node.get_closest_marker("slow") is None:
-        return
-    asked = os.environ.get("CAD_RUNSLOW") == "1"
-    try:
-        asked = asked or bool(request.config.getoption("--runslow"))
-    except ValueError:
-        pass
-    if not asked:
-        pytest.skip("slow test: run with --runslow or CAD_RUNSLOW=1")
-
-
-
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 

@@ -11,7 +11,6 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 import test_adapters_emulation as emu
-from test_adapters_emulation import skip_slow_unless_asked  # noqa: F401 (autouse fixture)
 from adapters import CADResNet, convert
 from cad_spconv.backend import spconv_status
 

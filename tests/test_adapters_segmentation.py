@@ -13,7 +13,6 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 import test_adapters_emulation as emu
-from test_adapters_emulation import skip_slow_unless_asked  # noqa: F401 (autouse fixture)
 from adapters import CADSegmentation, convert
 from cad_spconv.tensor import CADTensor
 
