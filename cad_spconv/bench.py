@@ -534,26 +534,31 @@ def _bench_input(args, bench, images, keep, device, dtype) -> dict:
 
     from .tensor import CADTensor
 
-    variants = bench["variants"]
     clock = time.process_time if args.clock == "process" else time.perf_counter
-    states = {v.name: v.setup(images, keep) for v in variants}
-    samples = {v.name: [] for v in variants}
-    outputs = {}
-    for v in variants:
-        for _ in range(args.warmup):
-            out = v.run(*states[v.name])
-        if args.warmup == 0:
-            out = v.run(*states[v.name])
-        outputs[v.name] = out
+    states = {v.name: v.setup(images, keep) for v in bench["variants"]}
+    outputs, failed = {}, {}
+    for v in bench["variants"]:
+        try:
+            for _ in range(max(1, args.warmup)):
+                outputs[v.name] = v.run(*states[v.name])
+        except Exception as exc:  # e.g. an engine without this dtype: report, go on
+            if v.kind != "cad":
+                raise
+            failed[v.name] = f"{type(exc).__name__}: {exc}"
+            print(f"bench: {v.name} failed and is left out: {failed[v.name]}", file=sys.stderr)
+    variants = [v for v in bench["variants"] if v.name not in failed]
+    if not any(v.kind == "cad" for v in variants):
+        raise SystemExit("bench: every CAD variant failed: " + "; ".join(failed.values()))
     # keep one output per kind for the checks, drop the rest before timing
     cad_out = outputs[next(v.name for v in variants if v.kind == "cad")]
     coarse_out = outputs[next(v.name for v in variants if v.kind == "dense_coarse")]
     outputs.clear()
+    samples = {v.name: [] for v in variants}
     for r in range(args.reps):
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate
         for v in order:
             samples[v.name].append(_time_once(v.run, states[v.name], device, clock))
-    res = {"variants": {}}
+    res = {"variants": {}, "failed": failed}
     for v in variants:
         entry = {"kind": v.kind, "seconds": _median(samples[v.name]),
                  "samples": samples[v.name], "macs": int(v.macs(images, keep))}
@@ -649,6 +654,8 @@ def _input_summary(res: dict, engines) -> dict:
     out = {"dense_coarse_seconds": coarse["seconds"], "dense_fine_seconds": fine["seconds"],
            "dense_fine_format": fine.get("format"), "cad": {}}
     for e in engines:
+        if f"cad[{e}]" not in v:
+            continue
         cad = v[f"cad[{e}]"]
         frac = cad["macs"] / fine["macs"]
         t = cad["seconds"]
@@ -669,6 +676,8 @@ def _summary(results, engines) -> dict:
     coarse = sum(p["dense_coarse_seconds"] for p in per)
     out = {"dense_fine_seconds": fine, "dense_coarse_seconds": coarse, "cad": {}}
     for e in engines:
+        if any(e not in p["cad"] for p in per):
+            continue  # failed on some input: no total
         t = sum(p["cad"][e]["seconds"] for p in per)
         fine_macs = sum(r["variants"][_best(r["variants"], "dense_fine")[0]]["macs"]
                         for r in results)
@@ -692,13 +701,13 @@ def _mib(b) -> str:
 
 def _rows(report):
     """Table rows (one per input and engine, then the totals)."""
-    engines = list(report["summary"]["cad"])
+    engines = list(report["config"]["engines"])
     rows = []
     for r in report["inputs"]:
         s = r["summary"]
         v = r["variants"]
         fine_name = _best(v, "dense_fine")[0]
-        for e in engines:
+        for e in [e for e in engines if e in s["cad"]]:
             c = s["cad"][e]
             cad = v[f"cad[{e}]"]
             kept = cad.get("level_fractions", [float("nan")])[0]
@@ -710,7 +719,7 @@ def _rows(report):
                          f"{_mib(v[fine_name].get('peak_bytes'))} / {_mib(cad.get('peak_bytes'))}",
                          f"{r.get('guarantee2_rel_error', float('nan')):.1e}"])
     t = report["summary"]
-    for e in engines:
+    for e in [e for e in engines if e in t["cad"]]:
         c = t["cad"][e]
         rows.append(["**all**", e, "", f"{c['mac_fraction']:.3f}", _ms(t["dense_coarse_seconds"]),
                      _ms(t["dense_fine_seconds"]), _ms(c["seconds"]),
@@ -750,6 +759,10 @@ def markdown(report) -> str:
         "|" + "|".join("---" for _ in HEADER) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
+    failed = sorted({f"{name}: {why}" for r in report["inputs"]
+                     for name, why in r.get("failed", {}).items()})
+    if failed:
+        lines += ["", "Left out (failed): " + "; ".join(failed)]
     return "\n".join(lines) + "\n"
 
 

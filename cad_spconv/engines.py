@@ -37,7 +37,7 @@ _CHUNK_ELEMENTS = 1 << 24
 # Gathered bytes per chunk of the lattice engine's gather + GEMM. CPU: small enough that the
 # GEMM reads its im2col block from cache (BENCHMARKS.md, chunk sweep); GPU: large, so that
 # each GEMM fills the device.
-_GATHER_CHUNK_BYTES = 4 << 20
+_GATHER_CHUNK_BYTES = 16 << 20
 _GATHER_CHUNK_BYTES_CUDA = 256 << 20
 
 
