@@ -92,9 +92,20 @@ def main(args, command: str | None = None) -> int:
 
     command = command or _command_line()
     cfg = _check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # random weights must not hit the slow denormal path
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.set_flush_denormal(True)  # random weights must not hit the slow denormal path
+        return _run(args, cfg, command)
+    finally:  # leave the process as it was (tests call main in-process)
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+def _run(args, cfg, command) -> int:
+    import torch
+
     torch.manual_seed(args.seed)
     device, dtype = cfg["device"], cfg["dtype"]
     load_before = _loadavg()

@@ -1,0 +1,65 @@
+"""`cad-spconv bench` end to end on tiny inputs: it runs, its counts and checks are right and it
+writes JSON and markdown. No timing is asserted (timings belong in BENCHMARKS.md)."""
+import json
+
+import pytest
+import torch
+
+from cad_spconv import bench
+from cad_spconv.cli import build_parser
+
+
+def run_bench(tmp_path, *extra):
+    out = tmp_path / "r.json"
+    md = tmp_path / "B.md"
+    argv = ["bench", "--reps", "1", "--warmup", "0", "--threads", "1", "--no-memory",
+            "--json", str(out), "--markdown", str(md), *extra]
+    args = build_parser().parse_args(argv)
+    assert bench.main(args, command="cad-spconv " + " ".join(argv)) == 0
+    return json.loads(out.read_text()), md.read_text()
+
+
+def test_conv3x3_counts_guarantee_and_report(tmp_path):
+    report, md = run_bench(tmp_path, "--model", "conv3x3", "--channels", "8", "--size", "72",
+                           "88", "--engine", "lattice,torch", "--random-keep", "0.4")
+    assert len(report["inputs"]) == 3
+    for res in report["inputs"]:
+        v = res["variants"]
+        fine = v["dense8[nchw]"]["macs"]
+        assert fine == 9 * 8 * 8 * 9 * 11  # 9x11 finest grid
+        assert v["dense16[nchw]"]["macs"] == 9 * 8 * 8 * 5 * 6
+        for e in ("lattice", "torch"):
+            cad = v[f"cad[{e}]"]
+            assert v["dense16[nchw]"]["macs"] < cad["macs"] < fine
+            assert cad["geometry_seconds"] > 0 and cad["rulebooks"] == 1
+        assert res["guarantee2_rel_error"] < 1e-5
+        assert res["failed"] == {}
+    assert set(report["summary"]["cad"]) == {"lattice", "torch"}
+    assert "cad-spconv bench" in md and "| **all** | lattice |" in md
+
+
+def test_resnet_backbone_runs_and_matches_mac_counter(tmp_path):
+    from cad_spconv.macs import count_macs
+    from torchvision.models import resnet50
+
+    report, _ = run_bench(tmp_path, "--model", "resnet50", "--size", "96", "80",
+                          "--dense-format", "channels_last")
+    res = report["inputs"][0]
+    dense = resnet50(replace_stride_with_dilation=[False, True, True])
+    expected = count_macs(dense, torch.zeros(1, 3, 96, 80))["total"] - 2048 * 1000  # no fc
+    assert res["variants"]["dense8[channels_last]"]["macs"] == expected
+    s = res["summary"]["cad"]["auto"]
+    assert 0 < s["mac_fraction"] <= 1
+    assert res["guarantee2_rel_error"] < 1e-4
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--engine", "fast"], "unknown engine"),
+    (["--dtype", "float16"], "float16"),
+    (["--coarsest-stride", "24"], "power of two"),
+    (["--images", "/no/such.png"], "image not found"),
+])
+def test_bad_arguments_are_refused(argv, message, tmp_path, capsys):
+    args = build_parser().parse_args(["bench", "--model", "conv3x3", *argv])
+    with pytest.raises(SystemExit, match=message):
+        bench.main(args)
