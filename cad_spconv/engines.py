@@ -114,7 +114,12 @@ def _lattice_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.
     c_in, c_out = features.shape[1], weight.shape[0]
     kh, kw = book.kernel_size
     dy, dx = book.dilation
-    x = features if split.in_rows is None else features.index_select(0, split.in_rows)
+    scratch = not _tracks_grad(features, weight, bias)  # intermediates may live in workspaces
+    x = features
+    if split.in_rows is not None:
+        x = (torch.index_select(features, 0, split.in_rows, out=_workspace(
+                 features, split.in_rows.shape[0] * c_in, "lattice_in").view(-1, c_in))
+             if scratch else features.index_select(0, split.in_rows))
     # the feature matrix of lattice sites is an NHWC map: a channels-last NCHW view, no copy
     x = x.reshape(split.batch, *split.in_grid, c_in).permute(0, 3, 1, 2)
     y = F.conv2d(x, weight, bias, split.stride, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups)
@@ -124,8 +129,14 @@ def _lattice_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.
     out = y.new_empty(book.num_out, c_out)
     out.index_copy_(0, split.out_rows, y)
     if split.num_rest:
-        out.index_copy_(0, split.rest_rows, _gather_gemm(features, weight, bias, split, groups))
+        out.index_copy_(0, split.rest_rows,
+                        _gather_gemm(features, weight, bias, split, groups, scratch))
     return out
+
+
+def _tracks_grad(features, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
@@ -141,18 +152,19 @@ def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torc
     return out if bias is None else out + bias
 
 
-def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int) -> torch.Tensor:
+def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
+                 scratch: bool = False) -> torch.Tensor:
     """Output rows of the off-lattice sites (``split.rest_rows`` order): im2col by
     ``index_select`` in cache-sized chunks, one GEMM per chunk.
 
     Without autograd the im2col chunks go into a per-thread workspace that lives across calls
-    and the GEMMs write straight into the output: a fresh buffer per chunk costs page faults
-    worth a third of the gather (BENCHMARKS.md)."""
+    and the GEMMs write straight into the output (itself a workspace with ``scratch``, when the
+    caller copies it out before returning): a fresh buffer per chunk costs page faults worth a
+    third of the gather (BENCHMARKS.md)."""
     c_in = features.shape[1]
     c_out, c_in_g, kh, kw = weight.shape
     k, g = kh * kw, groups
-    track = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))
+    track = _tracks_grad(features, weight, bias)
     w = _gemm_weight(weight, g, cache=not track)
     index = split.rest_index
     budget = _GATHER_CHUNK_BYTES_CUDA if features.is_cuda else _GATHER_CHUNK_BYTES
@@ -163,8 +175,9 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int) -> to
     if track:
         return torch.cat([_im2col_block(features, w, bias, split, s, e, g, None, None)
                           for s, e in bounds])
-    out = features.new_empty(split.num_rest, c_out)
-    buf = _workspace(features, min(rows, split.num_rest) * k * c_in).view(-1, c_in)
+    out = (_workspace(features, split.num_rest * c_out, "rest_out").view(-1, c_out) if scratch
+           else features.new_empty(split.num_rest, c_out))
+    buf = _workspace(features, min(rows, split.num_rest) * k * c_in, "im2col").view(-1, c_in)
     for s, e in bounds:
         _im2col_block(features, w, bias, split, s, e, g, buf[:(e - s) * k], out[s:e])
     return out
@@ -212,7 +225,8 @@ def _gemm_weight(weight: torch.Tensor, groups: int, cache: bool) -> torch.Tensor
 
     if not cache:
         return pack()
-    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device, groups)
+    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device, groups,
+             torch.is_inference_mode_enabled())
     entry = _packed.get(id(weight))
     if entry is not None and entry[0]() is weight and entry[1] == stamp:
         return entry[2]
@@ -226,13 +240,14 @@ _packed: dict = {}
 _workspaces = threading.local()
 
 
-def _workspace(like: torch.Tensor, numel: int) -> torch.Tensor:
-    """A flat scratch tensor of at least ``numel`` elements, reused across calls (per thread,
-    device and dtype). Only for results that are consumed before the next call returns."""
+def _workspace(like: torch.Tensor, numel: int, slot: str) -> torch.Tensor:
+    """A flat scratch tensor of ``numel`` elements, reused across calls (per thread, slot,
+    device and dtype). Only for values consumed before the call that took it returns."""
     store = getattr(_workspaces, "buffers", None)
     if store is None:
         store = _workspaces.buffers = {}
-    key = (like.device, like.dtype)
+    # an inference-mode tensor cannot be written outside inference mode: separate buffers
+    key = (slot, like.device, like.dtype, torch.is_inference_mode_enabled())
     buf = store.get(key)
     if buf is None or buf.numel() < numel:
         buf = store[key] = torch.empty(numel, dtype=like.dtype, device=like.device)

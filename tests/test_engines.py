@@ -164,3 +164,20 @@ def test_packed_weight_follows_weight_updates():
         second = CF.conv2d(x, w, engine="lattice").features
     torch.testing.assert_close(second, -2.0 * first, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(second, ref.conv(x.features, levels, 1, 1, w), rtol=1e-9, atol=1e-10)
+
+
+def test_workspaces_across_inference_mode_and_no_grad():
+    """Scratch buffers made under inference_mode must not leak into no_grad calls (inference
+    tensors cannot be written outside inference mode), nor the other way round."""
+    case = ((19, 23), 1, "keep")
+    x, levels = make_input(case, 1, 6, torch.float64, "cpu", seed=3)
+    w = torch.randn(6, 6, 3, 3, dtype=torch.float64)
+    expected = ref.conv(x.features, levels, 1, 1, w)
+    with torch.inference_mode():
+        a = CF.conv2d(x, w, engine="lattice").features
+    with torch.no_grad():
+        b = CF.conv2d(x, w, engine="lattice").features
+    with torch.inference_mode():
+        c = CF.conv2d(x, w, engine="lattice").features
+    for got in (a, b, c):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
