@@ -10,12 +10,11 @@ import copy
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cad_spconv.engines import ENGINES
 from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise
-from cad_spconv.plan import LevelPlan, make_plan
+from cad_spconv.plan import LevelPlan, make_plan, reduce_to_grid
 from cad_spconv.tensor import CADTensor
 
 __all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides",
@@ -156,32 +155,17 @@ def shell(module: nn.Module, children: dict[str, Optional[nn.Module]]) -> nn.Mod
 
 
 # ---------------------------------------------------------------------- keep masks
-def _check_bool_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
-    if mask.dim() == 4:
-        if mask.shape[1] != 1:
-            raise ValueError(f"{what} must be [B, 1, h, w] or [B, h, w], got {tuple(mask.shape)}")
-        mask = mask[:, 0]
-    if mask.dim() != 3:
-        raise ValueError(f"{what} must be [B, 1, h, w] or [B, h, w], got {tuple(mask.shape)}")
-    return mask
-
-
 def keep_to_grid(mask, grid: Sequence[int], image_size: Sequence[int], stride: int,
                  what: str = "keep mask"):
-    """A bool mask at image resolution -> the finest grid: a cell is kept if any pixel of its
-    footprint ``[stride*i, stride*(i+1))`` is kept (pixels a floor-mode pool dropped are ignored).
-    Masks at the finest grid and anything else pass through to :func:`make_plan`."""
+    """A bool mask at image resolution -> the finest grid, with the model's finest stride as the
+    scale (a cell is kept if any pixel of its footprint ``[stride*i, stride*(i+1))`` is kept;
+    pixels a floor-mode pool dropped are ignored). Anything else passes through to
+    :func:`~cad_spconv.plan.make_plan`, which validates it."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         return mask
-    mask = _check_bool_mask(mask, what)
-    H, W = int(grid[0]), int(grid[1])
-    if tuple(mask.shape[-2:]) == (H, W) or tuple(mask.shape[-2:]) != tuple(image_size):
+    if tuple(mask.shape[-2:]) != tuple(image_size) or tuple(image_size) == tuple(grid):
         return mask
-    pooled = F.max_pool2d(mask[:, None].to(torch.float32), stride, stride, ceil_mode=True)[:, 0]
-    if pooled.shape[-2] < H or pooled.shape[-1] < W:  # cannot happen for the supported families
-        raise ValueError(f"{what} at image resolution {tuple(image_size)} does not cover the "
-                         f"finest grid {H}x{W} at stride {stride}")
-    return pooled[:, :H, :W] > 0
+    return reduce_to_grid(mask, grid, what, stride=stride)
 
 
 class CADModel(nn.Module):

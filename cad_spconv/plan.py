@@ -61,31 +61,47 @@ def _check_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
     return mask
 
 
-def reduce_to_grid(mask: torch.Tensor, grid: Sequence[int], what: str = "keep mask") -> torch.Tensor:
-    """Reduce a bool mask ``[B, h, w]`` onto the finest grid ``(H, W)``.
+def reduce_to_grid(mask: torch.Tensor, grid: Sequence[int], what: str = "keep mask",
+                   stride: int | None = None) -> torch.Tensor:
+    """Reduce a bool mask ``[B, h, w]`` (or ``[B, 1, h, w]``) onto the finest grid ``(H, W)``.
 
-    A cell is kept if any pixel of its footprint is kept. The footprint of cell ``i`` is
-    ``[i*s, (i+1)*s)`` clipped to the mask, for the integer scale ``s`` with
-    ``ceil(h/s) == H`` and ``ceil(w/s) == W`` (the size rule of strided convs with same padding).
+    A cell is kept if any pixel of its footprint ``[i*s, (i+1)*s)`` is kept. ``stride`` gives
+    the scale ``s`` (a model knows it: its finest stride); the grid may then be the ceil size
+    (strided convs, blocks clipped at the border) or the floor size (floor-mode pools, whose
+    dropped pixels are ignored). Without ``stride`` the scale is inferred from the sizes: the
+    power of two with ``ceil(h/s) == H`` and ``ceil(w/s) == W``, else the one integer that fits;
+    an ambiguous size is an error asking for ``stride``.
     """
     mask = _check_mask(mask, what)
     H, W = int(grid[0]), int(grid[1])
     h, w = mask.shape[-2:]
     if (h, w) == (H, W):
         return mask
-    scale = None
-    for s in range(max(1, h // max(H, 1)), h + 1):
-        if -(-h // s) == H and -(-w // s) == W:
-            scale = s
-            break
-        if -(-h // s) < H:
-            break
-    if scale is None:
-        raise ValueError(
-            f"{what} of size {h}x{w} does not map onto the finest grid {H}x{W}: give it at the "
-            f"finest grid, or at a resolution s times finer (ceil(h/s) == {H}, ceil(w/s) == {W}), "
-            "e.g. at image resolution")
-    return _block_any(mask, scale)
+    if stride is None:
+        stride = _infer_scale(h, w, H, W, what)
+    s = int(stride)
+    fits = all(n in (-(-m // s), m // s) for n, m in ((H, h), (W, w)))
+    if s < 1 or not fits:
+        raise ValueError(f"{what} of size {h}x{w} does not map onto the finest grid {H}x{W} at "
+                         f"stride {s}: give it at the finest grid or at image resolution")
+    return _block_any(mask[:, : H * s, : W * s], s)
+
+
+def _infer_scale(h: int, w: int, H: int, W: int, what: str) -> int:
+    def fits(s):
+        return -(-h // s) == H and -(-w // s) == W
+
+    for s in (2 ** i for i in range(max(h, w).bit_length() + 1)):
+        if fits(s):
+            return s
+    scales = [s for s in range(1, h + 1) if fits(s)]
+    if len(scales) == 1:
+        return scales[0]
+    raise ValueError(
+        f"{what} of size {h}x{w} does not map onto the finest grid {H}x{W} by one scale s "
+        f"(ceil(h/s) == {H}, ceil(w/s) == {W}"
+        + (f"; candidates {scales[0]}..{scales[-1]}" if scales else "")
+        + "): give it at the finest grid, or pass the stride explicitly")
 
 
 @dataclass(eq=False)

@@ -50,3 +50,23 @@ def test_level_fractions_and_sites_per_image():
     assert plan.level_fractions().tolist() == [[0.125, 0.375, 0.5]]
     assert plan.sites_per_image(2).tolist() == [4 + 3 + 1]
     assert plan.sites_per_image(1).tolist() == [4 + 3 + 4]
+
+
+def test_reduce_to_grid_scale_rules():
+    from cad_spconv import reduce_to_grid
+    m = torch.zeros(1, 9, 9, dtype=torch.bool)
+    m[0, 6, 6] = True
+    # sizes allow s = 5..8; the power of two wins: pixel 6 lies in cell 0 at stride 8
+    assert reduce_to_grid(m, (2, 2)).nonzero().tolist() == [[0, 0, 0]]
+    assert reduce_to_grid(m, (2, 2), stride=8).nonzero().tolist() == [[0, 0, 0]]
+    # floor-mode grid with an explicit stride: the pixels beyond 7*4 x 10*4 are dropped
+    f = torch.zeros(1, 29, 43, dtype=torch.bool)
+    f[0, 28, 0] = True    # row 28 >= 7 * 4: dropped by the floor-mode grid
+    f[0, 0, 41] = True    # col 41 >= 10 * 4: dropped
+    f[0, 27, 39] = True   # cell (6, 9)
+    out = reduce_to_grid(f, (7, 10), stride=4)
+    assert out.shape == (1, 7, 10) and out.nonzero().tolist() == [[0, 6, 9]]
+    with pytest.raises(ValueError, match="pass the stride explicitly"):
+        reduce_to_grid(f, (7, 10))
+    with pytest.raises(ValueError, match="at stride 3"):
+        reduce_to_grid(f, (7, 10), stride=3)
