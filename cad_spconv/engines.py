@@ -3,10 +3,12 @@
 - ``"lattice"``: the sites on the coarse lattice of the output step form a complete dense grid
   (:class:`~cad_spconv.rulebook.LatticeSplit`), so they are computed by one dense conv
   (oneDNN / cuDNN, channels-last views of the feature matrix, no copy at step 0); only the
-  remaining finer sites go through a gather + GEMM. For the paper's 8->16 ResNet this puts the
-  whole stride-16 part of every layer on the dense conv and leaves 3/4 of the kept sites to the
-  gather. Every multiply-add it does is one the CAD count includes. 1x1 convs are one GEMM on
-  the feature matrix. Handles groups and autograd.
+  remaining finer sites go through a gather + GEMM. This is the paper's Guarantee 2 (Hesse et
+  al., CVPRW 2023, Sec. 3: sites on the coarse grid compute exactly the strided network) used
+  as an execution plan: for the 8->16 ResNet the whole stride-16 part of every layer runs on the
+  dense conv and 3/4 of the kept sites go to the gather. Every multiply-add it does is one the
+  CAD count includes. 1x1 convs are one GEMM on the feature matrix. Handles groups and
+  autograd.
 - ``"torch"``: gather rows through the full rulebook (a zero row for out-of-grid taps), then one
   GEMM per chunk of output sites (im2col on the sites). Handles groups and autograd; the
   plain baseline.
@@ -51,7 +53,9 @@ def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:
 
     Conv rulebooks (they keep their plan) go to ``"lattice"`` on every device: its dense part
     runs on the vendor conv and the rest is the same gather + GEMM as ``"torch"`` without the
-    zero-row copy (CPU figures in BENCHMARKS.md). Hand-built rulebooks go to ``"torch"``.
+    zero-row copy. Measured on CPU (BENCHMARKS.md: faster than ``"torch"`` and ``"spconv"`` at
+    every layer width tried); on CUDA the choice awaits a GPU benchmark. Hand-built rulebooks
+    go to ``"torch"``.
     """
     del device, groups
     return "lattice" if book.plan is not None else "torch"
