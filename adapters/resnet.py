@@ -59,7 +59,8 @@ class CADBottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision: no extra feature matrix
+        return self.relu(out)
 
 
 class CADBasicBlock(nn.Module):
@@ -80,7 +81,8 @@ class CADBasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision: no extra feature matrix
+        return self.relu(out)
 
 
 def _cad_shortcut(block, stride: int, engine: str, path: str) -> Optional[nn.Sequential]:

@@ -97,6 +97,13 @@ class CADTensor:
         self.check_same_sites(other, "residual add")
         return self.replace_features(self.features + other.features)
 
+    def __iadd__(self, other: "CADTensor") -> "CADTensor":
+        """In-place residual add (``out += identity``, as torchvision's blocks): no new feature
+        matrix. Same autograd rules as an in-place add on a dense tensor."""
+        self.check_same_sites(other, "residual add")
+        self.features += other.features
+        return self
+
     # ------------------------------------------------------------------ properties
     @property
     def indices(self) -> torch.Tensor:

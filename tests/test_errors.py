@@ -84,6 +84,8 @@ def test_stride_beyond_levels_and_mixed_sites():
         CF.conv2d(y, w, stride=2)
     with pytest.raises(ValueError, match="same sites"):
         _ = t + y
+    with pytest.raises(ValueError, match="same sites"):
+        t += y
 
 
 def test_modules_refuse_dense_input_and_unknown_engine():
