@@ -3,7 +3,6 @@
     python experiments/benchmark.py cpu      # DeepLabV3-ResNet101 backbone, 512x1024, 2 threads
     python experiments/benchmark.py ops      # one 3x3 conv after the adaptive step, per engine
     python experiments/benchmark.py gpu      # 1024x2048, batch 1 and 4, fp32 / fp16 / bf16
-    python experiments/benchmark.py inplace-add   # the cpu suite with the residual add in place
     python experiments/benchmark.py cpu --dry-run   # print the commands only
 
 Each suite runs ``cad-spconv bench`` (``cad_spconv/bench.py``) in this process with the settings
@@ -43,7 +42,6 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                   "--engine", "lattice,torch", *common])],
         "gpu": [],
     }
-    out["inplace-add"] = [(name + "_inplace_add", a) for name, a in out["cpu"]]
     for batch in (1, 4):
         for dtype in ("float32", "float16", "bfloat16"):
             out["gpu"].append((
@@ -56,7 +54,7 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("suite", choices=("cpu", "ops", "gpu", "inplace-add", "all"))
+    parser.add_argument("suite", choices=("cpu", "ops", "gpu", "all"))
     parser.add_argument("--frames", default=DEFAULT_FRAMES, help="folder of RGB frames")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-markdown", action="store_true")
@@ -77,8 +75,6 @@ def main(argv=None) -> int:
     from cad_spconv.cli import build_parser
 
     parser = build_parser()
-    if "inplace-add" in chosen:
-        _patch_inplace_add()
     for suite in chosen:
         for name, bench_args in suites(frames, args.reps)[suite]:
             full = ["bench", *bench_args, "--json", f"experiments/results/{name}.json",
@@ -86,27 +82,11 @@ def main(argv=None) -> int:
             if not args.no_markdown:
                 full += ["--markdown", "BENCHMARKS.md"]
             command = "cad-spconv " + shlex.join(full)
-            if suite == "inplace-add":
-                command = (f"python experiments/benchmark.py inplace-add  # = {command}, with "
-                           "CADTensor.__add__ adding in place")
             print(command, flush=True)
             if args.dry_run:
                 continue
             bench.main(parser.parse_args(full), command=command)
     return 0
-
-
-def _patch_inplace_add():
-    """What-if for a proposed change outside the engine: the residual add of the converted
-    blocks done in place (``out += identity``, as torchvision's blocks do) instead of
-    allocating a new feature matrix per block. Inference only."""
-    from cad_spconv.tensor import CADTensor
-
-    def add_in_place(self, other):
-        self.check_same_sites(other, "residual add")
-        return self.replace_features(self.features.add_(other.features))
-
-    CADTensor.__add__ = add_in_place
 
 
 if __name__ == "__main__":
