@@ -144,3 +144,18 @@ def dense_points(args) -> list[dict]:
     """The two baselines through the same path: nothing kept and everything kept."""
     return [point(run_setting(args, "none"), f"stride {args.coarsest_stride} (none kept)", "dense"),
             point(run_setting(args, "all"), f"stride {args.finest_stride} (all kept)", "dense")]
+
+
+def finish(args, experiment: str, points: Sequence[dict], title: str) -> int:
+    """Write ``<experiment>.json`` and ``<experiment>.png`` under ``args.out`` and print one
+    line per point."""
+    path = os.path.join(args.out, f"{experiment}.json")
+    write_report(path, experiment, args, points)
+    plot_tradeoff(os.path.join(args.out, f"{experiment}.png"), points, title, args)
+    for p in points:
+        miou = p["miou"] if p["miou"] is None else round(p["miou"], 4)
+        print(f"{p['label']:>28}: mIoU {miou}  {p['macs_per_image'] / 1e9:.2f} GMA "
+              f"({p['macs_fraction_of_finest']:.1%} of stride {args.finest_stride})  kept "
+              f"{p['kept_fraction']:.1%}")
+    print(f"wrote {path} and {experiment}.png")
+    return 0

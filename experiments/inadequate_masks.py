@@ -8,11 +8,9 @@ Writes ``<out>/inadequate_masks.json`` and ``<out>/inadequate_masks.png``.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from experiments.common import (base_parser, dense_points, plot_tradeoff, point, run_setting,
-                                write_report)
+from experiments.common import base_parser, dense_points, finish, point, run_setting
 
 
 def build_parser():
@@ -30,16 +28,8 @@ def main(argv=None) -> int:
             points.append(point(run_setting(args, f"{kind}:{t:g}"), f"{kind} {t:g}", kind))
     for f in args.random_fractions:
         points.append(point(run_setting(args, f"random:{f:g}"), f"random {f:g}", "random"))
-    write_report(os.path.join(args.out, "inadequate_masks.json"), "inadequate_masks", args, points)
-    plot_tradeoff(os.path.join(args.out, "inadequate_masks.png"), points,
-                  f"{args.model}: adequate vs inadequate masks", args)
-    for p in points:
-        print(f"{p['label']:>24}: mIoU {p['miou'] if p['miou'] is None else round(p['miou'], 4)}  "
-              f"{p['macs_fraction_of_finest']:.1%} of stride {args.finest_stride}  kept "
-              f"{p['kept_fraction']:.1%}")
-    print(f"wrote {os.path.join(args.out, 'inadequate_masks.json')} and inadequate_masks.png")
-    return 0
-
+    return finish(args, "inadequate_masks", points,
+                  f"{args.model}: adequate vs inadequate masks")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from experiments.common import (base_parser, dense_points, plot_tradeoff, point, run_setting,
-                                write_report)
+from experiments.common import base_parser, dense_points, finish, point, run_setting
 
 
 def build_parser():
@@ -36,16 +35,8 @@ def main(argv=None) -> int:
     for ckpt in args.learned:
         label = os.path.splitext(os.path.basename(ckpt))[0]
         points.append(point(run_setting(args, f"learned:{ckpt}"), label, "learned"))
-    write_report(os.path.join(args.out, "tradeoff.json"), "tradeoff", args, points)
-    plot_tradeoff(os.path.join(args.out, "tradeoff.png"), points,
-                  f"{args.model}, {args.finest_stride}->{args.coarsest_stride}: mIoU vs multiply-adds", args)
-    for p in points:
-        print(f"{p['label']:>28}: mIoU {p['miou'] if p['miou'] is None else round(p['miou'], 4)}  "
-              f"{p['macs_per_image'] / 1e9:.2f} GMA ({p['macs_fraction_of_finest']:.1%} of stride "
-              f"{args.finest_stride})  kept {p['kept_fraction']:.1%}")
-    print(f"wrote {os.path.join(args.out, 'tradeoff.json')} and tradeoff.png")
-    return 0
-
+    return finish(args, "tradeoff", points,
+                  f"{args.model}, {args.finest_stride}->{args.coarsest_stride}: mIoU vs multiply-adds")
 
 if __name__ == "__main__":
     sys.exit(main())
