@@ -765,7 +765,7 @@ def markdown(report) -> str:
         + (", CPU seconds of the process (--clock process), not wall clock"
            if cfg.get("clock") == "process" and env["device"] == "cpu" else "")
         + ". eff = t_dense_f x MAC fraction / t_CAD; "
-        f"geometry = plan + rulebooks share of the CAD time.\n",
+        "geometry = plan + rulebooks share of the CAD time.\n",
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join("---" for _ in HEADER) + "|",
     ]

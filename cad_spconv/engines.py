@@ -170,7 +170,6 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     k, g = kh * kw, groups
     track = _tracks_grad(features, weight, bias)
     w = _gemm_weight(weight, g, cache=not track)
-    index = split.rest_index
     budget = _GATHER_CHUNK_BYTES_CUDA if features.is_cuda else _GATHER_CHUNK_BYTES
     rows = max(1, budget // (k * c_in * features.element_size()))
     bounds = []
@@ -263,9 +262,8 @@ def _torch_conv(features, weight, book: Rulebook, groups: int) -> torch.Tensor:
     n_in, c_in = features.shape
     c_out, c_in_g, kh, kw = weight.shape
     k = kh * kw
-    g, c_out_g = groups, c_out // groups
-    # [G, K * C_in_g, C_out_g], matching the gathered column order (tap-major, then channel)
-    w = weight.reshape(g, c_out_g, c_in_g, k).permute(0, 3, 2, 1).reshape(g, k * c_in_g, c_out_g)
+    g = groups
+    w = _gemm_weight(weight, groups, cache=False)  # the plain baseline: no packed-weight cache
     if book.is_identity:
         cols = features.reshape(n_in, g, c_in_g).transpose(0, 1)
         return _grouped_mm(cols, w)

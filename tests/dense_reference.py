@@ -72,11 +72,14 @@ class Geometry:
 
 
 def conv(features, levels, step_in, stride, weight, bias=None, dilation=1, groups=1):
-    """The conv rule: fill, dense conv at the finest grid with spacing D, sample at outputs."""
-    D = dilation * 2 ** step_in
-    k = weight.shape[-1]
+    """The conv rule: fill, dense conv at the finest grid with spacing D, sample at outputs.
+    Kernels may be rectangular and ``dilation`` a pair (per axis)."""
+    dy, dx = (dilation, dilation) if isinstance(dilation, int) else dilation
+    D = (dy * 2 ** step_in, dx * 2 ** step_in)
+    kh, kw = weight.shape[-2:]
     dense = Geometry(levels, step_in).fill(features)
-    out = F.conv2d(dense, weight, bias, padding=D * (k // 2), dilation=D, groups=groups)
+    out = F.conv2d(dense, weight, bias, padding=(D[0] * (kh // 2), D[1] * (kw // 2)), dilation=D,
+                   groups=groups)
     return Geometry(levels, step_in + (stride == 2)).sample(out)
 
 

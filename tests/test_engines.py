@@ -1,5 +1,5 @@
-"""Every engine against the independent dense emulation: the lead's op checks (test_ops.py)
-re-run for the engines added for speed, plus gradients, the lattice split and bad input."""
+"""Engines beyond the op checks of test_ops.py (which run every engine against the dense
+emulation): gradients, the lattice split, workspaces and bad input."""
 import numpy as np
 import pytest
 import torch
@@ -7,45 +7,7 @@ import torch
 import dense_reference as ref
 from cad_spconv import CADTensor, LevelPlan, conv_rulebook, functional as CF
 from cad_spconv.engines import ENGINES, select_engine, sparse_conv
-from test_ops import CASES, make_input, tol
-
-NEW_ENGINES = ["lattice", "auto"]
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("engine", NEW_ENGINES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("k,dilation,stride,groups,bias", [
-    (3, 1, 1, 1, True), (3, 1, 2, 1, False), (1, 1, 2, 1, True), (1, 1, 1, 1, False),
-    (5, 1, 1, 1, False), (3, 2, 1, 1, True), (3, 3, 2, 1, False), (3, 1, 1, 2, True),
-    (3, 1, 2, 3, False), (1, 1, 1, 3, True), (1, 1, 2, 3, True), ((3, 5), (2, 1), 1, 1, True)])
-def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, groups, bias,
-                                      device):
-    L = case[1]
-    kh, kw = (k, k) if isinstance(k, int) else k
-    gen = torch.Generator().manual_seed(1)
-    for step in range(L + (stride == 1)):
-        if stride == 2 and step == L:
-            continue
-        x, levels = make_input(case, step, 6, dtype, device, seed=step)
-        w = torch.randn(6, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
-        b = torch.randn(6, generator=gen, dtype=dtype).to(device) if bias else None
-        y = CF.conv2d(x, w, b, stride, dilation, groups, engine)
-        assert y.step == step + (stride == 2)
-        expected = _reference_conv(x.features, levels, step, stride, w, b, dilation, groups)
-        torch.testing.assert_close(y.features, expected, **tol(dtype))
-
-
-def _reference_conv(features, levels, step_in, stride, weight, bias, dilation, groups):
-    """ref.conv for square or rectangular kernels / dilations."""
-    import torch.nn.functional as F
-    dy, dx = (dilation, dilation) if isinstance(dilation, int) else dilation
-    kh, kw = weight.shape[-2:]
-    D = (dy * 2 ** step_in, dx * 2 ** step_in)
-    dense = ref.Geometry(levels, step_in).fill(features)
-    out = F.conv2d(dense, weight, bias, padding=(D[0] * (kh // 2), D[1] * (kw // 2)), dilation=D,
-                   groups=groups)
-    return ref.Geometry(levels, step_in + (stride == 2)).sample(out)
+from test_ops import make_input
 
 
 @pytest.mark.parametrize("engine", ["lattice", "torch"])
@@ -128,7 +90,7 @@ def test_auto_engine_selection():
         sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, hand, engine="lattice")
     with pytest.raises(ValueError, match="unknown engine"):
         sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, book, engine="fast")
-    assert set(NEW_ENGINES) <= set(ENGINES)
+    assert {"auto", "lattice", "torch", "spconv"} == set(ENGINES)
 
 
 def test_inference_path_matches_autograd_path():

@@ -9,7 +9,7 @@ from cad_spconv.backend import spconv_status
 from conftest import random_masks
 
 SPCONV = spconv_status()[0]
-ENGINES = ["torch", "lattice", pytest.param("spconv", marks=pytest.mark.skipif(
+ENGINES = ["torch", "lattice", "auto", pytest.param("spconv", marks=pytest.mark.skipif(
     not SPCONV, reason=f"spconv engine unavailable: {spconv_status()[1]}"))]
 
 CASES = [  # (grid, num_levels, mask kind)
@@ -39,15 +39,16 @@ def tol(dtype):
 @pytest.mark.parametrize("k,dilation,stride,groups,bias", [
     (3, 1, 1, 1, True), (3, 1, 2, 1, False), (1, 1, 2, 1, True), (1, 1, 1, 1, False),
     (5, 1, 1, 1, False), (3, 2, 1, 1, True), (3, 3, 2, 1, False), (3, 1, 1, 2, True),
-    (3, 1, 2, 3, False), (1, 1, 1, 3, True)])
+    (3, 1, 2, 3, False), (1, 1, 1, 3, True), (1, 1, 2, 3, True), ((3, 5), (2, 1), 1, 1, True)])
 def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, groups, bias, device):
     L = case[1]
+    kh, kw = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(1)
     for step in range(L + (stride == 1)):
         if stride == 2 and step == L:
             continue
         x, levels = make_input(case, step, 6, dtype, device, seed=step)
-        w = torch.randn(6, 6 // groups, k, k, generator=gen, dtype=dtype).to(device)
+        w = torch.randn(6, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
         b = torch.randn(6, generator=gen, dtype=dtype).to(device) if bias else None
         if engine == "spconv" and groups > 1:
             with pytest.raises(ValueError, match="grouped"):
