@@ -109,12 +109,7 @@ def cad_conv(conv: nn.Conv2d, stride: int, dilation: int, engine: str, path: str
     if conv.padding_mode != "zeros":
         raise UnsupportedModelError(f"cannot convert {path} ({conv}): only zero padding is "
                                     f"supported, got padding_mode={conv.padding_mode!r}")
-    new = CADConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=stride,
-                    padding=_same(conv, dilation), dilation=dilation, groups=conv.groups,
-                    bias=conv.bias is not None, device="meta", engine=engine)
-    new.weight, new.bias = conv.weight, conv.bias
-    new.train(conv.training)
-    return new
+    return CADConv2d.from_module(conv, dilation=dilation, stride=stride, engine=engine)
 
 
 def cad_layer(module: nn.Module, path: str, engine: str,

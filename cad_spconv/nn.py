@@ -28,7 +28,8 @@ class CADConv2d(nn.Conv2d):
 
     ``dilation`` is the layer's dilation in the coarsest-stride network; at step ``t`` its taps
     are ``dilation * 2**t`` apart on the finest grid. Stride 2 is an adaptive downsampling step.
-    ``engine``: ``"auto"``, ``"torch"`` or ``"spconv"`` (see :mod:`cad_spconv.engines`).
+    ``engine``: one of :data:`cad_spconv.engines.ENGINES` (``"auto"``, ``"tuned"``,
+    ``"lattice"``, ``"torch"``, ``"spconv"``; see :mod:`cad_spconv.engines`).
     """
 
     def __init__(self, *args, engine: str = "auto", **kwargs):
@@ -52,18 +53,22 @@ class CADConv2d(nn.Conv2d):
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
 
     @classmethod
-    def from_module(cls, conv: nn.Conv2d, dilation=None, engine: str = "auto") -> "CADConv2d":
-        """Wrap ``conv``'s parameters (shared, not copied). ``dilation`` overrides the conv's
-        own (the adapter passes the dilation of the coarsest-stride network)."""
+    def from_module(cls, conv: nn.Conv2d, dilation=None, stride=None,
+                    engine: str = "auto") -> "CADConv2d":
+        """Wrap ``conv``'s parameters (shared, not copied) and its train/eval mode.
+        ``dilation`` overrides the conv's own (the adapter passes the dilation of the
+        coarsest-stride network); ``stride`` overrides its stride (2: an adaptive step)."""
         d = conv.dilation if dilation is None else (
             (dilation, dilation) if isinstance(dilation, int) else tuple(dilation))
         kh, kw = conv.kernel_size
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size,
+                  stride=conv.stride if stride is None else stride,
                   padding=(d[0] * (kh - 1) // 2, d[1] * (kw - 1) // 2), dilation=d,
                   groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                   device="meta", engine=engine)
         new.weight = conv.weight
         new.bias = conv.bias
+        new.train(conv.training)
         return new
 
     @property

@@ -101,3 +101,10 @@ def test_from_module_shares_parameters():
     assert cad.weight is conv.weight and cad.bias is conv.bias
     assert cad.macs_per_site == 3 * 3 * 4 * 6
     cad.load_state_dict(conv.state_dict())
+    # overrides (what the adapters pass) and the train/eval mode carry over
+    conv.eval()
+    step = CADConv2d.from_module(conv, dilation=2, stride=1)
+    assert (step.stride, step.dilation, step.padding) == ((1, 1), (2, 2), (2, 2))
+    assert not step.training and step.weight is conv.weight
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        CADConv2d.from_module(conv, stride=4)
