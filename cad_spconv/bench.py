@@ -23,6 +23,7 @@ Heavy imports stay inside the functions: ``cad-spconv --help`` must stay fast.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import platform
 import shlex
@@ -68,7 +69,8 @@ def configure(parser: argparse.ArgumentParser):
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--engine", default="auto",
                         help="CAD conv engine(s), comma separated, each a timed variant: "
-                             "auto, lattice, torch, spconv (default: auto)")
+                             "auto, tuned, lattice, torch, spconv (default: auto; tuned times "
+                             "the engines per layer shape during the warm-up)")
     parser.add_argument("--dense-format", default="both", choices=("both",) + FORMATS,
                         help="memory format of the dense models; 'both' times both and takes the "
                              "faster as the reference (default)")
@@ -129,6 +131,13 @@ def _run(args, cfg, command) -> int:
         "inputs": results,
         "summary": _summary(results, bench["engines"]),
     }
+    if "tuned" in bench["engines"]:
+        from .engines import tuned_choices
+
+        report["tuned"] = [dict(c, dtype=str(c["dtype"])) for c in tuned_choices()]
+        picks = collections.Counter(c["engine"] for c in report["tuned"])
+        print(f"tuned: {len(report['tuned'])} layer shapes -> "
+              + ", ".join(f"{e} x{n}" for e, n in picks.most_common()), flush=True)
     _print_report(report)
     if args.json:
         import json

@@ -14,25 +14,34 @@
   plain baseline.
 - ``"spconv"``: spconv's ``indice_conv`` autograd function on the rulebook's indice pairs, in
   its non-submanifold mode (parent-fill pairs are not symmetric). No groups.
-- ``"auto"``: the fastest correct engine for the device and layer (see :func:`select_engine`).
+- ``"auto"``: the engine measured fastest for the device (see :func:`select_engine`).
+- ``"tuned"``: like ``torch.backends.cudnn.benchmark``: the first call for a device, dtype and
+  layer shape times every engine that can run it and keeps the fastest for later calls
+  (:func:`tuned_choices`). All engines compute the same values (they pass the same exactness
+  tests), so the choice changes speed only.
 
 Weights are in ``torch.nn.Conv2d`` layout ``[C_out, C_in / groups, kh, kw]``.
 """
 from __future__ import annotations
 
+import statistics
 import threading
+import time
 import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .backend import require_spconv
+from .backend import require_spconv, spconv_status
 from .rulebook import LatticeSplit, Rulebook
 
-__all__ = ["ENGINES", "sparse_conv", "sparse_max", "select_engine", "prepare"]
+__all__ = ["ENGINES", "sparse_conv", "sparse_max", "select_engine", "prepare", "tuned_choices",
+           "clear_tuned"]
 
-ENGINES = ("auto", "lattice", "torch", "spconv")
+ENGINES = ("auto", "tuned", "lattice", "torch", "spconv")
+# timed runs per candidate engine when tuning a layer shape (after one warm-up run)
+TUNE_REPS = 3
 
 # Upper bound on gathered elements held at once by the torch engine (64 MiB of fp32).
 _CHUNK_ELEMENTS = 1 << 24
@@ -65,6 +74,8 @@ def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1) 
     """Build everything ``engine`` reads from ``book`` (what a first forward builds lazily), so
     geometry cost can be timed apart from compute. Returns the engine actually used."""
     _check_engine(engine)
+    if engine == "tuned":  # what a tuned layer of this book ran last; else what auto runs
+        engine = _last_tuned.get(book, "auto")
     if engine == "auto":
         engine = select_engine(torch.device(device or "cpu"), groups, book)
     if engine == "lattice":
@@ -94,6 +105,12 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if (kh, kw) != book.kernel_size:
         raise ValueError(f"weight kernel {kh}x{kw} does not match the rulebook's "
                          f"{book.kernel_size[0]}x{book.kernel_size[1]}")
+    if engine == "tuned":
+        return _tuned_conv(features, weight, bias, book, groups)
+    return _run_engine(engine, features, weight, bias, book, groups)
+
+
+def _run_engine(engine, features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
     if engine == "auto":
         engine = select_engine(features.device, groups, book)
     if engine == "lattice":
@@ -108,6 +125,71 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if bias is not None:
         out = out + bias
     return out
+
+
+# ---------------------------------------------------------------------- tuned choice
+_tuned: dict = {}  # layer key -> (engine, {candidate: median seconds})
+# rulebook -> engine a tuned layer last ran on it (what `prepare` builds for "tuned")
+_last_tuned: "weakref.WeakKeyDictionary[Rulebook, str]" = weakref.WeakKeyDictionary()
+
+
+def _tune_key(features, weight, book: Rulebook, groups: int) -> tuple:
+    """What the speed of a layer depends on: device, dtype, autograd, weight shape, groups,
+    kernel geometry, whether it is an adaptive step, and the output size to within a factor
+    of 2 (one tuning per size class, not per image)."""
+    return (str(features.device), features.dtype, _tracks_grad(features, weight, bias=None),
+            tuple(weight.shape), groups, book.dilation, book.step_out - book.step_in,
+            book.plan is not None, max(1, book.num_out).bit_length())
+
+
+def _candidates(features, groups: int, book: Rulebook) -> list[str]:
+    names = ["lattice"] if book.plan is not None else []
+    names.append("torch")
+    if groups == 1 and spconv_status()[0]:
+        names.append("spconv")
+    return names
+
+
+def _tuned_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
+    key = _tune_key(features, weight, book, groups)
+    known = _tuned.get(key)
+    if known is not None:
+        engine = known[0]
+        _last_tuned[book] = engine
+        return _run_engine(engine, features, weight, bias, book, groups)
+    times, best = {}, None
+    for name in _candidates(features, groups, book):
+        out = _run_engine(name, features, weight, bias, book, groups)  # warm-up, builds geometry
+        samples = []
+        for _ in range(TUNE_REPS):
+            if features.is_cuda:
+                torch.cuda.synchronize(features.device)
+            start = time.perf_counter()
+            out = _run_engine(name, features, weight, bias, book, groups)
+            if features.is_cuda:
+                torch.cuda.synchronize(features.device)
+            samples.append(time.perf_counter() - start)
+        times[name] = statistics.median(samples)
+        if best is None or times[name] < times[best[0]]:
+            best = (name, out)  # engines return fresh tensors (no workspace escapes a call)
+    _tuned[key] = (best[0], times)
+    _last_tuned[book] = best[0]
+    return best[1]
+
+
+def tuned_choices() -> list[dict]:
+    """What ``engine="tuned"`` chose so far: one entry per layer key with the median time of
+    every candidate (seconds)."""
+    names = ("device", "dtype", "autograd", "weight_shape", "groups", "dilation", "adaptive_step",
+             "planned", "num_out_log2")
+    return [dict(zip(names, key), engine=engine, seconds=dict(times))
+            for key, (engine, times) in _tuned.items()]
+
+
+def clear_tuned() -> None:
+    """Forget every tuned choice (the next call of each layer shape times the engines again)."""
+    _tuned.clear()
+    _last_tuned.clear()
 
 
 # ---------------------------------------------------------------------- lattice engine

@@ -90,7 +90,57 @@ def test_auto_engine_selection():
         sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, hand, engine="lattice")
     with pytest.raises(ValueError, match="unknown engine"):
         sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, book, engine="fast")
-    assert {"auto", "lattice", "torch", "spconv"} == set(ENGINES)
+    assert {"auto", "tuned", "lattice", "torch", "spconv"} == set(ENGINES)
+
+
+def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypatch):
+    """``tuned`` times every candidate on the first call of a layer shape, keeps the fastest
+    (here the one not slowed down), returns its (correct) output, and later calls of that
+    shape run the kept engine only."""
+    import time as _time
+
+    import cad_spconv.engines as E
+    E.clear_tuned()
+    calls = []
+    real = E._run_engine
+
+    def run(engine, *args):
+        calls.append(engine)
+        if engine != "torch":
+            _time.sleep(0.02)  # every other engine is slower
+        return real(engine, *args)
+
+    monkeypatch.setattr(E, "_run_engine", run)
+    case = ((13, 11), 2, "levels")
+    x, levels = make_input(case, 1, 4, torch.float64, "cpu", seed=2)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    want = ref.conv(x.features, levels, 1, 2, w, b, 1, 1)
+    with torch.no_grad():
+        got = CF.conv2d(x, w, b, 2, 1, 1, "tuned").features
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    candidates = E._candidates(x.features, 1, CF.conv_book(x, (3, 3), 1, 2))
+    assert {"lattice", "torch"} <= set(candidates)
+    assert calls == [c for c in candidates for _ in range(1 + E.TUNE_REPS)]
+    (choice,) = E.tuned_choices()
+    assert choice["engine"] == "torch" and set(choice["seconds"]) == set(candidates)
+    assert choice["weight_shape"] == (5, 4, 3, 3) and choice["adaptive_step"] == 1
+    calls.clear()
+    with torch.no_grad():
+        again = CF.conv2d(x, w, b, 2, 1, 1, "tuned").features
+    assert calls == ["torch"]
+    torch.testing.assert_close(again, want, rtol=1e-9, atol=1e-10)
+    # another shape (grouped: spconv cannot run it) is tuned on its own
+    wg = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        CF.conv2d(x, wg, None, 2, 1, 2, "tuned")
+    assert len(E.tuned_choices()) == 2
+    assert "spconv" not in E.tuned_choices()[1]["seconds"]
+    # prepare() builds what the tuned choice last run on a rulebook reads; auto's otherwise
+    assert E.prepare(CF.conv_book(x, (3, 3), 1, 2), "tuned") == E.tuned_choices()[1]["engine"]
+    assert E.prepare(conv_rulebook(x.plan, (3, 3), (1, 1), 1, 2), "tuned") == "lattice"
+    E.clear_tuned()
+    assert E.tuned_choices() == []
 
 
 def test_inference_path_matches_autograd_path():

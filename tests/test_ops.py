@@ -9,7 +9,7 @@ from cad_spconv.backend import spconv_status
 from conftest import random_masks
 
 SPCONV = spconv_status()[0]
-ENGINES = ["torch", "lattice", "auto", pytest.param("spconv", marks=pytest.mark.skipif(
+ENGINES = ["torch", "lattice", "auto", "tuned", pytest.param("spconv", marks=pytest.mark.skipif(
     not SPCONV, reason=f"spconv engine unavailable: {spconv_status()[1]}"))]
 
 CASES = [  # (grid, num_levels, mask kind)
