@@ -18,6 +18,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabV3
 from torchvision.models.segmentation.fcn import FCN
 from torchvision.models.vgg import VGG
 
+from .fold import fold_batchnorm
 from .common import SUPPORTED, CADModel, UnsupportedModelError, check_engine
 from .resnet import CADBasicBlock, CADBottleneck, CADResNet, convert_resnet
 from .segmentation import CADASPP, CADASPPPooling, CADSegmentation, convert_segmentation
@@ -25,7 +26,8 @@ from .vgg import CADVGGFeatures, convert_vgg_features
 
 __all__ = ["convert", "CADModel", "CADResNet", "CADSegmentation", "CADVGGFeatures",
            "CADBottleneck", "CADBasicBlock", "CADASPP", "CADASPPPooling", "convert_resnet",
-           "convert_segmentation", "convert_vgg_features", "UnsupportedModelError", "SUPPORTED"]
+           "convert_segmentation", "convert_vgg_features", "UnsupportedModelError", "SUPPORTED",
+           "fold_batchnorm"]
 
 
 def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
@@ -50,6 +52,17 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
     callable (e.g. a mask estimator module) taking the dense feature map entering the first
     adaptive step and returning one of these.
     """
+    cad = _convert(model, finest_stride, coarsest_stride, sparse_head, engine)
+    # the containers the adapter made follow the source's mode (the layers it wraps keep
+    # their own), so convert(model.eval()) gives a model in eval mode
+    shared = set(map(id, model.modules()))
+    for m in cad.modules():
+        if id(m) not in shared:
+            m.training = model.training
+    return cad
+
+
+def _convert(model, finest_stride, coarsest_stride, sparse_head, engine) -> CADModel:
     check_engine(engine)
     if not isinstance(sparse_head, bool):
         raise TypeError(f"sparse_head must be a bool, got {sparse_head!r}")

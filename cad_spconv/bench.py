@@ -71,6 +71,9 @@ def configure(parser: argparse.ArgumentParser):
                         help="CAD conv engine(s), comma separated, each a timed variant: "
                              "auto, tuned, lattice, torch, spconv (default: auto; tuned times "
                              "the engines per layer shape during the warm-up)")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="fold eval batch norms into the convs (adapters.fold_batchnorm) in "
+                             "every variant, dense and CAD alike")
     parser.add_argument("--dense-format", default="both", choices=("both",) + FORMATS,
                         help="memory format of the dense models; 'both' times both and takes the "
                              "faster as the reference (default)")
@@ -316,7 +319,6 @@ def _build(args, device, dtype) -> dict:
                 {"layer4": "out"})
             trunk.load_state_dict(full.backbone.state_dict())
             dense[s] = trunk
-        dense_call = {s: (lambda m: (lambda x: m(x)["out"]))(m) for s, m in dense.items()}
         source = full
     else:
         source = get_model(args.model, weights=None, replace_stride_with_dilation=_rswd(f))
@@ -326,10 +328,17 @@ def _build(args, device, dtype) -> dict:
             net.load_state_dict(source.state_dict())
             dense[s] = nn.Sequential(*[getattr(net, n) for n in (
                 "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")])
-        dense_call = dict(dense)
     cads = {e: convert(source, f, c, engine=e) for e in args.engines}
+    if args.fold_bn:  # every variant alike (each fold copies its model)
+        from adapters import fold_batchnorm
+
+        dense = {s: fold_batchnorm(m.eval()) for s, m in dense.items()}
+        cads = {e: fold_batchnorm(m.eval()) for e, m in cads.items()}
     for m in list(dense.values()) + list(cads.values()):
         m.eval().to(device=device, dtype=dtype)
+    segmentation = args.model.startswith(("deeplabv3_", "fcn_"))
+    dense_call = {s: (lambda m: (lambda x: m(x)["out"]))(m) if segmentation else m
+                  for s, m in dense.items()}
 
     variants = []
     for s, kind in ((c, "dense_coarse"), (f, "dense_fine")):

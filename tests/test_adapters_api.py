@@ -166,6 +166,13 @@ def test_engine_is_passed_to_every_converted_conv():
     assert convs and all(m.engine == "torch" for m in convs)
 
 
+@pytest.mark.parametrize("build", [resnet, deeplab])
+def test_converted_model_takes_the_source_mode(build):
+    for training in (False, True):
+        cad = convert(build().train(training), 8, 16)
+        assert {m.training for m in cad.modules()} == {training}
+
+
 def test_gradients_reach_the_original_parameters():
     model = resnet().train()
     cad = convert(model, 8, 16)

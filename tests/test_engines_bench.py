@@ -38,19 +38,26 @@ def test_conv3x3_counts_guarantee_and_report(tmp_path):
     assert "cad-spconv bench" in md and "| **all** | lattice |" in md
 
 
-def test_resnet_backbone_runs_and_matches_mac_counter(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--fold-bn", "--engine", "auto,tuned"]])
+def test_resnet_backbone_runs_and_matches_mac_counter(tmp_path, extra):
+    from adapters import fold_batchnorm
     from cad_spconv.macs import count_macs
     from torchvision.models import resnet50
 
     report, _ = run_bench(tmp_path, "--model", "resnet50", "--size", "96", "80",
-                          "--dense-format", "channels_last")
+                          "--dense-format", "channels_last", *extra)
     res = report["inputs"][0]
-    dense = resnet50(replace_stride_with_dilation=[False, True, True])
+    dense = resnet50(replace_stride_with_dilation=[False, True, True]).eval()
+    if extra:
+        dense = fold_batchnorm(dense)
     expected = count_macs(dense, torch.zeros(1, 3, 96, 80))["total"] - 2048 * 1000  # no fc
     assert res["variants"]["dense8[channels_last]"]["macs"] == expected
-    s = res["summary"]["cad"]["auto"]
-    assert 0 < s["mac_fraction"] <= 1
+    for engine in report["config"]["engines"]:
+        s = res["summary"]["cad"][engine]
+        assert 0 < s["mac_fraction"] <= 1
     assert res["guarantee2_rel_error"] < 1e-4
+    if extra:  # every tuned layer shape is reported with its candidates' times
+        assert report["tuned"] and all(c["engine"] in c["seconds"] for c in report["tuned"])
 
 
 @pytest.mark.parametrize("argv,message", [
