@@ -14,6 +14,9 @@
   plain baseline.
 - ``"spconv"``: spconv's ``indice_conv`` autograd function on the rulebook's indice pairs, in
   its non-submanifold mode (parent-fill pairs are not symmetric). No groups.
+- ``"spconv-igemm"``: spconv's masked implicit GEMM fed with tables built from the rulebook
+  (:mod:`cad_spconv.igemm`); CUDA, float32 / float16, no groups, inference only (parent-fill
+  rulebooks have no per-input backward pairs).
 - ``"auto"``: the engine measured fastest for the device (see :func:`select_engine`).
 - ``"tuned"``: like ``torch.backends.cudnn.benchmark``: the first call for a device, dtype and
   layer shape times every engine that can run it and keeps the fastest for later calls
@@ -39,7 +42,7 @@ from .rulebook import LatticeSplit, Rulebook
 __all__ = ["ENGINES", "sparse_conv", "sparse_max", "select_engine", "prepare", "tuned_choices",
            "clear_tuned"]
 
-ENGINES = ("auto", "tuned", "lattice", "torch", "spconv")
+ENGINES = ("auto", "tuned", "lattice", "torch", "spconv", "spconv-igemm")
 # timed runs per candidate engine when tuning a layer shape (after one warm-up run)
 TUNE_REPS = 3
 
@@ -86,6 +89,10 @@ def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1) 
             book.lattice()
     elif engine == "spconv":
         book.spconv_pairs()
+    elif engine == "spconv-igemm":
+        from .igemm import implicit_gemm_pairs
+
+        implicit_gemm_pairs(book)
     elif not book.is_identity:
         book.padded()
     return engine
@@ -115,6 +122,10 @@ def _run_engine(engine, features, weight, bias, book: Rulebook, groups: int) -> 
         engine = select_engine(features.device, groups, book)
     if engine == "lattice":
         return _lattice_conv(features, weight, bias, book, groups)
+    if engine == "spconv-igemm":
+        from .igemm import igemm_conv
+
+        return igemm_conv(features, weight, bias, book, groups)
     if engine == "spconv":
         if groups != 1:
             raise ValueError("the spconv engine has no grouped convs; use engine='lattice' or "
@@ -142,11 +153,14 @@ def _tune_key(features, weight, book: Rulebook, groups: int) -> tuple:
             book.plan is not None, max(1, book.num_out).bit_length())
 
 
-def _candidates(features, groups: int, book: Rulebook) -> list[str]:
+def _candidates(features, weight, groups: int, book: Rulebook) -> list[str]:
     names = ["lattice"] if book.plan is not None else []
     names.append("torch")
     if groups == 1 and spconv_status()[0]:
         names.append("spconv")
+        if (features.is_cuda and features.dtype in (torch.float32, torch.float16)
+                and book.num_taps <= 32 and not _tracks_grad(features, weight, None)):
+            names.append("spconv-igemm")
     return names
 
 
@@ -158,7 +172,7 @@ def _tuned_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Te
         _last_tuned[book] = engine
         return _run_engine(engine, features, weight, bias, book, groups)
     times, best = {}, None
-    for name in _candidates(features, groups, book):
+    for name in _candidates(features, weight, groups, book):
         out = _run_engine(name, features, weight, bias, book, groups)  # warm-up, builds geometry
         samples = []
         for _ in range(TUNE_REPS):

@@ -90,7 +90,7 @@ def test_auto_engine_selection():
         sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, hand, engine="lattice")
     with pytest.raises(ValueError, match="unknown engine"):
         sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, book, engine="fast")
-    assert {"auto", "tuned", "lattice", "torch", "spconv"} == set(ENGINES)
+    assert {"auto", "tuned", "lattice", "torch", "spconv", "spconv-igemm"} == set(ENGINES)
 
 
 def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypatch):
@@ -119,7 +119,7 @@ def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypat
     with torch.no_grad():
         got = CF.conv2d(x, w, b, 2, 1, 1, "tuned").features
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
-    candidates = E._candidates(x.features, 1, CF.conv_book(x, (3, 3), 1, 2))
+    candidates = E._candidates(x.features, w, 1, CF.conv_book(x, (3, 3), 1, 2))
     assert {"lattice", "torch"} <= set(candidates)
     assert calls == [c for c in candidates for _ in range(1 + E.TUNE_REPS)]
     (choice,) = E.tuned_choices()

@@ -9,8 +9,9 @@ from cad_spconv.backend import spconv_status
 from conftest import random_masks
 
 SPCONV = spconv_status()[0]
-ENGINES = ["torch", "lattice", "auto", "tuned", pytest.param("spconv", marks=pytest.mark.skipif(
-    not SPCONV, reason=f"spconv engine unavailable: {spconv_status()[1]}"))]
+ENGINES = ["torch", "lattice", "auto", "tuned"] + [pytest.param(e, marks=pytest.mark.skipif(
+    not SPCONV, reason=f"spconv engine unavailable: {spconv_status()[1]}"))
+    for e in ("spconv", "spconv-igemm")]
 
 CASES = [  # (grid, num_levels, mask kind)
     ((13, 11), 1, "keep"), ((13, 11), 2, "levels"), ((17, 23), 3, "map"), ((9, 16), 2, "keep"),
@@ -50,10 +51,19 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
         x, levels = make_input(case, step, 6, dtype, device, seed=step)
         w = torch.randn(6, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
         b = torch.randn(6, generator=gen, dtype=dtype).to(device) if bias else None
-        if engine == "spconv" and groups > 1:
+        if engine.startswith("spconv") and groups > 1:
             with pytest.raises(ValueError, match="grouped"):
                 CF.conv2d(x, w, b, stride, dilation, groups, engine)
             return
+        if engine == "spconv-igemm":  # CUDA, float32 / float16 only: the rest is refused
+            if device.type == "cpu":
+                with pytest.raises(ValueError, match="CUDA only"):
+                    CF.conv2d(x, w, b, stride, dilation, groups, engine)
+                return
+            if dtype == torch.float64:
+                with pytest.raises(TypeError, match="float32 or float16"):
+                    CF.conv2d(x, w, b, stride, dilation, groups, engine)
+                return
         y = CF.conv2d(x, w, b, stride, dilation, groups, engine)
         assert y.step == step + (stride == 2)
         expected = ref.conv(x.features, levels, step, stride, w, b, dilation, groups)
