@@ -171,24 +171,24 @@ def _tuned_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Te
         engine = known[0]
         _last_tuned[book] = engine
         return _run_engine(engine, features, weight, bias, book, groups)
-    times, best = {}, None
-    for name in _candidates(features, weight, groups, book):
-        out = _run_engine(name, features, weight, bias, book, groups)  # warm-up, builds geometry
-        samples = []
-        for _ in range(TUNE_REPS):
+    names = _candidates(features, weight, groups, book)
+    outs = {name: _run_engine(name, features, weight, bias, book, groups)  # warm-up, geometry
+            for name in names}
+    samples = {name: [] for name in names}
+    for _ in range(TUNE_REPS):  # candidates in turn, so a change of machine load hits all
+        for name in names:
             if features.is_cuda:
                 torch.cuda.synchronize(features.device)
             start = time.perf_counter()
-            out = _run_engine(name, features, weight, bias, book, groups)
+            outs[name] = _run_engine(name, features, weight, bias, book, groups)
             if features.is_cuda:
                 torch.cuda.synchronize(features.device)
-            samples.append(time.perf_counter() - start)
-        times[name] = statistics.median(samples)
-        if best is None or times[name] < times[best[0]]:
-            best = (name, out)  # engines return fresh tensors (no workspace escapes a call)
-    _tuned[key] = (best[0], times)
-    _last_tuned[book] = best[0]
-    return best[1]
+            samples[name].append(time.perf_counter() - start)
+    times = {name: statistics.median(s) for name, s in samples.items()}
+    engine = min(names, key=times.get)  # ties: the first candidate
+    _tuned[key] = (engine, times)
+    _last_tuned[book] = engine
+    return outs[engine]  # engines return fresh tensors (no workspace escapes a call)
 
 
 def tuned_choices() -> list[dict]:

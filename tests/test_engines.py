@@ -121,7 +121,7 @@ def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypat
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     candidates = E._candidates(x.features, w, 1, CF.conv_book(x, (3, 3), 1, 2))
     assert {"lattice", "torch"} <= set(candidates)
-    assert calls == [c for c in candidates for _ in range(1 + E.TUNE_REPS)]
+    assert calls == candidates * (1 + E.TUNE_REPS)  # warm-ups, then the candidates in turn
     (choice,) = E.tuned_choices()
     assert choice["engine"] == "torch" and set(choice["seconds"]) == set(candidates)
     assert choice["weight_shape"] == (5, 4, 3, 3) and choice["adaptive_step"] == 1
