@@ -47,7 +47,8 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
             out["gpu"].append((
                 f"gpu_deeplabv3_resnet101_1024x2048_b{batch}_{dtype}",
                 ["--model", "deeplabv3_resnet101", "--size", "1024", "2048", *edge, "--device",
-                 "cuda", "--dtype", dtype, "--batch", str(batch), "--engine", "auto,spconv",
+                 "cuda", "--dtype", dtype, "--batch", str(batch),
+                 "--engine", "auto,tuned,spconv,spconv-igemm",
                  *common]))
     return out
 
