@@ -94,11 +94,12 @@ def pointwise(x: CADTensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> CADTe
 def global_avg_pool(x: CADTensor) -> torch.Tensor:
     """Area-weighted mean over sites: ``[B, C]``, equal to the dense mean of :func:`densify`."""
     geo = x.plan.geometry(x.step)
-    area = geo.area.to(x.dtype)
-    sums = x.features.new_zeros(x.batch_size, x.num_channels)
-    sums = sums.index_add(0, geo.coords[:, 0], x.features * area[:, None])
+    # half-precision sums over a whole image overflow (float16) or lose digits: float32 for them
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    sums = torch.zeros(x.batch_size, x.num_channels, dtype=acc, device=x.features.device)
+    sums = sums.index_add(0, geo.coords[:, 0], x.features.to(acc) * geo.area.to(acc)[:, None])
     H, W = x.plan.grid
-    return sums / (H * W)
+    return (sums / (H * W)).to(x.dtype)
 
 
 def densify(x: CADTensor, grid: str = "finest") -> torch.Tensor:

@@ -86,6 +86,17 @@ def test_max_pools_match_dense_reference(case, dtype, device):
                                    **tol(dtype))
 
 
+def test_global_avg_pool_sums_half_precision_in_float32(device):
+    """90000 sites of 1.0: a float16 sum would overflow (max 65504); the mean must be 1."""
+    plan = LevelPlan.from_keep(torch.ones(1, 300, 300, dtype=torch.bool, device=device),
+                               (300, 300), 1)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = CADTensor(torch.ones(plan.num_sites(0), 2, dtype=dtype, device=device), plan, 0)
+        out = CF.global_avg_pool(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, torch.ones(1, 2, dtype=dtype, device=device))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_global_avg_pool_and_densify(case, device):
     L = case[1]
