@@ -40,7 +40,7 @@ from .backend import require_spconv, spconv_status
 from .rulebook import LatticeSplit, Rulebook
 
 __all__ = ["ENGINES", "sparse_conv", "sparse_max", "select_engine", "prepare", "tuned_choices",
-           "clear_tuned"]
+           "tuned_engines", "clear_tuned", "weight_layout", "krsc_filters", "cached_bytes"]
 
 ENGINES = ("auto", "tuned", "lattice", "torch", "spconv", "spconv-igemm")
 # timed runs per candidate engine when tuning a layer shape (after one warm-up run)
@@ -77,14 +77,17 @@ def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1) 
     """Build everything ``engine`` reads from ``book`` (what a first forward builds lazily), so
     geometry cost can be timed apart from compute. Returns the engine actually used."""
     _check_engine(engine)
-    if engine == "tuned":  # what a tuned layer of this book ran last; else what auto runs
-        engine = _last_tuned.get(book, "auto")
+    if engine == "tuned":  # what tuned layers ran on this rulebook; else what auto runs
+        ran = sorted(_tuned_runs.get(book, ()))
+        for name in ran:
+            prepare(book, name, device, groups)
+        return ",".join(ran) if ran else prepare(book, "auto", device, groups)
     if engine == "auto":
         engine = select_engine(torch.device(device or "cpu"), groups, book)
     if engine == "lattice":
         if book.num_taps == 1:
             if not book.is_identity:
-                book.gather
+                book.rows()
         else:
             book.lattice()
     elif engine == "spconv":
@@ -112,9 +115,26 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if (kh, kw) != book.kernel_size:
         raise ValueError(f"weight kernel {kh}x{kw} does not match the rulebook's "
                          f"{book.kernel_size[0]}x{book.kernel_size[1]}")
+    cast = _autocast_dtype(features)
+    if cast is not None:  # as autocast does for F.conv2d (the GEMM paths would not cast)
+        features, weight = features.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
     if engine == "tuned":
         return _tuned_conv(features, weight, bias, book, groups)
     return _run_engine(engine, features, weight, bias, book, groups)
+
+
+def _autocast_dtype(features: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs a conv in, if it is on for the features' device and would cast
+    them (float32/16 and bfloat16; float64 is left alone, as autocast does)."""
+    kind = features.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    cast = torch.get_autocast_dtype(kind)
+    if features.dtype == cast or features.dtype not in (torch.float32, torch.float16,
+                                                         torch.bfloat16):
+        return None
+    return cast
 
 
 def _run_engine(engine, features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
@@ -140,8 +160,8 @@ def _run_engine(engine, features, weight, bias, book: Rulebook, groups: int) -> 
 
 # ---------------------------------------------------------------------- tuned choice
 _tuned: dict = {}  # layer key -> (engine, {candidate: median seconds})
-# rulebook -> engine a tuned layer last ran on it (what `prepare` builds for "tuned")
-_last_tuned: "weakref.WeakKeyDictionary[Rulebook, str]" = weakref.WeakKeyDictionary()
+# rulebook -> the engines tuned layers ran on it (what `prepare` builds for "tuned")
+_tuned_runs: "weakref.WeakKeyDictionary[Rulebook, set]" = weakref.WeakKeyDictionary()
 
 
 def _tune_key(features, weight, book: Rulebook, groups: int) -> tuple:
@@ -156,7 +176,7 @@ def _tune_key(features, weight, book: Rulebook, groups: int) -> tuple:
 def _candidates(features, weight, groups: int, book: Rulebook) -> list[str]:
     names = ["lattice"] if book.plan is not None else []
     names.append("torch")
-    if groups == 1 and spconv_status()[0]:
+    if groups == 1 and features.dtype in _SPCONV_DTYPES and spconv_status()[0]:
         names.append("spconv")
         if (features.is_cuda and features.dtype in (torch.float32, torch.float16)
                 and book.num_taps <= 32 and not _tracks_grad(features, weight, None)):
@@ -169,7 +189,7 @@ def _tuned_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Te
     known = _tuned.get(key)
     if known is not None:
         engine = known[0]
-        _last_tuned[book] = engine
+        _tuned_runs.setdefault(book, set()).add(engine)
         return _run_engine(engine, features, weight, bias, book, groups)
     names = _candidates(features, weight, groups, book)
     outs = {name: _run_engine(name, features, weight, bias, book, groups)  # warm-up, geometry
@@ -187,8 +207,13 @@ def _tuned_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Te
     times = {name: statistics.median(s) for name, s in samples.items()}
     engine = min(names, key=times.get)  # ties: the first candidate
     _tuned[key] = (engine, times)
-    _last_tuned[book] = engine
+    _tuned_runs.setdefault(book, set()).add(engine)
     return outs[engine]  # engines return fresh tensors (no workspace escapes a call)
+
+
+def tuned_engines(book: Rulebook) -> list[str]:
+    """The engines that ``engine="tuned"`` layers ran on ``book`` (sorted; empty if none)."""
+    return sorted(_tuned_runs.get(book, ()))
 
 
 def tuned_choices() -> list[dict]:
@@ -203,7 +228,7 @@ def tuned_choices() -> list[dict]:
 def clear_tuned() -> None:
     """Forget every tuned choice (the next call of each layer shape times the engines again)."""
     _tuned.clear()
-    _last_tuned.clear()
+    _tuned_runs.clear()
 
 
 # ---------------------------------------------------------------------- lattice engine
@@ -241,7 +266,7 @@ def _tracks_grad(features, weight, bias) -> bool:
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
     """1x1 conv: one GEMM on the feature matrix (rows picked first for a stride-2 step)."""
-    x = features if book.is_identity else features.index_select(0, book.gather[:, 0])
+    x = features if book.is_identity else features.index_select(0, book.rows())
     c_out = weight.shape[0]
     if groups == 1:
         return F.linear(x, weight.reshape(c_out, -1), bias)
@@ -313,29 +338,47 @@ def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int,
 
 def _gemm_weight(weight: torch.Tensor, groups: int, cache: bool) -> torch.Tensor:
     """``[G, K * C_in_g, C_out_g]``: the conv weight in the gathered column order (tap-major,
-    then channel). The permutation is a copy, so without autograd it is kept per weight tensor
-    and rebuilt only when the weight changes (its version counter or storage)."""
+    then channel). The permutation is a copy, so without autograd it is kept per weight
+    (:func:`weight_layout`)."""
     c_out, c_in_g, kh, kw = weight.shape
     k = kh * kw
 
-    def pack():
-        return weight.reshape(groups, c_out // groups, c_in_g, k).permute(0, 3, 2, 1).reshape(
-            groups, k * c_in_g, -1)
+    def pack(w):
+        return w.reshape(groups, c_out // groups, c_in_g, k).permute(0, 3, 2, 1).reshape(
+            groups, k * c_in_g, -1).contiguous()
 
-    if not cache:
-        return pack()
-    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device, groups,
+    return weight_layout(weight, ("gemm", groups), pack) if cache else pack(weight)
+
+
+def weight_layout(weight: torch.Tensor, tag, build) -> torch.Tensor:
+    """``build(weight)`` (a re-laid-out copy for an engine, without autograd), kept per weight
+    tensor and ``tag`` and rebuilt only when the weight changes (its version counter, storage,
+    dtype or device). Inference tensors have no version counter: rebuilt every call."""
+    if weight.is_inference():
+        return build(weight)
+    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device,
              torch.is_inference_mode_enabled())
-    entry = _packed.get(id(weight))
+    key = (id(weight), tag)
+    entry = _layouts.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == stamp:
         return entry[2]
-    packed = pack().contiguous()
-    key = id(weight)
-    _packed[key] = (weakref.ref(weight, lambda _, key=key: _packed.pop(key, None)), stamp, packed)
-    return packed
+    value = build(weight.detach())
+    _layouts[key] = (weakref.ref(weight, lambda _, key=key: _layouts.pop(key, None)), stamp, value)
+    return value
 
 
-_packed: dict = {}
+def cached_bytes(device=None) -> int:
+    """Bytes this thread's engines keep between calls (workspaces, weight layouts), on
+    ``device`` (all devices if ``None``): memory a forward's peak does not show once warm."""
+    device = None if device is None else torch.device(device)
+    tensors = list(getattr(_workspaces, "buffers", {}).values())
+    tensors += [entry[2] for entry in list(_layouts.values())]
+    return sum(t.numel() * t.element_size() for t in tensors
+               if device is None or (t.device.type == device.type
+                                     and (device.index is None or t.device == device)))
+
+
+_layouts: dict = {}
 _workspaces = threading.local()
 
 
@@ -393,10 +436,24 @@ def _spconv_conv(features, weight, book: Rulebook) -> torch.Tensor:
     functional = require_spconv()
     from spconv.pytorch.core import ConvAlgo
 
+    if features.dtype not in _SPCONV_DTYPES:
+        raise TypeError(f"the spconv engine has no {features.dtype} kernels (spconv 2.3 runs "
+                        "float16, float32 and float64); use engine='lattice' or 'auto'")
     pairs, counts = book.spconv_pairs()
-    filters = weight.permute(0, 2, 3, 1).contiguous()  # spconv KRSC: [C_out, kh, kw, C_in]
+    if _tracks_grad(features, weight, None):
+        filters = krsc_filters(weight)
+    else:
+        filters = weight_layout(weight, "krsc", krsc_filters)
     return functional.indice_conv(features.contiguous(), filters, pairs, counts, book.num_out,
                                   ConvAlgo.Native)
+
+
+def krsc_filters(weight: torch.Tensor) -> torch.Tensor:
+    """``[C_out, C_in, kh, kw]`` -> spconv's filter layout ``[C_out, kh, kw, C_in]``."""
+    return weight.permute(0, 2, 3, 1).contiguous()
+
+
+_SPCONV_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 def sparse_max(features: torch.Tensor, book: Rulebook) -> torch.Tensor:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .engines import krsc_filters, weight_layout
 from .rulebook import Rulebook
 
 __all__ = ["IGemmPairs", "implicit_gemm_pairs", "igemm_conv", "run_implicit_gemm",
@@ -208,20 +209,5 @@ def _check_cuda(features, weight, bias):
 
 
 def _krsc(weight: torch.Tensor) -> torch.Tensor:
-    """``[C_out, C_in, kh, kw]`` -> spconv's ``[C_out, kh, kw, C_in]`` (contiguous), cached per
-    weight tensor until it changes (version counter, storage, dtype)."""
-    if weight.is_inference():  # no version counter to watch: convert every time
-        return weight.permute(0, 2, 3, 1).contiguous()
-    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device,
-             torch.is_inference_mode_enabled())
-    entry = _filters.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1] == stamp:
-        return entry[2]
-    filters = weight.detach().permute(0, 2, 3, 1).contiguous()
-    key = id(weight)
-    _filters[key] = (weakref.ref(weight, lambda _, key=key: _filters.pop(key, None)), stamp,
-                     filters)
-    return filters
-
-
-_filters: dict = {}
+    """spconv's ``[C_out, kh, kw, C_in]`` filters, kept per weight until it changes."""
+    return weight_layout(weight, "krsc", krsc_filters)

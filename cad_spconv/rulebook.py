@@ -85,6 +85,7 @@ class Rulebook:
         self._padded: Optional[torch.Tensor] = None
         self._pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._lattice: Optional[LatticeSplit] = None
+        self._rows: Optional[torch.Tensor] = None
 
     def __repr__(self) -> str:
         kh, kw = self.kernel_size
@@ -112,6 +113,14 @@ class Rulebook:
     def is_identity(self) -> bool:
         """A 1x1 conv on the same site set: output row i reads input row i."""
         return self.num_taps == 1 and self.step_in == self.step_out
+
+    def rows(self) -> torch.Tensor:
+        """1x1 rulebooks: the input row of every output site, contiguous (``gather[:, 0]``)."""
+        if self.num_taps != 1:
+            raise ValueError(f"rows() is for 1x1 rulebooks; this one has {self.num_taps} taps")
+        if self._rows is None:
+            self._rows = self.gather[:, 0].contiguous()
+        return self._rows
 
     def padded(self) -> torch.Tensor:
         """``gather`` with ``-1`` replaced by ``num_in`` (a zero / sentinel row appended)."""
@@ -201,6 +210,9 @@ class RulebookCache:
 
     def keys(self) -> list:
         return list(self._books)
+
+    def items(self) -> list:
+        return list(self._books.items())
 
     def __len__(self) -> int:
         return len(self._books)

@@ -193,3 +193,43 @@ def test_workspaces_across_inference_mode_and_no_grad():
         c = CF.conv2d(x, w, engine="lattice").features
     for got in (a, b, c):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("engine", ["lattice", "torch", "auto", "tuned"])
+def test_autocast_runs_the_conv_in_the_autocast_dtype(engine):
+    """Under ``torch.autocast`` the engines compute in its dtype, as ``F.conv2d`` does there
+    (the GEMM paths would otherwise mix bfloat16 features with a float32 weight)."""
+    case = ((13, 11), 2, "levels")
+    for stride in (1, 2):
+        x, levels = make_input(case, 1, 8, torch.float32, "cpu", seed=4)
+        w = torch.randn(8, 8, 3, 3) / 8
+        b = torch.randn(8)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = CF.conv2d(x, w, b, stride, 1, 1, engine).features
+        assert y.dtype == torch.bfloat16
+        want = ref.conv(x.features.double(), levels, 1, stride, w.double(), b.double(), 1, 1)
+        torch.testing.assert_close(y.double(), want, rtol=0.03, atol=0.03)
+
+
+def test_spconv_engine_refuses_bfloat16_and_tuned_leaves_it_out():
+    x, _ = make_input(((9, 8), 1, "keep"), 0, 4, torch.bfloat16, "cpu", seed=1)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        CF.conv2d(x, w, engine="spconv")
+    import cad_spconv.engines as E
+    assert "spconv" not in E._candidates(x.features, w, 1, CF.conv_book(x, (3, 3), 1, 1))
+
+
+def test_engine_caches_are_reported():
+    """Workspaces and weight layouts live between calls; ``cached_bytes`` counts them (the
+    benchmark adds them to the CAD peak memory)."""
+    import cad_spconv.engines as E
+    x, _ = make_input(((40, 37), 1, "keep"), 1, 8, torch.float32, "cpu", seed=3)
+    w = torch.randn(16, 8, 3, 3)
+    with torch.no_grad():
+        CF.conv2d(x, w, engine="lattice")
+    packed = E.weight_layout(w, ("gemm", 1), lambda t: pytest.fail("not cached"))
+    assert packed.shape == (1, 9 * 8, 16)
+    assert E.cached_bytes("cpu") >= packed.numel() * 4 + 8 * 9 * 4  # layout + an im2col row
+    if not torch.cuda.is_available():
+        assert E.cached_bytes("cuda") == 0
