@@ -71,6 +71,9 @@ def configure(parser: argparse.ArgumentParser):
                         help="CAD conv engine(s), comma separated, each a timed variant: "
                              "auto, tuned, lattice, torch, spconv (default: auto; tuned times "
                              "the engines per layer shape during the warm-up)")
+    parser.add_argument("--tf32", default="on", choices=("on", "off"),
+                        help="CUDA float32: TF32 for cuDNN convs, matmuls and spconv alike "
+                             "(default: on, PyTorch's default for convs)")
     parser.add_argument("--fold-bn", action="store_true",
                         help="fold eval batch norms into the convs (adapters.fold_batchnorm) in "
                              "every variant, dense and CAD alike")
@@ -98,14 +101,50 @@ def main(args, command: str | None = None) -> int:
     command = command or _command_line()
     cfg = _check_args(args)
     threads = torch.get_num_threads()
+    flags = _math_flags()
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.set_flush_denormal(True)  # random weights must not hit the slow denormal path
+        if cfg["device"].type == "cuda":
+            # one math mode for every variant: PyTorch runs cuDNN convs (the dense models, the
+            # lattice engine's dense part) in TF32 by default but matmuls (1x1 convs, gather
+            # GEMMs) and spconv in full FP32; --tf32 sets all three alike
+            tf32 = args.tf32 == "on"
+            _set_math_flags(tf32, tf32, cudnn_benchmark=True, spconv_tf32=tf32)
         return _run(args, cfg, command)
     finally:  # leave the process as it was (tests call main in-process)
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
+        _set_math_flags(**flags)
+
+
+def _math_flags() -> dict:
+    import torch
+
+    flags = {"cudnn_tf32": torch.backends.cudnn.allow_tf32,
+             "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+             "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    constants = sys.modules.get("spconv.constants")  # only where spconv was imported
+    if constants is not None:
+        flags["spconv_tf32"] = constants.SPCONV_ALLOW_TF32
+    return flags
+
+
+def _set_math_flags(cudnn_tf32: bool, matmul_tf32: bool, cudnn_benchmark: bool,
+                    spconv_tf32: bool | None = None):
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if spconv_tf32 is not None:
+        from .backend import spconv_status
+
+        if spconv_status()[0]:
+            from spconv import constants
+
+            constants.SPCONV_ALLOW_TF32 = spconv_tf32
 
 
 def _run(args, cfg, command) -> int:
@@ -443,14 +482,15 @@ def _time_once(fn, args, device, clock=time.perf_counter) -> float:
     import torch
 
     if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        fn(*args)
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3
+        with torch.cuda.device(device):  # events record on the current device's stream
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn(*args)
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1e3
     t0 = clock()
     fn(*args)
     return clock() - t0
@@ -529,10 +569,11 @@ def _peak_memory(fn, args, device):
     return sampler.delta
 
 
-def _replay_geometry(plan, keys, engine, device):
+def _replay_geometry(plan, books, engine, device):
     """Rebuild the geometry one CAD forward builds: the level plan from the keep mask, every
-    step's sites / owners / areas, and every rulebook with what its engine reads."""
-    from .engines import prepare
+    step's sites / owners / areas, and every rulebook with what its engine reads (for
+    ``tuned``: what the engines it picked for that rulebook read)."""
+    from .engines import prepare, tuned_engines
     from .plan import LevelPlan
     from .rulebook import conv_rulebook, pool2_rulebook
 
@@ -540,10 +581,12 @@ def _replay_geometry(plan, keys, engine, device):
         fresh = LevelPlan(plan.levels.clone(), plan.num_levels)
         for step in range(fresh.num_levels + 1):
             fresh.geometry(step)
-        for key in keys:
+        for key, book in books:
             if key[0] == "conv":
                 _, kh, kw, dil, step_in, step_out = key
-                prepare(conv_rulebook(fresh, (kh, kw), dil, step_in, step_out), engine, device)
+                fresh_book = conv_rulebook(fresh, (kh, kw), dil, step_in, step_out)
+                for e in (tuned_engines(book) or ["auto"]) if engine == "tuned" else [engine]:
+                    prepare(fresh_book, e, device)
             elif key[0] == "pool2":
                 pool2_rulebook(fresh, key[1]).padded()
             else:
@@ -597,14 +640,22 @@ def _bench_input(args, bench, images, keep, device, dtype) -> dict:
             entry["engine"] = v.engine
         res["variants"][v.name] = entry
     if not args.no_memory:
+        from .engines import cached_bytes
+
         for v in variants:
-            res["variants"][v.name]["peak_bytes"] = _peak_memory(v.run, states[v.name], device)
+            entry = res["variants"][v.name]
+            entry["peak_bytes"] = _peak_memory(v.run, states[v.name], device)
+            if v.kind == "cad" and entry["peak_bytes"] is not None:
+                # allocated in the warm-up and kept (workspaces, weight layouts): part of what
+                # a CAD forward needs, so counted in its peak (all CAD variants' together)
+                entry["engine_cache_bytes"] = cached_bytes(device)
+                entry["peak_bytes"] += entry["engine_cache_bytes"]
     # geometry share, per CAD variant: replay exactly what its last forward built
     for v in variants:
         if v.kind != "cad" or v.last is None:
             continue
         plan, cache = v.last
-        replay = _replay_geometry(plan, cache.keys(), v.engine, device)
+        replay = _replay_geometry(plan, cache.items(), v.engine, device)
         planning = _plan_seconds(keep, plan.grid, plan.num_levels, device)
         n = max(3, args.reps)
         entry = res["variants"][v.name]
@@ -661,6 +712,7 @@ def _environment(device, load_before) -> dict:
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["math_flags"] = _math_flags()
     try:
         from .backend import spconv_status
 
