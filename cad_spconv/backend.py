@@ -12,7 +12,8 @@ import importlib.metadata
 import warnings
 from functools import lru_cache
 
-__all__ = ["spconv_status", "require_spconv", "warn_if_cpu_only_wheel", "SpconvUnavailable", "INSTALL_HINT"]
+__all__ = ["spconv_status", "require_spconv", "warn_if_cpu_only_wheel", "installed_builds",
+           "SpconvUnavailable", "INSTALL_HINT"]
 
 INSTALL_HINT = ("install a CUDA build of spconv, which is also correct on CPU: "
                 "`pip install 'cad-spconv[cu120]'` (Python <= 3.11) or "
@@ -24,13 +25,19 @@ class SpconvUnavailable(RuntimeError):
     """spconv is missing or not trustworthy; the message says what to install."""
 
 
-def _installed_spconv_dists() -> list[str]:
-    names = []
+def installed_builds(prefix: str) -> dict[str, str]:
+    """Installed distributions named ``prefix`` or ``prefix-cuXXX`` (``spconv``, ``cumm``):
+    normalised name -> version."""
+    found = {}
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if name == "spconv" or name.startswith("spconv-cu"):
-            names.append(name)
-    return sorted(set(names))
+        if name == prefix or name.startswith(prefix + "-cu"):
+            found[name] = dist.version
+    return found
+
+
+def _installed_spconv_dists() -> list[str]:
+    return sorted(installed_builds("spconv"))
 
 
 def _import_spconv():

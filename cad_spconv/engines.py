@@ -180,7 +180,10 @@ def _candidates(features, weight, groups: int, book: Rulebook) -> list[str]:
         names.append("spconv")
         if (features.is_cuda and features.dtype in (torch.float32, torch.float16)
                 and book.num_taps <= 32 and not _tracks_grad(features, weight, None)):
-            names.append("spconv-igemm")
+            from .igemm import igemm_status
+
+            if igemm_status()[0]:
+                names.append("spconv-igemm")
     return names
 
 

@@ -33,14 +33,26 @@ kernels come from cumm 0.4 / 0.7):
 There is no backward: spconv's weight and input gradients need the transposed pairs
 ("pair_bwd": per input row and tap, ONE output row), which a parent-fill rulebook does not have
 (an input feeds several outputs through the same tap wherever it owns more than one cell).
-Masks have one uint32 word per 32 taps; kernels with more than 32 taps use other ("dynamic
-mask") kernels, and spconv's tuner cache does not distinguish the two for equal channel
-counts, so they are refused here.
+
+Limits taken from spconv's and cumm's code (helper review of 2.3.6 / 2.3.8, cumm 0.4 / 0.7):
+
+- At most 32 taps: more need one mask word per 32 taps and spconv's "dynamic mask" kernels,
+  whose tuner-cache entries ``implicit_gemm`` never finds (it looks them up as static-mask
+  ones), so every call would tune again.
+- Rows are addressed with 32-bit byte offsets: ``max(N_in, N_out) * C_in * itemsize`` must stay
+  below 2**31 (cumm asserts it for the output rows; the input offsets overflow silently).
+- float16: spconv ignores ``fp32_accum`` (its tuner keeps float16-accumulating kernels among
+  the candidates), so results may be accumulated in float16.
+- cumm 0.4 (spconv-cu120 and the other spconv 2.3.6 stacks) was built against NumPy 1: its
+  ``tensorview.from_numpy``, which ``implicit_gemm`` calls for the mask filters, kills the
+  process (SIGFPE) under NumPy 2. :func:`igemm_status` refuses that stack with a clear error
+  instead; cumm 0.7 (spconv 2.3.8, e.g. spconv-cu126) works with NumPy 2.
 """
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -49,7 +61,7 @@ from .engines import krsc_filters, weight_layout
 from .rulebook import Rulebook
 
 __all__ = ["IGemmPairs", "implicit_gemm_pairs", "igemm_conv", "run_implicit_gemm",
-           "MAX_TAPS", "SUPPORTED_DTYPES"]
+           "igemm_status", "MAX_TAPS", "SUPPORTED_DTYPES"]
 
 MAX_TAPS = 32
 SUPPORTED_DTYPES = (torch.float32, torch.float16)
@@ -94,7 +106,7 @@ def _build_pairs(book: Rulebook) -> IGemmPairs:
     k = book.num_taps
     if k > MAX_TAPS:
         raise ValueError(f"spconv's implicit GEMM engine takes at most {MAX_TAPS} kernel taps "
-                         f"(one uint32 mask word), this rulebook has {k} "
+                         f"(one uint32 tap-mask word per row), this rulebook has {k} "
                          f"({book.kernel_size[0]}x{book.kernel_size[1]}); use engine='lattice'")
     if max(book.num_in, book.num_out) > _INT32_MAX:
         raise ValueError(f"spconv's implicit GEMM indexes rows with int32; {book.num_in} input "
@@ -115,14 +127,13 @@ def _build_pairs(book: Rulebook) -> IGemmPairs:
 
 
 def igemm_conv(features: torch.Tensor, weight: torch.Tensor, bias, book: Rulebook,
-               groups: int = 1, fp32_accum=True) -> torch.Tensor:
+               groups: int = 1) -> torch.Tensor:
     """Output features ``[N_out, C_out]`` of the conv described by ``book``, through spconv's
     implicit GEMM. Inference only, CUDA only, float32 / float16, no groups.
 
     ``weight``: ``torch.nn.Conv2d`` layout ``[C_out, C_in, kh, kw]``; ``bias`` ``[C_out]`` or
-    ``None`` (fused into the kernel's epilogue). ``fp32_accum`` (float16 only): accumulate in
-    float32 (default); ``None`` lets spconv decide (it accumulates in float16 unless
-    ``C_in * K > 3456``).
+    ``None`` (fused into the kernel's epilogue). float16 may be accumulated in float16 (spconv
+    picks the kernel; see the module docstring).
     """
     if groups != 1:
         raise ValueError("the spconv implicit GEMM engine has no grouped convs; use "
@@ -142,15 +153,13 @@ def igemm_conv(features: torch.Tensor, weight: torch.Tensor, bias, book: Ruleboo
     if pairs.device != features.device:
         raise ValueError(f"the rulebook lives on {pairs.device}, the features on "
                          f"{features.device}; build the plan on the features' device")
-    return run_implicit_gemm(features, weight, bias, pairs, fp32_accum)
+    return run_implicit_gemm(features, weight, bias, pairs)
 
 
-def run_implicit_gemm(features: torch.Tensor, weight: torch.Tensor, bias, pairs: IGemmPairs,
-                      fp32_accum=True) -> torch.Tensor:
+def run_implicit_gemm(features: torch.Tensor, weight: torch.Tensor, bias,
+                      pairs: IGemmPairs) -> torch.Tensor:
     """spconv's ``implicit_gemm`` on given tables (:func:`igemm_conv` without the rulebook;
     tests use it with permuted tables)."""
-    _check_inference(features, weight, bias)
-    _check_cuda(features, weight, bias)
     c_out, c_in = weight.shape[:2]
     if weight.shape[2] * weight.shape[3] != pairs.kernel_volume:
         raise ValueError(f"weight has {weight.shape[2] * weight.shape[3]} taps, the tables "
@@ -160,27 +169,61 @@ def run_implicit_gemm(features: torch.Tensor, weight: torch.Tensor, bias, pairs:
     if features.shape[0] != pairs.num_in:
         raise ValueError(f"features have {features.shape[0]} rows, the tables expect "
                          f"{pairs.num_in}")
-    # the kernel turns input rows into int32 byte offsets
-    if features.shape[0] * c_in * features.element_size() > _INT32_MAX:
-        raise ValueError("spconv's implicit GEMM addresses input features with 32-bit byte "
-                         f"offsets; {features.shape[0]} x {c_in} {features.dtype} is over 2 GiB;"
-                         " split the batch or use engine='lattice'")
+    # the kernel addresses rows of C_in elements with int32 byte offsets (input and output rows)
+    rows = max(pairs.num_in, pairs.num_out)
+    if rows * c_in * features.element_size() >= _INT32_MAX:
+        raise ValueError("spconv's implicit GEMM addresses feature rows with 32-bit byte "
+                         f"offsets; {rows} rows x {c_in} {features.dtype} channels reach 2 GiB; "
+                         "split the batch or use engine='lattice'")
+    _check_inference(features, weight, bias)
+    _check_cuda(features, weight, bias)
     if pairs.num_out == 0:
         return features.new_zeros(0, c_out)
-    from .backend import require_spconv
-    require_spconv()
+    ok, reason = igemm_status()
+    if not ok:
+        from .backend import SpconvUnavailable
+
+        raise SpconvUnavailable(reason)
     from spconv.pytorch import ops
 
     filters = _krsc(weight)
     if bias is not None:
         bias = bias.contiguous()
-    accum = fp32_accum if features.dtype == torch.float16 else None
     with torch.cuda.device(features.device):  # spconv uses the current device's stream / arch
         out, _, _ = ops.implicit_gemm(
             features.contiguous(), filters, pairs.pair_fwd, [pairs.pair_mask],
             [pairs.mask_argsort], pairs.num_out, pairs.masks, False, False,
-            fp32_accum=accum, bias=bias, output_dtype=features.dtype)
+            bias=bias, output_dtype=features.dtype)
     return out
+
+
+@lru_cache(maxsize=1)
+def igemm_status() -> tuple[bool, str]:
+    """``(usable, reason)`` for this engine's spconv stack (checked once; says nothing about
+    CUDA, which every call checks)."""
+    from .backend import installed_builds, spconv_status
+
+    ok, reason = spconv_status()
+    if not ok:
+        return False, reason
+    cumm = installed_builds("cumm")
+    return _stack_status(next(iter(cumm.values()), "0"), np.__version__)
+
+
+def _stack_status(cumm_version: str, numpy_version: str) -> tuple[bool, str]:
+    if _major_minor(cumm_version) < (0, 5) and _major_minor(numpy_version) >= (2, 0):
+        return False, (f"cumm {cumm_version} (the spconv 2.3.6 stacks, spconv-cu120 among them) "
+                       f"was built for NumPy 1 and crashes the process in spconv's implicit GEMM "
+                       f"under NumPy {numpy_version}; install spconv-cu126 (spconv 2.3.8 with "
+                       "cumm 0.7: `pip uninstall spconv-cu120 cumm-cu120` and `pip install "
+                       "'cad-spconv[cu126]'`), or `pip install 'numpy<2'`; engine='lattice' "
+                       "needs neither")
+    return True, f"cumm {cumm_version}, NumPy {numpy_version}"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = (version.split("+")[0].split(".") + ["0", "0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
 
 
 def _check_inference(features, weight, bias):

@@ -17,6 +17,18 @@ from conftest import CUDA, random_masks
 needs_cuda = pytest.mark.skipif(not CUDA, reason="spconv's implicit GEMM needs a CUDA device; "
                                 "none on this machine")
 
+
+def _stack_problem():
+    from cad_spconv.igemm import igemm_status
+    ok, reason = igemm_status()
+    return None if ok else reason
+
+
+# the kernel itself: CUDA and a spconv stack that can run it (else the reason is shown)
+needs_kernel = pytest.mark.skipif(not CUDA or _stack_problem() is not None,
+                                  reason="spconv's implicit GEMM needs a CUDA device (none on "
+                                  "this machine)" if not CUDA else f"{_stack_problem()}")
+
 CASES = [  # (grid, num_levels, mask kind): odd sizes, several levels, per-image masks
     ((13, 11), 1, "keep"), ((13, 11), 2, "levels"), ((17, 23), 3, "map"), ((9, 16), 2, "keep"),
     ((13, 11), 2, "all"), ((13, 11), 2, "none"),
@@ -204,6 +216,34 @@ def test_errors_on_cpu():
         igemm_conv(x[1:], w.detach(), None, book)
 
 
+def test_rows_beyond_32_bit_byte_offsets_are_refused():
+    """The kernel addresses rows with int32 byte offsets: 2**26 output rows of 8 float32
+    channels reach 2 GiB (checked before anything is allocated or run, on any device)."""
+    x = torch.zeros(4, 8)
+    w = torch.zeros(8, 8, 3, 3)
+    empty = torch.zeros(0, dtype=torch.int32)
+    big = IGemmPairs(empty, empty, empty, num_in=4, num_out=2 ** 26, kernel_volume=9)
+    with pytest.raises(ValueError, match="32-bit byte offsets.*engine='lattice'"):
+        run_implicit_gemm(x, w, None, big)
+    fits = IGemmPairs(empty, empty, empty, num_in=4, num_out=2 ** 26 - 1, kernel_volume=9)
+    with pytest.raises(ValueError, match="CUDA only"):  # past the size check
+        run_implicit_gemm(x, w, None, fits)
+
+
+def test_numpy2_with_cumm_0_4_is_refused_not_crashed():
+    """cumm 0.4 (spconv-cu120) kills the process under NumPy 2 inside implicit_gemm: that
+    stack is refused with the fix named; cumm 0.7 or NumPy 1 pass."""
+    from cad_spconv.igemm import _stack_status, igemm_status
+    ok, reason = _stack_status("0.4.11", "2.4.6")
+    assert not ok and "NumPy 2.4.6" in reason and "cu126" in reason and "numpy<2" in reason
+    assert _stack_status("0.7.11", "2.4.6")[0]
+    assert _stack_status("0.4.11", "1.26.4")[0]
+    from cad_spconv.backend import installed_builds, spconv_status
+    cumm = next(iter(installed_builds("cumm").values()), None)
+    if spconv_status()[0] and cumm is not None:  # this machine's own stack is judged alike
+        assert igemm_status()[0] == _stack_status(cumm, np.__version__)[0]
+
+
 def test_filters_are_krsc_and_follow_weight_updates():
     """spconv's filter layout [C_out, kh, kw, C_in], cached per weight until it changes."""
     from cad_spconv.igemm import _krsc
@@ -223,7 +263,7 @@ def test_filters_are_krsc_and_follow_weight_updates():
 TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float16: {"rtol": 1e-2, "atol": 1e-2}}
 
 
-@needs_cuda
+@needs_kernel
 @pytest.mark.parametrize("case", CASES[:4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_igemm_matches_dense_reference(case, dtype):
@@ -248,7 +288,7 @@ def test_igemm_matches_dense_reference(case, dtype):
                                    msg=lambda m, where=where: f"{where}: {m}")
 
 
-@needs_cuda
+@needs_kernel
 def test_igemm_output_does_not_depend_on_the_order():
     """The kernel itself: tables in random orders (masks permuted along) give the same rows."""
     case = ((17, 23), 3, "map")
@@ -267,7 +307,7 @@ def test_igemm_output_does_not_depend_on_the_order():
     torch.testing.assert_close(base.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-@needs_cuda
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_igemm_odd_channel_counts(dtype):
     """Channel counts that are not multiples of 4 or 8: spconv has kernels with one element
@@ -282,6 +322,20 @@ def test_igemm_odd_channel_counts(dtype):
             got = igemm_conv(x, w, b, book)
         expected = ref.conv(x.double(), levels, 1, 1, w.double(), b.double(), 1)
         torch.testing.assert_close(got.double(), expected, **TOL[dtype])
+
+
+@needs_cuda
+def test_unusable_stack_is_refused_on_cuda(monkeypatch):
+    """Where igemm_status says no, the engine raises its reason and tuned leaves it out."""
+    import cad_spconv.engines as E
+    import cad_spconv.igemm as G
+    from cad_spconv.backend import SpconvUnavailable
+    x, w, book, _ = _small_layer("cuda")
+    monkeypatch.setattr(G, "igemm_status", lambda: (False, "stack refused for the test"))
+    with torch.no_grad():
+        with pytest.raises(SpconvUnavailable, match="refused for the test"):
+            igemm_conv(x, w, None, book)
+        assert "spconv-igemm" not in E._candidates(x, w, 1, book)
 
 
 @needs_cuda

@@ -3,16 +3,20 @@
 #
 #   run(command="bash tools/gpu_session.sh tests bench", carry=[".carry"], timeout_s=600)
 #
-# All six GPU suite runs (now 4 CAD engines each) and the CUDA tests may not fit one 10-minute
-# call; untried as of writing. A plan within 30 device minutes: (1) "BENCH_FILTER=_b1_ bash
-# tools/gpu_session.sh tests bench", (2) "BENCH_FILTER=_b4_ bash tools/gpu_session.sh bench
-# engines"; parts cut by their timeout keep the results written so far.
+# A task lent a GPU has 15 device minutes in all (machine start, every call and idle time
+# counted) and one call runs at most 10 minutes, so plan ONE call: the parts run in the order
+# given, each under its cap within GPU_BUDGET_S, and a part cut by its cap keeps what it wrote
+# (the bench writes one JSON per configuration, b1 before b4). The CUDA tests go first (capped
+# at TESTS_S, 150 s by default): a wrong kernel makes every timing moot. Untried on a GPU as
+# of writing: if the first call shows the suite is too slow, the second choice is
+# "BENCH_FILTER='_b1_' bash tools/gpu_session.sh tests bench".
 #
 # Unpacks .carry/ into $GPU_SITE (default /tmp/site; skipped when a warm machine already has
 # it), exports PYTHONPATH=$GPU_SITE:$PWD, records versions, then runs the PARTs in order, each
 # under `timeout` and all within GPU_BUDGET_S (default 540 s, the device allows 600 per call):
 #
-#   tests      pytest on the CUDA cases of the `device` fixture (-k cuda; -k cpu without CUDA)
+#   tests      pytest on the CUDA cases (-k cuda; -k cpu without CUDA): every op and engine,
+#              spconv's implicit GEMM, the converted networks
 #   tests-all  the whole suite except slow tests (CPU and CUDA cases)
 #   engines    cad-spconv bench --model conv3x3 (256 and 512 channels, 1024x2048, fp32):
 #              lattice / torch / spconv / spconv-igemm per layer, for the "auto" choice on CUDA
@@ -23,7 +27,7 @@
 # (versions), tests.xml / tests-all.xml (JUnit), results.tar.gz (the result JSONs this call
 # wrote, to unpack into experiments/results/), bench.md (their tables, as `--markdown` writes).
 #
-# Knobs (environment): GPU_BUDGET_S, TESTS_S (240), TESTS_ALL_S (480), ENGINES_S (200),
+# Knobs (environment): GPU_BUDGET_S, TESTS_S (150), TESTS_ALL_S (480), ENGINES_S (200),
 # BENCH_S (500) caps per part; TESTS_K (pytest -k expression); BENCH_FILTER (regex on the
 # suite's result names, e.g. _b1_ or _b4_: run only those, when all six do not fit one call);
 # BENCH_REPS (5); ENGINES_SIZE ("1024 2048"); PYTHON (python3).
@@ -132,8 +136,11 @@ except Exception as exc:
 try:
     from cad_spconv.backend import spconv_status
     info["spconv_status"] = list(spconv_status())
+    from cad_spconv.igemm import igemm_status  # the spconv-igemm engine's stack (cumm / NumPy)
+    info["igemm_status"] = list(igemm_status())
 except Exception as exc:
-    info["spconv_status"] = [False, repr(exc)]
+    info.setdefault("spconv_status", [False, repr(exc)])
+    info.setdefault("igemm_status", [False, repr(exc)])
 json.dump(info, open(out, "w"), indent=1)
 print(json.dumps(info, indent=1))
 if not info["spconv_status"][0]:
@@ -175,7 +182,7 @@ has_cuda() { "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available(
 part_tests() {
     local k=${TESTS_K:-}
     [[ -n $k ]] || { if has_cuda; then k=cuda; else k=cpu; echo "(no CUDA: running the cpu cases)"; fi; }
-    run_part tests "${TESTS_S:-240}" "$PY" -m pytest -q -k "$k" -p no:cacheprovider \
+    run_part tests "${TESTS_S:-150}" "$PY" -m pytest -q -k "$k" -p no:cacheprovider \
         --tb=short --durations=25 --junitxml="$OUT/tests.xml" -o junit_family=xunit2
 }
 
