@@ -272,7 +272,7 @@ def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torc
     x = features if book.is_identity else features.index_select(0, book.rows())
     c_out = weight.shape[0]
     if groups == 1:
-        return F.linear(x, weight.reshape(c_out, -1), bias)
+        return _matmul_nk(x, weight.reshape(c_out, -1), bias)
     g, c_in_g = groups, weight.shape[1]
     cols = x.reshape(-1, g, c_in_g).transpose(0, 1)
     w = weight.reshape(g, c_out // g, c_in_g).transpose(1, 2)
@@ -293,7 +293,11 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     c_out, c_in_g, kh, kw = weight.shape
     k, g = kh * kw, groups
     track = _tracks_grad(features, weight, bias)
-    w = _gemm_weight(weight, g, cache=not track)
+    if g == 1:  # [C_out, K * C_in]: the KRSC filters, columns in the gathered order
+        w = (krsc_filters(weight) if track else weight_layout(weight, "krsc", krsc_filters))
+        w = w.view(c_out, k * c_in)
+    else:
+        w = _gemm_weight(weight, g, cache=not track)
     budget = _GATHER_CHUNK_BYTES_CUDA if features.is_cuda else _GATHER_CHUNK_BYTES
     rows = max(1, budget // (k * c_in * features.element_size()))
     bounds = []
@@ -326,17 +330,37 @@ def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int,
         mask = valid.reshape(-1, 1).to(cols.dtype)
         cols = cols.mul_(mask) if out is not None else cols * mask
     if groups == 1:
-        cols = cols.view(n, k * c_in)
-        if out is None:
-            return cols @ w[0] if bias is None else torch.addmm(bias, cols, w[0])
-        if bias is None:
-            return torch.mm(cols, w[0], out=out)
-        return torch.addmm(bias, cols, w[0], out=out)
+        return _matmul_nk(cols.view(n, k * c_in), w, bias, out)
     c_in_g = c_in // groups
     cols = cols.view(n, k, groups, c_in_g).permute(2, 0, 1, 3).reshape(groups, n, k * c_in_g)
     res = _grouped_mm(cols, w)
     res = res if bias is None else res + bias
     return res if out is None else out.copy_(res)
+
+
+def _matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x [n, K] @ w[N, K].T + bias`` (written into ``out`` if given).
+
+    On CPU, float32 and bfloat16 go through oneDNN as a 1x1 conv on channels-last views of the
+    two matrices (no copies), the library the dense network's convs run on: MKL's GEMM took
+    1.0-1.7x as long on the layer shapes of a converted ResNet-101 on an AMD EPYC
+    (BENCHMARKS.md). Elsewhere (CUDA, float64) a BLAS GEMM."""
+    n, k = x.shape
+    if n and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN:
+        y = F.conv2d(x.contiguous().view(1, n, 1, k).permute(0, 3, 1, 2),
+                     w.view(w.shape[0], k, 1, 1), bias)
+        y = y.permute(0, 2, 3, 1).reshape(n, -1)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        return F.linear(x, w, bias)
+    if bias is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(bias, x, w.t(), out=out)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _gemm_weight(weight: torch.Tensor, groups: int, cache: bool) -> torch.Tensor:

@@ -13,28 +13,59 @@ from test_ops import make_input
 @pytest.mark.parametrize("engine", ["lattice", "torch"])
 @pytest.mark.parametrize("k,stride,groups", [(3, 1, 1), (3, 2, 1), (1, 2, 1), (1, 1, 1),
                                              (3, 2, 2), (1, 1, 2)])
-def test_gradients_match_dense_reference(engine, k, stride, groups, device):
-    """Backward through the engine equals backward through the dense emulation (float64)."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_match_dense_reference(engine, k, stride, groups, dtype, device):
+    """Backward through the engine equals backward through the dense emulation in float64
+    (float32: the engine's own GEMM route, e.g. oneDNN on CPU, against the float64 one)."""
     case = ((13, 11), 2, "levels")
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     for step in range(2 if stride == 2 else 3):
         x, levels = make_input(case, step, 4, torch.float64, device, seed=step + 7)
         gen = torch.Generator().manual_seed(step)
         w = torch.randn(6, 4 // groups, k, k, generator=gen, dtype=torch.float64).to(device)
         b = torch.randn(6, generator=gen, dtype=torch.float64).to(device)
+        up = None
         grads = []
         for run in ("engine", "reference"):
-            f = x.features.clone().requires_grad_(True)
-            wr, br = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            cast = dtype if run == "engine" else torch.float64
+            f = x.features.to(cast).requires_grad_(True)
+            wr, br = w.to(cast).requires_grad_(True), b.to(cast).requires_grad_(True)
             if run == "engine":
                 y = CF.conv2d(CADTensor(f, x.plan, step), wr, br, stride, 1, groups, engine).features
             else:
                 y = ref.conv(f, levels, step, stride, wr, br, 1, groups)
-            up = torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
-                             dtype=torch.float64).to(device)
-            (y * up).sum().backward()
+            if up is None:
+                up = torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
+                                 dtype=torch.float64).to(device)
+            (y * up.to(cast)).sum().backward()
             grads.append((f.grad, wr.grad, br.grad))
         for got, want in zip(*grads):
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gemm_route(dtype, monkeypatch):
+    """``x @ w.T + b`` of the lattice engine's GEMMs: oneDNN (a 1x1 conv on channels-last
+    views) on CPU for float32 / bfloat16, BLAS otherwise; same values either way, into a given
+    output too, and no rows at all."""
+    import cad_spconv.engines as E
+    calls = []
+    real = E.F.conv2d
+    monkeypatch.setattr(E.F, "conv2d", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((37, 20), (9, 20), (9,)))
+    want = x.double() @ w.double().t() + b.double()
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
+           torch.float64: dict(rtol=1e-12, atol=1e-12)}[dtype]
+    into = torch.full((37, 9), float("nan"), dtype=dtype)
+    assert E._matmul_nk(x, w, b, out=into) is into
+    for got in (E._matmul_nk(x, w, b), into):
+        assert got.shape == (37, 9) and got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(E._matmul_nk(x, w, None).double(), want - b.double(), **tol)
+    onednn = dtype != torch.float64 and torch.backends.mkldnn.is_available()
+    assert len(calls) == (3 if onednn else 0)
+    assert E._matmul_nk(x[:0], w, b).shape == (0, 9)
 
 
 @pytest.mark.parametrize("grid,L", [((13, 11), 1), ((17, 23), 3), ((64, 128), 1)])
@@ -228,8 +259,8 @@ def test_engine_caches_are_reported():
     w = torch.randn(16, 8, 3, 3)
     with torch.no_grad():
         CF.conv2d(x, w, engine="lattice")
-    packed = E.weight_layout(w, ("gemm", 1), lambda t: pytest.fail("not cached"))
-    assert packed.shape == (1, 9 * 8, 16)
+    packed = E.weight_layout(w, "krsc", lambda t: pytest.fail("not cached"))
+    assert packed.shape == (16, 3, 3, 8)
     assert E.cached_bytes("cpu") >= packed.numel() * 4 + 8 * 9 * 4  # layout + an im2col row
     if not torch.cuda.is_available():
         assert E.cached_bytes("cuda") == 0
