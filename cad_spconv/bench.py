@@ -88,6 +88,9 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed runs per variant first (default: 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile one forward per variant (torch.profiler) "
+                             "and report its N most expensive ops by self time (default: off)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     parser.add_argument("--markdown", default=None, metavar="PATH",
                         help="append a results table headed by the command (e.g. BENCHMARKS.md)")
@@ -206,6 +209,8 @@ def _check_args(args) -> dict:
 
     if args.reps < 1 or args.warmup < 0:
         raise SystemExit("bench: --reps must be >= 1 and --warmup >= 0")
+    if args.profile < 0:
+        raise SystemExit("bench: --profile takes the number of ops to report (>= 0)")
     if args.batch < 1:
         raise SystemExit("bench: --batch must be >= 1")
     f, c = args.finest_stride, args.coarsest_stride
@@ -664,6 +669,10 @@ def _bench_input(args, bench, images, keep, device, dtype) -> dict:
             + _median([_time_once(planning, (), device, clock) for _ in range(n)]))
         entry["rulebooks"] = len(cache)
         entry["level_fractions"] = plan.level_fractions().mean(0).tolist()
+    if args.profile:
+        for v in variants:
+            res["variants"][v.name]["profile_ms"] = _profile(v.run, states[v.name], device,
+                                                             args.profile)
     # Guarantee 2: CAD at the coarse sites == dense coarsest stride
     dense_cad = cad_out.dense() if isinstance(cad_out, CADTensor) else cad_out
     s = args.coarsest_stride // args.finest_stride
@@ -674,6 +683,32 @@ def _bench_input(args, bench, images, keep, device, dtype) -> dict:
         res["guarantee2_rel_error"] = float(err)
     del torch
     return res
+
+
+def _profile(fn, args, device, top: int) -> dict:
+    """Self time per op (ms) of one profiled run: the ``top`` most expensive ops and the rest
+    summed as ``"(other)"``, plus ``"(total)"``. On CUDA, device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        fn(*args)
+        _sync(device)
+    per_op = {}
+    for event in prof.key_averages():
+        us = (getattr(event, "self_device_time_total", None) if device.type == "cuda"
+              else event.self_cpu_time_total)
+        if us:
+            per_op[event.key] = per_op.get(event.key, 0.0) + us / 1e3
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    out = dict(ranked[:top])
+    out["(other)"] = sum(ms for _, ms in ranked[top:])
+    out["(total)"] = sum(per_op.values())
+    del torch
+    return out
 
 
 # ---------------------------------------------------------------------- reporting
@@ -855,3 +890,20 @@ def _print_report(report):
     for r in report["inputs"]:
         times = ", ".join(f"{n} {_ms(e['seconds'])}" for n, e in r["variants"].items())
         print(f"  {r['input']}: {times} ms")
+    for r in report["inputs"]:
+        profiles = {n: e["profile_ms"] for n, e in r["variants"].items() if "profile_ms" in e}
+        if profiles:
+            print(profile_table(profiles, title=f"profile, {r['input']} (self time, ms)"))
+
+
+def profile_table(profiles: dict, title: str = "profile (self time, ms)") -> str:
+    """Markdown table of ``{variant: {op: ms}}``: one row per op, one column per variant."""
+    names = list(profiles)
+    ops = sorted({op for p in profiles.values() for op in p if not op.startswith("(")},
+                 key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))
+    lines = [title, "", "| op | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for op in ops + ["(other)", "(total)"]:
+        cells = [f"{profiles[n][op]:.1f}" if op in profiles[n] else "" for n in names]
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -60,11 +60,27 @@ def test_resnet_backbone_runs_and_matches_mac_counter(tmp_path, extra):
         assert report["tuned"] and all(c["engine"] in c["seconds"] for c in report["tuned"])
 
 
+def test_profile_reports_ops_per_variant(tmp_path, capsys):
+    """--profile N: one profiled forward per variant, its N most expensive ops by self time, the
+    rest and the total, in the JSON and as a table."""
+    report, _ = run_bench(tmp_path, "--model", "conv3x3", "--channels", "8", "--size", "72",
+                          "88", "--engine", "lattice", "--random-keep", "0.4", "--profile", "3")
+    for res in report["inputs"]:
+        for name, entry in res["variants"].items():
+            prof = entry["profile_ms"]
+            ops = [op for op in prof if not op.startswith("(")]
+            assert len(ops) == 3 and all(prof[op] >= 0 for op in ops)
+            assert prof["(total)"] == pytest.approx(sum(prof[op] for op in ops) + prof["(other)"])
+    out = capsys.readouterr().out
+    assert "| op | dense16[nchw] |" in out and "| (total) |" in out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--engine", "fast"], "unknown engine"),
     (["--dtype", "float16"], "float16"),
     (["--coarsest-stride", "24"], "power of two"),
     (["--images", "/no/such.png"], "image not found"),
+    (["--profile", "-1"], "--profile"),
 ])
 def test_bad_arguments_are_refused(argv, message, tmp_path, capsys):
     args = build_parser().parse_args(["bench", "--model", "conv3x3", *argv])
