@@ -1,0 +1,68 @@
+"""BLAS GEMM vs oneDNN for the GEMMs of the lattice engine on CPU (BENCHMARKS.md).
+
+    python experiments/gemm_routes.py [--threads 2] [--reps 15]
+
+The lattice engine multiplies a feature (or im2col) matrix ``[M, K]`` by a weight ``[N, K]``
+for every 1x1 conv and for the off-lattice rest of every 3x3 conv. This times the two routes it
+could take on the layer shapes of DeepLabV3-ResNet101 converted 8->16 at 512x1024 (about 5700
+sites per step-1 layer, 3700 off-lattice rows of a 3x3 conv): ``torch.mm`` (BLAS: MKL in the
+PyPI wheels), with the weight as a contiguous ``[K, N]`` copy and as the transposed view of
+``[N, K]`` that the engine keeps, and a 1x1 ``F.conv2d`` on channels-last views of the same
+matrices (oneDNN, the library of the dense network's convs). Median of ``--reps`` after 3
+warm-ups, float32; the ratio compares the transposed BLAS route with oneDNN.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (M, K, N): 1x1 reduce / expand / square of layer3 and layer4, 3x3 im2col rests
+SHAPES = [(5700, 1024, 256), (5700, 256, 1024), (5700, 256, 256), (5700, 2048, 512),
+          (5700, 512, 2048), (5700, 1024, 512), (5700, 512, 512), (3700, 2304, 256),
+          (3700, 4608, 512)]
+
+
+def median_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    gen = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} threads, float32; ms (GFLOP/s)")
+    print("| M | K | N | torch.mm, weight [K, N] | torch.mm, weight [N, K] transposed | "
+          "oneDNN 1x1 conv | BLAS / oneDNN |")
+    print("|---|---|---|---|---|---|---|")
+    for m, k, n in SHAPES:
+        x = torch.randn(m, k, generator=gen)
+        w = torch.randn(n, k, generator=gen) / k ** 0.5
+        w_kn = w.t().contiguous()
+        out = torch.empty(m, n)
+        blas_kn = median_ms(lambda: torch.mm(x, w_kn, out=out), args.reps)
+        blas = median_ms(lambda: torch.mm(x, w.t(), out=out), args.reps)
+        x_view = x.view(1, m, 1, k).permute(0, 3, 1, 2)  # [1, K, M, 1], channels-last
+        onednn = median_ms(lambda: F.conv2d(x_view, w.view(n, k, 1, 1)), args.reps)
+        gflop = 2 * m * k * n / 1e9
+        print(f"| {m} | {k} | {n} | {blas_kn:.1f} | {blas:.1f} ({gflop / blas * 1e3:.0f}) | "
+              f"{onednn:.1f} ({gflop / onednn * 1e3:.0f}) | {blas / onednn:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
