@@ -349,7 +349,7 @@ def _matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
     n, k = x.shape
     if n and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN:
         y = F.conv2d(x.contiguous().view(1, n, 1, k).permute(0, 3, 1, 2),
-                     w.view(w.shape[0], k, 1, 1), bias)
+                     w.reshape(w.shape[0], k, 1, 1), bias)
         y = y.permute(0, 2, 3, 1).reshape(n, -1)
         return y if out is None else out.copy_(y)
     if out is None:
