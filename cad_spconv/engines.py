@@ -75,7 +75,8 @@ def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:
 
 def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1) -> str:
     """Build everything ``engine`` reads from ``book`` (what a first forward builds lazily), so
-    geometry cost can be timed apart from compute. Returns the engine actually used."""
+    geometry cost can be timed apart from compute. Returns the engine actually used (for
+    ``"tuned"``: the engines tuned layers ran on ``book``, comma-separated)."""
     _check_engine(engine)
     if engine == "tuned":  # what tuned layers ran on this rulebook; else what auto runs
         ran = sorted(_tuned_runs.get(book, ()))
@@ -115,26 +116,43 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if (kh, kw) != book.kernel_size:
         raise ValueError(f"weight kernel {kh}x{kw} does not match the rulebook's "
                          f"{book.kernel_size[0]}x{book.kernel_size[1]}")
-    cast = _autocast_dtype(features)
+    cast = _autocast_dtype(features.device)
     if cast is not None:  # as autocast does for F.conv2d (the GEMM paths would not cast)
-        features, weight = features.to(cast), weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
+        features, weight, bias = _autocast(features, weight, bias, cast)
+    if weight.dtype != features.dtype or (bias is not None and bias.dtype != features.dtype):
+        raise TypeError(f"features are {features.dtype}, the weight {weight.dtype}"
+                        + ("" if bias is None else f" and the bias {bias.dtype}")
+                        + "; give them one dtype (model.to(dtype)) or run under torch.autocast")
     if engine == "tuned":
         return _tuned_conv(features, weight, bias, book, groups)
     return _run_engine(engine, features, weight, bias, book, groups)
 
 
-def _autocast_dtype(features: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast runs a conv in, if it is on for the features' device and would cast
-    them (float32/16 and bfloat16; float64 is left alone, as autocast does)."""
-    kind = features.device.type
-    if not torch.is_autocast_enabled(kind):
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast runs convs in on ``device``, or ``None`` where it is off."""
+    if not torch.is_autocast_enabled(device.type):
         return None
-    cast = torch.get_autocast_dtype(kind)
-    if features.dtype == cast or features.dtype not in (torch.float32, torch.float16,
-                                                         torch.bfloat16):
-        return None
-    return cast
+    return torch.get_autocast_dtype(device.type)
+
+
+def _autocast(features, weight, bias, cast: torch.dtype):
+    """What autocast does to a conv's inputs: every float32 / float16 / bfloat16 tensor to
+    ``cast`` (float64 is left alone). Without autograd the cast weight and bias are kept per
+    parameter (:func:`weight_layout`), so engines' own layout caches find the same tensor on
+    every call."""
+    track = _tracks_grad(features, weight, bias)
+
+    def to(t):
+        if t is None or t.dtype == cast or t.dtype not in _AUTOCAST_DTYPES:
+            return t
+        if track or t is features:
+            return t.to(cast)
+        return weight_layout(t, ("autocast", cast), lambda w: w.to(cast))
+
+    return to(features), to(weight), to(bias)
+
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _run_engine(engine, features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
@@ -286,9 +304,9 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     ``index_select`` in cache-sized chunks, one GEMM per chunk.
 
     Without autograd the im2col chunks go into a per-thread workspace that lives across calls
-    and the GEMMs write straight into the output (itself a workspace with ``scratch``, when the
-    caller copies it out before returning): a fresh buffer per chunk costs page faults worth a
-    third of the gather (BENCHMARKS.md)."""
+    and the GEMMs write into the output (straight on BLAS, through a copy on oneDNN; itself a
+    workspace with ``scratch``, when the caller copies it out before returning): a fresh buffer
+    per chunk costs page faults worth a third of the gather (BENCHMARKS.md)."""
     c_in = features.shape[1]
     c_out, c_in_g, kh, kw = weight.shape
     k, g = kh * kw, groups
@@ -342,10 +360,12 @@ def _matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x [n, K] @ w[N, K].T + bias`` (written into ``out`` if given).
 
-    On CPU, float32 and bfloat16 go through oneDNN as a 1x1 conv on channels-last views of the
-    two matrices (no copies), the library the dense network's convs run on: MKL's GEMM took
-    1.0-1.7x as long on the layer shapes of a converted ResNet-101 on an AMD EPYC
-    (BENCHMARKS.md). Elsewhere (CUDA, float64) a BLAS GEMM."""
+    On CPU, float32 and bfloat16 go through ``F.conv2d`` as a 1x1 conv on channels-last views of
+    the two matrices (no input copies; the result is a fresh tensor, copied into ``out``), which
+    PyTorch runs on oneDNN, the library of the dense network's convs, once there are more than
+    20480 input elements and 2+ threads (else on its own GEMM path): MKL's GEMM took 1.1-2.1x
+    as long on the layer shapes of a converted ResNet-101 on an AMD EPYC (BENCHMARKS.md).
+    Elsewhere (CUDA, float64) a BLAS GEMM, straight into ``out``."""
     n, k = x.shape
     if n and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN:
         y = F.conv2d(x.contiguous().view(1, n, 1, k).permute(0, 3, 1, 2),

@@ -68,6 +68,32 @@ def test_gemm_route(dtype, monkeypatch):
     assert E._matmul_nk(x[:0], w, b).shape == (0, 9)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_gemm_route_reaches_onednn_with_gradients():
+    """At network sizes (more than 20480 input elements, 2 threads) PyTorch runs the 1x1 conv on
+    oneDNN itself (smaller ones take its own GEMM path): values and gradients in float32 against
+    float64, and the kernel seen in the profile."""
+    import cad_spconv.engines as E
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((3000, 64), (96, 64), (96,)))
+        up = torch.randn(3000, 96, generator=gen)
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+        with torch.profiler.profile() as prof:
+            y = E._matmul_nk(xs, ws, bs)
+        (y * up).sum().backward()
+        x64, w64, b64 = (t.double().requires_grad_(True) for t in (x, w, b))
+        y64 = x64 @ w64.t() + b64
+        (y64 * up.double()).sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert "aten::mkldnn_convolution" in {e.key for e in prof.key_averages()}
+    for got, want in ((y, y64), (xs.grad, x64.grad), (ws.grad, w64.grad), (bs.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("grid,L", [((13, 11), 1), ((17, 23), 3), ((64, 128), 1)])
 def test_lattice_split_partitions_the_output(grid, L, device):
     """Lattice rows and rest rows cover every output site once; the rest reads exactly the
@@ -227,19 +253,41 @@ def test_workspaces_across_inference_mode_and_no_grad():
 
 
 @pytest.mark.parametrize("engine", ["lattice", "torch", "auto", "tuned"])
-def test_autocast_runs_the_conv_in_the_autocast_dtype(engine):
-    """Under ``torch.autocast`` the engines compute in its dtype, as ``F.conv2d`` does there
-    (the GEMM paths would otherwise mix bfloat16 features with a float32 weight)."""
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blas", [False, True])
+def test_autocast_runs_the_conv_in_the_autocast_dtype(engine, cast, blas, monkeypatch):
+    """Under ``torch.autocast`` the engines compute in its dtype, as ``F.conv2d`` does there:
+    float32 features and float32 parameters, then (second conv) features already in that dtype
+    with float32 parameters. ``blas``: the GEMMs on BLAS with ``out=`` (the CUDA route), which
+    autocast does not cast by itself."""
+    import cad_spconv.engines as E
+    if blas:
+        monkeypatch.setattr(E, "_ONEDNN", False)
     case = ((13, 11), 2, "levels")
+    gen = torch.Generator().manual_seed(4)
     for stride in (1, 2):
         x, levels = make_input(case, 1, 8, torch.float32, "cpu", seed=4)
-        w = torch.randn(8, 8, 3, 3) / 8
-        b = torch.randn(8)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            y = CF.conv2d(x, w, b, stride, 1, 1, engine).features
-        assert y.dtype == torch.bfloat16
-        want = ref.conv(x.features.double(), levels, 1, stride, w.double(), b.double(), 1, 1)
-        torch.testing.assert_close(y.double(), want, rtol=0.03, atol=0.03)
+        w1, w2 = (torch.randn(8, 8, 3, 3, generator=gen) / 8 for _ in range(2))
+        b1, b2 = (torch.randn(8, generator=gen) for _ in range(2))
+        with torch.no_grad(), torch.autocast("cpu", dtype=cast):
+            y = CF.conv2d(x, w1, b1, stride, 1, 1, engine)
+            z = CF.conv2d(y, w2, b2, 1, 1, 1, engine)
+        assert y.features.dtype == z.features.dtype == cast
+        step = 1 + (stride == 2)
+        want_y = ref.conv(x.features.double(), levels, 1, stride, w1.double(), b1.double(), 1, 1)
+        want_z = ref.conv(y.features.double(), levels, step, 1, w2.double(), b2.double(), 1, 1)
+        torch.testing.assert_close(y.features.double(), want_y, rtol=0.03, atol=0.03)
+        torch.testing.assert_close(z.features.double(), want_z, rtol=0.03, atol=0.03)
+
+
+def test_mixed_dtypes_outside_autocast_are_refused():
+    x, _ = make_input(((9, 8), 1, "keep"), 0, 4, torch.bfloat16, "cpu", seed=1)
+    w = torch.randn(4, 4, 3, 3)
+    for engine in ("lattice", "torch", "tuned"):
+        with pytest.raises(TypeError, match="bfloat16, the weight torch.float32.*autocast"):
+            CF.conv2d(x, w, engine=engine)
+    with pytest.raises(TypeError, match="and the bias torch.float64"):
+        CF.conv2d(x, w.bfloat16(), torch.zeros(4, dtype=torch.float64))
 
 
 def test_spconv_engine_refuses_bfloat16_and_tuned_leaves_it_out():
