@@ -128,8 +128,11 @@ def _math_flags() -> dict:
     flags = {"cudnn_tf32": torch.backends.cudnn.allow_tf32,
              "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
              "cudnn_benchmark": torch.backends.cudnn.benchmark}
-    constants = sys.modules.get("spconv.constants")  # only where spconv was imported
-    if constants is not None:
+    from .backend import spconv_status
+
+    if spconv_status()[0]:  # a run may import spconv and set its flag: snapshot it first
+        from spconv import constants
+
         flags["spconv_tf32"] = constants.SPCONV_ALLOW_TF32
     return flags
 
@@ -707,7 +710,6 @@ def _profile(fn, args, device, top: int) -> dict:
     out = dict(ranked[:top])
     out["(other)"] = sum(ms for _, ms in ranked[top:])
     out["(total)"] = sum(per_op.values())
-    del torch
     return out
 
 

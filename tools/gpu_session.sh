@@ -15,7 +15,7 @@
 # it), exports PYTHONPATH=$GPU_SITE:$PWD, records versions, then runs the PARTs in order, each
 # under `timeout` and all within GPU_BUDGET_S (default 540 s, the device allows 600 per call):
 #
-#   tests      pytest on the CUDA cases (-k cuda; -k cpu without CUDA): every op and engine,
+#   tests      pytest on the CUDA cases (-k "cuda or igemm"; -k cpu without CUDA): every op and engine,
 #              spconv's implicit GEMM, the converted networks
 #   tests-all  the whole suite except slow tests (CPU and CUDA cases)
 #   engines    cad-spconv bench --model conv3x3 (256 and 512 channels, 1024x2048, fp32):
@@ -181,7 +181,8 @@ has_cuda() { "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available(
 
 part_tests() {
     local k=${TESTS_K:-}
-    [[ -n $k ]] || { if has_cuda; then k=cuda; else k=cpu; echo "(no CUDA: running the cpu cases)"; fi; }
+    # "igemm": the implicit-GEMM kernel tests carry no device in their ids
+    [[ -n $k ]] || { if has_cuda; then k="cuda or igemm"; else k=cpu; echo "(no CUDA: running the cpu cases)"; fi; }
     run_part tests "${TESTS_S:-150}" "$PY" -m pytest -q -k "$k" -p no:cacheprovider \
         --tb=short --durations=25 --junitxml="$OUT/tests.xml" -o junit_family=xunit2
 }
