@@ -691,7 +691,6 @@ def _bench_input(args, bench, images, keep, device, dtype) -> dict:
 def _profile(fn, args, device, top: int) -> dict:
     """Self time per op (ms) of one profiled run: the ``top`` most expensive ops and the rest
     summed as ``"(other)"``, plus ``"(total)"``. On CUDA, device time."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
