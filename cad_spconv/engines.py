@@ -312,8 +312,7 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     k, g = kh * kw, groups
     track = _tracks_grad(features, weight, bias)
     if g == 1:  # [C_out, K * C_in]: the KRSC filters, columns in the gathered order
-        w = (krsc_filters(weight) if track else weight_layout(weight, "krsc", krsc_filters))
-        w = w.view(c_out, k * c_in)
+        w = krsc_filters(weight, cache=not track).view(c_out, k * c_in)
     else:
         w = _gemm_weight(weight, g, cache=not track)
     budget = _GATHER_CHUNK_BYTES_CUDA if features.is_cuda else _GATHER_CHUNK_BYTES
@@ -487,16 +486,17 @@ def _spconv_conv(features, weight, book: Rulebook) -> torch.Tensor:
         raise TypeError(f"the spconv engine has no {features.dtype} kernels (spconv 2.3 runs "
                         "float16, float32 and float64); use engine='lattice' or 'auto'")
     pairs, counts = book.spconv_pairs()
-    if _tracks_grad(features, weight, None):
-        filters = krsc_filters(weight)
-    else:
-        filters = weight_layout(weight, "krsc", krsc_filters)
+    filters = krsc_filters(weight, cache=not _tracks_grad(features, weight, None))
     return functional.indice_conv(features.contiguous(), filters, pairs, counts, book.num_out,
                                   ConvAlgo.Native)
 
 
-def krsc_filters(weight: torch.Tensor) -> torch.Tensor:
-    """``[C_out, C_in, kh, kw]`` -> spconv's filter layout ``[C_out, kh, kw, C_in]``."""
+def krsc_filters(weight: torch.Tensor, cache: bool = False) -> torch.Tensor:
+    """``[C_out, C_in, kh, kw]`` -> ``[C_out, kh, kw, C_in]`` contiguous: spconv's filter layout
+    and, flattened, the GEMM weight of tap-major im2col columns. ``cache`` (no autograd): kept
+    per weight until it changes (:func:`weight_layout`)."""
+    if cache:
+        return weight_layout(weight, "krsc", krsc_filters)
     return weight.permute(0, 2, 3, 1).contiguous()
 
 

@@ -57,7 +57,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .engines import krsc_filters, weight_layout
+from .engines import krsc_filters
 from .rulebook import Rulebook
 
 __all__ = ["IGemmPairs", "implicit_gemm_pairs", "igemm_conv", "run_implicit_gemm",
@@ -186,7 +186,7 @@ def run_implicit_gemm(features: torch.Tensor, weight: torch.Tensor, bias,
         raise SpconvUnavailable(reason)
     from spconv.pytorch import ops
 
-    filters = _krsc(weight)
+    filters = krsc_filters(weight, cache=True)
     if bias is not None:
         bias = bias.contiguous()
     with torch.cuda.device(features.device):  # spconv uses the current device's stream / arch
@@ -249,8 +249,3 @@ def _check_cuda(features, weight, bias):
     if any(t.dtype != features.dtype for t in tensors):
         raise TypeError(f"features, weight and bias must share one dtype, got "
                         f"{[str(t.dtype) for t in tensors]}")
-
-
-def _krsc(weight: torch.Tensor) -> torch.Tensor:
-    """spconv's ``[C_out, kh, kw, C_in]`` filters, kept per weight until it changes."""
-    return weight_layout(weight, "krsc", krsc_filters)

@@ -246,7 +246,10 @@ def test_numpy2_with_cumm_0_4_is_refused_not_crashed():
 
 def test_filters_are_krsc_and_follow_weight_updates():
     """spconv's filter layout [C_out, kh, kw, C_in], cached per weight until it changes."""
-    from cad_spconv.igemm import _krsc
+    from cad_spconv.engines import krsc_filters
+
+    def _krsc(weight):
+        return krsc_filters(weight, cache=True)
     w = torch.randn(4, 3, 3, 5)
     f = _krsc(w)
     assert f.shape == (4, 3, 5, 3) and f.is_contiguous()
