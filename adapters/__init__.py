@@ -19,7 +19,9 @@ from torchvision.models.segmentation.fcn import FCN
 from torchvision.models.vgg import VGG
 
 from .fold import fold_batchnorm
-from .common import SUPPORTED, CADModel, UnsupportedModelError, check_engine
+from cad_spconv.engines import check_engine
+
+from .common import SUPPORTED, CADModel, UnsupportedModelError
 from .resnet import CADBasicBlock, CADBottleneck, CADResNet, convert_resnet
 from .segmentation import CADASPP, CADASPPPooling, CADSegmentation, convert_segmentation
 from .vgg import CADVGGFeatures, convert_vgg_features
@@ -43,7 +45,8 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
     - ``sparse_head`` (segmentation only): run the head on the multi-resolution tensor and
       densify only before the final upsampling; by default the backbone output is densified at
       the finest stride and the head runs densely there (the paper's setup).
-    - ``engine``: conv engine of the converted layers (``"auto"``, ``"torch"``, ``"spconv"``).
+    - ``engine``: conv engine of the converted layers, one of
+      :data:`cad_spconv.engines.ENGINES` (``cad_spconv.engines.describe()`` lists them).
 
     Returns a :class:`CADResNet`, :class:`CADSegmentation` or :class:`CADVGGFeatures`, called
     as ``cad(images, keep)``; ``keep`` is a bool keep mask (True = keep at the finest

@@ -12,15 +12,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from cad_spconv.engines import ENGINES
+from cad_spconv.engines import check_engine
 from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise
-from cad_spconv.plan import LevelPlan, make_plan, reduce_to_grid
+from cad_spconv.plan import LevelPlan, make_plan, num_adaptive_steps, reduce_to_grid
 from cad_spconv.tensor import CADTensor
 
-__all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides",
-           "check_stride_pair", "check_engine",
-           "dense_conv", "cad_conv", "cad_layer", "shell", "keep_to_grid", "CADModel",
-           "expect_type", "sequential"]
+__all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides", "dense_conv", "cad_conv", "cad_layer", "shell", "keep_to_grid", "CADModel",
+           "expect_type"]
 
 SUPPORTED = ("torchvision ResNet / ResNeXt / Wide ResNet classifiers (BasicBlock, Bottleneck); "
              "torchvision FCN and DeepLabV3 with a ResNet backbone; VGG-style feature stacks "
@@ -44,14 +42,10 @@ def expect_type(module: nn.Module, path: str, types, what: str):
             f"{type(module).__name__}): expected {what}. Supported: {SUPPORTED}")
 
 
-def _power_of_two(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1 and (v & (v - 1)) == 0
-
-
 def check_strides(finest: int, coarsest: int, finest_allowed: Sequence[int], coarsest_max: int,
                   family: str, where_steps: str) -> int:
     """Validate the stride pair for a family; returns ``L = log2(coarsest / finest)``."""
-    num_levels = check_stride_pair(finest, coarsest)
+    num_levels = num_adaptive_steps(finest, coarsest)
     if finest not in finest_allowed:
         raise ValueError(f"{family}: finest_stride must be one of "
                          f"{', '.join(map(str, finest_allowed))} ({where_steps}), got {finest}")
@@ -60,21 +54,6 @@ def check_strides(finest: int, coarsest: int, finest_allowed: Sequence[int], coa
                          f"its last downsampling), got {coarsest}")
     return num_levels
 
-
-def check_stride_pair(finest: int, coarsest: int) -> int:
-    """Powers of two with ``coarsest > finest``; returns ``L = log2(coarsest / finest)``."""
-    for name, v in (("finest_stride", finest), ("coarsest_stride", coarsest)):
-        if not _power_of_two(v):
-            raise ValueError(f"{name} must be a power of two (1, 2, 4, 8, ...), got {v!r}")
-    if coarsest <= finest:
-        raise ValueError(f"coarsest_stride ({coarsest}) must be larger than finest_stride "
-                         f"({finest}): there must be at least one adaptive downsampling step")
-    return (coarsest // finest).bit_length() - 1
-
-
-def check_engine(engine: str):
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
 
 # ---------------------------------------------------------------------- layer conversion
@@ -172,7 +151,7 @@ class CADModel(nn.Module):
 
     def __init__(self, finest_stride: int, coarsest_stride: int):
         super().__init__()
-        self.num_levels = check_stride_pair(finest_stride, coarsest_stride)
+        self.num_levels = num_adaptive_steps(finest_stride, coarsest_stride)
         self.finest_stride = finest_stride
         self.coarsest_stride = coarsest_stride
         self.last_plan: Optional[LevelPlan] = None
@@ -211,9 +190,4 @@ class CADModel(nn.Module):
     def extra_repr(self) -> str:
         return (f"finest_stride={self.finest_stride}, coarsest_stride={self.coarsest_stride}, "
                 f"num_levels={self.num_levels}")
-
-
-def sequential(modules: Sequence[nn.Module]) -> nn.Sequential:
-    """An ``nn.Sequential`` view of existing modules (for :meth:`parts`; nothing is copied)."""
-    return nn.Sequential(*modules)
 

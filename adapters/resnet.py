@@ -25,15 +25,11 @@ from cad_spconv.nn import CADAdaptiveAvgPool2d, CADBatchNorm2d, CADPointwise
 from cad_spconv.tensor import CADTensor
 
 from .common import (CADModel, UnsupportedModelError, cad_conv, check_strides, dense_conv,
-                     expect_type, sequential, shell)
+                     expect_type, shell)
+from .output_stride import CANONICAL_STRIDE, STAGES, STEM, stride_conv
 
 __all__ = ["CADResNet", "CADBottleneck", "CADBasicBlock", "CADResNetBackbone", "convert_resnet"]
 
-STEM = ("conv1", "bn1", "relu", "maxpool")
-STAGES = ("layer1", "layer2", "layer3", "layer4")
-# canonical (standard network) stride after each child
-CANONICAL_STRIDE = {"conv1": 2, "bn1": 2, "relu": 2, "maxpool": 4, "layer1": 4, "layer2": 8,
-                    "layer3": 16, "layer4": 32}
 RESNET_FINEST = (4, 8, 16)
 WHERE_STEPS = "the adaptive steps of a ResNet are its strided stages layer2..layer4"
 
@@ -93,14 +89,10 @@ def _cad_shortcut(block, stride: int, engine: str, path: str) -> Optional[nn.Seq
                          CADBatchNorm2d.from_module(ds[1]))
 
 
-def _stride_conv_name(block) -> str:
-    return "conv2" if type(block) is Bottleneck else "conv1"
-
-
 def _dense_block(block, stride: int):
     """The block with the standard stride and no dilation (a shell only if that differs)."""
     changes = {}
-    strided = _stride_conv_name(block)
+    strided = "conv2" if type(block) is Bottleneck else "conv1"
     names = ("conv1", "conv2", "conv3") if type(block) is Bottleneck else ("conv1", "conv2")
     for name in names:
         conv = getattr(block, name)
@@ -165,7 +157,7 @@ def given_strides(children: dict[str, nn.Module]) -> dict[str, int]:
         if name not in children:
             break
         first = children[name][0]
-        s *= getattr(first, _stride_conv_name(first)).stride[0]
+        s *= stride_conv(first)[0].stride[0]
         strides[name] = s
     return strides
 
@@ -248,8 +240,8 @@ class _ResNetTrunk:
         return x, captured
 
     def _trunk_parts(self) -> dict[str, nn.Module]:
-        return {"dense": sequential([getattr(self, n) for n in self.dense_names]),
-                "sparse": sequential([getattr(self, n) for n in self.sparse_names])}
+        return {"dense": nn.ModuleList(getattr(self, n) for n in self.dense_names),
+                "sparse": nn.ModuleList(getattr(self, n) for n in self.sparse_names)}
 
 
 def _trunk_strides(children, finest, coarsest, family):
@@ -297,7 +289,7 @@ class CADResNet(_ResNetTrunk, CADModel):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def parts(self) -> dict[str, nn.Module]:
-        return {**self._trunk_parts(), "head": sequential([self.avgpool, self.fc]),
+        return {**self._trunk_parts(), "head": nn.ModuleList([self.avgpool, self.fc]),
                 **self._mask_part()}
 
 

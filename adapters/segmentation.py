@@ -33,7 +33,8 @@ from cad_spconv.tensor import CADTensor
 
 from .common import (POINTWISE, CADModel, UnsupportedModelError, cad_conv, cad_layer,
                      dense_conv, expect_type, shell)
-from .resnet import CANONICAL_STRIDE, STAGES, CADResNetBackbone, _trunk_strides
+from .output_stride import CANONICAL_STRIDE, STAGES
+from .resnet import CADResNetBackbone, _trunk_strides
 
 __all__ = ["CADSegmentation", "CADASPP", "CADASPPPooling", "convert_segmentation"]
 
@@ -54,7 +55,7 @@ class CADASPPPooling(nn.Sequential):
         for module in list(self)[1:]:
             pooled = module(pooled)
         images = x.plan.geometry(x.step).coords[:, 0]
-        return x.replace_features(pooled.flatten(1)[images])
+        return x.replace_feature(pooled.flatten(1)[images])
 
 
 class CADASPP(nn.Module):
@@ -86,7 +87,7 @@ class CADASPP(nn.Module):
         outs = [branch(x) for branch in self.convs]
         for o in outs[1:]:
             outs[0].check_same_sites(o, "ASPP branches")
-        return self.project(x.replace_features(torch.cat([o.features for o in outs], dim=1)))
+        return self.project(x.replace_feature(torch.cat([o.features for o in outs], dim=1)))
 
 
 def _check_pooling(branch: ASPPPooling, path: str):

@@ -22,7 +22,7 @@ from cad_spconv.nn import CADMaxPool2d
 from cad_spconv.tensor import CADTensor
 
 from .common import (POINTWISE, CADModel, UnsupportedModelError, cad_layer, check_strides,
-                     expect_type, sequential)
+                     expect_type)
 
 __all__ = ["CADVGGFeatures", "convert_vgg_features"]
 
@@ -88,8 +88,8 @@ class CADVGGFeatures(CADModel):
         return self.forward_features(images, keep).dense()
 
     def parts(self) -> dict[str, nn.Module]:
-        return {"dense": sequential([getattr(self, n) for n in self.dense_names]),
-                "sparse": sequential([getattr(self, n) for n in self.sparse_names]),
+        return {"dense": nn.ModuleList(getattr(self, n) for n in self.dense_names),
+                "sparse": nn.ModuleList(getattr(self, n) for n in self.sparse_names),
                 **self._mask_part()}
 
 

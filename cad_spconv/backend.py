@@ -1,9 +1,12 @@
 """Finding a trustworthy spconv.
 
-spconv is optional (install it through an extra: ``cad-spconv[cu120]``, ``[cu126]``, ...). The
-CPU-only ``spconv`` wheel computes wrong convolutions (SubMConv2d vs dense conv max error ~0.8
-measured on 2.3.6 and 2.3.8), so it is refused: the package metadata is checked, and the first
-use runs a small self-check of ``indice_conv`` against a torch gather-GEMM.
+spconv comes with the default install (``spconv-cu126``, whose wheels cover CPython 3.11-3.13
+and run on CPU too); its ``SparseConvTensor`` is the base of :class:`~cad_spconv.CADTensor`.
+The CPU-only ``spconv`` wheel computes wrong convolutions (SubMConv2d vs dense conv max error
+~0.8 measured on 2.3.6 and 2.3.8), so its conv engine is refused: the package metadata is
+checked, and the first use of the ``"spconv"`` engine runs a small self-check of
+``indice_conv`` against a torch gather-GEMM. (Importing spconv takes several seconds on CPU:
+it builds its kernel tables in Python.)
 """
 from __future__ import annotations
 
@@ -12,12 +15,12 @@ import importlib.metadata
 import warnings
 from functools import lru_cache
 
-__all__ = ["spconv_status", "require_spconv", "warn_if_cpu_only_wheel", "installed_builds",
-           "SpconvUnavailable", "INSTALL_HINT"]
+__all__ = ["spconv_status", "require_spconv", "import_spconv", "warn_if_cpu_only_wheel",
+           "installed_builds", "SpconvUnavailable", "INSTALL_HINT"]
 
 INSTALL_HINT = ("install a CUDA build of spconv, which is also correct on CPU: "
-                "`pip install 'cad-spconv[cu120]'` (Python <= 3.11) or "
-                "`pip install 'cad-spconv[cu126]'` (Python >= 3.12); "
+                "`pip install spconv-cu126` (the default of `pip install cad-spconv`, "
+                "CPython 3.11-3.13; other CUDA builds such as spconv-cu120 work too); "
                 "remove the CPU-only wheel first with `pip uninstall spconv`")
 
 
@@ -40,13 +43,22 @@ def _installed_spconv_dists() -> list[str]:
     return sorted(installed_builds("spconv"))
 
 
+def import_spconv():
+    """``spconv.pytorch`` (its import warnings silenced), or an ``ImportError`` naming the
+    install command."""
+    try:
+        with warnings.catch_warnings():
+            # spconv 2.3 uses deprecated torch.cuda.amp decorators at import time
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return importlib.import_module("spconv.pytorch")
+    except ImportError as e:
+        raise ImportError(f"cad_spconv needs spconv ({e}); " + INSTALL_HINT) from e
+
+
 def _import_spconv():
-    with warnings.catch_warnings():
-        # spconv 2.3 uses deprecated torch.cuda.amp decorators at import time
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        importlib.import_module("spconv.pytorch")
-        return importlib.import_module("spconv.pytorch.functional")
+    import_spconv()
+    return importlib.import_module("spconv.pytorch.functional")
 
 
 def _self_check() -> float:
@@ -61,9 +73,9 @@ def _self_check() -> float:
     feats = torch.randn(n_in, c_in, generator=gen)
     weight = torch.randn(c_out, 3, 3, c_in, generator=gen)
     gather = torch.randint(-1, n_in, (n_out, 9), generator=gen)
-    from .rulebook import Rulebook
+    from .rulebook import GatherRulebook
 
-    book = Rulebook(gather, n_in, (3, 3), 0, 0)
+    book = GatherRulebook(gather, n_in, (3, 3))
     pairs, counts = book.spconv_pairs()
     out = functional.indice_conv(feats, weight, pairs, counts, n_out, ConvAlgo.Native)
     padded = torch.cat([feats, feats.new_zeros(1, c_in)])

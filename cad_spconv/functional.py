@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from .engines import sparse_conv, sparse_max
-from .rulebook import Rulebook, conv_rulebook, pool2_rulebook
+from .rulebook import ConvKey, Pool2Key, Rulebook
 from .tensor import CADTensor
 
-__all__ = ["conv2d", "max_pool2d", "batch_norm", "pointwise", "global_avg_pool", "densify",
-           "conv_book"]
+__all__ = ["conv2d", "max_pool2d", "batch_norm", "pointwise", "global_avg_pool", "conv_book"]
 
 IntPair = Union[int, tuple[int, int]]
 
@@ -43,8 +42,7 @@ def conv_book(x: CADTensor, kernel_size: IntPair, dilation: IntPair, stride: Int
     kh, kw = _pair(kernel_size, "kernel_size")
     dil = _pair(dilation, "dilation")
     step_out = _step_out(x, stride)
-    key = ("conv", kh, kw, dil, x.step, step_out)
-    return x.cache.get(key, lambda: conv_rulebook(x.plan, (kh, kw), dil, x.step, step_out))
+    return x.cache.get(ConvKey((kh, kw), dil, x.step, step_out), x.plan)
 
 
 def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -55,7 +53,7 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
     adaptive downsampling step."""
     book = conv_book(x, weight.shape[-2:], dilation, stride)
     out = sparse_conv(x.features, weight, bias, book, groups, engine)
-    return x.replace_features(out, book.step_out)
+    return x.replace_feature(out, book.step_out)
 
 
 def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: IntPair = 0,
@@ -69,30 +67,30 @@ def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: Int
     d = _pair(dilation, "dilation")
     if k == (2, 2) and s == (2, 2) and p == (0, 0) and d == (1, 1):
         _step_out(x, 2)
-        book = x.cache.get(("pool2", x.step), lambda: pool2_rulebook(x.plan, x.step))
+        book = x.cache.get(Pool2Key(x.step), x.plan)
     elif k[0] % 2 == 1 and k[1] % 2 == 1 and p == (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2):
         book = conv_book(x, k, d, s)
     else:
         raise ValueError(f"unsupported max pool kernel={k}, stride={s}, padding={p}, dilation={d}: "
                          "supported are 2x2 window with stride 2, and odd windows with same "
                          "padding (dilation*(k-1)/2) and stride 1 or 2")
-    return x.replace_features(sparse_max(x.features, book), book.step_out)
+    return x.replace_feature(sparse_max(x.features, book), book.step_out)
 
 
 def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> CADTensor:
     """Batch norm per site; in training the statistics are taken over sites."""
     out = F.batch_norm(x.features, running_mean, running_var, weight, bias, training, momentum, eps)
-    return x.replace_features(out)
+    return x.replace_feature(out)
 
 
 def pointwise(x: CADTensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> CADTensor:
     """Apply an elementwise function (activation, dropout, ...) to every site."""
-    return x.replace_features(fn(x.features))
+    return x.replace_feature(fn(x.features))
 
 
 def global_avg_pool(x: CADTensor) -> torch.Tensor:
-    """Area-weighted mean over sites: ``[B, C]``, equal to the dense mean of :func:`densify`."""
+    """Area-weighted mean over sites: ``[B, C]``, equal to the mean of ``x.dense()``."""
     geo = x.plan.geometry(x.step)
     # half-precision sums over a whole image overflow (float16) or lose digits: float32 for them
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -100,8 +98,3 @@ def global_avg_pool(x: CADTensor) -> torch.Tensor:
     sums = sums.index_add(0, geo.coords[:, 0], x.features.to(acc) * geo.area.to(acc)[:, None])
     H, W = x.plan.grid
     return (sums / (H * W)).to(x.dtype)
-
-
-def densify(x: CADTensor, grid: str = "finest") -> torch.Tensor:
-    """Dense ``[B, C, H, W]`` by owner fill (see :meth:`CADTensor.dense`)."""
-    return x.dense(grid)

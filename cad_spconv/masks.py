@@ -23,12 +23,11 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "random", "random_like", "invert",
-           "dilate", "subsample", "kept_fraction", "IMAGENET_MEAN", "IMAGENET_STD",
-           "EDGE_OPERATORS", "GRAYSCALES"]
+from .images import denormalize
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "random", "random_like", "invert",
+           "dilate", "subsample", "kept_fraction", "EDGE_OPERATORS", "GRAYSCALES"]
+
 
 #: ``reference``: the public reference code's detector: central differences
 #: ``g[y, x+1] - g[y, x-1]`` and ``g[y+1, x] - g[y-1, x]`` with zero padding, each compared
@@ -242,9 +241,7 @@ def sift_keypoints(images: torch.Tensor, num_points: int = 512) -> list[torch.Te
         raise ImportError("sift_keypoints needs OpenCV: pip install 'cad-spconv[sift]' "
                           "(opencv-python-headless)") from e
     images = _check_images(images)
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    rgb = ((images.detach() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    rgb = (denormalize(images.detach()) * 255).round().to(torch.uint8)
     detector = cv2.SIFT_create(nfeatures=int(num_points))
     out = []
     for img in rgb.permute(0, 2, 3, 1).cpu().numpy():  # one OpenCV call per image

@@ -10,17 +10,17 @@ import torch
 from torch import nn
 
 from . import functional as CF
-from .engines import ENGINES
+from .engines import check_engine
 from .tensor import CADTensor
 
 __all__ = ["CADConv2d", "CADBatchNorm2d", "CADPointwise", "CADMaxPool2d",
-           "CADAdaptiveAvgPool2d", "Densify", "Sparsify"]
+           "CADAdaptiveAvgPool2d", "Densify"]
 
 
 def _expect_cad(x, module: nn.Module):
     if not isinstance(x, CADTensor):
         raise TypeError(f"{type(module).__name__} expects a CADTensor, got {type(x).__name__}; "
-                        "enter with CADTensor.from_dense(x, keep, num_levels) or a Sparsify module")
+                        "enter with CADTensor.from_dense(x, keep, num_levels)")
 
 
 class CADConv2d(nn.Conv2d):
@@ -28,8 +28,8 @@ class CADConv2d(nn.Conv2d):
 
     ``dilation`` is the layer's dilation in the coarsest-stride network; at step ``t`` its taps
     are ``dilation * 2**t`` apart on the finest grid. Stride 2 is an adaptive downsampling step.
-    ``engine``: one of :data:`cad_spconv.engines.ENGINES` (``"auto"``, ``"tuned"``,
-    ``"lattice"``, ``"torch"``, ``"spconv"``; see :mod:`cad_spconv.engines`).
+    ``engine``: one of :data:`cad_spconv.engines.ENGINES` (see
+    :func:`cad_spconv.engines.describe`).
     """
 
     def __init__(self, *args, engine: str = "auto", **kwargs):
@@ -49,8 +49,7 @@ class CADConv2d(nn.Conv2d):
             raise ValueError(f"CADConv2d stride must be 1 or 2, got {self.stride}")
         if self.padding_mode != "zeros":
             raise ValueError(f"CADConv2d supports zero padding only, got {self.padding_mode!r}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        check_engine(self.engine)
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d, dilation=None, stride=None,
@@ -169,17 +168,3 @@ class Densify(nn.Module):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid!r}"
-
-
-class Sparsify(nn.Module):
-    """Enter the multi-resolution form at step 0: ``forward(x_dense, keep)``."""
-
-    def __init__(self, num_levels: int):
-        super().__init__()
-        self.num_levels = num_levels
-
-    def forward(self, x: torch.Tensor, keep) -> CADTensor:
-        return CADTensor.from_dense(x, keep, self.num_levels)
-
-    def extra_repr(self) -> str:
-        return f"num_levels={self.num_levels}"

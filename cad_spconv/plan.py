@@ -13,21 +13,24 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LevelPlan", "StepGeometry", "make_plan", "reduce_to_grid", "same_device"]
+__all__ = ["LevelPlan", "StepGeometry", "make_plan", "reduce_to_grid", "same_device",
+           "num_adaptive_steps"]
 
 
 @dataclass(frozen=True)
 class StepGeometry:
     """Sites of one step of a plan.
 
-    coords: ``[N, 3]`` int64 (batch, y, x) of the active sites in raster order.
-    owner:  ``[B, H, W]`` int64, index into ``coords`` of the site owning each cell.
-    area:   ``[N]`` int64, cells owned by each site (blocks clipped at the border).
+    coords:  ``[N, 3]`` int64 (batch, y, x) of the active sites in raster order.
+    owner:   ``[B, H, W]`` int64, index into ``coords`` of the site owning each cell.
+    area:    ``[N]`` int64, cells owned by each site (blocks clipped at the border).
+    indices: ``coords`` as int32, spconv's index format.
     """
 
     coords: torch.Tensor
     owner: torch.Tensor
     area: torch.Tensor
+    indices: torch.Tensor
 
     @property
     def num_sites(self) -> int:
@@ -204,11 +207,6 @@ class LevelPlan:
             return self
         return LevelPlan(self.levels.to(device), self.num_levels)
 
-    def level_at(self, step: int) -> torch.Tensor:
-        """Level of each cell's owner at step ``step`` (``min(final level, step)``)."""
-        self._check_step(step)
-        return self.levels.clamp(max=step)
-
     def geometry(self, step: int) -> StepGeometry:
         """Active sites, owner map and areas at ``step`` (cached)."""
         self._check_step(step)
@@ -253,7 +251,8 @@ class LevelPlan:
         owner = site_index[owner_flat]
         coords = is_site.nonzero()
         area = torch.bincount(owner.flatten(), minlength=coords.shape[0])
-        return StepGeometry(coords=coords, owner=owner, area=area)
+        return StepGeometry(coords=coords, owner=owner, area=area,
+                            indices=coords.to(torch.int32))
 
 
 def same_device(a, b) -> bool:
@@ -264,6 +263,22 @@ def same_device(a, b) -> bool:
     if a.index is None or b.index is None:
         return a.type != "cuda" or (a.index or torch.cuda.current_device()) == (b.index or torch.cuda.current_device())
     return a.index == b.index
+
+
+def _power_of_two(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1 and (v & (v - 1)) == 0
+
+
+def num_adaptive_steps(finest_stride: int, coarsest_stride: int) -> int:
+    """``L = log2(coarsest / finest)`` for a valid stride pair: powers of two with
+    ``coarsest > finest`` (at least one adaptive downsampling step)."""
+    for name, v in (("finest_stride", finest_stride), ("coarsest_stride", coarsest_stride)):
+        if not _power_of_two(v):
+            raise ValueError(f"{name} must be a power of two (1, 2, 4, 8, ...), got {v!r}")
+    if coarsest_stride <= finest_stride:
+        raise ValueError(f"coarsest_stride ({coarsest_stride}) must be larger than finest_stride "
+                         f"({finest_stride}): there must be at least one adaptive downsampling step")
+    return (coarsest_stride // finest_stride).bit_length() - 1
 
 
 def _check_levels(num_levels: int):

@@ -5,26 +5,34 @@ from the plan's owner map with the dilation-scaled submanifold rule of ``SEMANTI
 output site ``p`` reads ``q = p + D*o`` with ``D = d * 2**step_in``; out-of-grid taps read zero
 (``-1``), in-grid taps read the owner of ``q`` (parent-patch fill). All vectorized.
 
-Rulebooks only depend on the plan and the layer geometry, so they are cached in a
-:class:`RulebookCache` that travels with every tensor derived from the same input: a ResNet
-builds a handful per forward, not one per layer.
+Two kinds, one base class:
 
-A conv rulebook can also be split along the coarse lattice (:meth:`Rulebook.lattice`): at step
-``t`` every finest cell whose coordinates are multiples of ``2**t`` is itself a site (a block
-of level ``<= t`` always has a site at its top-left corner), so those sites form a complete
-dense grid at stride ``f * 2**t``, on which the layer is an ordinary dense conv with the
-layer's own dilation. Only the remaining (finer, off-lattice) sites need a gather.
+- :class:`ConvRulebook` (:func:`conv_rulebook`): a conv or overlapping pool on a plan. It keeps
+  its plan and builds its gather table on first use; it can also be split along the coarse
+  lattice (:meth:`ConvRulebook.lattice`): at step ``t`` every finest cell whose coordinates are
+  multiples of ``2**t`` is itself a site (a block of level ``<= t`` always has a site at its
+  top-left corner), so those sites form a complete dense grid at stride ``f * 2**t``, on which
+  the layer is an ordinary dense conv with the layer's own dilation.
+- :class:`GatherRulebook`: an explicit gather table (the 2x2 window pool, hand-built tables).
+
+Rulebooks depend only on the plan and the layer geometry, so they are cached in a
+:class:`RulebookCache` under typed keys (:class:`ConvKey`, :class:`Pool2Key`) that know how to
+build their rulebook; the cache travels with every tensor derived from the same input, so a
+ResNet builds a handful per forward, not one per layer. Formats an engine derives from a
+rulebook (spconv's pairs, implicit-GEMM tables, ...) are cached on the rulebook itself
+(:meth:`Rulebook.derived`) and die with it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from .plan import LevelPlan
 
-__all__ = ["Rulebook", "RulebookCache", "LatticeSplit", "conv_rulebook", "pool2_rulebook"]
+__all__ = ["Rulebook", "ConvRulebook", "GatherRulebook", "RulebookCache", "LatticeSplit",
+           "ConvKey", "Pool2Key", "RulebookKey", "conv_rulebook", "pool2_rulebook"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,9 @@ class LatticeSplit:
 
     The rest are the output sites off that lattice: ``rest_rows`` (sites whose taps all lie in
     the grid first, ``num_inside`` of them, then the border sites), read through
-    ``rest_index`` ``[R, K]`` (in-grid input rows; out-of-grid taps point at row 0 and are
-    zeroed through ``border_valid`` ``[R - num_inside, K]``).
+    ``rest_index`` ``[R, K]`` (in-grid input rows; a border site's out-of-grid taps point at an
+    input row of its own image and are zeroed through ``border_valid``
+    ``[R - num_inside, K]``, so nothing of another image is ever read).
     """
 
     batch: int
@@ -60,50 +69,26 @@ class LatticeSplit:
 
 
 class Rulebook:
-    """Input row per (output site, tap).
+    """Input row per (output site, tap): :attr:`gather` ``[N_out, K]`` int64, ``-1`` for a tap
+    that reads zero (outside the grid). Taps are in row-major kernel order, matching
+    ``weight.flatten(2)`` of a ``torch.nn.Conv2d`` and spconv's ``[C_out, kh, kw, C_in]``
+    filters."""
 
-    ``gather``: ``[N_out, K]`` int64; ``-1`` marks a tap that reads zero (outside the grid).
-    Taps are in row-major kernel order, matching ``weight.flatten(2)`` of a ``torch.nn.Conv2d``
-    and spconv's ``[C_out, kh, kw, C_in]`` filters.
-
-    Conv rulebooks (:func:`conv_rulebook`) keep their plan and dilation and build ``gather`` on
-    first use, so an engine that only needs the :meth:`lattice` split never builds the full one.
-    """
-
-    def __init__(self, gather: Optional[torch.Tensor], num_in: int, kernel_size: tuple[int, int],
-                 step_in: int, step_out: int, *, plan: Optional[LevelPlan] = None,
-                 dilation: tuple[int, int] = (1, 1)):
-        if gather is None and plan is None:
-            raise ValueError("a Rulebook needs either its gather table or the plan to build it from")
-        self._gather = gather
+    def __init__(self, num_in: int, kernel_size: tuple[int, int], step_in: int, step_out: int):
         self.num_in = int(num_in)
         self.kernel_size = (int(kernel_size[0]), int(kernel_size[1]))
         self.step_in = int(step_in)
         self.step_out = int(step_out)
-        self.plan = plan
-        self.dilation = (int(dilation[0]), int(dilation[1]))
-        self._padded: Optional[torch.Tensor] = None
-        self._pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self._lattice: Optional[LatticeSplit] = None
-        self._rows: Optional[torch.Tensor] = None
+        self._derived: dict[Any, Any] = {}
 
-    def __repr__(self) -> str:
-        kh, kw = self.kernel_size
-        return (f"Rulebook({kh}x{kw}, dilation={self.dilation}, steps {self.step_in}->"
-                f"{self.step_out}, in={self.num_in}, out={self.num_out})")
-
+    # ------------------------------------------------------------------ the table
     @property
     def gather(self) -> torch.Tensor:
-        if self._gather is None:
-            coords = self.plan.geometry(self.step_out).coords
-            self._gather = _read_owner(self.plan, self.step_in, coords, *self._offsets(coords.device))
-        return self._gather
+        raise NotImplementedError
 
     @property
     def num_out(self) -> int:
-        if self._gather is None:
-            return self.plan.num_sites(self.step_out)
-        return self._gather.shape[0]
+        return self.gather.shape[0]
 
     @property
     def num_taps(self) -> int:
@@ -114,19 +99,34 @@ class Rulebook:
         """A 1x1 conv on the same site set: output row i reads input row i."""
         return self.num_taps == 1 and self.step_in == self.step_out
 
+    @property
+    def device(self) -> torch.device:
+        return self.gather.device
+
+    def __repr__(self) -> str:
+        kh, kw = self.kernel_size
+        return (f"{type(self).__name__}({kh}x{kw}, steps {self.step_in}->{self.step_out}, "
+                f"in={self.num_in}, out={self.num_out})")
+
+    # ------------------------------------------------------------------ derived formats
+    def derived(self, tag, build: Callable[[], Any]):
+        """``build()`` once per rulebook and ``tag``, kept for the rulebook's lifetime: the home
+        of every format an engine derives from the table."""
+        value = self._derived.get(tag)
+        if value is None:
+            value = self._derived[tag] = build()
+        return value
+
     def rows(self) -> torch.Tensor:
         """1x1 rulebooks: the input row of every output site, contiguous (``gather[:, 0]``)."""
         if self.num_taps != 1:
             raise ValueError(f"rows() is for 1x1 rulebooks; this one has {self.num_taps} taps")
-        if self._rows is None:
-            self._rows = self.gather[:, 0].contiguous()
-        return self._rows
+        return self.derived("rows", lambda: self.gather[:, 0].contiguous())
 
     def padded(self) -> torch.Tensor:
         """``gather`` with ``-1`` replaced by ``num_in`` (a zero / sentinel row appended)."""
-        if self._padded is None:
-            self._padded = torch.where(self.gather < 0, self.num_in, self.gather)
-        return self._padded
+        return self.derived("padded", lambda: torch.where(self.gather < 0, self.num_in,
+                                                          self.gather))
 
     def num_pairs(self) -> int:
         """Number of (input, output, tap) reads: what a gather-GEMM-scatter engine multiplies."""
@@ -134,35 +134,82 @@ class Rulebook:
 
     def spconv_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """spconv's native format: ``indice_pairs`` int32 ``[2, K, N_out]`` (row 0 input, row 1
-        output, valid entries first per tap, rest ``-1``) and ``indice_pair_num`` int32 ``[K]``."""
-        if self._pairs is None:
-            gather = self.gather
-            valid = gather >= 0
-            # stable sort puts the valid rows of each tap first, keeping output order
-            order = torch.sort((~valid).to(torch.int8), dim=0, stable=True).indices
-            inp = torch.gather(gather, 0, order)
-            counts = valid.sum(0)
-            rows = torch.arange(self.num_out, device=gather.device)[:, None]
-            used = rows < counts[None, :]
-            out = torch.where(used, order, -1)
-            inp = torch.where(used, inp, -1)
-            pairs = torch.stack([inp.t(), out.t()]).to(torch.int32).contiguous()
-            self._pairs = (pairs, counts.to(torch.int32))
-        return self._pairs
+        output, valid entries first per tap, rest ``-1``) and ``indice_pair_num`` int32 ``[K]``
+        (what ``spconv.pytorch.functional.indice_conv`` reads)."""
+        return self.derived("spconv_pairs", self._build_spconv_pairs)
+
+    def _build_spconv_pairs(self):
+        gather = self.gather
+        valid = gather >= 0
+        # stable sort puts the valid rows of each tap first, keeping output order
+        order = torch.sort((~valid).to(torch.int8), dim=0, stable=True).indices
+        inp = torch.gather(gather, 0, order)
+        counts = valid.sum(0)
+        rows = torch.arange(self.num_out, device=gather.device)[:, None]
+        used = rows < counts[None, :]
+        out = torch.where(used, order, -1)
+        inp = torch.where(used, inp, -1)
+        pairs = torch.stack([inp.t(), out.t()]).to(torch.int32).contiguous()
+        return pairs, counts.to(torch.int32)
+
+
+class GatherRulebook(Rulebook):
+    """A rulebook given by its gather table ``[N_out, K]`` (``-1`` = reads zero)."""
+
+    def __init__(self, gather: torch.Tensor, num_in: int, kernel_size: tuple[int, int],
+                 step_in: int = 0, step_out: int = 0):
+        if not isinstance(gather, torch.Tensor) or gather.dim() != 2:
+            raise ValueError("gather must be an int64 tensor [N_out, K]")
+        super().__init__(num_in, kernel_size, step_in, step_out)
+        if gather.shape[1] != self.num_taps:
+            raise ValueError(f"gather has {gather.shape[1]} taps per row, a "
+                             f"{self.kernel_size[0]}x{self.kernel_size[1]} kernel has "
+                             f"{self.num_taps}")
+        self._gather = gather
+
+    @property
+    def gather(self) -> torch.Tensor:
+        return self._gather
+
+
+class ConvRulebook(Rulebook):
+    """The rulebook of a conv (or overlapping pool) on a plan, read from step ``step_in`` and
+    written to the sites of ``step_out``. The gather table and the lattice split are built on
+    first use, so an engine that only needs the split never builds the full table."""
+
+    def __init__(self, plan: LevelPlan, kernel_size: tuple[int, int], dilation: tuple[int, int],
+                 step_in: int, step_out: int):
+        super().__init__(plan.num_sites(step_in), kernel_size, step_in, step_out)
+        self.plan = plan
+        self.dilation = (int(dilation[0]), int(dilation[1]))
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", dilation={self.dilation})"
+
+    @property
+    def gather(self) -> torch.Tensor:
+        return self.derived("gather", self._build_gather)
+
+    @property
+    def num_out(self) -> int:
+        return self.plan.num_sites(self.step_out)
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
 
     def lattice(self) -> LatticeSplit:
-        """The coarse-lattice split of a conv rulebook (cached); see :class:`LatticeSplit`."""
-        if self._lattice is None:
-            if self.plan is None:
-                raise ValueError("only conv rulebooks built by conv_rulebook (which keep their "
-                                 "plan) have a lattice split; use the 'torch' engine for others")
-            self._lattice = self._build_lattice()
-        return self._lattice
+        """The coarse-lattice split (cached); see :class:`LatticeSplit`."""
+        return self.derived("lattice", self._build_lattice)
 
     # ------------------------------------------------------------------ internals
     def _offsets(self, device):
         spacing = (self.dilation[0] * 2 ** self.step_in, self.dilation[1] * 2 ** self.step_in)
         return _tap_offsets(self.kernel_size, spacing, device)
+
+    def _build_gather(self) -> torch.Tensor:
+        coords = self.plan.geometry(self.step_out).coords
+        return _read_owner(self.plan, self.step_in, coords, *self._offsets(coords.device))
 
     def _build_lattice(self) -> LatticeSplit:
         plan = self.plan
@@ -187,37 +234,70 @@ class Rulebook:
         order = torch.argsort((~inside).to(torch.int8), stable=True)  # inside first
         rest_rows, gather, valid = rest_rows[order], gather[order], valid[order]
         num_inside = int(inside.sum())
+        # an out-of-grid tap reads (and then zeroes) the row of the centre tap, which lies in
+        # the site's own image: zeroing by multiplication turns an inf / NaN read into NaN, so
+        # a row of another image must never be read
+        centre = (self.kernel_size[0] // 2) * self.kernel_size[1] + self.kernel_size[1] // 2
+        index = torch.where(valid, gather, gather[:, centre:centre + 1])
         return LatticeSplit(
             batch=B, in_grid=in_grid, out_grid=out_grid, in_rows=in_rows, out_rows=out_rows,
-            stride=s_out // s_in, rest_rows=rest_rows, rest_index=gather.clamp(min=0),
+            stride=s_out // s_in, rest_rows=rest_rows, rest_index=index,
             num_inside=num_inside, border_valid=valid[num_inside:])
 
 
+# ---------------------------------------------------------------------- typed keys
+@dataclass(frozen=True)
+class ConvKey:
+    """Cache key of a conv rulebook: kernel, dilation, steps. ``build(plan)`` makes it."""
+
+    kernel_size: tuple[int, int]
+    dilation: tuple[int, int]
+    step_in: int
+    step_out: int
+
+    def build(self, plan: LevelPlan) -> ConvRulebook:
+        return conv_rulebook(plan, self.kernel_size, self.dilation, self.step_in, self.step_out)
+
+
+@dataclass(frozen=True)
+class Pool2Key:
+    """Cache key of the 2x2/2 window-pool rulebook read from ``step_in``."""
+
+    step_in: int
+
+    def build(self, plan: LevelPlan) -> GatherRulebook:
+        return pool2_rulebook(plan, self.step_in)
+
+
+RulebookKey = Union[ConvKey, Pool2Key]
+
+
 class RulebookCache:
-    """Rulebooks keyed by geometry, shared by all tensors derived from one input."""
+    """Rulebooks of one plan, keyed by :data:`RulebookKey`, shared by all tensors derived from
+    one input."""
 
     def __init__(self):
-        self._books: dict[Hashable, Rulebook] = {}
+        self._books: dict[RulebookKey, Rulebook] = {}
         self.builds = 0  # how many rulebooks were built (for tests and profiling)
 
-    def get(self, key: Hashable, build: Callable[[], Rulebook]) -> Rulebook:
+    def get(self, key: RulebookKey, plan: LevelPlan) -> Rulebook:
         book = self._books.get(key)
         if book is None:
-            book = build()
-            self._books[key] = book
+            book = self._books[key] = key.build(plan)
             self.builds += 1
         return book
 
-    def keys(self) -> list:
+    def keys(self) -> list[RulebookKey]:
         return list(self._books)
 
-    def items(self) -> list:
+    def items(self) -> list[tuple[RulebookKey, Rulebook]]:
         return list(self._books.items())
 
     def __len__(self) -> int:
         return len(self._books)
 
 
+# ---------------------------------------------------------------------- building
 def _tap_offsets(kernel_size, spacing, device):
     kh, kw = kernel_size
     dy, dx = spacing
@@ -240,20 +320,18 @@ def _read_owner(plan: LevelPlan, step_in: int, coords: torch.Tensor, oy: torch.T
 
 
 def conv_rulebook(plan: LevelPlan, kernel_size: tuple[int, int], dilation: tuple[int, int],
-                  step_in: int, step_out: int) -> Rulebook:
+                  step_in: int, step_out: int) -> ConvRulebook:
     """Rulebook of a conv (or overlapping pool) read from step ``step_in``, written to the sites
-    of ``step_out`` (``step_in`` for stride 1, ``step_in + 1`` for an adaptive step).
-    The gather table and the lattice split are built on first use."""
+    of ``step_out`` (``step_in`` for stride 1, ``step_in + 1`` for an adaptive step)."""
     kh, kw = kernel_size
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"kernel size must be odd (same padding), got {kh}x{kw}")
     if step_out not in (step_in, step_in + 1):
         raise ValueError(f"step_out must be step_in or step_in + 1, got {step_in} -> {step_out}")
-    return Rulebook(None, plan.num_sites(step_in), (kh, kw), step_in, step_out, plan=plan,
-                    dilation=dilation)
+    return ConvRulebook(plan, (kh, kw), dilation, step_in, step_out)
 
 
-def pool2_rulebook(plan: LevelPlan, step_in: int) -> Rulebook:
+def pool2_rulebook(plan: LevelPlan, step_in: int) -> GatherRulebook:
     """2x2/2 window pool (VGG): a merged site reads its (up to) four children at spacing
     ``2**step_in``; a site kept at its level passes through (only tap 0)."""
     step_out = step_in + 1
@@ -265,4 +343,4 @@ def pool2_rulebook(plan: LevelPlan, step_in: int) -> Rulebook:
     gather = _read_owner(plan, step_in, coords, oy, ox)
     merged = plan.levels[coords[:, 0], coords[:, 1], coords[:, 2]] >= step_out
     gather[:, 1:] = torch.where(merged[:, None], gather[:, 1:], -1)
-    return Rulebook(gather, plan.num_sites(step_in), (2, 2), step_in, step_out)
+    return GatherRulebook(gather, plan.num_sites(step_in), (2, 2), step_in, step_out)

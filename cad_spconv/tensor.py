@@ -1,10 +1,14 @@
-"""The multi-resolution tensor.
+"""The multi-resolution tensor: a ``spconv.pytorch.SparseConvTensor`` that knows its quadtree.
 
 A :class:`CADTensor` is a batch of multi-resolution feature maps: one feature row per active
-site, sites on the finest grid (spconv coordinates ``(batch, y, x)``). It knows its step (how
-many adaptive downsamplings it went through) and its :class:`~cad_spconv.plan.LevelPlan`, and it
-carries a :class:`~cad_spconv.rulebook.RulebookCache` that every tensor derived from it shares,
-so a whole network builds each rulebook once per forward.
+site, sites on the finest grid. To spconv it is an ordinary ``SparseConvTensor`` (features
+``[N, C]``, int32 ``indices`` ``(batch, y, x)``, ``spatial_shape`` = the finest grid,
+``batch_size``), so spconv's own pointwise code (``SparseSequential`` with ``nn.ReLU``,
+``nn.BatchNorm1d``, ...) runs on it. On top it carries the :class:`~cad_spconv.plan.LevelPlan`
+its sites come from, its step (how many adaptive downsamplings it went through) and a
+:class:`~cad_spconv.rulebook.RulebookCache` that every tensor derived from it shares, so a
+whole network builds each rulebook once per forward. Its rulebooks are inspectable in spconv's
+pair format (:meth:`~cad_spconv.rulebook.Rulebook.spconv_pairs`).
 """
 from __future__ import annotations
 
@@ -12,28 +16,33 @@ from typing import Optional
 
 import torch
 
+from .backend import import_spconv
 from .plan import LevelPlan, PlanSpec, make_plan, same_device
 from .rulebook import RulebookCache
 
 __all__ = ["CADTensor"]
 
+SparseConvTensor = import_spconv().SparseConvTensor
 
-class CADTensor:
+
+class CADTensor(SparseConvTensor):
     """Features ``[N, C]`` of the sites of ``plan`` at ``step``, in the plan's raster order."""
-
-    __slots__ = ("features", "plan", "step", "cache")
 
     def __init__(self, features: torch.Tensor, plan: LevelPlan, step: int,
                  cache: Optional[RulebookCache] = None):
-        if features.dim() != 2:
-            raise ValueError(f"features must be [N, C], got {tuple(features.shape)}")
+        if not isinstance(features, torch.Tensor) or features.dim() != 2:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features must be a [N, C] tensor, got {shape}")
         n = plan.num_sites(step)
         if features.shape[0] != n:
             raise ValueError(f"features have {features.shape[0]} rows, the plan has {n} sites at "
                              f"step {step}")
         if not same_device(features.device, plan.device):
             raise ValueError(f"features are on {features.device}, the plan on {plan.device}")
-        self.features = features
+        # spconv asserts batch_size > 0; an empty batch is a valid (empty) tensor here
+        super().__init__(features, plan.geometry(step).indices, list(plan.grid),
+                         max(1, plan.batch_size))
+        self.batch_size = plan.batch_size
         self.plan = plan
         self.step = step
         self.cache = cache if cache is not None else RulebookCache()
@@ -42,7 +51,8 @@ class CADTensor:
     @classmethod
     def from_dense(cls, x: torch.Tensor, keep: PlanSpec, num_levels: Optional[int] = None
                    ) -> "CADTensor":
-        """Enter at step 0 from a dense map ``[B, C, H, W]`` at the finest grid.
+        """Enter at step 0 from a dense map ``[B, C, H, W]`` at the finest grid (unlike
+        spconv's ``from_dense``, which takes a channels-last map and keeps its nonzeros).
 
         ``keep``: a :class:`LevelPlan` or anything :func:`~cad_spconv.plan.make_plan` takes
         (then ``num_levels`` is required).
@@ -58,33 +68,46 @@ class CADTensor:
         features = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
         return cls(features, plan, 0)
 
-    def dense(self, grid: str = "finest") -> torch.Tensor:
-        """Densify by owner fill: ``[B, C, H, W]`` on the finest grid (``grid="finest"``), or on
-        the grid of the current step (``grid="step"``: every ``2**step``-th finest cell)."""
-        owner = self.plan.geometry(self.step).owner
-        if grid == "step":
-            s = 2 ** self.step
-            owner = owner[:, ::s, ::s]
-        elif grid != "finest":
+    def dense(self, channels_first: bool = True, *, fill: str = "owner",
+              grid: str = "finest") -> torch.Tensor:
+        """Densify: ``[B, C, H, W]`` (``[B, H, W, C]`` with ``channels_first=False``).
+
+        ``fill="owner"`` (default, ``SEMANTICS.md``): every finest cell takes its owner site's
+        features (parent fill), which is what the next layer reads. ``fill="scatter"``:
+        spconv's ``SparseConvTensor.dense``: features at the site cells, zeros elsewhere.
+        ``grid="step"`` samples the current step's grid (every ``2**step``-th finest cell),
+        where owner fill equals the strided network (Guarantee 2)."""
+        geo = self.plan.geometry(self.step)
+        s = 2 ** self.step if grid == "step" else 1
+        if grid not in ("finest", "step"):
             raise ValueError(f"grid must be 'finest' or 'step', got {grid!r}")
-        B, H, W = owner.shape
-        out = self.features[owner.reshape(-1)].reshape(B, H, W, -1)
-        return out.permute(0, 3, 1, 2)
-
-    def to_spconv(self):
-        """The same data as a ``spconv.pytorch.SparseConvTensor`` (no copy of features)."""
-        from .backend import require_spconv
-
-        require_spconv()
-        from spconv.pytorch import SparseConvTensor
-
-        return SparseConvTensor(self.features, self.indices, list(self.plan.grid),
-                                self.plan.batch_size)
+        if fill == "owner":
+            owner = geo.owner[:, ::s, ::s]
+            B, H, W = owner.shape
+            out = self.features[owner.reshape(-1)].reshape(B, H, W, -1)
+        elif fill == "scatter":
+            B, (H, W) = self.batch_size, self.plan.grid
+            out = self.features.new_zeros(B, H, W, self.features.shape[1])
+            c = geo.coords
+            out[c[:, 0], c[:, 1], c[:, 2]] = self.features
+            out = out[:, ::s, ::s]
+        else:
+            raise ValueError(f"fill must be 'owner' or 'scatter', got {fill!r}")
+        return out.permute(0, 3, 1, 2) if channels_first else out
 
     # ------------------------------------------------------------------ derived tensors
-    def replace_features(self, features: torch.Tensor, step: Optional[int] = None) -> "CADTensor":
-        """A tensor on the same plan sharing the rulebook cache."""
-        return CADTensor(features, self.plan, self.step if step is None else step, self.cache)
+    def replace_feature(self, feature: torch.Tensor, step: Optional[int] = None) -> "CADTensor":
+        """A tensor with new features on the same plan, sharing the rulebook cache (``step``:
+        the step of the new features, default this one's). spconv's modules call it with one
+        argument."""
+        return CADTensor(feature, self.plan, self.step if step is None else step, self.cache)
+
+    def shadow_copy(self) -> "CADTensor":
+        return self.replace_feature(self.features)
+
+    def select_by_index(self, valid_indices):
+        raise NotImplementedError("a CADTensor's sites are fixed by its plan (a quadtree); "
+                                  "select on x.dense() instead")
 
     def check_same_sites(self, other: "CADTensor", what: str = "operands"):
         if not isinstance(other, CADTensor):
@@ -95,21 +118,18 @@ class CADTensor:
 
     def __add__(self, other: "CADTensor") -> "CADTensor":
         self.check_same_sites(other, "residual add")
-        return self.replace_features(self.features + other.features)
+        return self.replace_feature(self.features + other.features)
+
+    __radd__ = __add__
 
     def __iadd__(self, other: "CADTensor") -> "CADTensor":
         """In-place residual add (``out += identity``, as torchvision's blocks): no new feature
         matrix. Same autograd rules as an in-place add on a dense tensor."""
         self.check_same_sites(other, "residual add")
-        self.features += other.features
+        self.features.add_(other.features)
         return self
 
     # ------------------------------------------------------------------ properties
-    @property
-    def indices(self) -> torch.Tensor:
-        """``[N, 3]`` int32 spconv coordinates (batch, y, x) on the finest grid."""
-        return self.plan.geometry(self.step).coords.to(torch.int32)
-
     @property
     def num_sites(self) -> int:
         return self.features.shape[0]
@@ -117,14 +137,6 @@ class CADTensor:
     @property
     def num_channels(self) -> int:
         return self.features.shape[1]
-
-    @property
-    def batch_size(self) -> int:
-        return self.plan.batch_size
-
-    @property
-    def spatial_shape(self) -> tuple[int, int]:
-        return self.plan.grid
 
     @property
     def device(self) -> torch.device:

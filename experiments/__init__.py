@@ -9,7 +9,7 @@ Run from the repository root, e.g. ``python -m experiments.tradeoff --data-root 
   inverted edge masks and random masks (the "inadequate masks" ablation, Sec. 4.3 / Fig. 6);
 - :mod:`experiments.overlays`: mask overlays and level maps on a few images (Fig. 3);
 - :mod:`experiments.synthetic_model`: a non-trivial checkpoint for the synthetic data
-  (``cad_spconv.data.make_synthetic_cityscapes``), to try the scripts without Cityscapes.
+  (``cad_apps.data.make_synthetic_cityscapes``), to try the scripts without Cityscapes.
 
 Each writes ``<out>/<name>.json`` and ``<out>/<name>.png``; per-setting evaluations are kept under
 ``<out>/runs/`` and resumed when a script is run again.

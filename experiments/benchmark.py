@@ -72,10 +72,10 @@ def main(argv=None) -> int:
         chosen = ("cpu", "ops") + (("gpu",) if torch.cuda.is_available() else ())
     os.chdir(ROOT)
 
-    from cad_spconv import bench
-    from cad_spconv.cli import build_parser
+    from cad_apps import bench
+    from cad_apps.cli import build_parser
 
-    parser = build_parser()
+    parser = build_parser("bench")
     for suite in chosen:
         for name, bench_args in suites(frames, args.reps)[suite]:
             full = ["bench", *bench_args, "--json", f"experiments/results/{name}.json",

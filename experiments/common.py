@@ -1,6 +1,6 @@
 """What the experiment scripts share: arguments, one evaluation per mask setting, plots.
 
-Every setting is a ``cad-spconv eval`` run (:func:`cad_spconv.evaluate.evaluate`) writing its own
+Every setting is a ``cad-spconv eval`` run (:func:`cad_apps.evaluate.evaluate`) writing its own
 JSON under ``<out>/runs/``, so an interrupted experiment resumes where it stopped and any point of
 a plot can be inspected image by image.
 """
@@ -11,7 +11,7 @@ import os
 import re
 from typing import Sequence
 
-from cad_spconv.evaluate import EvalConfig, evaluate, parse_mask, write_json_atomic
+from cad_apps.evaluate import EvalConfig, evaluate, parse_mask, write_json_atomic
 
 __all__ = ["base_parser", "run_setting", "point", "dense_points", "write_report", "plot_tradeoff",
            "setting_label"]

@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from cad_spconv.checkpoints import build_segmentation_model
-    from cad_spconv.data import CityscapesSegmentation, collate, denormalize
-    from cad_spconv.evaluate import EvalConfig, Segmenter, parse_mask, write_json_atomic
+    from cad_apps.checkpoints import build_segmentation_model
+    from cad_apps.data import CityscapesSegmentation, collate, denormalize
+    from cad_apps.evaluate import EvalConfig, Segmenter, parse_mask, write_json_atomic
 
     args = build_parser().parse_args(argv)
     for m in args.masks:

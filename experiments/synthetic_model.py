@@ -9,7 +9,7 @@ resolution matters at object boundaries, as on real data. Nothing here reproduce
 numbers; use the released checkpoints for that.
 
     python -m experiments.synthetic_model --data-root R --out synthetic.pth
-    (make R first: python -c "from cad_spconv.data import make_synthetic_cityscapes as m;
+    (make R first: python -c "from cad_apps.data import make_synthetic_cityscapes as m;
      m('R', 'train', 8, (128, 256)); m('R', 'val', 8, (128, 256), seed=1)")
 
 Writes a checkpoint in the paper's format (``{"model_state": ...}``, head under
@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
     from torch import nn
 
-    from cad_spconv.checkpoints import build_segmentation_model
-    from cad_spconv.data import IGNORE_INDEX, NUM_CLASSES, CityscapesSegmentation
+    from cad_apps.checkpoints import build_segmentation_model
+    from cad_apps.data import IGNORE_INDEX, NUM_CLASSES, CityscapesSegmentation
 
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)

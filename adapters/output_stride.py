@@ -1,0 +1,121 @@
+"""Output strides of torchvision ResNets: the one home of the stride / dilation rules.
+
+A torchvision ResNet reaches output stride 4 after its stem and doubles it at ``layer2``,
+``layer3`` and ``layer4``. "Output stride s" replaces every downsampling past ``s`` by
+dilation (DeepLab; torchvision's ``replace_stride_with_dilation``): the first block of such a
+stage keeps the previous dilation on its (now stride-1) conv, later 3x3 convs take the doubled
+one. Used by the adapters (which parts run dense), by the dense baselines (MAC counts, the
+benchmark, ``--dense S``) and by the learned-mask training (one set of weights run at two
+strides).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+__all__ = ["STEM", "STAGES", "CANONICAL_STRIDE", "OUTPUT_STRIDES", "dilation_flags",
+           "check_output_stride", "set_output_stride", "output_stride", "stride_conv"]
+
+STEM = ("conv1", "bn1", "relu", "maxpool")
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+#: output stride after each top-level child of a torchvision ResNet with no dilation
+CANONICAL_STRIDE = {"conv1": 2, "bn1": 2, "relu": 2, "maxpool": 4, "layer1": 4, "layer2": 8,
+                    "layer3": 16, "layer4": 32}
+OUTPUT_STRIDES = (4, 8, 16, 32)
+
+
+def check_output_stride(stride: int) -> int:
+    if isinstance(stride, bool) or stride not in OUTPUT_STRIDES:
+        raise ValueError(f"a ResNet's output stride must be one of "
+                         f"{', '.join(map(str, OUTPUT_STRIDES))}, got {stride!r}")
+    return stride
+
+
+def dilation_flags(stride: int) -> list[bool]:
+    """torchvision's ``replace_stride_with_dilation`` for a ResNet ending at ``stride``
+    (8, 16 or 32; torchvision cannot dilate ``layer2``)."""
+    if isinstance(stride, bool) or stride not in (8, 16, 32):
+        raise ValueError(f"torchvision builds ResNets at output stride 8, 16 or 32, got {stride!r}")
+    return [8 > stride, 16 > stride, 32 > stride]
+
+
+def stride_conv(block: nn.Module) -> tuple[nn.Conv2d, list[nn.Conv2d]]:
+    """(the conv that carries a block's stride, its other 3x3 convs): ``conv2`` of a Bottleneck
+    (ResNet v1.5), ``conv1`` (and ``conv2``) of a BasicBlock."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    if type(block) is Bottleneck:
+        return block.conv2, []
+    if type(block) is BasicBlock:
+        return block.conv1, [block.conv2]
+    raise TypeError(f"expected torchvision ResNet blocks (BasicBlock / Bottleneck), got "
+                    f"{type(block).__name__}")
+
+
+def set_output_stride(backbone: nn.Module, stride: int) -> list:
+    """Give a torchvision ResNet (or its ``IntermediateLayerGetter``) the strides and dilations
+    of output stride ``stride`` (4 also dilates ``layer2``), in place.
+
+    Bottleneck networks follow torchvision's ``replace_stride_with_dilation`` exactly; in
+    BasicBlock networks the 3x3 conv after the removed stride takes the new dilation too (the
+    rule of ``SEMANTICS.md``). Only conv attributes change, so parameters, buffers and
+    ``state_dict`` stay. Returns what is needed to restore the previous settings
+    (:func:`output_stride` does it for a ``with`` block)."""
+    check_output_stride(stride)
+    saved = []
+
+    def setconv(conv: nn.Conv2d, new_stride=None, dilation=None):
+        saved.append((conv, conv.stride, conv.dilation, conv.padding))
+        if new_stride is not None:
+            conv.stride = (new_stride, new_stride)
+        if dilation is not None:
+            k = conv.kernel_size[0]
+            conv.dilation = (dilation, dilation)
+            conv.padding = (dilation * (k - 1) // 2, dilation * (k - 1) // 2)
+
+    try:
+        dilation = 1
+        for name in STAGES[1:]:
+            layer = getattr(backbone, name, None)
+            if layer is None:
+                raise TypeError(f"expected a torchvision ResNet backbone with {name}; got "
+                                f"{type(backbone).__name__}")
+            previous = dilation
+            if CANONICAL_STRIDE[name] > stride:
+                dilation *= 2
+                step = 1
+            else:
+                step = 2
+            for i, block in enumerate(layer):
+                strided, others = stride_conv(block)
+                if i == 0:
+                    setconv(strided, step, previous)
+                    for conv in others:
+                        setconv(conv, dilation=dilation)
+                    if block.downsample is not None:
+                        setconv(block.downsample[0], new_stride=step)
+                else:
+                    for conv in (strided, *others):
+                        setconv(conv, dilation=dilation)
+    except BaseException:
+        _restore(saved)
+        raise
+    return saved
+
+
+def _restore(saved: list):
+    for conv, stride, dil, pad in reversed(saved):
+        conv.stride, conv.dilation, conv.padding = stride, dil, pad
+
+
+@contextlib.contextmanager
+def output_stride(backbone: nn.Module, stride: int) -> Iterator[None]:
+    """:func:`set_output_stride` for the duration of a ``with`` block (restored on exit): one
+    set of weights runs as the dense finest- and coarsest-stride networks."""
+    saved = set_output_stride(backbone, stride)
+    try:
+        yield
+    finally:
+        _restore(saved)

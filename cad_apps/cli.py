@@ -1,0 +1,68 @@
+"""The ``cad-spconv`` command line.
+
+Each subcommand lives in its own module with ``configure(parser)`` and ``main(args) -> int``.
+Only the module of the subcommand being run is imported (and only it pulls in torch), so
+``cad-spconv --help`` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("cad_apps.demo", "convert a model, run dense and CAD on an image, print savings"),
+    "eval": ("cad_apps.evaluate", "evaluate a segmentation model (dense or CAD) on Cityscapes"),
+    "train-mask": ("cad_apps.train_mask", "train the learned mask estimator (paper recipe)"),
+    "bench": ("cad_apps.bench", "time dense coarsest, dense finest and CAD on the same weights"),
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cad-spconv")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported and configured (all of them when
+    ``command`` is ``"*"``, for tools that need every option)."""
+    parser = argparse.ArgumentParser(
+        prog="cad-spconv",
+        description="Content-adaptive downsampling for CNNs on spconv (Hesse et al., CVPRW 2023).")
+    parser.add_argument("--version", action="version", version=f"cad-spconv {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if command in (name, "*"):
+            mod = importlib.import_module(module)
+            mod.configure(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def _command_in(argv) -> str | None:
+    for arg in argv:
+        if arg in COMMANDS:
+            return arg
+        if not arg.startswith("-"):
+            return None
+    return None
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_in(argv))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args._main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Result files that are never lost or half-written.
+
+- :func:`write_json_atomic` / :func:`save_torch_atomic`: serialise first, write a temporary file
+  in the target's folder, fsync, ``os.replace``: a reader (or a resumed run) sees the old file or
+  the new one, never a torn one.
+- :class:`OutputLock`: one writer per output. A second run pointed at the same ``--out`` while
+  the first is alive is refused with a message instead of silently overwriting its results
+  (an advisory ``<out>.lock`` file, released when the process exits, even by ``kill -9``).
+- :func:`to_json`: JSON with one line per record (big result files stay readable and
+  diffable).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+__all__ = ["write_json_atomic", "save_torch_atomic", "write_atomic", "to_json", "OutputLock",
+           "OutputBusyError", "check_output_path"]
+
+
+class OutputBusyError(RuntimeError):
+    """Another live process writes the same output."""
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``; the temporary file is removed
+    on failure, so nothing half-written is ever left at ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomic(path: str, obj: Any, compact_depth: int = 2) -> None:
+    """Write ``obj`` as JSON (:func:`to_json`) so that readers see the old or the new file."""
+    text = to_json(obj, compact_depth=compact_depth) + "\n"  # a serialisation error writes nothing
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomic(path, write)
+
+
+def save_torch_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` through a temporary file: a crash never leaves a truncated checkpoint."""
+    import torch
+
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def to_json(obj: Any, depth: int = 0, compact_depth: int = 2) -> str:
+    """JSON with the outer ``compact_depth`` levels of dicts spread over lines and everything
+    deeper on one line. NaN and infinities are refused (they are not JSON)."""
+    if isinstance(obj, dict) and depth < compact_depth and obj:
+        pad = " " * (depth + 1)
+        items = [f"{pad}{json.dumps(str(k))}: {to_json(v, depth + 1, compact_depth)}"
+                 for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
+    return json.dumps(obj, allow_nan=False, separators=(", ", ": "))
+
+
+def check_output_path(path: str, what: str = "--out", folder: bool = False) -> str:
+    """Refuse an output path that cannot be written before any work is done: a file path that is
+    a directory (or a folder path that is a file), or a parent that is a file."""
+    path = os.path.abspath(os.fspath(path))
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{what} {path} is a file; give a folder")
+    elif os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory; give a file path, e.g. "
+                         f"{os.path.join(path, 'results.json')}")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+    if parent and not os.access(parent, os.W_OK):
+        raise ValueError(f"{what} {path}: cannot write in {parent}")
+    return path
+
+
+class OutputLock:
+    """Exclusive advisory lock ``<path>.lock`` held while a run writes ``path``.
+
+    ``with OutputLock(path):`` raises :class:`OutputBusyError` at once when another live
+    process holds it (the message names the path and the fix). The lock dies with its process,
+    so a killed run never blocks the next one."""
+
+    def __init__(self, path: str, what: str = "--out"):
+        self.path = os.path.abspath(os.fspath(path))
+        self.what = what
+        self._lock = None
+
+    def __enter__(self) -> "OutputLock":
+        from filelock import FileLock, Timeout
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        lock = FileLock(self.path + ".lock", thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise OutputBusyError(
+                f"{self.what} {self.path} is being written by another running process (lock "
+                f"{self.path}.lock); wait for it to finish or choose another {self.what}") from None
+        self._lock = lock
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -1,0 +1,474 @@
+"""``cad-spconv train-mask``: train the learned mask estimator with the paper's recipe.
+
+Hesse et al., CVPRW 2023, Sec. 3 / supplement C.2 and the reference code: a torchvision
+segmentation model (DeepLabV3 + ResNet, head at stride 8) and the shallow
+:class:`~cad_spconv.learned_mask.MaskEstimator` are trained end to end on the blend of a dense
+stride-8 path and a dense stride-16 path (shared weights) with the hard Gumbel mask; loss
+``task_weight * CE + budget_weight * (rho - rho_hat)^2``; SGD (momentum 0.9), poly schedule,
+learning rates ``lr`` for the head, ``0.1 lr`` for the backbone, ``0.01 lr`` for the estimator.
+Evaluation converts the model (``adapters.convert``) and runs the *sparse* network with the
+estimator's argmax mask, reporting mIoU, kept fraction and exact multiply-adds.
+
+Plain loops (no ``torch.distributed``); every iteration's batch, augmentation and Gumbel noise
+derive from ``(seed, iteration)``, so a resumed run (``--resume``) continues exactly where the
+checkpoint (written atomically: temporary file + ``os.replace``) left off.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+from .io import save_torch_atomic, write_json_atomic
+
+TINY = "fcn_tiny"  # a smoke-test model with random weights
+CHECKPOINT = "last.pt"
+HISTORY = "history.json"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters; the defaults are the reference code's (Cityscapes, 768 crops)."""
+
+    iters: int = 30000
+    batch_size: int = 8
+    crop_size: int = 768
+    lr: float = 0.01
+    backbone_lr_mult: float = 0.1
+    estimator_lr_mult: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    rho: float = 0.5
+    tau: float = 1.0
+    task_weight: float = 1.0
+    budget_weight: float = 1.0
+    freeze_model: bool = False
+    scale_range: tuple = (0.5, 2.0)
+    hflip: bool = True
+    seed: int = 0
+    save_every: int = 500
+    ignore_index: int = 255
+    workers: int = 0
+
+    def check(self):
+        if self.iters < 0 or self.batch_size < 1 or self.crop_size < 1:
+            raise ValueError("iters >= 0, batch_size >= 1 and crop_size >= 1 are required")
+        if not 0.0 <= self.rho <= 1.0:
+            raise ValueError(f"rho (target fraction of low-resolution cells) must lie in [0, 1], "
+                             f"got {self.rho}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {self.scale_range}")
+
+
+# ---------------------------------------------------------------------------------- data
+def _image_target(item):
+    """``(image, target)`` of a dataset item: a dict with ``"image"`` / ``"target"``
+    (:class:`cad_apps.data.CityscapesSegmentation`) or a tuple ``(image, target, ...)``."""
+    if isinstance(item, dict):
+        return item["image"], item["target"]
+    return item[0], item[1]
+
+
+def _iteration_seed(seed: int, iteration: int, stream: int) -> int:
+    return (seed * 1_000_003 + iteration * 7919 + stream) % (2 ** 63)
+
+
+class _BatchPlan:
+    """Batch ``i`` of the run: images drawn epoch by epoch from seeded permutations, random
+    scale / crop / flip from a per-iteration generator. Indexable, so a ``DataLoader`` with
+    workers yields the same batches as a plain loop, and a resumed run the same as a fresh one."""
+
+    def __init__(self, dataset, config: TrainConfig):
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError("the training set must support len() and indexing "
+                            "(a map-style dataset yielding (image, target, name))")
+        if len(dataset) == 0:
+            raise ValueError("the training set is empty")
+        self.dataset = dataset
+        self.config = config
+
+    def __len__(self):
+        return self.config.iters
+
+    def _index(self, position: int) -> int:
+        import torch
+
+        n = len(self.dataset)
+        epoch, offset = divmod(position, n)
+        g = torch.Generator().manual_seed(_iteration_seed(self.config.seed, epoch, 1))
+        return int(torch.randperm(n, generator=g)[offset])
+
+    def __getitem__(self, iteration: int):
+        import torch
+
+        c = self.config
+        g = torch.Generator().manual_seed(_iteration_seed(c.seed, iteration, 2))
+        images, targets = [], []
+        for j in range(c.batch_size):
+            image, target = _image_target(self.dataset[self._index(iteration * c.batch_size + j)])
+            image, target = _augment(image, target, c, g)
+            images.append(image)
+            targets.append(target)
+        return torch.stack(images), torch.stack(targets)
+
+
+def _augment(image, target, c: TrainConfig, g):
+    """Random scale (bilinear / nearest), random crop with padding (0 / ignore), flip."""
+    import torch
+    import torch.nn.functional as F
+
+    if image.dim() != 3 or target.dim() != 2 or image.shape[-2:] != target.shape:
+        raise ValueError(f"expected image [3, H, W] and target [H, W] of the same size, got "
+                         f"{tuple(image.shape)} and {tuple(target.shape)}")
+    lo, hi = c.scale_range
+    s = lo + (hi - lo) * float(torch.rand((), generator=g))
+    H, W = target.shape
+    h, w = max(1, round(H * s)), max(1, round(W * s))
+    if (h, w) != (H, W):
+        image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        target = F.interpolate(target[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    ph, pw = max(0, c.crop_size - h), max(0, c.crop_size - w)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph))
+        target = F.pad(target, (0, pw, 0, ph), value=c.ignore_index)
+    h, w = target.shape
+    y = int(torch.randint(h - c.crop_size + 1, (), generator=g))
+    x = int(torch.randint(w - c.crop_size + 1, (), generator=g))
+    image = image[:, y:y + c.crop_size, x:x + c.crop_size]
+    target = target[y:y + c.crop_size, x:x + c.crop_size]
+    if c.hflip and float(torch.rand((), generator=g)) < 0.5:
+        image, target = image.flip(-1), target.flip(-1)
+    return image.contiguous(), target.contiguous()
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------------- training
+def _param_groups(blended, config: TrainConfig):
+    model, estimator = blended.model, blended.estimator
+    groups = [{"params": list(estimator.parameters()), "lr": config.lr * config.estimator_lr_mult,
+               "lr_mult": config.estimator_lr_mult}]
+    if not config.freeze_model:
+        head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+        groups += [
+            {"params": list(model.backbone.parameters()), "lr": config.lr * config.backbone_lr_mult,
+             "lr_mult": config.backbone_lr_mult},
+            {"params": head, "lr": config.lr, "lr_mult": 1.0},
+        ]
+    return groups
+
+
+def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
+          resume: bool = False, device="cpu", progress: bool = True,
+          meta: Optional[dict] = None) -> list:
+    """Train ``blended`` (a :class:`~cad_spconv.learned_mask.BlendedSegmenter`) on ``dataset``
+    (map-style; items ``{"image": [3,H,W] normalised, "target": [H,W] int64, ...}`` as
+    :class:`cad_apps.data.CityscapesSegmentation` yields, or ``(image, target, ...)``).
+
+    With ``out_dir`` a checkpoint ``last.pt`` (model, estimator, optimizer, iteration, history,
+    config) is written atomically every ``save_every`` iterations and at the end, and
+    ``history.json`` next to it; ``resume=True`` continues from ``out_dir/last.pt``. ``meta``
+    (e.g. the model name) is stored and must match on resume. Returns the history: one dict per
+    iteration (``iteration``, ``loss``, ``task_loss``, ``budget_loss``, ``rho_hat``, ``lr``).
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from cad_spconv.learned_mask import budget_loss
+
+    config.check()
+    device = torch.device(device)
+    blended.to(device)
+    if config.freeze_model:
+        blended.model.eval()
+        blended.model.requires_grad_(False)
+    else:
+        blended.model.train()
+    blended.estimator.train()
+    optimizer = torch.optim.SGD(_param_groups(blended, config), lr=config.lr,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    start, history = 0, []
+    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    if resume:
+        if not ckpt_path or not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start without "
+                                    "--resume or point --out at the run's folder")
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if (meta or {}) != state.get("meta", {}):
+            raise ValueError(f"checkpoint {ckpt_path} was written for {state.get('meta')}, this "
+                             f"run is {meta}: resume with the same model settings")
+        blended.model.load_state_dict(state["model"])
+        blended.estimator.load_state_dict(state["estimator"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["iteration"]), list(state["history"])
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+
+    def checkpoint(iteration: int):
+        if not out_dir:
+            return
+        save_torch_atomic({"iteration": iteration, "model": blended.model.state_dict(),
+                     "estimator": blended.estimator.state_dict(),
+                     "optimizer": optimizer.state_dict(), "history": history,
+                     "config": asdict(config), "meta": meta or {}}, ckpt_path)
+        write_json_atomic(os.path.join(out_dir, HISTORY), history, compact_depth=1)
+
+    plan = _BatchPlan(dataset, config)
+    loader = torch.utils.data.DataLoader(
+        plan, batch_size=None, sampler=range(start, config.iters), num_workers=config.workers)
+    bar = tqdm(loader, total=config.iters, initial=start, disable=not progress,
+               desc="train-mask", dynamic_ncols=True)
+    iteration = start
+    for images, targets in bar:
+        lr = config.lr * (1 - iteration / config.iters) ** 0.9  # poly schedule, as the reference
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        images, targets = images.to(device), targets.to(device)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_iteration_seed(config.seed, iteration, 3))  # Gumbel noise
+            out = blended(images, config.tau)
+        task = F.cross_entropy(out["out"], targets, ignore_index=config.ignore_index)
+        budget = budget_loss(out["low_res"], config.rho)
+        loss = config.task_weight * task + config.budget_weight * budget
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        iteration += 1
+        record = {"iteration": iteration, "loss": loss.item(), "task_loss": task.item(),
+                  "budget_loss": budget.item(), "rho_hat": out["rho_hat"].item(), "lr": lr}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", rho_hat=f"{record['rho_hat']:.2f}")
+        if config.save_every and iteration % config.save_every == 0 and iteration < config.iters:
+            checkpoint(iteration)
+    bar.close()
+    checkpoint(iteration)
+    return history
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def evaluate_sparse(cad_model, estimator, dataset, num_classes: int, device="cpu",
+                    max_images: Optional[int] = None, ignore_index: int = 255,
+                    progress: bool = True) -> dict:
+    """Run the converted (sparse) model with ``keep=estimator`` image by image: mIoU, mean
+    fraction of finest cells kept, and exact multiply-adds per image (total, per part, and the
+    ratio to the dense finest-stride network, which is the same count with every cell kept and
+    no estimator)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from .data import ConfusionMatrix
+    from cad_spconv.macs import MacCounter
+
+    device = torch.device(device)
+    cad_model.eval()
+    estimator.eval()
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    if n == 0:
+        raise ValueError("the evaluation set is empty")
+    confusion = ConfusionMatrix(num_classes)
+    kept, macs, finest = [], [], []
+    parts: dict[str, int] = {}
+    for i in tqdm(range(n), disable=not progress, desc="eval (sparse)", dynamic_ncols=True):
+        image, target = _image_target(dataset[i])
+        image, target = image[None].to(device), target.to(device)
+        counter = MacCounter(cad_model, 1, {"mask": estimator})
+        with counter, torch.no_grad():
+            out = cad_model(image, estimator)
+        logits = out["out"] if isinstance(out, dict) else out
+        if logits.shape[-2:] != target.shape:
+            logits = F.interpolate(logits, size=target.shape, mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0]
+        confusion.counts += ConfusionMatrix.compute(pred, target, num_classes, ignore_index).cpu().numpy()
+        plan = getattr(cad_model, "last_plan", None)
+        if plan is not None:
+            kept.append(float(plan.level_fractions()[0, 0]))
+        r = counter.result()
+        macs.append(r["total"])
+        for k, v in r["parts"].items():
+            parts[k] = parts.get(k, 0) + v
+        if "sparse_layers" in r:
+            s = r["sparse_layers"]
+            finest.append(r["total"] - s["actual"] + s["all_kept"] - r["parts"].get("mask", 0))
+    iou = confusion.iou()
+    result = {"images": n, "miou": confusion.miou(),
+              "iou": [None if v != v else float(v) for v in iou.tolist()],
+              "macs_per_image": sum(macs) / n, "parts_per_image": {k: v / n for k, v in parts.items()}}
+    if kept:
+        result["kept_fraction"] = sum(kept) / len(kept)
+    if finest:
+        result["vs_finest"] = sum(macs) / sum(finest)
+    return result
+
+
+# ---------------------------------------------------------------------------------- models
+def build_model(name: str, num_classes: int, weights=None):
+    """A torchvision segmentation model at output stride 8 (head built for stride 8, as
+    torchvision's DeepLabV3 / FCN), weights loaded through
+    :func:`cad_apps.checkpoints.build_segmentation_model` (torchvision files, the paper's
+    checkpoints, plain state dicts; random without ``weights``). ``fcn_tiny`` (random weights
+    only) is an FCN on a narrow ResNet of torchvision ``BasicBlock``s (widths 16/32/64/64, one
+    block per stage) for smoke tests."""
+    from torch import nn
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.resnet import BasicBlock
+    from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+    from adapters.output_stride import set_output_stride
+
+    if name == TINY:
+        if weights is not None:
+            raise ValueError("fcn_tiny is a smoke-test model with random weights only")
+        widths, layers, inplanes = (16, 32, 64, 64), {}, 16
+        for i, planes in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or inplanes != planes:
+                down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                     nn.BatchNorm2d(planes))
+            layers[f"layer{i + 1}"] = nn.Sequential(BasicBlock(inplanes, planes, stride, down))
+            inplanes = planes
+        trunk = nn.Sequential()
+        trunk.add_module("conv1", nn.Conv2d(3, 16, 7, 2, 3, bias=False))
+        trunk.add_module("bn1", nn.BatchNorm2d(16))
+        trunk.add_module("relu", nn.ReLU(inplace=True))
+        trunk.add_module("maxpool", nn.MaxPool2d(3, 2, 1))
+        for k, v in layers.items():
+            trunk.add_module(k, v)
+        backbone = IntermediateLayerGetter(trunk, return_layers={"layer4": "out"})
+        set_output_stride(backbone, 8)
+        return FCN(backbone, FCNHead(inplanes, num_classes), None)
+    from .checkpoints import build_segmentation_model
+
+    return build_segmentation_model(name, weights, num_classes)[0]
+
+
+def feature_channels(model, finest_stride: int) -> int:
+    """Channels of the feature map entering the first adaptive step (a tiny probe forward)."""
+    import torch
+
+    from .blended import features_before_adaptive
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, 4 * finest_stride, 4 * finest_stride)
+            return int(features_before_adaptive(model, probe, finest_stride).shape[1])
+    finally:
+        model.train(was)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def configure(parser: argparse.ArgumentParser):
+    d = TrainConfig()
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-root", help="Cityscapes root (leftImg8bit/, gtFine/)")
+    data.add_argument("--synthetic", action="store_true",
+                      help="train and evaluate on a tiny synthetic Cityscapes written to OUT/synthetic")
+    data.add_argument("--crop-size", type=int, default=d.crop_size)
+    data.add_argument("--eval-images", type=int, default=None,
+                      help="evaluate on the first N validation images only")
+    m = parser.add_argument_group("model")
+    from adapters.builders import SEGMENTATION_MODELS
+
+    m.add_argument("--model", choices=SEGMENTATION_MODELS + (TINY,), default="deeplabv3_resnet101")
+    m.add_argument("--num-classes", type=int, default=19,
+                   help="without --weights (a checkpoint sets its own)")
+    m.add_argument("--weights", help="segmentation weights: a checkpoint file (torchvision, the "
+                   "paper's code, a state dict) or a torchvision weights name from the hub cache")
+    m.add_argument("--estimator-weights",
+                   help="initial estimator: a train-mask checkpoint or a reference-code checkpoint")
+    m.add_argument("--finest-stride", type=int, default=8)
+    m.add_argument("--coarsest-stride", type=int, default=16)
+    t = parser.add_argument_group("training (defaults: the reference code)")
+    t.add_argument("--iters", type=int, default=d.iters)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr, help="head learning rate")
+    t.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
+    t.add_argument("--estimator-lr-mult", type=float, default=d.estimator_lr_mult)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--rho", type=float, default=d.rho,
+                   help="target fraction of low-resolution cells (paper: 0.5)")
+    t.add_argument("--tau", type=float, default=d.tau, help="Gumbel-Softmax temperature")
+    t.add_argument("--task-weight", type=float, default=d.task_weight)
+    t.add_argument("--budget-weight", type=float, default=d.budget_weight)
+    t.add_argument("--freeze-model", action="store_true",
+                   help="train the estimator only (model frozen, in eval mode)")
+    t.add_argument("--workers", type=int, default=d.workers)
+    t.add_argument("--seed", type=int, default=d.seed)
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", required=True, help="run folder: checkpoints, history, evaluation")
+    o.add_argument("--save-every", type=int, default=d.save_every)
+    o.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    o.add_argument("--no-eval", action="store_true", help="skip the sparse evaluation")
+    o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    o.add_argument("--no-progress", action="store_true")
+
+
+def _config_from_args(args) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(args) -> int:
+    import torch
+
+    from .data import CityscapesSegmentation, make_synthetic_cityscapes
+    from cad_spconv.learned_mask import MaskEstimator
+
+    from .blended import BlendedSegmenter
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if args.synthetic == bool(args.data_root):
+        raise SystemExit("cad-spconv train-mask: give exactly one of --data-root or --synthetic")
+    root = args.data_root
+    if args.synthetic:
+        root = os.path.join(args.out, "synthetic")
+        if not os.path.isdir(root):
+            make_synthetic_cityscapes(root, "train", num_images=8, size=(64, 128), seed=args.seed)
+            make_synthetic_cityscapes(root, "val", num_images=2, size=(64, 128), seed=args.seed + 1)
+    config = _config_from_args(args)
+    model = build_model(args.model, args.num_classes, args.weights)
+    num_classes = int(model.classifier[-1].out_channels)
+    factor = args.coarsest_stride // args.finest_stride
+    estimator = MaskEstimator(feature_channels(model, args.finest_stride), downsample=factor,
+                              tau=args.tau)
+    if args.estimator_weights:
+        from .checkpoints import load_into, read_mask_estimator
+
+        state, path = read_mask_estimator(args.estimator_weights)
+        load_into(estimator, state, source=path)
+    blended = BlendedSegmenter(model, estimator, args.finest_stride, args.coarsest_stride)
+    meta = {"model": args.model, "num_classes": num_classes,
+            "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride}
+    history = train(blended, CityscapesSegmentation(root, "train"), config, args.out,
+                    resume=args.resume, device=device, progress=not args.no_progress, meta=meta)
+    if history:
+        last = history[-1]
+        print(f"trained {last['iteration']} iterations: loss {last['loss']:.4f}, task "
+              f"{last['task_loss']:.4f}, rho_hat {last['rho_hat']:.3f} (target {config.rho})")
+    if args.no_eval:
+        return 0
+    from adapters import convert
+
+    model.eval()
+    cad = convert(model, finest_stride=args.finest_stride, coarsest_stride=args.coarsest_stride,
+                  sparse_head=False).to(device)
+    val = CityscapesSegmentation(root, "val", limit=args.eval_images)
+    result = evaluate_sparse(cad, estimator.to(device), val, num_classes, device,
+                             progress=not args.no_progress)
+    write_json_atomic(os.path.join(args.out, "eval.json"), result)
+    print(f"sparse evaluation on {result['images']} images: mIoU {result['miou']:.4f}, kept "
+          f"{result.get('kept_fraction', float('nan')):.1%} of finest cells, "
+          f"{result['macs_per_image'] / 1e9:.3f} GMAC/image"
+          + (f" ({result['vs_finest']:.1%} of the dense finest stride)" if "vs_finest" in result else ""))
+    return 0

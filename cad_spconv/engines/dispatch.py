@@ -1,0 +1,121 @@
+"""From an op call to an engine: checks, autocast, ``"auto"`` and ``"tuned"``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..rulebook import ConvRulebook, Rulebook
+from .base import get_engine, registered
+from .layouts import tracks_grad, weight_layout
+from .tuned import tuned_conv, tuned_engines
+
+__all__ = ["engine_names", "check_engine", "select_engine", "prepare", "sparse_conv",
+           "sparse_max"]
+
+
+def engine_names() -> tuple[str, ...]:
+    """Every valid ``engine=`` value: ``"auto"``, ``"tuned"``, then the registered engines."""
+    return ("auto", "tuned") + tuple(registered())
+
+
+def check_engine(engine: str) -> str:
+    if engine not in engine_names():
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(engine_names())}")
+    return engine
+
+
+def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:
+    """Engine that ``"auto"`` uses for a layer.
+
+    Conv rulebooks of a plan go to ``"lattice"`` on every device: its dense part runs on the
+    vendor conv and the rest is the same gather + GEMM as ``"torch"`` without the zero-row
+    copy. Measured on CPU (BENCHMARKS.md: faster than ``"torch"`` and ``"spconv"`` at every
+    layer width tried); on CUDA the choice awaits a GPU benchmark. Other rulebooks go to
+    ``"torch"``.
+    """
+    del device, groups
+    return "lattice" if isinstance(book, ConvRulebook) else "torch"
+
+
+def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1) -> str:
+    """Build everything ``engine`` reads from ``book`` (what a first forward builds lazily), so
+    geometry cost can be timed apart from compute. Returns the engine actually used (for
+    ``"tuned"``: the engines tuned layers ran on ``book``, comma-separated)."""
+    check_engine(engine)
+    if engine == "tuned":
+        ran = tuned_engines(book)
+        for name in ran:
+            get_engine(name).prepare(book)
+        return ",".join(ran) if ran else prepare(book, "auto", device, groups)
+    if engine == "auto":
+        engine = select_engine(torch.device(device or "cpu"), groups, book)
+    get_engine(engine).prepare(book)
+    return engine
+
+
+def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                book: Rulebook, groups: int = 1, engine: str = "auto") -> torch.Tensor:
+    """Output features ``[N_out, C_out]`` of a conv described by ``book``."""
+    check_engine(engine)
+    n_in, c_in = features.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    if n_in != book.num_in:
+        raise ValueError(f"features have {n_in} rows, the rulebook expects {book.num_in}")
+    if c_in != c_in_g * groups:
+        raise ValueError(f"features have {c_in} channels, the weight expects {c_in_g * groups} "
+                         f"({c_in_g} x {groups} groups)")
+    if (kh, kw) != book.kernel_size:
+        raise ValueError(f"weight kernel {kh}x{kw} does not match the rulebook's "
+                         f"{book.kernel_size[0]}x{book.kernel_size[1]}")
+    cast = _autocast_dtype(features.device)
+    if cast is not None:  # as autocast does for F.conv2d (the GEMM paths would not cast)
+        features, weight, bias = _autocast(features, weight, bias, cast)
+    if weight.dtype != features.dtype or (bias is not None and bias.dtype != features.dtype):
+        raise TypeError(f"features are {features.dtype}, the weight {weight.dtype}"
+                        + ("" if bias is None else f" and the bias {bias.dtype}")
+                        + "; give them one dtype (model.to(dtype)) or run under torch.autocast")
+    if engine == "tuned":
+        return tuned_conv(features, weight, bias, book, groups)
+    if engine == "auto":
+        engine = select_engine(features.device, groups, book)
+    impl = get_engine(engine)
+    impl.check(features, weight, groups, book)
+    if book.num_out == 0:  # nothing to compute (an empty batch): no engine is asked
+        return features.new_zeros(0, c_out)
+    return impl.conv(features, weight, bias, book, groups)
+
+
+def sparse_max(features: torch.Tensor, book: Rulebook, engine: str = "auto") -> torch.Tensor:
+    """Max over the taps of ``book`` (out-of-grid taps ignored). ``[N_out, C]``."""
+    check_engine(engine)
+    if engine in ("auto", "tuned"):
+        engine = select_engine(features.device, 1, book)
+    return get_engine(engine).max(features, book)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast runs convs in on ``device``, or ``None`` where it is off."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast(features, weight, bias, cast: torch.dtype):
+    """What autocast does to a conv's inputs: every float32 / float16 / bfloat16 tensor to
+    ``cast`` (float64 is left alone). Without autograd the cast weight and bias are kept per
+    parameter (:func:`~cad_spconv.engines.layouts.weight_layout`), so engines' own layout
+    caches find the same tensor on every call."""
+    track = tracks_grad(features, weight, bias)
+
+    def to(t):
+        if t is None or t.dtype == cast or t.dtype not in _AUTOCAST_DTYPES:
+            return t
+        if track or t is features:
+            return t.to(cast)
+        return weight_layout(t, ("autocast", cast), lambda w: w.to(cast))
+
+    return to(features), to(weight), to(bias)

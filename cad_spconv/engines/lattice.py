@@ -1,0 +1,149 @@
+"""Engine ``"lattice"``: the coarse lattice as one dense conv, only the rest gathered.
+
+The sites on the coarse lattice of the output step form a complete dense grid
+(:class:`~cad_spconv.rulebook.LatticeSplit`), so they are computed by one dense conv
+(oneDNN / cuDNN, channels-last views of the feature matrix, no copy at step 0); only the
+remaining finer sites go through a gather + GEMM. This is the paper's Guarantee 2 (Hesse et
+al., CVPRW 2023, Sec. 3: sites on the coarse grid compute exactly the strided network) used as
+an execution plan: for the 8->16 ResNet the whole stride-16 part of every layer runs on the
+dense conv and 3/4 of the kept sites go to the gather. Every multiply-add it does is one the
+CAD count includes. 1x1 convs are one GEMM on the feature matrix. Groups and autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..rulebook import ConvRulebook, LatticeSplit, Rulebook
+from .base import Engine, EngineUnsupported, register
+from .gemm import grouped_mm, matmul_nk
+from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
+
+__all__ = ["LatticeEngine"]
+
+# Gathered bytes per chunk of the gather + GEMM. CPU: small enough that the GEMM reads its
+# im2col block from cache (BENCHMARKS.md, chunk sweep); GPU: large, so that each GEMM fills
+# the device.
+_GATHER_CHUNK_BYTES = 16 << 20
+_GATHER_CHUNK_BYTES_CUDA = 256 << 20
+
+
+class LatticeEngine(Engine):
+    name = "lattice"
+    summary = ("coarse-lattice sites as one dense conv (oneDNN / cuDNN), the finer rest by "
+               "gather + GEMM (conv rulebooks of a plan; groups, autograd)")
+
+    def check(self, features, weight, groups, book: Rulebook) -> None:
+        if not isinstance(book, ConvRulebook):
+            raise EngineUnsupported(
+                f"the lattice engine needs a conv rulebook of a plan (conv_rulebook), got "
+                f"{type(book).__name__}; use engine='torch'")
+
+    def prepare(self, book: Rulebook) -> None:
+        if book.num_taps == 1:
+            if not book.is_identity:
+                book.rows()
+        else:
+            book.lattice()
+
+    def conv(self, features, weight, bias, book: ConvRulebook, groups: int) -> torch.Tensor:
+        if book.num_taps == 1:
+            return _pointwise_conv(features, weight, bias, book, groups)
+        split = book.lattice()
+        c_in, c_out = features.shape[1], weight.shape[0]
+        kh, kw = book.kernel_size
+        dy, dx = book.dilation
+        scratch = not tracks_grad(features, weight, bias)  # intermediates may be workspaces
+        x = features
+        if split.in_rows is not None:
+            x = (torch.index_select(features, 0, split.in_rows, out=workspace(
+                     features, split.in_rows.shape[0] * c_in, "lattice_in").view(-1, c_in))
+                 if scratch else features.index_select(0, split.in_rows))
+        # the feature matrix of lattice sites is an NHWC map: a channels-last NCHW view, no copy
+        x = x.reshape(split.batch, *split.in_grid, c_in).permute(0, 3, 1, 2)
+        y = F.conv2d(x, weight, bias, split.stride, (dy * (kh // 2), dx * (kw // 2)), (dy, dx),
+                     groups)
+        y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
+        if split.out_rows is None:  # step 0: every site is on the lattice
+            return y
+        out = y.new_empty(book.num_out, c_out)
+        out.index_copy_(0, split.out_rows, y)
+        if split.num_rest:
+            out.index_copy_(0, split.rest_rows,
+                            _gather_gemm(features, weight, bias, split, groups, scratch))
+        return out
+
+
+def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
+    """1x1 conv: one GEMM on the feature matrix (rows picked first for a stride-2 step)."""
+    x = features if book.is_identity else features.index_select(0, book.rows())
+    c_out = weight.shape[0]
+    if groups == 1:
+        return matmul_nk(x, weight.reshape(c_out, -1), bias)
+    g, c_in_g = groups, weight.shape[1]
+    cols = x.reshape(-1, g, c_in_g).transpose(0, 1)
+    w = weight.reshape(g, c_out // g, c_in_g).transpose(1, 2)
+    out = grouped_mm(cols, w)
+    return out if bias is None else out + bias
+
+
+def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
+                 scratch: bool = False) -> torch.Tensor:
+    """Output rows of the off-lattice sites (``split.rest_rows`` order): im2col by
+    ``index_select`` in cache-sized chunks, one GEMM per chunk.
+
+    Without autograd the im2col chunks go into a per-thread workspace that lives across calls
+    and the GEMMs write into the output (straight on BLAS, through a copy on oneDNN; itself a
+    workspace with ``scratch``, when the caller copies it out before returning)."""
+    c_in = features.shape[1]
+    c_out, c_in_g, kh, kw = weight.shape
+    k, g = kh * kw, groups
+    track = tracks_grad(features, weight, bias)
+    if g == 1:  # [C_out, K * C_in]: the KRSC filters, columns in the gathered order
+        w = krsc_filters(weight, cache=not track).view(c_out, k * c_in)
+    else:
+        w = gemm_weight(weight, g, cache=not track)
+    budget = _GATHER_CHUNK_BYTES_CUDA if features.is_cuda else _GATHER_CHUNK_BYTES
+    rows = max(1, budget // (k * c_in * features.element_size()))
+    bounds = []
+    for lo, hi in ((0, split.num_inside), (split.num_inside, split.num_rest)):
+        bounds += [(s, min(hi, s + rows)) for s in range(lo, hi, rows)]
+    if track:
+        return torch.cat([_im2col_block(features, w, bias, split, s, e, g, None, None)
+                          for s, e in bounds])
+    out = (workspace(features, split.num_rest * c_out, "rest_out").view(-1, c_out) if scratch
+           else features.new_empty(split.num_rest, c_out))
+    buf = workspace(features, min(rows, split.num_rest) * k * c_in, "im2col").view(-1, c_in)
+    for s, e in bounds:
+        _im2col_block(features, w, bias, split, s, e, g, buf[:(e - s) * k], out[s:e])
+    return out
+
+
+def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int, groups: int,
+                  cols: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows ``start:stop`` of the rest: gather (into ``cols`` if given), zero out-of-grid taps
+    of border sites, GEMM (into ``out`` if given)."""
+    n, c_in = stop - start, features.shape[1]
+    k = split.rest_index.shape[1]
+    idx = split.rest_index[start:stop].reshape(-1)
+    if cols is None:
+        cols = features.index_select(0, idx)
+    else:
+        torch.index_select(features, 0, idx, out=cols)
+    if start >= split.num_inside:  # border sites: zero the out-of-grid taps
+        outside = ~split.border_valid[start - split.num_inside:stop - split.num_inside]
+        outside = outside.reshape(-1, 1)
+        # a fill, not a multiplication by 0: 0 * inf would be NaN where the dense conv pads 0
+        cols = cols.masked_fill_(outside, 0) if out is not None else cols.masked_fill(outside, 0)
+    if groups == 1:
+        return matmul_nk(cols.view(n, k * c_in), w, bias, out)
+    c_in_g = c_in // groups
+    cols = cols.view(n, k, groups, c_in_g).permute(2, 0, 1, 3).reshape(groups, n, k * c_in_g)
+    res = grouped_mm(cols, w)
+    res = res if bias is None else res + bias
+    return res if out is None else out.copy_(res)
+
+
+register(LatticeEngine())

@@ -1,0 +1,97 @@
+"""What engines keep between calls: re-laid-out weights and scratch workspaces.
+
+- :func:`weight_layout`: an engine's copy of a weight in its own layout (tap-major GEMM
+  columns, spconv's KRSC filters, an autocast dtype), built once per weight tensor and rebuilt
+  only when the weight changes.
+- :func:`workspace`: per-thread scratch buffers reused across calls (a fresh buffer per call
+  costs page faults worth a third of a gather on CPU, BENCHMARKS.md).
+- :func:`cached_bytes`: how much of both is held, so that benchmarks count it in peak memory.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+__all__ = ["weight_layout", "krsc_filters", "gemm_weight", "workspace", "cached_bytes",
+           "tracks_grad", "clear_caches"]
+
+_layouts: dict = {}
+_workspaces = threading.local()
+
+
+def tracks_grad(features, weight, bias) -> bool:
+    """Whether a conv call records autograd (then nothing may be cached or reused)."""
+    return torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+def weight_layout(weight: torch.Tensor, tag, build) -> torch.Tensor:
+    """``build(weight)`` (a re-laid-out copy for an engine, without autograd), kept per weight
+    tensor and ``tag`` and rebuilt only when the weight changes (its version counter, storage,
+    dtype or device). Inference tensors have no version counter: rebuilt every call."""
+    if weight.is_inference():
+        return build(weight)
+    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device,
+             torch.is_inference_mode_enabled())
+    key = (id(weight), tag)
+    entry = _layouts.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == stamp:
+        return entry[2]
+    value = build(weight.detach())
+    _layouts[key] = (weakref.ref(weight, lambda _, key=key: _layouts.pop(key, None)), stamp, value)
+    return value
+
+
+def krsc_filters(weight: torch.Tensor, cache: bool = False) -> torch.Tensor:
+    """``[C_out, C_in, kh, kw]`` -> ``[C_out, kh, kw, C_in]`` contiguous: spconv's filter layout
+    and, flattened, the GEMM weight of tap-major im2col columns. ``cache`` (no autograd): kept
+    per weight until it changes (:func:`weight_layout`)."""
+    if cache:
+        return weight_layout(weight, "krsc", krsc_filters)
+    return weight.permute(0, 2, 3, 1).contiguous()
+
+
+def gemm_weight(weight: torch.Tensor, groups: int, cache: bool) -> torch.Tensor:
+    """``[G, K * C_in_g, C_out_g]``: the conv weight in the gathered column order (tap-major,
+    then channel). The permutation is a copy, so without autograd it is kept per weight."""
+    c_out, c_in_g, kh, kw = weight.shape
+    k = kh * kw
+
+    def pack(w):
+        return w.reshape(groups, c_out // groups, c_in_g, k).permute(0, 3, 2, 1).reshape(
+            groups, k * c_in_g, -1).contiguous()
+
+    return weight_layout(weight, ("gemm", groups), pack) if cache else pack(weight)
+
+
+def workspace(like: torch.Tensor, numel: int, slot: str) -> torch.Tensor:
+    """A flat scratch tensor of ``numel`` elements, reused across calls (per thread, slot,
+    device and dtype). Only for values consumed before the call that took it returns."""
+    store = getattr(_workspaces, "buffers", None)
+    if store is None:
+        store = _workspaces.buffers = {}
+    # an inference-mode tensor cannot be written outside inference mode: separate buffers
+    key = (slot, like.device, like.dtype, torch.is_inference_mode_enabled())
+    buf = store.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = store[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
+
+
+def cached_bytes(device=None) -> int:
+    """Bytes this thread's engines keep between calls (workspaces, weight layouts), on
+    ``device`` (all devices if ``None``): memory a forward's peak does not show once warm."""
+    device = None if device is None else torch.device(device)
+    tensors = list(getattr(_workspaces, "buffers", {}).values())
+    tensors += [entry[2] for entry in list(_layouts.values())]
+    return sum(t.numel() * t.element_size() for t in tensors
+               if device is None or (t.device.type == device.type
+                                     and (device.index is None or t.device == device)))
+
+
+def clear_caches() -> None:
+    """Drop every kept weight layout and this thread's workspaces."""
+    _layouts.clear()
+    getattr(_workspaces, "buffers", {}).clear()

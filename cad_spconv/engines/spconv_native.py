@@ -1,0 +1,52 @@
+"""Engine ``"spconv"``: spconv's own gather-GEMM-scatter (``indice_conv``) on our rulebooks.
+
+The rulebook's indice pairs (:meth:`~cad_spconv.rulebook.Rulebook.spconv_pairs`) go to spconv's
+autograd function in its non-submanifold mode (parent-fill pairs are not symmetric). float16,
+float32, float64; no groups; autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..backend import require_spconv, spconv_status
+from ..rulebook import Rulebook
+from .base import Engine, EngineUnsupported, register
+from .layouts import krsc_filters, tracks_grad
+
+__all__ = ["SpconvEngine", "SPCONV_DTYPES"]
+
+SPCONV_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+class SpconvEngine(Engine):
+    name = "spconv"
+    summary = "spconv's indice_conv on the rulebook's indice pairs (no groups, no bfloat16)"
+
+    def check(self, features, weight, groups, book: Rulebook) -> None:
+        if groups != 1:
+            raise EngineUnsupported("the spconv engine has no grouped convs; use "
+                                    "engine='lattice' or 'torch' (or 'auto')")
+        if features.dtype not in SPCONV_DTYPES:
+            raise TypeError(f"the spconv engine has no {features.dtype} kernels (spconv 2.3 runs "
+                            "float16, float32 and float64); use engine='lattice' or 'auto'")
+        require_spconv()
+
+    def supports(self, features, weight, groups, book) -> bool:
+        # cheap answers first: spconv_status is cached, but import errors are not exceptions
+        return (groups == 1 and features.dtype in SPCONV_DTYPES and spconv_status()[0])
+
+    def prepare(self, book: Rulebook) -> None:
+        book.spconv_pairs()
+
+    def conv(self, features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
+        functional = require_spconv()
+        from spconv.pytorch.core import ConvAlgo
+
+        pairs, counts = book.spconv_pairs()
+        filters = krsc_filters(weight, cache=not tracks_grad(features, weight, None))
+        out = functional.indice_conv(features.contiguous(), filters, pairs, counts,
+                                     book.num_out, ConvAlgo.Native)
+        return out if bias is None else out + bias
+
+
+register(SpconvEngine())

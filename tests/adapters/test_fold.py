@@ -1,0 +1,94 @@
+"""Batch-norm folding (adapters.fold_batchnorm): the folded model computes what the unfolded
+one does (float64, random batch-norm statistics, odd sizes, a batch of 2 with different
+masks), on converted models and on their torchvision sources; no batch norm is left."""
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from tests.support import emulation as emu
+from adapters import convert, fold_batchnorm
+
+MIXED = (49, 67)  # finest grid 7x9 at stride 8
+
+
+def images(size=MIXED, seed=1):
+    return torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+def batchnorms(m: nn.Module) -> int:
+    return sum(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+
+
+def check_folded(model: nn.Module, run):
+    """Fold a copy of ``model``; same outputs, no batch norm left, ``model`` untouched."""
+    before = batchnorms(model)
+    with torch.no_grad():
+        want = run(model)
+        folded = fold_batchnorm(model)
+        got = run(folded)
+    assert batchnorms(folded) == 0 and folded.folded_batchnorms == before > 0
+    assert batchnorms(model) == before  # the original is not changed
+    if isinstance(want, dict):
+        assert list(got) == list(want)
+        for key in want:
+            emu.assert_rel(got[key], want[key])
+    else:
+        emu.assert_rel(got, want)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnet_classifier(arch):
+    torch.manual_seed(0)
+    source = emu.prepare(getattr(tvm, arch)(num_classes=10))
+    cad = convert(source, 8, 32)
+    spec, _ = emu.mixed_masks(3, 2, (7, 9), cad.num_levels, "levels")
+    x = images()
+    check_folded(cad, lambda m: m(x, spec))
+    check_folded(source, lambda m: m(x))
+
+
+@pytest.mark.parametrize("sparse_head", [False, True])
+def test_deeplabv3(sparse_head):
+    torch.manual_seed(0)
+    source = emu.prepare(tvm.segmentation.deeplabv3_resnet50(
+        weights=None, weights_backbone=None, num_classes=5, aux_loss=True))
+    cad = convert(source, 8, 16, sparse_head=sparse_head)
+    spec, _ = emu.mixed_masks(4, 2, (7, 9), cad.num_levels, "keep")
+    x = images()
+    check_folded(cad, lambda m: m(x, spec))
+    if not sparse_head:
+        check_folded(source, lambda m: m(x))
+
+
+def test_vgg16_bn_features():
+    torch.manual_seed(0)
+    source = emu.prepare(tvm.vgg16_bn().features[:33])
+    cad = convert(source, 2, 8)
+    x = images((29, 43))
+    spec, _ = emu.mixed_masks(5, 2, (14, 21), cad.num_levels, "map")  # floor pools
+    check_folded(cad, lambda m: m(x, spec))
+    check_folded(source, lambda m: m(x))
+
+
+def test_inplace_changes_the_model_itself():
+    torch.manual_seed(0)
+    m = emu.prepare(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()))
+    x = images((9, 11))
+    with torch.no_grad():
+        want = m(x)
+        assert fold_batchnorm(m, inplace=True) is m and isinstance(m[1], nn.Identity)
+        emu.assert_rel(m(x), want)
+
+
+def test_refuses_what_cannot_be_folded():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="model.eval"):
+        fold_batchnorm(m)
+    m.eval()[1].train()
+    with pytest.raises(ValueError, match="training mode"):
+        fold_batchnorm(m)
+    stats_free = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="running statistics"):
+        fold_batchnorm(stats_free.eval())

@@ -1,0 +1,207 @@
+"""ResNet / ResNeXt / Wide ResNet classifiers: guarantees against torchvision's dense networks
+and the whole converted network against the independent emulation (float64, random weights,
+random batch-norm statistics, odd image sizes, a batch of 2 with different masks)."""
+import copy
+from functools import lru_cache
+
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+
+from tests.support import emulation as emu
+from adapters import CADResNet, convert
+from cad_spconv.backend import spconv_status
+
+# the full set of checks on one BasicBlock and one Bottleneck network; every other family
+# member gets the combined check below (the big ones only with --runslow)
+ARCHS = ["resnet18", "resnet50"]
+OTHERS = ["resnet34", "resnext50_32x4d", "wide_resnet50_2",
+          pytest.param("resnet101", marks=pytest.mark.slow),
+          pytest.param("resnet152", marks=pytest.mark.slow),
+          pytest.param("resnext101_32x8d", marks=pytest.mark.slow),
+          pytest.param("resnext101_64x4d", marks=pytest.mark.slow),
+          pytest.param("wide_resnet101_2", marks=pytest.mark.slow)]
+ODD = (33, 47)        # finest grid 5x6 at stride 8
+MIXED = (49, 67)      # finest grid 7x9 at stride 8, 13x17 at stride 4
+GRID8 = (7, 9)
+
+
+@lru_cache(maxsize=4)
+def model(arch: str, dtype=torch.float64, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return emu.prepare(getattr(tvm, arch)(num_classes=10, **kwargs), dtype)
+
+
+def images(size, dtype=torch.float64, seed=1):
+    return torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def trunk(m: nn.Module) -> nn.Module:
+    return nn.Sequential(*list(m.children())[:-2])
+
+
+def dilated_copy(m: nn.Module, stride: int) -> nn.Module:
+    """The network at output stride ``stride`` made by editing a copy: strides of the stages
+    past ``stride`` become 1 and every conv after a removed stride is dilated by it (for
+    Bottlenecks this is torchvision's replace_stride_with_dilation, checked below)."""
+    m = copy.deepcopy(m)
+    s = 4
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        for i, block in enumerate(getattr(m, name)):
+            unit = name != "layer1" and i == 0
+            s_out = 2 * s if unit else s
+            strided = block.conv2 if isinstance(block, Bottleneck) else block.conv1
+            after = [] if isinstance(block, Bottleneck) else [block.conv2]
+            if unit and s_out > stride:
+                strided.stride = (1, 1)
+                block.downsample[0].stride = (1, 1)
+            for conv, s_in in [(strided, s)] + [(c, s_out) for c in after]:
+                d = max(1, s_in // stride)
+                conv.dilation, conv.padding = (d, d), (d, d)
+            s = s_out
+    return m
+
+
+def finest_reference(arch, stride):
+    """torchvision's own network at ``stride`` for Bottleneck archs; an edited copy for
+    BasicBlock archs (torchvision's BasicBlock refuses dilation)."""
+    base = model(arch)
+    if isinstance(base.layer1[0], Bottleneck):
+        flags = [8 * 2 ** i > stride for i in range(3)]  # layer2..4 past the stride
+        torch.manual_seed(0)
+        ref = emu.prepare(getattr(tvm, arch)(num_classes=10, replace_stride_with_dilation=flags))
+        ref.load_state_dict(base.state_dict())
+        return ref
+    return dilated_copy(base, stride)
+
+
+def test_dilated_copy_is_torchvisions_rule_for_bottlenecks():
+    base = model("resnet50")
+    for stride, flags in [(8, [False, True, True]), (16, [False, False, True])]:
+        edited = dilated_copy(base, stride)
+        tv = getattr(tvm, "resnet50")(num_classes=10, replace_stride_with_dilation=flags)
+        for (name, a), (_, b) in zip(edited.named_modules(), tv.named_modules()):
+            if isinstance(a, nn.Conv2d):
+                assert (a.stride, a.dilation, a.padding) == (b.stride, b.dilation, b.padding), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("finest,coarsest", [(8, 16), (4, 32)])
+def test_all_kept_equals_network_at_finest_stride(arch, finest, coarsest):
+    cad = convert(model(arch), finest, coarsest)
+    x = images(ODD)
+    with torch.no_grad():
+        out = cad(x, torch.ones(2, 1, *ODD, dtype=torch.bool))
+        emu.assert_rel(out, finest_reference(arch, finest)(x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_none_kept_equals_network_at_coarsest_stride(arch):
+    base = model(arch)
+    with torch.no_grad():
+        for coarsest, ref in [(32, base), (16, finest_reference(arch, 16))]:
+            cad = convert(base, 8, coarsest)
+            x = images(ODD)
+            feats = cad.forward_features(x, torch.zeros(2, *ODD, dtype=torch.bool))
+            expected = trunk(ref)(x)
+            emu.assert_rel(feats.dense(grid="step"), expected)
+            # densified: the coarse output repeated (nearest) over the finest grid
+            s = 2 ** cad.num_levels
+            rep = expected.repeat_interleave(s, 2).repeat_interleave(s, 3)
+            H, W = feats.spatial_shape
+            emu.assert_rel(feats.dense(), rep[:, :, :H, :W])
+        # logits: the global pool is area-weighted, equal to torchvision's plain mean when the
+        # finest grid is a multiple of the coarse block (at odd grids border sites weigh less)
+        x = images((64, 64))
+        cad = convert(base, 8, 32)
+        emu.assert_rel(cad(x, torch.zeros(2, 64, 64, dtype=torch.bool)), base(x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_guarantee_2_random_masks(arch):
+    """For any mask the densified output sampled every 2**L cells is the stride-c network."""
+    base = model(arch)
+    cad = convert(base, 8, 32)
+    x = images(MIXED)
+    with torch.no_grad():
+        expected = trunk(base)(x)
+        for seed, kind in [(0, "keep"), (1, "levels")]:
+            spec, _ = emu.mixed_masks(seed, 2, GRID8, 2, kind)
+            feats = cad.forward_features(x, spec)
+            emu.assert_rel(feats.dense()[:, :, ::4, ::4], expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("finest,coarsest,kind", [(8, 16, "keep"), (8, 32, "levels"),
+                                                  (4, 16, "map")])
+def test_matches_dense_emulation(arch, finest, coarsest, kind, device):
+    base = model(arch) if device.type == "cpu" else copy.deepcopy(model(arch)).to(device)
+    cad = convert(base, finest, coarsest)
+    x = images(MIXED).to(device)
+    grid = (-(-MIXED[0] // finest), -(-MIXED[1] // finest))
+    spec, levels = emu.mixed_masks(3, 2, grid, cad.num_levels, kind)
+    with torch.no_grad():
+        out = cad(x, emu.to_device(spec, device))
+        expected = emu.resnet_classifier(base, x, levels, finest, coarsest)
+    emu.assert_rel(out, expected)
+    assert (cad.last_plan.levels.cpu().numpy() == levels).all()
+
+
+@pytest.mark.parametrize("arch", OTHERS)
+def test_family_member(arch):
+    """All kept == the finest-stride network, none kept == the coarsest-stride network, and the
+    emulation for a random mask (L = 1)."""
+    base = model(arch)
+    x = images(ODD)
+    cad = convert(base, 8, 16)
+    spec, levels = emu.mixed_masks(11, 2, (5, 6), 1, "keep")
+    with torch.no_grad():
+        emu.assert_rel(cad(x, torch.ones(2, *ODD, dtype=torch.bool)), finest_reference(arch, 8)(x))
+        emu.assert_rel(cad(x, spec), emu.resnet_classifier(base, x, levels, 8, 16))
+        feats = convert(base, 8, 32).forward_features(x, torch.zeros(2, *ODD, dtype=torch.bool))
+        emu.assert_rel(feats.dense(grid="step"), trunk(base)(x))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
+def test_matches_dense_emulation_float32(arch):
+    base = emu.prepare(getattr(tvm, arch)(num_classes=10), torch.float32)
+    cad = convert(base, 8, 32)
+    x = images(MIXED, torch.float32)
+    spec, levels = emu.mixed_masks(4, 2, GRID8, 2, "keep")
+    with torch.no_grad():
+        out = cad(x, spec)
+        expected = emu.resnet_classifier(base.double(), x.double(), levels, 8, 32)
+    emu.assert_rel(out.double(), expected, torch.float32)
+
+
+SPCONV = spconv_status()[0]
+
+
+@pytest.mark.skipif(not SPCONV, reason=f"spconv engine unavailable: {spconv_status()[1]}")
+def test_spconv_engine_matches_emulation():
+    base = model("resnet18")
+    cad = convert(base, 8, 32, engine="spconv")
+    x = images(MIXED)
+    spec, levels = emu.mixed_masks(5, 2, GRID8, 2, "keep")
+    with torch.no_grad():
+        emu.assert_rel(cad(x, spec), emu.resnet_classifier(base, x, levels, 8, 32))
+
+
+@pytest.mark.parametrize("flags", [[False, True, True], [True, True, True], [False, False, True]])
+def test_any_replace_stride_with_dilation_converts_the_same(flags):
+    """The given model's own dilation setting does not matter: the CAD network is defined by
+    the strides, and the dense part is rebuilt with the standard strides where needed."""
+    base = model("resnet50")
+    torch.manual_seed(0)
+    given = emu.prepare(tvm.resnet50(num_classes=10, replace_stride_with_dilation=flags))
+    given.load_state_dict(base.state_dict())
+    x = images(MIXED)
+    spec, levels = emu.mixed_masks(6, 2, GRID8, 1, "keep")
+    with torch.no_grad():
+        before = given(x)
+        cad = convert(given, 8, 16)
+        emu.assert_rel(cad(x, spec), emu.resnet_classifier(base, x, levels, 8, 16))
+        emu.assert_rel(given(x), before)  # the given model is untouched
+    assert isinstance(cad, CADResNet)

@@ -1,0 +1,88 @@
+"""`cad-spconv bench` end to end on tiny inputs: it runs, its counts and checks are right and it
+writes JSON and markdown. No timing is asserted (timings belong in BENCHMARKS.md)."""
+import json
+
+import pytest
+import torch
+
+from cad_apps import bench
+from cad_apps.cli import build_parser
+
+
+def run_bench(tmp_path, *extra):
+    out = tmp_path / "r.json"
+    md = tmp_path / "B.md"
+    argv = ["bench", "--reps", "1", "--warmup", "0", "--threads", "1", "--no-memory",
+            "--json", str(out), "--markdown", str(md), *extra]
+    args = build_parser("bench").parse_args(argv)
+    assert bench.main(args, command="cad-spconv " + " ".join(argv)) == 0
+    return json.loads(out.read_text()), md.read_text()
+
+
+def test_conv3x3_counts_guarantee_and_report(tmp_path):
+    report, md = run_bench(tmp_path, "--model", "conv3x3", "--channels", "8", "--size", "72",
+                           "88", "--engine", "lattice,torch", "--random-keep", "0.4")
+    assert len(report["inputs"]) == 3
+    for res in report["inputs"]:
+        v = res["variants"]
+        fine = v["dense8[nchw]"]["macs"]
+        assert fine == 9 * 8 * 8 * 9 * 11  # 9x11 finest grid
+        assert v["dense16[nchw]"]["macs"] == 9 * 8 * 8 * 5 * 6
+        for e in ("lattice", "torch"):
+            cad = v[f"cad[{e}]"]
+            assert v["dense16[nchw]"]["macs"] < cad["macs"] < fine
+            assert cad["geometry_seconds"] > 0 and cad["rulebooks"] == 1
+        assert res["guarantee2_rel_error"] < 1e-5
+        assert res["failed"] == {}
+    assert set(report["summary"]["cad"]) == {"lattice", "torch"}
+    assert "cad-spconv bench" in md and "| **all** | lattice |" in md
+
+
+@pytest.mark.parametrize("extra", [[], ["--fold-bn", "--engine", "auto,tuned"]])
+def test_resnet_backbone_runs_and_matches_mac_counter(tmp_path, extra):
+    from adapters import fold_batchnorm
+    from cad_spconv.macs import count_macs
+    from torchvision.models import resnet50
+
+    report, _ = run_bench(tmp_path, "--model", "resnet50", "--size", "96", "80",
+                          "--dense-format", "channels_last", *extra)
+    res = report["inputs"][0]
+    dense = resnet50(replace_stride_with_dilation=[False, True, True]).eval()
+    if extra:
+        dense = fold_batchnorm(dense)
+    expected = count_macs(dense, torch.zeros(1, 3, 96, 80))["total"] - 2048 * 1000  # no fc
+    assert res["variants"]["dense8[channels_last]"]["macs"] == expected
+    for engine in report["config"]["engines"]:
+        s = res["summary"]["cad"][engine]
+        assert 0 < s["mac_fraction"] <= 1
+    assert res["guarantee2_rel_error"] < 1e-4
+    if extra:  # every tuned layer shape is reported with its candidates' times
+        assert report["tuned"] and all(c["engine"] in c["seconds"] for c in report["tuned"])
+
+
+def test_profile_reports_ops_per_variant(tmp_path, capsys):
+    """--profile N: one profiled forward per variant, its N most expensive ops by self time, the
+    rest and the total, in the JSON and as a table."""
+    report, _ = run_bench(tmp_path, "--model", "conv3x3", "--channels", "8", "--size", "72",
+                          "88", "--engine", "lattice", "--random-keep", "0.4", "--profile", "3")
+    for res in report["inputs"]:
+        for name, entry in res["variants"].items():
+            prof = entry["profile_ms"]
+            ops = [op for op in prof if not op.startswith("(")]
+            assert len(ops) == 3 and all(prof[op] >= 0 for op in ops)
+            assert prof["(total)"] == pytest.approx(sum(prof[op] for op in ops) + prof["(other)"])
+    out = capsys.readouterr().out
+    assert "| op | dense16[nchw] |" in out and "| (total) |" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--engine", "fast"], "unknown engine"),
+    (["--dtype", "float16"], "float16"),
+    (["--coarsest-stride", "24"], "power of two"),
+    (["--images", "/no/such.png"], "image not found"),
+    (["--profile", "-1"], "--profile"),
+])
+def test_bad_arguments_are_refused(argv, message, tmp_path, capsys):
+    args = build_parser("bench").parse_args(["bench", "--model", "conv3x3", *argv])
+    with pytest.raises(SystemExit, match=message):
+        bench.main(args)

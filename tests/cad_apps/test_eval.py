@@ -1,0 +1,250 @@
+"""``cad-spconv eval`` on a synthetic Cityscapes folder, against independent dense references.
+
+The model is DeepLabV3-ResNet50 (same head and adapter path as ResNet-101, half the cost) with
+random weights saved as a paper-format checkpoint; everything runs in float64 on tiny images,
+so predictions of the converted model and the dense references agree pixel for pixel.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.models import get_model
+
+from cad_apps.cli import main as cli
+from cad_apps.data import CityscapesSegmentation, make_synthetic_cityscapes
+from cad_apps.evaluate import (EvalConfig, MaskSpec, dense_macs, evaluate, parse_mask,
+                                 write_json_atomic)
+
+MODEL = "deeplabv3_resnet50"
+SIZE = (40, 56)  # finest grid 5x7 (odd), coarsest 3x4
+
+
+@pytest.fixture(scope="module")
+def fixture_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cityscapes")
+    make_synthetic_cityscapes(root, num_images=3, size=SIZE, seed=3)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(7)
+    model = get_model(MODEL, weights=None, weights_backbone=None, num_classes=19, aux_loss=False)
+    with torch.no_grad():  # tame the random net a little and make BN statistics non-trivial
+        for name, buf in model.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("ckpt") / "best_deeplabv3_resnet50_cityscapes_os8.pth"
+    state = {("classifier.classifier." + k[11:] if k.startswith("classifier.") else k): v
+             for k, v in model.state_dict().items()}
+    torch.save({"model_state": state}, path)
+    return str(path), model.eval()
+
+
+def run(fixture_root, checkpoint, tmp_path, mask, name=None, dtype="float64", timing=False, **kw):
+    out = str(tmp_path / (name or f"{mask.replace(':', '_')}.json"))
+    cfg = EvalConfig(data_root=fixture_root, out=out, model=MODEL, checkpoint=checkpoint[0],
+                     mask=mask, dilation=3, device="cpu", dtype=dtype, num_workers=0,
+                     warmup=0, progress=False, timing=timing, **kw)
+    return evaluate(cfg), out
+
+
+@pytest.fixture(scope="module")
+def edge_fresh(fixture_root, checkpoint, tmp_path_factory):
+    """One uninterrupted single-process run, to compare resumed and distributed runs with."""
+    return run(fixture_root, checkpoint, tmp_path_factory.mktemp("fresh"), "edge:0.35")[0]
+
+
+def confusion(pred, target):
+    t, p = target.reshape(-1).numpy(), pred.reshape(-1).numpy()
+    keep = t != 255
+    return np.bincount(t[keep] * 19 + p[keep], minlength=361).reshape(19, 19)
+
+
+def miou(counts):
+    tp = np.diag(counts).astype(float)
+    union = counts.sum(0) + counts.sum(1) - np.diag(counts)
+    ok = union > 0
+    return float((tp[ok] / union[ok]).mean())
+
+
+def reference_predictions(model, root, coarse: bool):
+    """Dense float64 predictions: the stride-8 torchvision model, or (coarse) the stride-16
+    ResNet with its features repeated onto the stride-8 grid and the head run there."""
+    model = model.double()
+    ds = CityscapesSegmentation(root)
+    preds = {}
+    for i in range(len(ds)):
+        item = ds[i]
+        x = item["image"][None].double()
+        with torch.no_grad():
+            if not coarse:
+                logits = model(x)["out"]
+            else:
+                rn = get_model("resnet50", weights=None, replace_stride_with_dilation=[False, False, True])
+                rn.load_state_dict(model.backbone.state_dict(), strict=False)
+                rn = rn.double().eval()
+                f = rn.maxpool(rn.relu(rn.bn1(rn.conv1(x))))
+                f = rn.layer4(rn.layer3(rn.layer2(rn.layer1(f))))
+                H0, W0 = math.ceil(x.shape[-2] / 8), math.ceil(x.shape[-1] / 8)
+                f = f.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :H0, :W0]
+                logits = F.interpolate(model.classifier(f), size=x.shape[-2:], mode="bilinear",
+                                       align_corners=False)
+        preds[item["id"]] = (logits.argmax(1)[0], item["target"])
+    model.float()
+    return preds
+
+
+def test_parse_mask():
+    assert parse_mask("edge:0.35") == MaskSpec("edge", threshold=0.35)
+    assert str(parse_mask("random:0.3")) == "random:0.3"
+    assert parse_mask("learned:/a/b.pth").path == "/a/b.pth"
+    assert parse_mask("none").kind == "none" and parse_mask("ALL").kind == "all"
+    for bad, msg in (("edge", "number"), ("edge:x", "number"), ("random:2", "<= 1"),
+                     ("learned:", "PATH"), ("sobel:1", "unknown"), ("none:1", "no value")):
+        with pytest.raises(ValueError, match=msg):
+            parse_mask(bad)
+
+
+@pytest.mark.parametrize("mask", ["all", "none"])
+def test_dense_baselines_match_independent_references(fixture_root, checkpoint, tmp_path, mask):
+    result, out = run(fixture_root, checkpoint, tmp_path, mask)
+    ref = reference_predictions(checkpoint[1], fixture_root, coarse=mask == "none")
+    total = np.zeros((19, 19), np.int64)
+    for name, (pred, target) in ref.items():
+        counts = confusion(pred, target)
+        total += counts
+        rec = result["images"][name]
+        got = np.zeros((19, 19), np.int64)
+        for t, p, n in rec["confusion"]:
+            got[t, p] = n
+        assert np.array_equal(got, counts), name
+        fine = dense_macs(MODEL, 8, SIZE)
+        coarse = dense_macs(MODEL, 16, SIZE)
+        assert rec["macs_dense_finest"] == fine["total"]
+        assert rec["macs_dense_coarsest"] == coarse["total"]
+        if mask == "all":
+            assert rec["macs"]["total"] == fine["total"] and rec["kept_fraction"] == 1.0
+            assert rec["macs_fraction_of_finest"] == 1.0
+        else:  # backbone of the stride-16 network, head densified at stride 8 (paper's setup)
+            assert rec["macs"]["total"] == coarse["parts"]["backbone"] + fine["parts"]["classifier"]
+            assert rec["kept_fraction"] == 0.0
+    assert result["summary"]["miou"] == miou(total)
+    assert result["summary"]["num_images"] == 3 and result["complete"]
+    with open(out) as f:  # what is on disk is what was returned
+        assert json.load(f)["summary"]["miou"] == result["summary"]["miou"]
+
+
+def test_edge_mask_saves_predictions_that_score_the_same(fixture_root, checkpoint, tmp_path):
+    preds_dir = tmp_path / "preds"
+    result, _ = run(fixture_root, checkpoint, tmp_path, "edge:1.5", save_predictions=str(preds_dir),
+                    batch_size=2, timing=True)
+    ds = CityscapesSegmentation(fixture_root)
+    total = np.zeros((19, 19), np.int64)
+    for i, name in enumerate(ds.ids):
+        city, frame = name.split("/")
+        pred = np.asarray(Image.open(preds_dir / city / f"{frame}_pred_trainIds.png")).astype(np.int64)
+        total += confusion(torch.from_numpy(pred), ds[i]["target"])
+    s = result["summary"]
+    assert s["miou"] == miou(total)
+    for rec in result["images"].values():
+        assert 0.0 < rec["kept_fraction"] < 1.0
+        assert math.isclose(sum(rec["level_fractions"]), 1.0)
+        assert rec["macs_dense_coarsest"] < rec["macs"]["total"] < rec["macs_dense_finest"]
+        assert rec["macs"]["total"] == sum(v for k, v in rec["macs"].items() if k != "total")
+        assert rec["time_s"] > 0
+    assert s["macs_fraction_of_finest"] < 1.0 < s["macs_fraction_of_coarsest"]
+
+
+def test_resume_skips_done_images_and_matches_a_fresh_run(fixture_root, checkpoint, tmp_path,
+                                                          edge_fresh):
+    fresh = edge_fresh
+    part, out = run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="resumed.json", limit=1)
+    assert len(part["images"]) == 1 and part["complete"]
+    # an "interrupted" file: one image done, then the whole split
+    resumed, _ = run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="resumed.json")
+    first = next(iter(part["images"]))
+    assert resumed["images"][first] == part["images"][first]  # kept, not recomputed
+    assert set(resumed["images"]) == set(fresh["images"])
+    for k in fresh["images"]:
+        a, b = fresh["images"][k], resumed["images"][k]
+        assert a["confusion"] == b["confusion"] and a["macs"] == b["macs"]
+    assert resumed["summary"]["miou"] == fresh["summary"]["miou"]
+    with pytest.raises(ValueError, match=r"mask: 'edge:0.35' in the file vs 'edge:0.95' now"):
+        run(fixture_root, checkpoint, tmp_path, "edge:0.95", name="resumed.json")
+
+
+def test_json_is_written_atomically(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomic(str(path), {"a": 1})
+    with pytest.raises(ValueError):
+        write_json_atomic(str(path), {"a": float("nan")})  # fails while serialising
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
+
+
+def test_learned_mask_counts_the_estimator(fixture_root, checkpoint, tmp_path):
+    from cad_spconv.learned_mask import MaskEstimator
+    torch.manual_seed(0)
+    est = MaskEstimator(512, downsample=2)
+    path = tmp_path / "estimator.pth"
+    torch.save({"model_state": {"backbone.mask_estimator." + k: v for k, v in est.state_dict().items()}},
+               path)
+    result, _ = run(fixture_root, checkpoint, tmp_path, f"learned:{path}", dtype="float32", limit=2)
+    for rec in result["images"].values():
+        assert rec["macs"]["mask"] > 0
+        assert rec["macs"]["total"] == sum(v for k, v in rec["macs"].items() if k != "total")
+
+
+def test_oracle_and_ablation_masks_run(fixture_root, checkpoint, tmp_path):
+    for mask in ("oracle", "inverted-edge:0.95", "shuffled-edge:0.95", "random:0.5"):
+        result, _ = run(fixture_root, checkpoint, tmp_path, mask, dtype="float32", limit=1)
+        rec = next(iter(result["images"].values()))
+        assert rec["macs_dense_coarsest"] <= rec["macs"]["total"] <= rec["macs_dense_finest"] + 1
+        if mask == "random:0.5":  # finest cells: 5x7 = 35 -> 18 kept
+            assert rec["kept_fraction"] >= 18 / 35
+
+
+def test_cli_reports_clear_errors(fixture_root, tmp_path, capsys):
+    rc = cli(["eval", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "x.json"),
+              "--device", "cpu", "--model", MODEL])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    coco = tmp_path / "coco21.pth"
+    torch.save(get_model(MODEL, weights=None, weights_backbone=None, num_classes=21).state_dict(), coco)
+    rc = cli(["eval", "--data-root", fixture_root, "--out", str(tmp_path / "x.json"), "--device",
+              "cpu", "--model", MODEL, "--checkpoint", str(coco), "--num-workers", "0"])
+    assert rc == 2 and "21 classes" in capsys.readouterr().err
+    rc = cli(["eval", "--data-root", fixture_root, "--out", str(tmp_path / "x.json"), "--device",
+              "cpu", "--model", MODEL, "--mask", "edge"])
+    assert rc == 2 and "needs a number" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_merge_to_the_single_process_result(fixture_root, checkpoint, tmp_path,
+                                                                   edge_fresh):
+    import subprocess
+    import sys
+    single = edge_fresh
+    out = tmp_path / "dist.json"
+    from tests.support.inputs import REPO
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "cad_apps.cli", "eval", "--data-root", fixture_root, "--model", MODEL,
+           "--checkpoint", checkpoint[0], "--mask", "edge:0.35", "--dilation", "3", "--device", "cpu",
+           "--dtype", "float64", "--num-workers", "0", "--no-timing", "--no-progress",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads(out.read_text())
+    assert merged["environment"]["world_size"] == 2 and merged["complete"]
+    assert set(merged["images"]) == set(single["images"])
+    for k, rec in single["images"].items():
+        assert merged["images"][k]["confusion"] == rec["confusion"]
+        assert merged["images"][k]["macs"] == rec["macs"]
+    assert merged["summary"]["miou"] == single["summary"]["miou"]
+    assert "mIoU" in proc.stdout

@@ -1,0 +1,246 @@
+"""The learned mask: estimator layout, Gumbel sampling, the dense blend of the paper's training
+recipe against torchvision's own stride-8 / stride-16 networks, and training on tiny synthetic
+data (the loss falls, the budget steers rho_hat, resuming is exact)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import Bottleneck, ResNet, resnet50
+from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+from adapters.output_stride import output_stride
+from cad_apps import cli
+from cad_apps.blended import BlendedSegmenter
+from cad_apps.train_mask import TrainConfig, build_model, feature_channels, train
+from cad_spconv.learned_mask import DOWNSAMPLE, MaskEstimator, budget_loss
+from tests.support.inputs import synthetic_items
+
+
+# ------------------------------------------------------------------ estimator
+def test_estimator_layout_is_the_papers():
+    est = MaskEstimator(512)
+    expected = {"0.weight": (128, 512, 3, 3), "0.bias": (128,), "2.weight": (64, 128, 3, 3),
+                "2.bias": (64,), "5.weight": (64, 64, 3, 3), "5.bias": (64,),
+                "7.weight": (2, 64, 3, 3), "7.bias": (2,)}
+    assert {k: tuple(v.shape) for k, v in est.state_dict().items()} == expected
+    assert isinstance(est[4], nn.MaxPool2d) and est[4].kernel_size == 2 and est[4].stride == 2
+    assert all(isinstance(est[i], nn.ReLU) for i in (1, 3, 6))
+    assert all(est[i].padding == (1, 1) for i in (0, 2, 5, 7))
+
+
+def test_estimator_loads_reference_checkpoint_keys():
+    src = MaskEstimator(16)
+    ckpt = {"model_state": {"backbone.mask_estimator." + k: v for k, v in src.state_dict().items()},
+            "cur_itrs": 10}
+    ckpt["model_state"]["backbone.layer1.0.conv1.weight"] = torch.zeros(1)
+    est = MaskEstimator(16)
+    est.load_reference(ckpt)
+    for k, v in src.state_dict().items():
+        assert torch.equal(est.state_dict()[k], v)
+    with pytest.raises(KeyError, match="mask_estimator"):
+        est.load_reference({"model_state": {"backbone.layer1.0.conv1.weight": torch.zeros(1)}})
+
+
+@pytest.mark.parametrize("size", [(9, 13), (8, 12)])
+def test_estimator_keep_is_the_argmax_on_the_finest_grid(size):
+    torch.manual_seed(0)
+    est = MaskEstimator(16).double()
+    with torch.no_grad():  # a decisive last layer, so both decisions occur
+        est[7].weight.normal_(0, 1)
+        est[7].bias.zero_()
+    x = torch.randn(2, 16, *size, dtype=torch.float64)
+    logits = est.logits(x)
+    h, w = -(-size[0] // 2), -(-size[1] // 2)
+    assert logits.shape == (2, 2, h, w)
+    keep = est(x)
+    assert keep.dtype == torch.bool and keep.shape == (2, 1, *size)
+    low = (logits[:, DOWNSAMPLE] > logits[:, 1 - DOWNSAMPLE]).numpy()
+    expected = np.zeros((2, *size), dtype=bool)
+    for b in range(2):
+        for y in range(size[0]):
+            for x_ in range(size[1]):
+                expected[b, y, x_] = not low[b, y // 2, x_ // 2]
+    np.testing.assert_array_equal(keep[:, 0].numpy(), expected)
+    assert 0 < expected.mean() < 1
+
+
+def test_gumbel_sample_is_hard_and_differentiable():
+    torch.manual_seed(1)
+    est = MaskEstimator(8)
+    x = torch.randn(3, 8, 11, 10)
+    low = est.sample(x)
+    assert low.shape == (3, 1, 6, 5)
+    assert set(low.unique().tolist()) <= {0.0, 1.0}
+    loss = budget_loss(low, 0.5)
+    assert torch.isclose(loss, (0.5 - low.mean()) ** 2)
+    loss.backward()
+    assert est[7].weight.grad is not None and est[7].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="rho"):
+        budget_loss(low, 1.5)
+
+
+def test_estimator_rejects_wrong_features():
+    with pytest.raises(ValueError, match=r"\[B, 512, H0, W0\]"):
+        MaskEstimator(512)(torch.zeros(1, 256, 8, 8))
+    with pytest.raises(ValueError, match="power of two"):
+        MaskEstimator(512, downsample=3)
+
+
+# ------------------------------------------------------------------ stride configurations
+@pytest.mark.parametrize("stride,replace", [(8, [False, True, True]), (16, [False, False, True]),
+                                                   (32, [False, False, False])])
+def test_output_stride_matches_torchvision_replace_stride_with_dilation(stride, replace):
+    model = resnet50(weights=None)
+    target = resnet50(weights=None, replace_stride_with_dilation=replace)
+
+    def geometry(m):
+        return [(n, c.stride, c.dilation, c.padding) for n, c in m.named_modules()
+                if isinstance(c, nn.Conv2d)]
+
+    before = geometry(model)
+    with output_stride(model, stride):
+        assert geometry(model) == geometry(target)
+    assert geometry(model) == before  # restored
+
+
+# ------------------------------------------------------------------ the blend
+def small_fcn(replace, num_classes=3):
+    """A real torchvision ResNet (Bottleneck, narrow) in an FCN, at a given dilation setting."""
+    trunk = ResNet(Bottleneck, [1, 2, 1, 1], width_per_group=8, replace_stride_with_dilation=replace)
+    backbone = IntermediateLayerGetter(trunk, return_layers={"layer4": "out"})
+    return FCN(backbone, FCNHead(2048, num_classes), None)
+
+
+def test_blend_equals_torchvision_stride_8_and_16_paths():
+    torch.manual_seed(2)
+    fine = small_fcn([False, True, True]).double().eval()
+    coarse = small_fcn([False, False, True]).double().eval()
+    coarse.load_state_dict(fine.state_dict())
+    est = MaskEstimator(512).double()
+    blended = BlendedSegmenter(fine, est).eval()
+    images = torch.randn(2, 3, 61, 83, dtype=torch.float64)
+
+    with torch.no_grad():
+        f8 = fine.backbone(images)["out"]
+        f16 = coarse.backbone(images)["out"]
+        H0, W0 = f8.shape[-2:]
+        up16 = f16.repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :H0, :W0]
+        mask = (torch.rand(2, 1, -(-H0 // 2), -(-W0 // 2)) < 0.5).double()
+        m = mask.repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :H0, :W0]
+        seen = {}
+        fine.classifier.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0]))
+        for forced in (torch.zeros_like(mask), torch.ones_like(mask), mask):
+            est.sample = lambda feats, tau=None, forced=forced: forced
+            out = blended(images)
+            expected = forced.repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :H0, :W0]
+            torch.testing.assert_close(seen["x"], expected * up16 + (1 - expected) * f8,
+                                       rtol=1e-12, atol=1e-12)
+            assert out["rho_hat"] == forced.mean()
+        est.sample = lambda feats, tau=None: torch.zeros_like(mask)
+        torch.testing.assert_close(blended(images)["out"], fine(images)["out"], rtol=1e-12, atol=1e-12)
+        est.sample = lambda feats, tau=None: torch.ones_like(mask)
+        head16 = F.interpolate(fine.classifier(up16), size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        torch.testing.assert_close(blended(images)["out"], head16, rtol=1e-12, atol=1e-12)
+        assert 0 < float(m.mean()) < 1
+    # the backbone is left at its own stride configuration
+    torch.testing.assert_close(fine.backbone(images)["out"], f8, rtol=0, atol=0)
+
+
+def test_blend_rejects_mismatched_estimator():
+    model = small_fcn([False, True, True])
+    with pytest.raises(ValueError, match="downsample=4"):
+        BlendedSegmenter(model, MaskEstimator(512), 8, 32)
+
+
+# ------------------------------------------------------------------ training
+def tiny_blended(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("fcn_tiny", 3)
+    est = MaskEstimator(feature_channels(model, 8))
+    return BlendedSegmenter(model, est)
+
+
+def run(rho, iters, seed=0):
+    # a short schedule needs a faster estimator than the reference's 0.01 x lr over 30k steps
+    cfg = TrainConfig(iters=iters, batch_size=2, crop_size=40, lr=0.02, estimator_lr_mult=0.5,
+                      backbone_lr_mult=1.0, rho=rho, budget_weight=4.0, save_every=0, seed=seed,
+                      scale_range=(0.75, 1.25))
+    return train(tiny_blended(seed), synthetic_items(8), cfg, progress=False)
+
+
+def test_training_loss_falls_and_budget_steers_rho_hat():
+    iters = 24
+    runs = {rho: run(rho, iters) for rho in (0.75, 0.25)}
+    ends = {}
+    for rho, hist in runs.items():
+        assert len(hist) == iters and [r["iteration"] for r in hist] == list(range(1, iters + 1))
+        first = np.mean([r["task_loss"] for r in hist[:4]])
+        last = np.mean([r["task_loss"] for r in hist[-4:]])
+        assert last < 0.8 * first, (rho, first, last)
+        start = np.mean([r["rho_hat"] for r in hist[:3]])
+        ends[rho] = end = np.mean([r["rho_hat"] for r in hist[-6:]])
+        assert abs(end - rho) < abs(start - rho), (rho, start, end)
+        assert abs(end - rho) < 0.15, (rho, end)
+    assert ends[0.75] > ends[0.25] + 0.3, ends
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = synthetic_items(5, seed=3)
+    cfg = TrainConfig(iters=4, batch_size=2, crop_size=32, lr=0.01, save_every=2, seed=5)
+    straight = tiny_blended(1)
+    h_straight = train(straight, data, cfg, progress=False)
+
+    out = str(tmp_path / "run")
+    first = tiny_blended(1)
+    cut = cfg
+    # crash in the third step, after the checkpoint of iteration 2
+    calls = {"n": 0}
+    forward = first.forward
+
+    def crash_after_two(*a, **k):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return forward(*a, **k)
+
+    first.forward = crash_after_two
+    with pytest.raises(KeyboardInterrupt):
+        train(first, data, cut, out_dir=out, progress=False, meta={"model": "fcn_tiny"})
+    assert sorted(os.listdir(out)) == ["history.json", "last.pt"]  # no temporary files left
+    resumed = tiny_blended(7)  # different init: everything must come from the checkpoint
+    h_resumed = train(resumed, data, cut, out_dir=out, resume=True, progress=False,
+                      meta={"model": "fcn_tiny"})
+    assert [r["loss"] for r in h_resumed] == [r["loss"] for r in h_straight]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="same model settings"):
+        train(tiny_blended(1), data, cut, out_dir=out, resume=True, progress=False,
+              meta={"model": "other"})
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny_blended(1), data, cut, out_dir=str(tmp_path / "empty"), resume=True, progress=False)
+
+
+def test_cli_train_mask_on_synthetic_cityscapes(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train-mask", "--synthetic", "--model", "fcn_tiny", "--iters", "2", "--batch-size", "2",
+            "--crop-size", "48", "--out", out, "--no-progress", "--no-eval"]
+    assert cli.main(argv) == 0
+    assert "trained 2 iterations" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "last.pt"))
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert state["iteration"] == 2 and set(state["estimator"]) == set(MaskEstimator(64).state_dict())
+    # a train-mask checkpoint initialises the estimator of a new run
+    out2 = str(tmp_path / "run2")
+    assert cli.main(argv[:-3] + [out2, "--no-progress", "--no-eval", "--iters", "0",
+                                 "--estimator-weights", os.path.join(out, "last.pt")]) == 0
+    state2 = torch.load(os.path.join(out2, "last.pt"), weights_only=True)
+    assert state2["iteration"] == 0
+    for k, v in state["estimator"].items():
+        assert torch.equal(state2["estimator"][k], v), k
+    with pytest.raises(SystemExit, match="exactly one"):
+        cli.main(["train-mask", "--out", out, "--no-eval"])

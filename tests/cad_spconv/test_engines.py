@@ -1,0 +1,323 @@
+"""Engines beyond the op checks of test_ops.py (which run every engine against the dense
+emulation): gradients, the lattice split, workspaces and bad input."""
+import numpy as np
+import pytest
+import torch
+
+from tests.support import dense_reference as ref
+from cad_spconv import CADTensor, LevelPlan, conv_rulebook, functional as CF
+from cad_spconv.engines import ENGINES, select_engine, sparse_conv
+from tests.support.inputs import make_input
+
+
+@pytest.mark.parametrize("engine", ["lattice", "torch"])
+@pytest.mark.parametrize("k,stride,groups", [(3, 1, 1), (3, 2, 1), (1, 2, 1), (1, 1, 1),
+                                             (3, 2, 2), (1, 1, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_match_dense_reference(engine, k, stride, groups, dtype, device):
+    """Backward through the engine equals backward through the dense emulation in float64
+    (float32: the engine's own GEMM route, e.g. oneDNN on CPU, against the float64 one)."""
+    case = ((13, 11), 2, "levels")
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for step in range(2 if stride == 2 else 3):
+        x, levels = make_input(case, step, 4, torch.float64, device, seed=step + 7)
+        gen = torch.Generator().manual_seed(step)
+        w = torch.randn(6, 4 // groups, k, k, generator=gen, dtype=torch.float64).to(device)
+        b = torch.randn(6, generator=gen, dtype=torch.float64).to(device)
+        up = None
+        grads = []
+        for run in ("engine", "reference"):
+            cast = dtype if run == "engine" else torch.float64
+            f = x.features.to(cast).requires_grad_(True)
+            wr, br = w.to(cast).requires_grad_(True), b.to(cast).requires_grad_(True)
+            if run == "engine":
+                y = CF.conv2d(CADTensor(f, x.plan, step), wr, br, stride, 1, groups, engine).features
+            else:
+                y = ref.conv(f, levels, step, stride, wr, br, 1, groups)
+            if up is None:
+                up = torch.randn(y.shape, generator=torch.Generator().manual_seed(3),
+                                 dtype=torch.float64).to(device)
+            (y * up.to(cast)).sum().backward()
+            grads.append((f.grad, wr.grad, br.grad))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gemm_route(dtype, monkeypatch):
+    """``x @ w.T + b`` of the lattice engine's GEMMs: oneDNN (a 1x1 conv on channels-last
+    views) on CPU for float32 / bfloat16, BLAS otherwise; same values either way, into a given
+    output too, and no rows at all."""
+    import cad_spconv.engines.gemm as E
+    calls = []
+    real = E.F.conv2d
+    monkeypatch.setattr(E.F, "conv2d", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((37, 20), (9, 20), (9,)))
+    want = x.double() @ w.double().t() + b.double()
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
+           torch.float64: dict(rtol=1e-12, atol=1e-12)}[dtype]
+    into = torch.full((37, 9), float("nan"), dtype=dtype)
+    assert E.matmul_nk(x, w, b, out=into) is into
+    for got in (E.matmul_nk(x, w, b), into):
+        assert got.shape == (37, 9) and got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(E.matmul_nk(x, w, None).double(), want - b.double(), **tol)
+    onednn = dtype != torch.float64 and torch.backends.mkldnn.is_available()
+    assert len(calls) == (3 if onednn else 0)
+    assert E.matmul_nk(x[:0], w, b).shape == (0, 9)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_gemm_route_reaches_onednn_with_gradients():
+    """At network sizes (more than 20480 input elements, 2 threads) PyTorch runs the 1x1 conv on
+    oneDNN itself (smaller ones take its own GEMM path): values and gradients in float32 against
+    float64, and the kernel seen in the profile."""
+    import cad_spconv.engines.gemm as E
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((3000, 64), (96, 64), (96,)))
+        up = torch.randn(3000, 96, generator=gen)
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+        with torch.profiler.profile() as prof:
+            y = E.matmul_nk(xs, ws, bs)
+        (y * up).sum().backward()
+        x64, w64, b64 = (t.double().requires_grad_(True) for t in (x, w, b))
+        y64 = x64 @ w64.t() + b64
+        (y64 * up.double()).sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert "aten::mkldnn_convolution" in {e.key for e in prof.key_averages()}
+    for got, want in ((y, y64), (xs.grad, x64.grad), (ws.grad, w64.grad), (bs.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("grid,L", [((13, 11), 1), ((17, 23), 3), ((64, 128), 1)])
+def test_lattice_split_partitions_the_output(grid, L, device):
+    """Lattice rows and rest rows cover every output site once; the rest reads exactly the
+    full rulebook's entries; the lattice cells are sites of their step."""
+    rng = np.random.default_rng(0)
+    keep = torch.from_numpy(rng.uniform(size=(2, *grid)) < 0.1).to(device)
+    plan = LevelPlan.from_keep(keep, grid, L)
+    for step_in in range(L + 1):
+        for step_out in {step_in, min(step_in + 1, L)}:
+            book = conv_rulebook(plan, (3, 3), (2, 2), step_in, step_out)
+            split = book.lattice()
+            out_rows = (torch.arange(book.num_out, device=device) if split.out_rows is None
+                        else split.out_rows)
+            rows = torch.cat([out_rows, split.rest_rows]).sort().values
+            assert torch.equal(rows, torch.arange(book.num_out, device=device))
+            coords = plan.geometry(step_out).coords[out_rows]
+            s = 2 ** step_out
+            assert bool(((coords[:, 1] % s == 0) & (coords[:, 2] % s == 0)).all())
+            if split.in_rows is not None:
+                cin = plan.geometry(step_in).coords[split.in_rows]
+                Hi, Wi = split.in_grid
+                ys = torch.arange(Hi, device=device).repeat_interleave(Wi).repeat(2) * 2 ** step_in
+                assert torch.equal(cin[:, 1], ys)
+            full = book.gather[split.rest_rows]
+            inside = split.num_inside
+            assert torch.equal(full[:inside], split.rest_index[:inside])
+            assert bool((full[:inside] >= 0).all())
+            assert torch.equal(full[inside:] >= 0, split.border_valid)
+            centre = full[inside:, 4:5].expand_as(full[inside:])  # out of grid: own centre row
+            assert torch.equal(torch.where(full[inside:] >= 0, full[inside:], centre),
+                               split.rest_index[inside:])
+            # every row read lies in the output site's own image (no cross-image reads)
+            img_in = plan.geometry(step_in).coords[:, 0]
+            img_out = plan.geometry(step_out).coords[split.rest_rows, 0]
+            assert torch.equal(img_in[split.rest_index], img_out[:, None].expand_as(full))
+
+
+def test_lattice_at_step_zero_is_one_dense_conv(device):
+    """With nothing merged yet the lattice engine is exactly the dense conv (no gather)."""
+    x = torch.randn(2, 5, 9, 14, dtype=torch.float64, device=device)
+    t = CADTensor.from_dense(x, torch.zeros(2, 9, 14, dtype=torch.bool, device=device), 1)
+    w = torch.randn(7, 5, 3, 3, dtype=torch.float64, device=device)
+    y = CF.conv2d(t, w, engine="lattice")
+    assert y.cache.keys() and all("gather" not in book._derived for _, book in y.cache.items())
+    torch.testing.assert_close(y.dense(), torch.nn.functional.conv2d(x, w, padding=1),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_auto_engine_selection():
+    plan = LevelPlan.from_keep(torch.zeros(1, 5, 5, dtype=torch.bool), (5, 5), 1)
+    book = conv_rulebook(plan, (3, 3), (1, 1), 0, 1)
+    assert select_engine(torch.device("cpu"), 1, book) == "lattice"
+    from cad_spconv import GatherRulebook
+    hand = GatherRulebook(book.gather, book.num_in, (3, 3), 0, 1)
+    assert select_engine(torch.device("cpu"), 1, hand) == "torch"
+    with pytest.raises(ValueError, match="lattice engine needs a conv rulebook"):
+        sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, hand, engine="lattice")
+    with pytest.raises(ValueError, match="unknown engine"):
+        sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, book, engine="fast")
+    assert {"auto", "tuned", "lattice", "torch", "spconv", "spconv-igemm"} == set(ENGINES)
+
+
+def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypatch):
+    """``tuned`` times every candidate on the first call of a layer shape, keeps the fastest
+    (here the one not slowed down), returns its (correct) output, and later calls of that
+    shape run the kept engine only."""
+    import time as _time
+
+    import cad_spconv.engines as E
+    from cad_spconv.engines.tuned import candidates
+    E.clear_tuned()
+    calls = []
+
+    def slowed(name, real):
+        def conv(*args):
+            calls.append(name)
+            if name != "torch":
+                _time.sleep(0.02)  # every other engine is slower
+            return real(*args)
+        return conv
+
+    for name, engine in E.registered().items():
+        monkeypatch.setattr(engine, "conv", slowed(name, engine.conv))
+    case = ((13, 11), 2, "levels")
+    x, levels = make_input(case, 1, 4, torch.float64, "cpu", seed=2)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    want = ref.conv(x.features, levels, 1, 2, w, b, 1, 1)
+    with torch.no_grad():
+        got = CF.conv2d(x, w, b, 2, 1, 1, "tuned").features
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    names = candidates(x.features, w, 1, CF.conv_book(x, (3, 3), 1, 2))
+    assert {"lattice", "torch"} <= set(names)
+    assert calls == names * (1 + E.tuned.TUNE_REPS)  # warm-ups, then the candidates in turn
+    (choice,) = E.tuned_choices()
+    assert choice["engine"] == "torch" and set(choice["seconds"]) == set(names)
+    assert choice["weight_shape"] == (5, 4, 3, 3) and choice["adaptive_step"] == 1
+    calls.clear()
+    with torch.no_grad():
+        again = CF.conv2d(x, w, b, 2, 1, 1, "tuned").features
+    assert calls == ["torch"]
+    torch.testing.assert_close(again, want, rtol=1e-9, atol=1e-10)
+    # another shape (grouped: spconv cannot run it) is tuned on its own
+    wg = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        CF.conv2d(x, wg, None, 2, 1, 2, "tuned")
+    assert len(E.tuned_choices()) == 2
+    assert "spconv" not in E.tuned_choices()[1]["seconds"]
+    # prepare() builds what the tuned choice last run on a rulebook reads; auto's otherwise
+    assert E.prepare(CF.conv_book(x, (3, 3), 1, 2), "tuned") == E.tuned_choices()[1]["engine"]
+    assert E.prepare(conv_rulebook(x.plan, (3, 3), (1, 1), 1, 2), "tuned") == "lattice"
+    E.clear_tuned()
+    assert E.tuned_choices() == []
+
+
+def test_inference_path_matches_autograd_path():
+    """The no-grad path (preallocated buffers, chunked) equals the autograd path bit for bit
+    in float64, also when the rest spans several chunks."""
+    import cad_spconv.engines.lattice as E
+    case = ((40, 37), 1, "keep")
+    x, levels = make_input(case, 1, 8, torch.float64, "cpu", seed=5)
+    w = torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+    old = E._GATHER_CHUNK_BYTES, E._GATHER_CHUNK_BYTES_CUDA
+    try:
+        E._GATHER_CHUNK_BYTES = E._GATHER_CHUNK_BYTES_CUDA = 9 * 8 * 8 * 7  # 7 rows per chunk
+        with torch.no_grad():
+            fast = CF.conv2d(x, w, b, engine="lattice").features
+        slow = CF.conv2d(x, w.requires_grad_(True), b, engine="lattice").features
+    finally:
+        E._GATHER_CHUNK_BYTES, E._GATHER_CHUNK_BYTES_CUDA = old
+    assert x.plan.geometry(1).coords.shape[0] > 7 * 3
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast, ref.conv(x.features, levels, 1, 1, w.detach(), b), rtol=1e-9,
+                               atol=1e-10)
+
+
+def test_packed_weight_follows_weight_updates():
+    """The cached GEMM layout of a weight is rebuilt after an in-place update (inference)."""
+    case = ((21, 19), 1, "keep")
+    x, levels = make_input(case, 1, 5, torch.float64, "cpu", seed=11)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        first = CF.conv2d(x, w, engine="lattice").features
+        w.mul_(-2.0)
+        second = CF.conv2d(x, w, engine="lattice").features
+    torch.testing.assert_close(second, -2.0 * first, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(second, ref.conv(x.features, levels, 1, 1, w), rtol=1e-9, atol=1e-10)
+
+
+def test_workspaces_across_inference_mode_and_no_grad():
+    """Scratch buffers made under inference_mode must not leak into no_grad calls (inference
+    tensors cannot be written outside inference mode), nor the other way round."""
+    case = ((19, 23), 1, "keep")
+    x, levels = make_input(case, 1, 6, torch.float64, "cpu", seed=3)
+    w = torch.randn(6, 6, 3, 3, dtype=torch.float64)
+    expected = ref.conv(x.features, levels, 1, 1, w)
+    with torch.inference_mode():
+        a = CF.conv2d(x, w, engine="lattice").features
+    with torch.no_grad():
+        b = CF.conv2d(x, w, engine="lattice").features
+    with torch.inference_mode():
+        c = CF.conv2d(x, w, engine="lattice").features
+    for got in (a, b, c):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("engine", ["lattice", "torch", "auto", "tuned"])
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blas", [False, True])
+def test_autocast_runs_the_conv_in_the_autocast_dtype(engine, cast, blas, monkeypatch):
+    """Under ``torch.autocast`` the engines compute in its dtype, as ``F.conv2d`` does there:
+    float32 features and float32 parameters, then (second conv) features already in that dtype
+    with float32 parameters. ``blas``: the GEMMs on BLAS with ``out=`` (the CUDA route), which
+    autocast does not cast by itself."""
+    import cad_spconv.engines.gemm as E
+    if blas:
+        monkeypatch.setattr(E, "_ONEDNN", False)
+    case = ((13, 11), 2, "levels")
+    gen = torch.Generator().manual_seed(4)
+    for stride in (1, 2):
+        x, levels = make_input(case, 1, 8, torch.float32, "cpu", seed=4)
+        w1, w2 = (torch.randn(8, 8, 3, 3, generator=gen) / 8 for _ in range(2))
+        b1, b2 = (torch.randn(8, generator=gen) for _ in range(2))
+        with torch.no_grad(), torch.autocast("cpu", dtype=cast):
+            y = CF.conv2d(x, w1, b1, stride, 1, 1, engine)
+            z = CF.conv2d(y, w2, b2, 1, 1, 1, engine)
+        assert y.features.dtype == z.features.dtype == cast
+        step = 1 + (stride == 2)
+        want_y = ref.conv(x.features.double(), levels, 1, stride, w1.double(), b1.double(), 1, 1)
+        want_z = ref.conv(y.features.double(), levels, step, 1, w2.double(), b2.double(), 1, 1)
+        torch.testing.assert_close(y.features.double(), want_y, rtol=0.03, atol=0.03)
+        torch.testing.assert_close(z.features.double(), want_z, rtol=0.03, atol=0.03)
+
+
+def test_mixed_dtypes_outside_autocast_are_refused():
+    x, _ = make_input(((9, 8), 1, "keep"), 0, 4, torch.bfloat16, "cpu", seed=1)
+    w = torch.randn(4, 4, 3, 3)
+    for engine in ("lattice", "torch", "tuned"):
+        with pytest.raises(TypeError, match="bfloat16, the weight torch.float32.*autocast"):
+            CF.conv2d(x, w, engine=engine)
+    with pytest.raises(TypeError, match="and the bias torch.float64"):
+        CF.conv2d(x, w.bfloat16(), torch.zeros(4, dtype=torch.float64))
+
+
+def test_spconv_engine_refuses_bfloat16_and_tuned_leaves_it_out():
+    x, _ = make_input(((9, 8), 1, "keep"), 0, 4, torch.bfloat16, "cpu", seed=1)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        CF.conv2d(x, w, engine="spconv")
+    from cad_spconv.engines.tuned import candidates
+    assert "spconv" not in candidates(x.features, w, 1, CF.conv_book(x, (3, 3), 1, 1))
+
+
+def test_engine_caches_are_reported():
+    """Workspaces and weight layouts live between calls; ``cached_bytes`` counts them (the
+    benchmark adds them to the CAD peak memory)."""
+    import cad_spconv.engines as E
+    x, _ = make_input(((40, 37), 1, "keep"), 1, 8, torch.float32, "cpu", seed=3)
+    w = torch.randn(16, 8, 3, 3)
+    with torch.no_grad():
+        CF.conv2d(x, w, engine="lattice")
+    packed = E.weight_layout(w, "krsc", lambda t: pytest.fail("not cached"))
+    assert packed.shape == (16, 3, 3, 8)
+    assert E.cached_bytes("cpu") >= packed.numel() * 4 + 8 * 9 * 4  # layout + an im2col row
+    if not torch.cuda.is_available():
+        assert E.cached_bytes("cuda") == 0

@@ -1,0 +1,138 @@
+"""Every op against the independent dense emulation (float64 and float32), both engines."""
+import numpy as np
+import pytest
+import torch
+
+from tests.support import dense_reference as ref
+from cad_spconv import CADTensor, LevelPlan, functional as CF
+from cad_spconv.backend import SpconvUnavailable, spconv_status
+from cad_spconv.engines.spconv_igemm import igemm_status
+from tests.support.inputs import make_input, random_masks, tol
+
+SPCONV = spconv_status()[0]
+ENGINES = ["torch", "lattice", "auto", "tuned"] + [pytest.param(e, marks=pytest.mark.skipif(
+    not SPCONV, reason=f"spconv engine unavailable: {spconv_status()[1]}"))
+    for e in ("spconv", "spconv-igemm")]
+
+CASES = [  # (grid, num_levels, mask kind)
+    ((13, 11), 1, "keep"), ((13, 11), 2, "levels"), ((17, 23), 3, "map"), ((9, 16), 2, "keep"),
+    ((13, 11), 2, "all"), ((13, 11), 2, "none"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k,dilation,stride,groups,bias", [
+    (3, 1, 1, 1, True), (3, 1, 2, 1, False), (1, 1, 2, 1, True), (1, 1, 1, 1, False),
+    (5, 1, 1, 1, False), (3, 2, 1, 1, True), (3, 3, 2, 1, False), (3, 1, 1, 2, True),
+    (3, 1, 2, 3, False), (1, 1, 1, 3, True), (1, 1, 2, 3, True), ((3, 5), (2, 1), 1, 1, True)])
+def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, groups, bias, device):
+    L = case[1]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(1)
+    for step in range(L + (stride == 1)):
+        if stride == 2 and step == L:
+            continue
+        x, levels = make_input(case, step, 6, dtype, device, seed=step)
+        w = torch.randn(6, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
+        b = torch.randn(6, generator=gen, dtype=dtype).to(device) if bias else None
+        if engine.startswith("spconv") and groups > 1:
+            with pytest.raises(ValueError, match="grouped"):
+                CF.conv2d(x, w, b, stride, dilation, groups, engine)
+            return
+        if engine == "spconv-igemm":  # CUDA, float32 / float16 only: the rest is refused
+            if device.type == "cpu":
+                with pytest.raises(ValueError, match="CUDA only"):
+                    CF.conv2d(x, w, b, stride, dilation, groups, engine)
+                return
+            if dtype == torch.float64:
+                with pytest.raises(TypeError, match="float32 or float16"):
+                    CF.conv2d(x, w, b, stride, dilation, groups, engine)
+                return
+            if not igemm_status()[0]:  # e.g. cumm 0.4 under NumPy 2: refused, not crashed
+                with pytest.raises(SpconvUnavailable, match="NumPy"):
+                    CF.conv2d(x, w, b, stride, dilation, groups, engine)
+                return
+        y = CF.conv2d(x, w, b, stride, dilation, groups, engine)
+        assert y.step == step + (stride == 2)
+        expected = ref.conv(x.features, levels, step, stride, w, b, dilation, groups)
+        torch.testing.assert_close(y.features, expected, **tol(dtype))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_max_pools_match_dense_reference(case, dtype, device):
+    L = case[1]
+    for step in range(L):
+        x, levels = make_input(case, step, 4, dtype, device, seed=step)
+        y = CF.max_pool2d(x, 2, 2)
+        torch.testing.assert_close(y.features, ref.max_pool_2x2(x.features, levels, step), **tol(dtype))
+        y = CF.max_pool2d(x, 3, 2, 1)
+        torch.testing.assert_close(y.features, ref.max_pool_overlap(x.features, levels, step, 3, 2),
+                                   **tol(dtype))
+        y = CF.max_pool2d(x, 3, 1, 1)
+        torch.testing.assert_close(y.features, ref.max_pool_overlap(x.features, levels, step, 3, 1),
+                                   **tol(dtype))
+
+
+def test_global_avg_pool_sums_half_precision_in_float32(device):
+    """90000 sites of values in [0.5, 1.5): a float16 sum overflows (max 65504) and a bfloat16
+    one stalls once ulp(sum) exceeds the addends; the mean must match float64's."""
+    plan = LevelPlan.from_keep(torch.ones(1, 300, 300, dtype=torch.bool, device=device),
+                               (300, 300), 1)
+    values = torch.rand(plan.num_sites(0), 2, generator=torch.Generator().manual_seed(0)) + 0.5
+    for dtype in (torch.float16, torch.bfloat16):
+        x = CADTensor(values.to(dtype).to(device), plan, 0)
+        out = CF.global_avg_pool(x)
+        assert out.dtype == dtype
+        want = values.to(dtype).double().mean(0, keepdim=True).to(device)
+        torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_global_avg_pool_and_densify(case, device):
+    L = case[1]
+    for step in range(L + 1):
+        x, levels = make_input(case, step, 5, torch.float64, device, seed=step)
+        geo = ref.Geometry(levels, step)
+        torch.testing.assert_close(CF.global_avg_pool(x), ref.global_avg_pool(x.features, levels, step))
+        dense = geo.fill(x.features)
+        torch.testing.assert_close(x.dense(), dense)
+        s = 2 ** step
+        torch.testing.assert_close(x.dense(grid="step"), dense[:, :, ::s, ::s])
+
+
+def test_from_dense_roundtrip(device):
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64, device=device)
+    t = CADTensor.from_dense(x, torch.rand(2, 7, 9, device=device) < 0.2, 2)
+    assert t.step == 0 and t.num_sites == 2 * 7 * 9
+    torch.testing.assert_close(t.dense(), x)
+    np.testing.assert_array_equal(t.indices[:, 1:].cpu().numpy().max(0), [6, 8])
+
+
+def test_batch_norm_eval_and_train(device):
+    x, levels = make_input(CASES[1], 1, 4, torch.float64, device)
+    bn = torch.nn.BatchNorm2d(4).double().to(device)
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    from cad_spconv.nn import CADBatchNorm2d
+    cbn = CADBatchNorm2d.from_module(bn).eval()
+    bn.eval()
+    expected = bn(x.features[:, :, None, None])[:, :, 0, 0]
+    torch.testing.assert_close(cbn(x).features, expected)
+    cbn.train()
+    out = cbn(x).features
+    torch.testing.assert_close(out.mean(0), bn.bias, atol=1e-9, rtol=0)  # normalized over sites
+    assert int(bn.num_batches_tracked) == 1  # buffers are shared with the original module
+
+
+def test_rulebooks_are_cached_and_shared(device):
+    x, _ = make_input(CASES[1], 0, 4, torch.float64, device)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64, device=device)
+    y = CF.conv2d(x, w)
+    y = CF.conv2d(y, w)
+    z = CF.conv2d(y, w, stride=2)
+    z = CF.conv2d(z, w) + CF.conv2d(z, w)
+    assert x.cache is z.cache
+    assert x.cache.builds == 3  # stride 1 at step 0, stride 2 at step 0, stride 1 at step 1

@@ -1,0 +1,72 @@
+"""Level plans: quadtree levels, sites, owners and areas against the independent reference."""
+import numpy as np
+import pytest
+import torch
+
+from tests.support import dense_reference as ref
+from cad_spconv import LevelPlan, make_plan
+from tests.support.inputs import random_masks
+
+GRIDS = [(13, 11), (8, 8), (17, 23), (1, 5)]
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["keep", "levels", "map", "all", "none"])
+def test_levels_sites_owners(grid, num_levels, kind, device):
+    rng = np.random.default_rng(hash((grid, num_levels, kind)) % 2**32)
+    spec, masks = random_masks(rng, 3, grid, num_levels, kind)
+    spec = spec.to(device) if isinstance(spec, torch.Tensor) else [m.to(device) for m in spec]
+    plan = make_plan(spec, grid, num_levels)
+    levels = ref.levels_from_masks(masks, num_levels)
+    np.testing.assert_array_equal(plan.levels.cpu().numpy(), levels)
+    for step in range(num_levels + 1):
+        geo, rgeo = plan.geometry(step), ref.Geometry(levels, step)
+        np.testing.assert_array_equal(geo.coords.cpu().numpy(), rgeo.sites)
+        np.testing.assert_array_equal(geo.owner.cpu().numpy(), rgeo.owner)
+        np.testing.assert_array_equal(geo.area.cpu().numpy(), rgeo.area)
+        assert int(geo.area.sum()) == 3 * grid[0] * grid[1]
+    if kind == "all":
+        assert plan.num_sites(num_levels) == 3 * grid[0] * grid[1]
+    if kind == "none":
+        H, W = grid
+        s = 2 ** num_levels
+        assert plan.num_sites(num_levels) == 3 * (-(-H // s)) * (-(-W // s))
+
+
+def test_keep_mask_at_image_resolution():
+    rng = np.random.default_rng(0)
+    keep = rng.uniform(size=(2, 97, 131)) < 0.002
+    plan = LevelPlan.from_keep(torch.from_numpy(keep)[:, None], (13, 17), 1)
+    grid_keep = ref.keep_to_grid(keep, (13, 17))
+    np.testing.assert_array_equal(plan.levels.numpy(), ref.levels_from_masks([grid_keep], 1))
+    assert grid_keep.any() and not grid_keep.all()
+
+
+def test_level_fractions_and_sites_per_image():
+    left = [[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
+    levels = torch.tensor([[row + [2] * 4 for row in left]])
+    plan = LevelPlan.from_level_map(levels, 2)
+    assert plan.level_fractions().tolist() == [[0.125, 0.375, 0.5]]
+    assert plan.sites_per_image(2).tolist() == [4 + 3 + 1]
+    assert plan.sites_per_image(1).tolist() == [4 + 3 + 4]
+
+
+def test_reduce_to_grid_scale_rules():
+    from cad_spconv import reduce_to_grid
+    m = torch.zeros(1, 9, 9, dtype=torch.bool)
+    m[0, 6, 6] = True
+    # sizes allow s = 5..8; the power of two wins: pixel 6 lies in cell 0 at stride 8
+    assert reduce_to_grid(m, (2, 2)).nonzero().tolist() == [[0, 0, 0]]
+    assert reduce_to_grid(m, (2, 2), stride=8).nonzero().tolist() == [[0, 0, 0]]
+    # floor-mode grid with an explicit stride: the pixels beyond 7*4 x 10*4 are dropped
+    f = torch.zeros(1, 29, 43, dtype=torch.bool)
+    f[0, 28, 0] = True    # row 28 >= 7 * 4: dropped by the floor-mode grid
+    f[0, 0, 41] = True    # col 41 >= 10 * 4: dropped
+    f[0, 27, 39] = True   # cell (6, 9)
+    out = reduce_to_grid(f, (7, 10), stride=4)
+    assert out.shape == (1, 7, 10) and out.nonzero().tolist() == [[0, 6, 9]]
+    with pytest.raises(ValueError, match="pass the stride explicitly"):
+        reduce_to_grid(f, (7, 10))
+    with pytest.raises(ValueError, match="at stride 3"):
+        reduce_to_grid(f, (7, 10), stride=3)

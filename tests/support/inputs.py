@@ -1,0 +1,73 @@
+"""Random inputs for the tests: multi-level masks and multi-resolution tensors."""
+import os
+
+import numpy as np
+import torch
+
+from cad_spconv import CADTensor, LevelPlan
+
+from . import dense_reference as ref
+
+CUDA = torch.cuda.is_available()
+#: the repository root (experiments run from there: ``python -m experiments.X``)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def random_masks(rng, batch, grid, num_levels, kind):
+    """(spec for the library, per-level masks in numpy for the reference).
+
+    kind: 'keep' (one keep mask, a different density per image), 'levels' (one mask per level),
+    'map' (an integer level map), 'all' (everything kept), 'none' (nothing kept).
+    """
+    H, W = grid
+    if kind in ("all", "none"):
+        keep = np.full((batch, H, W), kind == "all")
+        return torch.from_numpy(keep), [keep]
+    if kind == "keep":
+        dens = rng.uniform(0.02, 0.3, size=(batch, 1, 1))
+        keep = rng.uniform(size=(batch, H, W)) < dens
+        return torch.from_numpy(keep), [keep]
+    masks = [rng.uniform(size=(batch, H, W)) < rng.uniform(0.01, 0.15) for _ in range(num_levels)]
+    if kind == "levels":
+        return [torch.from_numpy(m) for m in masks], masks
+    if kind == "map":
+        levels = ref.levels_from_masks(masks, num_levels)
+        return torch.from_numpy(levels), masks
+    raise ValueError(kind)
+
+
+def make_input(case, step, channels, dtype, device, seed=0):
+    grid, L, kind = case
+    rng = np.random.default_rng(seed)
+    spec, masks = random_masks(rng, 3, grid, L, kind)
+    levels = ref.levels_from_masks(masks, L)
+    plan = LevelPlan.from_level_map(torch.from_numpy(levels).to(device), L)
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(plan.num_sites(step), channels, generator=gen, dtype=dtype).to(device)
+    return CADTensor(feats, plan, step), levels
+
+
+def tol(dtype):
+    return dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+
+
+def synthetic_items(n, size=(40, 56), seed=0):
+    """Flat backgrounds with two kinds of coloured rectangles: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    colors = torch.tensor([[-1.0, -1.0, -1.0], [1.5, -0.5, 0.0], [0.0, 1.0, 1.5]])
+    items = []
+    for i in range(n):
+        t = torch.zeros(*size, dtype=torch.int64)
+        for c in (1, 2):
+            y = int(torch.randint(0, size[0] - 16, (1,), generator=g))
+            x = int(torch.randint(0, size[1] - 16, (1,), generator=g))
+            t[y:y + 14, x:x + 14] = c
+        t[:2] = 255
+        img = colors[t.clamp(max=2)].permute(2, 0, 1) + 0.2 * torch.randn(3, *size, generator=g)
+        items.append({"image": img, "target": t, "id": f"img{i}"})
+    return items
+
+
+def tol(dtype):
+    """Tolerances of a sparse op against the dense reference in ``dtype``."""
+    return dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
