@@ -12,7 +12,6 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from cad_spconv.engines import check_engine
 from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise
 from cad_spconv.plan import LevelPlan, make_plan, num_adaptive_steps, reduce_to_grid
 from cad_spconv.tensor import CADTensor

@@ -13,7 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("cad_apps.demo", "convert a model, run dense and CAD on an image, print savings"),
-    "eval": ("cad_apps.evaluate", "evaluate a segmentation model (dense or CAD) on Cityscapes"),
+    "eval": ("cad_apps.eval", "evaluate a segmentation model (dense or CAD) on Cityscapes"),
     "train-mask": ("cad_apps.train_mask", "train the learned mask estimator (paper recipe)"),
     "bench": ("cad_apps.bench", "time dense coarsest, dense finest and CAD on the same weights"),
 }

@@ -49,7 +49,7 @@ def _main(args) -> int:
     from cad_spconv import masks
     from .checkpoints import build_segmentation_model
     from .data import colorize, denormalize, normalize
-    from .evaluate import dense_macs
+    from .eval import dense_macs
     from cad_spconv.macs import MacCounter
     from cad_spconv.plan import LevelPlan
 

@@ -6,8 +6,8 @@ segmentation model (DeepLabV3 + ResNet, head at stride 8) and the shallow
 stride-8 path and a dense stride-16 path (shared weights) with the hard Gumbel mask; loss
 ``task_weight * CE + budget_weight * (rho - rho_hat)^2``; SGD (momentum 0.9), poly schedule,
 learning rates ``lr`` for the head, ``0.1 lr`` for the backbone, ``0.01 lr`` for the estimator.
-Evaluation converts the model (``adapters.convert``) and runs the *sparse* network with the
-estimator's argmax mask, reporting mIoU, kept fraction and exact multiply-adds.
+Evaluation is ``cad-spconv eval`` on the validation split: the converted (*sparse*) network with
+the estimator's argmax mask, reporting mIoU, kept fraction and exact multiply-adds.
 
 Plain loops (no ``torch.distributed``); every iteration's batch, augmentation and Gumbel noise
 derive from ``(seed, iteration)``, so a resumed run (``--resume``) continues exactly where the
@@ -250,62 +250,6 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     return history
 
 
-# ---------------------------------------------------------------------------------- evaluation
-def evaluate_sparse(cad_model, estimator, dataset, num_classes: int, device="cpu",
-                    max_images: Optional[int] = None, ignore_index: int = 255,
-                    progress: bool = True) -> dict:
-    """Run the converted (sparse) model with ``keep=estimator`` image by image: mIoU, mean
-    fraction of finest cells kept, and exact multiply-adds per image (total, per part, and the
-    ratio to the dense finest-stride network, which is the same count with every cell kept and
-    no estimator)."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
-    from .data import ConfusionMatrix
-    from cad_spconv.macs import MacCounter
-
-    device = torch.device(device)
-    cad_model.eval()
-    estimator.eval()
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
-    if n == 0:
-        raise ValueError("the evaluation set is empty")
-    confusion = ConfusionMatrix(num_classes)
-    kept, macs, finest = [], [], []
-    parts: dict[str, int] = {}
-    for i in tqdm(range(n), disable=not progress, desc="eval (sparse)", dynamic_ncols=True):
-        image, target = _image_target(dataset[i])
-        image, target = image[None].to(device), target.to(device)
-        counter = MacCounter(cad_model, 1, {"mask": estimator})
-        with counter, torch.no_grad():
-            out = cad_model(image, estimator)
-        logits = out["out"] if isinstance(out, dict) else out
-        if logits.shape[-2:] != target.shape:
-            logits = F.interpolate(logits, size=target.shape, mode="bilinear", align_corners=False)
-        pred = logits.argmax(1)[0]
-        confusion.counts += ConfusionMatrix.compute(pred, target, num_classes, ignore_index).cpu().numpy()
-        plan = getattr(cad_model, "last_plan", None)
-        if plan is not None:
-            kept.append(float(plan.level_fractions()[0, 0]))
-        r = counter.result()
-        macs.append(r["total"])
-        for k, v in r["parts"].items():
-            parts[k] = parts.get(k, 0) + v
-        if "sparse_layers" in r:
-            s = r["sparse_layers"]
-            finest.append(r["total"] - s["actual"] + s["all_kept"] - r["parts"].get("mask", 0))
-    iou = confusion.iou()
-    result = {"images": n, "miou": confusion.miou(),
-              "iou": [None if v != v else float(v) for v in iou.tolist()],
-              "macs_per_image": sum(macs) / n, "parts_per_image": {k: v / n for k, v in parts.items()}}
-    if kept:
-        result["kept_fraction"] = sum(kept) / len(kept)
-    if finest:
-        result["vs_finest"] = sum(macs) / sum(finest)
-    return result
-
-
 # ---------------------------------------------------------------------------------- models
 def build_model(name: str, num_classes: int, weights=None):
     """A torchvision segmentation model at output stride 8 (head built for stride 8, as
@@ -458,17 +402,15 @@ def main(args) -> int:
               f"{last['task_loss']:.4f}, rho_hat {last['rho_hat']:.3f} (target {config.rho})")
     if args.no_eval:
         return 0
-    from adapters import convert
+    # the sparse network with the trained estimator's argmax mask, through cad-spconv eval
+    from .eval import EvalConfig, evaluate, format_summary
 
-    model.eval()
-    cad = convert(model, finest_stride=args.finest_stride, coarsest_stride=args.coarsest_stride,
-                  sparse_head=False).to(device)
-    val = CityscapesSegmentation(root, "val", limit=args.eval_images)
-    result = evaluate_sparse(cad, estimator.to(device), val, num_classes, device,
-                             progress=not args.no_progress)
-    write_json_atomic(os.path.join(args.out, "eval.json"), result)
-    print(f"sparse evaluation on {result['images']} images: mIoU {result['miou']:.4f}, kept "
-          f"{result.get('kept_fraction', float('nan')):.1%} of finest cells, "
-          f"{result['macs_per_image'] / 1e9:.3f} GMAC/image"
-          + (f" ({result['vs_finest']:.1%} of the dense finest stride)" if "vs_finest" in result else ""))
+    cfg = EvalConfig(data_root=root, out=os.path.join(args.out, "eval.json"), model=args.model,
+                     split="val", finest_stride=args.finest_stride,
+                     coarsest_stride=args.coarsest_stride,
+                     mask=f"learned:{os.path.join(args.out, CHECKPOINT)}", device=str(device),
+                     limit=args.eval_images, num_workers=0, timing=False, overwrite=True,
+                     progress=not args.no_progress)
+    result = evaluate(cfg, model=model.eval())
+    print(format_summary(result))
     return 0

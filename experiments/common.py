@@ -1,41 +1,28 @@
 """What the experiment scripts share: arguments, one evaluation per mask setting, plots.
 
-Every setting is a ``cad-spconv eval`` run (:func:`cad_apps.evaluate.evaluate`) writing its own
+Every setting is a ``cad-spconv eval`` run (:func:`cad_apps.eval.evaluate`) writing its own
 JSON under ``<out>/runs/``, so an interrupted experiment resumes where it stopped and any point of
 a plot can be inspected image by image.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from typing import Sequence
 
-from cad_apps.evaluate import EvalConfig, evaluate, parse_mask, write_json_atomic
+from cad_apps.eval import add_setting_arguments, config_from_args, evaluate, parse_mask
+from cad_apps.io import write_json_atomic
 
 __all__ = ["base_parser", "run_setting", "point", "dense_points", "write_report", "plot_tradeoff",
            "setting_label"]
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
+    """``cad-spconv eval``'s setting options (one definition), plus the output folder."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--data-root", required=True, help="Cityscapes folder (leftImg8bit/, gtFine/)")
-    p.add_argument("--split", default="val")
-    p.add_argument("--model", default="deeplabv3_resnet101")
-    p.add_argument("--checkpoint", help="segmentation weights (file or torchvision weights name); "
-                   "random weights without it")
-    p.add_argument("--finest-stride", type=int, default=8)
-    p.add_argument("--coarsest-stride", type=int, default=16)
-    p.add_argument("--dilation", type=int, default=11, help="edge / oracle mask dilation (paper: 11)")
-    p.add_argument("--sparse-head", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--no-timing", dest="timing", action="store_false",
-                   help="skip timed forward passes (half the cost; no times in the report)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_setting_arguments(p)
     p.add_argument("--out", required=True, help="output folder (JSON, PNG, per-setting runs)")
     p.add_argument("--title", help="plot title (default: model and strides)")
     return p
@@ -51,13 +38,9 @@ def setting_label(mask: str) -> str:
 
 def run_setting(args, mask: str) -> dict:
     """Evaluate one mask setting (resuming ``<out>/runs/<label>.json``); returns the results."""
-    cfg = EvalConfig(
-        data_root=args.data_root, out=os.path.join(args.out, "runs", setting_label(mask) + ".json"),
-        model=args.model, checkpoint=args.checkpoint, split=args.split,
-        finest_stride=args.finest_stride, coarsest_stride=args.coarsest_stride, mask=mask,
-        dilation=args.dilation, sparse_head=args.sparse_head, device=args.device, dtype=args.dtype,
-        batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit,
-        timing=args.timing, progress=args.progress)
+    cfg = dataclasses.replace(
+        config_from_args(args), mask=mask,
+        out=os.path.join(args.out, "runs", setting_label(mask) + ".json"))
     result = evaluate(cfg)
     if result is None:
         raise RuntimeError("experiments run in one process; use `cad-spconv eval` under torchrun")

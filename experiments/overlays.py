@@ -34,7 +34,8 @@ def main(argv=None) -> int:
 
     from cad_apps.checkpoints import build_segmentation_model
     from cad_apps.data import CityscapesSegmentation, collate, denormalize
-    from cad_apps.evaluate import EvalConfig, Segmenter, parse_mask, write_json_atomic
+    from cad_apps.eval import Segmenter, config_from_args, parse_mask
+    from cad_apps.io import write_json_atomic
 
     args = build_parser().parse_args(argv)
     for m in args.masks:
@@ -42,10 +43,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset = CityscapesSegmentation(args.data_root, args.split, limit=args.num_images)
     batch = collate([dataset[i] for i in range(len(dataset))])
-    base = EvalConfig(data_root=args.data_root, out="", model=args.model,
-                      checkpoint=args.checkpoint, finest_stride=args.finest_stride,
-                      coarsest_stride=args.coarsest_stride, dilation=args.dilation,
-                      sparse_head=args.sparse_head, dtype=args.dtype)
+    base = dataclasses.replace(config_from_args(args), out="")
     torch.manual_seed(base.seed)  # the same random weights as `cad-spconv eval` builds
     model, _ = build_segmentation_model(args.model, args.checkpoint)
     levels, report = {}, {"experiment": "overlays", "images": dataset.ids, "masks": {}}

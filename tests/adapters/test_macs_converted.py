@@ -11,12 +11,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from tests.support import dense_reference as ref
 from cad_apps import cli
-from cad_apps.blended import features_before_adaptive
 from cad_spconv.learned_mask import MaskEstimator
 from cad_spconv.macs import count_macs
-from cad_apps.train_mask import build_model, evaluate_sparse, feature_channels
 from tests.support.counters import fvcore_conv_linear
-from tests.support.inputs import synthetic_items
 
 adapters = pytest.importorskip("adapters")
 if not hasattr(adapters, "convert"):
@@ -106,40 +103,14 @@ def test_estimator_counted_in_converted_model():
     assert r["total"] - r["parts"]["mask"] == count_macs(cad, images, cad.last_plan)["total"]
 
 
-def test_evaluate_sparse_with_learned_mask():
-    torch.manual_seed(3)
-    model = build_model("fcn_tiny", 3).eval()
-    estimator = MaskEstimator(feature_channels(model, 8))
-    items = synthetic_items(3, size=(41, 57))
-    with torch.no_grad():  # centre the decision so that both occur
-        feats = features_before_adaptive(model, torch.stack([i["image"] for i in items]), 8)
-        logits = estimator.logits(feats)
-        estimator[7].bias[1] -= (logits[:, 1] - logits[:, 0]).median()
-    cad = adapters.convert(model, finest_stride=8, coarsest_stride=16)
-    result = evaluate_sparse(cad, estimator, items, 3, progress=False)
-    assert result["images"] == 3
-    macs, finest, kept = [], [], []
-    for item in items:
-        image = item["image"][None]
-        r = count_macs(cad, image, estimator)
-        macs.append(r["total"])
-        kept.append(float(cad.last_plan.level_fractions()[0, 0]))
-        grid = cad.last_plan.grid
-        finest.append(count_macs(cad, image, torch.ones(1, 1, *grid, dtype=torch.bool))["total"])
-    assert result["macs_per_image"] == sum(macs) / 3
-    assert result["vs_finest"] == sum(macs) / sum(finest)
-    assert result["kept_fraction"] == pytest.approx(sum(kept) / 3, abs=1e-15)
-    assert 0 < result["kept_fraction"] < 1
-    assert 0 <= result["miou"] <= 1
-
-
 def test_cli_train_mask_evaluates_the_sparse_network(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli.main(["train-mask", "--synthetic", "--model", "fcn_tiny", "--iters", "2",
                      "--batch-size", "2", "--crop-size", "48", "--out", out, "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "sparse evaluation on 2 images" in printed
+    assert "2 images" in printed and "mIoU" in printed
     with open(os.path.join(out, "eval.json")) as f:
         result = json.load(f)
-    assert result["images"] == 2 and set(result["parts_per_image"]) >= {"dense", "sparse", "head", "mask"}
-    assert 0 < result["vs_finest"]
+    s = result["summary"]
+    assert s["num_images"] == 2 and set(s["macs_mean"]) >= {"dense", "sparse", "head", "mask"}
+    assert result["config"]["mask"].startswith("learned:") and 0 < s["macs_fraction_of_finest"]

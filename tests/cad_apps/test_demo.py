@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from cad_apps.cli import main as cli
-from cad_apps.evaluate import dense_macs
+from cad_apps.eval import dense_macs
 
 
 def test_demo_on_the_synthetic_scene(tmp_path, capsys):

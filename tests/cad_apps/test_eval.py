@@ -17,8 +17,8 @@ from torchvision.models import get_model
 
 from cad_apps.cli import main as cli
 from cad_apps.data import CityscapesSegmentation, make_synthetic_cityscapes
-from cad_apps.evaluate import (EvalConfig, MaskSpec, dense_macs, evaluate, parse_mask,
-                                 write_json_atomic)
+from cad_apps.eval import EvalConfig, MaskSpec, dense_macs, evaluate, parse_mask
+from cad_apps.io import write_json_atomic
 
 MODEL = "deeplabv3_resnet50"
 SIZE = (40, 56)  # finest grid 5x7 (odd), coarsest 3x4
@@ -188,17 +188,36 @@ def test_json_is_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
 
 
-def test_learned_mask_counts_the_estimator(fixture_root, checkpoint, tmp_path):
+def test_learned_mask_records_what_the_converted_model_computes(fixture_root, checkpoint, tmp_path):
+    """``learned:P``: per image, the multiply-adds (estimator part included) and the kept
+    fraction are those of the converted model run with the estimator as its ``keep``; the
+    estimator is centred so that both decisions occur."""
+    from adapters import convert
+    from cad_apps.blended import features_before_adaptive
+    from cad_spconv import count_macs
     from cad_spconv.learned_mask import MaskEstimator
     torch.manual_seed(0)
+    model = checkpoint[1]
     est = MaskEstimator(512, downsample=2)
+    ds = CityscapesSegmentation(fixture_root)
+    images = torch.stack([ds[i]["image"] for i in range(2)])
+    with torch.no_grad():
+        logits = est.logits(features_before_adaptive(model, images, 8))
+        est[7].bias[1] -= (logits[:, 1] - logits[:, 0]).median()
     path = tmp_path / "estimator.pth"
     torch.save({"model_state": {"backbone.mask_estimator." + k: v for k, v in est.state_dict().items()}},
                path)
     result, _ = run(fixture_root, checkpoint, tmp_path, f"learned:{path}", dtype="float32", limit=2)
-    for rec in result["images"].values():
-        assert rec["macs"]["mask"] > 0
+    cad = convert(model, 8, 16).eval()
+    kept = []
+    for i in range(2):
+        rec = result["images"][ds.ids[i]]
+        want = count_macs(cad, images[i:i + 1], est.eval())
+        assert rec["macs"]["total"] == want["total"] and rec["macs"]["mask"] == want["parts"]["mask"]
         assert rec["macs"]["total"] == sum(v for k, v in rec["macs"].items() if k != "total")
+        assert rec["kept_fraction"] == float(cad.last_plan.level_fractions()[0, 0])
+        kept.append(rec["kept_fraction"])
+    assert 0 < sum(kept) / 2 < 1
 
 
 def test_oracle_and_ablation_masks_run(fixture_root, checkpoint, tmp_path):

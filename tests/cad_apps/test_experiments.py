@@ -4,7 +4,6 @@ All scripts share one output folder, so the baselines (nothing / everything kept
 once and resumed by the others, as they would be on the real dataset.
 """
 import json
-import os
 
 import pytest
 import torch
@@ -92,7 +91,7 @@ def test_scripts_run_from_the_command_line(setup):
 
 def test_synthetic_model_makes_predictions_that_are_not_noise(setup, tmp_path):
     from cad_apps.checkpoints import build_segmentation_model
-    from cad_apps.evaluate import EvalConfig, evaluate
+    from cad_apps.eval import EvalConfig, evaluate
     argv, _ = setup
     root = argv[argv.index("--data-root") + 1]
     ckpt = tmp_path / "synthetic.pth"

@@ -7,7 +7,7 @@ from tests.support import dense_reference as ref
 from cad_spconv import CADTensor, LevelPlan, functional as CF
 from cad_spconv.backend import SpconvUnavailable, spconv_status
 from cad_spconv.engines.spconv_igemm import igemm_status
-from tests.support.inputs import make_input, random_masks, tol
+from tests.support.inputs import make_input, tol
 
 SPCONV = spconv_status()[0]
 ENGINES = ["torch", "lattice", "auto", "tuned"] + [pytest.param(e, marks=pytest.mark.skipif(

@@ -47,10 +47,6 @@ def make_input(case, step, channels, dtype, device, seed=0):
     return CADTensor(feats, plan, step), levels
 
 
-def tol(dtype):
-    return dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-
-
 def synthetic_items(n, size=(40, 56), seed=0):
     """Flat backgrounds with two kinds of coloured rectangles: learnable in a few steps."""
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,279 @@
+"""``cad-spconv bench``: dense coarsest stride, dense finest stride and CAD on the same weights.
+
+CAD pays only if fewer multiply-adds become less time. For every input this times, in one
+process and in alternating order, the dense backbone at the coarsest stride, the dense backbone
+at the finest stride (torchvision's dilated network) and the content-adaptive backbone (output
+densified at the finest stride, as the paper's head reads it) at the same masks, and reports
+
+- ``mac_fraction``: CAD multiply-adds / dense finest-stride multiply-adds (whole backbone);
+- time ratios, and the per-MAC efficiency ``eff = t_dense_finest * mac_fraction / t_cad``
+  (1.0 = the sparse path is as efficient per multiply-add as the dense vendor conv);
+- the share of CAD time spent on geometry (level plan, rulebooks, lattice splits), timed by
+  rebuilding exactly what the forward built;
+- peak memory of one forward (CUDA: allocator peak; CPU: resident-set peak, sampled);
+- Guarantee 2 as a sanity check: the CAD output at the coarse sites equals the dense
+  coarsest-stride output.
+
+CPU times are wall clock (median of ``--reps`` after ``--warmup``); CUDA times use events
+around a synchronised run. Dense models run in NCHW and channels-last and the faster one is the
+reference. Results go to JSON and, with ``--markdown``, to a table headed by the exact command.
+
+Heavy imports stay inside the functions: ``cad-spconv --help`` must stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shlex
+import sys
+import time
+
+from .measure import bench_input, math_flags, set_math_flags, sync
+from .report import environment, loadavg, markdown, print_report, summary
+from .variants import FORMATS, OP_MODEL, build_variants
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def configure(parser: argparse.ArgumentParser):
+    from adapters.builders import CLASSIFIER_MODELS, SEGMENTATION_MODELS
+    from cad_spconv.engines import engine_names
+
+    parser.add_argument("--model", default="deeplabv3_resnet101",
+                        choices=SEGMENTATION_MODELS + CLASSIFIER_MODELS + (OP_MODEL,),
+                        help="backbone to time, random weights (timing does not depend on them); "
+                             "conv3x3: one 3x3 conv after the adaptive step, --channels wide "
+                             "(default: deeplabv3_resnet101)")
+    parser.add_argument("--images", nargs="*", default=[], metavar="IMAGE",
+                        help="RGB images (e.g. Cityscapes frames), resized to --size; edge masks "
+                             "from cad_spconv.masks.edge. Without images: smooth random images "
+                             "with --random-keep block masks")
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"),
+                        help="input size (default: 512 1024)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="images per forward (default: 1); the images are taken in order and "
+                             "repeated to fill the last batch")
+    parser.add_argument("--threshold", type=float, default=0.35,
+                        help="edge mask threshold (default: 0.35)")
+    parser.add_argument("--dilation", type=int, default=11,
+                        help="edge mask dilation in pixels (default: 11)")
+    parser.add_argument("--edge-operator", default="reference", choices=("reference", "sobel"),
+                        help="edge detector of cad_spconv.masks.edge (default: reference)")
+    parser.add_argument("--random-keep", type=float, default=0.3,
+                        help="without --images: kept fraction of the random block masks")
+    parser.add_argument("--finest-stride", type=int, default=8)
+    parser.add_argument("--coarsest-stride", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=256, help="conv3x3 model: channels")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="float16 needs a GPU (default: float32)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--engine", default="auto",
+                        help="CAD conv engine(s), comma separated, each a timed variant: "
+                             f"{', '.join(engine_names())} (default: auto; tuned times the "
+                             "engines per layer shape during the warm-up)")
+    parser.add_argument("--tf32", default="on", choices=("on", "off"),
+                        help="CUDA float32: TF32 for cuDNN convs, matmuls and spconv alike "
+                             "(default: on, PyTorch's default for convs)")
+    parser.add_argument("--fold-bn", action="store_true",
+                        help="fold eval batch norms into the convs (adapters.fold_batchnorm) in "
+                             "every variant, dense and CAD alike")
+    parser.add_argument("--dense-format", default="both", choices=("both",) + FORMATS,
+                        help="memory format of the dense models; 'both' times both and takes the "
+                             "faster as the reference (default)")
+    parser.add_argument("--clock", default="wall", choices=("wall", "process"),
+                        help="CPU timing: wall clock (default), or the CPU seconds of this "
+                             "process (all threads), a proxy that other processes on a busy "
+                             "machine disturb less (use it with --threads 1)")
+    parser.add_argument("--reps", type=int, default=5, help="timed runs per variant (default: 5)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs per variant first (default: 1)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile one forward per variant (torch.profiler) "
+                             "and report its N most expensive ops by self time (default: off)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+    parser.add_argument("--markdown", default=None, metavar="PATH",
+                        help="append a results table headed by the command (e.g. BENCHMARKS.md)")
+    parser.add_argument("--label", default=None, help="title of the markdown section")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args, command: str | None = None) -> int:
+    import torch
+
+    command = command or _command_line()
+    cfg = _check_args(args)
+    threads = torch.get_num_threads()
+    flags = math_flags()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.set_flush_denormal(True)  # random weights must not hit the slow denormal path
+        if cfg["device"].type == "cuda":
+            # one math mode for every variant: PyTorch runs cuDNN convs (the dense models, the
+            # lattice engine's dense part) in TF32 by default but matmuls (1x1 convs, gather
+            # GEMMs) and spconv in full FP32; --tf32 sets all three alike
+            tf32 = args.tf32 == "on"
+            set_math_flags(tf32, tf32, cudnn_benchmark=True, spconv_tf32=tf32)
+        return _run(args, cfg, command)
+    finally:  # leave the process as it was (tests call main in-process)
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+        set_math_flags(**flags)
+
+
+def _run(args, cfg, command) -> int:
+    import torch
+
+    torch.manual_seed(args.seed)
+    device, dtype = cfg["device"], cfg["dtype"]
+    load_before = loadavg()
+    batches, names = _inputs(args)
+    keeps, mask_seconds = _masks(args, batches, device)
+    bench = build_variants(args, device, dtype)
+    results = []
+    with torch.inference_mode():
+        for i, (images, keep) in enumerate(zip(batches, keeps)):
+            images = images.to(device)
+            print(f"[{i + 1}/{len(batches)}] {names[i]}", file=sys.stderr, flush=True)
+            res = bench_input(args, bench, images, keep, device, dtype)
+            res["input"] = names[i]
+            res["mask_seconds"] = mask_seconds[i]
+            results.append(res)
+    report = {
+        "command": command,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+                   if not k.startswith("_") and k != "command"},
+        "environment": environment(device, load_before),
+        "inputs": results,
+        "summary": summary(results, bench["engines"]),
+    }
+    if "tuned" in bench["engines"]:
+        from cad_spconv.engines import tuned_choices
+
+        report["tuned"] = [dict(c, dtype=str(c["dtype"])) for c in tuned_choices()]
+        picks = collections.Counter(c["engine"] for c in report["tuned"])
+        print(f"tuned: {len(report['tuned'])} layer shapes -> "
+              + ", ".join(f"{e} x{n}" for e, n in picks.most_common()), flush=True)
+    print_report(report)
+    if args.json:
+        import json
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(markdown(report))
+    return 0
+
+
+# ---------------------------------------------------------------------- setup
+def _command_line() -> str:
+    if sys.argv[1:2] == ["bench"]:
+        return "cad-spconv bench " + shlex.join(sys.argv[2:])
+    return shlex.join(["python", sys.argv[0]] + sys.argv[1:])
+
+
+def _check_args(args) -> dict:
+    import torch
+
+    from cad_spconv.engines import engine_names
+
+    if args.reps < 1 or args.warmup < 0:
+        raise SystemExit("bench: --reps must be >= 1 and --warmup >= 0")
+    if args.profile < 0:
+        raise SystemExit("bench: --profile takes the number of ops to report (>= 0)")
+    if args.batch < 1:
+        raise SystemExit("bench: --batch must be >= 1")
+    f, c = args.finest_stride, args.coarsest_stride
+    if f < 1 or c <= f or c % f or (c // f) & (c // f - 1):
+        raise SystemExit(f"bench: --coarsest-stride must be the --finest-stride times a power of "
+                         f"two > 1, got {f} and {c}")
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    bad = [e for e in engines if e not in engine_names()]
+    if not engines or bad:
+        raise SystemExit(f"bench: unknown engine {bad[0] if bad else args.engine!r}; choose from "
+                         f"{', '.join(engine_names())}")
+    args.engines = engines
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but no CUDA device is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"bench: --device must be cpu or cuda[:i], got {args.device}")
+    dtype = getattr(torch, args.dtype)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise SystemExit("bench: float16 has no fast CPU convolutions; use --dtype bfloat16 or "
+                         "float32 on CPU, float16 on a GPU")
+    for path in args.images:
+        if not os.path.isfile(path):
+            raise SystemExit(f"bench: image not found: {path}")
+    return {"device": device, "dtype": dtype}
+
+
+def _inputs(args):
+    """Batches of ImageNet-normalised float32 images ``[B, 3, H, W]`` on the CPU, and names."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from cad_spconv.images import normalize
+
+    H, W = args.size
+    if args.images:
+        from PIL import Image
+
+        images, names = [], []
+        for path in args.images:
+            rgb = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+            img = normalize(rgb)[None]
+            if tuple(img.shape[-2:]) != (H, W):
+                img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)
+            images.append(img)
+            names.append(os.path.basename(path))
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        count = max(args.batch, 3)
+        coarse = torch.randn(count, 3, H // 32 + 1, W // 32 + 1, generator=gen)
+        images = list(F.interpolate(coarse, size=(H, W), mode="bilinear").split(1))
+        names = [f"random{i}" for i in range(count)]
+    B = args.batch
+    n = -(-len(images) // B) * B
+    images = [images[i % len(images)] for i in range(n)]
+    names = [names[i % len(names)] for i in range(n)]
+    batches = [torch.cat(images[i:i + B]) for i in range(0, n, B)]
+    batch_names = ["+".join(names[i:i + B]) for i in range(0, n, B)]
+    return batches, batch_names
+
+
+def _masks(args, batches, device):
+    """Keep masks per batch (bool, image resolution, on ``device``) and the seconds each took."""
+    keeps, seconds = [], []
+    for images in batches:
+        images = images.to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        if args.images:
+            from cad_spconv.masks import edge
+
+            keep = edge(images, args.threshold, args.dilation, operator=args.edge_operator)
+        else:
+            keep = _random_blocks(images.shape, args, device)
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+        keeps.append(keep)
+    return keeps, seconds
+
+
+def _random_blocks(shape, args, device):
+    """Blobs of kept cells (random 4x4-cell blocks at the finest grid), image resolution."""
+    import torch
+
+    B, _, H, W = shape
+    cell = args.finest_stride * 4
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    blocks = torch.rand(B, 1, -(-H // cell), -(-W // cell), generator=gen) < args.random_keep
+    keep = blocks.repeat_interleave(cell, 2).repeat_interleave(cell, 3)[..., :H, :W]
+    return keep.to(device)

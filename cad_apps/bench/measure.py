@@ -1,0 +1,267 @@
+"""Measuring: wall / process clock or CUDA events, peak memory, geometry replay, profiles, and
+one input's full measurement (:func:`bench_input`)."""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+__all__ = ["math_flags", "set_math_flags", "sync", "bench_input"]
+
+
+def math_flags() -> dict:
+    import torch
+
+    flags = {"cudnn_tf32": torch.backends.cudnn.allow_tf32,
+             "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+             "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    from cad_spconv.backend import spconv_status
+
+    if spconv_status()[0]:  # a run may import spconv and set its flag: snapshot it first
+        from spconv import constants
+
+        flags["spconv_tf32"] = constants.SPCONV_ALLOW_TF32
+    return flags
+
+
+def set_math_flags(cudnn_tf32: bool, matmul_tf32: bool, cudnn_benchmark: bool,
+                    spconv_tf32: bool | None = None):
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if spconv_tf32 is not None:
+        from cad_spconv.backend import spconv_status
+
+        if spconv_status()[0]:
+            from spconv import constants
+
+            constants.SPCONV_ALLOW_TF32 = spconv_tf32
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn, args, device, clock=time.perf_counter) -> float:
+    import torch
+
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # events record on the current device's stream
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn(*args)
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1e3
+    t0 = clock()
+    fn(*args)
+    return clock() - t0
+
+
+def _median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+class _RssSampler:
+    """Peak resident set size above the level at start, sampled every ~0.5 ms (CPU runs)."""
+
+    def __init__(self):
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        return False
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+def _release_free_heap():
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), where available."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_memory(fn, args, device):
+    """Bytes a run needs above what was allocated before it (``None`` where unmeasurable)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn(*args)
+        torch.cuda.synchronize(device)
+        del out
+        return torch.cuda.max_memory_allocated(device) - base
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    _release_free_heap()  # else the run reuses freed pages and the RSS does not grow
+    with _RssSampler() as sampler:
+        out = fn(*args)
+        del out
+    return sampler.delta
+
+
+def _replay_geometry(plan, books, engine, device):
+    """Rebuild the geometry one CAD forward builds: the level plan from the keep mask, every
+    step's sites / owners / areas, and every rulebook with what its engine reads (for
+    ``tuned``: what the engines it picked for that rulebook read)."""
+    from cad_spconv.engines import prepare, tuned_engines
+    from cad_spconv.plan import LevelPlan
+
+    def run():
+        fresh = LevelPlan(plan.levels.clone(), plan.num_levels)
+        for step in range(fresh.num_levels + 1):
+            fresh.geometry(step)
+        for key, book in books:
+            fresh_book = key.build(fresh)
+            for e in (tuned_engines(book) or ["auto"]) if engine == "tuned" else [engine]:
+                prepare(fresh_book, e, device)
+    return run
+
+
+def _plan_seconds(keep, grid, num_levels, device):
+    """Seconds to turn the keep mask into a level plan (reduction to the grid + quadtree)."""
+    from cad_spconv.plan import make_plan
+
+    return lambda: make_plan(keep, grid, num_levels, device=device)
+
+
+def bench_input(args, bench, images, keep, device, dtype) -> dict:
+    import torch
+
+    from cad_spconv.tensor import CADTensor
+
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    states = {v.name: v.setup(images, keep) for v in bench["variants"]}
+    outputs, failed = {}, {}
+    for v in bench["variants"]:
+        try:
+            for _ in range(max(1, args.warmup)):
+                outputs[v.name] = v.run(*states[v.name])
+        except Exception as exc:  # e.g. an engine without this dtype: report, go on
+            if v.kind != "cad":
+                raise
+            failed[v.name] = f"{type(exc).__name__}: {exc}"
+            print(f"bench: {v.name} failed and is left out: {failed[v.name]}", file=sys.stderr)
+    variants = [v for v in bench["variants"] if v.name not in failed]
+    if not any(v.kind == "cad" for v in variants):
+        raise SystemExit("bench: every CAD variant failed: " + "; ".join(failed.values()))
+    # keep one output per kind for the checks, drop the rest before timing
+    cad_out = outputs[next(v.name for v in variants if v.kind == "cad")]
+    coarse_out = outputs[next(v.name for v in variants if v.kind == "dense_coarse")]
+    outputs.clear()
+    samples = {v.name: [] for v in variants}
+    for r in range(args.reps):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate
+        for v in order:
+            samples[v.name].append(_time_once(v.run, states[v.name], device, clock))
+    res = {"variants": {}, "failed": failed}
+    for v in variants:
+        entry = {"kind": v.kind, "seconds": _median(samples[v.name]),
+                 "samples": samples[v.name], "macs": int(v.macs(images, keep))}
+        if v.fmt:
+            entry["format"] = v.fmt
+        if v.engine:
+            entry["engine"] = v.engine
+        res["variants"][v.name] = entry
+    if not args.no_memory:
+        from cad_spconv.engines import cached_bytes
+
+        for v in variants:
+            entry = res["variants"][v.name]
+            entry["peak_bytes"] = _peak_memory(v.run, states[v.name], device)
+            if v.kind == "cad" and entry["peak_bytes"] is not None:
+                # allocated in the warm-up and kept (workspaces, weight layouts): part of what
+                # a CAD forward needs, so counted in its peak (all CAD variants' together)
+                entry["engine_cache_bytes"] = cached_bytes(device)
+                entry["peak_bytes"] += entry["engine_cache_bytes"]
+    # geometry share, per CAD variant: replay exactly what its last forward built
+    for v in variants:
+        if v.kind != "cad" or v.last is None:
+            continue
+        plan, cache = v.last
+        replay = _replay_geometry(plan, cache.items(), v.engine, device)
+        planning = _plan_seconds(keep, plan.grid, plan.num_levels, device)
+        n = max(3, args.reps)
+        entry = res["variants"][v.name]
+        entry["geometry_seconds"] = (
+            _median([_time_once(replay, (), device, clock) for _ in range(n)])
+            + _median([_time_once(planning, (), device, clock) for _ in range(n)]))
+        entry["rulebooks"] = len(cache)
+        entry["level_fractions"] = plan.level_fractions().mean(0).tolist()
+    if args.profile:
+        for v in variants:
+            res["variants"][v.name]["profile_ms"] = _profile(v.run, states[v.name], device,
+                                                             args.profile)
+    # Guarantee 2: CAD at the coarse sites == dense coarsest stride
+    dense_cad = cad_out.dense() if isinstance(cad_out, CADTensor) else cad_out
+    s = args.coarsest_stride // args.finest_stride
+    sampled = dense_cad[:, :, ::s, ::s].float()
+    ref = coarse_out.float()
+    if sampled.shape == ref.shape:
+        err = (sampled - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+        res["guarantee2_rel_error"] = float(err)
+    del torch
+    return res
+
+
+def _profile(fn, args, device, top: int) -> dict:
+    """Self time per op (ms) of one profiled run: the ``top`` most expensive ops and the rest
+    summed as ``"(other)"``, plus ``"(total)"``. On CUDA, device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        fn(*args)
+        sync(device)
+    per_op = {}
+    for event in prof.key_averages():
+        us = (getattr(event, "self_device_time_total", None) if device.type == "cuda"
+              else event.self_cpu_time_total)
+        if us:
+            per_op[event.key] = per_op.get(event.key, 0.0) + us / 1e3
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    out = dict(ranked[:top])
+    out["(other)"] = sum(ms for _, ms in ranked[top:])
+    out["(total)"] = sum(per_op.values())
+    return out

@@ -1,0 +1,208 @@
+"""Reporting: the machine, per-input and total summaries, the markdown table, profiles."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+from .measure import math_flags
+
+__all__ = ["environment", "loadavg", "summary", "markdown", "print_report", "profile_table",
+           "HEADER"]
+
+
+def loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device, load_before) -> dict:
+    import torch
+
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["math_flags"] = math_flags()
+    try:
+        from cad_spconv.backend import spconv_status
+
+        env["spconv"] = spconv_status()[1]
+    except Exception as exc:  # informational only
+        env["spconv"] = repr(exc)
+    return env
+
+
+def _best(variants: dict, kind: str):
+    """(name, entry) of the fastest variant of a kind (dense: the faster memory format)."""
+    cands = [(n, e) for n, e in variants.items() if e["kind"] == kind]
+    return min(cands, key=lambda ne: ne[1]["seconds"])
+
+
+def _input_summary(res: dict, engines) -> dict:
+    v = res["variants"]
+    _, coarse = _best(v, "dense_coarse")
+    fine_name, fine = _best(v, "dense_fine")
+    out = {"dense_coarse_seconds": coarse["seconds"], "dense_fine_seconds": fine["seconds"],
+           "dense_fine_format": fine.get("format"), "cad": {}}
+    for e in engines:
+        if f"cad[{e}]" not in v:
+            continue
+        cad = v[f"cad[{e}]"]
+        frac = cad["macs"] / fine["macs"]
+        t = cad["seconds"]
+        out["cad"][e] = {
+            "seconds": t, "mac_fraction": frac,
+            "vs_dense_fine": t / fine["seconds"], "vs_dense_coarse": t / coarse["seconds"],
+            "eff": fine["seconds"] * frac / t,
+            "geometry_share": cad.get("geometry_seconds", float("nan")) / t,
+        }
+    res["summary"] = out
+    return out
+
+
+def summary(results, engines) -> dict:
+    """Per engine over all inputs: sums of the median times, and ratios of the sums."""
+    per = [_input_summary(r, engines) for r in results]
+    fine = sum(p["dense_fine_seconds"] for p in per)
+    coarse = sum(p["dense_coarse_seconds"] for p in per)
+    out = {"dense_fine_seconds": fine, "dense_coarse_seconds": coarse, "cad": {}}
+    for e in engines:
+        if any(e not in p["cad"] for p in per):
+            continue  # failed on some input: no total
+        t = sum(p["cad"][e]["seconds"] for p in per)
+        fine_macs = sum(r["variants"][_best(r["variants"], "dense_fine")[0]]["macs"]
+                        for r in results)
+        cad_macs = sum(r["variants"][f"cad[{e}]"]["macs"] for r in results)
+        geo = sum(r["variants"][f"cad[{e}]"].get("geometry_seconds", float("nan"))
+                  for r in results)
+        frac = cad_macs / fine_macs
+        out["cad"][e] = {"seconds": t, "mac_fraction": frac, "vs_dense_fine": t / fine,
+                         "vs_dense_coarse": t / coarse, "eff": fine * frac / t,
+                         "geometry_share": geo / t}
+    return out
+
+
+def _ms(s) -> str:
+    return f"{1e3 * s:.0f}" if s >= 0.1 else f"{1e3 * s:.1f}"
+
+
+def _mib(b) -> str:
+    return "n/a" if b is None else f"{b / 2 ** 20:.0f}"
+
+
+def _rows(report):
+    """Table rows (one per input and engine, then the totals)."""
+    engines = list(report["config"]["engines"])
+    rows = []
+    for r in report["inputs"]:
+        s = r["summary"]
+        v = r["variants"]
+        fine_name = _best(v, "dense_fine")[0]
+        for e in [e for e in engines if e in s["cad"]]:
+            c = s["cad"][e]
+            cad = v[f"cad[{e}]"]
+            kept = cad.get("level_fractions", [float("nan")])[0]
+            rows.append([r["input"], e, f"{kept:.1%}", f"{c['mac_fraction']:.3f}",
+                         _ms(s["dense_coarse_seconds"]),
+                         f"{_ms(s['dense_fine_seconds'])} ({s['dense_fine_format']})",
+                         _ms(c["seconds"]), f"{c['vs_dense_fine']:.3f}", f"{c['eff']:.2f}",
+                         f"{c['geometry_share']:.1%}",
+                         f"{_mib(v[fine_name].get('peak_bytes'))} / {_mib(cad.get('peak_bytes'))}",
+                         f"{r.get('guarantee2_rel_error', float('nan')):.1e}"])
+    t = report["summary"]
+    for e in [e for e in engines if e in t["cad"]]:
+        c = t["cad"][e]
+        rows.append(["**all**", e, "", f"{c['mac_fraction']:.3f}", _ms(t["dense_coarse_seconds"]),
+                     _ms(t["dense_fine_seconds"]), _ms(c["seconds"]),
+                     f"**{c['vs_dense_fine']:.3f}**", f"**{c['eff']:.2f}**",
+                     f"{c['geometry_share']:.1%}", "", ""])
+    return rows
+
+
+HEADER = ["input", "engine", "kept cells", "MAC fraction", "dense c [ms]", "dense f [ms]",
+          "CAD [ms]", "CAD / dense f", "eff", "geometry", "peak MiB dense f / CAD",
+          "Guar. 2 err"]
+
+
+def markdown(report) -> str:
+    """A markdown section: title, exact command, machine, table."""
+    cfg, env = report["config"], report["environment"]
+    title = cfg.get("label") or (f"{cfg['model']} {cfg['size'][0]}x{cfg['size'][1]} batch "
+                                 f"{cfg['batch']}, {env['device']} {cfg['dtype']}")
+    f, c = cfg["finest_stride"], cfg["coarsest_stride"]
+    load = lambda v: "n/a" if v is None else "/".join(f"{x:.1f}" for x in v)  # noqa: E731
+    lines = [
+        f"\n### {title}\n",
+        f"`{report['command']}`\n",
+        f"{env['time']}; {env.get('gpu', env['cpu'])}; torch {env['torch']}, "
+        f"{env['threads']} threads; load average {load(env['loadavg_before'])} before, "
+        f"{load(env['loadavg_after'])} after"
+        + (f"; {' '.join(f'{k}={v}' for k, v in env['malloc_env'].items())}"
+           if env["malloc_env"] else "") + ".",
+        f"Dense c / dense f: the dense backbone at stride {c} / {f} (faster memory format); CAD: "
+        f"stride {f}->{c}, output densified at stride {f}; median of {cfg['reps']} runs after "
+        f"{cfg['warmup']} warm-up, variants alternating"
+        + (", CPU seconds of the process (--clock process), not wall clock"
+           if cfg.get("clock") == "process" and env["device"] == "cpu" else "")
+        + ". eff = t_dense_f x MAC fraction / t_CAD; "
+        "geometry = plan + rulebooks share of the CAD time.\n",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "|".join("---" for _ in HEADER) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
+    failed = sorted({f"{name}: {why}" for r in report["inputs"]
+                     for name, why in r.get("failed", {}).items()})
+    if failed:
+        lines += ["", "Left out (failed): " + "; ".join(failed)]
+    return "\n".join(lines) + "\n"
+
+
+def print_report(report):
+    widths = [max(len(h), *(len(r[i]) for r in _rows(report))) for i, h in enumerate(HEADER)]
+    print("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)))
+    for row in _rows(report):
+        print("  ".join(x.replace("*", "").ljust(w) for x, w in zip(row, widths)))
+    for r in report["inputs"]:
+        times = ", ".join(f"{n} {_ms(e['seconds'])}" for n, e in r["variants"].items())
+        print(f"  {r['input']}: {times} ms")
+    for r in report["inputs"]:
+        profiles = {n: e["profile_ms"] for n, e in r["variants"].items() if "profile_ms" in e}
+        if profiles:
+            print(profile_table(profiles, title=f"profile, {r['input']} (self time, ms)"))
+
+
+def profile_table(profiles: dict, title: str = "profile (self time, ms)") -> str:
+    """Markdown table of ``{variant: {op: ms}}``: one row per op, one column per variant."""
+    names = list(profiles)
+    ops = sorted({op for p in profiles.values() for op in p if not op.startswith("(")},
+                 key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))
+    lines = [title, "", "| op | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for op in ops + ["(other)", "(total)"]:
+        cells = [f"{profiles[n][op]:.1f}" if op in profiles[n] else "" for n in names]
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""What ``cad-spconv bench`` times: dense models at both strides (per memory format) and the CAD
+model per engine, all on one set of random weights."""
+from __future__ import annotations
+
+__all__ = ["Variant", "build_variants", "FORMATS", "OP_MODEL", "to_format"]
+
+OP_MODEL = "conv3x3"  # one 3x3 conv after the adaptive step (op-level timing)
+FORMATS = ("nchw", "channels_last")
+
+
+class Variant:
+    """One timed configuration: ``setup(images, keep)`` (untimed: memory format, inputs) returns
+    the arguments of ``run`` (timed; returns a dense map, or a CADTensor for op-level runs).
+    CAD runs leave the plan and rulebook cache of their last forward in ``last``."""
+
+    def __init__(self, name, kind, setup, run, macs, engine=None, fmt=None):
+        self.name, self.kind = name, kind
+        self.setup, self.run, self.macs = setup, run, macs
+        self.engine, self.fmt = engine, fmt
+        self.last = None
+
+    def keep_geometry(self, tensor):
+        self.last = (tensor.plan, tensor.cache)
+        return tensor
+
+
+def _formats(args):
+    return FORMATS if args.dense_format == "both" else (args.dense_format,)
+
+
+def to_format(x, fmt):
+    import torch
+
+    return x.contiguous(memory_format=torch.channels_last if fmt == "channels_last"
+                        else torch.contiguous_format)
+
+
+def build_variants(args, device, dtype) -> dict:
+    """Variants for ``args.model``: dense at both strides (per memory format) and CAD per
+    engine, all sharing one set of random weights."""
+    if args.model == OP_MODEL:
+        return _build_conv(args, device, dtype)
+    from torch import nn
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from adapters import convert
+    from adapters.builders import SEGMENTATION_MODELS, classifier_model, segmentation_model
+    from adapters.output_stride import STAGES, STEM
+
+    f, c = args.finest_stride, args.coarsest_stride
+    if args.model in SEGMENTATION_MODELS:
+        source = segmentation_model(args.model, output_stride=f)
+        arch = args.model.split("_", 1)[1]
+        trunks = {s: IntermediateLayerGetter(classifier_model(arch, output_stride=s),
+                                             {"layer4": "out"}) for s in (f, c)}
+        for trunk in trunks.values():
+            trunk.load_state_dict(source.backbone.state_dict())
+        dense = trunks
+    else:
+        source = classifier_model(args.model, output_stride=f)
+        dense = {}
+        for s in (f, c):
+            net = classifier_model(args.model, output_stride=s)
+            net.load_state_dict(source.state_dict())
+            dense[s] = nn.Sequential(*[getattr(net, n) for n in STEM + STAGES])
+    cads = {e: convert(source, f, c, engine=e) for e in args.engines}
+    if args.fold_bn:  # every variant alike (each fold copies its model)
+        from adapters import fold_batchnorm
+
+        dense = {s: fold_batchnorm(m.eval()) for s, m in dense.items()}
+        cads = {e: fold_batchnorm(m.eval()) for e, m in cads.items()}
+    for m in list(dense.values()) + list(cads.values()):
+        m.eval().to(device=device, dtype=dtype)
+    segmentation = args.model in SEGMENTATION_MODELS
+    dense_call = {s: (lambda m: (lambda x: m(x)["out"]))(m) if segmentation else m
+                  for s, m in dense.items()}
+
+    variants = []
+    for s, kind in ((c, "dense_coarse"), (f, "dense_fine")):
+        for fmt in _formats(args):
+            variants.append(Variant(
+                f"dense{s}[{fmt}]", kind,
+                (lambda fmt: lambda images, keep: (to_format(images.to(dtype), fmt),))(fmt),
+                dense_call[s], (lambda m: lambda images, keep: _count(m, images))(dense[s]),
+                fmt=fmt))
+    for e, m in cads.items():
+        v = Variant(f"cad[{e}]", "cad",
+                    lambda images, keep: (to_format(images.to(dtype), "channels_last"), keep),
+                    None, (lambda m: lambda images, keep: _count(m, images.to(dtype), keep))(m),
+                    engine=e)
+        v.run = (lambda m, v: lambda x, keep: v.keep_geometry(m.forward_features(x, keep)).dense())(m, v)
+        variants.append(v)
+    return {"variants": variants, "engines": args.engines}
+
+
+def _count(model, images, keep=None) -> int:
+    """Multiply-adds of the backbone (dense trunk, or the CAD model's forward_features)."""
+    import torch
+
+    from cad_spconv.macs import MacCounter
+
+    with MacCounter(model, images.shape[0]) as counter, torch.inference_mode():
+        if keep is None:
+            model(images)
+        else:
+            model.forward_features(images, keep)
+    return counter.result()["total"]
+
+
+def _build_conv(args, device, dtype) -> dict:
+    """One 3x3 conv of the step after the adaptive downsampling(s). Dense finest stride: the
+    conv with dilation ``2**L`` on the finest grid; dense coarsest stride: the plain conv on the
+    coarse grid (the finest features subsampled, so Guarantee 2 holds exactly); CAD: the conv on
+    the step-``L`` sites (plan geometry and rulebook built inside the timed run)."""
+    import torch
+    import torch.nn.functional as F
+
+    from cad_spconv import functional as CF
+    from cad_spconv.plan import make_plan
+    from cad_spconv.tensor import CADTensor
+
+    C, f, c = args.channels, args.finest_stride, args.coarsest_stride
+    L = (c // f).bit_length() - 1
+    gen = torch.Generator().manual_seed(args.seed)
+    w = (torch.randn(C, C, 3, 3, generator=gen) / (3 * C ** 0.5)).to(device=device, dtype=dtype)
+    proj = torch.randn(C, 3, 1, 1, generator=gen).to(device=device, dtype=dtype)
+
+    def finest(images):  # a C-channel map on the finest grid
+        x = F.avg_pool2d(images.to(dtype), f, f, ceil_mode=True)
+        return F.conv2d(x, proj)
+
+    def dense_setup(stride, fmt):
+        s = 2 ** L if stride == c else 1
+        return lambda images, keep: (to_format(finest(images)[:, :, ::s, ::s], fmt),)
+
+    dense_run = {f: lambda x: F.conv2d(x, w, padding=2 ** L, dilation=2 ** L),
+                 c: lambda x: F.conv2d(x, w, padding=1)}
+
+    def cad_setup(images, keep):
+        x = finest(images)
+        plan = make_plan(keep, x.shape[-2:], L)
+        coords = plan.geometry(L).coords
+        rows = x.permute(0, 2, 3, 1)[coords[:, 0], coords[:, 1], coords[:, 2]].contiguous()
+        return rows, plan
+
+    def macs_dense(stride):
+        def count(images, keep):
+            x = dense_setup(stride, "nchw")(images, keep)[0]
+            return 9 * C * C * x.shape[0] * x.shape[2] * x.shape[3]
+        return count
+
+    def macs_cad(images, keep):
+        return 9 * C * C * cad_setup(images, keep)[1].num_sites(L)
+
+    variants = []
+    for s, kind in ((c, "dense_coarse"), (f, "dense_fine")):
+        for fmt in _formats(args):
+            variants.append(Variant(f"dense{s}[{fmt}]", kind, dense_setup(s, fmt), dense_run[s],
+                                    macs_dense(s), fmt=fmt))
+    for e in args.engines:
+        v = Variant(f"cad[{e}]", "cad", cad_setup, None, macs_cad, engine=e)
+        # a fresh tensor (and rulebook cache) per run: the rulebook is built inside the timing
+        v.run = (lambda e, v: lambda rows, plan: v.keep_geometry(
+            CF.conv2d(CADTensor(rows, plan, L), w, engine=e)))(e, v)
+        variants.append(v)
+    return {"variants": variants, "engines": args.engines}

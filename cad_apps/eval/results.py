@@ -1,0 +1,88 @@
+"""The results file: resuming it, and the dataset-level summary of its per-image records."""
+from __future__ import annotations
+
+import json
+import os
+
+from .config import FORMAT, EvalConfig
+
+__all__ = ["load_results", "summarize", "format_summary"]
+
+
+def load_results(path: str, cfg: EvalConfig) -> dict:
+    """Existing results to resume from, or a fresh skeleton."""
+    if os.path.isfile(path) and not cfg.overwrite:
+        with open(path) as f:
+            try:
+                old = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); remove it or pass --overwrite") from None
+        if old.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a cad-spconv eval file; choose another --out")
+        mine = cfg.fingerprint()
+        diff = {k: (old["config"].get(k), mine[k]) for k in mine if old["config"].get(k) != mine[k]}
+        if diff:
+            shown = ", ".join(f"{k}: {a!r} in the file vs {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"{path} was written with other settings ({shown}); pass another "
+                             "--out, or --overwrite to start over")
+        return old
+    return {"format": FORMAT, "config": cfg.fingerprint(), "environment": {}, "summary": {},
+            "images": {}}
+
+
+def summarize(images: dict, num_classes: int = 19) -> dict:
+    """Dataset-level numbers from the per-image records."""
+    import numpy as np
+
+    from ..data import CLASS_NAMES, ConfusionMatrix, triples_to_counts
+    cm = ConfusionMatrix(num_classes)
+    for rec in images.values():
+        cm.add(triples_to_counts(rec["confusion"], num_classes))
+    recs = list(images.values())
+    if not recs:
+        return {"num_images": 0}
+    macs = np.array([r["macs"]["total"] for r in recs], dtype=np.float64)
+    fine = np.array([r["macs_dense_finest"] for r in recs], dtype=np.float64)
+    coarse = np.array([r["macs_dense_coarsest"] for r in recs], dtype=np.float64)
+    times = np.array([r["time_s"] for r in recs if r["time_s"] is not None], dtype=np.float64)
+    kept = np.array([r["kept_fraction"] for r in recs], dtype=np.float64)
+    iou = cm.iou()
+    names = CLASS_NAMES if num_classes == len(CLASS_NAMES) else [str(i) for i in range(num_classes)]
+    parts = sorted({k for r in recs for k in r["macs"]})
+    return {
+        "num_images": len(recs),
+        "miou": finite(cm.miou()),
+        "pixel_accuracy": finite(cm.pixel_accuracy()),
+        "iou_per_class": {n: finite(v) for n, v in zip(names, iou)},
+        "macs_mean": {p: float(np.mean([r["macs"].get(p, 0) for r in recs])) for p in parts},
+        "macs_dense_finest_mean": float(fine.mean()),
+        "macs_dense_coarsest_mean": float(coarse.mean()),
+        "macs_fraction_of_finest": float(macs.sum() / fine.sum()),
+        "macs_fraction_of_coarsest": float(macs.sum() / coarse.sum()),
+        "kept_fraction_mean": float(kept.mean()),
+        "time_per_image_s_mean": float(times.mean()) if times.size else None,
+        "time_per_image_s_median": float(np.median(times)) if times.size else None,
+        "confusion": cm.to_triples(),
+    }
+
+
+def finite(x: float):
+    return None if x != x else float(x)  # NaN (class absent) -> null in JSON
+
+
+def format_summary(result: dict) -> str:
+    s, c = result["summary"], result["config"]
+    if not s.get("num_images"):
+        return "no images evaluated"
+    miou = "n/a" if s["miou"] is None else f"{s['miou']:.4f}"
+    return "\n".join([
+        f"{c['model']} mask {c['mask']} strides {c['finest_stride']}->{c['coarsest_stride']}: "
+        f"{s['num_images']} images",
+        f"  mIoU {miou}   pixel accuracy {s['pixel_accuracy']:.4f}",
+        f"  multiply-adds per image {s['macs_mean']['total'] / 1e9:.2f} G = "
+        f"{s['macs_fraction_of_finest']:.1%} of dense stride {c['finest_stride']}, "
+        f"{s['macs_fraction_of_coarsest']:.1%} of dense stride {c['coarsest_stride']}",
+        f"  cells kept at stride {c['finest_stride']}: {s['kept_fraction_mean']:.1%}   " + (
+            "not timed" if s["time_per_image_s_mean"] is None else
+            f"time per image {s['time_per_image_s_mean'] * 1e3:.1f} ms (median "
+            f"{s['time_per_image_s_median'] * 1e3:.1f} ms)")])

@@ -1,0 +1,190 @@
+"""A segmentation model and one mask setting: batches in, logits, masks, times and exact
+multiply-adds out."""
+from __future__ import annotations
+
+from .config import EvalConfig, parse_mask
+
+__all__ = ["Segmenter", "dense_macs", "load_mask_estimator"]
+
+
+def dense_macs(model, output_stride: int, size, num_classes: int = 19) -> dict:
+    """``count_macs`` of the plain segmentation network at ``output_stride`` on one ``size``
+    image: the dense baselines the paper compares against (its stride-16 network runs the head
+    at stride 16 too). ``model``: a torchvision segmentation model with a ResNet backbone (its
+    own strides are set to ``output_stride`` for the count and restored), or a model name of
+    :data:`adapters.builders.SEGMENTATION_MODELS`. Run on the meta device: only shapes matter,
+    so it is instant and allocates nothing."""
+    import torch
+    from torch.func import functional_call
+
+    from adapters.builders import segmentation_model
+    from adapters.output_stride import output_stride as at_stride
+    from cad_spconv.macs import MacCounter
+
+    if isinstance(model, str):
+        with torch.device("meta"):
+            model = segmentation_model(model, num_classes, output_stride=output_stride)
+    meta = {k: torch.empty_like(v, device="meta")
+            for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+    dtype = next(iter(meta.values())).dtype if meta else torch.float32
+    images = torch.empty(1, 3, int(size[0]), int(size[1]), device="meta", dtype=dtype)
+    was = model.training
+    model.eval()
+    try:
+        with at_stride(model.backbone, output_stride), MacCounter(model, 1) as counter:
+            functional_call(model, meta, (images,))
+    finally:
+        model.train(was)
+    return counter.result()
+
+
+def load_mask_estimator(spec: str, downsample: int):
+    """The learned mask estimator (:class:`~cad_spconv.learned_mask.MaskEstimator`) from a
+    checkpoint, its input channels read from the weights."""
+    from ..checkpoints import load_into, read_mask_estimator
+    from cad_spconv.learned_mask import MaskEstimator
+    state, path = read_mask_estimator(spec)
+    estimator = MaskEstimator(in_channels=int(state["0.weight"].shape[1]), downsample=downsample)
+    load_into(estimator, state, source=path)
+    return estimator.eval()
+
+
+class Segmenter:
+    """A converted segmentation model and one mask setting: :meth:`predict` runs a batch,
+    :meth:`dense_macs` gives the dense baselines (counted once per image size)."""
+
+    def __init__(self, cfg: EvalConfig, device, model=None):
+        import torch
+
+        from ..checkpoints import build_segmentation_model
+        self.cfg = cfg
+        self.mask = parse_mask(cfg.mask)
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, cfg.dtype)
+        info = None
+        if model is None:
+            # seeded, so random weights (no --checkpoint) agree across resumed runs and ranks
+            torch.manual_seed(cfg.seed)
+            model, info = build_segmentation_model(cfg.model, cfg.checkpoint)
+        self.checkpoint_info = info
+        self.num_classes = _num_classes(model)
+        if self.num_classes != 19:
+            raise ValueError(f"the model predicts {self.num_classes} classes; Cityscapes "
+                             "evaluation needs the 19 trainId classes (a Cityscapes-trained checkpoint)")
+        from adapters import convert
+        model = model.to(self.device, self.dtype).eval()
+        self.model = model
+        self.cad = convert(model, finest_stride=cfg.finest_stride,
+                           coarsest_stride=cfg.coarsest_stride, sparse_head=cfg.sparse_head).eval()
+        self.estimator = None
+        if self.mask.kind == "learned":
+            self.estimator = load_mask_estimator(
+                self.mask.path, cfg.coarsest_stride // cfg.finest_stride).to(self.device, self.dtype)
+        self._dense: dict = {}
+        self._generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+
+    # masks --------------------------------------------------------------------------------
+    def keep_for(self, images, targets):
+        """The ``keep`` argument for this batch (a bool mask, or the learned estimator)."""
+        import torch
+
+        from cad_spconv import masks
+        B, _, H, W = images.shape
+        kind, cfg = self.mask.kind, self.cfg
+        if kind == "none":
+            return torch.zeros(B, 1, H, W, dtype=torch.bool, device=images.device)
+        if kind == "all":
+            return torch.ones(B, 1, H, W, dtype=torch.bool, device=images.device)
+        if kind == "learned":
+            return self.estimator
+        if kind == "random":  # the fraction counts cells of the finest grid
+            return masks.random(B, (H, W), self.mask.fraction, cell=cfg.finest_stride,
+                                generator=self._generator, device=images.device)
+        if kind == "oracle":
+            none = torch.zeros(B, 1, H, W, dtype=torch.bool, device=images.device)
+            coarse, fine = self._run(images, none), self._run(images, ~none)
+            return masks.oracle(coarse, fine, targets, cfg.dilation)
+        keep = masks.edge(images, self.mask.threshold, cfg.dilation)
+        if kind == "edge":
+            return keep
+        if kind == "inverted-edge":
+            return masks.invert(keep)
+        if kind == "shuffled-edge":  # the edge mask's budget at random places
+            return masks.random_like(keep, cell=cfg.finest_stride, generator=self._generator)
+        raise AssertionError(kind)
+
+    def _run(self, images, keep):
+        import torch
+        with torch.no_grad():
+            out = self.cad(images, keep)
+        return out["out"] if isinstance(out, dict) else out
+
+    def predict(self, images, targets, timed: bool = True):
+        """``(logits, keep, seconds, macs)`` for a batch.
+
+        ``seconds``: the plain forward (mask computation included, except for the oracle, whose
+        mask is given), ``None`` when not ``timed``. ``macs``: per image ``{"total": int,
+        <part>: int}`` (parts: dense, sparse, head, mask) from a counted forward; hooks would
+        distort the timing, so a timed run counts in a second forward, an untimed one takes
+        the logits from the counted forward.
+        """
+        import time
+
+        import torch
+
+        from cad_spconv.macs import MacCounter
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        given = self.keep_for(images, targets) if self.mask.kind == "oracle" else None
+        seconds = logits = None
+        if timed:
+            cuda = self.device.type == "cuda"
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            keep = given if given is not None else self.keep_for(images, targets)
+            logits = self._run(images, keep)
+            if cuda:
+                end.record()
+                torch.cuda.synchronize(self.device)
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                seconds = time.perf_counter() - t0
+        else:
+            keep = given if given is not None else self.keep_for(images, targets)
+        B = images.shape[0]
+        extra = {"mask": keep} if isinstance(keep, torch.nn.Module) else None
+        with MacCounter(self.cad, B, extra) as counter:
+            counted = self._run(images, keep)
+        logits = counted if logits is None else logits
+        r = counter.result()
+        macs = [{"total": int(r["per_image"][b]),
+                 **{p: int(v[b]) for p, v in sorted(r["per_image_parts"].items())}}
+                for b in range(B)]
+        return logits, keep, seconds, macs
+
+    def warm_up(self, images, targets):
+        """One untimed, uncounted forward."""
+        images = images.to(self.device, self.dtype)
+        self._run(images, self.keep_for(images, targets.to(self.device)))
+
+    def level_fractions(self):
+        """``[B, L+1]`` fractions of finest cells per level, from the last forward."""
+        return self.cad.last_plan.level_fractions()
+
+    def dense_macs(self, size) -> tuple[int, int]:
+        """(finest, coarsest) multiply-adds of the dense networks on one image of ``size``."""
+        key = (int(size[0]), int(size[1]))
+        if key not in self._dense:
+            self._dense[key] = tuple(
+                dense_macs(self.model, s, key, self.num_classes)["total"]
+                for s in (self.cfg.finest_stride, self.cfg.coarsest_stride))
+        return self._dense[key]
+
+
+def _num_classes(model) -> int:
+    head = getattr(model, "classifier", None)
+    last = head[-1] if head is not None and len(head) else None
+    return int(getattr(last, "out_channels", -1))

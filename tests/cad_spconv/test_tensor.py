@@ -1,0 +1,94 @@
+"""CADTensor is a spconv SparseConvTensor: spconv's own code consumes it, and it keeps its plan,
+step and rulebook cache through spconv's paths."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cad_spconv import CADTensor, functional as CF
+from cad_spconv.backend import import_spconv
+from tests.support import dense_reference as ref
+from tests.support.inputs import make_input
+
+spconv = import_spconv()
+
+
+def test_is_a_sparse_conv_tensor_with_spconv_fields():
+    x, levels = make_input(((13, 11), 2, "levels"), 1, 6, torch.float64, "cpu", seed=3)
+    assert isinstance(x, spconv.SparseConvTensor)
+    assert x.indices.dtype == torch.int32 and x.indices.shape == (x.num_sites, 3)
+    assert x.spatial_shape == [13, 11] and x.batch_size == 3
+    # indices are the sites of the step: a level-l site sits at multiples of 2**min(l, step)
+    idx = x.indices.long()
+    lv = torch.from_numpy(levels)[idx[:, 0], idx[:, 1], idx[:, 2]].clamp(max=1)
+    assert bool(((idx[:, 1] % 2 ** lv == 0) & (idx[:, 2] % 2 ** lv == 0)).all())
+
+
+def test_spconv_sparse_sequential_runs_pointwise_layers_on_a_cad_tensor():
+    """spconv's SparseSequential applies plain modules through ``replace_feature``: the result is
+    still a CADTensor on the same plan, step and rulebook cache, and a CAD conv continues."""
+    x, levels = make_input(((13, 11), 2, "levels"), 1, 6, torch.float64, "cpu", seed=4)
+    bn = nn.BatchNorm1d(6).double().eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    seq = spconv.SparseSequential(bn, nn.ReLU(), spconv.SparseReLU())
+    with torch.no_grad():
+        y = seq(x)
+    assert type(y) is CADTensor and y.plan is x.plan and y.step == 1 and y.cache is x.cache
+    torch.testing.assert_close(y.features, torch.relu(bn(x.features)))
+    w = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+    z = CF.conv2d(y, w, stride=2)
+    assert z.step == 2 and z.cache is x.cache
+    torch.testing.assert_close(z.features, ref.conv(y.features, levels, 1, 2, w, None, 1, 1),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_dense_owner_fill_and_spconv_scatter():
+    """``dense()`` fills every cell from its owner (the contract); ``fill="scatter"`` is
+    spconv's own densify (features at the site cells, zeros elsewhere), and equals what the
+    base class computes."""
+    x, levels = make_input(((9, 10), 2, "keep"), 2, 3, torch.float64, "cpu", seed=5)
+    owner = x.plan.geometry(2).owner
+    want = x.features[owner.reshape(-1)].reshape(*owner.shape, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(x.dense(), want)
+    scattered = x.dense(fill="scatter")
+    torch.testing.assert_close(scattered, spconv.SparseConvTensor.dense(x))
+    torch.testing.assert_close(x.dense(False, fill="scatter"), scattered.permute(0, 2, 3, 1))
+    sites = torch.zeros(owner.shape, dtype=torch.bool)
+    c = x.plan.geometry(2).coords
+    sites[c[:, 0], c[:, 1], c[:, 2]] = True
+    assert bool((scattered.permute(0, 2, 3, 1)[~sites] == 0).all())
+    torch.testing.assert_close(x.dense(grid="step"), want[:, :, ::4, ::4])
+    with pytest.raises(ValueError, match="fill must be"):
+        x.dense(fill="nearest")
+
+
+def test_replace_feature_keeps_plan_and_refuses_a_wrong_row_count():
+    x, _ = make_input(((8, 8), 1, "keep"), 0, 2, torch.float32, "cpu", seed=6)
+    y = x.replace_feature(x.features * 2)
+    assert y.plan is x.plan and y.cache is x.cache and isinstance(y, CADTensor)
+    with pytest.raises(ValueError, match="rows"):
+        x.replace_feature(x.features[:-1])
+    with pytest.raises(NotImplementedError, match="fixed by its plan"):
+        x.select_by_index(torch.arange(3))
+
+
+def test_rulebooks_are_inspectable_in_spconv_pair_format():
+    """The pairs of a cached rulebook drive spconv's own indice_conv to the same output as the
+    engines (float64), whatever the engine that built the cache."""
+    x, levels = make_input(((11, 12), 2, "levels"), 0, 5, torch.float64, "cpu", seed=7)
+    w = torch.randn(3, 5, 3, 3, dtype=torch.float64)
+    y = CF.conv2d(x, w, stride=2, engine="lattice")
+    (key, book), = x.cache.items()
+    pairs, counts = book.spconv_pairs()
+    assert pairs.dtype == torch.int32 and pairs.shape == (2, 9, book.num_out)
+    assert counts.shape == (9,) and int(counts.sum()) == book.num_pairs()
+    # every pair is a (input row, output row) read of the gather table
+    for k in range(9):
+        n = int(counts[k])
+        got = book.gather[pairs[1, k, :n].long(), k]
+        assert torch.equal(got, pairs[0, k, :n].long())
+    expected = ref.conv(x.features, levels, 0, 2, w, None, 1, 1)
+    torch.testing.assert_close(y.features, expected, rtol=1e-9, atol=1e-10)
+    assert np.isfinite(y.features.numpy()).all()
