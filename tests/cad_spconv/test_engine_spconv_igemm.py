@@ -12,7 +12,8 @@ import torch
 from tests.support import dense_reference as ref
 from cad_spconv import GatherRulebook, LevelPlan, conv_rulebook
 from cad_spconv.engines.spconv_igemm import IGemmPairs, igemm_conv, implicit_gemm_pairs, run_implicit_gemm
-from tests.support.inputs import CUDA, random_masks
+from tests.support import inputs
+from tests.support.inputs import CUDA
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="spconv's implicit GEMM needs a CUDA device; "
                                 "none on this machine")
@@ -43,14 +44,8 @@ def _pair(v):
 
 
 def make_input(case, step, channels, dtype, device, seed=0):
-    grid, L, kind = case
-    rng = np.random.default_rng(seed)
-    _, masks = random_masks(rng, 3, grid, L, kind)
-    levels = ref.levels_from_masks(masks, L)
-    plan = LevelPlan.from_level_map(torch.from_numpy(levels).to(device), L)
-    gen = torch.Generator().manual_seed(seed)
-    feats = torch.randn(plan.num_sites(step), channels, generator=gen, dtype=dtype).to(device)
-    return feats, plan, levels
+    x, levels = inputs.make_input(case, step, channels, dtype, device, seed)
+    return x.features, x.plan, levels
 
 
 def layers(case, geometries=GEOMETRIES):
