@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": ("cad_apps.eval", "evaluate a segmentation model (dense or CAD) on Cityscapes"),
     "train-mask": ("cad_apps.train_mask", "train the learned mask estimator (paper recipe)"),
     "bench": ("cad_apps.bench", "time dense coarsest, dense finest and CAD on the same weights"),
+    "keypoints": ("cad_apps.keypoints.cli", "keypoint description study (D2-Net on HPatches): extract | evaluate"),
 }
 
 

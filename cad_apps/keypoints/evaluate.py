@@ -1,0 +1,233 @@
+"""``cad-spconv keypoints evaluate``: mean matching accuracy on HPatches (D2-Net's benchmark, as
+the paper's Fig. 6 uses it).
+
+Per sequence and pair ``(1, k)``, ``k = 2..6``: descriptors are matched by mutual nearest
+neighbours of their dot products (a keypoint of image 1 and one of image ``k`` that are each
+other's best match; the first index wins a tie); a match is correct at threshold ``t`` if
+image 1's keypoint, mapped through ``H_1_k``, lands within ``t`` pixels (Euclidean) of image
+``k``'s. The pair's accuracy at ``t`` is correct / all matches (0 for a pair without matches).
+MMA@t is the mean over the pairs of the illumination (``i_*``), viewpoint (``v_*``) or all
+sequences, for ``t = 1 .. 15``; the headline is MMA@3. Dot products are taken in float64.
+
+With several feature folders, :func:`plot_mma` draws MMA@3 over the mean multiply-adds per
+image (the paper's Fig. 6).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..io import check_output_path, write_atomic, write_json_atomic
+from . import hpatches
+
+__all__ = ["FORMAT", "THRESHOLDS", "mutual_nearest_neighbours", "reprojection_errors",
+           "pair_accuracy", "load_features", "read_extract_summary", "evaluate_folder",
+           "run_evaluate", "plot_mma", "setting_group", "setting_label"]
+
+FORMAT = "cad-spconv-keypoints-eval/1"
+THRESHOLDS = tuple(range(1, 16))
+
+
+def mutual_nearest_neighbours(desc_a: np.ndarray, desc_b: np.ndarray) -> np.ndarray:
+    """``[M, 2]`` index pairs ``(i, j)`` with ``j`` the best match of ``i`` and ``i`` the best
+    match of ``j`` under the dot product (float64; ties: the first index)."""
+    a = np.asarray(desc_a, dtype=np.float64)
+    b = np.asarray(desc_b, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    sim = a @ b.T
+    nn_ab = sim.argmax(axis=1)
+    nn_ba = sim.argmax(axis=0)
+    ids = np.arange(len(a))
+    mutual = nn_ba[nn_ab] == ids
+    return np.stack([ids[mutual], nn_ab[mutual]], axis=1).astype(np.int64)
+
+
+def reprojection_errors(kp_a: np.ndarray, kp_b: np.ndarray, matches: np.ndarray,
+                        homography: np.ndarray) -> np.ndarray:
+    """Pixel distance between ``H @ kp_a[i]`` and ``kp_b[j]`` for every match ``(i, j)``."""
+    pa = np.asarray(kp_a, dtype=np.float64)[matches[:, 0], :2]
+    pb = np.asarray(kp_b, dtype=np.float64)[matches[:, 1], :2]
+    proj = np.concatenate([pa, np.ones((len(pa), 1))], 1) @ np.asarray(homography).T
+    proj = proj[:, :2] / proj[:, 2:]
+    return np.sqrt(((pb - proj) ** 2).sum(1))
+
+
+def pair_accuracy(errors: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> list[float]:
+    """Fraction of matches within each threshold (0 for no matches, as the benchmark)."""
+    if len(errors) == 0:
+        return [0.0 for _ in thresholds]
+    return [float(np.mean(errors <= t)) for t in thresholds]
+
+
+def load_features(folder: str, sequence: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(keypoints [N, >=2], descriptors [N, C])`` of one image, checked."""
+    path = os.path.join(folder, sequence, f"{k}.npz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"features {path} are missing: the folder does not cover sequence {sequence} of "
+            "--data-root; run (or resume) `cad-spconv keypoints extract` into it")
+    try:
+        with np.load(path) as z:
+            kp, desc = z["keypoints"], z["descriptors"]
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"features {path} are unreadable or lack 'keypoints' / 'descriptors' "
+                         f"({type(e).__name__}: {e}); delete it and resume the extraction") from None
+    if kp.ndim != 2 or kp.shape[1] < 2 or desc.ndim != 2 or len(desc) != len(kp):
+        raise ValueError(f"features {path}: keypoints {kp.shape} and descriptors {desc.shape} do "
+                         "not form [N, 3] / [N, C]; delete it and resume the extraction")
+    return kp, desc
+
+
+def read_extract_summary(folder: str) -> dict:
+    """The ``summary.json`` of an extraction folder."""
+    from .extract import FORMAT as EXTRACT_FORMAT
+
+    path = os.path.join(folder, "summary.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--features {folder} has no summary.json: it is not the --out of "
+                                "`cad-spconv keypoints extract`")
+    with open(path) as f:
+        try:
+            summary = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if summary.get("format") != EXTRACT_FORMAT:
+        raise ValueError(f"{path} is not a cad-spconv keypoints summary")
+    return summary
+
+
+def evaluate_folder(sequences: Sequence[hpatches.HPatchesSequence], folder: str,
+                    thresholds: Sequence[float] = THRESHOLDS) -> dict:
+    """MMA of one features folder over ``sequences`` (whose homographies are read here)."""
+    pairs = []
+    num_features = []
+    for seq in sequences:
+        kp1, d1 = load_features(folder, seq.name, 1)
+        num_features.append(len(kp1))
+        for _, k in hpatches.PAIRS:
+            kpk, dk = load_features(folder, seq.name, k)
+            num_features.append(len(kpk))
+            if d1.shape[1] != dk.shape[1]:
+                raise ValueError(f"{folder}/{seq.name}: descriptors of image 1 have "
+                                 f"{d1.shape[1]} channels, of image {k} {dk.shape[1]}")
+            hom = hpatches.read_homography(seq.homography(k))
+            matches = mutual_nearest_neighbours(d1, dk)
+            err = reprojection_errors(kp1, kpk, matches, hom)
+            pairs.append({"sequence": seq.name, "k": k, "num_matches": int(len(matches)),
+                          "accuracy": pair_accuracy(err, thresholds)})
+    mma, matches_mean = {}, {}
+    for group, kinds in (("i", "i"), ("v", "v"), ("all", "iv")):
+        sel = [p for p in pairs if p["sequence"][0] in kinds]
+        mma[group] = ([float(v) for v in np.mean([p["accuracy"] for p in sel], axis=0)]
+                      if sel else None)
+        matches_mean[group] = float(np.mean([p["num_matches"] for p in sel])) if sel else None
+    at3 = list(thresholds).index(3) if 3 in thresholds else None
+    return {"mma": mma,
+            "mma@3": {g: (v[at3] if v is not None and at3 is not None else None)
+                      for g, v in mma.items()},
+            "num_pairs": {g: sum(p["sequence"][0] in kinds for p in pairs)
+                          for g, kinds in (("i", "i"), ("v", "v"), ("all", "iv"))},
+            "num_matches_mean": matches_mean,
+            "num_features_mean": float(np.mean(num_features)), "pairs": pairs}
+
+
+def setting_group(settings: dict) -> str:
+    """Plot group of an extraction: ``dense``, ``adaptive F->8``, ``random F->8`` or
+    ``inverted F->8``."""
+    if not settings.get("dilations"):
+        return "dense"
+    name = {"keypoints": "adaptive"}.get(settings["mask"], settings["mask"])
+    return f"{name} {settings['finest_stride']}->8"
+
+
+def setting_label(settings: dict) -> str:
+    if not settings.get("dilations"):
+        return f"OS {settings['finest_stride']}"
+    return "/".join(str(d) for d in settings["dilations"])
+
+
+def run_evaluate(data_root: str, folders: Sequence[str], out: str,
+                 plot: Optional[str] = None, labels: Optional[Sequence[str]] = None,
+                 title: Optional[str] = None) -> dict:
+    """Evaluate every features folder; write ``out`` (JSON) and, with several folders or
+    ``plot``, the MMA@3-vs-multiply-adds figure (``plot`` or ``out`` with ``.png``)."""
+    if not folders:
+        raise ValueError("give at least one --features folder")
+    out = check_output_path(out, "--out")
+    if plot is not None:
+        plot = check_output_path(plot, "--plot")
+    sequences = hpatches.list_sequences(data_root)
+    for seq in sequences:
+        hpatches.load_sequence(seq, homographies=True)
+    labels = list(labels) if labels else [os.path.basename(os.path.normpath(f)) for f in folders]
+    if len(labels) != len(folders):
+        raise ValueError("give one label per --features folder")
+    seen: dict[str, int] = {}
+    results = {}
+    for folder, label in zip(folders, labels):
+        folder = os.path.abspath(folder)
+        if label in seen:  # two folders with the same name
+            seen[label] += 1
+            label = f"{label} ({seen[label]})"
+        seen.setdefault(label, 1)
+        summary = read_extract_summary(folder)
+        res = evaluate_folder(sequences, folder)
+        s = summary.get("summary", {})
+        results[label] = {"folder": folder, "settings": summary["settings"],
+                          "group": setting_group(summary["settings"]),
+                          "macs_per_image": s.get("macs_mean"),
+                          "level_fractions_mean": s.get("level_fractions_mean"),
+                          "time_per_image_s_median": s.get("time_per_image_s_median"),
+                          "extraction_complete": summary.get("complete"), **res}
+    report = {"format": FORMAT, "data_root": os.path.abspath(data_root),
+              "thresholds": list(THRESHOLDS),
+              "num_sequences": {g: sum(s.kind == g for s in sequences) for g in ("i", "v")},
+              "features": results}
+    write_json_atomic(out, report, compact_depth=3)
+    if plot is None and len(folders) > 1:
+        plot = os.path.splitext(out)[0] + ".png"
+    if plot is not None:
+        plot_mma(plot, results, title or "MMA@3 vs multiply-adds (HPatches)")
+        report["plot"] = plot
+    return report
+
+
+GROUP_STYLE = {"dense": ("s", "black"), "adaptive 4->8": ("o", "tab:blue"),
+               "adaptive 2->8": ("o", "tab:orange"), "adaptive 1->8": ("o", "tab:green"),
+               "random": ("D", "tab:gray"), "inverted": ("v", "tab:purple")}
+
+
+def plot_mma(path: str, results: dict, title: str, group: str = "all") -> None:
+    """MMA@3 (over ``group``: ``i``, ``v`` or ``all``) vs multiply-adds per image (Fig. 6)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.6, 4.6), dpi=120)
+    groups: dict[str, list] = {}
+    for label, r in results.items():
+        if r["macs_per_image"] is not None and r["mma@3"][group] is not None:
+            groups.setdefault(r["group"], []).append((r["macs_per_image"] / 1e9, r["mma@3"][group],
+                                                      setting_label(r["settings"])))
+    for g, pts in sorted(groups.items(), key=lambda kv: (kv[0] != "dense", kv[0])):
+        marker, color = GROUP_STYLE.get(g, GROUP_STYLE.get(g.split()[0], ("o", None)))
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=g,
+                linestyle="-" if g == "dense" or g.startswith("adaptive") else "", markersize=6)
+        for x, y, text in pts:
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                        color=color or "black")
+    ax.set_xscale("log")
+    ax.set_xlabel("multiply-adds per image (G, log scale)")
+    names = {"all": "all sequences", "i": "illumination", "v": "viewpoint"}
+    ax.set_ylabel(f"MMA@3 ({names[group]})")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)

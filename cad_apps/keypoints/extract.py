@@ -1,0 +1,393 @@
+"""``cad-spconv keypoints extract``: SIFT keypoints described by D2-Net, dense or content-adaptive
+(Hesse et al., CVPRW 2023, Sec. 4.3; the protocol of D2-Net's HPatches evaluation).
+
+Per image ``k`` of every sequence: read, prepare (:mod:`.preprocess`), detect 512 SIFT keypoints
+(:mod:`.sift`), run the network (:mod:`.network`; the adaptive one with the keypoint plan of
+:mod:`.levels`, or its random / inverted counterpart at the same budget), take each keypoint's
+descriptor at the nearest feature cell, and write ``<out>/<sequence>/<k>.npz``:
+
+- ``keypoints`` float32 ``[N, 3]``: ``(x, y, 1)`` in pixels of the image as read;
+- ``scores`` float32 ``[N]``: the SIFT responses (the paper's code stored ones);
+- ``descriptors`` float32 ``[N, C]`` (C = 512 for VGG16), not normalised.
+
+``<out>/summary.json`` holds the settings, per-image records (multiply-adds of the network, its
+time, SIFT time, keypoints, level fractions) and their means. Re-running the same command
+resumes (images with both an ``.npz`` and a record are skipped); other settings are refused,
+naming the setting. Under ``torchrun`` the sequences are sharded over the processes and rank 0
+writes the summary.
+
+Descriptor sampling (the paper's code): the feature grid of ``h' x w'`` cells covers the
+``h x w`` network input "align-corners" style, cell ``i`` sitting at pixel
+``i * (h - 1) / (h' - 1)``; a keypoint ``(x, y)`` takes cell
+``(round(y * (h' - 1) / (h - 1)), round(x * (w' - 1) / (w - 1)))``. (Ties cannot occur when
+``h = F * h'`` with ``F`` = 1 or even, so the rounding mode does not matter.)
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..distributed import init_distributed
+from ..io import OutputBusyError, OutputLock, check_output_path, write_atomic, write_json_atomic
+from . import hpatches
+from .levels import MASKS, check_dilations, num_levels
+from .preprocess import MAX_SUM_EDGES, SEMANTICS
+
+__all__ = ["FORMAT", "ExtractConfig", "Extractor", "sample_descriptors", "run_extract",
+           "feature_path", "summarize"]
+
+FORMAT = "cad-spconv-keypoints/1"
+SUMMARY = "summary.json"
+
+
+def feature_path(out: str, sequence: str, k: int) -> str:
+    return os.path.join(out, sequence, f"{k}.npz")
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of one extraction (the command-line options)."""
+
+    data_root: str
+    out: str
+    finest_stride: int
+    dilations: tuple = ()
+    weights: Optional[str] = None
+    random_weights: bool = False
+    seed: int = 0
+    mask: str = "keypoints"
+    semantics: str = "paper"
+    num_points: int = 512
+    max_sum_edges: int = MAX_SUM_EDGES
+    device: Optional[str] = None
+    dtype: str = "float32"
+    engine: str = "auto"
+    progress: bool = True
+    _weights_sha256: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def adaptive(self) -> bool:
+        return len(self.dilations) > 0
+
+    def validate(self) -> "ExtractConfig":
+        self.dilations = tuple(self.dilations or ())
+        num_levels(self.finest_stride)
+        if self.adaptive:
+            self.dilations = check_dilations(self.dilations, self.finest_stride)
+        if self.mask not in MASKS:
+            raise ValueError(f"--mask must be one of {MASKS}, got {self.mask!r}")
+        if self.mask != "keypoints" and not self.adaptive:
+            raise ValueError(f"--mask {self.mask} is an adaptive-network ablation: give --dilations "
+                             "(the keypoint plan whose budget it matches) and --finest-stride 1, 2 or 4")
+        if self.semantics not in SEMANTICS:
+            raise ValueError(f"--semantics must be one of {SEMANTICS}, got {self.semantics!r}")
+        if (self.weights is None) == (not self.random_weights):
+            raise ValueError("give exactly one of --weights d2_tf.pth and --random-weights")
+        if self.weights is not None and not os.path.isfile(self.weights):
+            raise FileNotFoundError(f"--weights {self.weights} does not exist; download D2-Net's "
+                                    "d2_tf.pth or use --random-weights")
+        if self.num_points < 1:
+            raise ValueError(f"--num-keypoints must be >= 1, got {self.num_points}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        return self
+
+    def settings(self) -> dict:
+        """What changes the results; a resumed run must match it."""
+        if self.weights is not None and self._weights_sha256 is None:
+            from .network import file_sha256
+            self._weights_sha256 = file_sha256(self.weights)
+        seeded = self.random_weights or self.mask != "keypoints"
+        return {"finest_stride": self.finest_stride, "dilations": list(self.dilations),
+                "mask": self.mask, "semantics": self.semantics,
+                "weights": "random" if self.random_weights else f"sha256:{self._weights_sha256}",
+                "seed": self.seed if seeded else None, "num_keypoints": self.num_points,
+                "max_sum_edges": self.max_sum_edges, "dtype": self.dtype}
+
+
+def sample_descriptors(features, xy: np.ndarray, image_size) -> np.ndarray:
+    """Descriptors ``[N, C]`` float32 of keypoints ``xy`` (int ``[N, 2]``, network-input
+    pixels) from a feature map ``[C, h', w']`` covering an ``image_size`` image (module
+    docstring)."""
+    import torch
+
+    h, w = (int(v) for v in image_size)
+    hf, wf = features.shape[-2:]
+    xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+    iy = np.rint(xy[:, 1] * (hf - 1) / max(h - 1, 1)).astype(np.int64)
+    ix = np.rint(xy[:, 0] * (wf - 1) / max(w - 1, 1)).astype(np.int64)
+    iy_t = torch.from_numpy(iy).to(features.device)
+    ix_t = torch.from_numpy(ix).to(features.device)
+    return features[:, iy_t, ix_t].t().to(torch.float32).cpu().numpy()
+
+
+class Extractor:
+    """The per-image work of an extraction (network built once)."""
+
+    def __init__(self, cfg: ExtractConfig, stack=None, device=None):
+        import torch
+
+        from .network import DescriptorNetwork, load_d2_weights, random_features
+
+        self.cfg = cfg
+        self.device = torch.device(device or cfg.device or "cpu")
+        self.dtype = getattr(torch, cfg.dtype)
+        if stack is None:
+            stack = (random_features(cfg.seed) if cfg.random_weights
+                     else load_d2_weights(cfg.weights))
+        stack = stack.to(device=self.device, dtype=self.dtype).eval()
+        self.net = DescriptorNetwork(stack, cfg.finest_stride, cfg.adaptive, cfg.engine,
+                                     cfg.semantics).eval()
+        self.num_levels = self.net.num_levels
+
+    def plan(self, xy: np.ndarray, size, sequence: str = "", k: int = 0):
+        """The level plan of one image (``None`` for dense networks)."""
+        import torch
+
+        from cad_spconv import LevelPlan
+
+        from .levels import inverted_levels, keypoint_plan, random_levels
+
+        cfg = self.cfg
+        if not cfg.adaptive:
+            return None
+        plan = keypoint_plan(xy, size, cfg.dilations, cfg.finest_stride, cfg.semantics, self.device)
+        if cfg.mask == "keypoints":
+            return plan
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(sequence.encode()), int(k)])
+        levels = plan.levels[0].cpu().numpy()
+        if cfg.mask == "random":
+            new = random_levels(levels, self.num_levels, rng)
+        else:
+            cells = np.asarray(xy, dtype=np.int64).reshape(-1, 2)[:, ::-1] // cfg.finest_stride
+            new = inverted_levels(levels, self.num_levels, cells, rng)
+        return LevelPlan.from_level_map(torch.from_numpy(new)[None].to(self.device), self.num_levels)
+
+    def __call__(self, rgb: np.ndarray, sequence: str = "", k: int = 0) -> tuple[dict, dict]:
+        """``(arrays for the .npz, record for the summary)`` of one RGB ``uint8`` image."""
+        import torch
+
+        from cad_spconv.macs import MacCounter
+
+        from .preprocess import caffe_tensor, prepare_image
+        from .sift import detect
+
+        cfg = self.cfg
+        prep = prepare_image(rgb, cfg.max_sum_edges, cfg.semantics)
+        h, w = prep.rgb.shape[:2]
+        t0 = time.perf_counter()
+        xy, responses = detect(prep.rgb, cfg.num_points,
+                               "reference" if cfg.semantics == "reference" else "luminance")
+        sift_s = time.perf_counter() - t0
+        x = caffe_tensor(prep.rgb, self.dtype, self.device)
+        plan = self.plan(xy, (h, w), sequence, k)
+        model = self.net.net
+        with torch.no_grad(), MacCounter(model, 1) as counter:
+            self._sync()
+            t0 = time.perf_counter()
+            features = self.net(x, plan)
+            self._sync()
+            net_s = time.perf_counter() - t0
+        macs = counter.result()
+        descriptors = sample_descriptors(features[0], xy, (h, w))
+        xy_orig = prep.to_original(xy)
+        keypoints = np.concatenate([xy_orig, np.ones((len(xy), 1))], 1).astype(np.float32)
+        record = {"size": list(prep.original_size), "network_size": [h, w],
+                  "num_keypoints": int(len(xy)), "macs": int(macs["total"]),
+                  "macs_parts": ({p: int(v) for p, v in macs["parts"].items()} if cfg.adaptive
+                                 else {"dense": int(macs["total"])}),
+                  "time_s": net_s, "sift_time_s": sift_s}
+        if plan is not None:
+            record["level_fractions"] = [float(v) for v in model.last_plan.level_fractions()[0]]
+        arrays = {"keypoints": keypoints, "scores": responses.astype(np.float32),
+                  "descriptors": descriptors}
+        return arrays, record
+
+    def _sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomic(path, write)
+
+
+def summarize(images: dict) -> dict:
+    """Means over the per-image records."""
+    recs = list(images.values())
+    if not recs:
+        return {"num_images": 0}
+    out = {"num_images": len(recs),
+           "macs_mean": float(np.mean([r["macs"] for r in recs])),
+           "macs_parts_mean": {p: float(np.mean([r["macs_parts"].get(p, 0) for r in recs]))
+                               for p in sorted({p for r in recs for p in r["macs_parts"]})},
+           "time_per_image_s_mean": float(np.mean([r["time_s"] for r in recs])),
+           "time_per_image_s_median": float(np.median([r["time_s"] for r in recs])),
+           "sift_time_per_image_s_mean": float(np.mean([r["sift_time_s"] for r in recs])),
+           "time_total_s": float(sum(r["total_s"] for r in recs)),
+           "num_keypoints_mean": float(np.mean([r["num_keypoints"] for r in recs]))}
+    if all("level_fractions" in r for r in recs):
+        out["level_fractions_mean"] = [float(v) for v in
+                                       np.mean([r["level_fractions"] for r in recs], axis=0)]
+    return out
+
+
+def _load_summary(cfg: ExtractConfig, path: str) -> dict:
+    import json
+
+    fresh = {"format": FORMAT, "settings": cfg.settings(), "weights_file": (
+        os.path.abspath(cfg.weights) if cfg.weights else None),
+        "data_root": os.path.abspath(cfg.data_root), "environment": {}, "summary": {},
+        "complete": False, "images": {}}
+    if not os.path.isfile(path):
+        return fresh
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); remove it (the .npz files will be "
+                         "recomputed) or choose another --out") from None
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a cad-spconv keypoints summary; choose another --out")
+    mine = fresh["settings"]
+    diff = [(k, old["settings"].get(k), v) for k, v in mine.items() if old["settings"].get(k) != v]
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} in the folder vs {b!r} now" for k, a, b in diff)
+        raise ValueError(f"{cfg.out} holds features extracted with other settings ({shown}); "
+                         "choose another --out, or delete the folder to start over")
+    old["settings"] = mine
+    return old
+
+
+def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
+    """Run (or resume) an extraction; returns the summary dict on rank 0, ``None`` elsewhere."""
+    import torch
+
+    cfg.validate()
+    device_name = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device_name).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available; use --device cpu")
+    dist = init_distributed(torch.device(device_name).type)
+    if dist.active and torch.device(device_name).type == "cuda":
+        device_name = f"cuda:{dist.local_rank}"
+    out = os.path.abspath(cfg.out)
+    summary_path = os.path.join(out, SUMMARY)
+    lock, summary, todo, problem = None, None, None, None
+    try:
+        if dist.main:
+            try:
+                check_output_path(out, "--out", folder=True)
+                lock = OutputLock(summary_path, "--out")
+                lock.__enter__()
+                sequences = hpatches.list_sequences(cfg.data_root)
+                for seq in sequences:
+                    hpatches.load_sequence(seq, homographies=False)
+                summary = _load_summary(cfg, summary_path)
+                summary["images"] = {i: r for i, r in summary["images"].items()
+                                     if os.path.isfile(feature_path(out, *_split(i)))}
+                todo = [(s.name, s.folder, [k for k in hpatches.IMAGES
+                                            if f"{s.name}/{k}" not in summary["images"]])
+                        for s in sequences]
+                todo = [t for t in todo if t[2]]
+                summary["num_images_requested"] = len(sequences) * len(hpatches.IMAGES)
+            except (ValueError, FileNotFoundError, OutputBusyError) as e:
+                problem = e
+        todo, message = dist.broadcast((todo, None if problem is None else str(problem)))
+        if message is not None:
+            if problem is not None:
+                raise problem
+            raise ValueError(message)
+        extractor = Extractor(cfg, stack, device_name)
+        if dist.main:
+            summary["environment"] = _environment(extractor, dist, device_name)
+        _loop(cfg, out, dist, extractor, summary, todo, summary_path)
+        if dist.main:
+            summary["summary"] = summarize(summary["images"])
+            summary["complete"] = len(summary["images"]) >= summary["num_images_requested"]
+            write_json_atomic(summary_path, summary)
+        dist.barrier()
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        dist.close()
+    return summary if dist.main else None
+
+
+def _split(image_id: str) -> tuple[str, int]:
+    seq, _, k = image_id.rpartition("/")
+    return seq, int(k)
+
+
+def _loop(cfg, out, dist, extractor, summary, todo, summary_path) -> None:
+    shard = dist.shard(todo)
+    steps = math.ceil(len(todo) / dist.world) if todo else 0
+    bar = None
+    if cfg.progress and dist.main and todo:
+        from tqdm import tqdm
+        label = ({"keypoints": "adaptive"}.get(cfg.mask, cfg.mask)
+                 + f" {cfg.finest_stride}->8 [{' '.join(map(str, cfg.dilations))}]"
+                 if cfg.adaptive else f"dense stride {cfg.finest_stride}")
+        bar = tqdm(total=sum(len(t[2]) for t in todo), desc=label, unit="img",
+                   dynamic_ncols=True)
+    for step in range(steps):
+        records = []
+        if step < len(shard):
+            name, folder, ks = shard[step]
+            for k in ks:
+                t0 = time.perf_counter()
+                rgb = hpatches.read_image(hpatches.image_path(folder, k))
+                arrays, rec = extractor(rgb, name, k)
+                _save_npz(feature_path(out, name, k), arrays)
+                rec["total_s"] = time.perf_counter() - t0
+                records.append((f"{name}/{k}", rec))
+                if bar is not None:
+                    bar.update(1)
+        gathered = dist.gather(records)
+        if dist.main:
+            for r, part in enumerate(gathered):
+                for image_id, rec in part:
+                    summary["images"][image_id] = rec
+                if bar is not None and r > 0:
+                    bar.update(len(part))
+            summary["images"] = dict(sorted(summary["images"].items()))
+            summary["summary"] = summarize(summary["images"])
+            write_json_atomic(summary_path, summary)
+            if bar is not None:
+                s = summary["summary"]
+                bar.set_postfix(GMA=f"{s['macs_mean'] / 1e9:.2f}")
+    if bar is not None:
+        bar.close()
+
+
+def _environment(extractor: Extractor, dist, device_name: str) -> dict:
+    import platform
+
+    import cv2
+    import torch
+
+    env = {"torch": torch.__version__, "opencv": cv2.__version__,
+           "python": platform.python_version(), "device": device_name, "world_size": dist.world,
+           "engine": extractor.cfg.engine,
+           "timing": "cuda synchronize + perf_counter" if extractor.device.type == "cuda"
+           else "perf_counter"}
+    if extractor.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(extractor.device)
+    return env
+
+
+def config_dict(cfg: ExtractConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if not k.startswith("_")}
