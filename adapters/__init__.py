@@ -20,6 +20,7 @@ from torchvision.models.vgg import VGG
 
 from .fold import fold_batchnorm
 from cad_spconv.engines import check_engine
+from cad_spconv.plan import SEMANTICS
 
 from .common import SUPPORTED, CADModel, UnsupportedModelError
 from .resnet import CADBasicBlock, CADBottleneck, CADResNet, convert_resnet
@@ -33,7 +34,7 @@ __all__ = ["convert", "CADModel", "CADResNet", "CADSegmentation", "CADVGGFeature
 
 
 def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
-            sparse_head: bool = False, engine: str = "auto") -> CADModel:
+            sparse_head: bool = False, engine: str = "auto", semantics: str = "paper") -> CADModel:
     """Content-adaptive version of a torchvision model, sharing its parameters.
 
     - ``model``: a torchvision ResNet / ResNeXt / Wide ResNet classifier, an FCN or DeepLabV3
@@ -47,6 +48,11 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
       the finest stride and the head runs densely there (the paper's setup).
     - ``engine``: conv engine of the converted layers, one of
       :data:`cad_spconv.engines.ENGINES` (``cad_spconv.engines.describe()`` lists them).
+    - ``semantics``: ``"paper"`` (default; coarse sites measure their taps from their top-left
+      cell, which keeps Guarantee 2) or ``"reference"`` (the paper's public code: from the
+      centre cell of their block, to reproduce its published models; ``docs/SEMANTICS.md``).
+      The lattice engine needs ``"paper"``; under ``"reference"`` ``engine="auto"`` runs the
+      ``"torch"`` engine.
 
     Returns a :class:`CADResNet`, :class:`CADSegmentation` or :class:`CADVGGFeatures`, called
     as ``cad(images, keep)``; ``keep`` is a bool keep mask (True = keep at the finest
@@ -55,7 +61,11 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
     callable (e.g. a mask estimator module) taking the dense feature map entering the first
     adaptive step and returning one of these.
     """
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {', '.join(map(repr, SEMANTICS))}, got "
+                         f"{semantics!r}")
     cad = _convert(model, finest_stride, coarsest_stride, sparse_head, engine)
+    cad.semantics = semantics
     # the containers the adapter made follow the source's mode (the layers it wraps keep
     # their own), so convert(model.eval()) gives a model in eval mode
     shared = set(map(id, model.modules()))

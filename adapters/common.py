@@ -154,6 +154,9 @@ class CADModel(nn.Module):
         self.finest_stride = finest_stride
         self.coarsest_stride = coarsest_stride
         self.last_plan: Optional[LevelPlan] = None
+        #: tap anchor of coarse sites: "paper" (top-left) or "reference" (the paper code's
+        #: centre cell); set by adapters.convert(..., semantics=...)
+        self.semantics = "paper"
         # the keep module of the last forward, for parts(); kept out of the module tree
         self.__dict__["_keep_module"] = None
 
@@ -172,6 +175,11 @@ class CADModel(nn.Module):
             keep = [keep_to_grid(m, grid, size, self.finest_stride, f"level mask {i}")
                     for i, m in enumerate(keep)]
         plan = make_plan(keep, grid, self.num_levels, batch_size=x.shape[0], device=x.device)
+        if isinstance(keep, LevelPlan) and keep.semantics != self.semantics:
+            raise ValueError(f"the plan has semantics={keep.semantics!r}, the model "
+                             f"{self.semantics!r}; build the plan with "
+                             f"plan.with_semantics({self.semantics!r}) or pass masks")
+        plan = plan.with_semantics(self.semantics)
         self.last_plan = plan
         return CADTensor.from_dense(x, plan)
 
@@ -188,5 +196,6 @@ class CADModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"finest_stride={self.finest_stride}, coarsest_stride={self.coarsest_stride}, "
-                f"num_levels={self.num_levels}")
+                + (f"semantics={self.semantics!r}, " if self.semantics != "paper" else "")
+                + f"num_levels={self.num_levels}")
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .images import denormalize
 
 __all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "random", "random_like", "invert",
-           "dilate", "subsample", "kept_fraction", "EDGE_OPERATORS", "GRAYSCALES"]
+           "dilate", "subsample", "reference_blocks", "kept_fraction", "EDGE_OPERATORS", "GRAYSCALES"]
 
 
 #: ``reference``: the public reference code's detector: central differences
@@ -321,12 +321,25 @@ def invert(keep: Union[torch.Tensor, MaskList]):
 # ---------------------------------------------------------------------------------- reduction
 def subsample(keep: torch.Tensor, stride: int) -> torch.Tensor:
     """The reference code's reduction onto a grid of stride ``stride``: every ``stride``-th
-    pixel, ``keep[..., ::stride, ::stride]`` (size ``ceil(H / stride)``). Give the result to a
-    model with that finest stride to reproduce the reference's masks exactly."""
+    pixel, ``keep[..., ::stride, ::stride]`` (size ``ceil(H / stride)``). (Its published edge
+    model keeps whole 4x4 blocks of these cells: :func:`reference_blocks`.)"""
     keep = _check_keep(keep)
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be an int >= 1, got {stride!r}")
     return keep[:, :, ::stride, ::stride]
+
+
+def reference_blocks(keep: torch.Tensor, stride: int = 8, block: int = 4) -> torch.Tensor:
+    """The reference code's ``edges_os16till8`` rule (its published edge model, 8 -> 16): the
+    image-resolution mask is subsampled at ``stride`` (:func:`subsample`), then every aligned
+    ``block x block`` group of cells (4x4 stride-8 cells = 32x32 pixels; clipped at the border)
+    in which any cell is kept is kept whole. Returns bool ``[B, 1, ceil(H/stride),
+    ceil(W/stride)]``, a keep mask at the finest grid of a model with that finest stride."""
+    cells = subsample(keep, stride)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int >= 1, got {block!r}")
+    grown = F.max_pool2d(cells.to(torch.float32), block, block, ceil_mode=True) > 0
+    return _expand(grown, block, cells.shape[-2:])
 
 
 def kept_fraction(keep: torch.Tensor, stride: int, sample_stride: Optional[int] = None

@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["LevelPlan", "StepGeometry", "make_plan", "reduce_to_grid", "same_device",
-           "num_adaptive_steps"]
+           "num_adaptive_steps", "SEMANTICS"]
+
+#: tap-anchor conventions of coarse sites (see :class:`LevelPlan`)
+SEMANTICS = ("paper", "reference")
 
 
 @dataclass(frozen=True)
@@ -115,12 +118,21 @@ class LevelPlan:
     at multiples of ``2**l`` and all cells of its clipped ``2**l`` block carry level ``l``).
     Build it with :meth:`from_keep`, :meth:`from_level_masks`, :meth:`from_level_map` or
     :func:`make_plan`.
+
+    semantics: where a coarse site measures its taps from (``SEMANTICS.md``): ``"paper"``
+    (default: its top-left cell, which keeps Guarantee 2) or ``"reference"`` (the paper's public
+    code: the centre cell ``2**l // 2`` of its block, to reproduce its published models). The
+    sites and their owners are the same; only conv rulebooks differ (:meth:`with_semantics`).
     """
 
     levels: torch.Tensor
     num_levels: int
+    semantics: str = "paper"
 
     def __post_init__(self):
+        if self.semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {', '.join(map(repr, SEMANTICS))}, got "
+                             f"{self.semantics!r}")
         self._geometry: dict[int, StepGeometry] = {}
 
     # ------------------------------------------------------------------ constructors
@@ -205,7 +217,15 @@ class LevelPlan:
         device = torch.device(device)
         if device == self.device:
             return self
-        return LevelPlan(self.levels.to(device), self.num_levels)
+        return LevelPlan(self.levels.to(device), self.num_levels, self.semantics)
+
+    def with_semantics(self, semantics: str) -> "LevelPlan":
+        """This plan (same levels, same cached sites) under another tap-anchor convention."""
+        if semantics == self.semantics:
+            return self
+        other = LevelPlan(self.levels, self.num_levels, semantics)
+        other._geometry = self._geometry  # sites and owners do not depend on the anchor
+        return other
 
     def geometry(self, step: int) -> StepGeometry:
         """Active sites, owner map and areas at ``step`` (cached)."""

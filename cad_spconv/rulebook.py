@@ -199,7 +199,11 @@ class ConvRulebook(Rulebook):
         return self.plan.device
 
     def lattice(self) -> LatticeSplit:
-        """The coarse-lattice split (cached); see :class:`LatticeSplit`."""
+        """The coarse-lattice split (cached); see :class:`LatticeSplit`. Only under the paper's
+        semantics: there the lattice sites compute the strided network (Guarantee 2)."""
+        if self.plan.semantics != "paper":
+            raise ValueError(f"a lattice split needs the paper's semantics (Guarantee 2); this "
+                             f"plan has semantics={self.plan.semantics!r}")
         return self.derived("lattice", self._build_lattice)
 
     # ------------------------------------------------------------------ internals
@@ -207,9 +211,20 @@ class ConvRulebook(Rulebook):
         spacing = (self.dilation[0] * 2 ** self.step_in, self.dilation[1] * 2 ** self.step_in)
         return _tap_offsets(self.kernel_size, spacing, device)
 
+    def _reads(self, coords: torch.Tensor) -> torch.Tensor:
+        """Input rows read by the output sites at ``coords`` (``[N, K]``, -1 outside)."""
+        oy, ox = self._offsets(coords.device)
+        anchor = None
+        if self.plan.semantics == "reference" and self.num_taps > 1:  # a 1x1 conv is per site
+            # the paper's code measures a site's taps from the centre cell 2**l // 2 of its
+            # block, l its level where the conv runs (step_in: an adaptive step computes at
+            # the step_in site in the top-left corner of the merged block, then keeps it)
+            level = self.plan.levels[coords[:, 0], coords[:, 1], coords[:, 2]]
+            anchor = (1 << level.clamp(max=self.step_in)) >> 1
+        return _read_owner(self.plan, self.step_in, coords, oy, ox, anchor)
+
     def _build_gather(self) -> torch.Tensor:
-        coords = self.plan.geometry(self.step_out).coords
-        return _read_owner(self.plan, self.step_in, coords, *self._offsets(coords.device))
+        return self._reads(self.plan.geometry(self.step_out).coords)
 
     def _build_lattice(self) -> LatticeSplit:
         plan = self.plan
@@ -228,7 +243,7 @@ class ConvRulebook(Rulebook):
         coords = geo_out.coords
         off = ((coords[:, 1] | coords[:, 2]) & (s_out - 1)) != 0
         rest_rows = off.nonzero()[:, 0]
-        gather = _read_owner(plan, self.step_in, coords[rest_rows], *self._offsets(coords.device))
+        gather = self._reads(coords[rest_rows])
         valid = gather >= 0
         inside = valid.all(1)
         order = torch.argsort((~inside).to(torch.int8), stable=True)  # inside first
@@ -307,13 +322,16 @@ def _tap_offsets(kernel_size, spacing, device):
 
 
 def _read_owner(plan: LevelPlan, step_in: int, coords: torch.Tensor, oy: torch.Tensor,
-                ox: torch.Tensor) -> torch.Tensor:
-    """Input row read at ``coords + (oy, ox)`` per tap; ``-1`` outside the grid."""
+                ox: torch.Tensor, anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Input row read at ``coords (+ anchor) + (oy, ox)`` per tap; ``-1`` outside the grid."""
     H, W = plan.grid
     owner = plan.geometry(step_in).owner
     b = coords[:, 0:1]
     qy = coords[:, 1:2] + oy[None]
     qx = coords[:, 2:3] + ox[None]
+    if anchor is not None:
+        qy = qy + anchor[:, None]
+        qx = qx + anchor[:, None]
     inside = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
     rows = owner[b, qy.clamp(0, H - 1), qx.clamp(0, W - 1)]
     return torch.where(inside, rows, -1)

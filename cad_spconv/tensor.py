@@ -12,6 +12,7 @@ pair format (:meth:`~cad_spconv.rulebook.Rulebook.spconv_pairs`).
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -23,6 +24,10 @@ from .rulebook import RulebookCache
 __all__ = ["CADTensor"]
 
 SparseConvTensor = import_spconv().SparseConvTensor
+# spconv's tensor class uses torch.fx's ProxyableClassMeta, whose first instantiation logs a
+# torch.fx API notice ("is_fx_tracing will return true ...") that concerns torch.fx users only
+logging.getLogger("torch.fx._symbolic_trace").addFilter(
+    lambda record: "is_fx_tracing will return true" not in record.getMessage())
 
 
 class CADTensor(SparseConvTensor):

@@ -31,11 +31,13 @@ def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:
     Conv rulebooks of a plan go to ``"lattice"`` on every device: its dense part runs on the
     vendor conv and the rest is the same gather + GEMM as ``"torch"`` without the zero-row
     copy. Measured on CPU (BENCHMARKS.md: faster than ``"torch"`` and ``"spconv"`` at every
-    layer width tried); on CUDA the choice awaits a GPU benchmark. Other rulebooks go to
-    ``"torch"``.
+    layer width tried); on CUDA the choice awaits a GPU benchmark. Other rulebooks, and plans
+    under the reference semantics (no Guarantee 2, so no lattice), go to ``"torch"``.
     """
     del device, groups
-    return "lattice" if isinstance(book, ConvRulebook) else "torch"
+    if isinstance(book, ConvRulebook) and (book.plan.semantics == "paper" or book.num_taps == 1):
+        return "lattice"
+    return "torch"
 
 
 def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1) -> str:

@@ -40,6 +40,10 @@ class LatticeEngine(Engine):
             raise EngineUnsupported(
                 f"the lattice engine needs a conv rulebook of a plan (conv_rulebook), got "
                 f"{type(book).__name__}; use engine='torch'")
+        if book.plan.semantics != "paper" and book.num_taps > 1:
+            raise EngineUnsupported(
+                "the lattice engine relies on Guarantee 2, which the reference semantics break; "
+                "use engine='torch' or 'spconv' (engine='auto' picks one)")
 
     def prepare(self, book: Rulebook) -> None:
         if book.num_taps == 1:

@@ -136,3 +136,36 @@ def test_rulebooks_are_cached_and_shared(device):
     z = CF.conv2d(z, w) + CF.conv2d(z, w)
     assert x.cache is z.cache
     assert x.cache.builds == 3  # stride 1 at step 0, stride 2 at step 0, stride 1 at step 1
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("engine", ["auto", "torch", "tuned"] + [pytest.param(
+    "spconv", marks=pytest.mark.skipif(not SPCONV, reason="spconv engine unavailable"))])
+@pytest.mark.parametrize("k,dilation,stride", [(3, 1, 1), (3, 1, 2), (3, 2, 1), (5, 1, 2),
+                                                ((3, 5), (2, 1), 1), (1, 1, 2)])
+def test_reference_semantics_conv_matches_its_dense_emulation(case, engine, k, dilation, stride):
+    """``semantics="reference"`` (the paper code's centre anchor) against an independent
+    emulation (float64): every engine that runs it, both strides, odd grids, per-image masks."""
+    L = case[1]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 4, kh, kw, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    for step in range(L + (stride == 1)):
+        x, levels = make_input(case, step, 4, torch.float64, "cpu", seed=step + 11)
+        x = CADTensor(x.features, x.plan.with_semantics("reference"), step)
+        y = CF.conv2d(x, w, b, stride, dilation, 1, engine)
+        want = ref.conv_reference_semantics(x.features, levels, step, stride, w, b, dilation)
+        torch.testing.assert_close(y.features, want, rtol=1e-9, atol=1e-10)
+        if step > 0 and kh > 1 and L > 0 and (levels >= 1).any():
+            paper = CF.conv2d(CADTensor(x.features, x.plan.with_semantics("paper"), step), w, b,
+                              stride, dilation, 1, engine)
+            assert not torch.allclose(paper.features, y.features)  # the rules really differ
+
+
+def test_reference_semantics_refuses_the_lattice_engine():
+    x, _ = make_input(((9, 9), 1, "keep"), 1, 3, torch.float64, "cpu", seed=1)
+    x = CADTensor(x.features, x.plan.with_semantics("reference"), 1)
+    with pytest.raises(ValueError, match="Guarantee 2"):
+        CF.conv2d(x, torch.randn(3, 3, 3, 3, dtype=torch.float64), engine="lattice")
+    CF.conv2d(x, torch.randn(3, 3, 1, 1, dtype=torch.float64), engine="lattice")  # 1x1: no taps

@@ -83,6 +83,28 @@ def conv(features, levels, step_in, stride, weight, bias=None, dilation=1, group
     return Geometry(levels, step_in + (stride == 2)).sample(out)
 
 
+def conv_reference_semantics(features, levels, step_in, stride, weight, bias=None, dilation=1,
+                             groups=1):
+    """The paper code's rule (``semantics="reference"``): as :func:`conv`, but an output site
+    of level ``l`` (at ``step_in``: ``min(level, step_in)``) is evaluated at the centre cell
+    ``2**l // 2`` of its block instead of its top-left cell (a 1x1 conv has no taps to measure:
+    it stays per site). The dense conv runs on the filled
+    map zero-padded past the bottom / right border, so an anchor (or tap) outside the grid
+    reads zeros."""
+    dy, dx = (dilation, dilation) if isinstance(dilation, int) else dilation
+    D = (dy * 2 ** step_in, dx * 2 ** step_in)
+    kh, kw = weight.shape[-2:]
+    margin = 2 ** int(levels.max()) if levels.size else 1
+    dense = F.pad(Geometry(levels, step_in).fill(features), (0, margin, 0, margin))
+    out = F.conv2d(dense, weight, bias, padding=(D[0] * (kh // 2), D[1] * (kw // 2)), dilation=D,
+                   groups=groups)
+    geo = Geometry(levels, step_in + (stride == 2))
+    b, y, x = geo.sites[:, 0], geo.sites[:, 1], geo.sites[:, 2]
+    a = 2 ** np.minimum(levels[b, y, x], step_in) // 2 * (kh * kw > 1)  # 1x1: per site
+    idx = [torch.as_tensor(v, device=out.device) for v in (b, y + a, x + a)]
+    return out[idx[0], :, idx[1], idx[2]]
+
+
 def max_pool_overlap(features, levels, step_in, k, stride):
     """Odd window, same padding, taps spaced 2**step_in, out-of-grid taps ignored."""
     D = 2 ** step_in
