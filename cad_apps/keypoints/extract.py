@@ -111,8 +111,8 @@ class ExtractConfig:
                 "max_sum_edges": self.max_sum_edges, "dtype": self.dtype}
 
 
-def sample_descriptors(features, xy: np.ndarray, image_size) -> np.ndarray:
-    """Descriptors ``[N, C]`` float32 of keypoints ``xy`` (int ``[N, 2]``, network-input
+def sample_descriptors(features, xy: np.ndarray, image_size, dtype=np.float32) -> np.ndarray:
+    """Descriptors ``[N, C]`` (``dtype``) of keypoints ``xy`` (int ``[N, 2]``, network-input
     pixels) from a feature map ``[C, h', w']`` covering an ``image_size`` image (module
     docstring)."""
     import torch
@@ -124,7 +124,7 @@ def sample_descriptors(features, xy: np.ndarray, image_size) -> np.ndarray:
     ix = np.rint(xy[:, 0] * (wf - 1) / max(w - 1, 1)).astype(np.int64)
     iy_t = torch.from_numpy(iy).to(features.device)
     ix_t = torch.from_numpy(ix).to(features.device)
-    return features[:, iy_t, ix_t].t().to(torch.float32).cpu().numpy()
+    return features[:, iy_t, ix_t].t().cpu().numpy().astype(dtype)
 
 
 class Extractor:
@@ -169,8 +169,11 @@ class Extractor:
             new = inverted_levels(levels, self.num_levels, cells, rng)
         return LevelPlan.from_level_map(torch.from_numpy(new)[None].to(self.device), self.num_levels)
 
-    def __call__(self, rgb: np.ndarray, sequence: str = "", k: int = 0) -> tuple[dict, dict]:
-        """``(arrays for the .npz, record for the summary)`` of one RGB ``uint8`` image."""
+    def run(self, rgb: np.ndarray, sequence: str = "", k: int = 0) -> dict:
+        """Everything about one RGB ``uint8`` image: ``prepared`` (:class:`Prepared`), ``xy``
+        and ``responses`` (SIFT, network-input pixels), ``plan``, ``features`` (the network's
+        output, ``[1, C, h / F, w / F]`` in the run's dtype), ``macs`` (a ``count_macs``-style
+        dict), ``time_s`` (network) and ``sift_time_s``."""
         import torch
 
         from cad_spconv.macs import MacCounter
@@ -187,26 +190,32 @@ class Extractor:
         sift_s = time.perf_counter() - t0
         x = caffe_tensor(prep.rgb, self.dtype, self.device)
         plan = self.plan(xy, (h, w), sequence, k)
-        model = self.net.net
-        with torch.no_grad(), MacCounter(model, 1) as counter:
+        with torch.no_grad(), MacCounter(self.net.net, 1) as counter:
             self._sync()
             t0 = time.perf_counter()
             features = self.net(x, plan)
             self._sync()
             net_s = time.perf_counter() - t0
-        macs = counter.result()
-        descriptors = sample_descriptors(features[0], xy, (h, w))
-        xy_orig = prep.to_original(xy)
-        keypoints = np.concatenate([xy_orig, np.ones((len(xy), 1))], 1).astype(np.float32)
+        return {"prepared": prep, "xy": xy, "responses": responses, "plan": plan,
+                "features": features, "macs": counter.result(), "time_s": net_s,
+                "sift_time_s": sift_s}
+
+    def __call__(self, rgb: np.ndarray, sequence: str = "", k: int = 0) -> tuple[dict, dict]:
+        """``(arrays for the .npz, record for the summary)`` of one RGB ``uint8`` image."""
+        r = self.run(rgb, sequence, k)
+        prep, xy, macs = r["prepared"], r["xy"], r["macs"]
+        h, w = prep.rgb.shape[:2]
+        descriptors = sample_descriptors(r["features"][0], xy, (h, w))
+        keypoints = np.concatenate([prep.to_original(xy), np.ones((len(xy), 1))], 1)
         record = {"size": list(prep.original_size), "network_size": [h, w],
                   "num_keypoints": int(len(xy)), "macs": int(macs["total"]),
-                  "macs_parts": ({p: int(v) for p, v in macs["parts"].items()} if cfg.adaptive
+                  "macs_parts": ({p: int(v) for p, v in macs["parts"].items()} if self.cfg.adaptive
                                  else {"dense": int(macs["total"])}),
-                  "time_s": net_s, "sift_time_s": sift_s}
-        if plan is not None:
-            record["level_fractions"] = [float(v) for v in model.last_plan.level_fractions()[0]]
-        arrays = {"keypoints": keypoints, "scores": responses.astype(np.float32),
-                  "descriptors": descriptors}
+                  "time_s": r["time_s"], "sift_time_s": r["sift_time_s"]}
+        if r["plan"] is not None:
+            record["level_fractions"] = [float(v) for v in r["plan"].level_fractions()[0]]
+        arrays = {"keypoints": keypoints.astype(np.float32),
+                  "scores": r["responses"].astype(np.float32), "descriptors": descriptors}
         return arrays, record
 
     def _sync(self):

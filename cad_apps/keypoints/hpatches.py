@@ -122,7 +122,8 @@ def read_homography(path: str) -> np.ndarray:
         raise ValueError(f"homography {path} is malformed: expected 3 lines of 3 numbers, got "
                          f"{[len(r) for r in rows]} numbers per line; replace it with the file "
                          "from the HPatches release")
-    if not np.isfinite(values).all() or abs(np.linalg.det(values)) < 1e-12 * abs(values).max() ** 3:
+    scale = float(np.abs(values).max()) if np.isfinite(values).all() else 0.0
+    if scale == 0.0 or abs(np.linalg.det(values)) <= 1e-12 * scale ** 3:
         raise ValueError(f"homography {path} is not a finite invertible 3x3 matrix; replace it "
                          "with the file from the HPatches release")
     return values

@@ -36,11 +36,26 @@ STRIDES = (1, 2, 4, 8)
 _NUM_LAYERS = 23  # vgg16().features[:23]: conv1_1 ... conv4_3 + ReLU
 
 
-def vgg16_conv4_3() -> nn.Sequential:
-    """``vgg16().features[:23]`` with random (torchvision default) initialisation."""
-    from torchvision.models import vgg16
+#: vgg16().features up to conv4_3: channels of the convs, "M" = 2x2 max pool
+_VGG16_CONV4_3 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512)
 
-    return vgg16(weights=None).features[:_NUM_LAYERS]
+
+def vgg16_conv4_3(device=None) -> nn.Sequential:
+    """The layers of torchvision's ``vgg16().features[:23]`` (same types, same indices, so
+    its state dict loads), initialised as torchvision does (Kaiming normal, fan-out; zero
+    bias), without building the classifier."""
+    layers, cin = [], 3
+    for v in _VGG16_CONV4_3:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        conv = nn.Conv2d(cin, v, kernel_size=3, padding=1, device=device)
+        if conv.weight.device.type != "meta":
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU(inplace=True)]
+        cin = v
+    return nn.Sequential(*layers)
 
 
 def random_features(seed: int = 0) -> nn.Sequential:
@@ -56,7 +71,7 @@ def d2_features_state_dict(checkpoint: Mapping) -> dict:
     sd = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(sd, Mapping):
         raise ValueError("a D2-Net checkpoint is a dict with a 'model' state dict (d2_tf.pth)")
-    expected = vgg16_conv4_3().state_dict()
+    expected = vgg16_conv4_3(device="meta").state_dict()
     out, extra = {}, []
     for key, value in sd.items():
         if key.startswith(D2_PREFIX):

@@ -1,0 +1,325 @@
+"""``cad-spconv keypoints extract / evaluate`` end to end on a tiny HPatches-format set (real
+Cityscapes frames with known homographies and brightness changes where available), plus the
+descriptor sampling and the MMA against independent brute-force computations."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cad_apps.cli import main as cli
+from cad_apps.io import OutputBusyError, OutputLock
+from cad_apps.keypoints.evaluate import mutual_nearest_neighbours, run_evaluate
+from cad_apps.keypoints.extract import ExtractConfig, run_extract, sample_descriptors
+from cad_apps.keypoints.hpatches import IMAGES
+from tests.support.hpatches import make_hpatches
+from tests.support.inputs import REPO
+
+SIZE = (48, 64)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hpatches")
+    make_hpatches(root, image_size=SIZE, num_scenes=1, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def extracted(data_root, tmp_path_factory):
+    """Two folders written through the command line: dense stride 8 and adaptive 4 -> 8."""
+    out = tmp_path_factory.mktemp("features")
+    base = ["keypoints", "extract", "--data-root", data_root, "--random-weights", "--seed", "1",
+            "--no-progress"]
+    assert cli(base + ["--finest-stride", "8", "--out", str(out / "os8")]) == 0
+    assert cli(base + ["--finest-stride", "4", "--dilations", "11", "--out", str(out / "a4")]) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_descriptor_sampling_takes_the_nearest_align_corners_cell():
+    """Brute force: cell i of h' sits at pixel i * (h - 1) / (h' - 1); take the nearest."""
+    rng = np.random.default_rng(0)
+    for h, w, s in [(48, 64, 8), (48, 64, 4), (40, 24, 2), (16, 8, 8), (32, 32, 1)]:
+        hf, wf = h // s, w // s
+        feats = torch.from_numpy(rng.normal(size=(5, hf, wf)))
+        xy = np.concatenate([np.stack([rng.integers(0, w, 50), rng.integers(0, h, 50)], 1),
+                             [[0, 0], [w - 1, h - 1]]])
+        got = sample_descriptors(feats, xy, (h, w), np.float64)
+        for (x, y), d in zip(xy, got):
+            iy = int(np.argmin([abs(y - i * (h - 1) / (hf - 1)) if hf > 1 else 0 for i in range(hf)]))
+            ix = int(np.argmin([abs(x - j * (w - 1) / (wf - 1)) if wf > 1 else 0 for j in range(wf)]))
+            np.testing.assert_array_equal(d, feats[:, iy, ix].numpy())
+
+
+def test_sampling_differs_from_floor_division():
+    """Not the stride-8 cell floor(y / 8): y = 7 of 64 rows is nearest to cell 1 (at 9 px)."""
+    feats = torch.arange(8.0).view(1, 8, 1).expand(1, 8, 2)
+    assert sample_descriptors(feats, np.array([[0, 7]]), (64, 16), np.float64)[0, 0] == 1.0
+
+
+# ---------------------------------------------------------------------------- MMA
+def _brute_force_mma(data_root, folder, thresholds=range(1, 16)):
+    """Loops only: best partner by scanning, mutual check, projection of each point."""
+    from cad_apps.keypoints.hpatches import list_sequences, read_homography
+
+    acc = {"i": [], "v": []}
+    for seq in list_sequences(data_root):
+        z1 = np.load(os.path.join(folder, seq.name, "1.npz"))
+        for k in range(2, 7):
+            zk = np.load(os.path.join(folder, seq.name, f"{k}.npz"))
+            a, b = z1["descriptors"].astype(np.float64), zk["descriptors"].astype(np.float64)
+            hom = read_homography(os.path.join(data_root, seq.name, f"H_1_{k}"))
+            dists = []
+            for i in range(len(a)):
+                sims = [float(np.dot(a[i], b[j])) for j in range(len(b))]
+                j = max(range(len(b)), key=lambda t: (sims[t], -t))
+                back = [float(np.dot(a[t], b[j])) for t in range(len(a))]
+                if max(range(len(a)), key=lambda t: (back[t], -t)) != i:
+                    continue
+                x, y = z1["keypoints"][i, :2].astype(np.float64)
+                p = hom @ np.array([x, y, 1.0])
+                q = zk["keypoints"][j, :2].astype(np.float64)
+                dists.append(np.hypot(p[0] / p[2] - q[0], p[1] / p[2] - q[1]))
+            acc[seq.kind].append([np.mean(np.array(dists) <= t) if dists else 0.0 for t in thresholds])
+    out = {g: np.mean(v, axis=0) for g, v in acc.items() if v}
+    out["all"] = np.mean(acc["i"] + acc["v"], axis=0)
+    return out
+
+
+def test_mma_matches_a_brute_force_computation(data_root, extracted, tmp_path):
+    report = run_evaluate(data_root, [str(extracted / "os8"), str(extracted / "a4")],
+                          str(tmp_path / "res.json"))
+    for name in ("os8", "a4"):
+        expected = _brute_force_mma(data_root, str(extracted / name))
+        got = report["features"][name]["mma"]
+        for g in ("i", "v", "all"):
+            np.testing.assert_allclose(got[g], expected[g], rtol=0, atol=1e-12)
+        assert report["features"][name]["num_pairs"] == {"i": 5, "v": 5, "all": 10}
+    # the synthetic set is not trivial: some matches, not all correct at 1 px
+    m = report["features"]["a4"]["mma"]["all"]
+    assert 0 < m[0] < 1 and m[0] <= m[2] <= m[14]
+
+
+def test_mutual_nearest_neighbours_ties_and_empty():
+    a = np.array([[1.0, 0], [1.0, 0], [0, 1.0]])
+    b = np.array([[1.0, 0], [0, 2.0]])
+    np.testing.assert_array_equal(mutual_nearest_neighbours(a, b), [[0, 0], [2, 1]])
+    assert mutual_nearest_neighbours(a[:0], b).shape == (0, 2)
+
+
+def test_mma_on_perfect_features_is_one(data_root, tmp_path):
+    """Keypoints of image k = exact projections of image 1's, descriptors one-hot: every
+    match correct; a pair without matches scores 0."""
+    from cad_apps.keypoints.extract import FORMAT
+    from cad_apps.keypoints.hpatches import list_sequences, read_homography
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "perfect"
+    for seq in list_sequences(data_root):
+        kp1 = np.stack([rng.uniform(5, 59, 20), rng.uniform(5, 43, 20), np.ones(20)], 1)
+        for k in IMAGES:
+            kp = kp1 if k == 1 else (read_homography(seq.homography(k)) @ kp1.T).T
+            kp = kp / kp[:, 2:]
+            desc = np.eye(20, dtype=np.float32)
+            if seq.kind == "v" and k == 6:
+                desc = np.zeros((0, 20), dtype=np.float32)
+                kp = kp[:0]
+            os.makedirs(folder / seq.name, exist_ok=True)
+            np.savez(folder / seq.name / f"{k}.npz", keypoints=kp.astype(np.float32),
+                     descriptors=desc, scores=np.ones(len(kp), np.float32))
+    (folder / "summary.json").write_text(json.dumps({"format": FORMAT, "settings": {
+        "finest_stride": 8, "dilations": [], "mask": "keypoints"}, "summary": {}}))
+    r = run_evaluate(data_root, [str(folder)], str(tmp_path / "p.json"))["features"]["perfect"]
+    assert r["mma"]["i"] == [1.0] * 15
+    np.testing.assert_allclose(r["mma"]["v"][0], 0.8)  # 4 of 5 pairs perfect, one without matches
+    assert r["mma@3"]["all"] == pytest.approx(0.9)
+
+
+# ---------------------------------------------------------------------------- the commands
+def test_extract_writes_the_documented_files(data_root, extracted):
+    from cad_apps.keypoints.preprocess import caffe_tensor, prepare_image
+    from cad_apps.keypoints.hpatches import read_image
+    from cad_apps.keypoints.network import dense_at_stride, random_features
+    from cad_spconv.macs import count_macs
+
+    s = json.load(open(extracted / "os8" / "summary.json"))
+    assert s["complete"] and s["summary"]["num_images"] == 12 and len(s["images"]) == 12
+    assert s["settings"]["finest_stride"] == 8 and s["settings"]["weights"] == "random"
+    z = np.load(extracted / "os8" / "v_synth0" / "3.npz")
+    n = len(z["keypoints"])
+    assert n > 10 and z["keypoints"].shape == (n, 3) and z["keypoints"].dtype == np.float32
+    assert (z["keypoints"][:, 2] == 1).all() and z["scores"].shape == (n,)
+    assert z["descriptors"].shape == (n, 512) and z["descriptors"].dtype == np.float32
+    # multiply-adds per image: independent hand count of the VGG16 convs up to conv4_3
+    convs = [(3, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 2), (128, 256, 4), (256, 256, 4),
+             (256, 256, 4), (256, 512, 8), (512, 512, 8), (512, 512, 8)]
+    hand = sum(9 * ci * co * (SIZE[0] // st) * (SIZE[1] // st) for ci, co, st in convs)
+    assert s["images"]["v_synth0/3"]["macs"] == hand == s["summary"]["macs_mean"]
+    a4 = json.load(open(extracted / "a4" / "summary.json"))
+    rec = a4["images"]["v_synth0/3"]
+    assert hand < rec["macs"] < sum(9 * ci * co * (SIZE[0] // min(st, 4)) * (SIZE[1] // min(st, 4))
+                                    for ci, co, st in convs)
+    assert len(rec["level_fractions"]) == 2 and abs(sum(rec["level_fractions"]) - 1) < 1e-12
+    # the descriptors are those of the dense stride-8 network on the preprocessed image
+    rgb = read_image(os.path.join(data_root, "v_synth0", "3.ppm"))
+    x = caffe_tensor(prepare_image(rgb).rgb)
+    with torch.no_grad():
+        feats = dense_at_stride(random_features(1), 8)(x)
+    want = sample_descriptors(feats[0], z["keypoints"][:, :2].astype(np.int64), SIZE)
+    np.testing.assert_array_equal(z["descriptors"], want)
+    assert count_macs(dense_at_stride(random_features(1), 8), x)["total"] == hand
+
+
+def test_evaluate_command_writes_results_and_plot(data_root, extracted, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features",
+                str(extracted / "os8"), str(extracted / "a4"), "--out", str(out)]) == 0
+    res = json.load(open(out))
+    assert set(res["features"]) == {"os8", "a4"}
+    assert res["features"]["a4"]["group"] == "adaptive 4->8"
+    assert len(res["features"]["os8"]["mma"]["all"]) == 15
+    png = tmp_path / "res.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert "MMA@3 all" in capsys.readouterr().out
+
+
+def test_extract_is_deterministic_and_resumes(data_root, extracted, tmp_path):
+    """Same settings, another folder: identical files. Then an interrupted run (one image's
+    files gone, another's record gone) resumes by redoing just those, bit for bit."""
+    out = tmp_path / "again"
+    args = ["keypoints", "extract", "--data-root", data_root, "--random-weights", "--seed", "1",
+            "--finest-stride", "4", "--dilations", "11", "--no-progress", "--out", str(out)]
+    assert cli(args) == 0
+    for seq in ("i_synth0", "v_synth0"):
+        for k in IMAGES:
+            a, b = np.load(out / seq / f"{k}.npz"), np.load(extracted / "a4" / seq / f"{k}.npz")
+            for key in ("keypoints", "scores", "descriptors"):
+                np.testing.assert_array_equal(a[key], b[key])
+    os.remove(out / "v_synth0" / "5.npz")
+    summary = json.load(open(out / "summary.json"))
+    del summary["images"]["i_synth0/2"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    before = {p: os.stat(out / "v_synth0" / f"{p}.npz").st_mtime_ns for p in (1, 2)}
+    old_i2 = np.load(out / "i_synth0" / "2.npz")["descriptors"]
+    assert cli(args) == 0
+    after = json.load(open(out / "summary.json"))
+    assert after["complete"] and len(after["images"]) == 12
+    assert {p: os.stat(out / "v_synth0" / f"{p}.npz").st_mtime_ns for p in (1, 2)} == before
+    np.testing.assert_array_equal(np.load(out / "v_synth0" / "5.npz")["descriptors"],
+                                  np.load(extracted / "a4" / "v_synth0" / "5.npz")["descriptors"])
+    np.testing.assert_array_equal(np.load(out / "i_synth0" / "2.npz")["descriptors"], old_i2)
+
+
+def test_extract_refuses_to_resume_with_other_settings(data_root, extracted, capsys):
+    base = ["keypoints", "extract", "--data-root", data_root, "--random-weights", "--seed", "1",
+            "--finest-stride", "4", "--no-progress", "--out", str(extracted / "a4")]
+    assert cli(base + ["--dilations", "13"]) == 2
+    err = capsys.readouterr().err
+    assert "cad-spconv keypoints extract: error:" in err
+    assert "dilations: [11] in the folder vs [13] now" in err
+    assert cli(base + ["--dilations", "11", "--semantics", "reference"]) == 2
+    assert "semantics: 'paper' in the folder vs 'reference' now" in capsys.readouterr().err
+    assert cli(base + ["--dilations", "11", "--mask", "random"]) == 2
+    assert "mask: 'keypoints' in the folder vs 'random' now" in capsys.readouterr().err
+    assert len(json.load(open(extracted / "a4" / "summary.json"))["images"]) == 12
+
+
+def test_extract_refuses_a_second_writer(data_root, tmp_path):
+    out = tmp_path / "busy"
+    cfg = ExtractConfig(data_root=data_root, out=str(out), finest_stride=8, random_weights=True,
+                        progress=False)
+    with OutputLock(str(out / "summary.json")):
+        with pytest.raises(OutputBusyError, match="another running process"):
+            run_extract(cfg)
+
+
+def test_commands_report_bad_input(data_root, extracted, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    os.remove(data / "v_synth0" / "6.ppm")
+    base = ["keypoints", "extract", "--random-weights", "--finest-stride", "8", "--no-progress"]
+    assert cli(base + ["--data-root", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "v_synth0/6.ppm is missing" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "i_synth0").exists()  # checked before any work
+    shutil.copy(os.path.join(data_root, "v_synth0", "6.ppm"), data / "v_synth0" / "6.ppm")
+    (data / "v_synth0" / "H_1_4").write_text("nonsense\n")
+    assert cli(["keypoints", "evaluate", "--data-root", str(data), "--features",
+                str(extracted / "os8"), "--out", str(tmp_path / "r.json")]) == 2
+    assert "H_1_4 is malformed" in capsys.readouterr().err
+    assert cli(base + ["--data-root", data_root, "--dilations", "11", "--out", str(tmp_path / "y")]) == 2
+    assert "needs 0 value" in capsys.readouterr().err
+    assert cli(base[:3] + ["--finest-stride", "1", "--dilations", "25", "11", "51",
+                           "--data-root", data_root, "--out", str(tmp_path / "y")]) == 2
+    assert "must\nnot decrease" in capsys.readouterr().err.replace("must not", "must\nnot")
+    assert cli(base + ["--data-root", data_root, "--mask", "random", "--out", str(tmp_path / "y")]) == 2
+    assert "give --dilations" in capsys.readouterr().err
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(tmp_path),
+                "--out", str(tmp_path / "r.json")]) == 2
+    assert "has no summary.json" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_incomplete_features(data_root, extracted, tmp_path, capsys):
+    part = tmp_path / "part"
+    shutil.copytree(extracted / "os8", part)
+    os.remove(part / "i_synth0" / "4.npz")
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(part),
+                "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "i_synth0/4.npz are missing" in err and "resume" in err
+
+
+@pytest.mark.parametrize("mask", ["random", "inverted"])
+def test_ablation_masks_match_the_keypoint_budget(data_root, tmp_path, mask):
+    from tests.support.hpatches import thin_vgg
+
+    common = dict(data_root=data_root, finest_stride=2, dilations=(5, 9), random_weights=True,
+                  seed=4, progress=False)
+    stack = thin_vgg(scale=32, dtype=torch.float32)
+    kp = run_extract(ExtractConfig(out=str(tmp_path / "kp"), **common), stack=stack)
+    ab = run_extract(ExtractConfig(out=str(tmp_path / mask), mask=mask, **common), stack=stack)
+    for image_id, rec in kp["images"].items():
+        other = ab["images"][image_id]
+        assert other["macs"] == rec["macs"]
+        np.testing.assert_allclose(other["level_fractions"], rec["level_fractions"], rtol=0, atol=1e-15)
+    assert ab["settings"]["mask"] == mask and ab["settings"]["seed"] == 4
+
+
+@pytest.mark.slow
+def test_torchrun_shards_sequences_and_matches_one_process(data_root, extracted, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
+           "cad_apps.cli", "keypoints", "extract", "--data-root", data_root, "--random-weights",
+           "--seed", "1", "--finest-stride", "8", "--device", "cpu", "--no-progress",
+           "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.load(open(out / "summary.json"))
+    assert s["complete"] and s["environment"]["world_size"] == 2 and len(s["images"]) == 12
+    for seq in ("i_synth0", "v_synth0"):
+        for k in IMAGES:
+            np.testing.assert_array_equal(np.load(out / seq / f"{k}.npz")["descriptors"],
+                                          np.load(extracted / "os8" / seq / f"{k}.npz")["descriptors"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_extraction_matches_cpu_in_float64(data_root, tmp_path):
+    from tests.support.hpatches import thin_vgg
+
+    outs = {}
+    for device in ("cpu", "cuda"):
+        cfg = ExtractConfig(data_root=data_root, out=str(tmp_path / device), finest_stride=1,
+                            dilations=(5, 9, 17), random_weights=True, device=device,
+                            dtype="float64", progress=False)
+        outs[device] = run_extract(cfg, stack=thin_vgg())
+    for image_id in outs["cpu"]["images"]:
+        seq, k = image_id.split("/")
+        a = np.load(tmp_path / "cpu" / seq / f"{k}.npz")["descriptors"]
+        b = np.load(tmp_path / "cuda" / seq / f"{k}.npz")["descriptors"]
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert outs["cpu"]["images"][image_id]["macs"] == outs["cuda"]["images"][image_id]["macs"]
