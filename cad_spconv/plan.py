@@ -51,13 +51,18 @@ def _expand_blocks(x: torch.Tensor, size: int, shape: Sequence[int]) -> torch.Te
     return x.repeat_interleave(size, 1).repeat_interleave(size, 2)[:, : shape[0], : shape[1]]
 
 
+#: what every refusal of a non-bool keep mask says (integer masks are never read as level maps)
+_BOOL_FIX = ("Convert it explicitly: a 0/1 mask with `mask.bool()`, scores or probabilities with "
+             "`mask > 0.5`; a level map (the level 0..L of every finest-grid cell) is given as "
+             "`LevelPlan.from_level_map(level_map, num_levels)`")
+
+
 def _check_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(
-            f"{what} must be a bool tensor (True = keep at finest resolution), got {mask.dtype}; "
-            "convert it explicitly, e.g. `mask > 0.5`")
+        raise TypeError(f"{what} must be a bool tensor (True = keep at the finest resolution), got "
+                        f"{mask.dtype}. {_BOOL_FIX}")
     if mask.dim() == 4:
         if mask.shape[1] != 1:
             raise ValueError(f"{what} must be [B, 1, h, w] or [B, h, w], got {tuple(mask.shape)}")
@@ -171,7 +176,11 @@ class LevelPlan:
 
     @classmethod
     def from_level_map(cls, level_map: torch.Tensor, num_levels: int) -> "LevelPlan":
-        """An explicit level map ``[B, H, W]`` (or ``[B, 1, H, W]``) of integers."""
+        """An explicit level map ``[B, H, W]`` (or ``[B, 1, H, W]``) of integers at the finest
+        grid: the final level ``0..num_levels`` of the site owning every cell, block-consistent.
+        This is the only way a level map enters (converted models and :func:`make_plan` take
+        the :class:`LevelPlan`); integer tensors given as ``keep`` are refused, never read as
+        level maps."""
         _check_levels(num_levels)
         if not isinstance(level_map, torch.Tensor):
             raise TypeError(f"level map must be a torch.Tensor, got {type(level_map).__name__}")
@@ -182,7 +191,7 @@ class LevelPlan:
         if level_map.dim() != 3:
             raise ValueError(f"level map must be [B, H, W] or [B, 1, H, W], got {tuple(level_map.shape)}")
         levels = level_map.to(torch.int64)
-        lo, hi = int(levels.min()), int(levels.max())
+        lo, hi = (int(levels.min()), int(levels.max())) if levels.numel() else (0, 0)
         if lo < 0 or hi > num_levels:
             raise ValueError(f"level map values must lie in 0..{num_levels}, got {lo}..{hi}")
         grid = levels.shape[-2:]
@@ -247,7 +256,8 @@ class LevelPlan:
     def level_fractions(self) -> torch.Tensor:
         """``[B, L+1]`` fraction of finest-grid cells owned by sites of each level."""
         counts = F.one_hot(self.levels.flatten(1), self.num_levels + 1).sum(1)
-        return counts.to(torch.float64) / self.levels[0].numel()
+        H, W = self.grid
+        return counts.to(torch.float64) / max(1, H * W)
 
     # ------------------------------------------------------------------ internals
     def _check_step(self, step: int):
@@ -313,10 +323,14 @@ def make_plan(spec: PlanSpec, grid: Sequence[int], num_levels: int,
               batch_size: int | None = None, device=None) -> LevelPlan:
     """Build a :class:`LevelPlan` from any accepted form.
 
-    - a :class:`LevelPlan` (checked against ``grid`` and ``num_levels``);
+    - a :class:`LevelPlan` (checked against ``grid`` and ``num_levels``); a level map enters
+      this way, as ``LevelPlan.from_level_map(level_map, num_levels)``;
     - a bool keep mask ``[B, 1, h, w]`` / ``[B, h, w]`` at the finest grid or finer;
-    - a list of bool per-level masks, finest first;
-    - an integer level map ``[B, H, W]`` at the finest grid.
+    - a list of bool per-level masks, finest first.
+
+    A keep mask must be bool: an integer, uint8 or float tensor is refused with the fix named
+    (``mask.bool()``, ``mask > 0.5``, or ``LevelPlan.from_level_map`` for a level map), so that
+    a 0/1 mask is never mistaken for a level map (where 1 means *downsample*).
     """
     grid = (int(grid[0]), int(grid[1]))
     if isinstance(spec, LevelPlan):
@@ -324,19 +338,16 @@ def make_plan(spec: PlanSpec, grid: Sequence[int], num_levels: int,
         if plan.num_levels != num_levels:
             raise ValueError(f"plan has {plan.num_levels} levels, the model needs {num_levels}")
     elif isinstance(spec, torch.Tensor):
-        if spec.dtype == torch.bool:
-            plan = LevelPlan.from_keep(spec, grid, num_levels)
-        elif not spec.dtype.is_floating_point:
-            plan = LevelPlan.from_level_map(spec, num_levels)
-        else:
-            raise TypeError(
-                f"keep must be a bool mask or an integer level map, got a {spec.dtype} tensor; "
-                "threshold it explicitly, e.g. `keep = scores > 0.5`")
+        if spec.dtype != torch.bool:
+            raise TypeError(f"keep must be a bool mask (True = keep at the finest resolution), "
+                            f"got a {spec.dtype} tensor. {_BOOL_FIX}")
+        plan = LevelPlan.from_keep(spec, grid, num_levels)
     elif isinstance(spec, (list, tuple)):
         plan = LevelPlan.from_level_masks(list(spec), grid, num_levels)
     else:
-        raise TypeError("keep must be a bool tensor, a list of bool tensors (one per level), an "
-                        f"integer level map or a LevelPlan, got {type(spec).__name__}")
+        raise TypeError("keep must be a bool tensor, a list of bool tensors (one per level) or a "
+                        f"LevelPlan (level maps: LevelPlan.from_level_map), got "
+                        f"{type(spec).__name__}")
     if plan.grid != grid:
         raise ValueError(f"plan grid {plan.grid[0]}x{plan.grid[1]} does not match the finest grid "
                          f"{grid[0]}x{grid[1]}")

@@ -91,7 +91,6 @@ def test_keep_forms_agree():
                  "grid": torch.from_numpy(keep_grid)[:, None],
                  "list": [torch.from_numpy(keep_grid)],
                  "list at image resolution": [torch.from_numpy(keep_img)],
-                 "level map": torch.from_numpy(levels),
                  "plan": LevelPlan.from_level_map(torch.from_numpy(levels), 2),
                  "callable": lambda feats: torch.from_numpy(keep_grid)}
         for name, keep in forms.items():
@@ -241,8 +240,10 @@ def test_bad_options():
     (torch.ones(2, 2, *SIZE, dtype=torch.bool), ValueError, r"\[B, 1, h, w\]"),
     (torch.ones(2, 10, 10, dtype=torch.bool), ValueError, "does not map onto the finest grid"),
     ([torch.ones(2, *GRID, dtype=torch.bool)] * 2, ValueError, "per-level masks"),
-    (torch.full((2, *GRID), 3), ValueError, "values must lie in 0..1"),
-    (torch.zeros(2, 5, 5, dtype=torch.int64), ValueError, "does not match the finest grid"),
+    (torch.full((2, *GRID), 3), TypeError, "bool mask.*LevelPlan.from_level_map"),
+    (torch.zeros(2, 5, 5, dtype=torch.int64), TypeError, "bool mask.*mask.bool()"),
+    (torch.ones(2, 1, *SIZE, dtype=torch.uint8), TypeError, "bool mask.*mask.bool()"),
+    ([torch.ones(2, *SIZE, dtype=torch.uint8)], TypeError, "bool tensor.*mask.bool()"),
     ("all", TypeError, "keep must be"),
     (lambda feats: feats.mean(1) > 0.5, None, None)])
 def test_bad_keep_masks(keep, error, match):
@@ -253,6 +254,30 @@ def test_bad_keep_masks(keep, error, match):
             return
         with pytest.raises(error, match=match):
             cad(images(), keep)
+
+
+def test_integer_keep_masks_are_refused_not_read_as_level_maps():
+    """Issue 11 item 2: ``seg(x, keep.long())`` kept 93.75 % where ``seg(x, keep)`` kept
+    6.25 % (the int mask was read as a level map, 1 = downsample). A keep mask of any other
+    dtype than bool is refused with the conversions named, at image resolution too (a uint8
+    mask there got "plan grid ... does not match" before)."""
+    cad = convert(deeplab(), 8, 16)
+    fixes = r"mask\.bool\(\).*mask > 0\.5.*LevelPlan\.from_level_map"
+    for size in (SIZE, GRID):
+        keep = torch.zeros(2, 1, *size, dtype=torch.bool)
+        keep[..., :3, :3] = True
+        with torch.no_grad():
+            cad(images(), keep)
+            kept = cad.last_plan.level_fractions()[:, 0]
+            assert (kept < 0.5).all()
+            for dtype in (torch.int64, torch.uint8, torch.int32, torch.float32):
+                with pytest.raises(TypeError, match=rf"keep must be a bool mask.*{fixes}"):
+                    cad(images(), keep.to(dtype))
+                with pytest.raises(TypeError, match=rf"level mask 0 must be a bool.*{fixes}"):
+                    cad(images(), [keep.to(dtype)])
+            # the explicit entry for a level map
+            cad(images(), LevelPlan.from_level_map(cad.last_plan.levels, 1))
+        assert torch.equal(cad.last_plan.level_fractions()[:, 0], kept)
 
 
 def test_bad_images():

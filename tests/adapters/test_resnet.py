@@ -11,6 +11,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from tests.support import emulation as emu
+from tests.support.keep import as_keep
 from adapters import CADResNet, convert
 from cad_spconv.backend import spconv_status
 
@@ -143,7 +144,7 @@ def test_matches_dense_emulation(arch, finest, coarsest, kind, device):
     grid = (-(-MIXED[0] // finest), -(-MIXED[1] // finest))
     spec, levels = emu.mixed_masks(3, 2, grid, cad.num_levels, kind)
     with torch.no_grad():
-        out = cad(x, emu.to_device(spec, device))
+        out = cad(x, as_keep(spec, cad.num_levels, device))
         expected = emu.resnet_classifier(base, x, levels, finest, coarsest)
     emu.assert_rel(out, expected)
     assert (cad.last_plan.levels.cpu().numpy() == levels).all()

@@ -9,6 +9,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from tests.support import emulation as emu
+from tests.support.keep import as_keep
 from adapters import CADVGGFeatures, convert
 
 # (torchvision builder, prefix up to relu4_3: stride 8, as D2-Net)
@@ -89,7 +90,7 @@ def test_matches_dense_emulation(name, finest, kind, device):
     x = images(ODD).to(device)
     spec, levels = emu.mixed_masks(12, 2, grid_at(ODD, finest), cad.num_levels, kind)
     with torch.no_grad():
-        out = cad(x, emu.to_device(spec, device))
+        out = cad(x, as_keep(spec, cad.num_levels, device))
         expected = emu.vgg_features(stack, x, levels, finest, 8).dense()
     emu.assert_rel(out, expected)
     assert isinstance(cad, CADVGGFeatures) and cad.num_levels == {4: 1, 2: 2, 1: 3}[finest]

@@ -27,12 +27,29 @@ def test_keep_mask_wrong_batch_size():
         CADTensor.from_dense(x, torch.zeros(3, 9, 7, dtype=torch.bool), 1)
 
 
-def test_keep_mask_not_bool():
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.float32])
+def test_keep_mask_not_bool(dtype):
+    """An integer keep mask used to be read as a level map (1 = downsample, the opposite of
+    keep): refused now, whatever its dtype, with the conversions and the level-map entry named."""
     x, keep = x_and_keep()
-    with pytest.raises(TypeError, match="threshold it explicitly"):
-        CADTensor.from_dense(x, keep.float(), 1)
-    with pytest.raises(TypeError, match="must be a bool tensor"):
-        LevelPlan.from_level_masks([keep, keep.float()], (9, 7), 2)
+    fixes = r"mask\.bool\(\).*mask > 0\.5.*LevelPlan\.from_level_map"
+    with pytest.raises(TypeError, match=rf"keep must be a bool mask .*got a {dtype}.*{fixes}"):
+        CADTensor.from_dense(x, keep.to(dtype), 1)
+    with pytest.raises(TypeError, match=rf"keep must be a bool mask .*{fixes}"):
+        make_plan(keep.to(dtype), (9, 7), 2)
+    with pytest.raises(TypeError, match=rf"level mask 1 must be a bool tensor.*{fixes}"):
+        LevelPlan.from_level_masks([keep, keep.to(dtype)], (9, 7), 2)
+    with pytest.raises(TypeError, match=fixes):
+        make_plan([keep, keep.to(dtype)], (9, 7), 2)
+
+
+def test_level_map_only_through_its_named_entry():
+    levels = torch.zeros(2, 9, 7, dtype=torch.int64)
+    levels[1] = 1
+    plan = make_plan(LevelPlan.from_level_map(levels, 1), (9, 7), 1)
+    assert plan.level_fractions()[:, 1].tolist() == [0.0, 1.0]
+    with pytest.raises(TypeError, match="LevelPlan.from_level_map"):
+        make_plan(levels, (9, 7), 1)
 
 
 def test_level_map_inconsistent_or_out_of_range():

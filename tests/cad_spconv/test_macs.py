@@ -14,6 +14,7 @@ from cad_spconv.learned_mask import MaskEstimator
 from cad_spconv.macs import MacCounter, count_macs
 from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise, Densify
 from tests.support.inputs import random_masks
+from tests.support.keep import as_keep
 
 from tests.support.counters import fvcore_conv_linear
 
@@ -221,7 +222,7 @@ def test_random_masks_equal_sites_times_cost(kind, sparse_head):
     spec, level_masks = random_masks(rng, 3, grid, L, kind)
     levels = ref.levels_from_masks(level_masks, L)
     images = torch.randn(3, 3, *size, dtype=torch.float64)
-    r = count_macs(cad, images, spec)
+    r = count_macs(cad, images, as_keep(spec, L))
     H0, W0 = grid
     expected = []
     for b in range(3):

@@ -10,6 +10,7 @@ from cad_spconv import CADTensor
 from cad_spconv.backend import spconv_status
 from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise
 from tests.support.inputs import random_masks
+from tests.support.keep import as_keep
 
 
 class Block(nn.Module):
@@ -134,8 +135,7 @@ def test_guarantees(num_levels, grid, device):
         rng = np.random.default_rng(num_levels)
         for kind in ("keep", "levels", "map"):
             spec, masks = random_masks(rng, 3, grid, num_levels, kind)
-            spec = spec.to(device) if isinstance(spec, torch.Tensor) else [m.to(device) for m in spec]
-            out = cad(x, spec)
+            out = cad(x, as_keep(spec, num_levels, device))
             torch.testing.assert_close(out.dense()[:, :, ::s, ::s], coarse, rtol=1e-9, atol=1e-9)
             levels = ref.levels_from_masks(masks, num_levels)
             torch.testing.assert_close(out.features, emulate(strided, x, levels, num_levels),

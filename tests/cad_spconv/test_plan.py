@@ -6,6 +6,7 @@ import torch
 from tests.support import dense_reference as ref
 from cad_spconv import LevelPlan, make_plan
 from tests.support.inputs import random_masks
+from tests.support.keep import as_keep
 
 GRIDS = [(13, 11), (8, 8), (17, 23), (1, 5)]
 
@@ -16,8 +17,7 @@ GRIDS = [(13, 11), (8, 8), (17, 23), (1, 5)]
 def test_levels_sites_owners(grid, num_levels, kind, device):
     rng = np.random.default_rng(hash((grid, num_levels, kind)) % 2**32)
     spec, masks = random_masks(rng, 3, grid, num_levels, kind)
-    spec = spec.to(device) if isinstance(spec, torch.Tensor) else [m.to(device) for m in spec]
-    plan = make_plan(spec, grid, num_levels)
+    plan = make_plan(as_keep(spec, num_levels, device), grid, num_levels)
     levels = ref.levels_from_masks(masks, num_levels)
     np.testing.assert_array_equal(plan.levels.cpu().numpy(), levels)
     for step in range(num_levels + 1):
