@@ -270,7 +270,8 @@ def _load_summary(cfg: ExtractConfig, path: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); remove it (the .npz files will be "
                          "recomputed) or choose another --out") from None
-    if not isinstance(old, dict) or old.get("format") != FORMAT:
+    if (not isinstance(old, dict) or old.get("format") != FORMAT
+            or not isinstance(old.get("settings"), dict) or not isinstance(old.get("images"), dict)):
         raise ValueError(f"{path} is not a cad-spconv keypoints summary; choose another --out")
     mine = fresh["settings"]
     diff = [(k, old["settings"].get(k), v) for k, v in mine.items() if old["settings"].get(k) != v]

@@ -218,6 +218,9 @@ class DescriptorNetwork(nn.Module):
         if self.adaptive:
             if plan is None:
                 raise ValueError("the adaptive network needs a level plan (keypoint masks)")
+            semantics = getattr(self.net, "semantics", "paper")
+            if getattr(plan, "semantics", semantics) != semantics:
+                plan = plan.with_semantics(semantics)  # same sites; the model's tap anchors
             return self.net(images, plan)
         if plan is not None:
             raise ValueError("the dense network takes no level plan")

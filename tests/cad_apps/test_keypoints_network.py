@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cad_apps.keypoints.extract import ExtractConfig, Extractor, sample_descriptors
+from cad_apps.keypoints.preprocess import caffe_tensor
 from cad_apps.keypoints.network import (DescriptorNetwork, d2_features_state_dict,
                                         dense_at_stride, load_d2_weights, vgg16_conv4_3)
 from cad_spconv import LevelPlan
@@ -161,3 +162,21 @@ def test_real_width_vgg16_adaptive_all_kept_equals_dense_stride_2(tmp_path):
     dense = Extractor(_config(tmp_path, 2, ()), stack).run(_scene((16, 24)))
     assert r["features"].shape == (1, 512, 8, 12)
     assert_rel(r["features"], dense["features"])
+
+
+def test_reference_semantics_runs_the_centre_anchored_network(tmp_path):
+    """``--semantics reference``: the adapter's centre-anchored sites. Everything kept still
+    equals the dense network (no coarse site to anchor); a mixed plan differs from the paper
+    semantics only where coarse sites read their taps."""
+    stack = thin_vgg(seed=5)
+    rgb = _scene(seed=3)
+    ref = Extractor(_config(tmp_path, 2, (9, 17), semantics="reference"), stack)
+    paper = Extractor(_config(tmp_path, 2, (9, 17)), stack)
+    assert ref.net.net.semantics == "reference" and paper.net.net.semantics == "paper"
+    r, p = ref.run(rgb), paper.run(rgb)
+    assert 0 < float(r["plan"].level_fractions()[0, 0]) < 1
+    assert not torch.allclose(r["features"], p["features"])
+    big = Extractor(_config(tmp_path, 2, (99, 99), semantics="reference"), stack).run(rgb)
+    x = caffe_tensor(rgb, dtype=torch.float64)
+    with torch.no_grad():
+        assert_rel(big["features"], dense_reference(stack, x, 2))
