@@ -11,7 +11,9 @@ instead (every ``stride``-th pixel).
 - :func:`oracle`: wrong at the coarse stride but right at the fine one, dilated (Sec. 4.1).
 - :func:`keypoints`: keypoints dilated with one square size per level (Sec. 4.3);
   :func:`sift_keypoints` detects them with OpenCV (optional extra ``cad-spconv[sift]``).
-- :func:`random`, :func:`random_like`, :func:`invert`: "inadequate masks" (Sec. 4.3).
+- :func:`random`, :func:`random_like`, :func:`shuffle_plan`, :func:`invert`: "inadequate
+  masks" (Sec. 4.3); random and shuffled masks are drawn at the granularity of the blocks a
+  plan decides, so their budgets (level fractions, multiply-adds) are exact.
 - :func:`kept_fraction`: fraction of cells of a given stride that a mask keeps.
 
 Images are ImageNet-normalised float tensors ``[B, 3, H, W]`` (as the data pipeline yields).
@@ -24,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from .images import denormalize
+from .plan import LevelPlan, reduce_to_grid
 
-__all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "random", "random_like", "invert",
+__all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "random", "random_like",
+           "shuffle_plan", "invert",
            "dilate", "subsample", "reference_blocks", "kept_fraction", "EDGE_OPERATORS", "GRAYSCALES"]
 
 
@@ -47,9 +51,16 @@ MaskList = Sequence[torch.Tensor]
 def _check_images(images: torch.Tensor) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3:
+    if images.dim() == 3 and images.shape[0] == 3:
+        raise ValueError(f"images must be a batch [B, 3, H, W] (ImageNet-normalised RGB), got one "
+                         f"image {tuple(images.shape)}; add the batch dimension with images[None]")
+    if images.dim() != 4:
         raise ValueError(f"images must be [B, 3, H, W] (ImageNet-normalised RGB), got "
-                         f"{tuple(images.shape)}; add a batch dimension with images[None]")
+                         f"{images.dim()} dimensions {tuple(images.shape)}")
+    if images.shape[1] != 3:
+        raise ValueError(f"images must have 3 channels (ImageNet-normalised RGB), got "
+                         f"{images.shape[1]} in {tuple(images.shape)}; give a grayscale image "
+                         "3 channels before normalising it, e.g. gray.expand(-1, 3, -1, -1)")
     if not images.dtype.is_floating_point:
         raise TypeError(f"images must be float (ImageNet-normalised), got {images.dtype}; "
                         "convert with (images / 255 - mean) / std")
@@ -252,10 +263,34 @@ def sift_keypoints(images: torch.Tensor, num_points: int = 512) -> list[torch.Te
 
 
 # ---------------------------------------------------------------------------------- ablation
-def _cells(size: Sequence[int], cell: int) -> tuple[int, int]:
-    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
-        raise ValueError(f"cell must be an int >= 1 (pixels per cell side), got {cell!r}")
-    return -(-int(size[0]) // cell), -(-int(size[1]) // cell)
+def _positive_int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {v!r}")
+    return v
+
+
+def _finest_grid(image_size: Sequence[int], finest_stride: int, grid) -> tuple[int, int]:
+    """The model's finest grid: ``grid`` if given, else ``ceil(size / finest_stride)``."""
+    H, W = (int(v) for v in image_size)
+    if grid is None:
+        return -(-H // finest_stride), -(-W // finest_stride)
+    gh, gw = (int(v) for v in grid)
+    if not (H // finest_stride <= gh <= -(-H // finest_stride)
+            and W // finest_stride <= gw <= -(-W // finest_stride)):
+        raise ValueError(f"grid {gh}x{gw} is not the finest grid of a {H}x{W} image at stride "
+                         f"{finest_stride} (floor or ceil of size / stride)")
+    return gh, gw
+
+
+def _to_pixels(cells: torch.Tensor, finest_stride: int, size: Sequence[int]) -> torch.Tensor:
+    """Cells ``[B, h, w]`` of the finest grid -> bool ``[B, 1, H, W]``, every cell covering its
+    ``finest_stride``-pixel square (pixels past the grid, dropped by floor-mode pools: False)."""
+    H, W = (int(v) for v in size)
+    out = cells[:, None].repeat_interleave(finest_stride, -2).repeat_interleave(finest_stride, -1)
+    out = out[..., :H, :W]
+    if out.shape[-2:] != (H, W):
+        out = F.pad(out, (0, W - out.shape[-1], 0, H - out.shape[-2]))
+    return out
 
 
 def _expand(cells: torch.Tensor, cell: int, size: Sequence[int]) -> torch.Tensor:
@@ -263,44 +298,180 @@ def _expand(cells: torch.Tensor, cell: int, size: Sequence[int]) -> torch.Tensor
     return out[..., : int(size[0]), : int(size[1])]
 
 
-def random(batch_size: int, image_size: Sequence[int], fraction: float, cell: int = 1,
-           generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
-    """A random keep mask for the "inadequate mask" ablation: per image exactly
-    ``round(fraction * cells)`` of the ``cell x cell`` cells (clipped at the border) are kept,
-    at uniformly random positions. Use ``cell`` = the finest stride to control the kept
-    fraction of the finest grid. Returns bool ``[B, 1, H, W]``."""
-    if not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
-    h, w = _cells(image_size, cell)
-    n = round(float(fraction) * h * w)
-    scores = torch.rand(batch_size, h * w, generator=generator).to(device or "cpu")
-    rank = scores.argsort(1).argsort(1)
-    kept = (rank < n).view(batch_size, 1, h, w)
-    return _expand(kept, cell, image_size)
+def _clipped(start: torch.Tensor, size: int, extent: int) -> torch.Tensor:
+    """Side of the blocks ``[start, start + size)`` clipped to ``[0, extent)``."""
+    return (extent - start).clamp(0, size)
 
 
-def random_like(keep: Union[torch.Tensor, MaskList], cell: int = 1,
-                generator: Optional[torch.Generator] = None):
-    """The same budget at random places: the ``cell x cell`` cells of ``keep`` (any-pixel
-    rule) are shuffled by one random permutation per image, so every image keeps exactly as
-    many cells as before. A per-level list is shuffled with one shared permutation (nested masks
-    stay nested). Returns the same form as ``keep``, at its resolution."""
-    masks = [keep] if isinstance(keep, torch.Tensor) else list(keep)
-    if not masks:
-        raise ValueError("random_like needs a mask or a non-empty list of masks")
-    masks = [_check_keep(m, f"mask {i}") for i, m in enumerate(masks)]
-    B, _, H, W = masks[0].shape
-    for i, m in enumerate(masks[1:], 1):
-        if m.shape != masks[0].shape:
-            raise ValueError(f"mask {i} has shape {tuple(m.shape)}, mask 0 {tuple(masks[0].shape)}")
-    h, w = _cells((H, W), cell)
-    perm = torch.rand(B, h * w, generator=generator).argsort(1).to(masks[0].device)
-    out = []
-    for m in masks:
-        cells = F.max_pool2d(m.to(torch.float32), cell, cell, ceil_mode=True) > 0
-        shuffled = cells.flatten(1).gather(1, perm).view(B, 1, h, w)
-        out.append(_expand(shuffled, cell, (H, W)))
-    return out[0] if isinstance(keep, torch.Tensor) else out
+def _permute_within(groups: torch.Tensor, batch: int, generator) -> torch.Tensor:
+    """Per batch row a uniformly random permutation of the last axis of ``groups``
+    (``[..., n]`` int, shared by the batch) that maps every entry to one of the same group:
+    ``[batch, ..., n]``, entry ``i`` = the index whose content moves to ``i``."""
+    n = groups.shape[-1]
+    g = groups.to(torch.float64)
+    rand = torch.rand((batch,) + tuple(groups.shape), generator=generator,
+                      dtype=torch.float64).to(groups.device)
+    # sorted by group then at random / then by index: the k-th of both orders share a group
+    order_rand = torch.argsort(2 * g + rand, dim=-1)
+    index = torch.arange(n, device=groups.device, dtype=torch.float64) / n
+    order_id = torch.argsort(2 * g + index, dim=-1).expand_as(order_rand)
+    return torch.empty_like(order_rand).scatter_(-1, order_id, order_rand)
+
+
+def _shuffle_levels(levels: torch.Tensor, num_levels: int, generator) -> torch.Tensor:
+    """A random quadtree with the blocks of ``levels`` ``[B, H, W]`` moved (see
+    :func:`shuffle_plan`): top-level blocks permuted among blocks of the same clipped shape,
+    then at every level below the four children of each block permuted among children of the
+    same clipped shape. Returns the new level map."""
+    B, H, W = levels.shape
+    dev = levels.device
+    L = num_levels
+    S = 2 ** L
+    ys = torch.arange(H, device=dev)
+    xs = torch.arange(W, device=dev)
+    # top level: blocks of side S, one class per clipped shape
+    nby, nbx = -(-H // S), -(-W // S)
+    bh = _clipped(torch.arange(nby, device=dev) * S, S, H)
+    bw = _clipped(torch.arange(nbx, device=dev) * S, S, W)
+    shape = (bh[:, None] * (S + 1) + bw[None, :]).reshape(-1)
+    src = _permute_within(shape, B, generator)                     # [B, nby * nbx]
+    block = (ys // S)[:, None] * nbx + (xs // S)[None, :]           # [H, W]
+    src_block = src[:, block]                                       # [B, H, W]
+    sy = (src_block // nbx) * S + (ys & 1)[None, :, None]
+    sx = (src_block % nbx) * S + (xs & 1)[None, None, :]
+    # levels L-1 .. 1: the children (side c) of every block of side 2c, keyed by the
+    # destination block; level 0 needs none (a 2x2 block's cells always share their level)
+    for s in range(L - 1, 0, -1):
+        c = 2 ** s
+        nny, nnx = -(-H // (2 * c)), -(-W // (2 * c))
+        top = torch.arange(nny, device=dev) * 2 * c
+        left = torch.arange(nnx, device=dev) * 2 * c
+        ch = torch.stack([_clipped(top, c, H), _clipped(top + c, c, H)], -1)   # [nny, 2]
+        cw = torch.stack([_clipped(left, c, W), _clipped(left + c, c, W)], -1)  # [nnx, 2]
+        groups = (ch[:, None, :, None] * (c + 1) + cw[None, :, None, :]).reshape(nny, nnx, 4)
+        tau = _permute_within(groups, B, generator)                  # [B, nny, nnx, 4]
+        child = ((ys >> s) & 1)[:, None] * 2 + ((xs >> s) & 1)[None, :]
+        moved = tau[:, (ys // (2 * c))[:, None], (xs // (2 * c))[None, :], child]  # [B, H, W]
+        sy = sy + ((moved >> 1) & 1) * c
+        sx = sx + (moved & 1) * c
+    b = torch.arange(B, device=dev)[:, None, None]
+    return levels[b, sy, sx]
+
+
+def shuffle_plan(plan: LevelPlan, generator: Optional[torch.Generator] = None) -> LevelPlan:
+    """The blocks of ``plan`` at random places, with exactly its budget.
+
+    Per image, the top-level blocks (``2**L`` finest cells a side, clipped at the border) are
+    permuted at random among the blocks of the same clipped shape, each carrying its whole
+    subtree; then, at every level below, the four children of every block are permuted among
+    the children of the same clipped shape. On grids whose sides are multiples of ``2**L``
+    every top-level block has the same shape and may go anywhere.
+
+    Guarantee (per image, exact): the new plan has as many sites of every level *and clipped
+    block shape* as ``plan``, hence the same :meth:`LevelPlan.level_fractions`, the same number
+    of sites at every step and the same multiply-adds in every layer of a converted model. A
+    plan that one keep mask can produce (every split block holds a level-0 cell) gives such a
+    plan again. Uses the CPU ``generator`` (default: torch's global one)."""
+    if not isinstance(plan, LevelPlan):
+        raise TypeError(f"shuffle_plan takes a LevelPlan, got {type(plan).__name__}; for masks "
+                        "use random_like(keep, finest_stride, num_levels)")
+    levels = _shuffle_levels(plan.levels, plan.num_levels, generator)
+    return LevelPlan(levels, plan.num_levels, plan.semantics)
+
+
+def random(batch_size: int, image_size: Sequence[int], fraction: float, finest_stride: int,
+           generator: Optional[torch.Generator] = None, device=None,
+           grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """A random keep mask whose level-0 share is ``fraction``, for the "inadequate mask"
+    ablation.
+
+    A keep mask decides level 0 per aligned 2x2 block of the finest grid (a block stays at the
+    finest resolution iff it holds a kept cell, whatever the number of levels), so the draw is
+    over those blocks: per image and per clipped block shape (interior ``2x2``; ``2x1``,
+    ``1x2``, ``1x1`` along a right / bottom border of odd size) exactly
+    ``floor(fraction * n + 1/2)`` of the ``n`` blocks of that shape, uniformly at random; all
+    their cells are kept. The level-0 share of every image's plan (``level_fractions()[:, 0]``,
+    the multiply-adds at the finest resolution) is therefore ``fraction`` up to half a block per
+    shape (exactly ``k / n`` blocks on grids with even sides); with ``L >= 2`` levels the
+    coarser levels follow from the keep rule. ``finest_stride``: the model's finest stride
+    (pixels per finest-grid cell; ``1`` for a mask at the finest grid); ``grid``: the model's
+    finest grid if it is not ``ceil(size / finest_stride)`` (VGG stacks with floor-mode pools
+    on sizes not divisible by the stride). Returns bool ``[B, 1, H, W]`` at ``image_size``.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"fraction (the level-0 share) must be a number in [0, 1], got "
+                         f"{fraction!r}")
+    batch_size = _nonnegative(batch_size, "batch_size")
+    finest_stride = _positive_int(finest_stride, "finest_stride")
+    H, W = _finest_grid(image_size, finest_stride, grid)
+    nby, nbx = -(-H // 2), -(-W // 2)
+    bh = _clipped(torch.arange(nby) * 2, 2, H)
+    bw = _clipped(torch.arange(nbx) * 2, 2, W)
+    shape = (bh[:, None] * 3 + bw[None, :]).reshape(-1)             # [n] one id per block shape
+    n = shape.numel()
+    # a uniformly random order of the blocks within every shape class; the first
+    # floor(fraction * n_c + 1/2) blocks of each class are kept
+    rand = torch.rand(batch_size, n, generator=generator, dtype=torch.float64)
+    order = torch.argsort(2 * shape.to(torch.float64) + rand, dim=1)
+    position = torch.empty_like(order).scatter_(
+        1, order, torch.arange(n).expand(batch_size, n).contiguous())
+    start = (shape[None, :] < shape[:, None]).sum(1)                # blocks of smaller classes
+    count = torch.bincount(shape, minlength=9)[shape]
+    quota = torch.floor(float(fraction) * count.to(torch.float64) + 0.5).to(torch.int64)
+    kept_blocks = (position - start) < quota
+    cells = kept_blocks.view(batch_size, nby, nbx)
+    cells = cells.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :H, :W]
+    return _to_pixels(cells, finest_stride, image_size).to(device or "cpu")
+
+
+def _nonnegative(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{what} must be an int >= 0, got {v!r}")
+    return v
+
+
+def random_like(keep: Union[torch.Tensor, MaskList], finest_stride: int, num_levels: int,
+                generator: Optional[torch.Generator] = None,
+                grid: Optional[Sequence[int]] = None):
+    """``keep``'s budget at random places: the quadtree a model builds from ``keep``, its
+    blocks shuffled (:func:`shuffle_plan`), returned as a mask of the same form.
+
+    ``keep``: a bool keep mask ``[B, 1, H, W]`` / ``[B, H, W]``, or a list of per-level masks
+    (finest first), at image resolution (``finest_stride`` = the model's finest stride) or at
+    the finest grid (``finest_stride=1``); ``num_levels``: the model's adaptive steps ``L``;
+    ``grid``: the model's finest grid if it is not ``ceil(size / finest_stride)``.
+
+    Guarantee (per image, exact): the plan the model builds from the result has as many sites
+    of every level and clipped block shape as the plan it builds from ``keep``, hence exactly
+    the same ``level_fractions()``, the same number of sites at every step and the same
+    multiply-adds. Blocks clipped at a border of odd size only trade places with blocks of the
+    same clipped shape (that is what "same budget" means there). Returns a bool ``[B, 1, H,
+    W]`` mask for a mask (kept cells = the level-0 cells of the shuffled plan, expanded to
+    ``finest_stride`` pixels), a list of ``L`` masks (mask ``l``: level ``<= l``) for a list.
+    """
+    finest_stride = _positive_int(finest_stride, "finest_stride")
+    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
+        raise ValueError(f"num_levels (the model's adaptive steps L) must be an int >= 1, got "
+                         f"{num_levels!r}")
+    single = isinstance(keep, torch.Tensor)
+    given = [keep] if single else list(keep) if isinstance(keep, (list, tuple)) else None
+    if not given:
+        raise TypeError("random_like needs a bool keep mask or a non-empty list of per-level "
+                        f"masks, got {type(keep).__name__ if given is None else 'an empty list'}")
+    given = [_check_keep(m, f"mask {i}") for i, m in enumerate(given)]
+    size = tuple(given[0].shape[-2:])
+    for i, m in enumerate(given[1:], 1):
+        if m.shape != given[0].shape:
+            raise ValueError(f"mask {i} has shape {tuple(m.shape)}, mask 0 {tuple(given[0].shape)}")
+    cells = _finest_grid(size, finest_stride, grid)
+    reduced = [reduce_to_grid(m, cells, f"mask {i}", stride=finest_stride)
+               for i, m in enumerate(given)]
+    plan = LevelPlan.from_level_masks(reduced, cells, num_levels)
+    levels = _shuffle_levels(plan.levels, num_levels, generator)
+    if single:
+        return _to_pixels(levels == 0, finest_stride, size)
+    return [_to_pixels(levels <= l, finest_stride, size) for l in range(num_levels)]
 
 
 def invert(keep: Union[torch.Tensor, MaskList]):

@@ -219,32 +219,161 @@ def test_sift_keypoints_optional():
 
 
 # ------------------------------------------------------------------ random / invert
-def test_random_keeps_exact_budget_per_image():
-    gen = torch.Generator().manual_seed(5)
-    m = masks.random(4, (37, 53), 0.3, cell=8, generator=gen)
-    assert m.shape == (4, 1, 37, 53) and m.dtype == torch.bool
-    cells = np_cells_any(m[:, 0].numpy(), 8)
-    assert (cells.sum((1, 2)) == round(0.3 * 5 * 7)).all()
-    # each cell is uniform: the mask is exactly its cells expanded
-    expanded = cells.repeat(8, 1).repeat(8, 2)[:, :37, :53]
-    np.testing.assert_array_equal(m[:, 0].numpy(), expanded)
-    assert not torch.equal(m[0], m[1])
-    again = masks.random(4, (37, 53), 0.3, cell=8, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(m, again)
+def np_census(levels: np.ndarray, num_levels: int) -> list[dict]:
+    """Per image: {(level, clipped height, clipped width): number of sites}, from a level map
+    [B, H, W] by looping over the quadtree (independent of the library)."""
+    B, H, W = levels.shape
+    out = []
+    for b in range(B):
+        census = {}
+        for l in range(num_levels + 1):
+            s = 2 ** l
+            for y in range(0, H, s):
+                for x in range(0, W, s):
+                    if levels[b, y, x] == l:
+                        key = (l, min(s, H - y), min(s, W - x))
+                        census[key] = census.get(key, 0) + 1
+        out.append(census)
+    return out
 
 
-def test_random_like_preserves_counts_and_nesting():
+def grid_levels(mask_or_list, grid, stride, num_levels) -> np.ndarray:
+    """The level map a model builds from keep masks at image resolution (numpy reference)."""
+    given = [mask_or_list] if isinstance(mask_or_list, torch.Tensor) else mask_or_list
+    cells = [np_cells_any(m[:, 0].numpy(), stride)[:, :grid[0], :grid[1]] for m in given]
+    return ref.levels_from_masks(cells, num_levels)
+
+
+def random_keep(rng, B, size, density=(0.002, 0.05)):
+    dens = rng.uniform(*density, size=(B, 1, 1, 1))
+    return torch.from_numpy(rng.uniform(size=(B, 1, *size)) < dens)
+
+
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+@pytest.mark.parametrize("size,stride", [((37, 53), 8), ((64, 96), 8), ((29, 43), 1),
+                                         ((100, 77), 4), ((8, 8), 8), ((5, 3), 1)])
+def test_random_like_has_the_budget_of_the_mask_it_imitates(num_levels, size, stride):
+    """Issue 11 item 3: shuffling finest cells raised the level-0 share (a block stays fine if
+    any of its cells is kept). Shuffled blocks keep every image's sites per level and clipped
+    shape, hence its level fractions, its sites at every step and its multiply-adds."""
+    rng = np.random.default_rng(hash((size, stride, num_levels)) % 2 ** 32)
+    grid = (-(-size[0] // stride), -(-size[1] // stride))
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(3):
+        keep = random_keep(rng, 3, size)
+        levels = grid_levels(keep, grid, stride, num_levels)
+        shuffled = masks.random_like(keep, stride, num_levels, generator=gen)
+        assert shuffled.shape == (3, 1, *size) and shuffled.dtype == torch.bool
+        new = grid_levels(shuffled, grid, stride, num_levels)
+        assert np_census(new, num_levels) == np_census(levels, num_levels)
+        for step in range(num_levels + 1):
+            a, b = ref.Geometry(levels, step), ref.Geometry(new, step)
+            np.testing.assert_array_equal(np.bincount(a.sites[:, 0], minlength=3),
+                                          np.bincount(b.sites[:, 0], minlength=3))
+        # the library's own plans agree, exactly
+        plan = LevelPlan.from_keep(keep, grid, num_levels)
+        again = LevelPlan.from_keep(shuffled, grid, num_levels)
+        assert torch.equal(plan.level_fractions(), again.level_fractions())
+        # the kept cells are whole cells of the finest grid, the level-0 cells of the new plan
+        cells = np.asarray(new == 0)
+        expanded = cells.repeat(stride, 1).repeat(stride, 2)[:, :size[0], :size[1]]
+        np.testing.assert_array_equal(shuffled[:, 0].numpy(), expanded)
+
+
+def test_random_like_moves_the_blocks():
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
+    keep[:, :, :8, :8] = True  # one corner kept
+    moved = [masks.random_like(keep, 4, 2, generator=gen) for _ in range(20)]
+    assert len({bytes(m.numpy().tobytes()) for m in moved}) > 10
+    assert not all(bool(m[:, :, :8, :8].all()) for m in moved)
+
+
+@pytest.mark.parametrize("num_levels", [2, 3])
+def test_random_like_of_per_level_masks(num_levels):
     gen = torch.Generator().manual_seed(6)
     pts = [torch.tensor([[5.0, 5.0], [30.0, 20.0]]), torch.tensor([[12.0, 3.0]])]
-    levels = masks.keypoints(pts, (33, 47), (3, 9, 17))
-    shuffled = masks.random_like(levels, cell=4, generator=gen)
-    for a, b in zip(levels, shuffled):
-        np.testing.assert_array_equal(np_cells_any(a[:, 0].numpy(), 4).sum((1, 2)),
-                                      np_cells_any(b[:, 0].numpy(), 4).sum((1, 2)))
+    given = masks.keypoints(pts, (33, 47), (3, 9, 17)[:num_levels])
+    grid = (9, 12)
+    levels = grid_levels(given, grid, 4, num_levels)
+    shuffled = masks.random_like(given, 4, num_levels, generator=gen)
+    assert isinstance(shuffled, list) and len(shuffled) == num_levels
     for lo, hi in zip(shuffled, shuffled[1:]):
-        assert not bool((lo & ~hi).any())  # still nested
-    single = masks.random_like(levels[1], cell=4, generator=gen)
-    assert isinstance(single, torch.Tensor) and single.shape == levels[1].shape
+        assert not bool((lo & ~hi).any())  # nested
+    new = grid_levels(shuffled, grid, 4, num_levels)
+    assert np_census(new, num_levels) == np_census(levels, num_levels)
+    assert not (new == levels).all()
+
+
+def test_shuffle_plan_keeps_sites_per_level_and_shape():
+    rng = np.random.default_rng(2)
+    gen = torch.Generator().manual_seed(2)
+    for grid, L in [((13, 11), 1), ((17, 23), 3), ((9, 16), 2), ((1, 5), 2)]:
+        level_masks = [rng.uniform(size=(3, *grid)) < rng.uniform(0.01, 0.2) for _ in range(L)]
+        levels = ref.levels_from_masks(level_masks, L)
+        plan = LevelPlan.from_level_map(torch.from_numpy(levels), L)
+        new = masks.shuffle_plan(plan, gen)
+        LevelPlan.from_level_map(new.levels, L)  # a valid quadtree
+        assert np_census(new.levels.numpy(), L) == np_census(levels, L)
+        for step in range(L + 1):
+            assert torch.equal(plan.sites_per_image(step), new.sites_per_image(step))
+
+
+@pytest.mark.parametrize("size,stride,grid", [((37, 53), 8, None), ((64, 64), 8, None),
+                                              ((29, 43), 4, (7, 10)), ((9, 7), 1, None)])
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.5, 1.0])
+def test_random_level0_share_is_the_fraction(size, stride, grid, fraction):
+    """The fraction of random(...) is the level-0 share of the plan, for any number of levels:
+    per clipped 2x2-block shape exactly floor(fraction * n + 1/2) of its n blocks."""
+    gen = torch.Generator().manual_seed(5)
+    m = masks.random(4, size, fraction, stride, generator=gen, grid=grid)
+    assert m.shape == (4, 1, *size) and m.dtype == torch.bool
+    cells_grid = grid or (-(-size[0] // stride), -(-size[1] // stride))
+    H, W = cells_grid
+    cells = np_cells_any(m[:, 0].numpy(), stride)[:, :H, :W]
+    for L in (1, 2, 3):
+        levels = ref.levels_from_masks([cells], L)
+        np.testing.assert_array_equal(levels == 0, cells)  # kept cells are whole 2x2 blocks
+    census = np_census(ref.levels_from_masks([cells], 1), 1)
+    shapes = {(min(2, H - y), min(2, W - x)) for y in range(0, H, 2) for x in range(0, W, 2)}
+    for b in range(4):
+        for h, w in shapes:
+            n = sum(1 for y in range(0, H, 2) for x in range(0, W, 2)
+                    if (min(2, H - y), min(2, W - x)) == (h, w))
+            kept = n - census[b].get((1, h, w), 0)
+            assert kept == int(np.floor(fraction * n + 0.5)), (b, h, w)
+    if grid is not None:
+        assert not m[..., H * stride:, :].any() and not m[..., W * stride:].any()
+    again = masks.random(4, size, fraction, stride, generator=torch.Generator().manual_seed(5),
+                         grid=grid)
+    assert torch.equal(m, again)
+    if 0 < fraction < 1:
+        assert not all(torch.equal(m[0], m[b]) for b in range(1, 4))
+
+
+def test_random_is_uniform_over_blocks():
+    gen = torch.Generator().manual_seed(9)
+    m = masks.random(400, (16, 16), 0.25, 1, generator=gen)
+    freq = m[:, 0, ::2, ::2].double().mean(0)
+    assert float(freq.min()) > 0.15 and float(freq.max()) < 0.35
+
+
+def test_random_like_and_random_errors():
+    keep = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    with pytest.raises(TypeError, match="bool"):
+        masks.random_like(keep.long(), 8, 1)
+    with pytest.raises(ValueError, match="num_levels"):
+        masks.random_like(keep, 8, 0)
+    with pytest.raises(ValueError, match="finest_stride"):
+        masks.random_like(keep, 0, 1)
+    with pytest.raises(TypeError, match="non-empty list"):
+        masks.random_like([], 8, 1)
+    with pytest.raises(ValueError, match="fraction"):
+        masks.random(1, (4, 4), 1.5, 1)
+    with pytest.raises(ValueError, match="not the finest grid"):
+        masks.random(1, (29, 43), 0.5, 4, grid=(9, 10))
+    with pytest.raises(TypeError, match="LevelPlan"):
+        masks.shuffle_plan(keep)
 
 
 def test_invert_single_and_per_level():
@@ -265,7 +394,7 @@ def test_invert_single_and_per_level():
 
 
 def test_bad_inputs_have_clear_errors():
-    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+    with pytest.raises(ValueError, match=r"batch \[B, 3, H, W\].*images\[None\]"):
         masks.edge(torch.zeros(3, 8, 8), 0.1, 3)
     with pytest.raises(TypeError, match="float"):
         masks.edge(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 0.1, 3)
@@ -275,5 +404,12 @@ def test_bad_inputs_have_clear_errors():
         masks.edge(torch.zeros(1, 3, 8, 8), 0.1, 3, operator="canny")
     with pytest.raises(TypeError, match="bool"):
         masks.dilate(torch.zeros(1, 1, 4, 4), 3)
-    with pytest.raises(ValueError, match="fraction"):
-        masks.random(1, (4, 4), 1.5)
+
+
+def test_edge_on_a_one_channel_image_asks_for_three_channels():
+    """Issue 11 item 7: a [B, 1, H, W] image got "add a batch dimension with images[None]"."""
+    with pytest.raises(ValueError, match=r"3 channels .*got 1 in \(2, 1, 8, 8\).*expand") as err:
+        masks.edge(torch.zeros(2, 1, 8, 8), 0.1, 3)
+    assert "batch" not in str(err.value)
+    with pytest.raises(ValueError, match=r"got 2 dimensions"):
+        masks.edge(torch.zeros(8, 8), 0.1, 3)
