@@ -18,6 +18,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabV3
 from torchvision.models.segmentation.fcn import FCN
 from torchvision.models.vgg import VGG
 
+from .deeplabv3plus import DeepLabV3Plus
 from .fold import fold_batchnorm
 from cad_spconv.engines import check_engine
 from cad_spconv.plan import SEMANTICS
@@ -30,7 +31,7 @@ from .vgg import CADVGGFeatures, convert_vgg_features
 __all__ = ["convert", "CADModel", "CADResNet", "CADSegmentation", "CADVGGFeatures",
            "CADBottleneck", "CADBasicBlock", "CADASPP", "CADASPPPooling", "convert_resnet",
            "convert_segmentation", "convert_vgg_features", "UnsupportedModelError", "SUPPORTED",
-           "fold_batchnorm"]
+           "fold_batchnorm", "DeepLabV3Plus"]
 
 
 def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
@@ -38,7 +39,8 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
     """Content-adaptive version of a torchvision model, sharing its parameters.
 
     - ``model``: a torchvision ResNet / ResNeXt / Wide ResNet classifier, an FCN or DeepLabV3
-      with a ResNet backbone (any ``replace_stride_with_dilation``), or a VGG feature stack
+      with a ResNet backbone (any ``replace_stride_with_dilation``), a DeepLabV3+
+      (:class:`adapters.DeepLabV3Plus`), or a VGG feature stack
       (``vgg16(...).features``, ``vgg16_bn(...).features`` or a prefix of one).
     - ``finest_stride`` / ``coarsest_stride``: powers of two; ResNets adapt at their strided
       stages (finest 4, 8 or 16; coarsest up to 32), VGG stacks at their 2x2 max pools (coarsest
@@ -79,7 +81,7 @@ def _convert(model, finest_stride, coarsest_stride, sparse_head, engine) -> CADM
     check_engine(engine)
     if not isinstance(sparse_head, bool):
         raise TypeError(f"sparse_head must be a bool, got {sparse_head!r}")
-    if type(model) in (FCN, DeepLabV3):
+    if type(model) in (FCN, DeepLabV3, DeepLabV3Plus):
         return convert_segmentation(model, finest_stride, coarsest_stride, sparse_head, engine)
     if sparse_head:
         raise ValueError(f"sparse_head=True applies to segmentation models (FCN, DeepLabV3) only, "

@@ -33,6 +33,7 @@ from cad_spconv.tensor import CADTensor
 
 from .common import (POINTWISE, CADModel, UnsupportedModelError, cad_conv, cad_layer,
                      dense_conv, expect_type, shell)
+from .deeplabv3plus import DeepLabHeadV3Plus, DeepLabV3Plus
 from .output_stride import CANONICAL_STRIDE, STAGES
 from .resnet import CADResNetBackbone, _trunk_strides
 
@@ -123,20 +124,50 @@ def _cad_sequential(seq: nn.Sequential, path: str, engine: str,
         p = f"{path}.{i}"
         if type(m) is ASPP:
             layers.append(CADASPP(m, rate_scale, engine, p))
+        elif type(m) is nn.Conv2d and m.kernel_size != (1, 1):
+            layers.append(cad_layer(m, p, engine, _head_dilation(m, rate_scale)))
         else:
             layers.append(cad_layer(m, p, engine))
     return nn.Sequential(*layers)
 
 
+class CADDeepLabHeadV3Plus(nn.Module):
+    """The DeepLabV3+ head with its ASPP on the multi-resolution tensor (``sparse_head``): the
+    ASPP output is densified at the finest stride, then the decoder runs densely on the
+    ``layer1`` grid as in the dense model. Same child names as :class:`DeepLabHeadV3Plus`."""
+
+    def __init__(self, head: DeepLabHeadV3Plus, rate_scale: Fraction, engine: str, path: str):
+        super().__init__()
+        self.project = head.project
+        self.aspp = CADASPP(head.aspp, rate_scale, engine, f"{path}.aspp")
+        self.classifier = head.classifier
+
+    def forward(self, low_level: torch.Tensor, out: CADTensor) -> torch.Tensor:
+        return DeepLabHeadV3Plus.decode(self, low_level, self.aspp(out).dense())
+
+
+def _head_dilation(conv: nn.Conv2d, scale: Fraction) -> int:
+    """Dilation of a head conv outside the ASPP at another stride: the paper code's
+    ``classifier_dilation`` (times ``scale`` when the head runs at a finer stride than the
+    weights were trained at), else unchanged (a coarser stride cannot undo a dilation)."""
+    d = conv.dilation[0]
+    return int(d * scale) if scale > 1 and (d * scale).denominator == 1 else d
+
+
 def _dense_head(head: nn.Module, rate_scale: Fraction, path: str) -> nn.Module:
-    """The head for dense use at another stride: ASPP atrous convs rescaled (shells), all else
-    shared; the head itself when nothing changes."""
+    """The head for dense use at another stride: ASPP atrous convs rescaled, the other 3x3
+    convs as :func:`_head_dilation` says (shells), all else shared; the head itself when
+    nothing changes."""
     if rate_scale == 1:
         return head
     if type(head) is ASPPConv:
         conv = head[0]
         new = dense_conv(conv, 1, _scaled_rate(conv, rate_scale, f"{path}.0"))
         return shell(head, {"0": new}) if new is not conv else head
+    if type(head) is nn.Conv2d:
+        if head.kernel_size == (1, 1) or head.dilation[0] != head.dilation[1]:
+            return head
+        return dense_conv(head, head.stride[0], _head_dilation(head, rate_scale))
     changes = {}
     for name, child in head.named_children():
         new = _dense_head(child, rate_scale, f"{path}.{name}")
@@ -146,13 +177,18 @@ def _dense_head(head: nn.Module, rate_scale: Fraction, path: str) -> nn.Module:
 
 
 def _cad_head(head: nn.Module, rate_scale: Fraction, engine: str, path: str) -> nn.Module:
+    if type(head) is DeepLabHeadV3Plus:
+        return CADDeepLabHeadV3Plus(head, rate_scale, engine, path)
     expect_type(head, path, (DeepLabHead, FCNHead, nn.Sequential),
                 "a torchvision DeepLabHead, FCNHead or an nn.Sequential of convertible layers")
     return _cad_sequential(head, path, engine, rate_scale)
 
 
 class CADSegmentation(CADModel):
-    """torchvision FCN / DeepLabV3 with content-adaptive downsampling in the backbone.
+    """torchvision FCN / DeepLabV3, or DeepLabV3+ (:mod:`adapters.deeplabv3plus`), with
+    content-adaptive downsampling in the backbone. DeepLabV3+'s decoder reads ``layer1`` (dense,
+    stride 4) and runs densely there; its ASPP runs densified at the finest stride or, with
+    ``sparse_head``, on the multi-resolution tensor.
 
     ``forward(images, keep)`` returns an ``OrderedDict`` with ``"out"`` (and ``"aux"`` where the
     model has an auxiliary classifier), logits upsampled bilinearly to the image size as in
@@ -160,10 +196,11 @@ class CADSegmentation(CADModel):
     backbone output (a CADTensor).
     """
 
-    def __init__(self, model: Union[FCN, DeepLabV3], finest_stride: int = 8,
+    def __init__(self, model: Union[FCN, DeepLabV3, DeepLabV3Plus], finest_stride: int = 8,
                  coarsest_stride: int = 16, sparse_head: bool = False, engine: str = "auto"):
         super().__init__(finest_stride, coarsest_stride)
-        expect_type(model, "", (FCN, DeepLabV3), "a torchvision FCN or DeepLabV3")
+        expect_type(model, "", (FCN, DeepLabV3, DeepLabV3Plus),
+                    "a torchvision FCN or DeepLabV3, or adapters.deeplabv3plus.DeepLabV3Plus")
         if not isinstance(sparse_head, bool):
             raise TypeError(f"sparse_head must be a bool, got {sparse_head!r}")
         self.sparse_head = sparse_head
@@ -180,6 +217,7 @@ class CADSegmentation(CADModel):
         returns = dict(backbone.return_layers)
         self.out_layer = _layer_for(returns, "out")
         self.aux_layer = _layer_for(returns, "aux") if model.aux_classifier is not None else None
+        self.low_layer = _layer_for(returns, "low_level") if type(model) is DeepLabV3Plus else None
         _trunk_strides(children, finest_stride, coarsest_stride, "DeepLabV3/FCN")
         self.backbone = CADResNetBackbone(children, finest_stride, coarsest_stride, engine,
                                           "backbone.")
@@ -212,7 +250,7 @@ class CADSegmentation(CADModel):
     # ------------------------------------------------------------------ forward
     def _backbone(self, images, keep):
         self._check_images(images)
-        capture = () if self.aux_layer is None else (self.aux_layer,)
+        capture = tuple(n for n in (self.aux_layer, self.low_layer) if n is not None)
         return self.backbone.run(images, lambda x, img: self._enter(x, keep, img), capture)
 
     def forward_features(self, images: torch.Tensor, keep) -> CADTensor:
@@ -220,8 +258,13 @@ class CADSegmentation(CADModel):
 
     def forward_logits(self, images: torch.Tensor, keep) -> "OrderedDict[str, Features]":
         """Head outputs before upsampling: a CADTensor for a sparse head, else a dense map at
-        the finest stride."""
+        the finest stride (DeepLabV3+: always dense, on the ``layer1`` grid)."""
         out, captured = self._backbone(images, keep)
+        if self.low_layer is not None:
+            low = captured[self.low_layer]
+            if self._head_is_sparse(self.out_layer):
+                return OrderedDict(out=self.classifier(low, out))
+            return OrderedDict(out=self.classifier({"low_level": low, "out": out.dense()}))
         result = OrderedDict(out=self._apply_head(self.classifier, self.out_layer, out))
         if self.aux_classifier is not None:
             result["aux"] = self._apply_head(self.aux_classifier, self.aux_layer,
@@ -258,6 +301,6 @@ def _layer_for(returns: dict[str, str], key: str) -> str:
 
 def convert_segmentation(model, finest_stride: int = 8, coarsest_stride: int = 16,
                          sparse_head: bool = False, engine: str = "auto") -> CADSegmentation:
-    """Convert a torchvision FCN / DeepLabV3 with a ResNet backbone (see
+    """Convert a torchvision FCN / DeepLabV3 or a DeepLabV3+ with a ResNet backbone (see
     :func:`adapters.convert`)."""
     return CADSegmentation(model, finest_stride, coarsest_stride, sparse_head, engine)

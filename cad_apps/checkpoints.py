@@ -1,34 +1,53 @@
-"""Load segmentation weights into torchvision models, without downloading anything.
+"""Segmentation weights: every published layout, detected and loaded strictly, nothing downloaded.
 
-Accepted sources (``spec``):
+Accepted sources (``spec``): a file, or a torchvision weights name (``"DEFAULT"``,
+``"COCO_WITH_VOC_LABELS_V1"``, ``"DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1"``) read
+from the torch hub cache. The file's layout is detected from its keys:
 
-- a file path: a plain state dict (torchvision weight files), a dict with ``"state_dict"`` or
-  ``"model"``, or a checkpoint of the paper's code (Hesse et al., CVPRW 2023), which builds on
-  DeepLabV3Plus-Pytorch: a dict with ``"model_state"`` whose head keys sit under
-  ``classifier.classifier.`` (19 Cityscapes classes, trained at output stride 16 or 8);
-- a torchvision weights name (``"COCO_WITH_VOC_LABELS_V1"``, ``"DEFAULT"`` or the full
-  ``"DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1"``), read from the torch hub cache.
+- ``"torchvision"`` / ``"state_dict"``: a torchvision state dict (plain, or under
+  ``"state_dict"`` / ``"model"``; a ``module.`` prefix from DataParallel is removed);
+- ``"reference"``: the paper's code (Hesse et al., CVPRW 2023, on DeepLabV3Plus-Pytorch), a dict
+  ``{"model_state", "optimizer_state", "scheduler_state", "cur_itrs", "best_score"}``: DeepLabV3
+  with its head under ``classifier.classifier.`` (the OS8 / OS16 baselines), or DeepLabV3+
+  (``classifier.project`` / ``aspp`` / ``classifier``);
+- ``"reference-edge"``: the paper's edge model (``deeplabv3_batch_ap_resnet101``): ``layer3`` /
+  ``layer4`` stored as graph convolutions: 1x1 convs as ``Conv1d`` weights ``[C_out, C_in, 1]``,
+  the 3x3 conv as a ``DeformConv2d`` weight ``conv2.conv.weight [C, C, 9, 1]`` (taps row-major),
+  batch norms as ``BatchNorm1d`` (same keys), the shortcut as ``downsample.conv1`` /
+  ``downsample.norm1``;
+- ``"reference-learned"``: the paper's learned-mask model as trained
+  (``deeplabv3_ad_resnet101``): ``backbone.layer{3,4}_{high,low}_res.*`` (plain convs; weights
+  and batch-norm affine shared, running statistics separate), ``backbone.fc.*`` (unused) and
+  the mask estimator ``backbone.mask_estimator.{0,2,5,7}``. As the reference evaluates it, the
+  ``low_res`` copies become ``layer3`` / ``layer4``; the estimator is returned alongside.
 
-The paper's DeepLabV3 head has the same layout as torchvision's (ASPP with ``convs`` and
-``project``, 3x3 conv, BN, ReLU, 1x1 classifier), so its keys map one to one. Its stride-16 models
-use ASPP rates 6/12/18 at stride 16; torchvision's stride-8 model uses 12/24/36 at stride 8, which
-is the same geometry in image pixels, so both kinds of checkpoint load into the stride-8
-torchvision model that :func:`adapters.convert` turns into the adaptive (8 -> 16) network.
-Any key mismatch is an error that names the missing and unexpected keys.
+The model is inferred from the keys where it can be (head: DeepLabV3 / DeepLabV3+ / FCN; depth
+from the number of ``layer3`` blocks: 6 -> ResNet-50, 23 -> 101, 36 -> 152), the output stride
+it was trained at from the file name (``os8`` / ``os16``; the edge and learned models are
+stride-8 models). Anything else is an error that names what is missing, unexpected or
+unreadable.
 """
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["CheckpointInfo", "CheckpointMismatchError",
+__all__ = ["CheckpointInfo", "CheckpointMismatchError", "CheckpointError", "LAYOUTS",
            "resolve_checkpoint", "read_checkpoint", "load_into", "build_segmentation_model",
            "read_mask_estimator"]
 
+#: the layouts :func:`read_checkpoint` recognises
+LAYOUTS = ("torchvision", "state_dict", "reference", "reference-edge", "reference-learned")
+_DEPTH = {6: "resnet50", 23: "resnet101", 36: "resnet152"}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint (empty, truncated, foreign, unsafe)."""
 
 
 class CheckpointMismatchError(KeyError):
@@ -40,18 +59,23 @@ class CheckpointMismatchError(KeyError):
 
 @dataclass
 class CheckpointInfo:
-    """What was loaded. ``format``: ``"torchvision"``, ``"deeplabv3plus-pytorch"`` (the paper's
-    code) or ``"state_dict"``. ``trained_output_stride`` is read from the file name (``os16``,
-    ``os8``) when present; ``metadata`` keeps scalar entries such as ``best_score``."""
+    """What was loaded. ``format``: one of :data:`LAYOUTS`. ``model``: the model name inferred
+    from the keys (``None`` where they do not say). ``trained_output_stride``: from the file
+    name or the layout (``None`` if unknown). ``estimator``: the learned mask estimator's state
+    dict (keys ``0.weight`` ... ``7.bias``) where the file holds one. ``metadata``: scalar
+    entries such as ``best_score``."""
 
     source: str
     format: str
-    num_classes: int | None
+    num_classes: Optional[int]
     has_aux: bool
-    trained_output_stride: int | None = None
+    model: Optional[str] = None
+    trained_output_stride: Optional[int] = None
+    estimator: Optional[dict] = None
     metadata: dict = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------------- files
 def _torchvision_weights(spec: str, model_name: str | None):
     from torchvision.models import get_model_weights, get_weight
     if "." in spec:
@@ -73,6 +97,8 @@ def _torchvision_weights(spec: str, model_name: str | None):
 def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None) -> str:
     """Path of the weights file ``spec`` names (a path, or torchvision weights in the cache)."""
     path = os.path.expanduser(os.fspath(spec))
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path!r} is a directory; give the .pth file in it")
     if os.path.isfile(path):
         return path
     weights = _torchvision_weights(str(spec), model_name)
@@ -92,31 +118,36 @@ def _torch_load(path: str):
     """``torch.load`` restricted to tensors and plain data (no code runs). The paper's files also
     hold numpy scalars (``best_score``), which are allowed explicitly."""
     import numpy as np
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; "
+                              "fetch the file again")
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     safe = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
     safe += [type(np.dtype(t)) for t in ("f8", "f4", "i8", "i4", "u1", "b1")]
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types
-        raise ValueError(
-            f"cannot read {path} as a weights-only checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0]}); re-save it as a plain state dict: "
-            "`torch.save(model.state_dict(), path)`") from None
+    except Exception as e:  # pickle and zip errors come in many types
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not any(w in str(e).lower() for w in ("weights_only", "unsupported global", "global")):
+            raise CheckpointError(
+                f"cannot read {path} ({type(e).__name__}: {text}): the file is truncated or not "
+                "a PyTorch checkpoint; fetch it again") from None
+        raise CheckpointError(
+            f"cannot read {path} as a weights-only checkpoint ({type(e).__name__}: {text}); "
+            "re-save it as a plain state dict: `torch.save(model.state_dict(), path)`") from None
 
 
-_PAPER_PREFIXES = (("module.", ""),)
-_PAPER_RENAMES = (("classifier.classifier.", "classifier."),)
+def _is_scalar(v) -> bool:
+    import numpy as np
+    return isinstance(v, (int, float, str, np.generic))
 
 
-def read_checkpoint(spec, model_name: str | None = None) -> tuple[dict, CheckpointInfo]:
-    """Read a checkpoint into a torchvision-keyed state dict, and describe it."""
-    path = resolve_checkpoint(spec, model_name)
-    obj = _torch_load(path)
+def _unwrap(obj, path: str) -> tuple[dict, str, dict]:
+    """(state dict, layout guess, metadata) of a loaded object."""
     metadata: dict = {}
-    if isinstance(obj, dict) and "model_state" in obj:
-        fmt = "deeplabv3plus-pytorch"
-        state = obj["model_state"]
+    if isinstance(obj, dict) and isinstance(obj.get("model_state"), dict):
+        fmt, state = "reference", obj["model_state"]
         metadata = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in obj.items()
                     if k != "model_state" and _is_scalar(v)}
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -126,31 +157,108 @@ def read_checkpoint(spec, model_name: str | None = None) -> tuple[dict, Checkpoi
     elif isinstance(obj, dict):
         fmt, state = "state_dict", obj
     else:
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if not state:
+        raise CheckpointError(f"{path} holds an empty state dict")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: entries {bad[:5]} are not tensors; not a state dict")
-    state = dict(state)
-    if any(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    if fmt == "deeplabv3plus-pytorch" or any(k.startswith("classifier.classifier.") for k in state):
-        fmt = "deeplabv3plus-pytorch"
-        for old, new in _PAPER_RENAMES:
-            state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+        raise CheckpointError(f"{path}: entries {bad[:5]} are not tensors; not a state dict")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return state, fmt, metadata
+
+
+# ---------------------------------------------------------------------- the paper's layouts
+def _is_learned(state: dict) -> bool:
+    return any("_low_res." in k or "_high_res." in k for k in state)
+
+
+def _is_edge(state: dict) -> bool:
+    return any(k.endswith("conv2.conv.weight") or ".downsample.conv1." in k for k in state)
+
+
+def _from_graph_layers(state: dict) -> dict:
+    """The edge model's graph ``layer3`` / ``layer4`` in torchvision's layout (Conv1d -> 1x1
+    conv, the DeformConv2d weight's 9 row-major taps -> 3x3, BatchNorm1d keys unchanged,
+    ``downsample.conv1`` / ``norm1`` -> ``downsample.0`` / ``1``)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("conv2.conv.weight"):
+            if v.dim() != 4 or tuple(v.shape[2:]) != (9, 1):
+                raise CheckpointMismatchError(f"{k}: expected a [C, C, 9, 1] graph-conv weight, "
+                                              f"got {tuple(v.shape)}")
+            k, v = k[:-len("conv.weight")] + "weight", v.reshape(v.shape[0], v.shape[1], 3, 3)
+        k = k.replace(".downsample.conv1.", ".downsample.0.").replace(".downsample.norm1.",
+                                                                        ".downsample.1.")
+        if k.endswith(".weight") and v.dim() == 3 and v.shape[-1] == 1:  # Conv1d 1x1
+            v = v[..., None]
+        out[k] = v
+    return out
+
+
+def _from_learned(state: dict, path: str) -> tuple[dict, dict]:
+    """(the model in torchvision's layout from the ``low_res`` copies, the estimator)."""
+    out, estimator = {}, {}
+    for k, v in state.items():
+        m = re.match(r"backbone\.(layer[34])_(high|low)_res\.(.*)", k)
+        if m:
+            if m.group(2) == "low":
+                out[f"backbone.{m.group(1)}.{m.group(3)}"] = v
+        elif k.startswith("backbone.mask_estimator."):
+            estimator[k[len("backbone.mask_estimator."):]] = v
+        elif not k.startswith("backbone.fc."):  # ImageNet's classifier, never used
+            out[k] = v
+    if not estimator:
+        raise CheckpointMismatchError(f"{path} has the learned model's two paths but no "
+                                      "backbone.mask_estimator.* keys")
+    return out, estimator
+
+
+def _infer_model(state: dict) -> Optional[str]:
+    blocks = {int(m.group(1)) for k in state
+              for m in [re.match(r"backbone\.layer3\.(\d+)\.", k)] if m}
+    depth = _DEPTH.get(max(blocks) + 1) if blocks else None
+    if depth is None:
+        return None
+    if any(k.startswith("classifier.aspp.") for k in state):
+        return f"deeplabv3plus_{depth}"
+    if any(k.startswith("classifier.0.convs.") for k in state):
+        return f"deeplabv3_{depth}"
+    if "classifier.0.weight" in state and state["classifier.0.weight"].dim() == 4:
+        return f"fcn_{depth}"
+    return None
+
+
+def read_checkpoint(spec, model_name: str | None = None) -> tuple[dict, CheckpointInfo]:
+    """Read a checkpoint into a state dict of the matching torchvision-style model, and describe
+    it (:class:`CheckpointInfo`)."""
+    path = resolve_checkpoint(spec, model_name)
+    state, fmt, metadata = _unwrap(_torch_load(path), path)
+    estimator = None
+    if _is_learned(state):
+        fmt = "reference-learned"
+        state, estimator = _from_learned(state, path)
+    elif _is_edge(state):
+        fmt = "reference-edge"
+        state = _from_graph_layers(state)
+    if fmt.startswith("reference") or any(k.startswith("classifier.classifier.") for k in state):
+        if fmt == "state_dict":
+            fmt = "reference"
+        if not any(k.startswith("classifier.aspp.") for k in state):  # DeepLabV3: head renamed
+            state = {"classifier." + k[len("classifier.classifier."):]
+                     if k.startswith("classifier.classifier.") else k: v for k, v in state.items()}
     elif os.path.dirname(os.path.abspath(path)) == os.path.join(torch.hub.get_dir(), "checkpoints"):
         fmt = "torchvision"
-    head = state.get("classifier.4.weight")
-    num_classes = int(head.shape[0]) if head is not None else None
+    head = next((state[k] for k in ("classifier.4.weight", "classifier.classifier.3.weight")
+                 if k in state), None)
     m = re.search(r"os(8|16|32)(?!\d)", os.path.basename(path))
-    info = CheckpointInfo(source=path, format=fmt, num_classes=num_classes,
+    trained = int(m.group(1)) if m else (8 if fmt in ("reference-edge", "reference-learned")
+                                         else None)
+    info = CheckpointInfo(source=path, format=fmt,
+                          num_classes=int(head.shape[0]) if head is not None else None,
                           has_aux=any(k.startswith("aux_classifier.") for k in state),
-                          trained_output_stride=int(m.group(1)) if m else None, metadata=metadata)
+                          model=_infer_model(state), trained_output_stride=trained,
+                          estimator=estimator, metadata=metadata)
     return state, info
-
-
-def _is_scalar(v) -> bool:
-    import numpy as np
-    return isinstance(v, (int, float, str, np.generic))
 
 
 def load_into(model: nn.Module, state: dict, source: str = "checkpoint") -> None:
@@ -167,32 +275,50 @@ def load_into(model: nn.Module, state: dict, source: str = "checkpoint") -> None
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
                 lines.append(f"  {len(keys)} {title}: {shown}")
-        if any("mask_estimator" in k for k in unexpected):
-            lines.append("  (an end-to-end checkpoint of the paper's learned-mask model: its "
-                         "layer3/4 are graph convolutions and do not load into torchvision)")
-        elif any(k.startswith("aux_classifier.") for k in unexpected):
+        if any(k.startswith("aux_classifier.") for k in unexpected):
             lines.append("  (the checkpoint has an auxiliary head: build the model with aux_loss=True)")
+        elif missing and unexpected:
+            lines.append(f"  (not one of the layouts read here: {', '.join(LAYOUTS)}; or another "
+                         "model: check --model)")
         raise CheckpointMismatchError("\n".join(lines))
     model.load_state_dict(state, strict=True)
 
 
-def build_segmentation_model(model_name: str = "deeplabv3_resnet101", checkpoint=None,
-                             num_classes: int = 19) -> tuple[nn.Module, CheckpointInfo | None]:
-    """A torchvision segmentation model at output stride 8, in eval mode, with no download.
+def build_segmentation_model(model_name: str | None = None, checkpoint=None,
+                             num_classes: int = 19, output_stride: int | None = None
+                             ) -> tuple[nn.Module, CheckpointInfo | None]:
+    """The segmentation model of a checkpoint, in eval mode, with no download.
 
-    Without ``checkpoint`` the weights are random (``num_classes`` outputs). With one, the class
-    count and the auxiliary head follow the checkpoint.
-    """
-    from adapters.builders import segmentation_model
-    info = None
-    state = None
-    aux = False
+    ``model_name``: one of :data:`adapters.builders.SEGMENTATION_MODELS`; inferred from the
+    checkpoint when ``None`` (an error if it disagrees with the checkpoint). The model is built
+    at the output stride its weights were trained at (file name; default 8), or at
+    ``output_stride`` with the head geometry of the paper's code for that stride
+    (:func:`adapters.builders.segmentation_model`). Without ``checkpoint`` the weights are
+    random (``num_classes`` outputs)."""
+    from adapters.builders import SEGMENTATION_MODELS, segmentation_model
+
+    info, state, aux = None, None, False
     if checkpoint is not None:
         state, info = read_checkpoint(checkpoint, model_name)
         if info.num_classes is not None:
             num_classes = info.num_classes
         aux = info.has_aux
-    model = segmentation_model(model_name, num_classes=num_classes, aux_loss=aux)
+        if model_name is None:
+            model_name = info.model
+            if model_name is None:
+                raise CheckpointMismatchError(
+                    f"{info.source}: cannot tell the model from its keys; pass it (--model, one "
+                    f"of {', '.join(SEGMENTATION_MODELS)})")
+        elif info.model is not None and info.model != model_name:
+            raise CheckpointMismatchError(
+                f"{info.source} holds a {info.model} ({info.format} layout), not a {model_name}: "
+                f"use --model {info.model} or leave --model out")
+    if model_name is None:
+        model_name = "deeplabv3_resnet101"
+    trained = (info.trained_output_stride if info is not None else None) or 8
+    model = segmentation_model(model_name, num_classes=num_classes, aux_loss=aux,
+                               output_stride=output_stride or trained,
+                               trained_output_stride=trained)
     if state is not None:
         load_into(model, state, source=info.source)
     return model.eval(), info
@@ -208,13 +334,13 @@ def read_mask_estimator(spec) -> tuple[dict, str]:
     :class:`cad_spconv.learned_mask.MaskEstimator`) and the file it came from.
 
     Accepts the paper's end-to-end checkpoint (``model_state`` with ``backbone.mask_estimator.``),
-    a dict with a ``"mask_estimator"`` / ``"estimator"`` / ``"state_dict"`` entry, or a bare
-    estimator state dict.
+    a ``train-mask`` checkpoint, a dict with a ``"mask_estimator"`` / ``"estimator"`` /
+    ``"state_dict"`` entry, or a bare estimator state dict.
     """
     path = resolve_checkpoint(spec)
     obj = _torch_load(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     for key in ("model_state", "mask_estimator", "estimator", "state_dict", "model"):
         if isinstance(obj.get(key), dict):
             obj = obj[key]

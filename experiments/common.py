@@ -55,7 +55,7 @@ def point(result: dict, label: str, group: str) -> dict:
             "macs_parts_per_image": {k: v for k, v in s["macs_mean"].items() if k != "total"},
             "macs_fraction_of_finest": s["macs_fraction_of_finest"],
             "macs_fraction_of_coarsest": s["macs_fraction_of_coarsest"],
-            "kept_fraction": s["kept_fraction_mean"],
+            "level0_share": s["level0_share_mean"],
             "time_per_image_s": s["time_per_image_s_median"],
             "dense_finest_macs_per_image": s["macs_dense_finest_mean"],
             "dense_coarsest_macs_per_image": s["macs_dense_coarsest_mean"],
@@ -139,6 +139,6 @@ def finish(args, experiment: str, points: Sequence[dict], title: str) -> int:
         miou = p["miou"] if p["miou"] is None else round(p["miou"], 4)
         print(f"{p['label']:>28}: mIoU {miou}  {p['macs_per_image'] / 1e9:.2f} GMA "
               f"({p['macs_fraction_of_finest']:.1%} of stride {args.finest_stride})  kept "
-              f"{p['kept_fraction']:.1%}")
+              f"{p['level0_share']:.1%}")
     print(f"wrote {path} and {experiment}.png")
     return 0

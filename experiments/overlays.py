@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         levels[mask] = torch.stack(maps)
         fractions = torch.stack([_fractions(m, seg.cad.last_plan.num_levels) for m in maps])
         report["masks"][mask] = {"level_fractions": fractions.tolist(),
-                                 "kept_fraction_mean": float(fractions[:, 0].mean())}
+                                 "level0_share_mean": float(fractions[:, 0].mean())}
     write_json_atomic(os.path.join(args.out, "overlays.json"), report)
 
     plt = _pyplot()
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     fig.savefig(os.path.join(args.out, "overlays.png"))
     plt.close(fig)
     for mask, r in report["masks"].items():
-        print(f"{mask:>20}: {r['kept_fraction_mean']:.1%} of cells at stride {args.finest_stride}")
+        print(f"{mask:>20}: {r['level0_share_mean']:.1%} of cells at the finest resolution "
+              f"(stride {args.finest_stride})")
     print(f"wrote {os.path.join(args.out, 'overlays.png')} and overlays.json")
     return 0
 

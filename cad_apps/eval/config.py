@@ -7,17 +7,21 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-__all__ = ["FORMAT", "MASK_HELP", "MaskSpec", "parse_mask", "EvalConfig", "configure",
-           "add_setting_arguments", "config_from_args"]
+__all__ = ["FORMAT", "MASK_HELP", "DEFAULT_MASK", "DTYPES", "MaskSpec", "parse_mask",
+           "EvalConfig", "configure", "add_setting_arguments", "config_from_args"]
 
-FORMAT = "cad-spconv-eval/1"
-MASK_HELP = ("edge:T (Sobel edges > T, paper: 0.15/0.35/0.95) | learned:PATH | oracle | none "
-             "(dense coarsest stride) | all (dense finest stride) | random:F (a fraction F of "
-             "finest cells kept at random) | inverted-edge:T | shuffled-edge:T (the edge mask's "
-             "budget at random places)")
+FORMAT = "cad-spconv-eval/2"
+DEFAULT_MASK = "edge:0.35"
+MASK_HELP = ("edge:T (the reference code's gradient edges >= T, paper: 0.15/0.35/0.95; under "
+             "--semantics reference its 4x4-block rule) | learned (the estimator in --checkpoint)"
+             " | learned:PATH | oracle | none (nothing kept: the backbone at the coarsest stride, "
+             "head at the finest) | all (everything kept: the dense finest-stride network) | "
+             "random:F (a level-0 share F at random) | inverted-edge:T | shuffled-edge:T (the "
+             "edge mask's level fractions at random places); default " + DEFAULT_MASK)
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 # settings that change the results; a resumed run must match them
-_FINGERPRINT = ("model", "checkpoint", "split", "finest_stride", "coarsest_stride", "mask",
-                "dilation", "sparse_head", "dtype", "seed")
+_FINGERPRINT = ("model", "checkpoint", "split", "finest_stride", "coarsest_stride", "dense",
+                "semantics", "mask", "dilation", "sparse_head", "dtype", "seed")
 
 
 # --------------------------------------------------------------------------- mask specification
@@ -36,7 +40,7 @@ class MaskSpec:
         if self.kind == "random":
             return f"random:{self.fraction:g}"
         if self.kind == "learned":
-            return f"learned:{self.path}"
+            return f"learned:{self.path}" if self.path else "learned"
         return self.kind
 
 
@@ -58,24 +62,30 @@ def parse_mask(text: str) -> MaskSpec:
             raise ValueError(f"--mask {text!r}: the value must be >= 0"
                              + (" and <= 1" if kind == "random" else ""))
         return MaskSpec(kind, fraction=number) if kind == "random" else MaskSpec(kind, threshold=number)
-    if kind == "learned":
-        if not value:
-            raise ValueError("--mask learned:PATH needs the mask estimator's checkpoint path")
-        return MaskSpec(kind, path=value)
+    if kind == "learned":  # no path: the estimator inside the segmentation checkpoint
+        return MaskSpec(kind, path=value or None)
     raise ValueError(f"unknown --mask {text!r}; expected {MASK_HELP}")
 
 
 # --------------------------------------------------------------------------- configuration
 @dataclass
 class EvalConfig:
+    """One evaluation. ``model``: inferred from ``checkpoint`` when ``None`` (random weights of
+    ``deeplabv3_resnet101`` without one). ``dense``: evaluate the plain network at that output
+    stride (8, 16, 32) exactly as the paper's code does, no mask; else the converted network
+    ``finest_stride -> coarsest_stride`` with ``mask`` (default ``edge:0.35``) under
+    ``semantics`` (``"paper"`` or ``"reference"``, ``adapters.convert``)."""
+
     data_root: str
     out: str
-    model: str = "deeplabv3_resnet101"
+    model: Optional[str] = None
     checkpoint: Optional[str] = None
     split: str = "val"
     finest_stride: int = 8
     coarsest_stride: int = 16
-    mask: str = "edge:0.35"
+    dense: Optional[int] = None
+    semantics: str = "paper"
+    mask: Optional[str] = None
     dilation: int = 11
     sparse_head: bool = False
     device: Optional[str] = None
@@ -90,9 +100,47 @@ class EvalConfig:
     overwrite: bool = False
     progress: bool = True
 
+    def check(self) -> "EvalConfig":
+        """Refuse impossible settings before any work, naming the option and the fix."""
+        from cad_spconv.plan import SEMANTICS, num_adaptive_steps
+
+        if self.dense is not None:
+            if self.dense not in (8, 16, 32):
+                raise ValueError(f"--dense takes the output stride of the plain network: 8, 16 "
+                                 f"or 32, got {self.dense}")
+            if self.mask is not None:
+                raise ValueError(f"--dense {self.dense} evaluates the plain network, which takes "
+                                 f"no mask; drop --mask {self.mask}")
+        else:
+            parse_mask(self.mask_text)
+            num_adaptive_steps(self.finest_stride, self.coarsest_stride)
+        if self.semantics not in SEMANTICS:
+            raise ValueError(f"--semantics must be one of {', '.join(SEMANTICS)}, got "
+                             f"{self.semantics!r}")
+        kind = None if self.dense is not None else parse_mask(self.mask_text).kind
+        if (self.semantics == "reference" and kind in ("edge", "inverted-edge", "shuffled-edge")
+                and (self.finest_stride, self.coarsest_stride) != (8, 16)):
+            raise ValueError("under --semantics reference the edge mask is the paper code's "
+                             "edges_os16till8 rule (4x4 blocks of stride-8 cells), defined for "
+                             "--finest-stride 8 --coarsest-stride 16 only")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name, low in (("batch_size", 1), ("num_workers", 0), ("warmup", 0), ("dilation", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got "
+                                 f"{getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        return self
+
+    @property
+    def mask_text(self) -> Optional[str]:
+        """The mask setting (``None`` for a dense run)."""
+        return None if self.dense is not None else (self.mask or DEFAULT_MASK)
+
     def fingerprint(self) -> dict:
         d = asdict(self)
-        d["mask"] = str(parse_mask(self.mask))
+        d["mask"] = None if self.dense is not None else str(parse_mask(self.mask_text))
         d["checkpoint"] = os.path.abspath(self.checkpoint) if self.checkpoint and os.path.isfile(
             self.checkpoint) else self.checkpoint
         return {k: d[k] for k in _FINGERPRINT}
@@ -105,19 +153,32 @@ def add_setting_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data-root", required=True, help="Cityscapes folder holding leftImg8bit/ and gtFine/")
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
-    p.add_argument("--model", default="deeplabv3_resnet101", choices=SEGMENTATION_MODELS)
-    p.add_argument("--checkpoint", help="weights: a file (torchvision or the paper's "
-                   "DeepLabV3Plus-Pytorch checkpoints) or a torchvision weights name in the torch "
-                   "cache; without it the weights are random")
+    p.add_argument("--model", default=None, choices=SEGMENTATION_MODELS,
+                   help="the model (default: read from --checkpoint; without one "
+                        "deeplabv3_resnet101 with random weights)")
+    p.add_argument("--checkpoint", help="weights: a file (torchvision, or any of the paper's "
+                   "published layouts: the OS8 / OS16 baselines, the edge and the learned model) "
+                   "or a torchvision weights name in the torch cache; without it the weights are "
+                   "random")
     p.add_argument("--finest-stride", type=int, default=8)
     p.add_argument("--coarsest-stride", type=int, default=16)
+    p.add_argument("--dense", type=int, default=None, metavar="S", choices=(8, 16, 32),
+                   help="evaluate the plain network at output stride S (8, 16 or 32) as the "
+                        "paper's code does (head at S with its rates, one bilinear upsampling); "
+                        "no mask")
+    p.add_argument("--semantics", default="paper", choices=("paper", "reference"),
+                   help="paper (default): coarse sites tap from their top-left cell (Guarantee "
+                        "2); reference: from their block's centre, and the edge mask's 4x4-block "
+                        "rule, as the paper's code (to reproduce its published models)")
     p.add_argument("--dilation", type=int, default=11,
                    help="square dilation of edge / oracle masks in pixels (paper: 11)")
     p.add_argument("--sparse-head", action="store_true",
                    help="convert the head too (default: the head runs densified at the finest "
                         "stride, as in the paper)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="float32 / float64: weights and features; float16 / bfloat16: "
+                        "torch.autocast (weights float32, convs in that dtype)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
@@ -131,7 +192,7 @@ def add_setting_arguments(p: argparse.ArgumentParser) -> None:
 
 def configure(parser: argparse.ArgumentParser):
     add_setting_arguments(parser)
-    parser.add_argument("--mask", default="edge:0.35", help=MASK_HELP)
+    parser.add_argument("--mask", default=None, help=MASK_HELP)
     parser.add_argument("--out", default="results.json", help="JSON results (resumed if it exists)")
     parser.add_argument("--save-predictions", metavar="DIR",
                         help="write <DIR>/<city>/<frame>_pred_trainIds.png per image")

@@ -5,8 +5,9 @@ import math
 import os
 
 from ..distributed import Dist, init_distributed
-from ..io import write_json_atomic
-from .config import EvalConfig, parse_mask
+from ..io import (OutputBusyError, OutputLock, check_output_path, write_atomic,
+                  write_json_atomic)
+from .config import EvalConfig
 from .results import finite, load_results, summarize
 from .segmenter import Segmenter
 
@@ -15,88 +16,109 @@ __all__ = ["evaluate"]
 
 def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
              model=None) -> dict | None:
-    """Run (or resume) an evaluation; returns the results dict on rank 0, ``None`` elsewhere."""
+    """Run (or resume) an evaluation; returns the results dict on rank 0, ``None`` elsewhere.
+
+    Everything that can be checked is checked before any image is computed: the settings, the
+    device, the output path (and a lock on it: a second run writing the same ``--out`` is
+    refused while the first is alive)."""
     import torch
 
     from ..data import CityscapesSegmentation, collate
 
-    parse_mask(cfg.mask)
-    if cfg.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.finest_stride >= cfg.coarsest_stride:
-        raise ValueError(f"--finest-stride ({cfg.finest_stride}) must be smaller than "
-                         f"--coarsest-stride ({cfg.coarsest_stride})")
-    device_name = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available; use --device cpu")
+    cfg.check()
+    device_name = _device(cfg.device)
+    out_path = check_output_path(cfg.out)
+    if cfg.save_predictions:
+        check_output_path(cfg.save_predictions, "--save-predictions", folder=True)
     dist = init_distributed(torch.device(device_name).type)
     if dist.active and torch.device(device_name).type == "cuda":
         device_name = f"cuda:{dist.local_rank}"
-
-    dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit)
-    # rank 0 reads the file; everyone gets the same list of images still to do
-    results, problem = None, None
-    if dist.rank == 0:
-        try:
-            results = load_results(cfg.out, cfg)
-        except ValueError as e:
-            problem = str(e)
-    done, problem = dist.broadcast((set(results["images"]) if results else set(), problem))
-    if problem:  # every rank stops, none is left waiting
-        if dist.active:
-            import torch.distributed as tdist
-            tdist.destroy_process_group()
-        raise ValueError(problem)
-    todo = [i for i, name in enumerate(dataset.ids) if name not in done]
-    shard = todo[dist.rank::dist.world]
-    steps = math.ceil(math.ceil(len(todo) / dist.world) / cfg.batch_size) if todo else 0
-
-    seg = segmenter or Segmenter(cfg, device_name, model=model)
-    if results is not None:
-        results["environment"] = _environment(seg, dist, device_name, cfg)
-        results["num_images_requested"] = len(dataset)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, shard), batch_size=cfg.batch_size, shuffle=False,
-        num_workers=cfg.num_workers if shard else 0, collate_fn=collate,
-        pin_memory=seg.device.type == "cuda")
-    batches = iter(loader)
-    bar = None
-    if cfg.progress and dist.rank == 0 and todo:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc=f"eval {seg.mask}", unit="img", dynamic_ncols=True)
-    warm = cfg.warmup
-    for _ in range(steps):
-        batch = next(batches, None)
-        records = []
-        if batch is not None:
-            if warm > 0:  # untimed passes: lazy init, allocator, cuDNN autotuning
-                for _ in range(warm if cfg.timing else 0):
-                    seg.warm_up(batch["image"], batch["target"])
-                warm = 0
-            records = _evaluate_batch(seg, batch, cfg)
-        gathered = dist.gather(records)
-        if dist.rank == 0:
-            for part in gathered:
-                for rec in part:
-                    results["images"][rec["id"]] = rec
+    lock = OutputLock(out_path)
+    try:
+        # rank 0 locks and reads the file; everyone gets the same list of images still to do
+        results, problem = None, None
+        if dist.main:
+            try:
+                lock.__enter__()
+                results = load_results(out_path, cfg)
+            except (ValueError, OutputBusyError) as e:
+                problem = str(e)
+        done, problem = dist.broadcast((set(results["images"]) if results else set(), problem))
+        if problem:  # every rank stops, none is left waiting
+            raise ValueError(problem)
+        dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit)
+        todo = [i for i, name in enumerate(dataset.ids) if name not in done]
+        shard = dist.shard(todo)
+        steps = math.ceil(math.ceil(len(todo) / dist.world) / cfg.batch_size) if todo else 0
+        seg = segmenter or Segmenter(cfg, device_name, model=model)
+        if results is not None:
+            results["environment"] = _environment(seg, dist, device_name, cfg)
+            results["macs_parts"] = seg.macs_parts()
+            results["num_images_requested"] = len(dataset)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, shard), batch_size=cfg.batch_size, shuffle=False,
+            num_workers=cfg.num_workers if shard else 0, collate_fn=collate,
+            pin_memory=seg.device.type == "cuda")
+        batches = iter(loader)
+        bar = None
+        if cfg.progress and dist.main and todo:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), desc=f"eval {seg.label}", unit="img", dynamic_ncols=True)
+        warm = cfg.warmup
+        for _ in range(steps):
+            batch = next(batches, None)
+            records = []
+            if batch is not None:
+                if warm > 0:  # untimed passes: lazy init, allocator, cuDNN autotuning
+                    for _ in range(warm if cfg.timing else 0):
+                        seg.warm_up(batch["image"], batch["target"])
+                    warm = 0
+                records = _evaluate_batch(seg, batch, cfg)
+            gathered = dist.gather(records)
+            if dist.main:
+                for part in gathered:
+                    for rec in part:
+                        results["images"][rec["id"]] = rec
+                results["summary"] = summarize(results["images"])
+                results["complete"] = len(results["images"]) >= len(dataset)
+                write_json_atomic(out_path, results)
+                if bar is not None:
+                    bar.update(sum(len(p) for p in gathered))
+                    s = results["summary"]
+                    bar.set_postfix(mIoU=f"{s['miou'] or 0:.3f}",
+                                    macs=f"{s['macs_fraction_of_finest']:.0%}")
+        if bar is not None:
+            bar.close()
+        if dist.main:
             results["summary"] = summarize(results["images"])
             results["complete"] = len(results["images"]) >= len(dataset)
-            write_json_atomic(cfg.out, results)
-            if bar is not None:
-                bar.update(sum(len(p) for p in gathered))
-                s = results["summary"]
-                bar.set_postfix(mIoU=f"{s['miou'] or 0:.3f}", macs=f"{s['macs_fraction_of_finest']:.0%}")
-    if bar is not None:
-        bar.close()
-    if dist.rank == 0:
-        results["summary"] = summarize(results["images"])
-        results["complete"] = len(results["images"]) >= len(dataset)
-        write_json_atomic(cfg.out, results)
-    if dist.active:
-        import torch.distributed as tdist
-        tdist.barrier()
-        tdist.destroy_process_group()
-    return results if dist.rank == 0 else None
+            write_json_atomic(out_path, results)
+        dist.barrier()
+    finally:
+        lock.__exit__(None, None, None)
+        dist.close()
+    return results if dist.main else None
+
+
+def _device(name):
+    """The device to run on, checked (a clear message instead of torch's)."""
+    import torch
+
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} requested but no CUDA device is available; use "
+                             "--device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return name
 
 
 def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
@@ -107,7 +129,8 @@ def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
         raise ValueError(f"the model returned logits of size {tuple(logits.shape[-2:])} for images "
                          f"of size {tuple(images.shape[-2:])}")
     pred = logits.argmax(1)
-    fractions = seg.level_fractions().cpu()
+    fractions = seg.level_fractions()
+    fractions = None if fractions is None else fractions.cpu()
     fine, coarse = seg.dense_macs(images.shape[-2:])
     targets = targets.to(pred.device)
     B = images.shape[0]
@@ -121,8 +144,10 @@ def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
             "macs": macs[b], "macs_dense_finest": fine, "macs_dense_coarsest": coarse,
             "macs_fraction_of_finest": macs[b]["total"] / fine,
             "macs_fraction_of_coarsest": macs[b]["total"] / coarse,
-            "kept_fraction": float(fractions[b, 0]),
-            "level_fractions": [float(v) for v in fractions[b]],
+            # share of finest-grid cells owned by level-0 sites (computed at the finest
+            # resolution), and per level; None for the plain network
+            "level0_share": None if fractions is None else float(fractions[b, 0]),
+            "level_fractions": None if fractions is None else [float(v) for v in fractions[b]],
             "time_s": None if seconds is None else seconds / B, "miou": finite(cm.miou()),
             "confusion": counts_to_triples(counts),
         })
@@ -136,10 +161,8 @@ def _save_prediction(folder: str, frame_id: str, pred) -> None:
     from PIL import Image
     city, name = frame_id.split("/")
     path = os.path.join(folder, city, f"{name}_pred_trainIds.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(pred.to("cpu").numpy().astype(np.uint8)).save(tmp)
-    os.replace(tmp, path)
+    image = Image.fromarray(pred.to("cpu").numpy().astype(np.uint8))
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _environment(seg: Segmenter, dist: Dist, device_name: str, cfg: EvalConfig) -> dict:
@@ -156,8 +179,10 @@ def _environment(seg: Segmenter, dist: Dist, device_name: str, cfg: EvalConfig) 
         env["spconv"] = getattr(spconv, "__version__", "unknown")
     except ImportError:
         env["spconv"] = None
+    env["model"] = seg.model_name
     if seg.checkpoint_info is not None:
         info = seg.checkpoint_info
-        env["checkpoint"] = {"format": info.format, "source": info.source,
-                             "trained_output_stride": info.trained_output_stride}
+        env["checkpoint"] = {"format": info.format, "source": info.source, "model": info.model,
+                             "trained_output_stride": info.trained_output_stride,
+                             **info.metadata}
     return env

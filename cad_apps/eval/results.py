@@ -45,7 +45,8 @@ def summarize(images: dict, num_classes: int = 19) -> dict:
     fine = np.array([r["macs_dense_finest"] for r in recs], dtype=np.float64)
     coarse = np.array([r["macs_dense_coarsest"] for r in recs], dtype=np.float64)
     times = np.array([r["time_s"] for r in recs if r["time_s"] is not None], dtype=np.float64)
-    kept = np.array([r["kept_fraction"] for r in recs], dtype=np.float64)
+    level0 = np.array([r["level0_share"] for r in recs if r["level0_share"] is not None],
+                      dtype=np.float64)
     iou = cm.iou()
     names = CLASS_NAMES if num_classes == len(CLASS_NAMES) else [str(i) for i in range(num_classes)]
     parts = sorted({k for r in recs for k in r["macs"]})
@@ -59,7 +60,7 @@ def summarize(images: dict, num_classes: int = 19) -> dict:
         "macs_dense_coarsest_mean": float(coarse.mean()),
         "macs_fraction_of_finest": float(macs.sum() / fine.sum()),
         "macs_fraction_of_coarsest": float(macs.sum() / coarse.sum()),
-        "kept_fraction_mean": float(kept.mean()),
+        "level0_share_mean": float(level0.mean()) if level0.size else None,
         "time_per_image_s_mean": float(times.mean()) if times.size else None,
         "time_per_image_s_median": float(np.median(times)) if times.size else None,
         "confusion": cm.to_triples(),
@@ -74,15 +75,24 @@ def format_summary(result: dict) -> str:
     s, c = result["summary"], result["config"]
     if not s.get("num_images"):
         return "no images evaluated"
-    miou = "n/a" if s["miou"] is None else f"{s['miou']:.4f}"
-    return "\n".join([
-        f"{c['model']} mask {c['mask']} strides {c['finest_stride']}->{c['coarsest_stride']}: "
-        f"{s['num_images']} images",
-        f"  mIoU {miou}   pixel accuracy {s['pixel_accuracy']:.4f}",
-        f"  multiply-adds per image {s['macs_mean']['total'] / 1e9:.2f} G = "
-        f"{s['macs_fraction_of_finest']:.1%} of dense stride {c['finest_stride']}, "
-        f"{s['macs_fraction_of_coarsest']:.1%} of dense stride {c['coarsest_stride']}",
-        f"  cells kept at stride {c['finest_stride']}: {s['kept_fraction_mean']:.1%}   " + (
-            "not timed" if s["time_per_image_s_mean"] is None else
-            f"time per image {s['time_per_image_s_mean'] * 1e3:.1f} ms (median "
-            f"{s['time_per_image_s_median'] * 1e3:.1f} ms)")])
+    model = result.get("environment", {}).get("model") or c["model"]
+    setting = (f"dense output stride {c['dense']}" if c.get("dense") else
+               f"mask {c['mask']} strides {c['finest_stride']}->{c['coarsest_stride']}"
+               + (f" ({c['semantics']} semantics)" if c.get("semantics", "paper") != "paper" else ""))
+
+    def share(v):
+        return "n/a (no labelled pixels)" if v is None else f"{v:.4f}"
+    lines = [f"{model} {setting}: {s['num_images']} images",
+             f"  mIoU {share(s['miou'])}   pixel accuracy {share(s['pixel_accuracy'])}",
+             f"  multiply-adds per image {s['macs_mean']['total'] / 1e9:.2f} G = "
+             f"{s['macs_fraction_of_finest']:.1%} of dense stride {c['finest_stride']}, "
+             f"{s['macs_fraction_of_coarsest']:.1%} of dense stride {c['coarsest_stride']}"]
+    timing = ("not timed" if s["time_per_image_s_mean"] is None else
+              f"time per image {s['time_per_image_s_mean'] * 1e3:.1f} ms (median "
+              f"{s['time_per_image_s_median'] * 1e3:.1f} ms)")
+    if s.get("level0_share_mean") is not None:
+        lines.append(f"  cells at the finest resolution (level 0): "
+                     f"{s['level0_share_mean']:.1%}   {timing}")
+    else:
+        lines.append(f"  {timing}")
+    return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import EvalConfig, parse_mask
 
-__all__ = ["Segmenter", "dense_macs", "load_mask_estimator"]
+__all__ = ["Segmenter", "dense_macs", "load_mask_estimator", "estimator_from_state"]
 
 
 def dense_macs(model, output_stride: int, size, num_classes: int = 19) -> dict:
@@ -41,54 +41,82 @@ def dense_macs(model, output_stride: int, size, num_classes: int = 19) -> dict:
 def load_mask_estimator(spec: str, downsample: int):
     """The learned mask estimator (:class:`~cad_spconv.learned_mask.MaskEstimator`) from a
     checkpoint, its input channels read from the weights."""
-    from ..checkpoints import load_into, read_mask_estimator
-    from cad_spconv.learned_mask import MaskEstimator
+    from ..checkpoints import read_mask_estimator
     state, path = read_mask_estimator(spec)
+    return estimator_from_state(state, downsample, path)
+
+
+def estimator_from_state(state: dict, downsample: int, source: str):
+    """A :class:`~cad_spconv.learned_mask.MaskEstimator` (eval mode) holding ``state``."""
+    from cad_spconv.learned_mask import MaskEstimator
+
+    from ..checkpoints import load_into
     estimator = MaskEstimator(in_channels=int(state["0.weight"].shape[1]), downsample=downsample)
-    load_into(estimator, state, source=path)
+    load_into(estimator, state, source=source)
     return estimator.eval()
 
 
 class Segmenter:
-    """A converted segmentation model and one mask setting: :meth:`predict` runs a batch,
-    :meth:`dense_macs` gives the dense baselines (counted once per image size)."""
+    """A segmentation model and one setting: the converted network with a mask, or (``--dense
+    S``) the plain network. :meth:`predict` runs a batch, :meth:`dense_macs` gives the dense
+    baselines (counted once per image size)."""
 
     def __init__(self, cfg: EvalConfig, device, model=None):
         import torch
 
         from ..checkpoints import build_segmentation_model
-        self.cfg = cfg
-        self.mask = parse_mask(cfg.mask)
+        self.cfg = cfg.check()
+        self.mask = None if cfg.dense is not None else parse_mask(cfg.mask_text)
         self.device = torch.device(device)
-        self.dtype = getattr(torch, cfg.dtype)
+        low = cfg.dtype in ("float16", "bfloat16")
+        self.autocast = getattr(torch, cfg.dtype) if low else None
+        self.dtype = torch.float32 if low else getattr(torch, cfg.dtype)
         info = None
         if model is None:
             # seeded, so random weights (no --checkpoint) agree across resumed runs and ranks
             torch.manual_seed(cfg.seed)
-            model, info = build_segmentation_model(cfg.model, cfg.checkpoint)
+            model, info = build_segmentation_model(cfg.model, cfg.checkpoint,
+                                                   output_stride=cfg.dense)
         self.checkpoint_info = info
+        self.model_name = cfg.model or (info.model if info is not None else None) or (
+            "deeplabv3_resnet101" if cfg.checkpoint is None else type(model).__name__)
         self.num_classes = _num_classes(model)
         if self.num_classes != 19:
             raise ValueError(f"the model predicts {self.num_classes} classes; Cityscapes "
                              "evaluation needs the 19 trainId classes (a Cityscapes-trained checkpoint)")
-        from adapters import convert
-        model = model.to(self.device, self.dtype).eval()
-        self.model = model
-        self.cad = convert(model, finest_stride=cfg.finest_stride,
-                           coarsest_stride=cfg.coarsest_stride, sparse_head=cfg.sparse_head).eval()
+        self.model = model.to(self.device, self.dtype).eval()
+        self.cad = None
+        if cfg.dense is None:
+            from adapters import convert
+            self.cad = convert(self.model, finest_stride=cfg.finest_stride,
+                               coarsest_stride=cfg.coarsest_stride, sparse_head=cfg.sparse_head,
+                               semantics=cfg.semantics).eval()
         self.estimator = None
-        if self.mask.kind == "learned":
-            self.estimator = load_mask_estimator(
-                self.mask.path, cfg.coarsest_stride // cfg.finest_stride).to(self.device, self.dtype)
+        if self.mask is not None and self.mask.kind == "learned":
+            self.estimator = self._estimator(info).to(self.device, self.dtype)
         self._dense: dict = {}
         self._generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
+    def _estimator(self, info):
+        factor = self.cfg.coarsest_stride // self.cfg.finest_stride
+        if self.mask.path:
+            return load_mask_estimator(self.mask.path, factor)
+        if info is None or info.estimator is None:
+            raise ValueError("--mask learned uses the mask estimator inside --checkpoint, and "
+                             + ("there is no --checkpoint" if info is None else
+                                f"{info.source} holds none") + "; give its file: "
+                             "--mask learned:PATH")
+        return estimator_from_state(info.estimator, factor, info.source)
+
     # masks --------------------------------------------------------------------------------
     def keep_for(self, images, targets):
-        """The ``keep`` argument for this batch (a bool mask, or the learned estimator)."""
+        """The ``keep`` argument for this batch (a bool mask, or the learned estimator);
+        ``None`` for a dense run."""
         import torch
 
         from cad_spconv import masks
+        if self.mask is None:
+            return None
         B, _, H, W = images.shape
         kind, cfg = self.mask.kind, self.cfg
         if kind == "none":
@@ -105,6 +133,8 @@ class Segmenter:
             coarse, fine = self._run(images, none), self._run(images, ~none)
             return masks.oracle(coarse, fine, targets, cfg.dilation)
         keep = masks.edge(images, self.mask.threshold, cfg.dilation)
+        if cfg.semantics == "reference":  # the reference's edges_os16till8 rule (4x4 blocks)
+            keep = masks.reference_blocks(keep, cfg.finest_stride, 4)
         if kind == "edge":
             return keep
         if kind == "inverted-edge":
@@ -114,19 +144,51 @@ class Segmenter:
         raise AssertionError(kind)
 
     def _run(self, images, keep):
+        import contextlib
+
         import torch
-        with torch.no_grad():
-            out = self.cad(images, keep)
-        return out["out"] if isinstance(out, dict) else out
+        amp = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
+               else contextlib.nullcontext())
+        with torch.no_grad(), amp:
+            out = self.model(images) if self.cad is None else self.cad(images, keep)
+        out = out["out"] if isinstance(out, dict) else out
+        return out.float() if self.autocast else out
+
+    @property
+    def label(self) -> str:
+        """The setting in a few characters (progress bars)."""
+        return f"dense{self.cfg.dense}" if self.cad is None else str(self.mask)
+
+    def macs_parts(self) -> dict:
+        """What each multiply-add figure of a record covers (for the results file)."""
+        common = ("convs and linear layers, k*k*C_in/groups*C_out per output site (batch "
+                  "norm, activations, pooling and interpolation not counted)")
+        if self.cad is None:
+            parts = {"backbone": "the ResNet backbone", "classifier": "the head"}
+        else:
+            parts = {"dense": "the backbone before the first adaptive step",
+                     "sparse": "the backbone from the first adaptive step (multi-resolution)",
+                     "head": "the head (ASPP / decoder)", "mask": "the learned mask estimator"}
+        return {"convention": common, "parts": parts,
+                "paper": "the paper counts the backbone (+ mask estimator) with ptflops, which "
+                         "also counts batch norm, activations and pooling: compare its figures "
+                         "with dense + sparse (+ mask)",
+                "macs_dense_finest / macs_dense_coarsest": "the plain network at the finest / "
+                         "coarsest output stride (head at that stride), whole model"}
+
+    @property
+    def network(self):
+        """The module that runs: the converted model, or the plain one (``--dense``)."""
+        return self.model if self.cad is None else self.cad
 
     def predict(self, images, targets, timed: bool = True):
         """``(logits, keep, seconds, macs)`` for a batch.
 
         ``seconds``: the plain forward (mask computation included, except for the oracle, whose
         mask is given), ``None`` when not ``timed``. ``macs``: per image ``{"total": int,
-        <part>: int}`` (parts: dense, sparse, head, mask) from a counted forward; hooks would
-        distort the timing, so a timed run counts in a second forward, an untimed one takes
-        the logits from the counted forward.
+        <part>: int}`` (converted: dense, sparse, head, mask; plain: backbone, classifier)
+        from a counted forward; hooks would distort the timing, so a timed run counts in a
+        second forward, an untimed one takes the logits from the counted forward.
         """
         import time
 
@@ -135,7 +197,8 @@ class Segmenter:
         from cad_spconv.macs import MacCounter
         images = images.to(self.device, self.dtype, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        given = self.keep_for(images, targets) if self.mask.kind == "oracle" else None
+        oracle = self.mask is not None and self.mask.kind == "oracle"
+        given = self.keep_for(images, targets) if oracle else None
         seconds = logits = None
         if timed:
             cuda = self.device.type == "cuda"
@@ -144,7 +207,7 @@ class Segmenter:
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
             t0 = time.perf_counter()
-            keep = given if given is not None else self.keep_for(images, targets)
+            keep = given if oracle else self.keep_for(images, targets)
             logits = self._run(images, keep)
             if cuda:
                 end.record()
@@ -153,10 +216,10 @@ class Segmenter:
             else:
                 seconds = time.perf_counter() - t0
         else:
-            keep = given if given is not None else self.keep_for(images, targets)
+            keep = given if oracle else self.keep_for(images, targets)
         B = images.shape[0]
         extra = {"mask": keep} if isinstance(keep, torch.nn.Module) else None
-        with MacCounter(self.cad, B, extra) as counter:
+        with MacCounter(self.network, B, extra) as counter:
             counted = self._run(images, keep)
         logits = counted if logits is None else logits
         r = counter.result()
@@ -171,8 +234,9 @@ class Segmenter:
         self._run(images, self.keep_for(images, targets.to(self.device)))
 
     def level_fractions(self):
-        """``[B, L+1]`` fractions of finest cells per level, from the last forward."""
-        return self.cad.last_plan.level_fractions()
+        """``[B, L+1]`` fractions of finest cells per level, from the last forward (``None``
+        for the plain network)."""
+        return None if self.cad is None else self.cad.last_plan.level_fractions()
 
     def dense_macs(self, size) -> tuple[int, int]:
         """(finest, coarsest) multiply-adds of the dense networks on one image of ``size``."""
@@ -185,6 +249,10 @@ class Segmenter:
 
 
 def _num_classes(model) -> int:
+    """Classes of a segmentation model's last conv (DeepLabV3 / FCN head, or DeepLabV3+'s
+    decoder); -1 where there is none."""
+    from torch import nn
     head = getattr(model, "classifier", None)
-    last = head[-1] if head is not None and len(head) else None
+    last = head if isinstance(head, nn.Sequential) else getattr(head, "classifier", None)
+    last = last[-1] if isinstance(last, nn.Sequential) and len(last) else None
     return int(getattr(last, "out_channels", -1))

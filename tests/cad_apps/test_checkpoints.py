@@ -39,15 +39,20 @@ def test_paper_checkpoint_loads_into_torchvision(tmp_path, reference):
     torch.save({"model_state": state, "optimizer_state": {}, "cur_itrs": 30000,
                 "best_score": np.float64(0.762)}, path)
     model, info = build_segmentation_model(MODEL, checkpoint=path)
-    assert info.format == "deeplabv3plus-pytorch" and info.num_classes == 19
+    assert info.format == "reference" and info.num_classes == 19
     assert info.trained_output_stride == 16 and info.metadata["best_score"] == 0.762
     assert not info.has_aux and model.aux_classifier is None
     ref = reference.state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(v, ref[k]), k
+    # built as trained: output stride 16, its ASPP rates
+    assert model.backbone.layer3[0].conv2.stride == (2, 2)
+    assert [b[0].dilation[0] for b in list(model.classifier[0].convs)[1:-1]] == [6, 12, 18]
+    at8, _ = build_segmentation_model(MODEL, checkpoint=path, output_stride=8)
     x = torch.randn(1, 3, 33, 41)
-    with torch.no_grad():
-        assert torch.equal(model(x)["out"], reference(x)["out"])
+    with torch.no_grad():  # at stride 8 (head dilated 2) it is not the reference's OS8 model
+        assert at8.classifier[1].dilation == (2, 2)
+        assert not torch.equal(at8(x)["out"], reference(x)["out"])
 
 
 def test_dataparallel_prefix_is_stripped(tmp_path, reference):
@@ -69,7 +74,7 @@ def test_key_mismatch_names_missing_and_unexpected(tmp_path, reference):
     msg = str(err.value)
     assert "1 missing keys: classifier.1.weight" in msg
     assert "1 unexpected keys: backbone.mask_estimator.0.weight" in msg
-    assert "learned-mask" in msg
+    assert "not one of the layouts" in msg
 
 
 def test_shape_mismatch_is_named(tmp_path, reference):
@@ -115,3 +120,7 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path):
         read_checkpoint(path2)
     with pytest.raises(ValueError, match="unknown model"):
         build_segmentation_model("vgg16")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")  # used to raise IndexError inside the error handler
+    with pytest.raises(ValueError, match="empty"):
+        read_checkpoint(empty)

@@ -129,11 +129,11 @@ def test_dense_baselines_match_independent_references(fixture_root, checkpoint, 
         assert rec["macs_dense_finest"] == fine["total"]
         assert rec["macs_dense_coarsest"] == coarse["total"]
         if mask == "all":
-            assert rec["macs"]["total"] == fine["total"] and rec["kept_fraction"] == 1.0
+            assert rec["macs"]["total"] == fine["total"] and rec["level0_share"] == 1.0
             assert rec["macs_fraction_of_finest"] == 1.0
         else:  # backbone of the stride-16 network, head densified at stride 8 (paper's setup)
             assert rec["macs"]["total"] == coarse["parts"]["backbone"] + fine["parts"]["classifier"]
-            assert rec["kept_fraction"] == 0.0
+            assert rec["level0_share"] == 0.0
     assert result["summary"]["miou"] == miou(total)
     assert result["summary"]["num_images"] == 3 and result["complete"]
     with open(out) as f:  # what is on disk is what was returned
@@ -153,7 +153,7 @@ def test_edge_mask_saves_predictions_that_score_the_same(fixture_root, checkpoin
     s = result["summary"]
     assert s["miou"] == miou(total)
     for rec in result["images"].values():
-        assert 0.0 < rec["kept_fraction"] < 1.0
+        assert 0.0 < rec["level0_share"] < 1.0
         assert math.isclose(sum(rec["level_fractions"]), 1.0)
         assert rec["macs_dense_coarsest"] < rec["macs"]["total"] < rec["macs_dense_finest"]
         assert rec["macs"]["total"] == sum(v for k, v in rec["macs"].items() if k != "total")
@@ -215,8 +215,8 @@ def test_learned_mask_records_what_the_converted_model_computes(fixture_root, ch
         want = count_macs(cad, images[i:i + 1], est.eval())
         assert rec["macs"]["total"] == want["total"] and rec["macs"]["mask"] == want["parts"]["mask"]
         assert rec["macs"]["total"] == sum(v for k, v in rec["macs"].items() if k != "total")
-        assert rec["kept_fraction"] == float(cad.last_plan.level_fractions()[0, 0])
-        kept.append(rec["kept_fraction"])
+        assert rec["level0_share"] == float(cad.last_plan.level_fractions()[0, 0])
+        kept.append(rec["level0_share"])
     assert 0 < sum(kept) / 2 < 1
 
 
@@ -226,7 +226,7 @@ def test_oracle_and_ablation_masks_run(fixture_root, checkpoint, tmp_path):
         rec = next(iter(result["images"].values()))
         assert rec["macs_dense_coarsest"] <= rec["macs"]["total"] <= rec["macs_dense_finest"] + 1
         if mask == "random:0.5":  # finest cells: 5x7 = 35 -> 18 kept
-            assert rec["kept_fraction"] >= 18 / 35
+            assert rec["level0_share"] >= 18 / 35
 
 
 def test_cli_reports_clear_errors(fixture_root, tmp_path, capsys):

@@ -41,8 +41,8 @@ def test_tradeoff_curve(setup, tmp_path):
     report = json.loads((out / "tradeoff.json").read_text())
     pts = {p["mask"]: p for p in report["points"]}
     assert set(pts) == {"none", "all", "edge:0.35", "edge:1.5", f"learned:{ckpt}"}
-    assert pts["all"]["macs_fraction_of_finest"] == 1.0 and pts["all"]["kept_fraction"] == 1.0
-    assert pts["none"]["kept_fraction"] == 0.0
+    assert pts["all"]["macs_fraction_of_finest"] == 1.0 and pts["all"]["level0_share"] == 1.0
+    assert pts["none"]["level0_share"] == 0.0
     assert pts["none"]["macs_per_image"] <= pts["edge:1.5"]["macs_per_image"] <= pts["all"]["macs_per_image"]
     assert pts[f"learned:{ckpt}"]["macs_parts_per_image"]["mask"] > 0
     # each point is the summary of its own resumable eval run
@@ -75,8 +75,8 @@ def test_overlays(setup):
     assert overlays.main(argv + ["--masks", "edge:1.5", "all", "--num-images", "2"]) == 0
     report = json.loads((out / "overlays.json").read_text())
     assert len(report["images"]) == 2
-    assert report["masks"]["all"]["kept_fraction_mean"] == 1.0
-    assert 0 < report["masks"]["edge:1.5"]["kept_fraction_mean"] < 1
+    assert report["masks"]["all"]["level0_share_mean"] == 1.0
+    assert 0 < report["masks"]["edge:1.5"]["level0_share_mean"] < 1
     _png(out / "overlays.png")
 
 

@@ -59,7 +59,7 @@ def mixed_masks(seed: int, batch: int, grid, num_levels: int, kind: str = "keep"
 
     Returns (spec for the converted model, level map [B, H, W] for the emulator); kind:
     'keep' (one bool mask [B, 1, H, W]), 'levels' (a list of L per-level masks), 'map' (the
-    integer level map itself).
+    level map itself, as ``LevelPlan.from_level_map``: integer maps are never keep masks).
     """
     rng = np.random.default_rng(seed)
     H, W = grid
@@ -84,7 +84,8 @@ def mixed_masks(seed: int, batch: int, grid, num_levels: int, kind: str = "keep"
     elif kind == "levels":
         spec = [torch.from_numpy(m) for m in masks]
     else:
-        spec = torch.from_numpy(levels)
+        from cad_spconv import LevelPlan
+        spec = LevelPlan.from_level_map(torch.from_numpy(levels), num_levels)
     return spec, levels
 
 
@@ -125,29 +126,32 @@ class Dense:
 class Multi:
     """Site features [N, C] of a level map at a step (the emulated multi-resolution tensor)."""
 
-    def __init__(self, feats, levels: np.ndarray, step: int):
-        self.feats, self.levels, self.step = feats, levels, step
+    def __init__(self, feats, levels: np.ndarray, step: int, semantics: str = "paper"):
+        self.feats, self.levels, self.step, self.semantics = feats, levels, step, semantics
 
     @classmethod
-    def enter(cls, x: torch.Tensor, levels: np.ndarray):
+    def enter(cls, x: torch.Tensor, levels: np.ndarray, semantics: str = "paper"):
         assert x.shape[0] == levels.shape[0] and tuple(x.shape[-2:]) == levels.shape[1:]
-        return cls(ref.Geometry(levels, 0).sample(x), levels, 0)
+        return cls(ref.Geometry(levels, 0).sample(x), levels, 0, semantics)
+
+    def _like(self, feats, step=None):
+        return Multi(feats, self.levels, self.step if step is None else step, self.semantics)
 
     def conv(self, m: nn.Conv2d, stride=1, dilation=1):
-        out = ref.conv(self.feats, self.levels, self.step, stride, m.weight, m.bias, dilation,
-                       m.groups)
-        return Multi(out, self.levels, self.step + (stride == 2))
+        rule = ref.conv if self.semantics == "paper" else ref.conv_reference_semantics
+        out = rule(self.feats, self.levels, self.step, stride, m.weight, m.bias, dilation,
+                   m.groups)
+        return self._like(out, self.step + (stride == 2))
 
     def map(self, fn):  # per site: batch norm, ReLU, ...
-        return Multi(fn(self.feats[:, :, None, None])[:, :, 0, 0], self.levels, self.step)
+        return self._like(fn(self.feats[:, :, None, None])[:, :, 0, 0])
 
     def add(self, other):
         assert other.step == self.step
-        return Multi(self.feats + other.feats, self.levels, self.step)
+        return self._like(self.feats + other.feats)
 
     def max_pool_2x2(self):
-        return Multi(ref.max_pool_2x2(self.feats, self.levels, self.step), self.levels,
-                     self.step + 1)
+        return self._like(ref.max_pool_2x2(self.feats, self.levels, self.step), self.step + 1)
 
     def global_pool(self):
         return ref.global_avg_pool(self.feats, self.levels, self.step)
@@ -155,7 +159,7 @@ class Multi:
     def broadcast(self, v):
         geo = ref.Geometry(self.levels, self.step)
         b = torch.as_tensor(geo.sites[:, 0], device=v.device)
-        return Multi(v[b], self.levels, self.step)
+        return self._like(v[b])
 
     def dense(self):
         return ref.Geometry(self.levels, self.step).fill(self.feats)
@@ -186,7 +190,8 @@ def _block(x, block, stride, d_in, d_out):
     return relu(out.add(short))
 
 
-def resnet_trunk(stages: dict, images, levels, finest, coarsest, capture=()):
+def resnet_trunk(stages: dict, images, levels, finest, coarsest, capture=(),
+                 semantics="paper"):
     """Emulated stem + stages. ``stages``: children of a ResNet (conv1 .. layerN).
     Returns (last output, {stage name: output})."""
     x = Dense(images)
@@ -204,7 +209,7 @@ def resnet_trunk(stages: dict, images, levels, finest, coarsest, capture=()):
                 x = _block(x, block, 2 if unit else 1, 1, 1)
             else:
                 if isinstance(x, Dense):
-                    x = Multi.enter(x.x, levels)
+                    x = Multi.enter(x.x, levels, semantics)
                 stride = 2 if unit and s_out <= coarsest else 1
                 x = _block(x, block, stride, max(1, s // coarsest), max(1, s_out // coarsest))
             s = s_out
@@ -218,9 +223,16 @@ def resnet_classifier(model, images, levels, finest, coarsest):
 
 
 # ---------------------------------------------------------------------- segmentation heads
-def deeplab_head(head, x, rates):
-    """DeepLabHead = ASPP(rates) -> conv3x3 -> BN -> ReLU -> conv1x1, on Dense or Multi."""
-    aspp = head[0]
+def deeplab_head(head, x, rates, head_dilation=1):
+    """DeepLabHead = ASPP(rates) -> conv3x3 (dilation ``head_dilation``) -> BN -> ReLU ->
+    conv1x1, on Dense or Multi."""
+    y = aspp_block(head[0], x, rates)
+    y = relu(bn(y.conv(head[1], 1, head_dilation), head[2]))
+    return y.conv(head[4])
+
+
+def aspp_block(aspp, x, rates):
+    """torchvision's ASPP with atrous ``rates``, on Dense or Multi."""
     branches = [relu(bn(x.conv(aspp.convs[0][0]), aspp.convs[0][1]))]
     for branch, rate in zip(list(aspp.convs)[1:-1], rates):
         branches.append(relu(bn(x.conv(branch[0], 1, rate), branch[1])))
@@ -231,23 +243,25 @@ def deeplab_head(head, x, rates):
     if isinstance(x, Dense):
         cat = Dense(torch.cat([b.x for b in branches], 1))
     else:
-        cat = Multi(torch.cat([b.feats for b in branches], 1), x.levels, x.step)
-    y = relu(bn(cat.conv(aspp.project[0]), aspp.project[1]))
-    y = relu(bn(y.conv(head[1]), head[2]))
+        cat = x._like(torch.cat([b.feats for b in branches], 1))
+    return relu(bn(cat.conv(aspp.project[0]), aspp.project[1]))
+
+
+def fcn_head(head, x, head_dilation=1):
+    y = relu(bn(x.conv(head[0], 1, head_dilation), head[1]))
     return y.conv(head[4])
 
 
-def fcn_head(head, x):
-    y = relu(bn(x.conv(head[0]), head[1]))
-    return y.conv(head[4])
-
-
-def segmentation(model, images, levels, finest, coarsest, sparse_head, given_stride=8):
+def segmentation(model, images, levels, finest, coarsest, sparse_head, given_stride=8,
+                 semantics="paper"):
     """Emulated FCN / DeepLabV3 (torchvision builds them at output stride ``given_stride``).
+    A head running at a finer stride than ``given_stride`` dilates its plain 3x3 conv by the
+    ratio (the paper code's classifier_dilation).
     Returns ({key: logits before upsampling, dense}, {key: upsampled})."""
     stages = dict(model.backbone.named_children())
     aux = model.aux_classifier is not None
-    out, cap = resnet_trunk(stages, images, levels, finest, coarsest, ("layer3",) if aux else ())
+    out, cap = resnet_trunk(stages, images, levels, finest, coarsest, ("layer3",) if aux else (),
+                            semantics)
     canonical = {"layer3": 16, "layer4": 32}
     logits = {}
     for key, head, layer, x in [("out", model.classifier, "layer4", out)] + (
@@ -257,16 +271,41 @@ def segmentation(model, images, levels, finest, coarsest, sparse_head, given_str
         else:
             head_stride = finest
             x = Dense(x.dense()) if isinstance(x, Multi) else x
+        head_dilation = max(1, given_stride // head_stride)
         if hasattr(head[0], "convs"):  # DeepLabHead
             given_rates = [b[0].dilation[0] for b in list(head[0].convs)[1:-1]]
-            y = deeplab_head(head, x, [r * given_stride // head_stride for r in given_rates])
+            y = deeplab_head(head, x, [r * given_stride // head_stride for r in given_rates],
+                             head_dilation)
         else:
-            y = fcn_head(head, x)
+            y = fcn_head(head, x, head_dilation)
         logits[key] = y
     size = images.shape[-2:]
     up = {k: F.interpolate(v.dense(), size=size, mode="bilinear", align_corners=False)
           for k, v in logits.items()}
     return logits, up
+
+
+def deeplabv3plus(model, images, levels, finest, coarsest, sparse_head, given_stride=8):
+    """Emulated DeepLabV3+ (adapters.deeplabv3plus): trunk, ASPP (densified at the finest
+    stride, or on the multi-resolution map and then densified), decoder dense on layer1.
+    Returns the upsampled logits."""
+    stages = dict(model.backbone.named_children())
+    out, cap = resnet_trunk(stages, images, levels, finest, coarsest, ("layer1",))
+    head = model.classifier
+    given_rates = [b[0].dilation[0] for b in list(head.aspp.convs)[1:-1]]
+    if sparse_head:
+        head_stride = min(32, coarsest)
+        a = aspp_block(head.aspp, out, [r * given_stride // head_stride for r in given_rates])
+    else:
+        a = aspp_block(head.aspp, Dense(out.dense()), [r * given_stride // finest for r in given_rates])
+    low = cap["layer1"].x if isinstance(cap["layer1"], Dense) else cap["layer1"]
+    ratio = 1 if sparse_head else max(1, given_stride // finest)  # classifier_dilation
+    conv = head.classifier[0]
+    pre = head.project(low)
+    up = F.interpolate(a.dense(), size=pre.shape[-2:], mode="bilinear", align_corners=False)
+    y = F.conv2d(torch.cat([pre, up], 1), conv.weight, None, 1, ratio, ratio)
+    logits = head.classifier[3](head.classifier[2](head.classifier[1](y)))
+    return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------------- VGG
@@ -282,7 +321,7 @@ def vgg_features(features, images, levels, finest, coarsest):
                 x = Dense(F.max_pool2d(x.x, 2, 2))  # dense part: torchvision's floor mode
             else:
                 if isinstance(x, Dense):
-                    x = Multi.enter(x.x, levels)
+                    x = Multi.enter(x.x, levels, semantics)
                 x = x.max_pool_2x2()
             pools_seen += 1
         elif isinstance(m, nn.Conv2d):
