@@ -15,7 +15,8 @@ too (torchvision's BasicBlock refuses dilation, so no convention exists there).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections import OrderedDict
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ from .common import (CADModel, UnsupportedModelError, cad_conv, check_strides, d
                      expect_type, shell)
 from .output_stride import CANONICAL_STRIDE, STAGES, STEM, stride_conv
 
-__all__ = ["CADResNet", "CADBottleneck", "CADBasicBlock", "CADResNetBackbone", "convert_resnet"]
+__all__ = ["CADResNet", "CADResNetFeatures", "CADBottleneck", "CADBasicBlock",
+           "CADResNetBackbone", "convert_resnet"]
 
 RESNET_FINEST = (4, 8, 16)
 WHERE_STEPS = "the adaptive steps of a ResNet are its strided stages layer2..layer4"
@@ -254,8 +256,10 @@ class CADResNet(_ResNetTrunk, CADModel):
     """A torchvision ResNet classifier with content-adaptive downsampling.
 
     ``forward(images, keep)`` returns the logits: the global average pool is area-weighted
-    over the sites (every site counts with the finest-grid cells it owns), then ``fc``.
-    ``forward_features(images, keep)`` returns ``layer4``'s output as a CADTensor.
+    over the sites (every site counts with the finest-grid cells it owns), then ``fc``; with
+    ``fc = nn.Identity()`` (the usual way to get features) the pooled vector ``[B, C]``.
+    ``forward_features(images, keep)`` returns ``layer4``'s output as a CADTensor; feature maps
+    of several stages: :class:`CADResNetFeatures` (``convert_resnet(..., return_layers=...)``).
     """
 
     def __init__(self, model: ResNet, finest_stride: int = 8, coarsest_stride: int = 16,
@@ -272,11 +276,18 @@ class CADResNet(_ResNetTrunk, CADModel):
         self._build_trunk({k: v for k, v in children.items() if k not in ("avgpool", "fc")},
                           finest_stride, coarsest_stride, engine, "")
         pool = children["avgpool"]
+        if type(pool) is nn.Identity:
+            raise UnsupportedModelError(
+                "cannot convert avgpool (nn.Identity): torchvision would flatten the whole layer4 "
+                "map into fc; for feature maps convert the ResNet with "
+                "adapters.convert_resnet(model, finest, coarsest, return_layers={'layer4': "
+                "'out'}), for the pooled vector keep avgpool and set fc = nn.Identity()")
         expect_type(pool, "avgpool", nn.AdaptiveAvgPool2d, "nn.AdaptiveAvgPool2d((1, 1))")
         if pool.output_size not in (1, (1, 1)):
             raise UnsupportedModelError(f"cannot convert avgpool ({pool}): only a global pool "
                                         "(output size 1) is supported")
-        expect_type(children["fc"], "fc", nn.Linear, "an nn.Linear")
+        expect_type(children["fc"], "fc", (nn.Linear, nn.Identity),
+                    "an nn.Linear (or nn.Identity: the model returns the pooled features)")
         self.avgpool = CADAdaptiveAvgPool2d(1)
         self.fc = children["fc"]
 
@@ -291,6 +302,80 @@ class CADResNet(_ResNetTrunk, CADModel):
     def parts(self) -> dict[str, nn.Module]:
         return {**self._trunk_parts(), "head": nn.ModuleList([self.avgpool, self.fc]),
                 **self._mask_part()}
+
+
+class CADResNetFeatures(_ResNetTrunk, CADModel):
+    """Feature maps of a torchvision ResNet's stages with content-adaptive downsampling, in
+    the style of torchvision's ``IntermediateLayerGetter``.
+
+    ``return_layers`` maps child names of the trunk (``conv1``, ``bn1``, ``relu``,
+    ``maxpool``, ``layer1``..``layer4``) to output names; the trunk is converted up to the last
+    of them (later children, ``avgpool`` and ``fc`` are dropped, as torchvision does).
+    ``forward(images, keep)`` returns an ``OrderedDict`` name -> features in trunk order:
+    stages before the first adaptive step as the dense maps they are (their own stride);
+    the others densified on the finest grid (owner fill, ``[B, C, H0, W0]``) with
+    ``dense=True`` (default), or as :class:`~cad_spconv.tensor.CADTensor` with
+    ``dense=False`` (``x.dense(grid="step")`` samples the step's grid). The guarantees hold for
+    every returned map: all kept == the network at the finest stride with the later strides
+    replaced by dilation; none kept == the strided network's map, nearest-upsampled onto the
+    finest grid; Guarantee 2 on the step's grid; for any mask the dense emulation.
+    """
+
+    def __init__(self, model: ResNet, finest_stride: int, coarsest_stride: int,
+                 return_layers: Mapping[str, str], engine: str = "auto", dense: bool = True):
+        CADModel.__init__(self, finest_stride, coarsest_stride)
+        expect_type(model, "", ResNet, "a torchvision ResNet")
+        if not isinstance(dense, bool):
+            raise TypeError(f"dense must be a bool, got {dense!r}")
+        trunk_names = STEM + STAGES
+        if not isinstance(return_layers, Mapping) or not return_layers:
+            raise TypeError("return_layers must be a non-empty dict {child name: output name}, "
+                            f"e.g. {{'layer3': 'feat3', 'layer4': 'out'}}, got {return_layers!r}")
+        children = dict(model.named_children())
+        for name, out in return_layers.items():
+            if name not in trunk_names or name not in children:
+                raise ValueError(
+                    f"return_layers: {name!r} is not a child of the ResNet trunk; choose from "
+                    f"{', '.join(n for n in trunk_names if n in children)} (for the pooled "
+                    "vector convert the classifier with fc = nn.Identity())")
+            if not isinstance(out, str):
+                raise TypeError(f"return_layers[{name!r}] must be a str (the output name), "
+                                f"got {out!r}")
+        if len(set(return_layers.values())) != len(return_layers):
+            raise ValueError(f"return_layers has repeated output names: {dict(return_layers)}")
+        last = max(trunk_names.index(n) for n in return_layers)
+        kept = {n: children[n] for n in trunk_names[:last + 1] if n in children}
+        reached = CANONICAL_STRIDE[trunk_names[last]]
+        if reached < coarsest_stride:
+            raise ValueError(
+                f"return_layers ends at {trunk_names[last]} (stride {reached}), before "
+                f"coarsest_stride {coarsest_stride} is reached: choose coarsest_stride <= "
+                f"{reached} or return a later stage")
+        _trunk_strides(kept, finest_stride, coarsest_stride, "ResNet")
+        self._build_trunk(kept, finest_stride, coarsest_stride, engine, "")
+        self.return_layers = OrderedDict((n, return_layers[n]) for n in trunk_names
+                                         if n in return_layers)
+        self.dense = dense
+
+    def forward(self, images: torch.Tensor, keep) -> "OrderedDict[str, Features]":
+        self._check_images(images)
+        _, captured = self._run_trunk(images, lambda x, img: self._enter(x, keep, img),
+                                      capture=tuple(self.return_layers))
+        out = OrderedDict()
+        for name, key in self.return_layers.items():
+            x = captured[name]
+            out[key] = x.dense() if self.dense and isinstance(x, CADTensor) else x
+        return out
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {**self._trunk_parts(), **self._mask_part()}
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", return_layers={dict(self.return_layers)}, "
+                f"dense={self.dense}")
+
+
+Features = Union[torch.Tensor, CADTensor]
 
 
 class CADResNetBackbone(_ResNetTrunk, nn.Module):
@@ -310,7 +395,17 @@ class CADResNetBackbone(_ResNetTrunk, nn.Module):
 
 
 def convert_resnet(model: ResNet, finest_stride: int = 8, coarsest_stride: int = 16,
-                   engine: str = "auto") -> CADResNet:
+                   engine: str = "auto", return_layers: Optional[Mapping[str, str]] = None,
+                   dense: bool = True) -> Union[CADResNet, CADResNetFeatures]:
     """Convert a torchvision ResNet / ResNeXt / Wide ResNet classifier (torchvision-style
-    builder; see :func:`adapters.convert`)."""
+    builder; see :func:`adapters.convert`). With ``fc = nn.Identity()`` the converted model
+    returns the pooled features. With ``return_layers`` (torchvision's
+    ``IntermediateLayerGetter`` style, e.g. ``{"layer3": "feat3", "layer4": "out"}``) it
+    returns those stages' feature maps instead: :class:`CADResNetFeatures` (``dense``: densify
+    them on the finest grid, or return CADTensors)."""
+    if return_layers is not None:
+        return CADResNetFeatures(model, finest_stride, coarsest_stride, return_layers, engine,
+                                 dense)
+    if dense is not True:
+        raise ValueError("dense= applies with return_layers only (a classifier returns logits)")
     return CADResNet(model, finest_stride, coarsest_stride, engine)

@@ -89,7 +89,7 @@ class CADTensor(SparseConvTensor):
         if fill == "owner":
             owner = geo.owner[:, ::s, ::s]
             B, H, W = owner.shape
-            out = self.features[owner.reshape(-1)].reshape(B, H, W, -1)
+            out = self.features[owner.reshape(-1)].reshape(B, H, W, self.features.shape[1])
         elif fill == "scatter":
             B, (H, W) = self.batch_size, self.plan.grid
             out = self.features.new_zeros(B, H, W, self.features.shape[1])

@@ -11,7 +11,7 @@ from .layouts import tracks_grad, weight_layout
 from .tuned import tuned_conv, tuned_engines
 
 __all__ = ["engine_names", "check_engine", "select_engine", "prepare", "sparse_conv",
-           "sparse_max"]
+           "sparse_max", "empty_conv"]
 
 
 def engine_names() -> tuple[str, ...]:
@@ -77,15 +77,26 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         raise TypeError(f"features are {features.dtype}, the weight {weight.dtype}"
                         + ("" if bias is None else f" and the bias {bias.dtype}")
                         + "; give them one dtype (model.to(dtype)) or run under torch.autocast")
-    if engine == "tuned":
-        return tuned_conv(features, weight, bias, book, groups)
     if engine == "auto":
         engine = select_engine(features.device, groups, book)
-    impl = get_engine(engine)
-    impl.check(features, weight, groups, book)
+    impl = None if engine == "tuned" else get_engine(engine)
+    if impl is not None:
+        impl.check(features, weight, groups, book)
     if book.num_out == 0:  # nothing to compute (an empty batch): no engine is asked
-        return features.new_zeros(0, c_out)
+        return empty_conv(features, weight, bias)
+    if impl is None:
+        return tuned_conv(features, weight, bias, book, groups)
     return impl.conv(features, weight, bias, book, groups)
+
+
+def empty_conv(features: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ``[0, C_out]`` output of a conv with no output sites (an empty batch), as
+    ``F.conv2d`` gives for an empty batch: in the features' dtype and device, and part of the
+    autograd graph of features, weight and bias (their gradients are zero, not missing)."""
+    c_out = weight.shape[0]
+    cols = features[:0, :1].expand(0, weight[0].numel())  # no element is read
+    return torch.nn.functional.linear(cols, weight.reshape(c_out, -1), bias)
 
 
 def sparse_max(features: torch.Tensor, book: Rulebook, engine: str = "auto") -> torch.Tensor:

@@ -12,7 +12,9 @@ from torchvision.models.resnet import Bottleneck
 
 from tests.support import emulation as emu
 from tests.support.keep import as_keep
-from adapters import CADResNet, convert
+from adapters import CADResNet, UnsupportedModelError, convert
+from adapters.resnet import CADResNetFeatures, convert_resnet
+from cad_spconv import CADTensor
 from cad_spconv.backend import spconv_status
 
 # the full set of checks on one BasicBlock and one Bottleneck network; every other family
@@ -206,3 +208,97 @@ def test_any_replace_stride_with_dilation_converts_the_same(flags):
         emu.assert_rel(cad(x, spec), emu.resnet_classifier(base, x, levels, 8, 16))
         emu.assert_rel(given(x), before)  # the given model is untouched
     assert isinstance(cad, CADResNet)
+
+
+# ---------------------------------------------------------------------- features
+def identity_fc(m: nn.Module) -> nn.Module:
+    m = copy.deepcopy(m)
+    m.fc = nn.Identity()
+    return m
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fc_identity_gives_the_pooled_features(arch):
+    """Issue 11 item 6: a ResNet whose fc is nn.Identity() (the usual way to get features) was
+    refused; it converts and returns the (area-weighted) pooled vector."""
+    base = identity_fc(model(arch))
+    x = images(MIXED)
+    with torch.no_grad():
+        cad = convert(base, 8, 16)
+        feats = cad(x, torch.ones(2, 1, *MIXED, dtype=torch.bool))
+        assert feats.shape == (2, base.layer4[-1].conv1.in_channels)
+        emu.assert_rel(feats, identity_fc(finest_reference(arch, 8))(x))
+        spec, levels = emu.mixed_masks(7, 2, GRID8, 1, "keep")
+        emu.assert_rel(cad(x, spec), emu.resnet_classifier(base, x, levels, 8, 16))
+        x64 = images((64, 64))
+        emu.assert_rel(convert(base, 8, 32)(x64, torch.zeros(2, 64, 64, dtype=torch.bool)),
+                       base(x64))
+    assert set(cad.parts()) == {"dense", "sparse", "head"}
+
+
+LAYERS = {"layer1": "low", "layer3": "feat3", "layer4": "out"}
+
+
+def stage_outputs(m: nn.Module, x, names):
+    from torchvision.models._utils import IntermediateLayerGetter
+    return IntermediateLayerGetter(m, {n: n for n in names})(x)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_return_layers_guarantees(arch):
+    """Backbone features, torchvision IntermediateLayerGetter style: all kept == the network at
+    the finest stride, none kept == the strided network (nearest-upsampled on the finest grid,
+    exactly itself on the step's grid), and the dense emulation for masks that differ per
+    image, for every returned stage."""
+    base = model(arch)
+    cad = convert_resnet(base, 8, 32, return_layers=LAYERS)
+    assert isinstance(cad, CADResNetFeatures)
+    x = images(MIXED)
+    with torch.no_grad():
+        out = cad(x, torch.ones(2, 1, *MIXED, dtype=torch.bool))
+        assert list(out) == ["low", "feat3", "out"]
+        want = stage_outputs(finest_reference(arch, 8), x, LAYERS)
+        for name, key in LAYERS.items():
+            emu.assert_rel(out[key], want[name])
+        out = cad(x, torch.zeros(2, 1, *MIXED, dtype=torch.bool))
+        want = stage_outputs(base, x, LAYERS)
+        for name, key in LAYERS.items():
+            s = 2 ** {"layer1": 0, "layer3": 1, "layer4": 2}[name]
+            rep = want[name].repeat_interleave(s, 2).repeat_interleave(s, 3)
+            emu.assert_rel(out[key], rep[:, :, :out[key].shape[-2], :out[key].shape[-1]])
+        spec, levels = emu.mixed_masks(9, 2, GRID8, 2, "keep")
+        out = cad(x, spec)
+        _, want = emu.resnet_trunk(dict(base.named_children()), x, levels, 8, 32,
+                                   tuple(LAYERS))
+        for name, key in LAYERS.items():
+            emu.assert_rel(out[key], want[name].dense())
+        sparse = convert_resnet(base, 8, 32, return_layers=LAYERS, dense=False)(x, spec)
+        assert isinstance(sparse["out"], CADTensor) and not isinstance(sparse["low"], CADTensor)
+        emu.assert_rel(sparse["out"].dense(grid="step"), stage_outputs(base, x, ["layer4"])["layer4"])
+        emu.assert_rel(sparse["feat3"].dense(), out["feat3"])
+
+
+def test_return_layers_up_to_the_coarsest_stride_only():
+    base = model("resnet18")
+    cad = convert_resnet(base, 8, 16, return_layers={"layer3": "feat"})
+    assert not hasattr(cad, "layer4") and not hasattr(cad, "fc")
+    x = images(ODD)
+    spec, levels = emu.mixed_masks(2, 2, (5, 6), 1, "levels")
+    with torch.no_grad():
+        out = cad(x, spec)["feat"]
+        _, want = emu.resnet_trunk(dict(base.named_children()), x, levels, 8, 16, ("layer3",))
+    emu.assert_rel(out, want["layer3"].dense())
+    with pytest.raises(ValueError, match=r"ends at layer3 \(stride 16\), before coarsest_stride 32"):
+        convert_resnet(base, 8, 32, return_layers={"layer3": "feat"})
+    with pytest.raises(ValueError, match=r"'fc' is not a child of the ResNet trunk.*nn.Identity"):
+        convert_resnet(base, 8, 16, return_layers={"fc": "logits"})
+    with pytest.raises(TypeError, match="non-empty dict"):
+        convert_resnet(base, 8, 16, return_layers={})
+    with pytest.raises(ValueError, match="repeated output names"):
+        convert_resnet(base, 8, 16, return_layers={"layer3": "a", "layer4": "a"})
+    with pytest.raises(ValueError, match="dense= applies with return_layers only"):
+        convert_resnet(base, 8, 16, dense=False)
+    flat = copy.deepcopy(base)
+    flat.avgpool = nn.Identity()
+    with pytest.raises(UnsupportedModelError, match=r"avgpool \(nn.Identity\).*return_layers"):
+        convert(flat, 8, 16)
