@@ -17,6 +17,7 @@ from cad_apps.keypoints.evaluate import mutual_nearest_neighbours, run_evaluate
 from cad_apps.keypoints.extract import ExtractConfig, run_extract, sample_descriptors
 from cad_apps.keypoints.hpatches import IMAGES
 from tests.support.hpatches import make_hpatches
+from tests.support.hpatches import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.support.inputs import REPO
 
 SIZE = (48, 64)

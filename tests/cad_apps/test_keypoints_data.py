@@ -10,6 +10,7 @@ import pytest
 from cad_apps.keypoints import hpatches, sift
 from cad_apps.keypoints.preprocess import CAFFE_MEAN_BGR, caffe_tensor, prepare_image
 from tests.support.hpatches import make_hpatches
+from tests.support.hpatches import one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from cad_apps.keypoints.levels import (budget_levels, check_dilations, inverted_
 from cad_spconv import LevelPlan
 from cad_spconv.macs import count_macs
 from tests.support.hpatches import random_keypoints, reference_levels, thin_vgg
+from tests.support.hpatches import one_torch_thread  # noqa: F401 (autouse fixture)
 
 SIZE = (48, 64)
 CASES = [  # (finest stride, dilations) incl. the reference's own settings and zeros

@@ -15,6 +15,7 @@ from cad_spconv import LevelPlan
 from cad_spconv.macs import count_macs
 from tests.support.emulation import assert_rel
 from tests.support.hpatches import d2_checkpoint, dense_reference, thin_vgg
+from tests.support.hpatches import one_torch_thread  # noqa: F401 (autouse fixture)
 
 SIZE = (32, 40)
 

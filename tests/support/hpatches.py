@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -16,6 +17,17 @@ D2_PREFIX = "dense_feature_extraction.model."
 #: vgg16().features[:23]: (kind, channels) per layer
 VGG16_D2 = ["c64", "r", "c64", "r", "p", "c128", "r", "c128", "r", "p", "c256", "r", "c256", "r",
             "c256", "r", "p", "c512", "r", "c512", "r", "c512", "r"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to a busy machine (two OpenMP
+    threads on an oversubscribed CPU made a tiny conv take 40 ms instead of < 1 ms).
+    Import it into a test module to apply it there; the count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def frame_scenes(n: int, size=(144, 192)):

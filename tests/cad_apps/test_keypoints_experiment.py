@@ -1,0 +1,76 @@
+"""``python -m experiments.keypoints``: the Fig. 6 sweep end to end on a synthetic set (a thin
+random VGG in place of VGG16 and one dilation setting per stride, so that it runs in seconds),
+its resumption, and the settings table of the paper's code."""
+import json
+import os
+
+import cv2
+import pytest
+
+from cad_apps.keypoints.hpatches import synthetic_scene, write_synthetic
+from experiments import keypoints as exp
+from tests.support.hpatches import thin_vgg
+from tests.support.hpatches import one_torch_thread  # noqa: F401 (autouse fixture)
+
+
+def test_settings_table_is_the_reference_sweep():
+    runs = exp.settings("paper", ablation=True)
+    labels = [r[0] for r in runs]
+    assert labels[:4] == ["dense_os8", "dense_os4", "dense_os2", "dense_os1"]
+    assert "adaptive_os1_25_51_51" in labels and "adaptive_os2_19_35" in labels
+    assert sum(r[1] == 4 and r[3] == "keypoints" and len(r[2]) == 1 for r in runs) == 6
+    assert sum(r[1] == 2 and r[3] == "keypoints" and len(r[2]) == 2 for r in runs) == 18
+    assert sum(r[1] == 1 and r[3] == "keypoints" and len(r[2]) == 3 for r in runs) == 10
+    assert len(runs) == 4 + 34 + 20
+    assert sum(r[3] == "random" for r in runs) == sum(r[3] == "inverted" for r in runs) == 10
+    from cad_apps.keypoints.levels import check_dilations
+    for _, stride, dil, _ in runs:  # every setting of the paper's code is a valid quadtree rule
+        if dil:
+            check_dilations(dil, stride)
+
+
+def test_sweep_writes_json_and_png_and_resumes(tmp_path, monkeypatch):
+    import cad_apps.keypoints.network as network
+
+    monkeypatch.setattr(network, "random_features",
+                        lambda seed=0: thin_vgg(scale=32, seed=seed).float())
+    monkeypatch.setattr(exp, "QUICK_SETTINGS", {4: [(11,)], 2: [(21, 21)], 1: [(9, 19, 35)]})
+    data = tmp_path / "data"
+    write_synthetic(str(data), [synthetic_scene((144, 192), 3)], image_size=(48, 64), kinds=("v",))
+    out = tmp_path / "sweep"
+    args = ["--data-root", str(data), "--random-weights", "--settings", "quick",
+            "--num-keypoints", "16", "--no-progress", "--out", str(out)]
+    assert exp.main(args) == 0
+    report = json.load(open(out / "keypoints.json"))
+    feats = report["features"]
+    assert len(feats) == 9 and (out / "keypoints.png").read_bytes()[:4] == b"\x89PNG"
+    macs = {k: v["macs_per_image"] for k, v in feats.items()}
+    assert macs["dense_os8"] < macs["adaptive_os4_11"] < macs["dense_os4"]
+    assert macs["dense_os4"] < macs["adaptive_os2_21_21"] < macs["dense_os2"]
+    assert macs["dense_os2"] < macs["dense_os1"] and macs["adaptive_os1_9_19_35"] < macs["dense_os1"]
+    for mask in ("random", "inverted"):
+        assert macs[f"{mask}_os1_9_19_35"] == macs["adaptive_os1_9_19_35"]
+    assert feats["random_os1_9_19_35"]["group"] == "random 1->8"
+    assert feats["adaptive_os2_21_21"]["group"] == "adaptive 2->8"
+    stamp = os.stat(out / "features" / "dense_os1" / "v_synth0" / "2.npz").st_mtime_ns
+    assert exp.main(args) == 0  # resumes: nothing recomputed
+    assert os.stat(out / "features" / "dense_os1" / "v_synth0" / "2.npz").st_mtime_ns == stamp
+
+
+def test_synthetic_option_writes_an_hpatches_set_once(tmp_path):
+    scene = tmp_path / "scene.png"
+    cv2.imwrite(str(scene), synthetic_scene((144, 192), 3)[:, :, ::-1])
+    args = exp.build_parser().parse_args(["--synthetic", "--scenes", str(scene), "--synthetic-size",
+                                          "48", "64", "--random-weights", "--out", str(tmp_path / "o")])
+    root = exp.synthetic_root(args)
+    assert sorted(os.listdir(root)) == ["i_synth0", "v_synth0"]
+    stamp = os.stat(os.path.join(root, "v_synth0", "3.ppm")).st_mtime_ns
+    assert exp.synthetic_root(args) == root
+    assert os.stat(os.path.join(root, "v_synth0", "3.ppm")).st_mtime_ns == stamp
+
+
+def test_sweep_needs_data(tmp_path, capsys):
+    assert exp.main(["--random-weights", "--out", str(tmp_path)]) == 2
+    assert "exactly one of --data-root and --synthetic" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        exp.main(["--synthetic", "--out", str(tmp_path)])  # weights are required
