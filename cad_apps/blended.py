@@ -1,12 +1,20 @@
 """The reference code's training model for the learned mask (Hesse et al., CVPRW 2023, Sec. 3).
 
-The backbone after the adaptive step runs twice with shared weights, once dense at the finest
-stride and once dense at the coarsest stride (nearest upsampled), and the two feature maps are
-blended with the hard Gumbel mask before the head. Evaluation then uses the sparse (converted)
-network with the estimator as its ``keep`` callable, which is exact where the blend is an
-approximation.
+The layers before the adaptive step run once; the rest runs twice, dense at the finest stride
+(the ``high_res`` path) and dense at the coarsest stride (the ``low_res`` path, nearest
+upsampled); the two are blended with the hard Gumbel mask before the head. As in the paper's
+code the two paths share every weight and batch-norm affine parameter, but keep their own
+batch-norm running statistics (``separate_statistics``, default), and the budget term uses a
+second, independent Gumbel sample of the same logits. Evaluation then uses the sparse
+(converted) network with the estimator's argmax mask and the ``low_res`` statistics, as the
+reference evaluates its published model.
+
+:func:`reference_state` / :func:`load_reference_state` write and read the model in the layout
+of the paper's published learned-mask checkpoint, which ``cad-spconv eval`` loads.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +24,8 @@ from adapters.output_stride import CANONICAL_STRIDE, output_stride
 from cad_spconv.learned_mask import MaskEstimator, upsample_cells
 from cad_spconv.plan import num_adaptive_steps
 
-__all__ = ["BlendedSegmenter", "features_before_adaptive"]
+__all__ = ["BlendedSegmenter", "features_before_adaptive", "reference_state",
+           "load_reference_state"]
 
 
 def features_before_adaptive(model: nn.Module, images: torch.Tensor,
@@ -33,23 +42,34 @@ def features_before_adaptive(model: nn.Module, images: torch.Tensor,
     return x
 
 
+def _shared_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that holds the same ``Parameter`` objects but its own buffers."""
+    twin = copy.deepcopy(module)
+    originals = dict(module.named_modules())
+    for name, sub in twin.named_modules():
+        for pname, _ in list(sub.named_parameters(recurse=False)):
+            setattr(sub, pname, getattr(originals[name], pname))
+    return twin
+
+
 class BlendedSegmenter(nn.Module):
     """The reference code's training model for the learned mask.
 
     ``model``: a torchvision segmentation model with a ResNet backbone (``DeepLabV3`` / ``FCN``:
     ``model.backbone`` is an ``IntermediateLayerGetter``, ``model.classifier`` the head, built
-    for features at ``finest_stride``, e.g. ASPP rates 12/24/36 at stride 8). The layers before
-    the first adaptive step run once; the rest runs dense at ``finest_stride`` and, with the same
-    weights (batch norm included), at ``coarsest_stride``; the coarse features are upsampled
-    (nearest) and the two are blended with the hard Gumbel mask, then the head runs at the
-    finest stride. The auxiliary classifier, if any, is not used.
+    for features at ``finest_stride``, e.g. ASPP rates 12/24/36 at stride 8). The layers after
+    the first adaptive step run at ``finest_stride`` (``model``'s own modules) and at
+    ``coarsest_stride`` (:attr:`low_res`: the same parameters; with ``separate_statistics``
+    their own batch-norm running statistics, else the very same modules). The auxiliary
+    classifier, if any, is not used.
 
     ``forward(images)`` returns ``{"out": logits [B, K, H, W], "low_res": [B, 1, h, w] hard
-    mask, "rho_hat": fraction of low-resolution cells}``.
+    mask of the blend, "rate_sample": a second hard sample (for the budget term), "rho_hat":
+    its mean}``.
     """
 
     def __init__(self, model: nn.Module, estimator: MaskEstimator, finest_stride: int = 8,
-                 coarsest_stride: int = 16):
+                 coarsest_stride: int = 16, separate_statistics: bool = True):
         super().__init__()
         factor = 2 ** num_adaptive_steps(finest_stride, coarsest_stride)
         if estimator.downsample != factor:
@@ -69,13 +89,19 @@ class BlendedSegmenter(nn.Module):
         self.finest_stride = finest_stride
         self.coarsest_stride = coarsest_stride
         self.factor = factor
-        self.pre = [n for n in names if CANONICAL_STRIDE[n] <= finest_stride]
         self.post = [n for n in names if CANONICAL_STRIDE[n] > finest_stride]
         if not self.post:
             raise ValueError(f"no backbone layer downsamples beyond stride {finest_stride}")
+        self.separate_statistics = separate_statistics
+        self.low_res = nn.ModuleDict({
+            n: _shared_copy(getattr(backbone, n)) if separate_statistics else getattr(backbone, n)
+            for n in self.post})
+        # the coarse path's backbone: the model's, with the post layers swapped for low_res
+        coarse = copy.copy(backbone)
+        coarse._modules = dict(backbone._modules, **self.low_res)
+        self.__dict__["_coarse_backbone"] = coarse  # not a child: its modules are registered
 
-    def _post(self, x: torch.Tensor, stride: int) -> torch.Tensor:
-        backbone = self.model.backbone
+    def _post(self, x: torch.Tensor, backbone: nn.Module, stride: int) -> torch.Tensor:
         with output_stride(backbone, stride):
             for name in self.post:
                 x = getattr(backbone, name)(x)
@@ -88,11 +114,62 @@ class BlendedSegmenter(nn.Module):
     def forward(self, images: torch.Tensor, tau: float | None = None) -> dict:
         x = self.features(images)
         grid = x.shape[-2:]
-        low = self.estimator.sample(x, tau)
-        fine = self._post(x, self.finest_stride)
-        coarse = upsample_cells(self._post(x, self.coarsest_stride), self.factor, grid)
+        logits = self.estimator.logits(x)
+        low = self.estimator.sample_logits(logits, tau)
+        rate = self.estimator.sample_logits(logits, tau)  # the reference's second sample
+        fine = self._post(x, self.model.backbone, self.finest_stride)
+        coarse = self._post(x, self.__dict__["_coarse_backbone"], self.coarsest_stride)
+        coarse = upsample_cells(coarse, self.factor, grid)
         m = upsample_cells(low, self.factor, grid)
         blended = m * coarse + (1 - m) * fine
-        logits = self.model.classifier(blended)
-        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return {"out": logits, "low_res": low, "rho_hat": low.mean()}
+        out = self.model.classifier(blended)
+        out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": out, "low_res": low, "rate_sample": rate, "rho_hat": rate.mean()}
+
+
+def reference_state(blended: BlendedSegmenter) -> dict:
+    """The model in the layout of the paper's learned-mask checkpoint: ``backbone.<pre>``,
+    ``backbone.<layer>_high_res.*`` (the finest path), ``backbone.<layer>_low_res.*`` (the
+    coarse path: shared weights, its own statistics), ``backbone.mask_estimator.*``, the head
+    under ``classifier.classifier.*``."""
+    out = {}
+    for k, v in blended.model.state_dict().items():
+        if k.startswith("classifier."):
+            out["classifier." + k] = v
+        elif k.startswith("backbone."):
+            layer, _, rest = k[len("backbone."):].partition(".")
+            out[f"backbone.{layer}_high_res.{rest}" if layer in blended.post else k] = v
+    for layer, module in blended.low_res.items():
+        for k, v in module.state_dict().items():
+            out[f"backbone.{layer}_low_res.{k}"] = v
+    for k, v in blended.estimator.state_dict().items():
+        out[f"backbone.mask_estimator.{k}"] = v
+    return out
+
+
+def load_reference_state(blended: BlendedSegmenter, state: dict) -> None:
+    """Inverse of :func:`reference_state` (strict)."""
+    model, low, est = {}, {n: {} for n in blended.post}, {}
+    for k, v in state.items():
+        if k.startswith("classifier.classifier."):
+            model[k[len("classifier."):]] = v
+        elif k.startswith("backbone.mask_estimator."):
+            est[k[len("backbone.mask_estimator."):]] = v
+        elif k.startswith("backbone."):
+            layer, _, rest = k[len("backbone."):].partition(".")
+            name, _, path = layer.rpartition("_")
+            if path == "res" and name.endswith(("_high", "_low")):
+                base, which = name.rsplit("_", 1)
+                if which == "high":
+                    model[f"backbone.{base}.{rest}"] = v
+                else:
+                    low[base][rest] = v
+            else:
+                model[k] = v
+        else:
+            model[k] = v
+    blended.model.load_state_dict(model, strict=True)
+    blended.estimator.load_state_dict(est, strict=True)
+    if blended.separate_statistics:
+        for name, sd in low.items():
+            blended.low_res[name].load_state_dict(sd, strict=True)

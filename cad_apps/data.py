@@ -21,6 +21,7 @@ import torch
 from cad_spconv.images import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 
 __all__ = ["NUM_CLASSES", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "CLASS_NAMES",
+           "read_image",
            "TRAIN_ID_COLORS", "label_ids_to_train_ids", "normalize", "denormalize",
            "CityscapesSegmentation", "collate", "ConfusionMatrix", "colorize",
            "make_synthetic_cityscapes"]
@@ -105,15 +106,11 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
 
     def load_image(self, index: int) -> torch.Tensor:
         """uint8 RGB ``[3, H, W]``."""
-        from PIL import Image
-        with Image.open(self.images[index]) as im:
-            arr = np.asarray(im.convert("RGB"))
+        arr = read_image(self.images[index], "RGB")
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
     def load_target(self, index: int) -> torch.Tensor:
-        from PIL import Image
-        with Image.open(self.targets[index]) as im:
-            arr = np.asarray(im)
+        arr = read_image(self.targets[index])
         if arr.ndim != 2:
             raise ValueError(f"{self.targets[index]} is not a single-channel labelIds image")
         return label_ids_to_train_ids(arr)
@@ -126,6 +123,19 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
                              f"{tuple(target.shape)} differ in size")
         return {"image": normalize(image), "target": target, "id": self.ids[index],
                 "index": index}
+
+
+def read_image(path: str, mode: str | None = None) -> np.ndarray:
+    """An image file as an array (converted to ``mode`` if given); a file that is not an image,
+    or is truncated, raises a ``ValueError`` naming it."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert(mode) if mode else im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read the image {path} ({type(e).__name__}: {e}); replace the "
+                         "file (a truncated download or copy?)") from None
 
 
 def _frame_id(image_path: str) -> str:

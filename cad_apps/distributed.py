@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Dist", "init_distributed"]
+__all__ = ["Dist", "init_distributed", "resolve_device"]
 
 
 @dataclass
@@ -71,3 +71,25 @@ def init_distributed(device_type: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return Dist(rank, world, local, True)
+
+
+def resolve_device(name=None, option: str = "--device") -> str:
+    """The device to run on (default: cuda when available), checked: a clear message instead
+    of torch's for a device that is not one, or not on this machine."""
+    import torch
+
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{option} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} {name}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {name} requested but no CUDA device is available; use "
+                             "--device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {name}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return name

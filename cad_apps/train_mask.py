@@ -34,17 +34,20 @@ class TrainConfig:
     iters: int = 30000
     batch_size: int = 8
     crop_size: int = 768
-    lr: float = 0.01
+    lr: float = 0.1
     backbone_lr_mult: float = 0.1
     estimator_lr_mult: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    bn_momentum: float = 0.01          # backbone batch norms, as the reference
+    separate_statistics: bool = True   # the two paths keep their own BN running statistics
     rho: float = 0.5
     tau: float = 1.0
     task_weight: float = 1.0
     budget_weight: float = 1.0
     freeze_model: bool = False
-    scale_range: tuple = (0.5, 2.0)
+    scale_range: tuple = (1.0, 1.0)    # the reference does not rescale Cityscapes
+    color_jitter: float = 0.5          # brightness, contrast, saturation (torchvision ColorJitter)
     hflip: bool = True
     seed: int = 0
     save_every: int = 500
@@ -62,6 +65,10 @@ class TrainConfig:
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {self.scale_range}")
+        if not 0 <= self.color_jitter < 1:
+            raise ValueError(f"color_jitter must lie in [0, 1), got {self.color_jitter}")
+        if not 0 < self.bn_momentum <= 1:
+            raise ValueError(f"bn_momentum must lie in (0, 1], got {self.bn_momentum}")
 
 
 # ---------------------------------------------------------------------------------- data
@@ -116,14 +123,35 @@ class _BatchPlan:
         return torch.stack(images), torch.stack(targets)
 
 
+def _color_jitter(image, strength: float, g):
+    """torchvision's ``ColorJitter(strength, strength, strength)`` on an ImageNet-normalised
+    image: brightness, contrast and saturation factors uniform in ``[1 - s, 1 + s]``, applied in
+    a random order, on the [0, 1] image; the random numbers come from ``g``."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    from cad_spconv.images import IMAGENET_MEAN, IMAGENET_STD
+    mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (image * std + mean).clamp(0, 1)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    factors = 1 - strength + 2 * strength * torch.rand(3, generator=g)
+    for i in torch.randperm(3, generator=g).tolist():
+        rgb = ops[i](rgb, float(factors[i]))
+    return (rgb - mean) / std
+
+
 def _augment(image, target, c: TrainConfig, g):
-    """Random scale (bilinear / nearest), random crop with padding (0 / ignore), flip."""
+    """Colour jitter, random scale (bilinear / nearest), random crop with padding (0 / ignore),
+    flip."""
     import torch
     import torch.nn.functional as F
 
     if image.dim() != 3 or target.dim() != 2 or image.shape[-2:] != target.shape:
         raise ValueError(f"expected image [3, H, W] and target [H, W] of the same size, got "
                          f"{tuple(image.shape)} and {tuple(target.shape)}")
+    if c.color_jitter:
+        image = _color_jitter(image, c.color_jitter, g)
     lo, hi = c.scale_range
     s = lo + (hi - lo) * float(torch.rand((), generator=g))
     H, W = target.shape
@@ -164,15 +192,18 @@ def _param_groups(blended, config: TrainConfig):
 def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
           resume: bool = False, device="cpu", progress: bool = True,
           meta: Optional[dict] = None) -> list:
-    """Train ``blended`` (a :class:`~cad_spconv.learned_mask.BlendedSegmenter`) on ``dataset``
+    """Train ``blended`` (a :class:`~cad_apps.blended.BlendedSegmenter`) on ``dataset``
     (map-style; items ``{"image": [3,H,W] normalised, "target": [H,W] int64, ...}`` as
     :class:`cad_apps.data.CityscapesSegmentation` yields, or ``(image, target, ...)``).
 
-    With ``out_dir`` a checkpoint ``last.pt`` (model, estimator, optimizer, iteration, history,
-    config) is written atomically every ``save_every`` iterations and at the end, and
-    ``history.json`` next to it; ``resume=True`` continues from ``out_dir/last.pt``. ``meta``
-    (e.g. the model name) is stored and must match on resume. Returns the history: one dict per
-    iteration (``iteration``, ``loss``, ``task_loss``, ``budget_loss``, ``rho_hat``, ``lr``).
+    With ``out_dir`` a checkpoint ``last.pt`` is written atomically every ``save_every``
+    iterations and at the end, in the layout of the paper's published learned-mask checkpoint
+    (``model_state``, ``optimizer_state``, ``scheduler_state``, ``cur_itrs``; plus ``history``,
+    ``config`` and ``meta``), so ``cad-spconv eval --checkpoint last.pt --mask learned`` runs it;
+    ``history.json`` next to it. ``resume=True`` continues from ``out_dir/last.pt`` and refuses
+    a checkpoint written with other settings (``config`` or ``meta``), naming them. Returns the
+    history: one dict per iteration (``iteration``, ``loss``, ``task_loss``, ``budget_loss``,
+    ``rho_hat``, ``lr``).
     """
     import torch
     import torch.nn.functional as F
@@ -180,41 +211,50 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
 
     from cad_spconv.learned_mask import budget_loss
 
+    from .blended import load_reference_state, reference_state
+
     config.check()
     device = torch.device(device)
     blended.to(device)
+    for m in blended.model.backbone.modules():  # both paths: low_res shares these or copies
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = config.bn_momentum
+    for m in blended.low_res.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = config.bn_momentum
     if config.freeze_model:
         blended.model.eval()
+        blended.low_res.eval()
         blended.model.requires_grad_(False)
     else:
         blended.model.train()
+        blended.low_res.train()
     blended.estimator.train()
     optimizer = torch.optim.SGD(_param_groups(blended, config), lr=config.lr,
                                 momentum=config.momentum, weight_decay=config.weight_decay)
     start, history = 0, []
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    settings = {"config": asdict(config), "meta": meta or {}}
     if resume:
         if not ckpt_path or not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start without "
                                     "--resume or point --out at the run's folder")
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if (meta or {}) != state.get("meta", {}):
-            raise ValueError(f"checkpoint {ckpt_path} was written for {state.get('meta')}, this "
-                             f"run is {meta}: resume with the same model settings")
-        blended.model.load_state_dict(state["model"])
-        blended.estimator.load_state_dict(state["estimator"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["iteration"]), list(state["history"])
+        _check_same_settings(ckpt_path, {"config": state.get("config", {}),
+                                         "meta": state.get("meta", {})}, settings)
+        load_reference_state(blended, state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        start, history = int(state["cur_itrs"]), list(state["history"])
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
 
     def checkpoint(iteration: int):
         if not out_dir:
             return
-        save_torch_atomic({"iteration": iteration, "model": blended.model.state_dict(),
-                     "estimator": blended.estimator.state_dict(),
-                     "optimizer": optimizer.state_dict(), "history": history,
-                     "config": asdict(config), "meta": meta or {}}, ckpt_path)
+        save_torch_atomic({"cur_itrs": iteration, "model_state": reference_state(blended),
+                           "optimizer_state": optimizer.state_dict(),
+                           "scheduler_state": {"last_epoch": iteration}, "history": history,
+                           **settings}, ckpt_path)
         write_json_atomic(os.path.join(out_dir, HISTORY), history, compact_depth=1)
 
     plan = _BatchPlan(dataset, config)
@@ -233,7 +273,7 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
             torch.manual_seed(_iteration_seed(config.seed, iteration, 3))  # Gumbel noise
             out = blended(images, config.tau)
         task = F.cross_entropy(out["out"], targets, ignore_index=config.ignore_index)
-        budget = budget_loss(out["low_res"], config.rho)
+        budget = budget_loss(out["rate_sample"], config.rho)
         loss = config.task_weight * task + config.budget_weight * budget
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -248,6 +288,23 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     bar.close()
     checkpoint(iteration)
     return history
+
+
+def _check_same_settings(path: str, stored: dict, now: dict) -> None:
+    """Refuse to resume a run written with other settings, naming them."""
+    diff = []
+    for group in ("config", "meta"):
+        a, b = stored.get(group, {}), now.get(group, {})
+        for k in sorted(set(a) | set(b)):
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+                x, y = list(x), list(y)
+            if x != y and k not in ("workers", "save_every"):  # these do not change results
+                diff.append(f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now")
+    if diff:
+        raise ValueError(f"--resume: {path} was written with other settings ("
+                         + "; ".join(diff) + "); resume with the same settings, or start a new "
+                         "run in another --out (or --overwrite this one)")
 
 
 # ---------------------------------------------------------------------------------- models
@@ -344,12 +401,20 @@ def configure(parser: argparse.ArgumentParser):
     t.add_argument("--budget-weight", type=float, default=d.budget_weight)
     t.add_argument("--freeze-model", action="store_true",
                    help="train the estimator only (model frozen, in eval mode)")
+    t.add_argument("--color-jitter", type=float, default=d.color_jitter,
+                   help="brightness / contrast / saturation jitter (reference: 0.5; 0 = off)")
+    t.add_argument("--shared-statistics", dest="separate_statistics", action="store_false",
+                   help="one set of batch-norm running statistics for both paths (the "
+                        "reference keeps two)")
     t.add_argument("--workers", type=int, default=d.workers)
     t.add_argument("--seed", type=int, default=d.seed)
     o = parser.add_argument_group("output")
     o.add_argument("--out", required=True, help="run folder: checkpoints, history, evaluation")
     o.add_argument("--save-every", type=int, default=d.save_every)
-    o.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt (the settings must be the same)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that already holds a run")
     o.add_argument("--no-eval", action="store_true", help="skip the sparse evaluation")
     o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     o.add_argument("--no-progress", action="store_true")
@@ -361,56 +426,85 @@ def _config_from_args(args) -> TrainConfig:
 
 
 def main(args) -> int:
+    try:
+        return _main(args)
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        import sys
+        print(f"cad-spconv train-mask: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    import copy
+
     import torch
 
-    from .data import CityscapesSegmentation, make_synthetic_cityscapes
     from cad_spconv.learned_mask import MaskEstimator
 
     from .blended import BlendedSegmenter
+    from .data import CityscapesSegmentation, make_synthetic_cityscapes
+    from .distributed import resolve_device
+    from .io import OutputLock, check_output_path
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = torch.device(resolve_device(None if args.device == "auto" else args.device))
     if args.synthetic == bool(args.data_root):
-        raise SystemExit("cad-spconv train-mask: give exactly one of --data-root or --synthetic")
-    root = args.data_root
-    if args.synthetic:
-        root = os.path.join(args.out, "synthetic")
-        if not os.path.isdir(root):
-            make_synthetic_cityscapes(root, "train", num_images=8, size=(64, 128), seed=args.seed)
-            make_synthetic_cityscapes(root, "val", num_images=2, size=(64, 128), seed=args.seed + 1)
+        raise ValueError("give exactly one of --data-root or --synthetic")
+    if args.model == TINY and args.weights:
+        raise ValueError(f"{TINY} is a smoke-test model with random weights only; drop --weights "
+                         "or choose another --model")
     config = _config_from_args(args)
-    model = build_model(args.model, args.num_classes, args.weights)
-    num_classes = int(model.classifier[-1].out_channels)
-    factor = args.coarsest_stride // args.finest_stride
-    estimator = MaskEstimator(feature_channels(model, args.finest_stride), downsample=factor,
-                              tau=args.tau)
-    if args.estimator_weights:
-        from .checkpoints import load_into, read_mask_estimator
+    config.check()
+    out = check_output_path(args.out, folder=True)
+    with OutputLock(os.path.join(out, CHECKPOINT)):
+        ckpt = os.path.join(out, CHECKPOINT)
+        if os.path.exists(ckpt) and not (args.resume or args.overwrite):
+            raise ValueError(f"{out} already holds a run ({ckpt}); continue it with --resume, "
+                             "start over with --overwrite, or choose another --out")
+        if args.resume and args.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        root = args.data_root
+        if args.synthetic:
+            root = os.path.join(out, "synthetic")
+            if not os.path.isdir(root):
+                make_synthetic_cityscapes(root, "train", num_images=8, size=(64, 128), seed=args.seed)
+                make_synthetic_cityscapes(root, "val", num_images=2, size=(64, 128), seed=args.seed + 1)
+        torch.manual_seed(config.seed)  # the initial weights (random heads, estimator) too
+        model = build_model(args.model, args.num_classes, args.weights)
+        num_classes = int(model.classifier[-1].out_channels)
+        factor = args.coarsest_stride // args.finest_stride
+        estimator = MaskEstimator(feature_channels(model, args.finest_stride), downsample=factor,
+                                  tau=args.tau)
+        if args.estimator_weights:
+            from .checkpoints import load_into, read_mask_estimator
 
-        state, path = read_mask_estimator(args.estimator_weights)
-        load_into(estimator, state, source=path)
-    blended = BlendedSegmenter(model, estimator, args.finest_stride, args.coarsest_stride)
-    meta = {"model": args.model, "num_classes": num_classes,
-            "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride}
-    history = train(blended, CityscapesSegmentation(root, "train"), config, args.out,
-                    resume=args.resume, device=device, progress=not args.no_progress, meta=meta)
+            state, path = read_mask_estimator(args.estimator_weights)
+            load_into(estimator, state, source=path)
+        blended = BlendedSegmenter(model, estimator, args.finest_stride, args.coarsest_stride,
+                                   separate_statistics=config.separate_statistics)
+        meta = {"model": args.model, "num_classes": num_classes, "weights": args.weights,
+                "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride}
+        history = train(blended, CityscapesSegmentation(root, "train"), config, out,
+                        resume=args.resume, device=device, progress=not args.no_progress,
+                        meta=meta)
     if history:
         last = history[-1]
         print(f"trained {last['iteration']} iterations: loss {last['loss']:.4f}, task "
               f"{last['task_loss']:.4f}, rho_hat {last['rho_hat']:.3f} (target {config.rho})")
     if args.no_eval:
         return 0
-    # the sparse network with the trained estimator's argmax mask, through cad-spconv eval
+    # the sparse network with the estimator's argmax mask and the low_res statistics (as the
+    # reference evaluates), read back from the checkpoint, through cad-spconv eval
+    from .checkpoints import load_into, read_checkpoint
     from .eval import EvalConfig, evaluate, format_summary
 
-    cfg = EvalConfig(data_root=root, out=os.path.join(args.out, "eval.json"), model=args.model,
-                     split="val", finest_stride=args.finest_stride,
-                     coarsest_stride=args.coarsest_stride,
-                     mask=f"learned:{os.path.join(args.out, CHECKPOINT)}", device=str(device),
-                     limit=args.eval_images, num_workers=0, timing=False, overwrite=True,
-                     progress=not args.no_progress)
-    result = evaluate(cfg, model=model.eval())
+    state, _ = read_checkpoint(ckpt)
+    evaluated = copy.deepcopy(model).eval()
+    load_into(evaluated, state, source=ckpt)
+    cfg = EvalConfig(data_root=root, out=os.path.join(out, "eval.json"),
+                     model=None if args.model == TINY else args.model, split="val",
+                     finest_stride=args.finest_stride, coarsest_stride=args.coarsest_stride,
+                     mask=f"learned:{ckpt}", device=str(device), limit=args.eval_images,
+                     num_workers=0, timing=False, overwrite=True, progress=not args.no_progress)
+    result = evaluate(cfg, model=evaluated)
     print(format_summary(result))
     return 0

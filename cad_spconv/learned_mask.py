@@ -68,8 +68,12 @@ class MaskEstimator(nn.Sequential):
     def sample(self, features: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         """Training: hard Gumbel-Softmax sample of the downsample indicator, float
         ``[B, 1, h, w]`` with values 0/1 and straight-through gradients."""
-        one_hot = F.gumbel_softmax(self.logits(features), tau=self.tau if tau is None else tau,
-                                   hard=True, dim=1)
+        return self.sample_logits(self.logits(features), tau)
+
+    def sample_logits(self, logits: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+        """:meth:`sample` from given :meth:`logits` (the reference draws two samples from one
+        evaluation: one blends the paths, the other estimates the budget)."""
+        one_hot = F.gumbel_softmax(logits, tau=self.tau if tau is None else tau, hard=True, dim=1)
         return one_hot[:, DOWNSAMPLE:DOWNSAMPLE + 1]
 
     def low_res(self, features: torch.Tensor) -> torch.Tensor:

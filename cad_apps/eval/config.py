@@ -47,7 +47,7 @@ class MaskSpec:
 def parse_mask(text: str) -> MaskSpec:
     """Parse ``edge:0.35``, ``learned:PATH``, ``oracle``, ``none``, ``all``, ``random:0.3``,
     ``inverted-edge:0.35``, ``shuffled-edge:0.35``."""
-    kind, _, value = str(text).partition(":")
+    kind, sep, value = str(text).partition(":")
     kind = kind.strip().lower()
     if kind in ("none", "all", "oracle"):
         if value:
@@ -63,6 +63,9 @@ def parse_mask(text: str) -> MaskSpec:
                              + (" and <= 1" if kind == "random" else ""))
         return MaskSpec(kind, fraction=number) if kind == "random" else MaskSpec(kind, threshold=number)
     if kind == "learned":  # no path: the estimator inside the segmentation checkpoint
+        if sep and not value:
+            raise ValueError("--mask learned:PATH needs the estimator's file after the colon; "
+                             "`--mask learned` alone uses the estimator inside --checkpoint")
         return MaskSpec(kind, path=value or None)
     raise ValueError(f"unknown --mask {text!r}; expected {MASK_HELP}")
 

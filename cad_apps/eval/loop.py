@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 
-from ..distributed import Dist, init_distributed
+from ..distributed import Dist, init_distributed, resolve_device
 from ..io import (OutputBusyError, OutputLock, check_output_path, write_atomic,
                   write_json_atomic)
 from .config import EvalConfig
@@ -26,7 +26,7 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
     from ..data import CityscapesSegmentation, collate
 
     cfg.check()
-    device_name = _device(cfg.device)
+    device_name = resolve_device(cfg.device)
     out_path = check_output_path(cfg.out)
     if cfg.save_predictions:
         check_output_path(cfg.save_predictions, "--save-predictions", folder=True)
@@ -98,27 +98,6 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
         lock.__exit__(None, None, None)
         dist.close()
     return results if dist.main else None
-
-
-def _device(name):
-    """The device to run on, checked (a clear message instead of torch's)."""
-    import torch
-
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} requested but no CUDA device is available; use "
-                             "--device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
-    return name
 
 
 def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:

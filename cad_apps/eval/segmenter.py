@@ -125,22 +125,22 @@ class Segmenter:
             return torch.ones(B, 1, H, W, dtype=torch.bool, device=images.device)
         if kind == "learned":
             return self.estimator
-        if kind == "random":  # the fraction counts cells of the finest grid
-            return masks.random(B, (H, W), self.mask.fraction, cell=cfg.finest_stride,
+        if kind == "random":  # the fraction is the level-0 share of the finest grid
+            return masks.random(B, (H, W), self.mask.fraction, cfg.finest_stride,
                                 generator=self._generator, device=images.device)
         if kind == "oracle":
             none = torch.zeros(B, 1, H, W, dtype=torch.bool, device=images.device)
             coarse, fine = self._run(images, none), self._run(images, ~none)
             return masks.oracle(coarse, fine, targets, cfg.dilation)
-        keep = masks.edge(images, self.mask.threshold, cfg.dilation)
+        keep, stride = masks.edge(images, self.mask.threshold, cfg.dilation), cfg.finest_stride
         if cfg.semantics == "reference":  # the reference's edges_os16till8 rule (4x4 blocks)
-            keep = masks.reference_blocks(keep, cfg.finest_stride, 4)
+            keep, stride = masks.reference_blocks(keep, cfg.finest_stride, 4), 1
         if kind == "edge":
             return keep
         if kind == "inverted-edge":
             return masks.invert(keep)
-        if kind == "shuffled-edge":  # the edge mask's budget at random places
-            return masks.random_like(keep, cell=cfg.finest_stride, generator=self._generator)
+        if kind == "shuffled-edge":  # the edge mask's level fractions at random places
+            return masks.random_like(keep, stride, self.cad.num_levels, generator=self._generator)
         raise AssertionError(kind)
 
     def _run(self, images, keep):

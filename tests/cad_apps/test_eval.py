@@ -4,6 +4,7 @@ The model is DeepLabV3-ResNet50 (same head and adapter path as ResNet-101, half 
 random weights saved as a paper-format checkpoint; everything runs in float64 on tiny images,
 so predictions of the converted model and the dense references agree pixel for pixel.
 """
+import dataclasses
 import json
 import math
 import os
@@ -104,6 +105,7 @@ def test_parse_mask():
     assert parse_mask("edge:0.35") == MaskSpec("edge", threshold=0.35)
     assert str(parse_mask("random:0.3")) == "random:0.3"
     assert parse_mask("learned:/a/b.pth").path == "/a/b.pth"
+    assert parse_mask("learned").path is None and str(parse_mask("learned")) == "learned"
     assert parse_mask("none").kind == "none" and parse_mask("ALL").kind == "all"
     for bad, msg in (("edge", "number"), ("edge:x", "number"), ("random:2", "<= 1"),
                      ("learned:", "PATH"), ("sobel:1", "unknown"), ("none:1", "no value")):
@@ -225,8 +227,8 @@ def test_oracle_and_ablation_masks_run(fixture_root, checkpoint, tmp_path):
         result, _ = run(fixture_root, checkpoint, tmp_path, mask, dtype="float32", limit=1)
         rec = next(iter(result["images"].values()))
         assert rec["macs_dense_coarsest"] <= rec["macs"]["total"] <= rec["macs_dense_finest"] + 1
-        if mask == "random:0.5":  # finest cells: 5x7 = 35 -> 18 kept
-            assert rec["level0_share"] >= 18 / 35
+        if mask == "random:0.5":  # the level-0 share of the finest grid, to half a block
+            assert abs(rec["level0_share"] - 0.5) <= 2 / 35
 
 
 def test_cli_reports_clear_errors(fixture_root, tmp_path, capsys):
@@ -267,3 +269,43 @@ def test_torchrun_two_processes_merge_to_the_single_process_result(fixture_root,
         assert merged["images"][k]["macs"] == rec["macs"]
     assert merged["summary"]["miou"] == single["summary"]["miou"]
     assert "mIoU" in proc.stdout
+
+
+def test_output_problems_are_found_before_any_work(fixture_root, checkpoint, tmp_path):
+    """A second writer on one --out is refused while the first is alive; --out a directory,
+    a bad device or a negative warm-up are refused before an image is computed."""
+    from cad_apps.io import OutputLock
+    out = tmp_path / "locked.json"
+    with OutputLock(str(out)):
+        with pytest.raises(ValueError, match="being written by another running process"):
+            run(fixture_root, checkpoint, tmp_path, "none", name="locked.json")
+    assert not out.exists()
+    for bad, msg in ((dict(out=str(tmp_path)), "is a directory"),
+                     (dict(device="tpu"), "use cpu, cuda"), (dict(device="meta"), "only cpu and cuda"),
+                     (dict(device="nonsense"), "is not a device"),
+                     (dict(warmup=-1), "--warmup must be >= 0")):
+        cfg = EvalConfig(**{**dict(data_root=fixture_root, out=str(tmp_path / "x.json"),
+                                   checkpoint=checkpoint[0], device="cpu"), **bad})
+        with pytest.raises(ValueError, match=msg):
+            evaluate(cfg)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_split_without_labels_and_broken_images(tmp_path, checkpoint):
+    """A split whose labels are all ignored (Cityscapes' test split) gives a summary without
+    mIoU instead of a crash; a truncated image is named."""
+    from cad_apps.eval import format_summary
+    root = tmp_path / "cs"
+    make_synthetic_cityscapes(root, split="test", num_images=1, size=SIZE, seed=1)
+    label = next((root / "gtFine" / "test").rglob("*_labelIds.png"))
+    Image.fromarray(np.zeros(SIZE, np.uint8)).save(label)  # all 'unlabeled'
+    cfg = EvalConfig(data_root=str(root), out=str(tmp_path / "t.json"), split="test",
+                     checkpoint=checkpoint[0], mask="none", device="cpu", num_workers=0,
+                     progress=False, timing=False, warmup=0)
+    result = evaluate(cfg)
+    assert result["summary"]["miou"] is None and result["summary"]["pixel_accuracy"] is None
+    assert "n/a (no labelled pixels)" in format_summary(result)
+    image = next((root / "leftImg8bit" / "test").rglob("*.png"))
+    image.write_bytes(image.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"cannot read the image {image}"):
+        evaluate(dataclasses.replace(cfg, out=str(tmp_path / "t2.json")))

@@ -98,7 +98,7 @@ def test_synthetic_model_makes_predictions_that_are_not_noise(setup, tmp_path):
     assert synthetic_model.main(["--data-root", root, "--model", "deeplabv3_resnet50",
                                  "--iterations", "30", "--out", str(ckpt)]) == 0
     _, info = build_segmentation_model("deeplabv3_resnet50", ckpt)
-    assert info.format == "deeplabv3plus-pytorch" and info.num_classes == 19
+    assert info.format == "reference" and info.num_classes == 19
 
     def miou(checkpoint):
         cfg = EvalConfig(data_root=root, out=str(tmp_path / f"{checkpoint is None}.json"),

@@ -1,6 +1,8 @@
 """The learned mask: estimator layout, Gumbel sampling, the dense blend of the paper's training
 recipe against torchvision's own stride-8 / stride-16 networks, and training on tiny synthetic
 data (the loss falls, the budget steers rho_hat, resuming is exact)."""
+import dataclasses
+import json
 import os
 
 import numpy as np
@@ -134,15 +136,15 @@ def test_blend_equals_torchvision_stride_8_and_16_paths():
         seen = {}
         fine.classifier.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0]))
         for forced in (torch.zeros_like(mask), torch.ones_like(mask), mask):
-            est.sample = lambda feats, tau=None, forced=forced: forced
+            est.sample_logits = lambda logits, tau=None, forced=forced: forced
             out = blended(images)
             expected = forced.repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :H0, :W0]
             torch.testing.assert_close(seen["x"], expected * up16 + (1 - expected) * f8,
                                        rtol=1e-12, atol=1e-12)
             assert out["rho_hat"] == forced.mean()
-        est.sample = lambda feats, tau=None: torch.zeros_like(mask)
+        est.sample_logits = lambda logits, tau=None: torch.zeros_like(mask)
         torch.testing.assert_close(blended(images)["out"], fine(images)["out"], rtol=1e-12, atol=1e-12)
-        est.sample = lambda feats, tau=None: torch.ones_like(mask)
+        est.sample_logits = lambda logits, tau=None: torch.ones_like(mask)
         head16 = F.interpolate(fine.classifier(up16), size=images.shape[-2:], mode="bilinear",
                                align_corners=False)
         torch.testing.assert_close(blended(images)["out"], head16, rtol=1e-12, atol=1e-12)
@@ -218,9 +220,12 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["loss"] for r in h_resumed] == [r["loss"] for r in h_straight]
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
-    with pytest.raises(ValueError, match="same model settings"):
+    with pytest.raises(ValueError, match="model: 'fcn_tiny' in the checkpoint vs 'other' now"):
         train(tiny_blended(1), data, cut, out_dir=out, resume=True, progress=False,
               meta={"model": "other"})
+    with pytest.raises(ValueError, match="rho: 0.5 in the checkpoint vs 0.3 now"):
+        train(tiny_blended(1), data, dataclasses.replace(cut, rho=0.3), out_dir=out, resume=True,
+              progress=False, meta={"model": "fcn_tiny"})
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_blended(1), data, cut, out_dir=str(tmp_path / "empty"), resume=True, progress=False)
 
@@ -233,14 +238,69 @@ def test_cli_train_mask_on_synthetic_cityscapes(tmp_path, capsys):
     assert "trained 2 iterations" in capsys.readouterr().out
     assert os.path.exists(os.path.join(out, "last.pt"))
     state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    assert state["iteration"] == 2 and set(state["estimator"]) == set(MaskEstimator(64).state_dict())
+    est_keys = {"backbone.mask_estimator." + k for k in MaskEstimator(64).state_dict()}
+    assert state["cur_itrs"] == 2 and est_keys <= set(state["model_state"])
     # a train-mask checkpoint initialises the estimator of a new run
     out2 = str(tmp_path / "run2")
     assert cli.main(argv[:-3] + [out2, "--no-progress", "--no-eval", "--iters", "0",
                                  "--estimator-weights", os.path.join(out, "last.pt")]) == 0
     state2 = torch.load(os.path.join(out2, "last.pt"), weights_only=True)
-    assert state2["iteration"] == 0
-    for k, v in state["estimator"].items():
-        assert torch.equal(state2["estimator"][k], v), k
-    with pytest.raises(SystemExit, match="exactly one"):
-        cli.main(["train-mask", "--out", out, "--no-eval"])
+    assert state2["cur_itrs"] == 0
+    for k in est_keys:
+        assert torch.equal(state2["model_state"][k], state["model_state"][k]), k
+    assert cli.main(["train-mask", "--out", out, "--no-eval"]) == 2
+    assert "exactly one of --data-root or --synthetic" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
+    """An existing run is not replaced without --overwrite; --resume with other settings is
+    refused, naming them; fcn_tiny takes no weights."""
+    out = str(tmp_path / "run")
+    argv = ["train-mask", "--synthetic", "--model", "fcn_tiny", "--iters", "1", "--batch-size", "1",
+            "--crop-size", "32", "--out", out, "--no-progress", "--no-eval"]
+    assert cli.main(argv) == 0
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    assert cli.main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before
+    assert cli.main(argv + ["--resume", "--rho", "0.3", "--iters", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "rho: 0.5 in the checkpoint vs 0.3 now" in err and "iters" in err
+    assert cli.main(argv + ["--overwrite", "--iters", "2"]) == 0
+    assert cli.main(argv[:-1] + ["--weights", "x.pth", "--no-eval"]) == 2
+    assert "random weights only" in capsys.readouterr().err
+
+
+def test_seed_fixes_the_initial_weights(tmp_path):
+    """--seed seeds everything: the same seed gives the same losses, another seed others."""
+    losses = []
+    for i, seed in enumerate((3, 3, 4)):
+        out = str(tmp_path / f"r{i}")
+        assert cli.main(["train-mask", "--synthetic", "--model", "fcn_tiny", "--iters", "2",
+                         "--batch-size", "1", "--crop-size", "32", "--seed", str(seed), "--out",
+                         out, "--no-progress", "--no-eval"]) == 0
+        with open(os.path.join(out, "history.json")) as f:
+            losses.append([r["loss"] for r in json.load(f)])
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+
+
+def test_the_two_paths_share_weights_and_keep_their_own_statistics():
+    torch.manual_seed(0)
+    blended = tiny_blended(0)
+    high = blended.model.backbone.layer3
+    low = blended.low_res["layer3"]
+    assert low[0].conv1.weight is high[0].conv1.weight and low[0].bn1.weight is high[0].bn1.weight
+    assert low[0].bn1.running_mean is not high[0].bn1.running_mean
+    cfg = TrainConfig(iters=2, batch_size=2, crop_size=32, save_every=0, seed=1)
+    train(blended, synthetic_items(4), cfg, progress=False)
+    assert not torch.equal(low[0].bn1.running_mean, high[0].bn1.running_mean)
+    assert low[0].bn1.momentum == high[0].bn1.momentum == cfg.bn_momentum == 0.01
+    # the reference layout holds both copies and loads back
+    from cad_apps.blended import load_reference_state, reference_state
+    state = reference_state(blended)
+    assert any(k.startswith("backbone.layer3_low_res.") for k in state)
+    assert any(k.startswith("backbone.layer3_high_res.") for k in state)
+    other = tiny_blended(5)
+    load_reference_state(other, state)
+    for (k, a), b in zip(blended.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
