@@ -79,7 +79,11 @@ def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: Int
 
 def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> CADTensor:
-    """Batch norm per site; in training the statistics are taken over sites."""
+    """Batch norm per site; in training the statistics are taken over sites.
+
+    Training mode mixes the images of the batch, as ``torch.nn.BatchNorm2d`` does: a NaN / Inf
+    in one image makes the batch statistics, hence those channels of every image, non-finite.
+    Eval mode (running statistics) keeps images independent, like every other op."""
     out = F.batch_norm(x.features, running_mean, running_var, weight, bias, training, momentum, eps)
     return x.replace_feature(out)
 

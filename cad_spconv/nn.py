@@ -86,7 +86,8 @@ class CADConv2d(nn.Conv2d):
 
 
 class CADBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` per site; training mode normalizes over the sites of the batch."""
+    """``nn.BatchNorm2d`` per site; training mode normalizes over the sites of the batch (so,
+    as in torchvision, one image's NaN / Inf reaches every image through the statistics)."""
 
     @classmethod
     def from_module(cls, bn: nn.BatchNorm2d) -> "CADBatchNorm2d":

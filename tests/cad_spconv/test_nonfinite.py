@@ -1,0 +1,195 @@
+"""NaN / Inf isolation, op by op and engine by engine (issue 11 item 1).
+
+One image's non-finite values must never reach another image of its batch, and within an image
+they must spread exactly where the dense emulation (fill through the owner map, dense op)
+spreads them: the same NaN / +Inf / -Inf pattern, the same finite values. Before the fix the
+lattice engine read an out-of-grid tap from row 0 of the batch (image 0) and zeroed it by a
+multiplication, so 0 * NaN reached every image, and 0 * Inf made NaN where the dense conv pads 0.
+
+Train-mode batch norm is the exception, as in torchvision: its statistics are taken over the
+whole batch, so a non-finite value in one image makes its channels non-finite in every image
+(``test_batch_norm_train_mixes_the_batch_as_torchvision_does``).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.support import dense_reference as ref
+from cad_spconv import CADTensor, functional as CF
+from cad_spconv.backend import spconv_status
+from cad_spconv.engines.spconv_igemm import igemm_status
+from cad_spconv.nn import CADBatchNorm2d
+from tests.support.inputs import make_input, tol
+
+SPCONV = spconv_status()[0]
+
+
+def engines(device, dtype, groups):
+    """The engines that run this call here (every refusal is tested in test_ops)."""
+    names = ["lattice", "torch", "auto", "tuned"]
+    if SPCONV and groups == 1:
+        names.append("spconv")
+        if device.type == "cuda" and dtype == torch.float32 and igemm_status()[0]:
+            names.append("spconv-igemm")
+    return names
+
+
+CASES = [((13, 11), 1, "keep"), ((9, 16), 2, "levels"), ((17, 23), 3, "map"),
+         ((13, 11), 2, "all"), ((13, 11), 2, "none")]
+NAN, INF = float("nan"), float("inf")
+#: (image, what): "all" poisons every site of the image, "first" its first row (the batch's
+#: row 0 for image 0: what the old lattice engine read for out-of-grid taps), "border" a site
+#: on the right border, "coarse" a site of the coarsest level present
+POISONS = [(0, "all", NAN), (2, "all", INF), (1, "all", "mixed"), (0, "first", NAN),
+           (1, "border", INF), (2, "coarse", -INF)]
+
+
+def classes(t: torch.Tensor) -> torch.Tensor:
+    return torch.stack([t.isnan(), t.isposinf(), t.isneginf()])
+
+
+def assert_same_nonfinite(actual, expected, dtype):
+    """The same NaN / +Inf / -Inf pattern, the same finite values."""
+    assert actual.shape == expected.shape
+    bad = (classes(actual) != classes(expected)).any(0)
+    assert not bad.any(), f"{int(bad.sum())} entries differ in finiteness"
+    fin = torch.isfinite(expected)
+    torch.testing.assert_close(actual[fin], expected[fin], **tol(dtype))
+
+
+def poison(x: CADTensor, levels, image: int, what: str, value) -> CADTensor:
+    geo = x.plan.geometry(x.step)
+    rows = (geo.coords[:, 0] == image).nonzero()[:, 0]
+    f = x.features.clone()
+    if what == "all":
+        pick = rows
+    elif what == "first":
+        pick = rows[:1]
+    elif what == "border":
+        W = x.plan.grid[1]
+        c = geo.coords[rows]
+        right = rows[c[:, 2] + 2 ** x.step >= W]
+        pick = right[len(right) // 2:len(right) // 2 + 1]
+    else:  # the coarsest site of the image
+        c = geo.coords[rows]
+        lv = x.plan.levels[c[:, 0], c[:, 1], c[:, 2]]
+        pick = rows[lv.argmax():lv.argmax() + 1]
+    if value == "mixed":  # NaN, +Inf, -Inf and finite values side by side
+        cycle = torch.tensor([NAN, INF, -INF, 1.0], dtype=f.dtype, device=f.device)
+        idx = torch.arange(pick.numel() * f.shape[1], device=f.device) % 4
+        f[pick] = cycle[idx].view(pick.numel(), f.shape[1])
+    else:
+        f[pick] = value
+    return x.replace_feature(f)
+
+
+def run_case(op, emulate, x, levels, dtype, image_of, label=""):
+    """``op``: CADTensor -> [N, C] rows (or a dict engine -> such an op); ``emulate``: poisoned
+    features -> expected rows; ``image_of``: [N] image of every output row."""
+    ops = op if isinstance(op, dict) else {"": op}
+    clean = {name: f(x) for name, f in ops.items()}
+    for image, what, value in POISONS:
+        bad = poison(x, levels, image, what, value)
+        want = emulate(bad.features)
+        for name, f in ops.items():
+            out = f(bad)
+            others = image_of != image
+            where = (label, name, image, what, value)
+            assert torch.equal(out[others], clean[name][others]), where
+            assert_same_nonfinite(out, want, dtype)
+
+
+def out_images(x, step_out):
+    return x.plan.geometry(step_out).coords[:, 0]
+
+
+CONVS = [(3, 1, 1, 1), (3, 1, 2, 1), (1, 1, 2, 1), (5, 2, 1, 1), (3, 1, 2, 2), (7, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype,k,dilation,stride,groups",
+                         [(torch.float64, *c) for c in CONVS]  # float32: the oneDNN GEMM routes
+                         + [(torch.float32, *c) for c in CONVS if c[0] == 3])
+def test_conv(case, dtype, k, dilation, stride, groups, device):
+    """Every engine that runs here (lattice, torch, auto, tuned, spconv; spconv-igemm on CUDA),
+    with and without autograd."""
+    L = case[1]
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(6, 6 // groups, k, k, generator=gen, dtype=dtype).to(device)
+    b = torch.randn(6, generator=gen, dtype=dtype).to(device)
+    names = engines(device, dtype, groups)
+    ops = {name: (lambda t, e=name: CF.conv2d(t, w, b, stride, dilation, groups, e).features)
+           for name in names}
+    grad_w = w.clone().requires_grad_()  # autograd paths (no workspaces, no cached layouts)
+
+    def with_grad(t, engine):
+        with torch.enable_grad():
+            return CF.conv2d(t, grad_w, b, stride, dilation, groups, engine).features.detach()
+
+    ops.update({f"{name}+grad": (lambda t, e=name: with_grad(t, e))
+                for name in ("lattice", "torch") + (("spconv",) if "spconv" in names else ())})
+    for step in range(L + (stride == 1)):
+        if stride == 2 and step == L:
+            continue
+        x, levels = make_input(case, step, 6, dtype, device, seed=step + 3)
+        with torch.no_grad():
+            run_case(ops, lambda f: ref.conv(f, levels, step, stride, w, b, dilation, groups),
+                     x, levels, dtype, out_images(x, step + (stride == 2)), f"step {step}")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_max_pools(case, dtype, device):
+    L = case[1]
+    for step in range(L):
+        x, levels = make_input(case, step, 4, dtype, device, seed=step + 5)
+        run_case(lambda t: CF.max_pool2d(t, 2, 2).features,
+                 lambda f: ref.max_pool_2x2(f, levels, step), x, levels, dtype,
+                 out_images(x, step + 1))
+        for s in (1, 2):
+            run_case(lambda t: CF.max_pool2d(t, 3, s, 1).features,
+                     lambda f: ref.max_pool_overlap(f, levels, step, 3, s), x, levels, dtype,
+                     out_images(x, step + s - 1))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_batch_norm_eval_add_pool_densify(case, device):
+    dtype = torch.float64
+    L = case[1]
+    bn = CADBatchNorm2d(4).to(device, dtype).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(-2, 2), bn.bias.uniform_(-1, 1)
+    for step in range(L + 1):
+        x, levels = make_input(case, step, 4, dtype, device, seed=step + 9)
+        other = torch.randn(x.features.shape, generator=torch.Generator().manual_seed(step),
+                            dtype=dtype).to(device)
+        rows = out_images(x, step)
+
+        def dense_bn(f):
+            return F.batch_norm(f, bn.running_mean, bn.running_var, bn.weight, bn.bias, False)
+
+        run_case(lambda t: bn(t).features, dense_bn, x, levels, dtype, rows)
+        run_case(lambda t: (t + CADTensor(other, t.plan, step)).features,
+                 lambda f: f + other, x, levels, dtype, rows)
+        images = torch.arange(3, device=device)
+        run_case(lambda t: CF.global_avg_pool(t),
+                 lambda f: ref.global_avg_pool(f, levels, step), x, levels, dtype, images)
+        geo = ref.Geometry(levels, step)
+        run_case(lambda t: t.dense(), geo.fill, x, levels, dtype, images)
+
+
+def test_batch_norm_train_mixes_the_batch_as_torchvision_does(device):
+    """Batch statistics: one image's NaN / Inf makes its channels non-finite in every image, in
+    torchvision's BatchNorm2d and in CADBatchNorm2d alike (documented, not isolated)."""
+    x, levels = make_input(CASES[1], 1, 4, torch.float64, device, seed=1)
+    dense_bn = torch.nn.BatchNorm2d(4).to(device, torch.float64).train()
+    bn = CADBatchNorm2d.from_module(torch.nn.BatchNorm2d(4).to(device, torch.float64)).train()
+    geo = ref.Geometry(levels, 1)
+    for image, what, value in POISONS:
+        bad = poison(x, levels, image, what, value)
+        out = bn(bad).features
+        want = dense_bn(geo.fill(bad.features))
+        hit = ~torch.isfinite(bad.features).all(0)  # channels that saw a non-finite value
+        assert bool(torch.isnan(want[:, hit]).all()) and bool(torch.isnan(out[:, hit]).all())
+        assert bool(torch.isfinite(out[:, ~hit]).all()) and bool(torch.isfinite(want[:, ~hit]).all())
