@@ -53,7 +53,14 @@ def _main(args) -> int:
     from cad_spconv.macs import MacCounter
     from cad_spconv.plan import LevelPlan
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .distributed import resolve_device
+    from .io import check_output_path
+
+    device = torch.device(resolve_device(args.device))
+    if args.size is not None and min(args.size) < 16:
+        raise ValueError(f"--size {args.size[0]} {args.size[1]}: both sides must be at least 16 "
+                         "pixels (two cells at stride 8)")
+    check_output_path(args.out)
     torch.manual_seed(args.seed)
     image, source = load_image(args.image, args.size, args.seed)
     x = normalize(image)[None].to(device)
@@ -140,18 +147,21 @@ def _synced(t0: float, device) -> float:
 
 def load_image(path, size, seed):
     """uint8 ``[3, H, W]`` and a description."""
+    import os
+
     import numpy as np
     import torch
     from PIL import Image
+    from .data import read_image
     if path is None:
         H, W = size or (256, 512)
         return synthetic_street(H, W, seed), f"synthetic street scene (seed {seed})"
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None:
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-        arr = np.asarray(im).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1), path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--image {path}: no such file")
+    arr = read_image(path, "RGB")
+    if size is not None:
+        arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1), path
 
 
 def synthetic_street(H: int, W: int, seed: int = 0):
@@ -172,8 +182,6 @@ def synthetic_street(H: int, W: int, seed: int = 0):
 
 
 def _write_overlay(path, image, plans, prediction, chosen):
-    import os
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -198,6 +206,6 @@ def _write_overlay(path, image, plans, prediction, chosen):
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    from .io import write_atomic
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

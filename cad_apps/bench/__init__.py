@@ -188,21 +188,25 @@ def _check_args(args) -> dict:
         raise SystemExit("bench: --profile takes the number of ops to report (>= 0)")
     if args.batch < 1:
         raise SystemExit("bench: --batch must be >= 1")
-    f, c = args.finest_stride, args.coarsest_stride
-    if f < 1 or c <= f or c % f or (c // f) & (c // f - 1):
-        raise SystemExit(f"bench: --coarsest-stride must be the --finest-stride times a power of "
-                         f"two > 1, got {f} and {c}")
+    from cad_spconv.plan import num_adaptive_steps
+
+    from ..distributed import resolve_device
+    try:
+        num_adaptive_steps(args.finest_stride, args.coarsest_stride)
+        device = torch.device(resolve_device(args.device))
+    except ValueError as e:
+        raise SystemExit(f"bench: {e}") from None
+    if min(args.size) < 16:
+        raise SystemExit(f"bench: --size {args.size[0]} {args.size[1]}: both sides must be at "
+                         "least 16 pixels")
+    if not 0.0 <= args.random_keep <= 1.0:
+        raise SystemExit(f"bench: --random-keep is a fraction in [0, 1], got {args.random_keep}")
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
     bad = [e for e in engines if e not in engine_names()]
     if not engines or bad:
         raise SystemExit(f"bench: unknown engine {bad[0] if bad else args.engine!r}; choose from "
                          f"{', '.join(engine_names())}")
     args.engines = engines
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda but no CUDA device is available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"bench: --device must be cpu or cuda[:i], got {args.device}")
     dtype = getattr(torch, args.dtype)
     if dtype == torch.float16 and device.type == "cpu":
         raise SystemExit("bench: float16 has no fast CPU convolutions; use --dtype bfloat16 or "
@@ -215,7 +219,6 @@ def _check_args(args) -> dict:
 
 def _inputs(args):
     """Batches of ImageNet-normalised float32 images ``[B, 3, H, W]`` on the CPU, and names."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -223,11 +226,14 @@ def _inputs(args):
 
     H, W = args.size
     if args.images:
-        from PIL import Image
+        from ..data import read_image
 
         images, names = [], []
         for path in args.images:
-            rgb = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+            try:
+                rgb = torch.from_numpy(read_image(path, "RGB").copy()).permute(2, 0, 1)
+            except ValueError as e:
+                raise SystemExit(f"bench: {e}") from None
             img = normalize(rgb)[None]
             if tuple(img.shape[-2:]) != (H, W):
                 img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)

@@ -2,6 +2,7 @@
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cad_apps.cli import main as cli
@@ -37,3 +38,23 @@ def test_demo_with_an_image_file_and_errors(tmp_path, capsys):
     assert cli(["demo", "--image", str(img), "--size", "8", "8", "--out", str(out)]) == 2
     assert "too small" in capsys.readouterr().err
     assert cli(["demo", "--image", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+
+
+def test_demo_and_bench_refuse_bad_arguments_with_messages(tmp_path, capsys):
+    """Not an image, sizes below one block, a missing GPU: messages, not tracebacks."""
+    import torch
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    assert cli(["demo", "--image", str(bad), "--device", "cpu", "--out", str(tmp_path / "o.png")]) == 2
+    assert "cannot read the image" in capsys.readouterr().err
+    assert cli(["demo", "--size", "0", "0", "--device", "cpu"]) == 2
+    assert "at least 16 pixels" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli(["demo", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    for argv, msg in ((["--size", "0", "0"], "at least 16 pixels"),
+                      (["--random-keep", "2"], "fraction in [0, 1]"),
+                      (["--images", str(bad)], "cannot read the image"),
+                      (["--device", "tpu"], "not a device")):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            cli(["bench", "--model", "conv3x3", "--reps", "1", "--no-memory", *argv])
