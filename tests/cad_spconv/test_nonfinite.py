@@ -193,3 +193,31 @@ def test_batch_norm_train_mixes_the_batch_as_torchvision_does(device):
         hit = ~torch.isfinite(bad.features).all(0)  # channels that saw a non-finite value
         assert bool(torch.isnan(want[:, hit]).all()) and bool(torch.isnan(out[:, hit]).all())
         assert bool(torch.isfinite(out[:, ~hit]).all()) and bool(torch.isfinite(want[:, ~hit]).all())
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_input_gradients_stay_in_their_image(case, stride, device):
+    """Backward too: with one image non-finite, the other images' input gradients equal those of
+    the clean batch (the weight gradient mixes the batch, as in torchvision)."""
+    L = case[1]
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 6, 3, 3, generator=gen, dtype=torch.float64).to(device)
+    names = [e for e in engines(device, torch.float64, 1) if e not in ("tuned", "spconv-igemm")]
+    x, levels = make_input(case, 0, 6, torch.float64, device, seed=4)
+    images = x.plan.geometry(0).coords[:, 0]
+
+    def grads(features, engine):
+        f = features.clone().requires_grad_()
+        y = CF.conv2d(x.replace_feature(f), w, None, stride, 1, 1, engine)
+        y = CF.conv2d(y, w, None, 1, 2, 1, engine)
+        (y.features * torch.arange(6, device=device)).sum().backward()
+        return f.grad
+
+    for engine in names:
+        clean = grads(x.features, engine)
+        for image, what, value in POISONS:
+            bad = poison(x, levels, image, what, value).features
+            g = grads(bad, engine)
+            others = images != image
+            assert torch.equal(g[others], clean[others]), (engine, image, what, value)
