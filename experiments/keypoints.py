@@ -6,7 +6,7 @@ inverted plans at the keypoint plans' budget, F = 1).
     python -m experiments.keypoints --data-root hpatches-sequences-release \\
         --weights d2_tf.pth --out runs/keypoints            # the paper's full sweep
     python -m experiments.keypoints --synthetic --random-weights --settings quick \\
-        --synthetic-size 128 192 --num-keypoints 32 \\
+        --synthetic-size 128 192 --num-keypoints 32 --normalize \\
         --out runs/keypoints_synthetic                     # a synthetic run on CPU
 
 Every setting is one ``cad-spconv keypoints extract`` folder under ``<out>/features/<label>``
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--title", help="plot title")
+    p.add_argument("--normalize", action="store_true",
+                   help="match L2-normalised descriptors (cosine; not the paper's protocol; "
+                        "for random weights, whose raw dot products favour a few descriptors)")
     return p
 
 
@@ -132,7 +135,9 @@ def main(argv=None) -> int:
         data = "synthetic set" if args.synthetic else os.path.basename(os.path.normpath(data_root))
         report = run_evaluate(data_root, folders, os.path.join(args.out, "keypoints.json"),
                               os.path.join(args.out, "keypoints.png"), labels,
-                              args.title or f"D2-Net ({weights}) on {data}: MMA@3 vs multiply-adds")
+                              args.title or f"D2-Net ({weights}) on {data}"
+                              + (", cosine matching" if args.normalize else "")
+                              + "\nMMA@3 vs multiply-adds (Fig. 6)", args.normalize)
     except (ValueError, FileNotFoundError, OutputBusyError) as e:
         print(f"experiments.keypoints: error: {e}", file=sys.stderr)
         return 2

@@ -58,6 +58,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--plot", help="MMA@3 vs multiply-adds PNG (default with several folders: "
                     "--out with .png)")
     ev.add_argument("--title", help="plot title")
+    ev.add_argument("--normalize", action="store_true",
+                    help="L2-normalise descriptors before matching (cosine similarity; not the "
+                         "paper's protocol, which matches raw dot products)")
     ev.set_defaults(_keypoints_main=_evaluate)
 
 
@@ -84,7 +87,7 @@ def _evaluate(args) -> int:
     from .evaluate import run_evaluate
 
     report = run_evaluate(args.data_root, args.features, args.out, args.plot, args.labels,
-                          args.title)
+                          args.title, args.normalize)
     for label, r in report["features"].items():
         m = r["mma@3"]
         fmt = lambda v: "  n/a " if v is None else f"{v:.4f}"  # noqa: E731

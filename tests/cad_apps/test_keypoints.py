@@ -64,7 +64,7 @@ def test_sampling_differs_from_floor_division():
 
 
 # ---------------------------------------------------------------------------- MMA
-def _brute_force_mma(data_root, folder, thresholds=range(1, 16)):
+def _brute_force_mma(data_root, folder, normalize=False, thresholds=range(1, 16)):
     """Loops only: best partner by scanning, mutual check, projection of each point."""
     from cad_apps.keypoints.hpatches import list_sequences, read_homography
 
@@ -74,6 +74,9 @@ def _brute_force_mma(data_root, folder, thresholds=range(1, 16)):
         for k in range(2, 7):
             zk = np.load(os.path.join(folder, seq.name, f"{k}.npz"))
             a, b = z1["descriptors"].astype(np.float64), zk["descriptors"].astype(np.float64)
+            if normalize:
+                a = np.array([row / np.sqrt(np.sum(row * row)) for row in a])
+                b = np.array([row / np.sqrt(np.sum(row * row)) for row in b])
             hom = read_homography(os.path.join(data_root, seq.name, f"H_1_{k}"))
             dists = []
             for i in range(len(a)):
@@ -92,11 +95,12 @@ def _brute_force_mma(data_root, folder, thresholds=range(1, 16)):
     return out
 
 
-def test_mma_matches_a_brute_force_computation(data_root, extracted, tmp_path):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_mma_matches_a_brute_force_computation(data_root, extracted, tmp_path, normalize):
     report = run_evaluate(data_root, [str(extracted / "os8"), str(extracted / "a4")],
-                          str(tmp_path / "res.json"))
+                          str(tmp_path / "res.json"), normalize=normalize)
     for name in ("os8", "a4"):
-        expected = _brute_force_mma(data_root, str(extracted / name))
+        expected = _brute_force_mma(data_root, str(extracted / name), normalize)
         got = report["features"][name]["mma"]
         for g in ("i", "v", "all"):
             np.testing.assert_allclose(got[g], expected[g], rtol=0, atol=1e-12)
@@ -104,6 +108,11 @@ def test_mma_matches_a_brute_force_computation(data_root, extracted, tmp_path):
     # the synthetic set is not trivial: some matches, not all correct at 1 px
     m = report["features"]["a4"]["mma"]["all"]
     assert 0 < m[0] < 1 and m[0] <= m[2] <= m[14]
+    if normalize:  # cosine matching finds more mutual matches than raw dot products here
+        assert report["descriptors"] == "l2-normalised"
+        raw = run_evaluate(data_root, [str(extracted / "a4")], str(tmp_path / "raw.json"))
+        assert (report["features"]["a4"]["num_matches_mean"]["all"]
+                > raw["features"]["a4"]["num_matches_mean"]["all"])
 
 
 def test_mutual_nearest_neighbours_ties_and_empty():
