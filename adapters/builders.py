@@ -85,16 +85,13 @@ def set_head_geometry(model: nn.Module, output_stride: int, trained_output_strid
     """Head geometry of the paper's code for a model run at ``output_stride`` with weights
     trained at ``trained_output_stride``: ASPP rates :data:`ASPP_RATES` of the run stride, the
     other 3x3 head convs dilated by ``trained / run`` (``classifier_dilation``; 1 when the
-    strides agree, as for every published checkpoint). Attributes only, in place."""
+    strides agree, as for every published checkpoint, and when the run stride is coarser, which
+    a dilation cannot undo). Attributes only, in place."""
     rated, others = head_convs(model)
     if rated:
         for conv, rate in zip(rated, ASPP_RATES[output_stride]):
             conv.dilation = conv.padding = (rate, rate)
-    ratio, rest = divmod(trained_output_stride, output_stride)
-    if rest or ratio < 1:
-        raise ValueError(f"weights trained at output stride {trained_output_stride} cannot run "
-                         f"at the coarser stride {output_stride} (the paper's classifier_dilation "
-                         "would not be a whole number)")
+    ratio = max(1, trained_output_stride // output_stride)
     for conv in others:
         conv.dilation = conv.padding = (ratio, ratio)
 
