@@ -201,6 +201,8 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
               "thresholds": list(THRESHOLDS),
               "descriptors": "l2-normalised" if normalize else "as stored (raw dot products)",
               "num_sequences": {g: sum(s.kind == g for s in sequences) for g in ("i", "v")},
+              "high_resolution_sequences": sorted(s.name for s in sequences
+                                                  if s.name in hpatches.HIGH_RESOLUTION),
               "features": results}
     write_json_atomic(out, report, compact_depth=3)
     if plot is None and len(folders) > 1:

@@ -333,3 +333,16 @@ def test_cuda_extraction_matches_cpu_in_float64(data_root, tmp_path):
         b = np.load(tmp_path / "cuda" / seq / f"{k}.npz")["descriptors"]
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
         assert outs["cpu"]["images"][image_id]["macs"] == outs["cuda"]["images"][image_id]["macs"]
+
+
+def test_evaluate_notes_high_resolution_sequences(data_root, extracted, tmp_path, capsys):
+    """D2-Net's benchmark (the paper's numbers) leaves out 8 high-resolution sequences."""
+    data, feats = tmp_path / "data", tmp_path / "feats"
+    shutil.copytree(data_root, data)
+    shutil.copytree(extracted / "os8", feats)
+    os.rename(data / "i_synth0", data / "i_dc")
+    os.rename(feats / "i_synth0", feats / "i_dc")
+    assert cli(["keypoints", "evaluate", "--data-root", str(data), "--features", str(feats),
+                "--out", str(tmp_path / "r.json")]) == 0
+    assert "note: 1 high-resolution sequences are included" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "r.json"))["high_resolution_sequences"] == ["i_dc"]
