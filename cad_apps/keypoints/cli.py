@@ -54,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="folders written by `cad-spconv keypoints extract`")
     ev.add_argument("--labels", nargs="+", metavar="NAME",
                     help="one name per folder (default: the folder names)")
-    ev.add_argument("--out", default="keypoints_results.json", help="results JSON")
+    ev.add_argument("--out", required=True, help="results JSON")
     ev.add_argument("--plot", help="MMA@3 vs multiply-adds PNG (default with several folders: "
                     "--out with .png)")
     ev.add_argument("--title", help="plot title")

@@ -106,8 +106,12 @@ def load_d2_weights(path: str) -> nn.Sequential:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of every kind
-        raise ValueError(f"--weights {path} cannot be read as a torch checkpoint ({type(e).__name__}: "
-                         f"{e}); expected D2-Net's d2_tf.pth") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"--weights {path} cannot be read as a torch checkpoint of tensors ({type(e).__name__}: "
+            f"{first}); expected D2-Net's d2_tf.pth. If it is a checkpoint you trust that also "
+            "pickles other objects, keep its tensors only: python -c \"import torch; torch.save("
+            "{'model': torch.load('IN.pth', weights_only=False)['model']}, 'OUT.pth')\"") from None
     stack = vgg16_conv4_3()
     stack.load_state_dict(d2_features_state_dict(ckpt))
     return stack.eval()

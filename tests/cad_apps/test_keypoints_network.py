@@ -181,3 +181,13 @@ def test_reference_semantics_runs_the_centre_anchored_network(tmp_path):
     x = caffe_tensor(rgb, dtype=torch.float64)
     with torch.no_grad():
         assert_rel(big["features"], dense_reference(stack, x, 2))
+
+
+def test_checkpoints_pickling_other_objects_are_refused_with_the_fix(tmp_path):
+    import argparse
+
+    ckpt = d2_checkpoint(vgg16_conv4_3())
+    ckpt["args"] = argparse.Namespace(lr=1e-3)  # as D2-Net's training checkpoints hold
+    torch.save(ckpt, tmp_path / "train.pth")
+    with pytest.raises(ValueError, match="keep its tensors only"):
+        load_d2_weights(str(tmp_path / "train.pth"))
