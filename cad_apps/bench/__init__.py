@@ -60,6 +60,10 @@ def configure(parser: argparse.ArgumentParser):
                         help="edge mask dilation in pixels (default: 11)")
     parser.add_argument("--edge-operator", default="reference", choices=("reference", "sobel"),
                         help="edge detector of cad_spconv.masks.edge (default: reference)")
+    parser.add_argument("--keep", default="mask", choices=("mask", "none", "all"),
+                        help="mask: edge masks of --images, else random blocks (default); none / "
+                             "all: nothing / everything kept (CAD equals the dense network at the "
+                             "coarsest / finest stride)")
     parser.add_argument("--random-keep", type=float, default=0.3,
                         help="without --images: kept fraction of the random block masks")
     parser.add_argument("--finest-stride", type=int, default=8)
@@ -77,6 +81,12 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--tf32", default="on", choices=("on", "off"),
                         help="CUDA float32: TF32 for cuDNN convs, matmuls and spconv alike "
                              "(default: on, PyTorch's default for convs)")
+    parser.add_argument("--scope", default="backbone", choices=("backbone", "model"),
+                        help="time the backbones (default; CAD densified at the finest stride) "
+                             "or the whole models (segmentation: the plain networks with their "
+                             "heads at their stride; CAD with the head at the finest stride)")
+    parser.add_argument("--sparse-head", action="store_true",
+                        help="with --scope model: run the CAD head on the multi-resolution tensor")
     parser.add_argument("--fold-bn", action="store_true",
                         help="fold eval batch norms into the convs (adapters.fold_batchnorm) in "
                              "every variant, dense and CAD alike")
@@ -261,7 +271,11 @@ def _masks(args, batches, device):
         images = images.to(device)
         sync(device)
         t0 = time.perf_counter()
-        if args.images:
+        if args.keep in ("none", "all"):  # the two ends: the dense networks at c / at f
+            import torch
+            keep = torch.full((images.shape[0], 1, *images.shape[-2:]), args.keep == "all",
+                              dtype=torch.bool, device=device)
+        elif args.images:
             from cad_spconv.masks import edge
 
             keep = edge(images, args.threshold, args.dilation, operator=args.edge_operator)

@@ -68,6 +68,9 @@ def _input_summary(res: dict, engines) -> dict:
     fine_name, fine = _best(v, "dense_fine")
     out = {"dense_coarse_seconds": coarse["seconds"], "dense_fine_seconds": fine["seconds"],
            "dense_fine_format": fine.get("format"), "cad": {}}
+    nchw32 = next((e for e in v.values() if e["kind"] == "dense_reference"), None)
+    if nchw32 is not None:
+        out["dense_fine_nchw_float32_seconds"] = nchw32["seconds"]
     for e in engines:
         if f"cad[{e}]" not in v:
             continue
@@ -79,7 +82,11 @@ def _input_summary(res: dict, engines) -> dict:
             "vs_dense_fine": t / fine["seconds"], "vs_dense_coarse": t / coarse["seconds"],
             "eff": fine["seconds"] * frac / t,
             "geometry_share": cad.get("geometry_seconds", float("nan")) / t,
+            "peak_vs_dense_fine": (cad["peak_bytes"] / fine["peak_bytes"]
+                                   if cad.get("peak_bytes") and fine.get("peak_bytes") else None),
         }
+        if nchw32 is not None:
+            out["cad"][e]["vs_dense_fine_nchw_float32"] = t / nchw32["seconds"]
     res["summary"] = out
     return out
 

@@ -36,10 +36,17 @@ def to_format(x, fmt):
 
 
 def build_variants(args, device, dtype) -> dict:
-    """Variants for ``args.model``: dense at both strides (per memory format) and CAD per
-    engine, all sharing one set of random weights."""
+    """Variants for ``args.model``, all sharing one set of random weights: the dense network at
+    the finest and the coarsest stride (per memory format), CAD per engine, and where the dtype
+    is not float32 the dense finest network in NCHW float32 (the usual baseline, reported).
+
+    ``args.scope``: ``"backbone"`` times the backbones (CAD: ``forward_features``, densified at
+    the finest stride); ``"model"`` the whole models (segmentation: the plain networks with
+    their heads at their stride, CAD with the head densified at the finest stride or, with
+    ``args.sparse_head``, on the multi-resolution tensor)."""
     if args.model == OP_MODEL:
         return _build_conv(args, device, dtype)
+    import torch
     from torch import nn
     from torchvision.models._utils import IntermediateLayerGetter
 
@@ -48,32 +55,44 @@ def build_variants(args, device, dtype) -> dict:
     from adapters.output_stride import STAGES, STEM
 
     f, c = args.finest_stride, args.coarsest_stride
-    if args.model in SEGMENTATION_MODELS:
+    whole = args.scope == "model"
+    segmentation = args.model in SEGMENTATION_MODELS
+    if segmentation:
         source = segmentation_model(args.model, output_stride=f)
-        arch = args.model.split("_", 1)[1]
-        trunks = {s: IntermediateLayerGetter(classifier_model(arch, output_stride=s),
-                                             {"layer4": "out"}) for s in (f, c)}
-        for trunk in trunks.values():
-            trunk.load_state_dict(source.backbone.state_dict())
-        dense = trunks
+        dense = {}
+        for s in (f, c):
+            if whole:  # the plain network at stride s, its head at s (the paper's baselines)
+                net = segmentation_model(args.model, output_stride=s, trained_output_stride=s)
+                net.load_state_dict(source.state_dict())
+            else:
+                arch = args.model.split("_", 1)[1]
+                net = IntermediateLayerGetter(classifier_model(arch, output_stride=s),
+                                              {"layer4": "out"})
+                net.load_state_dict(source.backbone.state_dict())
+            dense[s] = net
     else:
         source = classifier_model(args.model, output_stride=f)
         dense = {}
         for s in (f, c):
             net = classifier_model(args.model, output_stride=s)
             net.load_state_dict(source.state_dict())
-            dense[s] = nn.Sequential(*[getattr(net, n) for n in STEM + STAGES])
-    cads = {e: convert(source, f, c, engine=e) for e in args.engines}
+            dense[s] = net if whole else nn.Sequential(*[getattr(net, n) for n in STEM + STAGES])
+    sparse_head = bool(whole and segmentation and args.sparse_head)
+    cads = {e: convert(source, f, c, engine=e, sparse_head=sparse_head) for e in args.engines}
     if args.fold_bn:  # every variant alike (each fold copies its model)
         from adapters import fold_batchnorm
 
         dense = {s: fold_batchnorm(m.eval()) for s, m in dense.items()}
         cads = {e: fold_batchnorm(m.eval()) for e, m in cads.items()}
+    reference = None
+    if dtype != torch.float32:  # the usual baseline, reported next to the best one
+        import copy
+        reference = copy.deepcopy(dense[f]).eval().to(device=device)
     for m in list(dense.values()) + list(cads.values()):
         m.eval().to(device=device, dtype=dtype)
-    segmentation = args.model in SEGMENTATION_MODELS
-    dense_call = {s: (lambda m: (lambda x: m(x)["out"]))(m) if segmentation else m
-                  for s, m in dense.items()}
+
+    def call(m):
+        return (lambda x: m(x)["out"]) if segmentation else m
 
     variants = []
     for s, kind in ((c, "dense_coarse"), (f, "dense_fine")):
@@ -81,20 +100,47 @@ def build_variants(args, device, dtype) -> dict:
             variants.append(Variant(
                 f"dense{s}[{fmt}]", kind,
                 (lambda fmt: lambda images, keep: (to_format(images.to(dtype), fmt),))(fmt),
-                dense_call[s], (lambda m: lambda images, keep: _count(m, images))(dense[s]),
-                fmt=fmt))
+                call(dense[s]),
+                (lambda m: lambda images, keep: _count(m, images.to(dtype)))(dense[s]), fmt=fmt))
+    if reference is not None:
+        variants.append(Variant(
+            f"dense{f}[nchw,float32]", "dense_reference",
+            lambda images, keep: (images.to(torch.float32).contiguous(),), call(reference),
+            (lambda m: lambda images, keep: _count(m, images.to(torch.float32)))(reference),
+            fmt="nchw"))
     for e, m in cads.items():
         v = Variant(f"cad[{e}]", "cad",
                     lambda images, keep: (to_format(images.to(dtype), "channels_last"), keep),
-                    None, (lambda m: lambda images, keep: _count(m, images.to(dtype), keep))(m),
+                    None, (lambda m: lambda images, keep: _count(m, images.to(dtype), keep,
+                                                                 whole))(m),
                     engine=e)
-        v.run = (lambda m, v: lambda x, keep: v.keep_geometry(m.forward_features(x, keep)).dense())(m, v)
+        if whole:
+            _capture_geometry(m, v)
+            v.run = (lambda m: lambda x, keep: (m(x, keep)["out"] if segmentation
+                                                else m(x, keep)))(m)
+        else:
+            v.run = (lambda m, v: lambda x, keep: v.keep_geometry(
+                m.forward_features(x, keep)).dense())(m, v)
         variants.append(v)
     return {"variants": variants, "engines": args.engines}
 
 
-def _count(model, images, keep=None) -> int:
-    """Multiply-adds of the backbone (dense trunk, or the CAD model's forward_features)."""
+def _capture_geometry(model, variant):
+    """Keep the plan and rulebook cache of each whole-model forward in ``variant.last`` (for
+    the geometry replay): the tensor the model enters its first adaptive step with."""
+    enter = model._enter
+
+    def entering(*args, **kwargs):
+        tensor = enter(*args, **kwargs)
+        variant.keep_geometry(tensor)
+        return tensor
+
+    model._enter = entering
+
+
+def _count(model, images, keep=None, whole=False) -> int:
+    """Multiply-adds of what a variant runs (dense model, CAD ``forward_features`` or, with
+    ``whole``, the whole CAD model)."""
     import torch
 
     from cad_spconv.macs import MacCounter
@@ -102,6 +148,8 @@ def _count(model, images, keep=None) -> int:
     with MacCounter(model, images.shape[0]) as counter, torch.inference_mode():
         if keep is None:
             model(images)
+        elif whole:
+            model(images, keep)
         else:
             model.forward_features(images, keep)
     return counter.result()["total"]
