@@ -45,6 +45,10 @@ class LatticeSplit:
     ``[B, *out_grid]``, ``None`` likewise): a dense conv with ``stride`` (1, or 2 for an adaptive
     step), the layer's ``dilation`` and same padding.
 
+    ``finest``: every input and output site is a finest-grid cell (nothing merged: the feature
+    matrices are the NHWC maps of the whole grid), so the layer is one dense conv on the finest
+    grid with its taps ``dilation * 2**step_in`` apart and stride 1, no lattice and no rest.
+
     The rest are the output sites off that lattice: ``rest_rows`` (sites whose taps all lie in
     the grid first, ``num_inside`` of them, then the border sites), read through
     ``rest_index`` ``[R, K]`` (in-grid input rows; a border site's out-of-grid taps point at an
@@ -62,6 +66,7 @@ class LatticeSplit:
     rest_index: torch.Tensor
     num_inside: int
     border_valid: torch.Tensor
+    finest: bool = False
 
     @property
     def num_rest(self) -> int:
@@ -122,6 +127,15 @@ class Rulebook:
         if self.num_taps != 1:
             raise ValueError(f"rows() is for 1x1 rulebooks; this one has {self.num_taps} taps")
         return self.derived("rows", lambda: self.gather[:, 0].contiguous())
+
+    def rows_in_order(self) -> bool:
+        """1x1 rulebooks: output row i reads input row i (an adaptive step that merged
+        nothing), so the rows need no gather."""
+        def check():
+            rows = self.rows()
+            return bool(self.num_in == self.num_out and torch.equal(
+                rows, torch.arange(self.num_out, device=rows.device)))
+        return self.derived("rows_in_order", check)
 
     def padded(self) -> torch.Tensor:
         """``gather`` with ``-1`` replaced by ``num_in`` (a zero / sentinel row appended)."""
@@ -232,13 +246,21 @@ class ConvRulebook(Rulebook):
         s_in, s_out = 2 ** self.step_in, 2 ** self.step_out
         in_grid = (-(-H // s_in), -(-W // s_in))
         out_grid = (-(-H // s_out), -(-W // s_out))
-        # every lattice cell is a site of its step, so the owner there is the site itself
-        in_rows = None
-        if self.step_in > 0:
-            in_rows = plan.geometry(self.step_in).owner[:, ::s_in, ::s_in].reshape(-1)
         geo_out = plan.geometry(self.step_out)
+        cells = B * H * W
+        if plan.num_sites(self.step_in) == cells and geo_out.num_sites == cells:
+            empty = geo_out.coords.new_empty(0)
+            return LatticeSplit(batch=B, in_grid=(H, W), out_grid=(H, W), in_rows=None,
+                                out_rows=None, stride=1, rest_rows=empty,
+                                rest_index=empty.view(0, self.num_taps), num_inside=0,
+                                border_valid=empty.view(0, self.num_taps).bool(), finest=True)
+        # every lattice cell is a site of its step, so the owner there is the site itself; when
+        # the lattice cells are all the sites, raster order makes them the rows as they are
+        in_rows = None
+        if self.step_in > 0 and plan.num_sites(self.step_in) != B * in_grid[0] * in_grid[1]:
+            in_rows = plan.geometry(self.step_in).owner[:, ::s_in, ::s_in].reshape(-1)
         out_rows = None
-        if self.step_out > 0:
+        if self.step_out > 0 and geo_out.num_sites != B * out_grid[0] * out_grid[1]:
             out_rows = geo_out.owner[:, ::s_out, ::s_out].reshape(-1)
         coords = geo_out.coords
         off = ((coords[:, 1] | coords[:, 2]) & (s_out - 1)) != 0

@@ -59,6 +59,8 @@ class LatticeEngine(Engine):
         c_in, c_out = features.shape[1], weight.shape[0]
         kh, kw = book.kernel_size
         dy, dx = book.dilation
+        if split.finest:  # nothing merged: one dense conv on the finest grid, taps 2**t apart
+            dy, dx = dy * 2 ** book.step_in, dx * 2 ** book.step_in
         scratch = not tracks_grad(features, weight, bias)  # intermediates may be workspaces
         x = features
         if split.in_rows is not None:
@@ -82,7 +84,8 @@ class LatticeEngine(Engine):
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
     """1x1 conv: one GEMM on the feature matrix (rows picked first for a stride-2 step)."""
-    x = features if book.is_identity else features.index_select(0, book.rows())
+    x = (features if book.is_identity or book.rows_in_order()
+         else features.index_select(0, book.rows()))
     c_out = weight.shape[0]
     if groups == 1:
         return matmul_nk(x, weight.reshape(c_out, -1), bias)
