@@ -128,3 +128,22 @@ def max_pool_2x2(features, levels, step_in):
 
 def global_avg_pool(features, levels, step):
     return Geometry(levels, step).fill(features).mean((2, 3))
+
+
+def census(levels: np.ndarray, num_levels: int) -> list[dict]:
+    """Per image: {(level, clipped height, clipped width): number of sites} of a level map
+    [B, H, W], by looping over the quadtree's aligned blocks (a plan's budget: equal censuses
+    give equal level fractions, sites at every step and multiply-adds)."""
+    B, H, W = levels.shape
+    out = []
+    for b in range(B):
+        count: dict = {}
+        for l in range(num_levels + 1):
+            s = 2 ** l
+            for y in range(0, H, s):
+                for x in range(0, W, s):
+                    if levels[b, y, x] == l:
+                        key = (l, min(s, H - y), min(s, W - x))
+                        count[key] = count.get(key, 0) + 1
+        out.append(count)
+    return out
