@@ -72,8 +72,8 @@ def _check_keep(keep: torch.Tensor, what: str = "keep mask") -> torch.Tensor:
     if not isinstance(keep, torch.Tensor):
         raise TypeError(f"{what} must be a bool torch.Tensor [B, 1, H, W], got {type(keep).__name__}")
     if keep.dtype != torch.bool:
-        raise TypeError(f"{what} must be a bool tensor, got {keep.dtype}; threshold it "
-                        "explicitly, e.g. `mask > 0.5`")
+        raise TypeError(f"{what} must be a bool tensor, got {keep.dtype}; convert it "
+                        "explicitly: a 0/1 mask with `mask.bool()`, scores with `mask > 0.5`")
     if keep.dim() == 3:
         keep = keep[:, None]
     if keep.dim() != 4 or keep.shape[1] != 1:

@@ -350,7 +350,8 @@ def make_plan(spec: PlanSpec, grid: Sequence[int], num_levels: int,
                         f"{type(spec).__name__}")
     if plan.grid != grid:
         raise ValueError(f"plan grid {plan.grid[0]}x{plan.grid[1]} does not match the finest grid "
-                         f"{grid[0]}x{grid[1]}")
+                         f"{grid[0]}x{grid[1]}: build the LevelPlan on the model's finest grid "
+                         "(the feature map entering the first adaptive step)")
     if batch_size is not None and plan.batch_size != batch_size:
         raise ValueError(f"keep has batch size {plan.batch_size}, the input has {batch_size}: "
                          "give one mask per image")
