@@ -16,7 +16,7 @@ import os
 from typing import Any, Callable
 
 __all__ = ["write_json_atomic", "save_torch_atomic", "write_atomic", "to_json", "OutputLock",
-           "OutputBusyError", "check_output_path"]
+           "OutputBusyError", "check_output_path", "read_json", "settings_difference"]
 
 
 class OutputBusyError(RuntimeError):
@@ -66,6 +66,29 @@ def to_json(obj: Any, depth: int = 0, compact_depth: int = 2) -> str:
                  for k, v in obj.items()]
         return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
     return json.dumps(obj, allow_nan=False, separators=(", ", ": "))
+
+
+def read_json(path: str, fmt: str, what: str, fix: str) -> dict:
+    """A results file written by this package: a JSON object whose ``"format"`` is ``fmt``.
+    Anything else raises a ``ValueError`` naming the file, ``what`` it should be and ``fix``."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise ValueError(f"{path} is not {what}; {fix}")
+    return obj
+
+
+def settings_difference(old: dict, new: dict, here: str = "in the file") -> str:
+    """``"k: old in the file vs new now, ..."`` for the settings that differ ('' if none); tuples
+    and lists compare equal when their items do (JSON turns tuples into lists)."""
+    def norm(v):
+        return list(v) if isinstance(v, tuple) else v
+    keys = list(new) + [k for k in old if k not in new]
+    return ", ".join(f"{k}: {old.get(k)!r} {here} vs {new.get(k)!r} now" for k in keys
+                     if norm(old.get(k)) != norm(new.get(k)))
 
 
 def check_output_path(path: str, what: str = "--out", folder: bool = False) -> str:

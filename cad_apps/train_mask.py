@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from .io import save_torch_atomic, write_json_atomic
+from .io import save_torch_atomic, settings_difference, write_json_atomic
 
 TINY = "fcn_tiny"  # a smoke-test model with random weights
 CHECKPOINT = "last.pt"
@@ -291,20 +291,17 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
 
 
 def _check_same_settings(path: str, stored: dict, now: dict) -> None:
-    """Refuse to resume a run written with other settings, naming them."""
-    diff = []
-    for group in ("config", "meta"):
-        a, b = stored.get(group, {}), now.get(group, {})
-        for k in sorted(set(a) | set(b)):
-            x, y = a.get(k), b.get(k)
-            if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
-                x, y = list(x), list(y)
-            if x != y and k not in ("workers", "save_every"):  # these do not change results
-                diff.append(f"{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now")
-    if diff:
-        raise ValueError(f"--resume: {path} was written with other settings ("
-                         + "; ".join(diff) + "); resume with the same settings, or start a new "
-                         "run in another --out (or --overwrite this one)")
+    """Refuse to resume a run written with other settings, naming them (the number of data
+    loader workers and the checkpoint interval do not change results)."""
+    free = ("workers", "save_every")
+    shown = ", ".join(d for d in (
+        settings_difference({k: v for k, v in stored.get(g, {}).items() if k not in free},
+                            {k: v for k, v in now.get(g, {}).items() if k not in free},
+                            "in the checkpoint") for g in ("config", "meta")) if d)
+    if shown:
+        raise ValueError(f"--resume: {path} was written with other settings ({shown}); resume "
+                         "with the same settings, or start a new run in another --out (or "
+                         "--overwrite this one)")
 
 
 # ---------------------------------------------------------------------------------- models

@@ -1,9 +1,9 @@
 """The results file: resuming it, and the dataset-level summary of its per-image records."""
 from __future__ import annotations
 
-import json
 import os
 
+from ..io import read_json, settings_difference
 from .config import FORMAT, EvalConfig
 
 __all__ = ["load_results", "summarize", "format_summary"]
@@ -12,17 +12,10 @@ __all__ = ["load_results", "summarize", "format_summary"]
 def load_results(path: str, cfg: EvalConfig) -> dict:
     """Existing results to resume from, or a fresh skeleton."""
     if os.path.isfile(path) and not cfg.overwrite:
-        with open(path) as f:
-            try:
-                old = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); remove it or pass --overwrite") from None
-        if old.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a cad-spconv eval file; choose another --out")
-        mine = cfg.fingerprint()
-        diff = {k: (old["config"].get(k), mine[k]) for k in mine if old["config"].get(k) != mine[k]}
-        if diff:
-            shown = ", ".join(f"{k}: {a!r} in the file vs {b!r} now" for k, (a, b) in diff.items())
+        old = read_json(path, FORMAT, "a cad-spconv eval file",
+                        "choose another --out, or pass --overwrite to replace it")
+        shown = settings_difference(old["config"], cfg.fingerprint())
+        if shown:
             raise ValueError(f"{path} was written with other settings ({shown}); pass another "
                              "--out, or --overwrite to start over")
         return old

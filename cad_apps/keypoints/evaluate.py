@@ -19,13 +19,12 @@ image (the paper's Fig. 6).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ..io import check_output_path, write_atomic, write_json_atomic
+from ..io import check_output_path, read_json, write_atomic, write_json_atomic
 from . import hpatches
 
 __all__ = ["FORMAT", "THRESHOLDS", "mutual_nearest_neighbours", "reprojection_errors", "l2_normalize",
@@ -95,13 +94,8 @@ def read_extract_summary(folder: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--features {folder} has no summary.json: it is not the --out of "
                                 "`cad-spconv keypoints extract`")
-    with open(path) as f:
-        try:
-            summary = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if summary.get("format") != EXTRACT_FORMAT:
-        raise ValueError(f"{path} is not a cad-spconv keypoints summary")
+    summary = read_json(path, EXTRACT_FORMAT, "a cad-spconv keypoints summary",
+                        "give the --out folder of `cad-spconv keypoints extract`")
     return summary
 
 

@@ -34,7 +34,8 @@ from typing import Optional
 import numpy as np
 
 from ..distributed import init_distributed
-from ..io import OutputBusyError, OutputLock, check_output_path, write_atomic, write_json_atomic
+from ..io import (OutputBusyError, OutputLock, check_output_path, read_json,
+                  settings_difference, write_atomic, write_json_atomic)
 from . import hpatches
 from .levels import MASKS, check_dilations, num_levels
 from .preprocess import MAX_SUM_EDGES, SEMANTICS
@@ -256,27 +257,19 @@ def summarize(images: dict) -> dict:
 
 
 def _load_summary(cfg: ExtractConfig, path: str) -> dict:
-    import json
-
     fresh = {"format": FORMAT, "settings": cfg.settings(), "weights_file": (
         os.path.abspath(cfg.weights) if cfg.weights else None),
         "data_root": os.path.abspath(cfg.data_root), "environment": {}, "summary": {},
         "complete": False, "images": {}}
     if not os.path.isfile(path):
         return fresh
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); remove it (the .npz files will be "
-                         "recomputed) or choose another --out") from None
-    if (not isinstance(old, dict) or old.get("format") != FORMAT
-            or not isinstance(old.get("settings"), dict) or not isinstance(old.get("images"), dict)):
+    old = read_json(path, FORMAT, "a cad-spconv keypoints summary",
+                    "choose another --out, or remove the file (the .npz files will be recomputed)")
+    if not isinstance(old.get("settings"), dict) or not isinstance(old.get("images"), dict):
         raise ValueError(f"{path} is not a cad-spconv keypoints summary; choose another --out")
     mine = fresh["settings"]
-    diff = [(k, old["settings"].get(k), v) for k, v in mine.items() if old["settings"].get(k) != v]
-    if diff:
-        shown = ", ".join(f"{k}: {a!r} in the folder vs {b!r} now" for k, a, b in diff)
+    shown = settings_difference(old["settings"], mine, "in the folder")
+    if shown:
         raise ValueError(f"{cfg.out} holds features extracted with other settings ({shown}); "
                          "choose another --out, or delete the folder to start over")
     old["settings"] = mine
