@@ -16,7 +16,8 @@ from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise
 from cad_spconv.plan import LevelPlan, make_plan, num_adaptive_steps, reduce_to_grid
 from cad_spconv.tensor import CADTensor
 
-__all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides", "dense_conv", "cad_conv", "cad_layer", "shell", "keep_to_grid", "CADModel",
+__all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides", "dense_conv",
+           "cad_conv", "cad_layer", "shell", "follow_mode", "keep_to_grid", "CADModel",
            "expect_type"]
 
 SUPPORTED = ("torchvision ResNet / ResNeXt / Wide ResNet classifiers (BasicBlock, Bottleneck); "
@@ -113,6 +114,16 @@ def cad_layer(module: nn.Module, path: str, engine: str,
         f"cannot convert {path} ({type(module).__module__}.{type(module).__name__}): a layer here "
         "must be nn.Conv2d, nn.BatchNorm2d or an elementwise op ("
         + ", ".join(t.__name__ for t in POINTWISE) + f"). Supported models: {SUPPORTED}")
+
+
+def follow_mode(cad: nn.Module, source: nn.Module) -> nn.Module:
+    """The modules the adapter made take the source's train / eval mode (the layers they wrap
+    keep their own), so a converted ``model.eval()`` is in eval mode."""
+    shared = set(map(id, source.modules()))
+    for m in cad.modules():
+        if id(m) not in shared:
+            m.training = source.training
+    return cad
 
 
 def shell(module: nn.Module, children: dict[str, Optional[nn.Module]]) -> nn.Module:

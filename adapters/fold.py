@@ -31,7 +31,8 @@ _PAIRS = {
     CADBasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
 }
 # modules whose children named conv1 / bn1 are the stem (conv1 -> bn1 -> relu -> maxpool)
-_STEM_OWNERS = ("ResNet", "IntermediateLayerGetter", "CADResNet", "CADResNetBackbone")
+_STEM_OWNERS = ("ResNet", "IntermediateLayerGetter", "CADResNet", "CADResNetBackbone",
+                "CADResNetFeatures")
 # modules that run their children in registration order, like nn.Sequential
 _IN_ORDER = ("CADVGGFeatures",)
 

@@ -26,7 +26,7 @@ from cad_spconv.nn import CADAdaptiveAvgPool2d, CADBatchNorm2d, CADPointwise
 from cad_spconv.tensor import CADTensor
 
 from .common import (CADModel, UnsupportedModelError, cad_conv, check_strides, dense_conv,
-                     expect_type, shell)
+                     expect_type, follow_mode, shell)
 from .output_stride import CANONICAL_STRIDE, STAGES, STEM, stride_conv
 
 __all__ = ["CADResNet", "CADResNetFeatures", "CADBottleneck", "CADBasicBlock",
@@ -404,8 +404,8 @@ def convert_resnet(model: ResNet, finest_stride: int = 8, coarsest_stride: int =
     returns those stages' feature maps instead: :class:`CADResNetFeatures` (``dense``: densify
     them on the finest grid, or return CADTensors)."""
     if return_layers is not None:
-        return CADResNetFeatures(model, finest_stride, coarsest_stride, return_layers, engine,
-                                 dense)
+        return follow_mode(CADResNetFeatures(model, finest_stride, coarsest_stride,
+                                             return_layers, engine, dense), model)
     if dense is not True:
         raise ValueError("dense= applies with return_layers only (a classifier returns logits)")
-    return CADResNet(model, finest_stride, coarsest_stride, engine)
+    return follow_mode(CADResNet(model, finest_stride, coarsest_stride, engine), model)

@@ -302,3 +302,23 @@ def test_return_layers_up_to_the_coarsest_stride_only():
     flat.avgpool = nn.Identity()
     with pytest.raises(UnsupportedModelError, match=r"avgpool \(nn.Identity\).*return_layers"):
         convert(flat, 8, 16)
+
+
+def test_return_layers_fold_and_count():
+    """Feature models fold their batch norms (stem included) and count multiply-adds."""
+    from adapters import fold_batchnorm
+    from cad_spconv import count_macs
+    base = model("resnet18")
+    cad = convert_resnet(base, 8, 32, return_layers=LAYERS)
+    x = images(MIXED)
+    spec, _ = emu.mixed_masks(9, 2, GRID8, 2, "keep")
+    with torch.no_grad():
+        want = cad(x, spec)
+        folded = fold_batchnorm(cad)
+        got = folded(x, spec)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    for key in want:
+        emu.assert_rel(got[key], want[key])
+    macs = count_macs(cad, x, spec)
+    assert set(macs["parts"]) == {"dense", "sparse"} and macs["total"] > 0
+    assert len(set(macs["per_image"])) == 2  # the images' masks differ
