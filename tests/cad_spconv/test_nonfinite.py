@@ -221,3 +221,23 @@ def test_input_gradients_stay_in_their_image(case, stride, device):
             g = grads(bad, engine)
             others = images != image
             assert torch.equal(g[others], clean[others]), (engine, image, what, value)
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_reference_semantics(case, stride, device):
+    """Under semantics="reference" (centre anchors; the torch and spconv engines, and auto)."""
+    L = case[1]
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(6, 6, 3, 3, generator=gen, dtype=torch.float64).to(device)
+    b = torch.randn(6, generator=gen, dtype=torch.float64).to(device)
+    names = [e for e in engines(device, torch.float64, 1) if e not in ("lattice", "spconv-igemm")]
+    ops = {name: (lambda t, e=name: CF.conv2d(t, w, b, stride, 1, 1, e).features) for name in names}
+    for step in range(L + (stride == 1)):
+        if stride == 2 and step == L:
+            continue
+        x, levels = make_input(case, step, 6, torch.float64, device, seed=step + 13)
+        x = CADTensor(x.features, x.plan.with_semantics("reference"), step)
+        with torch.no_grad():
+            run_case(ops, lambda f: ref.conv_reference_semantics(f, levels, step, stride, w, b),
+                     x, levels, torch.float64, out_images(x, step + (stride == 2)), f"step {step}")
