@@ -416,8 +416,9 @@ def random(batch_size: int, image_size: Sequence[int], fraction: float, finest_s
     order = torch.argsort(2 * shape.to(torch.float64) + rand, dim=1)
     position = torch.empty_like(order).scatter_(
         1, order, torch.arange(n).expand(batch_size, n).contiguous())
-    start = (shape[None, :] < shape[:, None]).sum(1)                # blocks of smaller classes
-    count = torch.bincount(shape, minlength=9)[shape]
+    per_class = torch.bincount(shape, minlength=9)
+    start = (torch.cumsum(per_class, 0) - per_class)[shape]        # blocks of smaller classes
+    count = per_class[shape]
     quota = torch.floor(float(fraction) * count.to(torch.float64) + 0.5).to(torch.int64)
     kept_blocks = (position - start) < quota
     cells = kept_blocks.view(batch_size, nby, nbx)
