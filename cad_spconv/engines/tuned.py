@@ -24,17 +24,19 @@ TUNE_REPS = 3
 
 _tuned: dict = {}  # layer key -> (engine, {candidate: median seconds})
 _KEY_NAMES = ("device", "dtype", "autograd", "weight_shape", "groups", "dilation",
-              "adaptive_step", "planned", "num_out_log2")
+              "adaptive_step", "planned", "semantics", "num_out_log2")
 
 
 def _tune_key(features, weight, book: Rulebook, groups: int) -> tuple:
-    """What the speed of a layer depends on: device, dtype, autograd, weight shape, groups,
-    kernel geometry, whether it is an adaptive step, and the output size to within a factor
-    of 2 (one tuning per size class, not per image)."""
+    """What the speed of a layer and the engines that can run it depend on: device, dtype,
+    autograd, weight shape, groups, kernel geometry, whether it is an adaptive step, the
+    plan's semantics (the lattice engine runs only the paper's), and the output size to within
+    a factor of 2 (one tuning per size class, not per image)."""
     planned = isinstance(book, ConvRulebook)
     return (str(features.device), features.dtype, tracks_grad(features, weight, None),
             tuple(weight.shape), groups, book.dilation if planned else None,
-            book.step_out - book.step_in, planned, max(1, book.num_out).bit_length())
+            book.step_out - book.step_in, planned, book.plan.semantics if planned else None,
+            max(1, book.num_out).bit_length())
 
 
 def candidates(features, weight, groups: int, book: Rulebook) -> list[str]:
@@ -52,7 +54,7 @@ def tuned_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Ten
     engines = registered()
     key = _tune_key(features, weight, book, groups)
     known = _tuned.get(key)
-    if known is not None:
+    if known is not None and engines[known[0]].supports(features, weight, groups, book):
         _runs(book).add(known[0])
         return engines[known[0]].conv(features, weight, bias, book, groups)
     names = candidates(features, weight, groups, book)

@@ -209,6 +209,29 @@ def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypat
     assert E.tuned_choices() == []
 
 
+def test_tuned_choice_is_per_semantics():
+    """A layer shape tuned on a paper-semantics plan (where the lattice engine may win) and then
+    met under semantics="reference" (where the lattice engine cannot run) is tuned again, not
+    sent to the first choice (which crashed: found by the NaN tests in the full suite)."""
+    import cad_spconv.engines as E
+    E.clear_tuned()
+    case = ((13, 11), 2, "levels")
+    x, levels = make_input(case, 1, 4, torch.float64, "cpu", seed=5)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    E.tuned._tuned.clear()
+    with torch.no_grad():
+        CF.conv2d(x, w, None, 1, 1, 1, "tuned")
+        key = next(iter(E.tuned._tuned))
+        E.tuned._tuned[key] = ("lattice", E.tuned._tuned[key][1])  # as if the lattice won
+        xr = CADTensor(x.features, x.plan.with_semantics("reference"), 1)
+        got = CF.conv2d(xr, w, None, 1, 1, 1, "tuned").features
+    want = ref.conv_reference_semantics(x.features, levels, 1, 1, w)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    semantics = {c["semantics"]: c["engine"] for c in E.tuned_choices()}
+    assert semantics["paper"] == "lattice" and semantics["reference"] != "lattice"
+    E.clear_tuned()
+
+
 def test_inference_path_matches_autograd_path():
     """The no-grad path (preallocated buffers, chunked) equals the autograd path bit for bit
     in float64, also when the rest spans several chunks."""
