@@ -1,6 +1,6 @@
 """BLAS GEMM vs oneDNN for the GEMMs of the lattice engine on CPU (BENCHMARKS.md).
 
-    python experiments/gemm_routes.py [--threads 2] [--reps 15]
+    python -m experiments.gemm_routes [--threads 2] [--reps 15] [--dtype bfloat16]
 
 The lattice engine multiplies a feature (or im2col) matrix ``[M, K]`` by a weight ``[N, K]``
 for every 1x1 conv and for the off-lattice rest of every 3x3 conv. This times the two routes it
@@ -9,7 +9,9 @@ sites per step-1 layer, 3700 off-lattice rows of a 3x3 conv): ``torch.mm`` (BLAS
 PyPI wheels), with the weight as a contiguous ``[K, N]`` copy and as the transposed view of
 ``[N, K]`` that the engine keeps, and a 1x1 ``F.conv2d`` on channels-last views of the same
 matrices (oneDNN, the library of the dense network's convs). Median of ``--reps`` after 3
-warm-ups, float32; the ratio compares the transposed BLAS route with oneDNN.
+warm-ups (``--dtype``, float32 by default); the ratio compares the transposed BLAS route with
+oneDNN. The last column is the throughput of a dense 3x3 conv of the same widths on a 64x128
+map (channels-last, the dense network's conv) for scale.
 """
 from __future__ import annotations
 
@@ -41,26 +43,36 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, float32; ms (GFLOP/s)")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms (GFLOP/s)")
     print("| M | K | N | torch.mm, weight [K, N] | torch.mm, weight [N, K] transposed | "
-          "oneDNN 1x1 conv | BLAS / oneDNN |")
-    print("|---|---|---|---|---|---|---|")
+          "oneDNN 1x1 conv | BLAS / oneDNN | dense 3x3 conv (GFLOP/s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for m, k, n in SHAPES:
-        x = torch.randn(m, k, generator=gen)
-        w = torch.randn(n, k, generator=gen) / k ** 0.5
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
         w_kn = w.t().contiguous()
-        out = torch.empty(m, n)
+        out = torch.empty(m, n, dtype=dtype)
         blas_kn = median_ms(lambda: torch.mm(x, w_kn, out=out), args.reps)
         blas = median_ms(lambda: torch.mm(x, w.t(), out=out), args.reps)
         x_view = x.view(1, m, 1, k).permute(0, 3, 1, 2)  # [1, K, M, 1], channels-last
         onednn = median_ms(lambda: F.conv2d(x_view, w.view(n, k, 1, 1)), args.reps)
         gflop = 2 * m * k * n / 1e9
+        c_in = k // 9 if k in (2304, 4608) else k
+        fmap = torch.randn(1, c_in, 64, 128, generator=gen).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        taps = 3 if k in (2304, 4608) else 1
+        wd = torch.randn(n, c_in, taps, taps, generator=gen).to(dtype)
+        dense = median_ms(lambda: F.conv2d(fmap, wd, padding=taps // 2), args.reps)
+        dflop = 2 * 64 * 128 * c_in * taps * taps * n / 1e9
         print(f"| {m} | {k} | {n} | {blas_kn:.1f} | {blas:.1f} ({gflop / blas * 1e3:.0f}) | "
-              f"{onednn:.1f} ({gflop / onednn * 1e3:.0f}) | {blas / onednn:.2f} |")
+              f"{onednn:.1f} ({gflop / onednn * 1e3:.0f}) | {blas / onednn:.2f} | "
+              f"{dflop / dense * 1e3:.0f} |")
     return 0
 
 

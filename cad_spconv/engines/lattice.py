@@ -77,8 +77,7 @@ class LatticeEngine(Engine):
         out = y.new_empty(book.num_out, c_out)
         out.index_copy_(0, split.out_rows, y)
         if split.num_rest:
-            out.index_copy_(0, split.rest_rows,
-                            _gather_gemm(features, weight, bias, split, groups, scratch))
+            _gather_gemm(features, weight, bias, split, groups, out)
         return out
 
 
@@ -97,13 +96,13 @@ def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torc
 
 
 def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
-                 scratch: bool = False) -> torch.Tensor:
-    """Output rows of the off-lattice sites (``split.rest_rows`` order): im2col by
-    ``index_select`` in cache-sized chunks, one GEMM per chunk.
+                 out: torch.Tensor) -> None:
+    """Write the off-lattice output rows (``split.rest_rows``) into ``out``: im2col by
+    ``index_select`` in cache-sized chunks, one GEMM per chunk, its rows copied into place.
 
-    Without autograd the im2col chunks go into a per-thread workspace that lives across calls
-    and the GEMMs write into the output (straight on BLAS, through a copy on oneDNN; itself a
-    workspace with ``scratch``, when the caller copies it out before returning)."""
+    Without autograd the im2col chunks and the GEMM results go into per-thread workspaces
+    that live across calls (a fresh buffer per chunk costs page faults worth a third of the
+    gather, BENCHMARKS.md); oneDNN's GEMM returns a fresh result, copied into place directly."""
     c_in = features.shape[1]
     c_out, c_in_g, kh, kw = weight.shape
     k, g = kh * kw, groups
@@ -118,20 +117,22 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     for lo, hi in ((0, split.num_inside), (split.num_inside, split.num_rest)):
         bounds += [(s, min(hi, s + rows)) for s in range(lo, hi, rows)]
     if track:
-        return torch.cat([_im2col_block(features, w, bias, split, s, e, g, None, None)
+        rest = torch.cat([_im2col_block(features, w, bias, split, s, e, g, None, None)
                           for s, e in bounds])
-    out = (workspace(features, split.num_rest * c_out, "rest_out").view(-1, c_out) if scratch
-           else features.new_empty(split.num_rest, c_out))
-    buf = workspace(features, min(rows, split.num_rest) * k * c_in, "im2col").view(-1, c_in)
+        out.index_copy_(0, split.rest_rows, rest)
+        return
+    chunk = min(rows, split.num_rest)
+    buf = workspace(features, chunk * k * c_in, "im2col").view(-1, c_in)
+    res = workspace(features, chunk * c_out, "rest_out").view(-1, c_out)
     for s, e in bounds:
-        _im2col_block(features, w, bias, split, s, e, g, buf[:(e - s) * k], out[s:e])
-    return out
+        y = _im2col_block(features, w, bias, split, s, e, g, buf[:(e - s) * k], res[:e - s])
+        out.index_copy_(0, split.rest_rows[s:e], y)
 
 
 def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int, groups: int,
                   cols: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
     """Rows ``start:stop`` of the rest: gather (into ``cols`` if given), zero out-of-grid taps
-    of border sites, GEMM (into ``out`` if given)."""
+    of border sites, GEMM (into ``out`` where the route writes into a buffer)."""
     n, c_in = stop - start, features.shape[1]
     k = split.rest_index.shape[1]
     idx = split.rest_index[start:stop].reshape(-1)
@@ -149,8 +150,7 @@ def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int,
     c_in_g = c_in // groups
     cols = cols.view(n, k, groups, c_in_g).permute(2, 0, 1, 3).reshape(groups, n, k * c_in_g)
     res = grouped_mm(cols, w)
-    res = res if bias is None else res + bias
-    return res if out is None else out.copy_(res)
+    return res if bias is None else res + bias
 
 
 register(LatticeEngine())

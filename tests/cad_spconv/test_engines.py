@@ -45,9 +45,9 @@ def test_gradients_match_dense_reference(engine, k, stride, groups, dtype, devic
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_gemm_route(dtype, monkeypatch):
-    """``x @ w.T + b`` of the lattice engine's GEMMs: oneDNN (a 1x1 conv on channels-last
-    views) on CPU for float32 / bfloat16, BLAS otherwise; same values either way, into a given
-    output too, and no rows at all."""
+    """``x @ w.T + b`` of the lattice engine's GEMMs: oneDNN's 1x1 conv on channels-last views
+    on CPU for float32, a GEMM otherwise (bfloat16: oneDNN's matmul behind torch.mm); same
+    values either way, into a given output too, and no rows at all."""
     import cad_spconv.engines.gemm as E
     calls = []
     real = E.F.conv2d
@@ -58,12 +58,13 @@ def test_gemm_route(dtype, monkeypatch):
     tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
            torch.float64: dict(rtol=1e-12, atol=1e-12)}[dtype]
     into = torch.full((37, 9), float("nan"), dtype=dtype)
-    assert E.matmul_nk(x, w, b, out=into) is into
-    for got in (E.matmul_nk(x, w, b), into):
+    given = E.matmul_nk(x, w, b, out=into)
+    onednn = dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    assert (given is into) != onednn  # oneDNN returns its own result, never a copy
+    for got in (E.matmul_nk(x, w, b), given):
         assert got.shape == (37, 9) and got.dtype == dtype
         torch.testing.assert_close(got.double(), want, **tol)
     torch.testing.assert_close(E.matmul_nk(x, w, None).double(), want - b.double(), **tol)
-    onednn = dtype != torch.float64 and torch.backends.mkldnn.is_available()
     assert len(calls) == (3 if onednn else 0)
     assert E.matmul_nk(x[:0], w, b).shape == (0, 9)
 
