@@ -241,3 +241,34 @@ def test_conv_reference_semantics(case, stride, device):
         with torch.no_grad():
             run_case(ops, lambda f: ref.conv_reference_semantics(f, levels, step, stride, w, b),
                      x, levels, torch.float64, out_images(x, step + (stride == 2)), f"step {step}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_half_precision_routes(dtype, stride, device):
+    """The half-precision GEMM routes (bfloat16 through torch.mm on CPU, float16 on CUDA):
+    other images bit-identical, the poisoned image's NaN / Inf pattern that of the float64
+    reference on the same (rounded) inputs."""
+    if dtype == torch.float16 and device.type == "cpu":
+        pytest.skip("float16 convs are a CUDA dtype")
+    case = CASES[2]
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(8, 8, 3, 3, generator=gen).to(device, dtype)
+    names = [e for e in engines(device, torch.float32, 1)  # spconv has no bfloat16 kernels
+             if not (e.startswith("spconv") and dtype == torch.bfloat16)]
+    for step in range(case[1] + (stride == 1)):
+        if stride == 2 and step == case[1]:
+            continue
+        x, levels = make_input(case, step, 8, torch.float32, device, seed=step)
+        x = x.replace_feature(x.features.to(dtype))
+        images = out_images(x, step + (stride == 2))
+        with torch.no_grad():
+            for name in names:
+                clean = CF.conv2d(x, w, None, stride, 1, 1, name).features
+                for image, what, value in POISONS:
+                    bad = poison(x, levels, image, what, value)
+                    out = CF.conv2d(bad, w, None, stride, 1, 1, name).features
+                    others = images != image
+                    assert torch.equal(out[others], clean[others]), (name, image, what, value)
+                    want = ref.conv(bad.features.double(), levels, step, stride, w.double())
+                    assert torch.equal(classes(out), classes(want)), (name, image, what, value)
