@@ -12,6 +12,8 @@ parameters (nothing is copied), so ``cad.load_state_dict(model.state_dict())`` w
 """
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
 from torch import nn
 from torchvision.models.resnet import ResNet
 from torchvision.models.segmentation.deeplabv3 import DeepLabV3
@@ -24,18 +26,20 @@ from cad_spconv.engines import check_engine
 from cad_spconv.plan import SEMANTICS
 
 from .common import SUPPORTED, CADModel, UnsupportedModelError
-from .resnet import CADBasicBlock, CADBottleneck, CADResNet, convert_resnet
+from .resnet import CADBasicBlock, CADBottleneck, CADResNet, CADResNetFeatures, convert_resnet
 from .segmentation import CADASPP, CADASPPPooling, CADSegmentation, convert_segmentation
 from .vgg import CADVGGFeatures, convert_vgg_features
 
-__all__ = ["convert", "CADModel", "CADResNet", "CADSegmentation", "CADVGGFeatures",
+__all__ = ["convert", "CADModel", "CADResNet", "CADResNetFeatures", "CADSegmentation",
+           "CADVGGFeatures",
            "CADBottleneck", "CADBasicBlock", "CADASPP", "CADASPPPooling", "convert_resnet",
            "convert_segmentation", "convert_vgg_features", "UnsupportedModelError", "SUPPORTED",
            "fold_batchnorm", "DeepLabV3Plus"]
 
 
 def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
-            sparse_head: bool = False, engine: str = "auto", semantics: str = "paper") -> CADModel:
+            sparse_head: bool = False, engine: str = "auto", semantics: str = "paper",
+            return_layers: Optional[Mapping[str, str]] = None, dense: bool = True) -> CADModel:
     """Content-adaptive version of a torchvision model, sharing its parameters.
 
     - ``model``: a torchvision ResNet / ResNeXt / Wide ResNet classifier, an FCN or DeepLabV3
@@ -59,14 +63,23 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
     Returns a :class:`CADResNet`, :class:`CADSegmentation` or :class:`CADVGGFeatures`, called
     as ``cad(images, keep)``; ``keep`` is a bool keep mask (True = keep at the finest
     resolution) ``[B, 1, h, w]`` / ``[B, h, w]`` at image resolution or at the finest grid, a
-    list of ``L`` per-level masks (finest first), an integer level map, a ``LevelPlan``, or a
-    callable (e.g. a mask estimator module) taking the dense feature map entering the first
-    adaptive step and returning one of these.
+    list of ``L`` per-level bool masks (finest first), a ``LevelPlan`` (explicit level maps:
+    ``LevelPlan.from_level_map``), or a callable (e.g. a mask estimator module) taking the dense
+    feature map entering the first adaptive step and returning one of these.
+
+    ResNet classifiers only: ``return_layers`` (torchvision's ``IntermediateLayerGetter`` style,
+    e.g. ``{"layer3": "feat3", "layer4": "out"}``) returns those stages' feature maps
+    (:class:`CADResNetFeatures`; ``dense=False`` keeps them as CADTensors); a ResNet with
+    ``fc = nn.Identity()`` returns its pooled features.
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {', '.join(map(repr, SEMANTICS))}, got "
                          f"{semantics!r}")
-    cad = _convert(model, finest_stride, coarsest_stride, sparse_head, engine)
+    if (return_layers is not None or dense is not True) and type(model) is not ResNet:
+        raise ValueError(f"return_layers / dense apply to ResNet classifiers only, not to "
+                         f"{type(model).__name__}")
+    cad = _convert(model, finest_stride, coarsest_stride, sparse_head, engine, return_layers,
+                   dense)
     cad.semantics = semantics
     # the containers the adapter made follow the source's mode (the layers it wraps keep
     # their own), so convert(model.eval()) gives a model in eval mode
@@ -77,7 +90,8 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
     return cad
 
 
-def _convert(model, finest_stride, coarsest_stride, sparse_head, engine) -> CADModel:
+def _convert(model, finest_stride, coarsest_stride, sparse_head, engine, return_layers,
+             dense) -> CADModel:
     check_engine(engine)
     if not isinstance(sparse_head, bool):
         raise TypeError(f"sparse_head must be a bool, got {sparse_head!r}")
@@ -88,7 +102,7 @@ def _convert(model, finest_stride, coarsest_stride, sparse_head, engine) -> CADM
                          f"not to {type(model).__name__}: classifiers always pool area-weighted "
                          "over the multi-resolution tensor, VGG stacks have no head")
     if type(model) is ResNet:
-        return convert_resnet(model, finest_stride, coarsest_stride, engine)
+        return convert_resnet(model, finest_stride, coarsest_stride, engine, return_layers, dense)
     if type(model) is nn.Sequential:
         return convert_vgg_features(model, finest_stride, coarsest_stride, engine)
     if type(model) is VGG:

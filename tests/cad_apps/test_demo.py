@@ -36,7 +36,7 @@ def test_demo_with_an_image_file_and_errors(tmp_path, capsys):
     assert cli(["demo", "--image", str(img), "--thresholds", "0.35", "--out", str(out)]) == 0
     assert "40x72" in capsys.readouterr().out and out.exists()
     assert cli(["demo", "--image", str(img), "--size", "8", "8", "--out", str(out)]) == 2
-    assert "too small" in capsys.readouterr().err
+    assert "at least 16 pixels" in capsys.readouterr().err
     assert cli(["demo", "--image", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
 
 

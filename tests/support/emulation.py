@@ -309,7 +309,7 @@ def deeplabv3plus(model, images, levels, finest, coarsest, sparse_head, given_st
 
 
 # ---------------------------------------------------------------------- VGG
-def vgg_features(features, images, levels, finest, coarsest):
+def vgg_features(features, images, levels, finest, coarsest, semantics="paper"):
     """Emulated VGG stack: the pools from ``finest`` on are adaptive, convs keep dilation 1."""
     num_pools = sum(isinstance(m, nn.MaxPool2d) for m in features)
     first_adaptive = int(np.log2(finest))
