@@ -234,6 +234,7 @@ class LevelPlan:
             return self
         other = LevelPlan(self.levels, self.num_levels, semantics)
         other._geometry = self._geometry  # sites and owners do not depend on the anchor
+        other._padded = self.__dict__.setdefault("_padded", {})
         return other
 
     def geometry(self, step: int) -> StepGeometry:
@@ -244,6 +245,19 @@ class LevelPlan:
             geo = self._build_geometry(step)
             self._geometry[step] = geo
         return geo
+
+    def padded_owner(self, step: int, pad: tuple[int, int]) -> torch.Tensor:
+        """The owner map of ``step`` with ``pad = (py, px)`` cells of ``-1`` (outside the grid)
+        around it, ``[B, H + 2 py, W + 2 px]`` (cached): rulebooks read taps from it with no
+        bounds checks."""
+        key = (step, int(pad[0]), int(pad[1]))
+        cache = self.__dict__.setdefault("_padded", {})
+        owner = cache.get(key)
+        if owner is None:
+            py, px = key[1:]
+            owner = cache[key] = torch.nn.functional.pad(self.geometry(step).owner,
+                                                         (px, px, py, py), value=-1)
+        return owner
 
     def num_sites(self, step: int) -> int:
         return self.geometry(step).num_sites

@@ -345,18 +345,18 @@ def _tap_offsets(kernel_size, spacing, device):
 
 def _read_owner(plan: LevelPlan, step_in: int, coords: torch.Tensor, oy: torch.Tensor,
                 ox: torch.Tensor, anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Input row read at ``coords (+ anchor) + (oy, ox)`` per tap; ``-1`` outside the grid."""
-    H, W = plan.grid
-    owner = plan.geometry(step_in).owner
-    b = coords[:, 0:1]
-    qy = coords[:, 1:2] + oy[None]
-    qx = coords[:, 2:3] + ox[None]
+    """Input row read at ``coords (+ anchor) + (oy, ox)`` per tap; ``-1`` outside the grid.
+    Reads a ``-1``-padded owner map, so the taps need no bounds checks."""
+    reach = int(anchor.max()) if anchor is not None and anchor.numel() else 0
+    py = max(int(oy.abs().max()) if oy.numel() else 0, 0) + reach
+    px = max(int(ox.abs().max()) if ox.numel() else 0, 0) + reach
+    owner = plan.padded_owner(step_in, (py, px))
+    qy = coords[:, 1:2] + (oy + py)[None]
+    qx = coords[:, 2:3] + (ox + px)[None]
     if anchor is not None:
         qy = qy + anchor[:, None]
         qx = qx + anchor[:, None]
-    inside = (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
-    rows = owner[b, qy.clamp(0, H - 1), qx.clamp(0, W - 1)]
-    return torch.where(inside, rows, -1)
+    return owner[coords[:, 0:1], qy, qx]
 
 
 def conv_rulebook(plan: LevelPlan, kernel_size: tuple[int, int], dilation: tuple[int, int],

@@ -1,9 +1,12 @@
-"""The benchmark suites behind BENCHMARKS.md (issue 5: performance).
+"""The benchmark suites behind BENCHMARKS.md.
 
-    python experiments/benchmark.py cpu      # DeepLabV3-ResNet101 backbone, 512x1024, 2 threads
-    python experiments/benchmark.py ops      # one 3x3 conv after the adaptive step, per engine
-    python experiments/benchmark.py gpu      # 1024x2048, batch 1 and 4, fp32 / fp16 / bf16
-    python experiments/benchmark.py cpu --dry-run   # print the commands only
+    python -m experiments.benchmark cpu       # DeepLabV3-ResNet101 backbone, 512x1024, 2 threads
+    python -m experiments.benchmark targets   # the CPU targets: float32 / bfloat16, thresholds
+                                              # 0.15 / 0.35 / 0.95, batch 1 and 4, nothing /
+                                              # everything kept, whole models (dense / sparse head)
+    python -m experiments.benchmark ops       # one 3x3 conv after the adaptive step, per engine
+    python -m experiments.benchmark gpu       # 1024x2048, batch 1 and 4, fp32 / fp16 / bf16
+    python -m experiments.benchmark cpu --dry-run   # print the commands only
 
 Each suite runs ``cad-spconv bench`` (``cad_spconv/bench.py``) in this process with the settings
 below, writes JSON under ``experiments/results/`` and appends a table headed by the exact
@@ -40,8 +43,24 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                 ("cpu_conv3x3_512_512x1024",
                  ["--model", "conv3x3", "--channels", "512", "--size", "512", "1024", *edge, *cpu,
                   "--engine", "lattice,torch", *common])],
+        "targets": [],
         "gpu": [],
     }
+    one = ["--images", frames[0]]  # nothing / everything kept: the mask does not matter
+    for dtype in ("float32", "bfloat16"):
+        d = ["--dtype", dtype]
+        run = ["--model", "deeplabv3_resnet101", "--size", "512", "1024", *cpu, *d, *common]
+        for thr in ("0.15", "0.35", "0.95"):
+            out["targets"].append((f"cpu_{dtype}_b1_edge{thr}",
+                                   [*run, "--images", *frames, "--threshold", thr]))
+        out["targets"].append((f"cpu_{dtype}_b4_edge0.35",
+                               [*run, "--images", *frames, "--threshold", "0.35", "--batch", "4"]))
+        for keep in ("none", "all"):
+            out["targets"].append((f"cpu_{dtype}_b1_keep_{keep}", [*run, *one, "--keep", keep]))
+        out["targets"].append((f"cpu_{dtype}_b1_model_edge0.35",
+                               [*run, *edge, "--scope", "model"]))
+        out["targets"].append((f"cpu_{dtype}_b1_model_sparse_head_edge0.35",
+                               [*run, *edge, "--scope", "model", "--sparse-head"]))
     for batch in (1, 4):
         for dtype in ("float32", "float16", "bfloat16"):
             out["gpu"].append((
@@ -55,7 +74,9 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("suite", choices=("cpu", "ops", "gpu", "all"))
+    parser.add_argument("suite", choices=("cpu", "targets", "ops", "gpu", "all"))
+    parser.add_argument("--only", default=None, help="run only the results whose name "
+                        "contains this text")
     parser.add_argument("--frames", default=DEFAULT_FRAMES, help="folder of RGB frames")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-markdown", action="store_true")
@@ -78,6 +99,8 @@ def main(argv=None) -> int:
     parser = build_parser("bench")
     for suite in chosen:
         for name, bench_args in suites(frames, args.reps)[suite]:
+            if args.only and args.only not in name:
+                continue
             full = ["bench", *bench_args, "--json", f"experiments/results/{name}.json",
                     "--label", name]
             if not args.no_markdown:
