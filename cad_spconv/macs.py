@@ -9,6 +9,13 @@ its output in a forward hook); a :class:`~cad_spconv.nn.CADConv2d` has the sites
 
 Counts are python ints, exact. Only modules are seen: a conv called as ``F.conv2d`` inside a
 ``forward`` is not counted (torchvision models do not do that).
+
+The paper's tables were counted with ptflops, which also counts the elementwise work: a conv's
+bias (``C_out`` per output site), batch norm (2 per element with affine parameters, else 1),
+activations (1 per output element), pooling (1 per input element), ``nn.Upsample`` (1 per
+output element), a linear layer's bias. The same forward tallies these too
+(``result()["ptflops"]``), per site on multi-resolution tensors, so a converted model's count is
+what ptflops would give its dense equivalent (all kept: the dense finest-stride network, exactly).
 """
 from __future__ import annotations
 
@@ -19,9 +26,18 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from .nn import CADPointwise
 from .tensor import CADTensor
 
 __all__ = ["count_macs", "MacCounter", "module_parts"]
+
+# ptflops' elementwise modules: (types, counted on the input instead of the output, factor)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.GELU)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+          nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
 
 Reference = Union[int, Mapping]
 
@@ -91,20 +107,29 @@ class MacCounter:
         self.part_of: dict[str, str] = {}
         self.sparse = {"actual": [0] * B, "all_kept": [0] * B, "none_kept": [0] * B}
         self.sparse_layers_seen = False
+        self.elementwise: dict[str, list[int]] = {}  # ptflops' extra work, per part
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> "MacCounter":
         owner = module_parts(self.model, self.extra)
         named = [("", self.model)] + [(f"{k}.", m) for k, m in self.extra.items()]
+        roots = [m for _, m in named]
+        # an activation inside a CADPointwise sees site rows, not a batch: counted by the wrapper
+        wrapped = {id(m.module) for r in roots for m in r.modules() if isinstance(m, CADPointwise)}
         seen: set[int] = set()
         for prefix, root in named:
             for name, m in root.named_modules():
-                if id(m) in seen or not isinstance(m, (_ConvNd, nn.Linear)):
+                if id(m) in seen:
                     continue
                 seen.add(id(m))
-                qual = (prefix + name).rstrip(".") or type(m).__name__
-                self._handles.append(m.register_forward_hook(
-                    self._hook(qual, owner.get(id(m), "other"))))
+                part = owner.get(id(m), "other")
+                if isinstance(m, (_ConvNd, nn.Linear)):
+                    qual = (prefix + name).rstrip(".") or type(m).__name__
+                    self._handles.append(m.register_forward_hook(self._hook(qual, part)))
+                if isinstance(m, CADPointwise) or (
+                        id(m) not in wrapped and isinstance(m, _ACTIVATIONS + _POOLS + _NORMS
+                                                            + (nn.Upsample,))):
+                    self._handles.append(m.register_forward_hook(self._elementwise_hook(part)))
         return self
 
     def __exit__(self, *exc):
@@ -128,6 +153,7 @@ class MacCounter:
 
     def _hook(self, name: str, part: str):
         def hook(module, inputs, output):
+            self._bias(module, part, output)
             if isinstance(output, CADTensor):
                 self._add(name, part, self._sparse(name, module, output))
             elif isinstance(module, _ConvTransposeNd):
@@ -143,6 +169,47 @@ class MacCounter:
                 per = rows * module.in_features * module.out_features
                 self._add(name, part, self._uniform(name, n, per))
         return hook
+
+    def _per_image_elements(self, t) -> list[int]:
+        """Elements of every image of a dense batch or a CADTensor."""
+        if isinstance(t, CADTensor):
+            sites = t.plan.sites_per_image(t.step).tolist()
+            return [int(n) * t.num_channels for n in sites]
+        return self._uniform(type(t).__name__, t.shape[0], math.prod(t.shape[1:]))
+
+    def _add_elementwise(self, part: str, per_image: list[int]):
+        row = self.elementwise.setdefault(part, [0] * self.batch_size)
+        for i, v in enumerate(per_image):
+            row[i] += v
+
+    def _elementwise_hook(self, part: str):
+        def hook(module, inputs, output):
+            if isinstance(module, CADPointwise):
+                if not isinstance(module.module, _ACTIVATIONS):
+                    return
+                counted = self._per_image_elements(output)
+            elif isinstance(module, _POOLS):
+                counted = self._per_image_elements(inputs[0])
+            elif isinstance(module, _NORMS):
+                counted = self._per_image_elements(output)
+                if getattr(module, "affine", False) or getattr(module, "elementwise_affine",
+                                                               False):
+                    counted = [2 * v for v in counted]
+            else:  # activations, nn.Upsample
+                counted = self._per_image_elements(output)
+            self._add_elementwise(part, counted)
+        return hook
+
+    def _bias(self, module, part: str, output):
+        """ptflops counts a bias as one addition per output element."""
+        if getattr(module, "bias", None) is None:
+            return
+        if isinstance(module, nn.Linear):
+            rows = math.prod(output.shape[1:-1]) if output.dim() > 1 else 1
+            n = output.shape[0] if output.dim() > 1 else 1
+            self._add_elementwise(part, [rows * module.out_features] * n)
+        else:
+            self._add_elementwise(part, self._per_image_elements(output))
 
     def _sparse(self, name: str, module, out: CADTensor) -> list[int]:
         per_site = _conv_per_site(module)
@@ -179,6 +246,14 @@ class MacCounter:
             "layers": {k: sum(v) for k, v in self.layers.items()},
             "num_images": B,
         }
+        ptf_parts = {p: [a + b for a, b in zip(v, self.elementwise.get(p, [0] * B))]
+                     for p, v in per_image_parts.items()}
+        for p, v in self.elementwise.items():
+            ptf_parts.setdefault(p, list(v))
+        ptf_per_image = [sum(v[i] for v in ptf_parts.values()) for i in range(B)]
+        out["ptflops"] = {"total": sum(ptf_per_image),
+                          "parts": {k: sum(v) for k, v in ptf_parts.items()},
+                          "per_image": ptf_per_image, "per_image_parts": ptf_parts}
         if self.sparse_layers_seen:
             out["sparse_layers"] = {k: sum(v) for k, v in self.sparse.items()}
             out["sparse_layers_per_image"] = {k: list(v) for k, v in self.sparse.items()}
@@ -214,6 +289,8 @@ def count_macs(model: nn.Module, images: torch.Tensor, keep=None, *,
     - when converted layers ran, ``"sparse_layers"``: their ``"actual"`` count and what they
       would cost with everything kept (``"all_kept"``, the dense finest-stride cost) or nothing
       kept (``"none_kept"``, the dense coarsest-stride cost), and ``"sparse_layers_per_image"``;
+    - ``"ptflops"``: the same forward counted as ptflops counts (see the module docstring):
+      ``"total"``, ``"parts"``, ``"per_image"``, ``"per_image_parts"``;
     - with ``finest`` / ``coarsest`` (an int or a ``count_macs`` result *for the same batch*,
       e.g. of the dense model at the finest / coarsest stride): ``"vs_finest"`` /
       ``"vs_coarsest"``, the ratio of ``"total"`` to theirs.

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .images import denormalize
 from .plan import LevelPlan, reduce_to_grid
 
-__all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "random", "random_like",
+__all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "sift_points", "random", "random_like",
            "shuffle_plan", "invert",
            "dilate", "subsample", "reference_blocks", "kept_fraction", "EDGE_OPERATORS", "GRAYSCALES"]
 
@@ -242,23 +242,53 @@ def keypoints(points, image_size: Sequence[int], dilations: Sequence[int],
     return [dilate(seeds, s) if s else torch.zeros_like(seeds) for s in sizes]
 
 
+def sift_points(gray, num_points: int = 512):
+    """The ``num_points`` strongest distinct SIFT keypoints of a grey ``uint8`` image ``[h, w]``
+    (numpy), as the paper selects them (following Uzpak et al., 3DV 2020): OpenCV's SIFT with
+    default parameters, strongest response first, positions rounded to whole pixels (Python's
+    ``round``: halves to even), de-duplicated on the rounded ``(y, x)``, the first
+    ``num_points`` kept. Returns ``xy`` int64 ``[N, 2]`` (x, y) and ``responses`` float32
+    ``[N]``, strongest first (ties keep OpenCV's order); points never lie outside the image.
+    Needs OpenCV: ``pip install 'cad-spconv[sift]'``."""
+    import numpy as np
+    try:
+        import cv2
+    except ImportError as e:  # optional dependency
+        raise ImportError("SIFT needs OpenCV: pip install 'cad-spconv[sift]' "
+                          "(opencv-python-headless)") from e
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+        raise ValueError(f"num_points must be an int >= 1, got {num_points!r}")
+    h, w = gray.shape
+    xy, responses, seen = [], [], set()
+    for kp in sorted(cv2.SIFT_create().detect(gray, None), key=lambda k: k.response,
+                     reverse=True):  # stable for ties
+        x = min(max(round(kp.pt[0]), 0), w - 1)
+        y = min(max(round(kp.pt[1]), 0), h - 1)
+        if (y, x) in seen:
+            continue
+        seen.add((y, x))
+        xy.append((x, y))
+        responses.append(kp.response)
+        if len(xy) == num_points:
+            break
+    return (np.array(xy, dtype=np.int64).reshape(-1, 2),
+            np.array(responses, dtype=np.float32))
+
+
 def sift_keypoints(images: torch.Tensor, num_points: int = 512) -> list[torch.Tensor]:
-    """The ``num_points`` strongest SIFT keypoints per image (as the paper, following Uzpak et
-    al.), ``(x, y)`` float64 ``[N, 2]`` per image. ``images``: ImageNet-normalised
-    ``[B, 3, H, W]``. Needs OpenCV: ``pip install 'cad-spconv[sift]'``."""
+    """:func:`sift_points` of every image of an ImageNet-normalised batch ``[B, 3, H, W]``
+    (grey: OpenCV's luminance of the RGB image): ``(x, y)`` float64 ``[N, 2]`` per image."""
+    images = _check_images(images)
     try:
         import cv2
     except ImportError as e:  # optional dependency
         raise ImportError("sift_keypoints needs OpenCV: pip install 'cad-spconv[sift]' "
                           "(opencv-python-headless)") from e
-    images = _check_images(images)
     rgb = (denormalize(images.detach()) * 255).round().to(torch.uint8)
-    detector = cv2.SIFT_create(nfeatures=int(num_points))
     out = []
     for img in rgb.permute(0, 2, 3, 1).cpu().numpy():  # one OpenCV call per image
-        gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-        kps = sorted(detector.detect(gray, None), key=lambda k: -k.response)[:num_points]
-        out.append(torch.tensor([k.pt for k in kps], dtype=torch.float64).reshape(-1, 2))
+        xy, _ = sift_points(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), num_points)
+        out.append(torch.from_numpy(xy).to(torch.float64))
     return out
 
 

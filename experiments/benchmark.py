@@ -7,6 +7,7 @@
     python -m experiments.benchmark ops       # one 3x3 conv after the adaptive step, per engine
     python -m experiments.benchmark gpu       # 1024x2048, batch 1 and 4, fp32 / fp16 / bf16
     python -m experiments.benchmark cpu --dry-run   # print the commands only
+    python -m experiments.benchmark report    # the targets table from experiments/results/
 
 Each suite runs ``cad-spconv bench`` (``cad_spconv/bench.py``) in this process with the settings
 below, writes JSON under ``experiments/results/`` and appends a table headed by the exact
@@ -72,9 +73,47 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
     return out
 
 
+def report(results_dir: str) -> str:
+    """The CPU targets as a markdown table, from the ``targets`` suite's result files."""
+    import json
+
+    rows = ["| result | dtype | batch | setting | MAC fraction | dense 8 best [ms] | CAD [ms] | "
+            "CAD / dense 8 | eff | vs dense 16 | peak MiB dense 8 / CAD | target |",
+            "|" + "---|" * 12]
+    for path in sorted(glob.glob(os.path.join(results_dir, "cpu_*_b*_*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        cfg, s = r["config"], r["summary"]
+        c = next(iter(s["cad"].values()))
+        per = r["inputs"]
+        peaks = [(v["variants"][min(((n, e) for n, e in v["variants"].items()
+                                     if e["kind"] == "dense_fine"),
+                                    key=lambda ne: ne[1]["seconds"])[0]].get("peak_bytes"),
+                  next(e for e in v["variants"].values() if e["kind"] == "cad").get("peak_bytes"))
+                 for v in per]
+        peak = " ; ".join(f"{a / 2 ** 20:.0f} / {b / 2 ** 20:.0f}" for a, b in peaks if a and b)
+        name = os.path.basename(path)[:-5]
+        if cfg.get("keep") == "none":
+            setting, ok = "nothing kept", c["vs_dense_coarse"] <= 1.05
+        elif cfg.get("keep") == "all":
+            setting, ok = "all kept", c["vs_dense_fine"] <= 1.10
+        else:
+            setting = f"edge {cfg['threshold']:g}" + (
+                "" if cfg.get("scope") != "model" else
+                (", whole model, sparse head" if cfg.get("sparse_head") else ", whole model"))
+            ok = c["eff"] >= 0.9 and c["vs_dense_fine"] < 1
+        memory_ok = all(b <= a for a, b in peaks if a and b)
+        rows.append(f"| {name} | {cfg['dtype']} | {cfg['batch']} | {setting} | "
+                    f"{c['mac_fraction']:.3f} | {1e3 * s['dense_fine_seconds']:.0f} | "
+                    f"{1e3 * c['seconds']:.0f} | {c['vs_dense_fine']:.3f} | {c['eff']:.2f} | "
+                    f"{c['vs_dense_coarse']:.3f} | {peak or 'n/a'} | "
+                    f"{'met' if ok else 'missed'}{'' if memory_ok else ', memory missed'} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("suite", choices=("cpu", "targets", "ops", "gpu", "all"))
+    parser.add_argument("suite", choices=("cpu", "targets", "ops", "gpu", "all", "report"))
     parser.add_argument("--only", default=None, help="run only the results whose name "
                         "contains this text")
     parser.add_argument("--frames", default=DEFAULT_FRAMES, help="folder of RGB frames")
@@ -82,6 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
+    if args.suite == "report":
+        print(report(os.path.join(ROOT, "experiments", "results")))
+        return 0
     frames = sorted(glob.glob(os.path.join(args.frames, "*.png")))
     if not frames:
         raise SystemExit(f"no PNG frames in {args.frames}")

@@ -120,6 +120,7 @@ def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
         out.append({
             "id": batch["id"][b], "index": int(batch["index"][b]),
             "size": [int(images.shape[-2]), int(images.shape[-1])],
+            "macs_paper_ptflops": macs[b].pop("paper_backbone_ptflops"),
             "macs": macs[b], "macs_dense_finest": fine, "macs_dense_coarsest": coarse,
             "macs_fraction_of_finest": macs[b]["total"] / fine,
             "macs_fraction_of_coarsest": macs[b]["total"] / coarse,

@@ -49,6 +49,7 @@ def summarize(images: dict, num_classes: int = 19) -> dict:
         "pixel_accuracy": finite(cm.pixel_accuracy()),
         "iou_per_class": {n: finite(v) for n, v in zip(names, iou)},
         "macs_mean": {p: float(np.mean([r["macs"].get(p, 0) for r in recs])) for p in parts},
+        "macs_paper_ptflops_mean": float(np.mean([r.get("macs_paper_ptflops", 0) for r in recs])),
         "macs_dense_finest_mean": float(fine.mean()),
         "macs_dense_coarsest_mean": float(coarse.mean()),
         "macs_fraction_of_finest": float(macs.sum() / fine.sum()),

@@ -170,9 +170,9 @@ class Segmenter:
                      "sparse": "the backbone from the first adaptive step (multi-resolution)",
                      "head": "the head (ASPP / decoder)", "mask": "the learned mask estimator"}
         return {"convention": common, "parts": parts,
-                "paper": "the paper counts the backbone (+ mask estimator) with ptflops, which "
-                         "also counts batch norm, activations and pooling: compare its figures "
-                         "with dense + sparse (+ mask)",
+                "macs_paper_ptflops": "the paper's count: the backbone (+ mask estimator) as "
+                         "ptflops counts it (also biases, batch norm, activations and pooling, "
+                         "per site)",
                 "macs_dense_finest / macs_dense_coarsest": "the plain network at the finest / "
                          "coarsest output stride (head at that stride), whole model"}
 
@@ -226,6 +226,12 @@ class Segmenter:
         macs = [{"total": int(r["per_image"][b]),
                  **{p: int(v[b]) for p, v in sorted(r["per_image_parts"].items())}}
                 for b in range(B)]
+        # what the paper's tables count: the backbone (+ the mask estimator), with ptflops
+        paper_parts = ("backbone",) if self.cad is None else ("dense", "sparse", "mask")
+        ptf = r["ptflops"]["per_image_parts"]
+        for b in range(B):
+            macs[b]["paper_backbone_ptflops"] = int(sum(ptf[p][b] for p in paper_parts
+                                                        if p in ptf))
         return logits, keep, seconds, macs
 
     def warm_up(self, images, targets):

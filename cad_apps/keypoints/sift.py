@@ -1,6 +1,5 @@
-"""SIFT keypoints as the paper uses them (following Uzpak et al., 3DV 2020): OpenCV's SIFT with
-default parameters on the grey image, strongest response first, positions rounded to whole
-pixels, de-duplicated on the rounded ``(y, x)``, the first ``num_points`` (512) kept.
+"""SIFT keypoints as the paper uses them (:func:`cad_spconv.masks.sift_points`: OpenCV's SIFT,
+strongest first, rounded, de-duplicated, the first 512) on the grey image of the keypoint study.
 
 Grey image:
 
@@ -39,29 +38,9 @@ def gray_image(rgb: np.ndarray, mode: str = "luminance") -> np.ndarray:
 
 def detect(rgb: np.ndarray, num_points: int = 512, gray: str = "luminance"
            ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``num_points`` strongest distinct SIFT keypoints of an RGB ``uint8`` image.
+    """The ``num_points`` strongest distinct SIFT keypoints of an RGB ``uint8`` image:
+    :func:`cad_spconv.masks.sift_points` on :func:`gray_image`. Returns ``xy`` int64
+    ``[N, 2]`` (x, y) whole pixels and ``responses`` float32 ``[N]``, strongest first."""
+    from cad_spconv.masks import sift_points
 
-    Returns ``xy`` int64 ``[N, 2]`` (x, y) whole pixels (Python ``round``: halves to even, as
-    the reference) and ``responses`` float32 ``[N]``, strongest first (ties keep OpenCV's
-    order). Points are never outside the image.
-    """
-    import cv2
-
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-        raise ValueError(f"num_points must be an int >= 1, got {num_points!r}")
-    img = gray_image(rgb, gray)
-    h, w = img.shape
-    found = cv2.SIFT_create().detect(img, None)
-    xy, responses, seen = [], [], set()
-    for kp in sorted(found, key=lambda k: k.response, reverse=True):  # stable for ties
-        x = min(max(round(kp.pt[0]), 0), w - 1)
-        y = min(max(round(kp.pt[1]), 0), h - 1)
-        if (y, x) in seen:
-            continue
-        seen.add((y, x))
-        xy.append((x, y))
-        responses.append(kp.response)
-        if len(xy) == num_points:
-            break
-    return (np.array(xy, dtype=np.int64).reshape(-1, 2),
-            np.array(responses, dtype=np.float32))
+    return sift_points(gray_image(rgb, gray), num_points)

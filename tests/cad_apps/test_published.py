@@ -244,3 +244,19 @@ def test_os16_weights_run_at_stride_8_with_the_reference_classifier_dilation(fil
         del feats
         want = F.interpolate(ref(x)["out"], size=SIZE, mode="bilinear", align_corners=False)
     assert got.shape == want.shape
+
+
+def test_paper_counts_of_the_dense_baselines_equal_ptflops(files, cityscapes, tmp_path):
+    """macs_paper_ptflops of --dense S is what ptflops (module hooks, as the paper's copy)
+    counts for the backbone at stride S."""
+    ptflops = pytest.importorskip("ptflops", reason="ptflops not installed (extra 'test')")
+    for stride, key in ((16, "os16"), (8, "os8")):
+        cfg = EvalConfig(data_root=cityscapes, out=str(tmp_path / f"d{stride}.json"),
+                         checkpoint=files[key], dense=stride, device="cpu", num_workers=0,
+                         progress=False, timing=False, warmup=0, limit=1)
+        rec = next(iter(evaluate(cfg)["images"].values()))
+        built, _ = build_segmentation_model(checkpoint=files[key], output_stride=stride)
+        want, _ = ptflops.get_model_complexity_info(
+            built.backbone, (3, *SIZE), as_strings=False, print_per_layer_stat=False,
+            backend_specific_config={"count_functional": False})
+        assert rec["macs_paper_ptflops"] == want

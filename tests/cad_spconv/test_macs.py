@@ -286,3 +286,36 @@ def test_per_image_needs_the_batch_on_dim_0():
         count_macs(Folds(), torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="positive int"):
         count_macs(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8), finest=0)
+
+
+# ------------------------------------------------------------------ the paper's counter (ptflops)
+def test_ptflops_convention_matches_ptflops_and_the_dense_ends():
+    """``result()["ptflops"]`` counts as ptflops does (conv / linear + bias, batch norm,
+    activations, pooling): equal to ptflops itself on a dense ResNet; a converted ResNet counts
+    the dense finest-stride network with everything kept and the coarsest-stride one with
+    nothing kept, per image; a mixed batch lies in between, image by image."""
+    ptflops = pytest.importorskip("ptflops", reason="ptflops not installed (extra 'test')")
+    from adapters import convert
+    torch.manual_seed(0)
+    standard = torchvision.models.resnet50().eval()
+    # module hooks only, as the paper's vendored copy of ptflops counts
+    res = ptflops.get_model_complexity_info(standard, (3, 64, 96), as_strings=False,
+                                            print_per_layer_stat=False, verbose=False,
+                                            backend_specific_config={"count_functional": False})
+    x = torch.randn(1, 3, 64, 96)
+    assert count_macs(standard, x)["ptflops"]["total"] == res[0]
+    cad = convert(standard, 8, 32).eval()
+    images = torch.randn(2, 3, 64, 96)
+    trunk_fine = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
+    trunk_fine.load_state_dict(standard.state_dict())
+    with torch.no_grad():
+        dense_fine = count_macs(trunk_fine.eval(), images)["ptflops"]["per_image"]
+        dense_coarse = count_macs(standard, images)["ptflops"]["per_image"]
+        all_kept = count_macs(cad, images, torch.ones(2, 64, 96, dtype=torch.bool))["ptflops"]
+        none_kept = count_macs(cad, images, torch.zeros(2, 64, 96, dtype=torch.bool))["ptflops"]
+        keep = torch.zeros(2, 64, 96, dtype=torch.bool)
+        keep[0, :20, :30] = True
+        mixed = count_macs(cad, images, keep)["ptflops"]["per_image"]
+    assert all_kept["per_image"] == dense_fine
+    assert none_kept["per_image"] == dense_coarse
+    assert dense_coarse[0] < mixed[0] < dense_fine[0] and mixed[1] == dense_coarse[1]
