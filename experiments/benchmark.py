@@ -80,7 +80,9 @@ def report(results_dir: str) -> str:
     rows = ["| result | dtype | batch | setting | MAC fraction | dense 8 best [ms] | CAD [ms] | "
             "CAD / dense 8 | eff | vs dense 16 | peak MiB dense 8 / CAD | target |",
             "|" + "---|" * 12]
-    for path in sorted(glob.glob(os.path.join(results_dir, "cpu_*_b*_*.json"))):
+    paths = [p for dtype in ("float32", "bfloat16")
+             for p in sorted(glob.glob(os.path.join(results_dir, f"cpu_{dtype}_b*_*.json")))]
+    for path in paths:
         with open(path) as f:
             r = json.load(f)
         cfg, s = r["config"], r["summary"]

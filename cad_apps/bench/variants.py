@@ -46,6 +46,8 @@ def build_variants(args, device, dtype) -> dict:
     ``args.sparse_head``, on the multi-resolution tensor)."""
     if args.model == OP_MODEL:
         return _build_conv(args, device, dtype)
+    import copy
+
     import torch
     from torch import nn
     from torchvision.models._utils import IntermediateLayerGetter
@@ -86,10 +88,15 @@ def build_variants(args, device, dtype) -> dict:
         cads = {e: fold_batchnorm(m.eval()) for e, m in cads.items()}
     reference = None
     if dtype != torch.float32:  # the usual baseline, reported next to the best one
-        import copy
         reference = copy.deepcopy(dense[f]).eval().to(device=device)
     for m in list(dense.values()) + list(cads.values()):
         m.eval().to(device=device, dtype=dtype)
+    # channels-last runs get channels-last weights too, as PyTorch recommends (model.to(
+    # memory_format=...)); for CAD they make the GEMM weights views, not kept copies
+    cl = torch.channels_last
+    models = {(s, fmt): (m if fmt == "nchw" else copy.deepcopy(m).to(memory_format=cl))
+              for s, m in dense.items() for fmt in _formats(args)}
+    cads = {e: m.to(memory_format=cl) for e, m in cads.items()}
 
     def call(m):
         return (lambda x: m(x)["out"]) if segmentation else m
@@ -97,11 +104,12 @@ def build_variants(args, device, dtype) -> dict:
     variants = []
     for s, kind in ((c, "dense_coarse"), (f, "dense_fine")):
         for fmt in _formats(args):
+            m = models[(s, fmt)]
             variants.append(Variant(
                 f"dense{s}[{fmt}]", kind,
                 (lambda fmt: lambda images, keep: (to_format(images.to(dtype), fmt),))(fmt),
-                call(dense[s]),
-                (lambda m: lambda images, keep: _count(m, images.to(dtype)))(dense[s]), fmt=fmt))
+                call(m), (lambda m: lambda images, keep: _count(m, images.to(dtype)))(m),
+                fmt=fmt))
     if reference is not None:
         variants.append(Variant(
             f"dense{f}[nchw,float32]", "dense_reference",

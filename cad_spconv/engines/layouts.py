@@ -46,8 +46,12 @@ def weight_layout(weight: torch.Tensor, tag, build) -> torch.Tensor:
 
 def krsc_filters(weight: torch.Tensor, cache: bool = False) -> torch.Tensor:
     """``[C_out, C_in, kh, kw]`` -> ``[C_out, kh, kw, C_in]`` contiguous: spconv's filter layout
-    and, flattened, the GEMM weight of tap-major im2col columns. ``cache`` (no autograd): kept
-    per weight until it changes (:func:`weight_layout`)."""
+    and, flattened, the GEMM weight of tap-major im2col columns. A channels-last weight
+    (``model.to(memory_format=torch.channels_last)``) is already laid out so: a view, no copy
+    and nothing kept. Else ``cache`` (no autograd): a copy kept per weight until it changes
+    (:func:`weight_layout`)."""
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
+        return weight.permute(0, 2, 3, 1)
     if cache:
         return weight_layout(weight, "krsc", krsc_filters)
     return weight.permute(0, 2, 3, 1).contiguous()
