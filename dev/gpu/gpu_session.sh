@@ -20,7 +20,7 @@
 #   tests-all  the whole suite except slow tests (CPU and CUDA cases)
 #   engines    cad-spconv bench --model conv3x3 (256 and 512 channels, 1024x2048, fp32):
 #              lattice / torch / spconv / spconv-igemm per layer, for the "auto" choice on CUDA
-#   bench      python experiments/benchmark.py gpu --frames .carry/frames --no-markdown
+#   bench      python -m experiments.benchmark gpu --frames .carry/frames --no-markdown
 #              (DeepLabV3-ResNet101 1024x2048, batch 1 and 4, fp32 / fp16 / bf16)
 #
 # Files under $OUT (at most 8 come back): session.log (everything printed), env.json
@@ -136,7 +136,7 @@ except Exception as exc:
 try:
     from cad_spconv.backend import spconv_status
     info["spconv_status"] = list(spconv_status())
-    from cad_spconv.igemm import igemm_status  # the spconv-igemm engine's stack (cumm / NumPy)
+    from cad_spconv.engines.spconv_igemm import igemm_status  # the spconv-igemm engine's stack (cumm / NumPy)
     info["igemm_status"] = list(igemm_status())
 except Exception as exc:
     info.setdefault("spconv_status", [False, repr(exc)])
@@ -208,7 +208,7 @@ part_engines() {
 part_bench() {
     local frames=.carry/frames
     if [[ -z ${BENCH_FILTER:-} ]]; then
-        run_part bench "${BENCH_S:-500}" "$PY" experiments/benchmark.py gpu --frames "$frames" \
+        run_part bench "${BENCH_S:-500}" "$PY" -m experiments.benchmark gpu --frames "$frames" \
             --no-markdown --reps "${BENCH_REPS:-5}"
         return
     fi
@@ -258,7 +258,7 @@ main() {
     versions
     if ((DRY)); then
         say "dry run: would run"
-        "$PY" experiments/benchmark.py gpu --frames .carry/frames --no-markdown --dry-run \
+        "$PY" -m experiments.benchmark gpu --frames .carry/frames --no-markdown --dry-run \
             | sed 's/^/    /'
     fi
     local p
