@@ -81,15 +81,33 @@ class CADTensor(SparseConvTensor):
         features (parent fill), which is what the next layer reads. ``fill="scatter"``:
         spconv's ``SparseConvTensor.dense``: features at the site cells, zeros elsewhere.
         ``grid="step"`` samples the current step's grid (every ``2**step``-th finest cell),
-        where owner fill equals the strided network (Guarantee 2)."""
+        where owner fill equals the strided network (Guarantee 2).
+
+        Owner fill is a view when nothing is merged (the features are the NHWC map) and a
+        nearest upsampling of the NHWC map when everything is (the sites are the step's grid);
+        otherwise a gather through the owner map."""
         geo = self.plan.geometry(self.step)
         s = 2 ** self.step if grid == "step" else 1
         if grid not in ("finest", "step"):
             raise ValueError(f"grid must be 'finest' or 'step', got {grid!r}")
         if fill == "owner":
-            owner = geo.owner[:, ::s, ::s]
-            B, H, W = owner.shape
-            out = self.features[owner.reshape(-1)].reshape(B, H, W, self.features.shape[1])
+            B, (H, W), C = self.batch_size, self.plan.grid, self.features.shape[1]
+            t = 2 ** self.step
+            h, w = -(-H // t), -(-W // t)
+            if geo.num_sites == B * H * W:  # nothing merged: sites in raster order = NHWC
+                out = self.features.view(B, H, W, C)[:, ::s, ::s]
+            elif geo.num_sites == B * h * w and self.features.is_floating_point():
+                # everything merged to the step: the NHWC map of the step's grid, upsampled
+                small = self.features.view(B, h, w, C)
+                if s != 1:  # the step's own grid
+                    out = small
+                else:
+                    out = torch.nn.functional.interpolate(
+                        small.permute(0, 3, 1, 2), scale_factor=t, mode="nearest")
+                    out = out[:, :, :H, :W].permute(0, 2, 3, 1)
+            else:
+                owner = geo.owner[:, ::s, ::s]
+                out = self.features[owner.reshape(-1)].reshape(*owner.shape, C)
         elif fill == "scatter":
             B, (H, W) = self.batch_size, self.plan.grid
             out = self.features.new_zeros(B, H, W, self.features.shape[1])

@@ -9,8 +9,8 @@
     python -m experiments.benchmark cpu --dry-run   # print the commands only
     python -m experiments.benchmark report    # the targets table from experiments/results/
 
-Each suite runs ``cad-spconv bench`` (``cad_spconv/bench.py``) in this process with the settings
-below, writes JSON under ``experiments/results/`` and appends a table headed by the exact
+Each suite runs ``cad-spconv bench`` (``cad_apps/bench``) in a fresh process per result with
+the settings below, writes JSON under ``experiments/results/`` and appends a table headed by the exact
 command to ``BENCHMARKS.md``. Pass ``--no-markdown`` to leave BENCHMARKS.md alone and
 ``--reps N`` to change the number of timed runs. Frames: the three Cityscapes frames in
 ``../shared/data/cityscapes_frames`` (``--frames DIR`` to use others).
@@ -136,11 +136,8 @@ def main(argv=None) -> int:
 
         chosen = ("cpu", "ops") + (("gpu",) if torch.cuda.is_available() else ())
     os.chdir(ROOT)
+    import subprocess
 
-    from cad_apps import bench
-    from cad_apps.cli import build_parser
-
-    parser = build_parser("bench")
     for suite in chosen:
         for name, bench_args in suites(frames, args.reps)[suite]:
             if args.only and args.only not in name:
@@ -153,7 +150,8 @@ def main(argv=None) -> int:
             print(command, flush=True)
             if args.dry_run:
                 continue
-            bench.main(parser.parse_args(full), command=command)
+            # one process per result: no caches, heap or tuned choices carried over
+            subprocess.run([sys.executable, "-m", "cad_apps.cli", *full], check=True)
     return 0
 
 

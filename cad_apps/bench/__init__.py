@@ -114,8 +114,13 @@ def configure(parser: argparse.ArgumentParser):
 def main(args, command: str | None = None) -> int:
     import torch
 
+    from cad_spconv.engines import clear_tuned
+    from cad_spconv.engines.layouts import clear_caches
+
     command = command or _command_line()
     cfg = _check_args(args)
+    clear_caches()  # what earlier runs in this process kept would count as this run's memory
+    clear_tuned()
     threads = torch.get_num_threads()
     flags = math_flags()
     try:

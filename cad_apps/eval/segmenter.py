@@ -84,7 +84,10 @@ class Segmenter:
         if self.num_classes != 19:
             raise ValueError(f"the model predicts {self.num_classes} classes; Cityscapes "
                              "evaluation needs the 19 trainId classes (a Cityscapes-trained checkpoint)")
-        self.model = model.to(self.device, self.dtype).eval()
+        # channels-last weights and inputs: the fast layout of oneDNN / cuDNN, and the GEMM
+        # layout of the lattice engine (no weight copies kept)
+        self.model = model.to(self.device, self.dtype).to(
+            memory_format=torch.channels_last).eval()
         self.cad = None
         if cfg.dense is None:
             from adapters import convert
@@ -195,7 +198,8 @@ class Segmenter:
         import torch
 
         from cad_spconv.macs import MacCounter
-        images = images.to(self.device, self.dtype, non_blocking=True)
+        images = images.to(self.device, self.dtype, non_blocking=True).contiguous(
+            memory_format=torch.channels_last)
         targets = targets.to(self.device, non_blocking=True)
         oracle = self.mask is not None and self.mask.kind == "oracle"
         given = self.keep_for(images, targets) if oracle else None
@@ -236,7 +240,7 @@ class Segmenter:
 
     def warm_up(self, images, targets):
         """One untimed, uncounted forward."""
-        images = images.to(self.device, self.dtype)
+        images = images.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         self._run(images, self.keep_for(images, targets.to(self.device)))
 
     def level_fractions(self):
