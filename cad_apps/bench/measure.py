@@ -139,6 +139,27 @@ def _peak_memory(fn, args, device):
     return sampler.delta
 
 
+def _tensor_peak(fn, args) -> int:
+    """CPU: the peak of the bytes held by live tensors during one run, above the level before
+    it, from the profiler's allocation events (what the allocator was asked for, free of the
+    heap's fragmentation that the resident-set peak also shows)."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*args)
+        del out
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                     and e.device_type().name == "CPU"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def _replay_geometry(plan, books, engine, device):
     """Rebuild the geometry one CAD forward builds: the level plan from the keep mask, every
     step's sites / owners / areas, and every rulebook with what its engine reads (for
@@ -208,11 +229,15 @@ def bench_input(args, bench, images, keep, device, dtype) -> dict:
         for v in variants:
             entry = res["variants"][v.name]
             entry["peak_bytes"] = _peak_memory(v.run, states[v.name], device)
+            if device.type == "cpu":
+                entry["peak_tensor_bytes"] = _tensor_peak(v.run, states[v.name])
             if v.kind == "cad" and entry["peak_bytes"] is not None:
                 # allocated in the warm-up and kept (workspaces, weight layouts): part of what
                 # a CAD forward needs, so counted in its peak (all CAD variants' together)
                 entry["engine_cache_bytes"] = cached_bytes(device)
                 entry["peak_bytes"] += entry["engine_cache_bytes"]
+                if "peak_tensor_bytes" in entry:
+                    entry["peak_tensor_bytes"] += entry["engine_cache_bytes"]
     # geometry share, per CAD variant: replay exactly what its last forward built
     for v in variants:
         if v.kind != "cad" or v.last is None:

@@ -84,6 +84,9 @@ def _input_summary(res: dict, engines) -> dict:
             "geometry_share": cad.get("geometry_seconds", float("nan")) / t,
             "peak_vs_dense_fine": (cad["peak_bytes"] / fine["peak_bytes"]
                                    if cad.get("peak_bytes") and fine.get("peak_bytes") else None),
+            "tensor_peak_vs_dense_fine": (
+                cad["peak_tensor_bytes"] / fine["peak_tensor_bytes"]
+                if cad.get("peak_tensor_bytes") and fine.get("peak_tensor_bytes") else None),
         }
         if nchw32 is not None:
             out["cad"][e]["vs_dense_fine_nchw_float32"] = t / nchw32["seconds"]

@@ -219,24 +219,6 @@ def test_sift_keypoints_optional():
 
 
 # ------------------------------------------------------------------ random / invert
-def np_census(levels: np.ndarray, num_levels: int) -> list[dict]:
-    """Per image: {(level, clipped height, clipped width): number of sites}, from a level map
-    [B, H, W] by looping over the quadtree (independent of the library)."""
-    B, H, W = levels.shape
-    out = []
-    for b in range(B):
-        census = {}
-        for l in range(num_levels + 1):
-            s = 2 ** l
-            for y in range(0, H, s):
-                for x in range(0, W, s):
-                    if levels[b, y, x] == l:
-                        key = (l, min(s, H - y), min(s, W - x))
-                        census[key] = census.get(key, 0) + 1
-        out.append(census)
-    return out
-
-
 def grid_levels(mask_or_list, grid, stride, num_levels) -> np.ndarray:
     """The level map a model builds from keep masks at image resolution (numpy reference)."""
     given = [mask_or_list] if isinstance(mask_or_list, torch.Tensor) else mask_or_list
@@ -265,7 +247,7 @@ def test_random_like_has_the_budget_of_the_mask_it_imitates(num_levels, size, st
         shuffled = masks.random_like(keep, stride, num_levels, generator=gen)
         assert shuffled.shape == (3, 1, *size) and shuffled.dtype == torch.bool
         new = grid_levels(shuffled, grid, stride, num_levels)
-        assert np_census(new, num_levels) == np_census(levels, num_levels)
+        assert ref.census(new, num_levels) == ref.census(levels, num_levels)
         for step in range(num_levels + 1):
             a, b = ref.Geometry(levels, step), ref.Geometry(new, step)
             np.testing.assert_array_equal(np.bincount(a.sites[:, 0], minlength=3),
@@ -301,7 +283,7 @@ def test_random_like_of_per_level_masks(num_levels):
     for lo, hi in zip(shuffled, shuffled[1:]):
         assert not bool((lo & ~hi).any())  # nested
     new = grid_levels(shuffled, grid, 4, num_levels)
-    assert np_census(new, num_levels) == np_census(levels, num_levels)
+    assert ref.census(new, num_levels) == ref.census(levels, num_levels)
     assert not (new == levels).all()
 
 
@@ -314,7 +296,7 @@ def test_shuffle_plan_keeps_sites_per_level_and_shape():
         plan = LevelPlan.from_level_map(torch.from_numpy(levels), L)
         new = masks.shuffle_plan(plan, gen)
         LevelPlan.from_level_map(new.levels, L)  # a valid quadtree
-        assert np_census(new.levels.numpy(), L) == np_census(levels, L)
+        assert ref.census(new.levels.numpy(), L) == ref.census(levels, L)
         for step in range(L + 1):
             assert torch.equal(plan.sites_per_image(step), new.sites_per_image(step))
 
@@ -334,7 +316,7 @@ def test_random_level0_share_is_the_fraction(size, stride, grid, fraction):
     for L in (1, 2, 3):
         levels = ref.levels_from_masks([cells], L)
         np.testing.assert_array_equal(levels == 0, cells)  # kept cells are whole 2x2 blocks
-    census = np_census(ref.levels_from_masks([cells], 1), 1)
+    census = ref.census(ref.levels_from_masks([cells], 1), 1)
     shapes = {(min(2, H - y), min(2, W - x)) for y in range(0, H, 2) for x in range(0, W, 2)}
     for b in range(4):
         for h, w in shapes:
