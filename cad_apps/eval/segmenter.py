@@ -2,6 +2,8 @@
 multiply-adds out."""
 from __future__ import annotations
 
+import torch
+
 from .config import EvalConfig, parse_mask
 
 __all__ = ["Segmenter", "dense_macs", "load_mask_estimator", "estimator_from_state"]
@@ -14,7 +16,6 @@ def dense_macs(model, output_stride: int, size, num_classes: int = 19) -> dict:
     own strides are set to ``output_stride`` for the count and restored), or a model name of
     :data:`adapters.builders.SEGMENTATION_MODELS`. Run on the meta device: only shapes matter,
     so it is instant and allocates nothing."""
-    import torch
     from torch.func import functional_call
 
     from adapters.builders import segmentation_model
@@ -62,7 +63,6 @@ class Segmenter:
     baselines (counted once per image size)."""
 
     def __init__(self, cfg: EvalConfig, device, model=None):
-        import torch
 
         from ..checkpoints import build_segmentation_model
         self.cfg = cfg.check()
@@ -115,7 +115,6 @@ class Segmenter:
     def keep_for(self, images, targets):
         """The ``keep`` argument for this batch (a bool mask, or the learned estimator);
         ``None`` for a dense run."""
-        import torch
 
         from cad_spconv import masks
         if self.mask is None:
@@ -149,7 +148,6 @@ class Segmenter:
     def _run(self, images, keep):
         import contextlib
 
-        import torch
         amp = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
                else contextlib.nullcontext())
         with torch.no_grad(), amp:
@@ -195,7 +193,6 @@ class Segmenter:
         """
         import time
 
-        import torch
 
         from cad_spconv.macs import MacCounter
         images = images.to(self.device, self.dtype, non_blocking=True).contiguous(

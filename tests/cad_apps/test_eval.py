@@ -193,7 +193,9 @@ def test_json_is_written_atomically(tmp_path):
 def test_learned_mask_records_what_the_converted_model_computes(fixture_root, checkpoint, tmp_path):
     """``learned:P``: per image, the multiply-adds (estimator part included) and the kept
     fraction are those of the converted model run with the estimator as its ``keep``; the
-    estimator is centred so that both decisions occur."""
+    estimator is centred so that both decisions occur, its threshold in the middle of the widest
+    gap between the central logit differences (eval runs channels-last, this reference NCHW: a
+    threshold on a site would let rounding flip it)."""
     from adapters import convert
     from cad_apps.blended import features_before_adaptive
     from cad_spconv import count_macs
@@ -205,7 +207,11 @@ def test_learned_mask_records_what_the_converted_model_computes(fixture_root, ch
     images = torch.stack([ds[i]["image"] for i in range(2)])
     with torch.no_grad():
         logits = est.logits(features_before_adaptive(model, images, 8))
-        est[7].bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+        diffs = (logits[:, 1] - logits[:, 0]).flatten().sort().values
+        central = diffs[len(diffs) // 4: 3 * len(diffs) // 4 + 1]
+        widest = (central[1:] - central[:-1]).argmax()
+        assert central[widest + 1] - central[widest] > 1e-4
+        est[7].bias[1] -= (central[widest] + central[widest + 1]) / 2
     path = tmp_path / "estimator.pth"
     torch.save({"model_state": {"backbone.mask_estimator." + k: v for k, v in est.state_dict().items()}},
                path)

@@ -200,7 +200,6 @@ def test_batch_norm_train_mixes_the_batch_as_torchvision_does(device):
 def test_input_gradients_stay_in_their_image(case, stride, device):
     """Backward too: with one image non-finite, the other images' input gradients equal those of
     the clean batch (the weight gradient mixes the batch, as in torchvision)."""
-    L = case[1]
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(6, 6, 3, 3, generator=gen, dtype=torch.float64).to(device)
     names = [e for e in engines(device, torch.float64, 1) if e not in ("tuned", "spconv-igemm")]
