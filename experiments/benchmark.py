@@ -8,6 +8,8 @@
     python -m experiments.benchmark gpu       # 1024x2048, batch 1 and 4, fp32 / fp16 / bf16
     python -m experiments.benchmark cpu --dry-run   # print the commands only
     python -m experiments.benchmark report    # the targets table from experiments/results/
+    python -m experiments.benchmark targets --results experiments/results/epyc-avx2
+                                              # results of one machine in a folder of their own
 
 Each suite runs ``cad-spconv bench`` (``cad_apps/bench``) in a fresh process per result with
 the settings below, writes JSON under ``experiments/results/`` and appends a table headed by the exact
@@ -74,9 +76,11 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
 
 
 def report(results_dir: str) -> str:
-    """The CPU targets as a markdown table, from the ``targets`` suite's result files."""
+    """The CPU targets as a markdown table, from the ``targets`` suite's result files, headed by
+    the machine(s) they were measured on."""
     import json
 
+    machines = set()
     rows = ["| result | dtype | batch | setting | MAC fraction | dense 8 best [ms] | CAD [ms] | "
             "CAD / dense 8 | eff | vs dense 16 | peak MiB dense 8 / CAD, resident set (live "
             "tensors) | target |",
@@ -88,6 +92,9 @@ def report(results_dir: str) -> str:
         with open(path) as f:
             r = json.load(f)
         cfg, s = r["config"], r["summary"]
+        env = r["environment"]
+        machines.add(f"{env['cpu']} ({', '.join(env.get('cpu_flags') or ['flags not recorded'])}"
+                     f"), torch {env['torch']}, {env['threads']} threads")
         c = next(iter(s["cad"].values()))
         per = r["inputs"]
         if os.path.exists(path[:-5] + "_memory.json"):  # the memory pass, if it ran
@@ -124,7 +131,9 @@ def report(results_dir: str) -> str:
                     f"{1e3 * c['seconds']:.0f} | {c['vs_dense_fine']:.3f} | {c['eff']:.2f} | "
                     f"{c['vs_dense_coarse']:.3f} | {peak or 'n/a'} | "
                     f"{'met' if ok else 'missed'}{'' if memory_ok else ', memory missed'} |")
-    return "\n".join(rows)
+    if not paths:
+        return f"no targets results in {results_dir}"
+    return "\n".join([f"Measured on: {'; '.join(sorted(machines))}.", "", *rows])
 
 
 def main(argv=None) -> int:
@@ -138,10 +147,13 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", default=DEFAULT_FRAMES, help="folder of RGB frames")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--results", default=os.path.join("experiments", "results"),
+                        help="folder of the result JSON files, relative to the project root "
+                             "(default: experiments/results)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     if args.suite == "report":
-        print(report(os.path.join(ROOT, "experiments", "results")))
+        print(report(os.path.join(ROOT, args.results)))
         return 0
     frames = sorted(glob.glob(os.path.join(args.frames, "*.png")))
     if not frames:
@@ -155,14 +167,22 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     import subprocess
 
+    from cad_apps.bench.report import native_bfloat16
+
+    if not args.dry_run:
+        os.makedirs(args.results, exist_ok=True)
     for suite in chosen:
         for name, bench_args in suites(frames, args.reps)[suite]:
             if args.only and args.only not in name:
                 continue
+            if suite == "targets" and "bfloat16" in name and not native_bfloat16():
+                print(f"skipping {name}: this CPU has no native bfloat16 (AVX512-BF16 or AMX); "
+                      "emulated bfloat16 is not a speed setting", flush=True)
+                continue
             if args.memory_pass:
                 name += "_memory"
                 bench_args = [*bench_args, "--reps", "1"]
-            full = ["bench", *bench_args, "--json", f"experiments/results/{name}.json",
+            full = ["bench", *bench_args, "--json", os.path.join(args.results, f"{name}.json"),
                     "--label", name]
             if not args.no_markdown:
                 full += ["--markdown", "BENCHMARKS.md"]

@@ -7,7 +7,7 @@ import time
 
 from .measure import math_flags
 
-__all__ = ["environment", "loadavg", "summary", "markdown", "print_report", "profile_table",
+__all__ = ["environment", "cpu_flags", "native_bfloat16", "loadavg", "summary", "markdown", "print_report", "profile_table",
            "HEADER"]
 
 
@@ -29,6 +29,31 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# the instruction sets that decide which CPU kernels run (oneDNN picks by these)
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`_ISA_FLAGS` this CPU reports (Linux ``/proc/cpuinfo``; empty elsewhere).
+    The CPU model name alone does not say it: the 'AMD EPYC' machines here came with and
+    without AVX-512 / bf16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _ISA_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def native_bfloat16() -> bool:
+    """Whether the CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX); without,
+    oneDNN emulates them and bfloat16 is no speed setting."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+
+
 def environment(device, load_before) -> dict:
     import torch
 
@@ -36,6 +61,8 @@ def environment(device, load_before) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": _cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
@@ -168,7 +195,9 @@ def markdown(report) -> str:
     lines = [
         f"\n### {title}\n",
         f"`{report['command']}`\n",
-        f"{env['time']}; {env.get('gpu', env['cpu'])}; torch {env['torch']}, "
+        f"{env['time']}; {env.get('gpu', env['cpu'])}"
+        + (f" ({', '.join(env['cpu_flags'])})" if env.get("cpu_flags") and "gpu" not in env
+           else "") + f"; torch {env['torch']}, "
         f"{env['threads']} threads; load average {load(env['loadavg_before'])} before, "
         f"{load(env['loadavg_after'])} after"
         + (f"; {' '.join(f'{k}={v}' for k, v in env['malloc_env'].items())}"

@@ -86,3 +86,35 @@ def test_bad_arguments_are_refused(argv, message, tmp_path, capsys):
     args = build_parser("bench").parse_args(["bench", "--model", "conv3x3", *argv])
     with pytest.raises(SystemExit, match=message):
         bench.main(args)
+
+
+def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsys):
+    """``experiments.benchmark``: a targets result (here a tiny ResNet-50 run under a target's
+    name) makes a row of the report, headed by the machine with its instruction-set flags; a
+    dry run writes into ``--results``; bfloat16 targets are skipped, with the reason, on a CPU
+    without native bfloat16."""
+    from cad_apps.bench import report as bench_report
+    from experiments import benchmark
+
+    results = tmp_path / "machine"
+    results.mkdir()
+    run_bench(tmp_path, "--model", "resnet50", "--size", "96", "80", "--threshold", "0.35")
+    (tmp_path / "r.json").rename(results / "cpu_float32_b1_edge0.35.json")
+    table = benchmark.report(str(results))
+    flags = ", ".join(bench_report.cpu_flags() or ["flags not recorded"])
+    assert table.startswith(f"Measured on: {bench_report._cpu_name()} ({flags})")
+    row = next(line for line in table.splitlines() if line.startswith("| cpu_float32_b1_edge0.35"))
+    assert "| float32 | 1 | edge 0.35 |" in row
+    assert benchmark.report(str(tmp_path / "empty")).startswith("no targets results")
+
+    monkeypatch.setattr(bench_report, "native_bfloat16", lambda: False)
+    monkeypatch.chdir(tmp_path)  # the suite changes into the project root; undone after
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "a.png").write_bytes(b"")
+    assert benchmark.main(["targets", "--dry-run", "--no-markdown", "--frames", str(frames),
+                           "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert f"--json {results}/cpu_float32_b1_edge0.15.json" in out
+    assert "skipping cpu_bfloat16_b1_edge0.15: this CPU has no native bfloat16" in out
+    assert "--dtype bfloat16" not in out
