@@ -174,14 +174,22 @@ def _run(args, cfg, command) -> int:
         print(f"tuned: {len(report['tuned'])} layer shapes -> "
               + ", ".join(f"{e} x{n}" for e, n in picks.most_common()), flush=True)
     print_report(report)
+    # through a temporary file each: an interrupted run never leaves a half-written result
+    from cad_apps.io import write_atomic, write_json_atomic
+
     if args.json:
-        import json
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json_atomic(args.json, report)
     if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(markdown(report))
+        old = ""
+        if os.path.exists(args.markdown):
+            with open(args.markdown) as f:
+                old = f.read()
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(old + markdown(report))
+
+        write_atomic(args.markdown, write)
     return 0
 
 
