@@ -44,18 +44,25 @@ class CADBottleneck(nn.Module):
     def __init__(self, block: Bottleneck, stride: int, dilation: int, engine: str, path: str):
         super().__init__()
         self.conv1 = cad_conv(block.conv1, 1, 1, engine, f"{path}.conv1")
-        self.bn1 = CADBatchNorm2d.from_module(block.bn1)
+        self.bn1 = CADBatchNorm2d.from_module(block.bn1, inplace=True)
         self.conv2 = cad_conv(block.conv2, stride, dilation, engine, f"{path}.conv2")
-        self.bn2 = CADBatchNorm2d.from_module(block.bn2)
+        self.bn2 = CADBatchNorm2d.from_module(block.bn2, inplace=True)
         self.conv3 = cad_conv(block.conv3, 1, 1, engine, f"{path}.conv3")
-        self.bn3 = CADBatchNorm2d.from_module(block.bn3)
+        self.bn3 = CADBatchNorm2d.from_module(block.bn3, inplace=True)
         self.relu = CADPointwise(block.relu)
         self.downsample = _cad_shortcut(block, stride, engine, path)
 
     def forward(self, x: CADTensor) -> CADTensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        # one op per statement, as torchvision: each input is released before the next output
+        # is allocated (nested calls kept the conv2 path's features alive through bn3)
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
         identity = x if self.downsample is None else self.downsample(x)
         out += identity  # in place, as torchvision: no extra feature matrix
         return self.relu(out)
@@ -69,15 +76,18 @@ class CADBasicBlock(nn.Module):
                  engine: str, path: str):
         super().__init__()
         self.conv1 = cad_conv(block.conv1, stride, dilation_in, engine, f"{path}.conv1")
-        self.bn1 = CADBatchNorm2d.from_module(block.bn1)
+        self.bn1 = CADBatchNorm2d.from_module(block.bn1, inplace=True)
         self.relu = CADPointwise(block.relu)
         self.conv2 = cad_conv(block.conv2, 1, dilation_out, engine, f"{path}.conv2")
-        self.bn2 = CADBatchNorm2d.from_module(block.bn2)
+        self.bn2 = CADBatchNorm2d.from_module(block.bn2, inplace=True)
         self.downsample = _cad_shortcut(block, stride, engine, path)
 
     def forward(self, x: CADTensor) -> CADTensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.conv1(x)  # one op per statement: see CADBottleneck.forward
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
         identity = x if self.downsample is None else self.downsample(x)
         out += identity  # in place, as torchvision: no extra feature matrix
         return self.relu(out)
@@ -88,7 +98,7 @@ def _cad_shortcut(block, stride: int, engine: str, path: str) -> Optional[nn.Seq
     if ds is None:
         return None
     return nn.Sequential(cad_conv(ds[0], stride, 1, engine, f"{path}.downsample.0"),
-                         CADBatchNorm2d.from_module(ds[1]))
+                         CADBatchNorm2d.from_module(ds[1], inplace=True))
 
 
 def _dense_block(block, stride: int):

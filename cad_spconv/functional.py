@@ -78,13 +78,31 @@ def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: Int
 
 
 def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
-               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> CADTensor:
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+               inplace: bool = False) -> CADTensor:
     """Batch norm per site; in training the statistics are taken over sites.
 
     Training mode mixes the images of the batch, as ``torch.nn.BatchNorm2d`` does: a NaN / Inf
     in one image makes the batch statistics, hence those channels of every image, non-finite.
-    Eval mode (running statistics) keeps images independent, like every other op."""
-    out = F.batch_norm(x.features, running_mean, running_var, weight, bias, training, momentum, eps)
+    Eval mode (running statistics) keeps images independent, like every other op.
+
+    ``inplace``: in eval mode, where autograd records nothing and the features have the
+    statistics' dtype, overwrite ``x``'s features with the result (for features nobody else
+    reads, such as a conv's fresh output: one feature matrix fewer at the memory peak);
+    elsewhere it computes out of place as usual."""
+    f = x.features
+    if (inplace and not training and running_mean is not None and running_var is not None
+            and f.dtype == running_mean.dtype
+            and not (torch.is_grad_enabled() and (f.requires_grad or any(
+                p is not None and p.requires_grad for p in (weight, bias))))):
+        scale = torch.rsqrt(running_var + eps)  # per channel: sites stay independent
+        if weight is not None:
+            scale = scale * weight
+        shift = -running_mean * scale
+        if bias is not None:
+            shift = shift + bias
+        return x.replace_feature(f.mul_(scale).add_(shift))
+    out = F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
     return x.replace_feature(out)
 
 

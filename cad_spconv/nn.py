@@ -87,12 +87,19 @@ class CADConv2d(nn.Conv2d):
 
 class CADBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` per site; training mode normalizes over the sites of the batch (so,
-    as in torchvision, one image's NaN / Inf reaches every image through the statistics)."""
+    as in torchvision, one image's NaN / Inf reaches every image through the statistics).
+
+    ``inplace = True`` (set by the converted ResNet blocks, whose batch norms read a conv's
+    fresh output) normalizes in place in eval mode without autograd: see
+    :func:`cad_spconv.functional.batch_norm`."""
+
+    inplace = False
 
     @classmethod
-    def from_module(cls, bn: nn.BatchNorm2d) -> "CADBatchNorm2d":
+    def from_module(cls, bn: nn.BatchNorm2d, inplace: bool = False) -> "CADBatchNorm2d":
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                   device="meta")
+        new.inplace = inplace
         new.weight, new.bias = bn.weight, bn.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             setattr(new, name, getattr(bn, name))
@@ -110,7 +117,7 @@ class CADBatchNorm2d(nn.BatchNorm2d):
         return CF.batch_norm(
             x, self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
-            self.weight, self.bias, use_batch, factor, self.eps)
+            self.weight, self.bias, use_batch, factor, self.eps, inplace=self.inplace)
 
 
 class CADPointwise(nn.Module):

@@ -127,6 +127,43 @@ def test_batch_norm_eval_and_train(device):
     assert int(bn.num_batches_tracked) == 1  # buffers are shared with the original module
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_in_place(device, affine):
+    """``inplace``: in eval mode without autograd the features are overwritten with what the
+    out-of-place batch norm computes; with autograd recording, in training mode or in another
+    dtype than the statistics it computes out of place and leaves the input alone."""
+    import copy
+
+    from cad_spconv.nn import CADBatchNorm2d
+    x, _ = make_input(CASES[1], 1, 4, torch.float64, device)
+    bn = torch.nn.BatchNorm2d(4, affine=affine).double().to(device).eval()
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    if affine:
+        bn.weight.data.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    expected = bn(x.features[:, :, None, None])[:, :, 0, 0]
+    cbn = CADBatchNorm2d.from_module(bn, inplace=True).eval()
+    with torch.no_grad():
+        own = x.replace_feature(x.features.clone())
+        out = cbn(own)
+    assert out.features.data_ptr() == own.features.data_ptr()  # no new feature matrix
+    torch.testing.assert_close(out.features, expected, atol=1e-12, rtol=1e-12)
+    before = x.features.clone()
+    if affine:  # autograd records (the parameters require grad): out of place
+        out = cbn(x)
+        assert out.features.requires_grad and out.features.data_ptr() != x.features.data_ptr()
+        torch.testing.assert_close(out.features, expected)
+    with torch.no_grad():
+        cbn.train()
+        cbn(x)
+        # bfloat16 features, float32 statistics (autocast): out of place
+        half = x.replace_feature(x.features.to(torch.bfloat16))
+        half_before = half.features.clone()
+        out = CADBatchNorm2d.from_module(copy.deepcopy(bn).float(), inplace=True).eval()(half)
+        assert out.features.data_ptr() != half.features.data_ptr()
+        torch.testing.assert_close(half.features, half_before, atol=0, rtol=0)
+    torch.testing.assert_close(x.features, before, atol=0, rtol=0)
+
+
 def test_rulebooks_are_cached_and_shared(device):
     x, _ = make_input(CASES[1], 0, 4, torch.float64, device)
     w = torch.randn(4, 4, 3, 3, dtype=torch.float64, device=device)
