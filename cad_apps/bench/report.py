@@ -7,8 +7,8 @@ import time
 
 from .measure import math_flags
 
-__all__ = ["environment", "cpu_flags", "native_bfloat16", "loadavg", "summary", "markdown", "print_report", "profile_table",
-           "HEADER"]
+__all__ = ["environment", "cpu_flags", "native_bfloat16", "loadavg", "summary", "markdown",
+           "print_report", "profile_table", "HEADER"]
 
 
 def loadavg():
