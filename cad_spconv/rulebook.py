@@ -52,8 +52,11 @@ class LatticeSplit:
     The rest are the output sites off that lattice: ``rest_rows`` (sites whose taps all lie in
     the grid first, ``num_inside`` of them, then the border sites), read through
     ``rest_index`` ``[R, K]`` (in-grid input rows; a border site's out-of-grid taps point at an
-    input row of its own image and are zeroed through ``border_valid``
-    ``[R - num_inside, K]``, so nothing of another image is ever read).
+    input row of its own image, so nothing of another image is ever read, and are zeroed after
+    the gather). ``border_zeros`` lists those taps as ascending positions ``site * K + tap`` in
+    the im2col rows of the border sites (site counted from the first border site), and
+    ``border_zero_offsets`` (CPU, ``[R - num_inside + 1]``) where each site's positions start,
+    so a chunk of sites finds its taps without a device sync.
     """
 
     batch: int
@@ -65,7 +68,8 @@ class LatticeSplit:
     rest_rows: torch.Tensor
     rest_index: torch.Tensor
     num_inside: int
-    border_valid: torch.Tensor
+    border_zeros: torch.Tensor
+    border_zero_offsets: torch.Tensor
     finest: bool = False
 
     @property
@@ -253,7 +257,9 @@ class ConvRulebook(Rulebook):
             return LatticeSplit(batch=B, in_grid=(H, W), out_grid=(H, W), in_rows=None,
                                 out_rows=None, stride=1, rest_rows=empty,
                                 rest_index=empty.view(0, self.num_taps), num_inside=0,
-                                border_valid=empty.view(0, self.num_taps).bool(), finest=True)
+                                border_zeros=empty, border_zero_offsets=torch.zeros(1, dtype=
+                                                                                  torch.long),
+                                finest=True)
         # every lattice cell is a site of its step, so the owner there is the site itself; when
         # the lattice cells are all the sites, raster order makes them the rows as they are
         in_rows = None
@@ -276,10 +282,17 @@ class ConvRulebook(Rulebook):
         # a row of another image must never be read
         centre = (self.kernel_size[0] // 2) * self.kernel_size[1] + self.kernel_size[1] // 2
         index = torch.where(valid, gather, gather[:, centre:centre + 1])
+        # zeroing only the out-of-grid tap rows of the im2col block (index_fill_) is several
+        # times cheaper than a masked fill over the whole block: the ASPP's wide taps make most
+        # of its sites border sites
+        outside = ~valid[num_inside:]
+        zeros = outside.reshape(-1).nonzero()[:, 0]
+        offsets = torch.zeros(outside.shape[0] + 1, dtype=torch.long)
+        offsets[1:] = outside.sum(1).cumsum(0).cpu()
         return LatticeSplit(
             batch=B, in_grid=in_grid, out_grid=out_grid, in_rows=in_rows, out_rows=out_rows,
             stride=s_out // s_in, rest_rows=rest_rows, rest_index=index,
-            num_inside=num_inside, border_valid=valid[num_inside:])
+            num_inside=num_inside, border_zeros=zeros, border_zero_offsets=offsets)
 
 
 # ---------------------------------------------------------------------- typed keys

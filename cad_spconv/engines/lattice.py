@@ -141,10 +141,14 @@ def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int,
     else:
         torch.index_select(features, 0, idx, out=cols)
     if start >= split.num_inside:  # border sites: zero the out-of-grid taps
-        outside = ~split.border_valid[start - split.num_inside:stop - split.num_inside]
-        outside = outside.reshape(-1, 1)
-        # a fill, not a multiplication by 0: 0 * inf would be NaN where the dense conv pads 0
-        cols = cols.masked_fill_(outside, 0) if out is not None else cols.masked_fill(outside, 0)
+        a, b = start - split.num_inside, stop - split.num_inside
+        lo, hi = split.border_zero_offsets[a].item(), split.border_zero_offsets[b].item()
+        if hi > lo:
+            taps = split.border_zeros[lo:hi] - a * k
+            # a fill, not a multiplication by 0: 0 * inf would be NaN where the dense conv pads 0
+            flat = cols.view(n * k, c_in)
+            cols = (flat.index_fill_(0, taps, 0) if out is not None
+                    else flat.index_fill(0, taps, 0)).view(cols.shape)
     if groups == 1:
         return matmul_nk(cols.view(n, k * c_in), w, bias, out)
     c_in_g = c_in // groups

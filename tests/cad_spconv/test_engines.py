@@ -122,7 +122,9 @@ def test_lattice_split_partitions_the_output(grid, L, device):
             inside = split.num_inside
             assert torch.equal(full[:inside], split.rest_index[:inside])
             assert bool((full[:inside] >= 0).all())
-            assert torch.equal(full[inside:] >= 0, split.border_valid)
+            outside = full[inside:] < 0
+            assert torch.equal(split.border_zeros, outside.reshape(-1).nonzero()[:, 0])
+            assert split.border_zero_offsets.tolist() == [0] + outside.sum(1).cumsum(0).tolist()
             centre = full[inside:, 4:5].expand_as(full[inside:])  # out of grid: own centre row
             assert torch.equal(torch.where(full[inside:] >= 0, full[inside:], centre),
                                split.rest_index[inside:])
