@@ -264,17 +264,23 @@ class CADSegmentation(CADModel):
             low = captured[self.low_layer]
             if self._head_is_sparse(self.out_layer):
                 return OrderedDict(out=self.classifier(low, out))
-            return OrderedDict(out=self.classifier({"low_level": low, "out": out.dense()}))
-        result = OrderedDict(out=self._apply_head(self.classifier, self.out_layer, out))
+            out = out.dense()
+            return OrderedDict(out=self.classifier({"low_level": low, "out": out}))
+        # rebinding ``out`` to the densified map frees the sparse features before the head
+        # runs: at the head's peak CAD then holds one map of the backbone output, as the dense
+        # model does
+        out = self._head_input(self.out_layer, out)
+        result = OrderedDict(out=self.classifier(out))
         if self.aux_classifier is not None:
-            result["aux"] = self._apply_head(self.aux_classifier, self.aux_layer,
-                                             captured[self.aux_layer])
+            del out
+            aux = self._head_input(self.aux_layer, captured.pop(self.aux_layer))
+            result["aux"] = self.aux_classifier(aux)
         return result
 
-    def _apply_head(self, head: nn.Module, layer: str, x: Features) -> Features:
+    def _head_input(self, layer: str, x: Features) -> Features:
         if isinstance(x, CADTensor) and not self._head_is_sparse(layer):
-            x = x.dense()  # the paper's setup: densify at the finest stride
-        return head(x)
+            return x.dense()  # the paper's setup: densify at the finest stride
+        return x
 
     def forward(self, images: torch.Tensor, keep) -> "OrderedDict[str, torch.Tensor]":
         size = images.shape[-2:]
