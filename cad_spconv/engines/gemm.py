@@ -9,7 +9,7 @@ import torch.nn.functional as F
 __all__ = ["matmul_nk", "grouped_mm"]
 
 _ONEDNN = torch.backends.mkldnn.is_available()
-_ONEDNN_DTYPES = (torch.float32,)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
@@ -17,14 +17,15 @@ def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
     """``x [n, K] @ w[N, K].T + bias``, written into ``out`` where the route can write into a
     given buffer (use the returned tensor: it is ``out`` or a fresh one, never a copy).
 
-    On CPU, float32 goes through ``F.conv2d`` as a 1x1 conv on channels-last views of the two
+    On CPU, float32 and bfloat16 go through ``F.conv2d`` as a 1x1 conv on channels-last views of the two
     matrices (no input copies; the result is a fresh tensor, copied into ``out``), which
     PyTorch runs on oneDNN, the library of the dense network's convs, once there are more than
     20480 input elements and 2+ threads (else on its own GEMM path): MKL's GEMM took 1.6-2.2x
-    as long on the layer shapes of a converted ResNet-101 on an AMD EPYC. bfloat16 is the other
-    way round: ``torch.mm`` (oneDNN's matmul) ran those shapes 1.2-2x faster than the 1x1 conv
-    (``python -m experiments.gemm_routes --dtype bfloat16``, BENCHMARKS.md). Elsewhere (CUDA,
-    float64, bfloat16) a GEMM straight into ``out``."""
+    as long on the layer shapes of a converted ResNet-101 on an AMD EPYC. bfloat16 goes the same
+    way: on an AVX512-BF16 EPYC oneDNN's 1x1 conv beat ``torch.mm`` on 6 of 9 of those shapes
+    (``python -m experiments.gemm_routes --dtype bfloat16``) and the backbone ran 0.75-0.77 of
+    dense against 0.78-0.95 (one frame, BENCHMARKS.md), though an earlier session's route check
+    had found the reverse. Elsewhere (CUDA, float64) a GEMM straight into ``out``."""
     n, k = x.shape
     if n and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN:
         y = F.conv2d(x.contiguous().view(1, n, 1, k).permute(0, 3, 1, 2),
