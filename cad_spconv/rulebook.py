@@ -257,8 +257,8 @@ class ConvRulebook(Rulebook):
             return LatticeSplit(batch=B, in_grid=(H, W), out_grid=(H, W), in_rows=None,
                                 out_rows=None, stride=1, rest_rows=empty,
                                 rest_index=empty.view(0, self.num_taps), num_inside=0,
-                                border_zeros=empty, border_zero_offsets=torch.zeros(1, dtype=
-                                                                                  torch.long),
+                                border_zeros=empty,
+                                border_zero_offsets=torch.zeros(1, dtype=torch.long),
                                 finest=True)
         # every lattice cell is a site of its step, so the owner there is the site itself; when
         # the lattice cells are all the sites, raster order makes them the rows as they are

@@ -17,15 +17,16 @@ def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
     """``x [n, K] @ w[N, K].T + bias``, written into ``out`` where the route can write into a
     given buffer (use the returned tensor: it is ``out`` or a fresh one, never a copy).
 
-    On CPU, float32 and bfloat16 go through ``F.conv2d`` as a 1x1 conv on channels-last views of the two
-    matrices (no input copies; the result is a fresh tensor, copied into ``out``), which
-    PyTorch runs on oneDNN, the library of the dense network's convs, once there are more than
-    20480 input elements and 2+ threads (else on its own GEMM path): MKL's GEMM took 1.6-2.2x
-    as long on the layer shapes of a converted ResNet-101 on an AMD EPYC. bfloat16 goes the same
-    way: on an AVX512-BF16 EPYC oneDNN's 1x1 conv beat ``torch.mm`` on 6 of 9 of those shapes
-    (``python -m experiments.gemm_routes --dtype bfloat16``) and the backbone ran 0.75-0.77 of
-    dense against 0.78-0.95 (one frame, BENCHMARKS.md), though an earlier session's route check
-    had found the reverse. Elsewhere (CUDA, float64) a GEMM straight into ``out``."""
+    On CPU, float32 and bfloat16 go through ``F.conv2d`` as a 1x1 conv on channels-last views
+    of the two matrices (no input copies; the result is a fresh tensor, copied into ``out``),
+    which PyTorch runs on oneDNN, the library of the dense network's convs, once there are more
+    than 20480 input elements and 2+ threads (else on its own GEMM path). float32: MKL's GEMM
+    took 1.6-2.2x as long on the layer shapes of a converted ResNet-101 on an AMD EPYC.
+    bfloat16: on an AVX512-BF16 EPYC oneDNN's 1x1 conv beat ``torch.mm`` on 6 of 9 of those
+    shapes (``python -m experiments.gemm_routes --dtype bfloat16``) and took the backbone at
+    edge 0.35 from 0.956 to 0.910 of dense (BENCHMARKS.md), though an earlier session's route
+    check had found ``torch.mm`` faster. Elsewhere (CUDA, float64) a GEMM straight into
+    ``out``."""
     n, k = x.shape
     if n and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN:
         y = F.conv2d(x.contiguous().view(1, n, 1, k).permute(0, 3, 1, 2),
