@@ -164,7 +164,7 @@ class CADModel(nn.Module):
         self.num_levels = num_adaptive_steps(finest_stride, coarsest_stride)
         self.finest_stride = finest_stride
         self.coarsest_stride = coarsest_stride
-        self.last_plan: Optional[LevelPlan] = None
+        self.__dict__["_last_levels"] = None  # see last_plan
         #: tap anchor of coarse sites: "paper" (top-left) or "reference" (the paper code's
         #: centre cell); set by adapters.convert(..., semantics=...)
         self.semantics = "paper"
@@ -191,8 +191,18 @@ class CADModel(nn.Module):
                              f"{self.semantics!r}; build the plan with "
                              f"plan.with_semantics({self.semantics!r}) or pass masks")
         plan = plan.with_semantics(self.semantics)
-        self.last_plan = plan
+        # only the levels are kept, one byte per cell: the forward's sites, owners and rulebooks
+        # are freed with its tensors (before a dense head's peak)
+        self.__dict__["_last_levels"] = (plan.levels.to(torch.uint8), plan.num_levels,
+                                         plan.semantics)
         return CADTensor.from_dense(x, plan)
+
+    @property
+    def last_plan(self) -> Optional[LevelPlan]:
+        """The :class:`~cad_spconv.plan.LevelPlan` of the last forward (``None`` before the
+        first): its levels, a fresh plan whose geometry is rebuilt where read."""
+        last = self.__dict__.get("_last_levels")
+        return None if last is None else LevelPlan(last[0].long(), last[1], last[2])
 
     @staticmethod
     def _check_images(images):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from cad_spconv.engines import workspace_scope
 from cad_spconv.nn import CADAdaptiveAvgPool2d, CADBatchNorm2d, CADPointwise
 from cad_spconv.tensor import CADTensor
 
@@ -235,9 +236,11 @@ class _ResNetTrunk:
                                             d_in if first else d_out, d_out, engine, path))
         return nn.Sequential(*blocks)
 
+    @workspace_scope()
     def _run_trunk(self, images: torch.Tensor, enter: Callable, capture=()):
         """Run the stem and stages; ``enter(dense, images)`` makes the step-0 tensor. Returns
-        the last stage's output and the outputs of the stages named in ``capture``."""
+        the last stage's output and the outputs of the stages named in ``capture``. The
+        engines' workspaces are released at the end (a dense head after it runs without)."""
         captured = {}
         x = images
         for name in self.dense_names:

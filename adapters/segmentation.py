@@ -28,6 +28,7 @@ from torchvision.models.segmentation.deeplabv3 import (ASPP, ASPPConv, ASPPPooli
                                                        DeepLabV3)
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
+from cad_spconv.engines import workspace_scope
 from cad_spconv.nn import CADAdaptiveAvgPool2d
 from cad_spconv.tensor import CADTensor
 
@@ -263,24 +264,31 @@ class CADSegmentation(CADModel):
         if self.low_layer is not None:
             low = captured[self.low_layer]
             if self._head_is_sparse(self.out_layer):
-                return OrderedDict(out=self.classifier(low, out))
+                return OrderedDict(out=self._run_head(self.classifier, low, out))
             out = out.dense()
             return OrderedDict(out=self.classifier({"low_level": low, "out": out}))
         # rebinding ``out`` to the densified map frees the sparse features before the head
         # runs: at the head's peak CAD then holds one map of the backbone output, as the dense
         # model does
         out = self._head_input(self.out_layer, out)
-        result = OrderedDict(out=self.classifier(out))
+        result = OrderedDict(out=self._run_head(self.classifier, out))
         if self.aux_classifier is not None:
             del out
             aux = self._head_input(self.aux_layer, captured.pop(self.aux_layer))
-            result["aux"] = self.aux_classifier(aux)
+            result["aux"] = self._run_head(self.aux_classifier, aux)
         return result
 
     def _head_input(self, layer: str, x: Features) -> Features:
         if isinstance(x, CADTensor) and not self._head_is_sparse(layer):
             return x.dense()  # the paper's setup: densify at the finest stride
         return x
+
+    @staticmethod
+    def _run_head(head: nn.Module, *inputs) -> Features:
+        if any(isinstance(x, CADTensor) for x in inputs):  # sparse: release its workspaces
+            with workspace_scope():
+                return head(*inputs)
+        return head(*inputs)
 
     def forward(self, images: torch.Tensor, keep) -> "OrderedDict[str, torch.Tensor]":
         size = images.shape[-2:]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cad_spconv.engines import workspace_scope
 from cad_spconv.nn import CADMaxPool2d
 from cad_spconv.tensor import CADTensor
 
@@ -74,6 +75,7 @@ class CADVGGFeatures(CADModel):
             self.add_module(name, CADMaxPool2d(2, 2) if _is_pool2(m)
                             else cad_layer(m, name, engine))
 
+    @workspace_scope()  # the engines' workspaces are released at the end
     def forward_features(self, images: torch.Tensor, keep) -> CADTensor:
         self._check_images(images)
         x = images

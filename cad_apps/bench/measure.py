@@ -228,18 +228,21 @@ def bench_input(args, bench, images, keep, device, dtype) -> dict:
 
         for v in variants:
             entry = res["variants"][v.name]
+            v.capture = False  # the geometry of the timed runs stays in v.last for the replay
             entry["peak_bytes"] = _peak_memory(v.run, states[v.name], device)
             if device.type == "cpu":
                 entry["peak_tensor_bytes"] = _tensor_peak(v.run, states[v.name])
             if v.kind == "cad" and entry["peak_bytes"] is not None:
-                # allocated in the warm-up and kept (workspaces, weight layouts): part of what
-                # a CAD forward needs, so counted in its peak (all CAD variants' together)
+                # allocated in the warm-up and kept (weight layouts; workspaces of runs outside
+                # a workspace scope, as op-level runs): part of what a CAD forward needs, so
+                # counted in its peak (all CAD variants' together)
                 entry["engine_cache_bytes"] = cached_bytes(device)
                 entry["peak_bytes"] += entry["engine_cache_bytes"]
                 if "peak_tensor_bytes" in entry:
                     entry["peak_tensor_bytes"] += entry["engine_cache_bytes"]
-    # geometry share, per CAD variant: replay exactly what its last forward built
+    # geometry share, per CAD variant: replay exactly what its last timed forward built
     for v in variants:
+        v.capture = True
         if v.kind != "cad" or v.last is None:
             continue
         plan, cache = v.last

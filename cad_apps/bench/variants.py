@@ -11,16 +11,20 @@ FORMATS = ("nchw", "channels_last")
 class Variant:
     """One timed configuration: ``setup(images, keep)`` (untimed: memory format, inputs) returns
     the arguments of ``run`` (timed; returns a dense map, or a CADTensor for op-level runs).
-    CAD runs leave the plan and rulebook cache of their last forward in ``last``."""
+    CAD runs leave the plan and rulebook cache of their last forward in ``last`` while
+    ``capture`` is on (the memory passes turn it off: a forward frees its geometry with its
+    tensors, and holding it would add it to the measured peak)."""
 
     def __init__(self, name, kind, setup, run, macs, engine=None, fmt=None):
         self.name, self.kind = name, kind
         self.setup, self.run, self.macs = setup, run, macs
         self.engine, self.fmt = engine, fmt
         self.last = None
+        self.capture = True
 
     def keep_geometry(self, tensor):
-        self.last = (tensor.plan, tensor.cache)
+        if self.capture:
+            self.last = (tensor.plan, tensor.cache)
         return tensor
 
 

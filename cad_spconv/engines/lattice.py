@@ -23,11 +23,11 @@ from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
 
 __all__ = ["LatticeEngine"]
 
-# Gathered bytes per chunk of the gather + GEMM. CPU: small enough that the GEMM reads its
-# im2col block from cache (BENCHMARKS.md, chunk sweep); GPU: large, so that each GEMM fills
-# the device.
-_GATHER_CHUNK_BYTES = 16 << 20
-_GATHER_CHUNK_BYTES_CUDA = 256 << 20
+# Gathered elements per chunk of the gather + GEMM (so rows per GEMM do not depend on the
+# dtype; 16 MiB in float32). CPU: small enough that the GEMM reads its im2col block from cache
+# (BENCHMARKS.md, chunk sweep); GPU: large, so that each GEMM fills the device.
+_GATHER_CHUNK_ELEMENTS = 4 << 20
+_GATHER_CHUNK_ELEMENTS_CUDA = 64 << 20
 
 
 class LatticeEngine(Engine):
@@ -111,8 +111,8 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
         w = krsc_filters(weight, cache=not track).view(c_out, k * c_in)
     else:
         w = gemm_weight(weight, g, cache=not track)
-    budget = _GATHER_CHUNK_BYTES_CUDA if features.is_cuda else _GATHER_CHUNK_BYTES
-    rows = max(1, budget // (k * c_in * features.element_size()))
+    budget = _GATHER_CHUNK_ELEMENTS_CUDA if features.is_cuda else _GATHER_CHUNK_ELEMENTS
+    rows = max(1, budget // (k * c_in))
     bounds = []
     for lo, hi in ((0, split.num_inside), (split.num_inside, split.num_rest)):
         bounds += [(s, min(hi, s + rows)) for s in range(lo, hi, rows)]

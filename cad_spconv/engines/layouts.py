@@ -4,18 +4,20 @@
   columns, spconv's KRSC filters, an autocast dtype), built once per weight tensor and rebuilt
   only when the weight changes.
 - :func:`workspace`: per-thread scratch buffers reused across calls (a fresh buffer per call
-  costs page faults worth a third of a gather on CPU, BENCHMARKS.md).
+  costs page faults worth a third of a gather on CPU, BENCHMARKS.md), held until the outermost
+  :func:`workspace_scope` exits (converted models run their sparse part in one), else kept.
 - :func:`cached_bytes`: how much of both is held, so that benchmarks count it in peak memory.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 
 import torch
 
-__all__ = ["weight_layout", "krsc_filters", "gemm_weight", "workspace", "cached_bytes",
-           "tracks_grad", "clear_caches"]
+__all__ = ["weight_layout", "krsc_filters", "gemm_weight", "workspace", "workspace_scope",
+           "cached_bytes", "tracks_grad", "clear_caches"]
 
 _layouts: dict = {}
 _workspaces = threading.local()
@@ -82,6 +84,23 @@ def workspace(like: torch.Tensor, numel: int, slot: str) -> torch.Tensor:
     if buf is None or buf.numel() < numel:
         buf = store[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buf[:numel]
+
+
+@contextlib.contextmanager
+def workspace_scope():
+    """Within the scope (usable as a decorator) workspaces are reused as always; when the
+    outermost scope of this thread exits they are released. So a model that runs its sparse
+    part in a scope holds them only while that part runs, not at the peak of a dense head
+    after it nor between forwards; taking them again costs one allocation per forward, not per
+    call. Outside any scope workspaces are kept until :func:`clear_caches`."""
+    depth = getattr(_workspaces, "depth", 0)
+    _workspaces.depth = depth + 1
+    try:
+        yield
+    finally:
+        _workspaces.depth = depth
+        if depth == 0:
+            getattr(_workspaces, "buffers", {}).clear()
 
 
 def cached_bytes(device=None) -> int:

@@ -213,3 +213,31 @@ def test_resnet101_models(name):
             for key in expected:
                 emu.assert_rel(out[key], expected[key])
     assert isinstance(cad, CADSegmentation)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_forward_releases_engine_workspaces(sparse, monkeypatch):
+    """The sparse part of a forward runs in a workspace scope: the lattice engine's scratch is
+    used during the forward and released at its end (nothing left for a dense head's peak or
+    between forwards), and the result stays exact."""
+    import cad_spconv.engines.lattice as lattice
+    from cad_spconv.engines import layouts
+    taken = []
+
+    def spy(like, numel, slot):
+        taken.append(slot)
+        return layouts.workspace(like, numel, slot)
+
+    monkeypatch.setattr(lattice, "workspace", spy)
+    given = seg_model("deeplabv3_resnet50")
+    cad = convert(given, 8, 16, sparse_head=sparse)
+    x = images(MIXED)
+    spec, levels = emu.mixed_masks(10, 2, (9, 13), 1, "keep")
+    layouts.clear_caches()
+    with torch.no_grad():
+        out = cad(x, spec)
+        _, expected = emu.segmentation(given, x, levels, 8, 16, sparse)
+    assert "im2col" in taken
+    assert not getattr(layouts._workspaces, "buffers", {})
+    for key in expected:
+        emu.assert_rel(out[key], expected[key])

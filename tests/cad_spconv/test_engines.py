@@ -243,14 +243,14 @@ def test_inference_path_matches_autograd_path():
     x, levels = make_input(case, 1, 8, torch.float64, "cpu", seed=5)
     w = torch.randn(8, 8, 3, 3, dtype=torch.float64)
     b = torch.randn(8, dtype=torch.float64)
-    old = E._GATHER_CHUNK_BYTES, E._GATHER_CHUNK_BYTES_CUDA
+    old = E._GATHER_CHUNK_ELEMENTS, E._GATHER_CHUNK_ELEMENTS_CUDA
     try:
-        E._GATHER_CHUNK_BYTES = E._GATHER_CHUNK_BYTES_CUDA = 9 * 8 * 8 * 7  # 7 rows per chunk
+        E._GATHER_CHUNK_ELEMENTS = E._GATHER_CHUNK_ELEMENTS_CUDA = 9 * 8 * 7  # 7 rows per chunk
         with torch.no_grad():
             fast = CF.conv2d(x, w, b, engine="lattice").features
         slow = CF.conv2d(x, w.requires_grad_(True), b, engine="lattice").features
     finally:
-        E._GATHER_CHUNK_BYTES, E._GATHER_CHUNK_BYTES_CUDA = old
+        E._GATHER_CHUNK_ELEMENTS, E._GATHER_CHUNK_ELEMENTS_CUDA = old
     assert x.plan.geometry(1).coords.shape[0] > 7 * 3
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast, ref.conv(x.features, levels, 1, 1, w.detach(), b), rtol=1e-9,
@@ -347,3 +347,30 @@ def test_engine_caches_are_reported():
     assert E.cached_bytes("cpu") >= packed.numel() * 4 + 8 * 9 * 4  # layout + an im2col row
     if not torch.cuda.is_available():
         assert E.cached_bytes("cuda") == 0
+
+
+def test_workspace_scope_releases_workspaces_when_the_outermost_scope_exits():
+    """Inside a scope workspaces are reused (nested scopes included); when the outermost scope
+    exits they are gone (weight layouts stay), and results inside equal those outside."""
+    import cad_spconv.engines as E
+    from cad_spconv.engines.layouts import clear_caches
+    case = ((40, 37), 1, "keep")
+    x, levels = make_input(case, 1, 8, torch.float64, "cpu", seed=6)
+    w = torch.randn(8, 8, 3, 3, dtype=torch.float64)
+    want = ref.conv(x.features, levels, 1, 1, w)
+    clear_caches()
+    with torch.no_grad():
+        CF.conv2d(x, w, engine="lattice")
+        kept = E.cached_bytes("cpu")  # outside any scope workspaces stay
+        clear_caches()
+        with E.workspace_scope():
+            first = CF.conv2d(x, w, engine="lattice").features
+            held = E.cached_bytes("cpu")
+            with E.workspace_scope():
+                second = CF.conv2d(x, w, engine="lattice").features
+            assert E.cached_bytes("cpu") == held  # an inner scope releases nothing
+        after = E.cached_bytes("cpu")
+    layout = w.numel() * 8
+    assert kept > layout and held > layout and after == layout
+    for got in (first, second):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
