@@ -351,7 +351,7 @@ def test_engine_caches_are_reported():
 
 def test_workspace_scope_releases_workspaces_when_the_outermost_scope_exits():
     """Inside a scope workspaces are reused (nested scopes included); when the outermost scope
-    exits they are gone (weight layouts stay), and results inside equal those outside."""
+    exits they are gone (weight layouts stay), and the results stay exact."""
     import cad_spconv.engines as E
     from cad_spconv.engines.layouts import clear_caches
     case = ((40, 37), 1, "keep")
