@@ -101,7 +101,8 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
         shift = -running_mean * scale
         if bias is not None:
             shift = shift + bias
-        return x.replace_feature(f.mul_(scale).add_(shift))
+        # one pass over the features, as the dense batch norm makes (mul_ then add_ made two)
+        return x.replace_feature(torch.addcmul(shift, f, scale, out=f))
     out = F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
     return x.replace_feature(out)
 
