@@ -32,7 +32,28 @@ import torch
 from .plan import LevelPlan
 
 __all__ = ["Rulebook", "ConvRulebook", "GatherRulebook", "RulebookCache", "LatticeSplit",
+           "PhaseConv", "DENSE_PHASE_COST",
            "ConvKey", "Pool2Key", "RulebookKey", "conv_rulebook", "pool2_rulebook"]
+
+
+@dataclass(frozen=True)
+class PhaseConv:
+    """The sites of one off-lattice phase of a stride-1 conv at step ``t >= 1``, computed as a
+    dense conv on that phase's grid (see :class:`LatticeSplit`).
+
+    A phase is the sub-grid of finest cells at ``(a + 2**t * i, b + 2**t * j)``. The taps of a
+    stride-1 conv at step ``t`` are ``D = d * 2**t`` apart, so a site of the phase reads only
+    cells of its own phase: on the phase grid ``[B, *grid]``, filled with the owner of every
+    cell (``in_rows``, raster order), the layer is an ordinary dense conv with the layer's own
+    dilation, zero padding included (a tap leaves the phase grid exactly where it leaves the
+    finest grid). Its output at ``positions`` (flat, over ``[B, *grid]``) are the output rows
+    ``out_rows``."""
+
+    offset: tuple[int, int]
+    grid: tuple[int, int]
+    in_rows: torch.Tensor
+    out_rows: torch.Tensor
+    positions: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,13 @@ class LatticeSplit:
     the im2col rows of the border sites (site counted from the first border site), and
     ``border_zero_offsets`` (CPU, ``[R - num_inside + 1]``) where each site's positions start,
     so a chunk of sites finds its taps without a device sync.
+
+    ``phases``: off-lattice phases of a stride-1 conv at step >= 1 whose sites are computed by a
+    dense conv on the phase grid (:class:`PhaseConv`) instead of the gather; their sites are not
+    in the rest. A phase goes dense where that conv's multiply-adds over the whole phase grid,
+    padded taps skipped as oneDNN / cuDNN skip them, cost at most :data:`DENSE_PHASE_COST`
+    times the gather's (the phase's sites, every tap): densely kept regions and wide dilated
+    convs (the ASPP, where most taps of a site are padding).
     """
 
     batch: int
@@ -71,6 +99,7 @@ class LatticeSplit:
     border_zeros: torch.Tensor
     border_zero_offsets: torch.Tensor
     finest: bool = False
+    phases: tuple[PhaseConv, ...] = ()
 
     @property
     def num_rest(self) -> int:
@@ -270,6 +299,10 @@ class ConvRulebook(Rulebook):
             out_rows = geo_out.owner[:, ::s_out, ::s_out].reshape(-1)
         coords = geo_out.coords
         off = ((coords[:, 1] | coords[:, 2]) & (s_out - 1)) != 0
+        phases = ()
+        if self.step_in == self.step_out > 0:
+            phases, dense = self._dense_phases(coords, off)
+            off &= ~dense
         rest_rows = off.nonzero()[:, 0]
         gather = self._reads(coords[rest_rows])
         valid = gather >= 0
@@ -292,7 +325,52 @@ class ConvRulebook(Rulebook):
         return LatticeSplit(
             batch=B, in_grid=in_grid, out_grid=out_grid, in_rows=in_rows, out_rows=out_rows,
             stride=s_out // s_in, rest_rows=rest_rows, rest_index=index,
-            num_inside=num_inside, border_zeros=zeros, border_zero_offsets=offsets)
+            num_inside=num_inside, border_zeros=zeros, border_zero_offsets=offsets,
+            phases=phases)
+
+    def _dense_phases(self, coords: torch.Tensor, off: torch.Tensor):
+        """The off-lattice phases computed densely (:class:`PhaseConv`, chosen by
+        :data:`DENSE_PHASE_COST`) and a mask of their sites over ``coords``."""
+        plan, s = self.plan, 2 ** self.step_in
+        B, (H, W) = plan.batch_size, plan.grid
+        phase = (coords[:, 1] & (s - 1)) * s + (coords[:, 2] & (s - 1))
+        counts = torch.bincount(phase[off], minlength=s * s).tolist()  # geometry: one sync
+        owner = plan.geometry(self.step_in).owner
+        dense = torch.zeros_like(off)
+        parts = []
+        for p in range(1, s * s):
+            a, b = divmod(p, s)
+            grid = (-(-(H - a) // s), -(-(W - b) // s))
+            if not counts[p] or min(grid) <= 0:
+                continue
+            taps = 1.0
+            for size, k, d in zip(grid, self.kernel_size, self.dilation):
+                taps *= _mean_taps_in_grid(size, k, d)
+            if taps * B * grid[0] * grid[1] > DENSE_PHASE_COST * counts[p] * self.num_taps:
+                continue
+            sites = off & (phase == p)
+            rows = sites.nonzero()[:, 0]
+            c = coords[rows]
+            positions = (c[:, 0] * grid[0] + (c[:, 1] - a) // s) * grid[1] + (c[:, 2] - b) // s
+            parts.append(PhaseConv(offset=(a, b), grid=grid,
+                                   in_rows=owner[:, a::s, b::s].reshape(-1), out_rows=rows,
+                                   positions=positions))
+            dense |= sites
+        return tuple(parts), dense
+
+
+#: An off-lattice phase runs as a dense conv on its grid where that conv's multiply-adds (padded
+#: taps skipped) are at most this many times the gather's (its sites, every tap). Above 1
+#: because a gathered multiply-add costs more than a dense one: the im2col gather and the
+#: border fill.
+DENSE_PHASE_COST = 1.0
+
+
+def _mean_taps_in_grid(size: int, k: int, d: int) -> float:
+    """Mean over the positions of a grid axis of ``size`` of the taps (``k`` of them, ``d``
+    apart, centred) that fall inside the axis."""
+    i = torch.arange(size)[:, None] + d * torch.arange(-(k // 2), k // 2 + 1)[None]
+    return float(((i >= 0) & (i < size)).sum()) / size
 
 
 # ---------------------------------------------------------------------- typed keys

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..rulebook import ConvRulebook, LatticeSplit, Rulebook
+from ..rulebook import ConvRulebook, LatticeSplit, PhaseConv, Rulebook
 from .base import Engine, EngineUnsupported, register
 from .gemm import grouped_mm, matmul_nk
 from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
@@ -76,9 +76,30 @@ class LatticeEngine(Engine):
             return y
         out = y.new_empty(book.num_out, c_out)
         out.index_copy_(0, split.out_rows, y)
+        del y
+        for part in split.phases:
+            _phase_conv(features, weight, bias, part, split.batch, (dy, dx), groups, out,
+                        scratch)
         if split.num_rest:
             _gather_gemm(features, weight, bias, split, groups, out)
         return out
+
+
+def _phase_conv(features, weight, bias, part: PhaseConv, batch: int, dilation, groups: int,
+                out: torch.Tensor, scratch: bool) -> None:
+    """Write the sites of an off-lattice phase into ``out``: a dense conv on the phase grid
+    filled through the owner map, read at the sites' positions."""
+    c_in, c_out = features.shape[1], weight.shape[0]
+    kh, kw = weight.shape[-2:]
+    dy, dx = dilation
+    n = part.in_rows.shape[0]
+    x = (torch.index_select(features, 0, part.in_rows,
+                            out=workspace(features, n * c_in, "lattice_in").view(-1, c_in))
+         if scratch else features.index_select(0, part.in_rows))
+    x = x.reshape(batch, *part.grid, c_in).permute(0, 3, 1, 2)
+    y = F.conv2d(x, weight, bias, 1, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups)
+    y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
+    out.index_copy_(0, part.out_rows, y.index_select(0, part.positions))
 
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:

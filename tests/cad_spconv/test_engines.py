@@ -134,6 +134,68 @@ def test_lattice_split_partitions_the_output(grid, L, device):
             assert torch.equal(img_in[split.rest_index], img_out[:, None].expand_as(full))
 
 
+@pytest.mark.parametrize("cost", [float("inf"), 1.0])
+@pytest.mark.parametrize("case", [((13, 11), 2, "levels"), ((17, 23), 3, "map"),
+                                  ((9, 16), 2, "keep"), ((13, 11), 2, "all")])
+@pytest.mark.parametrize("k,dilation,groups", [(3, 1, 1), (3, 3, 1), ((3, 5), (2, 1), 1),
+                                               (5, 1, 2), (3, 6, 1)])
+def test_dense_phases_match_dense_reference(cost, case, k, dilation, groups, device,
+                                            monkeypatch):
+    """Stride-1 convs at step >= 1 with off-lattice phases run as dense convs on the phase
+    grids (every phase: cost inf; the default rule: 1.0), float64 against the dense emulation,
+    values and gradients; batches whose images have different masks, odd grids, wide dilations
+    whose taps mostly leave the grid."""
+    import cad_spconv.rulebook as R
+    monkeypatch.setattr(R, "DENSE_PHASE_COST", cost)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(5)
+    for step in range(1, case[1] + 1):
+        x, levels = make_input(case, step, 6, torch.float64, device, seed=step + 11)
+        w = torch.randn(4, 6 // groups, kh, kw, generator=gen, dtype=torch.float64).to(device)
+        b = torch.randn(4, generator=gen, dtype=torch.float64).to(device)
+        book = conv_rulebook(x.plan, (kh, kw), (dilation,) * 2 if isinstance(dilation, int)
+                             else dilation, step, step)
+        split = book.lattice()
+        if cost == float("inf") and not split.finest:  # every off-lattice site in a phase
+            assert split.num_rest == 0
+            assert sum(p.out_rows.numel() for p in split.phases) + (
+                split.out_rows.numel() if split.out_rows is not None else 0) == book.num_out
+        grads = []
+        for run in ("engine", "reference"):
+            f = x.features.clone().requires_grad_(True)
+            wr, br = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            if run == "engine":
+                y = CF.conv2d(CADTensor(f, x.plan, step), wr, br, 1, dilation, groups,
+                              "lattice").features
+                with torch.no_grad():  # the inference path (workspaces) gives the same
+                    torch.testing.assert_close(CF.conv2d(
+                        x, w, b, 1, dilation, groups, "lattice").features, y.detach(),
+                        rtol=1e-12, atol=1e-12)
+            else:
+                y = ref.conv(f, levels, step, 1, wr, br, dilation, groups)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=device
+                                ).view_as(y)).sum().backward()
+            grads.append((y.detach(), f.grad, wr.grad, br.grad))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_dense_phase_rule():
+    """The ASPP's wide taps (rate 36 on a 64x128 grid at step 1: most taps of a site are padding)
+    make a sparser phase go dense than a conv whose taps stay inside the grid."""
+    import cad_spconv.rulebook as R
+    assert R._mean_taps_in_grid(32, 3, 1) == pytest.approx(3 - 2 / 32)
+    assert R._mean_taps_in_grid(32, 3, 18) == pytest.approx(2 - 4 / 32)  # rows 14..17: 1 tap
+    assert R._mean_taps_in_grid(5, 3, 9) == 1.0
+    keep = torch.zeros(1, 64, 128, dtype=torch.bool)
+    keep[:, :, :80] = True  # 62.5 % of the cells kept
+    plan = LevelPlan.from_keep(keep, (64, 128), 1)
+    wide = conv_rulebook(plan, (3, 3), (18, 18), 1, 1).lattice()
+    narrow = conv_rulebook(plan, (3, 3), (1, 1), 1, 1).lattice()
+    assert len(wide.phases) == 3 and wide.num_rest == 0
+    assert narrow.phases == () and narrow.num_rest == 3 * 32 * 40
+
+
 def test_lattice_at_step_zero_is_one_dense_conv(device):
     """With nothing merged yet the lattice engine is exactly the dense conv (no gather)."""
     x = torch.randn(2, 5, 9, 14, dtype=torch.float64, device=device)
