@@ -108,8 +108,17 @@ def test_lattice_split_partitions_the_output(grid, L, device):
             split = book.lattice()
             out_rows = (torch.arange(book.num_out, device=device) if split.out_rows is None
                         else split.out_rows)
-            rows = torch.cat([out_rows, split.rest_rows]).sort().values
+            phase_rows = [p.out_rows for p in split.phases]
+            rows = torch.cat([out_rows, split.rest_rows, *phase_rows]).sort().values
             assert torch.equal(rows, torch.arange(book.num_out, device=device))
+            geo = plan.geometry(step_out)
+            for part in split.phases:  # a phase site reads its own cell's owner on the grid
+                (a, b), (Hp, Wp), s = part.offset, part.grid, 2 ** step_in
+                c = geo.coords[part.out_rows]
+                assert bool(((c[:, 1] % s == a) & (c[:, 2] % s == b)).all())
+                assert torch.equal(part.positions,
+                                   (c[:, 0] * Hp + c[:, 1] // s) * Wp + c[:, 2] // s)
+                assert torch.equal(part.in_rows[part.positions], part.out_rows)
             coords = plan.geometry(step_out).coords[out_rows]
             s = 2 ** step_out
             assert bool(((coords[:, 1] % s == 0) & (coords[:, 2] % s == 0)).all())
