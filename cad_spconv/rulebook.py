@@ -32,7 +32,7 @@ import torch
 from .plan import LevelPlan
 
 __all__ = ["Rulebook", "ConvRulebook", "GatherRulebook", "RulebookCache", "LatticeSplit",
-           "PhaseConv", "DENSE_PHASE_COST",
+           "PhaseConv",
            "ConvKey", "Pool2Key", "RulebookKey", "conv_rulebook", "pool2_rulebook"]
 
 
@@ -81,10 +81,8 @@ class LatticeSplit:
 
     ``phases``: off-lattice phases of a stride-1 conv at step >= 1 whose sites are computed by a
     dense conv on the phase grid (:class:`PhaseConv`) instead of the gather; their sites are not
-    in the rest. A phase goes dense where that conv's multiply-adds over the whole phase grid,
-    padded taps skipped as oneDNN / cuDNN skip them, cost at most :data:`DENSE_PHASE_COST`
-    times the gather's (the phase's sites, every tap): densely kept regions and wide dilated
-    convs (the ASPP, where most taps of a site are padding).
+    in the rest. Chosen where the dense conv costs less (:meth:`ConvRulebook.lattice`): densely
+    kept regions and wide dilated convs (the ASPP, where most taps of a site are padding).
     """
 
     batch: int
@@ -245,13 +243,21 @@ class ConvRulebook(Rulebook):
     def device(self) -> torch.device:
         return self.plan.device
 
-    def lattice(self) -> LatticeSplit:
-        """The coarse-lattice split (cached); see :class:`LatticeSplit`. Only under the paper's
-        semantics: there the lattice sites compute the strided network (Guarantee 2)."""
+    def lattice(self, gather_cost: float = 1.0) -> LatticeSplit:
+        """The coarse-lattice split (cached per ``gather_cost``); see :class:`LatticeSplit`.
+        Only under the paper's semantics: there the lattice sites compute the strided network
+        (Guarantee 2).
+
+        ``gather_cost``: what a gathered multiply-add costs against a dense conv's (the
+        engine's estimate for the layer's channels); an off-lattice phase of a stride-1 conv
+        runs densely where the dense conv's multiply-adds over the phase grid, padded taps
+        skipped as oneDNN / cuDNN skip them, are at most ``gather_cost`` times the gather's
+        (the phase's sites, every tap)."""
         if self.plan.semantics != "paper":
             raise ValueError(f"a lattice split needs the paper's semantics (Guarantee 2); this "
                              f"plan has semantics={self.plan.semantics!r}")
-        return self.derived("lattice", self._build_lattice)
+        gather_cost = float(gather_cost)
+        return self.derived(("lattice", gather_cost), lambda: self._build_lattice(gather_cost))
 
     # ------------------------------------------------------------------ internals
     def _offsets(self, device):
@@ -273,7 +279,7 @@ class ConvRulebook(Rulebook):
     def _build_gather(self) -> torch.Tensor:
         return self._reads(self.plan.geometry(self.step_out).coords)
 
-    def _build_lattice(self) -> LatticeSplit:
+    def _build_lattice(self, gather_cost: float) -> LatticeSplit:
         plan = self.plan
         B, (H, W) = plan.batch_size, plan.grid
         s_in, s_out = 2 ** self.step_in, 2 ** self.step_out
@@ -301,7 +307,7 @@ class ConvRulebook(Rulebook):
         off = ((coords[:, 1] | coords[:, 2]) & (s_out - 1)) != 0
         phases = ()
         if self.step_in == self.step_out > 0:
-            phases, dense = self._dense_phases(coords, off)
+            phases, dense = self._dense_phases(coords, off, gather_cost)
             off &= ~dense
         rest_rows = off.nonzero()[:, 0]
         gather = self._reads(coords[rest_rows])
@@ -328,9 +334,9 @@ class ConvRulebook(Rulebook):
             num_inside=num_inside, border_zeros=zeros, border_zero_offsets=offsets,
             phases=phases)
 
-    def _dense_phases(self, coords: torch.Tensor, off: torch.Tensor):
-        """The off-lattice phases computed densely (:class:`PhaseConv`, chosen by
-        :data:`DENSE_PHASE_COST`) and a mask of their sites over ``coords``."""
+    def _dense_phases(self, coords: torch.Tensor, off: torch.Tensor, gather_cost: float):
+        """The off-lattice phases computed densely (:class:`PhaseConv`; see :meth:`lattice`)
+        and a mask of their sites over ``coords``."""
         plan, s = self.plan, 2 ** self.step_in
         B, (H, W) = plan.batch_size, plan.grid
         phase = (coords[:, 1] & (s - 1)) * s + (coords[:, 2] & (s - 1))
@@ -346,7 +352,7 @@ class ConvRulebook(Rulebook):
             taps = 1.0
             for size, k, d in zip(grid, self.kernel_size, self.dilation):
                 taps *= _mean_taps_in_grid(size, k, d)
-            if taps * B * grid[0] * grid[1] > DENSE_PHASE_COST * counts[p] * self.num_taps:
+            if taps * B * grid[0] * grid[1] > gather_cost * counts[p] * self.num_taps:
                 continue
             sites = off & (phase == p)
             rows = sites.nonzero()[:, 0]
@@ -357,13 +363,6 @@ class ConvRulebook(Rulebook):
                                    positions=positions))
             dense |= sites
         return tuple(parts), dense
-
-
-#: An off-lattice phase runs as a dense conv on its grid where that conv's multiply-adds (padded
-#: taps skipped) are at most this many times the gather's (its sites, every tap). Above 1
-#: because a gathered multiply-add costs more than a dense one: the im2col gather and the
-#: border fill.
-DENSE_PHASE_COST = 1.0
 
 
 def _mean_taps_in_grid(size: int, k: int, d: int) -> float:

@@ -6,8 +6,12 @@ The sites on the coarse lattice of the output step form a complete dense grid
 remaining finer sites go through a gather + GEMM. This is the paper's Guarantee 2 (Hesse et
 al., CVPRW 2023, Sec. 3: sites on the coarse grid compute exactly the strided network) used as
 an execution plan: for the 8->16 ResNet the whole stride-16 part of every layer runs on the
-dense conv and 3/4 of the kept sites go to the gather. Every multiply-add it does is one the
-CAD count includes. 1x1 convs are one GEMM on the feature matrix. Groups and autograd.
+dense conv and 3/4 of the kept sites go to the gather. A stride-1 conv's off-lattice sites
+split further into phases (cells at the same offset from the lattice), each of which reads only
+its own phase; a phase whose dense conv costs less than gathering its sites runs densely too,
+reading the owner of every cell of the phase (:class:`~cad_spconv.rulebook.PhaseConv`): then
+it also computes cells that are not sites, which the CAD count does not include. 1x1 convs are
+one GEMM on the feature matrix. Groups and autograd.
 """
 from __future__ import annotations
 
@@ -21,13 +25,14 @@ from .base import Engine, EngineUnsupported, register
 from .gemm import grouped_mm, matmul_nk
 from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
 
-__all__ = ["LatticeEngine"]
+__all__ = ["LatticeEngine", "gather_cost"]
 
 # Gathered elements per chunk of the gather + GEMM (so rows per GEMM do not depend on the
 # dtype; 16 MiB in float32). CPU: small enough that the GEMM reads its im2col block from cache
 # (BENCHMARKS.md, chunk sweep); GPU: large, so that each GEMM fills the device.
 _GATHER_CHUNK_ELEMENTS = 4 << 20
 _GATHER_CHUNK_ELEMENTS_CUDA = 64 << 20
+_GATHER_COST, _GATHER_COST_FEW_ROWS = 1.2, 1.5  # see gather_cost
 
 
 class LatticeEngine(Engine):
@@ -49,14 +54,14 @@ class LatticeEngine(Engine):
         if book.num_taps == 1:
             if not book.is_identity:
                 book.rows()
-        else:
-            book.lattice()
+        else:  # the split most layers use (the channel count is not known here)
+            book.lattice(_GATHER_COST)
 
     def conv(self, features, weight, bias, book: ConvRulebook, groups: int) -> torch.Tensor:
         if book.num_taps == 1:
             return _pointwise_conv(features, weight, bias, book, groups)
-        split = book.lattice()
         c_in, c_out = features.shape[1], weight.shape[0]
+        split = book.lattice(gather_cost(book.num_taps, c_in // groups, features.is_cuda))
         kh, kw = book.kernel_size
         dy, dx = book.dilation
         if split.finest:  # nothing merged: one dense conv on the finest grid, taps 2**t apart
@@ -100,6 +105,17 @@ def _phase_conv(features, weight, bias, part: PhaseConv, batch: int, dilation, g
     y = F.conv2d(x, weight, bias, 1, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups)
     y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
     out.index_copy_(0, part.out_rows, y.index_select(0, part.positions))
+
+
+def gather_cost(taps: int, c_in: int, cuda: bool = False) -> float:
+    """What a gathered multiply-add costs against a dense conv's, per gathered row of
+    ``taps * c_in`` elements (decides which off-lattice phases run densely, see
+    ``ConvRulebook.lattice``). Measured on CPU, 2 threads, AMD EPYC AVX-512 (BENCHMARKS.md,
+    "Dense phases"): about 1.2 where an im2col chunk holds 900+ rows (the backbone's 3x3
+    convs), rising to 1.5 (float32) - 2.3 (bfloat16) at 227 rows (the ASPP's 3x3 convs on 2048
+    channels). Not measured on GPUs: the CPU figure for the backbone's row counts."""
+    budget = _GATHER_CHUNK_ELEMENTS_CUDA if cuda else _GATHER_CHUNK_ELEMENTS
+    return _GATHER_COST if budget // (taps * c_in) >= 900 else _GATHER_COST_FEW_ROWS
 
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:

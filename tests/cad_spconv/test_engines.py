@@ -143,7 +143,7 @@ def test_lattice_split_partitions_the_output(grid, L, device):
             assert torch.equal(img_in[split.rest_index], img_out[:, None].expand_as(full))
 
 
-@pytest.mark.parametrize("cost", [float("inf"), 1.0])
+@pytest.mark.parametrize("cost", [float("inf"), None])
 @pytest.mark.parametrize("case", [((13, 11), 2, "levels"), ((17, 23), 3, "map"),
                                   ((9, 16), 2, "keep"), ((13, 11), 2, "all")])
 @pytest.mark.parametrize("k,dilation,groups", [(3, 1, 1), (3, 3, 1), ((3, 5), (2, 1), 1),
@@ -151,11 +151,13 @@ def test_lattice_split_partitions_the_output(grid, L, device):
 def test_dense_phases_match_dense_reference(cost, case, k, dilation, groups, device,
                                             monkeypatch):
     """Stride-1 convs at step >= 1 with off-lattice phases run as dense convs on the phase
-    grids (every phase: cost inf; the default rule: 1.0), float64 against the dense emulation,
+    grids (every phase: cost inf; the engine's rule: None), float64 against the dense emulation,
     values and gradients; batches whose images have different masks, odd grids, wide dilations
     whose taps mostly leave the grid."""
-    import cad_spconv.rulebook as R
-    monkeypatch.setattr(R, "DENSE_PHASE_COST", cost)
+    import cad_spconv.engines.lattice as E
+    rule = E.gather_cost
+    if cost:
+        monkeypatch.setattr(E, "gather_cost", lambda *a: cost)
     kh, kw = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(5)
     for step in range(1, case[1] + 1):
@@ -164,7 +166,7 @@ def test_dense_phases_match_dense_reference(cost, case, k, dilation, groups, dev
         b = torch.randn(4, generator=gen, dtype=torch.float64).to(device)
         book = conv_rulebook(x.plan, (kh, kw), (dilation,) * 2 if isinstance(dilation, int)
                              else dilation, step, step)
-        split = book.lattice()
+        split = book.lattice(cost or rule(book.num_taps, 6 // groups))
         if cost == float("inf") and not split.finest:  # every off-lattice site in a phase
             assert split.num_rest == 0
             assert sum(p.out_rows.numel() for p in split.phases) + (
@@ -199,10 +201,14 @@ def test_dense_phase_rule():
     keep = torch.zeros(1, 64, 128, dtype=torch.bool)
     keep[:, :, :80] = True  # 62.5 % of the cells kept
     plan = LevelPlan.from_keep(keep, (64, 128), 1)
-    wide = conv_rulebook(plan, (3, 3), (18, 18), 1, 1).lattice()
-    narrow = conv_rulebook(plan, (3, 3), (1, 1), 1, 1).lattice()
+    wide = conv_rulebook(plan, (3, 3), (18, 18), 1, 1).lattice(1.2)
+    narrow = conv_rulebook(plan, (3, 3), (1, 1), 1, 1).lattice(1.2)
     assert len(wide.phases) == 3 and wide.num_rest == 0
     assert narrow.phases == () and narrow.num_rest == 3 * 32 * 40
+    # the same at a higher gather cost: every phase of the narrow conv (0.625 * 1.6 >= 0.94)
+    assert len(conv_rulebook(plan, (3, 3), (1, 1), 1, 1).lattice(1.6).phases) == 3
+    from cad_spconv.engines.lattice import gather_cost
+    assert gather_cost(9, 512) == 1.2 and gather_cost(9, 2048) == 1.5  # backbone / ASPP
 
 
 def test_lattice_at_step_zero_is_one_dense_conv(device):
