@@ -112,12 +112,22 @@ def pointwise(x: CADTensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> CADTe
     return x.replace_feature(fn(x.features))
 
 
+_POOL_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per chunk of the area-weighted sum
+
+
 def global_avg_pool(x: CADTensor) -> torch.Tensor:
     """Area-weighted mean over sites: ``[B, C]``, equal to the mean of ``x.dense()``."""
     geo = x.plan.geometry(x.step)
     # half-precision sums over a whole image overflow (float16) or lose digits: float32 for them
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    sums = torch.zeros(x.batch_size, x.num_channels, dtype=acc, device=x.features.device)
-    sums = sums.index_add(0, geo.coords[:, 0], x.features.to(acc) * geo.area.to(acc)[:, None])
+    f, images, area = x.features, geo.coords[:, 0], geo.area.to(acc)[:, None]
+    sums = torch.zeros(x.batch_size, x.num_channels, dtype=acc, device=f.device)
+    if torch.is_grad_enabled() and f.requires_grad:
+        sums = sums.index_add(0, images, f.to(acc) * area)
+    else:  # in row chunks: weighted copies of the whole feature matrix would top the memory peak
+        rows = max(1, _POOL_CHUNK_ELEMENTS // max(1, x.num_channels))
+        for start in range(0, f.shape[0], rows):
+            part = f[start:start + rows].to(acc, copy=True).mul_(area[start:start + rows])
+            sums.index_add_(0, images[start:start + rows], part)
     H, W = x.plan.grid
     return (sums / (H * W)).to(x.dtype)

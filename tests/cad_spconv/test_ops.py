@@ -91,12 +91,24 @@ def test_global_avg_pool_sums_half_precision_in_float32(device):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_global_avg_pool_and_densify(case, device):
+@pytest.mark.parametrize("chunk", [None, 7])  # 7 elements: one site per chunk of the sum
+def test_global_avg_pool_and_densify(case, chunk, device, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(CF, "_POOL_CHUNK_ELEMENTS", chunk)
     L = case[1]
     for step in range(L + 1):
         x, levels = make_input(case, step, 5, torch.float64, device, seed=step)
         geo = ref.Geometry(levels, step)
-        torch.testing.assert_close(CF.global_avg_pool(x), ref.global_avg_pool(x.features, levels, step))
+        want = ref.global_avg_pool(x.features, levels, step)
+        torch.testing.assert_close(CF.global_avg_pool(x), want)
+        f = x.features.clone().requires_grad_(True)  # the autograd path (no chunks)
+        got = CF.global_avg_pool(CADTensor(f, x.plan, step))
+        torch.testing.assert_close(got, want)
+        up = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(4))
+        (got * up.to(device)).sum().backward()
+        g = x.features.clone().requires_grad_(True)
+        (ref.global_avg_pool(g, levels, step) * up.to(device)).sum().backward()
+        torch.testing.assert_close(f.grad, g.grad)
         dense = geo.fill(x.features)
         torch.testing.assert_close(x.dense(), dense)
         s = 2 ** step
