@@ -32,7 +32,8 @@ __all__ = ["LatticeEngine", "gather_cost"]
 # (BENCHMARKS.md, chunk sweep); GPU: large, so that each GEMM fills the device.
 _GATHER_CHUNK_ELEMENTS = 4 << 20
 _GATHER_CHUNK_ELEMENTS_CUDA = 64 << 20
-_GATHER_COST, _GATHER_COST_FEW_ROWS = 1.2, 1.5  # see gather_cost
+# see gather_cost: the cost where a chunk holds 900+ rows, and below (float32, 16-bit dtypes)
+_GATHER_COST, _GATHER_COST_FEW_ROWS, _GATHER_COST_FEW_ROWS_16BIT = 1.2, 1.5, 2.0
 
 
 class LatticeEngine(Engine):
@@ -61,7 +62,8 @@ class LatticeEngine(Engine):
         if book.num_taps == 1:
             return _pointwise_conv(features, weight, bias, book, groups)
         c_in, c_out = features.shape[1], weight.shape[0]
-        split = book.lattice(gather_cost(book.num_taps, c_in // groups, features.is_cuda))
+        split = book.lattice(gather_cost(book.num_taps, c_in // groups, features.is_cuda,
+                                         features.element_size()))
         kh, kw = book.kernel_size
         dy, dx = book.dilation
         if split.finest:  # nothing merged: one dense conv on the finest grid, taps 2**t apart
@@ -107,15 +109,18 @@ def _phase_conv(features, weight, bias, part: PhaseConv, batch: int, dilation, g
     out.index_copy_(0, part.out_rows, y.index_select(0, part.positions))
 
 
-def gather_cost(taps: int, c_in: int, cuda: bool = False) -> float:
+def gather_cost(taps: int, c_in: int, cuda: bool = False, element_size: int = 4) -> float:
     """What a gathered multiply-add costs against a dense conv's, per gathered row of
-    ``taps * c_in`` elements (decides which off-lattice phases run densely, see
-    ``ConvRulebook.lattice``). Measured on CPU, 2 threads, AMD EPYC AVX-512 (BENCHMARKS.md,
-    "Dense phases"): about 1.2 where an im2col chunk holds 900+ rows (the backbone's 3x3
-    convs), rising to 1.5 (float32) - 2.3 (bfloat16) at 227 rows (the ASPP's 3x3 convs on 2048
-    channels). Not measured on GPUs: the CPU figure for the backbone's row counts."""
+    ``taps * c_in`` elements of ``element_size`` bytes (decides which off-lattice phases run
+    densely, see ``ConvRulebook.lattice``). Measured on CPU, 2 threads, AMD EPYC AVX-512
+    (``python -m experiments.dense_phases layers``, BENCHMARKS.md "Dense phases"): about 1.2
+    where an im2col chunk holds 900+ rows (the backbone's 3x3 convs), 1.5 (float32) and 2
+    (bfloat16) at 227 rows (the ASPP's 3x3 convs on 2048 channels), where the GEMMs are short.
+    Not measured on GPUs: there every layer gets the backbone's figure."""
     budget = _GATHER_CHUNK_ELEMENTS_CUDA if cuda else _GATHER_CHUNK_ELEMENTS
-    return _GATHER_COST if budget // (taps * c_in) >= 900 else _GATHER_COST_FEW_ROWS
+    if budget // (taps * c_in) >= 900:
+        return _GATHER_COST
+    return _GATHER_COST_FEW_ROWS_16BIT if element_size <= 2 else _GATHER_COST_FEW_ROWS
 
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:

@@ -209,6 +209,7 @@ def test_dense_phase_rule():
     assert len(conv_rulebook(plan, (3, 3), (1, 1), 1, 1).lattice(1.6).phases) == 3
     from cad_spconv.engines.lattice import gather_cost
     assert gather_cost(9, 512) == 1.2 and gather_cost(9, 2048) == 1.5  # backbone / ASPP
+    assert gather_cost(9, 512, element_size=2) == 1.2 and gather_cost(9, 2048, False, 2) == 2.0
 
 
 def test_lattice_at_step_zero_is_one_dense_conv(device):
