@@ -44,10 +44,10 @@ class PhaseConv:
     A phase is the sub-grid of finest cells at ``(a + 2**t * i, b + 2**t * j)``. The taps of a
     stride-1 conv at step ``t`` are ``D = d * 2**t`` apart, so a site of the phase reads only
     cells of its own phase: on the phase grid ``[B, *grid]``, filled with the owner of every
-    cell (``in_rows``, raster order), the layer is an ordinary dense conv with the layer's own
-    dilation, zero padding included (a tap leaves the phase grid exactly where it leaves the
-    finest grid). Its output at ``positions`` (flat, over ``[B, *grid]``) are the output rows
-    ``out_rows``."""
+    cell (``in_rows``, raster order over ``[images, *grid]`` for the images whose phase runs
+    densely), the layer is an ordinary dense conv with the layer's own dilation, zero padding
+    included (a tap leaves the phase grid exactly where it leaves the finest grid). Its output
+    at ``positions`` (flat, over ``[images, *grid]``) are the output rows ``out_rows``."""
 
     offset: tuple[int, int]
     grid: tuple[int, int]
@@ -336,31 +336,40 @@ class ConvRulebook(Rulebook):
 
     def _dense_phases(self, coords: torch.Tensor, off: torch.Tensor, gather_cost: float):
         """The off-lattice phases computed densely (:class:`PhaseConv`; see :meth:`lattice`)
-        and a mask of their sites over ``coords``."""
+        and a mask of their sites over ``coords``. Decided per image and phase, so how an
+        image's sites are computed (hence their rounding) never depends on another image."""
         plan, s = self.plan, 2 ** self.step_in
         B, (H, W) = plan.batch_size, plan.grid
         phase = (coords[:, 1] & (s - 1)) * s + (coords[:, 2] & (s - 1))
-        counts = torch.bincount(phase[off], minlength=s * s).tolist()  # geometry: one sync
+        key = coords[:, 0] * (s * s) + phase
+        counts = torch.bincount(key[off], minlength=B * s * s).view(B, s * s).cpu()  # one sync
         owner = plan.geometry(self.step_in).owner
         dense = torch.zeros_like(off)
         parts = []
         for p in range(1, s * s):
             a, b = divmod(p, s)
             grid = (-(-(H - a) // s), -(-(W - b) // s))
-            if not counts[p] or min(grid) <= 0:
+            if min(grid) <= 0:
                 continue
             taps = 1.0
             for size, k, d in zip(grid, self.kernel_size, self.dilation):
                 taps *= _mean_taps_in_grid(size, k, d)
-            if taps * B * grid[0] * grid[1] > gather_cost * counts[p] * self.num_taps:
+            n = counts[:, p]
+            chosen = ((n > 0) & (taps * grid[0] * grid[1] <= gather_cost * n * self.num_taps)
+                      ).nonzero()[:, 0]
+            if not chosen.numel():
                 continue
-            sites = off & (phase == p)
+            images = chosen.to(coords.device)
+            slot = torch.full((B,), -1, dtype=torch.long, device=coords.device)
+            slot[images] = torch.arange(images.numel(), device=coords.device)
+            sites = off & (phase == p) & (slot[coords[:, 0]] >= 0)
             rows = sites.nonzero()[:, 0]
             c = coords[rows]
-            positions = (c[:, 0] * grid[0] + (c[:, 1] - a) // s) * grid[1] + (c[:, 2] - b) // s
+            positions = ((slot[c[:, 0]] * grid[0] + (c[:, 1] - a) // s) * grid[1]
+                         + (c[:, 2] - b) // s)
             parts.append(PhaseConv(offset=(a, b), grid=grid,
-                                   in_rows=owner[:, a::s, b::s].reshape(-1), out_rows=rows,
-                                   positions=positions))
+                                   in_rows=owner[images, a::s, b::s].reshape(-1),
+                                   out_rows=rows, positions=positions))
             dense |= sites
         return tuple(parts), dense
 

@@ -85,14 +85,13 @@ class LatticeEngine(Engine):
         out.index_copy_(0, split.out_rows, y)
         del y
         for part in split.phases:
-            _phase_conv(features, weight, bias, part, split.batch, (dy, dx), groups, out,
-                        scratch)
+            _phase_conv(features, weight, bias, part, (dy, dx), groups, out, scratch)
         if split.num_rest:
             _gather_gemm(features, weight, bias, split, groups, out)
         return out
 
 
-def _phase_conv(features, weight, bias, part: PhaseConv, batch: int, dilation, groups: int,
+def _phase_conv(features, weight, bias, part: PhaseConv, dilation, groups: int,
                 out: torch.Tensor, scratch: bool) -> None:
     """Write the sites of an off-lattice phase into ``out``: a dense conv on the phase grid
     filled through the owner map, read at the sites' positions."""
@@ -103,7 +102,7 @@ def _phase_conv(features, weight, bias, part: PhaseConv, batch: int, dilation, g
     x = (torch.index_select(features, 0, part.in_rows,
                             out=workspace(features, n * c_in, "lattice_in").view(-1, c_in))
          if scratch else features.index_select(0, part.in_rows))
-    x = x.reshape(batch, *part.grid, c_in).permute(0, 3, 1, 2)
+    x = x.reshape(-1, *part.grid, c_in).permute(0, 3, 1, 2)
     y = F.conv2d(x, weight, bias, 1, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups)
     y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
     out.index_copy_(0, part.out_rows, y.index_select(0, part.positions))

@@ -116,8 +116,10 @@ def test_lattice_split_partitions_the_output(grid, L, device):
                 (a, b), (Hp, Wp), s = part.offset, part.grid, 2 ** step_in
                 c = geo.coords[part.out_rows]
                 assert bool(((c[:, 1] % s == a) & (c[:, 2] % s == b)).all())
-                assert torch.equal(part.positions,
-                                   (c[:, 0] * Hp + c[:, 1] // s) * Wp + c[:, 2] // s)
+                images = c[:, 0].unique()  # the images whose phase runs densely, in order
+                slot = torch.searchsorted(images, c[:, 0])
+                assert part.in_rows.numel() == images.numel() * Hp * Wp
+                assert torch.equal(part.positions, (slot * Hp + c[:, 1] // s) * Wp + c[:, 2] // s)
                 assert torch.equal(part.in_rows[part.positions], part.out_rows)
             coords = plan.geometry(step_out).coords[out_rows]
             s = 2 ** step_out
@@ -210,6 +212,31 @@ def test_dense_phase_rule():
     from cad_spconv.engines.lattice import gather_cost
     assert gather_cost(9, 512) == 1.2 and gather_cost(9, 2048) == 1.5  # backbone / ASPP
     assert gather_cost(9, 512, element_size=2) == 1.2 and gather_cost(9, 2048, False, 2) == 2.0
+
+
+def test_dense_phases_are_chosen_per_image():
+    """Phases go dense per image: in a batch of a fully kept and a sparse image only the kept
+    image's phases run densely, the sparse one's sites are gathered as in a batch of its own
+    (so one image's mask never changes how another's are computed). Bitwise equality is not
+    claimed: the lattice conv and the gather chunks see the whole batch, and oneDNN's blocking
+    may change the rounding with the batch."""
+    keep = torch.zeros(2, 64, 128, dtype=torch.bool)
+    keep[0] = True
+    keep[1, :8, :8] = True
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 8, 3, 3, generator=gen)
+    alone, pair = (LevelPlan.from_keep(k, (64, 128), 1) for k in (keep[1:], keep))
+    dense_images = []
+    for plan in (alone, pair):
+        split = conv_rulebook(plan, (3, 3), (18, 18), 1, 1).lattice(1.2)
+        dense_images.append([p.in_rows.numel() // (p.grid[0] * p.grid[1]) for p in split.phases])
+    assert dense_images == [[], [1, 1, 1]]  # only the fully kept image's phases are dense
+    f1 = torch.randn(alone.num_sites(1), 8, generator=gen)
+    second = pair.geometry(1).coords[:, 0] == 1  # sites in raster order: image 1's come last
+    f = torch.cat([torch.randn(int((~second).sum()), 8, generator=gen), f1])
+    y1 = CF.conv2d(CADTensor(f1, alone, 1), w, None, 1, 18, 1, "lattice").features
+    y = CF.conv2d(CADTensor(f, pair, 1), w, None, 1, 18, 1, "lattice").features
+    torch.testing.assert_close(y[second], y1, rtol=1e-5, atol=1e-5)
 
 
 def test_lattice_at_step_zero_is_one_dense_conv(device):
