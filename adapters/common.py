@@ -191,10 +191,9 @@ class CADModel(nn.Module):
                              f"{self.semantics!r}; build the plan with "
                              f"plan.with_semantics({self.semantics!r}) or pass masks")
         plan = plan.with_semantics(self.semantics)
-        # only the levels are kept, one byte per cell: the forward's sites, owners and rulebooks
-        # are freed with its tensors (before a dense head's peak)
-        self.__dict__["_last_levels"] = (plan.levels.to(torch.uint8), plan.num_levels,
-                                         plan.semantics)
+        # only the quadtree's merge bits are kept (a third of a byte per cell): the forward's
+        # sites, owners and rulebooks are freed with its tensors (before a dense head's peak)
+        self.__dict__["_last_levels"] = (plan.merge_maps(), plan.grid, plan.semantics)
         return CADTensor.from_dense(x, plan)
 
     @property
@@ -202,7 +201,7 @@ class CADModel(nn.Module):
         """The :class:`~cad_spconv.plan.LevelPlan` of the last forward (``None`` before the
         first): its levels, a fresh plan whose geometry is rebuilt where read."""
         last = self.__dict__.get("_last_levels")
-        return None if last is None else LevelPlan(last[0].long(), last[1], last[2])
+        return None if last is None else LevelPlan.from_merge_maps(*last)
 
     @staticmethod
     def _check_images(images):

@@ -209,6 +209,27 @@ class LevelPlan:
         del grid
         return cls(levels, num_levels)
 
+    def merge_maps(self) -> list[torch.Tensor]:
+        """The plan in quadtree form, what :meth:`from_merge_maps` rebuilds it from: per
+        adaptive step ``s = 1..L`` a bool ``[B, ceil(H / 2**s), ceil(W / 2**s)]``, one entry per
+        aligned ``2**s`` block, true where the block merged (its cells are at level ``>= s``).
+        About ``1 / 3`` byte per finest cell instead of the level map's 8."""
+        # block-consistency: a block at level >= s has that level in every cell, so its top-left
+        # cell stands for it
+        return [self.levels[:, :: 2 ** s, :: 2 ** s] >= s for s in range(1, self.num_levels + 1)]
+
+    @classmethod
+    def from_merge_maps(cls, merge_maps: Sequence[torch.Tensor], grid: Sequence[int],
+                        semantics: str = "paper") -> "LevelPlan":
+        """The plan whose :meth:`merge_maps` these are, on a finest grid of ``grid`` cells."""
+        _check_levels(len(merge_maps))
+        grid = (int(grid[0]), int(grid[1]))
+        levels = None
+        for s, merged in enumerate(merge_maps, 1):
+            cells = _expand_blocks(merged, 2 ** s, grid).to(torch.int64)
+            levels = cells if levels is None else levels + cells
+        return cls(levels, len(merge_maps), semantics)
+
     # ------------------------------------------------------------------ properties
     @property
     def batch_size(self) -> int:

@@ -26,6 +26,13 @@ def test_levels_sites_owners(grid, num_levels, kind, device):
         np.testing.assert_array_equal(geo.owner.cpu().numpy(), rgeo.owner)
         np.testing.assert_array_equal(geo.area.cpu().numpy(), rgeo.area)
         assert int(geo.area.sum()) == 3 * grid[0] * grid[1]
+    # the quadtree form (what converted models keep for last_plan) rebuilds the same plan
+    maps = plan.with_semantics("reference").merge_maps()
+    for s, merged in enumerate(maps, 1):
+        np.testing.assert_array_equal(merged.cpu().numpy(), levels[:, :: 2 ** s, :: 2 ** s] >= s)
+    rebuilt = LevelPlan.from_merge_maps(maps, grid, "reference")
+    assert rebuilt.num_levels == num_levels and rebuilt.semantics == "reference"
+    np.testing.assert_array_equal(rebuilt.levels.cpu().numpy(), levels)
     if kind == "all":
         assert plan.num_sites(num_levels) == 3 * grid[0] * grid[1]
     if kind == "none":
