@@ -1,6 +1,6 @@
 """BLAS GEMM vs oneDNN for the GEMMs of the lattice engine on CPU (BENCHMARKS.md).
 
-    python -m experiments.gemm_routes [--threads 2] [--reps 15] [--dtype bfloat16]
+    python -m experiments.gemm_routes [--threads 2] [--reps 15] [--dtype bfloat16] [--chunks]
 
 The lattice engine multiplies a feature (or im2col) matrix ``[M, K]`` by a weight ``[N, K]``
 for every 1x1 conv and for the off-lattice rest of every 3x3 conv. This times the two routes it
@@ -12,6 +12,11 @@ matrices (oneDNN, the library of the dense network's convs). Median of ``--reps`
 warm-ups (``--dtype``, float32 by default); the ratio compares the transposed BLAS route with
 oneDNN. The last column is the throughput of a dense 3x3 conv of the same widths on a 64x128
 map (channels-last, the dense network's conv) for scale.
+
+``--chunks`` times the im2col GEMMs as the gather runs them instead: the off-lattice rows in
+chunks of the engine's budget (4M elements: 910 rows of a 512-channel 3x3 conv, 227 of the
+ASPP's 2048-channel one), one GEMM per chunk with the same weight, on each route. oneDNN's 1x1
+conv reorders its weight on every call; ``torch.mm`` has a small fixed cost.
 """
 from __future__ import annotations
 
@@ -44,11 +49,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--chunks", action="store_true",
+                        help="time the gather's im2col GEMMs chunk by chunk (see above)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
+    if args.chunks:
+        return _chunks(args, dtype, gen)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms (GFLOP/s)")
     print("| M | K | N | torch.mm, weight [K, N] | torch.mm, weight [N, K] transposed | "
           "oneDNN 1x1 conv | BLAS / oneDNN | dense 3x3 conv (GFLOP/s) |")
@@ -73,6 +82,37 @@ def main(argv=None) -> int:
         print(f"| {m} | {k} | {n} | {blas_kn:.1f} | {blas:.1f} ({gflop / blas * 1e3:.0f}) | "
               f"{onednn:.1f} ({gflop / onednn * 1e3:.0f}) | {blas / onednn:.2f} | "
               f"{dflop / dense * 1e3:.0f} |")
+    return 0
+
+
+# (rows, K, N): the im2col rests of layer3 / layer4 3x3 convs and of an ASPP 3x3 conv
+CHUNKED = [(3700, 2304, 256), (3700, 4608, 512), (3700, 18432, 256)]
+
+
+def _chunks(args, dtype, gen) -> int:
+    from cad_spconv.engines.lattice import _GATHER_CHUNK_ELEMENTS
+
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms per layer, "
+          f"chunks of {_GATHER_CHUNK_ELEMENTS} elements")
+    print("| rows | K | N | rows per chunk | torch.mm | oneDNN 1x1 conv | torch.mm / oneDNN |")
+    print("|---|---|---|---|---|---|---|")
+    for m, k, n in CHUNKED:
+        rows = max(1, _GATHER_CHUNK_ELEMENTS // k)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+        out = torch.empty(m, n, dtype=dtype)
+        bounds = [(s, min(m, s + rows)) for s in range(0, m, rows)]
+
+        def mm():
+            for s, e in bounds:
+                torch.mm(x[s:e], w.t(), out=out[s:e])
+
+        def onednn():
+            for s, e in bounds:
+                F.conv2d(x[s:e].view(1, e - s, 1, k).permute(0, 3, 1, 2), w.view(n, k, 1, 1))
+
+        a, b = median_ms(mm, args.reps), median_ms(onednn, args.reps)
+        print(f"| {m} | {k} | {n} | {rows} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
     return 0
 
 

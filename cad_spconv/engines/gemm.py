@@ -13,9 +13,17 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              out: Optional[torch.Tensor] = None, *, chunk: bool = False) -> torch.Tensor:
     """``x [n, K] @ w[N, K].T + bias``, written into ``out`` where the route can write into a
     given buffer (use the returned tensor: it is ``out`` or a fresh one, never a copy).
+
+    ``chunk``: one of many calls with the same weight (the im2col chunks of a gather). In
+    16-bit these go to ``torch.mm``: oneDNN's 1x1 conv reorders the weight on every call
+    (bfloat16, AVX512-BF16 EPYC: 1.1 ms for a 512 x 4608 weight, 3.1 ms for 256 x 18432 at 4
+    rows, against 0.1 / 0.2 ms for ``torch.mm``), so per chunk it cost up to 2.2x ``torch.mm``
+    (the ASPP's 227-row chunks) and never less at 910-3640 rows. float32 keeps the conv route:
+    ``torch.mm`` (MKL) took 1.6-2.4x as long there even in chunks
+    (``python -m experiments.gemm_routes --chunks``).
 
     On CPU, float32 and bfloat16 go through ``F.conv2d`` as a 1x1 conv on channels-last views
     of the two matrices (no input copies; the result is a fresh tensor, copied into ``out``),
@@ -28,7 +36,8 @@ def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
     check had found ``torch.mm`` faster. Elsewhere (CUDA, float64) a GEMM straight into
     ``out``."""
     n, k = x.shape
-    if n and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN:
+    if (n and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN
+            and not (chunk and x.dtype != torch.float32)):
         y = F.conv2d(x.contiguous().view(1, n, 1, k).permute(0, 3, 1, 2),
                      w.reshape(w.shape[0], k, 1, 1), bias)
         return y.permute(0, 2, 3, 1).reshape(n, -1)

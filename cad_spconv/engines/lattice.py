@@ -32,8 +32,8 @@ __all__ = ["LatticeEngine", "gather_cost"]
 # (BENCHMARKS.md, chunk sweep); GPU: large, so that each GEMM fills the device.
 _GATHER_CHUNK_ELEMENTS = 4 << 20
 _GATHER_CHUNK_ELEMENTS_CUDA = 64 << 20
-# see gather_cost: the cost where a chunk holds 900+ rows, and below (float32, 16-bit dtypes)
-_GATHER_COST, _GATHER_COST_FEW_ROWS, _GATHER_COST_FEW_ROWS_16BIT = 1.2, 1.5, 2.0
+# see gather_cost: the cost where a chunk holds 900+ rows or the dtype is 16-bit, and below
+_GATHER_COST, _GATHER_COST_FEW_ROWS = 1.2, 1.5
 
 
 class LatticeEngine(Engine):
@@ -113,13 +113,14 @@ def gather_cost(taps: int, c_in: int, cuda: bool = False, element_size: int = 4)
     ``taps * c_in`` elements of ``element_size`` bytes (decides which off-lattice phases run
     densely, see ``ConvRulebook.lattice``). Measured on CPU, 2 threads, AMD EPYC AVX-512
     (``python -m experiments.dense_phases layers``, BENCHMARKS.md "Dense phases"): about 1.2
-    where an im2col chunk holds 900+ rows (the backbone's 3x3 convs), 1.5 (float32) and 2
-    (bfloat16) at 227 rows (the ASPP's 3x3 convs on 2048 channels), where the GEMMs are short.
-    Not measured on GPUs: there every layer gets the backbone's figure."""
+    for the backbone's 3x3 convs and, in bfloat16, for every layer; 1.5 in float32 where an
+    im2col chunk holds fewer than 900 rows (the ASPP's 3x3 convs on 2048 channels, 227 rows),
+    where each chunk's GEMM pays oneDNN's weight reorder (16-bit chunks go to ``torch.mm``,
+    see ``matmul_nk``). Not measured on GPUs: there every layer gets the backbone's figure."""
     budget = _GATHER_CHUNK_ELEMENTS_CUDA if cuda else _GATHER_CHUNK_ELEMENTS
-    if budget // (taps * c_in) >= 900:
+    if element_size <= 2 or budget // (taps * c_in) >= 900:
         return _GATHER_COST
-    return _GATHER_COST_FEW_ROWS_16BIT if element_size <= 2 else _GATHER_COST_FEW_ROWS
+    return _GATHER_COST_FEW_ROWS
 
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
@@ -191,7 +192,7 @@ def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int,
             cols = (flat.index_fill_(0, taps, 0) if out is not None
                     else flat.index_fill(0, taps, 0)).view(cols.shape)
     if groups == 1:
-        return matmul_nk(cols.view(n, k * c_in), w, bias, out)
+        return matmul_nk(cols.view(n, k * c_in), w, bias, out, chunk=True)
     c_in_g = c_in // groups
     cols = cols.view(n, k, groups, c_in_g).permute(2, 0, 1, 3).reshape(groups, n, k * c_in_g)
     res = grouped_mm(cols, w)
