@@ -79,6 +79,14 @@ class LatticeSplit:
     ``border_zero_offsets`` (CPU, ``[R - num_inside + 1]``) where each site's positions start,
     so a chunk of sites finds its taps without a device sync.
 
+    The border sites are ordered by the kernel rows they have inside the grid (a tap's row
+    leaves the grid for all of its columns at once): ``row_groups`` lists ``(start, stop,
+    first_row, stop_row)`` over the rest rows, covering ``num_inside..R``, the sites of a group
+    having kernel rows ``first_row..stop_row - 1`` inside. A gather may read only those rows'
+    taps (the ASPP's wide rates put a third to half of a border site's taps on outside rows);
+    ``row_zeros`` / ``row_zero_offsets`` are then the taps to zero, like ``border_zeros`` but
+    only those on inside rows, as ``site * K + tap - first_row * kw``.
+
     ``phases``: off-lattice phases of a stride-1 conv at step >= 1 whose sites are computed by a
     dense conv on the phase grid (:class:`PhaseConv`) instead of the gather; their sites are not
     in the rest. Chosen where the dense conv costs less (:meth:`ConvRulebook.lattice`): densely
@@ -98,6 +106,9 @@ class LatticeSplit:
     border_zero_offsets: torch.Tensor
     finest: bool = False
     phases: tuple[PhaseConv, ...] = ()
+    row_groups: tuple[tuple[int, int, int, int], ...] = ()
+    row_zeros: Optional[torch.Tensor] = None
+    row_zero_offsets: Optional[torch.Tensor] = None
 
     @property
     def num_rest(self) -> int:
@@ -294,7 +305,8 @@ class ConvRulebook(Rulebook):
                                 rest_index=empty.view(0, self.num_taps), num_inside=0,
                                 border_zeros=empty,
                                 border_zero_offsets=torch.zeros(1, dtype=torch.long),
-                                finest=True)
+                                finest=True, row_zeros=empty,
+                                row_zero_offsets=torch.zeros(1, dtype=torch.long))
         # every lattice cell is a site of its step, so the owner there is the site itself; when
         # the lattice cells are all the sites, raster order makes them the rows as they are
         in_rows = None
@@ -313,9 +325,16 @@ class ConvRulebook(Rulebook):
         gather = self._reads(coords[rest_rows])
         valid = gather >= 0
         inside = valid.all(1)
-        order = torch.argsort((~inside).to(torch.int8), stable=True)  # inside first
+        kh, kw = self.kernel_size
+        rows_in = valid.view(-1, kh, kw).any(2)  # kernel rows inside the grid: one range
+        first = rows_in.to(torch.int8).argmax(1)
+        stop = kh - rows_in.flip(1).to(torch.int8).argmax(1)
+        # inside sites first, then the border sites by row group (all rows inside first)
+        group = torch.where(inside, -1, first * (kh + 1) + (kh - stop))
+        order = torch.argsort(group, stable=True)
         rest_rows, gather, valid = rest_rows[order], gather[order], valid[order]
         num_inside = int(inside.sum())
+        first, stop, rows_in = first[order][num_inside:], stop[order][num_inside:], rows_in[order]
         # an out-of-grid tap reads (and then zeroes) the row of the centre tap, which lies in
         # the site's own image: zeroing by multiplication turns an inf / NaN read into NaN, so
         # a row of another image must never be read
@@ -328,11 +347,23 @@ class ConvRulebook(Rulebook):
         zeros = outside.reshape(-1).nonzero()[:, 0]
         offsets = torch.zeros(outside.shape[0] + 1, dtype=torch.long)
         offsets[1:] = outside.sum(1).cumsum(0).cpu()
+        # the same for gathers of only the inside kernel rows
+        on_rows = outside & rows_in[num_inside:].repeat_interleave(kw, 1)
+        site, tap = on_rows.nonzero().unbind(1)
+        row_zeros = site * self.num_taps + tap - first[site] * kw
+        row_offsets = torch.zeros(outside.shape[0] + 1, dtype=torch.long)
+        row_offsets[1:] = on_rows.sum(1).cumsum(0).cpu()
+        keys, counts = torch.unique_consecutive(first * (kh + 1) + stop, return_counts=True)
+        groups, start = [], num_inside
+        for key, n in zip(keys.tolist(), counts.tolist()):  # a few groups: small CPU loop
+            groups.append((start, start + n, key // (kh + 1), key % (kh + 1)))
+            start += n
         return LatticeSplit(
             batch=B, in_grid=in_grid, out_grid=out_grid, in_rows=in_rows, out_rows=out_rows,
             stride=s_out // s_in, rest_rows=rest_rows, rest_index=index,
             num_inside=num_inside, border_zeros=zeros, border_zero_offsets=offsets,
-            phases=phases)
+            phases=phases, row_groups=tuple(groups), row_zeros=row_zeros,
+            row_zero_offsets=row_offsets)
 
     def _dense_phases(self, coords: torch.Tensor, off: torch.Tensor, gather_cost: float):
         """The off-lattice phases computed densely (:class:`PhaseConv`; see :meth:`lattice`)

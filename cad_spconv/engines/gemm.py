@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["matmul_nk", "grouped_mm"]
+__all__ = ["matmul_nk", "grouped_mm", "onednn_route"]
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -36,8 +36,7 @@ def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
     check had found ``torch.mm`` faster. Elsewhere (CUDA, float64) a GEMM straight into
     ``out``."""
     n, k = x.shape
-    if (n and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN
-            and not (chunk and x.dtype != torch.float32)):
+    if n and onednn_route(x, chunk):
         y = F.conv2d(x.contiguous().view(1, n, 1, k).permute(0, 3, 1, 2),
                      w.reshape(w.shape[0], k, 1, 1), bias)
         return y.permute(0, 2, 3, 1).reshape(n, -1)
@@ -46,6 +45,13 @@ def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
     if bias is None:
         return torch.mm(x, w.t(), out=out)
     return torch.addmm(bias, x, w.t(), out=out)
+
+
+def onednn_route(x: torch.Tensor, chunk: bool = False) -> bool:
+    """Whether :func:`matmul_nk` runs ``x``'s GEMM as oneDNN's 1x1 conv, which needs the weight
+    contiguous (elsewhere a column slice of it is read as a view)."""
+    return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN
+            and not (chunk and x.dtype != torch.float32))
 
 
 def grouped_mm(cols: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

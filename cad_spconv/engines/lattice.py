@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..rulebook import ConvRulebook, LatticeSplit, PhaseConv, Rulebook
 from .base import Engine, EngineUnsupported, register
-from .gemm import grouped_mm, matmul_nk
+from .gemm import grouped_mm, matmul_nk, onednn_route
 from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
 
 __all__ = ["LatticeEngine", "gather_cost"]
@@ -142,6 +142,11 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     """Write the off-lattice output rows (``split.rest_rows``) into ``out``: im2col by
     ``index_select`` in cache-sized chunks, one GEMM per chunk, its rows copied into place.
 
+    Where the GEMM reads a column slice of the filters as a view (not oneDNN's conv route,
+    which needs them contiguous), a border site's chunk gathers only the kernel rows inside
+    the grid (``split.row_groups``) and multiplies by those rows' filter columns: the other
+    rows' taps would be zeros (a third to half of an ASPP border site's taps).
+
     Without autograd the im2col chunks and the GEMM results go into per-thread workspaces
     that live across calls (a fresh buffer per chunk costs page faults worth a third of the
     gather, BENCHMARKS.md); oneDNN's GEMM returns a fresh result, copied into place directly."""
@@ -155,44 +160,59 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
         w = gemm_weight(weight, g, cache=not track)
     budget = _GATHER_CHUNK_ELEMENTS_CUDA if features.is_cuda else _GATHER_CHUNK_ELEMENTS
     rows = max(1, budget // (k * c_in))
-    bounds = []
-    for lo, hi in ((0, split.num_inside), (split.num_inside, split.num_rest)):
-        bounds += [(s, min(hi, s + rows)) for s in range(lo, hi, rows)]
+    segments = [(0, split.num_inside, None)]  # (first, stop, taps read: None = all)
+    if g == 1 and not onednn_route(features, chunk=True):
+        segments += [(lo, hi, None if (r0, r1) == (0, kh) else (r0 * kw, r1 * kw))
+                     for lo, hi, r0, r1 in split.row_groups]
+    else:
+        segments.append((split.num_inside, split.num_rest, None))
+    bounds = [(s, min(hi, s + rows), taps)
+              for lo, hi, taps in segments for s in range(lo, hi, rows)]
     if track:
-        rest = torch.cat([_im2col_block(features, w, bias, split, s, e, g, None, None)
-                          for s, e in bounds])
+        rest = torch.cat([_im2col_block(features, w, bias, split, s, e, taps, g, None, None)
+                          for s, e, taps in bounds])
         out.index_copy_(0, split.rest_rows, rest)
         return
     chunk = min(rows, split.num_rest)
     buf = workspace(features, chunk * k * c_in, "im2col").view(-1, c_in)
     res = workspace(features, chunk * c_out, "rest_out").view(-1, c_out)
-    for s, e in bounds:
-        y = _im2col_block(features, w, bias, split, s, e, g, buf[:(e - s) * k], res[:e - s])
+    for s, e, taps in bounds:
+        n = (e - s) * (k if taps is None else taps[1] - taps[0])
+        y = _im2col_block(features, w, bias, split, s, e, taps, g, buf[:n], res[:e - s])
         out.index_copy_(0, split.rest_rows[s:e], y)
 
 
-def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int, groups: int,
-                  cols: Optional[torch.Tensor], out: Optional[torch.Tensor]) -> torch.Tensor:
-    """Rows ``start:stop`` of the rest: gather (into ``cols`` if given), zero out-of-grid taps
+def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int,
+                  taps: Optional[tuple[int, int]], groups: int, cols: Optional[torch.Tensor],
+                  out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows ``start:stop`` of the rest, reading every tap or (``taps`` = (first, stop)) that
+    range of taps (whole kernel rows): gather (into ``cols`` if given), zero out-of-grid taps
     of border sites, GEMM (into ``out`` where the route writes into a buffer)."""
     n, c_in = stop - start, features.shape[1]
-    k = split.rest_index.shape[1]
-    idx = split.rest_index[start:stop].reshape(-1)
+    k_all = split.rest_index.shape[1]
+    t0, t1 = taps if taps is not None else (0, k_all)
+    k = t1 - t0
+    idx = split.rest_index[start:stop, t0:t1].reshape(-1)
     if cols is None:
         cols = features.index_select(0, idx)
     else:
         torch.index_select(features, 0, idx, out=cols)
     if start >= split.num_inside:  # border sites: zero the out-of-grid taps
         a, b = start - split.num_inside, stop - split.num_inside
-        lo, hi = split.border_zero_offsets[a].item(), split.border_zero_offsets[b].item()
+        zeros, offsets = ((split.border_zeros, split.border_zero_offsets) if taps is None
+                          else (split.row_zeros, split.row_zero_offsets))
+        lo, hi = offsets[a].item(), offsets[b].item()
         if hi > lo:
-            taps = split.border_zeros[lo:hi] - a * k
+            pos = zeros[lo:hi] - a * k_all
+            if k != k_all:  # site * K + tap over the gathered taps -> site * k + tap
+                pos = pos // k_all * k + pos % k_all
             # a fill, not a multiplication by 0: 0 * inf would be NaN where the dense conv pads 0
             flat = cols.view(n * k, c_in)
-            cols = (flat.index_fill_(0, taps, 0) if out is not None
-                    else flat.index_fill(0, taps, 0)).view(cols.shape)
-    if groups == 1:
-        return matmul_nk(cols.view(n, k * c_in), w, bias, out, chunk=True)
+            cols = (flat.index_fill_(0, pos, 0) if out is not None
+                    else flat.index_fill(0, pos, 0)).view(cols.shape)
+    if groups == 1:  # the filter columns of the gathered taps: a view
+        return matmul_nk(cols.view(n, k * c_in), w[:, t0 * c_in:t1 * c_in], bias, out,
+                         chunk=True)
     c_in_g = c_in // groups
     cols = cols.view(n, k, groups, c_in_g).permute(2, 0, 1, 3).reshape(groups, n, k * c_in_g)
     res = grouped_mm(cols, w)

@@ -143,6 +143,25 @@ def test_lattice_split_partitions_the_output(grid, L, device):
             outside = full[inside:] < 0
             assert torch.equal(split.border_zeros, outside.reshape(-1).nonzero()[:, 0])
             assert split.border_zero_offsets.tolist() == [0] + outside.sum(1).cumsum(0).tolist()
+            # row groups: contiguous over the border, each site's inside kernel rows exactly
+            # [first, stop), and the taps left to zero on those rows
+            K, (kh, kw) = book.num_taps, book.kernel_size
+            start, row_zeros, counts = inside, [], []
+            for lo, hi, r0, r1 in split.row_groups:
+                assert lo == start and hi > lo and 0 <= r0 < r1 <= kh
+                start = hi
+                rows_in = (full[lo:hi] >= 0).view(-1, kh, kw).any(2)
+                assert bool(rows_in[:, r0:r1].all()) and not bool(rows_in[:, :r0].any())
+                assert not bool(rows_in[:, r1:].any())
+                out_taps = (full[lo:hi] < 0).view(-1, kh, kw)[:, r0:r1].reshape(hi - lo, -1)
+                counts += out_taps.sum(1).tolist()
+                site, tap = out_taps.nonzero().unbind(1)
+                row_zeros.append((site + lo - inside) * K + tap)
+            assert start == split.num_rest
+            if row_zeros:
+                assert torch.equal(split.row_zeros, torch.cat(row_zeros))
+            assert split.row_zero_offsets.tolist() == [0] + torch.tensor(
+                counts, dtype=torch.long).cumsum(0).tolist()
             centre = full[inside:, 4:5].expand_as(full[inside:])  # out of grid: own centre row
             assert torch.equal(torch.where(full[inside:] >= 0, full[inside:], centre),
                                split.rest_index[inside:])
