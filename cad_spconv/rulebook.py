@@ -254,21 +254,24 @@ class ConvRulebook(Rulebook):
     def device(self) -> torch.device:
         return self.plan.device
 
-    def lattice(self, gather_cost: float = 1.0) -> LatticeSplit:
-        """The coarse-lattice split (cached per ``gather_cost``); see :class:`LatticeSplit`.
-        Only under the paper's semantics: there the lattice sites compute the strided network
+    def lattice(self, gather_cost: float = 1.0, inside_rows: bool = False) -> LatticeSplit:
+        """The coarse-lattice split (cached per argument); see :class:`LatticeSplit`. Only
+        under the paper's semantics: there the lattice sites compute the strided network
         (Guarantee 2).
 
         ``gather_cost``: what a gathered multiply-add costs against a dense conv's (the
         engine's estimate for the layer's channels); an off-lattice phase of a stride-1 conv
         runs densely where the dense conv's multiply-adds over the phase grid, padded taps
-        skipped as oneDNN / cuDNN skip them, are at most ``gather_cost`` times the gather's
-        (the phase's sites, every tap)."""
+        skipped as oneDNN / cuDNN skip them, are at most ``gather_cost`` times the gather's:
+        the phase's sites times every tap or, with ``inside_rows`` (the engine gathers only a
+        site's kernel rows inside the grid, ``LatticeSplit.row_groups``), times the taps of
+        the phase grid's mean number of inside kernel rows."""
         if self.plan.semantics != "paper":
             raise ValueError(f"a lattice split needs the paper's semantics (Guarantee 2); this "
                              f"plan has semantics={self.plan.semantics!r}")
-        gather_cost = float(gather_cost)
-        return self.derived(("lattice", gather_cost), lambda: self._build_lattice(gather_cost))
+        gather_cost, inside_rows = float(gather_cost), bool(inside_rows)
+        return self.derived(("lattice", gather_cost, inside_rows),
+                            lambda: self._build_lattice(gather_cost, inside_rows))
 
     # ------------------------------------------------------------------ internals
     def _offsets(self, device):
@@ -290,7 +293,7 @@ class ConvRulebook(Rulebook):
     def _build_gather(self) -> torch.Tensor:
         return self._reads(self.plan.geometry(self.step_out).coords)
 
-    def _build_lattice(self, gather_cost: float) -> LatticeSplit:
+    def _build_lattice(self, gather_cost: float, inside_rows: bool) -> LatticeSplit:
         plan = self.plan
         B, (H, W) = plan.batch_size, plan.grid
         s_in, s_out = 2 ** self.step_in, 2 ** self.step_out
@@ -319,7 +322,7 @@ class ConvRulebook(Rulebook):
         off = ((coords[:, 1] | coords[:, 2]) & (s_out - 1)) != 0
         phases = ()
         if self.step_in == self.step_out > 0:
-            phases, dense = self._dense_phases(coords, off, gather_cost)
+            phases, dense = self._dense_phases(coords, off, gather_cost, inside_rows)
             off &= ~dense
         rest_rows = off.nonzero()[:, 0]
         gather = self._reads(coords[rest_rows])
@@ -365,7 +368,8 @@ class ConvRulebook(Rulebook):
             phases=phases, row_groups=tuple(groups), row_zeros=row_zeros,
             row_zero_offsets=row_offsets)
 
-    def _dense_phases(self, coords: torch.Tensor, off: torch.Tensor, gather_cost: float):
+    def _dense_phases(self, coords: torch.Tensor, off: torch.Tensor, gather_cost: float,
+                      inside_rows: bool):
         """The off-lattice phases computed densely (:class:`PhaseConv`; see :meth:`lattice`)
         and a mask of their sites over ``coords``. Decided per image and phase, so how an
         image's sites are computed (hence their rounding) never depends on another image."""
@@ -382,11 +386,12 @@ class ConvRulebook(Rulebook):
             grid = (-(-(H - a) // s), -(-(W - b) // s))
             if min(grid) <= 0:
                 continue
-            taps = 1.0
-            for size, k, d in zip(grid, self.kernel_size, self.dilation):
-                taps *= _mean_taps_in_grid(size, k, d)
+            (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+            rows = _mean_taps_in_grid(grid[0], kh, dh)
+            taps = rows * _mean_taps_in_grid(grid[1], kw, dw)
+            gathered = rows * kw if inside_rows else self.num_taps
             n = counts[:, p]
-            chosen = ((n > 0) & (taps * grid[0] * grid[1] <= gather_cost * n * self.num_taps)
+            chosen = ((n > 0) & (taps * grid[0] * grid[1] <= gather_cost * n * gathered)
                       ).nonzero()[:, 0]
             if not chosen.numel():
                 continue

@@ -63,7 +63,8 @@ class LatticeEngine(Engine):
             return _pointwise_conv(features, weight, bias, book, groups)
         c_in, c_out = features.shape[1], weight.shape[0]
         split = book.lattice(gather_cost(book.num_taps, c_in // groups, features.is_cuda,
-                                         features.element_size()))
+                                         features.element_size()),
+                             _reads_inside_rows(features, groups))
         kh, kw = book.kernel_size
         dy, dx = book.dilation
         if split.finest:  # nothing merged: one dense conv on the finest grid, taps 2**t apart
@@ -161,7 +162,7 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     budget = _GATHER_CHUNK_ELEMENTS_CUDA if features.is_cuda else _GATHER_CHUNK_ELEMENTS
     rows = max(1, budget // (k * c_in))
     segments = [(0, split.num_inside, None)]  # (first, stop, taps read: None = all)
-    if g == 1 and not onednn_route(features, chunk=True):
+    if _reads_inside_rows(features, g):
         segments += [(lo, hi, None if (r0, r1) == (0, kh) else (r0 * kw, r1 * kw))
                      for lo, hi, r0, r1 in split.row_groups]
     else:
@@ -180,6 +181,13 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
         n = (e - s) * (k if taps is None else taps[1] - taps[0])
         y = _im2col_block(features, w, bias, split, s, e, taps, g, buf[:n], res[:e - s])
         out.index_copy_(0, split.rest_rows[s:e], y)
+
+
+def _reads_inside_rows(features, groups: int) -> bool:
+    """Whether the gather reads only a border site's kernel rows inside the grid: where the
+    GEMM takes the filters' columns of those rows as a view (not oneDNN's conv route, which
+    would copy them per chunk)."""
+    return groups == 1 and not onednn_route(features, chunk=True)
 
 
 def _im2col_block(features, w, bias, split: LatticeSplit, start: int, stop: int,

@@ -232,6 +232,10 @@ def test_dense_phase_rule():
     wide = conv_rulebook(plan, (3, 3), (18, 18), 1, 1).lattice(1.2)
     narrow = conv_rulebook(plan, (3, 3), (1, 1), 1, 1).lattice(1.2)
     assert len(wide.phases) == 3 and wide.num_rest == 0
+    # a gather of only the inside kernel rows (1.875 of 3 on a 32-row phase grid at rate 18)
+    # costs 1.2 * 1280 * 5.625 = 8640 < 2048 * 1.875 * 2.4375 = 9360: gathered
+    rows_only = conv_rulebook(plan, (3, 3), (18, 18), 1, 1).lattice(1.2, inside_rows=True)
+    assert rows_only.phases == () and rows_only.num_rest == 3 * 32 * 40
     assert narrow.phases == () and narrow.num_rest == 3 * 32 * 40
     # the same at a higher gather cost: every phase of the narrow conv (0.625 * 1.6 >= 0.94)
     assert len(conv_rulebook(plan, (3, 3), (1, 1), 1, 1).lattice(1.6).phases) == 3
