@@ -93,7 +93,7 @@ def _layers(args) -> int:
                                 samples[name].append(time.perf_counter() - start)
                 ms = {name: 1e3 * statistics.median(s) for name, s in samples.items()}
                 book = conv_rulebook(plan, (3, 3), (d, d), 1, 1)
-                chosen = len(book.lattice(rule(9, c_in, False, feats.element_size()),
+                chosen = len(book.lattice(rule(9, c_in, lattice.onednn_route(feats, chunk=True)),
                                           lattice._reads_inside_rows(feats, 1)).phases)
                 print(f"| {kept:.2f} | {c_in} | {c_out} | {d} | {ms['gathered']:.1f} | "
                       f"{ms['dense']:.1f} | {ms['gathered'] / ms['dense']:.2f} | "

@@ -10,6 +10,9 @@ __all__ = ["matmul_nk", "grouped_mm", "onednn_route"]
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# float32 im2col chunks: oneDNN's 1x1 conv beat torch.mm 1.6-2.0x on an AVX-512 EPYC and lost
+# up to 2.9x (the ASPP's 18432-element rows) on an AVX2-only one; see matmul_nk.
+_FP32_CHUNKS_ON_ONEDNN = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
@@ -21,9 +24,11 @@ def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
     16-bit these go to ``torch.mm``: oneDNN's 1x1 conv reorders the weight on every call
     (bfloat16, AVX512-BF16 EPYC: 1.1 ms for a 512 x 4608 weight, 3.1 ms for 256 x 18432 at 4
     rows, against 0.1 / 0.2 ms for ``torch.mm``), so per chunk it cost up to 2.2x ``torch.mm``
-    (the ASPP's 227-row chunks) and never less at 910-3640 rows. float32 keeps the conv route:
-    ``torch.mm`` (MKL) took 1.6-2.4x as long there even in chunks
-    (``python -m experiments.gemm_routes --chunks``).
+    (the ASPP's 227-row chunks) and never less at 910-3640 rows. float32 chunks keep the conv
+    route where the CPU has AVX-512: ``torch.mm`` (MKL) took 1.6-2.4x as long there even in
+    chunks. On an AVX2-only EPYC the reverse: oneDNN took 2.6-2.9x as long on the ASPP's
+    18432-element rows at 4-910 rows per call (not a per-call cost: it grew with the rows) and
+    1.0-1.4x on the backbone's (``python -m experiments.gemm_routes --chunks``).
 
     On CPU, float32 and bfloat16 go through ``F.conv2d`` as a 1x1 conv on channels-last views
     of the two matrices (no input copies; the result is a fresh tensor, copied into ``out``),
@@ -50,8 +55,9 @@ def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
 def onednn_route(x: torch.Tensor, chunk: bool = False) -> bool:
     """Whether :func:`matmul_nk` runs ``x``'s GEMM as oneDNN's 1x1 conv, which needs the weight
     contiguous (elsewhere a column slice of it is read as a view)."""
-    return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN
-            and not (chunk and x.dtype != torch.float32))
+    if not (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN):
+        return False
+    return not chunk or (x.dtype == torch.float32 and _FP32_CHUNKS_ON_ONEDNN)
 
 
 def grouped_mm(cols: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

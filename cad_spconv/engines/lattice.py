@@ -32,8 +32,10 @@ __all__ = ["LatticeEngine", "gather_cost"]
 # (BENCHMARKS.md, chunk sweep); GPU: large, so that each GEMM fills the device.
 _GATHER_CHUNK_ELEMENTS = 4 << 20
 _GATHER_CHUNK_ELEMENTS_CUDA = 64 << 20
-# see gather_cost: the cost where a chunk holds 900+ rows or the dtype is 16-bit, and below
-_GATHER_COST, _GATHER_COST_FEW_ROWS = 1.2, 1.5
+# see gather_cost: on AVX-512 CPUs (and GPUs, not measured), on AVX2-only CPUs, and for
+# oneDNN's chunks of fewer than 900 rows
+_GATHER_COST_AVX512, _GATHER_COST_AVX2, _GATHER_COST_FEW_ROWS = 1.2, 1.0, 1.5
+_CPU_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 class LatticeEngine(Engine):
@@ -56,14 +58,14 @@ class LatticeEngine(Engine):
             if not book.is_identity:
                 book.rows()
         else:  # the split most layers use (the channel count is not known here)
-            book.lattice(_GATHER_COST)
+            book.lattice(_GATHER_COST_AVX512 if _CPU_AVX512 else _GATHER_COST_AVX2)
 
     def conv(self, features, weight, bias, book: ConvRulebook, groups: int) -> torch.Tensor:
         if book.num_taps == 1:
             return _pointwise_conv(features, weight, bias, book, groups)
         c_in, c_out = features.shape[1], weight.shape[0]
-        split = book.lattice(gather_cost(book.num_taps, c_in // groups, features.is_cuda,
-                                         features.element_size()),
+        split = book.lattice(gather_cost(book.num_taps, c_in // groups,
+                                         onednn_route(features, chunk=True), features.is_cuda),
                              _reads_inside_rows(features, groups))
         kh, kw = book.kernel_size
         dy, dx = book.dilation
@@ -109,19 +111,19 @@ def _phase_conv(features, weight, bias, part: PhaseConv, dilation, groups: int,
     out.index_copy_(0, part.out_rows, y.index_select(0, part.positions))
 
 
-def gather_cost(taps: int, c_in: int, cuda: bool = False, element_size: int = 4) -> float:
+def gather_cost(taps: int, c_in: int, onednn_chunks: bool = False, cuda: bool = False) -> float:
     """What a gathered multiply-add costs against a dense conv's, per gathered row of
-    ``taps * c_in`` elements of ``element_size`` bytes (decides which off-lattice phases run
-    densely, see ``ConvRulebook.lattice``). Measured on CPU, 2 threads, AMD EPYC AVX-512
-    (``python -m experiments.dense_phases layers``, BENCHMARKS.md "Dense phases"): about 1.2
-    for the backbone's 3x3 convs and, in bfloat16, for every layer; 1.5 in float32 where an
-    im2col chunk holds fewer than 900 rows (the ASPP's 3x3 convs on 2048 channels, 227 rows),
-    where each chunk's GEMM pays oneDNN's weight reorder (16-bit chunks go to ``torch.mm``,
-    see ``matmul_nk``). Not measured on GPUs: there every layer gets the backbone's figure."""
-    budget = _GATHER_CHUNK_ELEMENTS_CUDA if cuda else _GATHER_CHUNK_ELEMENTS
-    if element_size <= 2 or budget // (taps * c_in) >= 900:
-        return _GATHER_COST
-    return _GATHER_COST_FEW_ROWS
+    ``taps * c_in`` elements (decides which off-lattice phases run densely, see
+    ``ConvRulebook.lattice``). Measured on CPU, 2 threads (``python -m experiments.dense_phases
+    layers``, BENCHMARKS.md "Dense phases"): about 1.2 on an AMD EPYC with AVX-512 (float32 and
+    bfloat16), 1.0 on an AVX2-only one (float32: its dense convs ran at about the GEMMs' rate);
+    1.5 where the im2col chunks go to oneDNN's 1x1 conv (``onednn_chunks``: float32 on AVX-512
+    CPUs, see ``matmul_nk``) and hold fewer than 900 rows (the ASPP's 3x3 convs on 2048
+    channels, 227 rows), where each chunk pays oneDNN's weight reorder. Not measured on GPUs:
+    there every layer gets the AVX-512 figure."""
+    if onednn_chunks and _GATHER_CHUNK_ELEMENTS // (taps * c_in) < 900:
+        return _GATHER_COST_FEW_ROWS
+    return _GATHER_COST_AVX512 if cuda or _CPU_AVX512 else _GATHER_COST_AVX2
 
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:

@@ -67,13 +67,16 @@ def test_gemm_route(dtype, monkeypatch):
     torch.testing.assert_close(E.matmul_nk(x, w, None).double(), want - b.double(), **tol)
     assert len(calls) == (3 if onednn else 0)
     assert E.matmul_nk(x[:0], w, b).shape == (0, 9)
-    # the gather's chunks: oneDNN's 1x1 conv in float32 only (it reorders the weight per call)
-    calls.clear()
-    into = torch.full((37, 9), float("nan"), dtype=dtype)
-    got = E.matmul_nk(x, w, b, into, chunk=True)
-    assert len(calls) == (1 if onednn and dtype == torch.float32 else 0)
-    assert (got is into) == (len(calls) == 0)
-    torch.testing.assert_close(got.double(), want, **tol)
+    # the gather's chunks: oneDNN's 1x1 conv in float32 on AVX-512 CPUs only
+    for fp32_chunks_on_onednn in (True, False):
+        monkeypatch.setattr(E, "_FP32_CHUNKS_ON_ONEDNN", fp32_chunks_on_onednn)
+        calls.clear()
+        into = torch.full((37, 9), float("nan"), dtype=dtype)
+        got = E.matmul_nk(x, w, b, into, chunk=True)
+        assert len(calls) == (1 if onednn and dtype == torch.float32 and fp32_chunks_on_onednn
+                              else 0)
+        assert (got is into) == (len(calls) == 0)
+        torch.testing.assert_close(got.double(), want, **tol)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
@@ -219,7 +222,7 @@ def test_dense_phases_match_dense_reference(cost, case, k, dilation, groups, dev
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-def test_dense_phase_rule():
+def test_dense_phase_rule(monkeypatch):
     """The ASPP's wide taps (rate 36 on a 64x128 grid at step 1: most taps of a site are padding)
     make a sparser phase go dense than a conv whose taps stay inside the grid."""
     import cad_spconv.rulebook as R
@@ -240,9 +243,14 @@ def test_dense_phase_rule():
     # the same at a higher gather cost: every phase of the narrow conv (0.625 * 1.6 >= 0.94)
     assert len(conv_rulebook(plan, (3, 3), (1, 1), 1, 1).lattice(1.6).phases) == 3
     from cad_spconv.engines.lattice import gather_cost
-    assert gather_cost(9, 512) == 1.2 and gather_cost(9, 2048) == 1.5  # backbone / ASPP
-    # 16-bit chunks go to torch.mm, which has no per-call weight reorder: one cost
-    assert gather_cost(9, 512, element_size=2) == 1.2 and gather_cost(9, 2048, False, 2) == 1.2
+    # chunks on oneDNN's 1x1 conv (float32, AVX-512) pay its weight reorder per chunk: the
+    # ASPP's (227 rows) more; chunks on torch.mm have no such cost: one figure per CPU kind
+    import cad_spconv.engines.lattice as L
+    for avx512, cost in ((True, 1.2), (False, 1.0)):
+        monkeypatch.setattr(L, "_CPU_AVX512", avx512)
+        assert gather_cost(9, 512, True) == cost and gather_cost(9, 2048, True) == 1.5
+        assert gather_cost(9, 512) == cost and gather_cost(9, 2048) == cost
+        assert gather_cost(9, 2048, cuda=True) == 1.2
 
 
 def test_dense_phases_are_chosen_per_image():
