@@ -79,6 +79,28 @@ def test_gemm_route(dtype, monkeypatch):
         torch.testing.assert_close(got.double(), want, **tol)
 
 
+@pytest.mark.parametrize("fp32_chunks_on_onednn", [True, False])
+def test_float32_gather_on_either_chunk_route(fp32_chunks_on_onednn, monkeypatch):
+    """float32 gathers in chunks on oneDNN's 1x1 conv (AVX-512 CPUs) or on ``torch.mm`` with
+    only the kernel rows inside the grid (AVX2-only CPUs): both against the float64 dense
+    emulation, many chunks, dilated taps that leave the grid, images with different masks."""
+    import cad_spconv.engines.gemm as G
+    import cad_spconv.engines.lattice as E
+    monkeypatch.setattr(G, "_FP32_CHUNKS_ON_ONEDNN", fp32_chunks_on_onednn)
+    monkeypatch.setattr(E, "gather_cost", lambda *a: 0.0)  # every off-lattice site gathered
+    monkeypatch.setattr(E, "_GATHER_CHUNK_ELEMENTS", 9 * 8 * 7)  # 7 rows per chunk
+    x, levels = make_input(((17, 23), 3, "map"), 1, 8, torch.float32, "cpu", seed=21)
+    onednn = torch.backends.mkldnn.is_available()
+    assert E._reads_inside_rows(x.features, 1) == (not (fp32_chunks_on_onednn and onednn))
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 8, 3, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        got = CF.conv2d(x, w.float(), b.float(), 1, 3, 1, "lattice").features
+        want = ref.conv(x.features.double(), levels, 1, 1, w, b, 3, 1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
 def test_gemm_route_reaches_onednn_with_gradients():
     """At network sizes (more than 20480 input elements, 2 threads) PyTorch runs the 1x1 conv on
