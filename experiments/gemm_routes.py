@@ -16,7 +16,9 @@ map (channels-last, the dense network's conv) for scale.
 ``--chunks`` times the im2col GEMMs as the gather runs them instead: the off-lattice rows in
 chunks of the engine's budget (4M elements: 910 rows of a 512-channel 3x3 conv, 227 of the
 ASPP's 2048-channel one), one GEMM per chunk with the same weight, on each route. oneDNN's 1x1
-conv reorders its weight on every call; ``torch.mm`` has a small fixed cost.
+conv reorders its weight on every call; ``torch.mm`` has a small fixed cost. Which route wins
+depends on the CPU: the engine's choice (``cad_spconv.engines.gemm.matmul_nk``) rests on this
+table on an AVX-512 and an AVX2-only EPYC (BENCHMARKS.md).
 """
 from __future__ import annotations
 
