@@ -221,14 +221,26 @@ class LevelPlan:
     @classmethod
     def from_merge_maps(cls, merge_maps: Sequence[torch.Tensor], grid: Sequence[int],
                         semantics: str = "paper") -> "LevelPlan":
-        """The plan whose :meth:`merge_maps` these are, on a finest grid of ``grid`` cells."""
+        """The plan whose :meth:`merge_maps` these are, on a finest grid of ``grid`` cells
+        (checked as :meth:`from_level_map` checks a level map: a block merged at step ``s + 1``
+        must be merged at ``s`` too)."""
         _check_levels(len(merge_maps))
         grid = (int(grid[0]), int(grid[1]))
         levels = None
         for s, merged in enumerate(merge_maps, 1):
+            want = (-(-grid[0] // 2 ** s), -(-grid[1] // 2 ** s))
+            batch = merge_maps[0].shape[0] if isinstance(merge_maps[0], torch.Tensor) else None
+            if (not isinstance(merged, torch.Tensor) or merged.dtype != torch.bool
+                    or merged.dim() != 3 or tuple(merged.shape[1:]) != want
+                    or merged.shape[0] != batch):
+                got = (f"{merged.dtype} {tuple(merged.shape)}" if isinstance(merged, torch.Tensor)
+                       else type(merged).__name__)
+                raise ValueError(f"merge map of step {s} must be a bool [B, {want[0]}, {want[1]}] "
+                                 f"tensor for a {grid[0]}x{grid[1]} grid (B as in step 1's), got "
+                                 f"{got}; LevelPlan.merge_maps() makes them")
             cells = _expand_blocks(merged, 2 ** s, grid).to(torch.int64)
             levels = cells if levels is None else levels + cells
-        return cls(levels, len(merge_maps), semantics)
+        return cls(cls.from_level_map(levels, len(merge_maps)).levels, len(merge_maps), semantics)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -273,6 +273,10 @@ class ConvRulebook(Rulebook):
         return self.derived(("lattice", gather_cost, inside_rows),
                             lambda: self._build_lattice(gather_cost, inside_rows))
 
+    def lattice_args(self) -> tuple[tuple[float, bool], ...]:
+        """The ``(gather_cost, inside_rows)`` of every lattice split built so far."""
+        return tuple(tag[1:] for tag in self._derived if tag[0] == "lattice")
+
     # ------------------------------------------------------------------ internals
     def _offsets(self, device):
         spacing = (self.dilation[0] * 2 ** self.step_in, self.dilation[1] * 2 ** self.step_in)
@@ -387,9 +391,9 @@ class ConvRulebook(Rulebook):
             if min(grid) <= 0:
                 continue
             (kh, kw), (dh, dw) = self.kernel_size, self.dilation
-            rows = _mean_taps_in_grid(grid[0], kh, dh)
-            taps = rows * _mean_taps_in_grid(grid[1], kw, dw)
-            gathered = rows * kw if inside_rows else self.num_taps
+            inside_kh = _mean_taps_in_grid(grid[0], kh, dh)  # mean kernel rows inside
+            taps = inside_kh * _mean_taps_in_grid(grid[1], kw, dw)
+            gathered = inside_kh * kw if inside_rows else self.num_taps
             n = counts[:, p]
             chosen = ((n > 0) & (taps * grid[0] * grid[1] <= gather_cost * n * gathered)
                       ).nonzero()[:, 0]

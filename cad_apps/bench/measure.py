@@ -174,7 +174,7 @@ def _replay_geometry(plan, books, engine, device):
         for key, book in books:
             fresh_book = key.build(fresh)
             for e in (tuned_engines(book) or ["auto"]) if engine == "tuned" else [engine]:
-                prepare(fresh_book, e, device)
+                prepare(fresh_book, e, device, like=book)
     return run
 
 

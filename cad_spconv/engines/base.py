@@ -48,9 +48,11 @@ class Engine:
             return False
         return True
 
-    def prepare(self, book: Rulebook) -> None:
+    def prepare(self, book: Rulebook, like: Optional[Rulebook] = None) -> None:
         """Build everything :meth:`conv` reads from ``book`` (a first call builds it lazily),
-        so geometry can be timed apart from compute."""
+        so geometry can be timed apart from compute. ``like``: a rulebook of the same geometry
+        that forwards already ran on; where what :meth:`conv` builds depends on the features
+        (the lattice split on their dtype and width), build what those forwards built."""
         book.padded()
 
     def conv(self, features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

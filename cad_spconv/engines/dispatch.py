@@ -40,19 +40,22 @@ def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:
     return "torch"
 
 
-def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1) -> str:
+def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1,
+            like: Optional[Rulebook] = None) -> str:
     """Build everything ``engine`` reads from ``book`` (what a first forward builds lazily), so
-    geometry cost can be timed apart from compute. Returns the engine actually used (for
-    ``"tuned"``: the engines tuned layers ran on ``book``, comma-separated)."""
+    geometry cost can be timed apart from compute; ``like``: a rulebook of the same geometry
+    that forwards ran on, whose feature-dependent formats to build (``Engine.prepare``).
+    Returns the engine actually used (for ``"tuned"``: the engines tuned layers ran on
+    ``book``, comma-separated)."""
     check_engine(engine)
     if engine == "tuned":
         ran = tuned_engines(book)
         for name in ran:
-            get_engine(name).prepare(book)
-        return ",".join(ran) if ran else prepare(book, "auto", device, groups)
+            get_engine(name).prepare(book, like)
+        return ",".join(ran) if ran else prepare(book, "auto", device, groups, like)
     if engine == "auto":
         engine = select_engine(torch.device(device or "cpu"), groups, book)
-    get_engine(engine).prepare(book)
+    get_engine(engine).prepare(book, like)
     return engine
 
 

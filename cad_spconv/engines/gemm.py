@@ -6,13 +6,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["matmul_nk", "grouped_mm", "onednn_route"]
+__all__ = ["matmul_nk", "grouped_mm", "onednn_route", "CPU_AVX512"]
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-# float32 im2col chunks: oneDNN's 1x1 conv beat torch.mm 1.6-2.0x on an AVX-512 EPYC and lost
-# up to 2.9x (the ASPP's 18432-element rows) on an AVX2-only one; see matmul_nk.
-_FP32_CHUNKS_ON_ONEDNN = torch.backends.cpu.get_cpu_capability() == "AVX512"
+#: The CPU kind the engines' choices depend on (float32 chunk route here, gather cost in
+#: ``lattice.gather_cost``): AVX-512 (AMD EPYC measured; Intel AMX Xeons report it too) or not
+#: (AVX2-only EPYC measured). One flag, read at call time, so tests can set both kinds.
+CPU_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
@@ -57,7 +58,9 @@ def onednn_route(x: torch.Tensor, chunk: bool = False) -> bool:
     contiguous (elsewhere a column slice of it is read as a view)."""
     if not (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN):
         return False
-    return not chunk or (x.dtype == torch.float32 and _FP32_CHUNKS_ON_ONEDNN)
+    # float32 chunks: oneDNN's 1x1 conv beat torch.mm 1.6-2.0x with AVX-512 and lost up to
+    # 2.9x (the ASPP's 18432-element rows) on an AVX2-only EPYC; see matmul_nk
+    return not chunk or (x.dtype == torch.float32 and CPU_AVX512)
 
 
 def grouped_mm(cols: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

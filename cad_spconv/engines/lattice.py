@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..rulebook import ConvRulebook, LatticeSplit, PhaseConv, Rulebook
 from .base import Engine, EngineUnsupported, register
+from . import gemm
 from .gemm import grouped_mm, matmul_nk, onednn_route
 from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
 
@@ -35,7 +36,6 @@ _GATHER_CHUNK_ELEMENTS_CUDA = 64 << 20
 # see gather_cost: on AVX-512 CPUs (and GPUs, not measured), on AVX2-only CPUs, and for
 # oneDNN's chunks of fewer than 900 rows
 _GATHER_COST_AVX512, _GATHER_COST_AVX2, _GATHER_COST_FEW_ROWS = 1.2, 1.0, 1.5
-_CPU_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 class LatticeEngine(Engine):
@@ -53,12 +53,15 @@ class LatticeEngine(Engine):
                 "the lattice engine relies on Guarantee 2, which the reference semantics break; "
                 "use engine='torch' or 'spconv' (engine='auto' picks one)")
 
-    def prepare(self, book: Rulebook) -> None:
+    def prepare(self, book: Rulebook, like: Optional[Rulebook] = None) -> None:
         if book.num_taps == 1:
             if not book.is_identity:
                 book.rows()
-        else:  # the split most layers use (the channel count is not known here)
-            book.lattice(_GATHER_COST_AVX512 if _CPU_AVX512 else _GATHER_COST_AVX2)
+            return
+        built = like.lattice_args() if isinstance(like, ConvRulebook) else ()
+        # else the split of a float32 layer on this CPU (the channel count is not known here)
+        for cost, inside_rows in built or [(gather_cost(1, 1), not gemm.CPU_AVX512)]:
+            book.lattice(cost, inside_rows)
 
     def conv(self, features, weight, bias, book: ConvRulebook, groups: int) -> torch.Tensor:
         if book.num_taps == 1:
@@ -123,7 +126,7 @@ def gather_cost(taps: int, c_in: int, onednn_chunks: bool = False, cuda: bool = 
     there every layer gets the AVX-512 figure."""
     if onednn_chunks and _GATHER_CHUNK_ELEMENTS // (taps * c_in) < 900:
         return _GATHER_COST_FEW_ROWS
-    return _GATHER_COST_AVX512 if cuda or _CPU_AVX512 else _GATHER_COST_AVX2
+    return _GATHER_COST_AVX512 if cuda or gemm.CPU_AVX512 else _GATHER_COST_AVX2
 
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:

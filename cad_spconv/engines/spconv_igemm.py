@@ -52,6 +52,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 import torch
@@ -265,7 +266,7 @@ class IGemmEngine(Engine):
             return False
         return igemm_status()[0]
 
-    def prepare(self, book: Rulebook) -> None:
+    def prepare(self, book: Rulebook, like: Optional[Rulebook] = None) -> None:
         implicit_gemm_pairs(book)
 
     def conv(self, features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ float32, float64; no groups; autograd.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..backend import require_spconv, spconv_status
@@ -35,7 +37,7 @@ class SpconvEngine(Engine):
         # cheap answers first: spconv_status is cached, but import errors are not exceptions
         return (groups == 1 and features.dtype in SPCONV_DTYPES and spconv_status()[0])
 
-    def prepare(self, book: Rulebook) -> None:
+    def prepare(self, book: Rulebook, like: Optional[Rulebook] = None) -> None:
         book.spconv_pairs()
 
     def conv(self, features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:

@@ -69,7 +69,7 @@ def test_gemm_route(dtype, monkeypatch):
     assert E.matmul_nk(x[:0], w, b).shape == (0, 9)
     # the gather's chunks: oneDNN's 1x1 conv in float32 on AVX-512 CPUs only
     for fp32_chunks_on_onednn in (True, False):
-        monkeypatch.setattr(E, "_FP32_CHUNKS_ON_ONEDNN", fp32_chunks_on_onednn)
+        monkeypatch.setattr(E, "CPU_AVX512", fp32_chunks_on_onednn)
         calls.clear()
         into = torch.full((37, 9), float("nan"), dtype=dtype)
         got = E.matmul_nk(x, w, b, into, chunk=True)
@@ -86,7 +86,7 @@ def test_float32_gather_on_either_chunk_route(fp32_chunks_on_onednn, monkeypatch
     emulation, many chunks, dilated taps that leave the grid, images with different masks."""
     import cad_spconv.engines.gemm as G
     import cad_spconv.engines.lattice as E
-    monkeypatch.setattr(G, "_FP32_CHUNKS_ON_ONEDNN", fp32_chunks_on_onednn)
+    monkeypatch.setattr(G, "CPU_AVX512", fp32_chunks_on_onednn)
     monkeypatch.setattr(E, "gather_cost", lambda *a: 0.0)  # every off-lattice site gathered
     monkeypatch.setattr(E, "_GATHER_CHUNK_ELEMENTS", 9 * 8 * 7)  # 7 rows per chunk
     x, levels = make_input(((17, 23), 3, "map"), 1, 8, torch.float32, "cpu", seed=21)
@@ -183,8 +183,8 @@ def test_lattice_split_partitions_the_output(grid, L, device):
                 site, tap = out_taps.nonzero().unbind(1)
                 row_zeros.append((site + lo - inside) * K + tap)
             assert start == split.num_rest
-            if row_zeros:
-                assert torch.equal(split.row_zeros, torch.cat(row_zeros))
+            assert torch.equal(split.row_zeros, torch.cat(row_zeros) if row_zeros
+                               else torch.zeros(0, dtype=torch.long, device=device))
             assert split.row_zero_offsets.tolist() == [0] + torch.tensor(
                 counts, dtype=torch.long).cumsum(0).tolist()
             centre = full[inside:, 4:5].expand_as(full[inside:])  # out of grid: own centre row
@@ -259,17 +259,26 @@ def test_dense_phase_rule(monkeypatch):
     assert len(wide.phases) == 3 and wide.num_rest == 0
     # a gather of only the inside kernel rows (1.875 of 3 on a 32-row phase grid at rate 18)
     # costs 1.2 * 1280 * 5.625 = 8640 < 2048 * 1.875 * 2.4375 = 9360: gathered
-    rows_only = conv_rulebook(plan, (3, 3), (18, 18), 1, 1).lattice(1.2, inside_rows=True)
+    book = conv_rulebook(plan, (3, 3), (18, 18), 1, 1)
+    rows_only = book.lattice(1.2, inside_rows=True)
     assert rows_only.phases == () and rows_only.num_rest == 3 * 32 * 40
+    # one rulebook keeps both splits apart (inside_rows is part of the cache key), and
+    # prepare() builds on a fresh one what a forward built on another (the bench's geometry)
+    assert book.lattice(1.2) is not rows_only and len(book.lattice(1.2).phases) == 3
+    assert book.lattice(1.2, True) is rows_only and book.lattice_args() == ((1.2, True), (1.2, False))
+    from cad_spconv.engines import prepare
+    fresh = conv_rulebook(plan, (3, 3), (18, 18), 1, 1)
+    assert prepare(fresh, "lattice", like=book) == "lattice"
+    assert fresh.lattice_args() == book.lattice_args()
     assert narrow.phases == () and narrow.num_rest == 3 * 32 * 40
     # the same at a higher gather cost: every phase of the narrow conv (0.625 * 1.6 >= 0.94)
     assert len(conv_rulebook(plan, (3, 3), (1, 1), 1, 1).lattice(1.6).phases) == 3
     from cad_spconv.engines.lattice import gather_cost
     # chunks on oneDNN's 1x1 conv (float32, AVX-512) pay its weight reorder per chunk: the
     # ASPP's (227 rows) more; chunks on torch.mm have no such cost: one figure per CPU kind
-    import cad_spconv.engines.lattice as L
+    import cad_spconv.engines.gemm as G
     for avx512, cost in ((True, 1.2), (False, 1.0)):
-        monkeypatch.setattr(L, "_CPU_AVX512", avx512)
+        monkeypatch.setattr(G, "CPU_AVX512", avx512)
         assert gather_cost(9, 512, True) == cost and gather_cost(9, 2048, True) == 1.5
         assert gather_cost(9, 512) == cost and gather_cost(9, 2048) == cost
         assert gather_cost(9, 2048, cuda=True) == 1.2

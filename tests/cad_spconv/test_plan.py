@@ -41,6 +41,25 @@ def test_levels_sites_owners(grid, num_levels, kind, device):
         assert plan.num_sites(num_levels) == 3 * (-(-H // s)) * (-(-W // s))
 
 
+def test_merge_maps_are_checked():
+    """Merge maps of the wrong shape, dtype or batch, or a block merged at step 2 whose quarter
+    is not merged at step 1, are refused with what is wrong, never read into a plan."""
+    levels = torch.zeros(2, 7, 9, dtype=torch.long)
+    levels[1, :4, :4] = 2
+    levels[0, 4:6, 2:4] = 1
+    maps = LevelPlan.from_level_map(levels, 2).merge_maps()
+    assert torch.equal(LevelPlan.from_merge_maps(maps, (7, 9)).levels, levels)
+    bad = [maps[0].clone(), maps[1].clone()]
+    bad[0][1, 0, 1] = False  # a quarter of image 1's step-2 block left unmerged
+    with pytest.raises(ValueError, match="not block-consistent: image 1"):
+        LevelPlan.from_merge_maps(bad, (7, 9))
+    for wrong, what in (([maps[0].long(), maps[1]], "torch.int64"),
+                        ([maps[0], maps[1][:, :1]], r"step 2 must be a bool \[B, 2, 3\]"),
+                        ([maps[0], maps[1][:1]], r"\(1, 2, 3\)")):
+        with pytest.raises(ValueError, match=what):
+            LevelPlan.from_merge_maps(wrong, (7, 9))
+
+
 def test_keep_mask_at_image_resolution():
     rng = np.random.default_rng(0)
     keep = rng.uniform(size=(2, 97, 131)) < 0.002
