@@ -227,9 +227,9 @@ class LevelPlan:
         _check_levels(len(merge_maps))
         grid = (int(grid[0]), int(grid[1]))
         levels = None
+        batch = merge_maps[0].shape[0] if isinstance(merge_maps[0], torch.Tensor) else None
         for s, merged in enumerate(merge_maps, 1):
             want = (-(-grid[0] // 2 ** s), -(-grid[1] // 2 ** s))
-            batch = merge_maps[0].shape[0] if isinstance(merge_maps[0], torch.Tensor) else None
             if (not isinstance(merged, torch.Tensor) or merged.dtype != torch.bool
                     or merged.dim() != 3 or tuple(merged.shape[1:]) != want
                     or merged.shape[0] != batch):
@@ -240,7 +240,7 @@ class LevelPlan:
                                  f"{got}; LevelPlan.merge_maps() makes them")
             cells = _expand_blocks(merged, 2 ** s, grid).to(torch.int64)
             levels = cells if levels is None else levels + cells
-        return cls(cls.from_level_map(levels, len(merge_maps)).levels, len(merge_maps), semantics)
+        return cls.from_level_map(levels, len(merge_maps)).with_semantics(semantics)
 
     # ------------------------------------------------------------------ properties
     @property
