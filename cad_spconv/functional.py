@@ -13,7 +13,8 @@ from .engines import sparse_conv, sparse_max
 from .rulebook import ConvKey, Pool2Key, Rulebook
 from .tensor import CADTensor
 
-__all__ = ["conv2d", "max_pool2d", "batch_norm", "pointwise", "global_avg_pool", "conv_book"]
+__all__ = ["conv2d", "max_pool2d", "batch_norm", "eval_scale_shift", "pointwise",
+           "global_avg_pool", "conv_book"]
 
 IntPair = Union[int, tuple[int, int]]
 
@@ -50,10 +51,43 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
            engine: str = "auto") -> CADTensor:
     """Conv with same padding. ``dilation`` is the layer's dilation in the coarsest-stride
     network; on the finest grid its taps are ``dilation * 2**step`` apart. Stride 2 is an
-    adaptive downsampling step."""
+    adaptive downsampling step.
+
+    Where every site of the batch is at its step's level on both sides of the conv
+    (``x.plan.min_level >= step_out``: nothing is kept up to here, as in every layer of an
+    all-coarse batch), the features are the NHWC map of the step's grid and the conv is the
+    coarsest-stride network's dense conv (Guarantee 2): with ``engine="auto"`` it runs as that,
+    on a channels-last view, without a rulebook (what the lattice engine would compute, minus
+    its per-call work)."""
+    if _uniform_conv(x, weight, bias, stride, groups, engine):
+        return _grid_conv(x, weight, bias, stride, dilation, groups)
     book = conv_book(x, weight.shape[-2:], dilation, stride)
     out = sparse_conv(x.features, weight, bias, book, groups, engine)
     return x.replace_feature(out, book.step_out)
+
+
+def _uniform_conv(x: CADTensor, weight, bias, stride, groups, engine) -> bool:
+    """Whether :func:`conv2d` can run as the dense conv of the step's grid (anything else,
+    including input the checks of the rulebook path refuse, takes that path)."""
+    plan, f = x.plan, x.features
+    return (engine == "auto" and plan.semantics == "paper"
+            and plan.min_level >= _step_out(x, stride) and f.shape[0] > 0
+            and weight.dim() == 4 and weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1
+            and weight.shape[1] * groups == f.shape[1] and weight.dtype == f.dtype
+            and (bias is None or bias.dtype == f.dtype) and weight.device == f.device)
+
+
+def _grid_conv(x: CADTensor, weight, bias, stride, dilation, groups) -> CADTensor:
+    """:func:`conv2d` on a tensor whose sites are all cells of its step's grid."""
+    (H, W), t, c_in = x.plan.grid, 2 ** x.step, x.num_channels
+    grid = x.features.reshape(x.batch_size, -(-H // t), -(-W // t), c_in).permute(0, 3, 1, 2)
+    kh, kw = weight.shape[-2:]
+    dy, dx = _pair(dilation, "dilation")
+    s = _pair(stride, "stride")
+    y = F.conv2d(grid, weight, bias, s, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups)
+    # a channels-last output is the next feature matrix as it is; reshape copies otherwise
+    return x.replace_feature(y.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]),
+                             x.step + (s[0] == 2))
 
 
 def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: IntPair = 0,
@@ -79,7 +113,7 @@ def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: Int
 
 def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-               inplace: bool = False) -> CADTensor:
+               inplace: bool = False, scale_shift=None) -> CADTensor:
     """Batch norm per site; in training the statistics are taken over sites.
 
     Training mode mixes the images of the batch, as ``torch.nn.BatchNorm2d`` does: a NaN / Inf
@@ -89,22 +123,34 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
     ``inplace``: in eval mode, where autograd records nothing and the features have the
     statistics' dtype, overwrite ``x``'s features with the result (for features nobody else
     reads, such as a conv's fresh output: one feature matrix fewer at the memory peak);
-    elsewhere it computes out of place as usual."""
+    elsewhere it computes out of place as usual. ``scale_shift``: :func:`eval_scale_shift` of
+    these arguments where the caller keeps it (``CADBatchNorm2d`` does, per parameter version).
+    """
     f = x.features
     if (inplace and not training and running_mean is not None and running_var is not None
             and f.dtype == running_mean.dtype
             and not (torch.is_grad_enabled() and (f.requires_grad or any(
                 p is not None and p.requires_grad for p in (weight, bias))))):
-        scale = torch.rsqrt(running_var + eps)  # per channel: sites stay independent
+        scale, shift = scale_shift or eval_scale_shift(running_mean, running_var, weight, bias,
+                                                       eps)
+        # one pass over the features, as the dense batch norm makes (mul_ then add_ made two)
+        return x.replace_feature(torch.addcmul(shift, f, scale, out=f))
+    out = F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
+    return x.replace_feature(out)
+
+
+def eval_scale_shift(running_mean, running_var, weight=None, bias=None,
+                     eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode batch norm as ``features * scale + shift``: the per-channel ``scale`` and
+    ``shift`` (without autograd; each site stays independent)."""
+    with torch.no_grad():
+        scale = torch.rsqrt(running_var + eps)
         if weight is not None:
             scale = scale * weight
         shift = -running_mean * scale
         if bias is not None:
             shift = shift + bias
-        # one pass over the features, as the dense batch norm makes (mul_ then add_ made two)
-        return x.replace_feature(torch.addcmul(shift, f, scale, out=f))
-    out = F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
-    return x.replace_feature(out)
+    return scale, shift
 
 
 def pointwise(x: CADTensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> CADTensor:

@@ -117,7 +117,30 @@ class CADBatchNorm2d(nn.BatchNorm2d):
         return CF.batch_norm(
             x, self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
-            self.weight, self.bias, use_batch, factor, self.eps, inplace=self.inplace)
+            self.weight, self.bias, use_batch, factor, self.eps, inplace=self.inplace,
+            scale_shift=self._scale_shift() if self.inplace and not use_batch else None)
+
+    def _scale_shift(self):
+        """``CF.eval_scale_shift`` of the statistics and parameters, kept until one of them is
+        replaced, moved or changed in place (a version counter moves): its ~7 small ops cost more
+        than the normalization itself on a small map. ``None`` where a tensor has no version
+        counter (an inference tensor)."""
+        tensors = (self.running_mean, self.running_var, self.weight, self.bias)
+        try:
+            # the version moves with in-place changes, the storage with model.to(...)
+            versions = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
+                             for t in tensors)
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            return None
+        key = (versions, self.eps, torch.is_inference_mode_enabled())
+        kept = self.__dict__.get("_kept_scale_shift")
+        # the tensors themselves are held, so an id is never reused while kept
+        if (kept is not None and kept[1] == key
+                and all(a is b for a, b in zip(kept[0], tensors))):
+            return kept[2]
+        value = CF.eval_scale_shift(*tensors, self.eps)
+        self.__dict__["_kept_scale_shift"] = (tensors, key, value)
+        return value
 
 
 class CADPointwise(nn.Module):

@@ -255,6 +255,17 @@ class LevelPlan:
     def device(self) -> torch.device:
         return self.levels.device
 
+    @property
+    def min_level(self) -> int:
+        """The lowest final level of any cell of the batch (cached). Up to step ``min_level``
+        every site sits at the step's level: the step's sites are all cells of its grid, in
+        raster order, so a feature matrix there is the NHWC map of that grid."""
+        low = self.__dict__.get("_min_level")
+        if low is None:
+            low = int(self.levels.min()) if self.levels.numel() else self.num_levels
+            self.__dict__["_min_level"] = low
+        return low
+
     def to(self, device) -> "LevelPlan":
         device = torch.device(device)
         if device == self.device:

@@ -139,6 +139,39 @@ def test_batch_norm_eval_and_train(device):
     assert int(bn.num_batches_tracked) == 1  # buffers are shared with the original module
 
 
+def test_batch_norm_in_place_follows_every_change_of_its_parameters(device):
+    """The in-place eval batch norm keeps its per-channel scale and shift between calls; any
+    change of a statistic or parameter (in place, replaced, another dtype) is seen at once."""
+    from cad_spconv.nn import CADBatchNorm2d
+    x, _ = make_input(CASES[1], 1, 4, torch.float64, device)
+    bn = torch.nn.BatchNorm2d(4).double().to(device).eval()
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    cbn = CADBatchNorm2d.from_module(bn, inplace=True).eval()
+
+    def check(module, features):
+        with torch.no_grad():
+            out = cbn(x.replace_feature(features.clone())).features
+            expected = module(features[:, :, None, None])[:, :, 0, 0]
+        assert out.dtype == features.dtype
+        torch.testing.assert_close(out, expected, **tol(features.dtype))
+
+    check(bn, x.features)
+    with torch.no_grad():
+        bn.running_var.mul_(3)  # in place, through the shared buffer
+        bn.weight.add_(0.5)
+    check(bn, x.features)
+    bn.load_state_dict({k: v + 1 if v.is_floating_point() else v
+                        for k, v in bn.state_dict().items()})
+    check(bn, x.features)
+    cbn.bias = torch.nn.Parameter(bn.bias.detach() * -2)  # replaced on the CAD module only
+    bn.bias = cbn.bias
+    check(bn, x.features)
+    bn.running_var.data = bn.running_var.data * 4  # storage swapped, version unchanged
+    check(bn, x.features)
+    bn.float(), cbn.float()
+    check(bn, x.features.float())
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_in_place(device, affine):
     """``inplace``: in eval mode without autograd the features are overwritten with what the
@@ -184,7 +217,79 @@ def test_rulebooks_are_cached_and_shared(device):
     z = CF.conv2d(y, w, stride=2)
     z = CF.conv2d(z, w) + CF.conv2d(z, w)
     assert x.cache is z.cache
-    assert x.cache.builds == 3  # stride 1 at step 0, stride 2 at step 0, stride 1 at step 1
+    # stride 2 at step 0 and stride 1 at step 1; a stride-1 conv at step 0 needs none (every
+    # finest cell is a site there: it runs as the dense conv)
+    assert x.plan.min_level == 0 and x.cache.builds == 2
+
+
+def _levels_at_least_one(batch, grid, seed):
+    """A two-level map where no cell is kept (every level >= 1), 4x4 blocks at level 2 at a
+    different density per image."""
+    rng = np.random.default_rng(seed)
+    H, W = grid
+    blocks = rng.uniform(size=(batch, -(-H // 4), -(-W // 4))) < rng.uniform(0.2, 0.8, (batch, 1, 1))
+    top = blocks.repeat(4, 1).repeat(4, 2)[:, :H, :W]
+    return 1 + top.astype(np.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k,dilation,stride,groups,bias", [
+    (3, 1, 1, 1, True), (3, 1, 2, 1, False), (1, 1, 2, 1, True), (3, 2, 1, 2, True),
+    ((3, 5), (2, 1), 1, 1, False), (5, 1, 2, 1, True)])
+def test_conv_on_a_grid_of_step_cells_runs_without_a_rulebook(dtype, k, dilation, stride, groups,
+                                                              bias, device):
+    """Where every site is at its step's level on both sides (``plan.min_level >= step_out``)
+    ``engine="auto"`` runs the dense conv of the step's grid: no rulebook, and the dense
+    emulation's result (odd grid, a batch whose images have different level maps). The first
+    conv past ``min_level`` builds its rulebook."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    levels = _levels_at_least_one(3, (13, 11), seed=4)
+    plan = LevelPlan.from_level_map(torch.from_numpy(levels).to(device), 2)
+    assert plan.min_level == 1
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
+    b = torch.randn(6, generator=gen, dtype=dtype).to(device) if bias else None
+    for step in range(2 + (stride == 1)):
+        if stride == 2 and step == 2:
+            continue
+        feats = torch.randn(plan.num_sites(step), 6, generator=gen, dtype=dtype).to(device)
+        x = CADTensor(feats, plan, step)
+        y = CF.conv2d(x, w, b, stride, dilation, groups)
+        expected = ref.conv(feats, levels, step, stride, w, b, dilation, groups)
+        torch.testing.assert_close(y.features, expected, **tol(dtype))
+        assert y.step == step + (stride == 2) and y.indices is plan.geometry(y.step).indices
+        uniform = step + (stride == 2) <= plan.min_level
+        assert x.cache.builds == (0 if uniform else 1), (step, stride)
+        if uniform:  # the same as the lattice engine computes through its rulebook
+            torch.testing.assert_close(
+                y.features, CF.conv2d(x, w, b, stride, dilation, groups, "lattice").features,
+                **tol(dtype))
+
+
+def test_grid_conv_needs_every_image_coarse_and_keeps_autograd(device):
+    """One image with a kept cell takes the batch off the grid path (the images are never
+    mixed); gradients of the grid path equal those of the rulebook path (float64)."""
+    levels = np.full((2, 9, 7), 1)
+    plan = LevelPlan.from_level_map(torch.from_numpy(levels.copy()).to(device), 1)
+    levels[1, 4:6, 2:4] = 0  # one kept block
+    mixed = LevelPlan.from_level_map(torch.from_numpy(levels).to(device), 1)
+    assert (plan.min_level, mixed.min_level) == (1, 0)
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    f = torch.randn(mixed.num_sites(1), 4, generator=gen, dtype=torch.float64).to(device)
+    y = CF.conv2d(CADTensor(f, mixed, 1), w)
+    assert y.cache.builds == 1
+    torch.testing.assert_close(y.features, ref.conv(f, levels, 1, 1, w.detach()), **tol(torch.float64))
+    f = torch.randn(plan.num_sites(1), 4, generator=gen, dtype=torch.float64).to(device)
+    grads = []
+    for engine in ("auto", "torch"):
+        x = CADTensor(f.clone().requires_grad_(), plan, 1)
+        out = CF.conv2d(x, w, engine=engine)
+        assert out.cache.builds == (engine != "auto")
+        gw, gx = torch.autograd.grad(out.features.square().sum(), (w, x.features))
+        grads.append((out.features.detach(), gw, gx))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -74,6 +74,24 @@ def test_replace_feature_keeps_plan_and_refuses_a_wrong_row_count():
         x.select_by_index(torch.arange(3))
 
 
+def test_replace_feature_at_another_step_and_bad_features():
+    """A derived tensor takes the new step's indices and shares plan and cache; what is not a
+    [N, C] tensor of the right rows, or sits on another device, is refused by name."""
+    x, _ = make_input(((9, 7), 1, "keep"), 0, 2, torch.float32, "cpu", seed=6)
+    n1 = x.plan.num_sites(1)
+    y = x.replace_feature(torch.zeros(n1, 3), step=1)
+    assert (y.step, y.num_sites, y.num_channels) == (1, n1, 3) and x.step == 0
+    assert y.indices is x.plan.geometry(1).indices and x.indices is x.plan.geometry(0).indices
+    assert y.plan is x.plan and y.cache is x.cache and y.spatial_shape == [9, 7]
+    torch.testing.assert_close(y.dense(), x.replace_feature(torch.zeros(x.num_sites, 3)).dense())
+    with pytest.raises(ValueError, match=f"{n1 + 1} rows, the plan has {n1} sites at step 1"):
+        x.replace_feature(torch.zeros(n1 + 1, 3), step=1)
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        x.replace_feature(torch.zeros(x.num_sites))
+    with pytest.raises(ValueError, match="features are on meta"):
+        x.replace_feature(torch.zeros(x.num_sites, 2, device="meta"))
+
+
 def test_rulebooks_are_inspectable_in_spconv_pair_format():
     """The pairs of a cached rulebook drive spconv's own indice_conv to the same output as the
     engines (float64), whatever the engine that built the cache."""
