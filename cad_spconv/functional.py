@@ -53,41 +53,48 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
     network; on the finest grid its taps are ``dilation * 2**step`` apart. Stride 2 is an
     adaptive downsampling step.
 
-    Where every site of the batch is at its step's level on both sides of the conv
-    (``x.plan.min_level >= step_out``: nothing is kept up to here, as in every layer of an
-    all-coarse batch), the features are the NHWC map of the step's grid and the conv is the
-    coarsest-stride network's dense conv (Guarantee 2): with ``engine="auto"`` it runs as that,
-    on a channels-last view, without a rulebook (what the lattice engine would compute, minus
-    its per-call work)."""
-    if _uniform_conv(x, weight, bias, stride, groups, engine):
-        return _grid_conv(x, weight, bias, stride, dilation, groups)
+    Where the sites on both sides of the conv are all the cells of one grid each
+    (:meth:`~cad_spconv.plan.LevelPlan.grid_level`: nothing kept up to here, as in every layer
+    of an all-coarse batch, or everything kept), the features are NHWC maps and the conv is the
+    dense conv of those grids (the "none kept" and "all kept" guarantees, layer by layer): with
+    ``engine="auto"`` it runs as that, on channels-last views, without a rulebook (what the
+    lattice engine computes, minus its per-call work)."""
+    levels = _grid_levels(x, weight, bias, stride, groups, engine)
+    if levels is not None:
+        return _grid_conv(x, weight, bias, levels, dilation, groups)
     book = conv_book(x, weight.shape[-2:], dilation, stride)
     out = sparse_conv(x.features, weight, bias, book, groups, engine)
     return x.replace_feature(out, book.step_out)
 
 
-def _uniform_conv(x: CADTensor, weight, bias, stride, groups, engine) -> bool:
-    """Whether :func:`conv2d` can run as the dense conv of the step's grid (anything else,
-    including input the checks of the rulebook path refuse, takes that path)."""
+def _grid_levels(x: CADTensor, weight, bias, stride, groups, engine):
+    """``(c_in, c_out, step_out)``, the grid levels of the input and output sites and the
+    output step, where :func:`conv2d` runs as a dense conv; else ``None`` (so is input that the
+    rulebook path refuses with a clear error)."""
     plan, f = x.plan, x.features
-    return (engine == "auto" and plan.semantics == "paper"
-            and plan.min_level >= _step_out(x, stride) and f.shape[0] > 0
+    if not (engine == "auto" and plan.semantics == "paper" and f.shape[0] > 0
             and weight.dim() == 4 and weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1
             and weight.shape[1] * groups == f.shape[1] and weight.dtype == f.dtype
-            and (bias is None or bias.dtype == f.dtype) and weight.device == f.device)
+            and (bias is None or bias.dtype == f.dtype) and weight.device == f.device):
+        return None
+    step_out = _step_out(x, stride)
+    c_in, c_out = plan.grid_level(x.step), plan.grid_level(step_out)
+    return None if c_in is None or c_out is None else (c_in, c_out, step_out)
 
 
-def _grid_conv(x: CADTensor, weight, bias, stride, dilation, groups) -> CADTensor:
-    """:func:`conv2d` on a tensor whose sites are all cells of its step's grid."""
-    (H, W), t, c_in = x.plan.grid, 2 ** x.step, x.num_channels
-    grid = x.features.reshape(x.batch_size, -(-H // t), -(-W // t), c_in).permute(0, 3, 1, 2)
+def _grid_conv(x: CADTensor, weight, bias, levels, dilation, groups) -> CADTensor:
+    """:func:`conv2d` where the input sites are the cells of the ``2**c_in`` grid and the
+    output sites those of the ``2**c_out`` grid: stride 2 if the grid coarsens, taps
+    ``dilation * 2**(step - c_in)`` cells apart."""
+    (H, W), (c_in, c_out, step_out), ch = x.plan.grid, levels, x.num_channels
+    cell = 2 ** c_in
+    grid = x.features.reshape(x.batch_size, -(-H // cell), -(-W // cell), ch).permute(0, 3, 1, 2)
     kh, kw = weight.shape[-2:]
-    dy, dx = _pair(dilation, "dilation")
-    s = _pair(stride, "stride")
-    y = F.conv2d(grid, weight, bias, s, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups)
+    dy, dx = (d * 2 ** (x.step - c_in) for d in _pair(dilation, "dilation"))
+    y = F.conv2d(grid, weight, bias, 1 + (c_out > c_in), (dy * (kh // 2), dx * (kw // 2)),
+                 (dy, dx), groups)
     # a channels-last output is the next feature matrix as it is; reshape copies otherwise
-    return x.replace_feature(y.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]),
-                             x.step + (s[0] == 2))
+    return x.replace_feature(y.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]), step_out)
 
 
 def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: IntPair = 0,

@@ -8,7 +8,7 @@ Everything is computed with vectorized tensor ops on the plan's device and cache
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -256,15 +256,24 @@ class LevelPlan:
         return self.levels.device
 
     @property
-    def min_level(self) -> int:
-        """The lowest final level of any cell of the batch (cached). Up to step ``min_level``
-        every site sits at the step's level: the step's sites are all cells of its grid, in
-        raster order, so a feature matrix there is the NHWC map of that grid."""
-        low = self.__dict__.get("_min_level")
-        if low is None:
-            low = int(self.levels.min()) if self.levels.numel() else self.num_levels
-            self.__dict__["_min_level"] = low
-        return low
+    def level_range(self) -> tuple[int, int]:
+        """The lowest and highest final level of any cell of the batch (cached)."""
+        low_high = self.__dict__.get("_level_range")
+        if low_high is None:
+            low_high = ((int(self.levels.min()), int(self.levels.max())) if self.levels.numel()
+                        else (self.num_levels, self.num_levels))
+            self.__dict__["_level_range"] = low_high
+        return low_high
+
+    def grid_level(self, step: int) -> Optional[int]:
+        """``c`` where the sites of ``step`` are all the cells of one grid of ``2**c`` cells
+        (every image, in raster order: a feature matrix there is the NHWC map of that grid),
+        else ``None``. That holds up to step ``min level`` (``c = step``: nothing kept up to
+        here) and at every step when all cells share one level (``c = min(level, step)``:
+        everything kept, for instance)."""
+        self._check_step(step)
+        low, high = self.level_range
+        return min(low, step) if low >= step or low == high else None
 
     def to(self, device) -> "LevelPlan":
         device = torch.device(device)

@@ -219,7 +219,7 @@ def test_rulebooks_are_cached_and_shared(device):
     assert x.cache is z.cache
     # stride 2 at step 0 and stride 1 at step 1; a stride-1 conv at step 0 needs none (every
     # finest cell is a site there: it runs as the dense conv)
-    assert x.plan.min_level == 0 and x.cache.builds == 2
+    assert x.plan.grid_level(0) == 0 and x.plan.grid_level(1) is None and x.cache.builds == 2
 
 
 def _levels_at_least_one(batch, grid, seed):
@@ -232,20 +232,22 @@ def _levels_at_least_one(batch, grid, seed):
     return 1 + top.astype(np.int64)
 
 
+@pytest.mark.parametrize("levels", ["1 or 2", "all 1", "all 0", "all 2"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k,dilation,stride,groups,bias", [
     (3, 1, 1, 1, True), (3, 1, 2, 1, False), (1, 1, 2, 1, True), (3, 2, 1, 2, True),
     ((3, 5), (2, 1), 1, 1, False), (5, 1, 2, 1, True)])
-def test_conv_on_a_grid_of_step_cells_runs_without_a_rulebook(dtype, k, dilation, stride, groups,
-                                                              bias, device):
-    """Where every site is at its step's level on both sides (``plan.min_level >= step_out``)
-    ``engine="auto"`` runs the dense conv of the step's grid: no rulebook, and the dense
-    emulation's result (odd grid, a batch whose images have different level maps). The first
-    conv past ``min_level`` builds its rulebook."""
+def test_conv_on_grids_of_cells_runs_without_a_rulebook(levels, dtype, k, dilation, stride,
+                                                        groups, bias, device):
+    """Where the sites on both sides are all the cells of one grid (``plan.grid_level``: up
+    to step ``min level``, and at every step when all cells share a level) ``engine="auto"``
+    runs a dense conv: no rulebook, and the dense emulation's result (odd grid, a batch whose
+    images have different level maps). Elsewhere the conv builds its rulebook."""
     kh, kw = (k, k) if isinstance(k, int) else k
-    levels = _levels_at_least_one(3, (13, 11), seed=4)
-    plan = LevelPlan.from_level_map(torch.from_numpy(levels).to(device), 2)
-    assert plan.min_level == 1
+    level_map = (_levels_at_least_one(3, (13, 11), seed=4) if levels == "1 or 2"
+                 else np.full((3, 13, 11), int(levels[-1])))
+    plan = LevelPlan.from_level_map(torch.from_numpy(level_map).to(device), 2)
+    assert plan.level_range == (int(level_map.min()), int(level_map.max()))
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(6, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
     b = torch.randn(6, generator=gen, dtype=dtype).to(device) if bias else None
@@ -255,12 +257,12 @@ def test_conv_on_a_grid_of_step_cells_runs_without_a_rulebook(dtype, k, dilation
         feats = torch.randn(plan.num_sites(step), 6, generator=gen, dtype=dtype).to(device)
         x = CADTensor(feats, plan, step)
         y = CF.conv2d(x, w, b, stride, dilation, groups)
-        expected = ref.conv(feats, levels, step, stride, w, b, dilation, groups)
+        expected = ref.conv(feats, level_map, step, stride, w, b, dilation, groups)
         torch.testing.assert_close(y.features, expected, **tol(dtype))
         assert y.step == step + (stride == 2) and y.indices is plan.geometry(y.step).indices
-        uniform = step + (stride == 2) <= plan.min_level
-        assert x.cache.builds == (0 if uniform else 1), (step, stride)
-        if uniform:  # the same as the lattice engine computes through its rulebook
+        dense = levels != "1 or 2" or step + (stride == 2) <= 1
+        assert x.cache.builds == (0 if dense else 1), (step, stride)
+        if dense:  # the same as the lattice engine computes through its rulebook
             torch.testing.assert_close(
                 y.features, CF.conv2d(x, w, b, stride, dilation, groups, "lattice").features,
                 **tol(dtype))
@@ -273,7 +275,8 @@ def test_grid_conv_needs_every_image_coarse_and_keeps_autograd(device):
     plan = LevelPlan.from_level_map(torch.from_numpy(levels.copy()).to(device), 1)
     levels[1, 4:6, 2:4] = 0  # one kept block
     mixed = LevelPlan.from_level_map(torch.from_numpy(levels).to(device), 1)
-    assert (plan.min_level, mixed.min_level) == (1, 0)
+    assert (plan.level_range, mixed.level_range) == ((1, 1), (0, 1))
+    assert (plan.grid_level(1), mixed.grid_level(1)) == (1, None)
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     f = torch.randn(mixed.num_sites(1), 4, generator=gen, dtype=torch.float64).to(device)
