@@ -83,34 +83,34 @@ class CADTensor(SparseConvTensor):
         ``grid="step"`` samples the current step's grid (every ``2**step``-th finest cell),
         where owner fill equals the strided network (Guarantee 2).
 
-        Owner fill is a view when nothing is merged (the features are the NHWC map) and a
-        nearest upsampling of the NHWC map when everything is (the sites are the step's grid);
-        otherwise a gather through the owner map."""
+        Owner fill is a view where the sites are the cells of one grid (``plan.grid_level``:
+        the features are its NHWC map), a nearest upsampling of that map onto the finest grid
+        where the cells are blocks, and a gather through the owner map otherwise."""
         geo = self.plan.geometry(self.step)
-        s = 2 ** self.step if grid == "step" else 1
         if grid not in ("finest", "step"):
             raise ValueError(f"grid must be 'finest' or 'step', got {grid!r}")
         if fill == "owner":
             B, (H, W), C = self.batch_size, self.plan.grid, self.features.shape[1]
-            t = 2 ** self.step
-            h, w = -(-H // t), -(-W // t)
-            if geo.num_sites == B * H * W:  # nothing merged: sites in raster order = NHWC
-                out = self.features.view(B, H, W, C)[:, ::s, ::s]
-            elif geo.num_sites == B * h * w and self.features.is_floating_point():
-                # everything merged to the step: the NHWC map of the step's grid, upsampled
-                small = self.features.view(B, h, w, C)
-                if s != 1:  # the step's own grid
-                    out = small
+            c = self.plan.grid_level(self.step)
+            if c is not None and (grid == "step" or c == 0 or self.features.is_floating_point()):
+                cell = 2 ** c
+                cells = self.features.reshape(B, -(-H // cell), -(-W // cell), C)
+                if grid == "step":  # every 2**step-th finest cell: every 2**(step-c)-th cell
+                    k = 2 ** (self.step - c)
+                    out = cells[:, ::k, ::k]
+                elif c == 0:
+                    out = cells
                 else:
                     out = torch.nn.functional.interpolate(
-                        small.permute(0, 3, 1, 2), scale_factor=t, mode="nearest")
+                        cells.permute(0, 3, 1, 2), scale_factor=cell, mode="nearest")
                     out = out[:, :, :H, :W].permute(0, 2, 3, 1)
             else:
+                s = 2 ** self.step if grid == "step" else 1
                 owner = geo.owner[:, ::s, ::s]
                 # index_select, not advanced indexing: 0.77x the time (2048 channels, 64x128)
                 out = self.features.index_select(0, owner.reshape(-1)).reshape(*owner.shape, C)
         elif fill == "scatter":
-            B, (H, W) = self.batch_size, self.plan.grid
+            B, (H, W), s = self.batch_size, self.plan.grid, 2 ** self.step if grid == "step" else 1
             out = self.features.new_zeros(B, H, W, self.features.shape[1])
             c = geo.coords
             out[c[:, 0], c[:, 1], c[:, 2]] = self.features

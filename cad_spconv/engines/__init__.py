@@ -3,7 +3,9 @@
 Every engine is one module registering one :class:`~cad_spconv.engines.base.Engine`; the names
 users pass (``engine="..."``) are :data:`ENGINES`:
 
-- ``"auto"``: the engine :func:`select_engine` picks for the layer (measured fastest);
+- ``"auto"``: the engine :func:`select_engine` picks for the layer (measured fastest); a conv
+  on grids of cells (``LevelPlan.grid_level``) is run by ``cad_spconv.functional.conv2d`` as
+  the dense conv, before any engine;
 - ``"tuned"``: times every engine that can run a layer shape on its first call and keeps the
   fastest (:mod:`~cad_spconv.engines.tuned`);
 - the registered engines, in order: ``"lattice"`` (:mod:`.lattice`), ``"torch"``

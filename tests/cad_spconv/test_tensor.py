@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cad_spconv import CADTensor, functional as CF
+from cad_spconv import CADTensor, LevelPlan, functional as CF
 from cad_spconv.backend import import_spconv
 from tests.support import dense_reference as ref
 from tests.support.inputs import make_input
@@ -62,6 +62,32 @@ def test_dense_owner_fill_and_spconv_scatter():
     torch.testing.assert_close(x.dense(grid="step"), want[:, :, ::4, ::4])
     with pytest.raises(ValueError, match="fill must be"):
         x.dense(fill="nearest")
+
+
+@pytest.mark.parametrize("levels", ["0 or 1 or 2", "1 or 2", "all 0", "all 1", "all 2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
+def test_owner_fill_on_every_kind_of_plan(levels, dtype):
+    """Owner fill and the step's grid at every step, whichever shortcut applies (sites all
+    the cells of one grid, or not), against the emulation's fill; integer features too."""
+    rng = np.random.default_rng(8)
+    grid, L = (13, 11), 2
+    if levels.startswith("all"):
+        level_map = np.full((3, *grid), int(levels[-1]))
+    else:
+        masks = [rng.uniform(size=(3, *grid)) < 0.05 for _ in range(L)]
+        if levels == "1 or 2":
+            masks[0][:] = False
+        level_map = ref.levels_from_masks(masks, L)
+    plan = LevelPlan.from_level_map(torch.from_numpy(level_map), L)
+    for step in range(L + 1):
+        feats = torch.from_numpy(rng.integers(-99, 99, (plan.num_sites(step), 5))).to(dtype)
+        x = CADTensor(feats, plan, step)
+        want = ref.Geometry(level_map, step).fill(feats)
+        torch.testing.assert_close(x.dense(), want, rtol=0, atol=0)
+        torch.testing.assert_close(x.dense(grid="step"), want[:, :, ::2 ** step, ::2 ** step],
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(x.dense(channels_first=False), want.permute(0, 2, 3, 1),
+                                   rtol=0, atol=0)
 
 
 def test_replace_feature_keeps_plan_and_refuses_a_wrong_row_count():
