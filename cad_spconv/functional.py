@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .engines import sparse_conv, sparse_max
+from .engines import conv_dtype, sparse_conv, sparse_max
 from .rulebook import ConvKey, Pool2Key, Rulebook
 from .tensor import CADTensor
 
@@ -74,8 +74,8 @@ def _grid_levels(x: CADTensor, weight, bias, stride, groups, engine):
     plan, f = x.plan, x.features
     if not (engine == "auto" and plan.semantics == "paper" and f.shape[0] > 0
             and weight.dim() == 4 and weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1
-            and weight.shape[1] * groups == f.shape[1] and weight.dtype == f.dtype
-            and (bias is None or bias.dtype == f.dtype) and weight.device == f.device):
+            and weight.shape[1] * groups == f.shape[1] and weight.device == f.device
+            and conv_dtype(f, weight, bias) is not None):  # under autocast F.conv2d casts
         return None
     step_out = _step_out(x, stride)
     c_in, c_out = plan.grid_level(x.step), plan.grid_level(step_out)

@@ -11,7 +11,7 @@ from .layouts import tracks_grad, weight_layout
 from .tuned import tuned_conv, tuned_engines
 
 __all__ = ["engine_names", "check_engine", "select_engine", "prepare", "sparse_conv",
-           "sparse_max", "empty_conv"]
+           "sparse_max", "empty_conv", "conv_dtype"]
 
 
 def engine_names() -> tuple[str, ...]:
@@ -120,6 +120,21 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _after_autocast(dtype: torch.dtype, cast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype autocast (``cast``; ``None``: off) gives a conv input of ``dtype``."""
+    return cast if cast is not None and dtype in _AUTOCAST_DTYPES else dtype
+
+
+def conv_dtype(features: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """The dtype a conv of these inputs computes in (autocast's where it is on for the
+    features' device, as ``F.conv2d`` and :func:`sparse_conv` cast), or ``None`` where the
+    inputs do not agree on one (:func:`sparse_conv` refuses them)."""
+    cast = _autocast_dtype(features.device)
+    dtypes = {_after_autocast(t.dtype, cast) for t in (features, weight, bias) if t is not None}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 def _autocast(features, weight, bias, cast: torch.dtype):
     """What autocast does to a conv's inputs: every float32 / float16 / bfloat16 tensor to
     ``cast`` (float64 is left alone). Without autograd the cast weight and bias are kept per
@@ -128,7 +143,7 @@ def _autocast(features, weight, bias, cast: torch.dtype):
     track = tracks_grad(features, weight, bias)
 
     def to(t):
-        if t is None or t.dtype == cast or t.dtype not in _AUTOCAST_DTYPES:
+        if t is None or _after_autocast(t.dtype, cast) == t.dtype:
             return t
         if track or t is features:
             return t.to(cast)

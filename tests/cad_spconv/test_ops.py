@@ -295,6 +295,35 @@ def test_grid_conv_needs_every_image_coarse_and_keeps_autograd(device):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
+def test_grid_conv_under_autocast(cast):
+    """Under ``torch.autocast`` the grid path is taken as without it (float32 features and
+    parameters, then features already in the autocast dtype with float32 parameters) and
+    computes in the autocast dtype, as the engines do; float64 features with float32 weights
+    stay refused with the engines' message."""
+    level_map = _levels_at_least_one(2, (13, 11), seed=7)
+    plan = LevelPlan.from_level_map(torch.from_numpy(level_map), 2)
+    gen = torch.Generator().manual_seed(8)
+    w1, w2 = (torch.randn(8, 8, 3, 3, generator=gen) / 8 for _ in range(2))
+    b1, b2 = (torch.randn(8, generator=gen) for _ in range(2))
+    x = CADTensor(torch.randn(plan.num_sites(0), 8, generator=gen), plan, 0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=cast):
+        y = CF.conv2d(x, w1, b1, stride=2)
+        z = CF.conv2d(y, w2, b2)
+        assert x.cache.builds == 0  # both on the grid path
+        lattice = CF.conv2d(y, w2, b2, engine="lattice")
+    assert y.features.dtype == z.features.dtype == cast
+    want_y = ref.conv(x.features.double(), level_map, 0, 2, w1.double(), b1.double(), 1, 1)
+    want_z = ref.conv(y.features.double(), level_map, 1, 1, w2.double(), b2.double(), 1, 1)
+    torch.testing.assert_close(y.features.double(), want_y, rtol=0.03, atol=0.03)
+    torch.testing.assert_close(z.features.double(), want_z, rtol=0.03, atol=0.03)
+    torch.testing.assert_close(z.features, lattice.features, rtol=0.02, atol=0.02)
+    x64 = CADTensor(x.features.double(), plan, 0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=cast):
+        with pytest.raises(TypeError, match="float64, the weight.*autocast"):
+            CF.conv2d(x64, w1, b1, stride=2)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("engine", ["auto", "torch", "tuned"] + [pytest.param(
     "spconv", marks=pytest.mark.skipif(not SPCONV, reason="spconv engine unavailable"))])
