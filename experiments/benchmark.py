@@ -5,7 +5,8 @@
                                               # 0.15 / 0.35 / 0.95, batch 1 and 4, nothing /
                                               # everything kept, whole models (dense / sparse head)
     python -m experiments.benchmark ops       # one 3x3 conv after the adaptive step, per engine
-    python -m experiments.benchmark gpu       # 1024x2048, batch 1 and 4, fp32 / fp16 / bf16
+    python -m experiments.benchmark gpu       # 1024x2048, batch 1 and 4, fp32 (TF32 on / off)
+                                              # / fp16 / bf16, every engine
     python -m experiments.benchmark cpu --dry-run   # print the commands only
     python -m experiments.benchmark report    # the targets table from experiments/results/
     python -m experiments.benchmark targets --results experiments/results/epyc-avx2
@@ -64,14 +65,16 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                                [*run, *edge, "--scope", "model"]))
         out["targets"].append((f"cpu_{dtype}_b1_model_sparse_head_edge0.35",
                                [*run, *edge, "--scope", "model", "--sparse-head"]))
+    # every engine ("auto" is "lattice" until these figures choose); float32 with TF32 (the
+    # cuDNN default) and without, after the three dtypes of batch 1
+    gpu = ["--model", "deeplabv3_resnet101", "--size", "1024", "2048", *edge, "--device", "cuda",
+           "--engine", "auto,torch,spconv,spconv-igemm,tuned", *common]
     for batch in (1, 4):
         for dtype in ("float32", "float16", "bfloat16"):
-            out["gpu"].append((
-                f"gpu_deeplabv3_resnet101_1024x2048_b{batch}_{dtype}",
-                ["--model", "deeplabv3_resnet101", "--size", "1024", "2048", *edge, "--device",
-                 "cuda", "--dtype", dtype, "--batch", str(batch),
-                 "--engine", "auto,tuned,spconv,spconv-igemm",
-                 *common]))
+            out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b{batch}_{dtype}",
+                               [*gpu, "--dtype", dtype, "--batch", str(batch)]))
+        out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b{batch}_float32_tf32off",
+                           [*gpu, "--dtype", "float32", "--tf32", "off", "--batch", str(batch)]))
     return out
 
 

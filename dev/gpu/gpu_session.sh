@@ -21,7 +21,9 @@
 #   engines    cad-spconv bench --model conv3x3 (256 and 512 channels, 1024x2048, fp32):
 #              lattice / torch / spconv / spconv-igemm per layer, for the "auto" choice on CUDA
 #   bench      python -m experiments.benchmark gpu --frames .carry/frames --no-markdown
-#              (DeepLabV3-ResNet101 1024x2048, batch 1 and 4, fp32 / fp16 / bf16)
+#              (DeepLabV3-ResNet101 1024x2048, batch 1 and 4, fp32 (TF32 on / off) / fp16 / bf16)
+#   eval       cad-spconv eval on CUDA in float16 over a synthetic Cityscapes-format folder at
+#              1024x2048 (random weights, edge:0.35): the user's path end to end -> $OUT/eval.json
 #
 # Files under $OUT (at most 8 come back): session.log (everything printed), env.json
 # (versions), tests.xml / tests-all.xml (JUnit), results.tar.gz (the result JSONs this call
@@ -29,8 +31,9 @@
 #
 # Knobs (environment): GPU_BUDGET_S, TESTS_S (150), TESTS_ALL_S (480), ENGINES_S (200),
 # BENCH_S (500) caps per part; TESTS_K (pytest -k expression); BENCH_FILTER (regex on the
-# suite's result names, e.g. _b1_ or _b4_: run only those, when all six do not fit one call);
-# BENCH_REPS (5); ENGINES_SIZE ("1024 2048"); PYTHON (python3).
+# suite's result names, e.g. _b1_ or _b4_: run only those, when all eight do not fit one call);
+# BENCH_REPS (5); ENGINES_SIZE ("1024 2048"); EVAL_S (90), EVAL_DTYPE (float16), EVAL_SIZE
+# ("1024, 2048"); PYTHON (python3).
 # Options: --dry-run (unpack and check the carried packages, print what would run; run nothing),
 # --no-site (use the installed packages as they are: for trying this script on a dev machine).
 set -uo pipefail
@@ -49,9 +52,9 @@ for a in "$@"; do
     case $a in
         --dry-run) DRY=1 ;;
         --no-site) NOSITE=1 ;;
-        tests|tests-all|engines|bench) PARTS+=("$a") ;;
+        tests|tests-all|engines|bench|eval) PARTS+=("$a") ;;
         -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
-        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench)" >&2; exit 2 ;;
+        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, eval)" >&2; exit 2 ;;
     esac
 done
 ((${#PARTS[@]})) || { echo "usage: bash dev/gpu/gpu_session.sh [--dry-run] [--no-site] PART..." >&2; exit 2; }
@@ -233,6 +236,17 @@ for name, args in chosen:
 EOF
 }
 
+part_eval() {
+    local root=${TMPDIR:-/tmp}/cityscapes_synthetic dev=cpu
+    has_cuda && dev=cuda
+    ((DRY)) || "$PY" -c "import sys; from cad_apps.data import make_synthetic_cityscapes as m; \
+m(sys.argv[1], 'val', num_images=4, size=(${EVAL_SIZE:-1024, 2048}), seed=0)" "$root" \
+        || { STATUS+=("eval: FAILED writing the synthetic folder"); return; }
+    run_part eval "${EVAL_S:-90}" "$PY" -m cad_apps.cli eval --data-root "$root" --device "$dev" \
+        --dtype "${EVAL_DTYPE:-float16}" --mask edge:0.35 --num-workers 2 --no-progress \
+        --overwrite --out "$OUT/eval.json"
+}
+
 collect() {  # result JSONs of this call -> results.tar.gz + bench.md
     local new
     mapfile -t new < <(find experiments/results -name '*.json' -newer "$MARK" 2>/dev/null | sort)
@@ -268,6 +282,7 @@ main() {
             tests-all) part_tests_all ;;
             engines) part_engines ;;
             bench) part_bench ;;
+            eval) part_eval ;;
         esac
     done
     ((DRY)) || collect
