@@ -65,16 +65,19 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                                [*run, *edge, "--scope", "model"]))
         out["targets"].append((f"cpu_{dtype}_b1_model_sparse_head_edge0.35",
                                [*run, *edge, "--scope", "model", "--sparse-head"]))
-    # every engine ("auto" is "lattice" until these figures choose); float32 with TF32 (the
-    # cuDNN default) and without, after the three dtypes of batch 1
+    # batch 1: every engine ("auto" is "torch" on CUDA); batch 4: auto, tuned and spconv's
+    # implicit GEMM (lattice and spconv ran 1.8-3x slower than torch at batch 1, BENCHMARKS.md).
+    # float32 with TF32 (the cuDNN default) and without, after the three dtypes
     gpu = ["--model", "deeplabv3_resnet101", "--size", "1024", "2048", *edge, "--device", "cuda",
-           "--engine", "auto,torch,spconv,spconv-igemm,tuned", *common]
+           *common]
+    engines = {1: "auto,lattice,spconv,spconv-igemm,tuned", 4: "auto,spconv-igemm,tuned"}
     for batch in (1, 4):
+        run = [*gpu, "--engine", engines[batch], "--batch", str(batch)]
         for dtype in ("float32", "float16", "bfloat16"):
             out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b{batch}_{dtype}",
-                               [*gpu, "--dtype", dtype, "--batch", str(batch)]))
+                               [*run, "--dtype", dtype]))
         out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b{batch}_float32_tf32off",
-                           [*gpu, "--dtype", "float32", "--tf32", "off", "--batch", str(batch)]))
+                           [*run, "--dtype", "float32", "--tf32", "off"]))
     return out
 
 

@@ -143,6 +143,14 @@ def summary(results, engines) -> dict:
     return out
 
 
+def _guarantee2(r) -> str:
+    # absent for whole models (the heads run at different strides); None: non-finite outputs
+    if "guarantee2_rel_error" not in r:
+        return "n/a"
+    err = r["guarantee2_rel_error"]
+    return "non-finite" if err is None else f"{err:.1e}"
+
+
 def _ms(s) -> str:
     return f"{1e3 * s:.0f}" if s >= 0.1 else f"{1e3 * s:.1f}"
 
@@ -170,8 +178,7 @@ def _rows(report):
                          f"{c['geometry_share']:.1%}",
                          f"{_mib(v[fine_name].get('peak_bytes'))} / {_mib(cad.get('peak_bytes'))}",
                          # n/a for whole models: the heads run at different strides
-                         f"{r['guarantee2_rel_error']:.1e}" if "guarantee2_rel_error" in r
-                         else "n/a"])
+                         _guarantee2(r)])
     t = report["summary"]
     for e in [e for e in engines if e in t["cad"]]:
         c = t["cad"][e]

@@ -28,6 +28,30 @@ class Variant:
         return tensor
 
 
+def _tamed(model, seed: int):
+    """``model`` with batch-norm statistics that keep its features near unit scale.
+
+    Fresh random weights come with running statistics mean 0 / variance 1, so in eval mode each
+    batch norm passes its input through and features grow block after block: ResNet-101 at
+    1024x2048 overflows float16 (inf, then NaN). One training-mode pass over noise sets each
+    running statistic to what that layer sees, as training would. Timing does not depend on the
+    values; this only keeps every dtype finite (and Guarantee 2 comparable)."""
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one pass, exactly that pass's statistics
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.train()(torch.randn(2, 3, 96, 160, generator=gen))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
 def _formats(args):
     return FORMATS if args.dense_format == "both" else (args.dense_format,)
 
@@ -64,7 +88,7 @@ def build_variants(args, device, dtype) -> dict:
     whole = args.scope == "model"
     segmentation = args.model in SEGMENTATION_MODELS
     if segmentation:
-        source = segmentation_model(args.model, output_stride=f)
+        source = _tamed(segmentation_model(args.model, output_stride=f), args.seed)
         dense = {}
         for s in (f, c):
             if whole:  # the plain network at stride s, its head at s (the paper's baselines)
@@ -77,7 +101,7 @@ def build_variants(args, device, dtype) -> dict:
                 net.load_state_dict(source.backbone.state_dict())
             dense[s] = net
     else:
-        source = classifier_model(args.model, output_stride=f)
+        source = _tamed(classifier_model(args.model, output_stride=f), args.seed)
         dense = {}
         for s in (f, c):
             net = classifier_model(args.model, output_stride=s)

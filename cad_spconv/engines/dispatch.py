@@ -28,14 +28,17 @@ def check_engine(engine: str) -> str:
 def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:
     """Engine that ``"auto"`` uses for a layer.
 
-    Conv rulebooks of a plan go to ``"lattice"`` on every device: its dense part runs on the
-    vendor conv and the rest is the same gather + GEMM as ``"torch"`` without the zero-row
-    copy. Measured on CPU (BENCHMARKS.md: faster than ``"torch"`` and ``"spconv"`` at every
-    layer width tried); on CUDA the choice awaits a GPU benchmark. Other rulebooks, and plans
-    under the reference semantics (no Guarantee 2, so no lattice), go to ``"torch"``.
+    On CPU, conv rulebooks of a plan go to ``"lattice"``: its dense part runs on the vendor
+    conv and the rest is the same gather + GEMM as ``"torch"`` without the zero-row copy
+    (BENCHMARKS.md: faster than ``"torch"`` and ``"spconv"`` at every layer width tried). On
+    CUDA everything goes to ``"torch"``: on an H200, DeepLabV3-ResNet101 at 1024x2048 ran in
+    0.57x (float32) and 0.52x (float16) of the all-lattice time (BENCHMARKS.md, GPU). Other
+    rulebooks, and plans under the reference semantics (no Guarantee 2, so no lattice), go to
+    ``"torch"`` everywhere.
     """
-    del device, groups
-    if isinstance(book, ConvRulebook) and (book.plan.semantics == "paper" or book.num_taps == 1):
+    del groups
+    if (device.type == "cpu" and isinstance(book, ConvRulebook)
+            and (book.plan.semantics == "paper" or book.num_taps == 1)):
         return "lattice"
     return "torch"
 

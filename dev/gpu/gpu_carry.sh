@@ -34,7 +34,9 @@ grep -qxF '/.carry/' "$EXCLUDE" 2>/dev/null || { echo '/.carry/' >>"$EXCLUDE"; e
 git check-ignore -q .carry/x || die ".carry/ is not ignored by git; add '/.carry/' to $EXCLUDE"
 
 BIG=(spconv_cu126 cumm_cu126)                        # repacked as .tar.xz
-SMALL=(pccm ccimport fire lark termcolor)            # carried as wheels
+SMALL=(pccm ccimport fire lark termcolor             # carried as wheels
+       fvcore iopath yacs ptflops)                   # the MAC-count tests' references (fvcore
+                                                     # has no wheel: `pip wheel --no-deps -w .whl`)
 DOWNLOAD="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 --platform manylinux2014_x86_64 -d .whl"

@@ -22,6 +22,9 @@
 #              lattice / torch / spconv / spconv-igemm per layer, for the "auto" choice on CUDA
 #   bench      python -m experiments.benchmark gpu --frames .carry/frames --no-markdown
 #              (DeepLabV3-ResNet101 1024x2048, batch 1 and 4, fp32 (TF32 on / off) / fp16 / bf16)
+#   profile    cad-spconv bench --profile 30 on one frame (1024x2048, batch 1, float16, every
+#              engine that runs there): device time per op and the host's total, to see where
+#              CAD's time goes
 #   eval       cad-spconv eval on CUDA in float16 over a synthetic Cityscapes-format folder at
 #              1024x2048 (random weights, edge:0.35): the user's path end to end -> $OUT/eval.json
 #
@@ -33,7 +36,7 @@
 # BENCH_S (500) caps per part; TESTS_K (pytest -k expression); BENCH_FILTER (regex on the
 # suite's result names, e.g. _b1_ or _b4_: run only those, when all eight do not fit one call);
 # BENCH_REPS (5); ENGINES_SIZE ("1024 2048"); EVAL_S (90), EVAL_DTYPE (float16), EVAL_SIZE
-# ("1024, 2048"); PYTHON (python3).
+# ("1024, 2048"); PROFILE_S (90), PROFILE_DTYPE (float16); PYTHON (python3).
 # Options: --dry-run (unpack and check the carried packages, print what would run; run nothing),
 # --no-site (use the installed packages as they are: for trying this script on a dev machine).
 set -uo pipefail
@@ -52,9 +55,9 @@ for a in "$@"; do
     case $a in
         --dry-run) DRY=1 ;;
         --no-site) NOSITE=1 ;;
-        tests|tests-all|engines|bench|eval) PARTS+=("$a") ;;
+        tests|tests-all|engines|bench|profile|eval) PARTS+=("$a") ;;
         -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
-        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, eval)" >&2; exit 2 ;;
+        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, profile, eval)" >&2; exit 2 ;;
     esac
 done
 ((${#PARTS[@]})) || { echo "usage: bash dev/gpu/gpu_session.sh [--dry-run] [--no-site] PART..." >&2; exit 2; }
@@ -186,13 +189,14 @@ part_tests() {
     local k=${TESTS_K:-}
     # "igemm": the implicit-GEMM kernel tests carry no device in their ids
     [[ -n $k ]] || { if has_cuda; then k="cuda or igemm"; else k=cpu; echo "(no CUDA: running the cpu cases)"; fi; }
+    # a module that cannot be imported there fails alone, not the whole run
     run_part tests "${TESTS_S:-150}" "$PY" -m pytest -q -k "$k" -p no:cacheprovider \
-        --tb=short --durations=25 --junitxml="$OUT/tests.xml" -o junit_family=xunit2
+        --continue-on-collection-errors --tb=short --durations=25 --junitxml="$OUT/tests.xml" -o junit_family=xunit2
 }
 
 part_tests_all() {
     run_part tests-all "${TESTS_ALL_S:-480}" "$PY" -m pytest -q -p no:cacheprovider \
-        --tb=short --durations=25 --junitxml="$OUT/tests-all.xml" -o junit_family=xunit2
+        --continue-on-collection-errors --tb=short --durations=25 --junitxml="$OUT/tests-all.xml" -o junit_family=xunit2
 }
 
 part_engines() {
@@ -234,6 +238,17 @@ for name, args in chosen:
     print(command, flush=True)
     bench.main(parser.parse_args(full), command=command)
 EOF
+}
+
+part_profile() {
+    local dev=cpu engines=lattice,torch
+    has_cuda && { dev=cuda; engines=$engines,spconv-igemm; }
+    local name="${dev/cuda/gpu}_profile_deeplabv3_resnet101_1024x2048_b1_${PROFILE_DTYPE:-float16}"
+    run_part profile "${PROFILE_S:-90}" "$PY" -m cad_apps.cli bench --model deeplabv3_resnet101 \
+        --size 1024 2048 --images .carry/frames/frankfurt_000000_002196_leftImg8bit.png \
+        --threshold 0.35 --dilation 11 --device "$dev" --dtype "${PROFILE_DTYPE:-float16}" \
+        --engine "$engines" --reps 3 --warmup 1 --no-memory --profile 30 \
+        --json "experiments/results/$name.json" --label "$name"
 }
 
 part_eval() {
@@ -282,6 +297,7 @@ main() {
             tests-all) part_tests_all ;;
             engines) part_engines ;;
             bench) part_bench ;;
+            profile) part_profile ;;
             eval) part_eval ;;
         esac
     done

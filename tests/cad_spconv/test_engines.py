@@ -324,6 +324,7 @@ def test_auto_engine_selection():
     plan = LevelPlan.from_keep(torch.zeros(1, 5, 5, dtype=torch.bool), (5, 5), 1)
     book = conv_rulebook(plan, (3, 3), (1, 1), 0, 1)
     assert select_engine(torch.device("cpu"), 1, book) == "lattice"
+    assert select_engine(torch.device("cuda"), 1, book) == "torch"  # measured (BENCHMARKS.md)
     from cad_spconv import GatherRulebook
     hand = GatherRulebook(book.gather, book.num_in, (3, 3), 0, 1)
     assert select_engine(torch.device("cpu"), 1, hand) == "torch"
