@@ -36,7 +36,8 @@
 # BENCH_S (500) caps per part; TESTS_K (pytest -k expression); BENCH_FILTER (regex on the
 # suite's result names, e.g. _b1_ or _b4_: run only those, when all eight do not fit one call);
 # BENCH_REPS (5); ENGINES_SIZE ("1024 2048"); EVAL_S (90), EVAL_DTYPE (float16), EVAL_SIZE
-# ("1024, 2048"); PROFILE_S (90), PROFILE_DTYPE (float16); PYTHON (python3).
+# ("1024, 2048"); PROFILE_S (90), PROFILE_DTYPE (float16); TESTS_WORKERS (pytest-xdist
+# processes for the tests part; unset: one); PYTHON (python3).
 # Options: --dry-run (unpack and check the carried packages, print what would run; run nothing),
 # --no-site (use the installed packages as they are: for trying this script on a dev machine).
 set -uo pipefail
@@ -189,8 +190,11 @@ part_tests() {
     local k=${TESTS_K:-}
     # "igemm": the implicit-GEMM kernel tests carry no device in their ids
     [[ -n $k ]] || { if has_cuda; then k="cuda or igemm"; else k=cpu; echo "(no CUDA: running the cpu cases)"; fi; }
-    # a module that cannot be imported there fails alone, not the whole run
-    run_part tests "${TESTS_S:-150}" "$PY" -m pytest -q -k "$k" -p no:cacheprovider \
+    # a module that cannot be imported there fails alone, not the whole run; TESTS_WORKERS=N
+    # spreads the cases over N processes (pytest-xdist, in the device image)
+    local workers=()
+    [[ -n ${TESTS_WORKERS:-} ]] && workers=(-n "$TESTS_WORKERS")
+    run_part tests "${TESTS_S:-150}" "$PY" -m pytest -q -k "$k" -p no:cacheprovider "${workers[@]}" \
         --continue-on-collection-errors --tb=short --durations=25 --junitxml="$OUT/tests.xml" -o junit_family=xunit2
 }
 
