@@ -27,3 +27,19 @@ DEVICES = [
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def full_float32_on_cuda():
+    """float32 exactness tests compare at 1e-4; PyTorch lets cuDNN convs use TF32 (10-bit
+    mantissa, errors near 1e-3) by default, on the references' dense convs and on the engines'
+    alike, so the tests run CUDA float32 in full precision (the bench times the defaults)."""
+    if not CUDA:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -159,6 +159,8 @@ ENGINES = ["torch", pytest.param("spconv", marks=pytest.mark.skipif(
 @pytest.mark.parametrize("engine", ENGINES)
 def test_gradients_match_dense_emulation(engine, device):
     """Parent fill makes one input row feed several outputs under one tap: gradients must add up."""
+    if engine == "spconv" and device.type == "cuda":
+        pytest.skip("spconv has no float64 kernels on CUDA (refused: test_ops)")
     strided, _, cad = build(2, torch.float64, device, seed=3)
     for m in cad.modules():
         if isinstance(m, CADConv2d):

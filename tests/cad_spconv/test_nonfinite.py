@@ -27,7 +27,8 @@ SPCONV = spconv_status()[0]
 def engines(device, dtype, groups):
     """The engines that run this call here (every refusal is tested in test_ops)."""
     names = ["lattice", "torch", "auto", "tuned"]
-    if SPCONV and groups == 1:
+    # spconv: no float64 kernels on CUDA (refused, tested in test_ops)
+    if SPCONV and groups == 1 and not (device.type == "cuda" and dtype == torch.float64):
         names.append("spconv")
         if device.type == "cuda" and dtype == torch.float32 and igemm_status()[0]:
             names.append("spconv-igemm")
@@ -46,6 +47,23 @@ POISONS = [(0, "all", NAN), (2, "all", INF), (1, "all", "mixed"), (0, "first", N
 
 def classes(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([t.isnan(), t.isposinf(), t.isneginf()])
+
+
+def assert_unaffected(out, clean, where):
+    """Another image's rows after one image was poisoned: bit-identical on CPU. On CUDA sums
+    that go through atomic adds (``index_add_``, the gather's backward) depend on the order in
+    which threads land, so there: the same finiteness and the same values to a few ulps of the
+    largest (a NaN or Inf that leaked would still fail)."""
+    if out.device.type != "cuda":
+        assert torch.equal(out, clean), where
+        return
+    assert torch.equal(classes(out), classes(clean)), where
+    fin = torch.isfinite(clean)
+    if fin.any():
+        eps = torch.finfo(out.dtype).eps
+        scale = float(clean[fin].abs().max())
+        torch.testing.assert_close(out[fin], clean[fin], rtol=64 * eps, atol=64 * eps * scale,
+                                   msg=lambda m: f"{where}: {m}")
 
 
 def assert_same_nonfinite(actual, expected, dtype):
@@ -95,7 +113,7 @@ def run_case(op, emulate, x, levels, dtype, image_of, label=""):
             out = f(bad)
             others = image_of != image
             where = (label, name, image, what, value)
-            assert torch.equal(out[others], clean[name][others]), where
+            assert_unaffected(out[others], clean[name][others], where)
             assert_same_nonfinite(out, want, dtype)
 
 
@@ -219,7 +237,7 @@ def test_input_gradients_stay_in_their_image(case, stride, device):
             bad = poison(x, levels, image, what, value).features
             g = grads(bad, engine)
             others = images != image
-            assert torch.equal(g[others], clean[others]), (engine, image, what, value)
+            assert_unaffected(g[others], clean[others], (engine, image, what, value))
 
 
 @pytest.mark.parametrize("case", CASES[:3])
@@ -268,6 +286,12 @@ def test_half_precision_routes(dtype, stride, device):
                     bad = poison(x, levels, image, what, value)
                     out = CF.conv2d(bad, w, None, stride, 1, 1, name).features
                     others = images != image
-                    assert torch.equal(out[others], clean[others]), (name, image, what, value)
+                    where = (name, image, what, value)
+                    assert_unaffected(out[others], clean[others], where)
                     want = ref.conv(bad.features.double(), levels, step, stride, w.double())
-                    assert torch.equal(classes(out), classes(want)), (name, image, what, value)
+                    if device.type == "cpu":
+                        assert torch.equal(classes(out), classes(want)), where
+                    else:  # cuDNN's transform algorithms (Winograd, FFT) also turn finite
+                        # neighbours of an Inf in the same tile into NaN, as the dense network
+                        # does: every entry the reference makes non-finite is non-finite here
+                        assert not (~torch.isfinite(want) & torch.isfinite(out)).any(), where

@@ -41,6 +41,10 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
             with pytest.raises(ValueError, match="grouped"):
                 CF.conv2d(x, w, b, stride, dilation, groups, engine)
             return
+        if engine == "spconv" and device.type == "cuda" and dtype == torch.float64:
+            with pytest.raises(TypeError, match="no torch.float64 kernels on CUDA"):
+                CF.conv2d(x, w, b, stride, dilation, groups, engine)
+            return
         if engine == "spconv-igemm":  # CUDA, float32 / float16 only: the rest is refused
             if device.type == "cpu":
                 with pytest.raises(ValueError, match="CUDA only"):

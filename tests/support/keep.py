@@ -13,7 +13,9 @@ from cad_spconv import LevelPlan
 
 def as_keep(spec, num_levels: int, device=None):
     """``spec`` as the library takes it: an integer level map becomes a ``LevelPlan``; bool
-    masks and lists of them pass through (moved to ``device`` if given)."""
+    masks, lists of them and plans pass through (moved to ``device`` if given)."""
+    if isinstance(spec, LevelPlan):
+        return spec if device is None else spec.to(device)
     if isinstance(spec, torch.Tensor):
         spec = spec if device is None else spec.to(device)
         if spec.dtype != torch.bool:
