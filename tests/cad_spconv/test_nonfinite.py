@@ -61,7 +61,7 @@ def assert_unaffected(out, clean, where):
     fin = torch.isfinite(clean)
     if fin.any():
         eps = torch.finfo(out.dtype).eps
-        scale = float(clean[fin].abs().max())
+        scale = float(clean[fin].detach().abs().max())
         torch.testing.assert_close(out[fin], clean[fin], rtol=64 * eps, atol=64 * eps * scale,
                                    msg=lambda m: f"{where}: {m}")
 
@@ -262,12 +262,21 @@ def test_conv_reference_semantics(case, stride, device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_half_precision_routes(dtype, stride, device):
+def test_half_precision_routes(dtype, stride, device, request):
     """The half-precision GEMM routes (bfloat16 through torch.mm on CPU, float16 on CUDA):
     other images bit-identical, the poisoned image's NaN / Inf pattern that of the float64
     reference on the same (rounded) inputs."""
     if dtype == torch.float16 and device.type == "cpu":
         pytest.skip("float16 convs are a CUDA dtype")
+    if dtype == torch.float16 and stride == 1:
+        # seen on an H200 (2026-12-04), not yet explained: -Inf at the coarsest site of image 2
+        # leaves some outputs of the lattice engine (the first one checked; the others not yet
+        # seen) finite where the float64 reference has -Inf / NaN; the other images are
+        # untouched. BENCHMARKS.md, "GPU"; strict, so a fix
+        # shows as XPASS
+        request.applymarker(pytest.mark.xfail(strict=True, reason="float16 lattice route on "
+                                              "CUDA misses an Inf's spread (open, see the "
+                                              "GPU notes in BENCHMARKS.md)"))
     case = CASES[2]
     gen = torch.Generator().manual_seed(6)
     w = torch.randn(8, 8, 3, 3, generator=gen).to(device, dtype)
@@ -289,9 +298,4 @@ def test_half_precision_routes(dtype, stride, device):
                     where = (name, image, what, value)
                     assert_unaffected(out[others], clean[others], where)
                     want = ref.conv(bad.features.double(), levels, step, stride, w.double())
-                    if device.type == "cpu":
-                        assert torch.equal(classes(out), classes(want)), where
-                    else:  # cuDNN's transform algorithms (Winograd, FFT) also turn finite
-                        # neighbours of an Inf in the same tile into NaN, as the dense network
-                        # does: every entry the reference makes non-finite is non-finite here
-                        assert not (~torch.isfinite(want) & torch.isfinite(out)).any(), where
+                    assert torch.equal(classes(out), classes(want)), where
