@@ -65,6 +65,44 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,dilation,stride", [(3, 1, 1), (3, 1, 2), (3, 2, 1), (1, 1, 2)])
+def test_half_precision_convs_match_dense_reference(case, engine, dtype, k, dilation, stride,
+                                                    device):
+    """Values of the half-precision routes (bfloat16 on CPU and CUDA, float16 on CUDA): the
+    float64 dense reference on the same rounded inputs and weights, to half-precision rounding
+    of the largest output."""
+    if dtype == torch.float16 and device.type == "cpu":
+        pytest.skip("float16 convs are a CUDA dtype")
+    if engine.startswith("spconv") and (dtype == torch.bfloat16 or device.type == "cpu"
+                                        and engine == "spconv-igemm"):
+        pytest.skip(f"{engine} has no {dtype} kernels here (its refusals: "
+                    "test_conv_matches_dense_reference)")
+    if engine == "spconv-igemm" and not igemm_status()[0]:
+        pytest.skip(f"spconv-igemm unavailable: {igemm_status()[1]}")
+    L = case[1]
+    gen = torch.Generator().manual_seed(2)
+    for step in range(L + (stride == 1)):
+        if stride == 2 and step == L:
+            continue
+        x, levels = make_input(case, step, 8, torch.float32, device, seed=step)
+        x = x.replace_feature(x.features.to(dtype))
+        w = (torch.randn(8, 8, k, k, generator=gen) / (3 * k)).to(device, dtype)
+        b = torch.randn(8, generator=gen).to(device, dtype)
+        with torch.no_grad():
+            y = CF.conv2d(x, w, b, stride, dilation, 1, engine)
+        assert y.features.dtype == dtype and y.step == step + (stride == 2)
+        want = ref.conv(x.features.double(), levels, step, stride, w.double(), b.double(),
+                        dilation, 1)
+        eps = torch.finfo(dtype).eps
+        scale = float(want.abs().max())
+        # same rounded inputs: only the accumulation and the output's rounding differ
+        torch.testing.assert_close(y.features.double(), want, rtol=2 * eps,
+                                   atol=4 * eps * scale)
+
+
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_max_pools_match_dense_reference(case, dtype, device):
     L = case[1]
