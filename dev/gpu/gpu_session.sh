@@ -25,6 +25,8 @@
 #   profile    cad-spconv bench --profile 30 on one frame (1024x2048, batch 1, float16, every
 #              engine that runs there): device time per op and the host's total, to see where
 #              CAD's time goes
+#   probe      dev/gpu/probe_half_inf.py: the open float16 -Inf finding (does cuDNN's float16
+#              conv itself saturate -Inf to a finite value?), a few seconds
 #   eval       cad-spconv eval on CUDA in float16 over a synthetic Cityscapes-format folder at
 #              1024x2048 (random weights, edge:0.35): the user's path end to end -> $OUT/eval.json
 #
@@ -56,9 +58,9 @@ for a in "$@"; do
     case $a in
         --dry-run) DRY=1 ;;
         --no-site) NOSITE=1 ;;
-        tests|tests-all|engines|bench|profile|eval) PARTS+=("$a") ;;
+        tests|tests-all|engines|bench|profile|probe|eval) PARTS+=("$a") ;;
         -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
-        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, profile, eval)" >&2; exit 2 ;;
+        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, profile, probe, eval)" >&2; exit 2 ;;
     esac
 done
 ((${#PARTS[@]})) || { echo "usage: bash dev/gpu/gpu_session.sh [--dry-run] [--no-site] PART..." >&2; exit 2; }
@@ -302,6 +304,7 @@ main() {
             engines) part_engines ;;
             bench) part_bench ;;
             profile) part_profile ;;
+            probe) run_part probe 60 "$PY" dev/gpu/probe_half_inf.py ;;
             eval) part_eval ;;
         esac
     done

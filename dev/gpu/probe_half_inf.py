@@ -1,0 +1,65 @@
+"""Probe for the open float16 finding (BENCHMARKS.md, "GPU"): does cuDNN's float16 conv itself
+turn an -Inf input into a finite output (a saturating epilogue, -65504), or only our lattice
+engine? Prints one line per case; exits 0 either way (a probe, not a test).
+
+    python dev/gpu/probe_half_inf.py          # on the device, after gpu_session's setup
+    python dev/gpu/probe_half_inf.py cpu      # the same cases on CPU (to try the script)
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from cad_spconv import functional as CF  # noqa: E402
+from tests.support import dense_reference as ref  # noqa: E402
+from tests.support.inputs import make_input  # noqa: E402
+
+
+def dense_probe(dtype, dilation, device):
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 24, 24, device=device, dtype=dtype)
+    x[0, :, 12, 12] = float("-inf")
+    w = torch.randn(8, 8, 3, 3, device=device, dtype=dtype)
+    want = F.conv2d(x.double(), w.double(), None, 1, dilation, dilation)
+    for layout in ("nchw", "channels_last"):
+        xi = x.contiguous(memory_format=torch.channels_last) if layout != "nchw" else x
+        got = F.conv2d(xi, w, None, 1, dilation, dilation)
+        lost = (~torch.isfinite(want) & torch.isfinite(got))
+        print(f"dense F.conv2d {dtype} dilation {dilation} {layout}: reference non-finite "
+              f"{int((~torch.isfinite(want)).sum())}, finite here {int(lost.sum())}, "
+              f"values there {got[lost][:4].tolist()}")
+
+
+def lattice_probe(dtype, device):
+    case, stride = ((17, 23), 3, "map"), 1
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(8, 8, 3, 3, generator=gen).to(device, dtype)
+    for step in range(case[1] + 1):
+        x, levels = make_input(case, step, 8, torch.float32, device, seed=step)
+        f = x.features.to(dtype)
+        geo = x.plan.geometry(step)
+        rows = (geo.coords[:, 0] == 2).nonzero()[:, 0]
+        c = geo.coords[rows]
+        lv = x.plan.levels[c[:, 0], c[:, 1], c[:, 2]]
+        f[rows[lv.argmax()]] = float("-inf")
+        bad = x.replace_feature(f)
+        want = ref.conv(f.double(), levels, step, stride, w.double())
+        for engine in ("lattice", "torch"):
+            got = CF.conv2d(bad, w, None, stride, 1, 1, engine).features
+            lost = (~torch.isfinite(want) & torch.isfinite(got))
+            print(f"{engine} {dtype} step {step}: reference non-finite "
+                  f"{int((~torch.isfinite(want)).sum())}, finite here {int(lost.sum())}, "
+                  f"values there {got[lost][:4].tolist()}")
+
+
+if __name__ == "__main__":
+    device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("probe_half_inf: no CUDA here (pass cpu to try it on CPU)")
+    for dtype in (torch.float16, torch.bfloat16):
+        for dilation in (1, 2, 4):
+            dense_probe(dtype, dilation, device)
+        lattice_probe(dtype, device)
