@@ -78,6 +78,15 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                                [*run, "--dtype", dtype]))
         out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b{batch}_float32_tf32off",
                            [*run, "--dtype", "float32", "--tf32", "off"]))
+    # not in the first GPU run (2026-12-04): the other ends and batch norm folded on both sides
+    one_gpu = [a if a != "0.35" else "0.95" for a in gpu]
+    for dtype in ("float16", "float32"):
+        out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b1_{dtype}_edge0.95",
+                           [*one_gpu, "--engine", "auto,tuned", "--dtype", dtype]))
+        out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b1_{dtype}_keep_none",
+                           [*gpu, "--engine", "auto", "--dtype", dtype, "--keep", "none"]))
+    out["gpu"].append(("gpu_deeplabv3_resnet101_1024x2048_b1_float16_fold_bn",
+                       [*gpu, "--engine", "auto,tuned", "--dtype", "float16", "--fold-bn"]))
     return out
 
 
