@@ -68,8 +68,9 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
     # batch 1: every engine ("auto" is "torch" on CUDA); batch 4: auto, tuned and spconv's
     # implicit GEMM (lattice and spconv ran 1.8-3x slower than torch at batch 1, BENCHMARKS.md).
     # float32 with TF32 (the cuDNN default) and without, after the three dtypes
-    gpu = ["--model", "deeplabv3_resnet101", "--size", "1024", "2048", *edge, "--device", "cuda",
-           *common]
+    base = ["--model", "deeplabv3_resnet101", "--size", "1024", "2048", "--images", *frames,
+            "--dilation", "11", "--device", "cuda", *common]
+    gpu = [*base, "--threshold", "0.35"]
     engines = {1: "auto,lattice,spconv,spconv-igemm,tuned", 4: "auto,spconv-igemm,tuned"}
     for batch in (1, 4):
         run = [*gpu, "--engine", engines[batch], "--batch", str(batch)]
@@ -79,10 +80,10 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
         out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b{batch}_float32_tf32off",
                            [*run, "--dtype", "float32", "--tf32", "off"]))
     # not in the first GPU run (2026-12-04): the other ends and batch norm folded on both sides
-    one_gpu = [a if a != "0.35" else "0.95" for a in gpu]
     for dtype in ("float16", "float32"):
         out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b1_{dtype}_edge0.95",
-                           [*one_gpu, "--engine", "auto,tuned", "--dtype", dtype]))
+                           [*base, "--threshold", "0.95", "--engine", "auto,tuned",
+                            "--dtype", dtype]))
         out["gpu"].append((f"gpu_deeplabv3_resnet101_1024x2048_b1_{dtype}_keep_none",
                            [*gpu, "--engine", "auto", "--dtype", dtype, "--keep", "none"]))
     out["gpu"].append(("gpu_deeplabv3_resnet101_1024x2048_b1_float16_fold_bn",

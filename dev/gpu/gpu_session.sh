@@ -59,7 +59,7 @@ for a in "$@"; do
         --dry-run) DRY=1 ;;
         --no-site) NOSITE=1 ;;
         tests|tests-all|engines|bench|profile|probe|eval) PARTS+=("$a") ;;
-        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -uo/{/^#/p}' "$0"; exit 0 ;;
         *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, profile, probe, eval)" >&2; exit 2 ;;
     esac
 done

@@ -270,10 +270,9 @@ def test_half_precision_routes(dtype, stride, device, request):
         pytest.skip("float16 convs are a CUDA dtype")
     if dtype == torch.float16 and stride == 1:
         # seen on an H200 (2026-12-04), not yet explained: -Inf at the coarsest site of image 2
-        # leaves some outputs of the lattice engine (the first one checked; the others not yet
-        # seen) finite where the float64 reference has -Inf / NaN; the other images are
-        # untouched. BENCHMARKS.md, "GPU"; strict, so a fix
-        # shows as XPASS
+        # leaves some outputs of the lattice engine (the first one checked) finite where the
+        # float64 reference has -Inf / NaN; the other images are untouched (BENCHMARKS.md,
+        # "GPU"; dev/gpu/probe_half_inf.py). Strict: a fix shows as XPASS
         request.applymarker(pytest.mark.xfail(strict=True, reason="float16 lattice route on "
                                               "CUDA misses an Inf's spread (open, see the "
                                               "GPU notes in BENCHMARKS.md)"))
