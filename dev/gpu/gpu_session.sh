@@ -27,6 +27,9 @@
 #              CAD's time goes
 #   probe      dev/gpu/probe_half_inf.py: the open float16 -Inf finding (does cuDNN's float16
 #              conv itself saturate -Inf to a finite value?), a few seconds
+#   cpu-targets  dev/gpu/cpu_targets.py: issue 14's CPU targets (those named CPU_FILTER,
+#              default bfloat16) on this host's CPU, CPU_JOBS (4) results at a time, each
+#              pinned to 2 physical cores, --reps CPU_REPS (3)
 #   eval       cad-spconv eval on CUDA in float16 over a synthetic Cityscapes-format folder at
 #              1024x2048 (random weights, edge:0.35): the user's path end to end -> $OUT/eval.json
 #
@@ -37,7 +40,7 @@
 # Knobs (environment): GPU_BUDGET_S, TESTS_S (150), TESTS_ALL_S (480), ENGINES_S (200),
 # BENCH_S (500) caps per part; TESTS_K (pytest -k expression); BENCH_FILTER (regex on the
 # suite's result names, e.g. _b1_ or _b4_: run only those, when all eight do not fit one call);
-# BENCH_REPS (5); ENGINES_SIZE ("1024 2048"); EVAL_S (90), EVAL_DTYPE (float16), EVAL_SIZE
+# BENCH_REPS (5); CPU_S (400), CPU_FILTER, CPU_JOBS, CPU_REPS; ENGINES_SIZE ("1024 2048"); EVAL_S (90), EVAL_DTYPE (float16), EVAL_SIZE
 # ("1024, 2048"); PROFILE_S (90), PROFILE_DTYPE (float16); TESTS_WORKERS (pytest-xdist
 # processes for the tests part; unset: one); PYTHON (python3).
 # Options: --dry-run (unpack and check the carried packages, print what would run; run nothing),
@@ -58,9 +61,9 @@ for a in "$@"; do
     case $a in
         --dry-run) DRY=1 ;;
         --no-site) NOSITE=1 ;;
-        tests|tests-all|engines|bench|profile|probe|eval) PARTS+=("$a") ;;
+        tests|tests-all|engines|bench|profile|probe|cpu-targets|eval) PARTS+=("$a") ;;
         -h|--help) sed -n '2,/^set -uo/{/^#/p}' "$0"; exit 0 ;;
-        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, profile, probe, eval)" >&2; exit 2 ;;
+        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, profile, probe, cpu-targets, eval)" >&2; exit 2 ;;
     esac
 done
 ((${#PARTS[@]})) || { echo "usage: bash dev/gpu/gpu_session.sh [--dry-run] [--no-site] PART..." >&2; exit 2; }
@@ -305,6 +308,9 @@ main() {
             bench) part_bench ;;
             profile) part_profile ;;
             probe) run_part probe 60 "$PY" dev/gpu/probe_half_inf.py ;;
+            cpu-targets) run_part cpu-targets "${CPU_S:-400}" "$PY" dev/gpu/cpu_targets.py \
+                --filter "${CPU_FILTER:-bfloat16}" --frames .carry/frames \
+                --reps "${CPU_REPS:-3}" --jobs "${CPU_JOBS:-4}" ;;
             eval) part_eval ;;
         esac
     done

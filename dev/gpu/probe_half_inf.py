@@ -55,6 +55,60 @@ def lattice_probe(dtype, device):
                   f"values there {got[lost][:4].tolist()}")
 
 
+def lattice_trace(dtype, device, steps=(1, 3)):
+    """Where the lattice engine loses the -Inf: every dense conv and GEMM it runs, checked
+    against the same call in float64 on the CPU, and which part of the split owns the rows
+    that came out finite."""
+    import types
+    from cad_spconv.engines import lattice as L
+    from cad_spconv.functional import conv_book
+
+    def checked(name, fn, ref_fn):
+        def call(*args, **kw):
+            got = fn(*args, **kw)
+            want = ref_fn(*[a.detach().cpu().double() if torch.is_tensor(a) else a
+                            for a in args],
+                          **{k: v for k, v in kw.items() if k != "out"})
+            lost = ~torch.isfinite(want) & torch.isfinite(got.detach().cpu().double())
+            shapes = [tuple(a.shape) if torch.is_tensor(a) else a for a in args]
+            print(f"    {name}{shapes} ref non-finite {int((~torch.isfinite(want)).sum())}, "
+                  f"finite here {int(lost.sum())} {got.detach().cpu()[lost][:4].tolist()}")
+            return got
+        return call
+
+    real_f, real_mm = L.F, L.matmul_nk
+    L.F = types.SimpleNamespace(conv2d=checked("conv2d", F.conv2d, F.conv2d))
+    L.matmul_nk = checked("matmul_nk", real_mm,
+                          lambda x, w, b=None, *a, **k: F.linear(x, w, b))
+    try:
+        case, stride = ((17, 23), 3, "map"), 1
+        gen = torch.Generator().manual_seed(6)
+        w = torch.randn(8, 8, 3, 3, generator=gen).to(device, dtype)
+        for step in steps:
+            x, levels = make_input(case, step, 8, torch.float32, device, seed=step)
+            f = x.features.to(dtype)
+            geo = x.plan.geometry(step)
+            rows = (geo.coords[:, 0] == 2).nonzero()[:, 0]
+            c = geo.coords[rows]
+            lv = x.plan.levels[c[:, 0], c[:, 1], c[:, 2]]
+            f[rows[lv.argmax()]] = float("-inf")
+            bad = x.replace_feature(f)
+            print(f"  lattice trace {dtype} step {step}:")
+            got = CF.conv2d(bad, w, None, stride, 1, 1, "lattice").features
+            want = ref.conv(f.double(), levels, step, stride, w.double())
+            lost = (~torch.isfinite(want) & torch.isfinite(got)).any(1).nonzero()[:, 0]
+            book = conv_book(bad, (3, 3), 1, stride)
+            for args in book.lattice_args():
+                split = book.lattice(*args)
+                owners = {"lattice": split.out_rows, "rest": split.rest_rows}
+                owners.update({f"phase{i}": p.out_rows for i, p in enumerate(split.phases)})
+                where = {k: int(torch.isin(lost, v).sum()) for k, v in owners.items()
+                         if v is not None}
+                print(f"    split{args}: lost rows {lost.tolist()[:8]} in {where}")
+    finally:
+        L.F, L.matmul_nk = real_f, real_mm
+
+
 if __name__ == "__main__":
     device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -63,3 +117,4 @@ if __name__ == "__main__":
         for dilation in (1, 2, 4):
             dense_probe(dtype, dilation, device)
         lattice_probe(dtype, device)
+    lattice_trace(torch.float16, device)

@@ -1,0 +1,101 @@
+"""Issue 14's CPU target results on a many-core host (the GPU machine's AMX Xeon): the
+``targets`` suite of ``experiments/benchmark.py``, filtered by name, several results at a time,
+each in its own process pinned with ``taskset`` to its own physical cores (``--threads 2`` as
+on a dev machine; hyperthread siblings left idle), so that a 16-core host measures in minutes
+what a 2-core dev machine measures in an hour. The ratios are within one process as always;
+the jobs share the memory bus and the last-level cache, which a dev machine does not.
+
+    python dev/gpu/cpu_targets.py --filter bfloat16 --frames .carry/frames --reps 3 --jobs 4
+
+Results go to ``experiments/results/<name>.json`` (gpu_session's ``collect`` packs them).
+"""
+import argparse
+import glob
+import os
+import shlex
+import subprocess
+import sys
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from experiments.benchmark import suites  # noqa: E402
+
+PIN = shutil.which("taskset") is not None  # else unpinned (said at the start)
+
+
+def physical_cores() -> list[int]:
+    """One logical CPU per physical core (the first sibling), of the CPUs this process may use."""
+    allowed = os.sched_getaffinity(0)
+    seen, cpus = set(), []
+    out = subprocess.run(["lscpu", "-p=CPU,CORE,SOCKET"], capture_output=True, text=True,
+                         check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("#"):
+            continue
+        cpu, core, socket = (int(v) for v in line.split(",")[:3])
+        if cpu in allowed and (core, socket) not in seen:
+            seen.add((core, socket))
+            cpus.append(cpu)
+    return cpus
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--filter", default="bfloat16", help="text in the result names")
+    parser.add_argument("--frames", default=os.path.join(ROOT, ".carry", "frames"))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=4, help="results at a time")
+    parser.add_argument("--threads", type=int, default=2, help="cores per result")
+    parser.add_argument("--results", default="experiments/results")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    frames = sorted(glob.glob(os.path.join(args.frames, "*.png")))
+    if not frames:
+        sys.exit(f"cpu_targets: no PNG frames in {args.frames}")
+    chosen = [(n, a) for n, a in suites(frames, args.reps)["targets"] if args.filter in n]
+    if not chosen:
+        sys.exit(f"cpu_targets: no target result name contains {args.filter!r}")
+    # the longest first (four frames a batch, the whole model), so the pool ends together
+    chosen.sort(key=lambda item: ("_b4_" in item[0], "model" in item[0]), reverse=True)
+    cores = physical_cores()
+    slots = [cores[i:i + args.threads] for i in range(0, len(cores), args.threads)]
+    slots = [s for s in slots if len(s) == args.threads][:args.jobs]
+    if not slots:
+        sys.exit(f"cpu_targets: fewer than {args.threads} physical cores here ({cores})")
+    print(f"cpu_targets: {len(chosen)} results, {len(slots)} at a time on cores {slots}"
+          f"{'' if PIN else ' (no taskset here: NOT pinned)'}", flush=True)
+    free = list(range(len(slots)))
+    t0 = time.time()
+
+    def run(item):
+        name, bench_args = item
+        slot = free.pop()  # the pool has one worker per slot: never empty here
+        try:
+            full = [*bench_args, "--threads", str(args.threads),
+                    "--json", os.path.join(args.results, f"{name}.json"), "--label", name]
+            pin = ["taskset", "-c", ",".join(map(str, slots[slot]))] if PIN else []
+            cmd = [*pin, sys.executable, "-m", "cad_apps.cli", "bench", *full]
+            print(f"[{time.time() - t0:5.0f}s] start {name} on {slots[slot]}: "
+                  f"cad-spconv bench {shlex.join(full)}", flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            # the summary rows; stderr's end only where it failed
+            tail = [ln for ln in done.stdout.splitlines() if ln.startswith(("all", "input"))]
+            if done.returncode:
+                tail += done.stderr.strip().splitlines()[-8:]
+            tail = "\n".join(tail)
+            print(f"[{time.time() - t0:5.0f}s] {name}: rc={done.returncode}\n{tail}", flush=True)
+            return done.returncode
+        finally:
+            free.append(slot)
+
+    with ThreadPoolExecutor(len(slots)) as pool:
+        codes = list(pool.map(run, chosen))
+    return max(codes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
