@@ -25,8 +25,8 @@
 #   profile    cad-spconv bench --profile 30 on one frame (1024x2048, batch 1, float16, every
 #              engine that runs there): device time per op and the host's total, to see where
 #              CAD's time goes
-#   probe      dev/gpu/probe_half_inf.py: the open float16 -Inf finding (does cuDNN's float16
-#              conv itself saturate -Inf to a finite value?), a few seconds
+#   probe      dev/gpu/probe_half_inf.py: the float16 -Inf finding (cuDNN's float16 conv
+#              returning 0.0 for the lattice engine's inputs): each call against float64, 40 s
 #   cpu-targets  dev/gpu/cpu_targets.py: issue 14's CPU targets (those named CPU_FILTER,
 #              default bfloat16) on this host's CPU, CPU_JOBS (4) results at a time, each
 #              pinned to 2 physical cores, --reps CPU_REPS (3)
@@ -41,7 +41,7 @@
 # BENCH_S (500) caps per part; TESTS_K (pytest -k expression); BENCH_FILTER (regex on the
 # suite's result names, e.g. _b1_ or _b4_: run only those, when all eight do not fit one call);
 # BENCH_REPS (5); CPU_S (400), CPU_FILTER, CPU_JOBS, CPU_REPS; ENGINES_SIZE ("1024 2048"); EVAL_S (90), EVAL_DTYPE (float16), EVAL_SIZE
-# ("1024, 2048"); PROFILE_S (90), PROFILE_DTYPE (float16); TESTS_WORKERS (pytest-xdist
+# ("1024, 2048"); PROFILE_S (90), PROFILE_DTYPE (float16), PROFILE_THRESHOLD (0.35); TESTS_WORKERS (pytest-xdist
 # processes for the tests part; unset: one); PYTHON (python3).
 # Options: --dry-run (unpack and check the carried packages, print what would run; run nothing),
 # --no-site (use the installed packages as they are: for trying this script on a dev machine).
@@ -252,10 +252,12 @@ EOF
 part_profile() {
     local dev=cpu engines=lattice,torch
     has_cuda && { dev=cuda; engines=$engines,spconv-igemm; }
+    local thr=${PROFILE_THRESHOLD:-0.35}
     local name="${dev/cuda/gpu}_profile_deeplabv3_resnet101_1024x2048_b1_${PROFILE_DTYPE:-float16}"
+    [[ $thr == 0.35 ]] || name+="_edge$thr"
     run_part profile "${PROFILE_S:-90}" "$PY" -m cad_apps.cli bench --model deeplabv3_resnet101 \
         --size 1024 2048 --images .carry/frames/frankfurt_000000_002196_leftImg8bit.png \
-        --threshold 0.35 --dilation 11 --device "$dev" --dtype "${PROFILE_DTYPE:-float16}" \
+        --threshold "$thr" --dilation 11 --device "$dev" --dtype "${PROFILE_DTYPE:-float16}" \
         --engine "$engines" --reps 3 --warmup 1 --no-memory --profile 30 \
         --json "experiments/results/$name.json" --label "$name"
 }

@@ -1,6 +1,8 @@
-"""Probe for the open float16 finding (BENCHMARKS.md, "GPU"): does cuDNN's float16 conv itself
-turn an -Inf input into a finite output (a saturating epilogue, -65504), or only our lattice
-engine? Prints one line per case; exits 0 either way (a probe, not a test).
+"""Probe for the float16 finding (BENCHMARKS.md, "GPU"): which call turns an -Inf input into a
+finite output, cuDNN's float16 conv or our lattice engine? Dense convs alone, both engines, and
+a trace of every conv and GEMM the lattice engine runs against the same call in float64 (on an
+H200, 2026-12-04: the cuDNN conv itself returned 0.0). Prints one line per case; exits 0 either
+way (a probe, not a test).
 
     python dev/gpu/probe_half_inf.py          # on the device, after gpu_session's setup
     python dev/gpu/probe_half_inf.py cpu      # the same cases on CPU (to try the script)

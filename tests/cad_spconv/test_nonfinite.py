@@ -45,6 +45,13 @@ POISONS = [(0, "all", NAN), (2, "all", INF), (1, "all", "mixed"), (0, "first", N
            (1, "border", INF), (2, "coarse", -INF)]
 
 
+# Engines whose convs run on cuDNN where their sites form grids. On an H200 (cuDNN 9.19, torch
+# 2.11) cuDNN's float16 conv itself, given the lattice engine's inputs (batch 3, 8 channels,
+# 9x12 and 3x3 grids), returned 0.0 at an output whose float64 conv of the same inputs is
+# non-finite: dev/gpu/probe_half_inf.py checks each of the engine's calls against float64.
+CUDNN_ROUTES = ("lattice", "tuned")
+
+
 def classes(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([t.isnan(), t.isposinf(), t.isneginf()])
 
@@ -262,25 +269,18 @@ def test_conv_reference_semantics(case, stride, device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_half_precision_routes(dtype, stride, device, request):
+def test_half_precision_routes(dtype, stride, device):
     """The half-precision GEMM routes (bfloat16 through torch.mm on CPU, float16 on CUDA):
     other images bit-identical, the poisoned image's NaN / Inf pattern that of the float64
     reference on the same (rounded) inputs."""
     if dtype == torch.float16 and device.type == "cpu":
         pytest.skip("float16 convs are a CUDA dtype")
-    if dtype == torch.float16 and stride == 1:
-        # seen on an H200 (2026-12-04), not yet explained: -Inf at the coarsest site of image 2
-        # leaves some outputs of the lattice engine (the first one checked) finite where the
-        # float64 reference has -Inf / NaN; the other images are untouched (BENCHMARKS.md,
-        # "GPU"; dev/gpu/probe_half_inf.py). Strict: a fix shows as XPASS
-        request.applymarker(pytest.mark.xfail(strict=True, reason="float16 lattice route on "
-                                              "CUDA misses an Inf's spread (open, see the "
-                                              "GPU notes in BENCHMARKS.md)"))
     case = CASES[2]
     gen = torch.Generator().manual_seed(6)
     w = torch.randn(8, 8, 3, 3, generator=gen).to(device, dtype)
     names = [e for e in engines(device, torch.float32, 1)  # spconv has no bfloat16 kernels
              if not (e.startswith("spconv") and dtype == torch.bfloat16)]
+    cudnn_losses = []
     for step in range(case[1] + (stride == 1)):
         if stride == 2 and step == case[1]:
             continue
@@ -297,4 +297,15 @@ def test_half_precision_routes(dtype, stride, device, request):
                     where = (name, image, what, value)
                     assert_unaffected(out[others], clean[others], where)
                     want = ref.conv(bad.features.double(), levels, step, stride, w.double())
+                    if torch.equal(classes(out), classes(want)):
+                        continue
+                    if name in CUDNN_ROUTES and dtype == torch.float16 and device.type == "cuda":
+                        # only the loss of a non-finite value is cuDNN's; anything else is ours
+                        lost = ~torch.isfinite(want) & torch.isfinite(out.double())
+                        assert torch.equal(classes(out)[:, ~lost], classes(want)[:, ~lost]), where
+                        cudnn_losses.append(where)
+                        continue
                     assert torch.equal(classes(out), classes(want)), where
+    if cudnn_losses:
+        pytest.xfail(f"cuDNN's float16 conv returned finite values where the float64 conv of the "
+                     f"same inputs is non-finite (BENCHMARKS.md, GPU): {cudnn_losses[:3]}")
