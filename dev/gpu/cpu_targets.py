@@ -43,6 +43,18 @@ def physical_cores() -> list[int]:
     return cpus
 
 
+def slots_of(cores: list[int], jobs: int, threads: int) -> list[list[int]]:
+    """At most ``jobs`` disjoint groups of ``threads`` cores each, in the order given."""
+    groups = [cores[i:i + threads] for i in range(0, len(cores), threads)]
+    return [g for g in groups if len(g) == threads][:jobs]
+
+
+def longest_first(chosen: list) -> list:
+    """The results with four frames a batch or the whole model first, so the pool ends
+    together; the suite's order otherwise."""
+    return sorted(chosen, key=lambda item: ("_b4_" in item[0], "model" in item[0]), reverse=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--filter", default="bfloat16", help="text in the result names")
@@ -59,11 +71,9 @@ def main() -> int:
     chosen = [(n, a) for n, a in suites(frames, args.reps)["targets"] if args.filter in n]
     if not chosen:
         sys.exit(f"cpu_targets: no target result name contains {args.filter!r}")
-    # the longest first (four frames a batch, the whole model), so the pool ends together
-    chosen.sort(key=lambda item: ("_b4_" in item[0], "model" in item[0]), reverse=True)
+    chosen = longest_first(chosen)
     cores = physical_cores()
-    slots = [cores[i:i + args.threads] for i in range(0, len(cores), args.threads)]
-    slots = [s for s in slots if len(s) == args.threads][:args.jobs]
+    slots = slots_of(cores, args.jobs, args.threads)
     if not slots:
         sys.exit(f"cpu_targets: fewer than {args.threads} physical cores here ({cores})")
     print(f"cpu_targets: {len(chosen)} results, {len(slots)} at a time on cores {slots}"

@@ -1,0 +1,81 @@
+"""The GPU session kit (dev/gpu) is run only on a lent device, so its plumbing is checked here:
+the dry run names every part's command, bad parts are refused, and the CPU-targets helper
+plans its pinned jobs."""
+import importlib.util
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KIT = os.path.join(ROOT, "dev", "gpu")
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")
+
+
+def _load_cpu_targets():
+    spec = importlib.util.spec_from_file_location("cpu_targets", os.path.join(KIT, "cpu_targets.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _session(tmp_path, *args):
+    env = dict(os.environ, OUT=str(tmp_path), CPU_JOBS="3", CPU_FILTER="float32")
+    return subprocess.run(["bash", os.path.join(KIT, "gpu_session.sh"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@needs_bash
+def test_dry_run_names_each_part(tmp_path):
+    done = _session(tmp_path, "--dry-run", "--no-site", "probe", "cpu-targets", "profile")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dev/gpu/probe_half_inf.py" in done.stdout
+    assert "dev/gpu/cpu_targets.py --filter float32" in done.stdout
+    assert "--jobs 3" in done.stdout
+    assert "--threshold 0.35" in done.stdout
+    assert (tmp_path / "session.log").exists()
+
+
+@needs_bash
+def test_profile_threshold_knob(tmp_path):
+    env_run = subprocess.run(
+        ["bash", os.path.join(KIT, "gpu_session.sh"), "--dry-run", "--no-site", "profile"],
+        cwd=ROOT, env=dict(os.environ, OUT=str(tmp_path), PROFILE_THRESHOLD="0.95"),
+        capture_output=True, text=True, timeout=120)
+    assert env_run.returncode == 0, env_run.stdout + env_run.stderr
+    assert "--threshold 0.95" in env_run.stdout
+    assert "_edge0.95.json" in env_run.stdout
+
+
+@needs_bash
+def test_unknown_part_is_refused(tmp_path):
+    done = _session(tmp_path, "--dry-run", "benchmark")
+    assert done.returncode == 2
+    assert "unknown part 'benchmark'" in done.stderr
+    assert "cpu-targets" in done.stderr
+
+
+def test_cpu_targets_slots_are_disjoint_and_whole():
+    ct = _load_cpu_targets()
+    assert ct.slots_of([0, 2, 4, 6, 8], jobs=4, threads=2) == [[0, 2], [4, 6]]
+    assert ct.slots_of(list(range(16)), jobs=4, threads=2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert ct.slots_of([0], jobs=4, threads=2) == []
+
+
+def test_cpu_targets_run_the_longest_first():
+    ct = _load_cpu_targets()
+    names = ["cpu_bfloat16_b1_edge0.15", "cpu_bfloat16_b4_edge0.35", "cpu_bfloat16_b1_keep_all",
+             "cpu_bfloat16_b1_model_edge0.35"]
+    order = [n for n, _ in ct.longest_first([(n, []) for n in names])]
+    assert order == ["cpu_bfloat16_b4_edge0.35", "cpu_bfloat16_b1_model_edge0.35",
+                     "cpu_bfloat16_b1_edge0.15", "cpu_bfloat16_b1_keep_all"]
+
+
+@pytest.mark.skipif(shutil.which("lscpu") is None, reason="lscpu not found")
+def test_cpu_targets_physical_cores_are_usable_ones():
+    ct = _load_cpu_targets()
+    cores = ct.physical_cores()
+    assert cores and len(set(cores)) == len(cores)
+    assert set(cores) <= os.sched_getaffinity(0)
