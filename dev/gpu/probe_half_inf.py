@@ -35,20 +35,28 @@ def dense_probe(dtype, dilation, device):
               f"values there {got[lost][:4].tolist()}")
 
 
-def lattice_probe(dtype, device):
-    case, stride = ((17, 23), 3, "map"), 1
+CASE, STEPS = ((17, 23), 3, "map"), 4  # the failing test's case (test_half_precision_routes)
+
+
+def poisoned(dtype, device, step):
+    """The test's weights and input at ``step``, -Inf at image 2's coarsest site, and the
+    float64 reference conv (stride 1) of that input."""
     gen = torch.Generator().manual_seed(6)
     w = torch.randn(8, 8, 3, 3, generator=gen).to(device, dtype)
-    for step in range(case[1] + 1):
-        x, levels = make_input(case, step, 8, torch.float32, device, seed=step)
-        f = x.features.to(dtype)
-        geo = x.plan.geometry(step)
-        rows = (geo.coords[:, 0] == 2).nonzero()[:, 0]
-        c = geo.coords[rows]
-        lv = x.plan.levels[c[:, 0], c[:, 1], c[:, 2]]
-        f[rows[lv.argmax()]] = float("-inf")
-        bad = x.replace_feature(f)
-        want = ref.conv(f.double(), levels, step, stride, w.double())
+    x, levels = make_input(CASE, step, 8, torch.float32, device, seed=step)
+    f = x.features.to(dtype)
+    geo = x.plan.geometry(step)
+    rows = (geo.coords[:, 0] == 2).nonzero()[:, 0]
+    c = geo.coords[rows]
+    lv = x.plan.levels[c[:, 0], c[:, 1], c[:, 2]]
+    f[rows[lv.argmax()]] = float("-inf")
+    return w, x.replace_feature(f), ref.conv(f.double(), levels, step, 1, w.double())
+
+
+def lattice_probe(dtype, device):
+    stride = 1
+    for step in range(STEPS):
+        w, bad, want = poisoned(dtype, device, step)
         for engine in ("lattice", "torch"):
             got = CF.conv2d(bad, w, None, stride, 1, 1, engine).features
             lost = (~torch.isfinite(want) & torch.isfinite(got))
@@ -83,21 +91,11 @@ def lattice_trace(dtype, device, steps=(1, 3)):
     L.matmul_nk = checked("matmul_nk", real_mm,
                           lambda x, w, b=None, *a, **k: F.linear(x, w, b))
     try:
-        case, stride = ((17, 23), 3, "map"), 1
-        gen = torch.Generator().manual_seed(6)
-        w = torch.randn(8, 8, 3, 3, generator=gen).to(device, dtype)
+        stride = 1
         for step in steps:
-            x, levels = make_input(case, step, 8, torch.float32, device, seed=step)
-            f = x.features.to(dtype)
-            geo = x.plan.geometry(step)
-            rows = (geo.coords[:, 0] == 2).nonzero()[:, 0]
-            c = geo.coords[rows]
-            lv = x.plan.levels[c[:, 0], c[:, 1], c[:, 2]]
-            f[rows[lv.argmax()]] = float("-inf")
-            bad = x.replace_feature(f)
+            w, bad, want = poisoned(dtype, device, step)
             print(f"  lattice trace {dtype} step {step}:")
             got = CF.conv2d(bad, w, None, stride, 1, 1, "lattice").features
-            want = ref.conv(f.double(), levels, step, stride, w.double())
             lost = (~torch.isfinite(want) & torch.isfinite(got)).any(1).nonzero()[:, 0]
             book = conv_book(bad, (3, 3), 1, stride)
             for args in book.lattice_args():
