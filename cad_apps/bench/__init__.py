@@ -93,6 +93,10 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--dense-format", default="both", choices=("both",) + FORMATS,
                         help="memory format of the dense models; 'both' times both and takes the "
                              "faster as the reference (default)")
+    parser.add_argument("--no-float32-baseline", action="store_true",
+                        help="with --dtype bfloat16 / float16: leave out the dense finest network "
+                             "in NCHW float32 (reported beside the same-dtype baseline, not part "
+                             "of any ratio to it; on CPU it takes about half of a run)")
     parser.add_argument("--clock", default="wall", choices=("wall", "process"),
                         help="CPU timing: wall clock (default), or the CPU seconds of this "
                              "process (all threads), a proxy that other processes on a busy "

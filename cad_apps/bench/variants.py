@@ -66,7 +66,8 @@ def to_format(x, fmt):
 def build_variants(args, device, dtype) -> dict:
     """Variants for ``args.model``, all sharing one set of random weights: the dense network at
     the finest and the coarsest stride (per memory format), CAD per engine, and where the dtype
-    is not float32 the dense finest network in NCHW float32 (the usual baseline, reported).
+    is not float32 the dense finest network in NCHW float32 (the usual baseline, reported;
+    not with ``args.no_float32_baseline``).
 
     ``args.scope``: ``"backbone"`` times the backbones (CAD: ``forward_features``, densified at
     the finest stride); ``"model"`` the whole models (segmentation: the plain networks with
@@ -115,7 +116,7 @@ def build_variants(args, device, dtype) -> dict:
         dense = {s: fold_batchnorm(m.eval()) for s, m in dense.items()}
         cads = {e: fold_batchnorm(m.eval()) for e, m in cads.items()}
     reference = None
-    if dtype != torch.float32:  # the usual baseline, reported next to the best one
+    if dtype != torch.float32 and not args.no_float32_baseline:  # the usual baseline, reported
         reference = copy.deepcopy(dense[f]).eval().to(device=device)
     for m in list(dense.values()) + list(cads.values()):
         m.eval().to(device=device, dtype=dtype)

@@ -3,7 +3,9 @@
 each in its own process pinned with ``taskset`` to its own physical cores (``--threads 2`` as
 on a dev machine; hyperthread siblings left idle), so that a 16-core host measures in minutes
 what a 2-core dev machine measures in an hour. The ratios are within one process as always;
-the jobs share the memory bus and the last-level cache, which a dev machine does not.
+the jobs share the memory bus and the last-level cache, which a dev machine does not (on the
+H200's host, 2026-12-04, four side by side gave per-frame ratios from 0.64 to 1.14). The NCHW
+float32 network, reported beside the targets' baselines, is left out (``--no-float32-baseline``).
 
     python dev/gpu/cpu_targets.py --filter bfloat16 --frames .carry/frames --reps 3 --jobs 4
 
@@ -85,7 +87,8 @@ def main() -> int:
         name, bench_args = item
         slot = free.pop()  # the pool has one worker per slot: never empty here
         try:
-            full = [*bench_args, "--threads", str(args.threads),
+            # the NCHW float32 network is no target's baseline and took half of each run
+            full = [*bench_args, "--threads", str(args.threads), "--no-float32-baseline",
                     "--json", os.path.join(args.results, f"{name}.json"), "--label", name]
             pin = ["taskset", "-c", ",".join(map(str, slots[slot]))] if PIN else []
             cmd = [*pin, sys.executable, "-m", "cad_apps.cli", "bench", *full]

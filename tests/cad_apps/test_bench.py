@@ -118,3 +118,17 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
     assert f"--json {results}/cpu_float32_b1_edge0.15.json" in out
     assert "skipping cpu_bfloat16_b1_edge0.15: this CPU has no native bfloat16" in out
     assert "--dtype bfloat16" not in out
+
+
+@pytest.mark.parametrize("leave_out", [False, True])
+def test_float32_baseline_is_optional(tmp_path, leave_out):
+    """In bfloat16 the NCHW float32 dense network is timed beside the same-dtype baselines
+    unless ``--no-float32-baseline``; the ratios to dense 8 do not depend on it."""
+    extra = ["--no-float32-baseline"] if leave_out else []
+    report, _ = run_bench(tmp_path, "--model", "resnet18", "--size", "64", "48", "--dtype",
+                          "bfloat16", "--dense-format", "channels_last", "--engine", "torch",
+                          *extra)
+    res = report["inputs"][0]
+    assert ("dense8[nchw,float32]" in res["variants"]) is not leave_out
+    assert ("vs_dense_fine_nchw_float32" in res["summary"]["cad"]["torch"]) is not leave_out
+    assert res["summary"]["cad"]["torch"]["vs_dense_fine"] > 0
