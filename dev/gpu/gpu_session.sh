@@ -40,9 +40,10 @@
 # Knobs (environment): GPU_BUDGET_S, TESTS_S (150), TESTS_ALL_S (480), ENGINES_S (200),
 # BENCH_S (500) caps per part; TESTS_K (pytest -k expression); BENCH_FILTER (regex on the
 # suite's result names, e.g. _b1_ or _b4_: run only those, when all eight do not fit one call);
-# BENCH_REPS (5); CPU_S (400), CPU_FILTER, CPU_JOBS, CPU_REPS; ENGINES_SIZE ("1024 2048"); EVAL_S (90), EVAL_DTYPE (float16), EVAL_SIZE
-# ("1024, 2048"); PROFILE_S (90), PROFILE_DTYPE (float16), PROFILE_THRESHOLD (0.35); TESTS_WORKERS (pytest-xdist
-# processes for the tests part; unset: one); PYTHON (python3).
+# BENCH_REPS (5); CPU_S (400), CPU_FILTER, CPU_JOBS, CPU_REPS; ENGINES_SIZE ("1024 2048");
+# EVAL_S (90), EVAL_DTYPE (float16), EVAL_SIZE ("1024, 2048"); PROFILE_S (90 per dtype),
+# PROFILE_DTYPE (float16; a list such as "float16 float32" profiles each), PROFILE_THRESHOLD
+# (0.35); TESTS_WORKERS (pytest-xdist processes for the tests part; unset: one); PYTHON (python3).
 # Options: --dry-run (unpack and check the carried packages, print what would run; run nothing),
 # --no-site (use the installed packages as they are: for trying this script on a dev machine).
 set -uo pipefail
@@ -249,17 +250,20 @@ for name, args in chosen:
 EOF
 }
 
-part_profile() {
-    local dev=cpu engines=lattice,torch
+part_profile() {  # one run per dtype of PROFILE_DTYPE (a space-separated list)
+    local dev=cpu engines=lattice,torch dtype
     has_cuda && { dev=cuda; engines=$engines,spconv-igemm; }
     local thr=${PROFILE_THRESHOLD:-0.35}
-    local name="${dev/cuda/gpu}_profile_deeplabv3_resnet101_1024x2048_b1_${PROFILE_DTYPE:-float16}"
-    [[ $thr == 0.35 ]] || name+="_edge$thr"
-    run_part profile "${PROFILE_S:-90}" "$PY" -m cad_apps.cli bench --model deeplabv3_resnet101 \
-        --size 1024 2048 --images .carry/frames/frankfurt_000000_002196_leftImg8bit.png \
-        --threshold "$thr" --dilation 11 --device "$dev" --dtype "${PROFILE_DTYPE:-float16}" \
-        --engine "$engines" --reps 3 --warmup 1 --no-memory --profile 30 \
-        --json "experiments/results/$name.json" --label "$name"
+    for dtype in ${PROFILE_DTYPE:-float16}; do
+        local name="${dev/cuda/gpu}_profile_deeplabv3_resnet101_1024x2048_b1_$dtype"
+        [[ $thr == 0.35 ]] || name+="_edge$thr"
+        run_part "profile[$dtype]" "${PROFILE_S:-90}" "$PY" -m cad_apps.cli bench \
+            --model deeplabv3_resnet101 --size 1024 2048 \
+            --images .carry/frames/frankfurt_000000_002196_leftImg8bit.png \
+            --threshold "$thr" --dilation 11 --device "$dev" --dtype "$dtype" \
+            --engine "$engines" --reps 3 --warmup 1 --no-memory --profile 30 \
+            --json "experiments/results/$name.json" --label "$name"
+    done
 }
 
 part_eval() {

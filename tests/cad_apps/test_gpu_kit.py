@@ -39,14 +39,18 @@ def test_dry_run_names_each_part(tmp_path):
 
 
 @needs_bash
-def test_profile_threshold_knob(tmp_path):
+def test_profile_knobs(tmp_path):
     env_run = subprocess.run(
         ["bash", os.path.join(KIT, "gpu_session.sh"), "--dry-run", "--no-site", "profile"],
-        cwd=ROOT, env=dict(os.environ, OUT=str(tmp_path), PROFILE_THRESHOLD="0.95"),
+        cwd=ROOT, env=dict(os.environ, OUT=str(tmp_path), PROFILE_THRESHOLD="0.95",
+                           PROFILE_DTYPE="float16 float32"),
         capture_output=True, text=True, timeout=120)
     assert env_run.returncode == 0, env_run.stdout + env_run.stderr
-    assert "--threshold 0.95" in env_run.stdout
-    assert "_edge0.95.json" in env_run.stdout
+    runs = [line for line in env_run.stdout.splitlines() if "] profile[" in line]
+    assert len(runs) == 2
+    for dtype, line in zip(("float16", "float32"), runs):
+        assert f"profile[{dtype}]" in line and f"--dtype {dtype}" in line
+        assert "--threshold 0.95" in line and f"_b1_{dtype}_edge0.95.json" in line
 
 
 @needs_bash
