@@ -11,7 +11,7 @@ import torch
 from ..rulebook import Rulebook
 from .base import CHUNK_ELEMENTS, Engine, register
 from .gemm import grouped_mm
-from .layouts import gemm_weight
+from .layouts import gemm_weight, krsc_filters
 
 __all__ = ["GatherEngine"]
 
@@ -24,9 +24,15 @@ class GatherEngine(Engine):
         n_in, c_in = features.shape
         c_out, c_in_g, kh, kw = weight.shape
         k, g = kh * kw, groups
-        w = gemm_weight(weight, groups, cache=False)  # the plain baseline: no packed-weight cache
+        # the plain baseline keeps no weight copies: groups == 1 reads the KRSC filters, a view
+        # of a channels-last weight (a copy per call otherwise); groups a permuted copy
+        if g == 1:
+            w = krsc_filters(weight).reshape(c_out, k * c_in).t()
+        else:
+            w = gemm_weight(weight, groups, cache=False)
         if book.is_identity:
-            out = grouped_mm(features.reshape(n_in, g, c_in_g).transpose(0, 1), w)
+            out = (features @ w if g == 1
+                   else grouped_mm(features.reshape(n_in, g, c_in_g).transpose(0, 1), w))
         else:
             padded = torch.cat([features, features.new_zeros(1, c_in)])
             index = book.padded()
@@ -36,7 +42,7 @@ class GatherEngine(Engine):
                 cols = padded[index[start:start + rows_per_chunk]]  # [n, K, C_in]
                 n = cols.shape[0]
                 if g == 1:
-                    outs.append(cols.reshape(n, k * c_in) @ w[0])
+                    outs.append(cols.reshape(n, k * c_in) @ w)
                 else:
                     cols = cols.reshape(n, k, g, c_in_g).permute(2, 0, 1, 3).reshape(
                         g, n, k * c_in_g)
