@@ -8,12 +8,14 @@ H200's host, 2026-12-04, four side by side gave per-frame ratios from 0.64 to 1.
 float32 network, reported beside the targets' baselines, is left out (``--no-float32-baseline``).
 
     python dev/gpu/cpu_targets.py --filter bfloat16 --frames .carry/frames --reps 3 --jobs 4
+    python dev/gpu/cpu_targets.py --filter 'bfloat16.*edge0.35' --jobs 2   # a regex
 
 Results go to ``experiments/results/<name>.json`` (gpu_session's ``collect`` packs them).
 """
 import argparse
 import glob
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -30,8 +32,11 @@ PIN = shutil.which("taskset") is not None  # else unpinned (said at the start)
 
 
 def physical_cores() -> list[int]:
-    """One logical CPU per physical core (the first sibling), of the CPUs this process may use."""
+    """One logical CPU per physical core (the first sibling), of the CPUs this process may use;
+    without ``lscpu``, every usable CPU (siblings not told apart)."""
     allowed = os.sched_getaffinity(0)
+    if shutil.which("lscpu") is None:
+        return sorted(allowed)
     seen, cpus = set(), []
     out = subprocess.run(["lscpu", "-p=CPU,CORE,SOCKET"], capture_output=True, text=True,
                          check=True).stdout
@@ -57,22 +62,41 @@ def longest_first(chosen: list) -> list:
     return sorted(chosen, key=lambda item: ("_b4_" in item[0], "model" in item[0]), reverse=True)
 
 
-def main() -> int:
+def with_threads(bench_args: list[str], threads: int) -> list[str]:
+    """``bench_args`` with ``--threads`` set to ``threads`` (replaced where the suite gives it)."""
+    args = list(bench_args)
+    if "--threads" in args:
+        args[args.index("--threads") + 1] = str(threads)
+        return args
+    return [*args, "--threads", str(threads)]
+
+
+def worst(codes: list[int]) -> int:
+    """One exit status for all jobs: 0 only if every job exited 0 (a job killed by a signal
+    has a negative code)."""
+    return max((abs(c) for c in codes), default=0)
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--filter", default="bfloat16", help="text in the result names")
+    parser.add_argument("--filter", default="bfloat16",
+                        help="regular expression searched in the result names")
     parser.add_argument("--frames", default=os.path.join(ROOT, ".carry", "frames"))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=4, help="results at a time")
     parser.add_argument("--threads", type=int, default=2, help="cores per result")
     parser.add_argument("--results", default="experiments/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    frames_dir = os.path.abspath(args.frames)  # before the chdir: relative to the caller
     os.chdir(ROOT)
-    frames = sorted(glob.glob(os.path.join(args.frames, "*.png")))
+    frames = sorted(glob.glob(os.path.join(frames_dir, "*.png")))
     if not frames:
-        sys.exit(f"cpu_targets: no PNG frames in {args.frames}")
-    chosen = [(n, a) for n, a in suites(frames, args.reps)["targets"] if args.filter in n]
+        sys.exit(f"cpu_targets: no PNG frames in {frames_dir}")
+    names = [n for n, _ in suites(frames, args.reps)["targets"]]
+    chosen = [(n, a) for n, a in suites(frames, args.reps)["targets"]
+              if re.search(args.filter, n)]
     if not chosen:
-        sys.exit(f"cpu_targets: no target result name contains {args.filter!r}")
+        sys.exit(f"cpu_targets: --filter {args.filter!r} matches none of {names}")
     chosen = longest_first(chosen)
     cores = physical_cores()
     slots = slots_of(cores, args.jobs, args.threads)
@@ -88,7 +112,7 @@ def main() -> int:
         slot = free.pop()  # the pool has one worker per slot: never empty here
         try:
             # the NCHW float32 network is no target's baseline and took half of each run
-            full = [*bench_args, "--threads", str(args.threads), "--no-float32-baseline",
+            full = [*with_threads(bench_args, args.threads), "--no-float32-baseline",
                     "--json", os.path.join(args.results, f"{name}.json"), "--label", name]
             pin = ["taskset", "-c", ",".join(map(str, slots[slot]))] if PIN else []
             cmd = [*pin, sys.executable, "-m", "cad_apps.cli", "bench", *full]
@@ -107,7 +131,7 @@ def main() -> int:
 
     with ThreadPoolExecutor(len(slots)) as pool:
         codes = list(pool.map(run, chosen))
-    return max(codes)
+    return worst(codes)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@
 #              lattice / torch / spconv / spconv-igemm per layer, for the "auto" choice on CUDA
 #   bench      python -m experiments.benchmark gpu --frames .carry/frames --no-markdown
 #              (DeepLabV3-ResNet101 1024x2048, batch 1 and 4, fp32 (TF32 on / off) / fp16 / bf16)
-#   profile    cad-spconv bench --profile 30 on one frame (1024x2048, batch 1, float16, every
-#              engine that runs there): device time per op and the host's total, to see where
-#              CAD's time goes
+#   profile    cad-spconv bench --profile 30 on one frame (1024x2048, batch 1, each dtype of
+#              PROFILE_DTYPE (float16), edge PROFILE_THRESHOLD (0.35), every engine that runs
+#              there): device time per op and the host's total, to see where CAD's time goes
 #   probe      dev/gpu/probe_half_inf.py: the float16 -Inf finding (cuDNN's float16 conv
 #              returning 0.0 for the lattice engine's inputs): each call against float64, 40 s
 #   cpu-targets  dev/gpu/cpu_targets.py: issue 14's CPU targets (those named CPU_FILTER,

@@ -123,7 +123,7 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
 @pytest.mark.parametrize("leave_out", [False, True])
 def test_float32_baseline_is_optional(tmp_path, leave_out):
     """In bfloat16 the NCHW float32 dense network is timed beside the same-dtype baselines
-    unless ``--no-float32-baseline``; the ratios to dense 8 do not depend on it."""
+    unless ``--no-float32-baseline``; the ratios to dense 8 are reported either way."""
     extra = ["--no-float32-baseline"] if leave_out else []
     report, _ = run_bench(tmp_path, "--model", "resnet18", "--size", "64", "48", "--dtype",
                           "bfloat16", "--dense-format", "channels_last", "--engine", "torch",

@@ -5,6 +5,8 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -21,15 +23,22 @@ def _load_cpu_targets():
     return module
 
 
-def _session(tmp_path, *args):
-    env = dict(os.environ, OUT=str(tmp_path), CPU_JOBS="3", CPU_FILTER="float32")
-    return subprocess.run(["bash", os.path.join(KIT, "gpu_session.sh"), *args], cwd=ROOT,
+def _session(tmp_path, *args, **knobs):
+    """gpu_session.sh with this interpreter and only the given knobs (none of the caller's)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GPU_", "TESTS_", "BENCH_", "CPU_", "PROFILE_", "EVAL_",
+                                "ENGINES_"))}
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable, **knobs)
+    done = subprocess.run(["bash", os.path.join(KIT, "gpu_session.sh"), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    return done
 
 
 @needs_bash
 def test_dry_run_names_each_part(tmp_path):
-    done = _session(tmp_path, "--dry-run", "--no-site", "probe", "cpu-targets", "profile")
+    done = _session(tmp_path, "--dry-run", "--no-site", "probe", "cpu-targets", "profile",
+                    CPU_JOBS="3", CPU_FILTER="float32")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "dev/gpu/probe_half_inf.py" in done.stdout
     assert "dev/gpu/cpu_targets.py --filter float32" in done.stdout
@@ -40,13 +49,10 @@ def test_dry_run_names_each_part(tmp_path):
 
 @needs_bash
 def test_profile_knobs(tmp_path):
-    env_run = subprocess.run(
-        ["bash", os.path.join(KIT, "gpu_session.sh"), "--dry-run", "--no-site", "profile"],
-        cwd=ROOT, env=dict(os.environ, OUT=str(tmp_path), PROFILE_THRESHOLD="0.95",
-                           PROFILE_DTYPE="float16 float32"),
-        capture_output=True, text=True, timeout=120)
-    assert env_run.returncode == 0, env_run.stdout + env_run.stderr
-    runs = [line for line in env_run.stdout.splitlines() if "] profile[" in line]
+    done = _session(tmp_path, "--dry-run", "--no-site", "profile", PROFILE_THRESHOLD="0.95",
+                    PROFILE_DTYPE="float16 float32")
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = [line for line in done.stdout.splitlines() if "] profile[" in line]
     assert len(runs) == 2
     for dtype, line in zip(("float16", "float32"), runs):
         assert f"profile[{dtype}]" in line and f"--dtype {dtype}" in line
@@ -83,3 +89,43 @@ def test_cpu_targets_physical_cores_are_usable_ones():
     cores = ct.physical_cores()
     assert cores and len(set(cores)) == len(cores)
     assert set(cores) <= os.sched_getaffinity(0)
+
+
+def test_cpu_targets_main_pins_each_job_and_reports_a_failed_one(tmp_path, monkeypatch):
+    """main() without running a benchmark: each job pinned to its own cores, --threads set once,
+    the float32 baseline left out, and one job killed by a signal makes the exit status
+    non-zero."""
+    ct = _load_cpu_targets()
+    (tmp_path / "frame.png").write_bytes(b"")
+    ran = []
+    together = threading.Barrier(2, timeout=30)  # both jobs hold their slots at once
+
+    def fake_run(cmd, **kwargs):
+        ran.append(cmd)
+        together.wait()
+        name = cmd[cmd.index("--label") + 1]
+        code = -9 if name.endswith("keep_all") else 0
+        return subprocess.CompletedProcess(cmd, code, stdout="all  auto  0.5\n", stderr="killed")
+
+    monkeypatch.setattr(ct.subprocess, "run", fake_run)
+    monkeypatch.setattr(ct, "physical_cores", lambda: [0, 1, 2, 3, 4])
+    monkeypatch.setattr(ct, "PIN", True)
+    monkeypatch.chdir(ROOT)  # main() changes directory; restored after the test
+    code = ct.main(["--filter", "float32_b1_keep", "--frames", str(tmp_path), "--jobs", "4",
+                    "--results", str(tmp_path)])
+    assert code == 9
+    assert len(ran) == 2  # keep_none and keep_all
+    pins = sorted(cmd[2] for cmd in ran)
+    assert pins == ["0,1", "2,3"]
+    for cmd in ran:
+        assert cmd[:2] == ["taskset", "-c"]
+        assert cmd.count("--threads") == 1 and cmd[cmd.index("--threads") + 1] == "2"
+        assert "--no-float32-baseline" in cmd
+
+
+def test_cpu_targets_refuses_a_filter_that_matches_nothing(tmp_path, monkeypatch):
+    ct = _load_cpu_targets()
+    (tmp_path / "frame.png").write_bytes(b"")
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit, match="matches none of"):
+        ct.main(["--filter", "no_such_result", "--frames", str(tmp_path)])

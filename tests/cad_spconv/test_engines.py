@@ -14,9 +14,12 @@ from tests.support.inputs import make_input
 @pytest.mark.parametrize("k,stride,groups", [(3, 1, 1), (3, 2, 1), (1, 2, 1), (1, 1, 1),
                                              (3, 2, 2), (1, 1, 2)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_gradients_match_dense_reference(engine, k, stride, groups, dtype, device):
+@pytest.mark.parametrize("weight_format", [torch.contiguous_format, torch.channels_last])
+def test_gradients_match_dense_reference(engine, k, stride, groups, dtype, weight_format,
+                                         device):
     """Backward through the engine equals backward through the dense emulation in float64
-    (float32: the engine's own GEMM route, e.g. oneDNN on CPU, against the float64 one)."""
+    (float32: the engine's own GEMM route, e.g. oneDNN on CPU, against the float64 one), with
+    NCHW and channels-last weights (which the engines read as views where they can)."""
     case = ((13, 11), 2, "levels")
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     for step in range(2 if stride == 2 else 3):
@@ -29,7 +32,9 @@ def test_gradients_match_dense_reference(engine, k, stride, groups, dtype, devic
         for run in ("engine", "reference"):
             cast = dtype if run == "engine" else torch.float64
             f = x.features.to(cast).requires_grad_(True)
-            wr, br = w.to(cast).requires_grad_(True), b.to(cast).requires_grad_(True)
+            fmt = weight_format if run == "engine" else torch.contiguous_format
+            wr = w.to(cast).clone(memory_format=fmt).requires_grad_(True)
+            br = b.to(cast).requires_grad_(True)
             if run == "engine":
                 y = CF.conv2d(CADTensor(f, x.plan, step), wr, br, stride, 1, groups, engine).features
             else:

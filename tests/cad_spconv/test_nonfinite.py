@@ -18,6 +18,8 @@ from tests.support import dense_reference as ref
 from cad_spconv import CADTensor, functional as CF
 from cad_spconv.backend import spconv_status
 from cad_spconv.engines.spconv_igemm import igemm_status
+from cad_spconv.engines.tuned import tuned_engines
+from cad_spconv.functional import conv_book
 from cad_spconv.nn import CADBatchNorm2d
 from tests.support.inputs import make_input, tol
 
@@ -45,11 +47,29 @@ POISONS = [(0, "all", NAN), (2, "all", INF), (1, "all", "mixed"), (0, "first", N
            (1, "border", INF), (2, "coarse", -INF)]
 
 
-# Engines whose convs run on cuDNN where their sites form grids. On an H200 (cuDNN 9.19, torch
-# 2.11) cuDNN's float16 conv itself, given the lattice engine's inputs (batch 3, 8 channels,
-# 9x12 and 3x3 grids), returned 0.0 at an output whose float64 conv of the same inputs is
-# non-finite: dev/gpu/probe_half_inf.py checks each of the engine's calls against float64.
-CUDNN_ROUTES = ("lattice", "tuned")
+# On an H200 (cuDNN 9.19, torch 2.11) cuDNN's float16 conv itself, given the lattice engine's
+# inputs (batch 3, 8 channels, 9x12, 3x3 and 2x3 grids), returned 0.0 at 1-4 outputs whose
+# float64 conv of the same inputs is non-finite (-Inf at image 2's coarsest site, stride 1):
+# dev/gpu/probe_half_inf.py checks each of the engine's calls against float64. Only that loss
+# is excused, and only where the lattice engine ran.
+CUDNN_LOSS = {"poison": (2, "coarse", -INF), "stride": 1, "value": 0.0, "most": 8}
+
+
+def cudnn_loss_case(name, book, stride, poison, dtype, device) -> bool:
+    """Where the float16 cuDNN loss above may show: the lattice engine ran (itself, or as
+    ``tuned``'s choice), float16 on CUDA, that poison and stride."""
+    ran_lattice = name == "lattice" or (name == "tuned" and "lattice" in tuned_engines(book))
+    return (ran_lattice and dtype == torch.float16 and device.type == "cuda"
+            and stride == CUDNN_LOSS["stride"] and poison == CUDNN_LOSS["poison"])
+
+
+def only_cudnn_loss(out, want) -> bool:
+    """Whether ``out`` differs from ``want`` only by that loss: a few non-finite values come out
+    as 0.0, every other value has the reference's class (finite, NaN, +Inf, -Inf)."""
+    lost = ~torch.isfinite(want) & torch.isfinite(out.double())
+    return (torch.equal(classes(out)[:, ~lost], classes(want)[:, ~lost])
+            and 0 < int(lost.sum()) <= CUDNN_LOSS["most"]
+            and bool((out[lost] == CUDNN_LOSS["value"]).all()))
 
 
 def classes(t: torch.Tensor) -> torch.Tensor:
@@ -299,13 +319,35 @@ def test_half_precision_routes(dtype, stride, device):
                     want = ref.conv(bad.features.double(), levels, step, stride, w.double())
                     if torch.equal(classes(out), classes(want)):
                         continue
-                    if name in CUDNN_ROUTES and dtype == torch.float16 and device.type == "cuda":
-                        # only the loss of a non-finite value is cuDNN's; anything else is ours
-                        lost = ~torch.isfinite(want) & torch.isfinite(out.double())
-                        assert torch.equal(classes(out)[:, ~lost], classes(want)[:, ~lost]), where
-                        cudnn_losses.append(where)
+                    book = conv_book(bad, (3, 3), 1, stride)
+                    if (cudnn_loss_case(name, book, stride, (image, what, value), dtype, device)
+                            and only_cudnn_loss(out, want)):
+                        cudnn_losses.append((step, *where))
                         continue
                     assert torch.equal(classes(out), classes(want)), where
     if cudnn_losses:
         pytest.xfail(f"cuDNN's float16 conv returned finite values where the float64 conv of the "
                      f"same inputs is non-finite (BENCHMARKS.md, GPU): {cudnn_losses[:3]}")
+
+
+def test_only_cudnn_loss_excuses_that_loss_alone():
+    """The excuse of test_half_precision_routes: a few non-finite values read as 0.0, nothing
+    else (a value lost to another finite number, too many, or a wrong class still fail)."""
+    want = torch.zeros(4, 3, dtype=torch.float64)
+    want[0, 0], want[1, 1], want[2, 2] = -INF, NAN, INF
+    out = want.to(torch.float16)
+    assert not only_cudnn_loss(out, want)  # nothing lost: no excuse needed, none given
+    lost = out.clone()
+    lost[0, 0] = 0.0
+    assert only_cudnn_loss(lost, want)
+    wrong = lost.clone()
+    wrong[0, 0] = 1.0
+    assert not only_cudnn_loss(wrong, want)
+    swapped = lost.clone()
+    swapped[2, 2] = -INF
+    assert not only_cudnn_loss(swapped, want)
+    gained = lost.clone()
+    gained[3, 0] = NAN
+    assert not only_cudnn_loss(gained, want)
+    many = torch.full((4, 3), -INF, dtype=torch.float64)
+    assert not only_cudnn_loss(torch.zeros(4, 3, dtype=torch.float16), many)
