@@ -14,7 +14,8 @@ too); ``cad_spconv.engines.lattice.gather_cost`` decides per layer. This times o
 share of cells), for the layer shapes of DeepLabV3-ResNet101: the 3x3 convs of layer3 and
 layer4 and the ASPP's three 3x3 convs (rates 12 / 24 / 36 at stride 8). Columns: every phase
 gathered, every phase dense, and what the engine's rule picks (phases dense of 3); median of
-``--reps`` after one warm-up, the three taking turns.
+``--reps`` after one warm-up, the three taking turns; then the dense network's conv of the same
+layer on the whole map (stride 8, channels-last) and the share of its taps inside the map.
 
 ``network``: DeepLabV3-ResNet101 at 512x1024 on the three frames of
 ``../shared/data/cityscapes_frames/`` with edge masks (the bench's variants, random weights),
@@ -59,6 +60,37 @@ def _rules():
                            "rule": rule}
 
 
+def _dense_conv_ms(c_in, c_out, dilation, grid, dtype, gen, reps) -> float:
+    """The dense network's 3x3 conv at stride 8 (taps ``dilation`` cells apart, channels-last,
+    same padding): what the CAD layer replaces."""
+    import torch.nn.functional as F
+
+    x = torch.randn(1, c_in, *grid, generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, 3, 3, generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    samples = []
+    with torch.inference_mode():
+        for rep in range(reps + 1):
+            start = time.perf_counter()
+            F.conv2d(x, w, None, 1, dilation, dilation)
+            if rep:
+                samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples)
+
+
+def _taps_inside(dilation: int, grid) -> float:
+    """Share of a dense 3x3 conv's taps that read the map, not its zero padding (oneDNN skips
+    the others, while a multiply-add count includes them)."""
+    share = 1.0
+    for size in grid:
+        pos = torch.arange(size)
+        inside = sum(((pos + o * dilation >= 0) & (pos + o * dilation < size)).sum().item()
+                     for o in (-1, 0, 1))
+        share *= inside / (3 * size)
+    return share
+
+
 def _layers(args) -> int:
     from cad_spconv import CADTensor, LevelPlan, conv_rulebook, functional as CF
 
@@ -68,8 +100,9 @@ def _layers(args) -> int:
     H, W = 64, 128
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms")
     print("| kept cells | C_in | C_out | dilation | gathered | dense phases | gathered / dense "
-          "| rule (dense phases) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| rule (dense phases) | dense 8 conv (taps inside) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    dense8 = {}  # the dense network's conv of each layer on the whole 64x128 map
     try:
         for share in KEPT:
             blocks = torch.rand(1, H // 8, W // 8, generator=gen) < share
@@ -92,12 +125,16 @@ def _layers(args) -> int:
                             if rep:
                                 samples[name].append(time.perf_counter() - start)
                 ms = {name: 1e3 * statistics.median(s) for name, s in samples.items()}
+                if (c_in, c_out, d) not in dense8:
+                    dense8[c_in, c_out, d] = _dense_conv_ms(c_in, c_out, 2 * d, (H, W), dtype,
+                                                            gen, args.reps)
                 book = conv_rulebook(plan, (3, 3), (d, d), 1, 1)
                 chosen = len(book.lattice(rule(9, c_in, lattice.onednn_route(feats, chunk=True)),
                                           lattice._reads_inside_rows(feats, 1)).phases)
                 print(f"| {kept:.2f} | {c_in} | {c_out} | {d} | {ms['gathered']:.1f} | "
                       f"{ms['dense']:.1f} | {ms['gathered'] / ms['dense']:.2f} | "
-                      f"{ms['rule']:.1f} ({chosen}) |", flush=True)
+                      f"{ms['rule']:.1f} ({chosen}) | {dense8[c_in, c_out, d]:.1f} "
+                      f"({_taps_inside(2 * d, (H, W)):.0%}) |", flush=True)
     finally:
         lattice.gather_cost = rule
     return 0

@@ -8,7 +8,8 @@ could take on the layer shapes of DeepLabV3-ResNet101 converted 8->16 at 512x102
 sites per step-1 layer, 3700 off-lattice rows of a 3x3 conv): ``torch.mm`` (BLAS: MKL in the
 PyPI wheels), with the weight as a contiguous ``[K, N]`` copy and as the transposed view of
 ``[N, K]`` that the engine keeps, and a 1x1 ``F.conv2d`` on channels-last views of the same
-matrices (oneDNN, the library of the dense network's convs). Median of ``--reps`` after 3
+matrices (oneDNN, the library of the dense network's convs), and oneDNN's linear with a
+prepacked weight where torch has that private op. Median of ``--reps`` after 3
 warm-ups (``--dtype``, float32 by default); the ratio compares the transposed BLAS route with
 oneDNN. The last column is the throughput of a dense 3x3 conv of the same widths on a 64x128
 map (channels-last, the dense network's conv) for scale.
@@ -62,8 +63,9 @@ def main(argv=None) -> int:
         return _chunks(args, dtype, gen)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms (GFLOP/s)")
     print("| M | K | N | torch.mm, weight [K, N] | torch.mm, weight [N, K] transposed | "
-          "oneDNN 1x1 conv | BLAS / oneDNN | dense 3x3 conv (GFLOP/s) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "oneDNN 1x1 conv | BLAS / oneDNN | oneDNN linear, prepacked weight | "
+          "dense 3x3 conv (GFLOP/s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m, k, n in SHAPES:
         x = torch.randn(m, k, generator=gen).to(dtype)
         w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
         x_view = x.view(1, m, 1, k).permute(0, 3, 1, 2)  # [1, K, M, 1], channels-last
         onednn = median_ms(lambda: F.conv2d(x_view, w.view(n, k, 1, 1)), args.reps)
         gflop = 2 * m * k * n / 1e9
+        packed = _packed_linear_ms(x, w, args.reps)
+        packed = "n/a" if packed is None else f"{packed:.1f} ({gflop / packed * 1e3:.0f})"
         c_in = k // 9 if k in (2304, 4608) else k
         fmap = torch.randn(1, c_in, 64, 128, generator=gen).to(dtype).contiguous(
             memory_format=torch.channels_last)
@@ -82,9 +86,22 @@ def main(argv=None) -> int:
         dense = median_ms(lambda: F.conv2d(fmap, wd, padding=taps // 2), args.reps)
         dflop = 2 * 64 * 128 * c_in * taps * taps * n / 1e9
         print(f"| {m} | {k} | {n} | {blas_kn:.1f} | {blas:.1f} ({gflop / blas * 1e3:.0f}) | "
-              f"{onednn:.1f} ({gflop / onednn * 1e3:.0f}) | {blas / onednn:.2f} | "
+              f"{onednn:.1f} ({gflop / onednn * 1e3:.0f}) | {blas / onednn:.2f} | {packed} | "
               f"{dflop / dense * 1e3:.0f} |")
     return 0
+
+
+def _packed_linear_ms(x, w, reps: int):
+    """oneDNN's linear with the weight reordered once for ``x``'s row count (the private op
+    PyTorch's inductor uses; the engines do not: a packed copy of every weight costs memory),
+    or ``None`` where this torch lacks it."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, x.shape[0])
+        run = torch.ops.mkldnn._linear_pointwise
+        run(x, packed, None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return None
+    return median_ms(lambda: run(x, packed, None, "none", [], ""), reps)
 
 
 # (rows, K, N): the im2col rests of layer3 / layer4 3x3 convs and of an ASPP 3x3 conv

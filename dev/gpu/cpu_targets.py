@@ -92,11 +92,11 @@ def main(argv=None) -> int:
     frames = sorted(glob.glob(os.path.join(frames_dir, "*.png")))
     if not frames:
         sys.exit(f"cpu_targets: no PNG frames in {frames_dir}")
-    names = [n for n, _ in suites(frames, args.reps)["targets"]]
-    chosen = [(n, a) for n, a in suites(frames, args.reps)["targets"]
-              if re.search(args.filter, n)]
+    targets = suites(frames, args.reps)["targets"]
+    chosen = [(n, a) for n, a in targets if re.search(args.filter, n)]
     if not chosen:
-        sys.exit(f"cpu_targets: --filter {args.filter!r} matches none of {names}")
+        sys.exit(f"cpu_targets: --filter {args.filter!r} matches none of "
+                 f"{[n for n, _ in targets]}")
     chosen = longest_first(chosen)
     cores = physical_cores()
     slots = slots_of(cores, args.jobs, args.threads)
