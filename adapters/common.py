@@ -21,7 +21,8 @@ __all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides", "
            "expect_type"]
 
 SUPPORTED = ("torchvision ResNet / ResNeXt / Wide ResNet classifiers (BasicBlock, Bottleneck); "
-             "torchvision FCN and DeepLabV3 with a ResNet backbone; VGG-style feature stacks "
+             "torchvision FCN and DeepLabV3 with a ResNet backbone; DeepLabV3+ "
+             "(adapters.DeepLabV3Plus); VGG-style feature stacks "
              "such as torchvision vgg16(...).features or vgg16_bn(...).features (or a prefix)")
 
 # Elementwise modules: they act on every site alone, so they run unchanged on site features.

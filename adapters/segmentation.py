@@ -11,8 +11,10 @@ Backbone: the converted ResNet trunk (:mod:`adapters.resnet`). Heads, two ways:
 ASPP atrous rates are rescaled so that receptive fields in image space are those of the model as
 given: a rate ``r`` at the given output stride ``s`` becomes ``r * s / t`` at the stride ``t``
 the head runs at (the finest stride for a dense head; the coarsest-stride network for a sparse
-one, i.e. ``r * s / t * 2**L`` on the finest grid). All other head convs keep their dilation, as
-DeepLab does between output strides 8 and 16.
+one, i.e. ``r * s / t * 2**L`` on the finest grid). The other head convs keep their dilation, as
+DeepLab does between output strides 8 and 16, except in a head that runs at a finer stride than
+the model's (the dense head of a stride-16 model at stride 8): there they are dilated by the
+ratio, as the paper code's ``classifier_dilation`` (see ``_head_dilation``).
 """
 from __future__ import annotations
 

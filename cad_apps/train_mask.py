@@ -423,9 +423,11 @@ def _config_from_args(args) -> TrainConfig:
 
 
 def main(args) -> int:
+    from .io import OutputBusyError
+
     try:
         return _main(args)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, OutputBusyError) as e:
         import sys
         print(f"cad-spconv train-mask: error: {e}", file=sys.stderr)
         return 2

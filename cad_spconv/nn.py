@@ -195,7 +195,7 @@ class Densify(nn.Module):
 
     def forward(self, x: CADTensor) -> torch.Tensor:
         _expect_cad(x, self)
-        return x.dense(self.grid)
+        return x.dense(grid=self.grid)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid!r}"

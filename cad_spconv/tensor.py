@@ -86,6 +86,9 @@ class CADTensor(SparseConvTensor):
         Owner fill is a view where the sites are the cells of one grid (``plan.grid_level``:
         the features are its NHWC map), a nearest upsampling of that map onto the finest grid
         where the cells are blocks, and a gather through the owner map otherwise."""
+        if not isinstance(channels_first, bool):  # e.g. dense("step"): grid is keyword-only
+            raise TypeError(f"channels_first must be a bool, got {channels_first!r}; the grid "
+                            "is chosen by keyword: x.dense(grid='step')")
         geo = self.plan.geometry(self.step)
         if grid not in ("finest", "step"):
             raise ValueError(f"grid must be 'finest' or 'step', got {grid!r}")

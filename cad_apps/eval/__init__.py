@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 
+from ..io import OutputBusyError
 from .config import (FORMAT, MASK_HELP, EvalConfig, MaskSpec, add_setting_arguments,
                      config_from_args, configure, parse_mask)
 from .loop import evaluate
@@ -35,7 +36,7 @@ def main(args) -> int:
     try:
         cfg = config_from_args(args)
         result = evaluate(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, OutputBusyError) as e:
         print(f"cad-spconv eval: error: {e}", file=sys.stderr)
         return 2
     if result is not None:  # rank 0

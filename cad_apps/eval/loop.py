@@ -42,10 +42,11 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
                 lock.__enter__()
                 results = load_results(out_path, cfg)
             except (ValueError, OutputBusyError) as e:
-                problem = str(e)
+                problem = (isinstance(e, OutputBusyError), str(e))
         done, problem = dist.broadcast((set(results["images"]) if results else set(), problem))
-        if problem:  # every rank stops, none is left waiting
-            raise ValueError(problem)
+        if problem:  # every rank stops, none is left waiting, each with rank 0's error class
+            busy, text = problem
+            raise (OutputBusyError if busy else ValueError)(text)
         dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit)
         todo = [i for i, name in enumerate(dataset.ids) if name not in done]
         shard = dist.shard(todo)

@@ -108,6 +108,7 @@ def main(args) -> int:
     name = f"cad-spconv keypoints {args.keypoints_command}"
     try:
         return int(args._keypoints_main(args) or 0)
-    except (ValueError, FileNotFoundError, OutputBusyError) as e:
+    # KeyError: a checkpoint that is not D2-Net's (CheckpointMismatchError)
+    except (ValueError, FileNotFoundError, KeyError, OutputBusyError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

@@ -67,10 +67,14 @@ def random_features(seed: int = 0) -> nn.Sequential:
 
 def d2_features_state_dict(checkpoint: Mapping) -> dict:
     """Map a D2-Net checkpoint (``{"model": state_dict}`` or the state dict itself) onto the
-    keys of ``vgg16().features[:23]``. Missing, extra or mis-shaped tensors are errors."""
+    keys of ``vgg16().features[:23]``. Missing, extra or mis-shaped tensors raise
+    :class:`~cad_apps.checkpoints.CheckpointMismatchError`."""
+    from ..checkpoints import CheckpointMismatchError
+
     sd = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(sd, Mapping):
-        raise ValueError("a D2-Net checkpoint is a dict with a 'model' state dict (d2_tf.pth)")
+        raise CheckpointMismatchError(
+            "a D2-Net checkpoint is a dict with a 'model' state dict (d2_tf.pth)")
     expected = vgg16_conv4_3(device="meta").state_dict()
     out, extra = {}, []
     for key, value in sd.items():
@@ -85,7 +89,7 @@ def d2_features_state_dict(checkpoint: Mapping) -> dict:
         # detection / localization modules of D2-Net hold no tensors; other keys are ignored
     missing = [D2_PREFIX + k for k in expected if k not in out]
     if missing or extra:
-        raise ValueError("not a D2-Net VGG16 checkpoint (expected the tensors of "
+        raise CheckpointMismatchError("not a D2-Net VGG16 checkpoint (expected the tensors of "
                          f"'{D2_PREFIX}<i>.weight/bias' for vgg16().features[:23]): "
                          + (f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else "")
                          + ("; " if missing and extra else "")
@@ -93,13 +97,16 @@ def d2_features_state_dict(checkpoint: Mapping) -> dict:
     for k, v in out.items():
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(expected[k].shape):
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{D2_PREFIX}{k} has shape {shape}, VGG16 needs "
+            raise CheckpointMismatchError(f"{D2_PREFIX}{k} has shape {shape}, VGG16 needs "
                              f"{tuple(expected[k].shape)}")
     return out
 
 
 def load_d2_weights(path: str) -> nn.Sequential:
-    """``vgg16().features[:23]`` with the weights of a D2-Net checkpoint file (``d2_tf.pth``)."""
+    """``vgg16().features[:23]`` with the weights of a D2-Net checkpoint file (``d2_tf.pth``).
+    A file that is not a readable checkpoint of tensors raises
+    :class:`~cad_apps.checkpoints.CheckpointError`."""
+    from ..checkpoints import CheckpointError
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--weights {path} does not exist; download D2-Net's d2_tf.pth "
                                 "(https://dusmanu.com/files/d2-net/d2_tf.pth) or use --random-weights")
@@ -107,7 +114,7 @@ def load_d2_weights(path: str) -> nn.Sequential:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of every kind
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
+        raise CheckpointError(
             f"--weights {path} cannot be read as a torch checkpoint of tensors ({type(e).__name__}: "
             f"{first}); expected D2-Net's d2_tf.pth. If it is a checkpoint you trust that also "
             "pickles other objects, keep its tensors only: python -c \"import torch; torch.save("

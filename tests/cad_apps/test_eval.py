@@ -280,10 +280,10 @@ def test_torchrun_two_processes_merge_to_the_single_process_result(fixture_root,
 def test_output_problems_are_found_before_any_work(fixture_root, checkpoint, tmp_path):
     """A second writer on one --out is refused while the first is alive; --out a directory,
     a bad device or a negative warm-up are refused before an image is computed."""
-    from cad_apps.io import OutputLock
+    from cad_apps.io import OutputBusyError, OutputLock
     out = tmp_path / "locked.json"
     with OutputLock(str(out)):
-        with pytest.raises(ValueError, match="being written by another running process"):
+        with pytest.raises(OutputBusyError, match="being written by another running process"):
             run(fixture_root, checkpoint, tmp_path, "none", name="locked.json")
     assert not out.exists()
     for bad, msg in ((dict(out=str(tmp_path)), "is a directory"),

@@ -271,6 +271,12 @@ def test_commands_report_bad_input(data_root, extracted, tmp_path, capsys):
     assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(tmp_path),
                 "--out", str(tmp_path / "r.json")]) == 2
     assert "has no summary.json" in capsys.readouterr().err
+    # weights that are not D2-Net's: a message (CheckpointMismatchError), not a traceback
+    torch.save({"model": {"other.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    assert cli(base[:2] + ["--weights", str(tmp_path / "other.pth"), "--finest-stride", "8",
+                           "--no-progress", "--data-root", data_root, "--out",
+                           str(tmp_path / "z")]) == 2
+    assert "not a D2-Net VGG16 checkpoint" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_incomplete_features(data_root, extracted, tmp_path, capsys):

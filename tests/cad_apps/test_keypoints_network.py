@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from cad_apps.checkpoints import CheckpointError, CheckpointMismatchError
 from cad_apps.keypoints.extract import ExtractConfig, Extractor, sample_descriptors
 from cad_apps.keypoints.preprocess import caffe_tensor
 from cad_apps.keypoints.network import (DescriptorNetwork, d2_features_state_dict,
@@ -44,16 +45,16 @@ def test_d2_checkpoint_keys_map_onto_vgg16_conv4_3(tmp_path):
 def test_d2_checkpoint_errors_name_the_problem(tmp_path):
     sd = d2_checkpoint(vgg16_conv4_3())["model"]
     missing = {k: v for k, v in sd.items() if not k.startswith("dense_feature_extraction.model.21.")}
-    with pytest.raises(ValueError, match=r"missing \['dense_feature_extraction.model.21"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing \['dense_feature_extraction.model.21"):
         d2_features_state_dict({"model": missing})
     extra = dict(sd, **{"dense_feature_extraction.model.16.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match="unexpected"):
+    with pytest.raises(CheckpointMismatchError, match="unexpected"):
         d2_features_state_dict(extra)
     bad = dict(sd, **{"dense_feature_extraction.model.0.weight": torch.zeros(64, 3, 5, 5)})
-    with pytest.raises(ValueError, match=r"model.0.weight has shape \(64, 3, 5, 5\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"model.0.weight has shape \(64, 3, 5, 5\)"):
         d2_features_state_dict(bad)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot be read as a torch checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot be read as a torch checkpoint"):
         load_d2_weights(str(tmp_path / "junk.pth"))
     with pytest.raises(FileNotFoundError, match="d2_tf.pth"):
         load_d2_weights(str(tmp_path / "absent.pth"))
@@ -189,5 +190,5 @@ def test_checkpoints_pickling_other_objects_are_refused_with_the_fix(tmp_path):
     ckpt = d2_checkpoint(vgg16_conv4_3())
     ckpt["args"] = argparse.Namespace(lr=1e-3)  # as D2-Net's training checkpoints hold
     torch.save(ckpt, tmp_path / "train.pth")
-    with pytest.raises(ValueError, match="keep its tensors only"):
+    with pytest.raises(CheckpointError, match="keep its tensors only"):
         load_d2_weights(str(tmp_path / "train.pth"))

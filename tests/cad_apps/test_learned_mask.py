@@ -269,6 +269,11 @@ def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
     assert cli.main(argv + ["--overwrite", "--iters", "2"]) == 0
     assert cli.main(argv[:-1] + ["--weights", "x.pth", "--no-eval"]) == 2
     assert "random weights only" in capsys.readouterr().err
+    # a second writer of the same --out is refused with a message, not a traceback
+    from cad_apps.io import OutputLock
+    with OutputLock(os.path.join(out, "last.pt")):
+        assert cli.main(argv + ["--resume", "--iters", "2"]) == 2
+    assert "being written by another running process" in capsys.readouterr().err
 
 
 def test_seed_fixes_the_initial_weights(tmp_path):

@@ -60,8 +60,14 @@ def test_dense_owner_fill_and_spconv_scatter():
     sites[c[:, 0], c[:, 1], c[:, 2]] = True
     assert bool((scattered.permute(0, 2, 3, 1)[~sites] == 0).all())
     torch.testing.assert_close(x.dense(grid="step"), want[:, :, ::4, ::4])
+    # the module form picks the same grid
+    from cad_spconv.nn import Densify
+    torch.testing.assert_close(Densify(grid="step")(x), want[:, :, ::4, ::4])
+    torch.testing.assert_close(Densify()(x), want)
     with pytest.raises(ValueError, match="fill must be"):
         x.dense(fill="nearest")
+    with pytest.raises(TypeError, match=r"x.dense\(grid='step'\)"):  # not read as channels_first
+        x.dense("step")
 
 
 @pytest.mark.parametrize("levels", ["0 or 1 or 2", "1 or 2", "all 0", "all 1", "all 2"])
