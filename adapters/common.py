@@ -17,7 +17,7 @@ from cad_spconv.plan import LevelPlan, make_plan, num_adaptive_steps, reduce_to_
 from cad_spconv.tensor import CADTensor
 
 __all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides", "dense_conv",
-           "cad_conv", "cad_layer", "shell", "follow_mode", "keep_to_grid", "CADModel",
+           "cad_conv", "cad_layer", "check_plain_conv", "shell", "follow_mode", "keep_to_grid", "CADModel",
            "expect_type"]
 
 SUPPORTED = ("torchvision ResNet / ResNeXt / Wide ResNet classifiers (BasicBlock, Bottleneck); "
@@ -38,9 +38,13 @@ def expect_type(module: nn.Module, path: str, types, what: str):
     """Exact type check (a subclass may override ``forward``, which conversion would lose)."""
     types = types if isinstance(types, tuple) else (types,)
     if type(module) not in types:
+        # fold_batchnorm leaves Identity where the batch norms were
+        folded = (" It looks batch-norm folded: convert the model first, then fold the "
+                  "converted one (adapters.fold_batchnorm)."
+                  if type(module) is nn.Identity and nn.BatchNorm2d in types else "")
         raise UnsupportedModelError(
             f"cannot convert {path or 'the model'} ({type(module).__module__}."
-            f"{type(module).__name__}): expected {what}. Supported: {SUPPORTED}")
+            f"{type(module).__name__}): expected {what}.{folded} Supported: {SUPPORTED}")
 
 
 def check_strides(finest: int, coarsest: int, finest_allowed: Sequence[int], coarsest_max: int,
@@ -92,20 +96,26 @@ def cad_conv(conv: nn.Conv2d, stride: int, dilation: int, engine: str, path: str
     return CADConv2d.from_module(conv, dilation=dilation, stride=stride, engine=engine)
 
 
+def check_plain_conv(conv: nn.Conv2d, path: str, where: str = "here") -> None:
+    """A conv of a plain stack keeps the grid: stride 1, isotropic dilation, same padding (the
+    family's downsampling layers are the only ones that change the stride)."""
+    if tuple(conv.stride) != (1, 1):
+        raise UnsupportedModelError(f"cannot convert {path} ({conv}): a strided conv {where} is "
+                                    "not supported (only the family's downsampling layers)")
+    if conv.dilation[0] != conv.dilation[1]:
+        raise UnsupportedModelError(f"cannot convert {path} ({conv}): anisotropic dilation")
+    if conv.padding != "same" and tuple(conv.padding) != _same(conv, conv.dilation[0]):
+        raise UnsupportedModelError(f"cannot convert {path} ({conv}): only same padding "
+                                    "(dilation * (k - 1) / 2) is supported")
+
+
 def cad_layer(module: nn.Module, path: str, engine: str,
               dilation: Optional[int] = None) -> nn.Module:
     """A stride-1 layer of a plain stack (conv, batch norm, elementwise op) in CAD form.
     ``dilation``: the conv's dilation in the coarsest-stride network (default: its own)."""
     if type(module) is nn.Conv2d:
-        if tuple(module.stride) != (1, 1):
-            raise UnsupportedModelError(f"cannot convert {path} ({module}): a strided conv here is "
-                                        "not supported (only the family's downsampling layers)")
+        check_plain_conv(module, path)
         d = module.dilation[0] if dilation is None else dilation
-        if module.dilation[0] != module.dilation[1]:
-            raise UnsupportedModelError(f"cannot convert {path} ({module}): anisotropic dilation")
-        if tuple(module.padding) != _same(module, module.dilation[0]):
-            raise UnsupportedModelError(f"cannot convert {path} ({module}): only same padding "
-                                        "(dilation * (k - 1) / 2) is supported")
         return cad_conv(module, 1, d, engine, path)
     if type(module) is nn.BatchNorm2d:
         return CADBatchNorm2d.from_module(module)
@@ -144,12 +154,20 @@ def keep_to_grid(mask, grid: Sequence[int], image_size: Sequence[int], stride: i
                  what: str = "keep mask"):
     """A bool mask at image resolution -> the finest grid, with the model's finest stride as the
     scale (a cell is kept if any pixel of its footprint ``[stride*i, stride*(i+1))`` is kept;
-    pixels a floor-mode pool dropped are ignored). Anything else passes through to
-    :func:`~cad_spconv.plan.make_plan`, which validates it."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+    pixels a floor-mode pool dropped are ignored). A mask at the finest grid passes; any other
+    size is refused (a mask made for another image size or crop would be read at a guessed
+    scale, misaligned). Non-bool input passes through to :func:`~cad_spconv.plan.make_plan`,
+    which refuses it with the fix."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 2:
         return mask
-    if tuple(mask.shape[-2:]) != tuple(image_size) or tuple(image_size) == tuple(grid):
+    hw, grid, image_size = tuple(mask.shape[-2:]), tuple(grid), tuple(image_size)
+    if hw == grid:
         return mask
+    if hw != image_size:
+        raise ValueError(
+            f"{what} of size {hw[0]}x{hw[1]} is neither the image size {image_size[0]}x"
+            f"{image_size[1]} nor the model's finest grid {grid[0]}x{grid[1]} (stride {stride}): "
+            "compute the mask on these images, or give it at one of those two sizes")
     return reduce_to_grid(mask, grid, what, stride=stride)
 
 

@@ -22,8 +22,8 @@ from cad_spconv.engines import workspace_scope
 from cad_spconv.nn import CADMaxPool2d
 from cad_spconv.tensor import CADTensor
 
-from .common import (POINTWISE, CADModel, UnsupportedModelError, cad_layer, check_strides,
-                     expect_type)
+from .common import (POINTWISE, CADModel, UnsupportedModelError, cad_layer, check_plain_conv,
+                     check_strides, expect_type)
 
 __all__ = ["CADVGGFeatures", "convert_vgg_features"]
 
@@ -70,6 +70,8 @@ class CADVGGFeatures(CADModel):
         self.dense_names = [name for name, _ in layers[:first]]
         self.sparse_names = [name for name, _ in layers[first:]]
         for name, m in layers[:first]:
+            if type(m) is nn.Conv2d:  # the finest stride counts the pools only
+                check_plain_conv(m, name, "before the finest stride")
             self.add_module(name, m)
         for name, m in layers[first:]:
             self.add_module(name, CADMaxPool2d(2, 2) if _is_pool2(m)

@@ -260,6 +260,11 @@ class MacCounter:
         for key, ref in (("vs_finest", finest), ("vs_coarsest", coarsest)):
             if ref is not None:
                 total = ref["total"] if isinstance(ref, Mapping) else ref
+                if isinstance(ref, Mapping) and ref.get("num_images", B) != B:
+                    raise ValueError(
+                        f"{key[3:]} was counted on {ref['num_images']} images, this count on {B}: "
+                        "count the reference on the same batch (a ratio of totals is only "
+                        "meaningful for the same images)")
                 if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
                     raise ValueError(f"{key[3:]} must be a positive int or a count_macs result, "
                                      f"got {ref!r}")
@@ -295,8 +300,11 @@ def count_macs(model: nn.Module, images: torch.Tensor, keep=None, *,
       e.g. of the dense model at the finest / coarsest stride): ``"vs_finest"`` /
       ``"vs_coarsest"``, the ratio of ``"total"`` to theirs.
     """
-    if not isinstance(images, torch.Tensor) or images.dim() < 2:
-        raise ValueError("images must be a batched tensor [B, C, H, W]")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a batched tensor [B, C, H, W], got {got}"
+                         + ("; one image: images[None]" if isinstance(images, torch.Tensor)
+                            and images.dim() == 3 else ""))
     extra = {"mask": keep} if isinstance(keep, nn.Module) else None
     counter = MacCounter(model, images.shape[0], extra)
     with counter, torch.no_grad():

@@ -20,6 +20,7 @@ Images are ImageNet-normalised float tensors ``[B, 3, H, W]`` (as the data pipel
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -131,6 +132,8 @@ def edge(images: torch.Tensor, threshold: float = 0.15, dilation: int = 11,
     dilation = _check_size(dilation, "dilation")
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise TypeError(f"threshold must be a number, got {threshold!r}")
+    if not math.isfinite(threshold):  # NaN would keep nothing, +-inf nothing / everything
+        raise ValueError(f"threshold must be finite, got {threshold!r}")
     g = _gray(images, grayscale)
     if operator == "reference":
         p = F.pad(g, (1, 1, 1, 1))  # zero padding, as the reference's conv with padding=1

@@ -56,10 +56,19 @@ class CADConv2d(nn.Conv2d):
                     engine: str = "auto") -> "CADConv2d":
         """Wrap ``conv``'s parameters (shared, not copied) and its train/eval mode.
         ``dilation`` overrides the conv's own (the adapter passes the dilation of the
-        coarsest-stride network); ``stride`` overrides its stride (2: an adaptive step)."""
+        coarsest-stride network); ``stride`` overrides its stride (2: an adaptive step).
+        ``conv`` must have same padding for its own dilation (the only padding the conv rule
+        has): anything else is refused rather than replaced."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"CADConv2d.from_module wraps an nn.Conv2d, got {type(conv).__name__}")
+        kh, kw = conv.kernel_size
+        same = (conv.dilation[0] * (kh - 1) // 2, conv.dilation[1] * (kw - 1) // 2)
+        if conv.padding != "same" and tuple(conv.padding) != same:
+            raise ValueError(f"CADConv2d.from_module needs a conv with same padding {same} (the "
+                             f"conv rule pads by dilation * (k - 1) // 2), got padding "
+                             f"{conv.padding!r}; a conv without it has no content-adaptive form")
         d = conv.dilation if dilation is None else (
             (dilation, dilation) if isinstance(dilation, int) else tuple(dilation))
-        kh, kw = conv.kernel_size
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size,
                   stride=conv.stride if stride is None else stride,
                   padding=(d[0] * (kh - 1) // 2, d[1] * (kw - 1) // 2), dilation=d,

@@ -379,7 +379,7 @@ def num_adaptive_steps(finest_stride: int, coarsest_stride: int) -> int:
 
 
 def _check_levels(num_levels: int):
-    if not isinstance(num_levels, int) or num_levels < 1:
+    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
         raise ValueError(f"num_levels (adaptive steps L) must be an int >= 1, got {num_levels!r}")
 
 

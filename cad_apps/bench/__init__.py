@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import shlex
 import sys
@@ -152,7 +153,10 @@ def _run(args, cfg, command) -> int:
     load_before = loadavg()
     batches, names = _inputs(args)
     keeps, mask_seconds = _masks(args, batches, device)
-    bench = build_variants(args, device, dtype)
+    try:
+        bench = build_variants(args, device, dtype)
+    except (ValueError, TypeError) as e:  # a model the strides or options do not fit
+        raise SystemExit(f"bench: {e}") from None
     results = []
     with torch.inference_mode():
         for i, (images, keep) in enumerate(zip(batches, keeps)):
@@ -215,6 +219,20 @@ def _check_args(args) -> dict:
         raise SystemExit("bench: --profile takes the number of ops to report (>= 0)")
     if args.batch < 1:
         raise SystemExit("bench: --batch must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"bench: --threads must be >= 1 (leave it out for torch's choice), "
+                         f"got {args.threads}")
+    if args.channels < 1:
+        raise SystemExit(f"bench: --channels must be >= 1, got {args.channels}")
+    if args.sparse_head and args.scope != "model":
+        raise SystemExit("bench: --sparse-head runs the whole model's head sparsely; add "
+                         "--scope model (the default scope times the backbones only)")
+    if args.images and args.keep == "mask":  # the edge masks' settings, checked before any work
+        if not math.isfinite(args.threshold):
+            raise SystemExit(f"bench: --threshold must be finite, got {args.threshold}")
+        if args.dilation < 1 or args.dilation % 2 == 0:
+            raise SystemExit(f"bench: --dilation must be odd and >= 1 (a square kernel centred "
+                             f"on the edge pixel), got {args.dilation}")
     from cad_spconv.plan import num_adaptive_steps
 
     from ..distributed import resolve_device

@@ -114,6 +114,16 @@ class EvalConfig:
             if self.mask is not None:
                 raise ValueError(f"--dense {self.dense} evaluates the plain network, which takes "
                                  f"no mask; drop --mask {self.mask}")
+            # settings of the content-adaptive network only: refused, not recorded unused
+            unused = [opt for opt, given in (
+                ("--sparse-head", self.sparse_head),
+                (f"--semantics {self.semantics}", self.semantics != "paper"),
+                (f"--finest-stride {self.finest_stride}", self.finest_stride != 8),
+                (f"--coarsest-stride {self.coarsest_stride}", self.coarsest_stride != 16),
+                (f"--dilation {self.dilation}", self.dilation != 11)) if given]
+            if unused:
+                raise ValueError(f"--dense {self.dense} evaluates the plain network; "
+                                 f"{', '.join(unused)} set(s) the content-adaptive one: drop it")
         else:
             parse_mask(self.mask_text)
             num_adaptive_steps(self.finest_stride, self.coarsest_stride)

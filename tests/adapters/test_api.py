@@ -238,7 +238,7 @@ def test_bad_options():
     (torch.ones(3, *SIZE, dtype=torch.bool), ValueError, "batch size 3"),
     (torch.ones(2, *SIZE), TypeError, "bool mask"),
     (torch.ones(2, 2, *SIZE, dtype=torch.bool), ValueError, r"\[B, 1, h, w\]"),
-    (torch.ones(2, 10, 10, dtype=torch.bool), ValueError, "does not map onto the finest grid"),
+    (torch.ones(2, 10, 10, dtype=torch.bool), ValueError, "neither the image size"),
     ([torch.ones(2, *GRID, dtype=torch.bool)] * 2, ValueError, "per-level masks"),
     (torch.full((2, *GRID), 3), TypeError, "bool mask.*LevelPlan.from_level_map"),
     (torch.zeros(2, 5, 5, dtype=torch.int64), TypeError, "bool mask.*mask.bool()"),
@@ -254,6 +254,26 @@ def test_bad_keep_masks(keep, error, match):
             return
         with pytest.raises(error, match=match):
             cad(images(), keep)
+
+
+def test_masks_of_another_size_are_refused_not_rescaled():
+    """A bool mask that is neither the image size nor the finest grid (made for another image
+    size or crop) was read at a guessed scale: a 2x-size or a slightly cropped mask ran,
+    misaligned. It is refused, naming the sizes; per-level masks too."""
+    cad = convert(resnet(), 8, 16)
+    h, w = SIZE
+    for size in ((h - 2, w - 4), (2 * h, 2 * w), (h // 2, w // 2), (GRID[0] * 2, GRID[1] * 2)):
+        keep = torch.zeros(2, *size, dtype=torch.bool)
+        with torch.no_grad(), pytest.raises(
+                ValueError, match=rf"{size[0]}x{size[1]} is neither the image size {h}x{w} nor "
+                                  rf"the model's finest grid {GRID[0]}x{GRID[1]}"):
+            cad(images(), keep)
+        with torch.no_grad(), pytest.raises(ValueError, match="level mask 0 of size"):
+            cad(images(), [keep])
+    with torch.no_grad():  # the two accepted sizes
+        for size in (SIZE, GRID):
+            cad(images(), torch.zeros(2, *size, dtype=torch.bool))
+            cad(images(), [torch.zeros(2, *size, dtype=torch.bool)])
 
 
 def test_integer_keep_masks_are_refused_not_read_as_level_maps():

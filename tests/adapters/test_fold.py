@@ -92,3 +92,12 @@ def test_refuses_what_cannot_be_folded():
     stats_free = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(ValueError, match="running statistics"):
         fold_batchnorm(stats_free.eval())
+
+
+def test_converting_a_folded_model_names_the_order():
+    """fold_batchnorm leaves Identity in place of the batch norms, which convert cannot take;
+    the error says to convert first, then fold."""
+    with torch.device("meta"):
+        folded = fold_batchnorm(tvm.resnet18(num_classes=3).eval())
+    with pytest.raises(TypeError, match=r"bn1 .*Identity.*convert the model first, then fold"):
+        convert(folded, 8, 16)

@@ -136,3 +136,11 @@ def test_full_vgg_and_bad_strides_are_refused():
     bad = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(3, 2, 1))
     with pytest.raises(TypeError, match=r"cannot convert 1 .*MaxPool2d"):
         convert(bad, 1, 2)
+    # the dense part (before the finest stride) is checked too: a strided or unpadded conv
+    # there would put the finest grid at another stride than the pools count
+    for conv, match in ((nn.Conv2d(4, 4, 3, 2, 1), "strided conv before the finest stride"),
+                        (nn.Conv2d(4, 4, 3, padding=0), "only same padding")):
+        stack = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), conv, nn.MaxPool2d(2, 2),
+                              nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2, 2))
+        with pytest.raises(TypeError, match=rf"cannot convert 1 .*{match}"):
+            convert(stack, 2, 4)

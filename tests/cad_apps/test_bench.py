@@ -81,10 +81,22 @@ def test_profile_reports_ops_per_variant(tmp_path, capsys):
     (["--coarsest-stride", "24"], "power of two"),
     (["--images", "/no/such.png"], "image not found"),
     (["--profile", "-1"], "--profile"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--channels", "0"], "--channels must be >= 1"),
+    (["--sparse-head"], "add --scope model"),
+    (["--images", "/no/such.png", "--threshold", "nan"], "--threshold must be finite"),
+    (["--images", "/no/such.png", "--dilation", "4"], "--dilation must be odd"),
 ])
 def test_bad_arguments_are_refused(argv, message, tmp_path, capsys):
     args = build_parser("bench").parse_args(["bench", "--model", "conv3x3", *argv])
     with pytest.raises(SystemExit, match=message):
+        bench.main(args)
+
+
+def test_a_model_the_strides_do_not_fit_is_a_message_not_a_traceback():
+    args = build_parser("bench").parse_args(["bench", "--model", "resnet18", "--finest-stride", "2",
+                                             "--size", "32", "32", "--reps", "1", "--no-memory"])
+    with pytest.raises(SystemExit, match="bench: a ResNet's output stride must be one of"):
         bench.main(args)
 
 

@@ -137,6 +137,13 @@ def test_dense_16_reproduces_the_published_stride_16_model(files, model, citysca
     with pytest.raises(ValueError, match="takes no mask"):
         evaluate(EvalConfig(data_root=cityscapes, out=str(tmp_path / "x.json"), dense=16,
                             mask="edge:0.35", device="cpu"))
+    for extra, named in ((dict(sparse_head=True), "--sparse-head"),
+                         (dict(semantics="reference"), "--semantics reference"),
+                         (dict(finest_stride=4), "--finest-stride 4"),
+                         (dict(dilation=5), "--dilation 5")):
+        with pytest.raises(ValueError, match=f"{named} set.* the content-adaptive one"):
+            evaluate(EvalConfig(data_root=cityscapes, out=str(tmp_path / "x.json"), dense=16,
+                                device="cpu", **extra))
 
 
 def reference_blocks_by_hand(keep: np.ndarray, stride: int, block: int) -> np.ndarray:

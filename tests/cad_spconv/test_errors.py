@@ -67,8 +67,9 @@ def test_too_many_level_masks_and_bad_num_levels():
     _, keep = x_and_keep()
     with pytest.raises(ValueError, match="expected 1..1 per-level masks"):
         LevelPlan.from_level_masks([keep, keep], (9, 7), 1)
-    with pytest.raises(ValueError, match="num_levels"):
-        LevelPlan.from_keep(keep, (9, 7), 0)
+    for bad in (0, True, 1.0):  # True is an int in Python: refused, not read as 1
+        with pytest.raises(ValueError, match="num_levels"):
+            LevelPlan.from_keep(keep, (9, 7), bad)
 
 
 def test_even_kernel_and_bad_padding():
@@ -125,3 +126,12 @@ def test_from_module_shares_parameters():
     assert not step.training and step.weight is conv.weight
     with pytest.raises(ValueError, match="stride must be 1 or 2"):
         CADConv2d.from_module(conv, stride=4)
+    # a conv without same padding is refused, not given same padding silently
+    for bad in (nn.Conv2d(4, 4, 3, padding=0), nn.Conv2d(4, 4, 3, 2, padding=0),
+                nn.Conv2d(4, 4, 3, padding=1, dilation=2), nn.Conv2d(4, 4, 3, padding="valid")):
+        with pytest.raises(ValueError, match="needs a conv with same padding"):
+            CADConv2d.from_module(bad)
+    same = CADConv2d.from_module(nn.Conv2d(4, 4, 3, padding="same", dilation=3))
+    assert same.padding == (3, 3)
+    with pytest.raises(TypeError, match="wraps an nn.Conv2d, got Linear"):
+        CADConv2d.from_module(nn.Linear(3, 3))

@@ -7,10 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.support import dense_reference as ref
+from tests.support.inputs import FRAMES
 from cad_spconv import LevelPlan, images, masks
-
-FRAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                      "cityscapes_frames")
 
 
 # ------------------------------------------------------------------ independent emulations
@@ -384,6 +382,9 @@ def test_bad_inputs_have_clear_errors():
         masks.edge(torch.zeros(1, 3, 8, 8), 0.1, 4)
     with pytest.raises(ValueError, match="operator"):
         masks.edge(torch.zeros(1, 3, 8, 8), 0.1, 3, operator="canny")
+    for bad in (float("nan"), float("inf"), -float("inf")):  # NaN kept nothing, silently
+        with pytest.raises(ValueError, match="threshold must be finite"):
+            masks.edge(torch.zeros(1, 3, 8, 8), bad, 3)
     with pytest.raises(TypeError, match="bool"):
         masks.dilate(torch.zeros(1, 1, 4, 4), 3)
 

@@ -10,9 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from .inputs import REPO
-
-FRAMES = os.path.join(os.path.dirname(REPO), "shared", "data", "cityscapes_frames")
+from .inputs import FRAMES
 D2_PREFIX = "dense_feature_extraction.model."
 #: vgg16().features[:23]: (kind, channels) per layer
 VGG16_D2 = ["c64", "r", "c64", "r", "p", "c128", "r", "c128", "r", "p", "c256", "r", "c256", "r",

@@ -11,6 +11,9 @@ from . import dense_reference as ref
 CUDA = torch.cuda.is_available()
 #: the repository root (experiments run from there: ``python -m experiments.X``)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: the three Cityscapes val frames the team keeps next to the repository (tests that read
+#: them skip, naming this path, where it is absent)
+FRAMES = os.path.join(os.path.dirname(REPO), "shared", "data", "cityscapes_frames")
 
 
 def random_masks(rng, batch, grid, num_levels, kind):
