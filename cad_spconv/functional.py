@@ -59,6 +59,12 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
     dense conv of those grids (the "none kept" and "all kept" guarantees, layer by layer): with
     ``engine="auto"`` it runs as that, on channels-last views, without a rulebook (what the
     lattice engine computes, minus its per-call work)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError("weight must be a conv weight [C_out, C_in / groups, kh, kw], got "
+                         + (f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
+                            else type(weight).__name__))
+    if min(_pair(dilation, "dilation")) < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
     levels = _grid_levels(x, weight, bias, stride, groups, engine)
     if levels is not None:
         return _grid_conv(x, weight, bias, levels, dilation, groups)
@@ -170,6 +176,10 @@ _POOL_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per chunk of the area-weighte
 
 def global_avg_pool(x: CADTensor) -> torch.Tensor:
     """Area-weighted mean over sites: ``[B, C]``, equal to the mean of ``x.dense()``."""
+    if not (x.features.is_floating_point() or x.features.is_complex()):
+        # a mean of integers would be truncated back to integers; torch refuses them too
+        raise TypeError(f"global_avg_pool needs floating-point features, got {x.dtype}; "
+                        "convert with x.replace_feature(x.features.float())")
     geo = x.plan.geometry(x.step)
     # half-precision sums over a whole image overflow (float16) or lose digits: float32 for them
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype

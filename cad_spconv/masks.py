@@ -21,6 +21,7 @@ Images are ImageNet-normalised float tensors ``[B, 3, H, W]`` (as the data pipel
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -302,12 +303,21 @@ def _positive_int(v, what: str) -> int:
     return v
 
 
+def _size_pair(size, what: str) -> tuple[int, int]:
+    """``(H, W)``: two positive ints (torch.Size, tuple or list)."""
+    if (not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
+                   for v in size)):
+        raise ValueError(f"{what} must be (H, W), two positive ints, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 def _finest_grid(image_size: Sequence[int], finest_stride: int, grid) -> tuple[int, int]:
     """The model's finest grid: ``grid`` if given, else ``ceil(size / finest_stride)``."""
-    H, W = (int(v) for v in image_size)
+    H, W = _size_pair(image_size, "image_size")
     if grid is None:
         return -(-H // finest_stride), -(-W // finest_stride)
-    gh, gw = (int(v) for v in grid)
+    gh, gw = _size_pair(grid, "grid")
     if not (H // finest_stride <= gh <= -(-H // finest_stride)
             and W // finest_stride <= gw <= -(-W // finest_stride)):
         raise ValueError(f"grid {gh}x{gw} is not the finest grid of a {H}x{W} image at stride "
@@ -437,6 +447,9 @@ def random(batch_size: int, image_size: Sequence[int], fraction: float, finest_s
                          f"{fraction!r}")
     batch_size = _nonnegative(batch_size, "batch_size")
     finest_stride = _positive_int(finest_stride, "finest_stride")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__} "
+                        "(a seed: torch.Generator().manual_seed(seed))")
     H, W = _finest_grid(image_size, finest_stride, grid)
     nby, nbx = -(-H // 2), -(-W // 2)
     bh = _clipped(torch.arange(nby) * 2, 2, H)

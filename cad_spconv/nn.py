@@ -41,6 +41,8 @@ class CADConv2d(nn.Conv2d):
         kh, kw = self.kernel_size
         if kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(f"CADConv2d needs an odd kernel size, got {kh}x{kw}")
+        if min(self.dilation) < 1:
+            raise ValueError(f"CADConv2d dilation must be >= 1, got {self.dilation}")
         same = (self.dilation[0] * (kh - 1) // 2, self.dilation[1] * (kw - 1) // 2)
         if tuple(self.padding) != same:
             raise ValueError(f"CADConv2d needs same padding dilation*(k-1)/2 = {same}, got "
@@ -117,6 +119,9 @@ class CADBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: CADTensor) -> CADTensor:
         _expect_cad(x, self)
+        if x.features.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) got a tensor with "
+                             f"{x.features.shape[1]} channels")
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

@@ -135,6 +135,13 @@ class LevelPlan:
     semantics: str = "paper"
 
     def __post_init__(self):
+        # cheap checks only (no read of the values, which would sync a GPU): the values are
+        # checked by from_level_map, the way a level map enters
+        _check_levels(self.num_levels)
+        if (not isinstance(self.levels, torch.Tensor) or self.levels.dtype != torch.int64
+                or self.levels.dim() != 3):
+            raise TypeError("LevelPlan needs int64 levels [B, H, W]; build plans with "
+                            "LevelPlan.from_keep / from_level_masks / from_level_map or make_plan")
         if self.semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {', '.join(map(repr, SEMANTICS))}, got "
                              f"{self.semantics!r}")

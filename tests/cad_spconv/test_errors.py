@@ -135,3 +135,36 @@ def test_from_module_shares_parameters():
     assert same.padding == (3, 3)
     with pytest.raises(TypeError, match="wraps an nn.Conv2d, got Linear"):
         CADConv2d.from_module(nn.Linear(3, 3))
+
+
+def test_bad_layer_arguments_name_the_problem():
+    """Errors that came from deep inside torch (or not at all) before."""
+    from cad_spconv.nn import CADAdaptiveAvgPool2d, CADBatchNorm2d
+    x, keep = x_and_keep()
+    t = CADTensor.from_dense(x, keep, 1)
+    w = torch.randn(4, 4, 3, 3)
+    for bad in (0, -1, (1, 0)):
+        with pytest.raises(ValueError, match="dilation must be >= 1"):
+            CF.conv2d(t, w, dilation=bad)
+    with pytest.raises(ValueError, match="CADConv2d dilation must be >= 1"):
+        CADConv2d(4, 4, 3, padding=0, dilation=0)
+    with pytest.raises(ValueError, match=r"weight must be a conv weight .*shape \(4, 4, 3, 3, 1\)"):
+        CF.conv2d(t, w[..., None])
+    for inplace in (False, True):
+        bn = CADBatchNorm2d(5).eval()
+        bn.inplace = inplace
+        with pytest.raises(ValueError, match=r"CADBatchNorm2d\(5\) got a tensor with 4 channels"):
+            bn(t)
+    as_int = t.replace_feature(t.features.round().long())
+    with pytest.raises(TypeError, match="floating-point features, got torch.int64"):
+        CADAdaptiveAvgPool2d()(as_int)
+
+
+def test_level_plan_built_directly_gets_the_cheap_checks():
+    levels = torch.zeros(2, 9, 7, dtype=torch.int64)
+    for bad in (levels.float(), levels[0], levels.int()):
+        with pytest.raises(TypeError, match="int64 levels .*from_level_map"):
+            LevelPlan(bad, 1)
+    with pytest.raises(ValueError, match="num_levels"):
+        LevelPlan(levels, True)
+    assert LevelPlan(levels, 1).batch_size == 2

@@ -352,6 +352,12 @@ def test_random_like_and_random_errors():
         masks.random(1, (4, 4), 1.5, 1)
     with pytest.raises(ValueError, match="not the finest grid"):
         masks.random(1, (29, 43), 0.5, 4, grid=(9, 10))
+    for size in ((16, 24, 3), (-4, 8), (0, 8), (16.0, 24), 16):
+        with pytest.raises(ValueError, match=r"image_size must be \(H, W\), two positive ints"):
+            masks.random(1, size, 0.5, 4)
+    assert masks.random(1, (np.int64(16), 24), 0.5, 4).shape == (1, 1, 16, 24)
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator, got int"):
+        masks.random(1, (16, 24), 0.5, 4, 7)
     with pytest.raises(TypeError, match="LevelPlan"):
         masks.shuffle_plan(keep)
 
