@@ -96,3 +96,17 @@ def test_reduce_to_grid_scale_rules():
         reduce_to_grid(f, (7, 10))
     with pytest.raises(ValueError, match="at stride 3"):
         reduce_to_grid(f, (7, 10), stride=3)
+
+
+@pytest.mark.parametrize("kind", ["keep", "levels", "map"])
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+def test_the_tests_random_masks_mix_every_level(kind, num_levels):
+    """The helper behind the op and engine tests: on the grids they use every image mixes every
+    level and the images differ (uniform noise alone never left a level-3 block)."""
+    for grid in ((13, 11), (17, 23), (9, 16)):
+        for seed in range(3):
+            _, masks = random_masks(np.random.default_rng(seed), 3, grid, num_levels, kind)
+            levels = ref.levels_from_masks(masks, num_levels)
+            for b in range(3):
+                assert set(np.unique(levels[b])) == set(range(num_levels + 1)), (grid, seed, b)
+            assert not (levels[0] == levels[1]).all()

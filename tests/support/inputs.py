@@ -26,17 +26,42 @@ def random_masks(rng, batch, grid, num_levels, kind):
     if kind in ("all", "none"):
         keep = np.full((batch, H, W), kind == "all")
         return torch.from_numpy(keep), [keep]
+    if kind not in ("keep", "levels", "map"):
+        raise ValueError(kind)
+    # Uniform noise alone almost never leaves a 2**L block unmarked at L = 3, so the coarsest
+    # level would be missing: each mask is a rectangle plus sparse noise (its own density per
+    # image, thinner for coarser levels' masks), redrawn until every image mixes every level
+    # the grid allows (the best of 50 draws on grids too small for that).
+    best = None
+    for _ in range(50):
+        masks = [_blob_masks(rng, batch, H, W, 4.0 ** -l)
+                 for l in range(1 if kind == "keep" else num_levels)]
+        levels = ref.levels_from_masks(masks, num_levels)
+        worst = min(len(np.unique(levels[b])) for b in range(batch))
+        if best is None or worst > best[0]:
+            best = (worst, masks)
+        if worst == num_levels + 1:
+            break
+    masks = best[1]
     if kind == "keep":
-        dens = rng.uniform(0.02, 0.3, size=(batch, 1, 1))
-        keep = rng.uniform(size=(batch, H, W)) < dens
-        return torch.from_numpy(keep), [keep]
-    masks = [rng.uniform(size=(batch, H, W)) < rng.uniform(0.01, 0.15) for _ in range(num_levels)]
+        return torch.from_numpy(masks[0]), masks
     if kind == "levels":
         return [torch.from_numpy(m) for m in masks], masks
     if kind == "map":
         levels = ref.levels_from_masks(masks, num_levels)
         return torch.from_numpy(levels), masks
     raise ValueError(kind)
+
+
+def _blob_masks(rng, batch, H, W, scale):
+    """Per image: a random rectangle (up to half of each side) and uniform noise of a random
+    density up to ``0.06 * scale``."""
+    m = rng.uniform(size=(batch, H, W)) < rng.uniform(0, 0.06 * scale, size=(batch, 1, 1))
+    for b in range(batch):
+        h, w = rng.integers(1, max(1, H // 2) + 1), rng.integers(1, max(1, W // 2) + 1)
+        y, x = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
+        m[b, y:y + h, x:x + w] = True
+    return m
 
 
 def make_input(case, step, channels, dtype, device, seed=0):
