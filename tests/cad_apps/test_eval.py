@@ -184,7 +184,7 @@ def test_resume_skips_done_images_and_matches_a_fresh_run(fixture_root, checkpoi
 def test_json_is_written_atomically(tmp_path):
     path = tmp_path / "r.json"
     write_json_atomic(str(path), {"a": 1})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Out of range float"):
         write_json_atomic(str(path), {"a": float("nan")})  # fails while serialising
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind

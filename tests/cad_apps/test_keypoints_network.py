@@ -14,6 +14,7 @@ from cad_apps.keypoints.network import (DescriptorNetwork, d2_features_state_dic
                                         dense_at_stride, load_d2_weights, vgg16_conv4_3)
 from cad_spconv import LevelPlan
 from cad_spconv.macs import count_macs
+from tests.support import emulation as emu
 from tests.support.emulation import assert_rel
 from tests.support.hpatches import d2_checkpoint, dense_reference, thin_vgg
 from tests.support.hpatches import one_torch_thread  # noqa: F401 (autouse fixture)
@@ -178,8 +179,14 @@ def test_reference_semantics_runs_the_centre_anchored_network(tmp_path):
     r, p = ref.run(rgb), paper.run(rgb)
     assert 0 < float(r["plan"].level_fractions()[0, 0]) < 1
     assert not torch.allclose(r["features"], p["features"])
-    big = Extractor(_config(tmp_path, 2, (99, 99), semantics="reference"), stack).run(rgb)
     x = caffe_tensor(rgb, dtype=torch.float64)
+    # each against the independent emulation of its semantics on the same plan
+    levels = r["plan"].levels.cpu().numpy()
+    with torch.no_grad():
+        for got, semantics in ((r, "reference"), (p, "paper")):
+            assert_rel(got["features"],
+                       emu.vgg_features(stack, x, levels, 2, 8, semantics=semantics).dense())
+    big = Extractor(_config(tmp_path, 2, (99, 99), semantics="reference"), stack).run(rgb)
     with torch.no_grad():
         assert_rel(big["features"], dense_reference(stack, x, 2))
 

@@ -35,8 +35,9 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
         if stride == 2 and step == L:
             continue
         x, levels = make_input(case, step, 6, dtype, device, seed=step)
-        w = torch.randn(6, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
-        b = torch.randn(6, generator=gen, dtype=dtype).to(device) if bias else None
+        # 6 -> 12 channels: a swap of inputs and outputs per group cannot pass
+        w = torch.randn(12, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
+        b = torch.randn(12, generator=gen, dtype=dtype).to(device) if bias else None
         if engine.startswith("spconv") and groups > 1:
             with pytest.raises(ValueError, match="grouped"):
                 CF.conv2d(x, w, b, stride, dilation, groups, engine)
@@ -142,19 +143,19 @@ def test_global_avg_pool_and_densify(case, chunk, device, monkeypatch):
         x, levels = make_input(case, step, 5, torch.float64, device, seed=step)
         geo = ref.Geometry(levels, step)
         want = ref.global_avg_pool(x.features, levels, step)
-        torch.testing.assert_close(CF.global_avg_pool(x), want)
+        torch.testing.assert_close(CF.global_avg_pool(x), want, **tol(torch.float64))
         f = x.features.clone().requires_grad_(True)  # the autograd path (no chunks)
         got = CF.global_avg_pool(CADTensor(f, x.plan, step))
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, **tol(torch.float64))
         up = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(4))
         (got * up.to(device)).sum().backward()
         g = x.features.clone().requires_grad_(True)
         (ref.global_avg_pool(g, levels, step) * up.to(device)).sum().backward()
-        torch.testing.assert_close(f.grad, g.grad)
+        torch.testing.assert_close(f.grad, g.grad, **tol(torch.float64))
         dense = geo.fill(x.features)
-        torch.testing.assert_close(x.dense(), dense)
+        torch.testing.assert_close(x.dense(), dense, rtol=0, atol=0)  # copies
         s = 2 ** step
-        torch.testing.assert_close(x.dense(grid="step"), dense[:, :, ::s, ::s])
+        torch.testing.assert_close(x.dense(grid="step"), dense[:, :, ::s, ::s], rtol=0, atol=0)
 
 
 def test_from_dense_roundtrip(device):
@@ -175,10 +176,24 @@ def test_batch_norm_eval_and_train(device):
     bn.eval()
     expected = bn(x.features[:, :, None, None])[:, :, 0, 0]
     torch.testing.assert_close(cbn(x).features, expected)
-    cbn.train()
-    out = cbn(x).features
-    torch.testing.assert_close(out.mean(0), bn.bias, atol=1e-9, rtol=0)  # normalized over sites
-    assert int(bn.num_batches_tracked) == 1  # buffers are shared with the original module
+    # training: statistics over the sites (unweighted), written by hand; running statistics
+    # updated with the unbiased variance, by momentum or (momentum=None) as a cumulative mean
+    f = x.features
+    mean, var = f.mean(0), ((f - f.mean(0)) ** 2).mean(0)
+    n = f.shape[0]
+    for momentum in (0.1, None):
+        bn.momentum = cbn.momentum = momentum
+        bn.num_batches_tracked.zero_()
+        rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+        cbn.train()
+        out = cbn(x).features
+        want = (f - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+        torch.testing.assert_close(out, want, **tol(torch.float64))
+        m = 0.1 if momentum is not None else 1.0  # the first batch of a cumulative mean
+        torch.testing.assert_close(bn.running_mean, (1 - m) * rm + m * mean, **tol(torch.float64))
+        torch.testing.assert_close(bn.running_var, (1 - m) * rv + m * var * n / (n - 1),
+                                   **tol(torch.float64))
+        assert int(bn.num_batches_tracked) == 1  # buffers are shared with the original module
 
 
 def test_batch_norm_in_place_follows_every_change_of_its_parameters(device):

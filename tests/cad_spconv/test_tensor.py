@@ -51,19 +51,19 @@ def test_dense_owner_fill_and_spconv_scatter():
     x, levels = make_input(((9, 10), 2, "keep"), 2, 3, torch.float64, "cpu", seed=5)
     owner = x.plan.geometry(2).owner
     want = x.features[owner.reshape(-1)].reshape(*owner.shape, 3).permute(0, 3, 1, 2)
-    torch.testing.assert_close(x.dense(), want)
+    torch.testing.assert_close(x.dense(), want, rtol=0, atol=0)
     scattered = x.dense(fill="scatter")
-    torch.testing.assert_close(scattered, spconv.SparseConvTensor.dense(x))
-    torch.testing.assert_close(x.dense(False, fill="scatter"), scattered.permute(0, 2, 3, 1))
+    torch.testing.assert_close(scattered, spconv.SparseConvTensor.dense(x), rtol=0, atol=0)
+    torch.testing.assert_close(x.dense(False, fill="scatter"), scattered.permute(0, 2, 3, 1), rtol=0, atol=0)
     sites = torch.zeros(owner.shape, dtype=torch.bool)
     c = x.plan.geometry(2).coords
     sites[c[:, 0], c[:, 1], c[:, 2]] = True
     assert bool((scattered.permute(0, 2, 3, 1)[~sites] == 0).all())
-    torch.testing.assert_close(x.dense(grid="step"), want[:, :, ::4, ::4])
+    torch.testing.assert_close(x.dense(grid="step"), want[:, :, ::4, ::4], rtol=0, atol=0)
     # the module form picks the same grid
     from cad_spconv.nn import Densify
-    torch.testing.assert_close(Densify(grid="step")(x), want[:, :, ::4, ::4])
-    torch.testing.assert_close(Densify()(x), want)
+    torch.testing.assert_close(Densify(grid="step")(x), want[:, :, ::4, ::4], rtol=0, atol=0)
+    torch.testing.assert_close(Densify()(x), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="fill must be"):
         x.dense(fill="nearest")
     with pytest.raises(TypeError, match=r"x.dense\(grid='step'\)"):  # not read as channels_first
