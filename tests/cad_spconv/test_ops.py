@@ -117,6 +117,13 @@ def test_max_pools_match_dense_reference(case, dtype, device):
         y = CF.max_pool2d(x, 3, 1, 1)
         torch.testing.assert_close(y.features, ref.max_pool_overlap(x.features, levels, step, 3, 1),
                                    **tol(dtype))
+        # the paper code's anchors: the 2x2 merge is the same, overlapping windows move
+        r = CADTensor(x.features, x.plan.with_semantics("reference"), step)
+        torch.testing.assert_close(CF.max_pool2d(r, 2, 2).features,
+                                   ref.max_pool_2x2(x.features, levels, step), **tol(dtype))
+        for stride in (1, 2):
+            want = ref.max_pool_overlap_reference_semantics(x.features, levels, step, 3, stride)
+            torch.testing.assert_close(CF.max_pool2d(r, 3, stride, 1).features, want, **tol(dtype))
 
 
 def test_global_avg_pool_sums_half_precision_in_float32(device):

@@ -115,6 +115,23 @@ def max_pool_overlap(features, levels, step_in, k, stride):
     return Geometry(levels, step_in + (stride == 2)).sample(out)
 
 
+def max_pool_overlap_reference_semantics(features, levels, step_in, k, stride):
+    """:func:`max_pool_overlap` under the paper code's anchor rule: a site of level ``l``
+    (``min(level, step_in)``) takes the window around the centre cell ``2**l // 2`` of its
+    block (the same anchors as :func:`conv_reference_semantics`); out-of-grid taps ignored."""
+    D = 2 ** step_in
+    margin = 2 ** int(levels.max()) if levels.size else 1
+    dense = Geometry(levels, step_in).fill(features)
+    pad = D * (k // 2)
+    padded = F.pad(dense, (pad, pad + margin, pad, pad + margin), value=float("-inf"))
+    out = F.max_pool2d(padded, k, stride=1, dilation=D)
+    geo = Geometry(levels, step_in + (stride == 2))
+    b, y, x = geo.sites[:, 0], geo.sites[:, 1], geo.sites[:, 2]
+    a = 2 ** np.minimum(levels[b, y, x], step_in) // 2
+    idx = [torch.as_tensor(v, device=out.device) for v in (b, y + a, x + a)]
+    return out[idx[0], :, idx[1], idx[2]]
+
+
 def max_pool_2x2(features, levels, step_in):
     """Merged sites: max over children at spacing 2**step_in; kept sites pass through."""
     S = 2 ** step_in
