@@ -14,7 +14,7 @@ from tests.support import emulation as emu
 from tests.support.keep import as_keep
 from adapters import CADResNet, UnsupportedModelError, convert
 from adapters.resnet import CADResNetFeatures, convert_resnet
-from cad_spconv import CADTensor
+from cad_spconv import CADTensor, LevelPlan
 from cad_spconv.backend import spconv_status
 
 # the full set of checks on one BasicBlock and one Bottleneck network; every other family
@@ -139,15 +139,19 @@ def test_guarantee_2_random_masks(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("finest,coarsest,kind", [(8, 16, "keep"), (8, 32, "levels"),
                                                   (4, 16, "map")])
-def test_matches_dense_emulation(arch, finest, coarsest, kind, device):
+@pytest.mark.parametrize("semantics", ["paper", "reference"])
+def test_matches_dense_emulation(arch, finest, coarsest, kind, semantics, device):
     base = model(arch) if device.type == "cpu" else copy.deepcopy(model(arch)).to(device)
-    cad = convert(base, finest, coarsest)
+    cad = convert(base, finest, coarsest, semantics=semantics)
     x = images(MIXED).to(device)
     grid = (-(-MIXED[0] // finest), -(-MIXED[1] // finest))
     spec, levels = emu.mixed_masks(3, 2, grid, cad.num_levels, kind)
+    keep = as_keep(spec, cad.num_levels, device)
+    if isinstance(keep, LevelPlan):  # a plan carries its semantics; masks take the model's
+        keep = keep.with_semantics(semantics)
     with torch.no_grad():
-        out = cad(x, as_keep(spec, cad.num_levels, device))
-        expected = emu.resnet_classifier(base, x, levels, finest, coarsest)
+        out = cad(x, keep)
+        expected = emu.resnet_classifier(base, x, levels, finest, coarsest, semantics)
     emu.assert_rel(out, expected)
     assert (cad.last_plan.levels.cpu().numpy() == levels).all()
 

@@ -13,6 +13,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 from tests.support import emulation as emu
+from cad_spconv import LevelPlan
 from adapters import CADSegmentation, convert
 from cad_spconv.tensor import CADTensor
 
@@ -177,6 +178,29 @@ def test_matches_dense_emulation(name, finest, coarsest, sparse, kind, device):
     assert list(out) == ["out", "aux"]
     for key in expected:
         emu.assert_rel(out[key], expected[key])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("finest,coarsest,sparse,kind", [(8, 16, True, "keep"), (8, 32, True, "map"),
+                                                         (8, 16, False, "levels")])
+def test_reference_semantics_matches_dense_emulation(name, finest, coarsest, sparse, kind):
+    """The paper code's anchors (``semantics="reference"``) through whole models, dense and
+    sparse heads, against the emulation's centre-anchored conv rule."""
+    given = seg_model(name)
+    cad = convert(given, finest, coarsest, sparse_head=sparse, semantics="reference")
+    x = images(MIXED)
+    grid = (-(-MIXED[0] // finest), -(-MIXED[1] // finest))
+    spec, levels = emu.mixed_masks(9, 2, grid, cad.num_levels, kind)
+    if isinstance(spec, LevelPlan):
+        spec = spec.with_semantics("reference")
+    with torch.no_grad():
+        out = cad(x, spec)
+        _, expected = emu.segmentation(given, x, levels, finest, coarsest, sparse,
+                                       semantics="reference")
+        _, paper = emu.segmentation(given, x, levels, finest, coarsest, sparse)
+    for key in expected:
+        emu.assert_rel(out[key], expected[key])
+        assert not torch.allclose(out[key], paper[key])  # the anchors matter on these plans
 
 
 def test_without_aux_matches_dense_emulation():

@@ -11,6 +11,7 @@ from torch import nn
 from tests.support import emulation as emu
 from tests.support.keep import as_keep
 from adapters import CADVGGFeatures, convert
+from cad_spconv import LevelPlan
 
 # (torchvision builder, prefix up to relu4_3: stride 8, as D2-Net)
 STACKS = {"vgg16": 23, "vgg16_bn": 33}
@@ -83,15 +84,19 @@ def test_none_kept_equals_stack_at_coarsest_stride(name, finest):
 
 @pytest.mark.parametrize("name", list(STACKS))
 @pytest.mark.parametrize("finest,kind", [(4, "keep"), (2, "levels"), (1, "map"), (1, "keep")])
-def test_matches_dense_emulation(name, finest, kind, device):
+@pytest.mark.parametrize("semantics", ["paper", "reference"])
+def test_matches_dense_emulation(name, finest, kind, semantics, device):
     stack = features(name)
     stack = stack if device.type == "cpu" else copy.deepcopy(stack).to(device)
-    cad = convert(stack, finest, 8)
+    cad = convert(stack, finest, 8, semantics=semantics)
     x = images(ODD).to(device)
     spec, levels = emu.mixed_masks(12, 2, grid_at(ODD, finest), cad.num_levels, kind)
+    keep = as_keep(spec, cad.num_levels, device)
+    if isinstance(keep, LevelPlan):  # a plan carries its semantics; masks take the model's
+        keep = keep.with_semantics(semantics)
     with torch.no_grad():
-        out = cad(x, as_keep(spec, cad.num_levels, device))
-        expected = emu.vgg_features(stack, x, levels, finest, 8).dense()
+        out = cad(x, keep)
+        expected = emu.vgg_features(stack, x, levels, finest, 8, semantics).dense()
     emu.assert_rel(out, expected)
     assert isinstance(cad, CADVGGFeatures) and cad.num_levels == {4: 1, 2: 2, 1: 3}[finest]
 

@@ -217,8 +217,9 @@ def resnet_trunk(stages: dict, images, levels, finest, coarsest, capture=(),
     return x, {k: v for k, v in captured.items() if k in capture}
 
 
-def resnet_classifier(model, images, levels, finest, coarsest):
-    x, _ = resnet_trunk(dict(model.named_children()), images, levels, finest, coarsest)
+def resnet_classifier(model, images, levels, finest, coarsest, semantics="paper"):
+    x, _ = resnet_trunk(dict(model.named_children()), images, levels, finest, coarsest,
+                        semantics=semantics)
     return model.fc(x.global_pool())
 
 
