@@ -297,6 +297,8 @@ def test_shuffle_plan_keeps_sites_per_level_and_shape():
         assert ref.census(new.levels.numpy(), L) == ref.census(levels, L)
         for step in range(L + 1):
             assert torch.equal(plan.sites_per_image(step), new.sites_per_image(step))
+        if grid != (1, 5):  # room to move: an identity shuffle must not pass
+            assert not torch.equal(new.levels, plan.levels), grid
 
 
 @pytest.mark.parametrize("size,stride,grid", [((37, 53), 8, None), ((64, 64), 8, None),

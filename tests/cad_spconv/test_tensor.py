@@ -127,18 +127,28 @@ def test_replace_feature_at_another_step_and_bad_features():
 def test_rulebooks_are_inspectable_in_spconv_pair_format():
     """The pairs of a cached rulebook drive spconv's own indice_conv to the same output as the
     engines (float64), whatever the engine that built the cache."""
-    x, levels = make_input(((11, 12), 2, "levels"), 0, 5, torch.float64, "cpu", seed=7)
     w = torch.randn(3, 5, 3, 3, dtype=torch.float64)
-    y = CF.conv2d(x, w, stride=2, engine="lattice")
-    (key, book), = x.cache.items()
-    pairs, counts = book.spconv_pairs()
-    assert pairs.dtype == torch.int32 and pairs.shape == (2, 9, book.num_out)
-    assert counts.shape == (9,) and int(counts.sum()) == book.num_pairs()
-    # every pair is a (input row, output row) read of the gather table
-    for k in range(9):
-        n = int(counts[k])
-        got = book.gather[pairs[1, k, :n].long(), k]
-        assert torch.equal(got, pairs[0, k, :n].long())
-    expected = ref.conv(x.features, levels, 0, 2, w, None, 1, 1)
-    torch.testing.assert_close(y.features, expected, rtol=1e-9, atol=1e-10)
-    assert np.isfinite(y.features.numpy()).all()
+    for engine in ("lattice", "torch"):
+        x, levels = make_input(((11, 12), 2, "levels"), 0, 5, torch.float64, "cpu", seed=7)
+        y = CF.conv2d(x, w, stride=2, engine=engine)
+        (key, book), = x.cache.items()
+        pairs, counts = book.spconv_pairs()
+        assert pairs.dtype == torch.int32 and pairs.shape == (2, 9, book.num_out)
+        assert counts.shape == (9,) and int(counts.sum()) == book.num_pairs()
+        # every pair is a (input row, output row) read of the gather table
+        for k in range(9):
+            n = int(counts[k])
+            got = book.gather[pairs[1, k, :n].long(), k]
+            assert torch.equal(got, pairs[0, k, :n].long())
+        expected = ref.conv(x.features, levels, 0, 2, w, None, 1, 1)
+        torch.testing.assert_close(y.features, expected, rtol=1e-9, atol=1e-10)
+        # the pairs alone compute the conv (what spconv's indice_conv does): per tap (row-major
+        # over the kernel) out[o] += x[i] @ W_tap
+        taps = w.permute(2, 3, 1, 0).reshape(9, 5, 3)
+        out = torch.zeros(book.num_out, 3, dtype=torch.float64)
+        for k in range(9):
+            n = int(counts[k])
+            rows_in, rows_out = pairs[0, k, :n].long(), pairs[1, k, :n].long()
+            out.index_add_(0, rows_out, x.features[rows_in] @ taps[k])
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+        assert np.isfinite(y.features.numpy()).all()
