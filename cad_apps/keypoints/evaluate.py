@@ -158,6 +158,37 @@ def setting_label(settings: dict) -> str:
     return "/".join(str(d) for d in settings["dilations"])
 
 
+def _check_outputs(out: str, plot: Optional[str], folders: Sequence[str]):
+    """The report and plot paths, checked before any work: two different files, outside the
+    features folders (a report there would replace an input, e.g. ``summary.json``), and an
+    existing report only replaced if it is one (any other file is someone's result)."""
+    out = check_output_path(out, "--out")
+    if out.lower().endswith(".png"):
+        raise ValueError(f"--out {out} is the JSON report; give a .json path (the figure goes to "
+                         "--plot, by default next to --out)")
+    if plot is None and len(folders) > 1:
+        plot = os.path.splitext(out)[0] + ".png"
+    if plot is not None:
+        plot = check_output_path(plot, "--plot")
+        if os.path.realpath(plot) == os.path.realpath(out):
+            raise ValueError(f"--plot and --out name the same file {out}; give two paths")
+    for path, what in ((out, "--out"), (plot, "--plot")):
+        for folder in folders if path else ():
+            inside = os.path.realpath(os.path.abspath(folder))
+            if os.path.commonpath([os.path.realpath(path), inside]) == inside:
+                raise ValueError(f"{what} {path} lies in the features folder {folder}: write the "
+                                 "results outside the inputs")
+    if os.path.exists(out):
+        read_json(out, FORMAT, "a keypoints evaluate report",
+                  "this command replaces only its own reports: choose another --out")
+    if plot is not None and os.path.exists(plot):
+        with open(plot, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise ValueError(f"--plot {plot} exists and is not a PNG; this command replaces "
+                                 "only its own figures: choose another --plot")
+    return out, plot
+
+
 def run_evaluate(data_root: str, folders: Sequence[str], out: str,
                  plot: Optional[str] = None, labels: Optional[Sequence[str]] = None,
                  title: Optional[str] = None, normalize: bool = False) -> dict:
@@ -165,9 +196,7 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
     ``plot``, the MMA@3-vs-multiply-adds figure (``plot`` or ``out`` with ``.png``)."""
     if not folders:
         raise ValueError("give at least one --features folder")
-    out = check_output_path(out, "--out")
-    if plot is not None:
-        plot = check_output_path(plot, "--plot")
+    out, plot = _check_outputs(out, plot, folders)
     sequences = hpatches.list_sequences(data_root)
     for seq in sequences:
         hpatches.load_sequence(seq, homographies=True)
@@ -199,8 +228,6 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
                                                   if s.name in hpatches.HIGH_RESOLUTION),
               "features": results}
     write_json_atomic(out, report, compact_depth=3)
-    if plot is None and len(folders) > 1:
-        plot = os.path.splitext(out)[0] + ".png"
     if plot is not None:
         plot_mma(plot, results, title or "MMA@3 vs multiply-adds (HPatches)")
         report["plot"] = plot

@@ -196,6 +196,25 @@ def test_evaluate_command_writes_results_and_plot(data_root, extracted, tmp_path
     png = tmp_path / "res.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     assert "MMA@3 all" in capsys.readouterr().out
+    # a rerun replaces its own report and figure; nothing else is overwritten
+    feats = ["keypoints", "evaluate", "--data-root", data_root, "--features",
+             str(extracted / "os8"), str(extracted / "a4")]
+    assert cli(feats + ["--out", str(out)]) == 0
+    other = tmp_path / "someone.json"
+    other.write_text('{"format": "cad-spconv-eval/1"}')
+    summary = extracted / "os8" / "summary.json"
+    before = summary.read_bytes()
+    for extra, message in ((["--out", str(other)], "not a keypoints evaluate report"),
+                           (["--out", str(tmp_path / "r.png")], "is the JSON report"),
+                           (["--out", str(out), "--plot", str(out)], "name the same file"),
+                           (["--out", str(summary)], "lies in the features folder"),
+                           (["--out", str(tmp_path / "x.json"), "--plot", str(other)],
+                            "is not a PNG")):
+        capsys.readouterr()
+        assert cli(feats + extra) == 2, extra
+        assert message in capsys.readouterr().err
+    assert other.read_text() == '{"format": "cad-spconv-eval/1"}'
+    assert summary.read_bytes() == before
 
 
 def test_extract_is_deterministic_and_resumes(data_root, extracted, tmp_path):
