@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Callable
@@ -89,6 +90,15 @@ def settings_difference(old: dict, new: dict, here: str = "in the file") -> str:
     keys = list(new) + [k for k in old if k not in new]
     return ", ".join(f"{k}: {old.get(k)!r} {here} vs {new.get(k)!r} now" for k in keys
                      if norm(old.get(k)) != norm(new.get(k)))
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes (which weights a result was computed with)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_output_path(path: str, what: str = "--out", folder: bool = False) -> str:

@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from ..io import file_sha256
+
 __all__ = ["FORMAT", "MASK_HELP", "DEFAULT_MASK", "DTYPES", "MaskSpec", "parse_mask",
            "EvalConfig", "configure", "add_setting_arguments", "config_from_args"]
 
@@ -21,7 +23,7 @@ MASK_HELP = ("edge:T (the reference code's gradient edges >= T, paper: 0.15/0.35
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # settings that change the results; a resumed run must match them
 _FINGERPRINT = ("model", "checkpoint", "split", "finest_stride", "coarsest_stride", "dense",
-                "semantics", "mask", "dilation", "sparse_head", "dtype", "seed")
+                "semantics", "mask", "dilation", "sparse_head", "dtype", "seed", "files_sha256")
 
 
 # --------------------------------------------------------------------------- mask specification
@@ -156,6 +158,12 @@ class EvalConfig:
         d["mask"] = None if self.dense is not None else str(parse_mask(self.mask_text))
         d["checkpoint"] = os.path.abspath(self.checkpoint) if self.checkpoint and os.path.isfile(
             self.checkpoint) else self.checkpoint
+        # the bytes, not only the paths: retrained weights at the same path are another setting
+        spec = None if self.dense is not None else parse_mask(self.mask_text)
+        files = {"checkpoint": self.checkpoint,
+                 "mask": spec.path if spec is not None and spec.kind == "learned" else None}
+        d["files_sha256"] = {k: file_sha256(v) if v and os.path.isfile(v) else None
+                             for k, v in files.items()}
         return {k: d[k] for k in _FINGERPRINT}
 
 

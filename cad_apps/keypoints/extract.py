@@ -102,7 +102,7 @@ class ExtractConfig:
     def settings(self) -> dict:
         """What changes the results; a resumed run must match it."""
         if self.weights is not None and self._weights_sha256 is None:
-            from .network import file_sha256
+            from ..io import file_sha256
             self._weights_sha256 = file_sha256(self.weights)
         seeded = self.random_weights or self.mask != "keypoints"
         return {"finest_stride": self.finest_stride, "dilations": list(self.dilations),

@@ -19,7 +19,6 @@ Parameters are shared with the given stack, never copied.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Mapping, Optional
 
@@ -27,8 +26,7 @@ import torch
 from torch import nn
 
 __all__ = ["D2_PREFIX", "STRIDES", "vgg16_conv4_3", "random_features", "d2_features_state_dict",
-           "load_d2_weights", "dense_at_stride", "adaptive_network", "DescriptorNetwork",
-           "file_sha256"]
+           "load_d2_weights", "dense_at_stride", "adaptive_network", "DescriptorNetwork"]
 
 D2_PREFIX = "dense_feature_extraction.model."
 #: output strides of the study
@@ -122,14 +120,6 @@ def load_d2_weights(path: str) -> nn.Sequential:
     stack = vgg16_conv4_3()
     stack.load_state_dict(d2_features_state_dict(ckpt))
     return stack.eval()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pools(stack: nn.Sequential) -> list[int]:

@@ -315,3 +315,22 @@ def test_split_without_labels_and_broken_images(tmp_path, checkpoint):
     image.write_bytes(image.read_bytes()[:200])
     with pytest.raises(ValueError, match=f"cannot read the image {image}"):
         evaluate(dataclasses.replace(cfg, out=str(tmp_path / "t2.json")))
+
+
+def test_resuming_with_other_weights_at_the_same_path_is_refused(fixture_root, checkpoint,
+                                                                 tmp_path):
+    """A retrained checkpoint written over the old file is another setting: the results file
+    records the weights' SHA-256, so a resume cannot mix two networks' images."""
+    import shutil
+
+    path = tmp_path / "ckpt.pth"
+    shutil.copy(checkpoint[0], path)
+    mine = (str(path), checkpoint[1])
+    run(fixture_root, mine, tmp_path, "none", name="r.json", limit=1)
+    run(fixture_root, mine, tmp_path, "none", name="r.json", limit=2)  # same bytes: resumes
+    state = torch.load(path, weights_only=True)
+    key = next(k for k, v in state["model_state"].items() if v.is_floating_point())
+    state["model_state"][key] = state["model_state"][key] + 1
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="written with other settings .*files_sha256"):
+        run(fixture_root, mine, tmp_path, "none", name="r.json")
