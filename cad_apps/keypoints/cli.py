@@ -94,6 +94,11 @@ def _evaluate(args) -> int:
         macs = "n/a" if r["macs_per_image"] is None else f"{r['macs_per_image'] / 1e9:.3f} G"
         print(f"{label:>32}: MMA@3 all {fmt(m['all'])}  i {fmt(m['i'])}  v {fmt(m['v'])}  "
               f"multiply-adds {macs}")
+    others = {label: r["extracted_from"] for label, r in report["features"].items()
+              if r["extracted_from"] not in (None, report["data_root"])}
+    for label, root in others.items():
+        print(f"note: {label} was extracted from {root}, evaluated against {report['data_root']}: "
+              "the homographies are the latter's (fine for a copy of the same set)")
     if report["high_resolution_sequences"]:
         print(f"note: {len(report['high_resolution_sequences'])} high-resolution sequences are "
               "included; the paper's numbers (D2-Net's benchmark) leave them out: "

@@ -214,7 +214,9 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
         summary = read_extract_summary(folder)
         res = evaluate_folder(sequences, folder, normalize=normalize)
         s = summary.get("summary", {})
-        results[label] = {"folder": folder, "settings": summary["settings"],
+        # a copy of the set may live elsewhere, so another root is reported, not refused
+        results[label] = {"folder": folder, "extracted_from": summary.get("data_root"),
+                          "settings": summary["settings"],
                           "group": setting_group(summary["settings"]),
                           "macs_per_image": s.get("macs_mean"),
                           "level_fractions_mean": s.get("level_fractions_mean"),

@@ -268,6 +268,9 @@ def _load_summary(cfg: ExtractConfig, path: str) -> dict:
     if not isinstance(old.get("settings"), dict) or not isinstance(old.get("images"), dict):
         raise ValueError(f"{path} is not a cad-spconv keypoints summary; choose another --out")
     mine = fresh["settings"]
+    if old.get("data_root") and old["data_root"] != fresh["data_root"]:
+        raise ValueError(f"{cfg.out} holds features of {old['data_root']}, not of --data-root "
+                         f"{fresh['data_root']}; choose another --out, or give that data root")
     shown = settings_difference(old["settings"], mine, "in the folder")
     if shown:
         raise ValueError(f"{cfg.out} holds features extracted with other settings ({shown}); "

@@ -244,7 +244,7 @@ def test_extract_is_deterministic_and_resumes(data_root, extracted, tmp_path):
     np.testing.assert_array_equal(np.load(out / "i_synth0" / "2.npz")["descriptors"], old_i2)
 
 
-def test_extract_refuses_to_resume_with_other_settings(data_root, extracted, capsys):
+def test_extract_refuses_to_resume_with_other_settings(data_root, extracted, capsys, tmp_path):
     base = ["keypoints", "extract", "--data-root", data_root, "--random-weights", "--seed", "1",
             "--finest-stride", "4", "--no-progress", "--out", str(extracted / "a4")]
     assert cli(base + ["--dilations", "13"]) == 2
@@ -255,6 +255,16 @@ def test_extract_refuses_to_resume_with_other_settings(data_root, extracted, cap
     assert "semantics: 'paper' in the folder vs 'reference' now" in capsys.readouterr().err
     assert cli(base + ["--dilations", "11", "--mask", "random"]) == 2
     assert "mask: 'keypoints' in the folder vs 'random' now" in capsys.readouterr().err
+    # another data root: its images are not the folder's, for extract and evaluate alike
+    other = tmp_path / "other"
+    shutil.copytree(data_root, other)
+    base[3] = str(other)
+    assert cli(base + ["--dilations", "11"]) == 2
+    assert f"holds features of {os.path.abspath(data_root)}" in capsys.readouterr().err
+    assert cli(["keypoints", "evaluate", "--data-root", str(other), "--features",
+                str(extracted / "a4"), "--out", str(tmp_path / "r.json")]) == 0
+    assert (f"note: a4 was extracted from {os.path.abspath(data_root)}, evaluated against "
+            f"{os.path.abspath(other)}") in capsys.readouterr().out
     assert len(json.load(open(extracted / "a4" / "summary.json"))["images"]) == 12
 
 
