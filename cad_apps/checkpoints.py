@@ -39,7 +39,7 @@ from torch import nn
 
 __all__ = ["CheckpointInfo", "CheckpointMismatchError", "CheckpointError", "LAYOUTS",
            "resolve_checkpoint", "read_checkpoint", "load_into", "build_segmentation_model",
-           "read_mask_estimator"]
+           "read_mask_estimator", "load_weights_only"]
 
 #: the layouts :func:`read_checkpoint` recognises
 LAYOUTS = ("torchvision", "state_dict", "reference", "reference-edge", "reference-learned")
@@ -114,7 +114,7 @@ def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None) -
     return cached
 
 
-def _torch_load(path: str):
+def load_weights_only(path: str):
     """``torch.load`` restricted to tensors and plain data (no code runs). The paper's files also
     hold numpy scalars (``best_score``), which are allowed explicitly."""
     import numpy as np
@@ -232,7 +232,7 @@ def read_checkpoint(spec, model_name: str | None = None) -> tuple[dict, Checkpoi
     """Read a checkpoint into a state dict of the matching torchvision-style model, and describe
     it (:class:`CheckpointInfo`)."""
     path = resolve_checkpoint(spec, model_name)
-    state, fmt, metadata = _unwrap(_torch_load(path), path)
+    state, fmt, metadata = _unwrap(load_weights_only(path), path)
     estimator = None
     if _is_learned(state):
         fmt = "reference-learned"
@@ -338,7 +338,7 @@ def read_mask_estimator(spec) -> tuple[dict, str]:
     ``"state_dict"`` entry, or a bare estimator state dict.
     """
     path = resolve_checkpoint(spec)
-    obj = _torch_load(path)
+    obj = load_weights_only(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     for key in ("model_state", "mask_estimator", "estimator", "state_dict", "model"):

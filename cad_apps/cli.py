@@ -62,7 +62,12 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._main(args) or 0)
+    try:
+        return int(args._main(args) or 0)
+    except KeyboardInterrupt:  # results are written atomically: nothing half-written to report
+        print(f"cad-spconv {args.command}: interrupted; files written so far are complete (eval "
+              "and keypoints extract resume with the same command)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def configure(parser: argparse.ArgumentParser):
 def main(args) -> int:
     try:
         return _main(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
         import sys
         print(f"cad-spconv demo: error: {e}", file=sys.stderr)
         return 2

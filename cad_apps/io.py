@@ -92,6 +92,15 @@ def settings_difference(old: dict, new: dict, here: str = "in the file") -> str:
                      if norm(old.get(k)) != norm(new.get(k)))
 
 
+def error_text(e: BaseException) -> str:
+    """The message a command prints for ``e``: a DataLoader worker's error arrives as the worker's
+    whole traceback in the message; its last line is the error itself."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1]
+    return text
+
+
 def file_sha256(path: str) -> str:
     """SHA-256 of a file's bytes (which weights a result was computed with)."""
     h = hashlib.sha256()

@@ -16,6 +16,7 @@ checkpoint (written atomically: temporary file + ``os.replace``) left off.
 from __future__ import annotations
 
 import argparse
+import shutil
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -239,7 +240,14 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
         if not ckpt_path or not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start without "
                                     "--resume or point --out at the run's folder")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        from .checkpoints import CheckpointError, load_weights_only
+
+        state = load_weights_only(ckpt_path)
+        if not isinstance(state, dict) or not {"config", "model_state", "optimizer_state",
+                                                "cur_itrs", "history"} <= set(state):
+            raise CheckpointError(f"--resume: {ckpt_path} is not a train-mask checkpoint (no "
+                                  "config, weights, optimizer and history); start over with "
+                                  "--overwrite or point --out at a train-mask run")
         _check_same_settings(ckpt_path, {"config": state.get("config", {}),
                                          "meta": state.get("meta", {})}, settings)
         load_reference_state(blended, state["model_state"])
@@ -423,13 +431,13 @@ def _config_from_args(args) -> TrainConfig:
 
 
 def main(args) -> int:
-    from .io import OutputBusyError
+    from .io import OutputBusyError, error_text
 
     try:
         return _main(args)
-    except (ValueError, FileNotFoundError, KeyError, TypeError, OutputBusyError) as e:
+    except (ValueError, OSError, KeyError, TypeError, OutputBusyError) as e:
         import sys
-        print(f"cad-spconv train-mask: error: {e}", file=sys.stderr)
+        print(f"cad-spconv train-mask: error: {error_text(e)}", file=sys.stderr)
         return 2
 
 
@@ -461,6 +469,12 @@ def _main(args) -> int:
                              "start over with --overwrite, or choose another --out")
         if args.resume and args.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+        if args.overwrite:  # the old run's evaluation and generated data are not this run's
+            stale = os.path.join(out, "eval.json")
+            if os.path.exists(stale):
+                os.remove(stale)
+            if args.synthetic and os.path.isdir(os.path.join(out, "synthetic")):
+                shutil.rmtree(os.path.join(out, "synthetic"))
         root = args.data_root
         if args.synthetic:
             root = os.path.join(out, "synthetic")

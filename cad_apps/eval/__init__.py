@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from ..io import OutputBusyError
+from ..io import OutputBusyError, error_text
 from .config import (FORMAT, MASK_HELP, EvalConfig, MaskSpec, add_setting_arguments,
                      config_from_args, configure, parse_mask)
 from .loop import evaluate
@@ -36,8 +36,8 @@ def main(args) -> int:
     try:
         cfg = config_from_args(args)
         result = evaluate(cfg)
-    except (ValueError, FileNotFoundError, KeyError, OutputBusyError) as e:
-        print(f"cad-spconv eval: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, OutputBusyError) as e:
+        print(f"cad-spconv eval: error: {error_text(e)}", file=sys.stderr)
         return 2
     if result is not None:  # rank 0
         print(format_summary(result))

@@ -114,6 +114,6 @@ def main(args) -> int:
     try:
         return int(args._keypoints_main(args) or 0)
     # KeyError: a checkpoint that is not D2-Net's (CheckpointMismatchError)
-    except (ValueError, FileNotFoundError, KeyError, OutputBusyError) as e:
+    except (ValueError, OSError, KeyError, OutputBusyError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

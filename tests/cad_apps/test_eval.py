@@ -334,3 +334,30 @@ def test_resuming_with_other_weights_at_the_same_path_is_refused(fixture_root, c
     torch.save(state, path)
     with pytest.raises(ValueError, match="written with other settings .*files_sha256"):
         run(fixture_root, mine, tmp_path, "none", name="r.json")
+
+
+def test_commands_print_os_errors_and_interrupts_in_one_line(monkeypatch, capsys):
+    """A full disk or a refused write is a message (exit 2); Ctrl-C says that what was written
+    is complete (exit 130); a DataLoader worker's error shows its last line only."""
+    import cad_apps.eval as ev
+    from cad_apps import cli
+    from cad_apps.io import error_text
+
+    def full(cfg):
+        raise OSError(28, "No space left on device", "/x/r.json")
+
+    monkeypatch.setattr(ev, "evaluate", full)
+    argv = ["eval", "--data-root", ".", "--out", "/tmp/x.json", "--device", "cpu"]
+    assert cli.main(argv) == 2
+    assert "error: [Errno 28] No space left on device: '/x/r.json'" in capsys.readouterr().err
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate", interrupted)
+    assert cli.main(argv) == 130
+    assert "interrupted; files written so far are complete" in capsys.readouterr().err
+    worker = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback "
+                        "(most recent call last):\n  File \"x.py\", line 1\nValueError: image "
+                        "a.png is truncated")
+    assert error_text(worker) == "ValueError: image a.png is truncated"

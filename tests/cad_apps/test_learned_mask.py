@@ -266,7 +266,11 @@ def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
     assert cli.main(argv + ["--resume", "--rho", "0.3", "--iters", "2"]) == 2
     err = capsys.readouterr().err
     assert "rho: 0.5 in the checkpoint vs 0.3 now" in err and "iters" in err
+    stale = os.path.join(out, "eval.json")
+    with open(stale, "w") as f:
+        f.write("{}")
     assert cli.main(argv + ["--overwrite", "--iters", "2"]) == 0
+    assert not os.path.exists(stale)  # the old run's evaluation is not left beside the new run
     assert cli.main(argv[:-1] + ["--weights", "x.pth", "--no-eval"]) == 2
     assert "random weights only" in capsys.readouterr().err
     # a second writer of the same --out is refused with a message, not a traceback
@@ -274,6 +278,17 @@ def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
     with OutputLock(os.path.join(out, "last.pt")):
         assert cli.main(argv + ["--resume", "--iters", "2"]) == 2
     assert "being written by another running process" in capsys.readouterr().err
+    # --resume on a file that is not a train-mask checkpoint: a message, not a traceback
+    for content in (b"", b"truncated", None):
+        if content is None:
+            torch.save({"model_state": {}}, os.path.join(out, "last.pt"))
+        else:
+            with open(os.path.join(out, "last.pt"), "wb") as f:
+                f.write(content)
+        assert cli.main(argv + ["--resume", "--iters", "3"]) == 2
+        err = capsys.readouterr().err
+        assert "cad-spconv train-mask: error:" in err and "Traceback" not in err
+    assert "is not a train-mask checkpoint" in err
 
 
 def test_seed_fixes_the_initial_weights(tmp_path):
