@@ -41,6 +41,15 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
             try:
                 lock.__enter__()
                 results = load_results(out_path, cfg)
+                if cfg.save_predictions:  # images done earlier are skipped: their PNGs must exist
+                    missing = [i for i in results["images"]
+                               if not os.path.isfile(_prediction_path(cfg.save_predictions, i))]
+                    if missing:
+                        raise ValueError(
+                            f"--save-predictions {cfg.save_predictions}: {len(missing)} images of "
+                            f"{out_path} were evaluated without saving their predictions (e.g. "
+                            f"{missing[0]}), and a resume skips them; pass --overwrite to "
+                            "evaluate everything again, or another --out")
             except (ValueError, OutputBusyError) as e:
                 problem = (isinstance(e, OutputBusyError), str(e))
         done, problem = dist.broadcast((set(results["images"]) if results else set(), problem))
@@ -137,11 +146,15 @@ def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
     return out
 
 
+def _prediction_path(folder: str, frame_id: str) -> str:
+    city, name = frame_id.split("/")
+    return os.path.join(folder, city, f"{name}_pred_trainIds.png")
+
+
 def _save_prediction(folder: str, frame_id: str, pred) -> None:
     import numpy as np
     from PIL import Image
-    city, name = frame_id.split("/")
-    path = os.path.join(folder, city, f"{name}_pred_trainIds.png")
+    path = _prediction_path(folder, frame_id)
     image = Image.fromarray(pred.to("cpu").numpy().astype(np.uint8))
     write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 

@@ -161,6 +161,13 @@ def test_edge_mask_saves_predictions_that_score_the_same(fixture_root, checkpoin
         assert rec["macs"]["total"] == sum(v for k, v in rec["macs"].items() if k != "total")
         assert rec["time_s"] > 0
     assert s["macs_fraction_of_finest"] < 1.0 < s["macs_fraction_of_coarsest"]
+    # a finished run resumed with --save-predictions into another folder would save nothing
+    with pytest.raises(ValueError, match="3 images .* were evaluated without saving their "
+                                         "predictions"):
+        run(fixture_root, checkpoint, tmp_path, "edge:1.5", save_predictions=str(tmp_path / "p2"),
+            batch_size=2, timing=True)
+    run(fixture_root, checkpoint, tmp_path, "edge:1.5", save_predictions=str(preds_dir),
+        batch_size=2, timing=True)  # the same folder: every PNG is there, the resume is fine
 
 
 def test_resume_skips_done_images_and_matches_a_fresh_run(fixture_root, checkpoint, tmp_path,
