@@ -259,6 +259,16 @@ def _check_args(args) -> dict:
     for path in args.images:
         if not os.path.isfile(path):
             raise SystemExit(f"bench: image not found: {path}")
+    from ..io import check_output_path
+
+    try:  # before the run: a bad path would otherwise lose the results at its end
+        outs = [check_output_path(p, flag) for p, flag in ((args.json, "--json"),
+                                                           (args.markdown, "--markdown")) if p]
+    except ValueError as e:
+        raise SystemExit(f"bench: {e}") from None
+    if len(outs) == 2 and os.path.realpath(outs[0]) == os.path.realpath(outs[1]):
+        raise SystemExit(f"bench: --json and --markdown name the same file {outs[0]}; the "
+                         "markdown would be appended to the JSON")
     return {"device": device, "dtype": dtype}
 
 

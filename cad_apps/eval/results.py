@@ -14,6 +14,7 @@ def load_results(path: str, cfg: EvalConfig) -> dict:
     if os.path.isfile(path) and not cfg.overwrite:
         old = read_json(path, FORMAT, "a cad-spconv eval file",
                         "choose another --out, or pass --overwrite to replace it")
+        _check_records(path, old)
         shown = settings_difference(old["config"], cfg.fingerprint())
         if shown:
             raise ValueError(f"{path} was written with other settings ({shown}); pass another "
@@ -21,6 +22,27 @@ def load_results(path: str, cfg: EvalConfig) -> dict:
         return old
     return {"format": FORMAT, "config": cfg.fingerprint(), "environment": {}, "summary": {},
             "images": {}}
+
+
+_RECORD_KEYS = ("confusion", "macs", "macs_dense_finest", "macs_dense_coarsest", "time_s",
+                "level0_share")
+
+
+def _check_records(path: str, old: dict) -> None:
+    """A file with the right format but a broken body (edited, or another tool's) is refused
+    when read, before any image is computed, not when the summary meets it."""
+    images = old.get("images")
+    bad = ("no 'config'" if not isinstance(old.get("config"), dict) else
+           "'images' is not an object" if not isinstance(images, dict) else None)
+    if bad is None:
+        for name, rec in images.items():
+            missing = [k for k in _RECORD_KEYS if not isinstance(rec, dict) or k not in rec]
+            if missing:
+                bad = f"the record of {name} lacks {', '.join(missing)}"
+                break
+    if bad:
+        raise ValueError(f"{path} is damaged ({bad}); pass --overwrite to evaluate again, or "
+                         "another --out")
 
 
 def summarize(images: dict, num_classes: int = 19) -> dict:

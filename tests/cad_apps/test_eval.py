@@ -186,6 +186,16 @@ def test_resume_skips_done_images_and_matches_a_fresh_run(fixture_root, checkpoi
     assert resumed["summary"]["miou"] == fresh["summary"]["miou"]
     with pytest.raises(ValueError, match=r"mask: 'edge:0.35' in the file vs 'edge:0.95' now"):
         run(fixture_root, checkpoint, tmp_path, "edge:0.95", name="resumed.json")
+    # a damaged body is refused when read, before any image is computed
+    good = json.loads((tmp_path / "resumed.json").read_text())
+    for damage, message in ((lambda d: d.update(images=[]), "'images' is not an object"),
+                            (lambda d: d["images"][first].pop("confusion"),
+                             f"the record of {first} lacks confusion")):
+        broken = json.loads(json.dumps(good))
+        damage(broken)
+        (tmp_path / "damaged.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=rf"damaged \({message}\).*--overwrite"):
+            run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="damaged.json")
 
 
 def test_json_is_written_atomically(tmp_path):
