@@ -104,7 +104,8 @@ def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None) -
     weights = _torchvision_weights(str(spec), model_name)
     if weights is None:
         hint = f" or a torchvision weights name of {model_name}" if model_name else ""
-        raise FileNotFoundError(f"checkpoint {str(spec)!r} is neither a file{hint}")
+        raise FileNotFoundError(f"checkpoint {str(spec)!r} is neither a file{hint}: check "
+                                "the path")
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(cached):
         raise FileNotFoundError(
@@ -124,6 +125,12 @@ def load_weights_only(path: str):
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     safe = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
     safe += [type(np.dtype(t)) for t in ("f8", "f4", "i8", "i4", "u1", "b1")]
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip file (PK), older versions a pickle (protocol byte 0x80)
+    if head != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}, "
+                              "neither a zip archive nor a pickle); check the path")
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -150,6 +150,12 @@ class OutputLock:
         try:
             lock.acquire(timeout=0)
         except Timeout:
+            try:  # filelock also times out where the lock file cannot be created at all
+                open(self.path + ".lock", "a").close()
+            except OSError as e:
+                raise ValueError(f"{self.what} {self.path}: cannot create its lock file "
+                                 f"{self.path}.lock ({e.strerror}); choose a writable "
+                                 f"{self.what}") from None
             raise OutputBusyError(
                 f"{self.what} {self.path} is being written by another running process (lock "
                 f"{self.path}.lock); wait for it to finish or choose another {self.what}") from None

@@ -124,3 +124,13 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path):
     empty.write_bytes(b"")  # used to raise IndexError inside the error handler
     with pytest.raises(ValueError, match="empty"):
         read_checkpoint(empty)
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights\n")  # was reported as a weights-only failure
+    with pytest.raises(ValueError, match=r"is not a PyTorch checkpoint \(it starts with b'no'"):
+        read_checkpoint(text)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp_path / "list.pth").read_bytes()[:40])
+    with pytest.raises(ValueError, match="truncated or not a PyTorch checkpoint"):
+        read_checkpoint(cut)
+    with pytest.raises(FileNotFoundError, match="is neither a file.*check the path"):
+        read_checkpoint(tmp_path / "absent.pth")

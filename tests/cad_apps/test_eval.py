@@ -378,3 +378,12 @@ def test_commands_print_os_errors_and_interrupts_in_one_line(monkeypatch, capsys
                         "(most recent call last):\n  File \"x.py\", line 1\nValueError: image "
                         "a.png is truncated")
     assert error_text(worker) == "ValueError: image a.png is truncated"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (a folder where no "
+                    "file can be created)")
+def test_an_uncreatable_lock_is_not_reported_as_a_busy_output():
+    from cad_apps.io import OutputLock
+    with pytest.raises(ValueError, match="cannot create its lock file"):
+        with OutputLock("/proc/cad_spconv_test.json"):
+            pass
