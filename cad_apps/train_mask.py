@@ -70,6 +70,9 @@ class TrainConfig:
             raise ValueError(f"color_jitter must lie in [0, 1), got {self.color_jitter}")
         if not 0 < self.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must lie in (0, 1], got {self.bn_momentum}")
+        if self.save_every < 0:
+            raise ValueError(f"--save-every must be >= 0 (0: only at the end), got "
+                             f"{self.save_every}")
 
 
 # ---------------------------------------------------------------------------------- data

@@ -71,15 +71,17 @@ class Segmenter:
         low = cfg.dtype in ("float16", "bfloat16")
         self.autocast = getattr(torch, cfg.dtype) if low else None
         self.dtype = torch.float32 if low else getattr(torch, cfg.dtype)
-        info = None
+        info, given = None, model is not None
         if model is None:
             # seeded, so random weights (no --checkpoint) agree across resumed runs and ranks
             torch.manual_seed(cfg.seed)
             model, info = build_segmentation_model(cfg.model, cfg.checkpoint,
                                                    output_stride=cfg.dense)
         self.checkpoint_info = info
+        # a model handed in (train-mask's) is named by its class, not by the default builder
         self.model_name = cfg.model or (info.model if info is not None else None) or (
-            "deeplabv3_resnet101" if cfg.checkpoint is None else type(model).__name__)
+            type(model).__name__ if given or cfg.checkpoint is not None
+            else "deeplabv3_resnet101")
         self.num_classes = _num_classes(model)
         if self.num_classes != 19:
             raise ValueError(f"the model predicts {self.num_classes} classes; Cityscapes "

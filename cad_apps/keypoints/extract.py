@@ -88,6 +88,8 @@ class ExtractConfig:
                              "(the keypoint plan whose budget it matches) and --finest-stride 1, 2 or 4")
         if self.semantics not in SEMANTICS:
             raise ValueError(f"--semantics must be one of {SEMANTICS}, got {self.semantics!r}")
+        from cad_spconv.engines import check_engine
+        check_engine(self.engine)  # also where a dense run never uses it: a typo is not ignored
         if (self.weights is None) == (not self.random_weights):
             raise ValueError("give exactly one of --weights d2_tf.pth and --random-weights")
         if self.weights is not None and not os.path.isfile(self.weights):

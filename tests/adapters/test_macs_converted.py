@@ -110,3 +110,4 @@ def test_cli_train_mask_evaluates_the_sparse_network(tmp_path, capsys):
     s = result["summary"]
     assert s["num_images"] == 2 and set(s["macs_mean"]) >= {"dense", "sparse", "head", "mask"}
     assert result["config"]["mask"].startswith("learned:") and 0 < s["macs_fraction_of_finest"]
+    assert result["environment"]["model"] == "FCN"  # the trained model, not the default builder

@@ -297,6 +297,8 @@ def test_commands_report_bad_input(data_root, extracted, tmp_path, capsys):
     assert "must\nnot decrease" in capsys.readouterr().err.replace("must not", "must\nnot")
     assert cli(base + ["--data-root", data_root, "--mask", "random", "--out", str(tmp_path / "y")]) == 2
     assert "give --dilations" in capsys.readouterr().err
+    assert cli(base + ["--data-root", data_root, "--engine", "bogus", "--out", str(tmp_path / "y")]) == 2
+    assert "unknown engine 'bogus'" in capsys.readouterr().err  # a dense run does not ignore it
     assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(tmp_path),
                 "--out", str(tmp_path / "r.json")]) == 2
     assert "has no summary.json" in capsys.readouterr().err

@@ -273,6 +273,8 @@ def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
     assert not os.path.exists(stale)  # the old run's evaluation is not left beside the new run
     assert cli.main(argv[:-1] + ["--weights", "x.pth", "--no-eval"]) == 2
     assert "random weights only" in capsys.readouterr().err
+    assert cli.main(argv + ["--resume", "--save-every", "-1"]) == 2
+    assert "--save-every must be >= 0" in capsys.readouterr().err
     # a second writer of the same --out is refused with a message, not a traceback
     from cad_apps.io import OutputLock
     with OutputLock(os.path.join(out, "last.pt")):
