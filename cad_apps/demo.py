@@ -65,7 +65,9 @@ def _main(args) -> int:
     image, source = load_image(args.image, args.size, args.seed)
     x = normalize(image)[None].to(device)
     H, W = x.shape[-2:]
-    model, info = build_segmentation_model("deeplabv3_resnet101", args.checkpoint)
+    # the model the checkpoint holds (DeepLabV3-ResNet-101 without one)
+    model, info = build_segmentation_model(None, args.checkpoint)
+    name = info.model if info is not None and info.model else "deeplabv3_resnet101"
     if args.checkpoint is None:
         weights = "random weights (pass --checkpoint for trained ones: predictions are noise, " \
                   "sites and multiply-adds are exact either way)"
@@ -73,7 +75,7 @@ def _main(args) -> int:
         weights = f"weights from {info.source}"
     model = model.to(device).eval()
     cad = convert(model, finest_stride=8, coarsest_stride=16).eval()
-    print(f"DeepLabV3-ResNet101, {weights}")
+    print(f"{name}, {weights}")
     print(f"image: {source}, {H}x{W}; adaptive downsampling 8 -> 16 in layer3, edge masks "
           f"dilated {args.dilation}x{args.dilation}")
 
@@ -81,7 +83,8 @@ def _main(args) -> int:
     # converted layer runs either before it (H0*W0 sites, fixed) or after it (the plan's sites),
     # so the count is affine in the sites after the step; both ends are the dense networks
     # (all kept = stride 8; none kept = stride-16 backbone with the head at stride 8).
-    fine, coarse = dense_macs("deeplabv3_resnet101", 8, (H, W)), dense_macs("deeplabv3_resnet101", 16, (H, W))
+    classes = int(model.classifier[-1].out_channels)
+    fine, coarse = dense_macs(name, 8, (H, W), classes), dense_macs(name, 16, (H, W), classes)
     H0, W0 = -(-H // 8), -(-W // 8)
     n_fine, n_coarse = H0 * W0, (-(-H0 // 2)) * (-(-W0 // 2))
     macs_all = fine["total"]

@@ -56,12 +56,15 @@ def check_dilations(dilations: Sequence[int], finest_stride: int) -> tuple[int, 
     """Validate one dilation per level (finest first): ints, odd or 0, not decreasing."""
     L = num_levels(finest_stride)
     dil = tuple(dilations)
+    if len(dil) != L and L == 0:
+        raise ValueError(f"--finest-stride {finest_stride} is the dense stride-8 network, which has "
+                         f"no adaptive levels: give no --dilations (got {len(dil)})")
     if len(dil) != L:
         raise ValueError(
             f"--finest-stride {finest_stride} has {L} adaptive level(s) (strides "
             f"{', '.join(str(finest_stride * 2 ** i) for i in range(L))} below 8), so --dilations "
-            f"needs {L} value(s), finest first (e.g. {' '.join(['25', '51', '51'][-L:]) if L else ''}), "
-            f"got {len(dil)}" + ("; for the dense stride-8 network give no --dilations" if L == 0 else ""))
+            f"needs {L} value(s), finest first (e.g. {' '.join(['25', '51', '51'][-L:])}), "
+            f"got {len(dil)}")
     for i, d in enumerate(dil):
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 or (d and d % 2 == 0):
             raise ValueError(f"--dilations: value {i} ({d!r}) must be an odd square size in pixels, "

@@ -27,6 +27,24 @@ def test_demo_on_the_synthetic_scene(tmp_path, capsys):
         assert im.size[0] > 200
 
 
+def test_demo_runs_the_model_a_checkpoint_holds(tmp_path, capsys):
+    """A DeepLabV3-ResNet-50 checkpoint with 5 classes: the demo converts that model and its
+    exact count (checked inside against the plan) uses its own head."""
+    import torch
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    torch.manual_seed(0)
+    path = tmp_path / "r50.pth"
+    torch.save(deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=5).state_dict(),
+               path)
+    assert cli(["demo", "--size", "48", "96", "--thresholds", "0.35", "--checkpoint", str(path),
+                "--out", str(tmp_path / "o.png")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("deeplabv3_resnet50, weights from") and "as the plan predicts" in text
+    fine = dense_macs("deeplabv3_resnet50", 8, (48, 96), 5)["total"]
+    assert f"dense stride 8: {fine / 1e9:.1f} GMA" in text
+
+
 def test_demo_with_an_image_file_and_errors(tmp_path, capsys):
     img = tmp_path / "in.png"
     rgb = np.zeros((40, 72, 3), np.uint8)
