@@ -464,6 +464,9 @@ def _main(args) -> int:
                          "or choose another --model")
     config = _config_from_args(args)
     config.check()
+    from cad_spconv.plan import num_adaptive_steps
+
+    num_adaptive_steps(args.finest_stride, args.coarsest_stride)  # names both options
     out = check_output_path(args.out, folder=True)
     with OutputLock(os.path.join(out, CHECKPOINT)):
         ckpt = os.path.join(out, CHECKPOINT)
