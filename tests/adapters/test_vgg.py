@@ -124,8 +124,14 @@ def test_keep_at_image_resolution_ignores_pixels_dropped_by_floor_pools():
     grid = torch.zeros(2, 7, 10, dtype=torch.bool)
     grid[1, 1, 2] = True
     with torch.no_grad():
-        emu.assert_rel(cad(x, keep), cad(x, grid))
+        from_image = cad(x, keep)
+        levels = cad.last_plan.levels
+        emu.assert_rel(from_image, cad(x, grid))
     assert cad.last_plan.grid == (7, 10)
+    # by hand: image 0 keeps nothing (all merged), image 1 the 2x2 block around cell (1, 2)
+    assert bool((levels[0] == 1).all())
+    assert torch.equal(levels[1, 0:2, 2:4], torch.zeros(2, 2, dtype=levels.dtype))
+    assert int((levels[1] == 0).sum()) == 4
 
 
 def test_full_vgg_and_bad_strides_are_refused():
