@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Dist", "init_distributed", "resolve_device"]
+__all__ = ["Dist", "init_distributed", "resolve_device", "cpu_name", "device_name"]
 
 
 @dataclass
@@ -93,3 +93,24 @@ def resolve_device(name=None, option: str = "--device") -> str:
             raise ValueError(f"{option} {name}: this machine has {torch.cuda.device_count()} "
                              "CUDA device(s)")
     return name
+
+
+def cpu_name() -> str:
+    """The CPU model (``lscpu``'s "Model name"), which the speed of CPU runs depends on."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device) -> str:
+    """What a time was measured on: the GPU's name, or the CPU model and thread count."""
+    import torch
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"

@@ -5,6 +5,7 @@ import os
 import platform
 import time
 
+from ..distributed import cpu_name
 from .measure import math_flags
 
 __all__ = ["environment", "cpu_flags", "native_bfloat16", "loadavg", "summary", "markdown",
@@ -16,17 +17,6 @@ def loadavg():
         return list(os.getloadavg())
     except OSError:
         return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # the instruction sets that decide which CPU kernels run (oneDNN picks by these)
@@ -60,7 +50,7 @@ def environment(device, load_before) -> dict:
     env = {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 
-from ..distributed import Dist, init_distributed, resolve_device
+from ..distributed import Dist, device_name, init_distributed, resolve_device
 from ..io import (OutputBusyError, OutputLock, check_output_path, write_atomic,
                   write_json_atomic)
 from .config import EvalConfig
@@ -138,7 +138,9 @@ def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
             # resolution), and per level; None for the plain network
             "level0_share": None if fractions is None else float(fractions[b, 0]),
             "level_fractions": None if fractions is None else [float(v) for v in fractions[b]],
-            "time_s": None if seconds is None else seconds / B, "miou": finite(cm.miou()),
+            "time_s": None if seconds is None else seconds / B,
+            "time_device": None if seconds is None else device_name(seg.device),
+            "miou": finite(cm.miou()),
             "confusion": counts_to_triples(counts),
         })
         if cfg.save_predictions:

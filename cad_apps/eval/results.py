@@ -60,6 +60,9 @@ def summarize(images: dict, num_classes: int = 19) -> dict:
     fine = np.array([r["macs_dense_finest"] for r in recs], dtype=np.float64)
     coarse = np.array([r["macs_dense_coarsest"] for r in recs], dtype=np.float64)
     times = np.array([r["time_s"] for r in recs if r["time_s"] is not None], dtype=np.float64)
+    # a resumed run may have timed its images on other machines: say so, do not hide it
+    time_devices = sorted({r.get("time_device") or "unknown" for r in recs
+                           if r["time_s"] is not None})
     level0 = np.array([r["level0_share"] for r in recs if r["level0_share"] is not None],
                       dtype=np.float64)
     iou = cm.iou()
@@ -79,6 +82,7 @@ def summarize(images: dict, num_classes: int = 19) -> dict:
         "level0_share_mean": float(level0.mean()) if level0.size else None,
         "time_per_image_s_mean": float(times.mean()) if times.size else None,
         "time_per_image_s_median": float(np.median(times)) if times.size else None,
+        "time_devices": time_devices,
         "confusion": cm.to_triples(),
     }
 
@@ -106,6 +110,8 @@ def format_summary(result: dict) -> str:
     timing = ("not timed" if s["time_per_image_s_mean"] is None else
               f"time per image {s['time_per_image_s_mean'] * 1e3:.1f} ms (median "
               f"{s['time_per_image_s_median'] * 1e3:.1f} ms)")
+    if len(s.get("time_devices") or []) > 1:
+        timing += f" MIXED over {', '.join(s['time_devices'])} (a resumed run)"
     if s.get("level0_share_mean") is not None:
         lines.append(f"  cells at the finest resolution (level 0): "
                      f"{s['level0_share_mean']:.1%}   {timing}")

@@ -108,6 +108,7 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
     dry run writes into ``--results``; bfloat16 targets are skipped, with the reason, on a CPU
     without native bfloat16."""
     from cad_apps.bench import report as bench_report
+    from cad_apps.distributed import cpu_name
     from experiments import benchmark
 
     results = tmp_path / "machine"
@@ -116,7 +117,7 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
     (tmp_path / "r.json").rename(results / "cpu_float32_b1_edge0.35.json")
     table = benchmark.report(str(results))
     flags = ", ".join(bench_report.cpu_flags() or ["flags not recorded"])
-    assert table.startswith(f"Measured on: {bench_report._cpu_name()} ({flags})")
+    assert table.startswith(f"Measured on: {cpu_name()} ({flags})")
     row = next(line for line in table.splitlines() if line.startswith("| cpu_float32_b1_edge0.35"))
     assert "| float32 | 1 | edge 0.35 |" in row
     assert benchmark.report(str(tmp_path / "empty")).startswith("no targets results")

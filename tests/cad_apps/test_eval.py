@@ -387,3 +387,16 @@ def test_an_uncreatable_lock_is_not_reported_as_a_busy_output():
     with pytest.raises(ValueError, match="cannot create its lock file"):
         with OutputLock("/proc/cad_spconv_test.json"):
             pass
+
+
+def test_times_from_other_machines_are_flagged_not_pooled_silently():
+    from cad_apps.eval import format_summary, summarize
+    rec = {"confusion": [], "macs": {"total": 2}, "macs_dense_finest": 4,
+           "macs_dense_coarsest": 1, "level0_share": 0.5, "time_s": 0.1, "time_device": "cpu (A)"}
+    one = summarize({"a": rec, "b": dict(rec, time_s=0.3)})
+    assert one["time_devices"] == ["cpu (A)"]
+    mixed = summarize({"a": rec, "b": dict(rec, time_device="cuda (H200)")})
+    assert mixed["time_devices"] == ["cpu (A)", "cuda (H200)"]
+    result = {"summary": mixed, "config": {"model": "m", "mask": "none", "finest_stride": 8,
+                                           "coarsest_stride": 16}}
+    assert "MIXED over cpu (A), cuda (H200)" in format_summary(result)
