@@ -205,7 +205,8 @@ def add_setting_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of random weights (without --checkpoint) and random masks")
-    p.add_argument("--warmup", type=int, default=1, help="untimed forward passes before timing")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed forward passes before timing (default: 1)")
     p.add_argument("--no-timing", dest="timing", action="store_false",
                    help="skip the separate timed forward pass (halves the cost; time_s is null)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -223,4 +224,10 @@ def configure(parser: argparse.ArgumentParser):
 
 def config_from_args(args) -> EvalConfig:
     names = EvalConfig.__dataclass_fields__
-    return EvalConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
+    given = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    if given.get("warmup") is not None and given.get("timing") is False:
+        raise ValueError("--warmup sets the untimed passes before timing, and --no-timing skips "
+                         "timing: drop one of them")
+    if given.get("warmup") is None:
+        given.pop("warmup", None)  # the dataclass default
+    return EvalConfig(**given)

@@ -312,6 +312,13 @@ def test_output_problems_are_found_before_any_work(fixture_root, checkpoint, tmp
         with pytest.raises(ValueError, match=msg):
             evaluate(cfg)
     assert not (tmp_path / "x.json").exists()
+    from cad_apps.cli import build_parser
+    from cad_apps.eval import config_from_args
+    argv = ["eval", "--data-root", fixture_root, "--out", str(tmp_path / "x.json")]
+    with pytest.raises(ValueError, match="--warmup .* --no-timing skips timing: drop one"):
+        config_from_args(build_parser("eval").parse_args(argv + ["--warmup", "3", "--no-timing"]))
+    assert config_from_args(build_parser("eval").parse_args(argv)).warmup == 1
+    assert config_from_args(build_parser("eval").parse_args(argv + ["--no-timing"])).timing is False
 
 
 def test_split_without_labels_and_broken_images(tmp_path, checkpoint):
