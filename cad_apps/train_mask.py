@@ -462,6 +462,9 @@ def _main(args) -> int:
     if args.model == TINY and args.weights:
         raise ValueError(f"{TINY} is a smoke-test model with random weights only; drop --weights "
                          "or choose another --model")
+    if args.no_eval and args.eval_images is not None:
+        raise ValueError("--eval-images sets the evaluation after training, which --no-eval "
+                         "skips: drop one of them")
     config = _config_from_args(args)
     config.check()
     from cad_spconv.plan import num_adaptive_steps

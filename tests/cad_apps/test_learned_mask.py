@@ -277,6 +277,8 @@ def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
     assert "--save-every must be >= 0" in capsys.readouterr().err
     assert cli.main(argv + ["--resume", "--coarsest-stride", "12"]) == 2
     assert "coarsest_stride must be a power of two" in capsys.readouterr().err
+    assert cli.main(argv + ["--resume", "--eval-images", "1"]) == 2
+    assert "--no-eval skips: drop one of them" in capsys.readouterr().err
     # a second writer of the same --out is refused with a message, not a traceback
     from cad_apps.io import OutputLock
     with OutputLock(os.path.join(out, "last.pt")):
