@@ -129,8 +129,10 @@ def load_weights_only(path: str):
         head = f.read(2)
     # torch.save writes a zip file (PK), older versions a pickle (protocol byte 0x80)
     if head != b"PK" and head[:1] != b"\x80":
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}, "
-                              "neither a zip archive nor a pickle); check the path")
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint that can be read weights-only "
+                              f"(it starts with {head!r}, neither the zip format of torch.save "
+                              "nor a pickle): check the path; a file of a very old PyTorch must "
+                              "be re-saved with a current one (torch.save(state_dict, path))")
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)

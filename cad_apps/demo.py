@@ -50,6 +50,7 @@ def _main(args) -> int:
     from .checkpoints import build_segmentation_model
     from .data import colorize, denormalize, normalize
     from .eval import dense_macs
+    from .eval.segmenter import num_classes_of
     from cad_spconv.macs import MacCounter
     from cad_spconv.plan import LevelPlan
 
@@ -83,7 +84,7 @@ def _main(args) -> int:
     # converted layer runs either before it (H0*W0 sites, fixed) or after it (the plan's sites),
     # so the count is affine in the sites after the step; both ends are the dense networks
     # (all kept = stride 8; none kept = stride-16 backbone with the head at stride 8).
-    classes = int(model.classifier[-1].out_channels)
+    classes = num_classes_of(model)
     fine, coarse = dense_macs(name, 8, (H, W), classes), dense_macs(name, 16, (H, W), classes)
     H0, W0 = -(-H // 8), -(-W // 8)
     n_fine, n_coarse = H0 * W0, (-(-H0 // 2)) * (-(-W0 // 2))

@@ -6,6 +6,7 @@ records and writes the results; the process group is torn down however the run e
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -95,6 +96,7 @@ def resolve_device(name=None, option: str = "--device") -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_name() -> str:
     """The CPU model (``lscpu``'s "Model name"), which the speed of CPU runs depends on."""
     import platform

@@ -469,7 +469,11 @@ def _main(args) -> int:
     config.check()
     from cad_spconv.plan import num_adaptive_steps
 
-    num_adaptive_steps(args.finest_stride, args.coarsest_stride)  # names both options
+    try:
+        num_adaptive_steps(args.finest_stride, args.coarsest_stride)
+    except ValueError as e:
+        raise ValueError(f"--finest-stride {args.finest_stride} --coarsest-stride "
+                         f"{args.coarsest_stride}: {e}") from None
     out = check_output_path(args.out, folder=True)
     with OutputLock(os.path.join(out, CHECKPOINT)):
         ckpt = os.path.join(out, CHECKPOINT)
@@ -478,10 +482,11 @@ def _main(args) -> int:
                              "start over with --overwrite, or choose another --out")
         if args.resume and args.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
-        if args.overwrite:  # the old run's evaluation and generated data are not this run's
+        if args.overwrite and os.path.exists(ckpt):  # the old run's evaluation and data
             stale = os.path.join(out, "eval.json")
             if os.path.exists(stale):
-                os.remove(stale)
+                with OutputLock(stale):  # not while an eval of it is still writing
+                    os.remove(stale)
             if args.synthetic and os.path.isdir(os.path.join(out, "synthetic")):
                 shutil.rmtree(os.path.join(out, "synthetic"))
         root = args.data_root

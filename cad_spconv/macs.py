@@ -262,7 +262,8 @@ class MacCounter:
                 total = ref["total"] if isinstance(ref, Mapping) else ref
                 if isinstance(ref, Mapping) and ref.get("num_images", B) != B:
                     raise ValueError(
-                        f"{key[3:]} was counted on {ref['num_images']} images, this count on {B}: "
+                        f"{key[3:]} was counted on a batch of {ref['num_images']}, this count "
+                        f"on a batch of {B}: "
                         "count the reference on the same batch (a ratio of totals is only "
                         "meaningful for the same images)")
                 if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
@@ -300,11 +301,10 @@ def count_macs(model: nn.Module, images: torch.Tensor, keep=None, *,
       e.g. of the dense model at the finest / coarsest stride): ``"vs_finest"`` /
       ``"vs_coarsest"``, the ratio of ``"total"`` to theirs.
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+    if not isinstance(images, torch.Tensor) or images.dim() < 2:
         got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a batched tensor [B, C, H, W], got {got}"
-                         + ("; one image: images[None]" if isinstance(images, torch.Tensor)
-                            and images.dim() == 3 else ""))
+        raise ValueError(f"images must be a batched tensor [B, C, H, W] (or [B, ...] for other "
+                         f"models), got {got}")
     extra = {"mask": keep} if isinstance(keep, nn.Module) else None
     counter = MacCounter(model, images.shape[0], extra)
     with counter, torch.no_grad():

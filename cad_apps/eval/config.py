@@ -225,7 +225,7 @@ def configure(parser: argparse.ArgumentParser):
 def config_from_args(args) -> EvalConfig:
     names = EvalConfig.__dataclass_fields__
     given = {k: getattr(args, k) for k in names if hasattr(args, k)}
-    if given.get("warmup") is not None and given.get("timing") is False:
+    if given.get("warmup") not in (None, 0) and given.get("timing") is False:
         raise ValueError("--warmup sets the untimed passes before timing, and --no-timing skips "
                          "timing: drop one of them")
     if given.get("warmup") is None:

@@ -26,13 +26,13 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
     from ..data import CityscapesSegmentation, collate
 
     cfg.check()
-    device_name = resolve_device(cfg.device)
+    run_device = resolve_device(cfg.device)
     out_path = check_output_path(cfg.out)
     if cfg.save_predictions:
         check_output_path(cfg.save_predictions, "--save-predictions", folder=True)
-    dist = init_distributed(torch.device(device_name).type)
-    if dist.active and torch.device(device_name).type == "cuda":
-        device_name = f"cuda:{dist.local_rank}"
+    dist = init_distributed(torch.device(run_device).type)
+    if dist.active and torch.device(run_device).type == "cuda":
+        run_device = f"cuda:{dist.local_rank}"
     lock = OutputLock(out_path)
     try:
         # rank 0 locks and reads the file; everyone gets the same list of images still to do
@@ -60,9 +60,9 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
         todo = [i for i, name in enumerate(dataset.ids) if name not in done]
         shard = dist.shard(todo)
         steps = math.ceil(math.ceil(len(todo) / dist.world) / cfg.batch_size) if todo else 0
-        seg = segmenter or Segmenter(cfg, device_name, model=model)
+        seg = segmenter or Segmenter(cfg, run_device, model=model)
         if results is not None:
-            results["environment"] = _environment(seg, dist, device_name, cfg)
+            results["environment"] = _environment(seg, dist, run_device, cfg)
             results["macs_parts"] = seg.macs_parts()
             results["num_images_requested"] = len(dataset)
         loader = torch.utils.data.DataLoader(
@@ -161,12 +161,12 @@ def _save_prediction(folder: str, frame_id: str, pred) -> None:
     write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def _environment(seg: Segmenter, dist: Dist, device_name: str, cfg: EvalConfig) -> dict:
+def _environment(seg: Segmenter, dist: Dist, run_device: str, cfg: EvalConfig) -> dict:
     import platform
 
     import torch
     env = {"torch": torch.__version__, "python": platform.python_version(),
-           "device": device_name, "world_size": dist.world, "batch_size": cfg.batch_size,
+           "device": run_device, "world_size": dist.world, "batch_size": cfg.batch_size,
            "timing": "cuda events" if seg.device.type == "cuda" else "perf_counter"}
     if seg.device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(seg.device)

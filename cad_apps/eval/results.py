@@ -15,7 +15,12 @@ def load_results(path: str, cfg: EvalConfig) -> dict:
         old = read_json(path, FORMAT, "a cad-spconv eval file",
                         "choose another --out, or pass --overwrite to replace it")
         _check_records(path, old)
-        shown = settings_difference(old["config"], cfg.fingerprint())
+        mine = cfg.fingerprint()
+        if "files_sha256" not in old["config"]:
+            # written before the weights were hashed: checked by path as then; from now on by
+            # the bytes too
+            old["config"]["files_sha256"] = mine["files_sha256"]
+        shown = settings_difference(old["config"], mine)
         if shown:
             raise ValueError(f"{path} was written with other settings ({shown}); pass another "
                              "--out, or --overwrite to start over")
@@ -61,8 +66,8 @@ def summarize(images: dict, num_classes: int = 19) -> dict:
     coarse = np.array([r["macs_dense_coarsest"] for r in recs], dtype=np.float64)
     times = np.array([r["time_s"] for r in recs if r["time_s"] is not None], dtype=np.float64)
     # a resumed run may have timed its images on other machines: say so, do not hide it
-    time_devices = sorted({r.get("time_device") or "unknown" for r in recs
-                           if r["time_s"] is not None})
+    time_devices = sorted({r["time_device"] for r in recs
+                           if r["time_s"] is not None and r.get("time_device")})
     level0 = np.array([r["level0_share"] for r in recs if r["level0_share"] is not None],
                       dtype=np.float64)
     iou = cm.iou()

@@ -6,7 +6,7 @@ import torch
 
 from .config import EvalConfig, parse_mask
 
-__all__ = ["Segmenter", "dense_macs", "load_mask_estimator", "estimator_from_state"]
+__all__ = ["Segmenter", "dense_macs", "load_mask_estimator", "estimator_from_state", "num_classes_of"]
 
 
 def dense_macs(model, output_stride: int, size, num_classes: int = 19) -> dict:
@@ -82,7 +82,7 @@ class Segmenter:
         self.model_name = cfg.model or (info.model if info is not None else None) or (
             type(model).__name__ if given or cfg.checkpoint is not None
             else "deeplabv3_resnet101")
-        self.num_classes = _num_classes(model)
+        self.num_classes = num_classes_of(model)
         if self.num_classes != 19:
             raise ValueError(f"the model predicts {self.num_classes} classes; Cityscapes "
                              "evaluation needs the 19 trainId classes (a Cityscapes-trained checkpoint)")
@@ -257,7 +257,7 @@ class Segmenter:
         return self._dense[key]
 
 
-def _num_classes(model) -> int:
+def num_classes_of(model) -> int:
     """Classes of a segmentation model's last conv (DeepLabV3 / FCN head, or DeepLabV3+'s
     decoder); -1 where there is none."""
     from torch import nn

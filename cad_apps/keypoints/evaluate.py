@@ -159,9 +159,9 @@ def setting_label(settings: dict) -> str:
 
 
 def _check_outputs(out: str, plot: Optional[str], folders: Sequence[str]):
-    """The report and plot paths, checked before any work: two different files, neither an
-    existing file of a features folder (e.g. its ``summary.json``), and an existing report only
-    replaced if it is one (any other file is someone's result)."""
+    """The report and plot paths, checked before any work: two different files, and an existing
+    file only replaced if it is this command's own report / PNG (any other file, such as a
+    features folder's ``summary.json``, is someone's input or result)."""
     out = check_output_path(out, "--out")
     if out.lower().endswith(".png"):
         raise ValueError(f"--out {out} is the JSON report; give a .json path (the figure goes to "
@@ -172,12 +172,6 @@ def _check_outputs(out: str, plot: Optional[str], folders: Sequence[str]):
         plot = check_output_path(plot, "--plot")
         if os.path.realpath(plot) == os.path.realpath(out):
             raise ValueError(f"--plot and --out name the same file {out}; give two paths")
-    for path, what in ((out, "--out"), (plot, "--plot")):
-        for folder in folders if path and os.path.exists(path) else ():
-            inside = os.path.realpath(os.path.abspath(folder))
-            if os.path.commonpath([os.path.realpath(path), inside]) == inside:
-                raise ValueError(f"{what} {path} would replace a file of the features folder "
-                                 f"{folder}: write the results elsewhere")
     if os.path.exists(out):
         read_json(out, FORMAT, "a keypoints evaluate report",
                   "this command replaces only its own reports: choose another --out")

@@ -43,6 +43,12 @@ def test_demo_runs_the_model_a_checkpoint_holds(tmp_path, capsys):
     assert text.startswith("deeplabv3_resnet50, weights from") and "as the plan predicts" in text
     fine = dense_macs("deeplabv3_resnet50", 8, (48, 96), 5)["total"]
     assert f"dense stride 8: {fine / 1e9:.1f} GMA" in text
+    # DeepLabV3+ (the paper code's layout): its head cannot be indexed for the class count
+    from adapters.builders import segmentation_model
+    torch.save(segmentation_model("deeplabv3plus_resnet50", 5).state_dict(), path)
+    assert cli(["demo", "--size", "48", "96", "--thresholds", "0.35", "--checkpoint", str(path),
+                "--out", str(tmp_path / "o.png")]) == 0
+    assert "as the plan predicts" in capsys.readouterr().out
 
 
 def test_demo_with_an_image_file_and_errors(tmp_path, capsys):

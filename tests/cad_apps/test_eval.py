@@ -318,6 +318,8 @@ def test_output_problems_are_found_before_any_work(fixture_root, checkpoint, tmp
     with pytest.raises(ValueError, match="--warmup .* --no-timing skips timing: drop one"):
         config_from_args(build_parser("eval").parse_args(argv + ["--warmup", "3", "--no-timing"]))
     assert config_from_args(build_parser("eval").parse_args(argv)).warmup == 1
+    assert config_from_args(build_parser("eval").parse_args(argv + ["--warmup", "0",
+                                                                    "--no-timing"])).warmup == 0
     assert config_from_args(build_parser("eval").parse_args(argv + ["--no-timing"])).timing is False
 
 
@@ -358,6 +360,13 @@ def test_resuming_with_other_weights_at_the_same_path_is_refused(fixture_root, c
     torch.save(state, path)
     with pytest.raises(ValueError, match="written with other settings .*files_sha256"):
         run(fixture_root, mine, tmp_path, "none", name="r.json")
+    # a file from before the hashes resumes (checked by path, as then) and gets them
+    old = json.loads((tmp_path / "r.json").read_text())
+    del old["config"]["files_sha256"]
+    (tmp_path / "r.json").write_text(json.dumps(old))
+    resumed, _ = run(fixture_root, mine, tmp_path, "none", name="r.json")
+    assert resumed["summary"]["num_images"] == 3
+    assert resumed["config"]["files_sha256"]["checkpoint"] is not None
 
 
 def test_commands_print_os_errors_and_interrupts_in_one_line(monkeypatch, capsys):

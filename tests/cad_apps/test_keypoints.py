@@ -207,7 +207,7 @@ def test_evaluate_command_writes_results_and_plot(data_root, extracted, tmp_path
     for extra, message in ((["--out", str(other)], "not a keypoints evaluate report"),
                            (["--out", str(tmp_path / "r.png")], "is the JSON report"),
                            (["--out", str(out), "--plot", str(out)], "name the same file"),
-                           (["--out", str(summary)], "would replace a file of the features folder"),
+                           (["--out", str(summary)], "not a keypoints evaluate report"),
                            (["--out", str(tmp_path / "x.json"), "--plot", str(other)],
                             "is not a PNG")):
         capsys.readouterr()

@@ -276,7 +276,7 @@ def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
     assert cli.main(argv + ["--resume", "--save-every", "-1"]) == 2
     assert "--save-every must be >= 0" in capsys.readouterr().err
     assert cli.main(argv + ["--resume", "--coarsest-stride", "12"]) == 2
-    assert "coarsest_stride must be a power of two" in capsys.readouterr().err
+    assert "--coarsest-stride 12: coarsest_stride must be a power of two" in capsys.readouterr().err
     assert cli.main(argv + ["--resume", "--eval-images", "1"]) == 2
     assert "--no-eval skips: drop one of them" in capsys.readouterr().err
     # a second writer of the same --out is refused with a message, not a traceback
