@@ -66,8 +66,9 @@ def _main(args) -> int:
     image, source = load_image(args.image, args.size, args.seed)
     x = normalize(image)[None].to(device)
     H, W = x.shape[-2:]
-    # the model the checkpoint holds (DeepLabV3-ResNet-101 without one)
-    model, info = build_segmentation_model(None, args.checkpoint)
+    # the model the checkpoint holds (DeepLabV3-ResNet-101 without one), at output stride 8
+    # whatever stride it was trained at: the dense network the adaptive one is compared with
+    model, info = build_segmentation_model(None, args.checkpoint, output_stride=8)
     name = info.model if info is not None and info.model else "deeplabv3_resnet101"
     if args.checkpoint is None:
         weights = "random weights (pass --checkpoint for trained ones: predictions are noise, " \

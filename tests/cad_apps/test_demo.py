@@ -43,6 +43,24 @@ def test_demo_runs_the_model_a_checkpoint_holds(tmp_path, capsys):
     assert text.startswith("deeplabv3_resnet50, weights from") and "as the plan predicts" in text
     fine = dense_macs("deeplabv3_resnet50", 8, (48, 96), 5)["total"]
     assert f"dense stride 8: {fine / 1e9:.1f} GMA" in text
+    # weights trained at output stride 16 (the file name says so) run at stride 8, as the
+    # dense network the adaptive one is compared with
+    import cad_apps.checkpoints as ckpts
+    built = []
+    original = ckpts.build_segmentation_model
+
+    def spy(*a, **k):
+        model, info = original(*a, **k)
+        built.append(model)
+        return model, info
+    os16 = tmp_path / "best_deeplabv3_resnet50_cityscapes_os16.pth"
+    path.rename(os16)
+    from unittest import mock
+    with mock.patch.object(ckpts, "build_segmentation_model", spy):
+        assert cli(["demo", "--size", "48", "96", "--thresholds", "0.35", "--checkpoint",
+                    str(os16), "--out", str(tmp_path / "o.png")]) == 0
+    assert built[0].backbone.layer3[0].conv2.stride == (1, 1)  # stride 8: layer3 dilated
+    capsys.readouterr()
     # DeepLabV3+ (the paper code's layout): its head cannot be indexed for the class count
     from adapters.builders import segmentation_model
     torch.save(segmentation_model("deeplabv3plus_resnet50", 5).state_dict(), path)
