@@ -12,13 +12,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise
+from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise, same_padding
 from cad_spconv.plan import LevelPlan, make_plan, num_adaptive_steps, reduce_to_grid
 from cad_spconv.tensor import CADTensor
 
 __all__ = ["UnsupportedModelError", "SUPPORTED", "POINTWISE", "check_strides", "dense_conv",
-           "cad_conv", "cad_layer", "check_plain_conv", "shell", "follow_mode", "keep_to_grid", "CADModel",
-           "expect_type"]
+           "cad_conv", "cad_layer", "check_plain_conv", "shell", "follow_mode", "keep_to_grid",
+           "CADModel", "expect_type"]
 
 SUPPORTED = ("torchvision ResNet / ResNeXt / Wide ResNet classifiers (BasicBlock, Bottleneck); "
              "torchvision FCN and DeepLabV3 with a ResNet backbone; DeepLabV3+ "
@@ -62,15 +62,10 @@ def check_strides(finest: int, coarsest: int, finest_allowed: Sequence[int], coa
 
 
 # ---------------------------------------------------------------------- layer conversion
-def _same(conv: nn.Conv2d, dilation: int) -> tuple[int, int]:
-    kh, kw = conv.kernel_size
-    return dilation * (kh - 1) // 2, dilation * (kw - 1) // 2
-
-
 def dense_conv(conv: nn.Conv2d, stride: int, dilation: int) -> nn.Conv2d:
     """``conv`` with this stride and dilation (same padding): the module itself when it already
     has them, else a shell sharing its parameters."""
-    pad = _same(conv, dilation)
+    pad = same_padding(conv.kernel_size, dilation)
     if (tuple(conv.stride) == (stride, stride) and tuple(conv.dilation) == (dilation, dilation)
             and tuple(conv.padding) == pad):
         return conv
@@ -104,7 +99,8 @@ def check_plain_conv(conv: nn.Conv2d, path: str, where: str = "here") -> None:
                                     "not supported (only the family's downsampling layers)")
     if conv.dilation[0] != conv.dilation[1]:
         raise UnsupportedModelError(f"cannot convert {path} ({conv}): anisotropic dilation")
-    if conv.padding != "same" and tuple(conv.padding) != _same(conv, conv.dilation[0]):
+    if conv.padding != "same" and tuple(conv.padding) != same_padding(conv.kernel_size,
+                                                                      conv.dilation):
         raise UnsupportedModelError(f"cannot convert {path} ({conv}): only same padding "
                                     "(dilation * (k - 1) / 2) is supported")
 

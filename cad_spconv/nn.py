@@ -14,13 +14,20 @@ from .engines import check_engine
 from .tensor import CADTensor
 
 __all__ = ["CADConv2d", "CADBatchNorm2d", "CADPointwise", "CADMaxPool2d",
-           "CADAdaptiveAvgPool2d", "Densify"]
+           "CADAdaptiveAvgPool2d", "Densify", "same_padding"]
 
 
 def _expect_cad(x, module: nn.Module):
     if not isinstance(x, CADTensor):
         raise TypeError(f"{type(module).__name__} expects a CADTensor, got {type(x).__name__}; "
                         "enter with CADTensor.from_dense(x, keep, num_levels)")
+
+
+def same_padding(kernel_size, dilation) -> tuple[int, int]:
+    """The padding that keeps the grid: ``dilation * (k - 1) // 2`` per axis (the conv rule's)."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    dy, dx = (dilation, dilation) if isinstance(dilation, int) else dilation
+    return dy * (kh - 1) // 2, dx * (kw - 1) // 2
 
 
 class CADConv2d(nn.Conv2d):
@@ -43,7 +50,7 @@ class CADConv2d(nn.Conv2d):
             raise ValueError(f"CADConv2d needs an odd kernel size, got {kh}x{kw}")
         if min(self.dilation) < 1:
             raise ValueError(f"CADConv2d dilation must be >= 1, got {self.dilation}")
-        same = (self.dilation[0] * (kh - 1) // 2, self.dilation[1] * (kw - 1) // 2)
+        same = same_padding(self.kernel_size, self.dilation)
         if tuple(self.padding) != same:
             raise ValueError(f"CADConv2d needs same padding dilation*(k-1)/2 = {same}, got "
                              f"{self.padding}")
@@ -63,8 +70,7 @@ class CADConv2d(nn.Conv2d):
         has): anything else is refused rather than replaced."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"CADConv2d.from_module wraps an nn.Conv2d, got {type(conv).__name__}")
-        kh, kw = conv.kernel_size
-        same = (conv.dilation[0] * (kh - 1) // 2, conv.dilation[1] * (kw - 1) // 2)
+        same = same_padding(conv.kernel_size, conv.dilation)
         if conv.padding != "same" and tuple(conv.padding) != same:
             raise ValueError(f"CADConv2d.from_module needs a conv with same padding {same} (the "
                              f"conv rule pads by dilation * (k - 1) // 2), got padding "
@@ -73,7 +79,7 @@ class CADConv2d(nn.Conv2d):
             (dilation, dilation) if isinstance(dilation, int) else tuple(dilation))
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size,
                   stride=conv.stride if stride is None else stride,
-                  padding=(d[0] * (kh - 1) // 2, d[1] * (kw - 1) // 2), dilation=d,
+                  padding=same_padding(conv.kernel_size, d), dilation=d,
                   groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                   device="meta", engine=engine)
         new.weight = conv.weight

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 import os
 import shlex
 import sys
@@ -228,11 +227,12 @@ def _check_args(args) -> dict:
         raise SystemExit("bench: --sparse-head runs the whole model's head sparsely; add "
                          "--scope model (the default scope times the backbones only)")
     if args.images and args.keep == "mask":  # the edge masks' settings, checked before any work
-        if not math.isfinite(args.threshold):
-            raise SystemExit(f"bench: --threshold must be finite, got {args.threshold}")
-        if args.dilation < 1 or args.dilation % 2 == 0:
-            raise SystemExit(f"bench: --dilation must be odd and >= 1 (a square kernel centred "
-                             f"on the edge pixel), got {args.dilation}")
+        from cad_spconv import masks
+        try:  # masks.edge's own checks, on a tiny image
+            masks.edge(torch.zeros(1, 3, 4, 4), args.threshold, args.dilation,
+                       operator=args.edge_operator)
+        except ValueError as e:
+            raise SystemExit(f"bench: --threshold / --dilation: {e}") from None
     from cad_spconv.plan import num_adaptive_steps
 
     from ..distributed import resolve_device

@@ -117,12 +117,11 @@ class EvalConfig:
                 raise ValueError(f"--dense {self.dense} evaluates the plain network, which takes "
                                  f"no mask; drop --mask {self.mask}")
             # settings of the content-adaptive network only: refused, not recorded unused
-            unused = [opt for opt, given in (
-                ("--sparse-head", self.sparse_head),
-                (f"--semantics {self.semantics}", self.semantics != "paper"),
-                (f"--finest-stride {self.finest_stride}", self.finest_stride != 8),
-                (f"--coarsest-stride {self.coarsest_stride}", self.coarsest_stride != 16),
-                (f"--dilation {self.dilation}", self.dilation != 11)) if given]
+            fields = type(self).__dataclass_fields__
+            unused = [f"--{k.replace('_', '-')}" + ("" if isinstance(getattr(self, k), bool)
+                                                    else f" {getattr(self, k)}") for k in (
+                "sparse_head", "semantics", "finest_stride", "coarsest_stride", "dilation")
+                if getattr(self, k) != fields[k].default]
             if unused:
                 raise ValueError(f"--dense {self.dense} evaluates the plain network; "
                                  f"{', '.join(unused)} set(s) the content-adaptive one: drop it")

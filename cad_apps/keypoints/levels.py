@@ -56,10 +56,10 @@ def check_dilations(dilations: Sequence[int], finest_stride: int) -> tuple[int, 
     """Validate one dilation per level (finest first): ints, odd or 0, not decreasing."""
     L = num_levels(finest_stride)
     dil = tuple(dilations)
-    if len(dil) != L and L == 0:
-        raise ValueError(f"--finest-stride {finest_stride} is the dense stride-8 network, which has "
-                         f"no adaptive levels: give no --dilations (got {len(dil)})")
     if len(dil) != L:
+        if L == 0:
+            raise ValueError(f"--finest-stride {finest_stride} is the dense stride-8 network, "
+                             f"which has no adaptive levels: give no --dilations (got {len(dil)})")
         raise ValueError(
             f"--finest-stride {finest_stride} has {L} adaptive level(s) (strides "
             f"{', '.join(str(finest_stride * 2 ** i) for i in range(L))} below 8), so --dilations "

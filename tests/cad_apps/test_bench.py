@@ -84,8 +84,8 @@ def test_profile_reports_ops_per_variant(tmp_path, capsys):
     (["--threads", "0"], "--threads must be >= 1"),
     (["--channels", "0"], "--channels must be >= 1"),
     (["--sparse-head"], "add --scope model"),
-    (["--images", "/no/such.png", "--threshold", "nan"], "--threshold must be finite"),
-    (["--images", "/no/such.png", "--dilation", "4"], "--dilation must be odd"),
+    (["--images", "/no/such.png", "--threshold", "nan"], "threshold must be finite"),
+    (["--images", "/no/such.png", "--dilation", "4"], "dilation must be an odd"),
     (["--json", "{tmp}", "--reps", "1"], "--json .* is a directory"),
     (["--json", "{tmp}/b.md", "--markdown", "{tmp}/b.md"], "name the same file"),
 ])
