@@ -32,7 +32,7 @@ import torch
 from .plan import LevelPlan
 
 __all__ = ["Rulebook", "ConvRulebook", "GatherRulebook", "RulebookCache", "LatticeSplit",
-           "PhaseConv",
+           "PhaseConv", "TapProducts",
            "ConvKey", "Pool2Key", "RulebookKey", "conv_rulebook", "pool2_rulebook"]
 
 
@@ -115,6 +115,31 @@ class LatticeSplit:
         return self.rest_rows.shape[0]
 
 
+@dataclass(frozen=True)
+class TapProducts:
+    """A conv rulebook in the products-first order (engine ``"products"``): every input row
+    times the filters of every tap first, then each output site sums the products its taps read.
+
+    A site ``D`` cells away through a kernel row reads, in raster order, one range of each
+    image's input rows (the rows from ``D`` on, or up to ``H - D``): ``pieces`` lists
+    ``(kernel_row, start, stop)`` per kernel row and image, and a piece's products are
+    ``features[start:stop] @ W_r`` with ``W_r`` ``[C_in, kw * C_out]`` the filters of that
+    kernel row's taps, no gather. The pieces' products, stacked in order, form ``num_rows``
+    rows of ``kw * C_out``; viewed as ``[num_rows * kw + 1, C_out]`` (a row per input row and
+    tap, then a zero row), output site ``i`` is the sum of the rows ``index[i]`` (``[N_out,
+    K]``; an out-of-grid tap reads the zero row).
+
+    What it saves: the gather of ``K * C_in`` elements per site becomes a gather of ``K *
+    C_out`` products, so it pays where ``C_in`` is several times ``C_out`` (the ASPP's
+    2048 -> 256). What it spends: the products of rows a piece holds but a tap does not read
+    (input rows within ``D`` of the left and right edges, for the taps that would leave the
+    grid there), which a dense conv skips."""
+
+    pieces: tuple[tuple[int, int, int], ...]
+    num_rows: int
+    index: torch.Tensor
+
+
 class Rulebook:
     """Input row per (output site, tap): :attr:`gather` ``[N_out, K]`` int64, ``-1`` for a tap
     that reads zero (outside the grid). Taps are in row-major kernel order, matching
@@ -163,6 +188,10 @@ class Rulebook:
         if value is None:
             value = self._derived[tag] = build()
         return value
+
+    def has_derived(self, tag) -> bool:
+        """Whether the format ``tag`` was built (by :meth:`derived`) on this rulebook."""
+        return tag in self._derived
 
     def rows(self) -> torch.Tensor:
         """1x1 rulebooks: the input row of every output site, contiguous (``gather[:, 0]``)."""
@@ -273,6 +302,10 @@ class ConvRulebook(Rulebook):
         return self.derived(("lattice", gather_cost, inside_rows),
                             lambda: self._build_lattice(gather_cost, inside_rows))
 
+    def products(self) -> TapProducts:
+        """The products-first form of this rulebook (cached); see :class:`TapProducts`."""
+        return self.derived("products", self._build_products)
+
     def lattice_args(self) -> tuple[tuple[float, bool], ...]:
         """The ``(gather_cost, inside_rows)`` of every lattice split built so far."""
         return tuple(tag[1:] for tag in self._derived if tag[0] == "lattice")
@@ -371,6 +404,31 @@ class ConvRulebook(Rulebook):
             num_inside=num_inside, border_zeros=zeros, border_zero_offsets=offsets,
             phases=phases, row_groups=tuple(groups), row_zeros=row_zeros,
             row_zero_offsets=row_offsets)
+
+    def _build_products(self) -> TapProducts:
+        kh, kw = self.kernel_size
+        B = self.plan.batch_size
+        taps = self.gather.view(-1, kh, kw)
+        device = taps.device
+        valid = taps >= 0
+        # the piece of every tap: kernel row * B + the image of its output site (a site reads
+        # only its own image)
+        image = self.plan.geometry(self.step_out).coords[:, 0]
+        piece = torch.arange(kh, device=device)[None, :, None] * B + image[:, None, None]
+        piece = piece.expand_as(taps)
+        start = torch.full((kh * B,), self.num_in, dtype=torch.long, device=device)
+        stop = torch.zeros(kh * B, dtype=torch.long, device=device)
+        start.scatter_reduce_(0, piece[valid], taps[valid], "amin")
+        stop.scatter_reduce_(0, piece[valid], taps[valid] + 1, "amax")
+        size = (stop - start).clamp(min=0)
+        first = torch.cumsum(size, 0) - size  # where each piece's products begin
+        bounds = torch.stack([start, stop], 1).tolist()  # the one sync, at build
+        pieces = tuple((p // B, a, b) for p, (a, b) in enumerate(bounds) if b > a)
+        num_rows = sum(b - a for _, a, b in pieces)
+        column = torch.arange(kw, device=device)
+        index = ((first - start)[piece] + taps) * kw + column
+        index = torch.where(valid, index, num_rows * kw).view(-1, kh * kw)
+        return TapProducts(pieces=pieces, num_rows=num_rows, index=index)
 
     def _dense_phases(self, coords: torch.Tensor, off: torch.Tensor, gather_cost: float,
                       inside_rows: bool):

@@ -10,7 +10,8 @@ users pass (``engine="..."``) are :data:`ENGINES`:
   fastest (:mod:`~cad_spconv.engines.tuned`);
 - the registered engines, in order: ``"lattice"`` (:mod:`.lattice`), ``"torch"``
   (:mod:`.gather`), ``"spconv"`` (:mod:`.spconv_native`), ``"spconv-igemm"``
-  (:mod:`.spconv_igemm`). :func:`describe` lists them with what each supports.
+  (:mod:`.spconv_igemm`), ``"products"`` (:mod:`.products`). :func:`describe` lists them
+  with what each supports.
 
 All engines compute the same values (one exactness test runs them all against a dense
 reference); they differ in speed and in what they support. Weights are in ``torch.nn.Conv2d``
@@ -23,6 +24,7 @@ from . import lattice  # noqa: F401  isort:skip
 from . import gather  # noqa: F401  isort:skip
 from . import spconv_native  # noqa: F401  isort:skip
 from . import spconv_igemm  # noqa: F401  isort:skip
+from . import products  # noqa: F401  isort:skip
 from .base import Engine, EngineUnsupported, get_engine, register, registered
 from .dispatch import (check_engine, conv_dtype, engine_names, prepare, select_engine,
                        sparse_conv, sparse_max)

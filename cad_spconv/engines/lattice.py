@@ -11,7 +11,9 @@ split further into phases (cells at the same offset from the lattice), each of w
 its own phase; a phase whose dense conv costs less than gathering its sites runs densely too,
 reading the owner of every cell of the phase (:class:`~cad_spconv.rulebook.PhaseConv`): then
 it also computes cells that are not sites, which the CAD count does not include. 1x1 convs are
-one GEMM on the feature matrix. Groups and autograd.
+one GEMM on the feature matrix. A stride-1 conv whose input is at least 4x as wide as its
+output (the ASPP's 3x3 convs, 2048 -> 256) runs on the products engine instead
+(:func:`products_pay`): its gather would copy ``C_in``-wide rows per tap. Groups and autograd.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from . import gemm
 from .gemm import grouped_mm, matmul_nk, onednn_route
 from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
 
-__all__ = ["LatticeEngine", "gather_cost"]
+__all__ = ["LatticeEngine", "gather_cost", "products_pay"]
 
 # Gathered elements per chunk of the gather + GEMM (so rows per GEMM do not depend on the
 # dtype; 16 MiB in float32). CPU: small enough that the GEMM reads its im2col block from cache
@@ -36,6 +38,8 @@ _GATHER_CHUNK_ELEMENTS_CUDA = 64 << 20
 # see gather_cost: on AVX-512 CPUs (and GPUs, not measured), on AVX2-only CPUs, and for
 # oneDNN's chunks of fewer than 900 rows
 _GATHER_COST_AVX512, _GATHER_COST_AVX2, _GATHER_COST_FEW_ROWS = 1.2, 1.0, 1.5
+# see products_pay
+_PRODUCTS_MIN_WIDTH_RATIO = 4
 
 
 class LatticeEngine(Engine):
@@ -54,6 +58,8 @@ class LatticeEngine(Engine):
                 "use engine='torch' or 'spconv' (engine='auto' picks one)")
 
     def prepare(self, book: Rulebook, like: Optional[Rulebook] = None) -> None:
+        if isinstance(like, ConvRulebook) and like.has_derived("products"):
+            book.products()  # a layer of the forwards ran on the products engine
         if book.num_taps == 1:
             if not book.is_identity:
                 book.rows()
@@ -67,6 +73,10 @@ class LatticeEngine(Engine):
         if book.num_taps == 1:
             return _pointwise_conv(features, weight, bias, book, groups)
         c_in, c_out = features.shape[1], weight.shape[0]
+        if products_pay(c_in, c_out, groups, book):
+            # imported here so that "lattice" registers before "products" (ENGINES' order)
+            from .products import products_conv
+            return products_conv(features, weight, bias, book)
         split = book.lattice(gather_cost(book.num_taps, c_in // groups,
                                          onednn_route(features, chunk=True), features.is_cuda),
                              _reads_inside_rows(features, groups))
@@ -95,6 +105,17 @@ class LatticeEngine(Engine):
         if split.num_rest:
             _gather_gemm(features, weight, bias, split, groups, out)
         return out
+
+
+def products_pay(c_in: int, c_out: int, groups: int, book: ConvRulebook) -> bool:
+    """Whether a layer runs faster on the products engine than on the lattice split: stride-1
+    convs with ``C_in >= 4 * C_out``. Measured on the sites of a Cityscapes frame's edge mask
+    at step 1 (3x3, dilations 1-18, AVX512-BF16 EPYC, 2 threads, BENCHMARKS.md "Products
+    first"): 0.73-0.94 of the lattice engine's time at 1024 -> 256, 2048 -> 256 and 2048 ->
+    512 in bfloat16 and float32; 512 -> 256 about even in bfloat16; 256 -> 256 1.05-1.11x in
+    bfloat16. (A stride-2 step would compute products of input rows no output reads.)"""
+    return (groups == 1 and book.step_in == book.step_out
+            and c_in >= _PRODUCTS_MIN_WIDTH_RATIO * c_out)
 
 
 def _phase_conv(features, weight, bias, part: PhaseConv, dilation, groups: int,

@@ -10,7 +10,7 @@ from cad_spconv.engines import ENGINES, select_engine, sparse_conv
 from tests.support.inputs import make_input
 
 
-@pytest.mark.parametrize("engine", ["lattice", "torch"])
+@pytest.mark.parametrize("engine", ["lattice", "torch", "products"])
 @pytest.mark.parametrize("k,stride,groups", [(3, 1, 1), (3, 2, 1), (1, 2, 1), (1, 1, 1),
                                              (3, 2, 2), (1, 1, 2)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -20,6 +20,8 @@ def test_gradients_match_dense_reference(engine, k, stride, groups, dtype, weigh
     """Backward through the engine equals backward through the dense emulation in float64
     (float32: the engine's own GEMM route, e.g. oneDNN on CPU, against the float64 one), with
     NCHW and channels-last weights (which the engines read as views where they can)."""
+    if engine == "products" and groups > 1:
+        pytest.skip("the products engine has no grouped convs (its refusal: test_ops.py)")
     case = ((13, 11), 2, "levels")
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     for step in range(2 if stride == 2 else 3):
@@ -337,7 +339,8 @@ def test_auto_engine_selection():
         sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, hand, engine="lattice")
     with pytest.raises(ValueError, match="unknown engine"):
         sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, book, engine="fast")
-    assert {"auto", "tuned", "lattice", "torch", "spconv", "spconv-igemm"} == set(ENGINES)
+    assert {"auto", "tuned", "lattice", "torch", "spconv", "spconv-igemm", "products"} == set(
+        ENGINES)
 
 
 def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypatch):
@@ -555,3 +558,63 @@ def test_workspace_scope_releases_workspaces_when_the_outermost_scope_exits():
     assert kept > layout and held > layout and after == layout
     for got in (first, second):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [((17, 23), 3, "map"), ((13, 11), 2, "levels")])
+def test_tap_products_read_each_site_own_image_and_taps(case, device):
+    """The products form of a rulebook: every piece is one image's rows, and each in-grid tap
+    of a site reads the product of its own input row and tap, in a piece of that tap's kernel
+    row and the site's image; out-of-grid taps read the zero row after all products."""
+    x, _ = make_input(case, 1, 4, torch.float64, device, seed=4)
+    book = conv_rulebook(x.plan, (3, 5), (2, 1), 1, 1)
+    tables = book.products()
+    kh, kw = book.kernel_size
+    image_in = x.plan.geometry(1).coords[:, 0]
+    image_out = x.plan.geometry(1).coords[:, 0]
+    owner = torch.full((tables.num_rows * kw,), -1, dtype=torch.long, device=device)
+    owner_row = torch.full_like(owner, -1)
+    owner_image = torch.full_like(owner, -1)
+    at = 0
+    for r, a, b in tables.pieces:
+        assert 0 <= a < b <= book.num_in and image_in[a:b].unique().numel() == 1
+        rows = torch.arange(a, b, device=device).repeat_interleave(kw)
+        owner[at * kw:(at + b - a) * kw] = rows
+        owner_row[at * kw:(at + b - a) * kw] = r
+        owner_image[at * kw:(at + b - a) * kw] = image_in[a]
+        at += b - a
+    assert at == tables.num_rows
+    index, gather = tables.index, book.gather
+    tap = torch.arange(kh * kw, device=device).expand_as(gather)
+    inside = gather >= 0
+    assert (index[~inside] == tables.num_rows * kw).all()
+    read = index[inside]
+    assert (read % kw == tap[inside] % kw).all()  # the product of the right tap column
+    assert torch.equal(owner[read], gather[inside])
+    assert torch.equal(owner_row[read], tap[inside] // kw)
+    assert torch.equal(owner_image[read], image_out[:, None].expand_as(gather)[inside])
+
+
+def test_lattice_engine_runs_wide_stride_one_layers_as_products(monkeypatch):
+    """The lattice engine hands stride-1 convs with C_in >= 4 C_out to the products engine
+    (and only those), exactly; ``prepare(like=...)`` then builds the products form too."""
+    import cad_spconv.engines.products as P
+    from cad_spconv.engines import prepare
+    calls = []
+    real = P.products_conv
+    monkeypatch.setattr(P, "products_conv", lambda *a: calls.append(a) or real(*a))
+    case = ((17, 23), 3, "map")
+    for c_in, stride, expect in ((24, 1, True), (23, 1, False), (24, 2, False)):
+        for step in (1, 2):
+            x, levels = make_input(case, step, c_in, torch.float64, "cpu", seed=step)
+            w = torch.randn(6, c_in, 3, 3, dtype=torch.float64)
+            b = torch.randn(6, dtype=torch.float64)
+            calls.clear()
+            y = CF.conv2d(x, w, b, stride, 2, 1, "lattice")
+            assert bool(calls) == expect, (c_in, stride, step)
+            torch.testing.assert_close(y.features, ref.conv(x.features, levels, step, stride,
+                                                            w, b, 2, 1), rtol=1e-9, atol=1e-9)
+            book = CF.conv_book(x, (3, 3), 2, stride)
+            assert book.has_derived("products") == expect
+            fresh = conv_rulebook(x.plan, (3, 3), (2, 2), step, step + (stride == 2))
+            prepare(fresh, "auto", "cpu", like=book)
+            assert fresh.has_derived("products") == expect

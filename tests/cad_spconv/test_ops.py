@@ -10,7 +10,7 @@ from cad_spconv.engines.spconv_igemm import igemm_status
 from tests.support.inputs import make_input, tol
 
 SPCONV = spconv_status()[0]
-ENGINES = ["torch", "lattice", "auto", "tuned"] + [pytest.param(e, marks=pytest.mark.skipif(
+ENGINES = ["torch", "lattice", "products", "auto", "tuned"] + [pytest.param(e, marks=pytest.mark.skipif(
     not SPCONV, reason=f"spconv engine unavailable: {spconv_status()[1]}"))
     for e in ("spconv", "spconv-igemm")]
 
@@ -38,7 +38,7 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
         # 6 -> 12 channels: a swap of inputs and outputs per group cannot pass
         w = torch.randn(12, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
         b = torch.randn(12, generator=gen, dtype=dtype).to(device) if bias else None
-        if engine.startswith("spconv") and groups > 1:
+        if (engine.startswith("spconv") or engine == "products") and groups > 1:
             with pytest.raises(ValueError, match="grouped"):
                 CF.conv2d(x, w, b, stride, dilation, groups, engine)
             return
@@ -98,6 +98,13 @@ def test_half_precision_convs_match_dense_reference(case, engine, dtype, k, dila
                         dilation, 1)
         eps = torch.finfo(dtype).eps
         scale = float(want.abs().max())
+        if engine == "products":  # each tap's product is rounded too: at most half an eps of
+            # each, so of the sum of the products' magnitudes (the conv of |x| and |w|)
+            size = ref.conv(x.features.double().abs(), levels, step, stride, w.double().abs(),
+                            None, dilation, 1)
+            assert ((y.features.double() - want).abs()
+                    <= eps * (size + want.abs()) + 4 * eps * scale).all()
+            continue
         # same rounded inputs: only the accumulation and the output's rounding differ
         torch.testing.assert_close(y.features.double(), want, rtol=2 * eps,
                                    atol=4 * eps * scale)
