@@ -123,11 +123,10 @@ class TapProducts:
     A site ``D`` cells away through a kernel row reads, in raster order, one range of each
     image's input rows (the rows from ``D`` on, or up to ``H - D``): ``pieces`` lists
     ``(kernel_row, start, stop)`` per kernel row and image, and a piece's products are
-    ``features[start:stop] @ W_r`` with ``W_r`` ``[C_in, kw * C_out]`` the filters of that
-    kernel row's taps, no gather. The pieces' products, stacked in order, form ``num_rows``
-    rows of ``kw * C_out``; viewed as ``[num_rows * kw + 1, C_out]`` (a row per input row and
-    tap, then a zero row), output site ``i`` is the sum of the rows ``index[i]`` (``[N_out,
-    K]``; an out-of-grid tap reads the zero row).
+    ``features[start:stop] @ W_t`` for each tap ``t`` of that kernel row (``W_t`` ``[C_in,
+    C_out]``), no gather. Stacked piece after piece and, within a piece, tap after tap, they
+    form ``num_rows * kw`` rows of ``C_out``, then a zero row; output site ``i`` is the sum of
+    the rows ``index[i]`` (``[N_out, K]``; an out-of-grid tap reads the zero row).
 
     What it saves: the gather of ``K * C_in`` elements per site becomes a gather of ``K *
     C_out`` products, so it pays where ``C_in`` is several times ``C_out`` (the ASPP's
@@ -426,7 +425,7 @@ class ConvRulebook(Rulebook):
         pieces = tuple((p // B, a, b) for p, (a, b) in enumerate(bounds) if b > a)
         num_rows = sum(b - a for _, a, b in pieces)
         column = torch.arange(kw, device=device)
-        index = ((first - start)[piece] + taps) * kw + column
+        index = (first * kw - start)[piece] + column * size[piece] + taps
         index = torch.where(valid, index, num_rows * kw).view(-1, kh * kw)
         return TapProducts(pieces=pieces, num_rows=num_rows, index=index)
 

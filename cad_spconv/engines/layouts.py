@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-__all__ = ["weight_layout", "krsc_filters", "gemm_weight", "tap_row_filters", "workspace", "workspace_scope",
+__all__ = ["weight_layout", "krsc_filters", "gemm_weight", "workspace", "workspace_scope",
            "cached_bytes", "tracks_grad", "clear_caches"]
 
 _layouts: dict = {}
@@ -70,18 +70,6 @@ def gemm_weight(weight: torch.Tensor, groups: int, cache: bool) -> torch.Tensor:
             groups, k * c_in_g, -1).contiguous()
 
     return weight_layout(weight, ("gemm", groups), pack) if cache else pack(weight)
-
-
-def tap_row_filters(weight: torch.Tensor, cache: bool) -> torch.Tensor:
-    """``[C_out, C_in, kh, kw]`` -> ``[kh, kw * C_out, C_in]`` contiguous: per kernel row, the
-    filters of its taps (tap-major, then output channel), the GEMM weights of the products
-    engine. No layout of the weight is a view of this, so it is a copy: without autograd
-    (``cache``) kept per weight until it changes (:func:`weight_layout`)."""
-    def pack(w):
-        c_out, c_in, kh, kw = w.shape
-        return w.permute(2, 3, 0, 1).reshape(kh, kw * c_out, c_in).contiguous()
-
-    return weight_layout(weight, "tap-rows", pack) if cache else pack(weight)
 
 
 def workspace(like: torch.Tensor, numel: int, slot: str) -> torch.Tensor:

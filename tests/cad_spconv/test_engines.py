@@ -571,26 +571,25 @@ def test_tap_products_read_each_site_own_image_and_taps(case, device):
     kh, kw = book.kernel_size
     image_in = x.plan.geometry(1).coords[:, 0]
     image_out = x.plan.geometry(1).coords[:, 0]
-    owner = torch.full((tables.num_rows * kw,), -1, dtype=torch.long, device=device)
-    owner_row = torch.full_like(owner, -1)
-    owner_image = torch.full_like(owner, -1)
-    at = 0
+    # what each product row holds: its input row, kernel row, tap column and image
+    owner, owner_row, owner_col, owner_image = [], [], [], []
     for r, a, b in tables.pieces:
         assert 0 <= a < b <= book.num_in and image_in[a:b].unique().numel() == 1
-        rows = torch.arange(a, b, device=device).repeat_interleave(kw)
-        owner[at * kw:(at + b - a) * kw] = rows
-        owner_row[at * kw:(at + b - a) * kw] = r
-        owner_image[at * kw:(at + b - a) * kw] = image_in[a]
-        at += b - a
-    assert at == tables.num_rows
+        for c in range(kw):  # a piece's products, tap after tap
+            owner.append(torch.arange(a, b, device=device))
+            for table, value in ((owner_row, r), (owner_col, c), (owner_image, image_in[a])):
+                table.append(torch.full((b - a,), int(value), device=device))
+    owner, owner_row, owner_col, owner_image = map(torch.cat, (owner, owner_row, owner_col,
+                                                               owner_image))
+    assert owner.numel() == tables.num_rows * kw
     index, gather = tables.index, book.gather
     tap = torch.arange(kh * kw, device=device).expand_as(gather)
     inside = gather >= 0
     assert (index[~inside] == tables.num_rows * kw).all()
     read = index[inside]
-    assert (read % kw == tap[inside] % kw).all()  # the product of the right tap column
     assert torch.equal(owner[read], gather[inside])
     assert torch.equal(owner_row[read], tap[inside] // kw)
+    assert torch.equal(owner_col[read], tap[inside] % kw)
     assert torch.equal(owner_image[read], image_out[:, None].expand_as(gather)[inside])
 
 
