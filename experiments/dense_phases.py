@@ -22,7 +22,8 @@ layer on the whole map (stride 8, channels-last) and the share of its taps insid
 in one process: the dense stride-8 network (channels-last) against CAD with every phase
 gathered and CAD with the engine's rule, taking turns; per frame and summed, as fractions of
 the dense network's time. The backbone, or with ``--sparse-head`` the whole model with the head
-on the multi-resolution tensor.
+on the multi-resolution tensor (whose ASPP 3x3 convs run on the products engine in every CAD
+column: ``lattice.products_pay``).
 """
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ def _layers(args) -> int:
 
     dtype = getattr(torch, args.dtype)
     lattice, rule, costs = _rules()
+    # the lattice split itself, also for the ASPP's shapes (which the engine now hands to the
+    # products engine: experiments.products_first)
+    pays = lattice.products_pay
+    lattice.products_pay = lambda *a: False
     gen = torch.Generator().manual_seed(0)
     H, W = 64, 128
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms")
@@ -137,6 +142,7 @@ def _layers(args) -> int:
                       f"({_taps_inside(2 * d, (H, W)):.0%}) |", flush=True)
     finally:
         lattice.gather_cost = rule
+        lattice.products_pay = pays
     return 0
 
 

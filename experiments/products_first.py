@@ -1,0 +1,150 @@
+"""The products engine against the lattice engine, and where the sparse head loses (BENCHMARKS.md
+"Products first").
+
+    python -m experiments.products_first layers [--dtype bfloat16] [--reps 5] [--threads 2]
+    python -m experiments.products_first head [--dtype bfloat16] [--reps 4] [--threads 2]
+
+``layers``: one 3x3 conv at step 1 (the stride-16 part of a ResNet converted 8->16) on the sites
+of a Cityscapes frame's edge mask (frankfurt_000000_002196, threshold 0.35, 512x1024 -> a
+64x128 grid at stride 8), run by the ``"lattice"`` and ``"products"`` engines in turn, for
+C_in -> C_out from 256 -> 256 to the ASPP's 2048 -> 256 at dilations 1 to 18; median of
+``--reps`` after one warm-up, ms, and the ratio products / lattice (what
+``lattice.products_pay`` decides on).
+
+``head``: DeepLabV3-ResNet101 (random weights) converted 8->16 with and without ``sparse_head``
+on the same frame; the head's leaf modules timed by forward hooks, the dense head on the
+densified stride-8 map (channels-last) against the sparse head on the CAD tensor, with the
+engine ``"auto"`` picks; median of ``--reps`` after one warm-up, ms.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import statistics
+import time
+
+import torch
+
+FRAME = "../shared/data/cityscapes_frames/frankfurt_000000_002196_leftImg8bit.png"
+SHAPES = [(256, 256), (512, 256), (1024, 256), (2048, 256), (2048, 512)]
+DILATIONS = (1, 2, 6, 18)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", choices=("layers", "head"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if not glob.glob(FRAME):
+        raise SystemExit(f"products_first: {FRAME} not found (run from the project root)")
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    return (_layers if args.mode == "layers" else _head)(args)
+
+
+def _frame(extra=()):
+    """The frame as the bench loads it, its edge mask, and the bench's parsed arguments."""
+    from cad_apps.bench import _check_args, _inputs, _masks, configure
+
+    bench = argparse.ArgumentParser()
+    configure(bench)
+    b = bench.parse_args(["--threshold", "0.35", "--images", FRAME, *extra])
+    _check_args(b)
+    batches, _ = _inputs(b)
+    keeps, _ = _masks(b, batches, torch.device("cpu"))
+    return batches[0], keeps[0]
+
+
+def _median_ms(samples) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def _layers(args) -> int:
+    from cad_spconv import CADTensor, LevelPlan, functional as CF
+
+    dtype = getattr(torch, args.dtype)
+    _, keep = _frame()
+    plan = LevelPlan.from_keep(keep, (64, 128), 1)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, "
+          f"{plan.num_sites(1)} sites at step 1; ms")
+    print("| C_in -> C_out | dilation | lattice | products | products / lattice |")
+    print("|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for c_in, c_out in SHAPES:
+        feats = torch.randn(plan.num_sites(1), c_in, generator=gen).to(dtype)
+        w = (torch.randn(c_out, c_in, 3, 3, generator=gen) / 50).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        for d in DILATIONS:
+            samples = {"lattice": [], "products": []}
+            with torch.inference_mode():
+                for rep in range(args.reps + 1):
+                    for engine, times in samples.items():
+                        x = CADTensor(feats, plan, 1)  # its own rulebook cache
+                        CF.conv2d(x, w, None, 1, d, 1, engine)  # builds the tables
+                        start = time.perf_counter()
+                        CF.conv2d(x, w, None, 1, d, 1, engine)
+                        if rep:
+                            times.append(time.perf_counter() - start)
+            ms = {k: _median_ms(v) for k, v in samples.items()}
+            print(f"| {c_in} -> {c_out} | {d} | {ms['lattice']:.1f} | {ms['products']:.1f} | "
+                  f"{ms['products'] / ms['lattice']:.2f} |", flush=True)
+    return 0
+
+
+def _leaf_times(head, run, reps) -> dict:
+    """Median ms per leaf module of ``head`` over ``reps`` calls of ``run`` (after one)."""
+    times: dict = {}
+    hooks = []
+    for name, module in head.named_modules():
+        if next(module.children(), None) is None:
+            def pre(m, inputs, name=name):
+                times.setdefault(name, []).append(-time.perf_counter())
+
+            def post(m, inputs, output, name=name):
+                times[name][-1] += time.perf_counter()
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        for _ in range(reps + 1):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: _median_ms(v[1:]) for name, v in times.items()}
+
+
+def _head(args) -> int:
+    import torchvision
+
+    from adapters import convert_segmentation
+
+    dtype = getattr(torch, args.dtype)
+    image, keep = _frame(["--size", "512", "1024"])
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.deeplabv3_resnet101(
+        weights=None, weights_backbone=None, num_classes=19, aux_loss=False).eval()
+    cl = torch.channels_last
+    sparse = convert_segmentation(model, 8, 16, sparse_head=True).eval().to(dtype).to(
+        memory_format=cl)
+    dense = convert_segmentation(model, 8, 16, sparse_head=False).eval().to(dtype).to(
+        memory_format=cl)
+    with torch.inference_mode():
+        x = sparse.forward_features(image.to(dtype).contiguous(memory_format=cl), keep)
+        xd = x.dense().contiguous(memory_format=cl)
+        a = _leaf_times(dense.classifier, lambda: dense.classifier(xd), args.reps)
+        b = _leaf_times(sparse.classifier, lambda: sparse._run_head(sparse.classifier, x),
+                        args.reps)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms")
+    print("| module | dense head | sparse head | sparse / dense |")
+    print("|---|---|---|---|")
+    for name in a:
+        if name in b and max(a[name], b[name]) >= 0.5:
+            print(f"| {name} | {a[name]:.1f} | {b[name]:.1f} | {b[name] / a[name]:.2f} |")
+    print(f"| all | {sum(a.values()):.0f} | {sum(b.values()):.0f} | "
+          f"{sum(b.values()) / sum(a.values()):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
