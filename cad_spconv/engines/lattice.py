@@ -64,9 +64,11 @@ class LatticeEngine(Engine):
             if not book.is_identity:
                 book.rows()
             return
-        built = like.lattice_args() if isinstance(like, ConvRulebook) else ()
-        # else the split of a float32 layer on this CPU (the channel count is not known here)
-        for cost, inside_rows in built or [(gather_cost(1, 1), not gemm.CPU_AVX512)]:
+        # the splits the forwards built (none where all its layers ran on products), else the
+        # split of a float32 layer on this CPU (the channel count is not known here)
+        built = (like.lattice_args() if isinstance(like, ConvRulebook)
+                 else [(gather_cost(1, 1), not gemm.CPU_AVX512)])
+        for cost, inside_rows in built:
             book.lattice(cost, inside_rows)
 
     def conv(self, features, weight, bias, book: ConvRulebook, groups: int) -> torch.Tensor:
@@ -109,13 +111,15 @@ class LatticeEngine(Engine):
 
 def products_pay(c_in: int, c_out: int, groups: int, book: ConvRulebook) -> bool:
     """Whether a layer runs faster on the products engine than on the lattice split: stride-1
-    convs with ``C_in >= 4 * C_out``. Measured on the sites of a Cityscapes frame's edge mask
-    at step 1 (3x3, dilations 1-18, AVX512-BF16 EPYC, 2 threads, BENCHMARKS.md "Products
-    first"): 0.73-0.94 of the lattice engine's time at 1024 -> 256, 2048 -> 256 and 2048 ->
-    512 in bfloat16 and float32; 512 -> 256 about even in bfloat16; 256 -> 256 1.05-1.11x in
-    bfloat16. (A stride-2 step would compute products of input rows no output reads.)"""
+    convs with ``C_in >= 4 * C_out`` whose sites are not one grid (there the split is one
+    dense conv). Measured on the sites of a Cityscapes frame's edge mask at step 1 (3x3,
+    dilations 1-18, AVX512-BF16 EPYC, 2 threads, BENCHMARKS.md "Products first"): 0.66-0.94
+    of the lattice engine's time at 1024 -> 256, 2048 -> 256 and 2048 -> 512 in bfloat16 and
+    float32; 512 -> 256 about even in bfloat16; 256 -> 256 1.05-1.11x in bfloat16. (A
+    stride-2 step would compute products of input rows no output reads.)"""
     return (groups == 1 and book.step_in == book.step_out
-            and c_in >= _PRODUCTS_MIN_WIDTH_RATIO * c_out)
+            and c_in >= _PRODUCTS_MIN_WIDTH_RATIO * c_out
+            and book.plan.grid_level(book.step_in) is None)
 
 
 def _phase_conv(features, weight, bias, part: PhaseConv, dilation, groups: int,

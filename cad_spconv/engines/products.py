@@ -12,9 +12,14 @@ layers to this one (``lattice.products_pay``).
 
 Rounding: in float32 and float64 the sum of a site's products is the conv up to the order of
 the additions. In bfloat16 / float16 each tap's product is rounded to the dtype before the sum
-(CPU GEMMs have no wider output), so the error bound grows from one rounding of the output to
-about one rounding per tap (measured on the ASPP in bfloat16: 3.5e-3 of the largest output
-against 2.4e-3 for the lattice engine).
+(CPU GEMMs have no wider output), so the error bound grows from a rounding of the output (and
+one more where a bias is added) by a rounding of every product (measured on the ASPP in
+bfloat16: 3.3-3.6e-3 of the largest output against 2.3-2.9e-3 for the lattice engine).
+
+Memory: the products of a layer, ``K`` rows of ``C_out`` per input row a piece holds (at most
+about ``K * N_in * C_out`` elements, 9x the output; 29 MB for the ASPP on a 512x1024 frame in
+bfloat16), live in one workspace, not in chunks as the gather engines' im2col; converted
+models release it when their sparse part ends (``workspace_scope``).
 """
 from __future__ import annotations
 
@@ -55,9 +60,10 @@ def products_conv(features, weight, bias, book: ConvRulebook) -> torch.Tensor:
     """The conv of ``book`` in the products-first order (groups 1).
 
     One GEMM per piece and tap, on the KRSC filters' ``[C_out, C_in]`` slice of the tap: a view
-    of a channels-last weight, so no weight copy is kept (one GEMM per kernel row on copied
-    ``[kw * C_out, C_in]`` filters was no faster: within 3 % on the ASPP, bfloat16 and
-    float32, and its copies outweighed the dense network's peak memory)."""
+    of a channels-last weight, so no weight copy is kept (for other weights the KRSC copy the
+    lattice engine keeps too). One GEMM per kernel row on copied ``[kw * C_out, C_in]``
+    filters was no faster (within 3 % on the ASPP, bfloat16 and float32) and its copies
+    put the sparse head's peak memory over the dense network's."""
     tables = book.products()
     c_out, _, _, kw = weight.shape
     track = tracks_grad(features, weight, bias)

@@ -18,7 +18,7 @@ from cad_spconv.backend import spconv_status
 from tests.support import emulation as emu
 
 SPCONV = spconv_status()[0]
-ENGINES = ["lattice", "torch", "auto", "tuned"] + [pytest.param("spconv", marks=pytest.mark.skipif(
+ENGINES = ["lattice", "torch", "products", "auto", "tuned"] + [pytest.param("spconv", marks=pytest.mark.skipif(
     not SPCONV, reason=f"spconv engine unavailable: {spconv_status()[1]}"))]
 
 

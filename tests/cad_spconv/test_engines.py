@@ -561,16 +561,28 @@ def test_workspace_scope_releases_workspaces_when_the_outermost_scope_exits():
 
 
 @pytest.mark.parametrize("case", [((17, 23), 3, "map"), ((13, 11), 2, "levels")])
-def test_tap_products_read_each_site_own_image_and_taps(case, device):
+@pytest.mark.parametrize("kernel,dilation,stride", [
+    ((3, 5), (2, 1), 1), ((3, 5), (2, 1), 2),
+    ((3, 3), (8, 8), 1)])  # taps 16 cells apart: kernel rows leave a 13-row grid entirely
+def test_tap_products_read_each_site_own_image_and_taps(case, kernel, dilation, stride,
+                                                        device):
     """The products form of a rulebook: every piece is one image's rows, and each in-grid tap
     of a site reads the product of its own input row and tap, in a piece of that tap's kernel
-    row and the site's image; out-of-grid taps read the zero row after all products."""
-    x, _ = make_input(case, 1, 4, torch.float64, device, seed=4)
-    book = conv_rulebook(x.plan, (3, 5), (2, 1), 1, 1)
+    row and the site's image; out-of-grid taps read the zero row after all products. The
+    products engine on it equals the dense reference."""
+    x, levels = make_input(case, 1, 4, torch.float64, device, seed=4)
+    step_out = 1 + (stride == 2)
+    book = conv_rulebook(x.plan, kernel, dilation, 1, step_out)
     tables = book.products()
     kh, kw = book.kernel_size
     image_in = x.plan.geometry(1).coords[:, 0]
-    image_out = x.plan.geometry(1).coords[:, 0]
+    image_out = x.plan.geometry(step_out).coords[:, 0]
+    if dilation == (8, 8) and case[0] == (13, 11):  # the case it is there for
+        assert len(tables.pieces) < kh * x.plan.batch_size
+    w = torch.randn(5, 4, *kernel, dtype=torch.float64, device=device)
+    y = CF.conv2d(x, w, None, stride, dilation, 1, "products").features
+    torch.testing.assert_close(y, ref.conv(x.features, levels, 1, stride, w, None, dilation, 1),
+                               rtol=1e-9, atol=1e-9)
     # what each product row holds: its input row, kernel row, tap column and image
     owner, owner_row, owner_col, owner_image = [], [], [], []
     for r, a, b in tables.pieces:
