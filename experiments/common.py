@@ -7,6 +7,7 @@ a plot can be inspected image by image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -16,7 +17,22 @@ from cad_apps.eval import add_setting_arguments, config_from_args, evaluate, par
 from cad_apps.io import write_json_atomic
 
 __all__ = ["base_parser", "run_setting", "point", "dense_points", "write_report", "plot_tradeoff",
-           "setting_label"]
+           "setting_label", "lattice_split_only"]
+
+
+@contextlib.contextmanager
+def lattice_split_only():
+    """The ``"lattice"`` engine without its hand-over to the products engine
+    (``lattice.products_pay``), so that timings of the lattice split itself also cover the
+    shapes the rule hands over (the ASPP's 2048 -> 256)."""
+    import cad_spconv.engines.lattice as lattice
+
+    pays = lattice.products_pay
+    lattice.products_pay = lambda *a: False
+    try:
+        yield
+    finally:
+        lattice.products_pay = pays
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

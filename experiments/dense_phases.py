@@ -93,14 +93,19 @@ def _taps_inside(dilation: int, grid) -> float:
 
 
 def _layers(args) -> int:
+    from .common import lattice_split_only
+
+    # the lattice split itself, also for the ASPP's shapes (which the engine now hands to the
+    # products engine: experiments.products_first)
+    with lattice_split_only():
+        return _split_layers(args)
+
+
+def _split_layers(args) -> int:
     from cad_spconv import CADTensor, LevelPlan, conv_rulebook, functional as CF
 
     dtype = getattr(torch, args.dtype)
     lattice, rule, costs = _rules()
-    # the lattice split itself, also for the ASPP's shapes (which the engine now hands to the
-    # products engine: experiments.products_first)
-    pays = lattice.products_pay
-    lattice.products_pay = lambda *a: False
     gen = torch.Generator().manual_seed(0)
     H, W = 64, 128
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms")
@@ -142,7 +147,6 @@ def _layers(args) -> int:
                       f"({_taps_inside(2 * d, (H, W)):.0%}) |", flush=True)
     finally:
         lattice.gather_cost = rule
-        lattice.products_pay = pays
     return 0
 
 

@@ -6,7 +6,8 @@
 
 ``layers``: one 3x3 conv at step 1 (the stride-16 part of a ResNet converted 8->16) on the sites
 of a Cityscapes frame's edge mask (frankfurt_000000_002196, threshold 0.35, 512x1024 -> a
-64x128 grid at stride 8), run by the ``"lattice"`` and ``"products"`` engines in turn, for
+64x128 grid at stride 8), run by the lattice split (the ``"lattice"`` engine without its
+hand-over to ``"products"``) and the ``"products"`` engine in turn, for
 C_in -> C_out from 256 -> 256 to the ASPP's 2048 -> 256 at dilations 1 to 18; median of
 ``--reps`` after one warm-up, ms, and the ratio products / lattice (what
 ``lattice.products_pay`` decides on).
@@ -62,6 +63,14 @@ def _median_ms(samples) -> float:
 
 
 def _layers(args) -> int:
+    from .common import lattice_split_only
+
+    # "lattice" times the lattice split, also where its rule hands the layer to "products"
+    with lattice_split_only():
+        return _split_layers(args)
+
+
+def _split_layers(args) -> int:
     from cad_spconv import CADTensor, LevelPlan, functional as CF
 
     dtype = getattr(torch, args.dtype)
