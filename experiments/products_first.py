@@ -2,6 +2,7 @@
 "Products first").
 
     python -m experiments.products_first layers [--dtype bfloat16] [--reps 5] [--threads 2]
+        [--device cuda] [--engines torch,products]
     python -m experiments.products_first head [--dtype bfloat16] [--reps 4] [--threads 2]
 
 ``layers``: one 3x3 conv at step 1 (the stride-16 part of a ResNet converted 8->16) on the sites
@@ -10,7 +11,10 @@ of a Cityscapes frame's edge mask (frankfurt_000000_002196, threshold 0.35, 512x
 hand-over to ``"products"``) and the ``"products"`` engine in turn, for
 C_in -> C_out from 256 -> 256 to the ASPP's 2048 -> 256 at dilations 1 to 18; median of
 ``--reps`` after one warm-up, ms, and the ratio products / lattice (what
-``lattice.products_pay`` decides on).
+``lattice.products_pay`` decides on). ``--engines A,B`` times other engines (ratio B / A), and
+``--device cuda`` runs on a GPU, timed with CUDA events (whether ``"auto"`` there should hand
+such layers to ``"products"`` instead of ``"torch"``: ``--device cuda --engines
+torch,products``).
 
 ``head``: DeepLabV3-ResNet101 (random weights) converted 8->16 with and without ``sparse_head``
 on the same frame; the head's leaf modules timed by forward hooks, the dense head on the
@@ -37,7 +41,26 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="layers: where to run them (cuda: timed with CUDA events)")
+    parser.add_argument("--engines", default="lattice,products",
+                        help="layers: the two engines to compare, A,B (ratio B / A); "
+                             "'lattice' is the lattice split without its products rule")
     args = parser.parse_args(argv)
+    engines = args.engines.split(",")
+    if len(engines) != 2 or len(set(engines)) != 2:
+        parser.error(f"--engines takes two different engines, A,B; got {args.engines!r}")
+    from cad_spconv.engines import check_engine
+
+    for name in engines:
+        try:
+            check_engine(name)
+        except ValueError as err:
+            parser.error(f"--engines: {err}")
+    args.engines = engines
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() "
+                     "is False); run on a GPU machine or leave --device out")
     if not glob.glob(FRAME):
         raise SystemExit(f"products_first: {FRAME} not found (run from the project root)")
     torch.set_num_threads(args.threads)
@@ -74,32 +97,50 @@ def _split_layers(args) -> int:
     from cad_spconv import CADTensor, LevelPlan, functional as CF
 
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    first, second = args.engines
     _, keep = _frame()
-    plan = LevelPlan.from_keep(keep, (64, 128), 1)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, "
-          f"{plan.num_sites(1)} sites at step 1; ms")
-    print("| C_in -> C_out | dilation | lattice | products | products / lattice |")
+    plan = LevelPlan.from_keep(keep.to(device), (64, 128), 1)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{args.threads} threads")
+    print(f"torch {torch.__version__}, {where}, {args.dtype}, {plan.num_sites(1)} sites at "
+          f"step 1; ms")
+    print(f"| C_in -> C_out | dilation | {first} | {second} | {second} / {first} |")
     print("|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for c_in, c_out in SHAPES:
-        feats = torch.randn(plan.num_sites(1), c_in, generator=gen).to(dtype)
-        w = (torch.randn(c_out, c_in, 3, 3, generator=gen) / 50).to(dtype).contiguous(
+        feats = torch.randn(plan.num_sites(1), c_in, generator=gen).to(device, dtype)
+        w = (torch.randn(c_out, c_in, 3, 3, generator=gen) / 50).to(device, dtype).contiguous(
             memory_format=torch.channels_last)
         for d in DILATIONS:
-            samples = {"lattice": [], "products": []}
+            samples = {first: [], second: []}
             with torch.inference_mode():
                 for rep in range(args.reps + 1):
                     for engine, times in samples.items():
                         x = CADTensor(feats, plan, 1)  # its own rulebook cache
                         CF.conv2d(x, w, None, 1, d, 1, engine)  # builds the tables
-                        start = time.perf_counter()
-                        CF.conv2d(x, w, None, 1, d, 1, engine)
+                        elapsed = _timed(lambda: CF.conv2d(x, w, None, 1, d, 1, engine), device)
                         if rep:
-                            times.append(time.perf_counter() - start)
+                            times.append(elapsed)
             ms = {k: _median_ms(v) for k, v in samples.items()}
-            print(f"| {c_in} -> {c_out} | {d} | {ms['lattice']:.1f} | {ms['products']:.1f} | "
-                  f"{ms['products'] / ms['lattice']:.2f} |", flush=True)
+            print(f"| {c_in} -> {c_out} | {d} | {ms[first]:.1f} | {ms[second]:.1f} | "
+                  f"{ms[second] / ms[first]:.2f} |", flush=True)
     return 0
+
+
+def _timed(run, device: torch.device) -> float:
+    """Seconds one call of ``run`` takes (CUDA events on a GPU)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    begin.record()
+    run()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
 
 
 def _leaf_times(head, run, reps) -> dict:

@@ -107,3 +107,25 @@ def test_synthetic_model_makes_predictions_that_are_not_noise(setup, tmp_path):
         return evaluate(cfg)["summary"]["miou"]
     probe, random = miou(str(ckpt)), miou(None)
     assert probe > 0.2 and probe > 10 * random
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--engines", "torch,torch"], "two different engines"),
+    (["--engines", "torch"], "two different engines"),
+    (["--engines", "lattice,nosuch"], "unknown engine 'nosuch'"),
+])
+def test_products_first_refuses_bad_engines(argv, message, capsys):
+    from experiments import products_first
+
+    with pytest.raises(SystemExit):
+        products_first.main(["layers", *argv])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_products_first_says_when_there_is_no_cuda(capsys):
+    from experiments import products_first
+
+    with pytest.raises(SystemExit):
+        products_first.main(["layers", "--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
