@@ -6,11 +6,11 @@
     python -m experiments.products_first head [--dtype bfloat16] [--reps 4] [--threads 2]
 
 ``layers``: one 3x3 conv at step 1 (the stride-16 part of a ResNet converted 8->16) on the sites
-of a Cityscapes frame's edge mask (frankfurt_000000_002196, threshold 0.35, 512x1024 -> a
-64x128 grid at stride 8), run by the lattice split (the ``"lattice"`` engine without its
-hand-over to ``"products"``) and the ``"products"`` engine in turn, for
-C_in -> C_out from 256 -> 256 to the ASPP's 2048 -> 256 at dilations 1 to 18; median of
-``--reps`` after one warm-up, ms, and the ratio products / lattice (what
+of a Cityscapes frame's edge mask (frankfurt_000000_002196 or ``--frame``, threshold 0.35,
+512x1024 -> a 64x128 grid at stride 8), run by the lattice split (the ``"lattice"`` engine
+without its hand-over to ``"products"``) and the ``"products"`` engine in turn, for C_in ->
+C_out from 256 -> 256 to the ASPP's 2048 -> 256 at dilations 1 to 18; median of ``--reps``
+after one warm-up, ms, and the ratio products / lattice (what
 ``lattice.products_pay`` decides on). ``--engines A,B`` times other engines (ratio B / A), and
 ``--device cuda`` runs on a GPU, timed with CUDA events (whether ``"auto"`` there should hand
 such layers to ``"products"`` instead of ``"torch"``: ``--device cuda --engines
@@ -24,7 +24,7 @@ engine ``"auto"`` picks; median of ``--reps`` after one warm-up, ms.
 from __future__ import annotations
 
 import argparse
-import glob
+import os
 import statistics
 import time
 
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frame", default=FRAME,
+                        help="the Cityscapes frame whose edge mask gives the sites")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="layers: where to run them (cuda: timed with CUDA events)")
     parser.add_argument("--engines", default="lattice,products",
@@ -61,20 +63,21 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() "
                      "is False); run on a GPU machine or leave --device out")
-    if not glob.glob(FRAME):
-        raise SystemExit(f"products_first: {FRAME} not found (run from the project root)")
+    if not os.path.isfile(args.frame):
+        parser.error(f"--frame {args.frame}: no such file (the default is relative to the "
+                     f"project root: run from there, or name the frame)")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     return (_layers if args.mode == "layers" else _head)(args)
 
 
-def _frame(extra=()):
+def _frame(path: str, extra=()):
     """The frame as the bench loads it, its edge mask, and the bench's parsed arguments."""
     from cad_apps.bench import _check_args, _inputs, _masks, configure
 
     bench = argparse.ArgumentParser()
     configure(bench)
-    b = bench.parse_args(["--threshold", "0.35", "--images", FRAME, *extra])
+    b = bench.parse_args(["--threshold", "0.35", "--images", path, *extra])
     _check_args(b)
     batches, _ = _inputs(b)
     keeps, _ = _masks(b, batches, torch.device("cpu"))
@@ -99,7 +102,7 @@ def _split_layers(args) -> int:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     first, second = args.engines
-    _, keep = _frame()
+    _, keep = _frame(args.frame)
     plan = LevelPlan.from_keep(keep.to(device), (64, 128), 1)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{args.threads} threads")
@@ -170,7 +173,7 @@ def _head(args) -> int:
     from adapters import convert_segmentation
 
     dtype = getattr(torch, args.dtype)
-    image, keep = _frame(["--size", "512", "1024"])
+    image, keep = _frame(args.frame, ["--size", "512", "1024"])
     torch.manual_seed(0)
     model = torchvision.models.segmentation.deeplabv3_resnet101(
         weights=None, weights_backbone=None, num_classes=19, aux_loss=False).eval()

@@ -30,6 +30,9 @@
 #   cpu-targets  dev/gpu/cpu_targets.py: issue 14's CPU targets (those named CPU_FILTER,
 #              default bfloat16) on this host's CPU, CPU_JOBS (4) results at a time, each
 #              pinned to 2 physical cores, --reps CPU_REPS (3)
+#   products   python -m experiments.products_first layers --engines torch,products on CUDA (for
+#              each dtype of PRODUCTS_DTYPE, "float32 bfloat16"): the products engine against
+#              what "auto" picks there, per layer shape, before changing select_engine
 #   eval       cad-spconv eval on CUDA in float16 over a synthetic Cityscapes-format folder at
 #              1024x2048 (random weights, edge:0.35): the user's path end to end -> $OUT/eval.json
 #
@@ -43,7 +46,7 @@
 # BENCH_REPS (5); CPU_S (400), CPU_FILTER, CPU_JOBS, CPU_REPS; ENGINES_SIZE ("1024 2048");
 # EVAL_S (90), EVAL_DTYPE (float16), EVAL_SIZE ("1024, 2048"); PROFILE_S (90 per dtype),
 # PROFILE_DTYPE (float16; a list such as "float16 float32" profiles each), PROFILE_THRESHOLD
-# (0.35); TESTS_WORKERS (pytest-xdist processes for the tests part; unset: one); PYTHON (python3).
+# (0.35); PRODUCTS_S (120 per dtype), PRODUCTS_DTYPE; TESTS_WORKERS (pytest-xdist processes for the tests part; unset: one); PYTHON (python3).
 # Options: --dry-run (unpack and check the carried packages, print what would run; run nothing),
 # --no-site (use the installed packages as they are: for trying this script on a dev machine).
 set -uo pipefail
@@ -62,9 +65,9 @@ for a in "$@"; do
     case $a in
         --dry-run) DRY=1 ;;
         --no-site) NOSITE=1 ;;
-        tests|tests-all|engines|bench|profile|probe|cpu-targets|eval) PARTS+=("$a") ;;
+        tests|tests-all|engines|bench|profile|probe|cpu-targets|products|eval) PARTS+=("$a") ;;
         -h|--help) sed -n '2,/^set -uo/{/^#/p}' "$0"; exit 0 ;;
-        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, profile, probe, cpu-targets, eval)" >&2; exit 2 ;;
+        *) echo "gpu_session: unknown part '$a' (tests, tests-all, engines, bench, profile, probe, cpu-targets, products, eval)" >&2; exit 2 ;;
     esac
 done
 ((${#PARTS[@]})) || { echo "usage: bash dev/gpu/gpu_session.sh [--dry-run] [--no-site] PART..." >&2; exit 2; }
@@ -266,6 +269,16 @@ part_profile() {  # one run per dtype of PROFILE_DTYPE (a space-separated list)
     done
 }
 
+part_products() {  # one table per dtype of PRODUCTS_DTYPE, into session.log
+    local dev=cpu engines=lattice,products dtype
+    has_cuda && { dev=cuda; engines=torch,products; }
+    for dtype in ${PRODUCTS_DTYPE:-float32 bfloat16}; do
+        run_part "products[$dtype]" "${PRODUCTS_S:-120}" "$PY" -m experiments.products_first \
+            layers --frame .carry/frames/frankfurt_000000_002196_leftImg8bit.png \
+            --device "$dev" --engines "$engines" --dtype "$dtype" --reps 5
+    done
+}
+
 part_eval() {
     local root=${TMPDIR:-/tmp}/cityscapes_synthetic dev=cpu
     has_cuda && dev=cuda
@@ -317,6 +330,7 @@ main() {
             cpu-targets) run_part cpu-targets "${CPU_S:-400}" "$PY" dev/gpu/cpu_targets.py \
                 --filter "${CPU_FILTER:-bfloat16}" --frames .carry/frames \
                 --reps "${CPU_REPS:-3}" --jobs "${CPU_JOBS:-4}" ;;
+            products) part_products ;;
             eval) part_eval ;;
         esac
     done

@@ -3,6 +3,7 @@ the dry run names every part's command, bad parts are refused, and the CPU-targe
 plans its pinned jobs."""
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,17 @@ def test_profile_knobs(tmp_path):
     for dtype, line in zip(("float16", "float32"), runs):
         assert f"profile[{dtype}]" in line and f"--dtype {dtype}" in line
         assert "--threshold 0.95" in line and f"_b1_{dtype}_edge0.95.json" in line
+
+
+@needs_bash
+def test_products_part_runs_one_table_per_dtype(tmp_path):
+    done = _session(tmp_path, "--dry-run", "--no-site", "products", PRODUCTS_DTYPE="bfloat16")
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = [line for line in done.stdout.splitlines() if "] products[" in line]
+    assert len(runs) == 1
+    assert "experiments.products_first layers" in runs[0] and "--dtype bfloat16" in runs[0]
+    # against what "auto" picks: the lattice split on CPU, "torch" on CUDA
+    assert re.search(r"--engines (lattice|torch),products ", runs[0])
 
 
 @needs_bash
