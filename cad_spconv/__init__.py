@@ -13,7 +13,7 @@ from .backend import SpconvUnavailable, spconv_status, warn_if_cpu_only_wheel
 from .plan import LevelPlan, StepGeometry, make_plan, num_adaptive_steps, reduce_to_grid
 from .rulebook import (ConvKey, ConvRulebook, GatherRulebook, Pool2Key, Rulebook, RulebookCache,
                        conv_rulebook, pool2_rulebook)
-from .engines import ENGINES, sparse_conv, sparse_max
+from .engines import ENGINES, clear_caches, sparse_conv, sparse_max
 from .tensor import CADTensor
 from .macs import MacCounter, count_macs
 from . import functional, images, masks, nn
@@ -25,5 +25,6 @@ warn_if_cpu_only_wheel()
 __all__ = ["LevelPlan", "StepGeometry", "make_plan", "num_adaptive_steps", "reduce_to_grid",
            "Rulebook", "ConvRulebook", "GatherRulebook", "ConvKey", "Pool2Key", "RulebookCache",
            "conv_rulebook", "pool2_rulebook", "CADTensor", "ENGINES", "sparse_conv", "sparse_max",
+           "clear_caches",
            "spconv_status", "SpconvUnavailable", "count_macs", "MacCounter", "functional",
            "images", "masks", "nn", "__version__"]

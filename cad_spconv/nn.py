@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as CF
-from .engines import check_engine
+from .engines import check_engine, weights_epoch
 from .tensor import CADTensor
 
 __all__ = ["CADConv2d", "CADBatchNorm2d", "CADPointwise", "CADMaxPool2d",
@@ -142,9 +142,9 @@ class CADBatchNorm2d(nn.BatchNorm2d):
 
     def _scale_shift(self):
         """``CF.eval_scale_shift`` of the statistics and parameters, kept until one of them is
-        replaced, moved or changed in place (a version counter moves): its ~7 small ops cost more
-        than the normalization itself on a small map. ``None`` where a tensor has no version
-        counter (an inference tensor)."""
+        replaced, moved or changed in place (a version counter or ``weights_epoch`` moves): its
+        ~7 small ops cost more than the normalization itself on a small map. ``None`` where a
+        tensor has no version counter (an inference tensor)."""
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
         try:
             # the version moves with in-place changes, the storage with model.to(...)
@@ -152,7 +152,7 @@ class CADBatchNorm2d(nn.BatchNorm2d):
                              for t in tensors)
         except RuntimeError:  # "Inference tensors do not track version counter"
             return None
-        key = (versions, self.eps, torch.is_inference_mode_enabled())
+        key = (versions, self.eps, torch.is_inference_mode_enabled(), weights_epoch())
         kept = self.__dict__.get("_kept_scale_shift")
         # the tensors themselves are held, so an id is never reused while kept
         if (kept is not None and kept[1] == key

@@ -2,7 +2,8 @@
 
 - :func:`weight_layout`: an engine's copy of a weight in its own layout (tap-major GEMM
   columns, spconv's KRSC filters, an autocast dtype), built once per weight tensor and rebuilt
-  only when the weight changes.
+  only when the weight changes (see :func:`weights_epoch` for the changes PyTorch does not
+  version).
 - :func:`workspace`: per-thread scratch buffers reused across calls (a fresh buffer per call
   costs page faults worth a third of a gather on CPU, BENCHMARKS.md), held until the outermost
   :func:`workspace_scope` exits (converted models run their sparse part in one), else kept.
@@ -15,12 +16,31 @@ import threading
 import weakref
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["weight_layout", "krsc_filters", "gemm_weight", "workspace", "workspace_scope",
-           "cached_bytes", "tracks_grad", "clear_caches"]
+           "cached_bytes", "tracks_grad", "clear_caches", "weights_epoch"]
 
 _layouts: dict = {}
 _workspaces = threading.local()
+_epoch = 0
+
+
+def weights_epoch() -> int:
+    """A counter that moves on every optimizer step (any ``torch.optim`` optimizer, through a
+    global step hook) and on :func:`clear_caches`; part of every kept weight-derived value's
+    stamp. A weight's version counter alone misses two kinds of change: fused optimizers
+    (``fused=True``) update parameters without moving it, and neither do writes through
+    ``.data`` (``p.data.copy_(...)``), which need a :func:`clear_caches` call."""
+    return _epoch
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    global _epoch
+    _epoch += 1
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def tracks_grad(features, weight, bias) -> bool:
@@ -32,11 +52,12 @@ def tracks_grad(features, weight, bias) -> bool:
 def weight_layout(weight: torch.Tensor, tag, build) -> torch.Tensor:
     """``build(weight)`` (a re-laid-out copy for an engine, without autograd), kept per weight
     tensor and ``tag`` and rebuilt only when the weight changes (its version counter, storage,
-    dtype or device). Inference tensors have no version counter: rebuilt every call."""
+    dtype or device, or :func:`weights_epoch`). Inference tensors have no version counter:
+    rebuilt every call."""
     if weight.is_inference():
         return build(weight)
     stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device,
-             torch.is_inference_mode_enabled())
+             torch.is_inference_mode_enabled(), _epoch)
     key = (id(weight), tag)
     entry = _layouts.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == stamp:
@@ -115,6 +136,10 @@ def cached_bytes(device=None) -> int:
 
 
 def clear_caches() -> None:
-    """Drop every kept weight layout and this thread's workspaces."""
+    """Drop every kept weight layout and this thread's workspaces, and invalidate the batch
+    norms' kept scale and shift (:func:`weights_epoch`). Call it after changing weights through
+    ``.data``, which PyTorch does not record."""
+    global _epoch
+    _epoch += 1
     _layouts.clear()
     getattr(_workspaces, "buffers", {}).clear()

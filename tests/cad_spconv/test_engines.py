@@ -454,6 +454,61 @@ def test_packed_weight_follows_weight_updates():
     torch.testing.assert_close(second, ref.conv(x.features, levels, 1, 1, w), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("engine", ["lattice", "products", "torch", "spconv"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_kept_weights_follow_an_optimizer_step(engine, fused):
+    """An eval pass keeps re-laid-out weights and the batch norm's scale and shift; after a
+    training step they must follow the new parameters. Fused optimizers update parameters
+    without moving their version counters, so only the optimizer step hook catches them."""
+    from cad_spconv.nn import CADBatchNorm2d, CADConv2d
+
+    if engine == "spconv":
+        pytest.importorskip("spconv.pytorch")
+    case = ((13, 11), 2, "levels")
+    x, levels = make_input(case, 1, 8, torch.float64, "cpu", seed=5)
+    torch.manual_seed(0)
+    conv = CADConv2d(8, 2, 3, padding=1, engine=engine).double()
+    bn = CADBatchNorm2d.from_module(torch.nn.BatchNorm2d(2).double(), inplace=True)
+    model = torch.nn.Sequential(conv, bn)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=fused, foreach=False if fused else None)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # keeps the weight layouts and the scale and shift
+    model.train()
+    model(x).features.square().mean().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        got = model(x).features
+        y = ref.conv(x.features, levels, 1, 1, conv.weight, conv.bias)
+        want = torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight,
+                                              bn.bias, False, 0.0, bn.eps)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_clear_caches_after_writes_through_data():
+    """Writes through ``.data`` move no version counter; ``cad_spconv.clear_caches()`` is the
+    documented way to make the engines and batch norms read the new values."""
+    import cad_spconv
+    from cad_spconv.nn import CADBatchNorm2d, CADConv2d
+
+    case = ((13, 11), 2, "levels")
+    x, levels = make_input(case, 1, 8, torch.float64, "cpu", seed=6)
+    torch.manual_seed(1)
+    conv = CADConv2d(8, 2, 3, padding=1, engine="lattice").double()
+    bn = CADBatchNorm2d.from_module(torch.nn.BatchNorm2d(2).double(), inplace=True).eval()
+    with torch.no_grad():
+        bn(conv(x))
+        conv.weight.data.copy_(torch.randn_like(conv.weight))
+        bn.weight.data.mul_(3.0)
+        cad_spconv.clear_caches()
+        got = bn(conv(x)).features
+        y = ref.conv(x.features, levels, 1, 1, conv.weight, conv.bias)
+        want = torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight,
+                                              bn.bias, False, 0.0, bn.eps)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
 def test_workspaces_across_inference_mode_and_no_grad():
     """Scratch buffers made under inference_mode must not leak into no_grad calls (inference
     tensors cannot be written outside inference mode), nor the other way round."""
