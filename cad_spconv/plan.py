@@ -80,8 +80,9 @@ def reduce_to_grid(mask: torch.Tensor, grid: Sequence[int], what: str = "keep ma
     the scale ``s`` (a model knows it: its finest stride); the grid may then be the ceil size
     (strided convs, blocks clipped at the border) or the floor size (floor-mode pools, whose
     dropped pixels are ignored). Without ``stride`` the scale is inferred from the sizes: the
-    power of two with ``ceil(h/s) == H`` and ``ceil(w/s) == W``, else the one integer that fits;
-    an ambiguous size is an error asking for ``stride``.
+    one power of two that fits either way, else the one integer with ``ceil(h/s) == H`` and
+    ``ceil(w/s) == W``; an ambiguous size (two scales fit, e.g. 17x17 onto 2x2: 16 by ceil, 8 by
+    floor) is an error asking for ``stride``.
     """
     mask = _check_mask(mask, what)
     H, W = int(grid[0]), int(grid[1])
@@ -99,19 +100,30 @@ def reduce_to_grid(mask: torch.Tensor, grid: Sequence[int], what: str = "keep ma
 
 
 def _infer_scale(h: int, w: int, H: int, W: int, what: str) -> int:
-    def fits(s):
+    def ceil_fits(s):
         return -(-h // s) == H and -(-w // s) == W
 
-    for s in (2 ** i for i in range(max(h, w).bit_length() + 1)):
-        if fits(s):
-            return s
-    scales = [s for s in range(1, h + 1) if fits(s)]
-    if len(scales) == 1:
+    def floor_fits(s):
+        return h // s == H and w // s == W
+
+    def cells(s):  # where each cell's footprint ends, per axis: what a scale decides
+        return tuple(tuple(min(i * s, m) for i in range(1, n + 1)) for n, m in ((H, h), (W, w)))
+
+    powers = [2 ** i for i in range(max(h, w).bit_length() + 1)]
+    # a strided conv gives the ceil size, a floor-mode pool the floor size: with a small grid
+    # both can fit, at different scales (17x17 onto 2x2: 16 by ceil, 8 by floor); scales that
+    # cut the same footprints (any s >= 8 for 8x8 onto 1x1) are one
+    scales = [s for s in powers if ceil_fits(s) or floor_fits(s)]
+    if scales and len({cells(s) for s in scales}) == 1:
         return scales[0]
+    if not scales:
+        scales = [s for s in range(1, h + 1) if ceil_fits(s)]
+        if len(scales) == 1:
+            return scales[0]
     raise ValueError(
         f"{what} of size {h}x{w} does not map onto the finest grid {H}x{W} by one scale s "
-        f"(ceil(h/s) == {H}, ceil(w/s) == {W}"
-        + (f"; candidates {scales[0]}..{scales[-1]}" if scales else "")
+        f"(ceil(h/s) == {H}, ceil(w/s) == {W}, or floor for floor-mode pools"
+        + (f"; candidates {', '.join(map(str, scales))}" if scales else "")
         + "): give it at the finest grid, or pass the stride explicitly")
 
 

@@ -80,11 +80,21 @@ def test_level_fractions_and_sites_per_image():
 
 def test_reduce_to_grid_scale_rules():
     from cad_spconv import reduce_to_grid
-    m = torch.zeros(1, 9, 9, dtype=torch.bool)
+    m = torch.zeros(1, 13, 13, dtype=torch.bool)
     m[0, 6, 6] = True
-    # sizes allow s = 5..8; the power of two wins: pixel 6 lies in cell 0 at stride 8
+    # ceil sizes allow s = 7..12, floor sizes 5 and 6; the power of two wins: pixel 6 lies in
+    # cell 0 at stride 8
     assert reduce_to_grid(m, (2, 2)).nonzero().tolist() == [[0, 0, 0]]
     assert reduce_to_grid(m, (2, 2), stride=8).nonzero().tolist() == [[0, 0, 0]]
+    # 9x9 (or 17x17) onto 2x2 fits two powers of two: 8 (16) by ceil, 4 (8) by floor, which
+    # put pixel 6 (12) in different cells: the stride must be given
+    for size, ceil, floor in ((9, 8, 4), (17, 16, 8)):
+        a = torch.zeros(1, size, size, dtype=torch.bool)
+        a[0, 6 * size // 9, 6 * size // 9] = True
+        with pytest.raises(ValueError, match=f"candidates {floor}, {ceil}.*pass the stride"):
+            reduce_to_grid(a, (2, 2))
+        assert reduce_to_grid(a, (2, 2), stride=ceil).nonzero().tolist() == [[0, 0, 0]]
+        assert reduce_to_grid(a, (2, 2), stride=floor).nonzero().tolist() == [[0, 1, 1]]
     # floor-mode grid with an explicit stride: the pixels beyond 7*4 x 10*4 are dropped
     f = torch.zeros(1, 29, 43, dtype=torch.bool)
     f[0, 28, 0] = True    # row 28 >= 7 * 4: dropped by the floor-mode grid
@@ -92,8 +102,10 @@ def test_reduce_to_grid_scale_rules():
     f[0, 27, 39] = True   # cell (6, 9)
     out = reduce_to_grid(f, (7, 10), stride=4)
     assert out.shape == (1, 7, 10) and out.nonzero().tolist() == [[0, 6, 9]]
+    # only stride 4 fits (by floor), so it is inferred
+    assert torch.equal(reduce_to_grid(f, (7, 10)), out)
     with pytest.raises(ValueError, match="pass the stride explicitly"):
-        reduce_to_grid(f, (7, 10))
+        reduce_to_grid(f, (5, 10))
     with pytest.raises(ValueError, match="at stride 3"):
         reduce_to_grid(f, (7, 10), stride=3)
 
