@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .engines import conv_dtype, sparse_conv, sparse_max
+from .engines import check_bias, conv_dtype, sparse_conv, sparse_max
 from .rulebook import ConvKey, Pool2Key, Rulebook
 from .tensor import CADTensor
 
@@ -65,6 +65,7 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
                             else type(weight).__name__))
     if min(_pair(dilation, "dilation")) < 1:
         raise ValueError(f"dilation must be >= 1, got {dilation}")
+    check_bias(bias, weight.shape[0])
     levels = _grid_levels(x, weight, bias, stride, groups, engine)
     if levels is not None:
         return _grid_conv(x, weight, bias, levels, dilation, groups)

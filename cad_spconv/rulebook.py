@@ -507,13 +507,24 @@ RulebookKey = Union[ConvKey, Pool2Key]
 
 class RulebookCache:
     """Rulebooks of one plan, keyed by :data:`RulebookKey`, shared by all tensors derived from
-    one input."""
+    one input. It belongs to the first plan it serves; another plan is refused (the keys do not
+    name the plan, so its rulebooks would read the wrong sites)."""
 
     def __init__(self):
         self._books: dict[RulebookKey, Rulebook] = {}
+        self.plan: Optional[LevelPlan] = None
         self.builds = 0  # how many rulebooks were built (for tests and profiling)
 
+    def bind(self, plan: LevelPlan) -> None:
+        """Tie the cache to ``plan``; raises if it already serves another plan."""
+        if self.plan is None:
+            self.plan = plan
+        elif plan is not self.plan:
+            raise ValueError("this RulebookCache holds the rulebooks of another plan; a tensor "
+                             "on a new plan needs its own cache (leave cache= out)")
+
     def get(self, key: RulebookKey, plan: LevelPlan) -> Rulebook:
+        self.bind(plan)
         book = self._books.get(key)
         if book is None:
             book = self._books[key] = key.build(plan)

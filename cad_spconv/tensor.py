@@ -50,6 +50,8 @@ class CADTensor(SparseConvTensor):
         self.batch_size = plan.batch_size
         self.plan = plan
         self.step = step
+        if cache is not None:
+            cache.bind(plan)
         self.cache = cache if cache is not None else RulebookCache()
 
     # ------------------------------------------------------------------ entry / exit

@@ -25,6 +25,15 @@ def check_engine(engine: str) -> str:
     return engine
 
 
+def check_bias(bias: Optional[torch.Tensor], c_out: int) -> None:
+    """A conv's bias: ``None`` or one value per output channel, as ``F.conv2d`` requires (some
+    engines would broadcast a single value, others fail deep inside)."""
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c_out,)):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias has shape {got}, the weight's {c_out} output channels need "
+                         f"({c_out},)")
+
+
 def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:
     """Engine that ``"auto"`` uses for a layer.
 
@@ -49,10 +58,10 @@ def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1,
     geometry cost can be timed apart from compute; ``like``: a rulebook of the same geometry
     that forwards ran on, whose feature-dependent formats to build (``Engine.prepare``).
     Returns the engine actually used (for ``"tuned"``: the engines tuned layers ran on
-    ``book``, comma-separated)."""
+    ``like``, else on ``book``, comma-separated)."""
     check_engine(engine)
     if engine == "tuned":
-        ran = tuned_engines(book)
+        ran = tuned_engines(like if like is not None else book)
         for name in ran:
             get_engine(name).prepare(book, like)
         return ",".join(ran) if ran else prepare(book, "auto", device, groups, like)
@@ -73,6 +82,7 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if c_in != c_in_g * groups:
         raise ValueError(f"features have {c_in} channels, the weight expects {c_in_g * groups} "
                          f"({c_in_g} x {groups} groups)")
+    check_bias(bias, c_out)
     if (kh, kw) != book.kernel_size:
         raise ValueError(f"weight kernel {kh}x{kw} does not match the rulebook's "
                          f"{book.kernel_size[0]}x{book.kernel_size[1]}")

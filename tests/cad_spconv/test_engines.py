@@ -392,6 +392,10 @@ def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypat
     # prepare() builds what the tuned choice last run on a rulebook reads; auto's otherwise
     assert E.prepare(CF.conv_book(x, (3, 3), 1, 2), "tuned") == E.tuned_choices()[1]["engine"]
     assert E.prepare(conv_rulebook(x.plan, (3, 3), (1, 1), 1, 2), "tuned") == "lattice"
+    # ... and, given like=, what the tuned layers ran on that one
+    fresh = conv_rulebook(x.plan, (3, 3), (1, 1), 1, 2)
+    ran = E.prepare(fresh, "tuned", like=CF.conv_book(x, (3, 3), 1, 2))
+    assert ran == E.tuned_choices()[1]["engine"]
     E.clear_tuned()
     assert E.tuned_choices() == []
 
@@ -684,3 +688,16 @@ def test_lattice_engine_runs_wide_stride_one_layers_as_products(monkeypatch):
             fresh = conv_rulebook(x.plan, (3, 3), (2, 2), step, step + (stride == 2))
             prepare(fresh, "auto", "cpu", like=book)
             assert fresh.has_derived("products") == expect
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_bias_of_the_wrong_shape_is_refused(engine, stride):
+    """As ``F.conv2d`` does: a bias must have one value per output channel (some engines would
+    broadcast a single value, others fail deep inside)."""
+    x, _ = make_input(((9, 7), 1, "keep"), 0, 4, torch.float64, "cpu", seed=2)
+    w = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    for bias in (torch.zeros(1, dtype=torch.float64), torch.zeros((), dtype=torch.float64),
+                 torch.zeros(3, 1, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"bias has shape .* need \(3,\)"):
+            CF.conv2d(x, w, bias, stride, 1, 1, engine)

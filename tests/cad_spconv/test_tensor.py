@@ -106,6 +106,18 @@ def test_replace_feature_keeps_plan_and_refuses_a_wrong_row_count():
         x.select_by_index(torch.arange(3))
 
 
+def test_a_rulebook_cache_serves_one_plan():
+    """Cache keys do not name the plan: a cache handed to a tensor on another plan (even one
+    with the same site counts) would give it the first plan's rulebooks."""
+    x, _ = make_input(((8, 8), 1, "keep"), 1, 2, torch.float64, "cpu", seed=6)
+    CF.conv2d(x, torch.randn(2, 2, 3, 3, dtype=torch.float64))
+    other = LevelPlan(x.plan.levels.clone(), x.plan.num_levels)
+    with pytest.raises(ValueError, match="another plan.*leave cache= out"):
+        CADTensor(x.features, other, 1, x.cache)
+    y = CADTensor(x.features, x.plan, 1, x.cache)  # the same plan shares it
+    assert y.cache is x.cache
+
+
 def test_replace_feature_at_another_step_and_bad_features():
     """A derived tensor takes the new step's indices and shares plan and cache; what is not a
     [N, C] tensor of the right rows, or sits on another device, is refused by name."""
