@@ -51,7 +51,7 @@ class CADConv2d(nn.Conv2d):
         if min(self.dilation) < 1:
             raise ValueError(f"CADConv2d dilation must be >= 1, got {self.dilation}")
         same = same_padding(self.kernel_size, self.dilation)
-        if tuple(self.padding) != same:
+        if self.padding != "same" and tuple(self.padding) != same:
             raise ValueError(f"CADConv2d needs same padding dilation*(k-1)/2 = {same}, got "
                              f"{self.padding}")
         if self.stride[0] != self.stride[1] or self.stride[0] not in (1, 2):

@@ -79,6 +79,8 @@ def test_even_kernel_and_bad_padding():
         CADConv2d(4, 4, 3, padding=0)
     with pytest.raises(ValueError, match="stride must be 1 or 2"):
         CADConv2d(4, 4, 3, stride=4, padding=1)
+    # torch's own spelling of same padding (stride 1) is the conv rule's padding
+    assert CADConv2d(4, 4, 3, padding="same", dilation=2).padding == "same"
     x, keep = x_and_keep()
     t = CADTensor.from_dense(x, keep, 1)
     with pytest.raises(ValueError, match="kernel size must be odd"):
