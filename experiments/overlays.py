@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         seg = Segmenter(dataclasses.replace(base, mask=mask), device, model=model)
         maps = []
         for i in range(len(dataset)):  # one image at a time: Cityscapes frames are large
-            seg.warm_up(batch["image"][i:i + 1], batch["target"][i:i + 1])
+            seg.warm_up(batch["image"][i:i + 1], batch["target"][i:i + 1], batch["id"][i:i + 1])
             maps.append(seg.cad.last_plan.levels[0].cpu())
         levels[mask] = torch.stack(maps)
         fractions = torch.stack([_fractions(m, seg.cad.last_plan.num_levels) for m in maps])

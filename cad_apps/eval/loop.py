@@ -81,7 +81,7 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
             if batch is not None:
                 if warm > 0:  # untimed passes: lazy init, allocator, cuDNN autotuning
                     for _ in range(warm if cfg.timing else 0):
-                        seg.warm_up(batch["image"], batch["target"])
+                        seg.warm_up(batch["image"], batch["target"], batch["id"])
                     warm = 0
                 records = _evaluate_batch(seg, batch, cfg)
             gathered = dist.gather(records)
@@ -113,7 +113,7 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
 def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
     from ..data import ConfusionMatrix, counts_to_triples
     images, targets = batch["image"], batch["target"]
-    logits, keep, seconds, macs = seg.predict(images, targets, timed=cfg.timing)
+    logits, keep, seconds, macs = seg.predict(images, targets, batch["id"], timed=cfg.timing)
     if logits.shape[-2:] != images.shape[-2:]:
         raise ValueError(f"the model returned logits of size {tuple(logits.shape[-2:])} for images "
                          f"of size {tuple(images.shape[-2:])}")

@@ -100,7 +100,6 @@ class Segmenter:
         if self.mask is not None and self.mask.kind == "learned":
             self.estimator = self._estimator(info).to(self.device, self.dtype)
         self._dense: dict = {}
-        self._generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
     def _estimator(self, info):
         factor = self.cfg.coarsest_stride // self.cfg.finest_stride
@@ -114,9 +113,11 @@ class Segmenter:
         return estimator_from_state(info.estimator, factor, info.source)
 
     # masks --------------------------------------------------------------------------------
-    def keep_for(self, images, targets):
+    def keep_for(self, images, targets, ids):
         """The ``keep`` argument for this batch (a bool mask, or the learned estimator);
-        ``None`` for a dense run."""
+        ``None`` for a dense run. ``ids``: the images' frame ids, which seed the random masks
+        (``random``, ``shuffled-edge``) image by image, so an image's mask depends only on
+        ``--seed`` and its id: not on the batch, the warm-up, a resume or the rank."""
 
         from cad_spconv import masks
         if self.mask is None:
@@ -130,8 +131,9 @@ class Segmenter:
         if kind == "learned":
             return self.estimator
         if kind == "random":  # the fraction is the level-0 share of the finest grid
-            return masks.random(B, (H, W), self.mask.fraction, cfg.finest_stride,
-                                generator=self._generator, device=images.device)
+            return torch.cat([masks.random(1, (H, W), self.mask.fraction, cfg.finest_stride,
+                                           generator=self._generator(i), device=images.device)
+                              for i in ids])
         if kind == "oracle":
             none = torch.zeros(B, 1, H, W, dtype=torch.bool, device=images.device)
             coarse, fine = self._run(images, none), self._run(images, ~none)
@@ -144,8 +146,17 @@ class Segmenter:
         if kind == "inverted-edge":
             return masks.invert(keep)
         if kind == "shuffled-edge":  # the edge mask's level fractions at random places
-            return masks.random_like(keep, stride, self.cad.num_levels, generator=self._generator)
+            return torch.cat([masks.random_like(keep[b:b + 1], stride, self.cad.num_levels,
+                                                generator=self._generator(i))
+                              for b, i in enumerate(ids)])
         raise AssertionError(kind)
+
+    def _generator(self, frame_id: str) -> torch.Generator:
+        """The random masks' generator of one image: seeded by ``--seed`` and its frame id."""
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.cfg.seed}/{frame_id}".encode()).digest()
+        return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little"))
 
     def _run(self, images, keep):
         import contextlib
@@ -184,8 +195,9 @@ class Segmenter:
         """The module that runs: the converted model, or the plain one (``--dense``)."""
         return self.model if self.cad is None else self.cad
 
-    def predict(self, images, targets, timed: bool = True):
-        """``(logits, keep, seconds, macs)`` for a batch.
+    def predict(self, images, targets, ids, timed: bool = True):
+        """``(logits, keep, seconds, macs)`` for a batch (``ids``: its frame ids, see
+        :meth:`keep_for`).
 
         ``seconds``: the plain forward (mask computation included, except for the oracle, whose
         mask is given), ``None`` when not ``timed``. ``macs``: per image ``{"total": int,
@@ -201,7 +213,7 @@ class Segmenter:
             memory_format=torch.channels_last)
         targets = targets.to(self.device, non_blocking=True)
         oracle = self.mask is not None and self.mask.kind == "oracle"
-        given = self.keep_for(images, targets) if oracle else None
+        given = self.keep_for(images, targets, ids) if oracle else None
         seconds = logits = None
         if timed:
             cuda = self.device.type == "cuda"
@@ -210,7 +222,7 @@ class Segmenter:
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
             t0 = time.perf_counter()
-            keep = given if oracle else self.keep_for(images, targets)
+            keep = given if oracle else self.keep_for(images, targets, ids)
             logits = self._run(images, keep)
             if cuda:
                 end.record()
@@ -219,7 +231,7 @@ class Segmenter:
             else:
                 seconds = time.perf_counter() - t0
         else:
-            keep = given if oracle else self.keep_for(images, targets)
+            keep = given if oracle else self.keep_for(images, targets, ids)
         B = images.shape[0]
         extra = {"mask": keep} if isinstance(keep, torch.nn.Module) else None
         with MacCounter(self.network, B, extra) as counter:
@@ -237,10 +249,11 @@ class Segmenter:
                                                         if p in ptf))
         return logits, keep, seconds, macs
 
-    def warm_up(self, images, targets):
-        """One untimed, uncounted forward."""
+    def warm_up(self, images, targets, ids):
+        """One untimed, uncounted forward (its masks are the batch's own: nothing is drawn
+        that a later batch would miss)."""
         images = images.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        self._run(images, self.keep_for(images, targets.to(self.device)))
+        self._run(images, self.keep_for(images, targets.to(self.device), ids))
 
     def level_fractions(self):
         """``[B, L+1]`` fractions of finest cells per level, from the last forward (``None``

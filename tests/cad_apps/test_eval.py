@@ -51,7 +51,7 @@ def run(fixture_root, checkpoint, tmp_path, mask, name=None, dtype="float64", ti
     out = str(tmp_path / (name or f"{mask.replace(':', '_')}.json"))
     cfg = EvalConfig(data_root=fixture_root, out=out, model=MODEL, checkpoint=checkpoint[0],
                      mask=mask, dilation=3, device="cpu", dtype=dtype, num_workers=0,
-                     warmup=0, progress=False, timing=timing, **kw)
+                     warmup=kw.pop("warmup", 0), progress=False, timing=timing, **kw)
     return evaluate(cfg), out
 
 
@@ -252,6 +252,43 @@ def test_oracle_and_ablation_masks_run(fixture_root, checkpoint, tmp_path):
         assert rec["macs_dense_coarsest"] <= rec["macs"]["total"] <= rec["macs_dense_finest"] + 1
         if mask == "random:0.5":  # the level-0 share of the finest grid, to half a block
             assert abs(rec["level0_share"] - 0.5) <= 2 / 35
+
+
+@pytest.mark.parametrize("mask", ["random:0.5", "shuffled-edge:0.95"])
+def test_random_masks_depend_only_on_the_seed_and_the_image(fixture_root, checkpoint, tmp_path,
+                                                            mask):
+    """An image's random mask is drawn from its own generator (``--seed`` and its frame id), so
+    the batch, a warm-up and a resume leave it as it is; another seed changes it."""
+    plain, _ = run(fixture_root, checkpoint, tmp_path, mask, name="plain.json")
+    batched, _ = run(fixture_root, checkpoint, tmp_path, mask, name="batched.json",
+                     batch_size=2, timing=True, warmup=1)
+    run(fixture_root, checkpoint, tmp_path, mask, name="resumed.json", limit=1)
+    resumed, _ = run(fixture_root, checkpoint, tmp_path, mask, name="resumed.json")
+    other, _ = run(fixture_root, checkpoint, tmp_path, mask, name="other.json", seed=1)
+    assert len(plain["images"]) == 3
+    for k, rec in plain["images"].items():
+        for again in (batched, resumed):
+            assert again["images"][k]["confusion"] == rec["confusion"], k
+            assert again["images"][k]["macs"] == rec["macs"], k
+            assert again["images"][k]["level0_share"] == rec["level0_share"], k
+    # the masks themselves, on frames large enough for edge masks that keep part of the grid:
+    # per image, whatever the batch; another seed draws others
+    from cad_apps.data import collate
+    from cad_apps.eval.segmenter import Segmenter
+
+    make_synthetic_cityscapes(tmp_path / "large", num_images=3, size=(128, 256), seed=4)
+    dataset = CityscapesSegmentation(str(tmp_path / "large"), "val")
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    images, targets, ids = batch["image"].double(), batch["target"], batch["id"]
+    cfg = EvalConfig(data_root=fixture_root, out="", model=MODEL, checkpoint=checkpoint[0],
+                     mask=mask, dilation=3, device="cpu", dtype="float64", num_workers=0)
+    seg = Segmenter(cfg, torch.device("cpu"))
+    together = seg.keep_for(images, targets, ids)
+    alone = torch.cat([seg.keep_for(images[i:i + 1], targets[i:i + 1], ids[i:i + 1])
+                       for i in reversed(range(len(ids)))]).flip(0)
+    assert torch.equal(together, alone)
+    reseeded = Segmenter(dataclasses.replace(cfg, seed=1), torch.device("cpu"))
+    assert not torch.equal(reseeded.keep_for(images, targets, ids), together)
 
 
 def test_cli_reports_clear_errors(fixture_root, tmp_path, capsys):
