@@ -26,6 +26,7 @@ import numpy as np
 
 from ..io import check_output_path, read_json, write_atomic, write_json_atomic
 from . import hpatches
+from .extract import DAMAGED
 
 __all__ = ["FORMAT", "THRESHOLDS", "mutual_nearest_neighbours", "reprojection_errors", "l2_normalize",
            "pair_accuracy", "load_features", "read_extract_summary", "evaluate_folder",
@@ -74,15 +75,20 @@ def load_features(folder: str, sequence: str, k: int) -> tuple[np.ndarray, np.nd
         raise FileNotFoundError(
             f"features {path} are missing: the folder does not cover sequence {sequence} of "
             "--data-root; run (or resume) `cad-spconv keypoints extract` into it")
+    fix = (f"re-extract it: rerun the `cad-spconv keypoints extract` command that wrote {folder} "
+           "(same --out and settings), which extracts damaged or missing files again")
     try:
-        with np.load(path) as z:
+        z = np.load(path)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a lone .npy array
+            raise ValueError("an .npy array, not an .npz archive")
+        with z:
             kp, desc = z["keypoints"], z["descriptors"]
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"features {path} are unreadable or lack 'keypoints' / 'descriptors' "
-                         f"({type(e).__name__}: {e}); delete it and resume the extraction") from None
+    except DAMAGED as e:
+        raise ValueError(f"features {path} are damaged, truncated or lack 'keypoints' / "
+                         f"'descriptors' ({type(e).__name__}: {e}); {fix}") from None
     if kp.ndim != 2 or kp.shape[1] < 2 or desc.ndim != 2 or len(desc) != len(kp):
         raise ValueError(f"features {path}: keypoints {kp.shape} and descriptors {desc.shape} do "
-                         "not form [N, 3] / [N, C]; delete it and resume the extraction")
+                         f"not form [N, 3] / [N, C]; {fix}")
     return kp, desc
 
 

@@ -12,8 +12,9 @@ descriptor at the nearest feature cell, and write ``<out>/<sequence>/<k>.npz``:
 
 ``<out>/summary.json`` holds the settings, per-image records (multiply-adds of the network, its
 time, SIFT time, keypoints, level fractions) and their means. Re-running the same command
-resumes (images with both an ``.npz`` and a record are skipped); other settings are refused,
-naming the setting. Under ``torchrun`` the sequences are sharded over the processes and rank 0
+resumes (images with both a record and a readable ``.npz`` holding the three arrays are skipped;
+a damaged ``.npz`` is named on stderr and extracted again); other settings are refused, naming
+the setting. Under ``torchrun`` the sequences are sharded over the processes and rank 0
 writes the summary.
 
 Descriptor sampling (the paper's code): the feature grid of ``h' x w'`` cells covers the
@@ -26,29 +27,70 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
+import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from ..distributed import init_distributed
+from ..distributed import init_distributed, resolve_device
 from ..io import (OutputBusyError, OutputLock, check_output_path, read_json,
                   settings_difference, write_atomic, write_json_atomic)
 from . import hpatches
 from .levels import MASKS, check_dilations, num_levels
 from .preprocess import MAX_SUM_EDGES, SEMANTICS
 
-__all__ = ["FORMAT", "ExtractConfig", "Extractor", "sample_descriptors", "run_extract",
-           "feature_path", "summarize"]
+__all__ = ["FORMAT", "ARRAYS", "ExtractConfig", "Extractor", "sample_descriptors", "run_extract",
+           "feature_path", "feature_file_problem", "summarize"]
 
 FORMAT = "cad-spconv-keypoints/1"
 SUMMARY = "summary.json"
+ARRAYS = ("keypoints", "scores", "descriptors")
+# what reading a damaged .npz raises: truncated (BadZipFile), empty (EOFError), a bad header or
+# an array cut short (ValueError), an unreadable file (OSError), a damaged member (zlib.error)
+DAMAGED = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def feature_path(out: str, sequence: str, k: int) -> str:
     return os.path.join(out, sequence, f"{k}.npz")
+
+
+def feature_file_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a complete features file as :func:`run_extract` writes it, or ``None``
+    if it is (also ``"missing"``). Cheap: the zip directory and the three arrays' ``.npy`` headers
+    are read, not the arrays; the sizes the headers imply must be those stored, and the shapes
+    ``[N, 3]`` / ``[N]`` / ``[N, C]``."""
+    if not os.path.isfile(path):
+        return "missing"
+    fmt = np.lib.format
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in ARRAYS:
+                try:
+                    info = zf.getinfo(f"{name}.npy")
+                except KeyError:
+                    return f"no {name!r} array"
+                with zf.open(info) as f:
+                    version = fmt.read_magic(f)
+                    if version not in ((1, 0), (2, 0)):
+                        return f"{name}: .npy format version {version}"
+                    read = (fmt.read_array_header_1_0 if version == (1, 0)
+                            else fmt.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+                    if info.file_size != f.tell() + math.prod(shape) * dtype.itemsize:
+                        return (f"{name}: {info.file_size} bytes stored, not those of "
+                                f"{shape} {dtype}")
+                shapes[name] = shape
+    except DAMAGED as e:
+        return f"{type(e).__name__}: {e}"
+    kp, sc, de = (shapes[n] for n in ARRAYS)
+    if len(kp) != 2 or kp[1] != 3 or sc != kp[:1] or len(de) != 2 or de[0] != kp[0]:
+        return f"shapes {kp} / {sc} / {de} are not [N, 3] / [N] / [N, C]"
+    return None
 
 
 @dataclass
@@ -139,7 +181,7 @@ class Extractor:
         from .network import DescriptorNetwork, load_d2_weights, random_features
 
         self.cfg = cfg
-        self.device = torch.device(device or cfg.device or "cpu")
+        self.device = torch.device(resolve_device(device or cfg.device or "cpu"))
         self.dtype = getattr(torch, cfg.dtype)
         if stack is None:
             stack = (random_features(cfg.seed) if cfg.random_weights
@@ -286,9 +328,7 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
     import torch
 
     cfg.validate()
-    device_name = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device_name).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available; use --device cpu")
+    device_name = resolve_device(cfg.device)
     dist = init_distributed(torch.device(device_name).type)
     if dist.active and torch.device(device_name).type == "cuda":
         device_name = f"cuda:{dist.local_rank}"
@@ -305,8 +345,7 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
                 for seq in sequences:
                     hpatches.load_sequence(seq, homographies=False)
                 summary = _load_summary(cfg, summary_path)
-                summary["images"] = {i: r for i, r in summary["images"].items()
-                                     if os.path.isfile(feature_path(out, *_split(i)))}
+                summary["images"] = _kept_images(out, summary["images"])
                 todo = [(s.name, s.folder, [k for k in hpatches.IMAGES
                                             if f"{s.name}/{k}" not in summary["images"]])
                         for s in sequences]
@@ -333,6 +372,24 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
             lock.__exit__(None, None, None)
         dist.close()
     return summary if dist.main else None
+
+
+def _kept_images(out: str, images: dict) -> dict:
+    """The records of a resumed folder whose ``.npz`` is there and readable: the others are
+    extracted again (a damaged file can come from a disk problem or an interrupted copy of
+    the folder; this command's own writes are atomic). Damaged files are named on stderr."""
+    kept, damaged = {}, []
+    for image_id, rec in images.items():
+        path = feature_path(out, *_split(image_id))
+        problem = feature_file_problem(path)
+        if problem is None:
+            kept[image_id] = rec
+        elif problem != "missing":
+            damaged.append(f"{path} ({problem})")
+    if damaged:
+        print(f"cad-spconv keypoints extract: {len(damaged)} damaged features file(s) will be "
+              "extracted again: " + "; ".join(damaged), file=sys.stderr)
+    return kept
 
 
 def _split(image_id: str) -> tuple[str, int]:

@@ -14,7 +14,8 @@ import torch
 from cad_apps.cli import main as cli
 from cad_apps.io import OutputBusyError, OutputLock
 from cad_apps.keypoints.evaluate import mutual_nearest_neighbours, run_evaluate
-from cad_apps.keypoints.extract import ExtractConfig, run_extract, sample_descriptors
+from cad_apps.keypoints.extract import (ExtractConfig, feature_file_problem, run_extract,
+                                        sample_descriptors)
 from cad_apps.keypoints.hpatches import IMAGES
 from tests.support.hpatches import make_hpatches
 from tests.support.hpatches import one_torch_thread  # noqa: F401 (autouse fixture)
@@ -318,6 +319,109 @@ def test_evaluate_refuses_incomplete_features(data_root, extracted, tmp_path, ca
                 "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     assert "i_synth0/4.npz are missing" in err and "resume" in err
+
+
+def _damage(path, how):
+    """Damage one features file the ways a disk problem or a cut copy leaves it."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:300])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "npy":  # a lone array, not an archive
+        with open(path, "wb") as f:
+            np.save(f, np.zeros((4, 3), np.float32))
+    elif how == "no descriptors":
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in ("keypoints", "scores")}
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    else:
+        raise AssertionError(how)
+
+
+def test_feature_file_problem_reads_headers_only(extracted, tmp_path):
+    good = extracted / "os8" / "v_synth0" / "3.npz"
+    assert feature_file_problem(str(good)) is None
+    assert feature_file_problem(str(tmp_path / "none.npz")) == "missing"
+    for how, reason in (("truncated", "BadZipFile"), ("empty", "BadZipFile"),
+                        ("npy", "BadZipFile"), ("no descriptors", "no 'descriptors' array")):
+        bad = tmp_path / f"{how}.npz"
+        shutil.copy(good, bad)
+        _damage(bad, how)
+        assert reason in feature_file_problem(str(bad)), how
+    with np.load(good) as z:
+        arrays = dict(z)
+    np.savez(tmp_path / "shapes.npz", **dict(arrays, scores=arrays["scores"][:-1]))
+    assert "are not [N, 3] / [N] / [N, C]" in feature_file_problem(str(tmp_path / "shapes.npz"))
+    # an array whose stored bytes are fewer than its header promises (zip directory intact)
+    import zipfile
+    with zipfile.ZipFile(good) as src:
+        raw = {name: src.read(name) for name in src.namelist()}
+    for name, cut in (("same.npz", 0), ("short.npz", 12)):
+        with zipfile.ZipFile(tmp_path / name, "w") as zf:
+            for member, data in raw.items():
+                zf.writestr(member, data[:len(data) - cut] if member == "descriptors.npy" else data)
+    assert feature_file_problem(str(tmp_path / "same.npz")) is None
+    assert "descriptors: " in feature_file_problem(str(tmp_path / "short.npz"))
+    assert "bytes stored" in feature_file_problem(str(tmp_path / "short.npz"))
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "npy", "no descriptors"])
+def test_evaluate_reports_damaged_features(data_root, extracted, tmp_path, capsys, how):
+    feats = tmp_path / "feats"
+    shutil.copytree(extracted / "os8", feats)
+    _damage(feats / "i_synth0" / "3.npz", how)
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(feats),
+                "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"features {feats / 'i_synth0' / '3.npz'} are damaged" in err, err
+    assert "re-extract it: rerun the `cad-spconv keypoints extract` command" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_extract_resume_redoes_damaged_files(data_root, extracted, tmp_path, capsys):
+    """A folder with damaged .npz files (records intact: a disk problem, a cut copy) resumes by
+    extracting just those again, bit for bit; evaluate then reads it."""
+    out = tmp_path / "copy"
+    shutil.copytree(extracted / "os8", out)
+    damaged = {("i_synth0", 3): "truncated", ("v_synth0", 1): "empty",
+               ("v_synth0", 6): "no descriptors"}
+    for (seq, k), how in damaged.items():
+        _damage(out / seq / f"{k}.npz", how)
+    kept = {(seq, k): os.stat(out / seq / f"{k}.npz").st_mtime_ns
+            for seq in ("i_synth0", "v_synth0") for k in IMAGES if (seq, k) not in damaged}
+    assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights", "--seed",
+                "1", "--finest-stride", "8", "--no-progress", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "3 damaged features file(s) will be extracted again" in err
+    assert f"{out / 'v_synth0' / '1.npz'} (" in err
+    for seq, k in kept:
+        assert os.stat(out / seq / f"{k}.npz").st_mtime_ns == kept[(seq, k)]
+    for seq, k in damaged:
+        assert feature_file_problem(str(out / seq / f"{k}.npz")) is None
+        with np.load(out / seq / f"{k}.npz") as a, \
+                np.load(extracted / "os8" / seq / f"{k}.npz") as b:
+            for key in ("keypoints", "scores", "descriptors"):
+                np.testing.assert_array_equal(a[key], b[key])
+    s = json.load(open(out / "summary.json"))
+    assert s["complete"] and len(s["images"]) == 12
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(out),
+                "--out", str(tmp_path / "r.json")]) == 0
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "--device 'foo' is not a device; use cpu, cuda or cuda:N"),
+    ("mps", "--device mps: only cpu and cuda are supported"),
+    ("cuda:99", "--device cuda:99"),
+])
+def test_extract_reports_a_bad_device(data_root, tmp_path, capsys, device, message):
+    out = tmp_path / "x"
+    assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights",
+                "--finest-stride", "8", "--no-progress", "--device", device,
+                "--out", str(out)]) == 2
+    assert f"cad-spconv keypoints extract: error: {message}" in capsys.readouterr().err
+    assert not out.exists()  # checked before any work
 
 
 @pytest.mark.parametrize("mask", ["random", "inverted"])
