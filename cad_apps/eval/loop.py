@@ -57,6 +57,13 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
             busy, text = problem
             raise (OutputBusyError if busy else ValueError)(text)
         dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit)
+        extra = sorted(done - set(dataset.ids))
+        if extra:  # its summary would pool images this run does not ask for
+            beyond = (f"beyond --limit {cfg.limit}" if cfg.limit is not None
+                      else f"no longer in the {cfg.split} split of {cfg.data_root}")
+            raise ValueError(
+                f"{out_path} holds results of {len(extra)} images {beyond} (e.g. {extra[0]}); "
+                "evaluate them too (a larger --limit), or pass --overwrite or another --out")
         todo = [i for i, name in enumerate(dataset.ids) if name not in done]
         shard = dist.shard(todo)
         steps = math.ceil(math.ceil(len(todo) / dist.world) / cfg.batch_size) if todo else 0

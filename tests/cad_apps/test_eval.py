@@ -186,6 +186,9 @@ def test_resume_skips_done_images_and_matches_a_fresh_run(fixture_root, checkpoi
     assert resumed["summary"]["miou"] == fresh["summary"]["miou"]
     with pytest.raises(ValueError, match=r"mask: 'edge:0.35' in the file vs 'edge:0.95' now"):
         run(fixture_root, checkpoint, tmp_path, "edge:0.95", name="resumed.json")
+    # a lower --limit would pool images it does not ask for into its summary
+    with pytest.raises(ValueError, match=r"results of 2 images beyond --limit 1 .*--overwrite"):
+        run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="resumed.json", limit=1)
     # a damaged body is refused when read, before any image is computed
     good = json.loads((tmp_path / "resumed.json").read_text())
     for damage, message in ((lambda d: d.update(images=[]), "'images' is not an object"),
