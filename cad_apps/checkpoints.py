@@ -39,7 +39,8 @@ from torch import nn
 
 __all__ = ["CheckpointInfo", "CheckpointMismatchError", "CheckpointError", "LAYOUTS",
            "resolve_checkpoint", "read_checkpoint", "load_into", "build_segmentation_model",
-           "read_mask_estimator", "load_weights_only"]
+           "read_mask_estimator", "read_mask_estimator_file", "MaskEstimatorFile",
+           "load_weights_only"]
 
 #: the layouts :func:`read_checkpoint` recognises
 LAYOUTS = ("torchvision", "state_dict", "reference", "reference-edge", "reference-learned")
@@ -62,8 +63,10 @@ class CheckpointInfo:
     """What was loaded. ``format``: one of :data:`LAYOUTS`. ``model``: the model name inferred
     from the keys (``None`` where they do not say). ``trained_output_stride``: from the file
     name or the layout (``None`` if unknown). ``estimator``: the learned mask estimator's state
-    dict (keys ``0.weight`` ... ``7.bias``) where the file holds one. ``metadata``: scalar
-    entries such as ``best_score``."""
+    dict (keys ``0.weight`` ... ``7.bias``) where the file holds one, and
+    ``estimator_strides`` the (finest, coarsest) strides it was trained for where the file says
+    (``train-mask`` checkpoints do, in ``meta``). ``metadata``: scalar entries such as
+    ``best_score``."""
 
     source: str
     format: str
@@ -72,7 +75,27 @@ class CheckpointInfo:
     model: Optional[str] = None
     trained_output_stride: Optional[int] = None
     estimator: Optional[dict] = None
+    estimator_strides: Optional[tuple[int, int]] = None
     metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class MaskEstimatorFile:
+    """A mask estimator read from a file: its state dict (keys ``0.weight`` ... ``7.bias``), the
+    file, and the (finest, coarsest) strides it was trained for where the file says."""
+
+    state: dict
+    path: str
+    strides: Optional[tuple[int, int]] = None
+
+
+def _trained_strides(obj) -> Optional[tuple[int, int]]:
+    """The (finest, coarsest) strides in a ``train-mask`` checkpoint's ``meta``, else ``None``."""
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    f, c = meta.get("finest_stride"), meta.get("coarsest_stride")
+    return (f, c) if isinstance(f, int) and isinstance(c, int) else None
 
 
 # ---------------------------------------------------------------------- files
@@ -241,7 +264,8 @@ def read_checkpoint(spec, model_name: str | None = None) -> tuple[dict, Checkpoi
     """Read a checkpoint into a state dict of the matching torchvision-style model, and describe
     it (:class:`CheckpointInfo`)."""
     path = resolve_checkpoint(spec, model_name)
-    state, fmt, metadata = _unwrap(load_weights_only(path), path)
+    loaded = load_weights_only(path)
+    state, fmt, metadata = _unwrap(loaded, path)
     estimator = None
     if _is_learned(state):
         fmt = "reference-learned"
@@ -266,7 +290,8 @@ def read_checkpoint(spec, model_name: str | None = None) -> tuple[dict, Checkpoi
                           num_classes=int(head.shape[0]) if head is not None else None,
                           has_aux=any(k.startswith("aux_classifier.") for k in state),
                           model=_infer_model(state), trained_output_stride=trained,
-                          estimator=estimator, metadata=metadata)
+                          estimator=estimator, metadata=metadata,
+                          estimator_strides=_trained_strides(loaded) if estimator else None)
     return state, info
 
 
@@ -340,7 +365,15 @@ _ESTIMATOR_PREFIXES = ("", "backbone.mask_estimator.", "mask_estimator.", "estim
 
 def read_mask_estimator(spec) -> tuple[dict, str]:
     """State dict of a learned mask estimator (keys ``0.weight`` ... ``7.bias``, the layout of
-    :class:`cad_spconv.learned_mask.MaskEstimator`) and the file it came from.
+    :class:`cad_spconv.learned_mask.MaskEstimator`) and the file it came from
+    (:func:`read_mask_estimator_file`)."""
+    found = read_mask_estimator_file(spec)
+    return found.state, found.path
+
+
+def read_mask_estimator_file(spec) -> MaskEstimatorFile:
+    """A learned mask estimator's state dict, file, and the strides it was trained for where
+    the file says (:class:`MaskEstimatorFile`).
 
     Accepts the paper's end-to-end checkpoint (``model_state`` with ``backbone.mask_estimator.``),
     a ``train-mask`` checkpoint, a dict with a ``"mask_estimator"`` / ``"estimator"`` /
@@ -348,6 +381,7 @@ def read_mask_estimator(spec) -> tuple[dict, str]:
     """
     path = resolve_checkpoint(spec)
     obj = load_weights_only(path)
+    strides = _trained_strides(obj)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     for key in ("model_state", "mask_estimator", "estimator", "state_dict", "model"):
@@ -358,8 +392,10 @@ def read_mask_estimator(spec) -> tuple[dict, str]:
             if isinstance(v, torch.Tensor)}
     for prefix in _ESTIMATOR_PREFIXES:
         if prefix + "0.weight" in flat and prefix + "7.bias" in flat:
-            return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)
-                    and re.fullmatch(r"\d+\.(weight|bias)", k[len(prefix):])}, path
+            return MaskEstimatorFile({k[len(prefix):]: v for k, v in flat.items()
+                                      if k.startswith(prefix)
+                                      and re.fullmatch(r"\d+\.(weight|bias)", k[len(prefix):])},
+                                     path, strides)
     shown = ", ".join(sorted(flat)[:8])
     raise CheckpointMismatchError(
         f"{path} holds no mask estimator (expected keys 0.weight ... 7.bias, optionally under "

@@ -47,6 +47,17 @@ def load_mask_estimator(spec: str, downsample: int):
     return estimator_from_state(state, downsample, path)
 
 
+def check_estimator_strides(trained, finest: int, coarsest: int, source: str) -> None:
+    """Refuse an estimator trained for other strides (``trained``: (finest, coarsest) from its
+    checkpoint, ``None`` where the file does not say): its pooling and the low-resolution
+    path's statistics belong to those strides."""
+    if trained is not None and tuple(trained) != (finest, coarsest):
+        raise ValueError(f"the mask estimator in {source} was trained for strides "
+                         f"{trained[0]}->{trained[1]}, this run uses {finest}->{coarsest}; pass "
+                         f"--finest-stride {trained[0]} --coarsest-stride {trained[1]}, or an "
+                         f"estimator trained for {finest}->{coarsest}")
+
+
 def estimator_from_state(state: dict, downsample: int, source: str):
     """A :class:`~cad_spconv.learned_mask.MaskEstimator` (eval mode) holding ``state``."""
     from cad_spconv.learned_mask import MaskEstimator
@@ -102,15 +113,22 @@ class Segmenter:
         self._dense: dict = {}
 
     def _estimator(self, info):
-        factor = self.cfg.coarsest_stride // self.cfg.finest_stride
+        from ..checkpoints import read_mask_estimator_file
+
+        cfg = self.cfg
+        factor = cfg.coarsest_stride // cfg.finest_stride
         if self.mask.path:
-            return load_mask_estimator(self.mask.path, factor)
-        if info is None or info.estimator is None:
+            found = read_mask_estimator_file(self.mask.path)
+            state, source, trained = found.state, found.path, found.strides
+        elif info is None or info.estimator is None:
             raise ValueError("--mask learned uses the mask estimator inside --checkpoint, and "
                              + ("there is no --checkpoint" if info is None else
                                 f"{info.source} holds none") + "; give its file: "
                              "--mask learned:PATH")
-        return estimator_from_state(info.estimator, factor, info.source)
+        else:
+            state, source, trained = info.estimator, info.source, info.estimator_strides
+        check_estimator_strides(trained, cfg.finest_stride, cfg.coarsest_stride, source)
+        return estimator_from_state(state, factor, source)
 
     # masks --------------------------------------------------------------------------------
     def keep_for(self, images, targets, ids):

@@ -236,6 +236,12 @@ def test_learned_mask_records_what_the_converted_model_computes(fixture_root, ch
     torch.save({"model_state": {"backbone.mask_estimator." + k: v for k, v in est.state_dict().items()}},
                path)
     result, _ = run(fixture_root, checkpoint, tmp_path, f"learned:{path}", dtype="float32", limit=2)
+    # an estimator file that says it was trained for other strides is refused
+    trained = tmp_path / "estimator_8to32.pth"
+    torch.save(dict(torch.load(path, weights_only=True),
+                    meta={"finest_stride": 8, "coarsest_stride": 32}), trained)
+    with pytest.raises(ValueError, match=r"trained for strides 8->32, this run uses 8->16"):
+        run(fixture_root, checkpoint, tmp_path, f"learned:{trained}", dtype="float32", limit=2)
     cad = convert(model, 8, 16).eval()
     kept = []
     for i in range(2):

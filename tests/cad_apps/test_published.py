@@ -3,6 +3,7 @@
 model; ``--dense 16`` reproduces the stride-16 network; the edge and learned models under
 ``semantics="reference"`` equal an independent dense emulation of the reference rules
 (float64, random weights and batch-norm statistics, per-image masks)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -213,6 +214,15 @@ def test_learned_mask_from_the_checkpoint_in_eval(files, cityscapes, tmp_path):
         evaluate(EvalConfig(data_root=cityscapes, out=str(tmp_path / "l2.json"),
                             checkpoint=files["os8"], mask="learned", device="cpu",
                             num_workers=0, progress=False))
+    # a train-mask checkpoint says which strides its estimator was trained for: others refused
+    other = tmp_path / "best_deeplabv3_ad_resnet50_cityscapes_os8_8to32.pth"
+    from cad_apps.checkpoints import load_weights_only
+    torch.save(dict(load_weights_only(files["learned"]),
+                    meta={"finest_stride": 8, "coarsest_stride": 32}), other)
+    with pytest.raises(ValueError, match=r"trained for strides 8->32, this run uses 8->16; pass "
+                                         r"--finest-stride 8 --coarsest-stride 32"):
+        evaluate(dataclasses.replace(cfg, checkpoint=str(other),
+                                     out=str(tmp_path / "l3.json")))
 
 
 def test_deeplabv3plus_reference_layout_is_inferred(tmp_path):
