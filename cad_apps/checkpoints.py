@@ -126,9 +126,12 @@ def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None) -
         return path
     weights = _torchvision_weights(str(spec), model_name)
     if weights is None:
-        hint = f" or a torchvision weights name of {model_name}" if model_name else ""
-        raise FileNotFoundError(f"checkpoint {str(spec)!r} is neither a file{hint}: check "
-                                "the path")
+        if model_name:
+            raise FileNotFoundError(f"checkpoint {str(spec)!r} is neither a file nor a "
+                                    f"torchvision weights name of {model_name}: check the path "
+                                    "or the name")
+        raise FileNotFoundError(f"checkpoint {str(spec)!r} is not a file: check the path (a "
+                                "torchvision weights name such as DEFAULT needs --model)")
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(cached):
         raise FileNotFoundError(

@@ -61,7 +61,7 @@ def _main(args) -> int:
     if args.size is not None and min(args.size) < 16:
         raise ValueError(f"--size {args.size[0]} {args.size[1]}: both sides must be at least 16 "
                          "pixels (two cells at stride 8)")
-    check_output_path(args.out)
+    check_output_path(args.out, suffix=".png")
     torch.manual_seed(args.seed)
     image, source = load_image(args.image, args.size, args.seed)
     x = normalize(image)[None].to(device)

@@ -110,16 +110,22 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def check_output_path(path: str, what: str = "--out", folder: bool = False) -> str:
+def check_output_path(path: str, what: str = "--out", folder: bool = False,
+                      suffix: str = "") -> str:
     """Refuse an output path that cannot be written before any work is done: a file path that is
-    a directory (or a folder path that is a file), or a parent that is a file."""
+    a directory (or a folder path that is a file), a file path not ending in ``suffix`` (the
+    format written; ``""``: any), or a parent that is a file."""
     path = os.path.abspath(os.fspath(path))
     if folder:
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"{what} {path} is a file; give a folder")
     elif os.path.isdir(path):
+        example = "output" + suffix if suffix else "results.json"
         raise ValueError(f"{what} {path} is a directory; give a file path, e.g. "
-                         f"{os.path.join(path, 'results.json')}")
+                         f"{os.path.join(path, example)}")
+    elif suffix and not path.lower().endswith(suffix):
+        raise ValueError(f"{what} {path}: this writes a {suffix[1:].upper()} file; give a path "
+                         f"ending in {suffix}")
     parent = os.path.dirname(path)
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)

@@ -312,7 +312,7 @@ def _inputs(args):
 def _masks(args, batches, device):
     """Keep masks per batch (bool, image resolution, on ``device``) and the seconds each took."""
     keeps, seconds = [], []
-    for images in batches:
+    for index, images in enumerate(batches):
         images = images.to(device)
         sync(device)
         t0 = time.perf_counter()
@@ -325,20 +325,21 @@ def _masks(args, batches, device):
 
             keep = edge(images, args.threshold, args.dilation, operator=args.edge_operator)
         else:
-            keep = _random_blocks(images.shape, args, device)
+            keep = _random_blocks(images.shape, args, device, index)
         sync(device)
         seconds.append(time.perf_counter() - t0)
         keeps.append(keep)
     return keeps, seconds
 
 
-def _random_blocks(shape, args, device):
-    """Blobs of kept cells (random 4x4-cell blocks at the finest grid), image resolution."""
+def _random_blocks(shape, args, device, index: int = 0):
+    """Blobs of kept cells (random 4x4-cell blocks at the finest grid), image resolution; the
+    ``index``-th batch's own draw (every batch the same mask would repeat one sample)."""
     import torch
 
     B, _, H, W = shape
     cell = args.finest_stride * 4
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    gen = torch.Generator().manual_seed(args.seed + 1 + index)
     blocks = torch.rand(B, 1, -(-H // cell), -(-W // cell), generator=gen) < args.random_keep
     keep = blocks.repeat_interleave(cell, 2).repeat_interleave(cell, 3)[..., :H, :W]
     return keep.to(device)

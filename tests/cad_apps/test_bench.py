@@ -36,6 +36,9 @@ def test_conv3x3_counts_guarantee_and_report(tmp_path):
         assert res["failed"] == {}
     assert set(report["summary"]["cad"]) == {"lattice", "torch"}
     assert "cad-spconv bench" in md and "| **all** | lattice |" in md
+    # each random input has its own mask (one mask for all would repeat one sample)
+    fractions = {res["summary"]["cad"]["lattice"]["mac_fraction"] for res in report["inputs"]}
+    assert len(fractions) == 3
 
 
 @pytest.mark.parametrize("extra", [[], ["--fold-bn", "--engine", "auto,tuned"]])

@@ -105,8 +105,11 @@ def test_torchvision_weights_name_resolves_to_the_cache(tmp_path, monkeypatch):
     cached.write_bytes(b"")
     assert resolve_checkpoint("DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1") == str(cached)
     assert resolve_checkpoint("DEFAULT", "deeplabv3_resnet101") == str(cached)
-    with pytest.raises(FileNotFoundError, match="neither a file"):
+    with pytest.raises(FileNotFoundError, match="neither a file nor a torchvision weights name"):
         resolve_checkpoint("no_such_thing.pth", "deeplabv3_resnet101")
+    with pytest.raises(FileNotFoundError, match="not a file.*weights name such as DEFAULT needs "
+                                                "--model"):
+        resolve_checkpoint("DEFAULT")
 
 
 def test_unsafe_or_foreign_files_are_refused(tmp_path):
@@ -132,5 +135,5 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path):
     cut.write_bytes((tmp_path / "list.pth").read_bytes()[:40])
     with pytest.raises(ValueError, match="truncated or not a PyTorch checkpoint"):
         read_checkpoint(cut)
-    with pytest.raises(FileNotFoundError, match="is neither a file.*check the path"):
+    with pytest.raises(FileNotFoundError, match="is not a file: check the path"):
         read_checkpoint(tmp_path / "absent.pth")

@@ -91,6 +91,11 @@ def test_demo_and_bench_refuse_bad_arguments_with_messages(tmp_path, capsys):
     assert "cannot read the image" in capsys.readouterr().err
     assert cli(["demo", "--size", "0", "0", "--device", "cpu"]) == 2
     assert "at least 16 pixels" in capsys.readouterr().err
+    # the overlay is a PNG: another extension, or a folder, is refused before any work
+    assert cli(["demo", "--device", "cpu", "--out", str(tmp_path / "o.jpg")]) == 2
+    assert "writes a PNG file; give a path ending in .png" in capsys.readouterr().err
+    assert cli(["demo", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert f"e.g. {tmp_path / 'output.png'}" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli(["demo", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
