@@ -10,7 +10,13 @@ second, independent Gumbel sample of the same logits. Evaluation then uses the s
 reference evaluates its published model.
 
 :func:`reference_state` / :func:`load_reference_state` write and read the model in the layout
-of the paper's published learned-mask checkpoint, which ``cad-spconv eval`` loads.
+of the paper's published learned-mask checkpoint, which ``cad-spconv eval`` loads. The
+auxiliary classifier of a model trained with ``aux_loss=True`` is not used (it reads ``layer3``
+of the dense network, which the blend does not have) and not stored.
+
+Only heads that read the one feature map of the last backbone layer are supported (torchvision's
+DeepLabV3 and FCN): DeepLabV3+'s decoder also reads low-level ``layer1`` features, which the
+two-path blend does not provide.
 """
 from __future__ import annotations
 
@@ -25,7 +31,10 @@ from cad_spconv.learned_mask import MaskEstimator, upsample_cells
 from cad_spconv.plan import num_adaptive_steps
 
 __all__ = ["BlendedSegmenter", "features_before_adaptive", "reference_state",
-           "load_reference_state"]
+           "load_reference_state", "AUX_PREFIX"]
+
+#: state-dict prefix of torchvision's auxiliary head (``aux_loss=True``): unused, not stored
+AUX_PREFIX = "aux_classifier."
 
 
 def features_before_adaptive(model: nn.Module, images: torch.Tensor,
@@ -80,6 +89,16 @@ class BlendedSegmenter(nn.Module):
         if backbone is None or not hasattr(model, "classifier"):
             raise TypeError("expected a torchvision segmentation model (DeepLabV3 / FCN) with "
                             "`backbone` (ResNet IntermediateLayerGetter) and `classifier`")
+        returned = getattr(backbone, "return_layers", {})
+        extra = sorted(set(returned.values()) - {"out", "aux"})
+        if extra or not isinstance(model.classifier, nn.Sequential):
+            raise TypeError(
+                f"{type(model).__name__}'s head ({type(model.classifier).__name__}) "
+                + (f"also reads the backbone features {extra}; " if extra else
+                   "is not a plain sequential head on one feature map; ")
+                + "two-path training blends only the last backbone layer's features, so it "
+                "supports DeepLabV3 and FCN heads only (DeepLabV3+'s decoder needs the "
+                "low-level layer1 features): use a deeplabv3_* or fcn_* model")
         names = [n for n, _ in backbone.named_children()]
         unknown = [n for n in names if n not in CANONICAL_STRIDE]
         if unknown:
@@ -131,9 +150,12 @@ def reference_state(blended: BlendedSegmenter) -> dict:
     """The model in the layout of the paper's learned-mask checkpoint: ``backbone.<pre>``,
     ``backbone.<layer>_high_res.*`` (the finest path), ``backbone.<layer>_low_res.*`` (the
     coarse path: shared weights, its own statistics), ``backbone.mask_estimator.*``, the head
-    under ``classifier.classifier.*``."""
+    under ``classifier.classifier.*``. An auxiliary head (``aux_classifier.*``, unused) is not
+    stored, as in the paper's checkpoint."""
     out = {}
     for k, v in blended.model.state_dict().items():
+        if k.startswith(AUX_PREFIX):
+            continue
         if k.startswith("classifier."):
             out["classifier." + k] = v
         elif k.startswith("backbone."):
@@ -147,10 +169,45 @@ def reference_state(blended: BlendedSegmenter) -> dict:
     return out
 
 
-def load_reference_state(blended: BlendedSegmenter, state: dict) -> None:
-    """Inverse of :func:`reference_state` (strict)."""
-    model, low, est = {}, {n: {} for n in blended.post}, {}
-    for k, v in state.items():
+def load_reference_state(blended: BlendedSegmenter, state: dict,
+                         source: str = "the checkpoint") -> None:
+    """Inverse of :func:`reference_state`: every key it writes must be in ``state`` with the same
+    shape, and nothing else (else :class:`cad_apps.checkpoints.CheckpointMismatchError`, a
+    ``KeyError``, naming the keys, and nothing is loaded). The auxiliary head, which
+    :func:`reference_state` leaves out, is optional: loaded where ``state`` holds it and the
+    model has one, kept as it is otherwise."""
+    from .checkpoints import CheckpointMismatchError
+
+    expected = reference_state(blended)
+    given = {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
+    aux = {k: v for k, v in state.items() if k.startswith(AUX_PREFIX)}
+    own_aux = {k: v for k, v in blended.model.state_dict().items() if k.startswith(AUX_PREFIX)}
+    if not own_aux:
+        aux = {}  # a head the model does not have: unused, ignored
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    unexpected += [k for k in aux if k not in own_aux]
+    if aux:
+        missing += [k for k in own_aux if k not in aux]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ref[k].shape)}"
+              for ref, part in ((expected, given), (own_aux, aux))
+              for k, v in part.items()
+              if k in ref and (not hasattr(v, "shape") or tuple(v.shape) != tuple(ref[k].shape))]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match the two-path {type(blended.model).__name__} "
+                 f"(layers {', '.join(blended.post)} after the adaptive step, "
+                 f"{'separate' if blended.separate_statistics else 'shared'} statistics):"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", shapes)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8
+                                               else "")
+                lines.append(f"  {len(keys)} {title}: {shown}")
+        lines.append("  (written for another model, number of classes, strides or statistics "
+                     "setting)")
+        raise CheckpointMismatchError("\n".join(lines))
+    model, low, est = dict(aux), {n: {} for n in blended.post}, {}
+    for k, v in given.items():
         if k.startswith("classifier.classifier."):
             model[k[len("classifier."):]] = v
         elif k.startswith("backbone.mask_estimator."):
@@ -168,7 +225,10 @@ def load_reference_state(blended: BlendedSegmenter, state: dict) -> None:
                 model[k] = v
         else:
             model[k] = v
-    blended.model.load_state_dict(model, strict=True)
+    # the keys are checked above; only the unused auxiliary head may be left as it is
+    result = blended.model.load_state_dict(model, strict=False)
+    assert not result.unexpected_keys and all(k.startswith(AUX_PREFIX)
+                                              for k in result.missing_keys), result
     blended.estimator.load_state_dict(est, strict=True)
     if blended.separate_statistics:
         for name, sd in low.items():

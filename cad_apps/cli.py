@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         return int(args._main(args) or 0)
     except KeyboardInterrupt:  # results are written atomically: nothing half-written to report
         print(f"cad-spconv {args.command}: interrupted; files written so far are complete (eval "
-              "and keypoints extract resume with the same command)", file=sys.stderr)
+              "and keypoints extract resume with the same command, train-mask with the same "
+              "command plus --resume, from its last save)", file=sys.stderr)
         return 130
 
 

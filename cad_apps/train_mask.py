@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 from .io import save_torch_atomic, settings_difference, write_json_atomic
 
 TINY = "fcn_tiny"  # a smoke-test model with random weights
+NUM_CLASSES = 19  # the Cityscapes trainIds, which training and evaluation read
 CHECKPOINT = "last.pt"
 HISTORY = "history.json"
 
@@ -183,8 +184,9 @@ def _param_groups(blended, config: TrainConfig):
     model, estimator = blended.model, blended.estimator
     groups = [{"params": list(estimator.parameters()), "lr": config.lr * config.estimator_lr_mult,
                "lr_mult": config.estimator_lr_mult}]
-    if not config.freeze_model:
-        head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    if not config.freeze_model:  # the auxiliary head, if any, is not used: not trained
+        head = [p for n, p in model.named_parameters()
+                if not n.startswith(("backbone.", "aux_classifier."))]
         groups += [
             {"params": list(model.backbone.parameters()), "lr": config.lr * config.backbone_lr_mult,
              "lr_mult": config.backbone_lr_mult},
@@ -247,14 +249,30 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
 
         state = load_weights_only(ckpt_path)
         if not isinstance(state, dict) or not {"config", "model_state", "optimizer_state",
-                                                "cur_itrs", "history"} <= set(state):
+                                                "cur_itrs", "history"} <= set(state) or not (
+                isinstance(state["model_state"], dict)
+                and isinstance(state["optimizer_state"], dict)):
             raise CheckpointError(f"--resume: {ckpt_path} is not a train-mask checkpoint (no "
                                   "config, weights, optimizer and history); start over with "
                                   "--overwrite or point --out at a train-mask run")
         _check_same_settings(ckpt_path, {"config": state.get("config", {}),
                                          "meta": state.get("meta", {})}, settings)
-        load_reference_state(blended, state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
+        from .checkpoints import CheckpointMismatchError
+
+        again = ("start over with --overwrite, or point --out at the run of this model and "
+                 "these weights")
+        try:
+            load_reference_state(blended, state["model_state"], source=f"--resume: {ckpt_path}")
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"{e}\n  {again}") from None
+        try:
+            optimizer.load_state_dict(state["optimizer_state"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"--resume: the optimizer state in {ckpt_path} does not match the parameters "
+                f"trained now ({type(e).__name__}: {e}); it was written for another model or "
+                f"another --freeze-model setting (or by an earlier train-mask that kept an "
+                f"auxiliary head's parameters in the optimizer); {again}") from None
         start, history = int(state["cur_itrs"]), list(state["history"])
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -374,6 +392,24 @@ def feature_channels(model, finest_stride: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- CLI
+def trainable_models() -> tuple:
+    """The ``--model`` choices: the segmentation models whose head reads only the last backbone
+    layer (DeepLabV3, FCN), which the two-path blend feeds, and ``fcn_tiny``."""
+    from adapters.builders import SEGMENTATION_MODELS
+
+    return tuple(m for m in SEGMENTATION_MODELS if not m.startswith("deeplabv3plus")) + (TINY,)
+
+
+def _model_name(name: str) -> str:
+    if name.startswith("deeplabv3plus"):
+        raise argparse.ArgumentTypeError(
+            f"{name}: two-path training supports DeepLabV3 and FCN only (it blends the last "
+            "backbone layer's stride-8 and stride-16 features before the head; DeepLabV3+'s "
+            "decoder also needs the low-level layer1 features); choose one of "
+            + ", ".join(trainable_models()))
+    return name
+
+
 def configure(parser: argparse.ArgumentParser):
     d = TrainConfig()
     data = parser.add_argument_group("data")
@@ -382,13 +418,16 @@ def configure(parser: argparse.ArgumentParser):
                       help="train and evaluate on a tiny synthetic Cityscapes written to OUT/synthetic")
     data.add_argument("--crop-size", type=int, default=d.crop_size)
     data.add_argument("--eval-images", type=int, default=None,
-                      help="evaluate on the first N validation images only")
+                      help="evaluate on the first N (>= 1) validation images only (--no-eval: "
+                           "no evaluation)")
     m = parser.add_argument_group("model")
-    from adapters.builders import SEGMENTATION_MODELS
-
-    m.add_argument("--model", choices=SEGMENTATION_MODELS + (TINY,), default="deeplabv3_resnet101")
-    m.add_argument("--num-classes", type=int, default=19,
-                   help="without --weights (a checkpoint sets its own)")
+    m.add_argument("--model", type=_model_name, choices=trainable_models(),
+                   default="deeplabv3_resnet101",
+                   help="DeepLabV3 or FCN (DeepLabV3+ cannot be trained in two paths: its "
+                        "decoder needs low-level features)")
+    m.add_argument("--num-classes", type=int, default=NUM_CLASSES,
+                   help=f"must be {NUM_CLASSES}, the Cityscapes trainIds (the only choice; "
+                        "--weights must predict them too)")
     m.add_argument("--weights", help="segmentation weights: a checkpoint file (torchvision, the "
                    "paper's code, a state dict) or a torchvision weights name from the hub cache")
     m.add_argument("--estimator-weights",
@@ -444,6 +483,34 @@ def main(args) -> int:
         return 2
 
 
+def _class_count_problem(model, source: str) -> Optional[str]:
+    """Why ``model`` cannot be trained and evaluated on Cityscapes (``None`` if it can)."""
+    head = model.classifier[-1]
+    n = int(head.out_channels)
+    if n == NUM_CLASSES:
+        return None
+    return (f"{source} predict {n} classes; train-mask trains and evaluates on Cityscapes, whose "
+            f"labels are the {NUM_CLASSES} trainIds: use weights trained on Cityscapes "
+            f"({NUM_CLASSES} classes)")
+
+
+def _open_data(root: str, args):
+    """The training split, and the validation split the evaluation after training reads
+    (``None`` with ``--no-eval``): opened before training, so a missing split is reported
+    before hours of work, not after."""
+    from .data import CityscapesSegmentation
+
+    train_set = CityscapesSegmentation(root, "train")
+    if args.no_eval:
+        return train_set, None
+    try:
+        val_set = CityscapesSegmentation(root, "val", limit=args.eval_images)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; train-mask evaluates on the val split after training: "
+                                "provide it, or pass --no-eval to train only") from None
+    return train_set, val_set
+
+
 def _main(args) -> int:
     import copy
 
@@ -452,7 +519,7 @@ def _main(args) -> int:
     from cad_spconv.learned_mask import MaskEstimator
 
     from .blended import BlendedSegmenter
-    from .data import CityscapesSegmentation, make_synthetic_cityscapes
+    from .data import make_synthetic_cityscapes
     from .distributed import resolve_device
     from .io import OutputLock, check_output_path
 
@@ -465,6 +532,13 @@ def _main(args) -> int:
     if args.no_eval and args.eval_images is not None:
         raise ValueError("--eval-images sets the evaluation after training, which --no-eval "
                          "skips: drop one of them")
+    if args.eval_images is not None and args.eval_images < 1:
+        raise ValueError(f"--eval-images must be >= 1, got {args.eval_images}; to train without "
+                         "evaluating pass --no-eval")
+    if args.num_classes != NUM_CLASSES:
+        raise ValueError(f"--num-classes {args.num_classes}: train-mask trains and evaluates on "
+                         f"Cityscapes, whose labels are the {NUM_CLASSES} trainIds; drop "
+                         f"--num-classes (default {NUM_CLASSES})")
     config = _config_from_args(args)
     config.check()
     from cad_spconv.plan import num_adaptive_steps
@@ -475,13 +549,46 @@ def _main(args) -> int:
         raise ValueError(f"--finest-stride {args.finest_stride} --coarsest-stride "
                          f"{args.coarsest_stride}: {e}") from None
     out = check_output_path(args.out, folder=True)
-    with OutputLock(os.path.join(out, CHECKPOINT)):
-        ckpt = os.path.join(out, CHECKPOINT)
+    ckpt = os.path.join(out, CHECKPOINT)
+    eval_cfg = None
+    if not args.no_eval:  # the evaluation's settings are checked before training too
+        from .eval import EvalConfig
+
+        eval_cfg = EvalConfig(
+            data_root="", out=os.path.join(out, "eval.json"),
+            model=None if args.model == TINY else args.model, split="val",
+            finest_stride=args.finest_stride, coarsest_stride=args.coarsest_stride,
+            mask=f"learned:{ckpt}", device=str(device), limit=args.eval_images, num_workers=0,
+            timing=False, overwrite=True, progress=not args.no_progress).check()
+    data = None
+    if not args.synthetic:  # before anything in OUT is written or removed
+        data = _open_data(args.data_root, args)
+    with OutputLock(ckpt):
         if os.path.exists(ckpt) and not (args.resume or args.overwrite):
             raise ValueError(f"{out} already holds a run ({ckpt}); continue it with --resume, "
                              "start over with --overwrite, or choose another --out")
         if args.resume and args.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+        torch.manual_seed(config.seed)  # the initial weights (random heads, estimator) too
+        model = build_model(args.model, args.num_classes, args.weights)
+        problem = _class_count_problem(model, f"--weights {args.weights}")
+        if problem:
+            raise ValueError(problem)
+        num_classes = NUM_CLASSES
+        # an auxiliary head (weights trained with aux_loss=True) reads the dense layer3, which
+        # the blend does not have: not trained, not stored, not evaluated
+        if getattr(model, "aux_classifier", None) is not None:
+            model.aux_classifier = None
+        factor = args.coarsest_stride // args.finest_stride
+        estimator = MaskEstimator(feature_channels(model, args.finest_stride), downsample=factor,
+                                  tau=args.tau)
+        if args.estimator_weights:
+            from .checkpoints import load_into, read_mask_estimator
+
+            state, path = read_mask_estimator(args.estimator_weights)
+            load_into(estimator, state, source=path)
+        blended = BlendedSegmenter(model, estimator, args.finest_stride, args.coarsest_stride,
+                                   separate_statistics=config.separate_statistics)
         if args.overwrite and os.path.exists(ckpt):  # the old run's evaluation and data
             stale = os.path.join(out, "eval.json")
             if os.path.exists(stale):
@@ -495,22 +602,10 @@ def _main(args) -> int:
             if not os.path.isdir(root):
                 make_synthetic_cityscapes(root, "train", num_images=8, size=(64, 128), seed=args.seed)
                 make_synthetic_cityscapes(root, "val", num_images=2, size=(64, 128), seed=args.seed + 1)
-        torch.manual_seed(config.seed)  # the initial weights (random heads, estimator) too
-        model = build_model(args.model, args.num_classes, args.weights)
-        num_classes = int(model.classifier[-1].out_channels)
-        factor = args.coarsest_stride // args.finest_stride
-        estimator = MaskEstimator(feature_channels(model, args.finest_stride), downsample=factor,
-                                  tau=args.tau)
-        if args.estimator_weights:
-            from .checkpoints import load_into, read_mask_estimator
-
-            state, path = read_mask_estimator(args.estimator_weights)
-            load_into(estimator, state, source=path)
-        blended = BlendedSegmenter(model, estimator, args.finest_stride, args.coarsest_stride,
-                                   separate_statistics=config.separate_statistics)
+            data = _open_data(root, args)
         meta = {"model": args.model, "num_classes": num_classes, "weights": args.weights,
                 "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride}
-        history = train(blended, CityscapesSegmentation(root, "train"), config, out,
+        history = train(blended, data[0], config, out,  # data: (train, val or None)
                         resume=args.resume, device=device, progress=not args.no_progress,
                         meta=meta)
     if history:
@@ -522,16 +617,11 @@ def _main(args) -> int:
     # the sparse network with the estimator's argmax mask and the low_res statistics (as the
     # reference evaluates), read back from the checkpoint, through cad-spconv eval
     from .checkpoints import load_into, read_checkpoint
-    from .eval import EvalConfig, evaluate, format_summary
+    from .eval import evaluate, format_summary
 
     state, _ = read_checkpoint(ckpt)
     evaluated = copy.deepcopy(model).eval()
     load_into(evaluated, state, source=ckpt)
-    cfg = EvalConfig(data_root=root, out=os.path.join(out, "eval.json"),
-                     model=None if args.model == TINY else args.model, split="val",
-                     finest_stride=args.finest_stride, coarsest_stride=args.coarsest_stride,
-                     mask=f"learned:{ckpt}", device=str(device), limit=args.eval_images,
-                     num_workers=0, timing=False, overwrite=True, progress=not args.no_progress)
-    result = evaluate(cfg, model=evaluated)
+    result = evaluate(replace(eval_cfg, data_root=root), model=evaluated)
     print(format_summary(result))
     return 0

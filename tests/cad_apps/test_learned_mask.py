@@ -330,3 +330,169 @@ def test_the_two_paths_share_weights_and_keep_their_own_statistics():
     load_reference_state(other, state)
     for (k, a), b in zip(blended.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# ------------------------------------------------------------------ auxiliary heads, refusals
+def tiny_with_aux(num_classes=19):
+    """fcn_tiny with torchvision's auxiliary head on layer3 (as weights trained with
+    aux_loss=True carry: aux_classifier.* keys)."""
+    model = build_model("fcn_tiny", num_classes)
+    model.backbone.return_layers = {"layer4": "out", "layer3": "aux"}
+    model.aux_classifier = FCNHead(64, num_classes)
+    return model
+
+
+def test_aux_head_is_neither_trained_nor_stored_and_resume_loads(tmp_path):
+    from cad_apps.blended import load_reference_state, reference_state
+    from cad_apps.checkpoints import CheckpointMismatchError
+
+    def blended_aux(seed):
+        torch.manual_seed(seed)
+        model = tiny_with_aux(3)
+        return BlendedSegmenter(model, MaskEstimator(feature_channels(model, 8)))
+
+    data = synthetic_items(4, seed=2)
+    cfg = TrainConfig(iters=2, batch_size=2, crop_size=32, save_every=1, seed=4)
+    first = blended_aux(1)
+    aux_before = {k: v.clone() for k, v in first.model.aux_classifier.state_dict().items()}
+    out = str(tmp_path / "run")
+    train(first, data, cfg, out_dir=out, progress=False)
+    for k, v in first.model.aux_classifier.state_dict().items():
+        assert torch.equal(v, aux_before[k]), k  # unused: not trained
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert not any(k.startswith("aux_classifier.") for k in state["model_state"])
+    # resume: the stored state loads into a model with an auxiliary head (it was refused)
+    resumed = blended_aux(9)
+    train(resumed, data, cfg, out_dir=out, resume=True, progress=False)
+    for (k, a), b in zip(first.state_dict().items(), resumed.state_dict().values()):
+        if not k.startswith("model.aux_classifier."):
+            assert torch.equal(a, b), k
+    # reference_state / load_reference_state are inverse for a model with or without the head
+    plain = tiny_blended(3)  # no auxiliary head
+    load_reference_state(plain, reference_state(first))
+    load_reference_state(plain, dict(reference_state(first), **{
+        f"aux_classifier.{k}": v for k, v in first.model.aux_classifier.state_dict().items()}))
+    with_aux = dict(reference_state(first), **{f"aux_classifier.{k}": v for k, v in
+                                                first.model.aux_classifier.state_dict().items()})
+    other = blended_aux(5)
+    load_reference_state(other, with_aux)
+    assert torch.equal(other.model.aux_classifier[4].weight, first.model.aux_classifier[4].weight)
+    # a mismatched state is a clear KeyError naming the keys, nothing loaded (not RuntimeError)
+    broken = dict(reference_state(first))
+    broken.pop("classifier.classifier.4.bias")
+    broken["backbone.extra.weight"] = torch.zeros(1)
+    before = [v.clone() for v in other.state_dict().values()]
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)1 missing keys: classifier\.classifier"
+                                                      r"\.4\.bias.*1 unexpected keys: backbone"):
+        load_reference_state(other, broken)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.state_dict().values()))
+
+
+def _fake_weights(num_classes=19, aux=True):
+    """build_model stand-in for --weights: a tiny FCN (with an auxiliary head) loaded from the
+    file, so the CLI path of real aux_loss=True weights runs in a second."""
+    def build(name, n, weights=None):
+        if weights is None:
+            return build_model(name, n)
+        model = tiny_with_aux(num_classes) if aux else build_model("fcn_tiny", num_classes)
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        return model
+    return build
+
+
+def test_cli_weights_with_aux_head_train_evaluate_and_resume(tmp_path, capsys, monkeypatch):
+    from cad_apps import train_mask
+
+    weights = str(tmp_path / "aux.pth")
+    torch.manual_seed(0)
+    torch.save(tiny_with_aux().state_dict(), weights)
+    monkeypatch.setattr(train_mask, "build_model", _fake_weights())
+    out = str(tmp_path / "run")
+    argv = ["train-mask", "--synthetic", "--model", "fcn_resnet50", "--weights", weights,
+            "--iters", "2", "--save-every", "1", "--batch-size", "1", "--crop-size", "32",
+            "--out", out, "--no-progress", "--eval-images", "1"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "trained 2 iterations" in printed and "mIoU" in printed
+    assert os.path.exists(os.path.join(out, "eval.json"))
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert not any(k.startswith("aux_classifier.") for k in state["model_state"])
+    os.remove(os.path.join(out, "eval.json"))
+    assert cli.main(argv + ["--resume"]) == 0, capsys.readouterr().err
+    assert "mIoU" in capsys.readouterr().out and os.path.exists(os.path.join(out, "eval.json"))
+
+
+def test_cli_resume_of_a_mismatched_checkpoint_is_a_message(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train-mask", "--synthetic", "--model", "fcn_tiny", "--iters", "1", "--batch-size",
+            "1", "--crop-size", "32", "--out", out, "--no-progress", "--no-eval"]
+    assert cli.main(argv) == 0
+    path = os.path.join(out, "last.pt")
+    state = torch.load(path, weights_only=True)
+    state["model_state"].pop("classifier.classifier.4.bias")
+    torch.save(state, path)
+    assert cli.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cad-spconv train-mask: error: --resume:" in err
+    assert "1 missing keys: classifier.classifier.4.bias" in err and "--overwrite" in err
+    state["model_state"]["classifier.classifier.4.bias"] = torch.zeros(19)  # intact weights,
+    # an optimizer state of other parameters
+    state["optimizer_state"]["param_groups"] = state["optimizer_state"]["param_groups"][:1]
+    torch.save(state, path)
+    assert cli.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "optimizer state" in err and "--overwrite" in err
+
+
+def test_cli_refuses_before_training(tmp_path, capsys, monkeypatch):
+    """Class counts other than Cityscapes' 19, a missing val split, --eval-images 0 and
+    DeepLabV3+ are refused before any training (nothing written)."""
+    from cad_apps import train_mask
+    from cad_apps.data import make_synthetic_cityscapes
+
+    root = str(tmp_path / "cs")
+    make_synthetic_cityscapes(root, "train", num_images=2, size=(32, 64))
+    base = ["train-mask", "--data-root", root, "--model", "fcn_tiny", "--iters", "1",
+            "--batch-size", "1", "--crop-size", "32", "--no-progress"]
+    cases = [
+        (["--num-classes", "5", "--no-eval"], "--num-classes 5: train-mask trains and evaluates "
+                                              "on Cityscapes, whose labels are the 19 trainIds"),
+        (["--num-classes", "21", "--no-eval"], "--num-classes 21"),
+        ([], "no Cityscapes 'val' split"),
+        ([], "train-mask evaluates on the val split after training: provide it, or pass "
+             "--no-eval"),
+        (["--eval-images", "0"], "--eval-images must be >= 1, got 0"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        out = str(tmp_path / f"r{i}")
+        assert cli.main(base + ["--out", out] + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+        assert not os.path.exists(os.path.join(out, "last.pt")), extra
+    # weights with another class count: refused once built, before training
+    weights = str(tmp_path / "w21.pth")
+    torch.save(build_model("fcn_tiny", 21).state_dict(), weights)
+    monkeypatch.setattr(train_mask, "build_model", _fake_weights(21, aux=False))
+    out = str(tmp_path / "w21")
+    assert cli.main(["train-mask", "--data-root", root, "--model", "fcn_resnet50", "--weights",
+                     weights, "--iters", "1", "--batch-size", "1", "--crop-size", "32", "--out",
+                     out, "--no-progress", "--no-eval"]) == 2
+    assert f"--weights {weights} predict 21 classes" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "last.pt"))
+    # the val split is needed only for the evaluation
+    assert cli.main(base + ["--out", str(tmp_path / "noval"), "--no-eval"]) == 0
+    # DeepLabV3+ is not offered: its decoder needs features the two-path blend does not have
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--out", str(tmp_path / "dlp"), "--model", "deeplabv3plus_resnet50"])
+    assert "supports DeepLabV3 and FCN only" in capsys.readouterr().err
+    assert not os.path.exists(str(tmp_path / "dlp"))
+
+
+def test_blend_refuses_deeplabv3plus():
+    from adapters.deeplabv3plus import deeplabv3plus_resnet
+
+    trunk = ResNet(Bottleneck, [1, 1, 1, 1], width_per_group=8,
+                   replace_stride_with_dilation=[False, True, True])
+    model = deeplabv3plus_resnet(trunk, 3)
+    with pytest.raises(TypeError, match="low_level.*DeepLabV3 and FCN heads only"):
+        BlendedSegmenter(model, MaskEstimator(512))
