@@ -25,7 +25,7 @@ from .fold import fold_batchnorm
 from cad_spconv.engines import check_engine
 from cad_spconv.plan import SEMANTICS
 
-from .common import SUPPORTED, CADModel, UnsupportedModelError
+from .common import SUPPORTED, CADModel, UnsupportedModelError, follow_mode
 from .resnet import CADBasicBlock, CADBottleneck, CADResNet, CADResNetFeatures, convert_resnet
 from .segmentation import CADASPP, CADASPPPooling, CADSegmentation, convert_segmentation
 from .vgg import CADVGGFeatures, convert_vgg_features
@@ -81,13 +81,7 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
     cad = _convert(model, finest_stride, coarsest_stride, sparse_head, engine, return_layers,
                    dense)
     cad.semantics = semantics
-    # the containers the adapter made follow the source's mode (the layers it wraps keep
-    # their own), so convert(model.eval()) gives a model in eval mode
-    shared = set(map(id, model.modules()))
-    for m in cad.modules():
-        if id(m) not in shared:
-            m.training = model.training
-    return cad
+    return follow_mode(cad, model)
 
 
 def _convert(model, finest_stride, coarsest_stride, sparse_head, engine, return_layers,

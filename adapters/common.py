@@ -124,12 +124,19 @@ def cad_layer(module: nn.Module, path: str, engine: str,
 
 
 def follow_mode(cad: nn.Module, source: nn.Module) -> nn.Module:
-    """The modules the adapter made take the source's train / eval mode (the layers they wrap
-    keep their own), so a converted ``model.eval()`` is in eval mode."""
+    """The containers the adapter made take the source's train / eval mode, so a converted
+    ``model.eval()`` is in eval mode. The layers it shares and the CAD layers wrapping a source
+    layer (whose own parameters and buffers are all the source's) keep that layer's mode: a
+    batch norm frozen with ``.eval()`` in a training model stays frozen."""
     shared = set(map(id, source.modules()))
+    tensors = {id(t) for t in source.parameters()} | {id(t) for t in source.buffers()}
     for m in cad.modules():
-        if id(m) not in shared:
-            m.training = source.training
+        if id(m) in shared:
+            continue
+        own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        if own and all(id(t) in tensors for t in own):
+            continue  # wraps a source layer: from_module gave it that layer's mode
+        m.training = source.training
     return cad
 
 

@@ -35,7 +35,7 @@ from cad_spconv.nn import CADAdaptiveAvgPool2d
 from cad_spconv.tensor import CADTensor
 
 from .common import (POINTWISE, CADModel, UnsupportedModelError, cad_conv, cad_layer,
-                     dense_conv, expect_type, shell)
+                     dense_conv, expect_type, follow_mode, shell)
 from .deeplabv3plus import DeepLabHeadV3Plus, DeepLabV3Plus
 from .output_stride import CANONICAL_STRIDE, STAGES
 from .resnet import CADResNetBackbone, _trunk_strides
@@ -319,4 +319,5 @@ def convert_segmentation(model, finest_stride: int = 8, coarsest_stride: int = 1
                          sparse_head: bool = False, engine: str = "auto") -> CADSegmentation:
     """Convert a torchvision FCN / DeepLabV3 or a DeepLabV3+ with a ResNet backbone (see
     :func:`adapters.convert`)."""
-    return CADSegmentation(model, finest_stride, coarsest_stride, sparse_head, engine)
+    return follow_mode(CADSegmentation(model, finest_stride, coarsest_stride, sparse_head,
+                                       engine), model)

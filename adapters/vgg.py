@@ -23,7 +23,7 @@ from cad_spconv.nn import CADMaxPool2d
 from cad_spconv.tensor import CADTensor
 
 from .common import (POINTWISE, CADModel, UnsupportedModelError, cad_layer, check_plain_conv,
-                     check_strides, expect_type)
+                     check_strides, expect_type, follow_mode)
 
 __all__ = ["CADVGGFeatures", "convert_vgg_features"]
 
@@ -100,4 +100,4 @@ class CADVGGFeatures(CADModel):
 def convert_vgg_features(features: nn.Sequential, finest_stride: int = 4, coarsest_stride: int = 8,
                          engine: str = "auto") -> CADVGGFeatures:
     """Convert a VGG feature stack (see :func:`adapters.convert`)."""
-    return CADVGGFeatures(features, finest_stride, coarsest_stride, engine)
+    return follow_mode(CADVGGFeatures(features, finest_stride, coarsest_stride, engine), features)

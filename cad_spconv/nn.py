@@ -117,9 +117,11 @@ class CADBatchNorm2d(nn.BatchNorm2d):
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                   device="meta")
         new.inplace = inplace
-        new.weight, new.bias = bn.weight, bn.bias
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(new, name, getattr(bn, name))
+        # the source's parameter and buffer tables themselves, not only their tensors: a move
+        # or cast (.to, .cuda, .double) replaces buffers in the table, and both must see it
+        new.__dict__["_parameters"] = bn._parameters
+        new.__dict__["_buffers"] = bn._buffers
+        new.__dict__["_non_persistent_buffers_set"] = bn._non_persistent_buffers_set
         new.train(bn.training)
         return new
 

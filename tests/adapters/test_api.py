@@ -172,6 +172,52 @@ def test_converted_model_takes_the_source_mode(build):
         assert {m.training for m in cad.modules()} == {training}
 
 
+@pytest.mark.parametrize("build", [resnet, deeplab, vgg])
+def test_frozen_batch_norms_stay_frozen_and_direct_converters_take_the_mode(build):
+    """Fine-tuning with frozen batch norms (``model.train()``, then every batch norm
+    ``.eval()``): the converted batch norms keep their layer's eval mode, so a training forward
+    leaves the running statistics alone; the family converters follow the source's mode too."""
+    from adapters.segmentation import convert_segmentation
+    from adapters.vgg import convert_vgg_features
+
+    model = build().train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.eval()
+    direct = {resnet: None, deeplab: convert_segmentation, vgg: convert_vgg_features}[build]
+    strides = (4, 8) if build is vgg else (8, 16)
+    keep = torch.rand(2, *SIZE, generator=torch.Generator().manual_seed(3)) < 0.05
+    for cad in [convert(model, *strides)] + ([direct(model, *strides)] if direct else []):
+        wrapped = [m for m in cad.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(wrapped) >= len(bns) and not any(m.training for m in wrapped)
+        assert cad.training
+        before = [m.running_mean.clone() for m in bns]
+        cad(images(), keep)
+        assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+    if direct:
+        assert {m.training for m in direct(build().eval(), *strides).modules()} == {False}
+
+
+def test_batch_norm_buffers_stay_shared_through_moves_and_casts():
+    """A cast (or a move to a device) replaces module buffers; the converted batch norms share
+    the source's buffer tables, so both models still see one set of running statistics."""
+    model = resnet().float()
+    cad = convert(model, 8, 16).train()
+    cad.double()
+    bn = model.layer4[0].bn1
+    assert bn.running_mean.dtype == torch.float64 and model.fc.weight.dtype == torch.float64
+    spec, _ = emu.mixed_masks(0, 2, GRID, 1, "keep")
+    before = bn.running_mean.clone()
+    cad(images(), spec)  # training forward: updates the running statistics
+    assert not torch.equal(before, bn.running_mean)
+    with torch.no_grad():
+        model.eval()(images())  # the source runs in the new dtype throughout
+    state = {k: v + 1 if k.endswith("running_var") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    cad_bn = next(m for n, m in cad.named_modules() if n.endswith("layer4.0.bn1"))
+    assert torch.equal(cad_bn.running_var, bn.running_var)
+
+
 def test_gradients_reach_the_original_parameters():
     model = resnet().train()
     cad = convert(model, 8, 16)
