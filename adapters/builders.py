@@ -68,16 +68,18 @@ def segmentation_model(name: str, num_classes: int = 19, aux_loss: bool = False,
 
 
 def head_convs(model: nn.Module):
-    """(the ASPP convs with an atrous rate, the head's other 3x3 convs) of a DeepLabV3 /
-    DeepLabV3+ / FCN model (FCN: no ASPP)."""
+    """(the ASPP convs with an atrous rate, the heads' other 3x3 convs) of a DeepLabV3 /
+    DeepLabV3+ / FCN model (FCN: no ASPP); the auxiliary head's 3x3 convs count among the
+    others (its input, ``layer3``, changes stride with the backbone as ``layer4`` does)."""
     from torchvision.models.segmentation.deeplabv3 import ASPP, ASPPConv
 
-    head = model.classifier
-    aspp = [m for m in head.modules() if isinstance(m, ASPP)]
+    aux = getattr(model, "aux_classifier", None)
+    heads = [model.classifier] + ([aux] if aux is not None else [])
+    aspp = [m for h in heads for m in h.modules() if isinstance(m, ASPP)]
     rated = [m[0] for a in aspp for m in a.convs if isinstance(m, ASPPConv)]
     in_aspp = {id(m) for a in aspp for m in a.modules()}
-    others = [m for m in head.modules() if isinstance(m, nn.Conv2d) and id(m) not in in_aspp
-              and m.kernel_size == (3, 3)]
+    others = [m for h in heads for m in h.modules() if isinstance(m, nn.Conv2d)
+              and id(m) not in in_aspp and m.kernel_size == (3, 3)]
     return rated, others
 
 

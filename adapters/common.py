@@ -91,12 +91,17 @@ def cad_conv(conv: nn.Conv2d, stride: int, dilation: int, engine: str, path: str
     return CADConv2d.from_module(conv, dilation=dilation, stride=stride, engine=engine)
 
 
-def check_plain_conv(conv: nn.Conv2d, path: str, where: str = "here") -> None:
-    """A conv of a plain stack keeps the grid: stride 1, isotropic dilation, same padding (the
-    family's downsampling layers are the only ones that change the stride)."""
-    if tuple(conv.stride) != (1, 1):
-        raise UnsupportedModelError(f"cannot convert {path} ({conv}): a strided conv {where} is "
-                                    "not supported (only the family's downsampling layers)")
+def check_plain_conv(conv: nn.Conv2d, path: str, where: str = "here",
+                     strides: Sequence[int] = (1,)) -> None:
+    """A conv of a plain stack keeps the grid: stride 1 (or one of ``strides`` on both axes,
+    for the family's downsampling convs), isotropic dilation, same padding. The converted layer
+    is rebuilt from these, so anything else would be replaced silently."""
+    if conv.stride[0] != conv.stride[1] or conv.stride[0] not in strides:
+        raise UnsupportedModelError(
+            f"cannot convert {path} ({conv}): "
+            + (f"a strided conv {where} is not supported (only the family's downsampling "
+               "layers)" if tuple(strides) == (1,) else
+               f"stride must be one of {', '.join(map(str, strides))} on both axes"))
     if conv.dilation[0] != conv.dilation[1]:
         raise UnsupportedModelError(f"cannot convert {path} ({conv}): anisotropic dilation")
     if conv.padding != "same" and tuple(conv.padding) != same_padding(conv.kernel_size,

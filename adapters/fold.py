@@ -41,7 +41,8 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     """``model`` with every batch norm that directly follows a conv folded into that conv; the
     batch norms become ``nn.Identity``. The model must be in eval mode.
 
-    Folded: the conv/bn pairs of torchvision and CAD ResNet blocks, the ResNet stem, and every
+    Folded: the conv/bn pairs of torchvision and CAD ResNet blocks, the ResNet stem (unless a
+    feature extractor returns ``conv1``'s own output), and every
     ``nn.Sequential`` entry ``Conv2d, BatchNorm2d`` (downsample shortcuts, ASPP, heads, VGG-BN).
     ``inplace=False`` (default) folds a deep copy; ``inplace=True`` changes ``model`` itself
     and every module it shares with other models. ``result.folded_batchnorms`` counts them.
@@ -55,7 +56,10 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     count = 0
     for module in list(model.modules()):
         pairs = list(_PAIRS.get(type(module), ()))
-        if type(module).__name__ in _STEM_OWNERS:
+        # the stem, unless its conv's own output is returned (return_layers), which the fold
+        # would change
+        if (type(module).__name__ in _STEM_OWNERS
+                and "conv1" not in getattr(module, "return_layers", {})):
             pairs.append(("conv1", "bn1"))
         for conv_name, bn_name in pairs:
             count += _fold(module, conv_name, bn_name)

@@ -26,8 +26,8 @@ from cad_spconv.engines import workspace_scope
 from cad_spconv.nn import CADAdaptiveAvgPool2d, CADBatchNorm2d, CADPointwise
 from cad_spconv.tensor import CADTensor
 
-from .common import (CADModel, UnsupportedModelError, cad_conv, check_strides, dense_conv,
-                     expect_type, follow_mode, shell)
+from .common import (CADModel, UnsupportedModelError, cad_conv, check_plain_conv, check_strides,
+                     dense_conv, expect_type, follow_mode, shell)
 from .output_stride import CANONICAL_STRIDE, STAGES, STEM, stride_conv
 
 __all__ = ["CADResNet", "CADResNetFeatures", "CADBottleneck", "CADBasicBlock",
@@ -127,6 +127,9 @@ def _check_block(block, path: str, first: bool):
     bns = ("bn1", "bn2", "bn3") if type(block) is Bottleneck else ("bn1", "bn2")
     for name in names:
         expect_type(getattr(block, name), f"{path}.{name}", nn.Conv2d, "an nn.Conv2d")
+        # the converted block sets each conv's stride and dilation anew: refuse what it would
+        # replace (anisotropic strides or dilations, other padding)
+        check_plain_conv(getattr(block, name), f"{path}.{name}", strides=(1, 2))
     for name in bns:
         expect_type(getattr(block, name), f"{path}.{name}", nn.BatchNorm2d, "an nn.BatchNorm2d "
                     "(other norms, e.g. FrozenBatchNorm2d, are not supported)")
@@ -142,6 +145,7 @@ def _check_block(block, path: str, first: bool):
         if ds[0].kernel_size != (1, 1):
             raise UnsupportedModelError(f"cannot convert {path}.downsample.0: expected a 1x1 conv, "
                                         f"got {ds[0]}")
+        check_plain_conv(ds[0], f"{path}.downsample.0", strides=(1, 2))
     elif first:
         raise UnsupportedModelError(f"cannot convert {path}: the first block of a strided stage "
                                     "needs a downsample shortcut (torchvision always builds one)")

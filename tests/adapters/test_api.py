@@ -250,6 +250,18 @@ def test_unsupported_models_name_the_module_and_what_is_supported():
     with pytest.raises(UnsupportedModelError,
                        match=r"layer3\.0 .*MyBlock.*BasicBlock or Bottleneck"):
         convert(model, 8, 16)
+    # block convs whose geometry the converted block would replace are refused, not rebuilt
+    for path, change in (("layer2.1.conv2", dict(dilation=(2, 1), padding=(2, 1))),
+                         ("layer4.1.conv2", dict(dilation=(4, 2), padding=(4, 2))),
+                         ("layer2.0.conv1", dict(stride=(2, 1))),
+                         ("layer3.0.downsample.0", dict(stride=(2, 1))),
+                         ("layer3.1.conv1", dict(padding=(0, 0)))):
+        model = resnet()
+        for key, value in change.items():
+            setattr(model.get_submodule(path), key, value)
+        with pytest.raises(UnsupportedModelError, match=rf"{path.replace('.', '[.]')} .*"
+                                                        r"(stride must be|anisotropic|same padding)"):
+            convert(model, 8, 16)
     seg = deeplab()
     seg.classifier[0].convs[4] = nn.Identity()
     convert(seg, 8, 16)  # the dense head runs as given
@@ -365,3 +377,19 @@ def test_dense_shells_leave_the_given_model_alone():
     handle = cad.layer2[0].register_forward_hook(lambda *a: None)
     assert len(model.layer2[0]._forward_hooks) == 0
     handle.remove()
+
+
+def test_builders_dilate_the_aux_head_as_convert_does():
+    """A model built for stride 8 from weights trained at 16 has its heads' 3x3 convs dilated
+    by 2, the auxiliary head's too, as converting the stride-16 model does."""
+    from adapters.builders import segmentation_model
+
+    with torch.device("meta"):
+        run8 = segmentation_model("fcn_resnet50", num_classes=3, aux_loss=True, output_stride=8,
+                                  trained_output_stride=16)
+        os16 = segmentation_model("fcn_resnet50", num_classes=3, aux_loss=True,
+                                  output_stride=16)
+    cad = convert(os16, 8, 16)
+    for built, converted in ((run8.classifier[0], cad.classifier[0]),
+                             (run8.aux_classifier[0], cad.aux_classifier[0])):
+        assert built.dilation == converted.dilation == (2, 2)

@@ -49,6 +49,28 @@ def test_resnet_classifier(arch):
     check_folded(source, lambda m: m(x))
 
 
+def test_a_returned_stem_conv_is_not_folded():
+    """A feature extractor that returns ``conv1``'s own output keeps its stem batch norm: the
+    fold would change that output."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    torch.manual_seed(0)
+    source = emu.prepare(tvm.resnet18(num_classes=10))
+    returns = {"conv1": "stem", "bn1": "stem_bn", "layer4": "out"}
+    cad = convert(source, 8, 16, return_layers=returns)
+    spec, _ = emu.mixed_masks(3, 2, (7, 9), cad.num_levels, "levels")
+    x = images()
+    getter = IntermediateLayerGetter(source, returns).eval()
+    for model, run in ((cad, lambda m: m(x, spec)), (getter, lambda m: m(x))):
+        with torch.no_grad():
+            want = run(model)
+            folded = fold_batchnorm(model)
+            got = run(folded)
+        assert batchnorms(folded) == 1  # bn1 of the stem
+        for key in want:
+            emu.assert_rel(got[key], want[key])
+
+
 @pytest.mark.parametrize("sparse_head", [False, True])
 def test_deeplabv3(sparse_head):
     torch.manual_seed(0)
