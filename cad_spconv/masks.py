@@ -521,19 +521,37 @@ def random_like(keep: Union[torch.Tensor, MaskList], finest_stride: int, num_lev
     return [_to_pixels(levels <= l, finest_stride, size) for l in range(num_levels)]
 
 
-def invert(keep: Union[torch.Tensor, MaskList]):
+def invert(keep: Union[torch.Tensor, MaskList], finest_stride: int = 1,
+           grid: Optional[Sequence[int]] = None):
     """The "unreasonable" mask: keep what was downsampled and vice versa.
 
     For one mask: its complement. For a per-level list ``m_0 <= ... <= m_{L-1}`` (mask ``l`` =
     level ``<= l``): ``[~m_{L-1}, ..., ~m_0]``, so a cell whose finest allowed level was ``r``
     gets ``L - r`` (far from keypoints becomes finest, keypoints coarsest).
+
+    The complement is taken on the model's finest grid: ``finest_stride`` (pixels per finest
+    cell; ``1``: the mask is at the grid) and ``grid`` (the finest grid if it is not ``ceil(size
+    / finest_stride)``). A cell is kept if any of its pixels is, so complementing pixels would
+    keep every cell holding both kinds under the mask and its inverse alike; instead each mask
+    is reduced to the grid, complemented there and returned at its own size, every cell
+    covering its pixels (pixels past the grid: False).
     """
-    if isinstance(keep, torch.Tensor):
-        return ~_check_keep(keep)
-    masks = [_check_keep(m, f"mask {i}") for i, m in enumerate(keep)]
+    finest_stride = _positive_int(finest_stride, "finest_stride")
+    single = isinstance(keep, torch.Tensor)
+    masks = [_check_keep(keep)] if single else [_check_keep(m, f"mask {i}")
+                                                 for i, m in enumerate(keep)]
     if not masks:
         raise ValueError("invert needs a mask or a non-empty list of masks")
-    return [~m for m in reversed(masks)]
+
+    def complement(m):
+        if finest_stride == 1 and grid is None:
+            return ~m
+        size = m.shape[-2:]
+        cells = _finest_grid(size, finest_stride, grid)
+        return _to_pixels(~reduce_to_grid(m, cells, stride=finest_stride), finest_stride, size)
+
+    inverted = [complement(m) for m in reversed(masks)]
+    return inverted[0] if single else inverted
 
 
 # ---------------------------------------------------------------------------------- reduction

@@ -162,7 +162,7 @@ class Segmenter:
         if kind == "edge":
             return keep
         if kind == "inverted-edge":
-            return masks.invert(keep)
+            return masks.invert(keep, stride)  # the complement on the finest grid
         if kind == "shuffled-edge":  # the edge mask's level fractions at random places
             return torch.cat([masks.random_like(keep[b:b + 1], stride, self.cad.num_levels,
                                                 generator=self._generator(i))

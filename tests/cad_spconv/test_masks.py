@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.support import dense_reference as ref
 from tests.support.inputs import FRAMES
-from cad_spconv import LevelPlan, images, masks
+from cad_spconv import LevelPlan, images, masks, reduce_to_grid
 
 
 # ------------------------------------------------------------------ independent emulations
@@ -368,6 +368,18 @@ def test_invert_single_and_per_level():
     rng = np.random.default_rng(7)
     keep = torch.from_numpy(rng.uniform(size=(2, 1, 9, 11)) < 0.3)
     assert torch.equal(masks.invert(keep), ~keep)
+    # at image resolution the complement is taken on the finest grid: a cell with kept and
+    # dropped pixels is fine under the mask, so coarse under its inverse (and vice versa)
+    for size, stride, grid in (((37, 53), 8, None), ((37, 53), 8, (4, 6)), ((20, 30), 4, None)):
+        pixels = torch.from_numpy(rng.uniform(size=(3, 1, *size)) < 0.01)
+        cells = grid or (-(-size[0] // stride), -(-size[1] // stride))
+        inv = masks.invert(pixels, stride, grid)
+        assert inv.shape == pixels.shape and inv.dtype == torch.bool
+        on_grid = reduce_to_grid(pixels, cells, stride=stride)
+        assert 0 < on_grid.float().mean() < 1
+        assert torch.equal(reduce_to_grid(inv, cells, stride=stride), ~on_grid)
+        per_level = masks.invert([pixels], stride, grid)
+        assert len(per_level) == 1 and torch.equal(per_level[0], inv)
     pts = [torch.tensor([[5.0, 4.0]])]
     levels = masks.keypoints(pts, (15, 15), (1, 5, 9))
     inv = masks.invert(levels)
