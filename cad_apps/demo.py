@@ -76,6 +76,9 @@ def _main(args) -> int:
     else:
         weights = f"weights from {info.source}"
     model = model.to(device).eval()
+    # the demo reads only "out": an auxiliary head (torchvision's trained weights have one)
+    # would cost multiply-adds that the dense baselines below leave out
+    model.aux_classifier = None
     cad = convert(model, finest_stride=8, coarsest_stride=16).eval()
     print(f"{name}, {weights}")
     print(f"image: {source}, {H}x{W}; adaptive downsampling 8 -> 16 in layer3, edge masks "

@@ -131,10 +131,15 @@ def edge(images: torch.Tensor, threshold: float = 0.15, dilation: int = 11,
     """
     images = _check_images(images)
     dilation = _check_size(dilation, "dilation")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
         raise TypeError(f"threshold must be a number, got {threshold!r}")
+    threshold = float(threshold)  # numpy scalars too
     if not math.isfinite(threshold):  # NaN would keep nothing, +-inf nothing / everything
         raise ValueError(f"threshold must be finite, got {threshold!r}")
+    # half precision would round the gradients before the threshold: the mask would depend on
+    # how the image is stored (float32 and float64 keep their own precision)
+    if images.dtype in (torch.float16, torch.bfloat16):
+        images = images.float()
     g = _gray(images, grayscale)
     if operator == "reference":
         p = F.pad(g, (1, 1, 1, 1))  # zero padding, as the reference's conv with padding=1
@@ -441,7 +446,7 @@ def random(batch_size: int, image_size: Sequence[int], fraction: float, finest_s
     finest grid if it is not ``ceil(size / finest_stride)`` (VGG stacks with floor-mode pools
     on sizes not divisible by the stride). Returns bool ``[B, 1, H, W]`` at ``image_size``.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) \
             or not 0.0 <= float(fraction) <= 1.0:
         raise ValueError(f"fraction (the level-0 share) must be a number in [0, 1], got "
                          f"{fraction!r}")
@@ -469,7 +474,7 @@ def random(batch_size: int, image_size: Sequence[int], fraction: float, finest_s
     kept_blocks = (position - start) < quota
     cells = kept_blocks.view(batch_size, nby, nbx)
     cells = cells.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :H, :W]
-    return _to_pixels(cells, finest_stride, image_size).to(device or "cpu")
+    return _to_pixels(cells, finest_stride, image_size).to("cpu" if device is None else device)
 
 
 def _nonnegative(v, what: str) -> int:
@@ -585,12 +590,12 @@ def kept_fraction(keep: torch.Tensor, stride: int, sample_stride: Optional[int] 
     resolution. With ``sample_stride`` (the finest stride ``f``) the mask is first reduced as the
     reference code does (:func:`subsample`), then a cell counts if any of its samples is kept."""
     keep = _check_keep(keep)
+    stride = _positive_int(stride, "stride")
     if sample_stride is not None:
+        sample_stride = _positive_int(sample_stride, "sample_stride")
         if stride % sample_stride:
             raise ValueError(f"stride {stride} must be a multiple of sample_stride {sample_stride}")
         keep = subsample(keep, sample_stride)
         stride //= sample_stride
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
     cells = F.max_pool2d(keep.to(torch.float32), stride, stride, ceil_mode=True) > 0
     return cells.flatten(1).to(torch.float64).mean(1)

@@ -67,6 +67,13 @@ def test_demo_runs_the_model_a_checkpoint_holds(tmp_path, capsys):
     assert cli(["demo", "--size", "48", "96", "--thresholds", "0.35", "--checkpoint", str(path),
                 "--out", str(tmp_path / "o.png")]) == 0
     assert "as the plan predicts" in capsys.readouterr().out
+    # weights with an auxiliary head (torchvision's trained ones): the demo reads only "out",
+    # so the count (checked against the plan inside) leaves the aux head out on both sides
+    torch.save(deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=5,
+                                  aux_loss=True).state_dict(), path)
+    assert cli(["demo", "--size", "48", "96", "--thresholds", "0.35", "--checkpoint", str(path),
+                "--out", str(tmp_path / "o.png")]) == 0
+    assert f"dense stride 8: {fine / 1e9:.1f} GMA" in capsys.readouterr().out
 
 
 def test_demo_with_an_image_file_and_errors(tmp_path, capsys):

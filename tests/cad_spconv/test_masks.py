@@ -416,3 +416,25 @@ def test_edge_on_a_one_channel_image_asks_for_three_channels():
     assert "batch" not in str(err.value)
     with pytest.raises(ValueError, match=r"got 2 dimensions"):
         masks.edge(torch.zeros(8, 8), 0.1, 3)
+
+
+def test_edge_does_not_depend_on_how_the_image_is_stored():
+    """Half-precision images give the mask of their values, computed in float32 (rounded
+    gradients would flip pixels near the threshold); numpy thresholds and fractions are
+    numbers too."""
+    img = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.bfloat16, torch.float16):
+        stored = img.to(dtype)
+        assert torch.equal(masks.edge(stored, 0.15, 3), masks.edge(stored.float(), 0.15, 3))
+    assert torch.equal(masks.edge(img, np.float32(0.35), 3), masks.edge(img, 0.35, 3))
+    gen = torch.Generator().manual_seed(1)
+    assert masks.random(1, (32, 48), np.float32(0.5), 8, generator=gen).shape == (1, 1, 32, 48)
+
+
+@pytest.mark.parametrize("args, message", [((8, 0), "sample_stride must be an int >= 1, got 0"),
+                                           ((-8, 8), "stride must be an int >= 1, got -8"),
+                                           ((8, -1), "sample_stride must be an int >= 1")])
+def test_kept_fraction_names_the_bad_argument(args, message):
+    keep = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match=message):
+        masks.kept_fraction(keep, *args)
