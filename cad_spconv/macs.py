@@ -192,9 +192,8 @@ class MacCounter:
                 counted = self._per_image_elements(inputs[0])
             elif isinstance(module, _NORMS):
                 counted = self._per_image_elements(output)
-                if getattr(module, "affine", False) or getattr(module, "elementwise_affine",
-                                                               False):
-                    counted = [2 * v for v in counted]
+                if getattr(module, "affine", False):  # as ptflops 0.7.5 (not LayerNorm's
+                    counted = [2 * v for v in counted]  # elementwise_affine)
             else:  # activations, nn.Upsample
                 counted = self._per_image_elements(output)
             self._add_elementwise(part, counted)

@@ -324,3 +324,16 @@ def test_ptflops_convention_matches_ptflops_and_the_dense_ends():
     assert all_kept["per_image"] == dense_fine
     assert none_kept["per_image"] == dense_coarse
     assert dense_coarse[0] < mixed[0] < dense_fine[0] and mixed[1] == dense_coarse[1]
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm([8, 6, 10]), lambda: nn.GroupNorm(2, 8),
+                                  lambda: nn.BatchNorm2d(8)])
+def test_ptflops_convention_counts_norms_as_ptflops_does(norm):
+    """Norm layers in the ptflops convention: twice the elements where ptflops sees ``affine``
+    (LayerNorm's ``elementwise_affine`` is not that attribute, so it counts once)."""
+    ptflops = pytest.importorskip("ptflops", reason="ptflops not installed (extra 'test')")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(), nn.ReLU()).eval()
+    res = ptflops.get_model_complexity_info(model, (3, 6, 10), as_strings=False,
+                                            print_per_layer_stat=False, verbose=False,
+                                            backend_specific_config={"count_functional": False})
+    assert count_macs(model, torch.randn(1, 3, 6, 10))["ptflops"]["total"] == res[0]
