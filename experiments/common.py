@@ -17,7 +17,7 @@ from cad_apps.eval import add_setting_arguments, config_from_args, evaluate, par
 from cad_apps.io import write_json_atomic
 
 __all__ = ["base_parser", "run_setting", "point", "dense_points", "write_report", "plot_tradeoff",
-           "setting_label", "lattice_split_only"]
+           "setting_label", "check_distinct_settings", "lattice_split_only"]
 
 
 @contextlib.contextmanager
@@ -45,11 +45,30 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def setting_label(mask: str) -> str:
-    """File-system friendly name of a mask setting."""
+    """File-system friendly name of a mask setting. A learned estimator is named by its folder
+    and file (train-mask always writes ``OUT/last.pt``, so the file alone would not tell two
+    runs apart)."""
     spec = parse_mask(mask)
-    text = str(spec) if spec.kind != "learned" else "learned_" + os.path.splitext(
-        os.path.basename(spec.path))[0]
+    if spec.kind == "learned" and spec.path:
+        path = os.path.abspath(spec.path)
+        folder = os.path.basename(os.path.dirname(path))
+        text = f"learned_{folder}_{os.path.splitext(os.path.basename(path))[0]}"
+    else:
+        text = str(spec)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def check_distinct_settings(masks) -> None:
+    """Refuse, before any work, two settings whose result files would be the same (their
+    labels collide): the second would find the first's file and be refused mid-run."""
+    seen: dict = {}
+    for mask in masks:
+        label = setting_label(mask)
+        if label in seen and seen[label] != mask:
+            raise SystemExit(f"the settings {seen[label]!r} and {mask!r} would share the result "
+                             f"file runs/{label}.json; rename a folder or file so that their "
+                             "folder and file names differ")
+        seen[label] = mask
 
 
 def run_setting(args, mask: str) -> dict:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import sys
 
-from experiments.common import base_parser, dense_points, finish, point, run_setting
+from experiments.common import (base_parser, check_distinct_settings, dense_points, finish, point,
+                                run_setting, setting_label)
 
 
 def build_parser():
@@ -29,12 +30,16 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    learned = [f"learned:{ckpt}" for ckpt in args.learned]
+    check_distinct_settings(learned)
+    stems = [os.path.splitext(os.path.basename(c))[0] for c in args.learned]
     points = dense_points(args)
     for t in args.thresholds:
         points.append(point(run_setting(args, f"edge:{t:g}"), f"edge {t:g}", "edge"))
-    for ckpt in args.learned:
-        label = os.path.splitext(os.path.basename(ckpt))[0]
-        points.append(point(run_setting(args, f"learned:{ckpt}"), label, "learned"))
+    for mask, stem in zip(learned, stems):
+        # the file name, or folder and file where two runs share it (train-mask's last.pt)
+        label = stem if stems.count(stem) == 1 else setting_label(mask)[len("learned_"):]
+        points.append(point(run_setting(args, mask), label, "learned"))
     return finish(args, "tradeoff", points,
                   f"{args.model}, {args.finest_stride}->{args.coarsest_stride}: mIoU vs multiply-adds")
 

@@ -4,6 +4,7 @@ All scripts share one output folder, so the baselines (nothing / everything kept
 once and resumed by the others, as they would be on the real dataset.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -49,6 +50,24 @@ def test_tradeoff_curve(setup, tmp_path):
     run = json.loads((out / "runs" / "edge_1.5.json").read_text())
     assert run["summary"]["miou"] == pts["edge:1.5"]["miou"]
     _png(out / "tradeoff.png")
+    # two train-mask runs both write last.pt: their points get distinct files and labels
+    for name in ("rho0.3", "rho0.6"):
+        (tmp_path / name).mkdir()
+        torch.save(MaskEstimator(512).state_dict(), tmp_path / name / "last.pt")
+    both = [str(tmp_path / n / "last.pt") for n in ("rho0.3", "rho0.6")]
+    assert tradeoff.main(argv + ["--thresholds", "--learned", *both]) == 0
+    report = json.loads((out / "tradeoff.json").read_text())
+    labels = {p["mask"]: p["label"] for p in report["points"]}
+    assert [labels[f"learned:{c}"] for c in both] == ["rho0.3_last", "rho0.6_last"]
+    assert {"learned_rho0.3_last.json", "learned_rho0.6_last.json"} <= set(
+        os.listdir(out / "runs"))
+    # settings whose files would collide are refused before any work
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "rho0.3").mkdir()
+    torch.save(MaskEstimator(512).state_dict(), tmp_path / "x" / "rho0.3" / "last.pt")
+    with pytest.raises(SystemExit, match="would share the result file"):
+        tradeoff.main(argv + ["--thresholds", "--learned", both[0],
+                              str(tmp_path / "x" / "rho0.3" / "last.pt")])
 
 
 def test_oracle_experiment(setup):
