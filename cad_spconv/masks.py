@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from .images import denormalize
 from .plan import LevelPlan, reduce_to_grid
 
-__all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "sift_points", "random", "random_like",
+__all__ = ["edge", "oracle", "keypoints", "sift_keypoints", "sift_points", "require_opencv",
+           "random", "random_like",
            "shuffle_plan", "invert",
            "dilate", "subsample", "reference_blocks", "kept_fraction", "EDGE_OPERATORS", "GRAYSCALES"]
 
@@ -284,15 +285,22 @@ def sift_points(gray, num_points: int = 512):
             np.array(responses, dtype=np.float32))
 
 
+def require_opencv(what: str):
+    """The ``cv2`` module, or an ImportError saying that ``what`` needs OpenCV and how to get
+    it (an optional dependency: the ``sift`` extra)."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError(f"{what} needs OpenCV (SIFT keypoints): pip install "
+                          "'cad-spconv[sift]' (opencv-python-headless)") from e
+    return cv2
+
+
 def sift_keypoints(images: torch.Tensor, num_points: int = 512) -> list[torch.Tensor]:
     """:func:`sift_points` of every image of an ImageNet-normalised batch ``[B, 3, H, W]``
     (grey: OpenCV's luminance of the RGB image): ``(x, y)`` float64 ``[N, 2]`` per image."""
     images = _check_images(images)
-    try:
-        import cv2
-    except ImportError as e:  # optional dependency
-        raise ImportError("sift_keypoints needs OpenCV: pip install 'cad-spconv[sift]' "
-                          "(opencv-python-headless)") from e
+    cv2 = require_opencv("sift_keypoints")
     rgb = (denormalize(images.detach()) * 255).round().to(torch.uint8)
     out = []
     for img in rgb.permute(0, 2, 3, 1).cpu().numpy():  # one OpenCV call per image

@@ -12,5 +12,11 @@ Run from the repository root, e.g. ``python -m experiments.tradeoff --data-root 
   (``cad_apps.data.make_synthetic_cityscapes``), to try the scripts without Cityscapes.
 
 Each writes ``<out>/<name>.json`` and ``<out>/<name>.png``; per-setting evaluations are kept under
-``<out>/runs/`` and resumed when a script is run again.
+``<out>/runs/`` and resumed when a script is run again (``overlays`` evaluates nothing: it runs
+each mask once on a few images).
 """
+
+
+def description(doc: str) -> str:
+    """A script's ``--help`` description: the first paragraph of its docstring, on one line."""
+    return " ".join(doc.strip().split("\n\n")[0].split())

@@ -26,6 +26,8 @@ import os
 import shlex
 import sys
 
+from experiments import description
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -153,7 +155,7 @@ def report(results_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("suite", choices=("cpu", "targets", "ops", "gpu", "all", "report"))
     parser.add_argument("--only", default=None, help="run only the results whose name "
                         "contains this text")

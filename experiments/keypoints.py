@@ -19,6 +19,8 @@ import argparse
 import os
 import sys
 
+from experiments import description
+
 #: the dilation settings evaluated by the paper's code (its HPatches notebook), finest first
 REFERENCE_SETTINGS = {
     4: [(3,), (5,), (7,), (11,), (21,), (31,)],
@@ -34,7 +36,7 @@ ABLATION_STRIDE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=description(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", help="HPatches sequences folder (or --synthetic)")
     p.add_argument("--synthetic", action="store_true",

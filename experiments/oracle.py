@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
+from experiments import description
 from experiments.common import _pyplot, base_parser, dense_points, point, run_setting, write_report
 
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
 
 
 def build_parser():
-    return base_parser(__doc__.splitlines()[0])
+    return base_parser(description(__doc__))
 
 
 def _plot(path, report, args):

@@ -17,11 +17,12 @@ import dataclasses
 import os
 import sys
 
+from experiments import description
 from experiments.common import _pyplot, base_parser
 
 
 def build_parser():
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(description(__doc__))
     p.add_argument("--masks", nargs="+", default=["edge:0.15", "edge:0.35", "edge:0.95", "oracle"])
     p.add_argument("--num-images", type=int, default=3)
     p.set_defaults(timing=False)
@@ -37,7 +38,10 @@ def main(argv=None) -> int:
     from cad_apps.eval import Segmenter, config_from_args, parse_mask
     from cad_apps.io import write_json_atomic
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.limit is not None:
+        parser.error("--limit does not apply: overlays draws the first --num-images images")
     for m in args.masks:
         parse_mask(m)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,6 +84,8 @@ def main(argv=None) -> int:
             axes[i, j + 1].set_title(f"{mask}: {frac:.0%} at stride {cell}", fontsize=6)
     for ax in axes.flat:
         ax.axis("off")
+    if args.title:
+        fig.suptitle(args.title, fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "overlays.png"))
     plt.close(fig)

@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from experiments import description
+
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="train")
     p.add_argument("--model", default="deeplabv3_resnet101")

@@ -329,6 +329,12 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
 
     cfg.validate()
     device_name = resolve_device(cfg.device)
+    from cad_spconv.masks import require_opencv
+
+    try:  # before the output folder and its lock are made
+        require_opencv("cad-spconv keypoints extract")
+    except ImportError as e:
+        raise ValueError(str(e)) from None
     dist = init_distributed(torch.device(device_name).type)
     if dist.active and torch.device(device_name).type == "cuda":
         device_name = f"cuda:{dist.local_rank}"

@@ -97,6 +97,8 @@ def test_overlays(setup):
     assert report["masks"]["all"]["level0_share_mean"] == 1.0
     assert 0 < report["masks"]["edge:1.5"]["level0_share_mean"] < 1
     _png(out / "overlays.png")
+    with pytest.raises(SystemExit):  # --limit would be ignored: --num-images says how many
+        overlays.main(argv + ["--masks", "all", "--limit", "1"])
 
 
 def test_scripts_run_from_the_command_line(setup):

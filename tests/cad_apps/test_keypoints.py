@@ -424,6 +424,19 @@ def test_extract_reports_a_bad_device(data_root, tmp_path, capsys, device, messa
     assert not out.exists()  # checked before any work
 
 
+def test_extract_without_opencv_says_how_to_get_it(data_root, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
+    out = tmp_path / "x"
+    assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights",
+                "--finest-stride", "8", "--no-progress", "--device", "cpu",
+                "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs OpenCV" in err and "pip install 'cad-spconv[sift]'" in err
+    assert not out.exists()  # checked before any work
+
+
 @pytest.mark.parametrize("mask", ["random", "inverted"])
 def test_ablation_masks_match_the_keypoint_budget(data_root, tmp_path, mask):
     from tests.support.hpatches import thin_vgg
