@@ -26,12 +26,15 @@ class OutputBusyError(RuntimeError):
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp_path)`` then ``os.replace(tmp_path, path)``; the temporary file is removed
-    on failure, so nothing half-written is ever left at ``path``."""
-    path = os.path.abspath(os.fspath(path))
+    on failure, so nothing half-written is ever left at ``path``. A symlink at ``path`` is
+    followed (its target is replaced, the link kept) and an existing file keeps its mode."""
+    path = os.path.realpath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         write(tmp)
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -139,13 +142,15 @@ def check_output_path(path: str, what: str = "--out", folder: bool = False,
 class OutputLock:
     """Exclusive advisory lock ``<path>.lock`` held while a run writes ``path``.
 
-    ``with OutputLock(path):`` raises :class:`OutputBusyError` at once when another live
-    process holds it (the message names the path and the fix). The lock dies with its process,
-    so a killed run never blocks the next one."""
+    ``with OutputLock(path):`` raises :class:`OutputBusyError` when another live process holds
+    it, at once or after ``wait`` seconds (for short shared writes, such as appending a section
+    to one markdown file); the message names the path and the fix. The lock dies with its
+    process, so a killed run never blocks the next one."""
 
-    def __init__(self, path: str, what: str = "--out"):
+    def __init__(self, path: str, what: str = "--out", wait: float = 0):
         self.path = os.path.abspath(os.fspath(path))
         self.what = what
+        self.wait = wait
         self._lock = None
 
     def __enter__(self) -> "OutputLock":
@@ -154,7 +159,7 @@ class OutputLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         lock = FileLock(self.path + ".lock", thread_local=False)
         try:
-            lock.acquire(timeout=0)
+            lock.acquire(timeout=self.wait)
         except Timeout:
             try:  # filelock also times out where the lock file cannot be created at all
                 open(self.path + ".lock", "a").close()

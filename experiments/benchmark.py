@@ -26,10 +26,10 @@ import os
 import shlex
 import sys
 
-from experiments import description
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # also run as a file: python experiments/benchmark.py
+
+from experiments import description  # noqa: E402  (needs ROOT on the path)
 
 DEFAULT_FRAMES = os.path.join(ROOT, "..", "shared", "data", "cityscapes_frames")
 
@@ -189,6 +189,7 @@ def main(argv=None) -> int:
 
     if not args.dry_run:
         os.makedirs(args.results, exist_ok=True)
+    failed = []
     for suite in chosen:
         for name, bench_args in suites(frames, args.reps)[suite]:
             if args.only and args.only not in name:
@@ -208,8 +209,16 @@ def main(argv=None) -> int:
             print(command, flush=True)
             if args.dry_run:
                 continue
-            # one process per result: no caches, heap or tuned choices carried over
-            subprocess.run([sys.executable, "-m", "cad_apps.cli", *full], check=True)
+            # one process per result: no caches, heap or tuned choices carried over; a failed
+            # result (out of memory, a bad frame) is reported at the end, the rest still run
+            done = subprocess.run([sys.executable, "-m", "cad_apps.cli", *full])
+            if done.returncode:
+                print(f"{name}: failed (exit code {done.returncode}); going on", flush=True)
+                failed.append(name)
+    if failed:
+        print(f"{len(failed)} result(s) failed: {', '.join(failed)} (their output is above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

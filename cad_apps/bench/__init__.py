@@ -103,7 +103,7 @@ def configure(parser: argparse.ArgumentParser):
                              "machine disturb less (use it with --threads 1)")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per variant (default: 5)")
     parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed runs per variant first (default: 1)")
+                        help="untimed runs per variant first, at least 1 (default: 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one forward per variant (torch.profiler) "
@@ -180,23 +180,29 @@ def _run(args, cfg, command) -> int:
         picks = collections.Counter(c["engine"] for c in report["tuned"])
         print(f"tuned: {len(report['tuned'])} layer shapes -> "
               + ", ".join(f"{e} x{n}" for e, n in picks.most_common()), flush=True)
-    print_report(report)
-    # through a temporary file each: an interrupted run never leaves a half-written result
-    from cad_apps.io import write_atomic, write_json_atomic
+    # written before printed (a closed stdout must not lose the run), each through a temporary
+    # file: an interrupted run never leaves a half-written result
+    from cad_apps.io import OutputLock, write_atomic, write_json_atomic
 
     if args.json:
         write_json_atomic(args.json, report)
     if args.markdown:
-        old = ""
-        if os.path.exists(args.markdown):
-            with open(args.markdown) as f:
-                old = f.read()
+        # read, append, replace under the file's lock: two benches appending at once keep both
+        with OutputLock(args.markdown, "--markdown", wait=300):
+            old = ""
+            if os.path.exists(args.markdown):
+                with open(args.markdown) as f:
+                    old = f.read()
 
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.write(old + markdown(report))
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    f.write(old + markdown(report))
 
-        write_atomic(args.markdown, write)
+            write_atomic(args.markdown, write)
+    try:
+        print_report(report)
+    except BrokenPipeError:  # e.g. `| head`: the results are written already
+        sys.stdout = None
     return 0
 
 
@@ -212,8 +218,9 @@ def _check_args(args) -> dict:
 
     from cad_spconv.engines import engine_names
 
-    if args.reps < 1 or args.warmup < 0:
-        raise SystemExit("bench: --reps must be >= 1 and --warmup >= 0")
+    if args.reps < 1 or args.warmup < 1:
+        raise SystemExit("bench: --reps and --warmup must be >= 1 (the warm-up's outputs are "
+                         "what Guarantee 2 is checked on)")
     if args.profile < 0:
         raise SystemExit("bench: --profile takes the number of ops to report (>= 0)")
     if args.batch < 1:
@@ -223,6 +230,13 @@ def _check_args(args) -> dict:
                          f"got {args.threads}")
     if args.channels < 1:
         raise SystemExit(f"bench: --channels must be >= 1, got {args.channels}")
+    if args.model == "conv3x3":  # one conv: no model, head or batch norm to apply these to
+        given = [flag for flag, on in (("--scope model", args.scope == "model"),
+                                       ("--sparse-head", args.sparse_head),
+                                       ("--fold-bn", args.fold_bn)) if on]
+        if given:
+            raise SystemExit(f"bench: --model conv3x3 is one conv (no head, no batch norm): "
+                             f"leave out {', '.join(given)}")
     if args.sparse_head and args.scope != "model":
         raise SystemExit("bench: --sparse-head runs the whole model's head sparsely; add "
                          "--scope model (the default scope times the backbones only)")
@@ -251,6 +265,10 @@ def _check_args(args) -> dict:
     if not engines or bad:
         raise SystemExit(f"bench: unknown engine {bad[0] if bad else args.engine!r}; choose from "
                          f"{', '.join(engine_names())}")
+    twice = sorted({e for e in engines if engines.count(e) > 1})
+    if twice:
+        raise SystemExit(f"bench: --engine names {', '.join(twice)} more than once; each engine "
+                         "is one timed variant")
     args.engines = engines
     dtype = getattr(torch, args.dtype)
     if dtype == torch.float16 and device.type == "cpu":

@@ -134,7 +134,8 @@ def summary(results, engines) -> dict:
 
 
 def _guarantee2(r) -> str:
-    # absent for whole models (the heads run at different strides); None: non-finite outputs
+    """A variant's (or, in results written before it was per engine, the input's) Guarantee 2
+    error: absent for whole models (the heads run at different strides); None: non-finite."""
     if "guarantee2_rel_error" not in r:
         return "n/a"
     err = r["guarantee2_rel_error"]
@@ -168,7 +169,7 @@ def _rows(report):
                          f"{c['geometry_share']:.1%}",
                          f"{_mib(v[fine_name].get('peak_bytes'))} / {_mib(cad.get('peak_bytes'))}",
                          # n/a for whole models: the heads run at different strides
-                         _guarantee2(r)])
+                         _guarantee2(cad if "guarantee2_rel_error" in cad else r)])
     t = report["summary"]
     for e in [e for e in engines if e in t["cad"]]:
         c = t["cad"][e]

@@ -12,7 +12,7 @@ from cad_apps.cli import build_parser
 def run_bench(tmp_path, *extra):
     out = tmp_path / "r.json"
     md = tmp_path / "B.md"
-    argv = ["bench", "--reps", "1", "--warmup", "0", "--threads", "1", "--no-memory",
+    argv = ["bench", "--reps", "1", "--warmup", "1", "--threads", "1", "--no-memory",
             "--json", str(out), "--markdown", str(md), *extra]
     args = build_parser("bench").parse_args(argv)
     assert bench.main(args, command="cad-spconv " + " ".join(argv)) == 0
@@ -32,6 +32,7 @@ def test_conv3x3_counts_guarantee_and_report(tmp_path):
             cad = v[f"cad[{e}]"]
             assert v["dense16[nchw]"]["macs"] < cad["macs"] < fine
             assert cad["geometry_seconds"] > 0 and cad["rulebooks"] == 1
+            assert cad["guarantee2_rel_error"] < 1e-5  # checked for every engine
         assert res["guarantee2_rel_error"] < 1e-5
         assert res["failed"] == {}
     assert set(report["summary"]["cad"]) == {"lattice", "torch"}
@@ -86,7 +87,11 @@ def test_profile_reports_ops_per_variant(tmp_path, capsys):
     (["--profile", "-1"], "--profile"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--channels", "0"], "--channels must be >= 1"),
-    (["--sparse-head"], "add --scope model"),
+    (["--sparse-head"], "leave out --sparse-head"),
+    (["--model", "resnet18", "--sparse-head"], "add --scope model"),
+    (["--scope", "model", "--fold-bn"], "leave out --scope model, --fold-bn"),
+    (["--engine", "torch,lattice,torch"], "names torch more than once"),
+    (["--warmup", "0"], "--warmup must be >= 1"),
     (["--images", "/no/such.png", "--threshold", "nan"], "threshold must be finite"),
     (["--images", "/no/such.png", "--dilation", "4"], "dilation must be an odd"),
     (["--json", "{tmp}", "--reps", "1"], "--json .* is a directory"),
@@ -151,3 +156,39 @@ def test_float32_baseline_is_optional(tmp_path, leave_out):
     assert ("dense8[nchw,float32]" in res["variants"]) is not leave_out
     assert ("vs_dense_fine_nchw_float32" in res["summary"]["cad"]["torch"]) is not leave_out
     assert res["summary"]["cad"]["torch"]["vs_dense_fine"] > 0
+
+
+def test_a_whole_classifier_is_timed_and_written(tmp_path):
+    """--scope model on a classifier: logits, not maps, so Guarantee 2 does not apply (it
+    crashed after the timing and lost the run)."""
+    report, _ = run_bench(tmp_path, "--model", "resnet18", "--scope", "model", "--size", "64",
+                          "64")
+    for res in report["inputs"]:
+        assert "guarantee2_rel_error" not in res and res["failed"] == {}
+
+
+def test_a_failed_result_does_not_stop_the_suite(tmp_path, monkeypatch, capsys):
+    """Each result runs in its own process; one that fails is reported and the rest still run
+    (a multi-hour suite used to stop at the first failure)."""
+    import subprocess
+
+    from experiments import benchmark
+
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1 if len(calls) == 1 else 0)
+
+    monkeypatch.setattr(subprocess, "run", run)  # the suite imports it where it runs
+    monkeypatch.chdir(tmp_path)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "a.png").write_bytes(b"")
+    assert benchmark.main(["ops", "--no-markdown", "--frames", str(frames),
+                           "--results", str(tmp_path / "res")]) == 1
+    assert len(calls) > 1
+    captured = capsys.readouterr()
+    first = calls[0][calls[0].index("--label") + 1]
+    assert f"{first}: failed (exit code 1); going on" in captured.out
+    assert f"1 result(s) failed: {first}" in captured.err

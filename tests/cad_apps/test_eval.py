@@ -208,6 +208,13 @@ def test_json_is_written_atomically(tmp_path):
         write_json_atomic(str(path), {"a": float("nan")})  # fails while serialising
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
+    # a symlinked output keeps its link (the target is replaced) and a file keeps its mode
+    os.chmod(path, 0o600)
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    write_json_atomic(str(link), {"a": 2})
+    assert link.is_symlink() and json.loads(path.read_text()) == {"a": 2}
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 def test_learned_mask_records_what_the_converted_model_computes(fixture_root, checkpoint, tmp_path):
