@@ -13,12 +13,15 @@ class Variant:
     the arguments of ``run`` (timed; returns a dense map, or a CADTensor for op-level runs).
     CAD runs leave the plan and rulebook cache of their last forward in ``last`` while
     ``capture`` is on (the memory passes turn it off: a forward frees its geometry with its
-    tensors, and holding it would add it to the measured peak)."""
+    tensors, and holding it would add it to the measured peak). ``plans``: whether ``run``
+    builds the level plan and its step geometry (models) or gets them from ``setup`` (the
+    one-conv model), which decides what the geometry share replays."""
 
-    def __init__(self, name, kind, setup, run, macs, engine=None, fmt=None):
+    def __init__(self, name, kind, setup, run, macs, engine=None, fmt=None, plans=True):
         self.name, self.kind = name, kind
         self.setup, self.run, self.macs = setup, run, macs
         self.engine, self.fmt = engine, fmt
+        self.plans = plans
         self.last = None
         self.capture = True
 
@@ -196,7 +199,8 @@ def _build_conv(args, device, dtype) -> dict:
     """One 3x3 conv of the step after the adaptive downsampling(s). Dense finest stride: the
     conv with dilation ``2**L`` on the finest grid; dense coarsest stride: the plain conv on the
     coarse grid (the finest features subsampled, so Guarantee 2 holds exactly); CAD: the conv on
-    the step-``L`` sites (plan geometry and rulebook built inside the timed run)."""
+    the step-``L`` sites, its rulebook built inside the timed run (the plan and its geometry in
+    the untimed setup)."""
     import torch
     import torch.nn.functional as F
 
@@ -243,7 +247,7 @@ def _build_conv(args, device, dtype) -> dict:
             variants.append(Variant(f"dense{s}[{fmt}]", kind, dense_setup(s, fmt), dense_run[s],
                                     macs_dense(s), fmt=fmt))
     for e in args.engines:
-        v = Variant(f"cad[{e}]", "cad", cad_setup, None, macs_cad, engine=e)
+        v = Variant(f"cad[{e}]", "cad", cad_setup, None, macs_cad, engine=e, plans=False)
         # a fresh tensor (and rulebook cache) per run: the rulebook is built inside the timing
         v.run = (lambda e, v: lambda rows, plan: v.keep_geometry(
             CF.conv2d(CADTensor(rows, plan, L), w, engine=e)))(e, v)
