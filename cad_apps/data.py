@@ -80,13 +80,15 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
                                     "contains leftImg8bit/ and gtFine/")
         try:
             ds = Cityscapes(root, split=split, mode="fine", target_type="semantic")
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:  # OSError: e.g. a stray file where a city folder is
             raise FileNotFoundError(
                 f"no Cityscapes {split!r} split under {root!r}: expected "
                 f"{root}/leftImg8bit/{split}/<city>/<name>_leftImg8bit.png and "
                 f"{root}/gtFine/{split}/<city>/<name>_gtFine_labelIds.png ({e})") from None
-        # torchvision lists folders in os.listdir order: sort so every process sees one order
-        pairs = sorted(zip(ds.images, (t[0] for t in ds.targets)))
+        # torchvision lists folders in os.listdir order: sort so every process sees one order;
+        # it takes every file of a city folder for a frame: only *_leftImg8bit.png are
+        pairs = sorted((i, t[0]) for i, t in zip(ds.images, ds.targets)
+                       if i.endswith("_leftImg8bit.png"))
         if not pairs:
             raise FileNotFoundError(f"the Cityscapes {split!r} split under {root!r} holds no images")
         missing = [t for _, t in pairs if not os.path.isfile(t)]
@@ -132,6 +134,10 @@ def read_image(path: str, mode: str | None = None) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            if mode == "RGB" and im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                # PIL would clip 16-bit / float values to 8 bits (a saturated image)
+                raise ValueError(f"{path} is a {im.mode} image (16-bit or float); the models "
+                                 "take 8-bit RGB: convert it first")
             return np.asarray(im.convert(mode) if mode else im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read the image {path} ({type(e).__name__}: {e}); replace the "
@@ -201,7 +207,11 @@ class ConfusionMatrix:
         return c
 
     def add(self, counts) -> None:
-        self.counts += np.asarray(counts, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != self.counts.shape:  # numpy would broadcast a row or a scalar
+            raise ValueError(f"counts of shape {counts.shape}, this matrix is "
+                             f"{self.counts.shape}")
+        self.counts += counts
 
     def iou(self) -> np.ndarray:
         """``[num_classes]`` float64 IoU per class, NaN where the class is in neither map."""
@@ -239,6 +249,10 @@ def counts_to_triples(counts) -> list[list[int]]:
 def triples_to_counts(triples: Iterable[Sequence[int]], num_classes: int = NUM_CLASSES) -> np.ndarray:
     counts = np.zeros((num_classes, num_classes), dtype=np.int64)
     for t, p, n in triples:
+        if not (0 <= t < num_classes and 0 <= p < num_classes) or n < 0:
+            # a negative index would count into another class silently
+            raise ValueError(f"confusion triple {[t, p, n]}: classes must be in 0.."
+                             f"{num_classes - 1} and the count >= 0")
         counts[t, p] += n
     return counts
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from cad_apps.data import (CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, CityscapesSegmentation,
                              ConfusionMatrix, collate, colorize, label_ids_to_train_ids,
-                             make_synthetic_cityscapes, normalize)
+                             make_synthetic_cityscapes, normalize, read_image)
 
 # labelId -> trainId pairs from the Cityscapes benchmark's table (cityscapesScripts labels.py)
 KNOWN = {0: 255, 1: 255, 6: 255, 7: 0, 8: 1, 9: 255, 11: 2, 17: 5, 19: 6, 21: 8, 23: 10, 24: 11,
@@ -119,3 +119,31 @@ def test_confusion_rejects_bad_inputs():
 def test_colorize_uses_the_cityscapes_palette():
     rgb = colorize(torch.tensor([[0, 13, 255]]))
     assert rgb.tolist() == [[[128, 64, 128], [0, 0, 142], [0, 0, 0]]]
+
+
+def test_stray_files_and_wide_images(tmp_path):
+    """Files that are not frames are left out (a stray notes file in a city folder was taken
+    for a frame, a stray file in the split folder crashed); 16-bit images are refused, not
+    clipped to 8 bits."""
+    make_synthetic_cityscapes(tmp_path, num_images=2, size=(32, 48), seed=1)
+    split = tmp_path / "leftImg8bit" / "val"
+    city = next(p for p in split.iterdir() if p.is_dir())
+    (city / "notes.txt").write_text("not a frame")
+    ds = CityscapesSegmentation(str(tmp_path))
+    assert len(ds) == 2 and all(i.endswith("_leftImg8bit.png") for i in ds.images)
+    (split / "README").write_text("not a city")
+    with pytest.raises(FileNotFoundError, match="no Cityscapes 'val' split"):
+        CityscapesSegmentation(str(tmp_path))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.arange(32 * 48, dtype=np.uint16).reshape(32, 48) * 40).save(wide)
+    with pytest.raises(ValueError, match="16-bit or float.*8-bit RGB"):
+        read_image(str(wide), "RGB")
+
+
+def test_confusion_counts_are_checked_when_merged():
+    cm = ConfusionMatrix()
+    with pytest.raises(ValueError, match="counts of shape"):
+        cm.add(np.ones(NUM_CLASSES, dtype=np.int64))
+    with pytest.raises(ValueError, match="classes must be in 0..18"):
+        ConfusionMatrix.from_triples([[-1, 0, 10]])
+    assert ConfusionMatrix.from_triples([[1, 2, 3]]).counts[1, 2] == 3
