@@ -347,23 +347,25 @@ def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypat
     """``tuned`` times every candidate on the first call of a layer shape, keeps the fastest
     (here the one not slowed down), returns its (correct) output, and later calls of that
     shape run the kept engine only."""
-    import time as _time
+    import types
 
     import cad_spconv.engines as E
     from cad_spconv.engines.tuned import candidates
     E.clear_tuned()
     calls = []
+    clock = [0.0]  # the tuner's clock: only the slowed engines move it (no machine load can)
 
     def slowed(name, real):
         def conv(*args):
             calls.append(name)
             if name != "torch":
-                _time.sleep(0.02)  # every other engine is slower
+                clock[0] += 1.0  # every other engine is slower
             return real(*args)
         return conv
 
     for name, engine in E.registered().items():
         monkeypatch.setattr(engine, "conv", slowed(name, engine.conv))
+    monkeypatch.setattr(E.tuned, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     case = ((13, 11), 2, "levels")
     x, levels = make_input(case, 1, 4, torch.float64, "cpu", seed=2)
     w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
