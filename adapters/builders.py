@@ -68,18 +68,16 @@ def segmentation_model(name: str, num_classes: int = 19, aux_loss: bool = False,
 
 
 def head_convs(model: nn.Module):
-    """(the ASPP convs with an atrous rate, the heads' other 3x3 convs) of a DeepLabV3 /
-    DeepLabV3+ / FCN model (FCN: no ASPP); the auxiliary head's 3x3 convs count among the
-    others (its input, ``layer3``, changes stride with the backbone as ``layer4`` does)."""
+    """(the ASPP convs with an atrous rate, the head's other 3x3 convs) of a DeepLabV3 /
+    DeepLabV3+ / FCN model (FCN: no ASPP)."""
     from torchvision.models.segmentation.deeplabv3 import ASPP, ASPPConv
 
-    aux = getattr(model, "aux_classifier", None)
-    heads = [model.classifier] + ([aux] if aux is not None else [])
-    aspp = [m for h in heads for m in h.modules() if isinstance(m, ASPP)]
+    head = model.classifier
+    aspp = [m for m in head.modules() if isinstance(m, ASPP)]
     rated = [m[0] for a in aspp for m in a.convs if isinstance(m, ASPPConv)]
     in_aspp = {id(m) for a in aspp for m in a.modules()}
-    others = [m for h in heads for m in h.modules() if isinstance(m, nn.Conv2d)
-              and id(m) not in in_aspp and m.kernel_size == (3, 3)]
+    others = [m for m in head.modules() if isinstance(m, nn.Conv2d) and id(m) not in in_aspp
+              and m.kernel_size == (3, 3)]
     return rated, others
 
 
@@ -96,6 +94,14 @@ def set_head_geometry(model: nn.Module, output_stride: int, trained_output_strid
     ratio = max(1, trained_output_stride // output_stride)
     for conv in others:
         conv.dilation = conv.padding = (ratio, ratio)
+    # the auxiliary head reads layer3, whose stride is the output stride up to 16 (a stride-32
+    # backbone strides layer4 only): its own ratio, as adapters.convert dilates it
+    aux = getattr(model, "aux_classifier", None)
+    if aux is not None:
+        aux_ratio = max(1, min(trained_output_stride, 16) // min(output_stride, 16))
+        for conv in aux.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                conv.dilation = conv.padding = (aux_ratio, aux_ratio)
 
 
 def classifier_model(name: str, output_stride: int = 32, **kwargs) -> nn.Module:

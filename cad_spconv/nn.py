@@ -114,12 +114,17 @@ class CADBatchNorm2d(nn.BatchNorm2d):
 
     @classmethod
     def from_module(cls, bn: nn.BatchNorm2d, inplace: bool = False) -> "CADBatchNorm2d":
+        """Wrap ``bn``: the same parameters, and its buffer table itself, so that running
+        statistics stay one set through ``.to()`` / ``.cuda()`` / ``.double()`` of either
+        module (a buffer registered on one, e.g. a pruning mask, is registered on both)."""
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                   device="meta")
         new.inplace = inplace
-        # the source's parameter and buffer tables themselves, not only their tensors: a move
-        # or cast (.to, .cuda, .double) replaces buffers in the table, and both must see it
-        new.__dict__["_parameters"] = bn._parameters
+        # the parameters themselves (a move or cast changes them in place); the buffer table
+        # itself, not only its tensors: a move or cast replaces buffers in the table, and both
+        # modules must see the new ones. (Parameters stay in each module's own table, so that
+        # pruning or parametrizing the converted layer leaves the source as it is.)
+        new.weight, new.bias = bn.weight, bn.bias
         new.__dict__["_buffers"] = bn._buffers
         new.__dict__["_non_persistent_buffers_set"] = bn._non_persistent_buffers_set
         new.train(bn.training)

@@ -380,16 +380,19 @@ def test_dense_shells_leave_the_given_model_alone():
 
 
 def test_builders_dilate_the_aux_head_as_convert_does():
-    """A model built for stride 8 from weights trained at 16 has its heads' 3x3 convs dilated
-    by 2, the auxiliary head's too, as converting the stride-16 model does."""
+    """A model built for a finer stride than its weights were trained at has its heads' 3x3
+    convs dilated as converting the trained model does: the main head by the layer4 ratio, the
+    auxiliary head by layer3's (whose stride stops at 16)."""
     from adapters.builders import segmentation_model
 
-    with torch.device("meta"):
-        run8 = segmentation_model("fcn_resnet50", num_classes=3, aux_loss=True, output_stride=8,
-                                  trained_output_stride=16)
-        os16 = segmentation_model("fcn_resnet50", num_classes=3, aux_loss=True,
-                                  output_stride=16)
-    cad = convert(os16, 8, 16)
-    for built, converted in ((run8.classifier[0], cad.classifier[0]),
-                             (run8.aux_classifier[0], cad.aux_classifier[0])):
-        assert built.dilation == converted.dilation == (2, 2)
+    for trained, run in ((16, 8), (32, 16), (32, 8)):
+        with torch.device("meta"):
+            built = segmentation_model("fcn_resnet50", num_classes=3, aux_loss=True,
+                                       output_stride=run, trained_output_stride=trained)
+            source = segmentation_model("fcn_resnet50", num_classes=3, aux_loss=True,
+                                        output_stride=trained)
+        cad = convert(source, run, trained)
+        for a, b in ((built.classifier[0], cad.classifier[0]),
+                     (built.aux_classifier[0], cad.aux_classifier[0])):
+            assert a.dilation == b.dilation, (trained, run)
+        assert built.aux_classifier[0].dilation == (min(trained, 16) // min(run, 16),) * 2
