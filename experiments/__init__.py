@@ -16,7 +16,3 @@ Each writes ``<out>/<name>.json`` and ``<out>/<name>.png``; per-setting evaluati
 each mask once on a few images).
 """
 
-
-def description(doc: str) -> str:
-    """A script's ``--help`` description: the first paragraph of its docstring, on one line."""
-    return " ".join(doc.strip().split("\n\n")[0].split())

@@ -27,9 +27,7 @@ import shlex
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # also run as a file: python experiments/benchmark.py
-
-from experiments import description  # noqa: E402  (needs ROOT on the path)
+sys.path.insert(0, ROOT)
 
 DEFAULT_FRAMES = os.path.join(ROOT, "..", "shared", "data", "cityscapes_frames")
 
@@ -155,7 +153,7 @@ def report(results_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", choices=("cpu", "targets", "ops", "gpu", "all", "report"))
     parser.add_argument("--only", default=None, help="run only the results whose name "
                         "contains this text")

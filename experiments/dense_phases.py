@@ -33,7 +33,6 @@ import time
 
 import torch
 
-from experiments import description
 
 # (C_in, C_out, dilation on the step-1 lattice): layer3, layer4, ASPP rates 12 / 24 / 36
 LAYERS = [(256, 256, 2), (512, 512, 4), (2048, 256, 6), (2048, 256, 12), (2048, 256, 18)]
@@ -41,7 +40,7 @@ KEPT = (0.3, 0.6, 0.9)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("layers", "network"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)

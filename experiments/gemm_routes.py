@@ -30,7 +30,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from experiments import description
 
 # (M, K, N): 1x1 reduce / expand / square of layer3 and layer4, 3x3 im2col rests
 SHAPES = [(5700, 1024, 256), (5700, 256, 1024), (5700, 256, 256), (5700, 2048, 512),
@@ -50,7 +49,7 @@ def median_ms(fn, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

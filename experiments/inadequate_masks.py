@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from experiments import description
 from experiments.common import base_parser, dense_points, finish, point, run_setting
 
 
 def build_parser():
-    p = base_parser(description(__doc__))
+    p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.35, 0.95])
     p.add_argument("--random-fractions", type=float, nargs="*", default=[0.25, 0.5])
     return p

@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 
-from experiments import description
 
 #: the dilation settings evaluated by the paper's code (its HPatches notebook), finest first
 REFERENCE_SETTINGS = {
@@ -36,7 +35,7 @@ ABLATION_STRIDE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description(__doc__),
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", help="HPatches sequences folder (or --synthetic)")
     p.add_argument("--synthetic", action="store_true",

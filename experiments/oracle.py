@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sys
 
-from experiments import description
 from experiments.common import _pyplot, base_parser, dense_points, point, run_setting, write_report
 
 
@@ -33,7 +32,7 @@ def main(argv=None) -> int:
 
 
 def build_parser():
-    return base_parser(description(__doc__))
+    return base_parser(__doc__.split("\n\n")[0])
 
 
 def _plot(path, report, args):

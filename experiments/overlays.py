@@ -17,12 +17,11 @@ import dataclasses
 import os
 import sys
 
-from experiments import description
 from experiments.common import _pyplot, base_parser
 
 
 def build_parser():
-    p = base_parser(description(__doc__))
+    p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--masks", nargs="+", default=["edge:0.15", "edge:0.35", "edge:0.95", "oracle"])
     p.add_argument("--num-images", type=int, default=3)
     p.set_defaults(timing=False)

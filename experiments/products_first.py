@@ -30,7 +30,6 @@ import time
 
 import torch
 
-from experiments import description
 
 FRAME = "../shared/data/cityscapes_frames/frankfurt_000000_002196_leftImg8bit.png"
 SHAPES = [(256, 256), (512, 256), (1024, 256), (2048, 256), (2048, 512)]
@@ -38,7 +37,7 @@ DILATIONS = (1, 2, 6, 18)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("layers", "head"))
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--reps", type=int, default=5)

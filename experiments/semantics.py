@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments import description
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=description(__doc__))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", nargs="+", required=True, help="RGB frames")
     p.add_argument("--model", default="deeplabv3_resnet50")
     p.add_argument("--checkpoint", help="weights (default: random, seeded)")

@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments import description
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=description(__doc__))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="train")
     p.add_argument("--model", default="deeplabv3_resnet101")

@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 import sys
 
-from experiments import description
 from experiments.common import (base_parser, check_distinct_settings, dense_points, finish, point,
                                 run_setting, setting_label)
 
 
 def build_parser():
-    p = base_parser(description(__doc__))
+    p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.15, 0.35, 0.95],
                    help="edge thresholds (paper: 0.15 0.35 0.95)")
     p.add_argument("--learned", nargs="*", default=[], metavar="CKPT",
