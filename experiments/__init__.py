@@ -15,4 +15,3 @@ Each writes ``<out>/<name>.json`` and ``<out>/<name>.png``; per-setting evaluati
 ``<out>/runs/`` and resumed when a script is run again (``overlays`` evaluates nothing: it runs
 each mask once on a few images).
 """
-
