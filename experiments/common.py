@@ -13,11 +13,12 @@ import os
 import re
 from typing import Sequence
 
-from cad_apps.eval import add_setting_arguments, config_from_args, evaluate, parse_mask
+from cad_apps.eval import (LimitLoweredError, add_setting_arguments, config_from_args, evaluate,
+                           parse_mask)
 from cad_apps.io import write_json_atomic
 
 __all__ = ["base_parser", "run_setting", "point", "dense_points", "write_report", "plot_tradeoff",
-           "setting_label", "check_distinct_settings", "lattice_split_only"]
+           "setting_label", "learned_labels", "lattice_split_only"]
 
 
 @contextlib.contextmanager
@@ -44,39 +45,48 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def setting_label(mask: str) -> str:
-    """File-system friendly name of a mask setting. A learned estimator is named by its folder
-    and file (train-mask always writes ``OUT/last.pt``, so the file alone would not tell two
-    runs apart)."""
+def setting_label(mask: str, with_folder: bool = False) -> str:
+    """File-system friendly name of a mask setting; a learned estimator's is its file name, or
+    with ``with_folder`` its folder and file name (train-mask always writes ``OUT/last.pt``,
+    so the file alone does not tell two runs apart: :func:`learned_labels`)."""
     spec = parse_mask(mask)
     if spec.kind == "learned" and spec.path:
         path = os.path.abspath(spec.path)
-        folder = os.path.basename(os.path.dirname(path))
-        text = f"learned_{folder}_{os.path.splitext(os.path.basename(path))[0]}"
+        stem = os.path.splitext(os.path.basename(path))[0]
+        text = (f"learned_{os.path.basename(os.path.dirname(path))}_{stem}" if with_folder
+                else f"learned_{stem}")
     else:
         text = str(spec)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-def check_distinct_settings(masks) -> None:
-    """Refuse, before any work, two settings whose result files would be the same (their
-    labels collide): the second would find the first's file and be refused mid-run."""
-    seen: dict = {}
-    for mask in masks:
-        label = setting_label(mask)
-        if label in seen and seen[label] != mask:
-            raise SystemExit(f"the settings {seen[label]!r} and {mask!r} would share the result "
-                             f"file runs/{label}.json; rename a folder or file so that their "
-                             "folder and file names differ")
-        seen[label] = mask
+def learned_labels(paths) -> list[str]:
+    """The result-file labels of ``learned:PATH`` settings: by file name, or by folder and file
+    name for files whose names repeat (two train-mask runs' ``last.pt``). Refuses, before any
+    work, two paths that still share a label (the second would find the first's file)."""
+    paths = [os.path.abspath(p) for p in paths]
+    stems = [os.path.basename(p) for p in paths]
+    labels = [setting_label(f"learned:{p}", with_folder=stems.count(s) > 1)
+              for p, s in zip(paths, stems)]
+    for i, label in enumerate(labels):
+        other = next((p for p, l in zip(paths[:i], labels) if l == label and p != paths[i]), None)
+        if other:
+            raise SystemExit(f"the estimators {other} and {paths[i]} would share the result file "
+                             f"runs/{label}.json; give them folders or files of other names")
+    return labels
 
 
-def run_setting(args, mask: str) -> dict:
-    """Evaluate one mask setting (resuming ``<out>/runs/<label>.json``); returns the results."""
+def run_setting(args, mask: str, label: str | None = None) -> dict:
+    """Evaluate one mask setting (resuming ``<out>/runs/<label>.json``, by default
+    :func:`setting_label`); returns the results."""
     cfg = dataclasses.replace(
         config_from_args(args), mask=mask,
-        out=os.path.join(args.out, "runs", setting_label(mask) + ".json"))
-    result = evaluate(cfg)
+        out=os.path.join(args.out, "runs", (label or setting_label(mask)) + ".json"))
+    try:
+        result = evaluate(cfg)
+    except LimitLoweredError as e:  # the baselines' files are shared by the scripts of one --out
+        raise SystemExit(f"{e}\n(experiments sharing --out share these files: give them all "
+                         "the same --limit, or this one another --out)") from None
     if result is None:
         raise RuntimeError("experiments run in one process; use `cad-spconv eval` under torchrun")
     return result

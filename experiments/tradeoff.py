@@ -12,11 +12,10 @@ Writes ``<out>/tradeoff.json`` (one point per setting) and ``<out>/tradeoff.png`
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from experiments.common import (base_parser, check_distinct_settings, dense_points, finish, point,
-                                run_setting, setting_label)
+from experiments.common import (base_parser, dense_points, finish, learned_labels, point,
+                                run_setting)
 
 
 def build_parser():
@@ -30,16 +29,14 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    learned = [f"learned:{ckpt}" for ckpt in args.learned]
-    check_distinct_settings(learned)
-    stems = [os.path.splitext(os.path.basename(c))[0] for c in args.learned]
+    labels = learned_labels(args.learned)  # checked before any work
     points = dense_points(args)
     for t in args.thresholds:
         points.append(point(run_setting(args, f"edge:{t:g}"), f"edge {t:g}", "edge"))
-    for mask, stem in zip(learned, stems):
-        # the file name, or folder and file where two runs share it (train-mask's last.pt)
-        label = stem if stems.count(stem) == 1 else setting_label(mask)[len("learned_"):]
-        points.append(point(run_setting(args, mask), label, "learned"))
+    for ckpt, label in zip(args.learned, labels):
+        # the plot's label: the file name, or folder and file where two runs share it
+        points.append(point(run_setting(args, f"learned:{ckpt}", label),
+                            label[len("learned_"):], "learned"))
     return finish(args, "tradeoff", points,
                   f"{args.model}, {args.finest_stride}->{args.coarsest_stride}: mIoU vs multiply-adds")
 

@@ -23,13 +23,14 @@ import sys
 from ..io import OutputBusyError, error_text
 from .config import (FORMAT, MASK_HELP, EvalConfig, MaskSpec, add_setting_arguments,
                      config_from_args, configure, parse_mask)
-from .loop import evaluate
+from .loop import LimitLoweredError, evaluate
 from .results import format_summary, load_results, summarize
 from .segmenter import Segmenter, dense_macs, estimator_from_state, load_mask_estimator
 
 __all__ = ["FORMAT", "MASK_HELP", "EvalConfig", "MaskSpec", "parse_mask", "configure",
            "add_setting_arguments", "config_from_args", "main", "evaluate", "Segmenter", "dense_macs",
-           "load_mask_estimator", "estimator_from_state", "summarize", "format_summary", "load_results"]
+           "load_mask_estimator", "estimator_from_state", "summarize", "format_summary", "load_results",
+           "LimitLoweredError"]
 
 
 def main(args) -> int:

@@ -11,7 +11,12 @@ from .config import EvalConfig
 from .results import finite, load_results, summarize
 from .segmenter import Segmenter
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "LimitLoweredError"]
+
+
+class LimitLoweredError(ValueError):
+    """The results file holds images this run does not ask for (a lower ``--limit``): its
+    summary would pool them."""
 
 
 def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
@@ -61,7 +66,7 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
         if extra:  # its summary would pool images this run does not ask for
             beyond = (f"beyond --limit {cfg.limit}" if cfg.limit is not None
                       else f"no longer in the {cfg.split} split of {cfg.data_root}")
-            raise ValueError(
+            raise LimitLoweredError(
                 f"{out_path} holds results of {len(extra)} images {beyond} (e.g. {extra[0]}); "
                 "evaluate them too (a larger --limit), or pass --overwrite or another --out")
         todo = [i for i, name in enumerate(dataset.ids) if name not in done]

@@ -150,3 +150,14 @@ def test_products_first_says_when_there_is_no_cuda(capsys):
     with pytest.raises(SystemExit):
         products_first.main(["layers", "--device", "cuda"])
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_scripts_sharing_an_out_folder_need_one_limit(setup, tmp_path):
+    """The baselines' result files are shared by the scripts of one --out: a lower --limit
+    would pool images it does not ask for, so it is refused with advice that fits scripts."""
+    argv, _ = setup
+    i = argv.index("--out")
+    argv = argv[:i + 1] + [str(tmp_path)] + argv[i + 2:]
+    assert tradeoff.main(argv + ["--thresholds"]) == 0
+    with pytest.raises(SystemExit, match="give them all the same --limit, or this one another"):
+        oracle.main(argv + ["--limit", "1"])
