@@ -23,7 +23,13 @@ MASK_HELP = ("edge:T (the reference code's gradient edges >= T, paper: 0.15/0.35
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # settings that change the results; a resumed run must match them
 _FINGERPRINT = ("model", "checkpoint", "split", "finest_stride", "coarsest_stride", "dense",
-                "semantics", "mask", "dilation", "sparse_head", "dtype", "seed", "files_sha256")
+                "semantics", "mask", "dilation", "sparse_head", "dtype", "seed", "files_sha256",
+                "mask_rule")
+# masks whose rule changed (2026-12-05): random draws per image from --seed and the frame id
+# (was one generator for the run), the inverse taken on the finest grid (was per pixel); files
+# written before, which lack "mask_rule", are refused for these masks and kept for the others
+MASK_RULES = {"random": "per-image draws", "shuffled-edge": "per-image draws",
+              "inverted-edge": "finest-grid complement"}
 
 
 # --------------------------------------------------------------------------- mask specification
@@ -163,6 +169,7 @@ class EvalConfig:
                  "mask": spec.path if spec is not None and spec.kind == "learned" else None}
         d["files_sha256"] = {k: file_sha256(v) if v and os.path.isfile(v) else None
                              for k, v in files.items()}
+        d["mask_rule"] = MASK_RULES.get(spec.kind) if spec is not None else None
         return {k: d[k] for k in _FINGERPRINT}
 
 

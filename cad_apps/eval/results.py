@@ -20,6 +20,9 @@ def load_results(path: str, cfg: EvalConfig) -> dict:
             # written before the weights were hashed: checked by path as then; from now on by
             # the bytes too
             old["config"]["files_sha256"] = mine["files_sha256"]
+        # written before the mask rules were recorded: the old rules (None), which differ from
+        # the current ones only for the masks that have one (config.MASK_RULES)
+        old["config"].setdefault("mask_rule", None)
         shown = settings_difference(old["config"], mine)
         if shown:
             raise ValueError(f"{path} was written with other settings ({shown}); pass another "

@@ -270,6 +270,24 @@ def test_oracle_and_ablation_masks_run(fixture_root, checkpoint, tmp_path):
             assert abs(rec["level0_share"] - 0.5) <= 2 / 35
 
 
+def test_files_from_before_a_mask_rule_changed_are_not_resumed(fixture_root, checkpoint,
+                                                                tmp_path):
+    """Random masks are drawn per image and the inverse is taken on the grid since 2026-12-05:
+    a file written before (no "mask_rule" in its settings) is refused for those masks, which
+    would mix both rules in one summary, and resumed for the others."""
+    for mask, refused in (("random:0.5", True), ("inverted-edge:0.35", True),
+                          ("edge:0.35", False)):
+        _, out = run(fixture_root, checkpoint, tmp_path, mask, limit=1)
+        old = json.loads(open(out).read())
+        del old["config"]["mask_rule"]
+        write_json_atomic(out, old)
+        if refused:
+            with pytest.raises(ValueError, match="mask_rule"):
+                run(fixture_root, checkpoint, tmp_path, mask)
+        else:
+            assert len(run(fixture_root, checkpoint, tmp_path, mask)[0]["images"]) == 3
+
+
 @pytest.mark.parametrize("mask", ["random:0.5", "shuffled-edge:0.95"])
 def test_random_masks_depend_only_on_the_seed_and_the_image(fixture_root, checkpoint, tmp_path,
                                                             mask):
