@@ -130,8 +130,10 @@ def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None) -
             raise FileNotFoundError(f"checkpoint {str(spec)!r} is neither a file nor a "
                                     f"torchvision weights name of {model_name}: check the path "
                                     "or the name")
-        raise FileNotFoundError(f"checkpoint {str(spec)!r} is not a file: check the path (a "
-                                "torchvision weights name such as DEFAULT needs --model)")
+        name_like = os.sep not in str(spec) and "." not in os.path.basename(str(spec))
+        raise FileNotFoundError(f"checkpoint {str(spec)!r} is not a file: check the path"
+                                + (" (a torchvision weights name such as DEFAULT needs --model)"
+                                   if name_like else ""))
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(cached):
         raise FileNotFoundError(

@@ -21,10 +21,10 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
+from .data import NUM_CLASSES  # the Cityscapes trainIds, which training and evaluation read
 from .io import save_torch_atomic, settings_difference, write_json_atomic
 
 TINY = "fcn_tiny"  # a smoke-test model with random weights
-NUM_CLASSES = 19  # the Cityscapes trainIds, which training and evaluation read
 CHECKPOINT = "last.pt"
 HISTORY = "history.json"
 

@@ -25,8 +25,8 @@ from . import gather  # noqa: F401  isort:skip
 from . import spconv_native  # noqa: F401  isort:skip
 from . import spconv_igemm  # noqa: F401  isort:skip
 from . import products  # noqa: F401  isort:skip
-from .base import Engine, EngineUnsupported, get_engine, register, registered
-from .dispatch import (check_bias, check_engine, conv_dtype, engine_names, prepare,
+from .base import Engine, EngineUnsupported, check_bias, get_engine, register, registered
+from .dispatch import (check_engine, conv_dtype, engine_names, prepare,
                        select_engine, sparse_conv, sparse_max)
 from .layouts import (cached_bytes, clear_caches, krsc_filters, weight_layout, weights_epoch,
                       workspace_scope)

@@ -15,7 +15,7 @@ import torch
 from ..rulebook import Rulebook
 
 __all__ = ["Engine", "EngineUnsupported", "register", "get_engine", "registered",
-           "gather_max"]
+           "gather_max", "check_bias"]
 
 
 class EngineUnsupported(ValueError):
@@ -111,3 +111,12 @@ def gather_max(features: torch.Tensor, book: Rulebook) -> torch.Tensor:
     if not outs:
         return features.new_empty(0, c)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def check_bias(bias: Optional[torch.Tensor], c_out: int) -> None:
+    """A conv's bias: ``None`` or one value per output channel, as ``F.conv2d`` requires (some
+    engines would broadcast a single value, others fail deep inside)."""
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c_out,)):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias has shape {got}, the weight's {c_out} output channels need "
+                         f"({c_out},)")

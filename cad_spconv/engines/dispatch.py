@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..rulebook import ConvRulebook, Rulebook
-from .base import get_engine, registered
+from .base import check_bias, get_engine, registered
 from .layouts import tracks_grad, weight_layout
 from .tuned import tuned_conv, tuned_engines
 
@@ -23,15 +23,6 @@ def check_engine(engine: str) -> str:
     if engine not in engine_names():
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(engine_names())}")
     return engine
-
-
-def check_bias(bias: Optional[torch.Tensor], c_out: int) -> None:
-    """A conv's bias: ``None`` or one value per output channel, as ``F.conv2d`` requires (some
-    engines would broadcast a single value, others fail deep inside)."""
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c_out,)):
-        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise ValueError(f"bias has shape {got}, the weight's {c_out} output channels need "
-                         f"({c_out},)")
 
 
 def select_engine(device: torch.device, groups: int, book: Rulebook) -> str:

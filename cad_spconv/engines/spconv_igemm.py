@@ -59,7 +59,7 @@ import torch
 
 from ..backend import SpconvUnavailable, installed_builds, spconv_status
 from ..rulebook import Rulebook
-from .base import Engine, EngineUnsupported, register
+from .base import Engine, EngineUnsupported, check_bias, register
 from .layouts import krsc_filters, tracks_grad
 
 __all__ = ["IGemmEngine", "IGemmPairs", "implicit_gemm_pairs", "igemm_conv",
@@ -159,8 +159,7 @@ def run_implicit_gemm(features: torch.Tensor, weight: torch.Tensor, bias,
     if weight.shape[2] * weight.shape[3] != pairs.kernel_volume:
         raise ValueError(f"weight has {weight.shape[2] * weight.shape[3]} taps, the tables "
                          f"{pairs.kernel_volume}")
-    if bias is not None and tuple(bias.shape) != (c_out,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({c_out},)")
+    check_bias(bias, c_out)
     if features.shape[0] != pairs.num_in:
         raise ValueError(f"features have {features.shape[0]} rows, the tables expect "
                          f"{pairs.num_in}")
