@@ -583,10 +583,13 @@ def _main(args) -> int:
         estimator = MaskEstimator(feature_channels(model, args.finest_stride), downsample=factor,
                                   tau=args.tau)
         if args.estimator_weights:
-            from .checkpoints import load_into, read_mask_estimator
+            from .checkpoints import load_into, read_mask_estimator_file
+            from .eval.segmenter import check_estimator_strides
 
-            state, path = read_mask_estimator(args.estimator_weights)
-            load_into(estimator, state, source=path)
+            found = read_mask_estimator_file(args.estimator_weights)
+            check_estimator_strides(found.strides, args.finest_stride, args.coarsest_stride,
+                                    found.path)
+            load_into(estimator, found.state, source=found.path)
         blended = BlendedSegmenter(model, estimator, args.finest_stride, args.coarsest_stride,
                                    separate_statistics=config.separate_statistics)
         if args.overwrite and os.path.exists(ckpt):  # the old run's evaluation and data

@@ -39,12 +39,14 @@ def dense_macs(model, output_stride: int, size, num_classes: int = 19) -> dict:
     return counter.result()
 
 
-def load_mask_estimator(spec: str, downsample: int):
+def load_mask_estimator(spec: str, finest_stride: int, coarsest_stride: int):
     """The learned mask estimator (:class:`~cad_spconv.learned_mask.MaskEstimator`) from a
-    checkpoint, its input channels read from the weights."""
-    from ..checkpoints import read_mask_estimator
-    state, path = read_mask_estimator(spec)
-    return estimator_from_state(state, downsample, path)
+    checkpoint, its input channels read from the weights, for a model at these strides (an
+    estimator whose checkpoint records others is refused: :func:`check_estimator_strides`)."""
+    from ..checkpoints import read_mask_estimator_file
+    found = read_mask_estimator_file(spec)
+    check_estimator_strides(found.strides, finest_stride, coarsest_stride, found.path)
+    return estimator_from_state(found.state, coarsest_stride // finest_stride, found.path)
 
 
 def check_estimator_strides(trained, finest: int, coarsest: int, source: str) -> None:
@@ -113,22 +115,18 @@ class Segmenter:
         self._dense: dict = {}
 
     def _estimator(self, info):
-        from ..checkpoints import read_mask_estimator_file
-
         cfg = self.cfg
         factor = cfg.coarsest_stride // cfg.finest_stride
         if self.mask.path:
-            found = read_mask_estimator_file(self.mask.path)
-            state, source, trained = found.state, found.path, found.strides
-        elif info is None or info.estimator is None:
+            return load_mask_estimator(self.mask.path, cfg.finest_stride, cfg.coarsest_stride)
+        if info is None or info.estimator is None:
             raise ValueError("--mask learned uses the mask estimator inside --checkpoint, and "
                              + ("there is no --checkpoint" if info is None else
                                 f"{info.source} holds none") + "; give its file: "
                              "--mask learned:PATH")
-        else:
-            state, source, trained = info.estimator, info.source, info.estimator_strides
-        check_estimator_strides(trained, cfg.finest_stride, cfg.coarsest_stride, source)
-        return estimator_from_state(state, factor, source)
+        check_estimator_strides(info.estimator_strides, cfg.finest_stride, cfg.coarsest_stride,
+                                info.source)
+        return estimator_from_state(info.estimator, factor, info.source)
 
     # masks --------------------------------------------------------------------------------
     def keep_for(self, images, targets, ids):

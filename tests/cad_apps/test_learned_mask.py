@@ -248,6 +248,12 @@ def test_cli_train_mask_on_synthetic_cityscapes(tmp_path, capsys):
     assert state2["cur_itrs"] == 0
     for k in est_keys:
         assert torch.equal(state2["model_state"][k], state["model_state"][k]), k
+    # ... but not one trained for other strides (the checkpoint records them)
+    capsys.readouterr()
+    assert cli.main(argv[:-3] + [str(tmp_path / "run3"), "--no-progress", "--no-eval",
+                                 "--iters", "0", "--coarsest-stride", "32",
+                                 "--estimator-weights", os.path.join(out, "last.pt")]) == 2
+    assert "trained for strides 8->16, this run uses 8->32" in capsys.readouterr().err
     assert cli.main(["train-mask", "--out", out, "--no-eval"]) == 2
     assert "exactly one of --data-root or --synthetic" in capsys.readouterr().err
 
