@@ -40,6 +40,8 @@ _GATHER_CHUNK_ELEMENTS_CUDA = 64 << 20
 _GATHER_COST_AVX512, _GATHER_COST_AVX2, _GATHER_COST_FEW_ROWS = 1.2, 1.0, 1.5
 # see products_pay
 _PRODUCTS_MIN_WIDTH_RATIO = 4
+# the derived-format tag marking a rulebook whose layer this engine handed to products
+_HANDED_OVER = "lattice-handed-to-products"
 
 
 class LatticeEngine(Engine):
@@ -58,8 +60,8 @@ class LatticeEngine(Engine):
                 "use engine='torch' or 'spconv' (engine='auto' picks one)")
 
     def prepare(self, book: Rulebook, like: Optional[Rulebook] = None) -> None:
-        if isinstance(like, ConvRulebook) and like.has_derived("products"):
-            book.products()  # a layer of the forwards ran on the products engine
+        if isinstance(like, ConvRulebook) and like.has_derived(_HANDED_OVER):
+            book.products()  # this engine handed a layer of the forwards to products
         if book.num_taps == 1:
             if not book.is_identity:
                 book.rows()
@@ -78,6 +80,9 @@ class LatticeEngine(Engine):
         if products_pay(c_in, c_out, groups, book):
             # imported here so that "lattice" registers before "products" (ENGINES' order)
             from .products import products_conv
+            # marked, so that prepare(like=book) builds the products only where this engine
+            # used them (a tuned run trying the products engine builds them too)
+            book.derived(_HANDED_OVER, lambda: True)
             return products_conv(features, weight, bias, book)
         split = book.lattice(gather_cost(book.num_taps, c_in // groups,
                                          onednn_route(features, chunk=True), features.is_cuda),

@@ -690,6 +690,14 @@ def test_lattice_engine_runs_wide_stride_one_layers_as_products(monkeypatch):
             fresh = conv_rulebook(x.plan, (3, 3), (2, 2), step, step + (stride == 2))
             prepare(fresh, "auto", "cpu", like=book)
             assert fresh.has_derived("products") == expect
+    # a rulebook the products engine itself ran on (as a tuned candidate does) is no reason for
+    # the lattice engine to build products on another
+    x, _ = make_input(case, 1, 23, torch.float64, "cpu", seed=1)
+    CF.conv2d(x, torch.randn(6, 23, 3, 3, dtype=torch.float64), None, 1, 2, 1, "products")
+    book = CF.conv_book(x, (3, 3), 2, 1)
+    fresh = conv_rulebook(x.plan, (3, 3), (2, 2), 1, 1)
+    prepare(fresh, "lattice", "cpu", like=book)
+    assert book.has_derived("products") and not fresh.has_derived("products")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
