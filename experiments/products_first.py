@@ -4,6 +4,7 @@
     python -m experiments.products_first layers [--dtype bfloat16] [--reps 5] [--threads 2]
         [--device cuda] [--engines torch,products]
     python -m experiments.products_first head [--dtype bfloat16] [--reps 4] [--threads 2]
+    python -m experiments.products_first batch [--dtype bfloat16] [--reps 4] [--threads 2]
 
 ``layers``: one 3x3 conv at step 1 (the stride-16 part of a ResNet converted 8->16) on the sites
 of a Cityscapes frame's edge mask (frankfurt_000000_002196 or ``--frame``, threshold 0.35,
@@ -16,6 +17,10 @@ after one warm-up, ms, and the ratio products / lattice (what
 such layers to ``"products"`` instead of ``"torch"``: ``--device cuda --engines
 torch,products``).
 
+``batch``: the ASPP's 3x3 conv (2048 -> 256) at dilations 6 / 12 / 18 on a batch of four
+frames (the three frames of ``--frame``'s folder and ``--frame`` again) and on the same four
+images one at a time, both engines, in one process: whether a batch costs what its images do.
+
 ``head``: DeepLabV3-ResNet101 (random weights) converted 8->16 with and without ``sparse_head``
 on the same frame; the head's leaf modules timed by forward hooks, the dense head on the
 densified stride-8 map (channels-last) against the sparse head on the CAD tensor, with the
@@ -24,6 +29,7 @@ engine ``"auto"`` picks; median of ``--reps`` after one warm-up, ms.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import statistics
 import time
@@ -38,7 +44,7 @@ DILATIONS = (1, 2, 6, 18)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("layers", "head"))
+    parser.add_argument("mode", choices=("layers", "head", "batch"))
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -69,7 +75,7 @@ def main(argv=None) -> int:
                      f"project root: run from there, or name the frame)")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    return (_layers if args.mode == "layers" else _head)(args)
+    return {"layers": _layers, "head": _head, "batch": _batch}[args.mode](args)
 
 
 def _frame(path: str, extra=()):
@@ -129,6 +135,49 @@ def _split_layers(args) -> int:
             ms = {k: _median_ms(v) for k, v in samples.items()}
             print(f"| {c_in} -> {c_out} | {d} | {ms[first]:.1f} | {ms[second]:.1f} | "
                   f"{ms[second] / ms[first]:.2f} |", flush=True)
+    return 0
+
+
+def _batch(args) -> int:
+    from cad_spconv import CADTensor, LevelPlan, functional as CF
+
+    from .common import lattice_split_only
+
+    dtype = getattr(torch, args.dtype)
+    frames = sorted(glob.glob(os.path.join(os.path.dirname(args.frame), "*.png")))[:3]
+    keeps = [k.reshape(1, *k.shape[-2:]) for k in (_frame(f)[1] for f in frames + [args.frame])]
+    together = LevelPlan.from_keep(torch.cat(keeps), (64, 128), 1)
+    alone = [LevelPlan.from_keep(k, (64, 128), 1) for k in keeps]
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(256, 2048, 3, 3, generator=gen) / 50).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    feats = torch.randn(together.num_sites(1), 2048, generator=gen).to(dtype)
+    parts = feats.split([p.num_sites(1) for p in alone])
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, 2048 -> 256, "
+          f"{together.num_sites(1)} sites at step 1 in {len(keeps)} images; ms")
+    print("| dilation | lattice, batch | lattice, one by one | products, batch | "
+          "products, one by one | products / lattice (batch) |")
+    print("|---|---|---|---|---|---|")
+    with lattice_split_only(), torch.inference_mode():
+        for d in (6, 12, 18):
+            samples = {}
+            for rep in range(args.reps + 1):
+                for engine in ("lattice", "products"):
+                    for how, plans, xs in (("batch", [together], [feats]),
+                                           ("one by one", alone, parts)):
+                        tensors = [CADTensor(x, p, 1) for x, p in zip(xs, plans)]
+                        for t in tensors:  # builds the tables
+                            CF.conv2d(t, w, None, 1, d, 1, engine)
+                        start = time.perf_counter()
+                        for t in tensors:
+                            CF.conv2d(t, w, None, 1, d, 1, engine)
+                        if rep:
+                            samples.setdefault((engine, how), []).append(
+                                time.perf_counter() - start)
+            ms = {k: _median_ms(v) for k, v in samples.items()}
+            print(f"| {d} | {ms['lattice', 'batch']:.1f} | {ms['lattice', 'one by one']:.1f} | "
+                  f"{ms['products', 'batch']:.1f} | {ms['products', 'one by one']:.1f} | "
+                  f"{ms['products', 'batch'] / ms['lattice', 'batch']:.2f} |", flush=True)
     return 0
 
 
