@@ -65,9 +65,9 @@ def learned_labels(paths) -> list[str]:
     name for files whose names repeat (two train-mask runs' ``last.pt``). Refuses, before any
     work, two paths that still share a label (the second would find the first's file)."""
     paths = [os.path.abspath(p) for p in paths]
-    stems = [os.path.basename(p) for p in paths]
-    labels = [setting_label(f"learned:{p}", with_folder=stems.count(s) > 1)
-              for p, s in zip(paths, stems)]
+    names = [os.path.basename(p) for p in paths]
+    labels = [setting_label(f"learned:{p}", with_folder=names.count(n) > 1)
+              for p, n in zip(paths, names)]
     for i, label in enumerate(labels):
         other = next((p for p, l in zip(paths[:i], labels) if l == label and p != paths[i]), None)
         if other:
