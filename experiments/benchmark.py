@@ -109,8 +109,10 @@ def report(results_dir: str) -> str:
             r = json.load(f)
         cfg, s = r["config"], r["summary"]
         env = r["environment"]
+        tuned = env.get("tuning_env") or {}
         machines.add(f"{env['cpu']} ({', '.join(env.get('cpu_flags') or ['flags not recorded'])}"
-                     f"), torch {env['torch']}, {env['threads']} threads")
+                     f"), torch {env['torch']}, {env['threads']} threads"
+                     + "".join(f", {k}={v}" for k, v in tuned.items()))
         c = next(iter(s["cad"].values()))
         per = r["inputs"]
         if os.path.exists(path[:-5] + "_memory.json"):  # the memory pass, if it ran

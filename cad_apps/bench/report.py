@@ -38,6 +38,19 @@ def cpu_flags() -> list[str]:
     return []
 
 
+# environment variables that change what a CPU run measures: the allocator, the thread
+# runtime, and the instruction sets PyTorch's kernels, oneDNN and MKL may use (setting
+# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 runs an AVX-512
+# CPU on AVX2 code, which also switches the engines' AVX-512 choices off)
+_TUNING_ENV_PREFIXES = ("MALLOC_", "ATEN_CPU_CAPABILITY", "ONEDNN_", "DNNL_", "MKL_", "OMP_",
+                        "KMP_")
+
+
+def tuning_env() -> dict:
+    """The set environment variables of ``_TUNING_ENV_PREFIXES``, recorded with every run."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_TUNING_ENV_PREFIXES)}
+
+
 def native_bfloat16() -> bool:
     """Whether the CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX); without,
     oneDNN emulates them and bfloat16 is no speed setting."""
@@ -58,7 +71,7 @@ def environment(device, load_before) -> dict:
         "device": str(device),
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "tuning_env": tuning_env(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if device.type == "cuda":
@@ -192,6 +205,7 @@ def markdown(report) -> str:
                                  f"{cfg['batch']}, {env['device']} {cfg['dtype']}")
     f, c = cfg["finest_stride"], cfg["coarsest_stride"]
     load = lambda v: "n/a" if v is None else "/".join(f"{x:.1f}" for x in v)  # noqa: E731
+    tuned = env.get("tuning_env", env.get("malloc_env", {}))  # reports before 2026-12-05
     lines = [
         f"\n### {title}\n",
         f"`{report['command']}`\n",
@@ -200,8 +214,7 @@ def markdown(report) -> str:
            else "") + f"; torch {env['torch']}, "
         f"{env['threads']} threads; load average {load(env['loadavg_before'])} before, "
         f"{load(env['loadavg_after'])} after"
-        + (f"; {' '.join(f'{k}={v}' for k, v in env['malloc_env'].items())}"
-           if env["malloc_env"] else "") + ".",
+        + (f"; {' '.join(f'{k}={v}' for k, v in tuned.items())}" if tuned else "") + ".",
         f"Dense c / dense f: the dense backbone at stride {c} / {f} (faster memory format); CAD: "
         f"stride {f}->{c}, output densified at stride {f}; median of {cfg['reps']} runs after "
         f"{cfg['warmup']} warm-up, variants alternating"

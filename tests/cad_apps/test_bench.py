@@ -1,6 +1,7 @@
 """`cad-spconv bench` end to end on tiny inputs: it runs, its counts and checks are right and it
 writes JSON and markdown. No timing is asserted (timings belong in BENCHMARKS.md)."""
 import json
+import os
 
 import pytest
 import torch
@@ -122,11 +123,16 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
 
     results = tmp_path / "machine"
     results.mkdir()
+    for name in list(os.environ):  # the CI's own settings would change the header
+        if name.startswith(bench_report._TUNING_ENV_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an ISA-restricted run says so
     run_bench(tmp_path, "--model", "resnet50", "--size", "96", "80", "--threshold", "0.35")
     (tmp_path / "r.json").rename(results / "cpu_float32_b1_edge0.35.json")
     table = benchmark.report(str(results))
     flags = ", ".join(bench_report.cpu_flags() or ["flags not recorded"])
     assert table.startswith(f"Measured on: {cpu_name()} ({flags})")
+    assert table.split("\n")[0].endswith("threads, ONEDNN_MAX_CPU_ISA=AVX2.")
     row = next(line for line in table.splitlines() if line.startswith("| cpu_float32_b1_edge0.35"))
     assert "| float32 | 1 | edge 0.35 |" in row
     assert benchmark.report(str(tmp_path / "empty")).startswith("no targets results")
