@@ -28,7 +28,7 @@ SPCONV = spconv_status()[0]
 
 def engines(device, dtype, groups):
     """The engines that run this call here (every refusal is tested in test_ops)."""
-    names = ["lattice", "torch", "auto", "tuned"]
+    names = ["lattice", "torch", "auto", "tuned"] + (["products"] if groups == 1 else [])
     # spconv: no float64 kernels on CUDA (refused, tested in test_ops)
     if SPCONV and groups == 1 and not (device.type == "cuda" and dtype == torch.float64):
         names.append("spconv")
@@ -156,8 +156,8 @@ CONVS = [(3, 1, 1, 1), (3, 1, 2, 1), (1, 1, 2, 1), (5, 2, 1, 1), (3, 1, 2, 2), (
                          [(torch.float64, *c) for c in CONVS]  # float32: the oneDNN GEMM routes
                          + [(torch.float32, *c) for c in CONVS if c[0] == 3])
 def test_conv(case, dtype, k, dilation, stride, groups, device):
-    """Every engine that runs here (lattice, torch, auto, tuned, spconv; spconv-igemm on CUDA),
-    with and without autograd."""
+    """Every engine that runs here (lattice, torch, auto, tuned, products, spconv; spconv-igemm
+    on CUDA), with and without autograd."""
     L = case[1]
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(6, 6 // groups, k, k, generator=gen, dtype=dtype).to(device)
@@ -270,7 +270,8 @@ def test_input_gradients_stay_in_their_image(case, stride, device):
 @pytest.mark.parametrize("case", CASES[:3])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv_reference_semantics(case, stride, device):
-    """Under semantics="reference" (centre anchors; the torch and spconv engines, and auto)."""
+    """Under semantics="reference" (centre anchors; the torch, products and spconv engines, and
+    auto)."""
     L = case[1]
     gen = torch.Generator().manual_seed(8)
     w = torch.randn(6, 6, 3, 3, generator=gen, dtype=torch.float64).to(device)

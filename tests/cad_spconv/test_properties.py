@@ -48,7 +48,8 @@ def log(message: str):
 
 def conv_engines(groups: int) -> list[str]:
     names = ["lattice", "torch", "auto", "tuned"]
-    return names + (["spconv"] if SPCONV and groups == 1 else [])
+    return names + (["products"] if groups == 1 else []) + (
+        ["spconv"] if SPCONV and groups == 1 else [])
 
 
 def check_isolated(run, emulate, x: CADTensor, poison, out_images):

@@ -8,7 +8,7 @@ from torch import nn
 from cad_spconv import CADTensor, LevelPlan, functional as CF
 from cad_spconv.backend import import_spconv
 from tests.support import dense_reference as ref
-from tests.support.inputs import make_input
+from tests.support.inputs import make_input, tol
 
 spconv = import_spconv()
 
@@ -36,7 +36,7 @@ def test_spconv_sparse_sequential_runs_pointwise_layers_on_a_cad_tensor():
     with torch.no_grad():
         y = seq(x)
     assert type(y) is CADTensor and y.plan is x.plan and y.step == 1 and y.cache is x.cache
-    torch.testing.assert_close(y.features, torch.relu(bn(x.features)))
+    torch.testing.assert_close(y.features, torch.relu(bn(x.features)), **tol(torch.float64))
     w = torch.randn(4, 6, 3, 3, dtype=torch.float64)
     z = CF.conv2d(y, w, stride=2)
     assert z.step == 2 and z.cache is x.cache
@@ -121,13 +121,15 @@ def test_a_rulebook_cache_serves_one_plan():
 def test_replace_feature_at_another_step_and_bad_features():
     """A derived tensor takes the new step's indices and shares plan and cache; what is not a
     [N, C] tensor of the right rows, or sits on another device, is refused by name."""
-    x, _ = make_input(((9, 7), 1, "keep"), 0, 2, torch.float32, "cpu", seed=6)
+    x, levels = make_input(((9, 7), 1, "keep"), 0, 2, torch.float32, "cpu", seed=6)
     n1 = x.plan.num_sites(1)
-    y = x.replace_feature(torch.zeros(n1, 3), step=1)
+    f1 = torch.randn(n1, 3, generator=torch.Generator().manual_seed(6))
+    y = x.replace_feature(f1, step=1)
     assert (y.step, y.num_sites, y.num_channels) == (1, n1, 3) and x.step == 0
     assert y.indices is x.plan.geometry(1).indices and x.indices is x.plan.geometry(0).indices
     assert y.plan is x.plan and y.cache is x.cache and y.spatial_shape == [9, 7]
-    torch.testing.assert_close(y.dense(), x.replace_feature(torch.zeros(x.num_sites, 3)).dense())
+    # densified through step 1's owners (the reference), not step 0's
+    torch.testing.assert_close(y.dense(), ref.Geometry(levels, 1).fill(f1), rtol=0, atol=0)
     with pytest.raises(ValueError, match=f"{n1 + 1} rows, the plan has {n1} sites at step 1"):
         x.replace_feature(torch.zeros(n1 + 1, 3), step=1)
     with pytest.raises(ValueError, match=r"\[N, C\]"):
