@@ -133,6 +133,42 @@ def test_max_pools_match_dense_reference(case, dtype, device):
             torch.testing.assert_close(CF.max_pool2d(r, 3, stride, 1).features, want, **tol(dtype))
 
 
+@pytest.mark.parametrize("case", CASES[:4])
+@pytest.mark.parametrize("k,dilation,stride", [(3, 2, 1), (3, 2, 2), ((3, 5), (2, 1), 1),
+                                                ((5, 3), 1, 2)])
+@pytest.mark.parametrize("chunk", [None, 4 * 15])  # 4 channels x 15 taps: 1 site per chunk
+def test_dilated_rectangular_and_chunked_max_pools_with_gradients(case, k, dilation, stride,
+                                                                   chunk, device, monkeypatch):
+    """Max pools with dilated and rectangular windows, values and input gradients, against the
+    dense reference's (float64), in one chunk and in many; the torch engine's conv in many
+    chunks too (the gather loops hold at most ``CHUNK_ELEMENTS`` elements)."""
+    import cad_spconv.engines.base as B
+    import cad_spconv.engines.gather as G
+    if chunk:
+        monkeypatch.setattr(B, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(G, "CHUNK_ELEMENTS", chunk)
+    L = case[1]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    dy, dx = (dilation, dilation) if isinstance(dilation, int) else dilation
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(3, 4, kh, kw, generator=gen, dtype=torch.float64).to(device)
+    for step in range(L + (stride == 1)):
+        x, levels = make_input(case, step, 4, torch.float64, device, seed=step + 5)
+        mine, theirs = (x.features.clone().requires_grad_() for _ in range(2))
+        y = CF.max_pool2d(x.replace_feature(mine), k, stride, (dy * (kh // 2), dx * (kw // 2)),
+                          dilation).features
+        want = ref.max_pool_overlap(theirs, levels, step, k, stride, dilation)
+        torch.testing.assert_close(y, want, **tol(torch.float64))
+        seed = torch.randn(want.shape, generator=gen, dtype=torch.float64).to(device)
+        (y * seed).sum().backward()
+        (want * seed).sum().backward()
+        torch.testing.assert_close(mine.grad, theirs.grad, **tol(torch.float64))
+        got = CF.conv2d(x, w, None, stride, dilation, 1, "torch").features
+        torch.testing.assert_close(
+            got, ref.conv(x.features, levels, step, stride, w, None, dilation),
+            **tol(torch.float64))
+
+
 def test_global_avg_pool_sums_half_precision_in_float32(device):
     """90000 sites of values in [0.5, 1.5): a float16 sum overflows (max 65504) and a bfloat16
     one stalls once ulp(sum) exceeds the addends; the mean must match float64's."""

@@ -105,13 +105,16 @@ def conv_reference_semantics(features, levels, step_in, stride, weight, bias=Non
     return out[idx[0], :, idx[1], idx[2]]
 
 
-def max_pool_overlap(features, levels, step_in, k, stride):
-    """Odd window, same padding, taps spaced 2**step_in, out-of-grid taps ignored."""
-    D = 2 ** step_in
+def max_pool_overlap(features, levels, step_in, k, stride, dilation=1):
+    """Odd window (``k`` an int or a pair), same padding, taps spaced ``dilation * 2**step_in``
+    (``dilation`` an int or a pair), out-of-grid taps ignored."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    dy, dx = (dilation, dilation) if isinstance(dilation, int) else dilation
+    D = (dy * 2 ** step_in, dx * 2 ** step_in)
     dense = Geometry(levels, step_in).fill(features)
-    pad = D * (k // 2)
-    padded = F.pad(dense, (pad, pad, pad, pad), value=float("-inf"))
-    out = F.max_pool2d(padded, k, stride=1, dilation=D)
+    py, px = D[0] * (kh // 2), D[1] * (kw // 2)
+    padded = F.pad(dense, (px, px, py, py), value=float("-inf"))
+    out = F.max_pool2d(padded, (kh, kw), stride=1, dilation=D)
     return Geometry(levels, step_in + (stride == 2)).sample(out)
 
 
