@@ -3,10 +3,12 @@ its CAD form (dense and sparse ASPP) against the dense networks and the independ
 in float64 with random weights, odd sizes and per-image masks."""
 from functools import lru_cache
 
+import numpy as np
 import pytest
 import torch
 
 from adapters import convert
+from cad_spconv import LevelPlan
 from adapters.builders import segmentation_model
 from tests.support import emulation as emu
 
@@ -66,19 +68,33 @@ def test_none_kept_backbone_equals_the_stride_16_network():
 
 
 @pytest.mark.parametrize("sparse_head", [False, True])
-@pytest.mark.parametrize("kind", ["keep", "levels"])
-def test_whole_network_matches_the_emulation(sparse_head, kind):
-    """Random per-image masks (1 or 2 adaptive steps): logits against the emulated network."""
+@pytest.mark.parametrize("semantics", ["paper", "reference"])
+@pytest.mark.parametrize("finest,coarsest,kind", [(8, 16, "keep"), (8, 32, "levels"),
+                                                  (8, 32, "map"), (4, 16, "levels"),
+                                                  (16, 32, "keep"), (8, 32, "none")])
+def test_whole_network_matches_the_emulation(sparse_head, semantics, finest, coarsest, kind):
+    """Random per-image masks mixing every level (or nothing kept), 1 or 2 adaptive steps from
+    finest stride 4, 8 or 16, both anchor rules: logits against the emulated network."""
     given = v3plus()
-    coarsest = 16 if kind == "keep" else 32
-    L = 1 if coarsest == 16 else 2
-    spec, levels = emu.mixed_masks(3, 2, (5, 6), L, kind)
-    cad = convert(given, 8, coarsest, sparse_head=sparse_head).eval()
+    L = (coarsest // finest).bit_length() - 1
+    grid = (-(-ODD[0] // finest), -(-ODD[1] // finest))
+    if kind == "none":
+        spec = torch.zeros(2, 1, *grid, dtype=torch.bool)
+        levels = np.full((2, *grid), L, dtype=np.int64)
+    else:
+        spec, levels = emu.mixed_masks(3, 2, grid, L, kind)
+    if isinstance(spec, LevelPlan):
+        spec = spec.with_semantics(semantics)
+    cad = convert(given, finest, coarsest, sparse_head=sparse_head, semantics=semantics).eval()
     x = images()
     with torch.no_grad():
         got = cad(x, spec)["out"]
-        want = emu.deeplabv3plus(given, x, levels, 8, coarsest, sparse_head)
-    emu.assert_rel(got, want)
+        want = emu.deeplabv3plus(given, x, levels, finest, coarsest, sparse_head,
+                                 semantics=semantics)
+        emu.assert_rel(got, want)
+        if semantics == "reference" and kind != "none":  # the anchors matter on these masks
+            paper = emu.deeplabv3plus(given, x, levels, finest, coarsest, sparse_head)
+            assert not torch.allclose(got, paper)
 
 
 def test_all_kept_at_finest_stride_4_equals_the_stride_4_network():

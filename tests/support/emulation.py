@@ -286,12 +286,13 @@ def segmentation(model, images, levels, finest, coarsest, sparse_head, given_str
     return logits, up
 
 
-def deeplabv3plus(model, images, levels, finest, coarsest, sparse_head, given_stride=8):
+def deeplabv3plus(model, images, levels, finest, coarsest, sparse_head, given_stride=8,
+                  semantics="paper"):
     """Emulated DeepLabV3+ (adapters.deeplabv3plus): trunk, ASPP (densified at the finest
     stride, or on the multi-resolution map and then densified), decoder dense on layer1.
     Returns the upsampled logits."""
     stages = dict(model.backbone.named_children())
-    out, cap = resnet_trunk(stages, images, levels, finest, coarsest, ("layer1",))
+    out, cap = resnet_trunk(stages, images, levels, finest, coarsest, ("layer1",), semantics)
     head = model.classifier
     given_rates = [b[0].dilation[0] for b in list(head.aspp.convs)[1:-1]]
     if sparse_head:
