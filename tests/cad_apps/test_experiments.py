@@ -89,7 +89,7 @@ def test_inadequate_masks(setup):
     _png(out / "inadequate_masks.png")
 
 
-def test_overlays(setup):
+def test_overlays(setup, capsys):
     argv, out = setup
     assert overlays.main(argv + ["--masks", "edge:1.5", "all", "--num-images", "2"]) == 0
     report = json.loads((out / "overlays.json").read_text())
@@ -97,8 +97,10 @@ def test_overlays(setup):
     assert report["masks"]["all"]["level0_share_mean"] == 1.0
     assert 0 < report["masks"]["edge:1.5"]["level0_share_mean"] < 1
     _png(out / "overlays.png")
+    capsys.readouterr()
     with pytest.raises(SystemExit):  # --limit would be ignored: --num-images says how many
         overlays.main(argv + ["--masks", "all", "--limit", "1"])
+    assert "--limit does not apply" in capsys.readouterr().err
 
 
 def test_scripts_run_from_the_command_line(setup):

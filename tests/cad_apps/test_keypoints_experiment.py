@@ -74,3 +74,4 @@ def test_sweep_needs_data(tmp_path, capsys):
     assert "exactly one of --data-root and --synthetic" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         exp.main(["--synthetic", "--out", str(tmp_path)])  # weights are required
+    assert "one of the arguments --weights --random-weights is required" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def test_too_many_level_masks_and_bad_num_levels():
     with pytest.raises(ValueError, match="expected 1..1 per-level masks"):
         LevelPlan.from_level_masks([keep, keep], (9, 7), 1)
     for bad in (0, True, 1.0):  # True is an int in Python: refused, not read as 1
-        with pytest.raises(ValueError, match="num_levels"):
+        with pytest.raises(ValueError, match=f"num_levels .* must be an int >= 1, got {bad!r}"):
             LevelPlan.from_keep(keep, (9, 7), bad)
 
 
@@ -167,6 +167,6 @@ def test_level_plan_built_directly_gets_the_cheap_checks():
     for bad in (levels.float(), levels[0], levels.int()):
         with pytest.raises(TypeError, match="int64 levels .*from_level_map"):
             LevelPlan(bad, 1)
-    with pytest.raises(ValueError, match="num_levels"):
+    with pytest.raises(ValueError, match="num_levels .* must be an int >= 1, got True"):
         LevelPlan(levels, True)
     assert LevelPlan(levels, 1).batch_size == 2
