@@ -57,6 +57,10 @@ def test_level_map_inconsistent_or_out_of_range():
     levels[0, 0, 0] = 1
     with pytest.raises(ValueError, match="not block-consistent: image 0, block at \\(0, 0\\) of size 2"):
         LevelPlan.from_level_map(levels, 2)
+    top = torch.zeros(2, 4, 4, dtype=torch.int64)  # image 1: one 2x2 of the top level's 4x4
+    top[1, :2, :2] = 2
+    with pytest.raises(ValueError, match="not block-consistent: image 1, block at \\(0, 0\\) of size 4"):
+        LevelPlan.from_level_map(top, 2)
     with pytest.raises(ValueError, match="must lie in 0..2, got 3..3"):
         LevelPlan.from_level_map(torch.full((1, 4, 4), 3), 2)
     with pytest.raises(TypeError, match="integer tensor"):

@@ -207,6 +207,16 @@ def test_all_kept_and_none_kept_equal_dense_networks(sparse_head, size):
     else:  # the head runs densified at the finest stride in both cases
         assert r_none["parts"]["head"] == r_all["parts"]["head"]
         assert r_none["total"] == coarse_body + stem_count + r_all["parts"]["head"]
+    # the paper's convention too (ptflops: biases, norms, activations; these convs have biases)
+    ptflops = pytest.importorskip("ptflops", reason="ptflops not installed (extra 'test')")
+
+    def ptflops_count(model):
+        return ptflops.get_model_complexity_info(
+            model, (3, *size), as_strings=False, print_per_layer_stat=False, verbose=False,
+            backend_specific_config={"count_functional": False})[0]
+    assert r_all["ptflops"]["per_image"] == [ptflops_count(fine)] * 2
+    if sparse_head:
+        assert r_none["ptflops"]["per_image"] == [ptflops_count(coarse)] * 2
     r = count_macs(cad, images, ~all_kept, finest=r_all, coarsest=coarse_count)
     assert r["vs_finest"] == r_none["total"] / r_all["total"]
     assert r["vs_coarsest"] == r_none["total"] / coarse_count

@@ -364,6 +364,31 @@ def test_random_like_and_random_errors():
         masks.shuffle_plan(keep)
 
 
+@pytest.mark.parametrize("operator", ["reference", "sobel"])
+def test_edge_threshold_is_inclusive(operator):
+    """A gradient equal to the threshold is an edge (the reference code compares with ``>=``);
+    one ulp above it, none is. Values 0 and 0.5 keep every gradient exact in float64; the
+    expected mask is the operator written again in numpy."""
+    img = torch.zeros(1, 3, 5, 6, dtype=torch.float64)
+    img[..., 3:] = 0.5
+    g = img[0, 0].numpy()
+    if operator == "reference":  # signed central differences, zero padding
+        p = np.pad(g, 1)
+        gx, gy = p[1:-1, 2:] - p[1:-1, :-2], p[2:, 1:-1] - p[:-2, 1:-1]
+        t = 0.5
+        want = (gx >= t) | (gy >= t)
+    else:  # Sobel magnitude, replicated border
+        p = np.pad(g, 1, mode="edge")
+        dx, dy = p[:, 2:] - p[:, :-2], p[2:, :] - p[:-2, :]
+        gx, gy = dx[:-2] + 2 * dx[1:-1] + dx[2:], dy[:, :-2] + 2 * dy[:, 1:-1] + dy[:, 2:]
+        t = 2.0
+        want = np.sqrt(gx * gx + gy * gy) >= t
+    assert want.any() and not want.all()
+    got = masks.edge(img, t, dilation=1, operator=operator, grayscale="mean")
+    np.testing.assert_array_equal(got[0, 0].numpy(), want)
+    assert not masks.edge(img, np.nextafter(t, np.inf), 1, operator, "mean").any()
+
+
 def test_invert_single_and_per_level():
     rng = np.random.default_rng(7)
     keep = torch.from_numpy(rng.uniform(size=(2, 1, 9, 11)) < 0.3)
@@ -378,6 +403,14 @@ def test_invert_single_and_per_level():
         on_grid = reduce_to_grid(pixels, cells, stride=stride)
         assert 0 < on_grid.float().mean() < 1
         assert torch.equal(reduce_to_grid(inv, cells, stride=stride), ~on_grid)
+        # pixel by pixel: a pixel is kept where its cell is not kept, and pixels past the grid
+        # (a floor grid) never are
+        want = np.zeros(pixels.shape, dtype=bool)
+        for i in range(cells[0]):
+            for j in range(cells[1]):
+                block = (..., slice(i * stride, (i + 1) * stride), slice(j * stride, (j + 1) * stride))
+                want[block] = ~pixels[block].numpy().any(axis=(-2, -1), keepdims=True)
+        np.testing.assert_array_equal(inv.numpy(), want)
         per_level = masks.invert([pixels], stride, grid)
         assert len(per_level) == 1 and torch.equal(per_level[0], inv)
     pts = [torch.tensor([[5.0, 4.0]])]

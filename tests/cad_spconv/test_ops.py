@@ -169,6 +169,22 @@ def test_dilated_rectangular_and_chunked_max_pools_with_gradients(case, k, dilat
             **tol(torch.float64))
 
 
+def test_rulebooks_of_one_cache_are_told_apart_by_every_geometry_argument():
+    """Convs on one tensor share its rulebook cache: a rulebook is reused for the same kernel,
+    dilation and stride only (a key missing one of them would hand over a wrong rulebook)."""
+    case = ((17, 23), 3, "map")
+    x, levels = make_input(case, 1, 4, torch.float64, "cpu", seed=8)
+    gen = torch.Generator().manual_seed(8)
+    w3, w5 = (torch.randn(4, 4, k, k, generator=gen, dtype=torch.float64) for k in (3, 5))
+    calls = [(w3, 1, 1), (w3, 2, 1), (w3, (1, 2), 1), (w3, 1, 2), (w5, 1, 1), (w3, 1, 1),
+             (w3, 2, 1)]
+    for w, dilation, stride in calls:
+        got = CF.conv2d(x, w, None, stride, dilation, 1, "torch").features
+        want = ref.conv(x.features, levels, 1, stride, w, None, dilation)
+        torch.testing.assert_close(got, want, **tol(torch.float64))
+    assert x.cache.builds == 5  # the last two calls reused their rulebooks
+
+
 def test_global_avg_pool_sums_half_precision_in_float32(device):
     """90000 sites of values in [0.5, 1.5): a float16 sum overflows (max 65504) and a bfloat16
     one stalls once ulp(sum) exceeds the addends; the mean must match float64's."""

@@ -60,6 +60,8 @@ def test_dense_owner_fill_and_spconv_scatter():
     sites[c[:, 0], c[:, 1], c[:, 2]] = True
     assert bool((scattered.permute(0, 2, 3, 1)[~sites] == 0).all())
     torch.testing.assert_close(x.dense(grid="step"), want[:, :, ::4, ::4], rtol=0, atol=0)
+    torch.testing.assert_close(x.dense(fill="scatter", grid="step"), scattered[:, :, ::4, ::4],
+                               rtol=0, atol=0)
     # the module form picks the same grid
     from cad_spconv.nn import Densify
     torch.testing.assert_close(Densify(grid="step")(x), want[:, :, ::4, ::4], rtol=0, atol=0)
