@@ -91,6 +91,28 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
     return out
 
 
+#: the targets of issue 14 (BENCHMARKS.md, "The CPU targets")
+MIN_EFF, NOTHING_KEPT_VS_DENSE_16, ALL_KEPT_VS_DENSE_8 = 0.9, 1.05, 1.10
+
+
+def verdict(cfg: dict, cad: dict, peaks: list) -> tuple[str, bool, bool]:
+    """(setting, speed target met, memory target met) of one targets result: ``cfg`` its
+    config, ``cad`` its summary of the CAD engine, ``peaks`` (dense 8's, CAD's) peak per
+    input. Edges: eff >= 0.9 and CAD faster than dense stride 8; nothing kept: <= 1.05 x dense
+    stride 16; all kept: <= 1.10 x dense stride 8; memory: CAD's peak <= dense 8's, every
+    input."""
+    if cfg.get("keep") == "none":
+        setting, ok = "nothing kept", cad["vs_dense_coarse"] <= NOTHING_KEPT_VS_DENSE_16
+    elif cfg.get("keep") == "all":
+        setting, ok = "all kept", cad["vs_dense_fine"] <= ALL_KEPT_VS_DENSE_8
+    else:
+        setting = f"edge {cfg['threshold']:g}" + (
+            "" if cfg.get("scope") != "model" else
+            (", whole model, sparse head" if cfg.get("sparse_head") else ", whole model"))
+        ok = cad["eff"] >= MIN_EFF and cad["vs_dense_fine"] < 1
+    return setting, ok, all(c <= d for d, c in peaks)
+
+
 def report(results_dir: str) -> str:
     """The CPU targets as a markdown table, from the ``targets`` suite's result files, headed by
     the machine(s) they were measured on."""
@@ -134,16 +156,7 @@ def report(results_dir: str) -> str:
             peak += " (tensors " + " ; ".join(f"{a / 2 ** 20:.0f} / {b / 2 ** 20:.0f}"
                                                for a, b in tensors) + ")"
         name = os.path.basename(path)[:-5]
-        if cfg.get("keep") == "none":
-            setting, ok = "nothing kept", c["vs_dense_coarse"] <= 1.05
-        elif cfg.get("keep") == "all":
-            setting, ok = "all kept", c["vs_dense_fine"] <= 1.10
-        else:
-            setting = f"edge {cfg['threshold']:g}" + (
-                "" if cfg.get("scope") != "model" else
-                (", whole model, sparse head" if cfg.get("sparse_head") else ", whole model"))
-            ok = c["eff"] >= 0.9 and c["vs_dense_fine"] < 1
-        memory_ok = all(b <= a for a, b in (tensors or rss))
+        setting, ok, memory_ok = verdict(cfg, c, tensors or rss)
         rows.append(f"| {name} | {cfg['dtype']} | {cfg['batch']} | {setting} | "
                     f"{c['mac_fraction']:.3f} | {1e3 * s['dense_fine_seconds']:.0f} | "
                     f"{1e3 * c['seconds']:.0f} | {c['vs_dense_fine']:.3f} | {c['eff']:.2f} | "

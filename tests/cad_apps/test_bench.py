@@ -150,6 +150,57 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
     assert "--dtype bfloat16" not in out
 
 
+@pytest.mark.parametrize("cfg,cad,peaks,want", [
+    # nothing kept: against dense stride 16, at most 1.05x (dense 8 does not enter)
+    ({"keep": "none"}, {"vs_dense_coarse": 1.05, "vs_dense_fine": 0.3}, [], (True, True)),
+    ({"keep": "none"}, {"vs_dense_coarse": 1.0501, "vs_dense_fine": 0.3}, [], (False, True)),
+    # all kept: against dense stride 8, at most 1.10x
+    ({"keep": "all"}, {"vs_dense_fine": 1.10, "vs_dense_coarse": 3.5}, [], (True, True)),
+    ({"keep": "all"}, {"vs_dense_fine": 1.1001, "vs_dense_coarse": 3.5}, [], (False, True)),
+    # edges: eff >= 0.9 and faster than dense stride 8 (slower than dense 16 is expected)
+    ({"threshold": 0.35}, {"eff": 0.9, "vs_dense_fine": 0.99, "vs_dense_coarse": 2.9}, [],
+     (True, True)),
+    ({"threshold": 0.35}, {"eff": 0.899, "vs_dense_fine": 0.8, "vs_dense_coarse": 2.9}, [],
+     (False, True)),
+    ({"threshold": 0.35}, {"eff": 1.2, "vs_dense_fine": 1.0, "vs_dense_coarse": 0.9}, [],
+     (False, True)),
+    # memory: CAD's peak at most dense 8's on every input
+    ({"threshold": 0.35}, {"eff": 1.0, "vs_dense_fine": 0.8, "vs_dense_coarse": 2.0},
+     [(100, 100), (100, 90)], (True, True)),
+    ({"threshold": 0.35}, {"eff": 1.0, "vs_dense_fine": 0.8, "vs_dense_coarse": 2.0},
+     [(100, 90), (100, 101)], (True, False)),
+])
+def test_target_rules_at_their_bounds(cfg, cad, peaks, want):
+    """The met / missed rules of the targets report (issue 14) at and just past each bound."""
+    from experiments import benchmark
+    _, ok, memory_ok = benchmark.verdict(cfg, cad, peaks)
+    assert (ok, memory_ok) == want
+
+
+def test_ratios_are_against_the_fastest_dense_variant_of_the_dtype():
+    """The summary's dense stride 8 / 16 are the faster memory format of each; eff and the
+    ratios use them, not the NCHW float32 network (reported beside them)."""
+    from cad_apps.bench import report as bench_report
+    fine_macs = 1000
+    variants = {
+        "dense16[nchw]": {"kind": "dense_coarse", "seconds": 0.5, "macs": 300},
+        "dense16[channels_last]": {"kind": "dense_coarse", "seconds": 0.4, "macs": 300},
+        "dense8[nchw]": {"kind": "dense_fine", "seconds": 2.0, "macs": fine_macs},
+        "dense8[channels_last]": {"kind": "dense_fine", "seconds": 1.6, "macs": fine_macs,
+                                  "format": "channels_last"},
+        "dense8[nchw,float32]": {"kind": "dense_reference", "seconds": 4.0, "macs": fine_macs},
+        "cad[lattice]": {"kind": "cad", "seconds": 1.0, "macs": 700},
+    }
+    out = bench_report._input_summary({"variants": variants}, ["lattice"])
+    assert (out["dense_fine_seconds"], out["dense_coarse_seconds"]) == (1.6, 0.4)
+    assert out["dense_fine_format"] == "channels_last"
+    c = out["cad"]["lattice"]
+    assert c["mac_fraction"] == 0.7
+    assert c["vs_dense_fine"] == 1.0 / 1.6 and c["vs_dense_coarse"] == 1.0 / 0.4
+    assert c["eff"] == 1.6 * 0.7 / 1.0
+    assert c["vs_dense_fine_nchw_float32"] == 1.0 / 4.0
+
+
 @pytest.mark.parametrize("leave_out", [False, True])
 def test_float32_baseline_is_optional(tmp_path, leave_out):
     """In bfloat16 the NCHW float32 dense network is timed beside the same-dtype baselines
