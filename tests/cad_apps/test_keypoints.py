@@ -116,6 +116,36 @@ def test_mma_matches_a_brute_force_computation(data_root, extracted, tmp_path, n
                 > raw["features"]["a4"]["num_matches_mean"]["all"])
 
 
+def test_mma_over_all_pairs_weights_every_pair_and_reads_3px(data_root, extracted, tmp_path):
+    """"all" is the mean over every pair, not of the two groups' means (here the groups differ
+    in size: a viewpoint sequence copied under a second name), and the headline MMA@3 is the
+    3 px entry of each curve."""
+    root, feats = tmp_path / "hpatches", tmp_path / "feats"
+    shutil.copytree(data_root, root)
+    shutil.copytree(extracted / "a4", feats)
+    v = next(n for n in sorted(os.listdir(root)) if n.startswith("v_"))
+    shutil.copytree(root / v, root / f"{v}_copy")
+    shutil.copytree(feats / v, feats / f"{v}_copy")
+    report = run_evaluate(str(root), [str(feats)], str(tmp_path / "res.json"))
+    got = report["features"]["feats"]
+    expected = _brute_force_mma(str(root), str(feats))
+    assert got["num_pairs"] == {"i": 5, "v": 10, "all": 15}
+    assert not np.allclose(expected["all"], (expected["i"] + expected["v"]) / 2)  # it matters
+    for g in ("i", "v", "all"):
+        np.testing.assert_allclose(got["mma"][g], expected[g], rtol=0, atol=1e-12)
+    # MMA@3 is read at the threshold 3, wherever it stands in the list (the curve of these
+    # features moves from 1 to 2 and from 2 to 3 px; from 3 to 4 it is flat)
+    from cad_apps.keypoints.evaluate import evaluate_folder
+    from cad_apps.keypoints.hpatches import list_sequences
+    for name in ("os8", "a4"):
+        curves = _brute_force_mma(str(data_root), str(extracted / name))
+        for thresholds in ((1, 2, 3, 4), (2, 15, 3, 1), (3, 1)):
+            at3 = evaluate_folder(list_sequences(str(data_root)), str(extracted / name),
+                                  thresholds)["mma@3"]
+            for g in ("i", "v", "all"):
+                assert at3[g] == pytest.approx(curves[g][2], abs=1e-12), (name, thresholds, g)
+
+
 def test_mutual_nearest_neighbours_ties_and_empty():
     a = np.array([[1.0, 0], [1.0, 0], [0, 1.0]])
     b = np.array([[1.0, 0], [0, 2.0]])
