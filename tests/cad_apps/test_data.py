@@ -10,17 +10,21 @@ from cad_apps.data import (CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, CityscapesSeg
                              ConfusionMatrix, collate, colorize, label_ids_to_train_ids,
                              make_synthetic_cityscapes, normalize, read_image)
 
-# labelId -> trainId pairs from the Cityscapes benchmark's table (cityscapesScripts labels.py)
-KNOWN = {0: 255, 1: 255, 6: 255, 7: 0, 8: 1, 9: 255, 11: 2, 17: 5, 19: 6, 21: 8, 23: 10, 24: 11,
-         26: 13, 29: 255, 31: 16, 33: 18}
+# the Cityscapes benchmark's table (cityscapesScripts labels.py), written out here: every
+# labelId 0..33 -> trainId (255: not evaluated), and the 19 evaluated classes in trainId order
+TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+             24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+KNOWN = {i: TRAIN_IDS.get(i, 255) for i in range(34)}
+NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+         "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus",
+         "train", "motorcycle", "bicycle")
 
 
 def test_label_mapping_matches_cityscapes_table():
     ids = np.array(list(KNOWN), dtype=np.uint8)
     assert label_ids_to_train_ids(ids).tolist() == list(KNOWN.values())
-    assert label_ids_to_train_ids(np.array([250, 255], np.uint8)).tolist() == [255, 255]
-    assert CLASS_NAMES[0] == "road" and CLASS_NAMES[13] == "car" and CLASS_NAMES[18] == "bicycle"
-    assert len(CLASS_NAMES) == NUM_CLASSES == 19
+    assert label_ids_to_train_ids(np.array([34, 250, 255], np.uint8)).tolist() == [255] * 3
+    assert CLASS_NAMES == NAMES and len(CLASS_NAMES) == NUM_CLASSES == 19
 
 
 def test_label_mapping_rejects_floats_and_out_of_range():
