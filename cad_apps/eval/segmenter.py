@@ -2,6 +2,8 @@
 multiply-adds out."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .config import EvalConfig, parse_mask
@@ -221,9 +223,6 @@ class Segmenter:
         from a counted forward; hooks would distort the timing, so a timed run counts in a
         second forward, an untimed one takes the logits from the counted forward.
         """
-        import time
-
-
         from cad_spconv.macs import MacCounter
         images = images.to(self.device, self.dtype, non_blocking=True).contiguous(
             memory_format=torch.channels_last)

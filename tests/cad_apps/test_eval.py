@@ -50,7 +50,7 @@ def checkpoint(tmp_path_factory):
 def run(fixture_root, checkpoint, tmp_path, mask, name=None, dtype="float64", timing=False, **kw):
     out = str(tmp_path / (name or f"{mask.replace(':', '_')}.json"))
     cfg = EvalConfig(data_root=fixture_root, out=out, model=MODEL, checkpoint=checkpoint[0],
-                     mask=mask, dilation=3, device="cpu", dtype=dtype, num_workers=0,
+                     mask=mask, dilation=kw.pop("dilation", 3), device="cpu", dtype=dtype, num_workers=0,
                      warmup=kw.pop("warmup", 0), progress=False, timing=timing, **kw)
     return evaluate(cfg), out
 
@@ -186,6 +186,8 @@ def test_resume_skips_done_images_and_matches_a_fresh_run(fixture_root, checkpoi
     assert resumed["summary"]["miou"] == fresh["summary"]["miou"]
     with pytest.raises(ValueError, match=r"mask: 'edge:0.35' in the file vs 'edge:0.95' now"):
         run(fixture_root, checkpoint, tmp_path, "edge:0.95", name="resumed.json")
+    with pytest.raises(ValueError, match=r"dilation: 3 in the file vs 5 now"):
+        run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="resumed.json", dilation=5)
     # a lower --limit would pool images it does not ask for into its summary
     with pytest.raises(ValueError, match=r"results of 2 images beyond --limit 1 .*--overwrite"):
         run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="resumed.json", limit=1)
@@ -257,6 +259,10 @@ def test_learned_mask_records_what_the_converted_model_computes(fixture_root, ch
         assert rec["macs"]["total"] == want["total"] and rec["macs"]["mask"] == want["parts"]["mask"]
         assert rec["macs"]["total"] == sum(v for k, v in rec["macs"].items() if k != "total")
         assert rec["level0_share"] == float(cad.last_plan.level_fractions()[0, 0])
+        # the paper's count (ptflops convention): backbone with the estimator, head left out
+        paper = want["ptflops"]["per_image_parts"]
+        assert paper["mask"][0] > 0
+        assert rec["macs_paper_ptflops"] == sum(paper[p][0] for p in ("dense", "sparse", "mask"))
         kept.append(rec["level0_share"])
     assert 0 < sum(kept) / 2 < 1
 
@@ -474,6 +480,35 @@ def test_an_uncreatable_lock_is_not_reported_as_a_busy_output():
     with pytest.raises(ValueError, match="cannot create its lock file"):
         with OutputLock("/proc/cad_spconv_test.json"):
             pass
+
+
+def test_a_batch_time_is_shared_by_its_images(fixture_root, checkpoint, tmp_path, monkeypatch):
+    """Timed forwards of a batch of 2 on a clock that moves 1 s per reading: each image's time
+    is half the batch's."""
+    import itertools
+    import types
+
+    from cad_apps.eval import segmenter
+    clock = itertools.count()
+    monkeypatch.setattr(segmenter, "time", types.SimpleNamespace(
+        perf_counter=lambda: float(next(clock))))
+    result, _ = run(fixture_root, checkpoint, tmp_path, "none", timing=True, batch_size=2,
+                    limit=2)
+    assert [r["time_s"] for r in result["images"].values()] == [0.5, 0.5]
+
+
+def test_summary_pools_images_as_documented():
+    """Means over images, the median time, and multiply-add fractions as ratios of sums."""
+    from cad_apps.eval import summarize
+    recs = {k: {"confusion": [], "macs": {"total": m}, "macs_dense_finest": f,
+                "macs_dense_coarsest": c, "level0_share": 0.5, "time_s": t,
+                "time_device": "cpu (A)"}
+            for k, m, f, c, t in (("a", 2, 4, 1, 0.1), ("b", 3, 4, 1, 0.2), ("c", 5, 8, 2, 0.6))}
+    s = summarize(recs)
+    assert s["time_per_image_s_median"] == 0.2
+    assert s["time_per_image_s_mean"] == pytest.approx(0.3, abs=1e-15)
+    assert s["macs_fraction_of_finest"] == 10 / 16 and s["macs_fraction_of_coarsest"] == 10 / 4
+    assert s["macs_mean"]["total"] == pytest.approx(10 / 3, abs=1e-15)
 
 
 def test_times_from_other_machines_are_flagged_not_pooled_silently():
