@@ -75,6 +75,11 @@ def test_key_mismatch_names_missing_and_unexpected(tmp_path, reference):
     assert "1 missing keys: classifier.1.weight" in msg
     assert "1 unexpected keys: backbone.mask_estimator.0.weight" in msg
     assert "not one of the layouts" in msg
+    # a key missing alone (a layer the renaming missed would stay at its random init)
+    del state["backbone.mask_estimator.0.weight"]
+    torch.save({"model_state": state}, path)
+    with pytest.raises(CheckpointMismatchError, match="1 missing keys: classifier.1.weight"):
+        build_segmentation_model(MODEL, checkpoint=path)
 
 
 def test_shape_mismatch_is_named(tmp_path, reference):
