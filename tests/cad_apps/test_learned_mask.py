@@ -177,6 +177,71 @@ def run(rho, iters, seed=0):
     return train(tiny_blended(seed), synthetic_items(8), cfg, progress=False)
 
 
+def test_each_group_follows_the_poly_schedule_at_its_multiplier(monkeypatch):
+    """Every step: estimator, backbone and head at ``lr * (1 - i / iters) ** 0.9`` times their
+    own multiplier (the reference's 0.01 / 0.1 / 1 by default), and the budget loss on the
+    reference's second Gumbel sample (``rate_sample``), not on the sample that blends the
+    paths."""
+    import cad_spconv.learned_mask as LM
+    from cad_apps import blended as B
+
+    iters = 3
+    cfg = TrainConfig(iters=iters, batch_size=2, crop_size=40, lr=0.02, save_every=0)
+    net = tiny_blended()
+    role = {id(p): "estimator" for p in net.estimator.parameters()}
+    role.update({id(p): "backbone" for p in net.model.backbone.parameters()})
+    mult = {"estimator": cfg.estimator_lr_mult, "backbone": cfg.backbone_lr_mult, "head": 1.0}
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        seen.append({role.get(id(g["params"][0]), "head"): g["lr"]
+                     for g in optimizer.param_groups})
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    handle = register_optimizer_step_pre_hook(record)
+    outs, budgets = [], []
+    forward = B.BlendedSegmenter.forward
+    monkeypatch.setattr(B.BlendedSegmenter, "forward",
+                        lambda self, *a, **k: outs.append(forward(self, *a, **k)) or outs[-1])
+    budget_loss = LM.budget_loss
+    monkeypatch.setattr(LM, "budget_loss",
+                        lambda sample, rho: budgets.append(sample) or budget_loss(sample, rho))
+    try:
+        train(net, synthetic_items(4), cfg, progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) == iters
+    for i, lrs in enumerate(seen):
+        base = cfg.lr * (1 - i / iters) ** 0.9
+        assert lrs == pytest.approx({k: base * m for k, m in mult.items()}, rel=1e-12)
+    assert len(budgets) == iters
+    assert all(b is out["rate_sample"] for b, out in zip(budgets, outs))
+    assert not all(torch.equal(out["rate_sample"], out["low_res"]) for out in outs)
+
+
+def test_augmentation_moves_image_and_labels_together():
+    """Scale 1, crops larger than the image (padding), flips: every label still sits on its
+    own pixel (channel 0 carries the label), and exactly the padding is ignore (channel 1 is 1
+    on the image, 0 on the padding)."""
+    from cad_apps.train_mask import _augment
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 19, (13, 17), generator=gen)
+    image = torch.stack([target.double(), torch.ones(13, 17, dtype=torch.float64),
+                         torch.zeros(13, 17, dtype=torch.float64)])
+    cfg = TrainConfig(crop_size=20, scale_range=(1.0, 1.0), color_jitter=0.0)
+    flipped = set()
+    for seed in range(8):
+        img, tgt = _augment(image, target, cfg, torch.Generator().manual_seed(seed))
+        on_image = tgt != cfg.ignore_index
+        assert torch.equal(on_image, img[1] == 1) and int(on_image.sum()) == 13 * 17
+        assert torch.equal(img[0][on_image].long(), tgt[on_image])
+        rows = on_image.any(1).nonzero()[:, 0]
+        cols = on_image.any(0).nonzero()[:, 0]
+        inner = tgt[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        flipped.add(torch.equal(inner, target.flip(-1)))
+        assert torch.equal(inner, target) or torch.equal(inner, target.flip(-1))
+    assert flipped == {False, True}
+
+
 def test_training_loss_falls_and_budget_steers_rho_hat():
     iters = 24
     runs = {rho: run(rho, iters) for rho in (0.75, 0.25)}
