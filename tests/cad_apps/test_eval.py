@@ -497,6 +497,24 @@ def test_a_batch_time_is_shared_by_its_images(fixture_root, checkpoint, tmp_path
     assert [r["time_s"] for r in result["images"].values()] == [0.5, 0.5]
 
 
+@pytest.mark.parametrize("field,other", [
+    ("model", "fcn_resnet50"), ("checkpoint", "other.pth"), ("split", "test"),
+    ("finest_stride", 4), ("coarsest_stride", 32), ("dense", 8), ("semantics", "reference"),
+    ("mask", "edge:0.95"), ("dilation", 5), ("sparse_head", True), ("dtype", "float64"),
+    ("seed", 1)])
+def test_every_setting_that_changes_results_is_in_the_resume_fingerprint(field, other):
+    """A resume compares fingerprints: each setting that changes an image's result must be in
+    it (one left out would let a resume mix two settings in one summary)."""
+    import dataclasses
+
+    from cad_apps.eval import EvalConfig
+    cfg = EvalConfig(data_root="d", out="o.json", model="deeplabv3_resnet50")
+    changed = dataclasses.replace(cfg, **{field: other}, **(
+        {"mask": None} if field == "dense" else {}))
+    a, b = cfg.fingerprint(), changed.fingerprint()
+    assert a[field] != b[field]
+
+
 def test_summary_pools_images_as_documented():
     """Means over images, the median time, and multiply-add fractions as ratios of sums."""
     from cad_apps.eval import summarize
