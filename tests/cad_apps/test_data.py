@@ -41,6 +41,11 @@ def test_normalize_uses_imagenet_statistics():
     assert torch.allclose(out[:, 0, 0], torch.tensor(expected), rtol=1e-6)
     with pytest.raises(TypeError, match="uint8"):
         normalize(img.float())
+    # denormalize inverts it (the edge detector and the plots read its output)
+    from cad_apps.data import denormalize
+    every = torch.arange(256, dtype=torch.uint8).repeat(3, 1)[:, None, :]  # [3, 1, 256]
+    torch.testing.assert_close(denormalize(normalize(every)), every.float() / 255,
+                               rtol=0, atol=1e-6)
 
 
 def test_synthetic_folder_reads_through_torchvision_layout(tmp_path):

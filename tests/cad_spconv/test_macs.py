@@ -337,10 +337,13 @@ def test_ptflops_convention_matches_ptflops_and_the_dense_ends():
 
 
 @pytest.mark.parametrize("norm", [lambda: nn.LayerNorm([8, 6, 10]), lambda: nn.GroupNorm(2, 8),
-                                  lambda: nn.BatchNorm2d(8)])
+                                  lambda: nn.BatchNorm2d(8), nn.LeakyReLU, nn.ELU, nn.ReLU6,
+                                  nn.PReLU, nn.GELU, lambda: nn.MaxPool2d(3, 1, 1),
+                                  lambda: nn.AvgPool2d(2), lambda: nn.Upsample(scale_factor=2)])
 def test_ptflops_convention_counts_norms_as_ptflops_does(norm):
     """Norm layers in the ptflops convention: twice the elements where ptflops sees ``affine``
-    (LayerNorm's ``elementwise_affine`` is not that attribute, so it counts once)."""
+    (LayerNorm's ``elementwise_affine`` is not that attribute, so it counts once); every
+    activation, pooling and upsampling layer the convention names, as ptflops counts it."""
     ptflops = pytest.importorskip("ptflops", reason="ptflops not installed (extra 'test')")
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(), nn.ReLU()).eval()
     res = ptflops.get_model_complexity_info(model, (3, 6, 10), as_strings=False,
