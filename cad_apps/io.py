@@ -148,7 +148,8 @@ class OutputLock:
     process, so a killed run never blocks the next one."""
 
     def __init__(self, path: str, what: str = "--out", wait: float = 0):
-        self.path = os.path.abspath(os.fspath(path))
+        # the real path, as write_atomic writes it: a symlink and its target are one output
+        self.path = os.path.realpath(os.fspath(path))
         self.what = what
         self.wait = wait
         self._lock = None

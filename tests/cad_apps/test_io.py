@@ -68,6 +68,19 @@ def test_a_lock_excludes_at_once_or_after_its_wait(tmp_path):
         thread.join()
 
 
+def test_a_symlink_and_its_target_are_one_output(tmp_path):
+    """write_atomic replaces a symlink's target, so the lock must be the target's too: two
+    runs given the link and the file must not both write."""
+    target = tmp_path / "r.json"
+    target.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    with io.OutputLock(str(target)):
+        with pytest.raises(io.OutputBusyError, match="being written by another"):
+            with io.OutputLock(str(link)):
+                pass
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_shards_cover_every_item_once_on_any_node(world):
     """Ranks are global: with several nodes the node-local rank repeats, the global one does
