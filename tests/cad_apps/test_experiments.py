@@ -48,7 +48,15 @@ def test_tradeoff_curve(setup, tmp_path):
     assert pts[f"learned:{ckpt}"]["macs_parts_per_image"]["mask"] > 0
     # each point is the summary of its own resumable eval run
     run = json.loads((out / "runs" / "edge_1.5.json").read_text())
-    assert run["summary"]["miou"] == pts["edge:1.5"]["miou"]
+    s, p = run["summary"], pts["edge:1.5"]
+    assert p["miou"] == s["miou"] and p["macs_per_image"] == s["macs_mean"]["total"]
+    for key in ("macs_fraction_of_finest", "macs_fraction_of_coarsest", "num_images"):
+        assert p[key] == s[key], key
+    assert (p["level0_share"], p["time_per_image_s"]) == (s["level0_share_mean"],
+                                                          s["time_per_image_s_median"])
+    assert (p["dense_finest_macs_per_image"], p["dense_coarsest_macs_per_image"]) == (
+        s["macs_dense_finest_mean"], s["macs_dense_coarsest_mean"])
+    assert s["macs_fraction_of_finest"] != s["macs_fraction_of_coarsest"]  # told apart
     _png(out / "tradeoff.png")
     # two train-mask runs both write last.pt: their points get distinct files and labels
     for name in ("rho0.3", "rho0.6"):
