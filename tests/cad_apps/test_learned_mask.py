@@ -138,12 +138,15 @@ def test_blend_equals_torchvision_stride_8_and_16_paths():
         seen = {}
         fine.classifier.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0]))
         for forced in (torch.zeros_like(mask), torch.ones_like(mask), mask):
-            est.sample_logits = lambda logits, tau=None, forced=forced: forced
+            # the first sample blends the paths, the second (the reference's) is the rate
+            draws = iter((forced, 1 - forced))
+            est.sample_logits = lambda logits, tau=None, draws=draws: next(draws)
             out = blended(images)
             expected = forced.repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :H0, :W0]
             torch.testing.assert_close(seen["x"], expected * up16 + (1 - expected) * f8,
                                        rtol=1e-12, atol=1e-12)
-            assert out["rho_hat"] == forced.mean()
+            assert torch.equal(out["low_res"], forced)
+            assert out["rho_hat"] == (1 - forced).mean()
         est.sample_logits = lambda logits, tau=None: torch.zeros_like(mask)
         torch.testing.assert_close(blended(images)["out"], fine(images)["out"], rtol=1e-12, atol=1e-12)
         est.sample_logits = lambda logits, tau=None: torch.ones_like(mask)
@@ -151,6 +154,14 @@ def test_blend_equals_torchvision_stride_8_and_16_paths():
                                align_corners=False)
         torch.testing.assert_close(blended(images)["out"], head16, rtol=1e-12, atol=1e-12)
         assert 0 < float(m.mean()) < 1
+        # the coarse path runs on its own batch-norm statistics, the fine one on the model's
+        bn = blended.low_res["layer3"][0].bn1
+        bn.running_mean += 0.5
+        assert not torch.allclose(blended(images)["out"], head16)
+        est.sample_logits = lambda logits, tau=None: torch.zeros_like(mask)
+        torch.testing.assert_close(blended(images)["out"], fine(images)["out"], rtol=1e-12,
+                                   atol=1e-12)
+        bn.running_mean -= 0.5
     # the backbone is left at its own stride configuration
     torch.testing.assert_close(fine.backbone(images)["out"], f8, rtol=0, atol=0)
 
