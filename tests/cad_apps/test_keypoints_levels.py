@@ -122,6 +122,21 @@ def test_budget_levels_orders_blocks_by_key():
     assert site_counts(out, 2) == site_counts(levels, 2)
 
 
+def test_a_blocks_key_is_the_minimum_over_its_cells():
+    """4x4 grid, L = 1, one level-1 site: the top-left block holds the smallest cell key (0)
+    but also the largest (10); the top-right block is 5 throughout, the others 9. By the
+    minimum the top-left block is first; by the maximum or the mean it would not be."""
+    levels = np.zeros((4, 4), dtype=np.int64)
+    levels[2:, 2:] = 1
+    key = np.full((4, 4), 9.0)
+    key[:2, :2] = [[0, 10], [10, 10]]
+    key[:2, 2:] = 5
+    out = budget_levels(levels, 1, key, np.random.default_rng(0))
+    expected = np.zeros((4, 4), dtype=np.int64)
+    expected[:2, :2] = 1
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_budget_matched_plans_cost_the_same_multiply_adds():
     stack = thin_vgg(scale=32)
     from adapters import convert
