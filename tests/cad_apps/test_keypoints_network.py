@@ -199,3 +199,19 @@ def test_checkpoints_pickling_other_objects_are_refused_with_the_fix(tmp_path):
     torch.save(ckpt, tmp_path / "train.pth")
     with pytest.raises(CheckpointError, match="keep its tensors only"):
         load_d2_weights(str(tmp_path / "train.pth"))
+
+
+@pytest.mark.parametrize("mask", ["random", "inverted"])
+def test_ablation_plans_are_drawn_per_image_and_reproducibly(tmp_path, mask):
+    """Each image draws its random / inverted plan from its own stream (the seed, the sequence
+    and the image number): other images get other plans, the same image the same one."""
+    ex = Extractor(_config(tmp_path, 2, (5, 9), mask=mask, seed=4), thin_vgg(scale=32))
+    xy = np.array([[5.0, 7.0], [20.0, 11.0], [33.0, 25.0]])
+    size = (64, 96)
+
+    def levels(sequence, k):
+        return ex.plan(xy, size, sequence, k).levels[0].numpy()
+    base = levels("v_a", 2)
+    np.testing.assert_array_equal(levels("v_a", 2), base)
+    for other in (("v_a", 3), ("i_b", 2)):
+        assert not np.array_equal(levels(*other), base), other
