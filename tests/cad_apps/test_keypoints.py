@@ -530,3 +530,25 @@ def test_evaluate_notes_high_resolution_sequences(data_root, extracted, tmp_path
                 "--out", str(tmp_path / "r.json")]) == 0
     assert "note: 1 high-resolution sequences are included" in capsys.readouterr().out
     assert json.load(open(tmp_path / "r.json"))["high_resolution_sequences"] == ["i_dc"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_rank_extracts_its_whole_shard(tmp_path, monkeypatch, world):
+    """Three sequences over 1-3 ranks: each rank runs as many steps as the largest shard has
+    sequences (a floor would stop rank 0 before its last sequence on an uneven split)."""
+    from cad_apps.distributed import Dist
+    from cad_apps.keypoints import extract
+
+    monkeypatch.setattr(extract.hpatches, "read_image", lambda path: path)
+    monkeypatch.setattr(extract, "_save_npz", lambda path, arrays: None)
+    monkeypatch.setattr(extract, "write_json_atomic", lambda path, obj: None)
+    monkeypatch.setattr(extract, "summarize", lambda images: {})
+    todo = [(f"s{i}", f"folder{i}", [1, 2]) for i in range(3)]
+    cfg = ExtractConfig(data_root=str(tmp_path), out=str(tmp_path / "out"), finest_stride=8,
+                        random_weights=True, progress=False)
+    for rank in range(world):
+        done = []
+        summary = {"images": {}}
+        extract._loop(cfg, str(tmp_path), Dist(rank=rank, world=world), lambda rgb, name, k:
+                      (done.append(f"{name}/{k}") or {}, {}), summary, todo, "s.json")
+        assert done == [f"s{i}/{k}" for i in range(rank, 3, world) for k in (1, 2)]
