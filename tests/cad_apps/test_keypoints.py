@@ -552,3 +552,25 @@ def test_every_rank_extracts_its_whole_shard(tmp_path, monkeypatch, world):
         extract._loop(cfg, str(tmp_path), Dist(rank=rank, world=world), lambda rgb, name, k:
                       (done.append(f"{name}/{k}") or {}, {}), summary, todo, "s.json")
         assert done == [f"s{i}/{k}" for i in range(rank, 3, world) for k in (1, 2)]
+
+
+def test_an_interrupted_feature_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """Feature files are written atomically: Ctrl-C in the middle of a rewrite leaves the
+    complete old file (which evaluate may be reading), not a torn one."""
+    from cad_apps.keypoints import extract
+
+    path = str(tmp_path / "seq" / "1.npz")
+    good = {"keypoints": np.ones((3, 3)), "scores": np.ones(3),
+            "descriptors": np.ones((3, 4), np.float32)}
+    extract._save_npz(path, good)
+
+    def torn(f, **arrays):
+        f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(extract.np, "savez", torn)
+    with pytest.raises(KeyboardInterrupt):
+        extract._save_npz(path, {k: v * 2 for k, v in good.items()})
+    assert feature_file_problem(path) is None
+    with np.load(path) as z:
+        assert np.array_equal(z["descriptors"], good["descriptors"])
+    assert os.listdir(tmp_path / "seq") == ["1.npz"]
