@@ -200,6 +200,25 @@ def test_keypoints_rejects_points_outside():
         masks.keypoints([torch.tensor([[1.0, 1.0]])], (10, 10), (4,))
 
 
+def test_sift_keypoints_read_the_rgb_image_as_grey():
+    """The batch's SIFT points are those of the RGB image's grey (OpenCV's luminance),
+    computed here with numpy: red blobs on a blue ground, where reading the channels as BGR
+    would give another grey image."""
+    pytest.importorskip("cv2", reason="OpenCV (extra 'sift') not installed")
+    rng = np.random.default_rng(3)
+    rgb = np.zeros((96, 128, 3), dtype=np.uint8)
+    rgb[..., 2] = 200
+    for _ in range(12):
+        y, x = rng.integers(8, 88), rng.integers(8, 120)
+        rgb[y - 4:y + 4, x - 4:x + 4] = (220, 30, 0)
+    grey = np.clip(np.round(rgb @ np.array([0.299, 0.587, 0.114])), 0, 255).astype(np.uint8)
+    want = masks.sift_points(grey, 50)[0]
+    got = masks.sift_keypoints(images.normalize(torch.from_numpy(rgb).permute(2, 0, 1))[None],
+                               50)[0]
+    assert len(want) > 0
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
 def test_sift_keypoints_optional():
     cv2 = pytest.importorskip("cv2", reason="OpenCV (extra 'sift') not installed")
     assert cv2 is not None
