@@ -118,6 +118,8 @@ def report(results_dir: str) -> str:
     the machine(s) they were measured on."""
     import json
 
+    from cad_apps.bench import report as bench_report
+
     machines = set()
     rows = ["| result | dtype | batch | setting | MAC fraction | dense 8 best [ms] | CAD [ms] | "
             "CAD / dense 8 | eff | vs dense 16 | peak MiB dense 8 / CAD, resident set (live "
@@ -131,7 +133,7 @@ def report(results_dir: str) -> str:
             r = json.load(f)
         cfg, s = r["config"], r["summary"]
         env = r["environment"]
-        tuned = env.get("tuning_env") or {}
+        tuned = bench_report.recorded_tuning_env(env)
         machines.add(f"{env['cpu']} ({', '.join(env.get('cpu_flags') or ['flags not recorded'])}"
                      f"), torch {env['torch']}, {env['threads']} threads"
                      + "".join(f", {k}={v}" for k, v in tuned.items()))

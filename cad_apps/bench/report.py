@@ -51,6 +51,12 @@ def tuning_env() -> dict:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_TUNING_ENV_PREFIXES)}
 
 
+def recorded_tuning_env(env: dict) -> dict:
+    """:func:`tuning_env` as a report's ``environment`` recorded it (reports before
+    2026-12-05 recorded the ``MALLOC_`` variables only, as ``malloc_env``)."""
+    return env.get("tuning_env", env.get("malloc_env")) or {}
+
+
 def native_bfloat16() -> bool:
     """Whether the CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX); without,
     oneDNN emulates them and bfloat16 is no speed setting."""
@@ -205,7 +211,7 @@ def markdown(report) -> str:
                                  f"{cfg['batch']}, {env['device']} {cfg['dtype']}")
     f, c = cfg["finest_stride"], cfg["coarsest_stride"]
     load = lambda v: "n/a" if v is None else "/".join(f"{x:.1f}" for x in v)  # noqa: E731
-    tuned = env.get("tuning_env", env.get("malloc_env", {}))  # reports before 2026-12-05
+    tuned = recorded_tuning_env(env)
     lines = [
         f"\n### {title}\n",
         f"`{report['command']}`\n",
