@@ -7,6 +7,7 @@ import torch
 from tests.support import dense_reference as ref
 from cad_spconv import CADTensor, LevelPlan, conv_rulebook, functional as CF
 from cad_spconv.engines import ENGINES, select_engine, sparse_conv
+from tests.support import rounding as R
 from tests.support.inputs import make_input
 
 
@@ -62,16 +63,18 @@ def test_gemm_route(dtype, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((37, 20), (9, 20), (9,)))
     want = x.double() @ w.double().t() + b.double()
-    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
-           torch.float64: dict(rtol=1e-12, atol=1e-12)}[dtype]
+    size = x.double().abs() @ w.double().abs().t()
+    # a float32 accumulator for bfloat16, the bias possibly added to the rounded product
+    bound = R.conv_bound(size + b.double().abs(), want, dtype, 21, roundings=2)
+    unbiased = R.conv_bound(size, want - b.double(), dtype, 20)
     into = torch.full((37, 9), float("nan"), dtype=dtype)
     given = E.matmul_nk(x, w, b, out=into)
     onednn = dtype in E._ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
     assert (given is into) != onednn  # oneDNN returns its own result, never a copy
     for got in (E.matmul_nk(x, w, b), given):
         assert got.shape == (37, 9) and got.dtype == dtype
-        torch.testing.assert_close(got.double(), want, **tol)
-    torch.testing.assert_close(E.matmul_nk(x, w, None).double(), want - b.double(), **tol)
+        R.assert_within(got, want, bound, "x @ w.T + b")
+    R.assert_within(E.matmul_nk(x, w, None), want - b.double(), unbiased, "x @ w.T")
     assert len(calls) == (3 if onednn else 0)
     assert E.matmul_nk(x[:0], w, b).shape == (0, 9)
     # the gather's chunks: oneDNN's 1x1 conv in float32 on AVX-512 CPUs only
@@ -83,7 +86,7 @@ def test_gemm_route(dtype, monkeypatch):
         assert len(calls) == (1 if onednn and dtype == torch.float32 and fp32_chunks_on_onednn
                               else 0)
         assert (got is into) == (len(calls) == 0)
-        torch.testing.assert_close(got.double(), want, **tol)
+        R.assert_within(got, want, bound, f"chunks, oneDNN {fp32_chunks_on_onednn}")
 
 
 @pytest.mark.parametrize("fp32_chunks_on_onednn", [True, False])
@@ -102,10 +105,12 @@ def test_float32_gather_on_either_chunk_route(fp32_chunks_on_onednn, monkeypatch
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(5, 8, 3, 3, generator=gen, dtype=torch.float64)
     b = torch.randn(5, generator=gen, dtype=torch.float64)
+    w, b = w.float(), b.float()
     with torch.no_grad():
-        got = CF.conv2d(x, w.float(), b.float(), 1, 3, 1, "lattice").features
-        want = ref.conv(x.features.double(), levels, 1, 1, w, b, 3, 1)
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        got = CF.conv2d(x, w, b, 1, 3, 1, "lattice").features
+    want = ref.conv(x.features.double(), levels, 1, 1, w.double(), b.double(), 3, 1)
+    size = R.conv_size(x.features, levels, 1, 1, w, b, 3)
+    R.assert_within(got, want, R.conv_bound(size, want, torch.float32, 8 * 9 + 1, roundings=2))
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
@@ -554,10 +559,16 @@ def test_autocast_runs_the_conv_in_the_autocast_dtype(engine, cast, blas, monkey
             z = CF.conv2d(y, w2, b2, 1, 1, 1, engine)
         assert y.features.dtype == z.features.dtype == cast
         step = 1 + (stride == 2)
-        want_y = ref.conv(x.features.double(), levels, 1, stride, w1.double(), b1.double(), 1, 1)
-        want_z = ref.conv(y.features.double(), levels, step, 1, w2.double(), b2.double(), 1, 1)
-        torch.testing.assert_close(y.features.double(), want_y, rtol=0.03, atol=0.03)
-        torch.testing.assert_close(z.features.double(), want_z, rtol=0.03, atol=0.03)
+        # autocast rounds the float32 features, weights and biases to its dtype first: the
+        # references take those rounded values
+        for got, (f, step_in, s, w, b) in ((y, (x.features, 1, stride, w1, b1)),
+                                           (z, (y.features, step, 1, w2, b2))):
+            f, w, b = (t.to(cast) for t in (f, w, b))
+            want = ref.conv(f.double(), levels, step_in, s, w.double(), b.double(), 1, 1)
+            size = R.conv_size(f, levels, step_in, s, w, b)
+            R.assert_within(got.features, want, R.conv_bound(
+                size, want, cast, w[0].numel() + 1, **R.engine_route(engine, cast, True)),
+                f"{engine} stride {stride}")
 
 
 def test_mixed_dtypes_outside_autocast_are_refused():

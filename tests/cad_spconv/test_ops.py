@@ -7,6 +7,7 @@ from tests.support import dense_reference as ref
 from cad_spconv import CADTensor, LevelPlan, functional as CF
 from cad_spconv.backend import SpconvUnavailable, spconv_status
 from cad_spconv.engines.spconv_igemm import igemm_status
+from tests.support import rounding as R
 from tests.support.inputs import make_input, tol
 
 SPCONV = spconv_status()[0]
@@ -60,9 +61,13 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
                     CF.conv2d(x, w, b, stride, dilation, groups, engine)
                 return
         y = CF.conv2d(x, w, b, stride, dilation, groups, engine)
-        assert y.step == step + (stride == 2)
-        expected = ref.conv(x.features, levels, step, stride, w, b, dilation, groups)
-        torch.testing.assert_close(y.features, expected, **tol(dtype))
+        assert y.step == step + (stride == 2) and y.features.dtype == dtype
+        expected = ref.conv(x.features.double(), levels, step, stride, w.double(),
+                            None if b is None else b.double(), dilation, groups)
+        size = R.conv_size(x.features, levels, step, stride, w, b, dilation, groups)
+        bound = R.conv_bound(size, expected, dtype, w[0].numel() + bias,
+                             **R.engine_route(engine, dtype, bias))
+        R.assert_within(y.features, expected, bound, f"{engine} step {step}")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -72,8 +77,10 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
 def test_half_precision_convs_match_dense_reference(case, engine, dtype, k, dilation, stride,
                                                     device):
     """Values of the half-precision routes (bfloat16 on CPU and CUDA, float16 on CUDA): the
-    float64 dense reference on the same rounded inputs and weights, to half-precision rounding
-    of the largest output."""
+    float64 dense reference on the same rounded inputs and weights, within the rounding bound of
+    each engine's route at every output site (a float32 accumulator and the roundings that
+    ``rounding.engine_route`` names): one more rounding of the products than claimed, or sums
+    in half precision, fail it."""
     if dtype == torch.float16 and device.type == "cpu":
         pytest.skip("float16 convs are a CUDA dtype")
     if engine.startswith("spconv") and (dtype == torch.bfloat16 or device.type == "cpu"
@@ -96,18 +103,38 @@ def test_half_precision_convs_match_dense_reference(case, engine, dtype, k, dila
         assert y.features.dtype == dtype and y.step == step + (stride == 2)
         want = ref.conv(x.features.double(), levels, step, stride, w.double(), b.double(),
                         dilation, 1)
-        eps = torch.finfo(dtype).eps
-        scale = float(want.abs().max())
-        if engine == "products":  # each tap's product is rounded too: at most half an eps of
-            # each, so of the sum of the products' magnitudes (the conv of |x| and |w|)
-            size = ref.conv(x.features.double().abs(), levels, step, stride, w.double().abs(),
-                            None, dilation, 1)
-            assert ((y.features.double() - want).abs()
-                    <= eps * (size + want.abs()) + 4 * eps * scale).all()
-            continue
-        # same rounded inputs: only the accumulation and the output's rounding differ
-        torch.testing.assert_close(y.features.double(), want, rtol=2 * eps,
-                                   atol=4 * eps * scale)
+        size = R.conv_size(x.features, levels, step, stride, w, b, dilation)
+        bound = R.conv_bound(size, want, dtype, w[0].numel() + 1,
+                             **R.engine_route(engine, dtype, bias=True))
+        R.assert_within(y.features, want, bound, f"{engine} step {step}")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sums_keep_small_terms(engine, dtype, device):
+    """The engines sum half-precision convs in float32 (``rounding.engine_route``), which
+    random inputs cannot tell from a sum in the dtype. Here one tap adds 1 and each of the 24
+    others a quarter of an ulp of 1: a sum in the dtype that starts from the 1 drops all 24
+    (6 ulps), a float32 one keeps them exactly. Channel 0 has the 1 on the first tap, channel
+    1 on the last, for sums in either order; images with different masks."""
+    if dtype == torch.float16 and device.type == "cpu":
+        pytest.skip("float16 convs are a CUDA dtype")
+    if engine.startswith("spconv"):
+        pytest.skip("spconv's native algorithm sums the taps in the dtype (engine_route)")
+    eps = torch.finfo(dtype).eps
+    for step, case in enumerate([((17, 23), 3, "map"), ((13, 11), 2, "levels")]):
+        x, levels = make_input(case, step, 1, dtype, device, seed=step)
+        x = x.replace_feature(torch.ones_like(x.features))
+        w = torch.full((2, 1, 5, 5), eps / 4, dtype=dtype)
+        w[0, 0, 0, 0] = w[1, 0, -1, -1] = 1
+        w = w.to(device)
+        with torch.no_grad():
+            y = CF.conv2d(x, w, None, 1, 1, 1, engine)
+        want = ref.conv(x.features.double(), levels, step, 1, w.double())
+        assert ((want == 1 + 6 * eps).float().mean(0) > 0.1).all()  # sites with all 25 taps
+        size = R.conv_size(x.features, levels, step, 1, w)
+        R.assert_within(y.features, want, R.conv_bound(
+            size, want, dtype, 25, **R.engine_route(engine, dtype, False)), f"{engine} {case}")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -436,11 +463,16 @@ def test_grid_conv_under_autocast(cast):
         assert x.cache.builds == 0  # both on the grid path
         lattice = CF.conv2d(y, w2, b2, engine="lattice")
     assert y.features.dtype == z.features.dtype == cast
-    want_y = ref.conv(x.features.double(), level_map, 0, 2, w1.double(), b1.double(), 1, 1)
-    want_z = ref.conv(y.features.double(), level_map, 1, 1, w2.double(), b2.double(), 1, 1)
-    torch.testing.assert_close(y.features.double(), want_y, rtol=0.03, atol=0.03)
-    torch.testing.assert_close(z.features.double(), want_z, rtol=0.03, atol=0.03)
-    torch.testing.assert_close(z.features, lattice.features, rtol=0.02, atol=0.02)
+    # autocast rounds the float32 features, weights and biases to its dtype first: the
+    # references take those rounded values
+    for got, engine, (f, step, stride, w, b) in (
+            (y, "auto", (x.features, 0, 2, w1, b1)), (z, "auto", (y.features, 1, 1, w2, b2)),
+            (lattice, "lattice", (y.features, 1, 1, w2, b2))):
+        f, w, b = (t.to(cast) for t in (f, w, b))
+        want = ref.conv(f.double(), level_map, step, stride, w.double(), b.double(), 1, 1)
+        size = R.conv_size(f, level_map, step, stride, w, b)
+        R.assert_within(got.features, want, R.conv_bound(
+            size, want, cast, w[0].numel() + 1, **R.engine_route(engine, cast, True)), engine)
     x64 = CADTensor(x.features.double(), plan, 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=cast):
         with pytest.raises(TypeError, match="float64, the weight.*autocast"):
