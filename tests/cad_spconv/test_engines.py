@@ -161,7 +161,7 @@ def test_lattice_split_partitions_the_output(grid, L, device):
                 c = geo.coords[part.out_rows]
                 assert bool(((c[:, 1] % s == a) & (c[:, 2] % s == b)).all())
                 images = c[:, 0].unique()  # the images whose phase runs densely, in order
-                slot = torch.searchsorted(images, c[:, 0])
+                slot = torch.searchsorted(images, c[:, 0].contiguous())
                 assert part.in_rows.numel() == images.numel() * Hp * Wp
                 assert torch.equal(part.positions, (slot * Hp + c[:, 1] // s) * Wp + c[:, 2] // s)
                 assert torch.equal(part.in_rows[part.positions], part.out_rows)
