@@ -58,3 +58,16 @@ def test_gamma_refuses_an_unbounded_sum():
     assert R.gamma(4, 2.0 ** -8) == pytest.approx(4 * 2 ** -8 / (1 - 4 * 2 ** -8), rel=1e-15)
     with pytest.raises(ValueError, match="too many"):
         R.gamma(256, 2.0 ** -8)
+
+
+def test_bound_holds_for_results_in_the_subnormal_range():
+    """float16 outputs near 1e-6 (below its smallest normal, 6.1e-5) keep fewer significant
+    bits: the bound's absolute term covers them."""
+    x, w = _dot_rows(72, 2)
+    x, w = x.double() * 1e-4, w.double() * 1e-3
+    x, w = x.to(torch.float16), w.to(torch.float16)
+    want = x.double() @ w.double()
+    size = x.double().abs() @ w.double().abs()
+    assert (want.abs() < torch.finfo(torch.float16).tiny).float().mean() > 0.9
+    got = (x.float() @ w.float()).to(torch.float16)
+    R.assert_within(got, want, R.conv_bound(size, want, torch.float16, 72))
