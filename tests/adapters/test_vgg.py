@@ -146,7 +146,8 @@ def test_full_vgg_and_bad_strides_are_refused():
         convert(stack[:6], 8, 16)
     # only the unpadded 2x2/2 pool is an adaptive step (a padded one, a 3x3 window or a
     # dilated one would change the grid the stack's later layers see)
-    for pool in (nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, 2, padding=1), nn.MaxPool2d(2, 2, dilation=2)):
+    for pool in (nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, 2, padding=1),
+                 nn.MaxPool2d(2, 2, dilation=2)):
         bad = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), pool)
         with pytest.raises(TypeError, match=r"cannot convert 1 .*MaxPool2d"):
             convert(bad, 1, 2)

@@ -50,8 +50,9 @@ def checkpoint(tmp_path_factory):
 def run(fixture_root, checkpoint, tmp_path, mask, name=None, dtype="float64", timing=False, **kw):
     out = str(tmp_path / (name or f"{mask.replace(':', '_')}.json"))
     cfg = EvalConfig(data_root=fixture_root, out=out, model=MODEL, checkpoint=checkpoint[0],
-                     mask=mask, dilation=kw.pop("dilation", 3), device="cpu", dtype=dtype, num_workers=0,
-                     warmup=kw.pop("warmup", 0), progress=False, timing=timing, **kw)
+                     mask=mask, dilation=kw.pop("dilation", 3), device="cpu", dtype=dtype,
+                     num_workers=0, warmup=kw.pop("warmup", 0), progress=False, timing=timing,
+                     **kw)
     return evaluate(cfg), out
 
 

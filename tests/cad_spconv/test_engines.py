@@ -108,9 +108,7 @@ def test_float32_gather_on_either_chunk_route(fp32_chunks_on_onednn, monkeypatch
     w, b = w.float(), b.float()
     with torch.no_grad():
         got = CF.conv2d(x, w, b, 1, 3, 1, "lattice").features
-    want = ref.conv(x.features.double(), levels, 1, 1, w.double(), b.double(), 3, 1)
-    size = R.conv_size(x.features, levels, 1, 1, w, b, 3)
-    R.assert_within(got, want, R.conv_bound(size, want, torch.float32, 8 * 9 + 1, roundings=2))
+    R.assert_conv_within(got, x.features, levels, 1, 1, w, b, 3, engine="lattice")
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
@@ -564,11 +562,8 @@ def test_autocast_runs_the_conv_in_the_autocast_dtype(engine, cast, blas, monkey
         for got, (f, step_in, s, w, b) in ((y, (x.features, 1, stride, w1, b1)),
                                            (z, (y.features, step, 1, w2, b2))):
             f, w, b = (t.to(cast) for t in (f, w, b))
-            want = ref.conv(f.double(), levels, step_in, s, w.double(), b.double(), 1, 1)
-            size = R.conv_size(f, levels, step_in, s, w, b)
-            R.assert_within(got.features, want, R.conv_bound(
-                size, want, cast, w[0].numel() + 1, **R.engine_route(engine, cast, True)),
-                f"{engine} stride {stride}")
+            R.assert_conv_within(got.features, f, levels, step_in, s, w, b, engine=engine,
+                                 what=f"{engine} stride {stride}")
 
 
 def test_mixed_dtypes_outside_autocast_are_refused():

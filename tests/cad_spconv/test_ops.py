@@ -62,12 +62,8 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
                 return
         y = CF.conv2d(x, w, b, stride, dilation, groups, engine)
         assert y.step == step + (stride == 2) and y.features.dtype == dtype
-        expected = ref.conv(x.features.double(), levels, step, stride, w.double(),
-                            None if b is None else b.double(), dilation, groups)
-        size = R.conv_size(x.features, levels, step, stride, w, b, dilation, groups)
-        bound = R.conv_bound(size, expected, dtype, w[0].numel() + bias,
-                             **R.engine_route(engine, dtype, bias))
-        R.assert_within(y.features, expected, bound, f"{engine} step {step}")
+        R.assert_conv_within(y.features, x.features, levels, step, stride, w, b, dilation,
+                             groups, engine=engine, what=f"{engine} step {step}")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -101,12 +97,8 @@ def test_half_precision_convs_match_dense_reference(case, engine, dtype, k, dila
         with torch.no_grad():
             y = CF.conv2d(x, w, b, stride, dilation, 1, engine)
         assert y.features.dtype == dtype and y.step == step + (stride == 2)
-        want = ref.conv(x.features.double(), levels, step, stride, w.double(), b.double(),
-                        dilation, 1)
-        size = R.conv_size(x.features, levels, step, stride, w, b, dilation)
-        bound = R.conv_bound(size, want, dtype, w[0].numel() + 1,
-                             **R.engine_route(engine, dtype, bias=True))
-        R.assert_within(y.features, want, bound, f"{engine} step {step}")
+        R.assert_conv_within(y.features, x.features, levels, step, stride, w, b, dilation,
+                             engine=engine, what=f"{engine} step {step}")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -115,10 +107,10 @@ def test_half_precision_sums_keep_small_terms(engine, dtype, device):
     """The engines sum half-precision convs in float32 and the partial results they round are
     values the dtype holds here, so the result is the exact sum rounded once (random inputs
     cannot tell every sum in the dtype from that: some stay inside the rounding bound). One
-    tap adds 1 and each of the 24 others a quarter of an ulp of 1: a sum
-    in the dtype loses some of them in any order that meets the 1 before all 24 are added
-    (6 ulps in sequence from the 1). Channel 0 has the 1 on the first tap, channel 1 on the
-    last; images with different masks."""
+    tap adds 1 and each of the 24 others a quarter of an ulp of 1: a sum in the dtype loses
+    some of them in any order that meets the 1 before all 24 are added (6 ulps in sequence
+    from the 1). Channel 0 has the 1 on the first tap, channel 1 on the last; images with
+    different masks."""
     if device.type == "cuda":
         pytest.skip("cuDNN picks the algorithm by heuristics (Winograd, FFT, implicit GEMM): "
                     "its sums are not claimed exact")
@@ -475,10 +467,7 @@ def test_grid_conv_under_autocast(cast):
             (y, "auto", (x.features, 0, 2, w1, b1)), (z, "auto", (y.features, 1, 1, w2, b2)),
             (lattice, "lattice", (y.features, 1, 1, w2, b2))):
         f, w, b = (t.to(cast) for t in (f, w, b))
-        want = ref.conv(f.double(), level_map, step, stride, w.double(), b.double(), 1, 1)
-        size = R.conv_size(f, level_map, step, stride, w, b)
-        R.assert_within(got.features, want, R.conv_bound(
-            size, want, cast, w[0].numel() + 1, **R.engine_route(engine, cast, True)), engine)
+        R.assert_conv_within(got.features, f, level_map, step, stride, w, b, engine=engine)
     x64 = CADTensor(x.features.double(), plan, 0)
     with torch.no_grad(), torch.autocast("cpu", dtype=cast):
         with pytest.raises(TypeError, match="float64, the weight.*autocast"):

@@ -100,6 +100,20 @@ def conv_size(features, levels, step_in, stride, weight, bias=None, dilation=1, 
                     None if bias is None else bias.double().abs(), dilation, groups)
 
 
+def assert_conv_within(got: torch.Tensor, features, levels, step_in, stride, weight, bias=None,
+                       dilation=1, groups=1, *, engine: str, what: str = "") -> float:
+    """A sparse conv's output ``got`` against the dense reference in float64 on the same
+    (already rounded) inputs, within :func:`conv_bound` for ``engine``'s route in ``got``'s
+    dtype; returns the largest ratio of error to bound."""
+    want = ref.conv(features.double(), levels, step_in, stride, weight.double(),
+                    None if bias is None else bias.double(), dilation, groups)
+    size = conv_size(features, levels, step_in, stride, weight, bias, dilation, groups)
+    terms = weight[0].numel() + (bias is not None)
+    bound = conv_bound(size, want, got.dtype, terms,
+                       **engine_route(engine, got.dtype, bias is not None))
+    return assert_within(got, want, bound, what or engine)
+
+
 def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, what: str = ""):
     """Every element of ``got`` within ``bound`` of the float64 ``want``; returns the largest
     ratio of error to bound (for reports). The message names the worst element."""
