@@ -12,6 +12,7 @@ from torchvision.models.resnet import Bottleneck
 
 from tests.support import emulation as emu
 from tests.support.keep import as_keep
+from tests.support.rounding import LayerCheck
 from adapters import CADResNet, UnsupportedModelError, convert
 from adapters.resnet import CADResNetFeatures, convert_resnet
 from cad_spconv import CADTensor, LevelPlan
@@ -181,6 +182,27 @@ def test_matches_dense_emulation_float32(arch):
         out = cad(x, spec)
         expected = emu.resnet_classifier(base.double(), x.double(), levels, 8, 32)
     emu.assert_rel(out.double(), expected, torch.float32)
+
+
+@pytest.mark.parametrize("blocks,semantics", [("basic", "paper"), ("grouped bottleneck", "paper"),
+                                              ("grouped bottleneck", "reference")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_layer_by_layer(blocks, semantics, dtype):
+    """The converted network in float32 and bfloat16 (ResNet-18, and a narrow ResNeXt for
+    grouped convs and in-place batch norms; two images with different masks, three levels):
+    every conv and batch norm within its rounding bound on the input it got
+    (``rounding.LayerCheck``)."""
+    torch.manual_seed(0)
+    base = emu.prepare(tvm.resnet18(num_classes=10) if blocks == "basic" else tvm.ResNet(
+        Bottleneck, [1, 2, 1, 1], num_classes=10, groups=4, width_per_group=8), dtype)
+    cad = convert(base, 4, 32, semantics=semantics)
+    x = images(MIXED, dtype)
+    spec, levels = emu.mixed_masks(6, 2, (13, 17), 3, "levels")
+    with torch.no_grad(), LayerCheck(cad, levels) as check:
+        assert cad(x, spec).dtype == dtype
+    names = {name for name, _ in check.ratios}
+    assert {"layer2.0.conv1", "layer4.0.bn2"} <= names  # the check saw the adaptive trunk
+    assert len(names) == len(check.ratios)  # each layer once
 
 
 SPCONV = spconv_status()[0]

@@ -11,6 +11,7 @@ from cad_spconv.backend import spconv_status
 from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADPointwise
 from tests.support.inputs import random_masks
 from tests.support.keep import as_keep
+from tests.support.rounding import LayerCheck
 
 
 class Block(nn.Module):
@@ -142,14 +143,58 @@ def test_guarantees(num_levels, grid, device):
                                        rtol=1e-9, atol=1e-9)
 
 
-def test_float32_close_to_float64(device):
-    strided, _, cad = build(2, torch.float64, device)
-    x = torch.randn(2, 3, 13, 11, dtype=torch.float64, device=device)
-    keep = torch.rand(2, 13, 11, device=device) < 0.15
-    with torch.no_grad():
-        out64 = cad(x, keep).features
-        out32 = cad.float()(x.float(), keep).features
-    torch.testing.assert_close(out32.double(), out64, rtol=1e-4, atol=1e-4)
+LOW_ENGINES = ["torch", "lattice", "products", "auto", "tuned", pytest.param(
+    "spconv", marks=pytest.mark.skipif(not spconv_status()[0],
+                                       reason=f"spconv engine unavailable: {spconv_status()[1]}"))]
+
+
+def low_precision_run(num_levels, grid, dtype, engine, device, spoil=None):
+    """The network and its input rounded to ``dtype`` and run there by ``engine`` (two images,
+    each its own masks) under ``rounding.LayerCheck``; returns the check. ``spoil``: a forward hook put on
+    the first block's ``conv2`` ahead of the check (the control's planted error)."""
+    low = build(num_levels, torch.float64, device, seed=num_levels)[0].to(dtype)
+    cad = CADToy(low, num_levels).eval()
+    for m in cad.modules():
+        if isinstance(m, CADConv2d):
+            m.engine = engine
+    if spoil is not None:
+        cad.blocks[0].conv2.register_forward_hook(spoil)
+    rng = np.random.default_rng(num_levels)
+    spec, masks = random_masks(rng, 2, grid, num_levels, "levels")
+    levels = ref.levels_from_masks(masks, num_levels)
+    gen = torch.Generator().manual_seed(num_levels)
+    x = torch.randn(2, 3, *grid, generator=gen, dtype=torch.float64).to(device, dtype)
+    with torch.no_grad(), LayerCheck(cad, levels) as check:
+        assert cad(x, as_keep(spec, num_levels, device)).features.dtype == dtype
+    return check
+
+
+@pytest.mark.parametrize("engine", LOW_ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_levels,grid", [(1, (13, 11)), (2, (16, 20)), (3, (17, 23))])
+def test_low_precision_network_layer_by_layer(num_levels, grid, dtype, engine, device):
+    """The whole network in float32 and bfloat16, every engine: every conv and batch norm
+    within its rounding bound on the input it got (``rounding.LayerCheck``; the float64
+    network's guarantees are test_guarantees')."""
+    if engine == "spconv" and dtype != torch.float32:
+        pytest.skip("spconv has no bfloat16 kernels (its refusal: test_ops)")
+    if device.type == "cuda" and dtype != torch.float32:
+        pytest.skip("half-precision networks on CUDA: not run on a GPU yet (the per-op "
+                    "CUDA tolerances are in test_ops)")
+    check = low_precision_run(num_levels, grid, dtype, engine, device)
+    convs = sum(isinstance(m, CADConv2d) for m in check.model.modules())
+    assert len(check.ratios) == 2 * convs - 1  # every conv but the last has a batch norm
+
+
+def test_layer_check_catches_a_precision_leak(device):
+    """Control: one conv whose output is rounded through bfloat16 in the float32 network
+    fails the check, naming that conv."""
+    def through_bfloat16(m, args, out):
+        return out.replace_feature(out.features.to(torch.bfloat16).float())
+
+    low_precision_run(2, (16, 20), torch.float32, "torch", device)
+    with pytest.raises(AssertionError, match=r"blocks\.0\.conv2 \(torch\): .* exceed the rounding"):
+        low_precision_run(2, (16, 20), torch.float32, "torch", device, spoil=through_bfloat16)
 
 
 ENGINES = ["torch", pytest.param("spconv", marks=pytest.mark.skipif(
