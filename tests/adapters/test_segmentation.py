@@ -13,6 +13,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 from tests.support import emulation as emu
+from tests.support.rounding import LayerCheck
 from cad_spconv import LevelPlan
 from adapters import CADSegmentation, convert
 from cad_spconv.tensor import CADTensor
@@ -201,6 +202,21 @@ def test_reference_semantics_matches_dense_emulation(name, finest, coarsest, spa
     for key in expected:
         emu.assert_rel(out[key], expected[key])
         assert not torch.allclose(out[key], paper[key])  # the anchors matter on these plans
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_head_low_precision_layer_by_layer(dtype):
+    """DeepLabV3 with the sparse head in float32 and bfloat16 (the ASPP's dilated convs, the
+    auxiliary head): every conv and batch norm of the backbone and heads within its rounding
+    bound on the input it got (``rounding.LayerCheck``)."""
+    given = emu.prepare(copy.deepcopy(seg_model("deeplabv3_resnet50")), dtype)
+    cad = convert(given, 8, 16, sparse_head=True)
+    spec, levels = emu.mixed_masks(8, 2, (9, 13), cad.num_levels, "keep")
+    with torch.no_grad(), LayerCheck(cad, levels) as check:
+        assert {v.dtype for v in cad(images(MIXED).to(dtype), spec).values()} == {dtype}
+    names = {name for name, _ in check.ratios}
+    assert {f"classifier.0.convs.{i}.0" for i in range(4)} | {
+        "classifier.0.project.0", "classifier.1", "classifier.4", "aux_classifier.4"} <= names
 
 
 def test_without_aux_matches_dense_emulation():
