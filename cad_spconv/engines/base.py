@@ -35,6 +35,11 @@ class Engine:
     name: str = ""
     #: one line for help texts and docs
     summary: str = ""
+    #: whether half-precision (float16) convs are summed in the dtype itself rather than in
+    #: float32 (spconv's kernels: every tap's GEMM output is added into the output); such
+    #: results are less accurate than the others', so ``"tuned"`` leaves these engines out of
+    #: half-precision layers
+    sums_half_in_dtype: bool = False
 
     def check(self, features: torch.Tensor, weight: torch.Tensor, groups: int,
               book: Rulebook) -> None:

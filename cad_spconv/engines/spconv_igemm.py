@@ -244,6 +244,7 @@ class IGemmEngine(Engine):
     name = "spconv-igemm"
     summary = ("spconv's masked implicit GEMM fed with the rulebook (CUDA inference, float32 / "
                "float16, no groups)")
+    sums_half_in_dtype = True  # spconv's tuner may pick a float16-accumulating kernel
 
     def check(self, features, weight, groups, book: Rulebook) -> None:
         if groups != 1:

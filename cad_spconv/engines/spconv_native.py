@@ -30,6 +30,7 @@ def _dtypes(device: torch.device) -> tuple:
 class SpconvEngine(Engine):
     name = "spconv"
     summary = "spconv's indice_conv on the rulebook's indice pairs (no groups, no bfloat16)"
+    sums_half_in_dtype = True  # each tap's GEMM output is added into the float16 output
 
     def check(self, features, weight, groups, book: Rulebook) -> None:
         if groups != 1:

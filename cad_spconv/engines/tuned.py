@@ -2,8 +2,11 @@
 
 Like ``torch.backends.cudnn.benchmark``: the first call for a device, dtype and layer shape runs
 each candidate (one warm-up, then :data:`TUNE_REPS` rounds in turn, so a change of machine load
-hits all of them) and keeps the fastest for later calls. All engines compute the same values
-(they pass the same exactness tests), so the choice changes speed only.
+hits all of them) and keeps the fastest for later calls. The candidates compute the same
+values to within rounding (they pass the same exactness tests, with float32 sums for half
+precision), so the choice changes speed only: engines that sum half-precision convs in the
+dtype itself (``Engine.sums_half_in_dtype``, spconv's) are candidates for float32 and float64
+layers only.
 """
 from __future__ import annotations
 
@@ -40,9 +43,12 @@ def _tune_key(features, weight, book: Rulebook, groups: int) -> tuple:
 
 
 def candidates(features, weight, groups: int, book: Rulebook) -> list[str]:
-    """The registered engines that can run this call, in registration order."""
+    """The registered engines that can run this call, in registration order (for half
+    precision, those that sum it in float32)."""
+    half = features.dtype in (torch.float16, torch.bfloat16)
     return [name for name, engine in registered().items()
-            if engine.supports(features, weight, groups, book)]
+            if not (half and engine.sums_half_in_dtype)
+            and engine.supports(features, weight, groups, book)]
 
 
 def _runs(book: Rulebook) -> set:

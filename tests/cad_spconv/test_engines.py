@@ -6,6 +6,7 @@ import torch
 
 from tests.support import dense_reference as ref
 from cad_spconv import CADTensor, LevelPlan, conv_rulebook, functional as CF
+from cad_spconv.backend import spconv_status
 from cad_spconv.engines import ENGINES, select_engine, sparse_conv
 from tests.support import rounding as R
 from tests.support.inputs import make_input
@@ -352,6 +353,26 @@ def test_auto_engine_selection():
         sparse_conv(torch.randn(25, 2), torch.randn(2, 2, 3, 3), None, book, engine="fast")
     assert {"auto", "tuned", "lattice", "torch", "spconv", "spconv-igemm", "products"} == set(
         ENGINES)
+
+
+@pytest.mark.skipif(not spconv_status()[0], reason=f"spconv unavailable: {spconv_status()[1]}")
+def test_tuned_leaves_out_engines_that_sum_half_precision_in_it():
+    """spconv runs float16 on CPU but adds its taps in float16: ``tuned`` must not pick it for
+    half precision (its result would depend on the timing: a test of float32 sums failed
+    when spconv won), and keeps it for float32."""
+    import cad_spconv.engines as E
+    from cad_spconv.engines.tuned import candidates
+    x, _ = make_input(((13, 11), 2, "levels"), 1, 8, torch.float32, "cpu", seed=2)
+    w = torch.randn(8, 8, 3, 3)
+    book = CF.conv_book(x, (3, 3), 1, 1)
+    half = [n for n, e in E.registered().items() if e.sums_half_in_dtype]
+    assert "spconv" in half and "torch" not in half
+    assert "spconv" in candidates(x.features, w, 1, book)
+    for dtype in (torch.float16, torch.bfloat16):
+        f, wd = x.features.to(dtype), w.to(dtype)
+        assert E.registered()["spconv"].supports(f, wd, 1, book) == (dtype == torch.float16)
+        names = candidates(f, wd, 1, book)
+        assert "torch" in names and not set(half) & set(names), (dtype, names)
 
 
 def test_tuned_engine_times_once_per_layer_shape_and_keeps_the_fastest(monkeypatch):

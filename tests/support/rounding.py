@@ -71,11 +71,11 @@ def engine_route(engine: str, dtype: torch.dtype, bias: bool) -> dict:
     engine's route); once more where every tap's GEMM output is rounded before the taps are
     summed (the products engine's: CPU GEMMs have no wider output, ``products.py``; the
     lattice engine hands layers with ``C_in >= 4 C_out`` to it, and "auto" and "tuned" may
-    run either). spconv's native algorithm adds the taps' GEMM outputs in the dtype itself,
-    so its sums are claimed in the dtype only, and so are "tuned"'s in float16, where spconv
-    is among its candidates."""
+    run either). spconv's engines add the taps' GEMM outputs in the dtype itself (the
+    registry's ``sums_half_in_dtype``), so their sums are claimed in the dtype only; "tuned"
+    leaves them out of half-precision layers, so its sums are float32's there."""
     roundings = 1 + bool(bias) + (engine in ("products", "lattice", "auto", "tuned"))
-    in_dtype = engine.startswith("spconv") or (engine == "tuned" and dtype == torch.float16)
+    in_dtype = engine.startswith("spconv")
     return dict(roundings=roundings, accumulate=dtype if in_dtype else None)
 
 
