@@ -9,6 +9,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from tests.support import emulation as emu
+from tests.support.rounding import LayerCheck
 from tests.support.keep import as_keep
 from adapters import CADVGGFeatures, convert
 from cad_spconv import LevelPlan
@@ -110,6 +111,20 @@ def test_matches_dense_emulation_float32():
         out = cad(x, spec)
         expected = emu.vgg_features(copy.deepcopy(stack).double(), x.double(), levels, 2, 8)
     emu.assert_rel(out.double(), expected.dense(), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_layer_by_layer(dtype):
+    """VGG-16-BN in float32 and bfloat16: every conv and batch norm within its rounding bound
+    on the input it got, every max pool exact (``rounding.LayerCheck``)."""
+    stack = emu.prepare(copy.deepcopy(features("vgg16_bn")), dtype)
+    cad = convert(stack, 2, 8)
+    spec, levels = emu.mixed_masks(13, 2, grid_at(ODD, 2), 2, "keep")
+    with torch.no_grad(), LayerCheck(cad, levels) as check:
+        assert cad(images(ODD, dtype), spec).dtype == dtype
+    kinds = {type(m).__name__ for name, m in cad.named_modules()
+             if name in {n for n, _ in check.ratios}}
+    assert kinds == {"CADConv2d", "CADBatchNorm2d", "CADMaxPool2d"}, kinds
 
 
 def test_keep_at_image_resolution_ignores_pixels_dropped_by_floor_pools():

@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from . import dense_reference as ref
-from cad_spconv.nn import CADBatchNorm2d, CADConv2d
+from torch.nn.modules.utils import _pair
+
+from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADMaxPool2d
 
 #: the second-order terms, at most about 0.6 % of the bound
 MARGIN = 1.01
@@ -130,8 +132,9 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, wh
     assert got.shape == want.shape == bound.shape, (got.shape, want.shape, bound.shape)
     got, want, bound = got.detach(), want.detach(), bound.detach()
     err = (got.double() - want.double()).abs()
+    inf = torch.full_like(err, float("inf"))
     ratio = torch.where(bound > 0, err / bound.clamp_min(torch.finfo(torch.float64).tiny),
-                        (err > 0) * float("inf"))
+                        torch.where(err > 0, inf, torch.zeros_like(err)))
     worst = int(ratio.flatten().argmax()) if ratio.numel() else 0
     if ratio.numel() and not bool((err <= bound).all()):
         at = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), ratio.shape))
@@ -165,17 +168,17 @@ def batch_norm_bound(x: torch.Tensor, bn: torch.nn.BatchNorm2d, dtype: torch.dty
 
 
 class LayerCheck:
-    """Checks every ``CADConv2d`` and eval ``CADBatchNorm2d`` call of a network as it runs:
-    its output against the float64 op on the input it was given (the dense reference through
-    ``levels``, the level map [B, H, W] of the plan's grid), within :func:`conv_bound` for the
-    conv's engine and :func:`batch_norm_bound`. Layer by layer, so the bounds stay those of
+    """Checks every ``CADConv2d``, eval ``CADBatchNorm2d`` and ``CADMaxPool2d`` call of a
+    network as it runs: its output against the float64 op on the input it was given (the dense
+    reference through ``levels``, the level map [B, H, W] of the plan's grid), within
+    :func:`conv_bound` for the conv's engine and :func:`batch_norm_bound`; pools exactly. Layer by layer, so the bounds stay those of
     one op: carried through a deep network, worst-case bounds grow by about ``sum |w|`` per
     conv and say nothing after two or three blocks.
 
     Use as a context manager around the forward pass; ``ratios`` holds ``(name, worst ratio
     of error to bound)`` per call, and a call outside its bound raises at once, naming the
-    layer. Residual sums, activations and pools are not checked here (exact ops or a single
-    rounding in the dtype)."""
+    layer. Residual sums and activations are not checked here (a single rounding in the
+    dtype; exact)."""
 
     def __init__(self, model: torch.nn.Module, levels):
         self.model, self.levels, self.ratios, self._hooks, self._inputs = model, levels, [], [], {}
@@ -188,6 +191,8 @@ class LayerCheck:
                 # batch norms may overwrite their input (``inplace``): keep a copy
                 self._hooks.append(m.register_forward_pre_hook(self._keep_input))
                 self._hooks.append(m.register_forward_hook(self._bn_hook(name)))
+            elif isinstance(m, CADMaxPool2d):
+                self._hooks.append(m.register_forward_hook(self._pool_hook(name)))
         return self
 
     def __exit__(self, *exc):
@@ -217,5 +222,21 @@ class LayerCheck:
                                 None if m.bias is None else m.bias.double(), False, 0.0, m.eps)
             self.ratios.append((name, assert_within(out.features, want,
                                                     batch_norm_bound(x, m, out.features.dtype),
+                                                    name)))
+        return hook
+
+    def _pool_hook(self, name):
+        def hook(m, args, out):
+            x = args[0]
+            f, k, stride = x.features.double(), _pair(m.kernel_size), _pair(m.stride)[0]
+            if k == (2, 2):
+                want = ref.max_pool_2x2(f, self.levels, x.step)
+            elif x.plan.semantics == "paper":
+                want = ref.max_pool_overlap(f, self.levels, x.step, k, stride, _pair(m.dilation))
+            else:
+                want = ref.max_pool_overlap_reference_semantics(f, self.levels, x.step, k[0],
+                                                                stride)
+            # maxima of the same values: exact
+            self.ratios.append((name, assert_within(out.features, want, torch.zeros_like(want),
                                                     name)))
         return hook
