@@ -151,12 +151,18 @@ class CADBatchNorm2d(nn.BatchNorm2d):
         """``CF.eval_scale_shift`` of the statistics and parameters, kept until one of them is
         replaced, moved or changed in place (a version counter or ``weights_epoch`` moves): its
         ~7 small ops cost more than the normalization itself on a small map. ``None`` where a
-        tensor has no version counter (an inference tensor)."""
+        tensor has no version counter (an inference tensor).
+
+        A training-mode forward updates the running statistics inside the batch-norm kernel,
+        which moves no version counter; it also counts the batch in ``num_batches_tracked``
+        (``add_``, which does), in this module or in the torch one it shares buffers with. A
+        direct ``F.batch_norm(..., training=True)`` on these buffers counts nothing: call
+        ``cad_spconv.clear_caches()`` after one."""
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
         try:
             # the version moves with in-place changes, the storage with model.to(...)
             versions = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
-                             for t in tensors)
+                             for t in tensors + (self.num_batches_tracked,))
         except RuntimeError:  # "Inference tensors do not track version counter"
             return None
         key = (versions, self.eps, torch.is_inference_mode_enabled(), weights_epoch())

@@ -323,6 +323,16 @@ def test_batch_norm_in_place_follows_every_change_of_its_parameters(device):
     check(bn, x.features)
     bn.float(), cbn.float()
     check(bn, x.features.float())
+    # training-mode forwards update the statistics without moving their version counters
+    for module in (cbn, bn):
+        module.train()
+        with torch.no_grad():
+            if module is cbn:
+                cbn(x.replace_feature(x.features.float() * 3 + 2))
+            else:
+                bn(x.features.float()[:, :, None, None] * 3 - 2)
+        module.eval()
+        check(bn, x.features.float())
 
 
 @pytest.mark.parametrize("affine", [True, False])
