@@ -16,7 +16,8 @@ from typing import Iterator
 from torch import nn
 
 __all__ = ["STEM", "STAGES", "CANONICAL_STRIDE", "OUTPUT_STRIDES", "dilation_flags",
-           "check_output_stride", "set_output_stride", "output_stride", "stride_conv"]
+           "check_output_stride", "set_output_stride", "output_stride", "stride_conv",
+           "stage_layout", "layout_mismatches"]
 
 STEM = ("conv1", "bn1", "relu", "maxpool")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -76,33 +77,69 @@ def set_output_stride(backbone: nn.Module, stride: int) -> list:
             conv.padding = (dilation * (k - 1) // 2, dilation * (k - 1) // 2)
 
     try:
-        dilation = 1
+        stages = {}
         for name in STAGES[1:]:
-            layer = getattr(backbone, name, None)
-            if layer is None:
+            stages[name] = getattr(backbone, name, None)
+            if stages[name] is None:
                 raise TypeError(f"expected a torchvision ResNet backbone with {name}; got "
                                 f"{type(backbone).__name__}")
-            previous = dilation
-            if CANONICAL_STRIDE[name] > stride:
-                dilation *= 2
-                step = 1
-            else:
-                step = 2
-            for i, block in enumerate(layer):
-                strided, others = stride_conv(block)
-                if i == 0:
-                    setconv(strided, step, previous)
-                    for conv in others:
-                        setconv(conv, dilation=dilation)
-                    if block.downsample is not None:
-                        setconv(block.downsample[0], new_stride=step)
-                else:
-                    for conv in (strided, *others):
-                        setconv(conv, dilation=dilation)
+        dilated = {name: CANONICAL_STRIDE[name] > stride for name in stages}
+        for _, conv, new_stride, dilation in stage_layout(stages, dilated):
+            setconv(conv, new_stride, dilation)
     except BaseException:
         _restore(saved)
         raise
     return saved
+
+
+def stage_layout(stages: dict, dilated: dict):
+    """The rule, one conv at a time: ``(path, conv, stride, dilation)`` for every conv of
+    ``layer2``-``layer4`` (``stages``: name -> the stage's blocks) that carries a stride or a
+    dilation, with the stages ``dilated[name]`` dilated instead of strided (dilation ``None``:
+    a 1x1 shortcut, where it means nothing)."""
+    dilation = 1
+    for name in STAGES[1:]:
+        if name not in stages:
+            break
+        previous = dilation
+        if dilated[name]:
+            dilation *= 2
+        step = 1 if dilated[name] else 2
+        for i, block in enumerate(stages[name]):
+            strided, others = stride_conv(block)
+            path = f"{name}.{i}.{'conv2' if not others else 'conv1'}"
+            yield path, strided, step if i == 0 else 1, previous if i == 0 else dilation
+            for conv in others:
+                yield f"{name}.{i}.conv2", conv, 1, dilation
+            if i == 0 and block.downsample is not None:
+                yield f"{name}.{i}.downsample.0", block.downsample[0], step, None
+
+
+def layout_mismatches(stages: dict) -> list[str]:
+    """Where a given ResNet's convs differ from every layout torchvision builds (the standard
+    strides, or any ``replace_stride_with_dilation``): one line per conv, empty if none. Each
+    stage counts as dilated where its first block's strided conv has stride 1; ``layer1``
+    never strides or dilates."""
+    found = []
+
+    def compare(path, conv, stride, dilation):
+        if conv.stride != (stride, stride) or (dilation is not None
+                                               and conv.dilation != (dilation, dilation)):
+            want = f"stride {stride}" + ("" if dilation is None else f", dilation {dilation}")
+            found.append(f"{path} has stride {conv.stride[0]}, dilation {conv.dilation[0]} "
+                         f"where torchvision's layout has {want}")
+
+    for i, block in enumerate(stages.get("layer1", ())):
+        strided, others = stride_conv(block)
+        for j, conv in enumerate((strided, *others)):
+            compare(f"layer1.{i}.{'conv2' if not others else f'conv{j + 1}'}", conv, 1, 1)
+        if block.downsample is not None:
+            compare(f"layer1.{i}.downsample.0", block.downsample[0], 1, None)
+    dilated = {name: stride_conv(stages[name][0])[0].stride == (1, 1)
+               for name in STAGES[1:] if name in stages and len(stages[name])}
+    for args in stage_layout(stages, dilated):
+        compare(*args)
+    return found
 
 
 def _restore(saved: list):

@@ -28,7 +28,7 @@ from cad_spconv.tensor import CADTensor
 
 from .common import (CADModel, UnsupportedModelError, cad_conv, check_plain_conv, check_strides,
                      dense_conv, expect_type, follow_mode, shell)
-from .output_stride import CANONICAL_STRIDE, STAGES, STEM, stride_conv
+from .output_stride import CANONICAL_STRIDE, STAGES, STEM, layout_mismatches, stride_conv
 
 __all__ = ["CADResNet", "CADResNetFeatures", "CADBottleneck", "CADBasicBlock",
            "CADResNetBackbone", "convert_resnet"]
@@ -128,8 +128,13 @@ def _check_block(block, path: str, first: bool):
     for name in names:
         expect_type(getattr(block, name), f"{path}.{name}", nn.Conv2d, "an nn.Conv2d")
         # the converted block sets each conv's stride and dilation anew: refuse what it would
-        # replace (anisotropic strides or dilations, other padding)
-        check_plain_conv(getattr(block, name), f"{path}.{name}", strides=(1, 2))
+        # replace (anisotropic strides or dilations, other padding; the whole layout is
+        # checked by _check_layout); a Bottleneck strides in conv2 only (ResNet v1.5)
+        strided = name == ("conv2" if type(block) is Bottleneck else "conv1")
+        check_plain_conv(getattr(block, name), f"{path}.{name}",
+                         "here (torchvision's blocks stride in "
+                         + ("conv2, ResNet v1.5)" if type(block) is Bottleneck else "conv1)"),
+                         strides=(1, 2) if strided else (1,))
     for name in bns:
         expect_type(getattr(block, name), f"{path}.{name}", nn.BatchNorm2d, "an nn.BatchNorm2d "
                     "(other norms, e.g. FrozenBatchNorm2d, are not supported)")
@@ -149,6 +154,18 @@ def _check_block(block, path: str, first: bool):
     elif first:
         raise UnsupportedModelError(f"cannot convert {path}: the first block of a strided stage "
                                     "needs a downsample shortcut (torchvision always builds one)")
+
+
+def _check_layout(stages: dict[str, nn.Sequential], prefix: str):
+    """The converted network takes each conv's stride and dilation from the strides asked
+    for, so a given model must have one of torchvision's layouts (any
+    ``replace_stride_with_dilation``): anything else would be replaced without a word."""
+    found = layout_mismatches(stages)
+    if found:
+        raise UnsupportedModelError(
+            f"cannot convert {prefix or 'the model'}: its strides and dilations are not a layout "
+            f"torchvision builds (the standard strides, or replace_stride_with_dilation), and "
+            f"the converted network would not keep them: {prefix}" + f"; {prefix}".join(found))
 
 
 def _check_stem(children: dict[str, nn.Module], prefix: str):
@@ -199,6 +216,7 @@ class _ResNetTrunk:
             expect_type(layer, prefix + name, nn.Sequential, "an nn.Sequential of blocks")
             for i, block in enumerate(layer):
                 _check_block(block, f"{prefix}{name}.{i}", first=(i == 0 and name != "layer1"))
+        _check_layout({name: children[name] for name in stages}, prefix)
         self.given_strides = given_strides(children)
         self.dense_names: list[str] = []
         self.sparse_names: list[str] = []

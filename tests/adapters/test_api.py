@@ -261,6 +261,26 @@ def test_unsupported_models_name_the_module_and_what_is_supported():
         with pytest.raises(UnsupportedModelError, match=rf"{path.replace('.', '[.]')} .*"
                                                         r"(stride must be|anisotropic|same padding)"):
             convert(model, 8, 16)
+    # isotropic changes off torchvision's layouts (the converted network would not keep them)
+    for kind, flags, changes, match in (
+            ("resnet50", None, {"layer4.0.conv2": (1, 1), "layer4.0.downsample.0": (1, None)},
+             r"layer4\.1\.conv2 has stride 1, dilation 1 where torchvision's layout has stride 1, "
+             r"dilation 2"),  # "last stride 1" (re-identification models)
+            ("resnet50", None, {"layer1.0.conv2": (1, 2)}, r"layer1\.0\.conv2 has .* dilation 2 "),
+            ("resnet18", None, {"layer3.1.conv1": (1, 2)}, r"layer3\.1\.conv1 has .* dilation 2 "),
+            ("resnet50", [False, True, True], {"layer4.2.conv2": (1, 2)},
+             r"layer4\.2\.conv2 has .*dilation 4"),
+            ("resnet50", None, {"layer2.0.conv1": (2, None), "layer2.0.conv2": (1, None)},
+             r"layer2\.0\.conv1 .*stride in conv2"),  # ResNet v1: the stride in conv1
+            ("resnet18", None, {"layer3.0.conv2": (2, None)}, r"layer3\.0\.conv2 .*stride in conv1")):
+        model = resnet(kind, replace_stride_with_dilation=flags or [False] * 3)
+        for path, (stride, dilation) in changes.items():
+            conv = model.get_submodule(path)
+            conv.stride = (stride, stride)
+            if dilation is not None:
+                conv.dilation = conv.padding = (dilation, dilation)
+        with pytest.raises(UnsupportedModelError, match=match):
+            convert(model, 8, 16)
     seg = deeplab()
     seg.classifier[0].convs[4] = nn.Identity()
     convert(seg, 8, 16)  # the dense head runs as given

@@ -218,7 +218,8 @@ def test_spconv_engine_matches_emulation():
         emu.assert_rel(cad(x, spec), emu.resnet_classifier(base, x, levels, 8, 32))
 
 
-@pytest.mark.parametrize("flags", [[False, True, True], [True, True, True], [False, False, True]])
+@pytest.mark.parametrize("flags", [[False, True, True], [True, True, True], [False, False, True],
+                                   [False, True, False]])
 def test_any_replace_stride_with_dilation_converts_the_same(flags):
     """The given model's own dilation setting does not matter: the CAD network is defined by
     the strides, and the dense part is rebuilt with the standard strides where needed."""
