@@ -16,6 +16,7 @@ checkpoint (written atomically: temporary file + ``os.replace``) left off.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -27,6 +28,10 @@ from .io import save_torch_atomic, settings_difference, write_json_atomic
 TINY = "fcn_tiny"  # a smoke-test model with random weights
 CHECKPOINT = "last.pt"
 HISTORY = "history.json"
+
+
+class DivergedError(RuntimeError):
+    """The training loss (or the weights) stopped being finite: the run diverged."""
 
 
 @dataclass
@@ -62,8 +67,14 @@ class TrainConfig:
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"rho (target fraction of low-resolution cells) must lie in [0, 1], "
                              f"got {self.rho}")
-        if self.tau <= 0:
+        if not self.tau > 0:  # NaN too
             raise ValueError(f"tau must be > 0, got {self.tau}")
+        for name in ("lr", "backbone_lr_mult", "estimator_lr_mult", "momentum", "weight_decay",
+                     "task_weight", "budget_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # NaN / Inf train NaN weights
+                flag = name if name == "momentum" else "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {self.scale_range}")
@@ -209,7 +220,8 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     ``history.json`` next to it. ``resume=True`` continues from ``out_dir/last.pt`` and refuses
     a checkpoint written with other settings (``config`` or ``meta``), naming them. Returns the
     history: one dict per iteration (``iteration``, ``loss``, ``task_loss``, ``budget_loss``,
-    ``rho_hat``, ``lr``).
+    ``rho_hat``, ``lr``). A non-finite loss raises :class:`DivergedError` before that step, and
+    non-finite weights before a save: the last save and its history stay as they were.
     """
     import torch
     import torch.nn.functional as F
@@ -277,14 +289,32 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
 
+    saved = {"iteration": start if resume else None}
+
+    def diverged(what: str, iteration: int):
+        fix = f"start again with a lower --lr (now {config.lr:g})"
+        if saved["iteration"] is None:
+            kept = "nothing was saved"
+        else:  # a resume would refuse the new --lr: the run starts over
+            kept = f"{ckpt_path} still holds iteration {saved['iteration']}"
+            fix += " and --overwrite"
+        return DivergedError(f"training diverged: {what} at iteration {iteration}; {kept}; "
+                             f"{fix}")
+
     def checkpoint(iteration: int):
         if not out_dir:
             return
-        save_torch_atomic({"cur_itrs": iteration, "model_state": reference_state(blended),
+        model_state = reference_state(blended)
+        bad = [k for k, v in model_state.items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # the last step's update was not finite: never save such weights
+            raise diverged(f"{len(bad)} weight tensors are not finite (e.g. {bad[0]})", iteration)
+        save_torch_atomic({"cur_itrs": iteration, "model_state": model_state,
                            "optimizer_state": optimizer.state_dict(),
                            "scheduler_state": {"last_epoch": iteration}, "history": history,
                            **settings}, ckpt_path)
         write_json_atomic(os.path.join(out_dir, HISTORY), history, compact_depth=1)
+        saved["iteration"] = iteration
 
     plan = _BatchPlan(dataset, config)
     loader = torch.utils.data.DataLoader(
@@ -304,6 +334,10 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
         task = F.cross_entropy(out["out"], targets, ignore_index=config.ignore_index)
         budget = budget_loss(out["rate_sample"], config.rho)
         loss = config.task_weight * task + config.budget_weight * budget
+        if not torch.isfinite(loss):  # stop before this state is stepped on or saved
+            bar.close()
+            raise diverged(f"the loss is {loss.item()} (task {task.item()}, budget "
+                           f"{budget.item()})", iteration + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -477,7 +511,7 @@ def main(args) -> int:
 
     try:
         return _main(args)
-    except (ValueError, OSError, KeyError, TypeError, OutputBusyError) as e:
+    except (ValueError, OSError, KeyError, TypeError, OutputBusyError, DivergedError) as e:
         import sys
         print(f"cad-spconv train-mask: error: {error_text(e)}", file=sys.stderr)
         return 2

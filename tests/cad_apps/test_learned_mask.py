@@ -381,6 +381,57 @@ def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
     assert "is not a train-mask checkpoint" in err
 
 
+def test_a_diverged_run_stops_before_saving_its_state(tmp_path, capsys, monkeypatch):
+    """A NaN / Inf loss crashed at the first save ("Out of range float values are not JSON
+    compliant") after last.pt got NaN weights and without history.json: it stops at the first
+    non-finite loss, naming the iteration and --lr, and saves nothing of that state; a
+    non-finite --lr or multiplier is refused up front."""
+    from cad_apps.train_mask import DivergedError
+
+    out = str(tmp_path / "run")
+    argv = ["train-mask", "--synthetic", "--model", "fcn_tiny", "--iters", "6", "--save-every",
+            "2", "--batch-size", "2", "--crop-size", "32", "--device", "cpu", "--out", out,
+            "--no-progress", "--no-eval"]
+    for bad in (["--lr", "nan"], ["--lr", "inf"], ["--backbone-lr-mult", "-1"],
+                ["--estimator-lr-mult", "nan"]):
+        assert cli.main(argv + bad) == 2
+        assert f"{bad[0]} must be a finite number >= 0, got" in capsys.readouterr().err
+        assert not os.path.exists(out)
+    assert cli.main(argv + ["--lr", "1e12"]) == 2
+    err = capsys.readouterr().err
+    assert ("training diverged: the loss is nan" in err and "at iteration 2; nothing was saved; "
+            "start again with a lower --lr (now 1e+12)" in err), err
+    assert not {"last.pt", "history.json"} & set(os.listdir(out))
+    # diverging after a save keeps that save, and the advice says how to start over
+    data = synthetic_items(4, seed=2)
+    cfg = TrainConfig(iters=4, batch_size=2, crop_size=32, lr=0.01, save_every=1)
+    blended = tiny_blended(0)
+    forward, calls = blended.forward, {"n": 0}
+
+    def nan_on_third(*a, **k):
+        calls["n"] += 1
+        res = forward(*a, **k)
+        return dict(res, out=res["out"] * float("nan")) if calls["n"] == 3 else res
+
+    blended.forward = nan_on_third
+    out2 = str(tmp_path / "run2")
+    with pytest.raises(DivergedError, match=r"at iteration 3; .*last.pt still holds iteration 2; "
+                                            r"start again with a lower --lr \(now 0.01\) and "
+                                            r"--overwrite"):
+        train(blended, data, cfg, out_dir=out2, progress=False)
+    assert torch.load(os.path.join(out2, "last.pt"), weights_only=True)["cur_itrs"] == 2
+    with open(os.path.join(out2, "history.json")) as f:
+        assert len(json.load(f)) == 2
+    # a finite loss whose step made the weights non-finite: the save is refused too
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: [
+        p.data.fill_(float("inf")) for g in self.param_groups for p in g["params"]])
+    with pytest.raises(DivergedError, match="weight tensors are not finite .* at iteration 1; "
+                                            "nothing was saved"):
+        train(tiny_blended(0), data, dataclasses.replace(cfg, iters=1),
+              out_dir=str(tmp_path / "run3"), progress=False)
+    assert not os.path.exists(str(tmp_path / "run3" / "last.pt"))
+
+
 def test_seed_fixes_the_initial_weights(tmp_path):
     """--seed seeds everything: the same seed gives the same losses, another seed others."""
     losses = []
