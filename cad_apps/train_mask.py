@@ -353,17 +353,25 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     return history
 
 
+DATA_KEYS = ("data_root", "train_images")  # meta keys train-mask records the data by
+
+
 def _check_same_settings(path: str, stored: dict, now: dict) -> None:
-    """Refuse to resume a run written with other settings, naming them (the number of data
-    loader workers and the checkpoint interval do not change results)."""
+    """Refuse to resume a run written with other settings or on other data, naming them (the
+    number of data loader workers and the checkpoint interval do not change results)."""
     free = ("workers", "save_every")
+    # runs written before the data were recorded have no data_root / train_images in their
+    # meta: they resume as before (unchecked); their next save records the data
+    recorded = stored.get("meta", {})
+    unrecorded = {k for k in DATA_KEYS if k not in recorded}
     shown = ", ".join(d for d in (
         settings_difference({k: v for k, v in stored.get(g, {}).items() if k not in free},
-                            {k: v for k, v in now.get(g, {}).items() if k not in free},
+                            {k: v for k, v in now.get(g, {}).items() if k not in free
+                             and not (g == "meta" and k in unrecorded)},
                             "in the checkpoint") for g in ("config", "meta")) if d)
     if shown:
         raise ValueError(f"--resume: {path} was written with other settings ({shown}); resume "
-                         "with the same settings, or start a new run in another --out (or "
+                         "with the same settings and data, or start a new run in another --out (or "
                          "--overwrite this one)")
 
 
@@ -641,7 +649,10 @@ def _main(args) -> int:
                 make_synthetic_cityscapes(root, "val", num_images=2, size=(64, 128), seed=args.seed + 1)
             data = _open_data(root, args)
         meta = {"model": args.model, "num_classes": num_classes, "weights": args.weights,
-                "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride}
+                "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride,
+                # the data trained on: a resume on other data is refused
+                "data_root": "synthetic" if args.synthetic else os.path.abspath(args.data_root),
+                "train_images": len(data[0])}
         history = train(blended, data[0], config, out,  # data: (train, val or None)
                         resume=args.resume, device=device, progress=not args.no_progress,
                         meta=meta)

@@ -432,6 +432,38 @@ def test_a_diverged_run_stops_before_saving_its_state(tmp_path, capsys, monkeypa
     assert not os.path.exists(str(tmp_path / "run3" / "last.pt"))
 
 
+def test_resume_on_other_data_is_refused(tmp_path, capsys):
+    """--resume continued silently on another --data-root (the data were not in meta): the
+    root and the number of training images are recorded and compared; runs written before they
+    were recorded still resume."""
+    from cad_apps.data import make_synthetic_cityscapes
+
+    roots = []
+    for i, n in enumerate((2, 3)):
+        roots.append(str(tmp_path / f"cs{i}"))
+        make_synthetic_cityscapes(roots[-1], "train", num_images=n, size=(32, 64))
+    out = str(tmp_path / "run")
+    argv = ["train-mask", "--model", "fcn_tiny", "--iters", "1", "--batch-size", "1",
+            "--crop-size", "32", "--device", "cpu", "--out", out, "--no-progress", "--no-eval"]
+    assert cli.main(argv + ["--data-root", roots[0]]) == 0
+    path = os.path.join(out, "last.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["meta"]["data_root"] == roots[0] and state["meta"]["train_images"] == 2
+    resume = argv + ["--resume"]
+    assert cli.main(resume + ["--data-root", roots[1]]) == 2
+    err = capsys.readouterr().err
+    assert (f"data_root: {roots[0]!r} in the checkpoint vs {roots[1]!r} now" in err
+            and "train_images: 2 in the checkpoint vs 3 now" in err), err
+    assert cli.main(resume + ["--synthetic"]) == 2
+    assert "vs 'synthetic' now" in capsys.readouterr().err
+    assert torch.load(path, weights_only=True)["cur_itrs"] == 1
+    for key in ("data_root", "train_images"):  # a run from before the data were recorded
+        del state["meta"][key]
+    torch.save(state, path)
+    assert cli.main(resume + ["--data-root", roots[0]]) == 0
+    assert torch.load(path, weights_only=True)["meta"]["data_root"] == roots[0]
+
+
 def test_seed_fixes_the_initial_weights(tmp_path):
     """--seed seeds everything: the same seed gives the same losses, another seed others."""
     losses = []
