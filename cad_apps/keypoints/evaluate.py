@@ -26,7 +26,7 @@ import numpy as np
 
 from ..io import check_output_path, read_json, write_atomic, write_json_atomic
 from . import hpatches
-from .extract import DAMAGED
+from .extract import DAMAGED, summarize
 
 __all__ = ["FORMAT", "THRESHOLDS", "mutual_nearest_neighbours", "reprojection_errors", "l2_normalize",
            "pair_accuracy", "load_features", "read_extract_summary", "evaluate_folder",
@@ -213,7 +213,12 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
         seen.setdefault(label, 1)
         summary = read_extract_summary(folder)
         res = evaluate_folder(sequences, folder, normalize=normalize)
-        s = summary.get("summary", {})
+        # multiply-adds and times of the images evaluated: a folder may hold more sequences
+        # than --data-root (a subset evaluated), and the MMA covers only these
+        names = {seq.name for seq in sequences}
+        records = {i: r for i, r in summary.get("images", {}).items()
+                   if i.rpartition("/")[0] in names}
+        s = summarize(records) if records else {}
         # a copy of the set may live elsewhere, so another root is reported, not refused
         results[label] = {"folder": folder, "extracted_from": summary.get("data_root"),
                           "settings": summary["settings"],

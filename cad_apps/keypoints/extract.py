@@ -352,6 +352,7 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
                     hpatches.load_sequence(seq, homographies=False)
                 summary = _load_summary(cfg, summary_path)
                 summary["images"] = _kept_images(out, summary["images"])
+                _check_no_stale_sequences(out, cfg.data_root, summary["images"], sequences)
                 todo = [(s.name, s.folder, [k for k in hpatches.IMAGES
                                             if f"{s.name}/{k}" not in summary["images"]])
                         for s in sequences]
@@ -378,6 +379,19 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
             lock.__exit__(None, None, None)
         dist.close()
     return summary if dist.main else None
+
+
+def _check_no_stale_sequences(out: str, data_root: str, images: dict, sequences) -> None:
+    """Refuse a folder holding features of sequences no longer in ``--data-root``: its summary
+    would pool their records with this run's and call the extraction complete."""
+    stale = sorted({_split(i)[0] for i in images} - {s.name for s in sequences})
+    if stale:
+        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise ValueError(
+            f"--out {out} holds features of {len(stale)} sequence(s) no longer in --data-root "
+            f"{os.path.abspath(data_root)}: {shown}; its summary would pool them with this run's. "
+            f"Put them back in --data-root, delete their folders in --out (e.g. "
+            f"{os.path.join(out, stale[0])}) to drop them, or choose another --out")
 
 
 def _kept_images(out: str, images: dict) -> dict:

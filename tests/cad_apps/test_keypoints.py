@@ -299,6 +299,35 @@ def test_extract_refuses_to_resume_with_other_settings(data_root, extracted, cap
     assert len(json.load(open(extracted / "a4" / "summary.json"))["images"]) == 12
 
 
+def test_sequences_gone_from_the_data_root_are_not_pooled(data_root, extracted, tmp_path,
+                                                          capsys):
+    """extract kept the records of sequences no longer in --data-root (a summary of 12 images
+    for 6 requested, "complete"), and evaluate took the multiply-adds from all records but the
+    MMA from the sequences evaluated: extract refuses, evaluate averages what it evaluates."""
+    root, out = tmp_path / "data", tmp_path / "feats"
+    shutil.copytree(data_root, root)
+    args = ["keypoints", "extract", "--data-root", str(root), "--random-weights", "--seed", "1",
+            "--finest-stride", "8", "--no-progress", "--out", str(out)]
+    assert cli(args) == 0
+    shutil.rmtree(root / "v_synth0")
+    before = (out / "summary.json").read_bytes()
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert (f"holds features of 1 sequence(s) no longer in --data-root {root}: v_synth0" in err
+            and f"delete their folders in --out (e.g. {out / 'v_synth0'})" in err), err
+    assert (out / "summary.json").read_bytes() == before
+    shutil.rmtree(out / "v_synth0")  # the documented fix
+    assert cli(args) == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["complete"] and len(summary["images"]) == summary["num_images_requested"] == 6
+    # evaluate on a subset of what a folder holds: multiply-adds of the images evaluated
+    full = json.load(open(extracted / "a4" / "summary.json"))["images"]
+    report = run_evaluate(str(root), [str(extracted / "a4")], str(tmp_path / "r.json"))
+    macs = report["features"]["a4"]["macs_per_image"]
+    assert macs == np.mean([r["macs"] for i, r in full.items() if i.startswith("i_synth0/")])
+    assert macs != np.mean([r["macs"] for r in full.values()])
+
+
 def test_extract_refuses_a_second_writer(data_root, tmp_path):
     out = tmp_path / "busy"
     cfg = ExtractConfig(data_root=data_root, out=str(out), finest_stride=8, random_weights=True,
