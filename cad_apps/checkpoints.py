@@ -143,9 +143,12 @@ def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None) -
     return cached
 
 
-def load_weights_only(path: str):
+def load_weights_only(path: str, resave: str = "re-save it as a plain state dict: "
+                      "`torch.save(model.state_dict(), path)`"):
     """``torch.load`` restricted to tensors and plain data (no code runs). The paper's files also
-    hold numpy scalars (``best_score``), which are allowed explicitly."""
+    hold numpy scalars (``best_score``), which are allowed explicitly. A file that is empty,
+    truncated or not a checkpoint raises :class:`CheckpointError` saying so; one that pickles
+    other objects says ``resave`` (how to keep its tensors only)."""
     import numpy as np
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; "
@@ -172,7 +175,7 @@ def load_weights_only(path: str):
                 "a PyTorch checkpoint; fetch it again") from None
         raise CheckpointError(
             f"cannot read {path} as a weights-only checkpoint ({type(e).__name__}: {text}); "
-            "re-save it as a plain state dict: `torch.save(model.state_dict(), path)`") from None
+            f"{resave}") from None
 
 
 def _is_scalar(v) -> bool:

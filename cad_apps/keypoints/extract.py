@@ -335,6 +335,9 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
         require_opencv("cad-spconv keypoints extract")
     except ImportError as e:
         raise ValueError(str(e)) from None
+    if stack is None and cfg.weights is not None:  # a bad file is refused before --out exists
+        from .network import load_d2_weights
+        stack = load_d2_weights(cfg.weights)
     dist = init_distributed(torch.device(device_name).type)
     if dist.active and torch.device(device_name).type == "cuda":
         device_name = f"cuda:{dist.local_rank}"

@@ -370,6 +370,28 @@ def test_commands_report_bad_input(data_root, extracted, tmp_path, capsys):
     assert "not a D2-Net VGG16 checkpoint" in capsys.readouterr().err
 
 
+def test_unreadable_weights_are_named_before_out_is_made(data_root, tmp_path, capsys):
+    """An empty, garbage or truncated --weights file got advice about weights_only=False and
+    left an --out holding only summary.json.lock: the checks of eval's --checkpoint, before
+    --out is made."""
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": {"a": torch.zeros(1000)}}, whole)
+    files = {"empty": (b"", "is empty (0 bytes): the download or copy did not finish; fetch "
+                            "the file again"),
+             "garbage": (b"\xf4\x06 not a checkpoint", "is not a PyTorch checkpoint"),
+             "truncated": (whole.read_bytes()[:600], "the file is truncated or not a PyTorch "
+                                                     "checkpoint; fetch it again")}
+    for name, (content, message) in files.items():
+        path = tmp_path / f"{name}.pth"
+        path.write_bytes(content)
+        out = tmp_path / f"out_{name}"
+        assert cli(["keypoints", "extract", "--data-root", data_root, "--weights", str(path),
+                    "--finest-stride", "8", "--no-progress", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "error: --weights: " in err and message in err, err
+        assert "weights_only=False" not in err and not out.exists()
+
+
 def test_evaluate_refuses_incomplete_features(data_root, extracted, tmp_path, capsys):
     part = tmp_path / "part"
     shutil.copytree(extracted / "os8", part)
