@@ -87,6 +87,19 @@ class TrainConfig:
                              f"{self.save_every}")
 
 
+# DeepLabV3's ASPP pooling branch batch-normalises one pooled value per channel and image: torch
+# refuses that in training for a batch of 1 ("Expected more than 1 value per channel")
+POOLING_BATCH = ("DeepLabV3's ASPP pooling branch batch-normalises one value per channel and "
+                 "image, which cannot be trained on a batch of 1: use --batch-size 2 or more, or "
+                 "--freeze-model (only the estimator is trained; the model stays in eval mode)")
+
+
+def _pooling_batch_problem(model_name: str, config: TrainConfig) -> Optional[str]:
+    if model_name.startswith("deeplabv3") and config.batch_size < 2 and not config.freeze_model:
+        return f"--model {model_name} with --batch-size {config.batch_size}: {POOLING_BATCH}"
+    return None
+
+
 # ---------------------------------------------------------------------------------- data
 def _image_target(item):
     """``(image, target)`` of a dataset item: a dict with ``"image"`` / ``"target"``
@@ -232,6 +245,11 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     from .blended import load_reference_state, reference_state
 
     config.check()
+    from torchvision.models.segmentation.deeplabv3 import ASPPPooling
+
+    if config.batch_size < 2 and not config.freeze_model and any(
+            isinstance(m, ASPPPooling) for m in blended.modules()):
+        raise ValueError(f"batch_size {config.batch_size}: {POOLING_BATCH}")
     device = torch.device(device)
     blended.to(device)
     for m in blended.model.backbone.modules():  # both paths: low_res shares these or copies
@@ -583,6 +601,9 @@ def _main(args) -> int:
                          f"--num-classes (default {NUM_CLASSES})")
     config = _config_from_args(args)
     config.check()
+    problem = _pooling_batch_problem(args.model, config)
+    if problem:  # before the model is built or any data written
+        raise ValueError(problem)
     from cad_spconv.plan import num_adaptive_steps
 
     try:

@@ -464,6 +464,28 @@ def test_resume_on_other_data_is_refused(tmp_path, capsys):
     assert torch.load(path, weights_only=True)["meta"]["data_root"] == roots[0]
 
 
+def test_deeplabv3_with_a_batch_of_one_is_refused_up_front(tmp_path, capsys):
+    """DeepLabV3 with --batch-size 1 failed with torch's raw batch-norm error after the model
+    was built and the data written: refused first, naming --batch-size and --freeze-model."""
+    from torchvision.models.segmentation.deeplabv3 import ASPPPooling
+
+    out = tmp_path / "run"
+    assert cli.main(["train-mask", "--synthetic", "--model", "deeplabv3_resnet50",
+                     "--batch-size", "1", "--out", str(out), "--no-progress", "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert ("--model deeplabv3_resnet50 with --batch-size 1: DeepLabV3's ASPP pooling branch"
+            in err and "--batch-size 2 or more, or --freeze-model" in err), err
+    assert not out.exists()
+    # train() itself: any model with an ASPP pooling branch, unless the model is frozen
+    blended = tiny_blended(0)
+    blended.model.probe = ASPPPooling(4, 4)  # never run: the check comes first
+    cfg = TrainConfig(iters=1, batch_size=1, crop_size=32, save_every=0)
+    with pytest.raises(ValueError, match="batch_size 1: DeepLabV3's ASPP pooling branch"):
+        train(blended, synthetic_items(2), cfg, progress=False)
+    train(blended, synthetic_items(2), dataclasses.replace(cfg, freeze_model=True),
+          progress=False)
+
+
 def test_seed_fixes_the_initial_weights(tmp_path):
     """--seed seeds everything: the same seed gives the same losses, another seed others."""
     losses = []
