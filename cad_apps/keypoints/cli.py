@@ -55,8 +55,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--labels", nargs="+", metavar="NAME",
                     help="one name per folder (default: the folder names)")
     ev.add_argument("--out", required=True, help="results JSON")
-    ev.add_argument("--plot", help="MMA@3 vs multiply-adds PNG (default with several folders: "
-                    "--out with .png)")
+    ev.add_argument("--plot", help="MMA@3 vs multiply-adds figure, .png, .pdf or .svg (the "
+                    "format follows the extension; default with several folders: --out with "
+                    ".png)")
     ev.add_argument("--title", help="plot title")
     ev.add_argument("--normalize", action="store_true",
                     help="L2-normalise descriptors before matching (cosine similarity; not the "

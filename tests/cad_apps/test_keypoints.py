@@ -235,17 +235,32 @@ def test_evaluate_command_writes_results_and_plot(data_root, extracted, tmp_path
     other.write_text('{"format": "cad-spconv-eval/1"}')
     summary = extracted / "os8" / "summary.json"
     before = summary.read_bytes()
+    fake = tmp_path / "notes.pdf"
+    fake.write_bytes(b"\x89PNG\r\n\x1a\n a PNG named .pdf is not this command's PDF")
     for extra, message in ((["--out", str(other)], "not a keypoints evaluate report"),
                            (["--out", str(tmp_path / "r.png")], "is the JSON report"),
                            (["--out", str(out), "--plot", str(out)], "name the same file"),
                            (["--out", str(summary)], "not a keypoints evaluate report"),
                            (["--out", str(tmp_path / "x.json"), "--plot", str(other)],
-                            "is not a PNG")):
+                            "give a path ending in .png, .pdf, .svg"),
+                           (["--out", str(tmp_path / "x.json"), "--plot", str(fake)],
+                            "exists and is not a PDF")):
         capsys.readouterr()
         assert cli(feats + extra) == 2, extra
         assert message in capsys.readouterr().err
     assert other.read_text() == '{"format": "cad-spconv-eval/1"}'
     assert summary.read_bytes() == before
+
+
+def test_plot_format_follows_the_extension(data_root, extracted, tmp_path):
+    """--plot fig.pdf wrote PNG bytes under any extension: the format is the extension's."""
+    folders = [str(extracted / "os8"), str(extracted / "a4")]
+    for ext, magic in ((".pdf", b"%PDF-"), (".svg", b"<svg"), (".PNG", b"\x89PNG\r\n\x1a\n")):
+        plot = tmp_path / f"fig{ext}"
+        for _ in range(2):  # the second run replaces its own figure
+            run_evaluate(data_root, folders, str(tmp_path / "r.json"), plot=str(plot))
+            head = plot.read_bytes()[:1024]
+            assert head.startswith(magic) if ext != ".svg" else magic in head, ext
 
 
 def test_extract_is_deterministic_and_resumes(data_root, extracted, tmp_path):
