@@ -63,6 +63,11 @@ def _main(args) -> int:
         raise ValueError(f"--size {args.size[0]} {args.size[1]}: both sides must be at least 16 "
                          "pixels (two cells at stride 8)")
     check_output_path(args.out, suffix=".png")
+    from .eval.config import check_mask_value
+
+    for t in args.thresholds:  # as eval checks --mask edge:T
+        check_mask_value(t, f"--thresholds {t:g}")
+    check_mask_value(args.threshold, f"--threshold {args.threshold:g}")
     torch.manual_seed(args.seed)
     image, source = load_image(args.image, args.size, args.seed)
     x = normalize(image)[None].to(device)

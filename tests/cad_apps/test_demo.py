@@ -130,3 +130,18 @@ def test_a_weights_name_without_a_model_gets_advice_that_fits_the_command(tmp_pa
     with pytest.raises(FileNotFoundError) as e:
         read_mask_estimator_file("DEFAULT")
     assert str(e.value) == "checkpoint 'DEFAULT' is not a file: check the path"
+
+
+def test_negative_edge_thresholds_are_refused_as_eval_refuses_them(tmp_path, capsys):
+    """demo --thresholds -1 / --threshold -3 ran (every cell kept); eval refuses --mask edge:-1."""
+    out = tmp_path / "o.png"
+    for argv, message in ((["--thresholds", "0.35", "-1"],
+                           "--thresholds -1: the value must be >= 0"),
+                          (["--threshold", "-3"], "--threshold -3: the value must be >= 0"),
+                          (["--threshold", "nan"], "--threshold nan: the value must be >= 0")):
+        assert cli(["demo", "--size", "48", "96", "--device", "cpu", "--out", str(out),
+                    *argv]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    assert cli(["eval", "--data-root", str(tmp_path), "--mask", "edge:-1"]) == 2
+    assert "--mask 'edge:-1': the value must be >= 0" in capsys.readouterr().err
