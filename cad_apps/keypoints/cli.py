@@ -40,7 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                          "sampling, resize to multiples of 8, centre-anchored sites)")
     ex.add_argument("--num-keypoints", dest="num_points", type=int, default=512)
     ex.add_argument("--max-sum-edges", type=int, default=2800,
-                    help="resize images whose height + width exceed this (area interpolation)")
+                    help="resize images whose height + width exceed this (area interpolation; "
+                         "at least 16, default 2800 as D2-Net)")
     ex.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
     ex.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ex.add_argument("--engine", default="auto", help="conv engine of the adaptive layers")

@@ -125,6 +125,11 @@ class ExtractConfig:
             self.dilations = check_dilations(self.dilations, self.finest_stride)
         if self.mask not in MASKS:
             raise ValueError(f"--mask must be one of {MASKS}, got {self.mask!r}")
+        if isinstance(self.max_sum_edges, bool) or self.max_sum_edges < 16:
+            # the network needs 8 pixels a side: a smaller budget shrinks every image to nothing
+            raise ValueError(f"--max-sum-edges must be >= 16 (height + width after resizing; "
+                             f"each side needs 8 pixels), got {self.max_sum_edges}; the default "
+                             f"{MAX_SUM_EDGES} is D2-Net's")
         if self.mask != "keypoints" and not self.adaptive:
             raise ValueError(f"--mask {self.mask} is an adaptive-network ablation: give --dilations "
                              "(the keypoint plan whose budget it matches) and --finest-stride 1, 2 or 4")

@@ -407,6 +407,25 @@ def test_unreadable_weights_are_named_before_out_is_made(data_root, tmp_path, ca
         assert "weights_only=False" not in err and not out.exists()
 
 
+def test_max_sum_edges_is_checked_as_an_option(data_root, tmp_path, capsys):
+    """--max-sum-edges 0 said "image of 64x96 pixels is too small": the option is named,
+    before --out is made; a budget that shrinks one image too far says so too."""
+    from cad_apps.keypoints.preprocess import prepare_image
+
+    for value in ("0", "-5", "15"):
+        out = tmp_path / f"out{value}"
+        assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights",
+                    "--finest-stride", "8", "--no-progress", "--max-sum-edges", value,
+                    "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--max-sum-edges must be >= 16 (height + width after resizing; each side needs " \
+               f"8 pixels), got {value}" in err, err
+        assert not out.exists()
+    with pytest.raises(ValueError, match=r"image of 8x400 pixels, 0x19 after resizing to "
+                                         r"max_sum_edges 20 \(raise --max-sum-edges\)"):
+        prepare_image(np.zeros((8, 400, 3), dtype=np.uint8), max_sum_edges=20)
+
+
 def test_evaluate_refuses_incomplete_features(data_root, extracted, tmp_path, capsys):
     part = tmp_path / "part"
     shutil.copytree(extracted / "os8", part)
