@@ -117,8 +117,18 @@ def _torchvision_weights(spec: str, model_name: str | None):
     return getattr(enum, spec, None)
 
 
-def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None) -> str:
-    """Path of the weights file ``spec`` names (a path, or torchvision weights in the cache)."""
+# how a command picks the model a bare torchvision weights name (DEFAULT) belongs to
+NAME_NEEDS_MODEL = ("a torchvision weights name such as DEFAULT needs --model, or give the full "
+                    "name, e.g. DeepLabV3_ResNet101_Weights.DEFAULT")
+NAME_NEEDS_FULL_NAME = ("this command has no --model: give a torchvision weights name in full, "
+                        "e.g. DeepLabV3_ResNet101_Weights.DEFAULT")
+
+
+def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None,
+                       name_fix: str | None = NAME_NEEDS_MODEL) -> str:
+    """Path of the weights file ``spec`` names (a path, or torchvision weights in the cache).
+    ``name_fix``: what the error says for a name-like ``spec`` without ``model_name`` (how this
+    command picks the model; ``None``: names do not apply)."""
     path = os.path.expanduser(os.fspath(spec))
     if os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path!r} is a directory; give the .pth file in it")
@@ -132,8 +142,7 @@ def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None) -
                                     "or the name")
         name_like = os.sep not in str(spec) and "." not in os.path.basename(str(spec))
         raise FileNotFoundError(f"checkpoint {str(spec)!r} is not a file: check the path"
-                                + (" (a torchvision weights name such as DEFAULT needs --model)"
-                                   if name_like else ""))
+                                + (f" ({name_fix})" if name_like and name_fix else ""))
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(cached):
         raise FileNotFoundError(
@@ -143,9 +152,12 @@ def resolve_checkpoint(spec: str | os.PathLike, model_name: str | None = None) -
     return cached
 
 
-def load_weights_only(path: str):
+def load_weights_only(path: str, resave: str = "re-save it as a plain state dict: "
+                      "`torch.save(model.state_dict(), path)`"):
     """``torch.load`` restricted to tensors and plain data (no code runs). The paper's files also
-    hold numpy scalars (``best_score``), which are allowed explicitly."""
+    hold numpy scalars (``best_score``), which are allowed explicitly. A file that is empty,
+    truncated or not a checkpoint raises :class:`CheckpointError` saying so; one that pickles
+    other objects says ``resave`` (how to keep its tensors only)."""
     import numpy as np
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; "
@@ -172,7 +184,7 @@ def load_weights_only(path: str):
                 "a PyTorch checkpoint; fetch it again") from None
         raise CheckpointError(
             f"cannot read {path} as a weights-only checkpoint ({type(e).__name__}: {text}); "
-            "re-save it as a plain state dict: `torch.save(model.state_dict(), path)`") from None
+            f"{resave}") from None
 
 
 def _is_scalar(v) -> bool:
@@ -265,10 +277,11 @@ def _infer_model(state: dict) -> Optional[str]:
     return None
 
 
-def read_checkpoint(spec, model_name: str | None = None) -> tuple[dict, CheckpointInfo]:
+def read_checkpoint(spec, model_name: str | None = None,
+                    name_fix: str | None = NAME_NEEDS_MODEL) -> tuple[dict, CheckpointInfo]:
     """Read a checkpoint into a state dict of the matching torchvision-style model, and describe
-    it (:class:`CheckpointInfo`)."""
-    path = resolve_checkpoint(spec, model_name)
+    it (:class:`CheckpointInfo`); ``name_fix`` as :func:`resolve_checkpoint`'s."""
+    path = resolve_checkpoint(spec, model_name, name_fix)
     loaded = load_weights_only(path)
     state, fmt, metadata = _unwrap(loaded, path)
     estimator = None
@@ -324,7 +337,8 @@ def load_into(model: nn.Module, state: dict, source: str = "checkpoint") -> None
 
 
 def build_segmentation_model(model_name: str | None = None, checkpoint=None,
-                             num_classes: int = 19, output_stride: int | None = None
+                             num_classes: int = 19, output_stride: int | None = None,
+                             name_fix: str | None = NAME_NEEDS_MODEL
                              ) -> tuple[nn.Module, CheckpointInfo | None]:
     """The segmentation model of a checkpoint, in eval mode, with no download.
 
@@ -333,12 +347,12 @@ def build_segmentation_model(model_name: str | None = None, checkpoint=None,
     at the output stride its weights were trained at (file name; default 8), or at
     ``output_stride`` with the head geometry of the paper's code for that stride
     (:func:`adapters.builders.segmentation_model`). Without ``checkpoint`` the weights are
-    random (``num_classes`` outputs)."""
+    random (``num_classes`` outputs). ``name_fix``: see :func:`resolve_checkpoint`."""
     from adapters.builders import SEGMENTATION_MODELS, segmentation_model
 
     info, state, aux = None, None, False
     if checkpoint is not None:
-        state, info = read_checkpoint(checkpoint, model_name)
+        state, info = read_checkpoint(checkpoint, model_name, name_fix)
         if info.num_classes is not None:
             num_classes = info.num_classes
         aux = info.has_aux
@@ -384,7 +398,7 @@ def read_mask_estimator_file(spec) -> MaskEstimatorFile:
     a ``train-mask`` checkpoint, a dict with a ``"mask_estimator"`` / ``"estimator"`` /
     ``"state_dict"`` entry, or a bare estimator state dict.
     """
-    path = resolve_checkpoint(spec)
+    path = resolve_checkpoint(spec, name_fix=None)  # an estimator has no torchvision weights
     obj = load_weights_only(path)
     strides = _trained_strides(obj)
     if not isinstance(obj, dict):

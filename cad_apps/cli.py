@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 # name -> (module, one-line help)
@@ -65,11 +66,40 @@ def main(argv=None) -> int:
     try:
         return int(args._main(args) or 0)
     except KeyboardInterrupt:  # results are written atomically: nothing half-written to report
-        print(f"cad-spconv {args.command}: interrupted; files written so far are complete (eval "
-              "and keypoints extract resume with the same command, train-mask with the same "
-              "command plus --resume, from its last save)", file=sys.stderr)
+        name = args.command + (f" {args.keypoints_command}" if args.command == "keypoints"
+                               and getattr(args, "keypoints_command", None) else "")
+        advice = _resume_advice(args, argv)
+        print(f"cad-spconv {name}: interrupted; files written so far are complete"
+              + (f"; {advice}" if advice else ""), file=sys.stderr)
         return 130
 
+
+def _is_overwrite(arg: str) -> bool:
+    # argparse also takes an unambiguous prefix (--overw) for --overwrite
+    return len(arg) > 3 and "--overwrite".startswith(arg)
+
+
+def _resume_advice(args, argv) -> str:
+    """How to continue an interrupted run, from its own arguments: re-running a command with
+    --overwrite would discard what was saved, and train-mask resumes only with --resume (which
+    --overwrite excludes). '' for commands that do not resume (bench, demo, keypoints evaluate)."""
+    if args.command == "eval" or (args.command == "keypoints"
+                                  and getattr(args, "keypoints_command", None) == "extract"):
+        if getattr(args, "overwrite", False):
+            again = [a for a in argv if not _is_overwrite(a)]
+            return ("resume with the same command without --overwrite: "
+                    f"cad-spconv {shlex.join(again)}")
+        return "resume with the same command"
+    if args.command == "train-mask":
+        if args.overwrite:
+            again = ["--resume" if _is_overwrite(a) else a for a in argv]
+            return ("resume from its last save with --resume in place of --overwrite: "
+                    f"cad-spconv {shlex.join(again)}")
+        if args.resume:
+            return "resume from its last save with the same command"
+        return ("resume from its last save with the same command plus --resume: "
+                f"cad-spconv {shlex.join(argv + ['--resume'])}")
+    return ""
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,8 +18,9 @@ def configure(parser: argparse.ArgumentParser):
                         help="resize to H W (default: 256 512 for the synthetic scene, the "
                              "file's own size for --image; large images take long on CPU)")
     parser.add_argument("--checkpoint", help="segmentation weights: a file (torchvision or the "
-                        "paper's DeepLabV3Plus-Pytorch checkpoints) or a torchvision weights name "
-                        "in the torch cache; random weights without it")
+                        "paper's DeepLabV3Plus-Pytorch checkpoints) or a full torchvision weights "
+                        "name in the torch cache (e.g. DeepLabV3_ResNet101_Weights.DEFAULT); "
+                        "random weights without it")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.15, 0.35, 0.95],
                         help="edge thresholds to report (paper: 0.15 0.35 0.95)")
     parser.add_argument("--threshold", type=float, default=0.35,
@@ -47,7 +48,7 @@ def _main(args) -> int:
     from adapters import convert
 
     from cad_spconv import masks
-    from .checkpoints import build_segmentation_model
+    from .checkpoints import NAME_NEEDS_FULL_NAME, build_segmentation_model
     from .data import colorize, denormalize, normalize
     from .eval import dense_macs
     from .eval.segmenter import num_classes_of
@@ -62,13 +63,19 @@ def _main(args) -> int:
         raise ValueError(f"--size {args.size[0]} {args.size[1]}: both sides must be at least 16 "
                          "pixels (two cells at stride 8)")
     check_output_path(args.out, suffix=".png")
+    from .eval.config import check_mask_value
+
+    for t in args.thresholds:  # as eval checks --mask edge:T
+        check_mask_value(t, f"--thresholds {t:g}")
+    check_mask_value(args.threshold, f"--threshold {args.threshold:g}")
     torch.manual_seed(args.seed)
     image, source = load_image(args.image, args.size, args.seed)
     x = normalize(image)[None].to(device)
     H, W = x.shape[-2:]
     # the model the checkpoint holds (DeepLabV3-ResNet-101 without one), at output stride 8
     # whatever stride it was trained at: the dense network the adaptive one is compared with
-    model, info = build_segmentation_model(None, args.checkpoint, output_stride=8)
+    model, info = build_segmentation_model(None, args.checkpoint, output_stride=8,
+                                           name_fix=NAME_NEEDS_FULL_NAME)
     name = info.model if info is not None and info.model else "deeplabv3_resnet101"
     if args.checkpoint is None:
         weights = "random weights (pass --checkpoint for trained ones: predictions are noise, " \

@@ -16,6 +16,7 @@ checkpoint (written atomically: temporary file + ``os.replace``) left off.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -27,6 +28,10 @@ from .io import save_torch_atomic, settings_difference, write_json_atomic
 TINY = "fcn_tiny"  # a smoke-test model with random weights
 CHECKPOINT = "last.pt"
 HISTORY = "history.json"
+
+
+class DivergedError(RuntimeError):
+    """The training loss (or the weights) stopped being finite: the run diverged."""
 
 
 @dataclass
@@ -62,8 +67,14 @@ class TrainConfig:
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"rho (target fraction of low-resolution cells) must lie in [0, 1], "
                              f"got {self.rho}")
-        if self.tau <= 0:
+        if not self.tau > 0:  # NaN too
             raise ValueError(f"tau must be > 0, got {self.tau}")
+        for name in ("lr", "backbone_lr_mult", "estimator_lr_mult", "momentum", "weight_decay",
+                     "task_weight", "budget_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # NaN / Inf train NaN weights
+                flag = name if name == "momentum" else "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {self.scale_range}")
@@ -74,6 +85,19 @@ class TrainConfig:
         if self.save_every < 0:
             raise ValueError(f"--save-every must be >= 0 (0: only at the end), got "
                              f"{self.save_every}")
+
+
+# DeepLabV3's ASPP pooling branch batch-normalises one pooled value per channel and image: torch
+# refuses that in training for a batch of 1 ("Expected more than 1 value per channel")
+POOLING_BATCH = ("DeepLabV3's ASPP pooling branch batch-normalises one value per channel and "
+                 "image, which cannot be trained on a batch of 1: use --batch-size 2 or more, or "
+                 "--freeze-model (only the estimator is trained; the model stays in eval mode)")
+
+
+def _pooling_batch_problem(model_name: str, config: TrainConfig) -> Optional[str]:
+    if model_name.startswith("deeplabv3") and config.batch_size < 2 and not config.freeze_model:
+        return f"--model {model_name} with --batch-size {config.batch_size}: {POOLING_BATCH}"
+    return None
 
 
 # ---------------------------------------------------------------------------------- data
@@ -209,7 +233,8 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     ``history.json`` next to it. ``resume=True`` continues from ``out_dir/last.pt`` and refuses
     a checkpoint written with other settings (``config`` or ``meta``), naming them. Returns the
     history: one dict per iteration (``iteration``, ``loss``, ``task_loss``, ``budget_loss``,
-    ``rho_hat``, ``lr``).
+    ``rho_hat``, ``lr``). A non-finite loss raises :class:`DivergedError` before that step, and
+    non-finite weights before a save: the last save and its history stay as they were.
     """
     import torch
     import torch.nn.functional as F
@@ -220,6 +245,11 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     from .blended import load_reference_state, reference_state
 
     config.check()
+    from torchvision.models.segmentation.deeplabv3 import ASPPPooling
+
+    if config.batch_size < 2 and not config.freeze_model and any(
+            isinstance(m, ASPPPooling) for m in blended.modules()):
+        raise ValueError(f"batch_size {config.batch_size}: {POOLING_BATCH}")
     device = torch.device(device)
     blended.to(device)
     for m in blended.model.backbone.modules():  # both paths: low_res shares these or copies
@@ -277,14 +307,32 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
 
+    saved = {"iteration": start if resume else None}
+
+    def diverged(what: str, iteration: int):
+        fix = f"start again with a lower --lr (now {config.lr:g})"
+        if saved["iteration"] is None:
+            kept = "nothing was saved"
+        else:  # a resume would refuse the new --lr: the run starts over
+            kept = f"{ckpt_path} still holds iteration {saved['iteration']}"
+            fix += " and --overwrite"
+        return DivergedError(f"training diverged: {what} at iteration {iteration}; {kept}; "
+                             f"{fix}")
+
     def checkpoint(iteration: int):
         if not out_dir:
             return
-        save_torch_atomic({"cur_itrs": iteration, "model_state": reference_state(blended),
+        model_state = reference_state(blended)
+        bad = [k for k, v in model_state.items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # the last step's update was not finite: never save such weights
+            raise diverged(f"{len(bad)} weight tensors are not finite (e.g. {bad[0]})", iteration)
+        save_torch_atomic({"cur_itrs": iteration, "model_state": model_state,
                            "optimizer_state": optimizer.state_dict(),
                            "scheduler_state": {"last_epoch": iteration}, "history": history,
                            **settings}, ckpt_path)
         write_json_atomic(os.path.join(out_dir, HISTORY), history, compact_depth=1)
+        saved["iteration"] = iteration
 
     plan = _BatchPlan(dataset, config)
     loader = torch.utils.data.DataLoader(
@@ -304,6 +352,10 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
         task = F.cross_entropy(out["out"], targets, ignore_index=config.ignore_index)
         budget = budget_loss(out["rate_sample"], config.rho)
         loss = config.task_weight * task + config.budget_weight * budget
+        if not torch.isfinite(loss):  # stop before this state is stepped on or saved
+            bar.close()
+            raise diverged(f"the loss is {loss.item()} (task {task.item()}, budget "
+                           f"{budget.item()})", iteration + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -319,17 +371,25 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     return history
 
 
+DATA_KEYS = ("data_root", "train_images")  # meta keys train-mask records the data by
+
+
 def _check_same_settings(path: str, stored: dict, now: dict) -> None:
-    """Refuse to resume a run written with other settings, naming them (the number of data
-    loader workers and the checkpoint interval do not change results)."""
+    """Refuse to resume a run written with other settings or on other data, naming them (the
+    number of data loader workers and the checkpoint interval do not change results)."""
     free = ("workers", "save_every")
+    # runs written before the data were recorded have no data_root / train_images in their
+    # meta: they resume as before (unchecked); their next save records the data
+    recorded = stored.get("meta", {})
+    unrecorded = {k for k in DATA_KEYS if k not in recorded}
     shown = ", ".join(d for d in (
         settings_difference({k: v for k, v in stored.get(g, {}).items() if k not in free},
-                            {k: v for k, v in now.get(g, {}).items() if k not in free},
+                            {k: v for k, v in now.get(g, {}).items() if k not in free
+                             and not (g == "meta" and k in unrecorded)},
                             "in the checkpoint") for g in ("config", "meta")) if d)
     if shown:
         raise ValueError(f"--resume: {path} was written with other settings ({shown}); resume "
-                         "with the same settings, or start a new run in another --out (or "
+                         "with the same settings and data, or start a new run in another --out (or "
                          "--overwrite this one)")
 
 
@@ -477,7 +537,7 @@ def main(args) -> int:
 
     try:
         return _main(args)
-    except (ValueError, OSError, KeyError, TypeError, OutputBusyError) as e:
+    except (ValueError, OSError, KeyError, TypeError, OutputBusyError, DivergedError) as e:
         import sys
         print(f"cad-spconv train-mask: error: {error_text(e)}", file=sys.stderr)
         return 2
@@ -541,6 +601,9 @@ def _main(args) -> int:
                          f"--num-classes (default {NUM_CLASSES})")
     config = _config_from_args(args)
     config.check()
+    problem = _pooling_batch_problem(args.model, config)
+    if problem:  # before the model is built or any data written
+        raise ValueError(problem)
     from cad_spconv.plan import num_adaptive_steps
 
     try:
@@ -607,7 +670,10 @@ def _main(args) -> int:
                 make_synthetic_cityscapes(root, "val", num_images=2, size=(64, 128), seed=args.seed + 1)
             data = _open_data(root, args)
         meta = {"model": args.model, "num_classes": num_classes, "weights": args.weights,
-                "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride}
+                "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride,
+                # the data trained on: a resume on other data is refused
+                "data_root": "synthetic" if args.synthetic else os.path.abspath(args.data_root),
+                "train_images": len(data[0])}
         history = train(blended, data[0], config, out,  # data: (train, val or None)
                         resume=args.resume, device=device, progress=not args.no_progress,
                         meta=meta)

@@ -34,6 +34,7 @@ from .report import environment, loadavg, markdown, print_report, summary
 from .variants import FORMATS, OP_MODEL, build_variants
 
 DTYPES = ("float32", "float16", "bfloat16")
+FORMAT = "cad-spconv-bench/1"  # the "format" of a --json report: what a re-run may replace
 
 
 def configure(parser: argparse.ArgumentParser):
@@ -108,9 +109,14 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one forward per variant (torch.profiler) "
                              "and report its N most expensive ops by self time (default: off)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="write the results here; an existing file is replaced only if it "
+                             "is a bench result (else see --overwrite)")
     parser.add_argument("--markdown", default=None, metavar="PATH",
-                        help="append a results table headed by the command (e.g. BENCHMARKS.md)")
+                        help="append a results table headed by the command to this .md file "
+                             "(e.g. BENCHMARKS.md)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --json file even if it is not a bench result")
     parser.add_argument("--label", default=None, help="title of the markdown section")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -166,6 +172,7 @@ def _run(args, cfg, command) -> int:
             res["mask_seconds"] = mask_seconds[i]
             results.append(res)
     report = {
+        "format": FORMAT,
         "command": command,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                    if not k.startswith("_") and k != "command"},
@@ -280,13 +287,52 @@ def _check_args(args) -> dict:
     from ..io import check_output_path
 
     try:  # before the run: a bad path would otherwise lose the results at its end
-        outs = [check_output_path(p, flag) for p, flag in ((args.json, "--json"),
-                                                           (args.markdown, "--markdown")) if p]
+        outs = [check_output_path(p, flag, suffix=suffix) for p, flag, suffix in (
+            (args.json, "--json", ""), (args.markdown, "--markdown", ".md")) if p]
     except ValueError as e:
         raise SystemExit(f"bench: {e}") from None
     if len(outs) == 2 and os.path.realpath(outs[0]) == os.path.realpath(outs[1]):
         raise SystemExit(f"bench: --json and --markdown name the same file {outs[0]}; the "
                          "markdown would be appended to the JSON")
+    if args.json and os.path.exists(args.json) and not args.overwrite:
+        _check_replaceable(args.json)
+    if args.markdown and os.path.exists(args.markdown):
+        try:  # it is read and appended to at the end: a file that cannot be would lose the table
+            with open(args.markdown, encoding="utf-8") as f:
+                f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"bench: --markdown {args.markdown} cannot be read as text ({e}); "
+                             "choose another --markdown") from None
+    return {"device": device, "dtype": dtype}
+
+
+_REPORT_KEYS = {"command", "config", "environment", "inputs", "summary"}
+
+
+def _check_replaceable(path: str) -> None:
+    """Refuse to replace an existing ``--json`` file that is not a bench report (an eval
+    result, say): only bench's own output is replaced without ``--overwrite``."""
+    import json
+
+    from ..io import read_json
+
+    fix = "choose another --json, or pass --overwrite to replace it"
+    try:
+        read_json(path, FORMAT, "a cad-spconv bench result", fix)
+        return
+    except (ValueError, OSError) as e:
+        error = e
+    try:  # reports written before FORMAT existed have no "format" but these keys
+        with open(path) as f:
+            old = json.load(f)
+        if isinstance(old, dict) and "format" not in old and _REPORT_KEYS <= set(old):
+            return
+    except (ValueError, OSError):
+        pass
+    if isinstance(error, OSError):
+        raise SystemExit(f"bench: --json {path} exists and cannot be read ({error.strerror}); "
+                         f"{fix}") from None
+    raise SystemExit(f"bench: --json {error}") from None
     return {"device": device, "dtype": dtype}
 
 

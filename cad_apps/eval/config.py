@@ -10,7 +10,7 @@ from typing import Optional
 from ..io import file_sha256
 
 __all__ = ["FORMAT", "MASK_HELP", "DEFAULT_MASK", "DTYPES", "MaskSpec", "parse_mask",
-           "EvalConfig", "configure", "add_setting_arguments", "config_from_args"]
+           "check_mask_value", "EvalConfig", "configure", "add_setting_arguments", "config_from_args"]
 
 FORMAT = "cad-spconv-eval/2"
 DEFAULT_MASK = "edge:0.35"
@@ -52,6 +52,15 @@ class MaskSpec:
         return self.kind
 
 
+def check_mask_value(number: float, what: str, upper: Optional[float] = None) -> float:
+    """An edge threshold (or, with ``upper=1``, a kept fraction): finite and >= 0 (and <=
+    ``upper``), else a ``ValueError`` naming ``what`` (the option and its value)."""
+    if not math.isfinite(number) or number < 0 or (upper is not None and number > upper):
+        raise ValueError(f"{what}: the value must be >= 0"
+                         + (f" and <= {upper:g}" if upper is not None else ""))
+    return number
+
+
 def parse_mask(text: str) -> MaskSpec:
     """Parse ``edge:0.35``, ``learned:PATH``, ``oracle``, ``none``, ``all``, ``random:0.3``,
     ``inverted-edge:0.35``, ``shuffled-edge:0.35``."""
@@ -66,9 +75,7 @@ def parse_mask(text: str) -> MaskSpec:
             number = float(value)
         except ValueError:
             raise ValueError(f"--mask {kind}:X needs a number, got {text!r} (e.g. {kind}:0.35)") from None
-        if not math.isfinite(number) or number < 0 or (kind == "random" and number > 1):
-            raise ValueError(f"--mask {text!r}: the value must be >= 0"
-                             + (" and <= 1" if kind == "random" else ""))
+        check_mask_value(number, f"--mask {text!r}", upper=1 if kind == "random" else None)
         return MaskSpec(kind, fraction=number) if kind == "random" else MaskSpec(kind, threshold=number)
     if kind == "learned":  # no path: the estimator inside the segmentation checkpoint
         if sep and not value:

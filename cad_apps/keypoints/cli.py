@@ -40,7 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                          "sampling, resize to multiples of 8, centre-anchored sites)")
     ex.add_argument("--num-keypoints", dest="num_points", type=int, default=512)
     ex.add_argument("--max-sum-edges", type=int, default=2800,
-                    help="resize images whose height + width exceed this (area interpolation)")
+                    help="resize images whose height + width exceed this (area interpolation; "
+                         "at least 16, default 2800 as D2-Net)")
     ex.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
     ex.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ex.add_argument("--engine", default="auto", help="conv engine of the adaptive layers")
@@ -55,8 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--labels", nargs="+", metavar="NAME",
                     help="one name per folder (default: the folder names)")
     ev.add_argument("--out", required=True, help="results JSON")
-    ev.add_argument("--plot", help="MMA@3 vs multiply-adds PNG (default with several folders: "
-                    "--out with .png)")
+    ev.add_argument("--plot", help="MMA@3 vs multiply-adds figure, .png, .pdf or .svg (the "
+                    "format follows the extension; default with several folders: --out with "
+                    ".png)")
     ev.add_argument("--title", help="plot title")
     ev.add_argument("--normalize", action="store_true",
                     help="L2-normalise descriptors before matching (cosine similarity; not the "

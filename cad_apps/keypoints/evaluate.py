@@ -26,7 +26,7 @@ import numpy as np
 
 from ..io import check_output_path, read_json, write_atomic, write_json_atomic
 from . import hpatches
-from .extract import DAMAGED
+from .extract import DAMAGED, summarize
 
 __all__ = ["FORMAT", "THRESHOLDS", "mutual_nearest_neighbours", "reprojection_errors", "l2_normalize",
            "pair_accuracy", "load_features", "read_extract_summary", "evaluate_folder",
@@ -164,12 +164,34 @@ def setting_label(settings: dict) -> str:
     return "/".join(str(d) for d in settings["dilations"])
 
 
+# --plot formats (matplotlib writes each from the extension) and how their files begin
+PLOT_FORMATS = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF-", ".svg": b"<svg"}
+
+
+def _plot_format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in PLOT_FORMATS:
+        raise ValueError(f"--plot {path}: the figure's format is taken from the extension; give "
+                         f"a path ending in {', '.join(PLOT_FORMATS)}")
+    return ext
+
+
+def _is_figure(path: str, ext: str) -> bool:
+    """Whether ``path`` is a ``ext`` figure (a file this command may replace)."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if ext == ".svg":  # after an XML declaration and doctype
+        return PLOT_FORMATS[ext] in head
+    return head.startswith(PLOT_FORMATS[ext])
+
+
 def _check_outputs(out: str, plot: Optional[str], folders: Sequence[str]):
-    """The report and plot paths, checked before any work: two different files, and an existing
-    file only replaced if it is this command's own report / PNG (any other file, such as a
-    features folder's ``summary.json``, is someone's input or result)."""
+    """The report and plot paths, checked before any work: two different files, a figure format
+    known by its extension, and an existing file only replaced if it is this command's own
+    report / a figure of that format (any other file, such as a features folder's
+    ``summary.json``, is someone's input or result)."""
     out = check_output_path(out, "--out")
-    if out.lower().endswith(".png"):
+    if os.path.splitext(out)[1].lower() in PLOT_FORMATS:
         raise ValueError(f"--out {out} is the JSON report; give a .json path (the figure goes to "
                          "--plot, by default next to --out)")
     if plot is None and len(folders) > 1:
@@ -178,14 +200,13 @@ def _check_outputs(out: str, plot: Optional[str], folders: Sequence[str]):
         plot = check_output_path(plot, "--plot")
         if os.path.realpath(plot) == os.path.realpath(out):
             raise ValueError(f"--plot and --out name the same file {out}; give two paths")
+        ext = _plot_format(plot)
     if os.path.exists(out):
         read_json(out, FORMAT, "a keypoints evaluate report",
                   "this command replaces only its own reports: choose another --out")
-    if plot is not None and os.path.exists(plot):
-        with open(plot, "rb") as f:
-            if f.read(8) != b"\x89PNG\r\n\x1a\n":
-                raise ValueError(f"--plot {plot} exists and is not a PNG; this command replaces "
-                                 "only its own figures: choose another --plot")
+    if plot is not None and os.path.exists(plot) and not _is_figure(plot, ext):
+        raise ValueError(f"--plot {plot} exists and is not a {ext[1:].upper()}; this command "
+                         "replaces only its own figures: choose another --plot")
     return out, plot
 
 
@@ -193,7 +214,8 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
                  plot: Optional[str] = None, labels: Optional[Sequence[str]] = None,
                  title: Optional[str] = None, normalize: bool = False) -> dict:
     """Evaluate every features folder; write ``out`` (JSON) and, with several folders or
-    ``plot``, the MMA@3-vs-multiply-adds figure (``plot`` or ``out`` with ``.png``)."""
+    ``plot``, the MMA@3-vs-multiply-adds figure (``plot``: PNG, PDF or SVG by its extension, or
+    ``out`` with ``.png``)."""
     if not folders:
         raise ValueError("give at least one --features folder")
     out, plot = _check_outputs(out, plot, folders)
@@ -213,7 +235,12 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
         seen.setdefault(label, 1)
         summary = read_extract_summary(folder)
         res = evaluate_folder(sequences, folder, normalize=normalize)
-        s = summary.get("summary", {})
+        # multiply-adds and times of the images evaluated: a folder may hold more sequences
+        # than --data-root (a subset evaluated), and the MMA covers only these
+        names = {seq.name for seq in sequences}
+        records = {i: r for i, r in summary.get("images", {}).items()
+                   if i.rpartition("/")[0] in names}
+        s = summarize(records) if records else {}
         # a copy of the set may live elsewhere, so another root is reported, not refused
         results[label] = {"folder": folder, "extracted_from": summary.get("data_root"),
                           "settings": summary["settings"],
@@ -269,5 +296,6 @@ def plot_mma(path: str, results: dict, title: str, group: str = "all") -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    fmt = _plot_format(path)[1:]  # the temporary file's name has no usable extension
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt))
     plt.close(fig)

@@ -125,6 +125,11 @@ class ExtractConfig:
             self.dilations = check_dilations(self.dilations, self.finest_stride)
         if self.mask not in MASKS:
             raise ValueError(f"--mask must be one of {MASKS}, got {self.mask!r}")
+        if isinstance(self.max_sum_edges, bool) or self.max_sum_edges < 16:
+            # the network needs 8 pixels a side: a smaller budget shrinks every image to nothing
+            raise ValueError(f"--max-sum-edges must be >= 16 (height + width after resizing; "
+                             f"each side needs 8 pixels), got {self.max_sum_edges}; the default "
+                             f"{MAX_SUM_EDGES} is D2-Net's")
         if self.mask != "keypoints" and not self.adaptive:
             raise ValueError(f"--mask {self.mask} is an adaptive-network ablation: give --dilations "
                              "(the keypoint plan whose budget it matches) and --finest-stride 1, 2 or 4")
@@ -335,6 +340,9 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
         require_opencv("cad-spconv keypoints extract")
     except ImportError as e:
         raise ValueError(str(e)) from None
+    if stack is None and cfg.weights is not None:  # a bad file is refused before --out exists
+        from .network import load_d2_weights
+        stack = load_d2_weights(cfg.weights)
     dist = init_distributed(torch.device(device_name).type)
     if dist.active and torch.device(device_name).type == "cuda":
         device_name = f"cuda:{dist.local_rank}"
@@ -352,6 +360,7 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
                     hpatches.load_sequence(seq, homographies=False)
                 summary = _load_summary(cfg, summary_path)
                 summary["images"] = _kept_images(out, summary["images"])
+                _check_no_stale_sequences(out, cfg.data_root, summary["images"], sequences)
                 todo = [(s.name, s.folder, [k for k in hpatches.IMAGES
                                             if f"{s.name}/{k}" not in summary["images"]])
                         for s in sequences]
@@ -378,6 +387,19 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
             lock.__exit__(None, None, None)
         dist.close()
     return summary if dist.main else None
+
+
+def _check_no_stale_sequences(out: str, data_root: str, images: dict, sequences) -> None:
+    """Refuse a folder holding features of sequences no longer in ``--data-root``: its summary
+    would pool their records with this run's and call the extraction complete."""
+    stale = sorted({_split(i)[0] for i in images} - {s.name for s in sequences})
+    if stale:
+        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise ValueError(
+            f"--out {out} holds features of {len(stale)} sequence(s) no longer in --data-root "
+            f"{os.path.abspath(data_root)}: {shown}; its summary would pool them with this run's. "
+            f"Put them back in --data-root, delete their folders in --out (e.g. "
+            f"{os.path.join(out, stale[0])}) to drop them, or choose another --out")
 
 
 def _kept_images(out: str, images: dict) -> dict:

@@ -104,19 +104,17 @@ def load_d2_weights(path: str) -> nn.Sequential:
     """``vgg16().features[:23]`` with the weights of a D2-Net checkpoint file (``d2_tf.pth``).
     A file that is not a readable checkpoint of tensors raises
     :class:`~cad_apps.checkpoints.CheckpointError`."""
-    from ..checkpoints import CheckpointError
+    from ..checkpoints import CheckpointError, load_weights_only
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--weights {path} does not exist; download D2-Net's d2_tf.pth "
                                 "(https://dusmanu.com/files/d2-net/d2_tf.pth) or use --random-weights")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors of every kind
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(
-            f"--weights {path} cannot be read as a torch checkpoint of tensors ({type(e).__name__}: "
-            f"{first}); expected D2-Net's d2_tf.pth. If it is a checkpoint you trust that also "
-            "pickles other objects, keep its tensors only: python -c \"import torch; torch.save("
-            "{'model': torch.load('IN.pth', weights_only=False)['model']}, 'OUT.pth')\"") from None
+    try:  # the checks eval's --checkpoint gets: empty, truncated, not a checkpoint, pickled code
+        ckpt = load_weights_only(path, resave=(
+            "expected D2-Net's d2_tf.pth. If it is a checkpoint you trust that also pickles "
+            "other objects, keep its tensors only: python -c \"import torch; torch.save("
+            "{'model': torch.load('IN.pth', weights_only=False)['model']}, 'OUT.pth')\""))
+    except CheckpointError as e:
+        raise CheckpointError(f"--weights: {e}") from None
     stack = vgg16_conv4_3()
     stack.load_state_dict(d2_features_state_dict(ckpt))
     return stack.eval()

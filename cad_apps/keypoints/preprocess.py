@@ -70,8 +70,10 @@ def prepare_image(rgb: np.ndarray, max_sum_edges: int = MAX_SUM_EDGES,
         h, w = int(H * factor), int(W * factor)
     h8, w8 = h - h % 8, w - w % 8
     if h8 < 8 or w8 < 8:
-        raise ValueError(f"image of {H}x{W} pixels is too small: the network needs at least 8x8 "
-                         "pixels after resizing (stride 8)")
+        resized = ((f", {h}x{w} after resizing to max_sum_edges {max_sum_edges} (raise "
+                    "--max-sum-edges)") if (h, w) != (H, W) else "")
+        raise ValueError(f"image of {H}x{W} pixels{resized} is too small: the network needs at "
+                         "least 8x8 pixels after resizing (stride 8)")
     if semantics == "reference":
         out = rgb if (h8, w8) == (H, W) else cv2.resize(rgb, (w8, h8), interpolation=cv2.INTER_AREA)
         return Prepared(np.ascontiguousarray(out), (H, W), (h8, w8), semantics)

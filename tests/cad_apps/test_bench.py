@@ -249,3 +249,33 @@ def test_a_failed_result_does_not_stop_the_suite(tmp_path, monkeypatch, capsys):
     first = calls[0][calls[0].index("--label") + 1]
     assert f"{first}: failed (exit code 1); going on" in captured.out
     assert f"1 result(s) failed: {first}" in captured.err
+
+
+def _bench_args(tmp_path, *extra):
+    return build_parser("bench").parse_args(
+        ["bench", "--model", "conv3x3", "--channels", "4", "--size", "32", "32", "--reps", "1",
+         "--no-memory", "--threads", "1", *extra])
+
+
+def test_an_existing_file_that_is_not_a_bench_result_is_kept(tmp_path):
+    """--json silently replaced any file (an eval result, say) and --markdown appended a table
+    to whatever it named: refused before any work unless --overwrite / a .md path."""
+    other = tmp_path / "r1.json"
+    other.write_text('{"format": "cad-spconv-eval/2", "images": {}}\n')
+    with pytest.raises(SystemExit, match=r"r1.json is not a cad-spconv bench result; choose "
+                                         r"another --json, or pass --overwrite"):
+        bench.main(_bench_args(tmp_path, "--json", str(other)))
+    assert json.loads(other.read_text())["format"] == "cad-spconv-eval/2"
+    with pytest.raises(SystemExit, match=r"--markdown .*r1m.json: this writes a MD file; give a "
+                                         r"path ending in \.md"):
+        bench.main(_bench_args(tmp_path, "--markdown", str(tmp_path / "r1m.json")))
+    assert not (tmp_path / "r1m.json").exists()
+    # its own output (also one written before reports had a "format") is replaced; with
+    # --overwrite anything is
+    report, _ = run_bench(tmp_path, "--model", "conv3x3", "--channels", "4", "--size", "32", "32")
+    assert report["format"] == bench.FORMAT
+    del report["format"]
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    run_bench(tmp_path, "--model", "conv3x3", "--channels", "4", "--size", "32", "32")
+    assert bench.main(_bench_args(tmp_path, "--json", str(other), "--overwrite")) == 0
+    assert json.loads(other.read_text())["format"] == bench.FORMAT

@@ -112,3 +112,36 @@ def test_demo_and_bench_refuse_bad_arguments_with_messages(tmp_path, capsys):
                       (["--device", "tpu"], "not a device")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             cli(["bench", "--model", "conv3x3", "--reps", "1", "--no-memory", *argv])
+
+
+def test_a_weights_name_without_a_model_gets_advice_that_fits_the_command(tmp_path, capsys):
+    """demo --checkpoint DEFAULT said the name "needs --model", a flag demo does not have."""
+    from cad_apps.checkpoints import read_mask_estimator_file
+
+    out = tmp_path / "o.png"
+    assert cli(["demo", "--size", "48", "96", "--device", "cpu", "--checkpoint", "DEFAULT",
+                "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert ("'DEFAULT' is not a file: check the path (this command has no --model: give a "
+            "torchvision weights name in full, e.g. DeepLabV3_ResNet101_Weights.DEFAULT)" in err
+            and "needs --model" not in err), err
+    assert not out.exists()
+    # an estimator file has no torchvision weights name at all
+    with pytest.raises(FileNotFoundError) as e:
+        read_mask_estimator_file("DEFAULT")
+    assert str(e.value) == "checkpoint 'DEFAULT' is not a file: check the path"
+
+
+def test_negative_edge_thresholds_are_refused_as_eval_refuses_them(tmp_path, capsys):
+    """demo --thresholds -1 / --threshold -3 ran (every cell kept); eval refuses --mask edge:-1."""
+    out = tmp_path / "o.png"
+    for argv, message in ((["--thresholds", "0.35", "-1"],
+                           "--thresholds -1: the value must be >= 0"),
+                          (["--threshold", "-3"], "--threshold -3: the value must be >= 0"),
+                          (["--threshold", "nan"], "--threshold nan: the value must be >= 0")):
+        assert cli(["demo", "--size", "48", "96", "--device", "cpu", "--out", str(out),
+                    *argv]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    assert cli(["eval", "--data-root", str(tmp_path), "--mask", "edge:-1"]) == 2
+    assert "--mask 'edge:-1': the value must be >= 0" in capsys.readouterr().err

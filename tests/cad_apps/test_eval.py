@@ -474,6 +474,35 @@ def test_commands_print_os_errors_and_interrupts_in_one_line(monkeypatch, capsys
     assert error_text(worker) == "ValueError: image a.png is truncated"
 
 
+def test_interrupt_advice_never_discards_the_saved_work(monkeypatch, capsys):
+    """After Ctrl-C the advice said "resume with the same command" even with --overwrite (which
+    discards the saved work) and "plus --resume" for train-mask --overwrite (which --resume
+    excludes): it is built from the run's own arguments."""
+    import cad_apps.eval as ev
+    import cad_apps.train_mask as tm
+    from cad_apps import cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate", interrupted)
+    monkeypatch.setattr(tm, "_main", interrupted)
+    cases = [
+        (["eval", "--data-root", ".", "--out", "/tmp/x.json", "--overwrite", "--device", "cpu"],
+         "without --overwrite: cad-spconv eval --data-root . --out /tmp/x.json --device cpu\n"),
+        (["eval", "--data-root", ".", "--out", "/tmp/x.json"], "with the same command\n"),
+        (["train-mask", "--synthetic", "--overw", "--out", "o"],
+         "--resume in place of --overwrite: cad-spconv train-mask --synthetic --resume --out o\n"),
+        (["train-mask", "--synthetic", "--out", "o"],
+         "same command plus --resume: cad-spconv train-mask --synthetic --out o --resume\n"),
+        (["train-mask", "--synthetic", "--out", "o", "--resume"], "with the same command\n"),
+    ]
+    for argv, advice in cases:
+        assert cli.main(argv) == 130
+        err = capsys.readouterr().err
+        assert "interrupted; files written so far are complete; " in err and err.endswith(advice)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (a folder where no "
                     "file can be created)")
 def test_an_uncreatable_lock_is_not_reported_as_a_busy_output():

@@ -235,17 +235,32 @@ def test_evaluate_command_writes_results_and_plot(data_root, extracted, tmp_path
     other.write_text('{"format": "cad-spconv-eval/1"}')
     summary = extracted / "os8" / "summary.json"
     before = summary.read_bytes()
+    fake = tmp_path / "notes.pdf"
+    fake.write_bytes(b"\x89PNG\r\n\x1a\n a PNG named .pdf is not this command's PDF")
     for extra, message in ((["--out", str(other)], "not a keypoints evaluate report"),
                            (["--out", str(tmp_path / "r.png")], "is the JSON report"),
                            (["--out", str(out), "--plot", str(out)], "name the same file"),
                            (["--out", str(summary)], "not a keypoints evaluate report"),
                            (["--out", str(tmp_path / "x.json"), "--plot", str(other)],
-                            "is not a PNG")):
+                            "give a path ending in .png, .pdf, .svg"),
+                           (["--out", str(tmp_path / "x.json"), "--plot", str(fake)],
+                            "exists and is not a PDF")):
         capsys.readouterr()
         assert cli(feats + extra) == 2, extra
         assert message in capsys.readouterr().err
     assert other.read_text() == '{"format": "cad-spconv-eval/1"}'
     assert summary.read_bytes() == before
+
+
+def test_plot_format_follows_the_extension(data_root, extracted, tmp_path):
+    """--plot fig.pdf wrote PNG bytes under any extension: the format is the extension's."""
+    folders = [str(extracted / "os8"), str(extracted / "a4")]
+    for ext, magic in ((".pdf", b"%PDF-"), (".svg", b"<svg"), (".PNG", b"\x89PNG\r\n\x1a\n")):
+        plot = tmp_path / f"fig{ext}"
+        for _ in range(2):  # the second run replaces its own figure
+            run_evaluate(data_root, folders, str(tmp_path / "r.json"), plot=str(plot))
+            head = plot.read_bytes()[:1024]
+            assert head.startswith(magic) if ext != ".svg" else magic in head, ext
 
 
 def test_extract_is_deterministic_and_resumes(data_root, extracted, tmp_path):
@@ -299,6 +314,35 @@ def test_extract_refuses_to_resume_with_other_settings(data_root, extracted, cap
     assert len(json.load(open(extracted / "a4" / "summary.json"))["images"]) == 12
 
 
+def test_sequences_gone_from_the_data_root_are_not_pooled(data_root, extracted, tmp_path,
+                                                          capsys):
+    """extract kept the records of sequences no longer in --data-root (a summary of 12 images
+    for 6 requested, "complete"), and evaluate took the multiply-adds from all records but the
+    MMA from the sequences evaluated: extract refuses, evaluate averages what it evaluates."""
+    root, out = tmp_path / "data", tmp_path / "feats"
+    shutil.copytree(data_root, root)
+    args = ["keypoints", "extract", "--data-root", str(root), "--random-weights", "--seed", "1",
+            "--finest-stride", "8", "--no-progress", "--out", str(out)]
+    assert cli(args) == 0
+    shutil.rmtree(root / "v_synth0")
+    before = (out / "summary.json").read_bytes()
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert (f"holds features of 1 sequence(s) no longer in --data-root {root}: v_synth0" in err
+            and f"delete their folders in --out (e.g. {out / 'v_synth0'})" in err), err
+    assert (out / "summary.json").read_bytes() == before
+    shutil.rmtree(out / "v_synth0")  # the documented fix
+    assert cli(args) == 0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["complete"] and len(summary["images"]) == summary["num_images_requested"] == 6
+    # evaluate on a subset of what a folder holds: multiply-adds of the images evaluated
+    full = json.load(open(extracted / "a4" / "summary.json"))["images"]
+    report = run_evaluate(str(root), [str(extracted / "a4")], str(tmp_path / "r.json"))
+    macs = report["features"]["a4"]["macs_per_image"]
+    assert macs == np.mean([r["macs"] for i, r in full.items() if i.startswith("i_synth0/")])
+    assert macs != np.mean([r["macs"] for r in full.values()])
+
+
 def test_extract_refuses_a_second_writer(data_root, tmp_path):
     out = tmp_path / "busy"
     cfg = ExtractConfig(data_root=data_root, out=str(out), finest_stride=8, random_weights=True,
@@ -339,6 +383,47 @@ def test_commands_report_bad_input(data_root, extracted, tmp_path, capsys):
                            "--no-progress", "--data-root", data_root, "--out",
                            str(tmp_path / "z")]) == 2
     assert "not a D2-Net VGG16 checkpoint" in capsys.readouterr().err
+
+
+def test_unreadable_weights_are_named_before_out_is_made(data_root, tmp_path, capsys):
+    """An empty, garbage or truncated --weights file got advice about weights_only=False and
+    left an --out holding only summary.json.lock: the checks of eval's --checkpoint, before
+    --out is made."""
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": {"a": torch.zeros(1000)}}, whole)
+    files = {"empty": (b"", "is empty (0 bytes): the download or copy did not finish; fetch "
+                            "the file again"),
+             "garbage": (b"\xf4\x06 not a checkpoint", "is not a PyTorch checkpoint"),
+             "truncated": (whole.read_bytes()[:600], "the file is truncated or not a PyTorch "
+                                                     "checkpoint; fetch it again")}
+    for name, (content, message) in files.items():
+        path = tmp_path / f"{name}.pth"
+        path.write_bytes(content)
+        out = tmp_path / f"out_{name}"
+        assert cli(["keypoints", "extract", "--data-root", data_root, "--weights", str(path),
+                    "--finest-stride", "8", "--no-progress", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "error: --weights: " in err and message in err, err
+        assert "weights_only=False" not in err and not out.exists()
+
+
+def test_max_sum_edges_is_checked_as_an_option(data_root, tmp_path, capsys):
+    """--max-sum-edges 0 said "image of 64x96 pixels is too small": the option is named,
+    before --out is made; a budget that shrinks one image too far says so too."""
+    from cad_apps.keypoints.preprocess import prepare_image
+
+    for value in ("0", "-5", "15"):
+        out = tmp_path / f"out{value}"
+        assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights",
+                    "--finest-stride", "8", "--no-progress", "--max-sum-edges", value,
+                    "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--max-sum-edges must be >= 16 (height + width after resizing; each side needs " \
+               f"8 pixels), got {value}" in err, err
+        assert not out.exists()
+    with pytest.raises(ValueError, match=r"image of 8x400 pixels, 0x19 after resizing to "
+                                         r"max_sum_edges 20 \(raise --max-sum-edges\)"):
+        prepare_image(np.zeros((8, 400, 3), dtype=np.uint8), max_sum_edges=20)
 
 
 def test_evaluate_refuses_incomplete_features(data_root, extracted, tmp_path, capsys):

@@ -55,7 +55,7 @@ def test_d2_checkpoint_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"model.0.weight has shape \(64, 3, 5, 5\)"):
         d2_features_state_dict(bad)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot be read as a torch checkpoint"):
+    with pytest.raises(CheckpointError, match="--weights: .*junk.pth is not a PyTorch checkpoint"):
         load_d2_weights(str(tmp_path / "junk.pth"))
     with pytest.raises(FileNotFoundError, match="d2_tf.pth"):
         load_d2_weights(str(tmp_path / "absent.pth"))

@@ -381,6 +381,111 @@ def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
     assert "is not a train-mask checkpoint" in err
 
 
+def test_a_diverged_run_stops_before_saving_its_state(tmp_path, capsys, monkeypatch):
+    """A NaN / Inf loss crashed at the first save ("Out of range float values are not JSON
+    compliant") after last.pt got NaN weights and without history.json: it stops at the first
+    non-finite loss, naming the iteration and --lr, and saves nothing of that state; a
+    non-finite --lr or multiplier is refused up front."""
+    from cad_apps.train_mask import DivergedError
+
+    out = str(tmp_path / "run")
+    argv = ["train-mask", "--synthetic", "--model", "fcn_tiny", "--iters", "6", "--save-every",
+            "2", "--batch-size", "2", "--crop-size", "32", "--device", "cpu", "--out", out,
+            "--no-progress", "--no-eval"]
+    for bad in (["--lr", "nan"], ["--lr", "inf"], ["--backbone-lr-mult", "-1"],
+                ["--estimator-lr-mult", "nan"]):
+        assert cli.main(argv + bad) == 2
+        assert f"{bad[0]} must be a finite number >= 0, got" in capsys.readouterr().err
+        assert not os.path.exists(out)
+    assert cli.main(argv + ["--lr", "1e12"]) == 2
+    err = capsys.readouterr().err
+    assert ("training diverged: the loss is nan" in err and "at iteration 2; nothing was saved; "
+            "start again with a lower --lr (now 1e+12)" in err), err
+    assert not {"last.pt", "history.json"} & set(os.listdir(out))
+    # diverging after a save keeps that save, and the advice says how to start over
+    data = synthetic_items(4, seed=2)
+    cfg = TrainConfig(iters=4, batch_size=2, crop_size=32, lr=0.01, save_every=1)
+    blended = tiny_blended(0)
+    forward, calls = blended.forward, {"n": 0}
+
+    def nan_on_third(*a, **k):
+        calls["n"] += 1
+        res = forward(*a, **k)
+        return dict(res, out=res["out"] * float("nan")) if calls["n"] == 3 else res
+
+    blended.forward = nan_on_third
+    out2 = str(tmp_path / "run2")
+    with pytest.raises(DivergedError, match=r"at iteration 3; .*last.pt still holds iteration 2; "
+                                            r"start again with a lower --lr \(now 0.01\) and "
+                                            r"--overwrite"):
+        train(blended, data, cfg, out_dir=out2, progress=False)
+    assert torch.load(os.path.join(out2, "last.pt"), weights_only=True)["cur_itrs"] == 2
+    with open(os.path.join(out2, "history.json")) as f:
+        assert len(json.load(f)) == 2
+    # a finite loss whose step made the weights non-finite: the save is refused too
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: [
+        p.data.fill_(float("inf")) for g in self.param_groups for p in g["params"]])
+    with pytest.raises(DivergedError, match="weight tensors are not finite .* at iteration 1; "
+                                            "nothing was saved"):
+        train(tiny_blended(0), data, dataclasses.replace(cfg, iters=1),
+              out_dir=str(tmp_path / "run3"), progress=False)
+    assert not os.path.exists(str(tmp_path / "run3" / "last.pt"))
+
+
+def test_resume_on_other_data_is_refused(tmp_path, capsys):
+    """--resume continued silently on another --data-root (the data were not in meta): the
+    root and the number of training images are recorded and compared; runs written before they
+    were recorded still resume."""
+    from cad_apps.data import make_synthetic_cityscapes
+
+    roots = []
+    for i, n in enumerate((2, 3)):
+        roots.append(str(tmp_path / f"cs{i}"))
+        make_synthetic_cityscapes(roots[-1], "train", num_images=n, size=(32, 64))
+    out = str(tmp_path / "run")
+    argv = ["train-mask", "--model", "fcn_tiny", "--iters", "1", "--batch-size", "1",
+            "--crop-size", "32", "--device", "cpu", "--out", out, "--no-progress", "--no-eval"]
+    assert cli.main(argv + ["--data-root", roots[0]]) == 0
+    path = os.path.join(out, "last.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["meta"]["data_root"] == roots[0] and state["meta"]["train_images"] == 2
+    resume = argv + ["--resume"]
+    assert cli.main(resume + ["--data-root", roots[1]]) == 2
+    err = capsys.readouterr().err
+    assert (f"data_root: {roots[0]!r} in the checkpoint vs {roots[1]!r} now" in err
+            and "train_images: 2 in the checkpoint vs 3 now" in err), err
+    assert cli.main(resume + ["--synthetic"]) == 2
+    assert "vs 'synthetic' now" in capsys.readouterr().err
+    assert torch.load(path, weights_only=True)["cur_itrs"] == 1
+    for key in ("data_root", "train_images"):  # a run from before the data were recorded
+        del state["meta"][key]
+    torch.save(state, path)
+    assert cli.main(resume + ["--data-root", roots[0]]) == 0
+    assert torch.load(path, weights_only=True)["meta"]["data_root"] == roots[0]
+
+
+def test_deeplabv3_with_a_batch_of_one_is_refused_up_front(tmp_path, capsys):
+    """DeepLabV3 with --batch-size 1 failed with torch's raw batch-norm error after the model
+    was built and the data written: refused first, naming --batch-size and --freeze-model."""
+    from torchvision.models.segmentation.deeplabv3 import ASPPPooling
+
+    out = tmp_path / "run"
+    assert cli.main(["train-mask", "--synthetic", "--model", "deeplabv3_resnet50",
+                     "--batch-size", "1", "--out", str(out), "--no-progress", "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert ("--model deeplabv3_resnet50 with --batch-size 1: DeepLabV3's ASPP pooling branch"
+            in err and "--batch-size 2 or more, or --freeze-model" in err), err
+    assert not out.exists()
+    # train() itself: any model with an ASPP pooling branch, unless the model is frozen
+    blended = tiny_blended(0)
+    blended.model.probe = ASPPPooling(4, 4)  # never run: the check comes first
+    cfg = TrainConfig(iters=1, batch_size=1, crop_size=32, save_every=0)
+    with pytest.raises(ValueError, match="batch_size 1: DeepLabV3's ASPP pooling branch"):
+        train(blended, synthetic_items(2), cfg, progress=False)
+    train(blended, synthetic_items(2), dataclasses.replace(cfg, freeze_model=True),
+          progress=False)
+
+
 def test_seed_fixes_the_initial_weights(tmp_path):
     """--seed seeds everything: the same seed gives the same losses, another seed others."""
     losses = []
