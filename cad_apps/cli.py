@@ -101,5 +101,6 @@ def _resume_advice(args, argv) -> str:
                 f"cad-spconv {shlex.join(argv + ['--resume'])}")
     return ""
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -135,8 +135,9 @@ def edge(images: torch.Tensor, threshold: float = 0.15, dilation: int = 11,
     if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
         raise TypeError(f"threshold must be a number, got {threshold!r}")
     threshold = float(threshold)  # numpy scalars too
-    if not math.isfinite(threshold):  # NaN would keep nothing, +-inf nothing / everything
-        raise ValueError(f"threshold must be finite, got {threshold!r}")
+    if not math.isfinite(threshold) or threshold < 0:
+        # NaN would keep nothing, +-inf nothing / everything; below 0 keeps every pixel, as 0
+        raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
     # half precision would round the gradients before the threshold: the mask would depend on
     # how the image is stored (float32 and float64 keep their own precision)
     if images.dtype in (torch.float16, torch.bfloat16):

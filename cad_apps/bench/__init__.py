@@ -333,7 +333,6 @@ def _check_replaceable(path: str) -> None:
         raise SystemExit(f"bench: --json {path} exists and cannot be read ({error.strerror}); "
                          f"{fix}") from None
     raise SystemExit(f"bench: --json {error}") from None
-    return {"device": device, "dtype": dtype}
 
 
 def _inputs(args):

@@ -454,8 +454,8 @@ def test_bad_inputs_have_clear_errors():
         masks.edge(torch.zeros(1, 3, 8, 8), 0.1, 4)
     with pytest.raises(ValueError, match="operator"):
         masks.edge(torch.zeros(1, 3, 8, 8), 0.1, 3, operator="canny")
-    for bad in (float("nan"), float("inf"), -float("inf")):  # NaN kept nothing, silently
-        with pytest.raises(ValueError, match="threshold must be finite"):
+    for bad in (float("nan"), float("inf"), -float("inf"), -0.5):  # NaN kept nothing, silently
+        with pytest.raises(ValueError, match="threshold must be finite and >= 0"):
             masks.edge(torch.zeros(1, 3, 8, 8), bad, 3)
     with pytest.raises(TypeError, match="bool"):
         masks.dilate(torch.zeros(1, 1, 4, 4), 3)
