@@ -433,7 +433,7 @@ def shuffle_plan(plan: LevelPlan, generator: Optional[torch.Generator] = None) -
         raise TypeError(f"shuffle_plan takes a LevelPlan, got {type(plan).__name__}; for masks "
                         "use random_like(keep, finest_stride, num_levels)")
     levels = _shuffle_levels(plan.levels, plan.num_levels, generator)
-    return LevelPlan(levels, plan.num_levels, plan.semantics)
+    return LevelPlan(levels, plan.num_levels, plan.semantics, validate=False)
 
 
 def random(batch_size: int, image_size: Sequence[int], fraction: float, finest_stride: int,

@@ -7,7 +7,7 @@ Everything is computed with vectorized tensor ops on the plan's device and cache
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -127,6 +127,23 @@ def _infer_scale(h: int, w: int, H: int, W: int, what: str) -> int:
         + "): give it at the finest grid, or pass the stride explicitly")
 
 
+def _check_level_values(levels: torch.Tensor, num_levels: int) -> None:
+    """Values in ``0..num_levels`` and block-consistent: every level-``s`` site fills its whole
+    aligned ``2**s`` block (clipped at the grid's border)."""
+    lo, hi = (int(levels.min()), int(levels.max())) if levels.numel() else (0, 0)
+    if lo < 0 or hi > num_levels:
+        raise ValueError(f"level map values must lie in 0..{num_levels}, got {lo}..{hi}")
+    for s in range(1, num_levels + 1):
+        is_s = levels == s
+        bad = _block_any(is_s, 2 ** s) & _block_any(~is_s, 2 ** s)
+        if bool(bad.any()):
+            b, by, bx = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"level map is not block-consistent: image {b}, block at ({by * 2 ** s}, "
+                f"{bx * 2 ** s}) of size {2 ** s} mixes level {s} with other levels; a level-{s} "
+                f"site must fill its whole aligned {2 ** s}x{2 ** s} block")
+
+
 @dataclass(eq=False)
 class LevelPlan:
     """Final level of every finest-grid cell's owner site, for a batch of images.
@@ -134,7 +151,9 @@ class LevelPlan:
     levels: ``[B, H, W]`` int64 in ``0..num_levels``, block-consistent (a level-``l`` site sits
     at multiples of ``2**l`` and all cells of its clipped ``2**l`` block carry level ``l``).
     Build it with :meth:`from_keep`, :meth:`from_level_masks`, :meth:`from_level_map` or
-    :func:`make_plan`.
+    :func:`make_plan`. Built directly, ``LevelPlan(levels, num_levels)`` checks the values as
+    :meth:`from_level_map` does (reading them: a GPU sync); ``validate=False`` skips that for
+    levels known to be valid (another plan's).
 
     semantics: where a coarse site measures its taps from (``SEMANTICS.md``): ``"paper"``
     (default: its top-left cell, which keeps Guarantee 2) or ``"reference"`` (the paper's public
@@ -145,10 +164,9 @@ class LevelPlan:
     levels: torch.Tensor
     num_levels: int
     semantics: str = "paper"
+    validate: InitVar[bool] = True
 
-    def __post_init__(self):
-        # cheap checks only (no read of the values, which would sync a GPU): the values are
-        # checked by from_level_map, the way a level map enters
+    def __post_init__(self, validate: bool):
         _check_levels(self.num_levels)
         if (not isinstance(self.levels, torch.Tensor) or self.levels.dtype != torch.int64
                 or self.levels.dim() != 3):
@@ -157,6 +175,8 @@ class LevelPlan:
         if self.semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {', '.join(map(repr, SEMANTICS))}, got "
                              f"{self.semantics!r}")
+        if validate:  # the constructors below pass False: their levels are valid by making
+            _check_level_values(self.levels, self.num_levels)
         self._geometry: dict[int, StepGeometry] = {}
 
     # ------------------------------------------------------------------ constructors
@@ -191,7 +211,7 @@ class LevelPlan:
                 forbidden = forbidden | reduced[s - 1]
             merge = ~_expand_blocks(_block_any(forbidden, 2 ** s), 2 ** s, grid)
             levels += merge.to(torch.int64)  # merges are nested, so the count is the level
-        return cls(levels, num_levels)
+        return cls(levels, num_levels, validate=False)
 
     @classmethod
     def from_level_map(cls, level_map: torch.Tensor, num_levels: int) -> "LevelPlan":
@@ -210,22 +230,6 @@ class LevelPlan:
         if level_map.dim() != 3:
             raise ValueError(f"level map must be [B, H, W] or [B, 1, H, W], got {tuple(level_map.shape)}")
         levels = level_map.to(torch.int64)
-        lo, hi = (int(levels.min()), int(levels.max())) if levels.numel() else (0, 0)
-        if lo < 0 or hi > num_levels:
-            raise ValueError(f"level map values must lie in 0..{num_levels}, got {lo}..{hi}")
-        grid = levels.shape[-2:]
-        for s in range(1, num_levels + 1):
-            is_s = levels == s
-            any_s = _block_any(is_s, 2 ** s)
-            all_s = ~_block_any(~is_s, 2 ** s)
-            bad = any_s & ~all_s
-            if bool(bad.any()):
-                b, by, bx = (int(v) for v in bad.nonzero()[0])
-                raise ValueError(
-                    f"level map is not block-consistent: image {b}, block at ({by * 2 ** s}, "
-                    f"{bx * 2 ** s}) of size {2 ** s} mixes level {s} with other levels; a level-{s} "
-                    f"site must fill its whole aligned {2 ** s}x{2 ** s} block")
-        del grid
         return cls(levels, num_levels)
 
     def merge_maps(self) -> list[torch.Tensor]:
@@ -298,13 +302,13 @@ class LevelPlan:
         device = torch.device(device)
         if device == self.device:
             return self
-        return LevelPlan(self.levels.to(device), self.num_levels, self.semantics)
+        return LevelPlan(self.levels.to(device), self.num_levels, self.semantics, validate=False)
 
     def with_semantics(self, semantics: str) -> "LevelPlan":
         """This plan (same levels, same cached sites) under another tap-anchor convention."""
         if semantics == self.semantics:
             return self
-        other = LevelPlan(self.levels, self.num_levels, semantics)
+        other = LevelPlan(self.levels, self.num_levels, semantics, validate=False)
         other._geometry = self._geometry  # sites and owners do not depend on the anchor
         other._padded = self.__dict__.setdefault("_padded", {})
         return other

@@ -166,7 +166,9 @@ def test_bad_layer_arguments_name_the_problem():
         CADAdaptiveAvgPool2d()(as_int)
 
 
-def test_level_plan_built_directly_gets_the_cheap_checks():
+def test_level_plan_built_directly_checks_its_levels():
+    """A plan built directly gets from_level_map's checks (it ran invalid plans silently: one
+    cell at level 0 in a merged block counted 0.25 / 0.75 but gave one site)."""
     levels = torch.zeros(2, 9, 7, dtype=torch.int64)
     for bad in (levels.float(), levels[0], levels.int()):
         with pytest.raises(TypeError, match="int64 levels .*from_level_map"):
@@ -174,3 +176,10 @@ def test_level_plan_built_directly_gets_the_cheap_checks():
     with pytest.raises(ValueError, match="num_levels .* must be an int >= 1, got True"):
         LevelPlan(levels, True)
     assert LevelPlan(levels, 1).batch_size == 2
+    mixed = torch.tensor([[[0, 1], [1, 1]]])
+    for bad, match in ((mixed, "not block-consistent: image 0, block at \\(0, 0\\) of size 2"),
+                       (torch.full((1, 2, 2), 3), "values must lie in 0..1, got 3..3"),
+                       (-mixed, "values must lie in 0..1, got -1..0")):
+        with pytest.raises(ValueError, match=match):
+            LevelPlan(bad, 1)
+    assert LevelPlan(mixed, 1, validate=False).num_levels == 1  # the caller's word for it
