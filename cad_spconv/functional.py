@@ -109,6 +109,9 @@ def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: Int
     """Max pool: window = stride 2 (``2x2/2``: merged sites take the max of their children,
     kept sites pass through), or an odd window with same padding (the conv rule with max;
     out-of-grid taps ignored), stride 1 or 2."""
+    if not x.features.is_floating_point():  # windows are padded with -inf
+        raise TypeError(f"max_pool2d needs floating-point features, got {x.dtype}; convert with "
+                        "x.replace_feature(x.features.float())")
     k = _pair(kernel_size, "kernel_size")
     s = _pair(stride, "stride")
     p = _pair(padding, "padding")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from . import functional as CF
 from .engines import check_engine, weights_epoch
@@ -189,12 +190,23 @@ class CADPointwise(nn.Module):
 
 
 class CADMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d``: 2x2 window with stride 2 (VGG) or odd window with same padding."""
+    """``nn.MaxPool2d``: 2x2 window with stride 2 (VGG) or odd window with same padding.
+
+    At the border a step's grid has ``ceil(H / 2)`` rows (blocks are clipped, every cell has an
+    owner): the 2x2 pool acts as ``ceil_mode=True`` on odd sizes, an odd window as floor mode
+    does with same padding. ``ceil_mode=True`` with an odd window (a row / column more on even
+    sizes) is refused."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.return_indices:
             raise ValueError("CADMaxPool2d does not return indices")
+        odd = all(k % 2 == 1 for k in _pair(self.kernel_size))
+        if self.ceil_mode and odd and _pair(self.stride) != (1, 1):
+            raise ValueError(f"CADMaxPool2d with an odd window and stride "
+                             f"{_pair(self.stride)} has ceil(H / 2) output rows, what "
+                             f"ceil_mode=False gives with same padding; ceil_mode=True would add "
+                             f"a row / column on even sizes: use ceil_mode=False")
 
     @classmethod
     def from_module(cls, pool: nn.MaxPool2d) -> "CADMaxPool2d":

@@ -91,6 +91,12 @@ def test_even_kernel_and_bad_padding():
         CF.conv2d(t, torch.randn(4, 4, 2, 2))
     with pytest.raises(ValueError, match="unsupported max pool"):
         CADMaxPool2d(2, 1)(t)
+    # an odd window in ceil mode has a row / column more than the step's grid on even sizes
+    with pytest.raises(ValueError, match="ceil_mode=True would add a row"):
+        CADMaxPool2d.from_module(torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True))
+    assert CADMaxPool2d(2, 2, ceil_mode=True)(t).step == 1  # 2x2 blocks are clipped: ceil mode
+    with pytest.raises(TypeError, match="max_pool2d needs floating-point features, got torch.int64"):
+        CADMaxPool2d(2, 2)(t.replace_feature(t.features.long()))
 
 
 def test_device_mismatch():
