@@ -300,6 +300,8 @@ def test_bad_strides(finest, coarsest, match):
 def test_bad_options():
     with pytest.raises(ValueError, match="unknown engine"):
         convert(resnet(), engine="cuda")
+    with pytest.raises(ValueError, match="engine='lattice' needs semantics='paper'"):
+        convert(resnet(), engine="lattice", semantics="reference")
     with pytest.raises(ValueError, match="segmentation models"):
         convert(resnet(), sparse_head=True)
     with pytest.raises(TypeError, match="sparse_head must be a bool"):
