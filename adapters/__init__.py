@@ -76,9 +76,8 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
         raise ValueError(f"semantics must be one of {', '.join(map(repr, SEMANTICS))}, got "
                          f"{semantics!r}")
     if semantics == "reference" and engine == "lattice":  # else refused at the first forward
-        raise ValueError("engine='lattice' needs semantics='paper' (it relies on Guarantee 2, "
-                         "which the reference semantics break); use engine='auto', 'torch' or "
-                         "'spconv'")
+        from cad_spconv.engines.lattice import NEEDS_PAPER_SEMANTICS
+        raise ValueError(NEEDS_PAPER_SEMANTICS)
     if (return_layers is not None or dense is not True) and type(model) is not ResNet:
         raise ValueError(f"return_layers / dense apply to ResNet classifiers only, not to "
                          f"{type(model).__name__}")

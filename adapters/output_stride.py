@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["STEM", "STAGES", "CANONICAL_STRIDE", "OUTPUT_STRIDES", "dilation_flags",
            "check_output_stride", "set_output_stride", "output_stride", "stride_conv",
-           "stage_layout", "layout_mismatches"]
+           "block_convs", "stage_layout", "layout_mismatches"]
 
 STEM = ("conv1", "bn1", "relu", "maxpool")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -42,17 +42,24 @@ def dilation_flags(stride: int) -> list[bool]:
     return [8 > stride, 16 > stride, 32 > stride]
 
 
-def stride_conv(block: nn.Module) -> tuple[nn.Conv2d, list[nn.Conv2d]]:
-    """(the conv that carries a block's stride, its other 3x3 convs): ``conv2`` of a Bottleneck
-    (ResNet v1.5), ``conv1`` (and ``conv2``) of a BasicBlock."""
+def block_convs(block: nn.Module) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
+    """Names of a torchvision ResNet block's convs: (all of them, the one that carries the
+    block's stride, its other 3x3 convs). A Bottleneck strides in ``conv2`` (ResNet v1.5), a
+    BasicBlock in ``conv1``."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     if type(block) is Bottleneck:
-        return block.conv2, []
+        return ("conv1", "conv2", "conv3"), "conv2", ()
     if type(block) is BasicBlock:
-        return block.conv1, [block.conv2]
+        return ("conv1", "conv2"), "conv1", ("conv2",)
     raise TypeError(f"expected torchvision ResNet blocks (BasicBlock / Bottleneck), got "
                     f"{type(block).__name__}")
+
+
+def stride_conv(block: nn.Module) -> tuple[nn.Conv2d, list[nn.Conv2d]]:
+    """(the conv that carries a block's stride, its other 3x3 convs): see :func:`block_convs`."""
+    _, strided, others = block_convs(block)
+    return getattr(block, strided), [getattr(block, name) for name in others]
 
 
 def set_output_stride(backbone: nn.Module, stride: int) -> list:
@@ -106,11 +113,11 @@ def stage_layout(stages: dict, dilated: dict):
             dilation *= 2
         step = 1 if dilated[name] else 2
         for i, block in enumerate(stages[name]):
-            strided, others = stride_conv(block)
-            path = f"{name}.{i}.{'conv2' if not others else 'conv1'}"
-            yield path, strided, step if i == 0 else 1, previous if i == 0 else dilation
-            for conv in others:
-                yield f"{name}.{i}.conv2", conv, 1, dilation
+            _, strided, others = block_convs(block)
+            yield (f"{name}.{i}.{strided}", getattr(block, strided), step if i == 0 else 1,
+                   previous if i == 0 else dilation)
+            for other in others:
+                yield f"{name}.{i}.{other}", getattr(block, other), 1, dilation
             if i == 0 and block.downsample is not None:
                 yield f"{name}.{i}.downsample.0", block.downsample[0], step, None
 
@@ -130,9 +137,9 @@ def layout_mismatches(stages: dict) -> list[str]:
                          f"where torchvision's layout has {want}")
 
     for i, block in enumerate(stages.get("layer1", ())):
-        strided, others = stride_conv(block)
-        for j, conv in enumerate((strided, *others)):
-            compare(f"layer1.{i}.{'conv2' if not others else f'conv{j + 1}'}", conv, 1, 1)
+        _, strided, others = block_convs(block)
+        for conv in (strided, *others):
+            compare(f"layer1.{i}.{conv}", getattr(block, conv), 1, 1)
         if block.downsample is not None:
             compare(f"layer1.{i}.downsample.0", block.downsample[0], 1, None)
     dilated = {name: stride_conv(stages[name][0])[0].stride == (1, 1)

@@ -28,7 +28,8 @@ from cad_spconv.tensor import CADTensor
 
 from .common import (CADModel, UnsupportedModelError, cad_conv, check_plain_conv, check_strides,
                      dense_conv, expect_type, follow_mode, shell)
-from .output_stride import CANONICAL_STRIDE, STAGES, STEM, layout_mismatches, stride_conv
+from .output_stride import (CANONICAL_STRIDE, STAGES, STEM, block_convs, layout_mismatches,
+                            stride_conv)
 
 __all__ = ["CADResNet", "CADResNetFeatures", "CADBottleneck", "CADBasicBlock",
            "CADResNetBackbone", "convert_resnet"]
@@ -105,8 +106,7 @@ def _cad_shortcut(block, stride: int, engine: str, path: str) -> Optional[nn.Seq
 def _dense_block(block, stride: int):
     """The block with the standard stride and no dilation (a shell only if that differs)."""
     changes = {}
-    strided = "conv2" if type(block) is Bottleneck else "conv1"
-    names = ("conv1", "conv2", "conv3") if type(block) is Bottleneck else ("conv1", "conv2")
+    names, strided, _ = block_convs(block)
     for name in names:
         conv = getattr(block, name)
         new = dense_conv(conv, stride if name == strided else 1, 1)
@@ -123,18 +123,16 @@ def _dense_block(block, stride: int):
 # ---------------------------------------------------------------------- structure checks
 def _check_block(block, path: str, first: bool):
     expect_type(block, path, (BasicBlock, Bottleneck), "a torchvision BasicBlock or Bottleneck")
-    names = ("conv1", "conv2", "conv3") if type(block) is Bottleneck else ("conv1", "conv2")
+    names, strided, _ = block_convs(block)
     bns = ("bn1", "bn2", "bn3") if type(block) is Bottleneck else ("bn1", "bn2")
     for name in names:
         expect_type(getattr(block, name), f"{path}.{name}", nn.Conv2d, "an nn.Conv2d")
         # the converted block sets each conv's stride and dilation anew: refuse what it would
         # replace (anisotropic strides or dilations, other padding; the whole layout is
         # checked by _check_layout); a Bottleneck strides in conv2 only (ResNet v1.5)
-        strided = name == ("conv2" if type(block) is Bottleneck else "conv1")
         check_plain_conv(getattr(block, name), f"{path}.{name}",
-                         "here (torchvision's blocks stride in "
-                         + ("conv2, ResNet v1.5)" if type(block) is Bottleneck else "conv1)"),
-                         strides=(1, 2) if strided else (1,))
+                         f"here (torchvision's {type(block).__name__} strides in {strided})",
+                         strides=(1, 2) if name == strided else (1,))
     for name in bns:
         expect_type(getattr(block, name), f"{path}.{name}", nn.BatchNorm2d, "an nn.BatchNorm2d "
                     "(other norms, e.g. FrozenBatchNorm2d, are not supported)")

@@ -150,7 +150,8 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
                 p is not None and p.requires_grad for p in (weight, bias))))):
         scale, shift = scale_shift or eval_scale_shift(running_mean, running_var, weight, bias,
                                                        eps)
-        # one pass over the features, as the dense batch norm makes (mul_ then add_ made two)
+        # one pass over the features, as the dense batch norm makes (mul_ then add_ made two);
+        # half-precision features are computed with float32 scale and shift, rounded once
         return x.replace_feature(torch.addcmul(shift, f, scale, out=f))
     out = F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
     return x.replace_feature(out)
@@ -159,7 +160,12 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
 def eval_scale_shift(running_mean, running_var, weight=None, bias=None,
                      eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode batch norm as ``features * scale + shift``: the per-channel ``scale`` and
-    ``shift`` (without autograd; each site stays independent)."""
+    ``shift`` (without autograd; each site stays independent). Half-precision statistics give
+    float32 ones, as PyTorch's kernels compute them: in float16, ``mean * scale`` overflows
+    for large means and ``var + eps`` may fall below the normal range."""
+    if running_var.dtype in (torch.float16, torch.bfloat16):
+        running_mean, running_var, weight, bias = (
+            None if t is None else t.float() for t in (running_mean, running_var, weight, bias))
     with torch.no_grad():
         scale = torch.rsqrt(running_var + eps)
         if weight is not None:

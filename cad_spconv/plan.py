@@ -7,7 +7,7 @@ Everything is computed with vectorized tensor ops on the plan's device and cache
 """
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass
+from dataclasses import KW_ONLY, InitVar, dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -164,6 +164,7 @@ class LevelPlan:
     levels: torch.Tensor
     num_levels: int
     semantics: str = "paper"
+    _: KW_ONLY
     validate: InitVar[bool] = True
 
     def __post_init__(self, validate: bool):
@@ -373,6 +374,10 @@ class LevelPlan:
         area = torch.bincount(owner.flatten(), minlength=coords.shape[0])
         return StepGeometry(coords=coords, owner=owner, area=area,
                             indices=coords.to(torch.int32))
+
+
+# an init-only argument, not state: without this, plan.validate would read the class default
+del LevelPlan.validate
 
 
 def same_device(a, b) -> bool:

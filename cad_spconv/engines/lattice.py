@@ -44,6 +44,12 @@ _PRODUCTS_MIN_WIDTH_RATIO = 4
 _HANDED_OVER = "lattice-handed-to-products"
 
 
+#: why the lattice engine refuses ``semantics="reference"`` (also said by ``adapters.convert``)
+NEEDS_PAPER_SEMANTICS = ("the lattice engine needs semantics='paper': it relies on Guarantee 2, "
+                         "which the reference semantics break; use another engine "
+                         "(engine='auto' runs 'torch' there)")
+
+
 class LatticeEngine(Engine):
     name = "lattice"
     summary = ("coarse-lattice sites as one dense conv (oneDNN / cuDNN), the finer rest by "
@@ -55,9 +61,7 @@ class LatticeEngine(Engine):
                 f"the lattice engine needs a conv rulebook of a plan (conv_rulebook), got "
                 f"{type(book).__name__}; use engine='torch'")
         if book.plan.semantics != "paper" and book.num_taps > 1:
-            raise EngineUnsupported(
-                "the lattice engine relies on Guarantee 2, which the reference semantics break; "
-                "use engine='torch' or 'spconv' (engine='auto' picks one)")
+            raise EngineUnsupported(NEEDS_PAPER_SEMANTICS)
 
     def prepare(self, book: Rulebook, like: Optional[Rulebook] = None) -> None:
         if isinstance(like, ConvRulebook) and like.has_derived(_HANDED_OVER):

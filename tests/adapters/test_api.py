@@ -271,8 +271,8 @@ def test_unsupported_models_name_the_module_and_what_is_supported():
             ("resnet50", [False, True, True], {"layer4.2.conv2": (1, 2)},
              r"layer4\.2\.conv2 has .*dilation 4"),
             ("resnet50", None, {"layer2.0.conv1": (2, None), "layer2.0.conv2": (1, None)},
-             r"layer2\.0\.conv1 .*stride in conv2"),  # ResNet v1: the stride in conv1
-            ("resnet18", None, {"layer3.0.conv2": (2, None)}, r"layer3\.0\.conv2 .*stride in conv1")):
+             r"layer2\.0\.conv1 .*Bottleneck strides in conv2"),  # ResNet v1: the stride in conv1
+            ("resnet18", None, {"layer3.0.conv2": (2, None)}, r"layer3\.0\.conv2 .*BasicBlock strides in conv1")):
         model = resnet(kind, replace_stride_with_dilation=flags or [False] * 3)
         for path, (stride, dilation) in changes.items():
             conv = model.get_submodule(path)
@@ -300,7 +300,7 @@ def test_bad_strides(finest, coarsest, match):
 def test_bad_options():
     with pytest.raises(ValueError, match="unknown engine"):
         convert(resnet(), engine="cuda")
-    with pytest.raises(ValueError, match="engine='lattice' needs semantics='paper'"):
+    with pytest.raises(ValueError, match="lattice engine needs semantics='paper'"):
         convert(resnet(), engine="lattice", semantics="reference")
     with pytest.raises(ValueError, match="segmentation models"):
         convert(resnet(), sparse_head=True)

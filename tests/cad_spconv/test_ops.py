@@ -335,6 +335,30 @@ def test_batch_norm_in_place_follows_every_change_of_its_parameters(device):
         check(bn, x.features.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batch_norm_in_place_in_half_precision_takes_float32_scale_and_shift(dtype, device):
+    """Half-precision statistics: the in-place batch norm computes as torch's does, in
+    float32, rounding once. A float16 ``mean * scale`` overflowed (-inf for a result of 0) and
+    ``var + eps`` fell below float16's normal range."""
+    from cad_spconv.nn import CADBatchNorm2d
+    x, _ = make_input(CASES[1], 1, 4, torch.float64, device)
+    bn = torch.nn.BatchNorm2d(4, eps=1e-6).to(device).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([300.0, 0.5, -2.0, 0.0]))
+        bn.running_var.copy_(torch.tensor([0.0, 0.0, 1.0, 3.0]))
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    bn.to(dtype)
+    f = x.features.to(dtype)
+    f[:, 0], f[:, 1] = 300.0, f[:, 1] * 1e-3 + 0.5  # a result of 0; tiny var + eps
+    cbn = CADBatchNorm2d.from_module(bn, inplace=True).eval()
+    with torch.no_grad():
+        out = cbn(x.replace_feature(f.clone())).features
+    want = torch.nn.functional.batch_norm(
+        f.double(), *(t.double() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)),
+        False, 0.0, bn.eps)
+    R.assert_within(out, want, R.batch_norm_bound(f, bn, dtype), f"in place, {dtype}")
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_in_place(device, affine):
     """``inplace``: in eval mode without autograd the features are overwritten with what the
