@@ -76,8 +76,9 @@ def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,
         raise ValueError(f"semantics must be one of {', '.join(map(repr, SEMANTICS))}, got "
                          f"{semantics!r}")
     if semantics == "reference" and engine == "lattice":  # else refused at the first forward
+        from cad_spconv.engines import EngineUnsupported
         from cad_spconv.engines.lattice import NEEDS_PAPER_SEMANTICS
-        raise ValueError(NEEDS_PAPER_SEMANTICS)
+        raise EngineUnsupported(NEEDS_PAPER_SEMANTICS)
     if (return_layers is not None or dense is not True) and type(model) is not ResNet:
         raise ValueError(f"return_layers / dense apply to ResNet classifiers only, not to "
                          f"{type(model).__name__}")

@@ -12,6 +12,7 @@ from tests.support import emulation as emu
 from adapters import CADResNet, CADSegmentation, UnsupportedModelError, convert
 from cad_spconv.plan import LevelPlan
 from cad_spconv.nn import CADConv2d
+from cad_spconv.engines import EngineUnsupported
 
 SIZE = (49, 67)   # finest grid 7x9 at stride 8
 GRID = (7, 9)
@@ -300,7 +301,7 @@ def test_bad_strides(finest, coarsest, match):
 def test_bad_options():
     with pytest.raises(ValueError, match="unknown engine"):
         convert(resnet(), engine="cuda")
-    with pytest.raises(ValueError, match="lattice engine needs semantics='paper'"):
+    with pytest.raises(EngineUnsupported, match="lattice engine needs semantics='paper'"):
         convert(resnet(), engine="lattice", semantics="reference")
     with pytest.raises(ValueError, match="segmentation models"):
         convert(resnet(), sparse_head=True)
