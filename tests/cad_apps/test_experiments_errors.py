@@ -1,0 +1,103 @@
+"""The experiment scripts on bad input: one line naming the problem and a fix the script
+accepts, exit status 2, before any evaluation or file is written."""
+import json
+
+import pytest
+
+from cad_apps.data import make_synthetic_cityscapes
+from experiments import inadequate_masks, oracle, overlays, tradeoff
+
+COMMON = ["--model", "deeplabv3_resnet50", "--device", "cpu", "--num-workers", "0", "--no-progress",
+          "--no-timing", "--dilation", "3"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cityscapes")
+    make_synthetic_cityscapes(root, num_images=1, size=(40, 56), seed=3)
+    return root
+
+
+def _argv(root, out):
+    return ["--data-root", str(root), "--out", str(out)] + COMMON
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+@pytest.mark.parametrize("script", [tradeoff, oracle, inadequate_masks])
+def test_missing_data_root_is_one_line_before_any_file(script, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _argv(tmp_path / "nosuch", out) + (["--thresholds"] if script is not oracle else [])
+    assert script.main(argv) == 2
+    _one_line_error(capsys, "does not exist")
+    assert not out.exists()
+
+
+def test_overlays_input_errors(root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert overlays.main(_argv(tmp_path / "nosuch", out) + ["--masks", "all"]) == 2
+    _one_line_error(capsys, "does not exist")
+    with pytest.raises(SystemExit) as e:
+        overlays.main(_argv(root, out) + ["--masks", "all", "--num-images", "0"])
+    assert e.value.code == 2
+    assert "--num-images must be >= 1" in capsys.readouterr().err
+    assert overlays.main(_argv(root, out) + ["--masks", f"learned:{tmp_path / 'no.pt'}"]) == 2
+    _one_line_error(capsys, "no such file")
+    assert not out.exists()
+
+
+def test_settings_mismatch_names_a_fix_the_script_takes(root, tmp_path, capsys):
+    argv = _argv(root, tmp_path)
+    assert tradeoff.main(argv + ["--thresholds"]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()}
+    capsys.readouterr()
+    other = [a if a != "3" else "5" for a in argv]  # --dilation 5
+    assert tradeoff.main(other + ["--thresholds", "0.5"]) == 2
+    _one_line_error(capsys, "other settings", "--overwrite")
+    # refused before any work: no file touched, none added
+    assert {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()} == before
+    # the advice is accepted
+    assert tradeoff.main(other + ["--thresholds", "--overwrite"]) == 0
+    run = json.loads((tmp_path / "runs" / "all.json").read_text())
+    assert run["config"]["dilation"] == 5
+
+
+def test_dense_is_refused_and_not_offered(root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tradeoff.main(_argv(root, tmp_path) + ["--dense", "8"])
+    assert e.value.code == 2
+    assert "cad-spconv eval --dense" in capsys.readouterr().err
+    assert "--dense" not in tradeoff.build_parser().format_help()
+    assert "--overwrite" in tradeoff.build_parser().format_help()
+    assert "--overwrite" not in overlays.build_parser().format_help()
+
+
+@pytest.mark.parametrize("script, extra, words", [
+    (inadequate_masks, ["--random-fractions", "0.5", "1.5"], ["--random-fractions", "<= 1"]),
+    (inadequate_masks, ["--thresholds", "-1"], ["--thresholds", ">= 0"]),
+    (tradeoff, ["--thresholds", "nan"], ["--thresholds", ">= 0"]),
+    (tradeoff, ["--thresholds", "x"], ["--thresholds", "'x' is not a number"]),
+])
+def test_bad_mask_values_are_refused_before_any_evaluation(script, extra, words, root, tmp_path,
+                                                           capsys):
+    with pytest.raises(SystemExit) as e:
+        script.main(_argv(root, tmp_path / "out") + extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_learned_file_is_refused_before_any_evaluation(root, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "rho0.5.pth"
+    assert tradeoff.main(_argv(root, out) + ["--thresholds", "0.35", "--learned",
+                                              str(missing)]) == 2
+    _one_line_error(capsys, f"--learned {missing}", "no such file")
+    assert not out.exists()
