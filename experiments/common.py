@@ -277,11 +277,7 @@ def point(result: dict, label: str, group: str) -> dict:
 
 
 def write_report(path: str, experiment: str, args, points: Sequence[dict], **extra) -> dict:
-    report = {"experiment": experiment,
-              "config": {k: getattr(args, k) for k in (
-                  "data_root", "split", "model", "checkpoint", "finest_stride", "coarsest_stride",
-                  "dilation", "sparse_head", "dtype", "limit")},
-              "points": list(points), **extra}
+    report = {"experiment": experiment, **provenance(args), "points": list(points), **extra}
     write_json_atomic(path, report)
     return report
 

@@ -17,7 +17,8 @@ import dataclasses
 import os
 import sys
 
-from experiments.common import INPUT_ERRORS, ExperimentError, _pyplot, base_parser, reports_errors
+from experiments.common import (INPUT_ERRORS, ExperimentError, _pyplot, base_parser, provenance,
+                                reports_errors)
 
 
 def build_parser():
@@ -66,7 +67,9 @@ def main(argv=None) -> int:
         model, _ = build_segmentation_model(args.model, args.checkpoint)
     except INPUT_ERRORS as e:
         raise ExperimentError(error_text(e)) from None
-    levels, report = {}, {"experiment": "overlays", "images": dataset.ids, "masks": {}}
+    levels = {}
+    report = {"experiment": "overlays", **provenance(args, device), "images": dataset.ids,
+              "masks": {}}
     for mask in args.masks:
         maps = []
         try:

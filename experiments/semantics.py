@@ -14,13 +14,14 @@ for both, so only the anchor differs) on the given frames in float64 and reports
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
+from experiments.common import ExperimentParser, provenance
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ExperimentParser(prog="python -m experiments.semantics",
+                         description=__doc__.split("\n\n")[0])
     p.add_argument("--images", nargs="+", required=True, help="RGB frames")
     p.add_argument("--model", default="deeplabv3_resnet50")
     p.add_argument("--checkpoint", help="weights (default: random, seeded)")
@@ -59,8 +60,9 @@ def main(argv=None) -> int:
     dense16.load_state_dict(model.state_dict())
     dense16 = dense16.double().eval()
     cads = {s: convert(model, 8, 16, semantics=s).eval() for s in ("paper", "reference")}
-    report = {"experiment": "semantics", "model": args.model, "checkpoint": args.checkpoint,
-              "size": list(args.size), "threshold": args.threshold, "frames": {}}
+    report = {"experiment": "semantics", **provenance(args, "cpu"), "model": args.model,
+              "checkpoint": args.checkpoint, "size": list(args.size),
+              "threshold": args.threshold, "frames": {}}
     for path in args.images:
         rgb = torch.from_numpy(read_image(path, "RGB").copy()).permute(2, 0, 1)
         x = F.interpolate(img.normalize(rgb)[None], size=tuple(args.size), mode="bilinear",

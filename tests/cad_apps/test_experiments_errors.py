@@ -101,3 +101,40 @@ def test_missing_learned_file_is_refused_before_any_evaluation(root, tmp_path, c
                                               str(missing)]) == 2
     _one_line_error(capsys, f"--learned {missing}", "no such file")
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- provenance
+def _has_provenance(report, name, *settings):
+    assert report["command"].startswith(f"python -m experiments.{name} ")
+    env = report["environment"]
+    assert env["cpu"] and env["torch"] and "cpu_flags" in env
+    for key in settings:
+        assert key in report["config"], key
+
+
+def test_reports_record_settings_command_and_machine(root, tmp_path, capsys):
+    import torch
+
+    argv = _argv(root, tmp_path)
+    assert tradeoff.main(argv + ["--thresholds"]) == 0
+    report = json.loads((tmp_path / "tradeoff.json").read_text())
+    _has_provenance(report, "tradeoff", "semantics", "seed", "dilation", "thresholds", "learned")
+    assert report["config"]["dilation"] == 3 and "--dilation 3" in report["command"]
+    assert report["environment"]["torch"] == torch.__version__
+    assert overlays.main(argv + ["--masks", "all", "--num-images", "1"]) == 0
+    _has_provenance(json.loads((tmp_path / "overlays.json").read_text()), "overlays", "masks",
+                    "num_images", "seed", "checkpoint")
+
+
+def test_semantics_report_records_its_settings(tmp_path):
+    from PIL import Image
+
+    from experiments import semantics
+
+    frame = tmp_path / "f.png"
+    Image.new("RGB", (64, 32), (40, 90, 200)).save(frame)
+    assert semantics.main(["--images", str(frame), "--size", "32", "64", "--dilation", "3",
+                           "--seed", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "semantics.json").read_text())
+    _has_provenance(report, "semantics", "dilation", "seed", "images")
+    assert (report["config"]["dilation"], report["config"]["seed"]) == (3, 2)
