@@ -334,13 +334,16 @@ def plot_tradeoff(path: str, points: Sequence[dict], title: str, args) -> None:
 
 
 def _left_out(path: str, points: Sequence[dict]) -> list[str]:
-    """The masks of the points in the report at ``path`` (an earlier run's) not in ``points``."""
+    """The masks of the points in the report at ``path`` (an earlier run's), and those it named
+    as left out, that are not in ``points``."""
     import json
 
     try:
         with open(path) as f:
-            earlier = [p["mask"] for p in json.load(f)["points"]]
-    except (OSError, ValueError, KeyError, TypeError):  # none, or not a report: nothing to say
+            report = json.load(f)
+        earlier = [p["mask"] for p in report["points"]]
+        earlier += [m for m in report.get("left_out_of_earlier_report", []) if m not in earlier]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or not a report
         return []
     now = {p["mask"] for p in points}
     return [m for m in earlier if m not in now]
@@ -355,7 +358,12 @@ def finish(args, experiment: str, points: Sequence[dict], title: str) -> int:
     """Write ``<experiment>.json`` and ``<experiment>.png`` under ``args.out`` and print one
     line per point."""
     path = os.path.join(args.out, f"{experiment}.json")
-    write_report(path, experiment, args, points)
+    left = _left_out(path, points)
+    if left:
+        print(f"note: {path} of an earlier run also held {', '.join(left)}; this command leaves "
+              f"them out (their results stay in {os.path.join(args.out, 'runs')}; name them "
+              "again to include them)")
+    write_report(path, experiment, args, points, left_out_of_earlier_report=left)
     plot_tradeoff(os.path.join(args.out, f"{experiment}.png"), points, title, args)
     for p in points:
         miou = p["miou"] if p["miou"] is None else round(p["miou"], 4)

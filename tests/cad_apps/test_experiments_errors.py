@@ -138,3 +138,23 @@ def test_semantics_report_records_its_settings(tmp_path):
     report = json.loads((tmp_path / "semantics.json").read_text())
     _has_provenance(report, "semantics", "dilation", "seed", "images")
     assert (report["config"]["dilation"], report["config"]["seed"]) == (3, 2)
+
+
+def test_a_rerun_with_fewer_settings_names_the_points_it_leaves_out(root, tmp_path, capsys):
+    argv = _argv(root, tmp_path)
+    assert inadequate_masks.main(argv + ["--thresholds", "--random-fractions", "0.5",
+                                         "0.25"]) == 0
+    capsys.readouterr()
+    assert inadequate_masks.main(argv + ["--thresholds", "--random-fractions", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "leaves them out" in out and "random:0.25" in out
+    report = json.loads((tmp_path / "inadequate_masks.json").read_text())
+    assert report["left_out_of_earlier_report"] == ["random:0.25"]
+    assert (tmp_path / "runs" / "random_0.25.json").exists()
+    # named again by the next run, until a command names the setting again
+    assert inadequate_masks.main(argv + ["--thresholds", "--random-fractions", "0.5"]) == 0
+    assert "random:0.25" in capsys.readouterr().out
+    assert inadequate_masks.main(argv + ["--thresholds", "--random-fractions", "0.25"]) == 0
+    report = json.loads((tmp_path / "inadequate_masks.json").read_text())
+    assert report["left_out_of_earlier_report"] == ["random:0.5"]
+    assert "named on the terminal" in inadequate_masks.build_parser().format_help()
