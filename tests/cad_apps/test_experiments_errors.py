@@ -158,3 +158,51 @@ def test_a_rerun_with_fewer_settings_names_the_points_it_leaves_out(root, tmp_pa
     report = json.loads((tmp_path / "inadequate_masks.json").read_text())
     assert report["left_out_of_earlier_report"] == ["random:0.5"]
     assert "named on the terminal" in inadequate_masks.build_parser().format_help()
+
+
+# --------------------------------------------------------------------------- benchmark suites
+@pytest.fixture
+def suite(tmp_path, monkeypatch):
+    """``experiments.benchmark`` with its bench processes recorded, not run."""
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd)
+                        or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.chdir(tmp_path)  # the suite changes into the project root; undone after
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "a.png").write_bytes(b"")
+    results = tmp_path / "results"
+    results.mkdir()
+    return ["--no-markdown", "--frames", str(frames), "--results", str(results)], results, calls
+
+
+def test_benchmark_refuses_to_replace_a_result_without_overwrite(suite, capsys):
+    from experiments import benchmark
+
+    argv, results, calls = suite
+    old = results / "cpu_deeplabv3_resnet101_512x1024.json"
+    old.write_text(json.dumps({"environment": {"cpu": "Another CPU"}}))
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["cpu", *argv])
+    assert e.value.code == 2 and calls == []
+    err = capsys.readouterr().err
+    assert str(old) in err and "Another CPU" in err and "--overwrite" in err
+    assert benchmark.main(["cpu", *argv, "--overwrite"]) == 0 and len(calls) == 1
+    assert benchmark.main(["ops", *argv]) == 0 and len(calls) == 3  # new files: no refusal
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--only", "nosuch"], ["--only 'nosuch' matches no result", "cpu_conv3x3_256_512x1024"]),
+    (["--reps", "0"], ["--reps must be >= 1"]),
+])
+def test_benchmark_refuses_options_that_select_or_time_nothing(suite, capsys, extra, words):
+    from experiments import benchmark
+
+    argv, _, calls = suite
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["ops", *argv, *extra])
+    assert e.value.code == 2 and calls == []
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
