@@ -206,3 +206,27 @@ def test_benchmark_refuses_options_that_select_or_time_nothing(suite, capsys, ex
     assert e.value.code == 2 and calls == []
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
+
+
+# --------------------------------------------------------------------------- keypoints
+def test_keypoints_synthetic_set_of_other_settings_is_refused(tmp_path, capsys):
+    import os
+
+    from experiments import keypoints
+
+    def args(*extra):
+        return ["--synthetic", "--random-weights", "--out", str(tmp_path), *extra]
+
+    root = keypoints.synthetic_root(keypoints.build_parser().parse_args(
+        args("--synthetic-size", "48", "64")))
+    assert keypoints.synthetic_root(keypoints.build_parser().parse_args(
+        args("--synthetic-size", "48", "64"))) == root  # the same settings: reused
+    # another size (or seed) would reuse the first set and give identical numbers
+    assert keypoints.main(args("--synthetic-size", "64", "96")) == 2
+    _one_line_error(capsys, "other settings", "synthetic_size: [48, 64] in the folder vs "
+                    "[64, 96] now", "another --out")
+    assert keypoints.main(args("--synthetic-size", "48", "64", "--seed", "1")) == 2
+    _one_line_error(capsys, "seed: 0 in the folder vs 1 now")
+    os.remove(root + ".settings.json")  # an older or interrupted set: settings unknown
+    assert keypoints.main(args("--synthetic-size", "48", "64")) == 2
+    _one_line_error(capsys, "not recorded", "another --out")
