@@ -23,7 +23,8 @@ from cad_apps.io import OutputBusyError, error_text, write_json_atomic
 __all__ = ["base_parser", "run_setting", "run_points", "Setting", "baselines", "point",
            "dense_points", "write_report", "plot_tradeoff", "setting_label", "learned_labels",
            "lattice_split_only", "ExperimentError", "ExperimentParser", "reports_errors",
-           "check_settings", "provenance", "mask_value", "INPUT_ERRORS", "POINTS_EPILOG"]
+           "check_settings", "provenance", "table_header", "mask_value", "INPUT_ERRORS",
+           "POINTS_EPILOG"]
 
 #: what ``cad-spconv eval`` reports as bad input (one line, exit status 2): the same here
 INPUT_ERRORS = (ValueError, OSError, KeyError, OutputBusyError)
@@ -78,6 +79,20 @@ def provenance(args, device=None) -> dict:
     return {"command": getattr(args, "_command", None),
             "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "environment": environment(torch.device(device), getattr(args, "_load_before", None))}
+
+
+def table_header(args, device="cpu") -> str:
+    """The lines heading a printed timing table (the tables go into BENCHMARKS.md): the command
+    and the machine, from :func:`provenance` (CPU model and instruction-set flags, torch, threads,
+    the GPU where ``device`` is one, the tuning environment variables that were set)."""
+    env = provenance(args, device)["environment"]
+    flags = ", ".join(env["cpu_flags"]) or "flags not recorded"
+    where = (f"{env['gpu']}, " if env.get("gpu") else "") + (
+        f"{env['cpu']} ({flags}; torch CPU capability {env['cpu_capability']}), "
+        f"{env['threads']} threads")
+    tuned = "".join(f", {k}={v}" for k, v in env["tuning_env"].items())
+    return (f"command: {getattr(args, '_command', None) or '(not recorded)'}\n"
+            f"machine: {where}, torch {env['torch']}{tuned}")
 
 
 def mask_value(kind: str):

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from experiments.common import ExperimentParser, table_header
 
 # (C_in, C_out, dilation on the step-1 lattice): layer3, layer4, ASPP rates 12 / 24 / 36
 LAYERS = [(256, 256, 2), (512, 512, 4), (2048, 256, 6), (2048, 256, 12), (2048, 256, 18)]
@@ -40,7 +41,8 @@ KEPT = (0.3, 0.6, 0.9)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ExperimentParser(prog="python -m experiments.dense_phases",
+                              description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("layers", "network"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
@@ -49,8 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sparse-head", action="store_true", help="network: the whole model, "
                         "its head on the multi-resolution tensor")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    print(table_header(args))
     return (_layers if args.mode == "layers" else _network)(args)
 
 

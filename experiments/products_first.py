@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from experiments.common import ExperimentParser, table_header
 
 FRAME = "../shared/data/cityscapes_frames/frankfurt_000000_002196_leftImg8bit.png"
 SHAPES = [(256, 256), (512, 256), (1024, 256), (2048, 256), (2048, 512)]
@@ -43,7 +44,8 @@ DILATIONS = (1, 2, 6, 18)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ExperimentParser(prog="python -m experiments.products_first",
+                              description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("layers", "head", "batch"))
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--reps", type=int, default=5)
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
                         help="layers: the two engines to compare, A,B (ratio B / A); "
                              "'lattice' is the lattice split without its products rule")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
     engines = args.engines.split(",")
     if len(engines) != 2 or len(set(engines)) != 2:
         parser.error(f"--engines takes two different engines, A,B; got {args.engines!r}")
@@ -75,6 +79,7 @@ def main(argv=None) -> int:
                      f"project root: run from there, or name the frame)")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    print(table_header(args, args.device))
     return {"layers": _layers, "head": _head, "batch": _batch}[args.mode](args)
 
 

@@ -230,3 +230,44 @@ def test_keypoints_synthetic_set_of_other_settings_is_refused(tmp_path, capsys):
     os.remove(root + ".settings.json")  # an older or interrupted set: settings unknown
     assert keypoints.main(args("--synthetic-size", "48", "64")) == 2
     _one_line_error(capsys, "not recorded", "another --out")
+
+
+# --------------------------------------------------------------------------- timing tables
+@pytest.mark.parametrize("module, mode", [("gemm_routes", []), ("dense_phases", ["layers"]),
+                                          ("products_first", ["layers"])])
+def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
+    import importlib
+
+    script = importlib.import_module(f"experiments.{module}")
+    with pytest.raises(SystemExit) as e:
+        script.main([*mode, "--reps", "0"])
+    assert e.value.code == 2 and "--reps must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, mode, small", [
+    ("gemm_routes", [], {"SHAPES": [(8, 16, 4)]}),
+    ("dense_phases", ["layers"], {"LAYERS": [(8, 8, 1)], "KEPT": (0.5,)}),
+])
+def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, monkeypatch,
+                                                         capsys):
+    import importlib
+
+    import torch
+
+    from cad_apps.bench.report import cpu_flags
+    from cad_apps.distributed import cpu_name
+
+    script = importlib.import_module(f"experiments.{module}")
+    for name, value in small.items():  # tiny shapes: the header is what is checked
+        monkeypatch.setattr(script, name, value)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main([*mode, "--reps", "1", "--threads", "1", "--dtype", "float32"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"command: python -m experiments.{module} "
+                        + " ".join([*mode, "--reps", "1", "--threads", "1", "--dtype", "float32"]))
+    assert lines[1].startswith(f"machine: {cpu_name()} (")
+    assert ", ".join(cpu_flags()) in lines[1] and f"torch {torch.__version__}" in lines[1]
+    assert "1 threads" in lines[1]
