@@ -1,6 +1,7 @@
 """The experiment scripts on bad input: one line naming the problem and a fix the script
 accepts, exit status 2, before any evaluation or file is written."""
 import json
+import os
 
 import pytest
 
@@ -271,3 +272,54 @@ def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, mo
     assert lines[1].startswith(f"machine: {cpu_name()} (")
     assert ", ".join(cpu_flags()) in lines[1] and f"torch {torch.__version__}" in lines[1]
     assert "1 threads" in lines[1]
+
+
+# --------------------------------------------------------------------------- smaller scripts
+def _no_model(monkeypatch):
+    """Make building a segmentation model fail the test: input checks must come first."""
+    import cad_apps.checkpoints as checkpoints
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was built before the inputs were checked")
+    monkeypatch.setattr(checkpoints, "build_segmentation_model", refuse)
+
+
+def test_synthetic_model_checks_its_output_first_and_writes_atomically(root, tmp_path,
+                                                                      monkeypatch, capsys):
+    from experiments import synthetic_model
+
+    argv = ["--data-root", str(root), "--split", "val", "--model", "deeplabv3_resnet50",
+            "--iterations", "1"]
+    (tmp_path / "taken").mkdir()
+    with monkeypatch.context() as m:
+        _no_model(m)
+        assert synthetic_model.main(argv + ["--out", str(tmp_path / "taken")]) == 2
+        _one_line_error(capsys, "is a directory")
+        assert synthetic_model.main(argv + ["--out", str(tmp_path / "x.pth"), "--limit",
+                                            "1"]) == 2  # one image: no batch statistics
+        _one_line_error(capsys, "need at least 2 images")
+
+
+def test_synthetic_model_writes_into_a_new_folder(tmp_path, capsys):
+    from experiments import synthetic_model
+
+    data = tmp_path / "data"
+    make_synthetic_cityscapes(data, "train", num_images=2, size=(40, 56), seed=4)
+    out = tmp_path / "new" / "synthetic.pth"
+    assert synthetic_model.main(["--data-root", str(data), "--model", "deeplabv3_resnet50",
+                                 "--iterations", "1", "--out", str(out)]) == 0
+    assert out.is_file() and not [p for p in os.listdir(out.parent) if ".tmp." in p]
+
+
+def test_semantics_checks_its_images_before_building_models(tmp_path, monkeypatch, capsys):
+    from experiments import semantics
+
+    _no_model(monkeypatch)
+    missing = tmp_path / "missing.png"
+    assert semantics.main(["--images", str(missing), "--out", str(tmp_path)]) == 2
+    err = _one_line_error(capsys, f"--images {missing}: no such file")
+    assert "truncated download" not in err
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert semantics.main(["--images", str(tmp_path / "bad.png"), "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "cannot read the image")
+    assert not (tmp_path / "semantics.json").exists()
