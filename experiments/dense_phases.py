@@ -28,11 +28,11 @@ column: ``lattice.products_pay``).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
+from cad_apps.bench.measure import _median
 from experiments.common import ExperimentParser, table_header
 
 # (C_in, C_out, dilation on the step-1 lattice): layer3, layer4, ASPP rates 12 / 24 / 36
@@ -83,7 +83,7 @@ def _dense_conv_ms(c_in, c_out, dilation, grid, dtype, gen, reps) -> float:
             F.conv2d(x, w, None, 1, dilation, dilation)
             if rep:
                 samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
+    return 1e3 * _median(samples)
 
 
 def _taps_inside(dilation: int, grid) -> float:
@@ -140,7 +140,7 @@ def _split_layers(args) -> int:
                             CF.conv2d(x, w, None, 1, d, 1, "lattice")
                             if rep:
                                 samples[name].append(time.perf_counter() - start)
-                ms = {name: 1e3 * statistics.median(s) for name, s in samples.items()}
+                ms = {name: 1e3 * _median(s) for name, s in samples.items()}
                 if (c_in, c_out, d) not in dense8:
                     dense8[c_in, c_out, d] = _dense_conv_ms(c_in, c_out, 2 * d, (H, W), dtype,
                                                             gen, args.reps)
@@ -197,7 +197,7 @@ def _network(args) -> int:
                         v.run(*states[k])
                         if rep:
                             samples[k].append(time.perf_counter() - start)
-            ms = {k: 1e3 * statistics.median(s) for k, s in samples.items()}
+            ms = {k: 1e3 * _median(s) for k, s in samples.items()}
             for k in runs:
                 total[k] += ms[k]
             print(f"| {name} | " + " | ".join(f"{ms[k]:.0f}" for k in runs) + " | " +

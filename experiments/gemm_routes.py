@@ -23,12 +23,10 @@ table on an AVX-512 and an AVX2-only EPYC (BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from cad_apps.bench.measure import _median, _time_once
 from experiments.common import ExperimentParser, table_header
 
 # (M, K, N): 1x1 reduce / expand / square of layer3 and layer4, 3x3 im2col rests
@@ -38,14 +36,11 @@ SHAPES = [(5700, 1024, 256), (5700, 256, 1024), (5700, 256, 256), (5700, 2048, 5
 
 
 def median_ms(fn, reps: int) -> float:
+    """Median ms of ``reps`` calls of ``fn`` after 3 warm-ups (the bench's timer and median)."""
     for _ in range(3):
         fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
+    cpu = torch.device("cpu")
+    return 1e3 * _median([_time_once(fn, (), cpu) for _ in range(reps)])
 
 
 def main(argv=None) -> int:

@@ -71,17 +71,18 @@ def main(argv=None) -> int:
     report = {"experiment": "overlays", **provenance(args, device), "images": dataset.ids,
               "masks": {}}
     for mask in args.masks:
-        maps = []
+        maps, fractions = [], []
         try:
             seg = Segmenter(dataclasses.replace(base, mask=mask), device, model=model)
             for i in range(len(dataset)):  # one image at a time: Cityscapes frames are large
                 seg.warm_up(batch["image"][i:i + 1], batch["target"][i:i + 1],
                             batch["id"][i:i + 1])
                 maps.append(seg.cad.last_plan.levels[0].cpu())
+                fractions.append(seg.cad.last_plan.level_fractions()[0].cpu())
         except INPUT_ERRORS as e:
             raise ExperimentError(f"--masks {mask}: {error_text(e)}") from None
         levels[mask] = torch.stack(maps)
-        fractions = torch.stack([_fractions(m, seg.cad.last_plan.num_levels) for m in maps])
+        fractions = torch.stack(fractions)
         report["masks"][mask] = {"level_fractions": fractions.tolist(),
                                  "level0_share_mean": float(fractions[:, 0].mean())}
     write_json_atomic(os.path.join(args.out, "overlays.json"), report)
@@ -117,12 +118,6 @@ def main(argv=None) -> int:
               f"(stride {args.finest_stride})")
     print(f"wrote {os.path.join(args.out, 'overlays.png')} and overlays.json")
     return 0
-
-
-def _fractions(level_map, num_levels):
-    import torch
-    counts = torch.bincount(level_map.flatten(), minlength=num_levels + 1)
-    return counts.double() / level_map.numel()
 
 
 if __name__ == "__main__":

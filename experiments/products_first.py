@@ -31,11 +31,11 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import statistics
 import time
 
 import torch
 
+from cad_apps.bench.measure import _median, _time_once
 from experiments.common import ExperimentParser, table_header
 
 FRAME = "../shared/data/cityscapes_frames/frankfurt_000000_002196_leftImg8bit.png"
@@ -97,7 +97,7 @@ def _frame(path: str, extra=()):
 
 
 def _median_ms(samples) -> float:
-    return 1e3 * statistics.median(samples)
+    return 1e3 * _median(samples)
 
 
 def _layers(args) -> int:
@@ -134,7 +134,8 @@ def _split_layers(args) -> int:
                     for engine, times in samples.items():
                         x = CADTensor(feats, plan, 1)  # its own rulebook cache
                         CF.conv2d(x, w, None, 1, d, 1, engine)  # builds the tables
-                        elapsed = _timed(lambda: CF.conv2d(x, w, None, 1, d, 1, engine), device)
+                        elapsed = _time_once(CF.conv2d, (x, w, None, 1, d, 1, engine),
+                                             device)
                         if rep:
                             times.append(elapsed)
             ms = {k: _median_ms(v) for k, v in samples.items()}
@@ -184,21 +185,6 @@ def _batch(args) -> int:
                   f"{ms['products', 'batch']:.1f} | {ms['products', 'one by one']:.1f} | "
                   f"{ms['products', 'batch'] / ms['lattice', 'batch']:.2f} |", flush=True)
     return 0
-
-
-def _timed(run, device: torch.device) -> float:
-    """Seconds one call of ``run`` takes (CUDA events on a GPU)."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        run()
-        return time.perf_counter() - start
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    begin.record()
-    run()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3
 
 
 def _leaf_times(head, run, reps) -> dict:

@@ -323,3 +323,20 @@ def test_semantics_checks_its_images_before_building_models(tmp_path, monkeypatc
     assert semantics.main(["--images", str(tmp_path / "bad.png"), "--out", str(tmp_path)]) == 2
     _one_line_error(capsys, "cannot read the image")
     assert not (tmp_path / "semantics.json").exists()
+
+
+# --------------------------------------------------------------------------- one definition
+def test_timing_scripts_use_the_bench_timer_and_median():
+    """gemm_routes / dense_phases / products_first time and take medians with the bench's own
+    helpers (cad_apps.bench.measure), and overlays takes level fractions from the plan
+    (LevelPlan.level_fractions): no copies to drift apart."""
+    from cad_apps.bench import measure
+    from experiments import dense_phases, gemm_routes, overlays, products_first
+
+    for script in (gemm_routes, dense_phases, products_first):
+        assert script._median is measure._median and not hasattr(script, "statistics")
+    for script in (gemm_routes, products_first):
+        assert script._time_once is measure._time_once
+    assert not hasattr(products_first, "_timed") and not hasattr(overlays, "_fractions")
+    calls = []
+    assert gemm_routes.median_ms(lambda: calls.append(1), 5) >= 0 and len(calls) == 3 + 5
