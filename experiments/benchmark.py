@@ -15,7 +15,9 @@
 Each suite runs ``cad-spconv bench`` (``cad_apps/bench``) in a fresh process per result with
 the settings below, writes JSON under ``experiments/results/`` and appends a table headed by the exact
 command to ``BENCHMARKS.md``. Pass ``--no-markdown`` to leave BENCHMARKS.md alone and
-``--reps N`` to change the number of timed runs. Frames: the three Cityscapes frames in
+``--reps N`` to change the number of timed runs. A result file that exists in ``--results``
+is not replaced (it may hold another machine's numbers): the suite refuses before any run;
+give each machine a folder of its own or pass ``--overwrite``. Frames: the three Cityscapes frames in
 ``../shared/data/cityscapes_frames`` (``--frames DIR`` to use others).
 """
 from __future__ import annotations
@@ -169,6 +171,50 @@ def report(results_dir: str) -> str:
     return "\n".join([f"Measured on: {'; '.join(sorted(machines))}.", "", *rows])
 
 
+def _selected(args, chosen, frames):
+    """``(suite, result name, bench arguments)`` of the results this command runs."""
+    from cad_apps.bench.report import native_bfloat16
+
+    for suite in chosen:
+        for name, bench_args in suites(frames, args.reps)[suite]:
+            if args.only and args.only not in name:
+                continue
+            if suite == "targets" and "bfloat16" in name and not native_bfloat16():
+                print(f"skipping {name}: this CPU has no native bfloat16 (AVX512-BF16 or AMX); "
+                      "emulated bfloat16 is not a speed setting", flush=True)
+                continue
+            if args.memory_pass:
+                name += "_memory"
+                bench_args = [*bench_args, "--reps", "1"]
+            yield suite, name, bench_args
+
+
+def _refuse_existing(parser, args, chosen, frames) -> None:
+    """Refuse, before any run, result files that exist in ``--results`` (they may hold
+    another machine's measurements, which a run would replace without a word)."""
+    import contextlib
+    import io
+    import json
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the skip notes come with the run
+        paths = [os.path.join(args.results, f"{name}.json")
+                 for _, name, _ in _selected(args, chosen, frames)]
+    existing = [p for p in paths if os.path.exists(p)]
+    if not existing:
+        return
+    machines = set()
+    for p in existing:
+        try:
+            with open(p) as f:
+                machines.add(json.load(f)["environment"]["cpu"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    parser.error(f"{len(existing)} result file(s) exist: {', '.join(existing)}"
+                 + (f" (measured on {'; '.join(sorted(machines))})" if machines else "")
+                 + "; give this machine a --results folder of its own (e.g. --results "
+                 f"{os.path.join(args.results, 'MACHINE')}), or pass --overwrite to replace them")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", choices=("cpu", "targets", "ops", "gpu", "all", "report"))
@@ -184,52 +230,53 @@ def main(argv=None) -> int:
                         help="folder of the result JSON files, relative to the project root "
                              "(default: experiments/results)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace result files that exist in --results (default: refuse, "
+                             "before any run: they may hold another machine's measurements; "
+                             "give each machine a --results folder of its own)")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
     if args.suite == "report":
         print(report(os.path.join(ROOT, args.results)))
         return 0
-    frames = sorted(glob.glob(os.path.join(args.frames, "*.png")))
-    if not frames:
-        raise SystemExit(f"no PNG frames in {args.frames}")
-    frames = [os.path.relpath(f, ROOT) for f in frames]
     chosen = (args.suite,)
     if args.suite == "all":
         import torch
 
         chosen = ("cpu", "ops") + (("gpu",) if torch.cuda.is_available() else ())
+    if args.only:
+        names = [name for suite in chosen for name, _ in suites(["FRAME"], args.reps)[suite]]
+        if not any(args.only in name for name in names):
+            parser.error(f"--only {args.only!r} matches no result of {', '.join(chosen)}; "
+                         f"the results are: {', '.join(names)}")
+    frames = sorted(glob.glob(os.path.join(args.frames, "*.png")))
+    if not frames:
+        raise SystemExit(f"no PNG frames in {args.frames}")
+    frames = [os.path.relpath(f, ROOT) for f in frames]
     os.chdir(ROOT)
+    if not (args.dry_run or args.overwrite):
+        _refuse_existing(parser, args, chosen, frames)
     import subprocess
-
-    from cad_apps.bench.report import native_bfloat16
 
     if not args.dry_run:
         os.makedirs(args.results, exist_ok=True)
     failed = []
-    for suite in chosen:
-        for name, bench_args in suites(frames, args.reps)[suite]:
-            if args.only and args.only not in name:
-                continue
-            if suite == "targets" and "bfloat16" in name and not native_bfloat16():
-                print(f"skipping {name}: this CPU has no native bfloat16 (AVX512-BF16 or AMX); "
-                      "emulated bfloat16 is not a speed setting", flush=True)
-                continue
-            if args.memory_pass:
-                name += "_memory"
-                bench_args = [*bench_args, "--reps", "1"]
-            full = ["bench", *bench_args, "--json", os.path.join(args.results, f"{name}.json"),
-                    "--label", name]
-            if not args.no_markdown:
-                full += ["--markdown", "BENCHMARKS.md"]
-            command = "cad-spconv " + shlex.join(full)
-            print(command, flush=True)
-            if args.dry_run:
-                continue
-            # one process per result: no caches, heap or tuned choices carried over; a failed
-            # result (out of memory, a bad frame) is reported at the end, the rest still run
-            done = subprocess.run([sys.executable, "-m", "cad_apps.cli", *full])
-            if done.returncode:
-                print(f"{name}: failed (exit code {done.returncode}); going on", flush=True)
-                failed.append(name)
+    for _, name, bench_args in _selected(args, chosen, frames):
+        full = ["bench", *bench_args, "--json", os.path.join(args.results, f"{name}.json"),
+                "--label", name]
+        if not args.no_markdown:
+            full += ["--markdown", "BENCHMARKS.md"]
+        command = "cad-spconv " + shlex.join(full)
+        print(command, flush=True)
+        if args.dry_run:
+            continue
+        # one process per result: no caches, heap or tuned choices carried over; a failed
+        # result (out of memory, a bad frame) is reported at the end, the rest still run
+        done = subprocess.run([sys.executable, "-m", "cad_apps.cli", *full])
+        if done.returncode:
+            print(f"{name}: failed (exit code {done.returncode}); going on", flush=True)
+            failed.append(name)
     if failed:
         print(f"{len(failed)} result(s) failed: {', '.join(failed)} (their output is above)",
               file=sys.stderr)

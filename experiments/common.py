@@ -9,16 +9,108 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import re
+import shlex
+import sys
 from typing import Sequence
 
 from cad_apps.eval import (LimitLoweredError, add_setting_arguments, config_from_args, evaluate,
                            parse_mask)
-from cad_apps.io import write_json_atomic
+from cad_apps.io import OutputBusyError, error_text, write_json_atomic
 
-__all__ = ["base_parser", "run_setting", "point", "dense_points", "write_report", "plot_tradeoff",
-           "setting_label", "learned_labels", "lattice_split_only"]
+__all__ = ["base_parser", "run_setting", "run_points", "Setting", "baselines", "point",
+           "dense_points", "write_report", "plot_tradeoff", "setting_label", "learned_labels",
+           "lattice_split_only", "ExperimentError", "ExperimentParser", "reports_errors",
+           "check_settings", "provenance", "table_header", "mask_value", "INPUT_ERRORS",
+           "POINTS_EPILOG"]
+
+#: what ``cad-spconv eval`` reports as bad input (one line, exit status 2): the same here
+INPUT_ERRORS = (ValueError, OSError, KeyError, OutputBusyError)
+
+
+class ExperimentError(Exception):
+    """Bad input to an experiment script: reported in one line, exit status 2
+    (:func:`reports_errors`)."""
+
+
+def reports_errors(name: str):
+    """Decorate a script's ``main(argv)``: an :class:`ExperimentError` is printed as one line
+    ``experiments.<name>: error: ...`` on stderr and ``main`` returns 2, as ``cad-spconv eval``
+    does for bad input."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv=None):
+            try:
+                return main(argv)
+            except ExperimentError as e:
+                print(f"experiments.{name}: error: {e}", file=sys.stderr)
+                return 2
+        return run
+    return wrap
+
+
+class ExperimentParser(argparse.ArgumentParser):
+    """An argument parser that also notes what :func:`provenance` records: the command line as
+    given and the load average before any work (``args._command``, ``args._load_before``)."""
+
+    def parse_args(self, args=None, namespace=None):
+        from cad_apps.bench.report import loadavg
+
+        argv = list(sys.argv[1:] if args is None else args)
+        ns = super().parse_args(argv, namespace)
+        ns._command = " ".join([self.prog, shlex.join(argv)]).strip()
+        ns._load_before = loadavg()
+        return ns
+
+
+def provenance(args, device=None) -> dict:
+    """What makes a report's numbers traceable: the command line, every setting it ran with
+    (the defaults included) and the machine (:func:`cad_apps.bench.report.environment`: CPU
+    model and flags, torch, threads, the GPU where ``device`` is one)."""
+    import torch
+
+    from cad_apps.bench.report import environment
+    from cad_apps.distributed import resolve_device
+
+    if device is None:
+        device = resolve_device(getattr(args, "device", None))
+    return {"command": getattr(args, "_command", None),
+            "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "environment": environment(torch.device(device), getattr(args, "_load_before", None))}
+
+
+def table_header(args, device="cpu") -> str:
+    """The lines heading a printed timing table (the tables go into BENCHMARKS.md): the command
+    and the machine, from :func:`provenance` (CPU model and instruction-set flags, torch, threads,
+    the GPU where ``device`` is one, the tuning environment variables that were set)."""
+    env = provenance(args, device)["environment"]
+    flags = ", ".join(env["cpu_flags"]) or "flags not recorded"
+    where = (f"{env['gpu']}, " if env.get("gpu") else "") + (
+        f"{env['cpu']} ({flags}; torch CPU capability {env['cpu_capability']}), "
+        f"{env['threads']} threads")
+    tuned = "".join(f", {k}={v}" for k, v in env["tuning_env"].items())
+    return (f"command: {getattr(args, '_command', None) or '(not recorded)'}\n"
+            f"machine: {where}, torch {env['torch']}{tuned}")
+
+
+def mask_value(kind: str):
+    """An argparse ``type`` for the numbers of ``kind`` masks (edge thresholds, random
+    fractions), checked as ``--mask`` checks them, so a bad one is refused before any work."""
+    from cad_apps.eval.config import check_mask_value
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            return check_mask_value(number, text, upper=1 if kind == "random" else None)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = f"{kind} value"
+    return parse
 
 
 @contextlib.contextmanager
@@ -36,12 +128,39 @@ def lattice_split_only():
         lattice.products_pay = pays
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """``cad-spconv eval``'s setting options (one definition), plus the output folder."""
-    p = argparse.ArgumentParser(description=description)
+class _Refused(argparse.Action):
+    """An option of ``cad-spconv eval`` the scripts do not take: refused by name, not in --help."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: the experiment scripts compare masks of the "
+                     "content-adaptive network; evaluate the plain network with "
+                     f"`cad-spconv eval {option_string} S` instead")
+
+
+#: the --help of the scripts whose report is a list of points (tradeoff, inadequate_masks)
+POINTS_EPILOG = ("The report holds the settings of this command only. Points of an earlier run "
+                 "into the same --out that this command leaves out are named on the terminal; "
+                 "their results stay in <out>/runs/ and come back when the command names them "
+                 "again.")
+
+
+def base_parser(description: str, name: str, evaluates: bool = True,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+    """``cad-spconv eval``'s setting options (one definition), plus the output folder; with
+    ``evaluates`` also ``--overwrite`` (start the settings' runs over). ``--dense`` (the plain
+    network, no mask) is refused: the scripts compare mask settings."""
+    p = ExperimentParser(prog=f"python -m experiments.{name}", description=description,
+                         epilog=epilog, conflict_handler="resolve")
     add_setting_arguments(p)
+    p.add_argument("--dense", dest="dense", default=None, nargs="?", action=_Refused,
+                   help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="output folder (JSON, PNG, per-setting runs)")
     p.add_argument("--title", help="plot title (default: model and strides)")
+    if evaluates:
+        p.add_argument("--overwrite", action="store_true",
+                       help="evaluate every setting of this command again, replacing its file "
+                            "in <out>/runs/ (default: resume it; the baselines' files are "
+                            "shared by the scripts of one --out)")
     return p
 
 
@@ -71,22 +190,87 @@ def learned_labels(paths) -> list[str]:
     for i, label in enumerate(labels):
         other = next((p for p, l in zip(paths[:i], labels) if l == label and p != paths[i]), None)
         if other:
-            raise SystemExit(f"the estimators {other} and {paths[i]} would share the result file "
-                             f"runs/{label}.json; give them folders or files of other names")
+            raise ExperimentError(f"the estimators {other} and {paths[i]} would share the result "
+                                  f"file runs/{label}.json; give them folders or files of other "
+                                  "names")
     return labels
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One point of an experiment: ``mask``, the point's ``name`` and ``group`` in the report and
+    plot, the ``option`` that asked for it (named in error messages) and the result file's
+    ``label`` (default :func:`setting_label`)."""
+
+    mask: str
+    name: str
+    group: str
+    option: str
+    label: str | None = None
+
+
+def baselines(args) -> list[Setting]:
+    """The two baselines: nothing kept and everything kept."""
+    return [Setting("none", f"stride {args.coarsest_stride} (none kept)", "dense",
+                    "the nothing-kept baseline (mask none)"),
+            Setting("all", f"stride {args.finest_stride} (all kept)", "dense",
+                    "the everything-kept baseline (mask all)")]
+
+
+def _setting_config(args, mask: str, label: str | None = None):
+    return dataclasses.replace(
+        config_from_args(args), mask=mask,
+        out=os.path.join(args.out, "runs", (label or setting_label(mask)) + ".json"))
+
+
+def check_settings(args, settings: Sequence[Setting]) -> None:
+    """Check every setting of a command before the first is evaluated: the shared options, the
+    data root, each mask (a learned estimator's file exists) and each result file in
+    ``<out>/runs/`` (one written with other settings is refused, with a fix). Raises
+    :class:`ExperimentError`."""
+    from cad_apps.data import CityscapesSegmentation
+    from cad_apps.distributed import resolve_device
+    from cad_apps.eval.results import load_results
+    from cad_apps.io import check_output_path
+
+    try:
+        resolve_device(config_from_args(args).check().device)
+        check_output_path(args.out, folder=True)
+        CityscapesSegmentation(args.data_root, args.split, limit=args.limit)
+    except INPUT_ERRORS as e:
+        raise ExperimentError(error_text(e)) from None
+    for s in settings:
+        try:
+            spec = parse_mask(s.mask)
+        except ValueError as e:
+            raise ExperimentError(f"{s.option}: {e}") from None
+        if spec.kind == "learned" and spec.path and not os.path.isfile(spec.path):
+            raise ExperimentError(f"{s.option}: no such file {spec.path}; give a mask estimator "
+                                  "checkpoint (written by `cad-spconv train-mask`)")
+        try:
+            cfg = _setting_config(args, s.mask, s.label).check()
+            load_results(check_output_path(cfg.out), cfg)  # other settings: refused
+        except INPUT_ERRORS as e:
+            raise ExperimentError(f"{s.option}: {error_text(e)}") from None
+
+
+def run_points(args, settings: Sequence[Setting]) -> list[dict]:
+    """:func:`check_settings`, then one :func:`point` per setting, in order."""
+    check_settings(args, settings)
+    return [point(run_setting(args, s.mask, s.label), s.name, s.group) for s in settings]
 
 
 def run_setting(args, mask: str, label: str | None = None) -> dict:
     """Evaluate one mask setting (resuming ``<out>/runs/<label>.json``, by default
-    :func:`setting_label`); returns the results."""
-    cfg = dataclasses.replace(
-        config_from_args(args), mask=mask,
-        out=os.path.join(args.out, "runs", (label or setting_label(mask)) + ".json"))
+    :func:`setting_label`); returns the results. Bad input (the eval's errors) raises
+    :class:`ExperimentError`."""
     try:
-        result = evaluate(cfg)
+        result = evaluate(_setting_config(args, mask, label))
     except LimitLoweredError as e:  # the baselines' files are shared by the scripts of one --out
-        raise SystemExit(f"{e}\n(experiments sharing --out share these files: give them all "
-                         "the same --limit, or this one another --out)") from None
+        raise ExperimentError(f"{e} (experiments sharing --out share these files: give them all "
+                              "the same --limit, or this one another --out)") from None
+    except INPUT_ERRORS as e:
+        raise ExperimentError(f"mask {mask}: {error_text(e)}") from None
     if result is None:
         raise RuntimeError("experiments run in one process; use `cad-spconv eval` under torchrun")
     return result
@@ -108,11 +292,7 @@ def point(result: dict, label: str, group: str) -> dict:
 
 
 def write_report(path: str, experiment: str, args, points: Sequence[dict], **extra) -> dict:
-    report = {"experiment": experiment,
-              "config": {k: getattr(args, k) for k in (
-                  "data_root", "split", "model", "checkpoint", "finest_stride", "coarsest_stride",
-                  "dilation", "sparse_head", "dtype", "limit")},
-              "points": list(points), **extra}
+    report = {"experiment": experiment, **provenance(args), "points": list(points), **extra}
     write_json_atomic(path, report)
     return report
 
@@ -168,17 +348,37 @@ def plot_tradeoff(path: str, points: Sequence[dict], title: str, args) -> None:
     plt.close(fig)
 
 
+def _left_out(path: str, points: Sequence[dict]) -> list[str]:
+    """The masks of the points in the report at ``path`` (an earlier run's), and those it named
+    as left out, that are not in ``points``."""
+    import json
+
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        earlier = [p["mask"] for p in report["points"]]
+        earlier += [m for m in report.get("left_out_of_earlier_report", []) if m not in earlier]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or not a report
+        return []
+    now = {p["mask"] for p in points}
+    return [m for m in earlier if m not in now]
+
+
 def dense_points(args) -> list[dict]:
     """The two baselines through the same path: nothing kept and everything kept."""
-    return [point(run_setting(args, "none"), f"stride {args.coarsest_stride} (none kept)", "dense"),
-            point(run_setting(args, "all"), f"stride {args.finest_stride} (all kept)", "dense")]
+    return [point(run_setting(args, s.mask, s.label), s.name, s.group) for s in baselines(args)]
 
 
 def finish(args, experiment: str, points: Sequence[dict], title: str) -> int:
     """Write ``<experiment>.json`` and ``<experiment>.png`` under ``args.out`` and print one
     line per point."""
     path = os.path.join(args.out, f"{experiment}.json")
-    write_report(path, experiment, args, points)
+    left = _left_out(path, points)
+    if left:
+        print(f"note: {path} of an earlier run also held {', '.join(left)}; this command leaves "
+              f"them out (their results stay in {os.path.join(args.out, 'runs')}; name them "
+              "again to include them)")
+    write_report(path, experiment, args, points, left_out_of_earlier_report=left)
     plot_tradeoff(os.path.join(args.out, f"{experiment}.png"), points, title, args)
     for p in points:
         miou = p["miou"] if p["miou"] is None else round(p["miou"], 4)

@@ -28,11 +28,12 @@ column: ``lattice.products_pay``).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
+from cad_apps.bench.measure import _median
+from experiments.common import ExperimentParser, table_header
 
 # (C_in, C_out, dilation on the step-1 lattice): layer3, layer4, ASPP rates 12 / 24 / 36
 LAYERS = [(256, 256, 2), (512, 512, 4), (2048, 256, 6), (2048, 256, 12), (2048, 256, 18)]
@@ -40,7 +41,8 @@ KEPT = (0.3, 0.6, 0.9)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ExperimentParser(prog="python -m experiments.dense_phases",
+                              description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("layers", "network"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
@@ -49,8 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sparse-head", action="store_true", help="network: the whole model, "
                         "its head on the multi-resolution tensor")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    print(table_header(args))
     return (_layers if args.mode == "layers" else _network)(args)
 
 
@@ -78,7 +83,7 @@ def _dense_conv_ms(c_in, c_out, dilation, grid, dtype, gen, reps) -> float:
             F.conv2d(x, w, None, 1, dilation, dilation)
             if rep:
                 samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
+    return 1e3 * _median(samples)
 
 
 def _taps_inside(dilation: int, grid) -> float:
@@ -135,7 +140,7 @@ def _split_layers(args) -> int:
                             CF.conv2d(x, w, None, 1, d, 1, "lattice")
                             if rep:
                                 samples[name].append(time.perf_counter() - start)
-                ms = {name: 1e3 * statistics.median(s) for name, s in samples.items()}
+                ms = {name: 1e3 * _median(s) for name, s in samples.items()}
                 if (c_in, c_out, d) not in dense8:
                     dense8[c_in, c_out, d] = _dense_conv_ms(c_in, c_out, 2 * d, (H, W), dtype,
                                                             gen, args.reps)
@@ -192,7 +197,7 @@ def _network(args) -> int:
                         v.run(*states[k])
                         if rep:
                             samples[k].append(time.perf_counter() - start)
-            ms = {k: 1e3 * statistics.median(s) for k, s in samples.items()}
+            ms = {k: 1e3 * _median(s) for k, s in samples.items()}
             for k in runs:
                 total[k] += ms[k]
             print(f"| {name} | " + " | ".join(f"{ms[k]:.0f}" for k in runs) + " | " +

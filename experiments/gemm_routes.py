@@ -23,13 +23,11 @@ table on an AVX-512 and an AVX2-only EPYC (BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from cad_apps.bench.measure import _median, _time_once
+from experiments.common import ExperimentParser, table_header
 
 # (M, K, N): 1x1 reduce / expand / square of layer3 and layer4, 3x3 im2col rests
 SHAPES = [(5700, 1024, 256), (5700, 256, 1024), (5700, 256, 256), (5700, 2048, 512),
@@ -38,28 +36,29 @@ SHAPES = [(5700, 1024, 256), (5700, 256, 1024), (5700, 256, 256), (5700, 2048, 5
 
 
 def median_ms(fn, reps: int) -> float:
+    """Median ms of ``reps`` calls of ``fn`` after 3 warm-ups (the bench's timer and median)."""
     for _ in range(3):
         fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
+    cpu = torch.device("cpu")
+    return 1e3 * _median([_time_once(fn, (), cpu) for _ in range(reps)])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ExperimentParser(prog="python -m experiments.gemm_routes",
+                              description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--chunks", action="store_true",
                         help="time the gather's im2col GEMMs chunk by chunk (see above)")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
+    print(table_header(args))
     if args.chunks:
         return _chunks(args, dtype, gen)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms (GFLOP/s)")

@@ -10,24 +10,28 @@ from __future__ import annotations
 
 import sys
 
-from experiments.common import base_parser, dense_points, finish, point, run_setting
+from experiments.common import (POINTS_EPILOG, Setting, base_parser, baselines, finish,
+                                mask_value, reports_errors, run_points)
 
 
 def build_parser():
-    p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--thresholds", type=float, nargs="*", default=[0.35, 0.95])
-    p.add_argument("--random-fractions", type=float, nargs="*", default=[0.25, 0.5])
+    p = base_parser(__doc__.split("\n\n")[0], "inadequate_masks", epilog=POINTS_EPILOG)
+    p.add_argument("--thresholds", type=mask_value("edge"), nargs="*", default=[0.35, 0.95])
+    p.add_argument("--random-fractions", type=mask_value("random"), nargs="*",
+                   default=[0.25, 0.5])
     return p
 
 
+@reports_errors("inadequate_masks")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    points = dense_points(args)
+    settings = baselines(args)
     for t in args.thresholds:
         for kind in ("edge", "shuffled-edge", "inverted-edge"):
-            points.append(point(run_setting(args, f"{kind}:{t:g}"), f"{kind} {t:g}", kind))
-    for f in args.random_fractions:
-        points.append(point(run_setting(args, f"random:{f:g}"), f"random {f:g}", "random"))
+            settings.append(Setting(f"{kind}:{t:g}", f"{kind} {t:g}", kind, f"--thresholds {t:g}"))
+    settings += [Setting(f"random:{f:g}", f"random {f:g}", "random", f"--random-fractions {f:g}")
+                 for f in args.random_fractions]
+    points = run_points(args, settings)  # every setting checked before the first runs
     return finish(args, "inadequate_masks", points,
                   f"{args.model}: adequate vs inadequate masks")
 

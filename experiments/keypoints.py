@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="HPatches sequences folder (or --synthetic)")
     p.add_argument("--synthetic", action="store_true",
                    help="write a small synthetic HPatches-format set to <out>/synthetic_hpatches "
-                        "(from --scenes, else procedural scenes) and use it")
+                        "(from --scenes, else procedural scenes) and use it; reused by later "
+                        "runs into the same --out with the same --scenes, --synthetic-size and "
+                        "--seed, refused with others")
     p.add_argument("--scenes", nargs="*", default=[], metavar="PNG",
                    help="images the synthetic sequences are cut from")
     p.add_argument("--synthetic-size", type=int, nargs=2, default=(64, 96), metavar=("H", "W"))
@@ -83,15 +85,43 @@ def settings(which: str, ablation: bool) -> list[tuple[str, int, tuple, str]]:
     return runs
 
 
+def _synthetic_settings(args) -> dict:
+    """What the synthetic set of ``--synthetic`` is made from (the scenes by their bytes)."""
+    from cad_apps.io import file_sha256
+
+    return {"synthetic_size": [int(v) for v in args.synthetic_size], "seed": args.seed,
+            "scenes": [os.path.abspath(p) for p in args.scenes],
+            "scenes_sha256": [file_sha256(p) if os.path.isfile(p) else None for p in args.scenes]}
+
+
 def synthetic_root(args) -> str:
-    """Write (once) the synthetic set of ``--synthetic``."""
+    """Write (once) the synthetic set of ``--synthetic``; its settings are recorded beside it
+    (``<out>/synthetic_hpatches.settings.json``, written last) and a set of other settings, or
+    of unknown ones (an older or interrupted write), is refused."""
+    import json
+
     import cv2
     import numpy as np
 
+    from cad_apps.io import settings_difference, write_json_atomic
     from cad_apps.keypoints.hpatches import list_sequences, synthetic_scene, write_synthetic
 
     root = os.path.join(args.out, "synthetic_hpatches")
+    record = root + ".settings.json"
+    mine = _synthetic_settings(args)
     if os.path.isdir(root) and os.listdir(root):
+        fix = f"choose another --out, or delete {root} to rebuild it"
+        try:
+            with open(record) as f:
+                theirs = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{root}: the settings of this synthetic set are not recorded "
+                             f"(written by an older version, or interrupted); {fix}") from None
+        except ValueError as e:
+            raise ValueError(f"{record} is not valid JSON ({e}); {fix}") from None
+        shown = settings_difference(theirs, mine, "in the folder")
+        if shown:
+            raise ValueError(f"{root} holds a synthetic set of other settings ({shown}); {fix}")
         list_sequences(root)
         return root
     h, w = args.synthetic_size
@@ -106,6 +136,7 @@ def synthetic_root(args) -> str:
     if not scenes:
         scenes = [synthetic_scene((3 * h, 3 * w), i) for i in range(2)]
     write_synthetic(root, scenes, image_size=(h, w), seed=args.seed)
+    write_json_atomic(record, mine)
     return root
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 import sys
 
-from experiments.common import _pyplot, base_parser, dense_points, point, run_setting, write_report
+from experiments.common import (Setting, _pyplot, base_parser, baselines, check_settings, point,
+                                reports_errors, run_setting, write_report)
 
 
+@reports_errors("oracle")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    points = dense_points(args)
+    settings = baselines(args)
+    check_settings(args, [*settings, Setting("oracle", "oracle", "oracle", "the oracle mask")])
+    points = [point(run_setting(args, s.mask, s.label), s.name, s.group) for s in settings]
     oracle = run_setting(args, "oracle")
     points.append(point(oracle, "oracle", "oracle"))
     per_image = sorted(r["macs_fraction_of_finest"] for r in oracle["images"].values())
@@ -32,7 +36,7 @@ def main(argv=None) -> int:
 
 
 def build_parser():
-    return base_parser(__doc__.split("\n\n")[0])
+    return base_parser(__doc__.split("\n\n")[0], "oracle")
 
 
 def _plot(path, report, args):

@@ -17,47 +17,72 @@ import dataclasses
 import os
 import sys
 
-from experiments.common import _pyplot, base_parser
+from experiments.common import (INPUT_ERRORS, ExperimentError, _pyplot, base_parser, provenance,
+                                reports_errors)
 
 
 def build_parser():
-    p = base_parser(__doc__.split("\n\n")[0])
+    p = base_parser(__doc__.split("\n\n")[0], "overlays", evaluates=False)
     p.add_argument("--masks", nargs="+", default=["edge:0.15", "edge:0.35", "edge:0.95", "oracle"])
     p.add_argument("--num-images", type=int, default=3)
     p.set_defaults(timing=False)
     return p
 
 
+@reports_errors("overlays")
 def main(argv=None) -> int:
     import numpy as np
     import torch
 
     from cad_apps.checkpoints import build_segmentation_model
     from cad_apps.data import CityscapesSegmentation, collate, denormalize
+    from cad_apps.distributed import resolve_device
     from cad_apps.eval import Segmenter, config_from_args, parse_mask
-    from cad_apps.io import write_json_atomic
+    from cad_apps.io import check_output_path, error_text, write_json_atomic
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.limit is not None:
         parser.error("--limit does not apply: overlays draws the first --num-images images")
-    for m in args.masks:
-        parse_mask(m)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = CityscapesSegmentation(args.data_root, args.split, limit=args.num_images)
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    base = dataclasses.replace(config_from_args(args), out="")
+    if args.num_images < 1:
+        parser.error(f"--num-images must be >= 1, got {args.num_images}")
+    try:  # everything checked before the model is built
+        for m in args.masks:
+            try:
+                spec = parse_mask(m)
+            except ValueError as e:
+                raise ValueError(f"--masks: {e}") from None
+            if spec.kind == "learned" and spec.path and not os.path.isfile(spec.path):
+                raise ValueError(f"--masks {m}: no such file {spec.path}; give a mask estimator "
+                                 "checkpoint (written by `cad-spconv train-mask`)")
+        base = dataclasses.replace(config_from_args(args), out="").check()
+        device = resolve_device(base.device)
+        check_output_path(args.out, folder=True)
+        dataset = CityscapesSegmentation(args.data_root, args.split, limit=args.num_images)
+        batch = collate([dataset[i] for i in range(len(dataset))])
+    except INPUT_ERRORS as e:
+        raise ExperimentError(error_text(e)) from None
     torch.manual_seed(base.seed)  # the same random weights as `cad-spconv eval` builds
-    model, _ = build_segmentation_model(args.model, args.checkpoint)
-    levels, report = {}, {"experiment": "overlays", "images": dataset.ids, "masks": {}}
+    try:
+        model, _ = build_segmentation_model(args.model, args.checkpoint)
+    except INPUT_ERRORS as e:
+        raise ExperimentError(error_text(e)) from None
+    levels = {}
+    report = {"experiment": "overlays", **provenance(args, device), "images": dataset.ids,
+              "masks": {}}
     for mask in args.masks:
-        seg = Segmenter(dataclasses.replace(base, mask=mask), device, model=model)
-        maps = []
-        for i in range(len(dataset)):  # one image at a time: Cityscapes frames are large
-            seg.warm_up(batch["image"][i:i + 1], batch["target"][i:i + 1], batch["id"][i:i + 1])
-            maps.append(seg.cad.last_plan.levels[0].cpu())
+        maps, fractions = [], []
+        try:
+            seg = Segmenter(dataclasses.replace(base, mask=mask), device, model=model)
+            for i in range(len(dataset)):  # one image at a time: Cityscapes frames are large
+                seg.warm_up(batch["image"][i:i + 1], batch["target"][i:i + 1],
+                            batch["id"][i:i + 1])
+                maps.append(seg.cad.last_plan.levels[0].cpu())
+                fractions.append(seg.cad.last_plan.level_fractions()[0].cpu())
+        except INPUT_ERRORS as e:
+            raise ExperimentError(f"--masks {mask}: {error_text(e)}") from None
         levels[mask] = torch.stack(maps)
-        fractions = torch.stack([_fractions(m, seg.cad.last_plan.num_levels) for m in maps])
+        fractions = torch.stack(fractions)
         report["masks"][mask] = {"level_fractions": fractions.tolist(),
                                  "level0_share_mean": float(fractions[:, 0].mean())}
     write_json_atomic(os.path.join(args.out, "overlays.json"), report)
@@ -93,12 +118,6 @@ def main(argv=None) -> int:
               f"(stride {args.finest_stride})")
     print(f"wrote {os.path.join(args.out, 'overlays.png')} and overlays.json")
     return 0
-
-
-def _fractions(level_map, num_levels):
-    import torch
-    counts = torch.bincount(level_map.flatten(), minlength=num_levels + 1)
-    return counts.double() / level_map.numel()
 
 
 if __name__ == "__main__":

@@ -31,11 +31,12 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import statistics
 import time
 
 import torch
 
+from cad_apps.bench.measure import _median, _time_once
+from experiments.common import ExperimentParser, table_header
 
 FRAME = "../shared/data/cityscapes_frames/frankfurt_000000_002196_leftImg8bit.png"
 SHAPES = [(256, 256), (512, 256), (1024, 256), (2048, 256), (2048, 512)]
@@ -43,7 +44,8 @@ DILATIONS = (1, 2, 6, 18)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ExperimentParser(prog="python -m experiments.products_first",
+                              description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("layers", "head", "batch"))
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--reps", type=int, default=5)
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
                         help="layers: the two engines to compare, A,B (ratio B / A); "
                              "'lattice' is the lattice split without its products rule")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
     engines = args.engines.split(",")
     if len(engines) != 2 or len(set(engines)) != 2:
         parser.error(f"--engines takes two different engines, A,B; got {args.engines!r}")
@@ -75,6 +79,7 @@ def main(argv=None) -> int:
                      f"project root: run from there, or name the frame)")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    print(table_header(args, args.device))
     return {"layers": _layers, "head": _head, "batch": _batch}[args.mode](args)
 
 
@@ -92,7 +97,7 @@ def _frame(path: str, extra=()):
 
 
 def _median_ms(samples) -> float:
-    return 1e3 * statistics.median(samples)
+    return 1e3 * _median(samples)
 
 
 def _layers(args) -> int:
@@ -129,7 +134,8 @@ def _split_layers(args) -> int:
                     for engine, times in samples.items():
                         x = CADTensor(feats, plan, 1)  # its own rulebook cache
                         CF.conv2d(x, w, None, 1, d, 1, engine)  # builds the tables
-                        elapsed = _timed(lambda: CF.conv2d(x, w, None, 1, d, 1, engine), device)
+                        elapsed = _time_once(CF.conv2d, (x, w, None, 1, d, 1, engine),
+                                             device)
                         if rep:
                             times.append(elapsed)
             ms = {k: _median_ms(v) for k, v in samples.items()}
@@ -179,21 +185,6 @@ def _batch(args) -> int:
                   f"{ms['products', 'batch']:.1f} | {ms['products', 'one by one']:.1f} | "
                   f"{ms['products', 'batch'] / ms['lattice', 'batch']:.2f} |", flush=True)
     return 0
-
-
-def _timed(run, device: torch.device) -> float:
-    """Seconds one call of ``run`` takes (CUDA events on a GPU)."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        run()
-        return time.perf_counter() - start
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    begin.record()
-    run()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3
 
 
 def _leaf_times(head, run, reps) -> dict:

@@ -14,13 +14,15 @@ for both, so only the anchor differs) on the given frames in float64 and reports
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
+from experiments.common import (INPUT_ERRORS, ExperimentError, ExperimentParser, provenance,
+                                reports_errors)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ExperimentParser(prog="python -m experiments.semantics",
+                         description=__doc__.split("\n\n")[0])
     p.add_argument("--images", nargs="+", required=True, help="RGB frames")
     p.add_argument("--model", default="deeplabv3_resnet50")
     p.add_argument("--checkpoint", help="weights (default: random, seeded)")
@@ -32,6 +34,7 @@ def build_parser():
     return p
 
 
+@reports_errors("semantics")
 def main(argv=None) -> int:
     import os
 
@@ -41,11 +44,23 @@ def main(argv=None) -> int:
     from adapters import convert
     from cad_apps.checkpoints import build_segmentation_model
     from cad_apps.data import read_image
-    from cad_apps.io import write_json_atomic
+    from cad_apps.io import check_output_path, error_text, write_json_atomic
     from cad_spconv import images as img
     from cad_spconv import masks
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if min(args.size) < 1 or args.dilation < 1:
+        parser.error("--size and --dilation must be >= 1")
+    frames = {}
+    try:  # every input checked before the models are built
+        check_output_path(args.out, folder=True)
+        for path in args.images:
+            if not os.path.isfile(path):
+                raise ValueError(f"--images {path}: no such file")
+            frames[path] = read_image(path, "RGB")
+    except INPUT_ERRORS as e:
+        raise ExperimentError(error_text(e)) from None
     torch.manual_seed(args.seed)
     model, _ = build_segmentation_model(args.model, args.checkpoint)
     if args.checkpoint is None:  # random statistics, so that a wrong read cannot hide
@@ -59,10 +74,11 @@ def main(argv=None) -> int:
     dense16.load_state_dict(model.state_dict())
     dense16 = dense16.double().eval()
     cads = {s: convert(model, 8, 16, semantics=s).eval() for s in ("paper", "reference")}
-    report = {"experiment": "semantics", "model": args.model, "checkpoint": args.checkpoint,
-              "size": list(args.size), "threshold": args.threshold, "frames": {}}
-    for path in args.images:
-        rgb = torch.from_numpy(read_image(path, "RGB").copy()).permute(2, 0, 1)
+    report = {"experiment": "semantics", **provenance(args, "cpu"), "model": args.model,
+              "checkpoint": args.checkpoint, "size": list(args.size),
+              "threshold": args.threshold, "frames": {}}
+    for path, frame in frames.items():
+        rgb = torch.from_numpy(frame.copy()).permute(2, 0, 1)
         x = F.interpolate(img.normalize(rgb)[None], size=tuple(args.size), mode="bilinear",
                           align_corners=False).double()
         keep = masks.reference_blocks(masks.edge(x, args.threshold, args.dilation), 8, 4)

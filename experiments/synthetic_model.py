@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from experiments.common import INPUT_ERRORS, ExperimentError, reports_errors
 
 
 def build_parser():
@@ -34,6 +35,7 @@ def build_parser():
     return p
 
 
+@reports_errors("synthetic_model")
 def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
@@ -41,12 +43,20 @@ def main(argv=None) -> int:
 
     from cad_apps.checkpoints import build_segmentation_model
     from cad_apps.data import IGNORE_INDEX, NUM_CLASSES, CityscapesSegmentation
+    from cad_apps.io import check_output_path, error_text, save_torch_atomic
 
     args = build_parser().parse_args(argv)
-    torch.manual_seed(args.seed)
-    model, _ = build_segmentation_model(args.model)
-    ds = CityscapesSegmentation(args.data_root, args.split, limit=args.limit)
-    images = [ds[i] for i in range(len(ds))]
+    try:  # the output and the data checked before any work
+        out = check_output_path(args.out)
+        ds = CityscapesSegmentation(args.data_root, args.split, limit=args.limit)
+        images = [ds[i] for i in range(len(ds))]
+        if len(images) < 2:
+            raise ValueError("need at least 2 images (batch norm statistics of the ASPP pooling "
+                             "branch, a 1x1 map, need a batch); drop --limit or add images")
+        torch.manual_seed(args.seed)
+        model, _ = build_segmentation_model(args.model)
+    except INPUT_ERRORS as e:
+        raise ExperimentError(error_text(e)) from None
 
     # 1. batch-norm statistics of the random network on these images (cumulative average)
     for m in model.modules():
@@ -54,9 +64,6 @@ def main(argv=None) -> int:
             m.reset_running_stats()
             m.momentum = None
     model.train()
-    if len(images) < 2:
-        raise SystemExit("need at least 2 images (batch norm statistics of the ASPP pooling "
-                         "branch, a 1x1 map, need a batch)")
     chunks = [images[i:i + 4] for i in range(0, len(images), 4)]
     if len(chunks[-1]) == 1:  # batches of >= 2 images: the ASPP pooling branch sees 1x1 maps
         chunks[-2] = chunks[-2] + chunks.pop()
@@ -107,7 +114,8 @@ def main(argv=None) -> int:
 
     state = {("classifier.classifier." + k[len("classifier."):] if k.startswith("classifier.") else k): v
              for k, v in model.state_dict().items()}
-    torch.save({"model_state": state, "note": "synthetic linear probe on a random backbone"}, args.out)
+    save_torch_atomic({"model_state": state,
+                       "note": "synthetic linear probe on a random backbone"}, out)
     print(f"fitted the last layer on {len(y)} cells of {len(images)} images: loss {float(loss):.3f}, "
           f"cell accuracy {acc:.1%}; wrote {args.out}")
     return 0

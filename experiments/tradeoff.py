@@ -14,29 +14,30 @@ from __future__ import annotations
 
 import sys
 
-from experiments.common import (base_parser, dense_points, finish, learned_labels, point,
-                                run_setting)
+from experiments.common import (POINTS_EPILOG, Setting, base_parser, baselines, finish,
+                                learned_labels, mask_value, reports_errors, run_points)
 
 
 def build_parser():
-    p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--thresholds", type=float, nargs="*", default=[0.15, 0.35, 0.95],
-                   help="edge thresholds (paper: 0.15 0.35 0.95)")
+    p = base_parser(__doc__.split("\n\n")[0], "tradeoff", epilog=POINTS_EPILOG)
+    p.add_argument("--thresholds", type=mask_value("edge"), nargs="*",
+                   default=[0.15, 0.35, 0.95], help="edge thresholds (paper: 0.15 0.35 0.95)")
     p.add_argument("--learned", nargs="*", default=[], metavar="CKPT",
                    help="mask estimator checkpoints, one per budget")
     return p
 
 
+@reports_errors("tradeoff")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    labels = learned_labels(args.learned)  # checked before any work
-    points = dense_points(args)
-    for t in args.thresholds:
-        points.append(point(run_setting(args, f"edge:{t:g}"), f"edge {t:g}", "edge"))
-    for ckpt, label in zip(args.learned, labels):
-        # the plot's label: the file name, or folder and file where two runs share it
-        points.append(point(run_setting(args, f"learned:{ckpt}", label),
-                            label[len("learned_"):], "learned"))
+    settings = baselines(args)
+    settings += [Setting(f"edge:{t:g}", f"edge {t:g}", "edge", f"--thresholds {t:g}")
+                 for t in args.thresholds]
+    # the plot's label: the file name, or folder and file where two runs share it
+    settings += [Setting(f"learned:{ckpt}", label[len("learned_"):], "learned",
+                         f"--learned {ckpt}", label)
+                 for ckpt, label in zip(args.learned, learned_labels(args.learned))]
+    points = run_points(args, settings)  # every setting checked before the first runs
     return finish(args, "tradeoff", points,
                   f"{args.model}, {args.finest_stride}->{args.coarsest_stride}: mIoU vs multiply-adds")
 

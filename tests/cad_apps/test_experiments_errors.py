@@ -1,0 +1,342 @@
+"""The experiment scripts on bad input: one line naming the problem and a fix the script
+accepts, exit status 2, before any evaluation or file is written."""
+import json
+import os
+
+import pytest
+
+from cad_apps.data import make_synthetic_cityscapes
+from experiments import inadequate_masks, oracle, overlays, tradeoff
+
+COMMON = ["--model", "deeplabv3_resnet50", "--device", "cpu", "--num-workers", "0", "--no-progress",
+          "--no-timing", "--dilation", "3"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cityscapes")
+    make_synthetic_cityscapes(root, num_images=1, size=(40, 56), seed=3)
+    return root
+
+
+def _argv(root, out):
+    return ["--data-root", str(root), "--out", str(out)] + COMMON
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+@pytest.mark.parametrize("script", [tradeoff, oracle, inadequate_masks])
+def test_missing_data_root_is_one_line_before_any_file(script, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _argv(tmp_path / "nosuch", out) + (["--thresholds"] if script is not oracle else [])
+    assert script.main(argv) == 2
+    _one_line_error(capsys, "does not exist")
+    assert not out.exists()
+
+
+def test_overlays_input_errors(root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert overlays.main(_argv(tmp_path / "nosuch", out) + ["--masks", "all"]) == 2
+    _one_line_error(capsys, "does not exist")
+    with pytest.raises(SystemExit) as e:
+        overlays.main(_argv(root, out) + ["--masks", "all", "--num-images", "0"])
+    assert e.value.code == 2
+    assert "--num-images must be >= 1" in capsys.readouterr().err
+    assert overlays.main(_argv(root, out) + ["--masks", f"learned:{tmp_path / 'no.pt'}"]) == 2
+    _one_line_error(capsys, "no such file")
+    assert not out.exists()
+
+
+def test_settings_mismatch_names_a_fix_the_script_takes(root, tmp_path, capsys):
+    argv = _argv(root, tmp_path)
+    assert tradeoff.main(argv + ["--thresholds"]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()}
+    capsys.readouterr()
+    other = [a if a != "3" else "5" for a in argv]  # --dilation 5
+    assert tradeoff.main(other + ["--thresholds", "0.5"]) == 2
+    _one_line_error(capsys, "other settings", "--overwrite")
+    # refused before any work: no file touched, none added
+    assert {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()} == before
+    # the advice is accepted
+    assert tradeoff.main(other + ["--thresholds", "--overwrite"]) == 0
+    run = json.loads((tmp_path / "runs" / "all.json").read_text())
+    assert run["config"]["dilation"] == 5
+
+
+def test_dense_is_refused_and_not_offered(root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tradeoff.main(_argv(root, tmp_path) + ["--dense", "8"])
+    assert e.value.code == 2
+    assert "cad-spconv eval --dense" in capsys.readouterr().err
+    assert "--dense" not in tradeoff.build_parser().format_help()
+    assert "--overwrite" in tradeoff.build_parser().format_help()
+    assert "--overwrite" not in overlays.build_parser().format_help()
+
+
+@pytest.mark.parametrize("script, extra, words", [
+    (inadequate_masks, ["--random-fractions", "0.5", "1.5"], ["--random-fractions", "<= 1"]),
+    (inadequate_masks, ["--thresholds", "-1"], ["--thresholds", ">= 0"]),
+    (tradeoff, ["--thresholds", "nan"], ["--thresholds", ">= 0"]),
+    (tradeoff, ["--thresholds", "x"], ["--thresholds", "'x' is not a number"]),
+])
+def test_bad_mask_values_are_refused_before_any_evaluation(script, extra, words, root, tmp_path,
+                                                           capsys):
+    with pytest.raises(SystemExit) as e:
+        script.main(_argv(root, tmp_path / "out") + extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_learned_file_is_refused_before_any_evaluation(root, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "rho0.5.pth"
+    assert tradeoff.main(_argv(root, out) + ["--thresholds", "0.35", "--learned",
+                                              str(missing)]) == 2
+    _one_line_error(capsys, f"--learned {missing}", "no such file")
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- provenance
+def _has_provenance(report, name, *settings):
+    assert report["command"].startswith(f"python -m experiments.{name} ")
+    env = report["environment"]
+    assert env["cpu"] and env["torch"] and "cpu_flags" in env
+    for key in settings:
+        assert key in report["config"], key
+
+
+def test_reports_record_settings_command_and_machine(root, tmp_path, capsys):
+    import torch
+
+    argv = _argv(root, tmp_path)
+    assert tradeoff.main(argv + ["--thresholds"]) == 0
+    report = json.loads((tmp_path / "tradeoff.json").read_text())
+    _has_provenance(report, "tradeoff", "semantics", "seed", "dilation", "thresholds", "learned")
+    assert report["config"]["dilation"] == 3 and "--dilation 3" in report["command"]
+    assert report["environment"]["torch"] == torch.__version__
+    assert overlays.main(argv + ["--masks", "all", "--num-images", "1"]) == 0
+    _has_provenance(json.loads((tmp_path / "overlays.json").read_text()), "overlays", "masks",
+                    "num_images", "seed", "checkpoint")
+
+
+def test_semantics_report_records_its_settings(tmp_path):
+    from PIL import Image
+
+    from experiments import semantics
+
+    frame = tmp_path / "f.png"
+    Image.new("RGB", (64, 32), (40, 90, 200)).save(frame)
+    assert semantics.main(["--images", str(frame), "--size", "32", "64", "--dilation", "3",
+                           "--seed", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "semantics.json").read_text())
+    _has_provenance(report, "semantics", "dilation", "seed", "images")
+    assert (report["config"]["dilation"], report["config"]["seed"]) == (3, 2)
+
+
+def test_a_rerun_with_fewer_settings_names_the_points_it_leaves_out(root, tmp_path, capsys):
+    argv = _argv(root, tmp_path)
+    assert inadequate_masks.main(argv + ["--thresholds", "--random-fractions", "0.5",
+                                         "0.25"]) == 0
+    capsys.readouterr()
+    assert inadequate_masks.main(argv + ["--thresholds", "--random-fractions", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "leaves them out" in out and "random:0.25" in out
+    report = json.loads((tmp_path / "inadequate_masks.json").read_text())
+    assert report["left_out_of_earlier_report"] == ["random:0.25"]
+    assert (tmp_path / "runs" / "random_0.25.json").exists()
+    # named again by the next run, until a command names the setting again
+    assert inadequate_masks.main(argv + ["--thresholds", "--random-fractions", "0.5"]) == 0
+    assert "random:0.25" in capsys.readouterr().out
+    assert inadequate_masks.main(argv + ["--thresholds", "--random-fractions", "0.25"]) == 0
+    report = json.loads((tmp_path / "inadequate_masks.json").read_text())
+    assert report["left_out_of_earlier_report"] == ["random:0.5"]
+    assert "named on the terminal" in inadequate_masks.build_parser().format_help()
+
+
+# --------------------------------------------------------------------------- benchmark suites
+@pytest.fixture
+def suite(tmp_path, monkeypatch):
+    """``experiments.benchmark`` with its bench processes recorded, not run."""
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd)
+                        or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.chdir(tmp_path)  # the suite changes into the project root; undone after
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "a.png").write_bytes(b"")
+    results = tmp_path / "results"
+    results.mkdir()
+    return ["--no-markdown", "--frames", str(frames), "--results", str(results)], results, calls
+
+
+def test_benchmark_refuses_to_replace_a_result_without_overwrite(suite, capsys):
+    from experiments import benchmark
+
+    argv, results, calls = suite
+    old = results / "cpu_deeplabv3_resnet101_512x1024.json"
+    old.write_text(json.dumps({"environment": {"cpu": "Another CPU"}}))
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["cpu", *argv])
+    assert e.value.code == 2 and calls == []
+    err = capsys.readouterr().err
+    assert str(old) in err and "Another CPU" in err and "--overwrite" in err
+    assert benchmark.main(["cpu", *argv, "--overwrite"]) == 0 and len(calls) == 1
+    assert benchmark.main(["ops", *argv]) == 0 and len(calls) == 3  # new files: no refusal
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--only", "nosuch"], ["--only 'nosuch' matches no result", "cpu_conv3x3_256_512x1024"]),
+    (["--reps", "0"], ["--reps must be >= 1"]),
+])
+def test_benchmark_refuses_options_that_select_or_time_nothing(suite, capsys, extra, words):
+    from experiments import benchmark
+
+    argv, _, calls = suite
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["ops", *argv, *extra])
+    assert e.value.code == 2 and calls == []
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
+# --------------------------------------------------------------------------- keypoints
+def test_keypoints_synthetic_set_of_other_settings_is_refused(tmp_path, capsys):
+    import os
+
+    from experiments import keypoints
+
+    def args(*extra):
+        return ["--synthetic", "--random-weights", "--out", str(tmp_path), *extra]
+
+    root = keypoints.synthetic_root(keypoints.build_parser().parse_args(
+        args("--synthetic-size", "48", "64")))
+    assert keypoints.synthetic_root(keypoints.build_parser().parse_args(
+        args("--synthetic-size", "48", "64"))) == root  # the same settings: reused
+    # another size (or seed) would reuse the first set and give identical numbers
+    assert keypoints.main(args("--synthetic-size", "64", "96")) == 2
+    _one_line_error(capsys, "other settings", "synthetic_size: [48, 64] in the folder vs "
+                    "[64, 96] now", "another --out")
+    assert keypoints.main(args("--synthetic-size", "48", "64", "--seed", "1")) == 2
+    _one_line_error(capsys, "seed: 0 in the folder vs 1 now")
+    os.remove(root + ".settings.json")  # an older or interrupted set: settings unknown
+    assert keypoints.main(args("--synthetic-size", "48", "64")) == 2
+    _one_line_error(capsys, "not recorded", "another --out")
+
+
+# --------------------------------------------------------------------------- timing tables
+@pytest.mark.parametrize("module, mode", [("gemm_routes", []), ("dense_phases", ["layers"]),
+                                          ("products_first", ["layers"])])
+def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
+    import importlib
+
+    script = importlib.import_module(f"experiments.{module}")
+    with pytest.raises(SystemExit) as e:
+        script.main([*mode, "--reps", "0"])
+    assert e.value.code == 2 and "--reps must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, mode, small", [
+    ("gemm_routes", [], {"SHAPES": [(8, 16, 4)]}),
+    ("dense_phases", ["layers"], {"LAYERS": [(8, 8, 1)], "KEPT": (0.5,)}),
+])
+def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, monkeypatch,
+                                                         capsys):
+    import importlib
+
+    import torch
+
+    from cad_apps.bench.report import cpu_flags
+    from cad_apps.distributed import cpu_name
+
+    script = importlib.import_module(f"experiments.{module}")
+    for name, value in small.items():  # tiny shapes: the header is what is checked
+        monkeypatch.setattr(script, name, value)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main([*mode, "--reps", "1", "--threads", "1", "--dtype", "float32"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"command: python -m experiments.{module} "
+                        + " ".join([*mode, "--reps", "1", "--threads", "1", "--dtype", "float32"]))
+    assert lines[1].startswith(f"machine: {cpu_name()} (")
+    assert ", ".join(cpu_flags()) in lines[1] and f"torch {torch.__version__}" in lines[1]
+    assert "1 threads" in lines[1]
+
+
+# --------------------------------------------------------------------------- smaller scripts
+def _no_model(monkeypatch):
+    """Make building a segmentation model fail the test: input checks must come first."""
+    import cad_apps.checkpoints as checkpoints
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was built before the inputs were checked")
+    monkeypatch.setattr(checkpoints, "build_segmentation_model", refuse)
+
+
+def test_synthetic_model_checks_its_output_first_and_writes_atomically(root, tmp_path,
+                                                                      monkeypatch, capsys):
+    from experiments import synthetic_model
+
+    argv = ["--data-root", str(root), "--split", "val", "--model", "deeplabv3_resnet50",
+            "--iterations", "1"]
+    (tmp_path / "taken").mkdir()
+    with monkeypatch.context() as m:
+        _no_model(m)
+        assert synthetic_model.main(argv + ["--out", str(tmp_path / "taken")]) == 2
+        _one_line_error(capsys, "is a directory")
+        assert synthetic_model.main(argv + ["--out", str(tmp_path / "x.pth"), "--limit",
+                                            "1"]) == 2  # one image: no batch statistics
+        _one_line_error(capsys, "need at least 2 images")
+
+
+def test_synthetic_model_writes_into_a_new_folder(tmp_path, capsys):
+    from experiments import synthetic_model
+
+    data = tmp_path / "data"
+    make_synthetic_cityscapes(data, "train", num_images=2, size=(40, 56), seed=4)
+    out = tmp_path / "new" / "synthetic.pth"
+    assert synthetic_model.main(["--data-root", str(data), "--model", "deeplabv3_resnet50",
+                                 "--iterations", "1", "--out", str(out)]) == 0
+    assert out.is_file() and not [p for p in os.listdir(out.parent) if ".tmp." in p]
+
+
+def test_semantics_checks_its_images_before_building_models(tmp_path, monkeypatch, capsys):
+    from experiments import semantics
+
+    _no_model(monkeypatch)
+    missing = tmp_path / "missing.png"
+    assert semantics.main(["--images", str(missing), "--out", str(tmp_path)]) == 2
+    err = _one_line_error(capsys, f"--images {missing}: no such file")
+    assert "truncated download" not in err
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert semantics.main(["--images", str(tmp_path / "bad.png"), "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "cannot read the image")
+    assert not (tmp_path / "semantics.json").exists()
+
+
+# --------------------------------------------------------------------------- one definition
+def test_timing_scripts_use_the_bench_timer_and_median():
+    """gemm_routes / dense_phases / products_first time and take medians with the bench's own
+    helpers (cad_apps.bench.measure), and overlays takes level fractions from the plan
+    (LevelPlan.level_fractions): no copies to drift apart."""
+    from cad_apps.bench import measure
+    from experiments import dense_phases, gemm_routes, overlays, products_first
+
+    for script in (gemm_routes, dense_phases, products_first):
+        assert script._median is measure._median and not hasattr(script, "statistics")
+    for script in (gemm_routes, products_first):
+        assert script._time_once is measure._time_once
+    assert not hasattr(products_first, "_timed") and not hasattr(overlays, "_fractions")
+    calls = []
+    assert gemm_routes.median_ms(lambda: calls.append(1), 5) >= 0 and len(calls) == 3 + 5
