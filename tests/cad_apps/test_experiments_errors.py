@@ -7,9 +7,7 @@ import pytest
 
 from cad_apps.data import make_synthetic_cityscapes
 from experiments import inadequate_masks, oracle, overlays, tradeoff
-
-COMMON = ["--model", "deeplabv3_resnet50", "--device", "cpu", "--num-workers", "0", "--no-progress",
-          "--no-timing", "--dilation", "3"]
+from tests.cad_apps.test_experiments import COMMON
 
 
 @pytest.fixture(scope="module")
