@@ -252,7 +252,8 @@ def main(argv=None) -> int:
                          f"the results are: {', '.join(names)}")
     frames = sorted(glob.glob(os.path.join(args.frames, "*.png")))
     if not frames:
-        raise SystemExit(f"no PNG frames in {args.frames}")
+        parser.error(f"no PNG frames in --frames {args.frames}: give a folder of Cityscapes "
+                     "frames (e.g. ../shared/data/cityscapes_frames)")
     frames = [os.path.relpath(f, ROOT) for f in frames]
     os.chdir(ROOT)
     if not (args.dry_run or args.overwrite):

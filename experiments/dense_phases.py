@@ -28,6 +28,7 @@ column: ``lattice.products_pay``).
 from __future__ import annotations
 
 import argparse
+import glob
 import time
 
 import torch
@@ -38,6 +39,7 @@ from experiments.common import ExperimentParser, table_header
 # (C_in, C_out, dilation on the step-1 lattice): layer3, layer4, ASPP rates 12 / 24 / 36
 LAYERS = [(256, 256, 2), (512, 512, 4), (2048, 256, 6), (2048, 256, 12), (2048, 256, 18)]
 KEPT = (0.3, 0.6, 0.9)
+FRAMES = "../shared/data/cityscapes_frames/*.png"  # network mode: the three real frames
 
 
 def main(argv=None) -> int:
@@ -53,6 +55,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
+    if args.mode == "network" and not glob.glob(FRAMES):
+        parser.error(f"network needs the Cityscapes frames in {FRAMES}; none found")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     print(table_header(args))
@@ -157,14 +161,10 @@ def _split_layers(args) -> int:
 
 
 def _network(args) -> int:
-    import glob
-
     from cad_apps.bench import _check_args, _inputs, _masks, configure
     from cad_apps.bench.variants import build_variants
 
-    frames = sorted(glob.glob("../shared/data/cityscapes_frames/*.png"))
-    if not frames:
-        raise SystemExit("dense_phases: no frames in ../shared/data/cityscapes_frames/")
+    frames = sorted(glob.glob(FRAMES))
     bench = argparse.ArgumentParser()
     configure(bench)
     scope = ["--scope", "model", "--sparse-head"] if args.sparse_head else ["--scope", "backbone"]
