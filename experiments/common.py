@@ -45,7 +45,9 @@ def reports_errors(name: str):
             try:
                 return main(argv)
             except ExperimentError as e:
-                print(f"experiments.{name}: error: {e}", file=sys.stderr)
+                from cad_apps.io import error_text
+
+                print(f"experiments.{name}: error: {error_text(e)}", file=sys.stderr)
                 return 2
         return run
     return wrap

@@ -141,7 +141,7 @@ def synthetic_root(args) -> str:
 
 
 def main(argv=None) -> int:
-    from cad_apps.io import OutputBusyError
+    from cad_apps.io import OutputBusyError, error_text
     from cad_apps.keypoints.evaluate import run_evaluate
     from cad_apps.keypoints.extract import ExtractConfig, run_extract
 
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
                               + (", cosine matching" if args.normalize else "")
                               + "\nMMA@3 vs multiply-adds (Fig. 6)", args.normalize)
     except (ValueError, FileNotFoundError, OutputBusyError) as e:
-        print(f"experiments.keypoints: error: {e}", file=sys.stderr)
+        print(f"experiments.keypoints: error: {error_text(e)}", file=sys.stderr)
         return 2
     print(f"{'setting':>28}  {'MMA@3 all':>9}  {'i':>6}  {'v':>6}  {'G mult-adds':>11}")
     for label, r in report["features"].items():
