@@ -16,18 +16,16 @@ import shlex
 import sys
 from typing import Sequence
 
-from cad_apps.eval import (LimitLoweredError, add_setting_arguments, config_from_args, evaluate,
-                           parse_mask)
-from cad_apps.io import OutputBusyError, error_text, write_json_atomic
+from cad_apps.eval import (INPUT_ERRORS, LimitLoweredError, add_setting_arguments,
+                           config_from_args, evaluate, parse_mask)
+from cad_apps.io import error_text, write_json_atomic
 
 __all__ = ["base_parser", "run_setting", "run_points", "Setting", "baselines", "point",
-           "dense_points", "write_report", "plot_tradeoff", "setting_label", "learned_labels",
+           "write_report", "plot_tradeoff", "setting_label", "learned_labels",
            "lattice_split_only", "ExperimentError", "ExperimentParser", "reports_errors",
-           "check_settings", "provenance", "table_header", "mask_value", "INPUT_ERRORS",
+           "check_settings", "check_mask", "provenance", "table_header", "mask_value", "INPUT_ERRORS",
            "POINTS_EPILOG"]
 
-#: what ``cad-spconv eval`` reports as bad input (one line, exit status 2): the same here
-INPUT_ERRORS = (ValueError, OSError, KeyError, OutputBusyError)
 
 
 class ExperimentError(Exception):
@@ -225,6 +223,18 @@ def _setting_config(args, mask: str, label: str | None = None):
         out=os.path.join(args.out, "runs", (label or setting_label(mask)) + ".json"))
 
 
+def check_mask(option: str, mask: str) -> None:
+    """``mask`` parses, and a learned estimator's file exists; else :class:`ExperimentError`
+    naming ``option``."""
+    try:
+        spec = parse_mask(mask)
+    except ValueError as e:
+        raise ExperimentError(f"{option}: {e}") from None
+    if spec.kind == "learned" and spec.path and not os.path.isfile(spec.path):
+        raise ExperimentError(f"{option} {mask}: no such file {spec.path}; give a mask "
+                              "estimator checkpoint (written by `cad-spconv train-mask`)")
+
+
 def check_settings(args, settings: Sequence[Setting]) -> None:
     """Check every setting of a command before the first is evaluated: the shared options, the
     data root, each mask (a learned estimator's file exists) and each result file in
@@ -235,20 +245,15 @@ def check_settings(args, settings: Sequence[Setting]) -> None:
     from cad_apps.eval.results import load_results
     from cad_apps.io import check_output_path
 
-    try:
-        resolve_device(config_from_args(args).check().device)
+    try:  # the shared options, under a mask every stride pair and semantics allows (each
+        # setting's own mask is checked below: the default edge mask is not always one)
+        resolve_device(dataclasses.replace(config_from_args(args), mask="none").check().device)
         check_output_path(args.out, folder=True)
         CityscapesSegmentation(args.data_root, args.split, limit=args.limit)
     except INPUT_ERRORS as e:
         raise ExperimentError(error_text(e)) from None
     for s in settings:
-        try:
-            spec = parse_mask(s.mask)
-        except ValueError as e:
-            raise ExperimentError(f"{s.option}: {e}") from None
-        if spec.kind == "learned" and spec.path and not os.path.isfile(spec.path):
-            raise ExperimentError(f"{s.option}: no such file {spec.path}; give a mask estimator "
-                                  "checkpoint (written by `cad-spconv train-mask`)")
+        check_mask(s.option, s.mask)
         try:
             cfg = _setting_config(args, s.mask, s.label).check()
             load_results(check_output_path(cfg.out), cfg)  # other settings: refused
@@ -364,11 +369,6 @@ def _left_out(path: str, points: Sequence[dict]) -> list[str]:
         return []
     now = {p["mask"] for p in points}
     return [m for m in earlier if m not in now]
-
-
-def dense_points(args) -> list[dict]:
-    """The two baselines through the same path: nothing kept and everything kept."""
-    return [point(run_setting(args, s.mask, s.label), s.name, s.group) for s in baselines(args)]
 
 
 def finish(args, experiment: str, points: Sequence[dict], title: str) -> int:

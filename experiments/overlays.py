@@ -17,8 +17,8 @@ import dataclasses
 import os
 import sys
 
-from experiments.common import (INPUT_ERRORS, ExperimentError, _pyplot, base_parser, provenance,
-                                reports_errors)
+from experiments.common import (INPUT_ERRORS, ExperimentError, _pyplot, base_parser, check_mask,
+                                provenance, reports_errors)
 
 
 def build_parser():
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from cad_apps.checkpoints import build_segmentation_model
     from cad_apps.data import CityscapesSegmentation, collate, denormalize
     from cad_apps.distributed import resolve_device
-    from cad_apps.eval import Segmenter, config_from_args, parse_mask
+    from cad_apps.eval import Segmenter, config_from_args
     from cad_apps.io import check_output_path, error_text, write_json_atomic
 
     parser = build_parser()
@@ -46,16 +46,13 @@ def main(argv=None) -> int:
         parser.error("--limit does not apply: overlays draws the first --num-images images")
     if args.num_images < 1:
         parser.error(f"--num-images must be >= 1, got {args.num_images}")
-    try:  # everything checked before the model is built
+    for m in args.masks:  # everything checked before the model is built
+        check_mask("--masks", m)
+    try:
+        # the shared options under a mask every setting allows, then each mask with them
+        base = dataclasses.replace(config_from_args(args), out="", mask="none").check()
         for m in args.masks:
-            try:
-                spec = parse_mask(m)
-            except ValueError as e:
-                raise ValueError(f"--masks: {e}") from None
-            if spec.kind == "learned" and spec.path and not os.path.isfile(spec.path):
-                raise ValueError(f"--masks {m}: no such file {spec.path}; give a mask estimator "
-                                 "checkpoint (written by `cad-spconv train-mask`)")
-        base = dataclasses.replace(config_from_args(args), out="").check()
+            dataclasses.replace(base, mask=m).check()
         device = resolve_device(base.device)
         check_output_path(args.out, folder=True)
         dataset = CityscapesSegmentation(args.data_root, args.split, limit=args.num_images)

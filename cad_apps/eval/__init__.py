@@ -33,11 +33,15 @@ __all__ = ["FORMAT", "MASK_HELP", "EvalConfig", "MaskSpec", "parse_mask", "confi
            "LimitLoweredError"]
 
 
+#: what bad input raises (printed as one line, exit 2, by eval and the experiment scripts)
+INPUT_ERRORS = (ValueError, OSError, KeyError, OutputBusyError)
+
+
 def main(args) -> int:
     try:
         cfg = config_from_args(args)
         result = evaluate(cfg)
-    except (ValueError, OSError, KeyError, OutputBusyError) as e:
+    except INPUT_ERRORS as e:
         print(f"cad-spconv eval: error: {error_text(e)}", file=sys.stderr)
         return 2
     if result is not None:  # rank 0

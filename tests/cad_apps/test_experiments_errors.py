@@ -338,3 +338,20 @@ def test_timing_scripts_use_the_bench_timer_and_median():
     assert not hasattr(products_first, "_timed") and not hasattr(overlays, "_fractions")
     calls = []
     assert gemm_routes.median_ms(lambda: calls.append(1), 5) >= 0 and len(calls) == 3 + 5
+
+
+def test_options_valid_for_every_setting_are_not_refused_by_the_default_mask(root, tmp_path,
+                                                                           capsys):
+    """Under --semantics reference edge masks are defined for 8 -> 16 only; the oracle and
+    random masks at 8 -> 32 are fine and ran before the up-front checks came (those checked
+    the shared options under the default edge mask and refused them)."""
+    argv = _argv(root, tmp_path / "o") + ["--semantics", "reference", "--coarsest-stride", "32"]
+    assert oracle.main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "oracle.json").exists()
+    assert inadequate_masks.main(argv + ["--thresholds", "--random-fractions", "0.5"]) == 0
+    # an edge mask there is still refused, before any work, naming the option
+    assert tradeoff.main(_argv(root, tmp_path / "t") + ["--semantics", "reference",
+                                                         "--coarsest-stride", "32",
+                                                         "--thresholds", "0.35"]) == 2
+    _one_line_error(capsys, "--semantics reference")
+    assert not (tmp_path / "t").exists()
