@@ -211,8 +211,9 @@ def _refuse_existing(parser, args, chosen, frames) -> None:
             pass
     parser.error(f"{len(existing)} result file(s) exist: {', '.join(existing)}"
                  + (f" (measured on {'; '.join(sorted(machines))})" if machines else "")
-                 + "; give this machine a --results folder of its own (e.g. --results "
-                 f"{os.path.join(args.results, 'MACHINE')}), or pass --overwrite to replace them")
+                 + "; give this machine a new --results folder of its own (e.g. --results "
+                 f"{os.path.join(os.path.dirname(os.path.normpath(args.results)), 'MACHINE')}), "
+                 "or pass --overwrite to replace them")
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@
 #   tests-all  the whole suite except slow tests (CPU and CUDA cases)
 #   engines    cad-spconv bench --model conv3x3 (256 and 512 channels, 1024x2048, fp32):
 #              lattice / torch / spconv / spconv-igemm per layer, for the "auto" choice on CUDA
-#   bench      python -m experiments.benchmark gpu --frames .carry/frames --no-markdown
+#   bench      python -m experiments.benchmark gpu --frames .carry/frames --no-markdown --overwrite
 #              (DeepLabV3-ResNet101 1024x2048, batch 1 and 4, fp32 (TF32 on / off) / fp16 / bf16)
 #   profile    cad-spconv bench --profile 30 on one frame (1024x2048, batch 1, each dtype of
 #              PROFILE_DTYPE (float16), edge PROFILE_THRESHOLD (0.35), every engine that runs
@@ -228,8 +228,9 @@ part_engines() {
 part_bench() {
     local frames=.carry/frames
     if [[ -z ${BENCH_FILTER:-} ]]; then
+        # --overwrite: a rerun on the same lent machine replaces its own earlier results
         run_part bench "${BENCH_S:-500}" "$PY" -m experiments.benchmark gpu --frames "$frames" \
-            --no-markdown --reps "${BENCH_REPS:-5}"
+            --no-markdown --reps "${BENCH_REPS:-5}" --overwrite
         return
     fi
     # a subset of the same suite: the commands benchmark.py would run, filtered by name
