@@ -231,6 +231,33 @@ def test_keypoints_synthetic_set_of_other_settings_is_refused(tmp_path, capsys):
     _one_line_error(capsys, "not recorded", "another --out")
 
 
+def test_keypoints_synthetic_set_is_known_by_its_scenes_bytes(tmp_path):
+    """The same scene bytes reached by another path (another checkout) reuse the set; other
+    bytes at the same path are refused."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from experiments import keypoints
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    img = (np.random.default_rng(0).uniform(size=(60, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "a" / "s.png")
+    shutil.copy(tmp_path / "a" / "s.png", tmp_path / "b" / "s.png")
+
+    def parse(scene):
+        return keypoints.build_parser().parse_args([
+            "--synthetic", "--random-weights", "--out", str(tmp_path / "out"),
+            "--synthetic-size", "48", "64", "--scenes", str(scene)])
+
+    root = keypoints.synthetic_root(parse(tmp_path / "a" / "s.png"))
+    assert keypoints.synthetic_root(parse(tmp_path / "b" / "s.png")) == root
+    Image.fromarray(255 - img).save(tmp_path / "b" / "s.png")
+    with pytest.raises(ValueError, match="scenes_sha256"):
+        keypoints.synthetic_root(parse(tmp_path / "b" / "s.png"))
+
+
 # --------------------------------------------------------------------------- timing tables
 @pytest.mark.parametrize("module, mode", [("gemm_routes", []), ("dense_phases", ["layers"]),
                                           ("products_first", ["layers"])])
