@@ -371,15 +371,31 @@ def _left_out(path: str, points: Sequence[dict]) -> list[str]:
     return [m for m in earlier if m not in now]
 
 
+def _resumable(args, mask: str) -> bool:
+    """Whether ``runs/`` holds ``mask``'s result under this command's settings (naming the
+    mask again resumes it rather than being refused)."""
+    from cad_apps.eval.results import load_results
+
+    try:
+        cfg = dataclasses.replace(_setting_config(args, mask), overwrite=False).check()
+        load_results(cfg.out, cfg)
+    except INPUT_ERRORS:
+        return False
+    return True
+
+
 def finish(args, experiment: str, points: Sequence[dict], title: str) -> int:
     """Write ``<experiment>.json`` and ``<experiment>.png`` under ``args.out`` and print one
     line per point."""
     path = os.path.join(args.out, f"{experiment}.json")
     left = _left_out(path, points)
     if left:
+        stale = [m for m in left if not _resumable(args, m)]
         print(f"note: {path} of an earlier run also held {', '.join(left)}; this command leaves "
               f"them out (their results stay in {os.path.join(args.out, 'runs')}; name them "
-              "again to include them)")
+              "again to include them" + (f"; {', '.join(stale)} were computed with other "
+                                         "settings: naming them again needs --overwrite"
+                                         if stale else "") + ")")
     write_report(path, experiment, args, points, left_out_of_earlier_report=left)
     plot_tradeoff(os.path.join(args.out, f"{experiment}.png"), points, title, args)
     for p in points:

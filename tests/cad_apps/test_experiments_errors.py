@@ -159,6 +159,18 @@ def test_a_rerun_with_fewer_settings_names_the_points_it_leaves_out(root, tmp_pa
     assert "named on the terminal" in inadequate_masks.build_parser().format_help()
 
 
+def test_left_out_points_of_other_settings_are_named_as_such(root, tmp_path, capsys):
+    """After --overwrite with other settings, an earlier point cannot simply be named again
+    (it would be refused as written with other settings): the note says so."""
+    argv = _argv(root, tmp_path)
+    assert tradeoff.main(argv + ["--thresholds", "0.5"]) == 0
+    other = [a if a != "3" else "5" for a in argv]  # --dilation 5
+    capsys.readouterr()
+    assert tradeoff.main(other + ["--thresholds", "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "edge:0.5 were computed with other settings: naming them again needs --overwrite" in out
+
+
 # --------------------------------------------------------------------------- benchmark suites
 @pytest.fixture
 def suite(tmp_path, monkeypatch):
