@@ -71,6 +71,8 @@ def main(argv=None) -> int:
         except ValueError as err:
             parser.error(f"--engines: {err}")
     args.engines = engines
+    if args.device == "cuda" and args.mode != "layers":  # head and batch time on the CPU
+        parser.error(f"--device applies to the layers mode; {args.mode} runs on the CPU")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() "
                      "is False); run on a GPU machine or leave --device out")
