@@ -337,15 +337,31 @@ def test_synthetic_model_checks_its_output_first_and_writes_atomically(root, tmp
         _one_line_error(capsys, "need at least 2 images")
 
 
-def test_synthetic_model_writes_into_a_new_folder(tmp_path, capsys):
+def test_synthetic_model_writes_into_a_new_folder_atomically(tmp_path, monkeypatch, capsys):
+    import torch
+
     from experiments import synthetic_model
 
     data = tmp_path / "data"
     make_synthetic_cityscapes(data, "train", num_images=2, size=(40, 56), seed=4)
     out = tmp_path / "new" / "synthetic.pth"
-    assert synthetic_model.main(["--data-root", str(data), "--model", "deeplabv3_resnet50",
-                                 "--iterations", "1", "--out", str(out)]) == 0
+    argv = ["--data-root", str(data), "--model", "deeplabv3_resnet50", "--iterations", "1",
+            "--out", str(out)]
+    assert synthetic_model.main(argv) == 0
     assert out.is_file() and not [p for p in os.listdir(out.parent) if ".tmp." in p]
+    before = out.read_bytes()
+    save = torch.save
+
+    def crash_midway(obj, f, *args, **kwargs):  # half a file, then the process dies
+        save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic_model.main(argv)
+    assert out.read_bytes() == before  # the previous model, whole
 
 
 def test_semantics_checks_its_images_before_building_models(tmp_path, monkeypatch, capsys):
@@ -364,9 +380,11 @@ def test_semantics_checks_its_images_before_building_models(tmp_path, monkeypatc
 
 # --------------------------------------------------------------------------- one definition
 def test_timing_scripts_use_the_bench_timer_and_median():
-    """gemm_routes / dense_phases / products_first time and take medians with the bench's own
-    helpers (cad_apps.bench.measure), and overlays takes level fractions from the plan
-    (LevelPlan.level_fractions): no copies to drift apart."""
+    """gemm_routes and products_first' layers time single calls with the bench's timer, and
+    they and dense_phases take the bench's median (cad_apps.bench.measure); overlays takes
+    level fractions from the plan (LevelPlan.level_fractions): no copies to drift apart.
+    (dense_phases and products_first' batch / head keep their own perf_counter loops, CPU
+    only.)"""
     from cad_apps.bench import measure
     from experiments import dense_phases, gemm_routes, overlays, products_first
 
