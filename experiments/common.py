@@ -235,13 +235,20 @@ def check_mask(option: str, mask: str) -> None:
                               "estimator checkpoint (written by `cad-spconv train-mask`)")
 
 
+def _limit_lowered(e: LimitLoweredError) -> ExperimentError:
+    # the baselines' files are shared by the scripts of one --out
+    return ExperimentError(f"{e} (experiments sharing --out share these files: give them all "
+                           "the same --limit, or this one another --out)")
+
+
 def check_settings(args, settings: Sequence[Setting]) -> None:
     """Check every setting of a command before the first is evaluated: the shared options, the
     data root, each mask (a learned estimator's file exists) and each result file in
-    ``<out>/runs/`` (one written with other settings is refused, with a fix). Raises
-    :class:`ExperimentError`."""
+    ``<out>/runs/`` (one written with other settings, or holding images beyond ``--limit``, is
+    refused, with a fix). Raises :class:`ExperimentError`."""
     from cad_apps.data import CityscapesSegmentation
     from cad_apps.distributed import resolve_device
+    from cad_apps.eval.loop import check_images
     from cad_apps.eval.results import load_results
     from cad_apps.io import check_output_path
 
@@ -249,14 +256,17 @@ def check_settings(args, settings: Sequence[Setting]) -> None:
         # setting's own mask is checked below: the default edge mask is not always one)
         resolve_device(dataclasses.replace(config_from_args(args), mask="none").check().device)
         check_output_path(args.out, folder=True)
-        CityscapesSegmentation(args.data_root, args.split, limit=args.limit)
+        dataset = CityscapesSegmentation(args.data_root, args.split, limit=args.limit)
     except INPUT_ERRORS as e:
         raise ExperimentError(error_text(e)) from None
     for s in settings:
         check_mask(s.option, s.mask)
         try:
             cfg = _setting_config(args, s.mask, s.label).check()
-            load_results(check_output_path(cfg.out), cfg)  # other settings: refused
+            done = load_results(check_output_path(cfg.out), cfg)["images"]  # other settings:
+            check_images(cfg.out, done, dataset.ids, cfg)  # refused; so is a lowered --limit
+        except LimitLoweredError as e:
+            raise _limit_lowered(e) from None
         except INPUT_ERRORS as e:
             raise ExperimentError(f"{s.option}: {error_text(e)}") from None
 
@@ -273,9 +283,8 @@ def run_setting(args, mask: str, label: str | None = None) -> dict:
     :class:`ExperimentError`."""
     try:
         result = evaluate(_setting_config(args, mask, label))
-    except LimitLoweredError as e:  # the baselines' files are shared by the scripts of one --out
-        raise ExperimentError(f"{e} (experiments sharing --out share these files: give them all "
-                              "the same --limit, or this one another --out)") from None
+    except LimitLoweredError as e:
+        raise _limit_lowered(e) from None
     except INPUT_ERRORS as e:
         raise ExperimentError(f"mask {mask}: {error_text(e)}") from None
     if result is None:

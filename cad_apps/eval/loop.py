@@ -11,12 +11,24 @@ from .config import EvalConfig
 from .results import finite, load_results, summarize
 from .segmenter import Segmenter
 
-__all__ = ["evaluate", "LimitLoweredError"]
+__all__ = ["evaluate", "LimitLoweredError", "check_images"]
 
 
 class LimitLoweredError(ValueError):
     """The results file holds images this run does not ask for (a lower ``--limit``): its
     summary would pool them."""
+
+
+def check_images(out_path: str, done, ids, cfg: EvalConfig) -> None:
+    """Refuse an ``--out`` file holding images (``done``) this run does not ask for (``ids``):
+    its summary would pool them (:class:`LimitLoweredError`)."""
+    extra = sorted(set(done) - set(ids))
+    if extra:
+        beyond = (f"beyond --limit {cfg.limit}" if cfg.limit is not None
+                  else f"no longer in the {cfg.split} split of {cfg.data_root}")
+        raise LimitLoweredError(
+            f"{out_path} holds results of {len(extra)} images {beyond} (e.g. {extra[0]}); "
+            "evaluate them too (a larger --limit), or pass --overwrite or another --out")
 
 
 def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
@@ -62,13 +74,7 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
             busy, text = problem
             raise (OutputBusyError if busy else ValueError)(text)
         dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit)
-        extra = sorted(done - set(dataset.ids))
-        if extra:  # its summary would pool images this run does not ask for
-            beyond = (f"beyond --limit {cfg.limit}" if cfg.limit is not None
-                      else f"no longer in the {cfg.split} split of {cfg.data_root}")
-            raise LimitLoweredError(
-                f"{out_path} holds results of {len(extra)} images {beyond} (e.g. {extra[0]}); "
-                "evaluate them too (a larger --limit), or pass --overwrite or another --out")
+        check_images(out_path, done, dataset.ids, cfg)
         todo = [i for i, name in enumerate(dataset.ids) if name not in done]
         shard = dist.shard(todo)
         steps = math.ceil(math.ceil(len(todo) / dist.world) / cfg.batch_size) if todo else 0
