@@ -233,8 +233,9 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     ``history.json`` next to it. ``resume=True`` continues from ``out_dir/last.pt`` and refuses
     a checkpoint written with other settings (``config`` or ``meta``), naming them. Returns the
     history: one dict per iteration (``iteration``, ``loss``, ``task_loss``, ``budget_loss``,
-    ``rho_hat``, ``lr``). A non-finite loss raises :class:`DivergedError` before that step, and
-    non-finite weights before a save: the last save and its history stay as they were.
+    ``rho_hat``, ``lr``). A non-finite loss raises :class:`DivergedError` at that step (its update is
+    never saved), and non-finite weights before a save: the last save and its history stay as
+    they were.
     """
     import torch
     import torch.nn.functional as F
@@ -352,16 +353,18 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
         task = F.cross_entropy(out["out"], targets, ignore_index=config.ignore_index)
         budget = budget_loss(out["rate_sample"], config.rho)
         loss = config.task_weight * task + config.budget_weight * budget
-        if not torch.isfinite(loss):  # stop before this state is stepped on or saved
-            bar.close()
-            raise diverged(f"the loss is {loss.item()} (task {task.item()}, budget "
-                           f"{budget.item()})", iteration + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         iteration += 1
         record = {"iteration": iteration, "loss": loss.item(), "task_loss": task.item(),
                   "budget_loss": budget.item(), "rho_hat": out["rho_hat"].item(), "lr": lr}
+        # checked at the step's one sync (.item()): its update is never saved, as the raise
+        # comes before any save and a save refuses non-finite weights anyway
+        if not math.isfinite(record["loss"]):
+            bar.close()
+            raise diverged(f"the loss is {record['loss']} (task {record['task_loss']}, budget "
+                           f"{record['budget_loss']})", iteration)
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", rho_hat=f"{record['rho_hat']:.2f}")
         if config.save_every and iteration % config.save_every == 0 and iteration < config.iters:
