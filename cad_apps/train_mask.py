@@ -16,6 +16,7 @@ checkpoint (written atomically: temporary file + ``os.replace``) left off.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import shutil
 import os
@@ -374,15 +375,19 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     return history
 
 
-DATA_KEYS = ("data_root", "train_images")  # meta keys train-mask records the data by
+# meta keys train-mask records the data by: its images by name, wherever the folder is (a
+# copy on node-local scratch, a symlink or a moved folder is the same data); data_root is
+# recorded for reading only
+DATA_KEYS = ("train_images", "train_ids_sha256")
 
 
 def _check_same_settings(path: str, stored: dict, now: dict) -> None:
     """Refuse to resume a run written with other settings or on other data, naming them (the
-    number of data loader workers and the checkpoint interval do not change results)."""
-    free = ("workers", "save_every")
-    # runs written before the data were recorded have no data_root / train_images in their
-    # meta: they resume as before (unchecked); their next save records the data
+    number of data loader workers and the checkpoint interval do not change results, nor does
+    where the data folder is: the data are known by their images' names)."""
+    free = ("workers", "save_every", "data_root")
+    # runs written before the data were recorded lack DATA_KEYS in their meta: they resume as
+    # before (unchecked); their next save records the data
     recorded = stored.get("meta", {})
     unrecorded = {k for k in DATA_KEYS if k not in recorded}
     shown = ", ".join(d for d in (
@@ -676,7 +681,9 @@ def _main(args) -> int:
                 "finest_stride": args.finest_stride, "coarsest_stride": args.coarsest_stride,
                 # the data trained on: a resume on other data is refused
                 "data_root": "synthetic" if args.synthetic else os.path.abspath(args.data_root),
-                "train_images": len(data[0])}
+                "train_images": len(data[0]),
+                "train_ids_sha256": hashlib.sha256("\n".join(sorted(data[0].ids)).encode())
+                .hexdigest()}
         history = train(blended, data[0], config, out,  # data: (train, val or None)
                         resume=args.resume, device=device, progress=not args.no_progress,
                         meta=meta)
