@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import sys
+import time
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -63,12 +65,13 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    started = time.time()
     try:
         return int(args._main(args) or 0)
     except KeyboardInterrupt:  # results are written atomically: nothing half-written to report
         name = args.command + (f" {args.keypoints_command}" if args.command == "keypoints"
                                and getattr(args, "keypoints_command", None) else "")
-        advice = _resume_advice(args, argv)
+        advice = _resume_advice(args, argv, started)
         print(f"cad-spconv {name}: interrupted; files written so far are complete"
               + (f"; {advice}" if advice else ""), file=sys.stderr)
         return 130
@@ -79,10 +82,11 @@ def _is_overwrite(arg: str) -> bool:
     return len(arg) > 3 and "--overwrite".startswith(arg)
 
 
-def _resume_advice(args, argv) -> str:
+def _resume_advice(args, argv, started: float) -> str:
     """How to continue an interrupted run, from its own arguments: re-running a command with
     --overwrite would discard what was saved, and train-mask resumes only with --resume (which
-    --overwrite excludes). '' for commands that do not resume (bench, demo, keypoints evaluate)."""
+    --overwrite excludes) and only from a save of this run (``started``: when it began). ''
+    for commands that do not resume (bench, demo, keypoints evaluate)."""
     if args.command == "eval" or (args.command == "keypoints"
                                   and getattr(args, "keypoints_command", None) == "extract"):
         if getattr(args, "overwrite", False):
@@ -91,6 +95,11 @@ def _resume_advice(args, argv) -> str:
                     f"cad-spconv {shlex.join(again)}")
         return "resume with the same command"
     if args.command == "train-mask":
+        ckpt = os.path.join(args.out, "last.pt")
+        if not args.resume and not (os.path.isfile(ckpt) and os.path.getmtime(ckpt) >= started):
+            # a checkpoint there is an earlier run's (--overwrite replaces it at the first save)
+            return ("nothing of this run was saved yet (a save comes every --save-every "
+                    "iterations): run the same command again")
         if args.overwrite:
             again = ["--resume" if _is_overwrite(a) else a for a in argv]
             return ("resume from its last save with --resume in place of --overwrite: "
