@@ -177,9 +177,12 @@ def _plot_format(path: str) -> str:
 
 
 def _is_figure(path: str, ext: str) -> bool:
-    """Whether ``path`` is a ``ext`` figure (a file this command may replace)."""
+    """Whether ``path`` is a ``ext`` figure (a file this command may replace), or a PNG, which
+    earlier versions of this command wrote under any ``--plot`` name."""
     with open(path, "rb") as f:
         head = f.read(1024)
+    if head.startswith(PLOT_FORMATS[".png"]):
+        return True
     if ext == ".svg":  # after an XML declaration and doctype
         return PLOT_FORMATS[ext] in head
     return head.startswith(PLOT_FORMATS[ext])

@@ -236,7 +236,7 @@ def test_evaluate_command_writes_results_and_plot(data_root, extracted, tmp_path
     summary = extracted / "os8" / "summary.json"
     before = summary.read_bytes()
     fake = tmp_path / "notes.pdf"
-    fake.write_bytes(b"\x89PNG\r\n\x1a\n a PNG named .pdf is not this command's PDF")
+    fake.write_bytes(b"notes: someone's file named .pdf")
     for extra, message in ((["--out", str(other)], "not a keypoints evaluate report"),
                            (["--out", str(tmp_path / "r.png")], "is the JSON report"),
                            (["--out", str(out), "--plot", str(out)], "name the same file"),
@@ -255,6 +255,10 @@ def test_evaluate_command_writes_results_and_plot(data_root, extracted, tmp_path
 def test_plot_format_follows_the_extension(data_root, extracted, tmp_path):
     """--plot fig.pdf wrote PNG bytes under any extension: the format is the extension's."""
     folders = [str(extracted / "os8"), str(extracted / "a4")]
+    old = tmp_path / "old.pdf"  # earlier versions wrote PNG bytes under any --plot name
+    old.write_bytes(b"\x89PNG\r\n\x1a\n")
+    run_evaluate(data_root, folders, str(tmp_path / "r.json"), plot=str(old))
+    assert old.read_bytes().startswith(b"%PDF-")
     for ext, magic in ((".pdf", b"%PDF-"), (".svg", b"<svg"), (".PNG", b"\x89PNG\r\n\x1a\n")):
         plot = tmp_path / f"fig{ext}"
         for _ in range(2):  # the second run replaces its own figure
