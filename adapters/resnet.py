@@ -212,6 +212,9 @@ class _ResNetTrunk:
         for name in stages:
             layer = children[name]
             expect_type(layer, prefix + name, nn.Sequential, "an nn.Sequential of blocks")
+            if len(layer) == 0:
+                raise UnsupportedModelError(f"cannot convert {prefix}{name}: it has no blocks "
+                                            "(torchvision's stages have at least one)")
             for i, block in enumerate(layer):
                 _check_block(block, f"{prefix}{name}.{i}", first=(i == 0 and name != "layer1"))
         _check_layout({name: children[name] for name in stages}, prefix)

@@ -234,9 +234,9 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
     ``history.json`` next to it. ``resume=True`` continues from ``out_dir/last.pt`` and refuses
     a checkpoint written with other settings (``config`` or ``meta``), naming them. Returns the
     history: one dict per iteration (``iteration``, ``loss``, ``task_loss``, ``budget_loss``,
-    ``rho_hat``, ``lr``). A non-finite loss raises :class:`DivergedError` at that step (its update is
-    never saved), and non-finite weights before a save: the last save and its history stay as
-    they were.
+    ``rho_hat``, ``lr``). A non-finite loss raises :class:`DivergedError` at that step (its
+    update is never saved), and non-finite weights before a save: the last save and its history
+    stay as they were.
     """
     import torch
     import torch.nn.functional as F

@@ -17,8 +17,8 @@ the settings below, writes JSON under ``experiments/results/`` and appends a tab
 command to ``BENCHMARKS.md``. Pass ``--no-markdown`` to leave BENCHMARKS.md alone and
 ``--reps N`` to change the number of timed runs. A result file that exists in ``--results``
 is not replaced (it may hold another machine's numbers): the suite refuses before any run;
-give each machine a folder of its own or pass ``--overwrite``. Frames: the three Cityscapes frames in
-``../shared/data/cityscapes_frames`` (``--frames DIR`` to use others).
+give each machine a folder of its own or pass ``--overwrite``. Frames: the three Cityscapes
+frames in ``../shared/data/cityscapes_frames`` (``--frames DIR`` to use others).
 """
 from __future__ import annotations
 

@@ -23,9 +23,8 @@ from cad_apps.io import error_text, write_json_atomic
 __all__ = ["base_parser", "run_setting", "run_points", "Setting", "baselines", "point",
            "write_report", "plot_tradeoff", "setting_label", "learned_labels",
            "lattice_split_only", "ExperimentError", "ExperimentParser", "reports_errors",
-           "check_settings", "check_mask", "provenance", "table_header", "mask_value", "INPUT_ERRORS",
-           "POINTS_EPILOG"]
-
+           "check_settings", "check_mask", "provenance", "table_header", "mask_value",
+           "INPUT_ERRORS", "POINTS_EPILOG"]
 
 
 class ExperimentError(Exception):
@@ -43,8 +42,6 @@ def reports_errors(name: str):
             try:
                 return main(argv)
             except ExperimentError as e:
-                from cad_apps.io import error_text
-
                 print(f"experiments.{name}: error: {error_text(e)}", file=sys.stderr)
                 return 2
         return run

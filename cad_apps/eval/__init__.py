@@ -30,7 +30,7 @@ from .segmenter import Segmenter, dense_macs, estimator_from_state, load_mask_es
 __all__ = ["FORMAT", "MASK_HELP", "EvalConfig", "MaskSpec", "parse_mask", "configure",
            "add_setting_arguments", "config_from_args", "main", "evaluate", "Segmenter", "dense_macs",
            "load_mask_estimator", "estimator_from_state", "summarize", "format_summary", "load_results",
-           "LimitLoweredError"]
+           "LimitLoweredError", "INPUT_ERRORS"]
 
 
 #: what bad input raises (printed as one line, exit 2, by eval and the experiment scripts)

@@ -10,7 +10,8 @@ from typing import Optional
 from ..io import file_sha256
 
 __all__ = ["FORMAT", "MASK_HELP", "DEFAULT_MASK", "DTYPES", "MaskSpec", "parse_mask",
-           "check_mask_value", "EvalConfig", "configure", "add_setting_arguments", "config_from_args"]
+           "check_mask_value", "EvalConfig", "configure", "add_setting_arguments",
+           "config_from_args"]
 
 FORMAT = "cad-spconv-eval/2"
 DEFAULT_MASK = "edge:0.35"

@@ -282,6 +282,10 @@ def test_unsupported_models_name_the_module_and_what_is_supported():
                 conv.dilation = conv.padding = (dilation, dilation)
         with pytest.raises(UnsupportedModelError, match=match):
             convert(model, 8, 16)
+    model = resnet()
+    model.layer4 = nn.Sequential()
+    with pytest.raises(UnsupportedModelError, match=r"layer4: it has no blocks"):
+        convert(model, 8, 16)
     seg = deeplab()
     seg.classifier[0].convs[4] = nn.Identity()
     convert(seg, 8, 16)  # the dense head runs as given

@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from . import dense_reference as ref
 from torch.nn.modules.utils import _pair
 
 from cad_spconv.nn import CADBatchNorm2d, CADConv2d, CADMaxPool2d
+
+from . import dense_reference as ref
 
 #: the second-order terms, at most about 0.6 % of the bound
 MARGIN = 1.01
@@ -108,7 +108,7 @@ def conv_size(features, levels, step_in, stride, weight, bias=None, dilation=1, 
     ``|b|`` (float64); ``rule``: the reference's conv rule (``ref.conv`` or
     ``ref.conv_reference_semantics``)."""
     return rule(features.double().abs(), levels, step_in, stride, weight.double().abs(),
-                    None if bias is None else bias.double().abs(), dilation, groups)
+                None if bias is None else bias.double().abs(), dilation, groups)
 
 
 def assert_conv_within(got: torch.Tensor, features, levels, step_in, stride, weight, bias=None,
