@@ -152,9 +152,32 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
                                                        eps)
         # one pass over the features, as the dense batch norm makes (mul_ then add_ made two);
         # half-precision features are computed with float32 scale and shift, rounded once
+        if f.dtype != scale.dtype and f.device.type == "cpu":
+            return x.replace_feature(_affine_in_float32_chunks(f, scale, shift))
         return x.replace_feature(torch.addcmul(shift, f, scale, out=f))
     out = F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
     return x.replace_feature(out)
+
+
+_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per chunk: in cache between passes over it
+
+
+def _affine_in_float32_chunks(f: torch.Tensor, scale: torch.Tensor,
+                              shift: torch.Tensor) -> torch.Tensor:
+    """``f * scale + shift`` into ``f`` (half precision) with float32 ``scale`` and ``shift``.
+    On CPU an elementwise op mixing the two dtypes runs unvectorized, about 20x slower than
+    the same op in one dtype (42 ms against 1.9 ms for 65536 x 256 bfloat16 on an AMD EPYC);
+    three one-dtype passes over cache-sized float32 chunks cost about 1.5x the one-dtype op
+    and round once, as ``addcmul`` in one dtype would not (scale and shift rounded first)."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, f.shape[1]))
+    buffer = torch.empty(min(rows, f.shape[0]), f.shape[1], dtype=scale.dtype, device=f.device)
+    for start in range(0, f.shape[0], rows):
+        part = f[start:start + rows]
+        work = buffer[:part.shape[0]]
+        work.copy_(part)
+        torch.addcmul(shift, work, scale, out=work)
+        part.copy_(work)
+    return f
 
 
 def eval_scale_shift(running_mean, running_var, weight=None, bias=None,
@@ -181,9 +204,6 @@ def pointwise(x: CADTensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> CADTe
     return x.replace_feature(fn(x.features))
 
 
-_POOL_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per chunk of the area-weighted sum
-
-
 def global_avg_pool(x: CADTensor) -> torch.Tensor:
     """Area-weighted mean over sites: ``[B, C]``, equal to the mean of ``x.dense()``."""
     if not (x.features.is_floating_point() or x.features.is_complex()):
@@ -198,7 +218,7 @@ def global_avg_pool(x: CADTensor) -> torch.Tensor:
     if torch.is_grad_enabled() and f.requires_grad:
         sums = sums.index_add(0, images, f.to(acc) * area)
     else:  # in row chunks: weighted copies of the whole feature matrix would top the memory peak
-        rows = max(1, _POOL_CHUNK_ELEMENTS // max(1, x.num_channels))
+        rows = max(1, _CHUNK_ELEMENTS // max(1, x.num_channels))
         for start in range(0, f.shape[0], rows):
             part = f[start:start + rows].to(acc, copy=True).mul_(area[start:start + rows])
             sums.index_add_(0, images[start:start + rows], part)

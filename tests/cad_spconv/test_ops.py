@@ -233,7 +233,7 @@ def test_global_avg_pool_sums_half_precision_in_float32(device):
 @pytest.mark.parametrize("chunk", [None, 7])  # 7 elements: one site per chunk of the sum
 def test_global_avg_pool_and_densify(case, chunk, device, monkeypatch):
     if chunk:
-        monkeypatch.setattr(CF, "_POOL_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(CF, "_CHUNK_ELEMENTS", chunk)
     L = case[1]
     for step in range(L + 1):
         x, levels = make_input(case, step, 5, torch.float64, device, seed=step)
@@ -357,6 +357,28 @@ def test_batch_norm_in_place_in_half_precision_takes_float32_scale_and_shift(dty
         f.double(), *(t.double() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)),
         False, 0.0, bn.eps)
     R.assert_within(out, want, R.batch_norm_bound(f, bn, dtype), f"in place, {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 3 * 5])  # 15 elements: 3 sites per chunk, 1 left over
+def test_batch_norm_in_place_half_precision_chunks_round_once(dtype, chunk, monkeypatch):
+    """On CPU, half-precision features with float32 scale and shift are normalized in float32
+    chunks (a mixed-dtype ``addcmul`` runs unvectorized there): the values are those of the
+    one mixed-dtype op, which rounds once, for any chunk size."""
+    if chunk:
+        monkeypatch.setattr(CF, "_CHUNK_ELEMENTS", chunk)
+    x, _ = make_input(CASES[1], 1, 5, torch.float64, "cpu")
+    assert x.features.shape[0] % 3 == 1
+    g = torch.Generator().manual_seed(3)
+    mean, var = torch.randn(5, generator=g) * 40, torch.rand(5, generator=g) + 0.01
+    weight, bias = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    f = (x.features * 5 + mean).to(dtype)  # large means: scale and shift rounded first would cancel
+    half = [t.to(dtype) for t in (mean, var, weight, bias)]
+    scale, shift = CF.eval_scale_shift(*half)
+    assert scale.dtype == shift.dtype == torch.float32
+    want = torch.addcmul(shift, f, scale, out=f.clone())
+    got = CF.batch_norm(x.replace_feature(f.clone()), *half, inplace=True).features
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("affine", [True, False])
