@@ -272,7 +272,8 @@ def test_keypoints_synthetic_set_is_known_by_its_scenes_bytes(tmp_path):
 
 # --------------------------------------------------------------------------- timing tables
 @pytest.mark.parametrize("module, mode", [("gemm_routes", []), ("dense_phases", ["layers"]),
-                                          ("products_first", ["layers"])])
+                                          ("products_first", ["layers"]),
+                                          ("half_batch_norm", []), ("half_batch_norm", ["--model"])])
 def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     import importlib
 
@@ -282,11 +283,12 @@ def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     assert e.value.code == 2 and "--reps must be >= 1, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module, mode, small", [
-    ("gemm_routes", [], {"SHAPES": [(8, 16, 4)]}),
-    ("dense_phases", ["layers"], {"LAYERS": [(8, 8, 1)], "KEPT": (0.5,)}),
+@pytest.mark.parametrize("module, mode, small, dtype", [
+    ("gemm_routes", [], {"SHAPES": [(8, 16, 4)]}, "float32"),
+    ("dense_phases", ["layers"], {"LAYERS": [(8, 8, 1)], "KEPT": (0.5,)}, "float32"),
+    ("half_batch_norm", [], {"SHAPES": [(8, 4)]}, "bfloat16"),
 ])
-def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, monkeypatch,
+def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, dtype, monkeypatch,
                                                          capsys):
     import importlib
 
@@ -300,12 +302,12 @@ def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, mo
         monkeypatch.setattr(script, name, value)
     threads = torch.get_num_threads()
     try:
-        assert script.main([*mode, "--reps", "1", "--threads", "1", "--dtype", "float32"]) == 0
+        assert script.main([*mode, "--reps", "1", "--threads", "1", "--dtype", dtype]) == 0
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (f"command: python -m experiments.{module} "
-                        + " ".join([*mode, "--reps", "1", "--threads", "1", "--dtype", "float32"]))
+                        + " ".join([*mode, "--reps", "1", "--threads", "1", "--dtype", dtype]))
     assert lines[1].startswith(f"machine: {cpu_name()} (")
     assert ", ".join(cpu_flags()) in lines[1] and f"torch {torch.__version__}" in lines[1]
     assert "1 threads" in lines[1]

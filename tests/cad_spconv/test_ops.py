@@ -381,6 +381,23 @@ def test_batch_norm_in_place_half_precision_chunks_round_once(dtype, chunk, monk
     assert torch.equal(got, want)
 
 
+def test_batch_norm_in_place_half_precision_allocates_one_chunk(monkeypatch):
+    """In place means no feature-sized temporary: half-precision features with float32 scale
+    and shift take one float32 chunk at most (a mixed-dtype ``addcmul`` with ``out=`` made a
+    float32 copy of the whole feature matrix on CPU, which raised the peak of whole networks
+    above the dense one's)."""
+    from cad_apps.bench.measure import _tensor_peak
+    monkeypatch.setattr(CF, "_CHUNK_ELEMENTS", 64 * 8)
+    x, _ = make_input(CASES[1], 1, 64, torch.float64, "cpu")
+    bound = 64 * 8 * 4 + 16 * 64 * 4  # the float32 chunk; per-channel scale, shift, temporaries
+    assert x.features.shape[0] * 64 * 4 > 2 * bound  # a float32 feature matrix would not fit
+    stats = [t.to(torch.bfloat16) for t in (torch.zeros(64), torch.ones(64))]
+    own = x.replace_feature(x.features.to(torch.bfloat16))
+    with torch.no_grad():
+        peak = _tensor_peak(lambda: CF.batch_norm(own, *stats, inplace=True).features, ())
+    assert peak <= bound, peak
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_in_place(device, affine):
     """``inplace``: in eval mode without autograd the features are overwritten with what the
