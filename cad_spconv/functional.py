@@ -138,14 +138,16 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
     Eval mode (running statistics) keeps images independent, like every other op.
 
     ``inplace``: in eval mode, where autograd records nothing and the features have the
-    statistics' dtype, overwrite ``x``'s features with the result (for features nobody else
-    reads, such as a conv's fresh output: one feature matrix fewer at the memory peak);
-    elsewhere it computes out of place as usual. ``scale_shift``: :func:`eval_scale_shift` of
+    statistics' dtype (or half precision with float32 statistics, as under autocast, where the
+    result keeps the features' dtype as torch's batch norm does), overwrite ``x``'s features
+    with the result (for features nobody else reads, such as a conv's fresh output: one
+    feature matrix fewer at the memory peak); elsewhere it computes out of place as usual. ``scale_shift``: :func:`eval_scale_shift` of
     these arguments where the caller keeps it (``CADBatchNorm2d`` does, per parameter version).
     """
     f = x.features
     if (inplace and not training and running_mean is not None and running_var is not None
-            and f.dtype == running_mean.dtype
+            and (f.dtype == running_mean.dtype or (f.dtype in (torch.float16, torch.bfloat16)
+                                                   and running_mean.dtype == torch.float32))
             and not (torch.is_grad_enabled() and (f.requires_grad or any(
                 p is not None and p.requires_grad for p in (weight, bias))))):
         scale, shift = scale_shift or eval_scale_shift(running_mean, running_var, weight, bias,

@@ -21,6 +21,43 @@ CASES = [  # (grid, num_levels, mask kind)
 ]
 
 
+def _refusal(engine: str, dtype, groups: int, device):
+    """``(error type, message part)`` of the refusal ``engine`` gives a conv of this dtype and
+    grouping on ``device``, or ``None`` where it runs the conv."""
+    if (engine.startswith("spconv") or engine == "products") and groups > 1:
+        return ValueError, "grouped"
+    if engine == "spconv" and device.type == "cuda" and dtype == torch.float64:
+        return TypeError, "no torch.float64 kernels on CUDA"
+    if engine == "spconv-igemm":  # CUDA, float32 / float16 only: the rest is refused
+        if device.type == "cpu":
+            return ValueError, "CUDA only"
+        if dtype == torch.float64:
+            return TypeError, "float32 or float16"
+        if not igemm_status()[0]:  # e.g. cumm 0.4 under NumPy 2: refused, not crashed
+            return SpconvUnavailable, "NumPy"
+    return None
+
+
+def test_conv_refusals(device):
+    """Every engine / dtype / grouping that the value test skips is refused with its error
+    (not run, not crashed); the others are not refused."""
+    x, _ = make_input(CASES[1], 0, 6, torch.float64, device)
+    checked = 0
+    for engine in ["torch", "lattice", "products", "auto", "tuned"] + (
+            ["spconv", "spconv-igemm"] if SPCONV else []):
+        for dtype in (torch.float64, torch.float32):
+            for groups in (1, 3):
+                refused = _refusal(engine, dtype, groups, device)
+                if refused is None:
+                    continue
+                w = torch.randn(12, 6 // groups, 3, 3, dtype=dtype, device=device)
+                with pytest.raises(refused[0], match=refused[1]):
+                    CF.conv2d(x.replace_feature(x.features.to(dtype)), w, groups=groups,
+                              engine=engine)
+                checked += 1
+    assert checked >= 2  # grouped products in both dtypes, on any machine
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -29,6 +66,9 @@ CASES = [  # (grid, num_levels, mask kind)
     (5, 1, 1, 1, False), (3, 2, 1, 1, True), (3, 3, 2, 1, False), (3, 1, 1, 2, True),
     (3, 1, 2, 3, False), (1, 1, 1, 3, True), (1, 1, 2, 3, True), ((3, 5), (2, 1), 1, 1, True)])
 def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, groups, bias, device):
+    refused = _refusal(engine, dtype, groups, device)
+    if refused:
+        pytest.skip(f"{engine} refuses this conv ('{refused[1]}'): test_conv_refusals checks that")
     L = case[1]
     kh, kw = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(1)
@@ -39,27 +79,6 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
         # 6 -> 12 channels: a swap of inputs and outputs per group cannot pass
         w = torch.randn(12, 6 // groups, kh, kw, generator=gen, dtype=dtype).to(device)
         b = torch.randn(12, generator=gen, dtype=dtype).to(device) if bias else None
-        if (engine.startswith("spconv") or engine == "products") and groups > 1:
-            with pytest.raises(ValueError, match="grouped"):
-                CF.conv2d(x, w, b, stride, dilation, groups, engine)
-            return
-        if engine == "spconv" and device.type == "cuda" and dtype == torch.float64:
-            with pytest.raises(TypeError, match="no torch.float64 kernels on CUDA"):
-                CF.conv2d(x, w, b, stride, dilation, groups, engine)
-            return
-        if engine == "spconv-igemm":  # CUDA, float32 / float16 only: the rest is refused
-            if device.type == "cpu":
-                with pytest.raises(ValueError, match="CUDA only"):
-                    CF.conv2d(x, w, b, stride, dilation, groups, engine)
-                return
-            if dtype == torch.float64:
-                with pytest.raises(TypeError, match="float32 or float16"):
-                    CF.conv2d(x, w, b, stride, dilation, groups, engine)
-                return
-            if not igemm_status()[0]:  # e.g. cumm 0.4 under NumPy 2: refused, not crashed
-                with pytest.raises(SpconvUnavailable, match="NumPy"):
-                    CF.conv2d(x, w, b, stride, dilation, groups, engine)
-                return
         y = CF.conv2d(x, w, b, stride, dilation, groups, engine)
         assert y.step == step + (stride == 2) and y.features.dtype == dtype
         R.assert_conv_within(y.features, x.features, levels, step, stride, w, b, dilation,
@@ -374,9 +393,10 @@ def test_batch_norm_in_place_half_precision_chunks_round_once(dtype, chunk, monk
     weight, bias = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
     f = (x.features * 5 + mean).to(dtype)  # large means: scale and shift rounded first would cancel
     half = [t.to(dtype) for t in (mean, var, weight, bias)]
-    scale, shift = CF.eval_scale_shift(*half)
-    assert scale.dtype == shift.dtype == torch.float32
-    want = torch.addcmul(shift, f, scale, out=f.clone())
+    m, v, w, b = (t.float() for t in half)  # float32 scale and shift, from the formula
+    scale = w * torch.rsqrt(v + 1e-5)
+    shift = b - m * scale
+    want = torch.addcmul(shift, f, scale, out=f.clone())  # one mixed-dtype op: rounds once
     got = CF.batch_norm(x.replace_feature(f.clone()), *half, inplace=True).features
     assert torch.equal(got, want)
 
@@ -401,8 +421,9 @@ def test_batch_norm_in_place_half_precision_allocates_one_chunk(monkeypatch):
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_in_place(device, affine):
     """``inplace``: in eval mode without autograd the features are overwritten with what the
-    out-of-place batch norm computes; with autograd recording, in training mode or in another
-    dtype than the statistics it computes out of place and leaves the input alone."""
+    out-of-place batch norm computes (half-precision features with float32 statistics too, as
+    under autocast); with autograd recording or in training mode it computes out of place and
+    leaves the input alone."""
     import copy
 
     from cad_spconv.nn import CADBatchNorm2d
@@ -426,12 +447,18 @@ def test_batch_norm_in_place(device, affine):
     with torch.no_grad():
         cbn.train()
         cbn(x)
-        # bfloat16 features, float32 statistics (autocast): out of place
-        half = x.replace_feature(x.features.to(torch.bfloat16))
-        half_before = half.features.clone()
-        out = CADBatchNorm2d.from_module(copy.deepcopy(bn).float(), inplace=True).eval()(half)
-        assert out.features.data_ptr() != half.features.data_ptr()
-        torch.testing.assert_close(half.features, half_before, atol=0, rtol=0)
+        # half-precision features, float32 statistics (autocast): in place, in the features'
+        # dtype, as torch's batch norm returns it
+        single = copy.deepcopy(bn).float()
+        stats = [None if t is None else t.double()
+                 for t in (single.running_mean, single.running_var, single.weight, single.bias)]
+        for dtype in (torch.bfloat16, torch.float16):
+            half = x.replace_feature(x.features.to(dtype))
+            want = torch.nn.functional.batch_norm(half.features.double(), *stats, False, 0.0, single.eps)
+            bound = R.batch_norm_bound(half.features, single, dtype)
+            out = CADBatchNorm2d.from_module(single, inplace=True).eval()(half)
+            assert out.features.data_ptr() == half.features.data_ptr() and out.dtype == dtype
+            R.assert_within(out.features, want, bound, f"{dtype} features, float32 statistics")
     torch.testing.assert_close(x.features, before, atol=0, rtol=0)
 
 
