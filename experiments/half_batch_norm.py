@@ -1,7 +1,7 @@
 """The in-place eval batch norm of half-precision features on CPU (BENCHMARKS.md).
 
     python -m experiments.half_batch_norm [--threads 2] [--reps 15] [--dtype bfloat16]
-    python -m experiments.half_batch_norm --model [--frame PATH] [--reps 12]
+    python -m experiments.half_batch_norm --model [--autocast] [--frame PATH] [--reps 12]
 
 A converted network normalizes each conv's fresh output in place: ``f * scale + shift`` with
 per-channel ``scale`` and ``shift`` computed in float32, as PyTorch's batch norm does, so the
@@ -22,10 +22,15 @@ of DeepLabV3-ResNet101 converted 8->16 at 512x1024, and one larger matrix), the 
 ``--model`` times whole forwards of the converted DeepLabV3-ResNet101 (random weights with
 tamed statistics, as ``cad-spconv bench``; 512x1024, edge mask 0.35, dilation 11, head dense
 at stride 8) with the chunked route and with the rounded one, alternating in one process:
-what rounding once costs in a network. Median of ``--reps`` after one warm-up each.
+what rounding once costs in a network. ``--autocast`` keeps the weights float32 and runs the
+forward under ``torch.autocast``, as ``cad-spconv eval --dtype`` does: the batch norms'
+statistics are float32 there, and the chunked in-place route is compared with torch's
+out-of-place batch norm (what the converted network ran before the in-place route took
+autocast features). Median of ``--reps`` after one warm-up each.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -76,6 +81,7 @@ def _model(args, dtype) -> int:
     from cad_apps.data import read_image
     from cad_spconv import masks
     from cad_spconv.images import normalize
+    from cad_spconv.nn import CADBatchNorm2d
 
     rgb = torch.from_numpy(read_image(args.frame, "RGB").copy()).permute(2, 0, 1)
     x = F.interpolate(normalize(rgb)[None], size=(512, 1024), mode="bilinear",
@@ -83,30 +89,46 @@ def _model(args, dtype) -> int:
     keep = masks.edge(x, 0.35, 11)
     net = _tamed(deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=19), 0)
     cl = torch.channels_last
-    model = convert(net, finest_stride=8, coarsest_stride=16).eval().to(dtype).to(
-        memory_format=cl)
-    x = x.to(dtype).contiguous(memory_format=cl)
-    routes = {"float32 chunks": CF._affine_in_float32_chunks, "scale, shift rounded": _rounded}
+    model = convert(net, finest_stride=8, coarsest_stride=16).eval()
+    norms = [m for m in model.modules() if isinstance(m, CADBatchNorm2d) and m.inplace]
+    chunks = CF._affine_in_float32_chunks
+
+    def use(route):  # sets the route up; returns the forward's context
+        CF._affine_in_float32_chunks = _rounded if route == "scale, shift rounded" else chunks
+        for m in norms:
+            m.inplace = route != "out of place (torch batch_norm)"
+        return (torch.autocast("cpu", dtype=dtype) if args.autocast
+                else contextlib.nullcontext())
+
+    if args.autocast:  # weights float32, convs in dtype: the batch norms' statistics float32
+        routes = ["float32 chunks", "out of place (torch batch_norm)"]
+        x = x.contiguous(memory_format=cl)
+    else:
+        routes = ["float32 chunks", "scale, shift rounded"]
+        model.to(dtype)
+        x = x.to(dtype).contiguous(memory_format=cl)
+    model.to(memory_format=cl)
     times = {name: [] for name in routes}
     cpu = torch.device("cpu")
     try:
         with torch.no_grad():
             for rep in range(args.reps + 1):
-                for name, route in routes.items():
-                    CF._affine_in_float32_chunks = route
-                    t = _time_once(model, (x, keep), cpu)
+                for name in routes:
+                    with use(name):
+                        t = _time_once(model, (x, keep), cpu)
                     if rep:  # the first of each is the warm-up
                         times[name].append(t)
     finally:
-        CF._affine_in_float32_chunks = routes["float32 chunks"]
-    print(f"{os.path.basename(args.frame)}, {args.dtype}; whole-model forward, ms (median of "
-          f"{args.reps})")
+        use("float32 chunks")
+    how = "autocast, weights float32" if args.autocast else "weights and features"
+    print(f"{os.path.basename(args.frame)}, {args.dtype} ({how}); whole-model forward, ms "
+          f"(median of {args.reps})")
     print("| route | median | min | max |")
     print("|---|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {1e3 * _median(t):.0f} | {1e3 * min(t):.0f} | {1e3 * max(t):.0f} |")
     a, b = (_median(times[n]) for n in routes)
-    print(f"chunks / rounded: {a / b:.3f}")
+    print(f"{routes[0]} / {routes[1]}: {a / b:.3f}")
     return 0
 
 
@@ -120,11 +142,17 @@ def main(argv=None) -> int:
     parser.add_argument("--model", action="store_true",
                         help="whole-model forwards with each route (see above)")
     parser.add_argument("--frame", default=FRAME, help="the image for --model")
+    parser.add_argument("--autocast", action="store_true",
+                        help="with --model: float32 weights under torch.autocast, as cad-spconv "
+                             "eval --dtype runs; compares the in-place route with torch's "
+                             "out-of-place batch norm")
     args = parser.parse_args(argv)
     if args.reps is None:
         args.reps = 12 if args.model else 15
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
+    if args.autocast and not args.model:
+        parser.error("--autocast is an option of --model")
     if args.model and not os.path.isfile(args.frame):
         parser.error(f"--frame {args.frame}: no such file; pass an image with --frame")
     torch.set_num_threads(args.threads)
