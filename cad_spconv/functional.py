@@ -141,8 +141,9 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
     statistics' dtype (or half precision with float32 statistics, as under autocast, where the
     result keeps the features' dtype as torch's batch norm does), overwrite ``x``'s features
     with the result (for features nobody else reads, such as a conv's fresh output: one
-    feature matrix fewer at the memory peak); elsewhere it computes out of place as usual. ``scale_shift``: :func:`eval_scale_shift` of
-    these arguments where the caller keeps it (``CADBatchNorm2d`` does, per parameter version).
+    feature matrix fewer at the memory peak); elsewhere it computes out of place as usual.
+    ``scale_shift``: :func:`eval_scale_shift` of these arguments where the caller keeps it
+    (``CADBatchNorm2d`` does, per parameter version).
     """
     f = x.features
     if (inplace and not training and running_mean is not None and running_var is not None
