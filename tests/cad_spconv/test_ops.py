@@ -401,7 +401,8 @@ def test_batch_norm_in_place_half_precision_chunks_round_once(dtype, chunk, monk
     assert torch.equal(got, want)
 
 
-def test_batch_norm_in_place_half_precision_allocates_one_chunk(monkeypatch):
+@pytest.mark.parametrize("stats_dtype", [torch.bfloat16, torch.float32])  # float32: autocast
+def test_batch_norm_in_place_half_precision_allocates_one_chunk(stats_dtype, monkeypatch):
     """In place means no feature-sized temporary: half-precision features with float32 scale
     and shift take one float32 chunk at most (a mixed-dtype ``addcmul`` with ``out=`` made a
     float32 copy of the whole feature matrix on CPU, which raised the peak of whole networks
@@ -411,7 +412,7 @@ def test_batch_norm_in_place_half_precision_allocates_one_chunk(monkeypatch):
     x, _ = make_input(CASES[1], 1, 64, torch.float64, "cpu")
     bound = 64 * 8 * 4 + 16 * 64 * 4  # the float32 chunk; per-channel scale, shift, temporaries
     assert x.features.shape[0] * 64 * 4 > 2 * bound  # a float32 feature matrix would not fit
-    stats = [t.to(torch.bfloat16) for t in (torch.zeros(64), torch.ones(64))]
+    stats = [t.to(stats_dtype) for t in (torch.zeros(64), torch.ones(64))]
     own = x.replace_feature(x.features.to(torch.bfloat16))
     with torch.no_grad():
         peak = _tensor_peak(lambda: CF.batch_norm(own, *stats, inplace=True).features, ())
