@@ -9,7 +9,9 @@ dilates ``conv4_x``; the paper's code loads the same tensors into an undilated V
 
 - **Dense output stride** ``s`` in 1, 2, 4, 8: the last ``log2(8 / s)`` pools are removed and every
   conv after a removed pool is dilated by the product of the strides removed before it
-  (2, 4, 8), as D2-Net's and the paper's code do (dilated residual networks, Yu et al.).
+  (2, 4, 8), as the paper's code does (dilated residual networks, Yu et al.). D2-Net's own
+  output-stride-4 network keeps the third pool as a 2x2/1 average pool in front of the dilated
+  ``conv4_x`` instead, so D2-Net's published numbers are not those of dense stride 4 here.
 - **Adaptive** ``F -> 8``: :func:`adapters.convert` with ``finest_stride=F``: the pools from
   stride ``F`` on become adaptive max pools, the convs after them read at dilation-scaled
   spacing (``docs/SEMANTICS.md``). Everything kept equals the dense stride-``F`` network;
