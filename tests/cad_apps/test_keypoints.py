@@ -252,6 +252,26 @@ def test_evaluate_command_writes_results_and_plot(data_root, extracted, tmp_path
     assert summary.read_bytes() == before
 
 
+def test_repeated_labels_never_drop_a_folder(data_root, extracted, tmp_path, capsys):
+    """Labels a, "a (2)", a named the third folder "a (2)" too, replacing the second's results:
+    every folder keeps an entry, a repeat taking the first free "(n)"."""
+    os8, a4 = str(extracted / "os8"), str(extracted / "a4")
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", os8, a4, a4,
+                os8, "--labels", "a", "a (2)", "a", "a", "--out", str(tmp_path / "r.json"),
+                "--plot", str(tmp_path / "r.png")]) == 0
+    feats = json.load(open(tmp_path / "r.json"))["features"]
+    assert {k: v["folder"] for k, v in feats.items()} == {"a": os8, "a (2)": a4, "a (3)": a4,
+                                                          "a (4)": os8}
+    out = capsys.readouterr().out
+    assert all(f"{k}: MMA@3" in out for k in feats)
+    # default labels: the folder names
+    for parent in ("x", "y"):
+        shutil.copytree(extracted / "os8", tmp_path / parent / "os8")
+    report = run_evaluate(data_root, [str(tmp_path / "x" / "os8"), str(tmp_path / "y" / "os8")],
+                          str(tmp_path / "d.json"))
+    assert list(report["features"]) == ["os8", "os8 (2)"]
+
+
 def test_plot_format_follows_the_extension(data_root, extracted, tmp_path):
     """--plot fig.pdf wrote PNG bytes under any extension: the format is the extension's."""
     folders = [str(extracted / "os8"), str(extracted / "a4")]
