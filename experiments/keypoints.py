@@ -143,15 +143,25 @@ def synthetic_root(args) -> str:
     return root
 
 
+def check_args(args) -> None:
+    """What the options must be, checked before any work (``ValueError`` naming the option)."""
+    if args.synthetic == bool(args.data_root):
+        raise ValueError("give exactly one of --data-root and --synthetic")
+    if args.synthetic and min(args.synthetic_size) < 8:
+        raise ValueError("--synthetic-size must be two integers >= 8 (height and width of the "
+                         "synthetic images; the network needs 8 pixels a side), got "
+                         + " ".join(map(str, args.synthetic_size)))
+
+
 def main(argv=None) -> int:
-    from cad_apps.io import OutputBusyError, error_text
+    from cad_apps.eval import INPUT_ERRORS
+    from cad_apps.io import error_text
     from cad_apps.keypoints.evaluate import run_evaluate
     from cad_apps.keypoints.extract import ExtractConfig, run_extract
 
     args = build_parser().parse_args(argv)
     try:
-        if args.synthetic == bool(args.data_root):
-            raise ValueError("give exactly one of --data-root and --synthetic")
+        check_args(args)
         data_root = synthetic_root(args) if args.synthetic else args.data_root
         runs = settings(args.settings, args.ablation)
         folders, labels = [], []
@@ -173,7 +183,7 @@ def main(argv=None) -> int:
                               args.title or f"D2-Net ({weights}) on {data}"
                               + (", cosine matching" if args.normalize else "")
                               + "\nMMA@3 vs multiply-adds (Fig. 6)", args.normalize)
-    except (ValueError, FileNotFoundError, OutputBusyError) as e:
+    except INPUT_ERRORS as e:  # as `cad-spconv keypoints`: a KeyError is a foreign --weights
         print(f"experiments.keypoints: error: {error_text(e)}", file=sys.stderr)
         return 2
     print(f"{'setting':>28}  {'MMA@3 all':>9}  {'i':>6}  {'v':>6}  {'G mult-adds':>11}")

@@ -110,12 +110,12 @@ def _evaluate(args) -> int:
 
 
 def main(args) -> int:
-    from ..io import OutputBusyError
+    from ..eval import INPUT_ERRORS
 
     name = f"cad-spconv keypoints {args.keypoints_command}"
     try:
         return int(args._keypoints_main(args) or 0)
     # KeyError: a checkpoint that is not D2-Net's (CheckpointMismatchError)
-    except (ValueError, OSError, KeyError, OutputBusyError) as e:
+    except INPUT_ERRORS as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

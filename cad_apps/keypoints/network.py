@@ -105,8 +105,9 @@ def d2_features_state_dict(checkpoint: Mapping) -> dict:
 def load_d2_weights(path: str) -> nn.Sequential:
     """``vgg16().features[:23]`` with the weights of a D2-Net checkpoint file (``d2_tf.pth``).
     A file that is not a readable checkpoint of tensors raises
-    :class:`~cad_apps.checkpoints.CheckpointError`."""
-    from ..checkpoints import CheckpointError, load_weights_only
+    :class:`~cad_apps.checkpoints.CheckpointError`, one of other tensors
+    :class:`~cad_apps.checkpoints.CheckpointMismatchError` (both naming ``--weights``)."""
+    from ..checkpoints import CheckpointError, CheckpointMismatchError, load_weights_only
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--weights {path} does not exist; download D2-Net's d2_tf.pth "
                                 "(https://dusmanu.com/files/d2-net/d2_tf.pth) or use --random-weights")
@@ -117,8 +118,13 @@ def load_d2_weights(path: str) -> nn.Sequential:
             "{'model': torch.load('IN.pth', weights_only=False)['model']}, 'OUT.pth')\""))
     except CheckpointError as e:
         raise CheckpointError(f"--weights: {e}") from None
+    try:
+        state = d2_features_state_dict(ckpt)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"--weights {path}: {e}; give D2-Net's d2_tf.pth "
+                                      "(https://dusmanu.com/files/d2-net/d2_tf.pth)") from None
     stack = vgg16_conv4_3()
-    stack.load_state_dict(d2_features_state_dict(ckpt))
+    stack.load_state_dict(state)
     return stack.eval()
 
 
