@@ -94,6 +94,10 @@ def _synthetic_settings(args) -> dict:
             "scenes_sha256": [file_sha256(p) if os.path.isfile(p) else None for p in args.scenes]}
 
 
+def _synthetic_path(args) -> str:
+    return os.path.join(args.out, "synthetic_hpatches")
+
+
 def synthetic_root(args) -> str:
     """Write (once) the synthetic set of ``--synthetic``; its settings are recorded beside it
     (``<out>/synthetic_hpatches.settings.json``, written last) and a set of other settings, or
@@ -106,7 +110,7 @@ def synthetic_root(args) -> str:
     from cad_apps.io import settings_difference, write_json_atomic
     from cad_apps.keypoints.hpatches import list_sequences, synthetic_scene, write_synthetic
 
-    root = os.path.join(args.out, "synthetic_hpatches")
+    root = _synthetic_path(args)
     record = root + ".settings.json"
     mine = _synthetic_settings(args)
     if os.path.isdir(root) and os.listdir(root):
@@ -162,19 +166,23 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        data_root = synthetic_root(args) if args.synthetic else args.data_root
-        runs = settings(args.settings, args.ablation)
+        data_root = _synthetic_path(args) if args.synthetic else args.data_root
+        # every setting's options are checked before the first one runs (a bad --seed used to
+        # surface at the first ablation setting, hours into the paper's sweep)
+        runs = [(label, ExtractConfig(
+            data_root=data_root, out=os.path.join(args.out, "features", label),
+            finest_stride=stride, dilations=dil, weights=args.weights,
+            random_weights=args.random_weights, seed=args.seed, mask=mask,
+            semantics=args.semantics, num_points=args.num_keypoints, device=args.device,
+            dtype=args.dtype, engine=args.engine, progress=args.progress).validate())
+            for label, stride, dil, mask in settings(args.settings, args.ablation)]
+        if args.synthetic:
+            synthetic_root(args)
         folders, labels = [], []
-        for i, (label, stride, dil, mask) in enumerate(runs, 1):
+        for i, (label, cfg) in enumerate(runs, 1):
             print(f"[{i}/{len(runs)}] {label}", flush=True)
-            folder = os.path.join(args.out, "features", label)
-            run_extract(ExtractConfig(
-                data_root=data_root, out=folder, finest_stride=stride, dilations=dil,
-                weights=args.weights, random_weights=args.random_weights, seed=args.seed,
-                mask=mask, semantics=args.semantics, num_points=args.num_keypoints,
-                device=args.device, dtype=args.dtype,
-                engine=args.engine, progress=args.progress))
-            folders.append(folder)
+            run_extract(cfg)
+            folders.append(cfg.out)
             labels.append(label)
         weights = "random weights" if args.random_weights else os.path.basename(args.weights)
         data = "synthetic set" if args.synthetic else os.path.basename(os.path.normpath(data_root))

@@ -142,6 +142,10 @@ class ExtractConfig:
         if self.weights is not None and not os.path.isfile(self.weights):
             raise FileNotFoundError(f"--weights {self.weights} does not exist; download D2-Net's "
                                     "d2_tf.pth or use --random-weights")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
+                not 0 <= self.seed < 2 ** 64:  # what numpy's and torch's generators take
+            raise ValueError(f"--seed must be a non-negative integer below 2**64, got "
+                             f"{self.seed!r}")
         if self.num_points < 1:
             raise ValueError(f"--num-keypoints must be >= 1, got {self.num_points}")
         if self.dtype not in ("float32", "float64"):

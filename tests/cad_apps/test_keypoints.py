@@ -450,6 +450,21 @@ def test_max_sum_edges_is_checked_as_an_option(data_root, tmp_path, capsys):
         prepare_image(np.zeros((8, 400, 3), dtype=np.uint8), max_sum_edges=20)
 
 
+@pytest.mark.parametrize("mask", ["random", "inverted", "keypoints"])
+def test_a_negative_seed_is_refused_before_any_work(data_root, tmp_path, capsys, mask):
+    """--seed -1 with --mask random failed at the first image ("expected non-negative integer",
+    no option named), leaving an --out with a lock; a seed numpy or torch cannot take is refused
+    before --out is made."""
+    for seed in ("-1", str(2 ** 64)):
+        out = tmp_path / f"out{seed}"
+        assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights",
+                    "--seed", seed, "--finest-stride", "4", "--dilations", "11", "--mask", mask,
+                    "--no-progress", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --seed must be a non-negative integer below 2**64, got {seed}\n" in err, err
+        assert not out.exists()
+
+
 def test_evaluate_refuses_incomplete_features(data_root, extracted, tmp_path, capsys):
     part = tmp_path / "part"
     shutil.copytree(extracted / "os8", part)

@@ -105,3 +105,23 @@ def test_sweep_reports_bad_weights_and_sizes_as_the_cli_does(tmp_path, capsys):
                 f"(height and width of the synthetic images; the network needs 8 pixels a "
                 f"side), got {' '.join(size)}\n") == err, err
         assert not out.exists()
+
+
+def test_sweep_checks_every_settings_options_before_the_first(tmp_path, monkeypatch, capsys):
+    """A negative --seed failed only at the first ablation setting, after every dense and
+    adaptive one had run (hours on HPatches): refused before any work, naming --seed."""
+    import cad_apps.keypoints.network as network
+
+    monkeypatch.setattr(network, "random_features",
+                        lambda seed=0: thin_vgg(scale=32, seed=abs(seed)).float())
+    monkeypatch.setattr(exp, "QUICK_SETTINGS", {4: [(11,)], 2: [(21, 21)], 1: [(9, 19, 35)]})
+    data = tmp_path / "data"
+    write_synthetic(str(data), [synthetic_scene((144, 192), 3)], image_size=(48, 64), kinds=("v",))
+    for extra in (["--data-root", str(data)], ["--synthetic"]):
+        out = tmp_path / f"sweep{len(extra)}"
+        assert exp.main([*extra, "--random-weights", "--seed", "-1", "--settings", "quick",
+                         "--num-keypoints", "16", "--no-progress", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == ("experiments.keypoints: error: --seed must be a non-negative integer "
+                       "below 2**64, got -1\n"), err
+        assert not out.exists()
