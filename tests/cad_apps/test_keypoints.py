@@ -384,6 +384,10 @@ def test_commands_report_bad_input(data_root, extracted, tmp_path, capsys):
     assert cli(base + ["--data-root", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "v_synth0/6.ppm is missing" in capsys.readouterr().err
     assert not (tmp_path / "x" / "i_synth0").exists()  # checked before any work
+    (data / "v_synth0" / "6.ppm").write_bytes(b"P6 garbage")  # undecodable: also before any work
+    assert cli(base + ["--data-root", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "v_synth0/6.ppm cannot be decoded" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "i_synth0").exists()
     shutil.copy(os.path.join(data_root, "v_synth0", "6.ppm"), data / "v_synth0" / "6.ppm")
     (data / "v_synth0" / "H_1_4").write_text("nonsense\n")
     assert cli(["keypoints", "evaluate", "--data-root", str(data), "--features",
