@@ -5,6 +5,7 @@ Only argparse at import time; torch and friends load when a sub-command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["configure", "main"]
@@ -96,6 +97,13 @@ def _evaluate(args) -> int:
         macs = "n/a" if r["macs_per_image"] is None else f"{r['macs_per_image'] / 1e9:.3f} G"
         print(f"{label:>32}: MMA@3 all {fmt(m['all'])}  i {fmt(m['i'])}  v {fmt(m['v'])}  "
               f"multiply-adds {macs}")
+    for label, r in report["features"].items():
+        if r["images_without_record"]:
+            summary = os.path.join(r["folder"], "summary.json")
+            print(f"note: {label}: {r['images_without_record']} of the images evaluated have no "
+                  f"record in {summary} (an interrupted extraction), so its multiply-adds and "
+                  "times are means over the others; rerun its `cad-spconv keypoints extract` "
+                  "command to complete it")
     others = {label: r["extracted_from"] for label, r in report["features"].items()
               if r["extracted_from"] not in (None, report["data_root"])}
     for label, root in others.items():

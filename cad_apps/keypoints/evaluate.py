@@ -254,6 +254,9 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
         names = {seq.name for seq in sequences}
         records = {i: r for i, r in summary.get("images", {}).items()
                    if i.rpartition("/")[0] in names}
+        # features written without their record (an extraction interrupted in between, or a
+        # summary.json of an older version that claimed completeness regardless)
+        unrecorded = len(names) * len(hpatches.IMAGES) - len(records)
         s = summarize(records) if records else {}
         # a copy of the set may live elsewhere, so another root is reported, not refused
         results[label] = {"folder": folder, "extracted_from": summary.get("data_root"),
@@ -262,7 +265,8 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
                           "macs_per_image": s.get("macs_mean"),
                           "level_fractions_mean": s.get("level_fractions_mean"),
                           "time_per_image_s_median": s.get("time_per_image_s_median"),
-                          "extraction_complete": summary.get("complete"), **res}
+                          "extraction_complete": bool(summary.get("complete")) and not unrecorded,
+                          "images_without_record": unrecorded, **res}
     report = {"format": FORMAT, "data_root": os.path.abspath(data_root),
               "thresholds": list(THRESHOLDS),
               "descriptors": "l2-normalised" if normalize else "as stored (raw dot products)",

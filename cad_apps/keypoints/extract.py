@@ -382,9 +382,7 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
             summary["environment"] = _environment(extractor, dist, device_name)
         _loop(cfg, out, dist, extractor, summary, todo, summary_path)
         if dist.main:
-            summary["summary"] = summarize(summary["images"])
-            summary["complete"] = len(summary["images"]) >= summary["num_images_requested"]
-            write_json_atomic(summary_path, summary)
+            _write_summary(summary_path, summary)
         dist.barrier()
     finally:
         if lock is not None:
@@ -461,13 +459,21 @@ def _loop(cfg, out, dist, extractor, summary, todo, summary_path) -> None:
                 if bar is not None and r > 0:
                     bar.update(len(part))
             summary["images"] = dict(sorted(summary["images"].items()))
-            summary["summary"] = summarize(summary["images"])
-            write_json_atomic(summary_path, summary)
+            _write_summary(summary_path, summary)
             if bar is not None:
                 s = summary["summary"]
                 bar.set_postfix(GMA=f"{s['macs_mean'] / 1e9:.2f}")
     if bar is not None:
         bar.close()
+
+
+def _write_summary(path: str, summary: dict) -> None:
+    """Write ``summary`` atomically with its means and ``complete`` recomputed from the records
+    it holds: a resumed folder's old ``complete: true`` is never written back while images are
+    missing (an interrupted resume left it on disk)."""
+    summary["summary"] = summarize(summary["images"])
+    summary["complete"] = len(summary["images"]) >= summary["num_images_requested"]
+    write_json_atomic(path, summary)
 
 
 def _environment(extractor: Extractor, dist, device_name: str) -> dict:

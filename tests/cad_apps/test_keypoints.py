@@ -538,6 +538,59 @@ def test_evaluate_reports_damaged_features(data_root, extracted, tmp_path, capsy
     assert not (tmp_path / "r.json").exists()
 
 
+def test_an_interrupted_resume_does_not_claim_completeness(data_root, extracted, tmp_path,
+                                                          monkeypatch):
+    """A resume rewrote the old summary, "complete": true included, after every sequence: Ctrl-C
+    during a later one left it on disk with images missing. complete follows the records."""
+    from cad_apps.keypoints import extract
+
+    out = tmp_path / "copy"
+    shutil.copytree(extracted / "os8", out)
+    for seq in ("i_synth0", "v_synth0"):
+        os.remove(out / seq / "2.npz")
+    read = extract.hpatches.read_image
+
+    def interrupted(path):
+        if "v_synth0" in path:
+            raise KeyboardInterrupt
+        return read(path)
+    monkeypatch.setattr(extract.hpatches, "read_image", interrupted)
+    cfg = ExtractConfig(data_root=data_root, out=str(out), finest_stride=8, random_weights=True,
+                        seed=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(cfg)
+    s = json.load(open(out / "summary.json"))
+    assert "i_synth0/2" in s["images"] and len(s["images"]) == 11
+    assert s["complete"] is False and s["summary"]["num_images"] == 11
+    monkeypatch.setattr(extract.hpatches, "read_image", read)
+    assert run_extract(cfg)["complete"] is True
+    assert json.load(open(out / "summary.json"))["complete"] is True
+
+
+def test_evaluate_reports_features_without_records(data_root, extracted, tmp_path, capsys):
+    """Interrupted between an image's .npz and its record, a folder said "complete": evaluate
+    reported extraction_complete true with the MMA over every pair and the multiply-adds over
+    the records left. It reports the images without a record, and says so."""
+    feats = tmp_path / "feats"
+    shutil.copytree(extracted / "a4", feats)
+    s = json.load(open(feats / "summary.json"))
+    assert s["complete"]
+    full = s["images"]
+    del s["images"]["v_synth0/2"]
+    (feats / "summary.json").write_text(json.dumps(s))
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(feats),
+                "--out", str(tmp_path / "r.json")]) == 0
+    r = json.load(open(tmp_path / "r.json"))["features"]["feats"]
+    assert r["extraction_complete"] is False and r["images_without_record"] == 1
+    assert r["macs_per_image"] == np.mean([v["macs"] for k, v in full.items() if k != "v_synth0/2"])
+    out = capsys.readouterr().out
+    assert (f"note: feats: 1 of the images evaluated have no record in {feats}/summary.json "
+            "(an interrupted extraction)") in out
+    full_report = run_evaluate(data_root, [str(extracted / "a4")], str(tmp_path / "f.json"))
+    assert full_report["features"]["a4"]["extraction_complete"] is True
+    assert full_report["features"]["a4"]["images_without_record"] == 0
+
+
 def test_extract_resume_redoes_damaged_files(data_root, extracted, tmp_path, capsys):
     """A folder with damaged .npz files (records intact: a disk problem, a cut copy) resumes by
     extracting just those again, bit for bit; evaluate then reads it."""
@@ -676,7 +729,7 @@ def test_every_rank_extracts_its_whole_shard(tmp_path, monkeypatch, world):
                         random_weights=True, progress=False)
     for rank in range(world):
         done = []
-        summary = {"images": {}}
+        summary = {"images": {}, "num_images_requested": 6}
         extract._loop(cfg, str(tmp_path), Dist(rank=rank, world=world), lambda rgb, name, k:
                       (done.append(f"{name}/{k}") or {}, {}), summary, todo, "s.json")
         assert done == [f"s{i}/{k}" for i in range(rank, 3, world) for k in (1, 2)]
