@@ -199,6 +199,7 @@ class Extractor:
         self.net = DescriptorNetwork(stack, cfg.finest_stride, cfg.adaptive, cfg.engine,
                                      cfg.semantics).eval()
         self.num_levels = self.net.num_levels
+        self._dense_macs: dict = {}  # input size -> count of the dense network
 
     def plan(self, xy: np.ndarray, size, sequence: str = "", k: int = 0):
         """The level plan of one image (``None`` for dense networks)."""
@@ -227,10 +228,9 @@ class Extractor:
         """Everything about one RGB ``uint8`` image: ``prepared`` (:class:`Prepared`), ``xy``
         and ``responses`` (SIFT, network-input pixels), ``plan``, ``features`` (the network's
         output, ``[1, C, h / F, w / F]`` in the run's dtype), ``macs`` (a ``count_macs``-style
-        dict), ``time_s`` (network) and ``sift_time_s``."""
+        dict, :meth:`macs`), ``time_s`` (network, a forward without the counter's hooks) and
+        ``sift_time_s``."""
         import torch
-
-        from cad_spconv.macs import MacCounter
 
         from .preprocess import caffe_tensor, prepare_image
         from .sift import detect
@@ -244,15 +244,33 @@ class Extractor:
         sift_s = time.perf_counter() - t0
         x = caffe_tensor(prep.rgb, self.dtype, self.device)
         plan = self.plan(xy, (h, w), sequence, k)
-        with torch.no_grad(), MacCounter(self.net.net, 1) as counter:
+        with torch.no_grad():
             self._sync()
             t0 = time.perf_counter()
             features = self.net(x, plan)
             self._sync()
             net_s = time.perf_counter() - t0
         return {"prepared": prep, "xy": xy, "responses": responses, "plan": plan,
-                "features": features, "macs": counter.result(), "time_s": net_s,
+                "features": features, "macs": self.macs(x, plan), "time_s": net_s,
                 "sift_time_s": sift_s}
+
+    def macs(self, x, plan) -> dict:
+        """Multiply-adds of the network on ``x`` (with ``plan``), ``count_macs``-style, from a
+        counted forward apart from the timed one: the counter's hooks (on CUDA a device-to-host
+        copy in every adaptive layer) would be timed too. A dense network's count depends only
+        on the input size and is counted once per size."""
+        import torch
+
+        from cad_spconv.macs import MacCounter
+
+        size = tuple(x.shape[-2:])
+        if plan is None and size in self._dense_macs:
+            return self._dense_macs[size]
+        with torch.no_grad(), MacCounter(self.net.net, 1) as counter:
+            self.net(x, plan)
+        if plan is None:
+            self._dense_macs[size] = counter.result()
+        return counter.result()
 
     def __call__(self, rgb: np.ndarray, sequence: str = "", k: int = 0) -> tuple[dict, dict]:
         """``(arrays for the .npz, record for the summary)`` of one RGB ``uint8`` image."""

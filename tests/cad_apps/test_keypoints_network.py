@@ -163,6 +163,33 @@ def test_extracted_descriptors_all_kept_equal_dense_finest_stride(tmp_path, fine
     assert r["macs"]["total"] == dense["macs"]["total"]
 
 
+@pytest.mark.parametrize("finest, dilations", [(4, (11,)), (8, ())])
+def test_the_timed_forward_runs_without_the_multiply_add_hooks(tmp_path, monkeypatch, finest,
+                                                                dilations):
+    """The counter's hooks ran inside the timed forward (on CUDA a device-to-host copy per
+    adaptive layer): hooks made slow must not show in the time, and the counts stay exact. A
+    dense network is counted once per image size."""
+    import time
+
+    from cad_spconv.macs import MacCounter
+
+    stack, rgb = thin_vgg(), _scene()
+    expected = Extractor(_config(tmp_path, finest, dilations), stack).run(rgb)["macs"]
+    add, calls = MacCounter._add, []
+
+    def slow(self, *args):  # 10 convs: 0.3 s per counted forward
+        calls.append(1)
+        time.sleep(0.03)
+        return add(self, *args)
+    monkeypatch.setattr(MacCounter, "_add", slow)
+    ex = Extractor(_config(tmp_path, finest, dilations), stack)
+    for _ in range(2):
+        r = ex.run(rgb)
+        assert r["time_s"] < 0.15, r["time_s"]
+        assert r["macs"]["total"] == expected["total"] and r["macs"]["parts"] == expected["parts"]
+    assert len(calls) == (10 if finest == 8 else 20)
+
+
 @pytest.mark.parametrize("finest", [1, 4])
 def test_extracted_descriptors_none_kept_equal_dense_stride_8(tmp_path, finest):
     """Dilations 0 constrain nothing: every cell takes the stride-8 feature of its 8x8 block."""
