@@ -80,9 +80,12 @@ def _extract(args) -> int:
     if summary is not None:
         s = summary["summary"]
         if s.get("num_images"):
+            timing = (f"network {s['time_per_image_s_median'] * 1e3:.0f} ms per image (median)"
+                      if s["time_per_image_s_median"] is not None else
+                      f"network times of {len(s['timings_by_setup'])} setups, not pooled: see "
+                      "timings_by_setup in summary.json")
             print(f"{s['num_images']} images in {args.out}: {s['macs_mean'] / 1e9:.3f} G "
-                  f"multiply-adds per image, {s['num_keypoints_mean']:.0f} keypoints, network "
-                  f"{s['time_per_image_s_median'] * 1e3:.0f} ms per image (median)")
+                  f"multiply-adds per image, {s['num_keypoints_mean']:.0f} keypoints, {timing}")
     return 0
 
 
@@ -98,6 +101,10 @@ def _evaluate(args) -> int:
         print(f"{label:>32}: MMA@3 all {fmt(m['all'])}  i {fmt(m['i'])}  v {fmt(m['v'])}  "
               f"multiply-adds {macs}")
     for label, r in report["features"].items():
+        if r["timings_by_setup"]:
+            print(f"note: {label}: its images were timed on {len(r['timings_by_setup'])} setups "
+                  f"({'; '.join(r['timings_by_setup'])}): no pooled time is reported, see "
+                  "timings_by_setup")
         if r["images_without_record"]:
             summary = os.path.join(r["folder"], "summary.json")
             print(f"note: {label}: {r['images_without_record']} of the images evaluated have no "

@@ -265,6 +265,8 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
                           "macs_per_image": s.get("macs_mean"),
                           "level_fractions_mean": s.get("level_fractions_mean"),
                           "time_per_image_s_median": s.get("time_per_image_s_median"),
+                          "timed_on": s.get("timed_on"),
+                          "timings_by_setup": s.get("timings_by_setup"),
                           "extraction_complete": bool(summary.get("complete")) and not unrecorded,
                           "images_without_record": unrecorded, **res}
     report = {"format": FORMAT, "data_root": os.path.abspath(data_root),

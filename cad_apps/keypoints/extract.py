@@ -44,7 +44,7 @@ from .levels import MASKS, check_dilations, num_levels
 from .preprocess import MAX_SUM_EDGES, SEMANTICS
 
 __all__ = ["FORMAT", "ARRAYS", "ExtractConfig", "Extractor", "sample_descriptors", "run_extract",
-           "feature_path", "feature_file_problem", "summarize"]
+           "feature_path", "feature_file_problem", "summarize", "timed_on"]
 
 FORMAT = "cad-spconv-keypoints/1"
 SUMMARY = "summary.json"
@@ -307,20 +307,50 @@ def _save_npz(path: str, arrays: dict) -> None:
     write_atomic(path, write)
 
 
+def timed_on(device, engine: Optional[str] = None, processes: int = 1) -> str:
+    """What an image's times depend on besides the settings, as recorded per image
+    (``timed_on``): the device (the GPU's model, or the CPU and its threads), the engine of an
+    adaptive network (``None``: dense) and the processes sharing the machine (``torchrun``)."""
+    import torch
+
+    device, threads = torch.device(device), torch.get_num_threads()
+    parts = [f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+             else f"{device.type} ({threads} thread{'s' * (threads != 1)})"]
+    if engine is not None:
+        parts.append(f"engine {engine}")
+    if processes > 1:
+        parts.append(f"{processes} processes")
+    return ", ".join(parts)
+
+
+def _times(recs: list) -> dict:
+    return {"time_per_image_s_mean": float(np.mean([r["time_s"] for r in recs])),
+            "time_per_image_s_median": float(np.median([r["time_s"] for r in recs])),
+            "sift_time_per_image_s_mean": float(np.mean([r["sift_time_s"] for r in recs]))}
+
+
 def summarize(images: dict) -> dict:
-    """Means over the per-image records."""
+    """Means over the per-image records. Times are pooled only over records of one setup
+    (``timed_on``): records timed on several (a resume on another device or engine) leave the
+    pooled times ``None`` and give them per setup in ``timings_by_setup``."""
     recs = list(images.values())
     if not recs:
         return {"num_images": 0}
+    setups: dict = {}
+    for r in recs:  # records of earlier versions name no setup
+        setups.setdefault(r.get("timed_on", "not recorded"), []).append(r)
+    mixed = len(setups) > 1
     out = {"num_images": len(recs),
            "macs_mean": float(np.mean([r["macs"] for r in recs])),
            "macs_parts_mean": {p: float(np.mean([r["macs_parts"].get(p, 0) for r in recs]))
                                for p in sorted({p for r in recs for p in r["macs_parts"]})},
-           "time_per_image_s_mean": float(np.mean([r["time_s"] for r in recs])),
-           "time_per_image_s_median": float(np.median([r["time_s"] for r in recs])),
-           "sift_time_per_image_s_mean": float(np.mean([r["sift_time_s"] for r in recs])),
+           **(dict.fromkeys(_times(recs)) if mixed else _times(recs)),
+           "timed_on": None if mixed else next(iter(setups)),
            "time_total_s": float(sum(r["total_s"] for r in recs)),
            "num_keypoints_mean": float(np.mean([r["num_keypoints"] for r in recs]))}
+    if mixed:
+        out["timings_by_setup"] = {k: {"num_images": len(v), **_times(v)}
+                                   for k, v in sorted(setups.items())}
     if all("level_fractions" in r for r in recs):
         out["level_fractions_mean"] = [float(v) for v in
                                        np.mean([r["level_fractions"] for r in recs], axis=0)]
@@ -398,7 +428,8 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
         extractor = Extractor(cfg, stack, device_name)
         if dist.main:
             summary["environment"] = _environment(extractor, dist, device_name)
-        _loop(cfg, out, dist, extractor, summary, todo, summary_path)
+        _loop(cfg, out, dist, extractor, summary, todo, summary_path,
+              timed_on(extractor.device, cfg.engine if cfg.adaptive else None, dist.world))
         if dist.main:
             _write_summary(summary_path, summary)
         dist.barrier()
@@ -445,7 +476,7 @@ def _split(image_id: str) -> tuple[str, int]:
     return seq, int(k)
 
 
-def _loop(cfg, out, dist, extractor, summary, todo, summary_path) -> None:
+def _loop(cfg, out, dist, extractor, summary, todo, summary_path, setup=None) -> None:
     shard = dist.shard(todo)
     steps = math.ceil(len(todo) / dist.world) if todo else 0
     bar = None
@@ -466,6 +497,8 @@ def _loop(cfg, out, dist, extractor, summary, todo, summary_path) -> None:
                 arrays, rec = extractor(rgb, name, k)
                 _save_npz(feature_path(out, name, k), arrays)
                 rec["total_s"] = time.perf_counter() - t0
+                if setup is not None:
+                    rec["timed_on"] = setup
                 records.append((f"{name}/{k}", rec))
                 if bar is not None:
                     bar.update(1)

@@ -591,6 +591,53 @@ def test_evaluate_reports_features_without_records(data_root, extracted, tmp_pat
     assert full_report["features"]["a4"]["images_without_record"] == 0
 
 
+def test_a_resume_on_another_setup_does_not_pool_times(data_root, extracted, tmp_path, capsys):
+    """A resume under another engine (or device) pooled its times with the first run's, and the
+    summary named only the last setup: every record names the setup that timed it, and times of
+    several setups are given per setup, not pooled."""
+    out = tmp_path / "copy"
+    shutil.copytree(extracted / "a4", out)
+    first = json.load(open(out / "summary.json"))
+    threads = torch.get_num_threads()
+    setup = f"cpu ({threads} thread{'s' * (threads != 1)}), engine auto"
+    assert {r["timed_on"] for r in first["images"].values()} == {setup}
+    assert first["summary"]["timed_on"] == setup and "timings_by_setup" not in first["summary"]
+    os.remove(out / "i_synth0" / "3.npz")
+    assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights", "--seed",
+                "1", "--finest-stride", "4", "--dilations", "11", "--engine", "torch",
+                "--no-progress", "--out", str(out)]) == 0
+    assert "network times of 2 setups, not pooled" in capsys.readouterr().out
+    s = json.load(open(out / "summary.json"))
+    other = setup.replace("auto", "torch")
+    assert s["images"]["i_synth0/3"]["timed_on"] == other
+    times = s["summary"]["timings_by_setup"]
+    assert {k: v["num_images"] for k, v in times.items()} == {setup: 11, other: 1}
+    assert times[other]["time_per_image_s_median"] == s["images"]["i_synth0/3"]["time_s"]
+    assert s["summary"]["time_per_image_s_median"] is None and s["summary"]["timed_on"] is None
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(out),
+                "--out", str(tmp_path / "r.json")]) == 0
+    assert f"note: copy: its images were timed on 2 setups ({setup}; {other})" in \
+        capsys.readouterr().out
+    r = json.load(open(tmp_path / "r.json"))["features"]["copy"]
+    assert r["time_per_image_s_median"] is None and r["timings_by_setup"] == times
+
+
+def test_records_without_a_setup_are_not_pooled_with_others():
+    """Records of earlier versions name no setup: pooled among themselves, kept apart from
+    records that name one."""
+    from cad_apps.keypoints.extract import summarize
+
+    rec = {"macs": 10, "macs_parts": {"dense": 10}, "time_s": 1.0, "sift_time_s": 0.5,
+           "total_s": 2.0, "num_keypoints": 5}
+    old = summarize({"s/1": rec, "s/2": dict(rec, time_s=3.0)})
+    assert old["time_per_image_s_mean"] == 2.0 and old["timed_on"] == "not recorded"
+    mixed = summarize({"s/1": rec, "s/2": dict(rec, time_s=3.0, timed_on="cuda (X)")})
+    assert mixed["time_per_image_s_mean"] is None and mixed["sift_time_per_image_s_mean"] is None
+    assert mixed["time_total_s"] == 4.0 and mixed["macs_mean"] == 10
+    assert {k: v["time_per_image_s_mean"] for k, v in mixed["timings_by_setup"].items()} == {
+        "cuda (X)": 3.0, "not recorded": 1.0}
+
+
 def test_extract_resume_redoes_damaged_files(data_root, extracted, tmp_path, capsys):
     """A folder with damaged .npz files (records intact: a disk problem, a cut copy) resumes by
     extracting just those again, bit for bit; evaluate then reads it."""
