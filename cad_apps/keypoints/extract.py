@@ -11,7 +11,8 @@ descriptor at the nearest feature cell, and write ``<out>/<sequence>/<k>.npz``:
 - ``descriptors`` float32 ``[N, C]`` (C = 512 for VGG16), not normalised.
 
 ``<out>/summary.json`` holds the settings, per-image records (multiply-adds of the network, its
-time, SIFT time, keypoints, level fractions) and their means. Re-running the same command
+time, SIFT time, the setup that timed them, keypoints, level fractions) and their means (times
+pooled only over one setup; :func:`summarize`). Re-running the same command
 resumes (images with both a record and a readable ``.npz`` holding the three arrays are skipped;
 a damaged ``.npz`` is named on stderr and extracted again); other settings are refused, naming
 the setting. Under ``torchrun`` the sequences are sharded over the processes and rank 0
@@ -268,9 +269,10 @@ class Extractor:
             return self._dense_macs[size]
         with torch.no_grad(), MacCounter(self.net.net, 1) as counter:
             self.net(x, plan)
+        macs = counter.result()
         if plan is None:
-            self._dense_macs[size] = counter.result()
-        return counter.result()
+            self._dense_macs[size] = macs
+        return macs
 
     def __call__(self, rgb: np.ndarray, sequence: str = "", k: int = 0) -> tuple[dict, dict]:
         """``(arrays for the .npz, record for the summary)`` of one RGB ``uint8`` image."""
