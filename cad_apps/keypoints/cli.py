@@ -27,7 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--random-weights", action="store_true",
                    help="random VGG16 weights (no download; for smoke runs and tests)")
     ex.add_argument("--seed", type=int, default=0,
-                    help="seed of --random-weights and of random / inverted masks (0 ... 2**64 - 1)")
+                    help="seed of --random-weights and of random / inverted masks "
+                         "(0 ... 2**64 - 1)")
     ex.add_argument("--finest-stride", type=int, required=True, choices=(1, 2, 4, 8),
                     help="output stride F of the descriptors (dense network at F without "
                          "--dilations; adaptive F -> 8 with them)")

@@ -105,7 +105,8 @@ def _image_files(folder, good):
              "width 0": b"P6\n0 48\n255\n", "P5": b"P5\n8 4\n255\n" + bytes(range(32)),
              "P5 cut": b"P5\n8 4\n255\n" + bytes(range(31)),
              "P4": b"P4\n9 2\n" + bytes(4), "P4 cut": b"P4\n9 2\n" + bytes(3),
-             "16 bit": b"P6\n2 2\n65535\n" + bytes(24), "16 bit cut": b"P6\n2 2\n65535\n" + bytes(12),
+             "16 bit": b"P6\n2 2\n65535\n" + bytes(24),
+             "16 bit cut": b"P6\n2 2\n65535\n" + bytes(12),
              "png": cv2.imencode(".png", rgb)[1].tobytes(),
              "png cut": cv2.imencode(".png", rgb)[1].tobytes()[:100], "text": b"hello\n"}
     for name, data in files.items():
