@@ -94,6 +94,10 @@ def _synthetic_settings(args) -> dict:
             "scenes_sha256": [file_sha256(p) if os.path.isfile(p) else None for p in args.scenes]}
 
 
+def _synthetic_path(args) -> str:
+    return os.path.join(args.out, "synthetic_hpatches")
+
+
 def synthetic_root(args) -> str:
     """Write (once) the synthetic set of ``--synthetic``; its settings are recorded beside it
     (``<out>/synthetic_hpatches.settings.json``, written last) and a set of other settings, or
@@ -106,7 +110,7 @@ def synthetic_root(args) -> str:
     from cad_apps.io import settings_difference, write_json_atomic
     from cad_apps.keypoints.hpatches import list_sequences, synthetic_scene, write_synthetic
 
-    root = os.path.join(args.out, "synthetic_hpatches")
+    root = _synthetic_path(args)
     record = root + ".settings.json"
     mine = _synthetic_settings(args)
     if os.path.isdir(root) and os.listdir(root):
@@ -143,28 +147,42 @@ def synthetic_root(args) -> str:
     return root
 
 
+def check_args(args) -> None:
+    """What the options must be, checked before any work (``ValueError`` naming the option)."""
+    if args.synthetic == bool(args.data_root):
+        raise ValueError("give exactly one of --data-root and --synthetic")
+    if args.synthetic and min(args.synthetic_size) < 8:
+        raise ValueError("--synthetic-size must be two integers >= 8 (height and width of the "
+                         "synthetic images; the network needs 8 pixels a side), got "
+                         + " ".join(map(str, args.synthetic_size)))
+
+
 def main(argv=None) -> int:
-    from cad_apps.io import OutputBusyError, error_text
+    from cad_apps.eval import INPUT_ERRORS
+    from cad_apps.io import error_text
     from cad_apps.keypoints.evaluate import run_evaluate
     from cad_apps.keypoints.extract import ExtractConfig, run_extract
 
     args = build_parser().parse_args(argv)
     try:
-        if args.synthetic == bool(args.data_root):
-            raise ValueError("give exactly one of --data-root and --synthetic")
-        data_root = synthetic_root(args) if args.synthetic else args.data_root
-        runs = settings(args.settings, args.ablation)
+        check_args(args)
+        data_root = _synthetic_path(args) if args.synthetic else args.data_root
+        # every setting's options are checked before the first one runs (a bad --seed used to
+        # surface at the first ablation setting, hours into the paper's sweep)
+        runs = [(label, ExtractConfig(
+            data_root=data_root, out=os.path.join(args.out, "features", label),
+            finest_stride=stride, dilations=dil, weights=args.weights,
+            random_weights=args.random_weights, seed=args.seed, mask=mask,
+            semantics=args.semantics, num_points=args.num_keypoints, device=args.device,
+            dtype=args.dtype, engine=args.engine, progress=args.progress).validate())
+            for label, stride, dil, mask in settings(args.settings, args.ablation)]
+        if args.synthetic:
+            synthetic_root(args)
         folders, labels = [], []
-        for i, (label, stride, dil, mask) in enumerate(runs, 1):
+        for i, (label, cfg) in enumerate(runs, 1):
             print(f"[{i}/{len(runs)}] {label}", flush=True)
-            folder = os.path.join(args.out, "features", label)
-            run_extract(ExtractConfig(
-                data_root=data_root, out=folder, finest_stride=stride, dilations=dil,
-                weights=args.weights, random_weights=args.random_weights, seed=args.seed,
-                mask=mask, semantics=args.semantics, num_points=args.num_keypoints,
-                device=args.device, dtype=args.dtype,
-                engine=args.engine, progress=args.progress))
-            folders.append(folder)
+            run_extract(cfg)
+            folders.append(cfg.out)
             labels.append(label)
         weights = "random weights" if args.random_weights else os.path.basename(args.weights)
         data = "synthetic set" if args.synthetic else os.path.basename(os.path.normpath(data_root))
@@ -173,7 +191,7 @@ def main(argv=None) -> int:
                               args.title or f"D2-Net ({weights}) on {data}"
                               + (", cosine matching" if args.normalize else "")
                               + "\nMMA@3 vs multiply-adds (Fig. 6)", args.normalize)
-    except (ValueError, FileNotFoundError, OutputBusyError) as e:
+    except INPUT_ERRORS as e:  # as `cad-spconv keypoints`: a KeyError is a foreign --weights
         print(f"experiments.keypoints: error: {error_text(e)}", file=sys.stderr)
         return 2
     print(f"{'setting':>28}  {'MMA@3 all':>9}  {'i':>6}  {'v':>6}  {'G mult-adds':>11}")

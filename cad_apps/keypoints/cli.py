@@ -5,6 +5,7 @@ Only argparse at import time; torch and friends load when a sub-command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["configure", "main"]
@@ -26,7 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--random-weights", action="store_true",
                    help="random VGG16 weights (no download; for smoke runs and tests)")
     ex.add_argument("--seed", type=int, default=0,
-                    help="seed of --random-weights and of random / inverted masks")
+                    help="seed of --random-weights and of random / inverted masks "
+                         "(0 ... 2**64 - 1)")
     ex.add_argument("--finest-stride", type=int, required=True, choices=(1, 2, 4, 8),
                     help="output stride F of the descriptors (dense network at F without "
                          "--dilations; adaptive F -> 8 with them)")
@@ -79,9 +81,12 @@ def _extract(args) -> int:
     if summary is not None:
         s = summary["summary"]
         if s.get("num_images"):
+            timing = (f"network {s['time_per_image_s_median'] * 1e3:.0f} ms per image (median)"
+                      if s["time_per_image_s_median"] is not None else
+                      f"network times of {len(s['timings_by_setup'])} setups, not pooled: see "
+                      "timings_by_setup in summary.json")
             print(f"{s['num_images']} images in {args.out}: {s['macs_mean'] / 1e9:.3f} G "
-                  f"multiply-adds per image, {s['num_keypoints_mean']:.0f} keypoints, network "
-                  f"{s['time_per_image_s_median'] * 1e3:.0f} ms per image (median)")
+                  f"multiply-adds per image, {s['num_keypoints_mean']:.0f} keypoints, {timing}")
     return 0
 
 
@@ -96,6 +101,17 @@ def _evaluate(args) -> int:
         macs = "n/a" if r["macs_per_image"] is None else f"{r['macs_per_image'] / 1e9:.3f} G"
         print(f"{label:>32}: MMA@3 all {fmt(m['all'])}  i {fmt(m['i'])}  v {fmt(m['v'])}  "
               f"multiply-adds {macs}")
+    for label, r in report["features"].items():
+        if r["timings_by_setup"]:
+            print(f"note: {label}: its images were timed on {len(r['timings_by_setup'])} setups "
+                  f"({'; '.join(r['timings_by_setup'])}): no pooled time is reported, see "
+                  "timings_by_setup")
+        if r["images_without_record"]:
+            summary = os.path.join(r["folder"], "summary.json")
+            print(f"note: {label}: {r['images_without_record']} of the images evaluated have no "
+                  f"record in {summary} (an interrupted extraction), so its multiply-adds and "
+                  "times are means over the others; rerun its `cad-spconv keypoints extract` "
+                  "command to complete it")
     others = {label: r["extracted_from"] for label, r in report["features"].items()
               if r["extracted_from"] not in (None, report["data_root"])}
     for label, root in others.items():
@@ -110,12 +126,12 @@ def _evaluate(args) -> int:
 
 
 def main(args) -> int:
-    from ..io import OutputBusyError
+    from ..eval import INPUT_ERRORS
 
     name = f"cad-spconv keypoints {args.keypoints_command}"
     try:
         return int(args._keypoints_main(args) or 0)
     # KeyError: a checkpoint that is not D2-Net's (CheckpointMismatchError)
-    except (ValueError, OSError, KeyError, OutputBusyError) as e:
+    except INPUT_ERRORS as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

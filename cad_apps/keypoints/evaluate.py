@@ -30,7 +30,7 @@ from .extract import DAMAGED, summarize
 
 __all__ = ["FORMAT", "THRESHOLDS", "mutual_nearest_neighbours", "reprojection_errors", "l2_normalize",
            "pair_accuracy", "load_features", "read_extract_summary", "evaluate_folder",
-           "run_evaluate", "plot_mma", "setting_group", "setting_label"]
+           "unique_labels", "run_evaluate", "plot_mma", "setting_group", "setting_label"]
 
 FORMAT = "cad-spconv-keypoints-eval/1"
 THRESHOLDS = tuple(range(1, 16))
@@ -213,6 +213,22 @@ def _check_outputs(out: str, plot: Optional[str], folders: Sequence[str]):
     return out, plot
 
 
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """One distinct name per folder: a label's repeats become ``"<label> (n)"`` with the first
+    ``n >= 2`` that no other label is, given or made (folders with the same name, or ``a``,
+    ``a (2)``, ``a``: the third is ``a (3)``), so no folder's results replace another's."""
+    taken, out = set(labels), []
+    for label in labels:
+        if label in out:
+            n = 2
+            while f"{label} ({n})" in taken:
+                n += 1
+            label = f"{label} ({n})"
+            taken.add(label)
+        out.append(label)
+    return out
+
+
 def run_evaluate(data_root: str, folders: Sequence[str], out: str,
                  plot: Optional[str] = None, labels: Optional[Sequence[str]] = None,
                  title: Optional[str] = None, normalize: bool = False) -> dict:
@@ -228,14 +244,9 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
     labels = list(labels) if labels else [os.path.basename(os.path.normpath(f)) for f in folders]
     if len(labels) != len(folders):
         raise ValueError("give one label per --features folder")
-    seen: dict[str, int] = {}
     results = {}
-    for folder, label in zip(folders, labels):
+    for folder, label in zip(folders, unique_labels(labels)):
         folder = os.path.abspath(folder)
-        if label in seen:  # two folders with the same name
-            seen[label] += 1
-            label = f"{label} ({seen[label]})"
-        seen.setdefault(label, 1)
         summary = read_extract_summary(folder)
         res = evaluate_folder(sequences, folder, normalize=normalize)
         # multiply-adds and times of the images evaluated: a folder may hold more sequences
@@ -243,6 +254,9 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
         names = {seq.name for seq in sequences}
         records = {i: r for i, r in summary.get("images", {}).items()
                    if i.rpartition("/")[0] in names}
+        # features written without their record (an extraction interrupted in between, or a
+        # summary.json of an older version that claimed completeness regardless)
+        unrecorded = len(names) * len(hpatches.IMAGES) - len(records)
         s = summarize(records) if records else {}
         # a copy of the set may live elsewhere, so another root is reported, not refused
         results[label] = {"folder": folder, "extracted_from": summary.get("data_root"),
@@ -251,7 +265,10 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
                           "macs_per_image": s.get("macs_mean"),
                           "level_fractions_mean": s.get("level_fractions_mean"),
                           "time_per_image_s_median": s.get("time_per_image_s_median"),
-                          "extraction_complete": summary.get("complete"), **res}
+                          "timed_on": s.get("timed_on"),
+                          "timings_by_setup": s.get("timings_by_setup"),
+                          "extraction_complete": bool(summary.get("complete")) and not unrecorded,
+                          "images_without_record": unrecorded, **res}
     report = {"format": FORMAT, "data_root": os.path.abspath(data_root),
               "thresholds": list(THRESHOLDS),
               "descriptors": "l2-normalised" if normalize else "as stored (raw dot products)",

@@ -11,7 +11,8 @@ descriptor at the nearest feature cell, and write ``<out>/<sequence>/<k>.npz``:
 - ``descriptors`` float32 ``[N, C]`` (C = 512 for VGG16), not normalised.
 
 ``<out>/summary.json`` holds the settings, per-image records (multiply-adds of the network, its
-time, SIFT time, keypoints, level fractions) and their means. Re-running the same command
+time, SIFT time, the setup that timed them, keypoints, level fractions) and their means (times
+pooled only over one setup; :func:`summarize`). Re-running the same command
 resumes (images with both a record and a readable ``.npz`` holding the three arrays are skipped;
 a damaged ``.npz`` is named on stderr and extracted again); other settings are refused, naming
 the setting. Under ``torchrun`` the sequences are sharded over the processes and rank 0
@@ -44,7 +45,7 @@ from .levels import MASKS, check_dilations, num_levels
 from .preprocess import MAX_SUM_EDGES, SEMANTICS
 
 __all__ = ["FORMAT", "ARRAYS", "ExtractConfig", "Extractor", "sample_descriptors", "run_extract",
-           "feature_path", "feature_file_problem", "summarize"]
+           "feature_path", "feature_file_problem", "summarize", "timed_on"]
 
 FORMAT = "cad-spconv-keypoints/1"
 SUMMARY = "summary.json"
@@ -142,6 +143,10 @@ class ExtractConfig:
         if self.weights is not None and not os.path.isfile(self.weights):
             raise FileNotFoundError(f"--weights {self.weights} does not exist; download D2-Net's "
                                     "d2_tf.pth or use --random-weights")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
+                not 0 <= self.seed < 2 ** 64:  # what numpy's and torch's generators take
+            raise ValueError(f"--seed must be a non-negative integer below 2**64, got "
+                             f"{self.seed!r}")
         if self.num_points < 1:
             raise ValueError(f"--num-keypoints must be >= 1, got {self.num_points}")
         if self.dtype not in ("float32", "float64"):
@@ -195,6 +200,7 @@ class Extractor:
         self.net = DescriptorNetwork(stack, cfg.finest_stride, cfg.adaptive, cfg.engine,
                                      cfg.semantics).eval()
         self.num_levels = self.net.num_levels
+        self._dense_macs: dict = {}  # input size -> count of the dense network
 
     def plan(self, xy: np.ndarray, size, sequence: str = "", k: int = 0):
         """The level plan of one image (``None`` for dense networks)."""
@@ -223,10 +229,9 @@ class Extractor:
         """Everything about one RGB ``uint8`` image: ``prepared`` (:class:`Prepared`), ``xy``
         and ``responses`` (SIFT, network-input pixels), ``plan``, ``features`` (the network's
         output, ``[1, C, h / F, w / F]`` in the run's dtype), ``macs`` (a ``count_macs``-style
-        dict), ``time_s`` (network) and ``sift_time_s``."""
+        dict, :meth:`macs`), ``time_s`` (network, a forward without the counter's hooks) and
+        ``sift_time_s``."""
         import torch
-
-        from cad_spconv.macs import MacCounter
 
         from .preprocess import caffe_tensor, prepare_image
         from .sift import detect
@@ -240,15 +245,34 @@ class Extractor:
         sift_s = time.perf_counter() - t0
         x = caffe_tensor(prep.rgb, self.dtype, self.device)
         plan = self.plan(xy, (h, w), sequence, k)
-        with torch.no_grad(), MacCounter(self.net.net, 1) as counter:
+        with torch.no_grad():
             self._sync()
             t0 = time.perf_counter()
             features = self.net(x, plan)
             self._sync()
             net_s = time.perf_counter() - t0
         return {"prepared": prep, "xy": xy, "responses": responses, "plan": plan,
-                "features": features, "macs": counter.result(), "time_s": net_s,
+                "features": features, "macs": self.macs(x, plan), "time_s": net_s,
                 "sift_time_s": sift_s}
+
+    def macs(self, x, plan) -> dict:
+        """Multiply-adds of the network on ``x`` (with ``plan``), ``count_macs``-style, from a
+        counted forward apart from the timed one: the counter's hooks (on CUDA a device-to-host
+        copy in every adaptive layer) would be timed too. A dense network's count depends only
+        on the input size and is counted once per size."""
+        import torch
+
+        from cad_spconv.macs import MacCounter
+
+        size = tuple(x.shape[-2:])
+        if plan is None and size in self._dense_macs:
+            return self._dense_macs[size]
+        with torch.no_grad(), MacCounter(self.net.net, 1) as counter:
+            self.net(x, plan)
+        macs = counter.result()
+        if plan is None:
+            self._dense_macs[size] = macs
+        return macs
 
     def __call__(self, rgb: np.ndarray, sequence: str = "", k: int = 0) -> tuple[dict, dict]:
         """``(arrays for the .npz, record for the summary)`` of one RGB ``uint8`` image."""
@@ -285,20 +309,50 @@ def _save_npz(path: str, arrays: dict) -> None:
     write_atomic(path, write)
 
 
+def timed_on(device, engine: Optional[str] = None, processes: int = 1) -> str:
+    """What an image's times depend on besides the settings, as recorded per image
+    (``timed_on``): the device (the GPU's model, or the CPU and its threads), the engine of an
+    adaptive network (``None``: dense) and the processes sharing the machine (``torchrun``)."""
+    import torch
+
+    device, threads = torch.device(device), torch.get_num_threads()
+    parts = [f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+             else f"{device.type} ({threads} thread{'s' * (threads != 1)})"]
+    if engine is not None:
+        parts.append(f"engine {engine}")
+    if processes > 1:
+        parts.append(f"{processes} processes")
+    return ", ".join(parts)
+
+
+def _times(recs: list) -> dict:
+    return {"time_per_image_s_mean": float(np.mean([r["time_s"] for r in recs])),
+            "time_per_image_s_median": float(np.median([r["time_s"] for r in recs])),
+            "sift_time_per_image_s_mean": float(np.mean([r["sift_time_s"] for r in recs]))}
+
+
 def summarize(images: dict) -> dict:
-    """Means over the per-image records."""
+    """Means over the per-image records. Times are pooled only over records of one setup
+    (``timed_on``): records timed on several (a resume on another device or engine) leave the
+    pooled times ``None`` and give them per setup in ``timings_by_setup``."""
     recs = list(images.values())
     if not recs:
         return {"num_images": 0}
+    setups: dict = {}
+    for r in recs:  # records of earlier versions name no setup
+        setups.setdefault(r.get("timed_on", "not recorded"), []).append(r)
+    mixed = len(setups) > 1
     out = {"num_images": len(recs),
            "macs_mean": float(np.mean([r["macs"] for r in recs])),
            "macs_parts_mean": {p: float(np.mean([r["macs_parts"].get(p, 0) for r in recs]))
                                for p in sorted({p for r in recs for p in r["macs_parts"]})},
-           "time_per_image_s_mean": float(np.mean([r["time_s"] for r in recs])),
-           "time_per_image_s_median": float(np.median([r["time_s"] for r in recs])),
-           "sift_time_per_image_s_mean": float(np.mean([r["sift_time_s"] for r in recs])),
+           **(dict.fromkeys(_times(recs)) if mixed else _times(recs)),
+           "timed_on": None if mixed else next(iter(setups)),
            "time_total_s": float(sum(r["total_s"] for r in recs)),
            "num_keypoints_mean": float(np.mean([r["num_keypoints"] for r in recs]))}
+    if mixed:
+        out["timings_by_setup"] = {k: {"num_images": len(v), **_times(v)}
+                                   for k, v in sorted(setups.items())}
     if all("level_fractions" in r for r in recs):
         out["level_fractions_mean"] = [float(v) for v in
                                        np.mean([r["level_fractions"] for r in recs], axis=0)]
@@ -376,11 +430,10 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
         extractor = Extractor(cfg, stack, device_name)
         if dist.main:
             summary["environment"] = _environment(extractor, dist, device_name)
-        _loop(cfg, out, dist, extractor, summary, todo, summary_path)
+        _loop(cfg, out, dist, extractor, summary, todo, summary_path,
+              timed_on(extractor.device, cfg.engine if cfg.adaptive else None, dist.world))
         if dist.main:
-            summary["summary"] = summarize(summary["images"])
-            summary["complete"] = len(summary["images"]) >= summary["num_images_requested"]
-            write_json_atomic(summary_path, summary)
+            _write_summary(summary_path, summary)
         dist.barrier()
     finally:
         if lock is not None:
@@ -425,7 +478,7 @@ def _split(image_id: str) -> tuple[str, int]:
     return seq, int(k)
 
 
-def _loop(cfg, out, dist, extractor, summary, todo, summary_path) -> None:
+def _loop(cfg, out, dist, extractor, summary, todo, summary_path, setup=None) -> None:
     shard = dist.shard(todo)
     steps = math.ceil(len(todo) / dist.world) if todo else 0
     bar = None
@@ -446,6 +499,8 @@ def _loop(cfg, out, dist, extractor, summary, todo, summary_path) -> None:
                 arrays, rec = extractor(rgb, name, k)
                 _save_npz(feature_path(out, name, k), arrays)
                 rec["total_s"] = time.perf_counter() - t0
+                if setup is not None:
+                    rec["timed_on"] = setup
                 records.append((f"{name}/{k}", rec))
                 if bar is not None:
                     bar.update(1)
@@ -457,13 +512,21 @@ def _loop(cfg, out, dist, extractor, summary, todo, summary_path) -> None:
                 if bar is not None and r > 0:
                     bar.update(len(part))
             summary["images"] = dict(sorted(summary["images"].items()))
-            summary["summary"] = summarize(summary["images"])
-            write_json_atomic(summary_path, summary)
+            _write_summary(summary_path, summary)
             if bar is not None:
                 s = summary["summary"]
                 bar.set_postfix(GMA=f"{s['macs_mean'] / 1e9:.2f}")
     if bar is not None:
         bar.close()
+
+
+def _write_summary(path: str, summary: dict) -> None:
+    """Write ``summary`` atomically with its means and ``complete`` recomputed from the records
+    it holds: a resumed folder's old ``complete: true`` is never written back while images are
+    missing (an interrupted resume left it on disk)."""
+    summary["summary"] = summarize(summary["images"])
+    summary["complete"] = len(summary["images"]) >= summary["num_images_requested"]
+    write_json_atomic(path, summary)
 
 
 def _environment(extractor: Extractor, dist, device_name: str) -> dict:

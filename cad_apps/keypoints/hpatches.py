@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["IMAGES", "PAIRS", "HIGH_RESOLUTION", "HPatchesSequence", "list_sequences", "load_sequence",
-           "read_image", "read_homography", "image_path", "homography_path",
+           "read_image", "check_image", "read_homography", "image_path", "homography_path",
            "synthetic_scene", "write_synthetic"]
 
 #: image numbers of a sequence; image 1 is the reference of every pair
@@ -85,12 +85,15 @@ def list_sequences(root: str) -> list[HPatchesSequence]:
 
 def load_sequence(seq: HPatchesSequence, homographies: bool = True) -> None:
     """Check that every image (and, with ``homographies``, every homography) of ``seq`` exists
-    and parses; raises the error :func:`read_image` / :func:`read_homography` would."""
+    and parses; raises the error :func:`read_image` / :func:`read_homography` would. Cheap: a
+    binary PPM / PGM / PBM (HPatches' format) is checked by its header and the size of its pixel
+    data, any other file is decoded (:func:`check_image`)."""
     for k in IMAGES:
         path = seq.image(k)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"sequence {seq.name}: image {path} is missing; every sequence "
                                     f"needs 1.ppm ... 6.ppm ({_LAYOUT})")
+        check_image(path)
     if homographies:
         for _, k in PAIRS:
             read_homography(seq.homography(k))
@@ -105,9 +108,60 @@ def read_image(path: str) -> np.ndarray:
         raise FileNotFoundError(f"image {path} is missing ({_LAYOUT})")
     bgr = cv2.imread(path, cv2.IMREAD_COLOR)
     if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or min(bgr.shape[:2]) < 1:
-        raise ValueError(f"image {path} cannot be decoded as an 8-bit image; replace it with the "
-                         "file from the HPatches release")
+        raise ValueError(_undecodable(path))
     return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def _undecodable(path: str) -> str:
+    return (f"image {path} cannot be decoded as an 8-bit image; replace it with the file from "
+            "the HPatches release")
+
+
+def check_image(path: str) -> None:
+    """Raise the error :func:`read_image` would for the existing file ``path``, without decoding
+    a binary PPM / PGM / PBM (``P6`` / ``P5`` / ``P4``, HPatches' format): its header must be
+    whole (width, height and, but for ``P4``, a maxval of 1 ... 65535) and the file must hold
+    all the pixel data the header promises. Any other file is decoded."""
+    complete = _pnm_complete(path)
+    if complete is None:
+        read_image(path)
+    elif not complete:
+        raise ValueError(_undecodable(path))
+
+
+def _pnm_complete(path: str):
+    """Whether a binary PNM file has a whole header and all its pixel data (``None``: the file
+    is not a binary PNM)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(2)
+        if magic not in (b"P4", b"P5", b"P6"):
+            return None
+        fields, c = [], f.read(1)
+        if not c.isspace():
+            return False
+        while len(fields) < (2 if magic == b"P4" else 3):
+            if c == b"#":  # a comment, to the end of its line
+                f.readline()
+                c = f.read(1)
+            elif c.isspace():
+                c = f.read(1)
+            elif c.isdigit():
+                digits = b""
+                while c.isdigit():
+                    digits += c
+                    c = f.read(1)
+                fields.append(int(digits))
+            else:  # another character, or the end of the file
+                return False
+        if not c.isspace():  # one whitespace character ends the header
+            return False
+        width, height, maxval = (*fields, 1)[:3]
+        if width < 1 or height < 1 or not 1 <= maxval <= 65535:
+            return False
+        row = ((width + 7) // 8 if magic == b"P4"
+               else width * (3 if magic == b"P6" else 1) * (1 if maxval < 256 else 2))
+        return size - f.tell() >= row * height
 
 
 def read_homography(path: str) -> np.ndarray:

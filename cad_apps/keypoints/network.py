@@ -9,7 +9,9 @@ dilates ``conv4_x``; the paper's code loads the same tensors into an undilated V
 
 - **Dense output stride** ``s`` in 1, 2, 4, 8: the last ``log2(8 / s)`` pools are removed and every
   conv after a removed pool is dilated by the product of the strides removed before it
-  (2, 4, 8), as D2-Net's and the paper's code do (dilated residual networks, Yu et al.).
+  (2, 4, 8), as the paper's code does (dilated residual networks, Yu et al.). D2-Net's own
+  output-stride-4 network keeps the third pool as a 2x2/1 average pool in front of the dilated
+  ``conv4_x`` instead, so D2-Net's published numbers are not those of dense stride 4 here.
 - **Adaptive** ``F -> 8``: :func:`adapters.convert` with ``finest_stride=F``: the pools from
   stride ``F`` on become adaptive max pools, the convs after them read at dilation-scaled
   spacing (``docs/SEMANTICS.md``). Everything kept equals the dense stride-``F`` network;
@@ -103,8 +105,9 @@ def d2_features_state_dict(checkpoint: Mapping) -> dict:
 def load_d2_weights(path: str) -> nn.Sequential:
     """``vgg16().features[:23]`` with the weights of a D2-Net checkpoint file (``d2_tf.pth``).
     A file that is not a readable checkpoint of tensors raises
-    :class:`~cad_apps.checkpoints.CheckpointError`."""
-    from ..checkpoints import CheckpointError, load_weights_only
+    :class:`~cad_apps.checkpoints.CheckpointError`, one of other tensors
+    :class:`~cad_apps.checkpoints.CheckpointMismatchError` (both naming ``--weights``)."""
+    from ..checkpoints import CheckpointError, CheckpointMismatchError, load_weights_only
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--weights {path} does not exist; download D2-Net's d2_tf.pth "
                                 "(https://dusmanu.com/files/d2-net/d2_tf.pth) or use --random-weights")
@@ -115,8 +118,13 @@ def load_d2_weights(path: str) -> nn.Sequential:
             "{'model': torch.load('IN.pth', weights_only=False)['model']}, 'OUT.pth')\""))
     except CheckpointError as e:
         raise CheckpointError(f"--weights: {e}") from None
+    try:
+        state = d2_features_state_dict(ckpt)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"--weights {path}: {e}; give D2-Net's d2_tf.pth "
+                                      "(https://dusmanu.com/files/d2-net/d2_tf.pth)") from None
     stack = vgg16_conv4_3()
-    stack.load_state_dict(d2_features_state_dict(ckpt))
+    stack.load_state_dict(state)
     return stack.eval()
 
 

@@ -252,6 +252,26 @@ def test_evaluate_command_writes_results_and_plot(data_root, extracted, tmp_path
     assert summary.read_bytes() == before
 
 
+def test_repeated_labels_never_drop_a_folder(data_root, extracted, tmp_path, capsys):
+    """Labels a, "a (2)", a named the third folder "a (2)" too, replacing the second's results:
+    every folder keeps an entry, a repeat taking the first free "(n)"."""
+    os8, a4 = str(extracted / "os8"), str(extracted / "a4")
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", os8, a4, a4,
+                os8, "--labels", "a", "a (2)", "a", "a", "--out", str(tmp_path / "r.json"),
+                "--plot", str(tmp_path / "r.png")]) == 0
+    feats = json.load(open(tmp_path / "r.json"))["features"]
+    assert {k: v["folder"] for k, v in feats.items()} == {"a": os8, "a (2)": a4, "a (3)": a4,
+                                                          "a (4)": os8}
+    out = capsys.readouterr().out
+    assert all(f"{k}: MMA@3" in out for k in feats)
+    # default labels: the folder names
+    for parent in ("x", "y"):
+        shutil.copytree(extracted / "os8", tmp_path / parent / "os8")
+    report = run_evaluate(data_root, [str(tmp_path / "x" / "os8"), str(tmp_path / "y" / "os8")],
+                          str(tmp_path / "d.json"))
+    assert list(report["features"]) == ["os8", "os8 (2)"]
+
+
 def test_plot_format_follows_the_extension(data_root, extracted, tmp_path):
     """--plot fig.pdf wrote PNG bytes under any extension: the format is the extension's."""
     folders = [str(extracted / "os8"), str(extracted / "a4")]
@@ -364,6 +384,10 @@ def test_commands_report_bad_input(data_root, extracted, tmp_path, capsys):
     assert cli(base + ["--data-root", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "v_synth0/6.ppm is missing" in capsys.readouterr().err
     assert not (tmp_path / "x" / "i_synth0").exists()  # checked before any work
+    (data / "v_synth0" / "6.ppm").write_bytes(b"P6 garbage")  # undecodable: also before any work
+    assert cli(base + ["--data-root", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "v_synth0/6.ppm cannot be decoded" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "i_synth0").exists()
     shutil.copy(os.path.join(data_root, "v_synth0", "6.ppm"), data / "v_synth0" / "6.ppm")
     (data / "v_synth0" / "H_1_4").write_text("nonsense\n")
     assert cli(["keypoints", "evaluate", "--data-root", str(data), "--features",
@@ -428,6 +452,21 @@ def test_max_sum_edges_is_checked_as_an_option(data_root, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"image of 8x400 pixels, 0x19 after resizing to "
                                          r"max_sum_edges 20 \(raise --max-sum-edges\)"):
         prepare_image(np.zeros((8, 400, 3), dtype=np.uint8), max_sum_edges=20)
+
+
+@pytest.mark.parametrize("mask", ["random", "inverted", "keypoints"])
+def test_a_negative_seed_is_refused_before_any_work(data_root, tmp_path, capsys, mask):
+    """--seed -1 with --mask random failed at the first image ("expected non-negative integer",
+    no option named), leaving an --out with a lock; a seed numpy or torch cannot take is refused
+    before --out is made."""
+    for seed in ("-1", str(2 ** 64)):
+        out = tmp_path / f"out{seed}"
+        assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights",
+                    "--seed", seed, "--finest-stride", "4", "--dilations", "11", "--mask", mask,
+                    "--no-progress", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --seed must be a non-negative integer below 2**64, got {seed}\n" in err, err
+        assert not out.exists()
 
 
 def test_evaluate_refuses_incomplete_features(data_root, extracted, tmp_path, capsys):
@@ -497,6 +536,106 @@ def test_evaluate_reports_damaged_features(data_root, extracted, tmp_path, capsy
     assert f"features {feats / 'i_synth0' / '3.npz'} are damaged" in err, err
     assert "re-extract it: rerun the `cad-spconv keypoints extract` command" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_an_interrupted_resume_does_not_claim_completeness(data_root, extracted, tmp_path,
+                                                          monkeypatch):
+    """A resume rewrote the old summary, "complete": true included, after every sequence: Ctrl-C
+    during a later one left it on disk with images missing. complete follows the records."""
+    from cad_apps.keypoints import extract
+
+    out = tmp_path / "copy"
+    shutil.copytree(extracted / "os8", out)
+    for seq in ("i_synth0", "v_synth0"):
+        os.remove(out / seq / "2.npz")
+    read = extract.hpatches.read_image
+
+    def interrupted(path):
+        if "v_synth0" in path:
+            raise KeyboardInterrupt
+        return read(path)
+    monkeypatch.setattr(extract.hpatches, "read_image", interrupted)
+    cfg = ExtractConfig(data_root=data_root, out=str(out), finest_stride=8, random_weights=True,
+                        seed=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(cfg)
+    s = json.load(open(out / "summary.json"))
+    assert "i_synth0/2" in s["images"] and len(s["images"]) == 11
+    assert s["complete"] is False and s["summary"]["num_images"] == 11
+    monkeypatch.setattr(extract.hpatches, "read_image", read)
+    assert run_extract(cfg)["complete"] is True
+    assert json.load(open(out / "summary.json"))["complete"] is True
+
+
+def test_evaluate_reports_features_without_records(data_root, extracted, tmp_path, capsys):
+    """Interrupted between an image's .npz and its record, a folder said "complete": evaluate
+    reported extraction_complete true with the MMA over every pair and the multiply-adds over
+    the records left. It reports the images without a record, and says so."""
+    feats = tmp_path / "feats"
+    shutil.copytree(extracted / "a4", feats)
+    s = json.load(open(feats / "summary.json"))
+    assert s["complete"]
+    full = s["images"]
+    del s["images"]["v_synth0/2"]
+    (feats / "summary.json").write_text(json.dumps(s))
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(feats),
+                "--out", str(tmp_path / "r.json")]) == 0
+    r = json.load(open(tmp_path / "r.json"))["features"]["feats"]
+    assert r["extraction_complete"] is False and r["images_without_record"] == 1
+    assert r["macs_per_image"] == np.mean([v["macs"] for k, v in full.items() if k != "v_synth0/2"])
+    out = capsys.readouterr().out
+    assert (f"note: feats: 1 of the images evaluated have no record in {feats}/summary.json "
+            "(an interrupted extraction)") in out
+    full_report = run_evaluate(data_root, [str(extracted / "a4")], str(tmp_path / "f.json"))
+    assert full_report["features"]["a4"]["extraction_complete"] is True
+    assert full_report["features"]["a4"]["images_without_record"] == 0
+
+
+def test_a_resume_on_another_setup_does_not_pool_times(data_root, extracted, tmp_path, capsys):
+    """A resume under another engine (or device) pooled its times with the first run's, and the
+    summary named only the last setup: every record names the setup that timed it, and times of
+    several setups are given per setup, not pooled."""
+    out = tmp_path / "copy"
+    shutil.copytree(extracted / "a4", out)
+    first = json.load(open(out / "summary.json"))
+    threads = torch.get_num_threads()
+    setup = f"cpu ({threads} thread{'s' * (threads != 1)}), engine auto"
+    assert {r["timed_on"] for r in first["images"].values()} == {setup}
+    assert first["summary"]["timed_on"] == setup and "timings_by_setup" not in first["summary"]
+    os.remove(out / "i_synth0" / "3.npz")
+    assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights", "--seed",
+                "1", "--finest-stride", "4", "--dilations", "11", "--engine", "torch",
+                "--no-progress", "--out", str(out)]) == 0
+    assert "network times of 2 setups, not pooled" in capsys.readouterr().out
+    s = json.load(open(out / "summary.json"))
+    other = setup.replace("auto", "torch")
+    assert s["images"]["i_synth0/3"]["timed_on"] == other
+    times = s["summary"]["timings_by_setup"]
+    assert {k: v["num_images"] for k, v in times.items()} == {setup: 11, other: 1}
+    assert times[other]["time_per_image_s_median"] == s["images"]["i_synth0/3"]["time_s"]
+    assert s["summary"]["time_per_image_s_median"] is None and s["summary"]["timed_on"] is None
+    assert cli(["keypoints", "evaluate", "--data-root", data_root, "--features", str(out),
+                "--out", str(tmp_path / "r.json")]) == 0
+    assert f"note: copy: its images were timed on 2 setups ({setup}; {other})" in \
+        capsys.readouterr().out
+    r = json.load(open(tmp_path / "r.json"))["features"]["copy"]
+    assert r["time_per_image_s_median"] is None and r["timings_by_setup"] == times
+
+
+def test_records_without_a_setup_are_not_pooled_with_others():
+    """Records of earlier versions name no setup: pooled among themselves, kept apart from
+    records that name one."""
+    from cad_apps.keypoints.extract import summarize
+
+    rec = {"macs": 10, "macs_parts": {"dense": 10}, "time_s": 1.0, "sift_time_s": 0.5,
+           "total_s": 2.0, "num_keypoints": 5}
+    old = summarize({"s/1": rec, "s/2": dict(rec, time_s=3.0)})
+    assert old["time_per_image_s_mean"] == 2.0 and old["timed_on"] == "not recorded"
+    mixed = summarize({"s/1": rec, "s/2": dict(rec, time_s=3.0, timed_on="cuda (X)")})
+    assert mixed["time_per_image_s_mean"] is None and mixed["sift_time_per_image_s_mean"] is None
+    assert mixed["time_total_s"] == 4.0 and mixed["macs_mean"] == 10
+    assert {k: v["time_per_image_s_mean"] for k, v in mixed["timings_by_setup"].items()} == {
+        "cuda (X)": 3.0, "not recorded": 1.0}
 
 
 def test_extract_resume_redoes_damaged_files(data_root, extracted, tmp_path, capsys):
@@ -637,7 +776,7 @@ def test_every_rank_extracts_its_whole_shard(tmp_path, monkeypatch, world):
                         random_weights=True, progress=False)
     for rank in range(world):
         done = []
-        summary = {"images": {}}
+        summary = {"images": {}, "num_images_requested": 6}
         extract._loop(cfg, str(tmp_path), Dist(rank=rank, world=world), lambda rgb, name, k:
                       (done.append(f"{name}/{k}") or {}, {}), summary, todo, "s.json")
         assert done == [f"s{i}/{k}" for i in range(rank, 3, world) for k in (1, 2)]

@@ -91,6 +91,56 @@ def test_reader_errors_name_the_file_and_the_fix(root, tmp_path):
         hpatches.list_sequences(str(tmp_path / "empty"))
 
 
+def _image_files(folder, good):
+    """Files named .ppm that OpenCV decodes or not: whole and cut binary PNMs, headers with
+    comments, 16-bit, grey and bitmap images, a PNG under a .ppm name, garbage."""
+    rgb = cv2.imread(good)
+    raw = open(good, "rb").read()
+    header = raw[:len(raw) - rgb.size]  # OpenCV writes "P6\n<w> <h>\n255\n"
+    files = {"good": raw, "cut": raw[:-1], "header only": header, "no data": header[:-1],
+             "garbage": b"P6 garbage", "empty": b"", "P6": b"P6", "comment":
+             b"P6 # made by hand\n64 48\n# maxval\n255\n" + raw[len(header):],
+             "maxval 0": b"P6\n64 48\n0\n" + raw[len(header):],
+             "no space after maxval": b"P6\n64 48\n255" + raw[len(header):],
+             "width 0": b"P6\n0 48\n255\n", "P5": b"P5\n8 4\n255\n" + bytes(range(32)),
+             "P5 cut": b"P5\n8 4\n255\n" + bytes(range(31)),
+             "P4": b"P4\n9 2\n" + bytes(4), "P4 cut": b"P4\n9 2\n" + bytes(3),
+             "16 bit": b"P6\n2 2\n65535\n" + bytes(24),
+             "16 bit cut": b"P6\n2 2\n65535\n" + bytes(12),
+             "png": cv2.imencode(".png", rgb)[1].tobytes(),
+             "png cut": cv2.imencode(".png", rgb)[1].tobytes()[:100], "text": b"hello\n"}
+    for name, data in files.items():
+        path = os.path.join(folder, f"{name}.ppm")
+        with open(path, "wb") as f:
+            f.write(data)
+        yield name, path
+
+
+def test_images_are_checked_to_decode_without_reading_their_pixels(root, tmp_path):
+    """load_sequence checked images only to exist: an undecodable one was found when the
+    extraction reached it. check_image refuses exactly the files read_image refuses."""
+    seen = set()
+    for name, path in _image_files(str(tmp_path), os.path.join(root, "v_synth0", "1.ppm")):
+        try:
+            hpatches.read_image(path)
+            decodes = True
+        except ValueError as e:
+            decodes, message = False, str(e)
+        if decodes:
+            hpatches.check_image(path)
+        else:
+            with pytest.raises(ValueError) as e:
+                hpatches.check_image(path)
+            assert str(e.value) == message and "cannot be decoded" in message
+        seen.add(decodes)
+    assert seen == {True, False}
+    data = _copy(root, tmp_path)
+    (data / "v_synth0" / "6.ppm").write_bytes(open(data / "v_synth0" / "6.ppm", "rb").read()[:-5])
+    with pytest.raises(ValueError, match=r"v_synth0/6.ppm cannot be decoded"):
+        hpatches.load_sequence(hpatches.HPatchesSequence("v_synth0", str(data / "v_synth0")),
+                               homographies=False)
+
+
 # ---------------------------------------------------------------------------- preprocessing
 def test_small_images_are_cropped_to_multiples_of_8():
     rgb = np.random.default_rng(0).integers(0, 256, (53, 70, 3), dtype=np.uint8)

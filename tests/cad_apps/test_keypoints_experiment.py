@@ -75,3 +75,53 @@ def test_sweep_needs_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         exp.main(["--synthetic", "--out", str(tmp_path)])  # weights are required
     assert "one of the arguments --weights --random-weights is required" in capsys.readouterr().err
+
+
+def test_sweep_reports_bad_weights_and_sizes_as_the_cli_does(tmp_path, capsys):
+    """A checkpoint that is not D2-Net's (a KeyError) and --synthetic-size 0 0 ended in a
+    traceback, -8 16 in an error naming no option: one line naming the option, exit 2, before
+    any work."""
+    import torch
+
+    torch.save({"model": {"other.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    data = tmp_path / "data"
+    write_synthetic(str(data), [synthetic_scene((144, 192), 3)], image_size=(48, 64), kinds=("v",))
+    out = tmp_path / "sweep"
+    assert exp.main(["--data-root", str(data), "--weights", str(tmp_path / "other.pth"),
+                     "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("experiments.keypoints: error: --weights ") and "Traceback" not in err
+    assert "not a D2-Net VGG16 checkpoint" in err and "d2_tf.pth" in err
+    assert not out.exists()  # refused before any work
+    scene = tmp_path / "scene.png"
+    cv2.imwrite(str(scene), synthetic_scene((144, 192), 3)[:, :, ::-1])
+    for size, scenes in ((["0", "0"], ["--scenes", str(scene)]), (["0", "0"], []),
+                         (["-8", "16"], []), (["8", "7"], [])):
+        out = tmp_path / f"syn{'_'.join(size)}{len(scenes)}"
+        assert exp.main(["--synthetic", *scenes, "--synthetic-size", *size, "--random-weights",
+                         "--no-progress", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert (f"experiments.keypoints: error: --synthetic-size must be two integers >= 8 "
+                f"(height and width of the synthetic images; the network needs 8 pixels a "
+                f"side), got {' '.join(size)}\n") == err, err
+        assert not out.exists()
+
+
+def test_sweep_checks_every_settings_options_before_the_first(tmp_path, monkeypatch, capsys):
+    """A negative --seed failed only at the first ablation setting, after every dense and
+    adaptive one had run (hours on HPatches): refused before any work, naming --seed."""
+    import cad_apps.keypoints.network as network
+
+    monkeypatch.setattr(network, "random_features",
+                        lambda seed=0: thin_vgg(scale=32, seed=abs(seed)).float())
+    monkeypatch.setattr(exp, "QUICK_SETTINGS", {4: [(11,)], 2: [(21, 21)], 1: [(9, 19, 35)]})
+    data = tmp_path / "data"
+    write_synthetic(str(data), [synthetic_scene((144, 192), 3)], image_size=(48, 64), kinds=("v",))
+    for extra in (["--data-root", str(data)], ["--synthetic"]):
+        out = tmp_path / f"sweep{len(extra)}"
+        assert exp.main([*extra, "--random-weights", "--seed", "-1", "--settings", "quick",
+                         "--num-keypoints", "16", "--no-progress", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == ("experiments.keypoints: error: --seed must be a non-negative integer "
+                       "below 2**64, got -1\n"), err
+        assert not out.exists()

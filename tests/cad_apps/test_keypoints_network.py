@@ -72,6 +72,30 @@ def test_dense_networks_equal_the_reference_layer_lists(stride):
     assert torch.equal(out, expected)
 
 
+def test_docs_credit_dense_networks_to_the_papers_code_not_d2_nets():
+    """D2-Net's own stride-4 network (its lib/model_test.py) keeps pool3 as a 2x2/1 average pool
+    in front of the dilated conv4_x: not our dense stride 4 (the paper code's), so the docs must
+    not credit the dense networks to D2-Net's code."""
+    import copy
+    from pathlib import Path
+
+    import cad_apps.keypoints.network as network
+
+    stack = thin_vgg()
+    d2_own = copy.deepcopy(stack)
+    d2_own[16] = nn.AvgPool2d(2, stride=1)
+    for i in (17, 19, 21):
+        d2_own[i].padding, d2_own[i].dilation = (2, 2), (2, 2)
+    with torch.no_grad():
+        assert d2_own(images(1)).shape != dense_at_stride(stack, 4)(images(1)).shape
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "keypoints.md").read_text()
+    for text in (docs, network.__doc__):
+        flat = " ".join(text.split())
+        assert "D2-Net's and the paper's code" not in flat
+        assert "D2-Net's own output-stride-4 network keeps the third pool as a 2x2/1 average " \
+               "pool" in flat
+
+
 def test_dense_networks_share_parameters():
     stack = thin_vgg()
     dense = dense_at_stride(stack, 1)
@@ -137,6 +161,33 @@ def test_extracted_descriptors_all_kept_equal_dense_finest_stride(tmp_path, fine
     want = sample_descriptors(dense["features"][0], dense["xy"], SIZE, np.float64)
     assert_rel(torch.from_numpy(got), torch.from_numpy(want))
     assert r["macs"]["total"] == dense["macs"]["total"]
+
+
+@pytest.mark.parametrize("finest, dilations", [(4, (11,)), (8, ())])
+def test_the_timed_forward_runs_without_the_multiply_add_hooks(tmp_path, monkeypatch, finest,
+                                                                dilations):
+    """The counter's hooks ran inside the timed forward (on CUDA a device-to-host copy per
+    adaptive layer): hooks made slow must not show in the time, and the counts stay exact. A
+    dense network is counted once per image size."""
+    import time
+
+    from cad_spconv.macs import MacCounter
+
+    stack, rgb = thin_vgg(), _scene()
+    expected = Extractor(_config(tmp_path, finest, dilations), stack).run(rgb)["macs"]
+    add, calls = MacCounter._add, []
+
+    def slow(self, *args):  # 10 convs: 0.3 s per counted forward
+        calls.append(1)
+        time.sleep(0.03)
+        return add(self, *args)
+    monkeypatch.setattr(MacCounter, "_add", slow)
+    ex = Extractor(_config(tmp_path, finest, dilations), stack)
+    for _ in range(2):
+        r = ex.run(rgb)
+        assert r["time_s"] < 0.15, r["time_s"]
+        assert r["macs"]["total"] == expected["total"] and r["macs"]["parts"] == expected["parts"]
+    assert len(calls) == (10 if finest == 8 else 20)
 
 
 @pytest.mark.parametrize("finest", [1, 4])
