@@ -23,7 +23,10 @@ EVEN = (32, 48)
 @lru_cache(maxsize=2)
 def features(name: str, dtype=torch.float64) -> nn.Sequential:
     torch.manual_seed(0)
-    return emu.prepare(getattr(tvm, name)().features[:STACKS[name]], dtype)
+    stack = emu.prepare(getattr(tvm, name)().features[:STACKS[name]], dtype)
+    # torchvision zeroes VGG's conv biases; prepare draws them (a dropped bias must show)
+    assert all(bool((m.bias != 0).all()) for m in stack if isinstance(m, nn.Conv2d))
+    return stack
 
 
 def images(size, dtype=torch.float64, seed=1):

@@ -248,19 +248,43 @@ def test_bad_files_and_wrong_models_get_clear_errors(files, tmp_path):
         build_segmentation_model("fcn_resnet50", checkpoint=files["os8"])
 
 
+def stride8_reference(model):
+    """An independent output-stride-8 DeepLabV3 for stride-16 weights: torchvision's parts at
+    [F, T, T], ASPP 12/24/36 and the 3x3 conv after ASPP dilated by 2 (the paper code's
+    classifier_dilation)."""
+    trunk = tvm.resnet50(replace_stride_with_dilation=[False, True, True])
+    head = DeepLabHead(2048, 19, [12, 24, 36])
+    head[1].dilation, head[1].padding = (2, 2), (2, 2)
+    ref = DeepLabV3(IntermediateLayerGetter(trunk, {"layer4": "out"}), head, None)
+    ref.load_state_dict(model.state_dict())
+    return ref.double().eval()
+
+
 def test_os16_weights_run_at_stride_8_with_the_reference_classifier_dilation(files, model):
-    """An OS16-trained head at output stride 8: ASPP 12/24/36 and its 3x3 conv dilated by 2."""
+    """An OS16-trained model at output stride 8: the backbone at stride 8 (every conv's
+    stride, dilation and padding as torchvision's at [F, T, T]), ASPP 12/24/36, its 3x3 conv
+    dilated by 2; its output equals the independent stride-8 model's (float64)."""
     built, _ = build_segmentation_model(checkpoint=files["os16"], output_stride=8)
+    built = built.double()
+    ref = stride8_reference(model)
     assert built.classifier[1].dilation == (2, 2)
     assert [b[0].dilation[0] for b in list(built.classifier[0].convs)[1:-1]] == [12, 24, 36]
-    x = images()[:1].float()
+    assert built.backbone.layer3[0].conv2.stride == (1, 1)
+    ref_modules = dict(ref.named_modules())
+    convs = [(n, m) for n, m in built.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in ref_modules.values())
+    for name, conv in convs:
+        other = ref_modules[name]
+        assert (conv.stride, conv.dilation, conv.padding) == \
+            (other.stride, other.dilation, other.padding), name
+    x = images()
     with torch.no_grad():
+        assert built.backbone(x)["out"].shape[-2:] == (math.ceil(SIZE[0] / 8),
+                                                         math.ceil(SIZE[1] / 8))
         got = built(x)["out"]
-        ref = stride16_reference(model).float()
-        feats = ref.backbone.layer4  # geometry differs, values must not equal the OS16 model
-        del feats
-        want = F.interpolate(ref(x)["out"], size=SIZE, mode="bilinear", align_corners=False)
-    assert got.shape == want.shape
+        want = ref(x)["out"]
+    assert got.shape == (2, 19, *SIZE)
+    emu.assert_rel(got, want)
 
 
 def test_paper_counts_of_the_dense_baselines_equal_ptflops(files, cityscapes, tmp_path):

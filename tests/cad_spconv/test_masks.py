@@ -133,17 +133,29 @@ def test_kept_fraction_and_subsample(shape, stride):
         np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=0)
 
 
+def assert_mixes_levels(levels: np.ndarray):
+    """Every image has kept and merged cells, in the clipped border row and column too."""
+    for lv in levels:
+        for part in (lv, lv[-1], lv[:, -1]):
+            assert set(np.unique(part).tolist()) == {0, 1}, lv
+
+
 def test_masks_feed_level_plans_at_odd_sizes():
+    # piecewise-constant images (white noise would keep almost every cell): edges along the
+    # borders of 4x5 regions, which cross the 8x8 cells at odd offsets
     gen = torch.Generator().manual_seed(2)
-    images = torch.randn(2, 3, 65, 97, generator=gen)
-    keep = masks.edge(images, 0.9, 3)
+    coarse = torch.randn(2, 3, 4, 5, generator=gen)
+    images = F.interpolate(coarse, size=(65, 97), mode="nearest")
+    keep = masks.edge(images, 0.95, 3)
     grid = (9, 13)  # ceil(65 / 8), ceil(97 / 8)
     plan = LevelPlan.from_keep(keep, grid, 1)
     expected = ref.levels_from_masks([ref.keep_to_grid(keep[:, 0].numpy(), grid)], 1)
+    assert_mixes_levels(expected)
     np.testing.assert_array_equal(plan.levels.numpy(), expected)
     # the reference code's reduction is a finest-grid mask as well
     plan = LevelPlan.from_keep(masks.subsample(keep, 8), grid, 1)
     expected = ref.levels_from_masks([keep[:, 0, ::8, ::8].numpy()], 1)
+    assert_mixes_levels(expected)
     np.testing.assert_array_equal(plan.levels.numpy(), expected)
 
 

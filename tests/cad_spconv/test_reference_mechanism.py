@@ -8,11 +8,23 @@ import torch
 
 from cad_spconv import CADTensor, LevelPlan, functional as CF
 from tests.support import graph_emulation as G
-from tests.support.inputs import make_input
+from tests.support.emulation import mixed_masks
 
 # the reference code asserts that the grid divides into the coarsest blocks: so do these
 CASES = [((8, 12), 1, "keep"), ((16, 24), 2, "levels"), ((16, 16), 3, "map")]
 ENGINES = ["torch", "products"]  # the lattice engine refuses reference semantics
+
+
+def mixed_input(case, step, seed):
+    """A CADTensor at ``step`` (3 channels, float64) on a batch of 3 level maps that each mix
+    every level (``mixed_masks`` redraws until they do; ``inputs.random_masks`` falls back to
+    maps without level 3 on a 16x16 grid), and the level maps."""
+    grid, num_levels, kind = case
+    _, levels = mixed_masks(seed, 3, grid, num_levels, kind)
+    plan = LevelPlan.from_level_map(torch.from_numpy(levels), num_levels)
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(plan.num_sites(step), 3, generator=gen, dtype=torch.float64)
+    return CADTensor(feats, plan, step), levels
 
 
 def _ops(step, num_levels, engine, gen):
@@ -55,8 +67,11 @@ def test_reference_semantics_is_the_reference_codes_mechanism(case, engine):
     num_levels = case[1]
     gen = torch.Generator().manual_seed(5)
     for step in range(num_levels + 1):
-        x, levels = make_input(case, step, 3, torch.float64, "cpu", seed=step)
+        x, levels = mixed_input(case, step, seed=step)
         assert len({l.tobytes() for l in levels}) == len(levels)  # images with different masks
+        # every image has sites of every level, so each step sees sites above, at and below it
+        assert all(len(np.unique(l)) == num_levels + 1 for l in levels), \
+            [np.unique(l).tolist() for l in levels]
         ref_x = CADTensor(x.features, x.plan.with_semantics("reference"), step)
         for name, step_out, op, emulated in _ops(step, num_levels, engine, gen):
             err = _compare(ref_x, levels, op, emulated, step_out)

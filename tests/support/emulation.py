@@ -28,8 +28,12 @@ TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 def prepare(model: nn.Module, dtype=torch.float64, seed=0) -> nn.Module:
     """Eval mode, ``dtype``, random batch-norm statistics and affine parameters (so that a
-    wrong read cannot hide behind identity normalisation)."""
+    wrong read cannot hide behind identity normalisation), and random biases for every conv
+    that has one (torchvision's VGG initialises them to 0: a converted conv that dropped its
+    bias would pass). The biases have their own generator, so the batch-norm draws are those
+    of a model without conv biases."""
     gen = torch.Generator().manual_seed(seed)
+    bias_gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -38,6 +42,8 @@ def prepare(model: nn.Module, dtype=torch.float64, seed=0) -> nn.Module:
                 m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
                 m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.copy_((torch.rand(n, generator=gen) - 0.5) * 0.6)
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.copy_((torch.rand(m.out_channels, generator=bias_gen) - 0.5) * 0.6)
     return model.to(dtype).eval()
 
 
