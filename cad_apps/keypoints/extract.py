@@ -311,13 +311,14 @@ def _save_npz(path: str, arrays: dict) -> None:
 
 def timed_on(device, engine: Optional[str] = None, processes: int = 1) -> str:
     """What an image's times depend on besides the settings, as recorded per image
-    (``timed_on``): the device (the GPU's model, or the CPU and its threads), the engine of an
-    adaptive network (``None``: dense) and the processes sharing the machine (``torchrun``)."""
+    (``timed_on``): the device as :func:`cad_apps.distributed.device_name` names it (the GPU's
+    model, or the CPU's model and its threads), the engine of an adaptive network (``None``:
+    dense) and the processes sharing the machine (``torchrun``)."""
     import torch
 
-    device, threads = torch.device(device), torch.get_num_threads()
-    parts = [f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-             else f"{device.type} ({threads} thread{'s' * (threads != 1)})"]
+    from ..distributed import device_name
+
+    parts = [device_name(torch.device(device))]
     if engine is not None:
         parts.append(f"engine {engine}")
     if processes > 1:
