@@ -119,9 +119,11 @@ def _undecodable(path: str) -> str:
 
 def check_image(path: str) -> None:
     """Raise the error :func:`read_image` would for the existing file ``path``, without decoding
-    a binary PPM / PGM / PBM (``P6`` / ``P5`` / ``P4``, HPatches' format): its header must be
-    whole (width, height and, but for ``P4``, a maxval of 1 ... 65535) and the file must hold
-    all the pixel data the header promises. Any other file is decoded."""
+    a binary PPM / PGM / PBM (``P6`` / ``P5`` / ``P4``, HPatches' format) whose header has no
+    comment (``#``) and no carriage return: its header must be whole (width, height and, but
+    for ``P4``, a maxval of 1 ... 65535) and the file must hold all the pixel data the header
+    promises. Any other file, a PNM with ``#`` or ``\\r`` in its header included (OpenCV's
+    rules for those differ in edge cases), is decoded."""
     complete = _pnm_complete(path)
     if complete is None:
         read_image(path)
@@ -131,19 +133,20 @@ def check_image(path: str) -> None:
 
 def _pnm_complete(path: str):
     """Whether a binary PNM file has a whole header and all its pixel data (``None``: the file
-    is not a binary PNM)."""
+    is not a binary PNM, or its header has a ``#`` or a ``\\r``, so it is to be decoded)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         magic = f.read(2)
         if magic not in (b"P4", b"P5", b"P6"):
             return None
         fields, c = [], f.read(1)
+        if c in (b"#", b"\r"):
+            return None
         if not c.isspace():
             return False
         while len(fields) < (2 if magic == b"P4" else 3):
-            if c == b"#":  # a comment, to the end of its line
-                f.readline()
-                c = f.read(1)
+            if c in (b"#", b"\r"):  # a comment or CR: decode (OpenCV's rules differ at edges)
+                return None
             elif c.isspace():
                 c = f.read(1)
             elif c.isdigit():
@@ -154,6 +157,8 @@ def _pnm_complete(path: str):
                 fields.append(int(digits))
             else:  # another character, or the end of the file
                 return False
+        if c in (b"#", b"\r"):
+            return None
         if not c.isspace():  # one whitespace character ends the header
             return False
         width, height, maxval = (*fields, 1)[:3]
