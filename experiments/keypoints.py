@@ -16,6 +16,7 @@ Every setting is one ``cad-spconv keypoints extract`` folder under ``<out>/featu
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -159,6 +160,7 @@ def check_args(args) -> None:
 
 def main(argv=None) -> int:
     from cad_apps.eval import INPUT_ERRORS
+    from cad_apps.keypoints import network
     from cad_apps.io import error_text
     from cad_apps.keypoints.evaluate import run_evaluate
     from cad_apps.keypoints.extract import ExtractConfig, run_extract
@@ -176,12 +178,15 @@ def main(argv=None) -> int:
             semantics=args.semantics, num_points=args.num_keypoints, device=args.device,
             dtype=args.dtype, engine=args.engine, progress=args.progress).validate())
             for label, stride, dil, mask in settings(args.settings, args.ablation)]
+        # a foreign --weights is refused before the synthetic set is written, and the file is
+        # read once, not once per setting (each setting gets its own copy of the stack)
+        stack = None if args.weights is None else network.load_d2_weights(args.weights)
         if args.synthetic:
             synthetic_root(args)
         folders, labels = [], []
         for i, (label, cfg) in enumerate(runs, 1):
             print(f"[{i}/{len(runs)}] {label}", flush=True)
-            run_extract(cfg)
+            run_extract(cfg, stack=None if stack is None else copy.deepcopy(stack))
             folders.append(cfg.out)
             labels.append(label)
         weights = "random weights" if args.random_weights else os.path.basename(args.weights)

@@ -95,6 +95,13 @@ def test_sweep_reports_bad_weights_and_sizes_as_the_cli_does(tmp_path, capsys):
     assert not out.exists()  # refused before any work
     scene = tmp_path / "scene.png"
     cv2.imwrite(str(scene), synthetic_scene((144, 192), 3)[:, :, ::-1])
+    out = tmp_path / "sweep_synthetic"  # with --synthetic: before the set is written
+    assert exp.main(["--synthetic", "--scenes", str(scene), "--synthetic-size", "48", "64",
+                     "--weights", str(tmp_path / "other.pth"), "--no-progress",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("experiments.keypoints: error: --weights ") and "Traceback" not in err
+    assert "not a D2-Net VGG16 checkpoint" in err and not out.exists()
     for size, scenes in ((["0", "0"], ["--scenes", str(scene)]), (["0", "0"], []),
                          (["-8", "16"], []), (["8", "7"], [])):
         out = tmp_path / f"syn{'_'.join(size)}{len(scenes)}"
