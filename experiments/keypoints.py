@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     from cad_apps.eval import INPUT_ERRORS
     from cad_apps.keypoints import network
     from cad_apps.io import error_text
-    from cad_apps.keypoints.evaluate import run_evaluate
+    from cad_apps.keypoints.evaluate import report_notes, run_evaluate
     from cad_apps.keypoints.extract import ExtractConfig, run_extract
 
     args = build_parser().parse_args(argv)
@@ -204,6 +204,8 @@ def main(argv=None) -> int:
         m = r["mma@3"]
         print(f"{label:>28}  {m['all']:9.4f}  {m['i'] or 0:6.4f}  {m['v'] or 0:6.4f}  "
               f"{r['macs_per_image'] / 1e9:11.3f}")
+    for note in report_notes(report):
+        print(note)
     print(f"wrote {os.path.join(args.out, 'keypoints.json')} and keypoints.png")
     return 0
 

@@ -5,7 +5,6 @@ Only argparse at import time; torch and friends load when a sub-command runs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 __all__ = ["configure", "main"]
@@ -91,7 +90,7 @@ def _extract(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .evaluate import run_evaluate
+    from .evaluate import report_notes, run_evaluate
 
     report = run_evaluate(args.data_root, args.features, args.out, args.plot, args.labels,
                           args.title, args.normalize)
@@ -101,26 +100,8 @@ def _evaluate(args) -> int:
         macs = "n/a" if r["macs_per_image"] is None else f"{r['macs_per_image'] / 1e9:.3f} G"
         print(f"{label:>32}: MMA@3 all {fmt(m['all'])}  i {fmt(m['i'])}  v {fmt(m['v'])}  "
               f"multiply-adds {macs}")
-    for label, r in report["features"].items():
-        if r["timings_by_setup"]:
-            print(f"note: {label}: its images were timed on {len(r['timings_by_setup'])} setups "
-                  f"({'; '.join(r['timings_by_setup'])}): no pooled time is reported, see "
-                  "timings_by_setup")
-        if r["images_without_record"]:
-            summary = os.path.join(r["folder"], "summary.json")
-            print(f"note: {label}: {r['images_without_record']} of the images evaluated have no "
-                  f"record in {summary} (an interrupted extraction), so its multiply-adds and "
-                  "times are means over the others; rerun its `cad-spconv keypoints extract` "
-                  "command to complete it")
-    others = {label: r["extracted_from"] for label, r in report["features"].items()
-              if r["extracted_from"] not in (None, report["data_root"])}
-    for label, root in others.items():
-        print(f"note: {label} was extracted from {root}, evaluated against {report['data_root']}: "
-              "the homographies are the latter's (fine for a copy of the same set)")
-    if report["high_resolution_sequences"]:
-        print(f"note: {len(report['high_resolution_sequences'])} high-resolution sequences are "
-              "included; the paper's numbers (D2-Net's benchmark) leave them out: "
-              + " ".join(report["high_resolution_sequences"]))
+    for note in report_notes(report):
+        print(note)
     print(f"wrote {args.out}" + (f" and {report['plot']}" if "plot" in report else ""))
     return 0
 

@@ -30,7 +30,7 @@ from .extract import DAMAGED, summarize
 
 __all__ = ["FORMAT", "THRESHOLDS", "mutual_nearest_neighbours", "reprojection_errors", "l2_normalize",
            "pair_accuracy", "load_features", "read_extract_summary", "evaluate_folder",
-           "unique_labels", "run_evaluate", "plot_mma", "setting_group", "setting_label"]
+           "unique_labels", "run_evaluate", "report_notes", "plot_mma", "setting_group", "setting_label"]
 
 FORMAT = "cad-spconv-keypoints-eval/1"
 THRESHOLDS = tuple(range(1, 16))
@@ -286,6 +286,35 @@ def run_evaluate(data_root: str, folders: Sequence[str], out: str,
 GROUP_STYLE = {"dense": ("s", "black"), "adaptive 4->8": ("o", "tab:blue"),
                "adaptive 2->8": ("o", "tab:orange"), "adaptive 1->8": ("o", "tab:green"),
                "random": ("D", "tab:gray"), "inverted": ("v", "tab:purple")}
+
+
+def report_notes(report: dict) -> list[str]:
+    """The notes a report of :func:`run_evaluate` needs printed under its table (``note: ...``
+    lines, for ``cad-spconv keypoints evaluate`` and ``experiments.keypoints`` alike): times of
+    several setups, images without a record, features extracted from another data root and
+    high-resolution sequences."""
+    notes = []
+    for label, r in report["features"].items():
+        if r["timings_by_setup"]:
+            notes.append(f"note: {label}: its images were timed on {len(r['timings_by_setup'])} "
+                         f"setups ({'; '.join(r['timings_by_setup'])}): no pooled time is "
+                         "reported, see timings_by_setup")
+        if r["images_without_record"]:
+            summary = os.path.join(r["folder"], "summary.json")
+            notes.append(f"note: {label}: {r['images_without_record']} of the images evaluated "
+                         f"have no record in {summary} (an interrupted extraction), so its "
+                         "multiply-adds and times are means over the others; rerun its "
+                         "`cad-spconv keypoints extract` command to complete it")
+    for label, r in report["features"].items():
+        if r["extracted_from"] not in (None, report["data_root"]):
+            notes.append(f"note: {label} was extracted from {r['extracted_from']}, evaluated "
+                         f"against {report['data_root']}: the homographies are the latter's "
+                         "(fine for a copy of the same set)")
+    if report["high_resolution_sequences"]:
+        notes.append(f"note: {len(report['high_resolution_sequences'])} high-resolution "
+                     "sequences are included; the paper's numbers (D2-Net's benchmark) leave "
+                     "them out: " + " ".join(report["high_resolution_sequences"]))
+    return notes
 
 
 def plot_mma(path: str, results: dict, title: str, group: str = "all") -> None:

@@ -29,7 +29,7 @@ def test_settings_table_is_the_reference_sweep():
             check_dilations(dil, stride)
 
 
-def test_sweep_writes_json_and_png_and_resumes(tmp_path, monkeypatch):
+def test_sweep_writes_json_and_png_and_resumes(tmp_path, monkeypatch, capsys):
     import cad_apps.keypoints.network as network
 
     monkeypatch.setattr(network, "random_features",
@@ -55,6 +55,15 @@ def test_sweep_writes_json_and_png_and_resumes(tmp_path, monkeypatch):
     stamp = os.stat(out / "features" / "dense_os1" / "v_synth0" / "2.npz").st_mtime_ns
     assert exp.main(args) == 0  # resumes: nothing recomputed
     assert os.stat(out / "features" / "dense_os1" / "v_synth0" / "2.npz").st_mtime_ns == stamp
+    # evaluate's notes are printed as by `cad-spconv keypoints evaluate` (they were not): here
+    # a folder whose records name two setups, as after a resume on another device
+    summary = out / "features" / "dense_os8" / "summary.json"
+    s = json.load(open(summary))
+    s["images"]["v_synth0/2"]["timed_on"] = "cuda (X)"
+    summary.write_text(json.dumps(s))
+    capsys.readouterr()
+    assert exp.main(args) == 0
+    assert "note: dense_os8: its images were timed on 2 setups (" in capsys.readouterr().out
 
 
 def test_synthetic_option_writes_an_hpatches_set_once(tmp_path):
