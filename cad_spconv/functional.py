@@ -154,7 +154,8 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
         scale, shift = scale_shift or eval_scale_shift(running_mean, running_var, weight, bias,
                                                        eps)
         # one pass over the features, as the dense batch norm makes (mul_ then add_ made two);
-        # half-precision features are computed with float32 scale and shift, rounded once
+        # half-precision features take float32 scale and shift and are rounded once (on CPU
+        # in float32 chunks: a mixed-dtype addcmul runs unvectorized there)
         if f.dtype != scale.dtype and f.device.type == "cpu":
             return x.replace_feature(_affine_in_float32_chunks(f, scale, shift))
         return x.replace_feature(torch.addcmul(shift, f, scale, out=f))
@@ -169,9 +170,10 @@ def _affine_in_float32_chunks(f: torch.Tensor, scale: torch.Tensor,
                               shift: torch.Tensor) -> torch.Tensor:
     """``f * scale + shift`` into ``f`` (half precision) with float32 ``scale`` and ``shift``.
     On CPU an elementwise op mixing the two dtypes runs unvectorized, about 20x slower than
-    the same op in one dtype (42 ms against 1.9 ms for 65536 x 256 bfloat16 on an AMD EPYC);
-    three one-dtype passes over cache-sized float32 chunks cost about 1.5x the one-dtype op
-    and round once, as ``addcmul`` in one dtype would not (scale and shift rounded first)."""
+    the same op in one dtype (43 ms against 2.0 ms for 65536 x 256 bfloat16 on an AMD EPYC,
+    ``experiments.half_batch_norm``); three one-dtype passes over cache-sized float32 chunks
+    cost 1.5-1.8x the one-dtype op and round once, as ``addcmul`` in one dtype would not
+    (scale and shift rounded first)."""
     rows = max(1, _CHUNK_ELEMENTS // max(1, f.shape[1]))
     buffer = torch.empty(min(rows, f.shape[0]), f.shape[1], dtype=scale.dtype, device=f.device)
     for start in range(0, f.shape[0], rows):
