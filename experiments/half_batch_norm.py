@@ -11,8 +11,11 @@ of DeepLabV3-ResNet101 converted 8->16 at 512x1024, and one larger matrix), the 
 
 - ``mixed addcmul``: one ``addcmul`` of the half features with float32 scale and shift, into
   the features (c026a14; rounds once);
-- ``float32 chunks``: the features in float32 chunks of ``cad_spconv.functional``'s chunk size:
-  copy in, ``addcmul``, copy back (what ``batch_norm`` does on CPU now; rounds once);
+- ``float32 chunks``: the features in float32 chunks of 4 MiB: copy in, ``addcmul``, copy
+  back (5eecd3d; rounds once);
+- ``kernel in place``: torch's batch-norm kernel as ``x * scale + shift`` (mean 0, variance 1,
+  eps 0) with its output aliased onto the features (what ``batch_norm`` does on CPU now;
+  rounds once on contiguous features);
 - ``scale, shift rounded``: one ``addcmul`` in the half dtype with scale and shift rounded to
   it first (before c026a14; two extra roundings, which cancel badly where a channel's mean is
   large against its spread);
@@ -21,12 +24,12 @@ of DeepLabV3-ResNet101 converted 8->16 at 512x1024, and one larger matrix), the 
 
 ``--model`` times whole forwards of the converted DeepLabV3-ResNet101 (random weights with
 tamed statistics, as ``cad-spconv bench``; 512x1024, edge mask 0.35, dilation 11, head dense
-at stride 8) with the chunked route and with the rounded one, alternating in one process:
-what rounding once costs in a network. ``--autocast`` keeps the weights float32 and runs the
-forward under ``torch.autocast``, as ``cad-spconv eval --dtype`` does: the batch norms'
-statistics are float32 there, and the chunked in-place route is compared with torch's
-out-of-place batch norm (what the converted network ran before the in-place route took
-autocast features). Median of ``--reps`` after one warm-up each.
+at stride 8) with the kernel in place, the float32 chunks and the rounded route, alternating
+in one process: what rounding once costs in a network. ``--autocast`` keeps the weights
+float32 and runs the forward under ``torch.autocast``, as ``cad-spconv eval --dtype`` does:
+the batch norms' statistics are float32 there, and the in-place routes are compared with
+torch's out-of-place batch norm (what the converted network ran before the in-place route
+took autocast features). Median of ``--reps`` after one warm-up each.
 """
 from __future__ import annotations
 
@@ -49,25 +52,38 @@ def _rounded(f, scale, shift):
     return torch.addcmul(shift.to(f.dtype), f, scale.to(f.dtype), out=f)
 
 
+def _float32_chunks(f, scale, shift, elements=1 << 20):
+    rows = max(1, elements // max(1, f.shape[1]))
+    buffer = torch.empty(min(rows, f.shape[0]), f.shape[1], dtype=scale.dtype)
+    for start in range(0, f.shape[0], rows):
+        part = f[start:start + rows]
+        work = buffer[:part.shape[0]]
+        work.copy_(part)
+        torch.addcmul(shift, work, scale, out=work)
+        part.copy_(work)
+    return f
+
+
 def _ops(args, dtype) -> int:
-    from cad_spconv.functional import _affine_in_float32_chunks
+    from cad_spconv.functional import _affine_half_on_cpu
 
     gen = torch.Generator().manual_seed(0)
     print(f"{args.dtype} features, float32 scale and shift; ms per call")
-    print("| sites | channels | mixed addcmul | float32 chunks | scale, shift rounded | "
-          "torch batch_norm | mixed / chunks | chunks / rounded |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| sites | channels | mixed addcmul | float32 chunks | kernel in place | "
+          "scale, shift rounded | torch batch_norm | kernel / chunks | kernel / rounded |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, c in SHAPES:
         f = torch.randn(n, c, generator=gen).to(dtype)
         scale, shift = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
         stats = [t.to(dtype) for t in (torch.zeros(c), torch.ones(c), scale, shift)]
         mixed = median_ms(lambda: torch.addcmul(shift, f, scale, out=f), args.reps)
-        chunks = median_ms(lambda: _affine_in_float32_chunks(f, scale, shift), args.reps)
+        chunks = median_ms(lambda: _float32_chunks(f, scale, shift), args.reps)
+        kernel = median_ms(lambda: _affine_half_on_cpu(f, scale, shift), args.reps)
         rounded = median_ms(lambda: _rounded(f, scale, shift), args.reps)
         as_map = f.t()[None, :, :, None]  # [1, C, N, 1], channels-last strides
         dense = median_ms(lambda: F.batch_norm(as_map, *stats, False), args.reps)
-        print(f"| {n} | {c} | {mixed:.2f} | {chunks:.2f} | {rounded:.2f} | {dense:.2f} | "
-              f"{mixed / chunks:.1f} | {chunks / rounded:.2f} |")
+        print(f"| {n} | {c} | {mixed:.2f} | {chunks:.2f} | {kernel:.2f} | {rounded:.2f} | "
+              f"{dense:.2f} | {kernel / chunks:.2f} | {kernel / rounded:.2f} |")
     return 0
 
 
@@ -91,20 +107,21 @@ def _model(args, dtype) -> int:
     cl = torch.channels_last
     model = convert(net, finest_stride=8, coarsest_stride=16).eval()
     norms = [m for m in model.modules() if isinstance(m, CADBatchNorm2d) and m.inplace]
-    chunks = CF._affine_in_float32_chunks
+    kernel = CF._affine_half_on_cpu
+    half_routes = {"float32 chunks": _float32_chunks, "scale, shift rounded": _rounded}
 
     def use(route):  # sets the route up; returns the forward's context
-        CF._affine_in_float32_chunks = _rounded if route == "scale, shift rounded" else chunks
+        CF._affine_half_on_cpu = half_routes.get(route, kernel)
         for m in norms:
             m.inplace = route != "out of place (torch batch_norm)"
         return (torch.autocast("cpu", dtype=dtype) if args.autocast
                 else contextlib.nullcontext())
 
     if args.autocast:  # weights float32, convs in dtype: the batch norms' statistics float32
-        routes = ["float32 chunks", "out of place (torch batch_norm)"]
+        routes = ["kernel in place", "float32 chunks", "out of place (torch batch_norm)"]
         x = x.contiguous(memory_format=cl)
     else:
-        routes = ["float32 chunks", "scale, shift rounded"]
+        routes = ["kernel in place", "float32 chunks", "scale, shift rounded"]
         model.to(dtype)
         x = x.to(dtype).contiguous(memory_format=cl)
     model.to(memory_format=cl)
@@ -119,7 +136,7 @@ def _model(args, dtype) -> int:
                     if rep:  # the first of each is the warm-up
                         times[name].append(t)
     finally:
-        use("float32 chunks")
+        use("kernel in place")
     how = "autocast, weights float32" if args.autocast else "weights and features"
     print(f"{os.path.basename(args.frame)}, {args.dtype} ({how}); whole-model forward, ms "
           f"(median of {args.reps})")
@@ -127,8 +144,9 @@ def _model(args, dtype) -> int:
     print("|---|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {1e3 * _median(t):.0f} | {1e3 * min(t):.0f} | {1e3 * max(t):.0f} |")
-    a, b = (_median(times[n]) for n in routes)
-    print(f"{routes[0]} / {routes[1]}: {a / b:.3f}")
+    first = _median(times[routes[0]])
+    for name in routes[1:]:
+        print(f"{routes[0]} / {name}: {first / _median(times[name]):.3f}")
     return 0
 
 

@@ -379,39 +379,41 @@ def test_batch_norm_in_place_in_half_precision_takes_float32_scale_and_shift(dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [None, 3 * 5])  # 15 elements: 3 sites per chunk, 1 left over
-def test_batch_norm_in_place_half_precision_chunks_round_once(dtype, chunk, monkeypatch):
-    """On CPU, half-precision features with float32 scale and shift are normalized in float32
-    chunks (a mixed-dtype ``addcmul`` runs unvectorized there): the values are those of the
-    one mixed-dtype op, which rounds once, for any chunk size."""
-    if chunk:
-        monkeypatch.setattr(CF, "_CHUNK_ELEMENTS", chunk)
-    x, _ = make_input(CASES[1], 1, 5, torch.float64, "cpu")
-    assert x.features.shape[0] % 3 == 1
+@pytest.mark.parametrize("channels", [5, 512])  # 512: enough elements for torch's threads
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_batch_norm_in_place_half_precision_rounds_once(dtype, channels, layout):
+    """On CPU, half-precision features with float32 scale and shift are normalized through
+    torch's batch-norm kernel, aliased onto the features (a mixed-dtype ``addcmul`` runs
+    unvectorized there): the values are those of the one mixed-dtype op, which rounds once,
+    also for strided features, where torch's kernel would round twice."""
+    x, _ = make_input(CASES[1], 1, channels, torch.float64, "cpu")
     g = torch.Generator().manual_seed(3)
-    mean, var = torch.randn(5, generator=g) * 40, torch.rand(5, generator=g) + 0.01
-    weight, bias = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    mean = torch.randn(channels, generator=g) * 40
+    var = torch.rand(channels, generator=g) + 0.01
+    weight, bias = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
     f = (x.features * 5 + mean).to(dtype)  # large means: scale and shift rounded first would cancel
     half = [t.to(dtype) for t in (mean, var, weight, bias)]
     m, v, w, b = (t.float() for t in half)  # float32 scale and shift, from the formula
     scale = w * torch.rsqrt(v + 1e-5)
     shift = b - m * scale
     want = torch.addcmul(shift, f, scale, out=f.clone())  # one mixed-dtype op: rounds once
-    got = CF.batch_norm(x.replace_feature(f.clone()), *half, inplace=True).features
+    own = f.clone() if layout == "contiguous" else torch.cat([f, -f], 1)[:, :channels]
+    assert own.is_contiguous() == (layout == "contiguous")
+    got = CF.batch_norm(x.replace_feature(own), *half, inplace=True).features
+    assert got.data_ptr() == own.data_ptr()  # in place
     assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("stats_dtype", [torch.bfloat16, torch.float32])  # float32: autocast
-def test_batch_norm_in_place_half_precision_allocates_one_chunk(stats_dtype, monkeypatch):
+def test_batch_norm_in_place_half_precision_allocates_no_feature_copy(stats_dtype):
     """In place means no feature-sized temporary: half-precision features with float32 scale
-    and shift take one float32 chunk at most (a mixed-dtype ``addcmul`` with ``out=`` made a
-    float32 copy of the whole feature matrix on CPU, which raised the peak of whole networks
+    and shift take per-channel temporaries only (a mixed-dtype ``addcmul`` with ``out=`` made
+    a float32 copy of the whole feature matrix on CPU, which raised the peak of whole networks
     above the dense one's)."""
     from cad_apps.bench.measure import _tensor_peak
-    monkeypatch.setattr(CF, "_CHUNK_ELEMENTS", 64 * 8)
     x, _ = make_input(CASES[1], 1, 64, torch.float64, "cpu")
-    bound = 64 * 8 * 4 + 16 * 64 * 4  # the float32 chunk; per-channel scale, shift, temporaries
-    assert x.features.shape[0] * 64 * 4 > 2 * bound  # a float32 feature matrix would not fit
+    bound = 16 * 64 * 4  # per-channel scale, shift and temporaries
+    assert x.features.shape[0] * 64 * 2 > 2 * bound  # a bfloat16 feature matrix would not fit
     stats = [t.to(stats_dtype) for t in (torch.zeros(64), torch.ones(64))]
     own = x.replace_feature(x.features.to(torch.bfloat16))
     with torch.no_grad():
