@@ -173,7 +173,8 @@ def _affine_half_on_cpu(f: torch.Tensor, scale: torch.Tensor,
     kernel takes half-precision input with float32 parameters vectorized, and on contiguous
     input rounds once: run it as ``x * scale + shift`` (mean 0, variance 1 and eps 0 make its
     inverse std exactly 1) with the output aliased onto the input, which an eval batch norm,
-    elementwise, allows. Figures: ``experiments.half_batch_norm``."""
+    elementwise, allows (the same bits as the mixed ``addcmul`` on torch 2.4.1, the oldest
+    supported, and 2.14.1). Figures: ``experiments.half_batch_norm``."""
     if not f.is_contiguous():  # never a conv's output; torch's strided kernel rounds twice
         return f.copy_(torch.addcmul(shift, f, scale))
     torch.ops.aten.native_batch_norm.out(
