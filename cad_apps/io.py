@@ -5,7 +5,8 @@
   the new one, never a torn one.
 - :class:`OutputLock`: one writer per output. A second run pointed at the same ``--out`` while
   the first is alive is refused with a message instead of silently overwriting its results
-  (an advisory ``<out>.lock`` file, released when the process exits, even by ``kill -9``).
+  (an advisory ``<out>.lock`` file, released when the process exits, even by ``kill -9``);
+  :func:`check_not_busy` asks the same before a long command reaches that output.
 - :func:`to_json`: JSON with one line per record (big result files stay readable and
   diffable).
 """
@@ -17,7 +18,8 @@ import os
 from typing import Any, Callable
 
 __all__ = ["write_json_atomic", "save_torch_atomic", "write_atomic", "to_json", "OutputLock",
-           "OutputBusyError", "check_output_path", "read_json", "settings_difference"]
+           "OutputBusyError", "check_output_path", "check_not_busy", "read_json",
+           "settings_difference"]
 
 
 class OutputBusyError(RuntimeError):
@@ -178,3 +180,14 @@ class OutputLock:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def check_not_busy(path: str, what: str = "--out") -> None:
+    """Raise :class:`OutputBusyError` (the message of :class:`OutputLock`) if another live process
+    holds ``path``'s lock now: a command that writes several outputs in turn checks them all
+    before its first run, instead of finding a busy one at its turn, hours later. Creates no
+    file or folder (a lock is held only through its lock file)."""
+    lock = OutputLock(path, what)
+    if os.path.exists(lock.path + ".lock"):
+        with lock:
+            pass

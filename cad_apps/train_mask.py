@@ -634,7 +634,12 @@ def _main(args) -> int:
     data = None
     if not args.synthetic:  # before anything in OUT is written or removed
         data = _open_data(args.data_root, args)
-    with OutputLock(ckpt):
+    lock = OutputLock(ckpt)
+    # what this run makes for itself (OUT, or in it the lock file and synthetic data): a run
+    # that diverges before its first save removes it, leaving nothing that looks like a run
+    made = [out] if not os.path.exists(out) else [
+        p for p in [lock.path + ".lock"] if not os.path.exists(p)]
+    with lock:
         if os.path.exists(ckpt) and not (args.resume or args.overwrite):
             raise ValueError(f"{out} already holds a run ({ckpt}); continue it with --resume, "
                              "start over with --overwrite, or choose another --out")
@@ -674,6 +679,8 @@ def _main(args) -> int:
         if args.synthetic:
             root = os.path.join(out, "synthetic")
             if not os.path.isdir(root):
+                if made[:1] != [out]:  # else it goes with OUT
+                    made.append(root)
                 make_synthetic_cityscapes(root, "train", num_images=8, size=(64, 128), seed=args.seed)
                 make_synthetic_cityscapes(root, "val", num_images=2, size=(64, 128), seed=args.seed + 1)
             data = _open_data(root, args)
@@ -684,9 +691,19 @@ def _main(args) -> int:
                 "train_images": len(data[0]),
                 "train_ids_sha256": hashlib.sha256("\n".join(sorted(data[0].ids)).encode())
                 .hexdigest()}
-        history = train(blended, data[0], config, out,  # data: (train, val or None)
-                        resume=args.resume, device=device, progress=not args.no_progress,
-                        meta=meta)
+        try:
+            history = train(blended, data[0], config, out,  # data: (train, val or None)
+                            resume=args.resume, device=device, progress=not args.no_progress,
+                            meta=meta)
+        except DivergedError as e:
+            if os.path.exists(ckpt) or not made:  # a save to start over from: the message names it
+                raise
+            for p in made:  # under the lock: no other run is in them
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                else:
+                    os.remove(p)
+            raise DivergedError(f"{e}; removed {', '.join(made)}, which this run had made")
     if history:
         last = history[-1]
         print(f"trained {last['iteration']} iterations: loss {last['loss']:.4f}, task "

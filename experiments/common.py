@@ -241,13 +241,13 @@ def _limit_lowered(e: LimitLoweredError) -> ExperimentError:
 def check_settings(args, settings: Sequence[Setting]) -> None:
     """Check every setting of a command before the first is evaluated: the shared options, the
     data root, each mask (a learned estimator's file exists) and each result file in
-    ``<out>/runs/`` (one written with other settings, or holding images beyond ``--limit``, is
-    refused, with a fix). Raises :class:`ExperimentError`."""
+    ``<out>/runs/`` (one written with other settings, holding images beyond ``--limit`` or being
+    written by another live process is refused, with a fix). Raises :class:`ExperimentError`."""
     from cad_apps.data import CityscapesSegmentation
     from cad_apps.distributed import resolve_device
     from cad_apps.eval.loop import check_images
     from cad_apps.eval.results import load_results
-    from cad_apps.io import check_output_path
+    from cad_apps.io import check_not_busy, check_output_path
 
     try:  # the shared options, under a mask every stride pair and semantics allows (each
         # setting's own mask is checked below: the default edge mask is not always one)
@@ -260,6 +260,7 @@ def check_settings(args, settings: Sequence[Setting]) -> None:
         check_mask(s.option, s.mask)
         try:
             cfg = _setting_config(args, s.mask, s.label).check()
+            check_not_busy(cfg.out)  # another run writing it: refused now, not at its turn
             done = load_results(check_output_path(cfg.out), cfg)["images"]  # other settings:
             check_images(cfg.out, done, dataset.ids, cfg)  # refused; so is a lowered --limit
         except LimitLoweredError as e:

@@ -161,9 +161,9 @@ def check_args(args) -> None:
 def main(argv=None) -> int:
     from cad_apps.eval import INPUT_ERRORS
     from cad_apps.keypoints import network
-    from cad_apps.io import error_text
+    from cad_apps.io import check_not_busy, error_text
     from cad_apps.keypoints.evaluate import report_notes, run_evaluate
-    from cad_apps.keypoints.extract import ExtractConfig, run_extract
+    from cad_apps.keypoints.extract import SUMMARY, ExtractConfig, run_extract
 
     args = build_parser().parse_args(argv)
     try:
@@ -178,6 +178,8 @@ def main(argv=None) -> int:
             semantics=args.semantics, num_points=args.num_keypoints, device=args.device,
             dtype=args.dtype, engine=args.engine, progress=args.progress).validate())
             for label, stride, dil, mask in settings(args.settings, args.ablation)]
+        for _, cfg in runs:  # a folder another run extracts into: refused now, not at its turn
+            check_not_busy(os.path.join(os.path.abspath(cfg.out), SUMMARY))
         # a foreign --weights is refused before the synthetic set is written, and the file is
         # read once, not once per setting (each setting gets its own copy of the stack)
         stack = None if args.weights is None else network.load_d2_weights(args.weights)

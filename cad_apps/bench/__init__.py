@@ -314,25 +314,19 @@ def _check_replaceable(path: str) -> None:
     result, say): only bench's own output is replaced without ``--overwrite``."""
     import json
 
-    from ..io import read_json
-
     fix = "choose another --json, or pass --overwrite to replace it"
-    try:
-        read_json(path, FORMAT, "a cad-spconv bench result", fix)
-        return
-    except (ValueError, OSError) as e:
-        error = e
-    try:  # reports written before FORMAT existed have no "format" but these keys
+    try:  # read and parsed once (reports written before FORMAT existed have _REPORT_KEYS)
         with open(path) as f:
             old = json.load(f)
-        if isinstance(old, dict) and "format" not in old and _REPORT_KEYS <= set(old):
-            return
-    except (ValueError, OSError):
-        pass
-    if isinstance(error, OSError):
-        raise SystemExit(f"bench: --json {path} exists and cannot be read ({error.strerror}); "
+    except OSError as e:
+        raise SystemExit(f"bench: --json {path} exists and cannot be read ({e.strerror}); "
                          f"{fix}") from None
-    raise SystemExit(f"bench: --json {error}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise SystemExit(f"bench: --json {path} is not valid JSON ({e}); {fix}") from None
+    if isinstance(old, dict) and (old.get("format") == FORMAT or (
+            "format" not in old and _REPORT_KEYS <= set(old))):
+        return
+    raise SystemExit(f"bench: --json {path} is not a cad-spconv bench result; {fix}")
 
 
 def _inputs(args):

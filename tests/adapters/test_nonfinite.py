@@ -126,16 +126,35 @@ def deeplab_images():
     return torch.randn(2, 3, 49, 67, generator=torch.Generator().manual_seed(1))
 
 
+def deeplab_mask():
+    """test_deeplabv3_every_engine's mask that differs per image: (keep spec, level maps)."""
+    return emu.mixed_masks(3, 2, (7, 9), 1, "keep")
+
+
+@lru_cache(maxsize=2)
+def deeplab_emulated_layer3_0(value: str):
+    """The dense emulation of layer3.0, the first sparse block (densified on the finest grid),
+    on deeplab_first_sparse_layers' images under deeplab_mask."""
+    bad, _ = deeplab_first_sparse_layers(value)
+    stages = dict(deeplab().backbone.named_children())
+    stages["layer3"] = stages["layer3"][:1]  # the trunk up to layer3.0
+    del stages["layer4"]
+    with torch.no_grad():
+        _, got = emu.resnet_trunk(stages, bad, deeplab_mask()[1], 8, 16, capture=("layer3",))
+    return got["layer3"].dense()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("sparse_head", [False, True])
 def test_deeplabv3_every_engine(engine, sparse_head):
     """Image 1 unchanged (every output) for all kept and for a mask that differs per image;
-    for all kept, image 0 as torchvision at the first sparse layers (a corner pixel, so that
-    the non-finite region is part of the grid there)."""
+    image 0 as torchvision at the first sparse layers for all kept, and as the dense emulation
+    at layer3.0 for the per-image mask (a corner pixel, so that the non-finite region is part
+    of the grid there)."""
     m = deeplab()
     cad = convert(m, 8, 16, sparse_head=sparse_head, engine=engine)
     x = deeplab_images()
-    spec, _ = emu.mixed_masks(3, 2, (7, 9), 1, "keep")
+    spec, _ = deeplab_mask()
     all_kept = torch.ones(2, 1, 49, 67, dtype=torch.bool)
     with torch.no_grad():
         for keep in (all_kept, spec):
@@ -148,6 +167,10 @@ def test_deeplabv3_every_engine(engine, sparse_head):
                     assert torch.equal(out[key][1], clean[key][1]), (key, value)
                 if keep is all_kept:
                     assert_first_sparse_layers(got, want, torch.float32)
+                else:  # image 0's pattern under a mask of mixed levels too, not only all kept
+                    emulated = deeplab_emulated_layer3_0(value)
+                    assert_partly_finite(emulated, f"layer3.0, emulated, {value}")
+                    assert_same_nonfinite(got["layer3.0"], emulated, torch.float32)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -279,3 +279,42 @@ def test_an_existing_file_that_is_not_a_bench_result_is_kept(tmp_path):
     run_bench(tmp_path, "--model", "conv3x3", "--channels", "4", "--size", "32", "32")
     assert bench.main(_bench_args(tmp_path, "--json", str(other), "--overwrite")) == 0
     assert json.loads(other.read_text())["format"] == bench.FORMAT
+
+
+def test_an_existing_json_is_read_and_parsed_once(tmp_path, monkeypatch):
+    """_check_replaceable parsed a file twice (read_json, then json.load again for reports
+    written before "format" existed): once now, with the same messages for each kind of file."""
+    parses = []
+    load = json.load
+    monkeypatch.setattr(json, "load", lambda f, **kw: parses.append(f.name) or load(f, **kw))
+    old = tmp_path / "old.json"  # a report from before FORMAT: replaceable
+    old.write_text(json.dumps({k: {} for k in bench._REPORT_KEYS}))
+    bench._check_replaceable(str(old))
+    assert parses == [str(old)]
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"format": bench.FORMAT}))
+    bench._check_replaceable(str(new))
+    assert parses == [str(old), str(new)]
+    fix = r"; choose another --json, or pass --overwrite to replace it$"
+    for text, message in (("{not json", r"bad.json is not valid JSON \(.*\)"),
+                          (b"\xff\xfe", r"bad.json is not valid JSON \(.*\)"),
+                          ('["a list"]', "bad.json is not a cad-spconv bench result"),
+                          ('{"format": "cad-spconv-eval/2"}',
+                           "bad.json is not a cad-spconv bench result")):
+        bad = tmp_path / "bad.json"
+        bad.write_bytes(text) if isinstance(text, bytes) else bad.write_text(text)
+        parses.clear()
+        with pytest.raises(SystemExit, match=r"^bench: --json .*" + message + fix):
+            bench._check_replaceable(str(bad))
+        assert len(parses) <= 1
+    real_open = open
+
+    def unreadable(path, *a, **k):
+        if str(path) == str(bad):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", unreadable)
+    with pytest.raises(SystemExit, match=r"bad.json exists and cannot be read \(Permission "
+                                         r"denied\)" + fix):
+        bench._check_replaceable(str(bad))

@@ -102,6 +102,24 @@ def test_missing_learned_file_is_refused_before_any_evaluation(root, tmp_path, c
     assert not out.exists()
 
 
+def test_a_result_file_another_run_writes_is_refused_before_any_evaluation(root, tmp_path,
+                                                                           capsys):
+    """A setting whose runs/ file another live process was writing was found at its turn, after
+    the settings before it had been evaluated (hours, on Cityscapes): refused before the first,
+    naming the file and the fix."""
+    from cad_apps.io import OutputLock
+    from experiments.common import setting_label
+
+    out = tmp_path / "out"
+    busy = out / "runs" / f"{setting_label('edge:0.5')}.json"  # the last setting
+    with OutputLock(str(busy)):
+        assert tradeoff.main(_argv(root, out) + ["--thresholds", "0.5"]) == 2
+    # no setting was evaluated (the baselines before it were)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [busy.name + ".lock"]
+    _one_line_error(capsys, "--thresholds 0.5", str(busy), "being written by another running "
+                    "process", "wait for it to finish or choose another --out")
+
+
 # --------------------------------------------------------------------------- provenance
 def _has_provenance(report, name, *settings):
     assert report["command"].startswith(f"python -m experiments.{name} ")

@@ -141,3 +141,28 @@ def test_sweep_checks_every_settings_options_before_the_first(tmp_path, monkeypa
         assert err == ("experiments.keypoints: error: --seed must be a non-negative integer "
                        "below 2**64, got -1\n"), err
         assert not out.exists()
+
+
+def test_a_folder_another_run_extracts_into_is_refused_before_any_setting(tmp_path, monkeypatch,
+                                                                          capsys):
+    """A setting whose features folder another live process was extracting into was found at
+    its turn, after the settings before it had run (hours, in the paper's sweep): refused before
+    the first, naming the file and the fix."""
+    import cad_apps.keypoints.network as network
+    from cad_apps.io import OutputLock
+
+    monkeypatch.setattr(network, "random_features",
+                        lambda seed=0: thin_vgg(scale=32, seed=seed).float())
+    monkeypatch.setattr(exp, "QUICK_SETTINGS", {4: [(11,)], 2: [(21, 21)], 1: [(9, 19, 35)]})
+    data = tmp_path / "data"
+    write_synthetic(str(data), [synthetic_scene((144, 192), 3)], image_size=(48, 64), kinds=("v",))
+    out = tmp_path / "sweep"
+    last = exp.settings("quick", ablation=True)[-1][0]
+    busy = out / "features" / last / "summary.json"
+    with OutputLock(str(busy)):
+        assert exp.main(["--data-root", str(data), "--random-weights", "--settings", "quick",
+                         "--num-keypoints", "16", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: --out {busy} is being written by another running process" in err
+            and "wait for it to finish or choose another --out" in err), err
+    assert os.listdir(out / "features") == [last]  # no setting ran

@@ -384,8 +384,9 @@ def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
 def test_a_diverged_run_stops_before_saving_its_state(tmp_path, capsys, monkeypatch):
     """A NaN / Inf loss crashed at the first save ("Out of range float values are not JSON
     compliant") after last.pt got NaN weights and without history.json: it stops at the first
-    non-finite loss, naming the iteration and --lr, and saves nothing of that state; a
-    non-finite --lr or multiplier is refused up front."""
+    non-finite loss, naming the iteration and --lr, and saves nothing of that state (nor keeps
+    what it made for itself when nothing was saved); a non-finite --lr or multiplier is refused
+    up front."""
     from cad_apps.train_mask import DivergedError
 
     out = str(tmp_path / "run")
@@ -401,7 +402,16 @@ def test_a_diverged_run_stops_before_saving_its_state(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert ("training diverged: the loss is nan" in err and "at iteration 2; nothing was saved; "
             "start again with a lower --lr (now 1e+12)" in err), err
-    assert not {"last.pt", "history.json"} & set(os.listdir(out))
+    # it left OUT behind with its synthetic data and lock file: what it made goes, and it says so
+    assert f"; removed {out}, which this run had made" in err, err
+    assert not os.path.exists(out)
+    os.makedirs(out)  # in a folder of the user's, only what the run made in it
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("mine")
+    assert cli.main(argv + ["--lr", "1e12"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt.lock, " in err and "synthetic, which this run had made" in err, err
+    assert os.listdir(out) == ["notes.txt"]
     # diverging after a save keeps that save, and the advice says how to start over
     data = synthetic_items(4, seed=2)
     cfg = TrainConfig(iters=4, batch_size=2, crop_size=32, lr=0.01, save_every=1)

@@ -7,7 +7,7 @@ import torch
 
 from tests.support import dense_reference as ref
 from cad_spconv import LevelPlan, make_plan
-from tests.support.inputs import random_masks
+from tests.support.inputs import mixable_levels, random_masks
 from tests.support.keep import as_keep
 
 GRIDS = [(13, 11), (8, 8), (17, 23), (1, 5)]
@@ -125,3 +125,19 @@ def test_the_tests_random_masks_mix_every_level(kind, num_levels):
             for b in range(3):
                 assert set(np.unique(levels[b])) == set(range(num_levels + 1)), (grid, seed, b)
             assert not (levels[0] == levels[1]).all()
+
+
+def test_the_tests_random_masks_refuse_to_drop_a_level():
+    """The helper kept the best of 50 draws when none mixed every level: a 16x16 grid at L = 3
+    rarely leaves an 8x8 block free, and a test on it ran without level 3 in silence. It is an
+    error naming the fix now; grids too small for every level mix all they allow."""
+    with pytest.raises(ValueError, match=r"no draw in 50 mixes the 4 levels a 16x16 grid allows "
+                                         r"at num_levels=3 \('map'\) .*emulation.mixed_masks"):
+        random_masks(np.random.default_rng(0), 3, (16, 16), 3, "map")
+    for grid, num_levels, want in (((8, 8), 3, 3), ((1, 5), 3, 3), ((1, 5), 2, 3),
+                                   ((2, 2), 2, 1), ((16, 20), 3, 4)):
+        assert mixable_levels(grid, num_levels) == want
+        _, masks = random_masks(np.random.default_rng(1), 3, grid, num_levels, "levels")
+        levels = ref.levels_from_masks(masks, num_levels)
+        for b in range(3):
+            assert set(np.unique(levels[b])) == set(range(want)), (grid, num_levels, b)

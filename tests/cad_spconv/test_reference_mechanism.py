@@ -17,8 +17,8 @@ ENGINES = ["torch", "products"]  # the lattice engine refuses reference semantic
 
 def mixed_input(case, step, seed):
     """A CADTensor at ``step`` (3 channels, float64) on a batch of 3 level maps that each mix
-    every level (``mixed_masks`` redraws until they do; ``inputs.random_masks`` falls back to
-    maps without level 3 on a 16x16 grid), and the level maps."""
+    every level (``mixed_masks`` redraws until they do; ``inputs.random_masks`` rarely finds
+    such maps on a 16x16 grid, and refuses it), and the level maps."""
     grid, num_levels, kind = case
     _, levels = mixed_masks(seed, 3, grid, num_levels, kind)
     plan = LevelPlan.from_level_map(torch.from_numpy(levels), num_levels)

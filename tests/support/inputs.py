@@ -31,7 +31,9 @@ def random_masks(rng, batch, grid, num_levels, kind):
     # Uniform noise alone almost never leaves a 2**L block unmarked at L = 3, so the coarsest
     # level would be missing: each mask is a rectangle plus sparse noise (its own density per
     # image, thinner for coarser levels' masks), redrawn until every image mixes every level
-    # the grid allows (the best of 50 draws on grids too small for that).
+    # the grid allows (mixable_levels). If none of 50 draws does, that is an error: the best
+    # draw would let a test run without the coarsest level, silently.
+    want = mixable_levels(grid, num_levels)
     best = None
     for _ in range(50):
         masks = [_blob_masks(rng, batch, H, W, 4.0 ** -l)
@@ -40,8 +42,13 @@ def random_masks(rng, batch, grid, num_levels, kind):
         worst = min(len(np.unique(levels[b])) for b in range(batch))
         if best is None or worst > best[0]:
             best = (worst, masks)
-        if worst == num_levels + 1:
+        if worst == want:
             break
+    else:
+        raise ValueError(
+            f"random_masks: no draw in 50 mixes the {want} levels a {H}x{W} grid allows at "
+            f"num_levels={num_levels} ({kind!r}) in every image (at best {best[0]}); use "
+            "emulation.mixed_masks (it redraws longer), a larger grid or fewer levels")
     masks = best[1]
     if kind == "keep":
         return torch.from_numpy(masks[0]), masks
@@ -51,6 +58,14 @@ def random_masks(rng, batch, grid, num_levels, kind):
         levels = ref.levels_from_masks(masks, num_levels)
         return torch.from_numpy(levels), masks
     raise ValueError(kind)
+
+
+def mixable_levels(grid, num_levels: int) -> int:
+    """How many levels one image of ``grid`` can mix at ``num_levels``: level 0 and each level
+    ``s`` whose ``2**s`` blocks do not cover the grid (a kept cell in the top-left corner makes
+    every such level appear next to it; a level whose block covers the grid cannot appear
+    beside a kept cell)."""
+    return 1 + sum(1 for s in range(1, num_levels + 1) if max(grid) > 2 ** s)
 
 
 def _blob_masks(rng, batch, H, W, scale):
