@@ -63,13 +63,19 @@ class TrainConfig:
     workers: int = 0
 
     def check(self):
+        # messages name the command's options: most users meet these through train-mask
         if self.iters < 0 or self.batch_size < 1 or self.crop_size < 1:
-            raise ValueError("iters >= 0, batch_size >= 1 and crop_size >= 1 are required")
+            raise ValueError(f"--iters >= 0, --batch-size >= 1 and --crop-size >= 1 are "
+                             f"required, got {self.iters}, {self.batch_size} and "
+                             f"{self.crop_size}")
+        if self.workers < 0:  # torch says num_workers, and only once OUT was cleared
+            raise ValueError(f"--workers must be >= 0 (0 loads the data in the main process), "
+                             f"got {self.workers}")
         if not 0.0 <= self.rho <= 1.0:
-            raise ValueError(f"rho (target fraction of low-resolution cells) must lie in [0, 1], "
-                             f"got {self.rho}")
+            raise ValueError(f"--rho (target fraction of low-resolution cells) must lie in "
+                             f"[0, 1], got {self.rho}")
         if not self.tau > 0:  # NaN too
-            raise ValueError(f"tau must be > 0, got {self.tau}")
+            raise ValueError(f"--tau must be > 0, got {self.tau}")
         for name in ("lr", "backbone_lr_mult", "estimator_lr_mult", "momentum", "weight_decay",
                      "task_weight", "budget_weight"):
             value = getattr(self, name)
@@ -80,7 +86,7 @@ class TrainConfig:
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {self.scale_range}")
         if not 0 <= self.color_jitter < 1:
-            raise ValueError(f"color_jitter must lie in [0, 1), got {self.color_jitter}")
+            raise ValueError(f"--color-jitter must lie in [0, 1), got {self.color_jitter}")
         if not 0 < self.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must lie in (0, 1], got {self.bn_momentum}")
         if self.save_every < 0:

@@ -336,6 +336,31 @@ def test_cli_train_mask_on_synthetic_cityscapes(tmp_path, capsys):
     assert "exactly one of --data-root or --synthetic" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "-1"], "--workers must be >= 0 (0 loads the data in the main process), got -1"),
+    (["--rho", "1.5"], "--rho (target fraction of low-resolution cells) must lie in [0, 1]"),
+    (["--tau", "0"], "--tau must be > 0, got 0.0"),
+    (["--color-jitter", "1"], "--color-jitter must lie in [0, 1), got 1.0"),
+    (["--crop-size", "0"], "--iters >= 0, --batch-size >= 1 and --crop-size >= 1 are required"),
+])
+def test_cli_settings_are_refused_by_option_before_an_old_run_is_cleared(tmp_path, capsys,
+                                                                         argv, message):
+    """Bad settings are refused naming the option, before ``--overwrite`` removes anything of
+    the run in OUT (``--workers -1`` was refused by torch's data loader, as num_workers, after
+    the old run's eval.json was gone)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.pt", "eval.json"):  # stand-ins: nothing may touch them
+        (out / name).write_bytes(b"old " + name.encode())
+    assert cli.main(["train-mask", "--synthetic", "--model", "fcn_tiny", "--iters", "1",
+                     "--batch-size", "2", "--crop-size", "32", "--out", str(out),
+                     "--no-progress", "--overwrite", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert sorted(os.listdir(out)) == ["eval.json", "last.pt"]
+    assert (out / "eval.json").read_bytes() == b"old eval.json"
+
+
 def test_cli_refuses_to_replace_or_mix_runs(tmp_path, capsys):
     """An existing run is not replaced without --overwrite; --resume with other settings is
     refused, naming them; fcn_tiny takes no weights."""
