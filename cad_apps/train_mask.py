@@ -316,11 +316,16 @@ def train(blended, dataset, config: TrainConfig, out_dir: Optional[str] = None,
         os.makedirs(out_dir, exist_ok=True)
 
     saved = {"iteration": start if resume else None}
+    # a run started over (--overwrite) replaces the old checkpoint only at its first save
+    old_run = not resume and bool(ckpt_path) and os.path.exists(ckpt_path)
 
     def diverged(what: str, iteration: int):
         fix = f"start again with a lower --lr (now {config.lr:g})"
         if saved["iteration"] is None:
             kept = "nothing was saved"
+            if old_run:
+                kept += f" ({ckpt_path} still holds the run started over)"
+                fix += " and --overwrite"
         else:  # a resume would refuse the new --lr: the run starts over
             kept = f"{ckpt_path} still holds iteration {saved['iteration']}"
             fix += " and --overwrite"

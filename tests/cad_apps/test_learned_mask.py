@@ -437,6 +437,17 @@ def test_a_diverged_run_stops_before_saving_its_state(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "last.pt.lock, " in err and "synthetic, which this run had made" in err, err
     assert os.listdir(out) == ["notes.txt"]
+    # --overwrite of a run, diverging before its first save: the old run stays, and the advice
+    # keeps --overwrite (without it the command is refused: OUT holds a run)
+    assert cli.main(argv[:argv.index("--out")] + ["--lr", "0.01", "--iters", "1",
+                                                 *argv[argv.index("--out"):]]) == 0
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    assert cli.main(argv + ["--lr", "1e12", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert ("at iteration 2; nothing was saved (" + os.path.join(out, "last.pt") + " still "
+            "holds the run started over); start again with a lower --lr (now 1e+12) and "
+            "--overwrite") in err, err
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before
     # diverging after a save keeps that save, and the advice says how to start over
     data = synthetic_items(4, seed=2)
     cfg = TrainConfig(iters=4, batch_size=2, crop_size=32, lr=0.01, save_every=1)
