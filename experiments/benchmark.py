@@ -216,6 +216,23 @@ def _refuse_existing(parser, args, chosen, frames) -> None:
                  "or pass --overwrite to replace them")
 
 
+def _refuse_busy(parser, args, chosen, frames) -> None:
+    """Refuse, before any run, a result file that another run writes now (bench holds its
+    ``--json``'s lock for the whole run): found at its turn, it would fail after hours."""
+    import contextlib
+    import io
+
+    from cad_apps.io import OutputBusyError, check_not_busy
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the skip notes come with the run
+        selected = list(_selected(args, chosen, frames))
+    for _, name, _ in selected:
+        try:
+            check_not_busy(os.path.join(args.results, f"{name}.json"), "--results")
+        except OutputBusyError as e:
+            parser.error(str(e))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", choices=("cpu", "targets", "ops", "gpu", "all", "report"))
@@ -259,6 +276,8 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     if not (args.dry_run or args.overwrite):
         _refuse_existing(parser, args, chosen, frames)
+    if not args.dry_run:
+        _refuse_busy(parser, args, chosen, frames)
     import subprocess
 
     if not args.dry_run:

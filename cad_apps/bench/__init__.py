@@ -122,7 +122,11 @@ def configure(parser: argparse.ArgumentParser):
 
 
 def main(args, command: str | None = None) -> int:
+    import contextlib
+
     import torch
+
+    from cad_apps.io import OutputBusyError, OutputLock
 
     from cad_spconv.engines import clear_tuned
     from cad_spconv.engines.layouts import clear_caches
@@ -143,7 +147,12 @@ def main(args, command: str | None = None) -> int:
             # GEMMs) and spconv in full FP32; --tf32 sets all three alike
             tf32 = args.tf32 == "on"
             set_math_flags(tf32, tf32, cudnn_benchmark=True, spconv_tf32=tf32)
-        return _run(args, cfg, command)
+        # one writer per --json: a second bench into the same file would replace this one's
+        # result at its end without a word (the markdown's lock is taken only to append)
+        with OutputLock(args.json, "--json") if args.json else contextlib.nullcontext():
+            return _run(args, cfg, command)
+    except OutputBusyError as e:
+        raise SystemExit(f"bench: {e}") from None
     finally:  # leave the process as it was (tests call main in-process)
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)

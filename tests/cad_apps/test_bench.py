@@ -281,6 +281,23 @@ def test_an_existing_file_that_is_not_a_bench_result_is_kept(tmp_path):
     assert json.loads(other.read_text())["format"] == bench.FORMAT
 
 
+def test_a_json_another_bench_writes_is_refused_and_kept(tmp_path, monkeypatch):
+    """One writer per --json: bench holds its lock for the whole run, so a second bench into
+    the same file is refused before any work (it replaced the first one's result at its end)."""
+    from cad_apps.io import OutputLock
+
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(bench, "_run", lambda *a: pytest.fail("ran although --json is busy"))
+    with OutputLock(str(out)):
+        with pytest.raises(SystemExit, match=r"^bench: --json .*r.json is being written by "
+                                             r"another running process .*choose another --json"):
+            bench.main(_bench_args(tmp_path, "--json", str(out)))
+    assert not out.exists()
+    monkeypatch.undo()
+    assert bench.main(_bench_args(tmp_path, "--json", str(out))) == 0  # free again
+    assert json.loads(out.read_text())["format"] == bench.FORMAT
+
+
 def test_an_existing_json_is_read_and_parsed_once(tmp_path, monkeypatch):
     """_check_replaceable parsed a file twice (read_json, then json.load again for reports
     written before "format" existed): once now, with the same messages for each kind of file."""

@@ -222,6 +222,26 @@ def test_benchmark_refuses_to_replace_a_result_without_overwrite(suite, capsys):
     assert benchmark.main(["ops", *argv]) == 0 and len(calls) == 3  # new files: no refusal
 
 
+def test_benchmark_refuses_a_result_another_bench_writes_before_any_run(suite, capsys):
+    """bench holds its --json's lock for the whole run: a suite that would write the same
+    result is refused before its first run (at its turn it would have failed after hours),
+    with --overwrite too."""
+    from cad_apps.io import OutputLock
+    from experiments import benchmark
+
+    argv, results, calls = suite
+    busy = results / "cpu_conv3x3_512_512x1024.json"  # the last of the ops suite
+    for extra in ([], ["--overwrite"]):
+        with OutputLock(str(busy)):
+            with pytest.raises(SystemExit) as e:
+                benchmark.main(["ops", *argv, *extra])
+        assert e.value.code == 2 and calls == []
+        err = capsys.readouterr().err
+        assert (f"--results {busy} is being written by another running process" in err
+                and "choose another --results" in err), err
+    assert benchmark.main(["ops", *argv]) == 0 and len(calls) == 2
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--only", "nosuch"], ["--only 'nosuch' matches no result", "cpu_conv3x3_256_512x1024"]),
     (["--reps", "0"], ["--reps must be >= 1"]),
