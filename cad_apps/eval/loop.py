@@ -5,13 +5,12 @@ import math
 import os
 
 from ..distributed import Dist, device_name, init_distributed, resolve_device
-from ..io import (OutputBusyError, OutputLock, check_output_path, write_atomic,
-                  write_json_atomic)
+from ..io import OutputLock, check_output_path, write_atomic, write_json_atomic
 from .config import EvalConfig
 from .results import finite, load_results, summarize
 from .segmenter import Segmenter
 
-__all__ = ["evaluate", "LimitLoweredError", "check_images"]
+__all__ = ["evaluate", "LimitLoweredError", "check_images", "check_inputs"]
 
 
 class LimitLoweredError(ValueError):
@@ -29,6 +28,29 @@ def check_images(out_path: str, done, ids, cfg: EvalConfig) -> None:
         raise LimitLoweredError(
             f"{out_path} holds results of {len(extra)} images {beyond} (e.g. {extra[0]}); "
             "evaluate them too (a larger --limit), or pass --overwrite or another --out")
+
+
+def check_inputs(out_path: str, results: dict, dataset) -> None:
+    """Refuse an ``--out`` file whose images were computed from other files than ``dataset``
+    holds under the same frame ids (another ``--data-root``): its summary would pool two
+    datasets. Compared by the SHA-256 of each image and label file, so a moved copy of the same
+    data resumes; records written before the hashes were (no ``input_sha256``) are not checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    where = {name: i for i, name in enumerate(dataset.ids)}
+    recorded = [(name, rec["input_sha256"]) for name, rec in results["images"].items()
+                if rec.get("input_sha256") is not None and name in where]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL
+        now = pool.map(lambda item: dataset.input_sha256(where[item[0]]), recorded)
+        for (name, old), new in zip(recorded, now):
+            for part, files in (("image", dataset.images), ("labels", dataset.targets)):
+                if old.get(part) != new[part]:
+                    root = results["config"].get("data_root")
+                    raise ValueError(
+                        f"{out_path} holds results of {name} computed from another {part} file "
+                        f"than {files[where[name]]} (another --data-root"
+                        + (f" than {root}" if root else "") + "?); pass the --data-root that "
+                        "run read, or --overwrite or another --out")
 
 
 def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
@@ -53,11 +75,17 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
     lock = OutputLock(out_path)
     try:
         # rank 0 locks and reads the file; everyone gets the same list of images still to do
-        results, problem = None, None
-        if dist.main:
-            try:
+        results, error = None, None
+        try:
+            dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit,
+                                             sha256=True)
+            if dist.main:
                 lock.__enter__()
                 results = load_results(out_path, cfg)
+                check_images(out_path, results["images"], dataset.ids, cfg)
+                check_inputs(out_path, results, dataset)
+                # the data this run reads (a moved copy of the same files resumes)
+                results["config"]["data_root"] = os.path.abspath(cfg.data_root)
                 if cfg.save_predictions:  # images done earlier are skipped: their PNGs must exist
                     missing = [i for i in results["images"]
                                if not os.path.isfile(_prediction_path(cfg.save_predictions, i))]
@@ -67,14 +95,10 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
                             f"{out_path} were evaluated without saving their predictions (e.g. "
                             f"{missing[0]}), and a resume skips them; pass --overwrite to "
                             "evaluate everything again, or another --out")
-            except (ValueError, OutputBusyError) as e:
-                problem = (isinstance(e, OutputBusyError), str(e))
-        done, problem = dist.broadcast((set(results["images"]) if results else set(), problem))
-        if problem:  # every rank stops, none is left waiting, each with rank 0's error class
-            busy, text = problem
-            raise (OutputBusyError if busy else ValueError)(text)
-        dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit)
-        check_images(out_path, done, dataset.ids, cfg)
+        except Exception as e:  # every rank stops, none is left waiting, each with this error
+            error = e
+        dist.raise_first(error)
+        done = dist.broadcast(set(results["images"]) if dist.main else None)
         todo = [i for i, name in enumerate(dataset.ids) if name not in done]
         shard = dist.shard(todo)
         steps = math.ceil(math.ceil(len(todo) / dist.world) / cfg.batch_size) if todo else 0
@@ -160,6 +184,7 @@ def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
             "time_device": None if seconds is None else device_name(seg.device),
             "miou": finite(cm.miou()),
             "confusion": counts_to_triples(counts),
+            "input_sha256": batch["input_sha256"][b],  # which files (a resume compares them)
         })
         if cfg.save_predictions:
             _save_prediction(cfg.save_predictions, batch["id"][b], pred[b])

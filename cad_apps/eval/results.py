@@ -23,13 +23,19 @@ def load_results(path: str, cfg: EvalConfig) -> dict:
         # written before the mask rules were recorded: the old rules (None), which differ from
         # the current ones only for the masks that have one (config.MASK_RULES)
         old["config"].setdefault("mask_rule", None)
-        shown = settings_difference(old["config"], mine)
+        shown = settings_difference({k: v for k, v in old["config"].items()
+                                     if k not in RECORDED}, mine)
         if shown:
             raise ValueError(f"{path} was written with other settings ({shown}); pass another "
                              "--out, or --overwrite to start over")
         return old
     return {"format": FORMAT, "config": cfg.fingerprint(), "environment": {}, "summary": {},
             "images": {}}
+
+
+# recorded in the file's config (eval.loop), not compared on resume: the data is compared file
+# by file (eval.loop.check_inputs), so a moved copy of the same data resumes
+RECORDED = ("data_root",)
 
 
 _RECORD_KEYS = ("confusion", "macs", "macs_dense_finest", "macs_dense_coarsest", "time_s",
@@ -47,6 +53,11 @@ def _check_records(path: str, old: dict) -> None:
             missing = [k for k in _RECORD_KEYS if not isinstance(rec, dict) or k not in rec]
             if missing:
                 bad = f"the record of {name} lacks {', '.join(missing)}"
+                break
+            hashes = rec.get("input_sha256")
+            if hashes is not None and not (isinstance(hashes, dict) and all(
+                    isinstance(hashes.get(k), str) for k in ("image", "labels"))):
+                bad = f"the record of {name} has a broken input_sha256"
                 break
     if bad:
         raise ValueError(f"{path} is damaged ({bad}); pass --overwrite to evaluate again, or "

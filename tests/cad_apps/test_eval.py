@@ -591,3 +591,30 @@ def test_times_from_other_machines_are_flagged_not_pooled_silently():
     result = {"summary": mixed, "config": {"model": "m", "mask": "none", "finest_stride": 8,
                                            "coarsest_stride": 16}}
     assert "MIXED over cpu (A), cuda (H200)" in format_summary(result)
+
+
+def test_a_resume_on_other_data_under_the_same_frame_ids_is_refused(checkpoint, tmp_path):
+    """Another --data-root with the same frame ids (other pixels) would mix two datasets in one
+    summary: each record holds the SHA-256 of its image and label files, which a resume
+    compares. A moved copy of the same data resumes, and so does a file written before the
+    hashes."""
+    import shutil
+
+    a, b, moved = tmp_path / "a", tmp_path / "b", tmp_path / "moved"
+    make_synthetic_cityscapes(a, num_images=3, size=SIZE, seed=1)
+    make_synthetic_cityscapes(b, num_images=3, size=SIZE, seed=5)
+    assert CityscapesSegmentation(str(a)).ids == CityscapesSegmentation(str(b)).ids
+    first, out = run(str(a), checkpoint, tmp_path, "none", name="r.json", limit=1)
+    assert first["config"]["data_root"] == str(a)
+    with pytest.raises(ValueError, match=rf"r.json holds results of .* computed from another "
+                                         rf"image file than {b}.*another --data-root than {a}"):
+        run(str(b), checkpoint, tmp_path, "none", name="r.json", limit=2)
+    shutil.copytree(a, moved)
+    resumed, _ = run(str(moved), checkpoint, tmp_path, "none", name="r.json", limit=2)
+    assert len(resumed["images"]) == 2 and resumed["config"]["data_root"] == str(moved)
+    old = json.loads(open(out).read())  # a file from before the hashes: resumed as then
+    for rec in old["images"].values():
+        del rec["input_sha256"]
+    del old["config"]["data_root"]
+    write_json_atomic(out, old)
+    assert len(run(str(b), checkpoint, tmp_path, "none", name="r.json")[0]["images"]) == 3
