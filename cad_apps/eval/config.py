@@ -231,9 +231,12 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--mask", default=None, help=MASK_HELP)
     parser.add_argument("--out", default="results.json", help="JSON results (resumed if it exists)")
     parser.add_argument("--save-predictions", metavar="DIR",
-                        help="write <DIR>/<city>/<frame>_pred_trainIds.png per image")
+                        help="write <DIR>/<city>/<frame>_pred_trainIds.png per image, and "
+                             "DIR/cad-spconv-eval.json naming the run (a folder of another "
+                             "run is refused without --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start over instead of resuming --out")
+                        help="start over instead of resuming --out (and take over the "
+                             "--save-predictions folder of another run)")
 
 
 def config_from_args(args) -> EvalConfig:

@@ -1,16 +1,24 @@
 """The evaluation loop: shard, resume, run, record, write (atomically, after every batch)."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import uuid
 
 from ..distributed import Dist, device_name, init_distributed, resolve_device
-from ..io import OutputLock, check_output_path, write_atomic, write_json_atomic
+from ..io import (OutputLock, check_output_path, read_json, settings_difference, write_atomic,
+                  write_json_atomic)
 from .config import EvalConfig
 from .results import finite, load_results, summarize
 from .segmenter import Segmenter
 
-__all__ = ["evaluate", "LimitLoweredError", "check_images", "check_inputs"]
+__all__ = ["evaluate", "LimitLoweredError", "check_images", "check_inputs",
+           "claim_predictions", "MANIFEST"]
+
+#: the file in a --save-predictions folder that names the run its PNGs belong to
+MANIFEST = "cad-spconv-eval.json"
+MANIFEST_FORMAT = "cad-spconv-eval-predictions/1"
 
 
 class LimitLoweredError(ValueError):
@@ -73,6 +81,8 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
     if dist.active and torch.device(run_device).type == "cuda":
         run_device = f"cuda:{dist.local_rank}"
     lock = OutputLock(out_path)
+    predictions_lock = (OutputLock(os.path.join(cfg.save_predictions, MANIFEST),
+                                   "--save-predictions") if cfg.save_predictions else None)
     try:
         # rank 0 locks and reads the file; everyone gets the same list of images still to do
         results, error = None, None
@@ -86,15 +96,14 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
                 check_inputs(out_path, results, dataset)
                 # the data this run reads (a moved copy of the same files resumes)
                 results["config"]["data_root"] = os.path.abspath(cfg.data_root)
-                if cfg.save_predictions:  # images done earlier are skipped: their PNGs must exist
-                    missing = [i for i in results["images"]
-                               if not os.path.isfile(_prediction_path(cfg.save_predictions, i))]
-                    if missing:
-                        raise ValueError(
-                            f"--save-predictions {cfg.save_predictions}: {len(missing)} images of "
-                            f"{out_path} were evaluated without saving their predictions (e.g. "
-                            f"{missing[0]}), and a resume skips them; pass --overwrite to "
-                            "evaluate everything again, or another --out")
+                # the id a --save-predictions folder names; a file that has done images but no
+                # id is from before run ids
+                legacy = bool(results["images"]) and "run" not in results
+                results.setdefault("run", uuid.uuid4().hex)
+                if cfg.save_predictions:
+                    predictions_lock.__enter__()
+                    claim_predictions(cfg.save_predictions, out_path, results, legacy,
+                                      cfg.overwrite)
         except Exception as e:  # every rank stops, none is left waiting, each with this error
             error = e
         dist.raise_first(error)
@@ -147,6 +156,8 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
             write_json_atomic(out_path, results)
         dist.barrier()
     finally:
+        if predictions_lock is not None:
+            predictions_lock.__exit__(None, None, None)
         lock.__exit__(None, None, None)
         dist.close()
     return results if dist.main else None
@@ -191,9 +202,58 @@ def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
     return out
 
 
+def claim_predictions(folder: str, out_path: str, results: dict, legacy: bool,
+                      overwrite: bool) -> None:
+    """Tie ``--save-predictions`` ``folder`` to the run of ``results`` (its ``"run"`` id, in
+    ``folder``/:data:`MANIFEST`), before any PNG is written. Refused without ``overwrite``: a
+    folder of another run whose results file still holds it (its PNGs would be overwritten, and
+    a resume of either would take the other's as its own), and a folder of PNGs that names no
+    run, unless ``results`` is a file from before run ids (``legacy``), resumed as then. Images
+    done earlier are skipped, so their PNGs must be there."""
+    fix = ("pass another --save-predictions folder, or --overwrite to replace them (which "
+           "starts --out over too)")
+    path = os.path.join(folder, MANIFEST)
+    owner = None
+    if os.path.isfile(path):
+        owner = read_json(path, MANIFEST_FORMAT, "a cad-spconv eval predictions manifest",
+                          f"--save-predictions {folder}: {fix}")
+    if not overwrite and owner is not None and owner.get("run") != results["run"] \
+            and _run_of(owner.get("out")) == owner.get("run"):
+        shown = settings_difference(owner.get("config", {}), results["config"], here="there")
+        raise ValueError(f"--save-predictions {folder} holds the predictions of another run, "
+                         f"{owner.get('out')} ({shown or 'the same settings'}); {fix}")
+    if not overwrite and owner is None and not legacy:
+        found = next((os.path.join(d, f) for d, _, files in os.walk(folder) for f in sorted(files)
+                      if f.endswith(_SUFFIX)), None)
+        if found:
+            raise ValueError(f"--save-predictions {folder} holds predictions that name no run "
+                             f"(no {MANIFEST}; e.g. {found}); {fix}")
+    missing = [i for i in results["images"] if not os.path.isfile(_prediction_path(folder, i))]
+    if missing:
+        raise ValueError(
+            f"--save-predictions {folder}: {len(missing)} images of {out_path} were evaluated "
+            f"without saving their predictions (e.g. {missing[0]}), and a resume skips them; "
+            "pass --overwrite to evaluate everything again, or another --out")
+    write_json_atomic(path, {"format": MANIFEST_FORMAT, "run": results["run"], "out": out_path,
+                             "config": results["config"]})
+
+
+def _run_of(out_path) -> str | None:
+    """The run id in a results file; ``None`` where there is none (no such file any more, or
+    another tool's): the PNGs of a manifest naming it belong to no results file."""
+    try:
+        with open(out_path) as f:
+            return json.load(f).get("run")
+    except (OSError, TypeError, ValueError, AttributeError):
+        return None
+
+
+_SUFFIX = "_pred_trainIds.png"
+
+
 def _prediction_path(folder: str, frame_id: str) -> str:
     city, name = frame_id.split("/")
-    return os.path.join(folder, city, f"{name}_pred_trainIds.png")
+    return os.path.join(folder, city, name + _SUFFIX)
 
 
 def _save_prediction(folder: str, frame_id: str, pred) -> None:

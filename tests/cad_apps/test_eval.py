@@ -618,3 +618,37 @@ def test_a_resume_on_other_data_under_the_same_frame_ids_is_refused(checkpoint, 
     del old["config"]["data_root"]
     write_json_atomic(out, old)
     assert len(run(str(b), checkpoint, tmp_path, "none", name="r.json")[0]["images"]) == 3
+
+
+def test_a_predictions_folder_belongs_to_one_run(fixture_root, checkpoint, tmp_path):
+    """--save-predictions names its run (DIR/cad-spconv-eval.json): a run with other settings
+    and another --out is refused instead of overwriting the PNGs, and after --overwrite took
+    the folder, the first run's resume is refused instead of taking them as its own. A folder
+    of PNGs that names no run is refused too, except for the resume of a file from before."""
+    preds = tmp_path / "preds"
+    run(fixture_root, checkpoint, tmp_path, "none", name="r1.json", limit=1,
+        save_predictions=str(preds))
+    png = next(preds.rglob("*_pred_trainIds.png"))
+    before = png.read_bytes()
+    with pytest.raises(ValueError, match=rf"--save-predictions {preds} holds the predictions "
+                                         rf"of another run, {tmp_path / 'r1.json'} \(mask: "
+                                         rf"'none' there vs 'all' now\).*--overwrite"):
+        run(fixture_root, checkpoint, tmp_path, "all", name="r2.json", limit=1,
+            save_predictions=str(preds))
+    assert png.read_bytes() == before
+    run(fixture_root, checkpoint, tmp_path, "all", name="r2.json", limit=1,
+        save_predictions=str(preds), overwrite=True)
+    with pytest.raises(ValueError, match=r"holds the predictions of another run, .*r2.json"):
+        run(fixture_root, checkpoint, tmp_path, "none", name="r1.json", limit=2,
+            save_predictions=str(preds))
+    (preds / "cad-spconv-eval.json").unlink()
+    with pytest.raises(ValueError, match=r"holds predictions that name no run"):
+        run(fixture_root, checkpoint, tmp_path, "none", name="r3.json", limit=1,
+            save_predictions=str(preds))
+    old = json.loads((tmp_path / "r2.json").read_text())  # a file from before run ids
+    del old["run"]
+    write_json_atomic(str(tmp_path / "r2.json"), old)
+    run(fixture_root, checkpoint, tmp_path, "all", name="r2.json", limit=2,
+        save_predictions=str(preds))
+    manifest = json.loads((preds / "cad-spconv-eval.json").read_text())
+    assert manifest["run"] == json.loads((tmp_path / "r2.json").read_text())["run"]
