@@ -111,43 +111,55 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
         todo = [i for i, name in enumerate(dataset.ids) if name not in done]
         shard = dist.shard(todo)
         steps = math.ceil(math.ceil(len(todo) / dist.world) / cfg.batch_size) if todo else 0
-        seg = segmenter or Segmenter(cfg, run_device, model=model)
-        if results is not None:
-            results["environment"] = _environment(seg, dist, run_device, cfg)
-            results["macs_parts"] = seg.macs_parts()
-            results["num_images_requested"] = len(dataset)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, shard), batch_size=cfg.batch_size, shuffle=False,
-            num_workers=cfg.num_workers if shard else 0, collate_fn=collate,
-            pin_memory=seg.device.type == "cuda")
-        batches = iter(loader)
+        error = None
+        try:
+            seg = segmenter or Segmenter(cfg, run_device, model=model)
+            if results is not None:
+                results["environment"] = _environment(seg, dist, run_device, cfg)
+                results["macs_parts"] = seg.macs_parts()
+                results["num_images_requested"] = len(dataset)
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, shard), batch_size=cfg.batch_size,
+                shuffle=False, num_workers=cfg.num_workers if shard else 0, collate_fn=collate,
+                pin_memory=seg.device.type == "cuda")
+            batches = iter(loader)
+        except Exception as e:
+            error = e
+        dist.raise_first(error)
         bar = None
         if cfg.progress and dist.main and todo:
             from tqdm import tqdm
             bar = tqdm(total=len(todo), desc=f"eval {seg.label}", unit="img", dynamic_ncols=True)
         warm = cfg.warmup
         for _ in range(steps):
-            batch = next(batches, None)
-            records = []
-            if batch is not None:
-                if warm > 0:  # untimed passes: lazy init, allocator, cuDNN autotuning
-                    for _ in range(warm if cfg.timing else 0):
-                        seg.warm_up(batch["image"], batch["target"], batch["id"])
-                    warm = 0
-                records = _evaluate_batch(seg, batch, cfg)
+            records, error = [], None
+            try:
+                batch = next(batches, None)
+                if batch is not None:
+                    if warm > 0:  # untimed passes: lazy init, allocator, cuDNN autotuning
+                        for _ in range(warm if cfg.timing else 0):
+                            seg.warm_up(batch["image"], batch["target"], batch["id"])
+                        warm = 0
+                    records = _evaluate_batch(seg, batch, cfg)
+            except Exception as e:  # raised below, after the other ranks' records are written
+                error = e
             gathered = dist.gather(records)
-            if dist.main:
-                for part in gathered:
-                    for rec in part:
-                        results["images"][rec["id"]] = rec
-                results["summary"] = summarize(results["images"])
-                results["complete"] = len(results["images"]) >= len(dataset)
-                write_json_atomic(out_path, results)
-                if bar is not None:
-                    bar.update(sum(len(p) for p in gathered))
-                    s = results["summary"]
-                    bar.set_postfix(mIoU=f"{s['miou'] or 0:.3f}",
-                                    macs=f"{s['macs_fraction_of_finest']:.0%}")
+            if dist.main and any(gathered):  # nothing new: the file stays as it is
+                try:
+                    for part in gathered:
+                        for rec in part:
+                            results["images"][rec["id"]] = rec
+                    results["summary"] = summarize(results["images"])
+                    results["complete"] = len(results["images"]) >= len(dataset)
+                    write_json_atomic(out_path, results)
+                    if bar is not None:
+                        bar.update(sum(len(p) for p in gathered))
+                        s = results["summary"]
+                        bar.set_postfix(mIoU=f"{s['miou'] or 0:.3f}",
+                                        macs=f"{s['macs_fraction_of_finest']:.0%}")
+                except Exception as e:  # a full disk: every rank stops with it
+                    error = error or e
+            dist.raise_first(error)
         if bar is not None:
             bar.close()
         if dist.main:

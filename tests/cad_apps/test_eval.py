@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -346,21 +347,27 @@ def test_cli_reports_clear_errors(fixture_root, tmp_path, capsys):
     assert rc == 2 and "needs a number" in capsys.readouterr().err
 
 
-def test_torchrun_two_processes_merge_to_the_single_process_result(fixture_root, checkpoint, tmp_path,
-                                                                   edge_fresh):
+def torchrun_eval(data_root, checkpoint, out, mask):
+    """``cad-spconv eval`` under ``torchrun --nproc_per_node=2`` on CPU (gloo)."""
     import subprocess
     import sys
-    single = edge_fresh
-    out = tmp_path / "dist.json"
+
     from tests.support.inputs import REPO
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "cad_apps.cli", "eval", "--data-root", fixture_root, "--model", MODEL,
-           "--checkpoint", checkpoint[0], "--mask", "edge:0.35", "--dilation", "3", "--device", "cpu",
+           "-m", "cad_apps.cli", "eval", "--data-root", str(data_root), "--model", MODEL,
+           "--checkpoint", checkpoint[0], "--mask", mask, "--dilation", "3", "--device", "cpu",
            "--dtype", "float64", "--num-workers", "0", "--no-timing", "--no-progress",
            "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_torchrun_two_processes_merge_to_the_single_process_result(fixture_root, checkpoint, tmp_path,
+                                                                   edge_fresh):
+    single = edge_fresh
+    out = tmp_path / "dist.json"
+    proc = torchrun_eval(fixture_root, checkpoint, out, "edge:0.35")
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = json.loads(out.read_text())
     assert merged["environment"]["world_size"] == 2 and merged["complete"]
@@ -652,3 +659,37 @@ def test_a_predictions_folder_belongs_to_one_run(fixture_root, checkpoint, tmp_p
         save_predictions=str(preds))
     manifest = json.loads((preds / "cad-spconv-eval.json").read_text())
     assert manifest["run"] == json.loads((tmp_path / "r2.json").read_text())["run"]
+
+
+def test_torchrun_an_input_error_on_one_rank_stops_every_rank_with_its_message(
+        fixture_root, checkpoint, tmp_path):
+    """A corrupt image in rank 1's first step: both ranks print its one-line message and exit
+    with 2 (rank 0 no longer fails inside gloo with a traceback), and the record rank 0
+    computed in that step is written."""
+    import shutil
+
+    root = tmp_path / "cs"
+    shutil.copytree(fixture_root, root)
+    ds = CityscapesSegmentation(str(root))
+    with open(ds.images[1], "wb") as f:  # rank 1 takes index 1, rank 0 indices 0 and 2
+        f.write(b"\x89PNG garbage")
+    out = tmp_path / "dist.json"
+    proc = torchrun_eval(root, checkpoint, out, "none")
+    assert proc.returncode != 0
+    message = f"cad-spconv eval: error: cannot read the image {ds.images[1]}"
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr and "[rank" not in proc.stderr, proc.stderr[-3000:]
+    assert set(re.findall(r"exitcode\s*:\s*(\d+)", proc.stderr)) == {"2"}  # torchrun's report
+    assert list(json.loads(out.read_text())["images"]) == [ds.ids[0]]
+
+
+def test_an_error_that_does_not_pickle_reaches_the_other_ranks_as_its_text():
+    from cad_apps.distributed import _portable
+
+    class Odd(ValueError):  # a local class: not picklable
+        pass
+
+    plain = ValueError("bad input")
+    assert _portable(plain) is plain
+    copy = _portable(Odd("bad input"))
+    assert type(copy) is RuntimeError and str(copy) == "Odd: bad input"
