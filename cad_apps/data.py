@@ -118,8 +118,15 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
 
     def load_target(self, index: int) -> torch.Tensor:
         arr = read_image(self.targets[index])
-        if arr.ndim != 2:
-            raise ValueError(f"{self.targets[index]} is not a single-channel labelIds image")
+        problem = (f"{arr.shape[-1]} channels" if arr.ndim == 3 else
+                   "1-bit pixels" if arr.dtype == bool else
+                   f"{arr.dtype} pixels" if arr.dtype.kind not in "ui" else
+                   f"values {arr.min()}..{arr.max()}" if arr.size and (
+                       arr.min() < 0 or arr.max() > 255) else None)
+        if problem:  # refused, not converted: a thresholded or rescaled map is not label ids
+            raise ValueError(f"{self.targets[index]} has {problem}; labels must be an 8-bit "
+                             "single-channel PNG of Cityscapes labelIds (0..255, as gtFine's "
+                             "*_labelIds.png)")
         return label_ids_to_train_ids(arr)
 
     def __getitem__(self, index: int) -> dict:

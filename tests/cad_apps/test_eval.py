@@ -693,3 +693,28 @@ def test_an_error_that_does_not_pickle_reaches_the_other_ranks_as_its_text():
     assert _portable(plain) is plain
     copy = _portable(Odd("bad input"))
     assert type(copy) is RuntimeError and str(copy) == "Odd: bad input"
+
+
+def test_a_label_file_that_is_not_8_bit_label_ids_is_named(checkpoint, tmp_path, capsys):
+    """A 1-bit label PNG was a TypeError traceback: it is one line naming the file and the
+    format expected (exit 2); float, multi-channel and out-of-range label images too."""
+    root = tmp_path / "cs"
+    make_synthetic_cityscapes(root, num_images=1, size=SIZE, seed=1)
+    ds = CityscapesSegmentation(str(root))
+    label = ds.targets[0]
+    ids = np.asarray(Image.open(label))
+    Image.fromarray(ids > 10).save(label)  # mode "1"
+    rc = cli(["eval", "--data-root", str(root), "--out", str(tmp_path / "x.json"), "--device",
+              "cpu", "--model", MODEL, "--checkpoint", checkpoint[0], "--mask", "none",
+              "--num-workers", "0", "--no-progress", "--no-timing"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert (f"error: {label} has 1-bit pixels; labels must be an 8-bit single-channel PNG of "
+            "Cityscapes labelIds") in err
+    for image, fmt, problem in (  # a float map saved under the .png name (PNG has no floats)
+            (Image.fromarray(ids.astype(np.float32)), "TIFF", "float32 pixels"),
+            (Image.fromarray(np.stack([ids] * 3, -1)), "PNG", "3 channels"),
+            (Image.fromarray((ids.astype(np.uint16) + 1000)), "PNG", "values 1000..")):
+        image.save(label, format=fmt)
+        with pytest.raises(ValueError, match=f"{label} has {problem}"):
+            ds.load_target(0)
