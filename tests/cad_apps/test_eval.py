@@ -484,8 +484,9 @@ def test_commands_print_os_errors_and_interrupts_in_one_line(monkeypatch, capsys
 def test_interrupt_advice_never_discards_the_saved_work(tmp_path, monkeypatch, capsys):
     """After Ctrl-C the advice said "resume with the same command" even with --overwrite (which
     discards the saved work) and "plus --resume" for train-mask --overwrite (which --resume
-    excludes): it is built from the run's own arguments. train-mask resumes only from a save
-    of the interrupted run (an earlier run's checkpoint is not one)."""
+    excludes): it is built from the run's own arguments. Both resume only from a save of the
+    interrupted run (an earlier run's file is not one: eval --overwrite replaces it only at its
+    first write, and resuming it would be refused for its other settings)."""
     import cad_apps.eval as ev
     import cad_apps.train_mask as tm
     from cad_apps import cli
@@ -493,42 +494,50 @@ def test_interrupt_advice_never_discards_the_saved_work(tmp_path, monkeypatch, c
     saves = []
 
     def interrupted(args=None, *a, **k):
-        if saves and saves.pop():  # this run saved before the interruption
-            (tmp_path / "o" / "last.pt").write_bytes(b"saved")
+        saved = saves.pop() if saves else None
+        if saved:  # this run saved before the interruption
+            saved.write_bytes(b"saved")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ev, "evaluate", interrupted)
     monkeypatch.setattr(tm, "_main", interrupted)
     (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "last.pt").write_bytes(b"an earlier run")
-    os.utime(tmp_path / "o" / "last.pt", (0, 0))
-    o = str(tmp_path / "o")
+    ckpt, out = tmp_path / "o" / "last.pt", tmp_path / "x.json"
+    for earlier in (ckpt, out):
+        earlier.write_bytes(b"an earlier run")
+        os.utime(earlier, (0, 0))
+    o, x = str(tmp_path / "o"), str(out)
     cases = [
-        (False, ["eval", "--data-root", ".", "--out", "/tmp/x.json", "--overwrite", "--device",
-                 "cpu"],
-         "without --overwrite: cad-spconv eval --data-root . --out /tmp/x.json --device cpu\n"),
-        (False, ["eval", "--data-root", ".", "--out", "/tmp/x.json"], "with the same command\n"),
-        (True, ["train-mask", "--synthetic", "--overw", "--out", o],
+        (out, ["eval", "--data-root", ".", "--out", x, "--overwrite", "--device", "cpu"],
+         f"without --overwrite: cad-spconv eval --data-root . --out {x} --device cpu\n"),
+        (None, ["eval", "--data-root", ".", "--out", x], "with the same command\n"),
+        (ckpt, ["train-mask", "--synthetic", "--overw", "--out", o],
          f"--resume in place of --overwrite: cad-spconv train-mask --synthetic --resume --out "
          f"{o}\n"),
-        (True, ["train-mask", "--synthetic", "--out", o],
+        (ckpt, ["train-mask", "--synthetic", "--out", o],
          f"same command plus --resume: cad-spconv train-mask --synthetic --out {o} --resume\n"),
-        (False, ["train-mask", "--synthetic", "--out", o, "--resume"], "with the same command\n"),
+        (None, ["train-mask", "--synthetic", "--out", o, "--resume"], "with the same command\n"),
     ]
     for saved, argv, advice in cases:
         saves.append(saved)
         assert cli.main(argv) == 130
         err = capsys.readouterr().err
         assert "interrupted; files written so far are complete; " in err and err.endswith(advice)
-        os.utime(tmp_path / "o" / "last.pt", (0, 0))  # from now on an earlier run's again
-    # interrupted before its first save: the checkpoint there is an earlier run's
-    for argv in (["train-mask", "--synthetic", "--overwrite", "--out", o],
-                 ["train-mask", "--synthetic", "--out", str(tmp_path / "fresh")]):
-        saves.append(False)
+        for earlier in (ckpt, out):  # from now on an earlier run's again
+            os.utime(earlier, (0, 0))
+    # interrupted before its first save: the file there is an earlier run's
+    for argv, advice in (
+            (["train-mask", "--synthetic", "--overwrite", "--out", o], " (a save comes every "
+             "--save-every iterations)"),
+            (["train-mask", "--synthetic", "--out", str(tmp_path / "fresh")], " (a save comes "
+             "every --save-every iterations)"),
+            (["eval", "--data-root", ".", "--out", x, "--overwrite"], ""),
+            (["eval", "--data-root", ".", "--out", str(tmp_path / "new.json"), "--overwrite"],
+             "")):
+        saves.append(None)
         assert cli.main(argv) == 130
         assert capsys.readouterr().err.endswith(
-            "nothing of this run was saved yet (a save comes every --save-every iterations): "
-            "run the same command again\n")
+            f"nothing of this run was saved yet{advice}: run the same command again\n")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (a folder where no "
