@@ -157,6 +157,10 @@ class EvalConfig:
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got "
                                  f"{getattr(self, name)}")
+        if self.dense is None and self.dilation % 2 == 0:  # not after the model is built
+            raise ValueError(f"--dilation must be odd (a square window centred on each pixel; "
+                             f"paper: 11), got {self.dilation}: use {self.dilation - 1} or "
+                             f"{self.dilation + 1}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         return self
@@ -206,7 +210,7 @@ def add_setting_arguments(p: argparse.ArgumentParser) -> None:
                         "2); reference: from their block's centre, and the edge mask's 4x4-block "
                         "rule, as the paper's code (to reproduce its published models)")
     p.add_argument("--dilation", type=int, default=11,
-                   help="square dilation of edge / oracle masks in pixels (paper: 11)")
+                   help="square dilation of edge / oracle masks in pixels, odd (paper: 11)")
     p.add_argument("--sparse-head", action="store_true",
                    help="convert the head too (default: the head runs densified at the finest "
                         "stride, as in the paper)")

@@ -727,3 +727,24 @@ def test_a_label_file_that_is_not_8_bit_label_ids_is_named(checkpoint, tmp_path,
         image.save(label, format=fmt)
         with pytest.raises(ValueError, match=f"{label} has {problem}"):
             ds.load_target(0)
+
+
+def test_an_even_dilation_and_an_estimator_for_other_features_are_refused_before_any_image(
+        fixture_root, checkpoint, tmp_path):
+    """Both were found inside the first forward, after the model was built, by messages that
+    named neither the option nor the fix."""
+    from cad_apps.eval.segmenter import Segmenter
+    from cad_spconv.learned_mask import MaskEstimator
+
+    for mask in ("edge:0.35", "oracle", "none"):
+        with pytest.raises(ValueError, match=r"--dilation must be odd .* got 4: use 3 or 5"):
+            EvalConfig(data_root="missing", out="x.json", mask=mask, dilation=4).check()
+    path = tmp_path / "estimator_1024.pth"
+    torch.save(MaskEstimator(1024, downsample=2).state_dict(), path)
+    cfg = EvalConfig(data_root=fixture_root, out=str(tmp_path / "x.json"), model=MODEL,
+                     checkpoint=checkpoint[0], mask=f"learned:{path}", device="cpu",
+                     num_workers=0)
+    with pytest.raises(ValueError, match=rf"--mask learned:{path}: the estimator in {path} "
+                                         rf"takes 1024-channel features, and {MODEL} gives 512 "
+                                         r"channels at --finest-stride 8.*trained for this model"):
+        Segmenter(cfg, torch.device("cpu"))
