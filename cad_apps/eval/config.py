@@ -9,9 +9,9 @@ from typing import Optional
 
 from ..io import file_sha256
 
-__all__ = ["FORMAT", "MASK_HELP", "DEFAULT_MASK", "DTYPES", "MaskSpec", "parse_mask",
-           "check_mask_value", "EvalConfig", "configure", "add_setting_arguments",
-           "config_from_args"]
+__all__ = ["FORMAT", "MASK_HELP", "DEFAULT_MASK", "DEFAULT_MODEL", "DTYPES", "MaskSpec",
+           "parse_mask", "check_mask_value", "EvalConfig", "configure", "add_setting_arguments",
+           "config_from_args", "absolute", "comparable_mask"]
 
 FORMAT = "cad-spconv-eval/2"
 DEFAULT_MASK = "edge:0.35"
@@ -22,6 +22,7 @@ MASK_HELP = ("edge:T (the reference code's gradient edges >= T, paper: 0.15/0.35
              "random:F (a level-0 share F at random) | inverted-edge:T | shuffled-edge:T (the "
              "edge mask's level fractions at random places); default " + DEFAULT_MASK)
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+DEFAULT_MODEL = "deeplabv3_resnet101"  # without --model and --checkpoint (random weights)
 # settings that change the results; a resumed run must match them
 _FINGERPRINT = ("model", "checkpoint", "split", "finest_stride", "coarsest_stride", "dense",
                 "semantics", "mask", "dilation", "sparse_head", "dtype", "seed", "files_sha256",
@@ -172,9 +173,9 @@ class EvalConfig:
 
     def fingerprint(self) -> dict:
         d = asdict(self)
-        d["mask"] = None if self.dense is not None else str(parse_mask(self.mask_text))
-        d["checkpoint"] = os.path.abspath(self.checkpoint) if self.checkpoint and os.path.isfile(
-            self.checkpoint) else self.checkpoint
+        d["mask"] = None if self.dense is not None else comparable_mask(
+            str(parse_mask(self.mask_text)))
+        d["checkpoint"] = absolute(self.checkpoint)
         # the bytes, not only the paths: retrained weights at the same path are another setting
         spec = None if self.dense is not None else parse_mask(self.mask_text)
         files = {"checkpoint": self.checkpoint,
@@ -183,6 +184,18 @@ class EvalConfig:
                              for k, v in files.items()}
         d["mask_rule"] = MASK_RULES.get(spec.kind) if spec is not None else None
         return {k: d[k] for k in _FINGERPRINT}
+
+
+def absolute(path: Optional[str]) -> Optional[str]:
+    """A file's path made absolute, so that two spellings of one file are one setting; anything
+    else (a torchvision weights name, no file) as given."""
+    return os.path.abspath(path) if path and os.path.isfile(path) else path
+
+
+def comparable_mask(text: Optional[str]) -> Optional[str]:
+    """A mask setting with the path of ``learned:PATH`` :func:`absolute`."""
+    kind, _, path = (text or "").partition(":")
+    return f"learned:{absolute(path)}" if kind == "learned" and path else text
 
 
 def add_setting_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..io import read_json, settings_difference
-from .config import FORMAT, EvalConfig
+from .config import DEFAULT_MODEL, FORMAT, EvalConfig, comparable_mask
 
 __all__ = ["load_results", "summarize", "format_summary"]
 
@@ -23,14 +23,28 @@ def load_results(path: str, cfg: EvalConfig) -> dict:
         # written before the mask rules were recorded: the old rules (None), which differ from
         # the current ones only for the masks that have one (config.MASK_RULES)
         old["config"].setdefault("mask_rule", None)
-        shown = settings_difference({k: v for k, v in old["config"].items()
-                                     if k not in RECORDED}, mine)
+        theirs = {k: v for k, v in old["config"].items() if k not in RECORDED}
+        # one setting, two spellings: a learned:PATH's path as typed (files written before it
+        # was made absolute), the model named or read from the checkpoint (or the default)
+        theirs["mask"] = comparable_mask(theirs.get("mask"))
+        theirs["model"] = _model_run(theirs, old.get("environment", {}).get("model"))
+        same_weights = all(theirs.get(k) == mine[k] for k in ("checkpoint", "files_sha256"))
+        mine = dict(mine, model=_model_run(mine, theirs["model"] if same_weights else None))
+        shown = settings_difference(theirs, mine)
         if shown:
             raise ValueError(f"{path} was written with other settings ({shown}); pass another "
                              "--out, or --overwrite to start over")
         return old
     return {"format": FORMAT, "config": cfg.fingerprint(), "environment": {}, "summary": {},
             "images": {}}
+
+
+def _model_run(config: dict, inferred):
+    """The model a setting runs: ``--model``, else the one ``inferred`` from ``--checkpoint``
+    (``None``: unknown), else the default."""
+    if config.get("model"):
+        return config["model"]
+    return DEFAULT_MODEL if config.get("checkpoint") is None else inferred
 
 
 # recorded in the file's config (eval.loop), not compared on resume: the data is compared file

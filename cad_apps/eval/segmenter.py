@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .config import EvalConfig, parse_mask
+from .config import DEFAULT_MODEL, EvalConfig, parse_mask
 
 __all__ = ["Segmenter", "dense_macs", "load_mask_estimator", "estimator_from_state", "num_classes_of"]
 
@@ -96,7 +96,7 @@ class Segmenter:
         # a model handed in (train-mask's) is named by its class, not by the default builder
         self.model_name = cfg.model or (info.model if info is not None else None) or (
             type(model).__name__ if given or cfg.checkpoint is not None
-            else "deeplabv3_resnet101")
+            else DEFAULT_MODEL)
         self.num_classes = num_classes_of(model)
         if self.num_classes != 19:
             raise ValueError(f"the model predicts {self.num_classes} classes; Cityscapes "

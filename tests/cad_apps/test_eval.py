@@ -748,3 +748,30 @@ def test_an_even_dilation_and_an_estimator_for_other_features_are_refused_before
                                          rf"takes 1024-channel features, and {MODEL} gives 512 "
                                          r"channels at --finest-stride 8.*trained for this model"):
         Segmenter(cfg, torch.device("cpu"))
+
+
+def test_one_setting_written_two_ways_resumes(fixture_root, checkpoint, tmp_path, monkeypatch):
+    """The model read from --checkpoint and the same model named with --model, and a
+    learned:PATH given relative and absolute, are one setting: a resume is not refused (files
+    written before, with the path as typed, compare the same way)."""
+    from cad_spconv.learned_mask import MaskEstimator
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(MaskEstimator(512, downsample=2).state_dict(), tmp_path / "est.pth")
+    base = dict(data_root=fixture_root, checkpoint=checkpoint[0], device="cpu", dtype="float64",
+                num_workers=0, warmup=0, progress=False, timing=False, dilation=3)
+    for first, then, out in (
+            (dict(mask="none"), dict(mask="none", model=MODEL), "model.json"),
+            (dict(mask="learned:est.pth", model=MODEL),
+             dict(mask=f"learned:{tmp_path / 'est.pth'}", model=MODEL), "learned.json")):
+        evaluate(EvalConfig(out=out, limit=1, **base, **first))
+        assert len(evaluate(EvalConfig(out=out, limit=2, **base, **then))["images"]) == 2
+        assert len(evaluate(EvalConfig(out=out, limit=3, **base, **first))["images"]) == 3
+    old = json.loads((tmp_path / "learned.json").read_text())
+    old["config"]["mask"] = "learned:est.pth"  # as files written before kept it
+    write_json_atomic(str(tmp_path / "learned.json"), old)
+    evaluate(EvalConfig(out="learned.json", **base, mask=f"learned:{tmp_path / 'est.pth'}",
+                        model=MODEL))
+    with pytest.raises(ValueError, match=r"model: 'deeplabv3_resnet50' in the file vs "
+                                         r"'fcn_resnet50' now"):
+        evaluate(EvalConfig(out="model.json", **base, mask="none", model="fcn_resnet50"))
