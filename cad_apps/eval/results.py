@@ -115,6 +115,8 @@ def summarize(images: dict, num_classes: int = 19) -> dict:
         "level0_share_mean": float(level0.mean()) if level0.size else None,
         "time_per_image_s_mean": float(times.mean()) if times.size else None,
         "time_per_image_s_median": float(np.median(times)) if times.size else None,
+        # a resume may mix timed and --no-timing sessions: the times cover these images only
+        "num_timed": int(times.size),
         "time_devices": time_devices,
         "confusion": cm.to_triples(),
     }
@@ -143,6 +145,9 @@ def format_summary(result: dict) -> str:
     timing = ("not timed" if s["time_per_image_s_mean"] is None else
               f"time per image {s['time_per_image_s_mean'] * 1e3:.1f} ms (median "
               f"{s['time_per_image_s_median'] * 1e3:.1f} ms)")
+    if s["time_per_image_s_mean"] is not None and s.get("num_timed", s["num_images"]) \
+            < s["num_images"]:
+        timing += f" ({s['num_timed']} of {s['num_images']} images timed)"
     if len(s.get("time_devices") or []) > 1:
         timing += f" MIXED over {', '.join(s['time_devices'])} (a resumed run)"
     if s.get("level0_share_mean") is not None:

@@ -775,3 +775,19 @@ def test_one_setting_written_two_ways_resumes(fixture_root, checkpoint, tmp_path
     with pytest.raises(ValueError, match=r"model: 'deeplabv3_resnet50' in the file vs "
                                          r"'fcn_resnet50' now"):
         evaluate(EvalConfig(out="model.json", **base, mask="none", model="fcn_resnet50"))
+
+
+def test_a_time_over_some_of_the_images_says_so():
+    """A resume mixing timed and --no-timing sessions: the time is over the timed images only,
+    and the summary says how many."""
+    from cad_apps.eval import format_summary, summarize
+    rec = {"confusion": [], "macs": {"total": 2}, "macs_dense_finest": 4,
+           "macs_dense_coarsest": 1, "level0_share": 0.5, "time_s": 0.1, "time_device": "cpu (A)"}
+    config = {"model": "m", "mask": "none", "finest_stride": 8, "coarsest_stride": 16}
+    mixed = summarize({"a": rec, "b": dict(rec, time_s=None, time_device=None)})
+    assert mixed["num_timed"] == 1 and mixed["time_per_image_s_mean"] == 0.1
+    assert "time per image 100.0 ms (median 100.0 ms) (1 of 2 images timed)" in format_summary(
+        {"summary": mixed, "config": config})
+    timed = summarize({"a": rec, "b": rec})
+    assert timed["num_timed"] == 2 and "timed)" not in format_summary({"summary": timed,
+                                                                       "config": config})
