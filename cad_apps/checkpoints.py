@@ -177,14 +177,20 @@ def load_weights_only(path: str, resave: str = "re-save it as a plain state dict
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors come in many types
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if not any(w in str(e).lower() for w in ("weights_only", "unsupported global", "global")):
+        full = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's bold type, not for one line
+        text = (full.strip().splitlines() or [type(e).__name__])[0]
+        if not any(w in full.lower() for w in ("weights_only", "unsupported global", "global")):
             raise CheckpointError(
                 f"cannot read {path} ({type(e).__name__}: {text}): the file is truncated or not "
                 "a PyTorch checkpoint; fetch it again") from None
+        # torch's first line announces options for loading untrusted code; what matters is the
+        # object that is not plain data, named further down
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", full)
+        detail = re.search(r"WeightsUnpickler error: ([^\n]*)", full)
+        what = (f"it pickles a {found.group(1)}, which is not plain data" if found else
+                detail.group(1).strip() if detail else text)
         raise CheckpointError(
-            f"cannot read {path} as a weights-only checkpoint ({type(e).__name__}: {text}); "
-            f"{resave}") from None
+            f"cannot read {path} as a weights-only checkpoint ({what}); {resave}") from None
 
 
 def _is_scalar(v) -> bool:

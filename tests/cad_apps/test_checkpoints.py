@@ -161,3 +161,17 @@ def test_checkpoints_no_model_can_load_say_so_instead_of_asking_for_model(tmp_pa
     with pytest.raises(CheckpointMismatchError, match=r"layer3 has 2 basic blocks; only "
                                                       r"ResNet-50 / 101 / 152 backbones"):
         build_segmentation_model(None, str(tmp_path / "fcn_resnet18.pth"))
+
+
+def test_a_pickled_module_is_refused_in_one_plain_line_naming_its_class(tmp_path):
+    """torch's weights-only message began with ANSI escape codes and an announcement of "two
+    options" it did not give; the class that is not allowed is what the user needs."""
+    path = tmp_path / "full.pth"
+    torch.save(torch.nn.Conv2d(1, 1, 1), path)
+    with pytest.raises(ValueError) as caught:
+        read_checkpoint(path)
+    message = str(caught.value)
+    assert "\x1b" not in message and "two options" not in message and "\n" not in message
+    assert (f"cannot read {path} as a weights-only checkpoint (it pickles a "
+            "torch.nn.modules.conv.Conv2d, which is not plain data); re-save it as a plain "
+            "state dict") in message
