@@ -177,14 +177,20 @@ def load_weights_only(path: str, resave: str = "re-save it as a plain state dict
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors come in many types
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if not any(w in str(e).lower() for w in ("weights_only", "unsupported global", "global")):
+        full = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's bold type, not for one line
+        text = (full.strip().splitlines() or [type(e).__name__])[0]
+        if not any(w in full.lower() for w in ("weights_only", "unsupported global", "global")):
             raise CheckpointError(
                 f"cannot read {path} ({type(e).__name__}: {text}): the file is truncated or not "
                 "a PyTorch checkpoint; fetch it again") from None
+        # torch's first line announces options for loading untrusted code; what matters is the
+        # object that is not plain data, named further down
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", full)
+        detail = re.search(r"WeightsUnpickler error: ([^\n]*)", full)
+        what = (f"it pickles a {found.group(1)}, which is not plain data" if found else
+                detail.group(1).strip() if detail else text)
         raise CheckpointError(
-            f"cannot read {path} as a weights-only checkpoint ({type(e).__name__}: {text}); "
-            f"{resave}") from None
+            f"cannot read {path} as a weights-only checkpoint ({what}); {resave}") from None
 
 
 def _is_scalar(v) -> bool:
@@ -277,6 +283,28 @@ def _infer_model(state: dict) -> Optional[str]:
     return None
 
 
+def _unsupported(state: dict) -> Optional[str]:
+    """Why no ``--model`` can load ``state`` (keys :func:`_infer_model` found no model in), or
+    ``None`` where naming the model may help."""
+    if not any(k.startswith("backbone.") for k in state):
+        shown = ", ".join(sorted(state)[:3])
+        return (f"not a segmentation checkpoint (no backbone.* keys; it holds {shown}, ..."
+                + (": an ImageNet classifier?" if "fc.weight" in state else "")
+                + "); pass the weights of a segmentation model (DeepLabV3 / DeepLabV3+ / FCN "
+                "with a ResNet-50 / 101 / 152 backbone)")
+    blocks = {int(m.group(1)) for k in state
+              for m in [re.match(r"backbone\.layer3\.(\d+)\.", k)] if m}
+    if blocks and max(blocks) + 1 not in _DEPTH:
+        basic = not any(re.match(r"backbone\.layer3\.\d+\.conv3\.", k) for k in state)
+        n = max(blocks) + 1
+        return (f"its backbone's layer3 has {n} {'basic' if basic else 'bottleneck'} "
+                f"block{'s' * (n != 1)}; only ResNet-50 / 101 / 152 "
+                "backbones (6 / 23 / 36 bottleneck blocks) are supported"
+                + (" (train-mask's fcn_tiny smoke-test model is evaluated by train-mask itself, "
+                   "in OUT/eval.json)" if basic else ""))
+    return None
+
+
 def read_checkpoint(spec, model_name: str | None = None,
                     name_fix: str | None = NAME_NEEDS_MODEL) -> tuple[dict, CheckpointInfo]:
     """Read a checkpoint into a state dict of the matching torchvision-style model, and describe
@@ -359,9 +387,9 @@ def build_segmentation_model(model_name: str | None = None, checkpoint=None,
         if model_name is None:
             model_name = info.model
             if model_name is None:
-                raise CheckpointMismatchError(
-                    f"{info.source}: cannot tell the model from its keys; pass it (--model, one "
-                    f"of {', '.join(SEGMENTATION_MODELS)})")
+                raise CheckpointMismatchError(f"{info.source}: " + (_unsupported(state) or (
+                    "cannot tell the model from its keys; pass it (--model, one of "
+                    f"{', '.join(SEGMENTATION_MODELS)})")))
         elif info.model is not None and info.model != model_name:
             raise CheckpointMismatchError(
                 f"{info.source} holds a {info.model} ({info.format} layout), not a {model_name}: "

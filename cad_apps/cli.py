@@ -82,21 +82,30 @@ def _is_overwrite(arg: str) -> bool:
     return len(arg) > 3 and "--overwrite".startswith(arg)
 
 
+def _saved_since(path: str, started: float) -> bool:
+    """Whether the run that began at ``started`` wrote ``path`` (an older file there is an
+    earlier run's)."""
+    return os.path.isfile(path) and os.path.getmtime(path) >= started
+
+
 def _resume_advice(args, argv, started: float) -> str:
     """How to continue an interrupted run, from its own arguments: re-running a command with
     --overwrite would discard what was saved, and train-mask resumes only with --resume (which
-    --overwrite excludes) and only from a save of this run (``started``: when it began). ''
-    for commands that do not resume (bench, demo, keypoints evaluate)."""
+    --overwrite excludes); both resume only from a save of this run (``started``: when it
+    began). '' for commands that do not resume (bench, demo, keypoints evaluate)."""
     if args.command == "eval" or (args.command == "keypoints"
                                   and getattr(args, "keypoints_command", None) == "extract"):
         if getattr(args, "overwrite", False):
+            if not _saved_since(args.out, started):
+                # the file there is still the earlier run's (--overwrite replaces it at the
+                # first write), whose settings a resume would refuse
+                return "nothing of this run was saved yet: run the same command again"
             again = [a for a in argv if not _is_overwrite(a)]
             return ("resume with the same command without --overwrite: "
                     f"cad-spconv {shlex.join(again)}")
         return "resume with the same command"
     if args.command == "train-mask":
-        ckpt = os.path.join(args.out, "last.pt")
-        if not args.resume and not (os.path.isfile(ckpt) and os.path.getmtime(ckpt) >= started):
+        if not args.resume and not _saved_since(os.path.join(args.out, "last.pt"), started):
             # a checkpoint there is an earlier run's (--overwrite replaces it at the first save)
             return ("nothing of this run was saved yet (a save comes every --save-every "
                     "iterations): run the same command again")

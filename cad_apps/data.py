@@ -20,6 +20,8 @@ import torch
 
 from cad_spconv.images import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 
+from .io import file_sha256
+
 __all__ = ["NUM_CLASSES", "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "CLASS_NAMES",
            "read_image",
            "TRAIN_ID_COLORS", "label_ids_to_train_ids", "normalize", "denormalize",
@@ -70,9 +72,12 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
     Items are dicts: ``image`` float32 ``[3, H, W]`` (ImageNet-normalised), ``target`` int64
     ``[H, W]`` trainIds (255 = ignore), ``id`` ``"<city>/<frame name>"`` (unique, used to resume
     and merge evaluations). ``root`` is the folder holding ``leftImg8bit/`` and ``gtFine/``.
+    With ``sha256``, items also hold ``input_sha256`` (:meth:`input_sha256`: which files a
+    result was computed from).
     """
 
-    def __init__(self, root: str, split: str = "val", limit: int | None = None):
+    def __init__(self, root: str, split: str = "val", limit: int | None = None,
+                 sha256: bool = False):
         from torchvision.datasets import Cityscapes
         root = os.fspath(root)
         if not os.path.isdir(root):
@@ -98,7 +103,7 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
             if limit < 1:
                 raise ValueError(f"limit must be >= 1, got {limit}")
             pairs = pairs[:limit]
-        self.root, self.split = root, split
+        self.root, self.split, self.sha256 = root, split, sha256
         self.images = [p for p, _ in pairs]
         self.targets = [t for _, t in pairs]
         self.ids = [_frame_id(p) for p in self.images]
@@ -113,8 +118,15 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
 
     def load_target(self, index: int) -> torch.Tensor:
         arr = read_image(self.targets[index])
-        if arr.ndim != 2:
-            raise ValueError(f"{self.targets[index]} is not a single-channel labelIds image")
+        problem = (f"{arr.shape[-1]} channels" if arr.ndim == 3 else
+                   "1-bit pixels" if arr.dtype == bool else
+                   f"{arr.dtype} pixels" if arr.dtype.kind not in "ui" else
+                   f"values {arr.min()}..{arr.max()}" if arr.size and (
+                       arr.min() < 0 or arr.max() > 255) else None)
+        if problem:  # refused, not converted: a thresholded or rescaled map is not label ids
+            raise ValueError(f"{self.targets[index]} has {problem}; labels must be an 8-bit "
+                             "single-channel PNG of Cityscapes labelIds (0..255, as gtFine's "
+                             "*_labelIds.png)")
         return label_ids_to_train_ids(arr)
 
     def __getitem__(self, index: int) -> dict:
@@ -123,8 +135,17 @@ class CityscapesSegmentation(torch.utils.data.Dataset):
         if image.shape[-2:] != target.shape:
             raise ValueError(f"{self.ids[index]}: image {tuple(image.shape[-2:])} and labels "
                              f"{tuple(target.shape)} differ in size")
-        return {"image": normalize(image), "target": target, "id": self.ids[index],
+        item = {"image": normalize(image), "target": target, "id": self.ids[index],
                 "index": index}
+        if self.sha256:  # in the loader's workers, after decoding (the bytes are cached)
+            item["input_sha256"] = self.input_sha256(index)
+        return item
+
+    def input_sha256(self, index: int) -> dict:
+        """``{"image": ..., "labels": ...}``: SHA-256 of the two files' bytes, which tell another
+        copy of the data (the same frame ids, other pixels) from a moved copy of the same."""
+        return {"image": file_sha256(self.images[index]),
+                "labels": file_sha256(self.targets[index])}
 
 
 def read_image(path: str, mode: str | None = None) -> np.ndarray:
@@ -155,9 +176,12 @@ def collate(items: Sequence[dict]) -> dict:
     sizes = {tuple(it["image"].shape[-2:]) for it in items}
     if len(sizes) > 1:
         raise ValueError(f"images of one batch differ in size {sorted(sizes)}: use --batch-size 1")
-    return {"image": torch.stack([it["image"] for it in items]),
-            "target": torch.stack([it["target"] for it in items]),
-            "id": [it["id"] for it in items], "index": [it["index"] for it in items]}
+    batch = {"image": torch.stack([it["image"] for it in items]),
+             "target": torch.stack([it["target"] for it in items]),
+             "id": [it["id"] for it in items], "index": [it["index"] for it in items]}
+    if items and "input_sha256" in items[0]:
+        batch["input_sha256"] = [it["input_sha256"] for it in items]
+    return batch
 
 
 @dataclass

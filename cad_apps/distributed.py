@@ -45,6 +45,25 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def raise_first(self, error: BaseException | None) -> None:
+        """Collective: where any rank passes an error, every rank raises the first one (in rank
+        order), the rank that had it its own object, the others a copy of the same class and
+        message. So every rank stops with one message and none is left waiting in a later
+        collective (where it would fail with the backend's traceback)."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        import torch.distributed as dist
+        errors = [None] * self.world
+        dist.all_gather_object(errors, None if error is None else _portable(error))
+        first = next((r for r, e in enumerate(errors) if e is not None), None)
+        if first is None:
+            return
+        if first == self.rank:
+            raise error
+        raise errors[first]
+
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
@@ -56,6 +75,19 @@ class Dist:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.active = False
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (to reach the other ranks), else a ``RuntimeError``
+    with its class and message."""
+    import pickle
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+        if type(copy) is type(error) and str(copy) == str(error):
+            return error
+    except Exception:  # an exception whose arguments do not pickle back
+        pass
+    return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def init_distributed(device_type: str) -> Dist:

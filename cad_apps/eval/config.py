@@ -9,9 +9,9 @@ from typing import Optional
 
 from ..io import file_sha256
 
-__all__ = ["FORMAT", "MASK_HELP", "DEFAULT_MASK", "DTYPES", "MaskSpec", "parse_mask",
-           "check_mask_value", "EvalConfig", "configure", "add_setting_arguments",
-           "config_from_args"]
+__all__ = ["FORMAT", "MASK_HELP", "DEFAULT_MASK", "DEFAULT_MODEL", "DTYPES", "MaskSpec",
+           "parse_mask", "check_mask_value", "EvalConfig", "configure", "add_setting_arguments",
+           "config_from_args", "absolute", "comparable_mask"]
 
 FORMAT = "cad-spconv-eval/2"
 DEFAULT_MASK = "edge:0.35"
@@ -22,6 +22,7 @@ MASK_HELP = ("edge:T (the reference code's gradient edges >= T, paper: 0.15/0.35
              "random:F (a level-0 share F at random) | inverted-edge:T | shuffled-edge:T (the "
              "edge mask's level fractions at random places); default " + DEFAULT_MASK)
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+DEFAULT_MODEL = "deeplabv3_resnet101"  # without --model and --checkpoint (random weights)
 # settings that change the results; a resumed run must match them
 _FINGERPRINT = ("model", "checkpoint", "split", "finest_stride", "coarsest_stride", "dense",
                 "semantics", "mask", "dilation", "sparse_head", "dtype", "seed", "files_sha256",
@@ -157,6 +158,10 @@ class EvalConfig:
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got "
                                  f"{getattr(self, name)}")
+        if self.dense is None and self.dilation % 2 == 0:  # not after the model is built
+            raise ValueError(f"--dilation must be odd (a square window centred on each pixel; "
+                             f"paper: 11), got {self.dilation}: use {self.dilation - 1} or "
+                             f"{self.dilation + 1}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         return self
@@ -168,9 +173,9 @@ class EvalConfig:
 
     def fingerprint(self) -> dict:
         d = asdict(self)
-        d["mask"] = None if self.dense is not None else str(parse_mask(self.mask_text))
-        d["checkpoint"] = os.path.abspath(self.checkpoint) if self.checkpoint and os.path.isfile(
-            self.checkpoint) else self.checkpoint
+        d["mask"] = None if self.dense is not None else comparable_mask(
+            str(parse_mask(self.mask_text)))
+        d["checkpoint"] = absolute(self.checkpoint)
         # the bytes, not only the paths: retrained weights at the same path are another setting
         spec = None if self.dense is not None else parse_mask(self.mask_text)
         files = {"checkpoint": self.checkpoint,
@@ -179,6 +184,18 @@ class EvalConfig:
                              for k, v in files.items()}
         d["mask_rule"] = MASK_RULES.get(spec.kind) if spec is not None else None
         return {k: d[k] for k in _FINGERPRINT}
+
+
+def absolute(path: Optional[str]) -> Optional[str]:
+    """A file's path made absolute, so that two spellings of one file are one setting; anything
+    else (a torchvision weights name, no file) as given."""
+    return os.path.abspath(path) if path and os.path.isfile(path) else path
+
+
+def comparable_mask(text: Optional[str]) -> Optional[str]:
+    """A mask setting with the path of ``learned:PATH`` :func:`absolute`."""
+    kind, _, path = (text or "").partition(":")
+    return f"learned:{absolute(path)}" if kind == "learned" and path else text
 
 
 def add_setting_arguments(p: argparse.ArgumentParser) -> None:
@@ -206,7 +223,7 @@ def add_setting_arguments(p: argparse.ArgumentParser) -> None:
                         "2); reference: from their block's centre, and the edge mask's 4x4-block "
                         "rule, as the paper's code (to reproduce its published models)")
     p.add_argument("--dilation", type=int, default=11,
-                   help="square dilation of edge / oracle masks in pixels (paper: 11)")
+                   help="square dilation of edge / oracle masks in pixels, odd (paper: 11)")
     p.add_argument("--sparse-head", action="store_true",
                    help="convert the head too (default: the head runs densified at the finest "
                         "stride, as in the paper)")
@@ -231,9 +248,12 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--mask", default=None, help=MASK_HELP)
     parser.add_argument("--out", default="results.json", help="JSON results (resumed if it exists)")
     parser.add_argument("--save-predictions", metavar="DIR",
-                        help="write <DIR>/<city>/<frame>_pred_trainIds.png per image")
+                        help="write <DIR>/<city>/<frame>_pred_trainIds.png per image, and "
+                             "DIR/cad-spconv-eval.json naming the run (a folder of another "
+                             "run is refused without --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start over instead of resuming --out")
+                        help="start over instead of resuming --out (and take over the "
+                             "--save-predictions folder of another run)")
 
 
 def config_from_args(args) -> EvalConfig:

@@ -1,17 +1,24 @@
 """The evaluation loop: shard, resume, run, record, write (atomically, after every batch)."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import uuid
 
 from ..distributed import Dist, device_name, init_distributed, resolve_device
-from ..io import (OutputBusyError, OutputLock, check_output_path, write_atomic,
+from ..io import (OutputLock, check_output_path, read_json, settings_difference, write_atomic,
                   write_json_atomic)
 from .config import EvalConfig
 from .results import finite, load_results, summarize
 from .segmenter import Segmenter
 
-__all__ = ["evaluate", "LimitLoweredError", "check_images"]
+__all__ = ["evaluate", "LimitLoweredError", "check_images", "check_inputs",
+           "claim_predictions", "MANIFEST"]
+
+#: the file in a --save-predictions folder that names the run its PNGs belong to
+MANIFEST = "cad-spconv-eval.json"
+MANIFEST_FORMAT = "cad-spconv-eval-predictions/1"
 
 
 class LimitLoweredError(ValueError):
@@ -29,6 +36,29 @@ def check_images(out_path: str, done, ids, cfg: EvalConfig) -> None:
         raise LimitLoweredError(
             f"{out_path} holds results of {len(extra)} images {beyond} (e.g. {extra[0]}); "
             "evaluate them too (a larger --limit), or pass --overwrite or another --out")
+
+
+def check_inputs(out_path: str, results: dict, dataset) -> None:
+    """Refuse an ``--out`` file whose images were computed from other files than ``dataset``
+    holds under the same frame ids (another ``--data-root``): its summary would pool two
+    datasets. Compared by the SHA-256 of each image and label file, so a moved copy of the same
+    data resumes; records written before the hashes were (no ``input_sha256``) are not checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    where = {name: i for i, name in enumerate(dataset.ids)}
+    recorded = [(name, rec["input_sha256"]) for name, rec in results["images"].items()
+                if rec.get("input_sha256") is not None and name in where]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # hashing releases the GIL
+        now = pool.map(lambda item: dataset.input_sha256(where[item[0]]), recorded)
+        for (name, old), new in zip(recorded, now):
+            for part, files in (("image", dataset.images), ("labels", dataset.targets)):
+                if old.get(part) != new[part]:
+                    root = results["config"].get("data_root")
+                    raise ValueError(
+                        f"{out_path} holds results of {name} computed from another {part} file "
+                        f"than {files[where[name]]} (another --data-root"
+                        + (f" than {root}" if root else "") + "?); pass the --data-root that "
+                        "run read, or --overwrite or another --out")
 
 
 def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
@@ -51,70 +81,85 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
     if dist.active and torch.device(run_device).type == "cuda":
         run_device = f"cuda:{dist.local_rank}"
     lock = OutputLock(out_path)
+    predictions_lock = (OutputLock(os.path.join(cfg.save_predictions, MANIFEST),
+                                   "--save-predictions") if cfg.save_predictions else None)
     try:
         # rank 0 locks and reads the file; everyone gets the same list of images still to do
-        results, problem = None, None
-        if dist.main:
-            try:
+        results, error = None, None
+        try:
+            dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit,
+                                             sha256=True)
+            if dist.main:
                 lock.__enter__()
                 results = load_results(out_path, cfg)
-                if cfg.save_predictions:  # images done earlier are skipped: their PNGs must exist
-                    missing = [i for i in results["images"]
-                               if not os.path.isfile(_prediction_path(cfg.save_predictions, i))]
-                    if missing:
-                        raise ValueError(
-                            f"--save-predictions {cfg.save_predictions}: {len(missing)} images of "
-                            f"{out_path} were evaluated without saving their predictions (e.g. "
-                            f"{missing[0]}), and a resume skips them; pass --overwrite to "
-                            "evaluate everything again, or another --out")
-            except (ValueError, OutputBusyError) as e:
-                problem = (isinstance(e, OutputBusyError), str(e))
-        done, problem = dist.broadcast((set(results["images"]) if results else set(), problem))
-        if problem:  # every rank stops, none is left waiting, each with rank 0's error class
-            busy, text = problem
-            raise (OutputBusyError if busy else ValueError)(text)
-        dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit)
-        check_images(out_path, done, dataset.ids, cfg)
+                check_images(out_path, results["images"], dataset.ids, cfg)
+                check_inputs(out_path, results, dataset)
+                # the data this run reads (a moved copy of the same files resumes)
+                results["config"]["data_root"] = os.path.abspath(cfg.data_root)
+                # the id a --save-predictions folder names; a file that has done images but no
+                # id is from before run ids
+                legacy = bool(results["images"]) and "run" not in results
+                results.setdefault("run", uuid.uuid4().hex)
+                if cfg.save_predictions:
+                    predictions_lock.__enter__()
+                    claim_predictions(cfg.save_predictions, out_path, results, legacy,
+                                      cfg.overwrite)
+        except Exception as e:  # every rank stops, none is left waiting, each with this error
+            error = e
+        dist.raise_first(error)
+        done = dist.broadcast(set(results["images"]) if dist.main else None)
         todo = [i for i, name in enumerate(dataset.ids) if name not in done]
         shard = dist.shard(todo)
         steps = math.ceil(math.ceil(len(todo) / dist.world) / cfg.batch_size) if todo else 0
-        seg = segmenter or Segmenter(cfg, run_device, model=model)
-        if results is not None:
-            results["environment"] = _environment(seg, dist, run_device, cfg)
-            results["macs_parts"] = seg.macs_parts()
-            results["num_images_requested"] = len(dataset)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, shard), batch_size=cfg.batch_size, shuffle=False,
-            num_workers=cfg.num_workers if shard else 0, collate_fn=collate,
-            pin_memory=seg.device.type == "cuda")
-        batches = iter(loader)
+        error = None
+        try:
+            seg = segmenter or Segmenter(cfg, run_device, model=model)
+            if results is not None:
+                results["environment"] = _environment(seg, dist, run_device, cfg)
+                results["macs_parts"] = seg.macs_parts()
+                results["num_images_requested"] = len(dataset)
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, shard), batch_size=cfg.batch_size,
+                shuffle=False, num_workers=cfg.num_workers if shard else 0, collate_fn=collate,
+                pin_memory=seg.device.type == "cuda")
+            batches = iter(loader)
+        except Exception as e:
+            error = e
+        dist.raise_first(error)
         bar = None
         if cfg.progress and dist.main and todo:
             from tqdm import tqdm
             bar = tqdm(total=len(todo), desc=f"eval {seg.label}", unit="img", dynamic_ncols=True)
         warm = cfg.warmup
         for _ in range(steps):
-            batch = next(batches, None)
-            records = []
-            if batch is not None:
-                if warm > 0:  # untimed passes: lazy init, allocator, cuDNN autotuning
-                    for _ in range(warm if cfg.timing else 0):
-                        seg.warm_up(batch["image"], batch["target"], batch["id"])
-                    warm = 0
-                records = _evaluate_batch(seg, batch, cfg)
+            records, error = [], None
+            try:
+                batch = next(batches, None)
+                if batch is not None:
+                    if warm > 0:  # untimed passes: lazy init, allocator, cuDNN autotuning
+                        for _ in range(warm if cfg.timing else 0):
+                            seg.warm_up(batch["image"], batch["target"], batch["id"])
+                        warm = 0
+                    records = _evaluate_batch(seg, batch, cfg)
+            except Exception as e:  # raised below, after the other ranks' records are written
+                error = e
             gathered = dist.gather(records)
-            if dist.main:
-                for part in gathered:
-                    for rec in part:
-                        results["images"][rec["id"]] = rec
-                results["summary"] = summarize(results["images"])
-                results["complete"] = len(results["images"]) >= len(dataset)
-                write_json_atomic(out_path, results)
-                if bar is not None:
-                    bar.update(sum(len(p) for p in gathered))
-                    s = results["summary"]
-                    bar.set_postfix(mIoU=f"{s['miou'] or 0:.3f}",
-                                    macs=f"{s['macs_fraction_of_finest']:.0%}")
+            if dist.main and any(gathered):  # nothing new: the file stays as it is
+                try:
+                    for part in gathered:
+                        for rec in part:
+                            results["images"][rec["id"]] = rec
+                    results["summary"] = summarize(results["images"])
+                    results["complete"] = len(results["images"]) >= len(dataset)
+                    write_json_atomic(out_path, results)
+                    if bar is not None:
+                        bar.update(sum(len(p) for p in gathered))
+                        s = results["summary"]
+                        bar.set_postfix(mIoU=f"{s['miou'] or 0:.3f}",
+                                        macs=f"{s['macs_fraction_of_finest']:.0%}")
+                except Exception as e:  # a full disk: every rank stops with it
+                    error = error or e
+            dist.raise_first(error)
         if bar is not None:
             bar.close()
         if dist.main:
@@ -123,6 +168,8 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
             write_json_atomic(out_path, results)
         dist.barrier()
     finally:
+        if predictions_lock is not None:
+            predictions_lock.__exit__(None, None, None)
         lock.__exit__(None, None, None)
         dist.close()
     return results if dist.main else None
@@ -160,15 +207,65 @@ def _evaluate_batch(seg: Segmenter, batch: dict, cfg: EvalConfig) -> list[dict]:
             "time_device": None if seconds is None else device_name(seg.device),
             "miou": finite(cm.miou()),
             "confusion": counts_to_triples(counts),
+            "input_sha256": batch["input_sha256"][b],  # which files (a resume compares them)
         })
         if cfg.save_predictions:
             _save_prediction(cfg.save_predictions, batch["id"][b], pred[b])
     return out
 
 
+def claim_predictions(folder: str, out_path: str, results: dict, legacy: bool,
+                      overwrite: bool) -> None:
+    """Tie ``--save-predictions`` ``folder`` to the run of ``results`` (its ``"run"`` id, in
+    ``folder``/:data:`MANIFEST`), before any PNG is written. Refused without ``overwrite``: a
+    folder of another run whose results file still holds it (its PNGs would be overwritten, and
+    a resume of either would take the other's as its own), and a folder of PNGs that names no
+    run, unless ``results`` is a file from before run ids (``legacy``), resumed as then. Images
+    done earlier are skipped, so their PNGs must be there."""
+    fix = ("pass another --save-predictions folder, or --overwrite to replace them (which "
+           "starts --out over too)")
+    path = os.path.join(folder, MANIFEST)
+    owner = None
+    if os.path.isfile(path):
+        owner = read_json(path, MANIFEST_FORMAT, "a cad-spconv eval predictions manifest",
+                          f"--save-predictions {folder}: {fix}")
+    if not overwrite and owner is not None and owner.get("run") != results["run"] \
+            and _run_of(owner.get("out")) == owner.get("run"):
+        shown = settings_difference(owner.get("config", {}), results["config"], here="there")
+        raise ValueError(f"--save-predictions {folder} holds the predictions of another run, "
+                         f"{owner.get('out')} ({shown or 'the same settings'}); {fix}")
+    if not overwrite and owner is None and not legacy:
+        found = next((os.path.join(d, f) for d, _, files in os.walk(folder) for f in sorted(files)
+                      if f.endswith(_SUFFIX)), None)
+        if found:
+            raise ValueError(f"--save-predictions {folder} holds predictions that name no run "
+                             f"(no {MANIFEST}; e.g. {found}); {fix}")
+    missing = [i for i in results["images"] if not os.path.isfile(_prediction_path(folder, i))]
+    if missing:
+        raise ValueError(
+            f"--save-predictions {folder}: {len(missing)} images of {out_path} were evaluated "
+            f"without saving their predictions (e.g. {missing[0]}), and a resume skips them; "
+            "pass --overwrite to evaluate everything again, or another --out")
+    write_json_atomic(path, {"format": MANIFEST_FORMAT, "run": results["run"], "out": out_path,
+                             "config": results["config"]})
+
+
+def _run_of(out_path) -> str | None:
+    """The run id in a results file; ``None`` where there is none (no such file any more, or
+    another tool's): the PNGs of a manifest naming it belong to no results file."""
+    try:
+        with open(out_path) as f:
+            return json.load(f).get("run")
+    except (OSError, TypeError, ValueError, AttributeError):
+        return None
+
+
+_SUFFIX = "_pred_trainIds.png"
+
+
 def _prediction_path(folder: str, frame_id: str) -> str:
     city, name = frame_id.split("/")
-    return os.path.join(folder, city, f"{name}_pred_trainIds.png")
+    return os.path.join(folder, city, name + _SUFFIX)
 
 
 def _save_prediction(folder: str, frame_id: str, pred) -> None:

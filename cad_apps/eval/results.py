@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ..io import read_json, settings_difference
-from .config import FORMAT, EvalConfig
+from .config import DEFAULT_MODEL, FORMAT, EvalConfig, comparable_mask
 
 __all__ = ["load_results", "summarize", "format_summary"]
 
@@ -23,13 +23,33 @@ def load_results(path: str, cfg: EvalConfig) -> dict:
         # written before the mask rules were recorded: the old rules (None), which differ from
         # the current ones only for the masks that have one (config.MASK_RULES)
         old["config"].setdefault("mask_rule", None)
-        shown = settings_difference(old["config"], mine)
+        theirs = {k: v for k, v in old["config"].items() if k not in RECORDED}
+        # one setting, two spellings: a learned:PATH's path as typed (files written before it
+        # was made absolute), the model named or read from the checkpoint (or the default)
+        theirs["mask"] = comparable_mask(theirs.get("mask"))
+        theirs["model"] = _model_run(theirs, old.get("environment", {}).get("model"))
+        same_weights = all(theirs.get(k) == mine[k] for k in ("checkpoint", "files_sha256"))
+        mine = dict(mine, model=_model_run(mine, theirs["model"] if same_weights else None))
+        shown = settings_difference(theirs, mine)
         if shown:
             raise ValueError(f"{path} was written with other settings ({shown}); pass another "
                              "--out, or --overwrite to start over")
         return old
     return {"format": FORMAT, "config": cfg.fingerprint(), "environment": {}, "summary": {},
             "images": {}}
+
+
+def _model_run(config: dict, inferred):
+    """The model a setting runs: ``--model``, else the one ``inferred`` from ``--checkpoint``
+    (``None``: unknown), else the default."""
+    if config.get("model"):
+        return config["model"]
+    return DEFAULT_MODEL if config.get("checkpoint") is None else inferred
+
+
+# recorded in the file's config (eval.loop), not compared on resume: the data is compared file
+# by file (eval.loop.check_inputs), so a moved copy of the same data resumes
+RECORDED = ("data_root",)
 
 
 _RECORD_KEYS = ("confusion", "macs", "macs_dense_finest", "macs_dense_coarsest", "time_s",
@@ -47,6 +67,11 @@ def _check_records(path: str, old: dict) -> None:
             missing = [k for k in _RECORD_KEYS if not isinstance(rec, dict) or k not in rec]
             if missing:
                 bad = f"the record of {name} lacks {', '.join(missing)}"
+                break
+            hashes = rec.get("input_sha256")
+            if hashes is not None and not (isinstance(hashes, dict) and all(
+                    isinstance(hashes.get(k), str) for k in ("image", "labels"))):
+                bad = f"the record of {name} has a broken input_sha256"
                 break
     if bad:
         raise ValueError(f"{path} is damaged ({bad}); pass --overwrite to evaluate again, or "
@@ -90,6 +115,8 @@ def summarize(images: dict, num_classes: int = 19) -> dict:
         "level0_share_mean": float(level0.mean()) if level0.size else None,
         "time_per_image_s_mean": float(times.mean()) if times.size else None,
         "time_per_image_s_median": float(np.median(times)) if times.size else None,
+        # a resume may mix timed and --no-timing sessions: the times cover these images only
+        "num_timed": int(times.size),
         "time_devices": time_devices,
         "confusion": cm.to_triples(),
     }
@@ -118,6 +145,9 @@ def format_summary(result: dict) -> str:
     timing = ("not timed" if s["time_per_image_s_mean"] is None else
               f"time per image {s['time_per_image_s_mean'] * 1e3:.1f} ms (median "
               f"{s['time_per_image_s_median'] * 1e3:.1f} ms)")
+    if s["time_per_image_s_mean"] is not None and s.get("num_timed", s["num_images"]) \
+            < s["num_images"]:
+        timing += f" ({s['num_timed']} of {s['num_images']} images timed)"
     if len(s.get("time_devices") or []) > 1:
         timing += f" MIXED over {', '.join(s['time_devices'])} (a resumed run)"
     if s.get("level0_share_mean") is not None:

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .config import EvalConfig, parse_mask
+from .config import DEFAULT_MODEL, EvalConfig, parse_mask
 
 __all__ = ["Segmenter", "dense_macs", "load_mask_estimator", "estimator_from_state", "num_classes_of"]
 
@@ -96,11 +96,14 @@ class Segmenter:
         # a model handed in (train-mask's) is named by its class, not by the default builder
         self.model_name = cfg.model or (info.model if info is not None else None) or (
             type(model).__name__ if given or cfg.checkpoint is not None
-            else "deeplabv3_resnet101")
+            else DEFAULT_MODEL)
         self.num_classes = num_classes_of(model)
         if self.num_classes != 19:
             raise ValueError(f"the model predicts {self.num_classes} classes; Cityscapes "
                              "evaluation needs the 19 trainId classes (a Cityscapes-trained checkpoint)")
+        estimator = None
+        if self.mask is not None and self.mask.kind == "learned":
+            estimator = self._estimator(info, model)
         # channels-last weights and inputs: the fast layout of oneDNN / cuDNN, and the GEMM
         # layout of the lattice engine (no weight copies kept)
         self.model = model.to(self.device, self.dtype).to(
@@ -111,24 +114,41 @@ class Segmenter:
             self.cad = convert(self.model, finest_stride=cfg.finest_stride,
                                coarsest_stride=cfg.coarsest_stride, sparse_head=cfg.sparse_head,
                                semantics=cfg.semantics).eval()
-        self.estimator = None
-        if self.mask is not None and self.mask.kind == "learned":
-            self.estimator = self._estimator(info).to(self.device, self.dtype)
+        self.estimator = None if estimator is None else estimator.to(self.device, self.dtype)
         self._dense: dict = {}
 
-    def _estimator(self, info):
+    def _estimator(self, info, model):
+        """The learned mask estimator, checked against ``model`` (still on the CPU) before any
+        image: features of other channels would fail only inside the first forward."""
+        from ..train_mask import feature_channels
         cfg = self.cfg
         factor = cfg.coarsest_stride // cfg.finest_stride
         if self.mask.path:
-            return load_mask_estimator(self.mask.path, cfg.finest_stride, cfg.coarsest_stride)
-        if info is None or info.estimator is None:
+            source = self.mask.path
+            estimator = load_mask_estimator(source, cfg.finest_stride, cfg.coarsest_stride)
+        elif info is None or info.estimator is None:
             raise ValueError("--mask learned uses the mask estimator inside --checkpoint, and "
                              + ("there is no --checkpoint" if info is None else
                                 f"{info.source} holds none") + "; give its file: "
                              "--mask learned:PATH")
-        check_estimator_strides(info.estimator_strides, cfg.finest_stride, cfg.coarsest_stride,
-                                info.source)
-        return estimator_from_state(info.estimator, factor, info.source)
+        else:
+            source = info.source
+            check_estimator_strides(info.estimator_strides, cfg.finest_stride,
+                                    cfg.coarsest_stride, source)
+            estimator = estimator_from_state(info.estimator, factor, source)
+        weight = next(model.parameters())
+        # the probe runs on the CPU in float32 (where models are built); a model handed in
+        # elsewhere is train-mask's, which built its estimator for these very features
+        if weight.device.type == "cpu" and weight.dtype == torch.float32:
+            channels = feature_channels(model, cfg.finest_stride)
+            if channels != estimator.in_channels:
+                raise ValueError(
+                    f"--mask {self.mask}: the estimator in {source} takes "
+                    f"{estimator.in_channels}-channel features, and {self.model_name} gives "
+                    f"{channels} channels at --finest-stride {cfg.finest_stride}, where the "
+                    "adaptive step begins; pass an estimator trained for this model and stride "
+                    "(train-mask --model ... --finest-stride ...), or the model it was trained for")
+        return estimator
 
     # masks --------------------------------------------------------------------------------
     def keep_for(self, images, targets, ids):

@@ -142,3 +142,36 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path):
         read_checkpoint(cut)
     with pytest.raises(FileNotFoundError, match="is not a file: check the path"):
         read_checkpoint(tmp_path / "absent.pth")
+
+
+def test_checkpoints_no_model_can_load_say_so_instead_of_asking_for_model(tmp_path):
+    """An ImageNet classifier, or a segmentation model on a ResNet-18-like backbone (such as
+    train-mask's fcn_tiny), used to get "pass it (--model ...)", which no --model fixes."""
+    from torchvision.models import resnet18
+
+    classifier = resnet18().state_dict()
+    torch.save(classifier, tmp_path / "resnet18.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"resnet18.pth: not a segmentation "
+                       r"checkpoint \(no backbone.\* keys; it holds bn1.bias, .*an ImageNet "
+                       r"classifier\?\); pass the weights of a segmentation model"):
+        build_segmentation_model(None, str(tmp_path / "resnet18.pth"))
+    small = {f"backbone.{k}": v for k, v in classifier.items() if not k.startswith("fc.")}
+    small["classifier.0.weight"] = torch.zeros(19, 512, 3, 3)
+    torch.save(small, tmp_path / "fcn_resnet18.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"layer3 has 2 basic blocks; only "
+                                                      r"ResNet-50 / 101 / 152 backbones"):
+        build_segmentation_model(None, str(tmp_path / "fcn_resnet18.pth"))
+
+
+def test_a_pickled_module_is_refused_in_one_plain_line_naming_its_class(tmp_path):
+    """torch's weights-only message began with ANSI escape codes and an announcement of "two
+    options" it did not give; the class that is not allowed is what the user needs."""
+    path = tmp_path / "full.pth"
+    torch.save(torch.nn.Conv2d(1, 1, 1), path)
+    with pytest.raises(ValueError) as caught:
+        read_checkpoint(path)
+    message = str(caught.value)
+    assert "\x1b" not in message and "two options" not in message and "\n" not in message
+    assert (f"cannot read {path} as a weights-only checkpoint (it pickles a "
+            "torch.nn.modules.conv.Conv2d, which is not plain data); re-save it as a plain "
+            "state dict") in message

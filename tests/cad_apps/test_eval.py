@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -346,21 +347,27 @@ def test_cli_reports_clear_errors(fixture_root, tmp_path, capsys):
     assert rc == 2 and "needs a number" in capsys.readouterr().err
 
 
-def test_torchrun_two_processes_merge_to_the_single_process_result(fixture_root, checkpoint, tmp_path,
-                                                                   edge_fresh):
+def torchrun_eval(data_root, checkpoint, out, mask):
+    """``cad-spconv eval`` under ``torchrun --nproc_per_node=2`` on CPU (gloo)."""
     import subprocess
     import sys
-    single = edge_fresh
-    out = tmp_path / "dist.json"
+
     from tests.support.inputs import REPO
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "cad_apps.cli", "eval", "--data-root", fixture_root, "--model", MODEL,
-           "--checkpoint", checkpoint[0], "--mask", "edge:0.35", "--dilation", "3", "--device", "cpu",
+           "-m", "cad_apps.cli", "eval", "--data-root", str(data_root), "--model", MODEL,
+           "--checkpoint", checkpoint[0], "--mask", mask, "--dilation", "3", "--device", "cpu",
            "--dtype", "float64", "--num-workers", "0", "--no-timing", "--no-progress",
            "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_torchrun_two_processes_merge_to_the_single_process_result(fixture_root, checkpoint, tmp_path,
+                                                                   edge_fresh):
+    single = edge_fresh
+    out = tmp_path / "dist.json"
+    proc = torchrun_eval(fixture_root, checkpoint, out, "edge:0.35")
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = json.loads(out.read_text())
     assert merged["environment"]["world_size"] == 2 and merged["complete"]
@@ -477,8 +484,9 @@ def test_commands_print_os_errors_and_interrupts_in_one_line(monkeypatch, capsys
 def test_interrupt_advice_never_discards_the_saved_work(tmp_path, monkeypatch, capsys):
     """After Ctrl-C the advice said "resume with the same command" even with --overwrite (which
     discards the saved work) and "plus --resume" for train-mask --overwrite (which --resume
-    excludes): it is built from the run's own arguments. train-mask resumes only from a save
-    of the interrupted run (an earlier run's checkpoint is not one)."""
+    excludes): it is built from the run's own arguments. Both resume only from a save of the
+    interrupted run (an earlier run's file is not one: eval --overwrite replaces it only at its
+    first write, and resuming it would be refused for its other settings)."""
     import cad_apps.eval as ev
     import cad_apps.train_mask as tm
     from cad_apps import cli
@@ -486,42 +494,50 @@ def test_interrupt_advice_never_discards_the_saved_work(tmp_path, monkeypatch, c
     saves = []
 
     def interrupted(args=None, *a, **k):
-        if saves and saves.pop():  # this run saved before the interruption
-            (tmp_path / "o" / "last.pt").write_bytes(b"saved")
+        saved = saves.pop() if saves else None
+        if saved:  # this run saved before the interruption
+            saved.write_bytes(b"saved")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ev, "evaluate", interrupted)
     monkeypatch.setattr(tm, "_main", interrupted)
     (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "last.pt").write_bytes(b"an earlier run")
-    os.utime(tmp_path / "o" / "last.pt", (0, 0))
-    o = str(tmp_path / "o")
+    ckpt, out = tmp_path / "o" / "last.pt", tmp_path / "x.json"
+    for earlier in (ckpt, out):
+        earlier.write_bytes(b"an earlier run")
+        os.utime(earlier, (0, 0))
+    o, x = str(tmp_path / "o"), str(out)
     cases = [
-        (False, ["eval", "--data-root", ".", "--out", "/tmp/x.json", "--overwrite", "--device",
-                 "cpu"],
-         "without --overwrite: cad-spconv eval --data-root . --out /tmp/x.json --device cpu\n"),
-        (False, ["eval", "--data-root", ".", "--out", "/tmp/x.json"], "with the same command\n"),
-        (True, ["train-mask", "--synthetic", "--overw", "--out", o],
+        (out, ["eval", "--data-root", ".", "--out", x, "--overwrite", "--device", "cpu"],
+         f"without --overwrite: cad-spconv eval --data-root . --out {x} --device cpu\n"),
+        (None, ["eval", "--data-root", ".", "--out", x], "with the same command\n"),
+        (ckpt, ["train-mask", "--synthetic", "--overw", "--out", o],
          f"--resume in place of --overwrite: cad-spconv train-mask --synthetic --resume --out "
          f"{o}\n"),
-        (True, ["train-mask", "--synthetic", "--out", o],
+        (ckpt, ["train-mask", "--synthetic", "--out", o],
          f"same command plus --resume: cad-spconv train-mask --synthetic --out {o} --resume\n"),
-        (False, ["train-mask", "--synthetic", "--out", o, "--resume"], "with the same command\n"),
+        (None, ["train-mask", "--synthetic", "--out", o, "--resume"], "with the same command\n"),
     ]
     for saved, argv, advice in cases:
         saves.append(saved)
         assert cli.main(argv) == 130
         err = capsys.readouterr().err
         assert "interrupted; files written so far are complete; " in err and err.endswith(advice)
-        os.utime(tmp_path / "o" / "last.pt", (0, 0))  # from now on an earlier run's again
-    # interrupted before its first save: the checkpoint there is an earlier run's
-    for argv in (["train-mask", "--synthetic", "--overwrite", "--out", o],
-                 ["train-mask", "--synthetic", "--out", str(tmp_path / "fresh")]):
-        saves.append(False)
+        for earlier in (ckpt, out):  # from now on an earlier run's again
+            os.utime(earlier, (0, 0))
+    # interrupted before its first save: the file there is an earlier run's
+    for argv, advice in (
+            (["train-mask", "--synthetic", "--overwrite", "--out", o], " (a save comes every "
+             "--save-every iterations)"),
+            (["train-mask", "--synthetic", "--out", str(tmp_path / "fresh")], " (a save comes "
+             "every --save-every iterations)"),
+            (["eval", "--data-root", ".", "--out", x, "--overwrite"], ""),
+            (["eval", "--data-root", ".", "--out", str(tmp_path / "new.json"), "--overwrite"],
+             "")):
+        saves.append(None)
         assert cli.main(argv) == 130
         assert capsys.readouterr().err.endswith(
-            "nothing of this run was saved yet (a save comes every --save-every iterations): "
-            "run the same command again\n")
+            f"nothing of this run was saved yet{advice}: run the same command again\n")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (a folder where no "
@@ -591,3 +607,187 @@ def test_times_from_other_machines_are_flagged_not_pooled_silently():
     result = {"summary": mixed, "config": {"model": "m", "mask": "none", "finest_stride": 8,
                                            "coarsest_stride": 16}}
     assert "MIXED over cpu (A), cuda (H200)" in format_summary(result)
+
+
+def test_a_resume_on_other_data_under_the_same_frame_ids_is_refused(checkpoint, tmp_path):
+    """Another --data-root with the same frame ids (other pixels) would mix two datasets in one
+    summary: each record holds the SHA-256 of its image and label files, which a resume
+    compares. A moved copy of the same data resumes, and so does a file written before the
+    hashes."""
+    import shutil
+
+    a, b, moved = tmp_path / "a", tmp_path / "b", tmp_path / "moved"
+    make_synthetic_cityscapes(a, num_images=3, size=SIZE, seed=1)
+    make_synthetic_cityscapes(b, num_images=3, size=SIZE, seed=5)
+    assert CityscapesSegmentation(str(a)).ids == CityscapesSegmentation(str(b)).ids
+    first, out = run(str(a), checkpoint, tmp_path, "none", name="r.json", limit=1)
+    assert first["config"]["data_root"] == str(a)
+    with pytest.raises(ValueError, match=rf"r.json holds results of .* computed from another "
+                                         rf"image file than {b}.*another --data-root than {a}"):
+        run(str(b), checkpoint, tmp_path, "none", name="r.json", limit=2)
+    shutil.copytree(a, moved)
+    resumed, _ = run(str(moved), checkpoint, tmp_path, "none", name="r.json", limit=2)
+    assert len(resumed["images"]) == 2 and resumed["config"]["data_root"] == str(moved)
+    old = json.loads(open(out).read())  # a file from before the hashes: resumed as then
+    for rec in old["images"].values():
+        del rec["input_sha256"]
+    del old["config"]["data_root"]
+    write_json_atomic(out, old)
+    assert len(run(str(b), checkpoint, tmp_path, "none", name="r.json")[0]["images"]) == 3
+
+
+def test_a_predictions_folder_belongs_to_one_run(fixture_root, checkpoint, tmp_path):
+    """--save-predictions names its run (DIR/cad-spconv-eval.json): a run with other settings
+    and another --out is refused instead of overwriting the PNGs, and after --overwrite took
+    the folder, the first run's resume is refused instead of taking them as its own. A folder
+    of PNGs that names no run is refused too, except for the resume of a file from before."""
+    preds = tmp_path / "preds"
+    run(fixture_root, checkpoint, tmp_path, "none", name="r1.json", limit=1,
+        save_predictions=str(preds))
+    png = next(preds.rglob("*_pred_trainIds.png"))
+    before = png.read_bytes()
+    with pytest.raises(ValueError, match=rf"--save-predictions {preds} holds the predictions "
+                                         rf"of another run, {tmp_path / 'r1.json'} \(mask: "
+                                         rf"'none' there vs 'all' now\).*--overwrite"):
+        run(fixture_root, checkpoint, tmp_path, "all", name="r2.json", limit=1,
+            save_predictions=str(preds))
+    assert png.read_bytes() == before
+    run(fixture_root, checkpoint, tmp_path, "all", name="r2.json", limit=1,
+        save_predictions=str(preds), overwrite=True)
+    with pytest.raises(ValueError, match=r"holds the predictions of another run, .*r2.json"):
+        run(fixture_root, checkpoint, tmp_path, "none", name="r1.json", limit=2,
+            save_predictions=str(preds))
+    (preds / "cad-spconv-eval.json").unlink()
+    with pytest.raises(ValueError, match=r"holds predictions that name no run"):
+        run(fixture_root, checkpoint, tmp_path, "none", name="r3.json", limit=1,
+            save_predictions=str(preds))
+    old = json.loads((tmp_path / "r2.json").read_text())  # a file from before run ids
+    del old["run"]
+    write_json_atomic(str(tmp_path / "r2.json"), old)
+    run(fixture_root, checkpoint, tmp_path, "all", name="r2.json", limit=2,
+        save_predictions=str(preds))
+    manifest = json.loads((preds / "cad-spconv-eval.json").read_text())
+    assert manifest["run"] == json.loads((tmp_path / "r2.json").read_text())["run"]
+
+
+def test_torchrun_an_input_error_on_one_rank_stops_every_rank_with_its_message(
+        fixture_root, checkpoint, tmp_path):
+    """A corrupt image in rank 1's first step: both ranks print its one-line message and exit
+    with 2 (rank 0 no longer fails inside gloo with a traceback), and the record rank 0
+    computed in that step is written."""
+    import shutil
+
+    root = tmp_path / "cs"
+    shutil.copytree(fixture_root, root)
+    ds = CityscapesSegmentation(str(root))
+    with open(ds.images[1], "wb") as f:  # rank 1 takes index 1, rank 0 indices 0 and 2
+        f.write(b"\x89PNG garbage")
+    out = tmp_path / "dist.json"
+    proc = torchrun_eval(root, checkpoint, out, "none")
+    assert proc.returncode != 0
+    message = f"cad-spconv eval: error: cannot read the image {ds.images[1]}"
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr and "[rank" not in proc.stderr, proc.stderr[-3000:]
+    assert set(re.findall(r"exitcode\s*:\s*(\d+)", proc.stderr)) == {"2"}  # torchrun's report
+    assert list(json.loads(out.read_text())["images"]) == [ds.ids[0]]
+
+
+def test_an_error_that_does_not_pickle_reaches_the_other_ranks_as_its_text():
+    from cad_apps.distributed import _portable
+
+    class Odd(ValueError):  # a local class: not picklable
+        pass
+
+    plain = ValueError("bad input")
+    assert _portable(plain) is plain
+    copy = _portable(Odd("bad input"))
+    assert type(copy) is RuntimeError and str(copy) == "Odd: bad input"
+
+
+def test_a_label_file_that_is_not_8_bit_label_ids_is_named(checkpoint, tmp_path, capsys):
+    """A 1-bit label PNG was a TypeError traceback: it is one line naming the file and the
+    format expected (exit 2); float, multi-channel and out-of-range label images too."""
+    root = tmp_path / "cs"
+    make_synthetic_cityscapes(root, num_images=1, size=SIZE, seed=1)
+    ds = CityscapesSegmentation(str(root))
+    label = ds.targets[0]
+    ids = np.asarray(Image.open(label))
+    Image.fromarray(ids > 10).save(label)  # mode "1"
+    rc = cli(["eval", "--data-root", str(root), "--out", str(tmp_path / "x.json"), "--device",
+              "cpu", "--model", MODEL, "--checkpoint", checkpoint[0], "--mask", "none",
+              "--num-workers", "0", "--no-progress", "--no-timing"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert (f"error: {label} has 1-bit pixels; labels must be an 8-bit single-channel PNG of "
+            "Cityscapes labelIds") in err
+    for image, fmt, problem in (  # a float map saved under the .png name (PNG has no floats)
+            (Image.fromarray(ids.astype(np.float32)), "TIFF", "float32 pixels"),
+            (Image.fromarray(np.stack([ids] * 3, -1)), "PNG", "3 channels"),
+            (Image.fromarray((ids.astype(np.uint16) + 1000)), "PNG", "values 1000..")):
+        image.save(label, format=fmt)
+        with pytest.raises(ValueError, match=f"{label} has {problem}"):
+            ds.load_target(0)
+
+
+def test_an_even_dilation_and_an_estimator_for_other_features_are_refused_before_any_image(
+        fixture_root, checkpoint, tmp_path):
+    """Both were found inside the first forward, after the model was built, by messages that
+    named neither the option nor the fix."""
+    from cad_apps.eval.segmenter import Segmenter
+    from cad_spconv.learned_mask import MaskEstimator
+
+    for mask in ("edge:0.35", "oracle", "none"):
+        with pytest.raises(ValueError, match=r"--dilation must be odd .* got 4: use 3 or 5"):
+            EvalConfig(data_root="missing", out="x.json", mask=mask, dilation=4).check()
+    path = tmp_path / "estimator_1024.pth"
+    torch.save(MaskEstimator(1024, downsample=2).state_dict(), path)
+    cfg = EvalConfig(data_root=fixture_root, out=str(tmp_path / "x.json"), model=MODEL,
+                     checkpoint=checkpoint[0], mask=f"learned:{path}", device="cpu",
+                     num_workers=0)
+    with pytest.raises(ValueError, match=rf"--mask learned:{path}: the estimator in {path} "
+                                         rf"takes 1024-channel features, and {MODEL} gives 512 "
+                                         r"channels at --finest-stride 8.*trained for this model"):
+        Segmenter(cfg, torch.device("cpu"))
+
+
+def test_one_setting_written_two_ways_resumes(fixture_root, checkpoint, tmp_path, monkeypatch):
+    """The model read from --checkpoint and the same model named with --model, and a
+    learned:PATH given relative and absolute, are one setting: a resume is not refused (files
+    written before, with the path as typed, compare the same way)."""
+    from cad_spconv.learned_mask import MaskEstimator
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(MaskEstimator(512, downsample=2).state_dict(), tmp_path / "est.pth")
+    base = dict(data_root=fixture_root, checkpoint=checkpoint[0], device="cpu", dtype="float64",
+                num_workers=0, warmup=0, progress=False, timing=False, dilation=3)
+    for first, then, out in (
+            (dict(mask="none"), dict(mask="none", model=MODEL), "model.json"),
+            (dict(mask="learned:est.pth", model=MODEL),
+             dict(mask=f"learned:{tmp_path / 'est.pth'}", model=MODEL), "learned.json")):
+        evaluate(EvalConfig(out=out, limit=1, **base, **first))
+        assert len(evaluate(EvalConfig(out=out, limit=2, **base, **then))["images"]) == 2
+        assert len(evaluate(EvalConfig(out=out, limit=3, **base, **first))["images"]) == 3
+    old = json.loads((tmp_path / "learned.json").read_text())
+    old["config"]["mask"] = "learned:est.pth"  # as files written before kept it
+    write_json_atomic(str(tmp_path / "learned.json"), old)
+    evaluate(EvalConfig(out="learned.json", **base, mask=f"learned:{tmp_path / 'est.pth'}",
+                        model=MODEL))
+    with pytest.raises(ValueError, match=r"model: 'deeplabv3_resnet50' in the file vs "
+                                         r"'fcn_resnet50' now"):
+        evaluate(EvalConfig(out="model.json", **base, mask="none", model="fcn_resnet50"))
+
+
+def test_a_time_over_some_of_the_images_says_so():
+    """A resume mixing timed and --no-timing sessions: the time is over the timed images only,
+    and the summary says how many."""
+    from cad_apps.eval import format_summary, summarize
+    rec = {"confusion": [], "macs": {"total": 2}, "macs_dense_finest": 4,
+           "macs_dense_coarsest": 1, "level0_share": 0.5, "time_s": 0.1, "time_device": "cpu (A)"}
+    config = {"model": "m", "mask": "none", "finest_stride": 8, "coarsest_stride": 16}
+    mixed = summarize({"a": rec, "b": dict(rec, time_s=None, time_device=None)})
+    assert mixed["num_timed"] == 1 and mixed["time_per_image_s_mean"] == 0.1
+    assert "time per image 100.0 ms (median 100.0 ms) (1 of 2 images timed)" in format_summary(
+        {"summary": mixed, "config": config})
+    timed = summarize({"a": rec, "b": rec})
+    assert timed["num_timed"] == 2 and "timed)" not in format_summary({"summary": timed,
+                                                                       "config": config})
