@@ -2,13 +2,16 @@
 
 Without ``torchrun`` (``WORLD_SIZE`` unset or 1) everything is a no-op on one process. Under
 ``torchrun --nproc_per_node=N`` every process takes ``items[rank::world]``, rank 0 gathers the
-records and writes the results; the process group is torn down however the run ends.
+records after every step and writes the results (:meth:`Dist.share_step`); an error on one
+rank stops every rank with its message (:meth:`Dist.raise_first`); the process group is torn
+down however the run ends.
 """
 from __future__ import annotations
 
 import functools
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 __all__ = ["Dist", "init_distributed", "resolve_device", "cpu_name", "device_name"]
 
@@ -63,6 +66,23 @@ class Dist:
         if first == self.rank:
             raise error
         raise errors[first]
+
+    def share_step(self, records: list, error: BaseException | None,
+                   write: Callable[[list], None]) -> None:
+        """Collective, once per step of a sharded loop, on every rank whether its step went
+        well or not: rank 0 gathers every rank's ``records`` (those finished before an
+        ``error`` included) and, where any rank has some, passes the lists (one per rank, in
+        rank order) to ``write``; then, where a rank had an ``error`` (or ``write`` raised
+        one: a full disk), every rank raises the first (:meth:`raise_first`). So the records
+        the ranks finished in the step of an error are written, and every rank stops with one
+        message instead of the others failing in the next collective."""
+        gathered = self.gather(records)
+        if self.main and any(gathered):  # nothing new: the results stay as they are
+            try:
+                write(gathered)
+            except Exception as e:
+                error = error or e
+        self.raise_first(error)
 
     def barrier(self) -> None:
         if self.active:

@@ -130,6 +130,20 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
         if cfg.progress and dist.main and todo:
             from tqdm import tqdm
             bar = tqdm(total=len(todo), desc=f"eval {seg.label}", unit="img", dynamic_ncols=True)
+
+        def write(gathered):  # rank 0, after every step with new records
+            for part in gathered:
+                for rec in part:
+                    results["images"][rec["id"]] = rec
+            results["summary"] = summarize(results["images"])
+            results["complete"] = len(results["images"]) >= len(dataset)
+            write_json_atomic(out_path, results)
+            if bar is not None:
+                bar.update(sum(len(p) for p in gathered))
+                s = results["summary"]
+                bar.set_postfix(mIoU=f"{s['miou'] or 0:.3f}",
+                                macs=f"{s['macs_fraction_of_finest']:.0%}")
+
         warm = cfg.warmup
         for _ in range(steps):
             records, error = [], None
@@ -143,23 +157,7 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
                     records = _evaluate_batch(seg, batch, cfg)
             except Exception as e:  # raised below, after the other ranks' records are written
                 error = e
-            gathered = dist.gather(records)
-            if dist.main and any(gathered):  # nothing new: the file stays as it is
-                try:
-                    for part in gathered:
-                        for rec in part:
-                            results["images"][rec["id"]] = rec
-                    results["summary"] = summarize(results["images"])
-                    results["complete"] = len(results["images"]) >= len(dataset)
-                    write_json_atomic(out_path, results)
-                    if bar is not None:
-                        bar.update(sum(len(p) for p in gathered))
-                        s = results["summary"]
-                        bar.set_postfix(mIoU=f"{s['miou'] or 0:.3f}",
-                                        macs=f"{s['macs_fraction_of_finest']:.0%}")
-                except Exception as e:  # a full disk: every rank stops with it
-                    error = error or e
-            dist.raise_first(error)
+            dist.share_step(records, error, write)
         if bar is not None:
             bar.close()
         if dist.main:
