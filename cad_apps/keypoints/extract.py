@@ -16,7 +16,9 @@ pooled only over one setup; :func:`summarize`). Re-running the same command
 resumes (images with both a record and a readable ``.npz`` holding the three arrays are skipped;
 a damaged ``.npz`` is named on stderr and extracted again); other settings are refused, naming
 the setting. Under ``torchrun`` the sequences are sharded over the processes and rank 0
-writes the summary.
+writes the summary after every step (a sequence per process). An error on one process (a bad
+image) stops every process with its one-line message, after the records of the images finished
+in that step, its own before the error included, are written.
 
 Descriptor sampling (the paper's code): the feature grid of ``h' x w'`` cells covers the
 ``h x w`` network input "align-corners" style, cell ``i`` sitting at pixel
@@ -38,8 +40,8 @@ from typing import Optional
 import numpy as np
 
 from ..distributed import init_distributed, resolve_device
-from ..io import (OutputBusyError, OutputLock, check_output_path, read_json,
-                  settings_difference, write_atomic, write_json_atomic)
+from ..io import (OutputLock, check_output_path, read_json, settings_difference, write_atomic,
+                  write_json_atomic)
 from . import hpatches
 from .levels import MASKS, check_dilations, num_levels
 from .preprocess import MAX_SUM_EDGES, SEMANTICS
@@ -403,7 +405,7 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
         device_name = f"cuda:{dist.local_rank}"
     out = os.path.abspath(cfg.out)
     summary_path = os.path.join(out, SUMMARY)
-    lock, summary, todo, problem = None, None, None, None
+    lock, summary, todo, error = None, None, None, None
     try:
         if dist.main:
             try:
@@ -421,16 +423,18 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
                         for s in sequences]
                 todo = [t for t in todo if t[2]]
                 summary["num_images_requested"] = len(sequences) * len(hpatches.IMAGES)
-            except (ValueError, FileNotFoundError, OutputBusyError) as e:
-                problem = e
-        todo, message = dist.broadcast((todo, None if problem is None else str(problem)))
-        if message is not None:
-            if problem is not None:
-                raise problem
-            raise ValueError(message)
-        extractor = Extractor(cfg, stack, device_name)
-        if dist.main:
-            summary["environment"] = _environment(extractor, dist, device_name)
+            except Exception as e:  # every rank stops, none is left waiting, each with this error
+                error = e
+        dist.raise_first(error)
+        todo = dist.broadcast(todo)
+        error = None
+        try:
+            extractor = Extractor(cfg, stack, device_name)
+            if dist.main:
+                summary["environment"] = _environment(extractor, dist, device_name)
+        except Exception as e:
+            error = e
+        dist.raise_first(error)
         _loop(cfg, out, dist, extractor, summary, todo, summary_path,
               timed_on(extractor.device, cfg.engine if cfg.adaptive else None, dist.world))
         if dist.main:
@@ -490,33 +494,38 @@ def _loop(cfg, out, dist, extractor, summary, todo, summary_path, setup=None) ->
                  if cfg.adaptive else f"dense stride {cfg.finest_stride}")
         bar = tqdm(total=sum(len(t[2]) for t in todo), desc=label, unit="img",
                    dynamic_ncols=True)
+
+    def write(gathered):  # rank 0, after every step with new records
+        for r, part in enumerate(gathered):
+            for image_id, rec in part:
+                summary["images"][image_id] = rec
+            if bar is not None and r > 0:
+                bar.update(len(part))
+        summary["images"] = dict(sorted(summary["images"].items()))
+        _write_summary(summary_path, summary)
+        if bar is not None:
+            s = summary["summary"]
+            bar.set_postfix(GMA=f"{s['macs_mean'] / 1e9:.2f}")
+
     for step in range(steps):
-        records = []
-        if step < len(shard):
-            name, folder, ks = shard[step]
-            for k in ks:
-                t0 = time.perf_counter()
-                rgb = hpatches.read_image(hpatches.image_path(folder, k))
-                arrays, rec = extractor(rgb, name, k)
-                _save_npz(feature_path(out, name, k), arrays)
-                rec["total_s"] = time.perf_counter() - t0
-                if setup is not None:
-                    rec["timed_on"] = setup
-                records.append((f"{name}/{k}", rec))
-                if bar is not None:
-                    bar.update(1)
-        gathered = dist.gather(records)
-        if dist.main:
-            for r, part in enumerate(gathered):
-                for image_id, rec in part:
-                    summary["images"][image_id] = rec
-                if bar is not None and r > 0:
-                    bar.update(len(part))
-            summary["images"] = dict(sorted(summary["images"].items()))
-            _write_summary(summary_path, summary)
-            if bar is not None:
-                s = summary["summary"]
-                bar.set_postfix(GMA=f"{s['macs_mean'] / 1e9:.2f}")
+        records, error = [], None
+        try:
+            if step < len(shard):
+                name, folder, ks = shard[step]
+                for k in ks:
+                    t0 = time.perf_counter()
+                    rgb = hpatches.read_image(hpatches.image_path(folder, k))
+                    arrays, rec = extractor(rgb, name, k)
+                    _save_npz(feature_path(out, name, k), arrays)
+                    rec["total_s"] = time.perf_counter() - t0
+                    if setup is not None:
+                        rec["timed_on"] = setup
+                    records.append((f"{name}/{k}", rec))
+                    if bar is not None:
+                        bar.update(1)
+        except Exception as e:  # raised below, after the records of this step are written
+            error = e
+        dist.share_step(records, error, write)
     if bar is not None:
         bar.close()
 

@@ -713,15 +713,22 @@ def test_ablation_masks_match_the_keypoint_budget(data_root, tmp_path, mask):
     assert ab["settings"]["mask"] == mask and ab["settings"]["seed"] == 4
 
 
+def torchrun_extract(data_root, out):
+    """``cad-spconv keypoints extract`` (dense stride 8, random weights) under
+    ``torchrun --nproc_per_node=2`` on CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "cad_apps.cli", "keypoints", "extract", "--data-root", str(data_root),
+           "--random-weights", "--seed", "1", "--finest-stride", "8", "--device", "cpu",
+           "--no-progress", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_torchrun_shards_sequences_and_matches_one_process(data_root, extracted, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
-           "cad_apps.cli", "keypoints", "extract", "--data-root", data_root, "--random-weights",
-           "--seed", "1", "--finest-stride", "8", "--device", "cpu", "--no-progress",
-           "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = torchrun_extract(data_root, out)
     assert res.returncode == 0, res.stderr[-3000:]
     s = json.load(open(out / "summary.json"))
     assert s["complete"] and s["environment"]["world_size"] == 2 and len(s["images"]) == 12
@@ -729,6 +736,32 @@ def test_torchrun_shards_sequences_and_matches_one_process(data_root, extracted,
         for k in IMAGES:
             np.testing.assert_array_equal(np.load(out / seq / f"{k}.npz")["descriptors"],
                                           np.load(extracted / "os8" / seq / f"{k}.npz")["descriptors"])
+
+
+def test_torchrun_an_input_error_on_one_rank_stops_every_rank_with_its_message(data_root, tmp_path):
+    """A bad image in rank 1's sequence (it decodes, so the setup check passes it, but it is too
+    small for the network): both ranks print its one-line message and exit with 2 (rank 0 no
+    longer fails inside gloo with a traceback, losing its records), and the summary holds the
+    records of both ranks' finished images, rank 1's before the bad one included."""
+    import re
+
+    import cv2
+
+    root = tmp_path / "hp"
+    shutil.copytree(data_root, root)  # rank 0 takes i_synth0, rank 1 v_synth0
+    assert cv2.imwrite(str(root / "v_synth0" / "3.ppm"), np.zeros((4, 4, 3), np.uint8))
+    out = tmp_path / "out"
+    res = torchrun_extract(root, out)
+    assert res.returncode != 0
+    message = ("cad-spconv keypoints extract: error: image of 4x4 pixels is too small: the "
+               "network needs at least 8x8 pixels after resizing (stride 8)")
+    assert res.stderr.count(message) == 2, res.stderr[-3000:]
+    assert "gloo" not in res.stderr and "[rank" not in res.stderr, res.stderr[-3000:]
+    assert set(re.findall(r"exitcode\s*:\s*(\d+)", res.stderr)) == {"2"}  # torchrun's report
+    s = json.load(open(out / "summary.json"))
+    done = [f"i_synth0/{k}" for k in IMAGES] + ["v_synth0/1", "v_synth0/2"]
+    assert list(s["images"]) == done and not s["complete"]
+    assert all(feature_file_problem(str(out / f"{i}.npz")) is None for i in done)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
