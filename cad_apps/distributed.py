@@ -84,10 +84,17 @@ class Dist:
                 error = error or e
         self.raise_first(error)
 
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-            dist.barrier()
+    def on_main(self, fn: Callable[[], None]) -> None:
+        """Collective: rank 0 runs ``fn`` (a final write); an error there stops every rank with
+        its message (:meth:`raise_first`), where a barrier after it would leave the others
+        failing in the backend once rank 0 exits."""
+        error = None
+        if self.main:
+            try:
+                fn()
+            except Exception as e:
+                error = e
+        self.raise_first(error)
 
     def close(self) -> None:
         if self.active:

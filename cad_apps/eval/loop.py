@@ -160,11 +160,13 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
             dist.share_step(records, error, write)
         if bar is not None:
             bar.close()
-        if dist.main:
+
+        def finish():
             results["summary"] = summarize(results["images"])
             results["complete"] = len(results["images"]) >= len(dataset)
             write_json_atomic(out_path, results)
-        dist.barrier()
+
+        dist.on_main(finish)
     finally:
         if predictions_lock is not None:
             predictions_lock.__exit__(None, None, None)

@@ -437,9 +437,7 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
         dist.raise_first(error)
         _loop(cfg, out, dist, extractor, summary, todo, summary_path,
               timed_on(extractor.device, cfg.engine if cfg.adaptive else None, dist.world))
-        if dist.main:
-            _write_summary(summary_path, summary)
-        dist.barrier()
+        dist.on_main(lambda: _write_summary(summary_path, summary))
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)

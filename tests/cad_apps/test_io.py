@@ -90,3 +90,41 @@ def test_shards_cover_every_item_once_on_any_node(world):
               for r in range(world)]
     assert sorted(i for s in shards for i in s) == items
     assert [len(s) for s in shards] == [len(items[r::world]) for r in range(world)]
+
+
+def _on_main_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import torch.distributed as td
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=world)
+    dist = Dist(rank=rank, world=world, active=True)
+    try:
+        def write():  # the final write of rank 0 fails (a full disk)
+            raise OSError(28, "No space left on device")
+
+        try:
+            dist.on_main(write)
+            seen = "no error"
+        except OSError as e:
+            seen = f"{type(e).__name__}: {e}"
+        dist.on_main(lambda: None)  # the group still works: nobody left in a collective
+        with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
+            f.write(seen)
+    finally:
+        td.destroy_process_group()
+
+
+def test_a_failed_final_write_on_rank_0_stops_every_rank_with_its_error(tmp_path):
+    """The final write after a sharded loop ran on rank 0, then a barrier: where it failed,
+    rank 0 left and the others failed in gloo with a traceback. ``Dist.on_main`` gives every
+    rank the same error (2 processes on gloo)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_on_main_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    seen = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert seen == ["OSError: [Errno 28] No space left on device"] * 2, seen
