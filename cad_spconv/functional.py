@@ -156,27 +156,35 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
         # one pass over the features, as the dense batch norm makes (mul_ then add_ made two);
         # half-precision features take float32 scale and shift and are rounded once (on CPU
         # through torch's batch-norm kernel: a mixed-dtype addcmul runs unvectorized there)
-        if f.dtype != scale.dtype and f.device.type == "cpu":
+        if _half_kernel_applies(f, scale):
             return x.replace_feature(_affine_half_on_cpu(f, scale, shift))
         return x.replace_feature(torch.addcmul(shift, f, scale, out=f))
     out = F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
     return x.replace_feature(out)
 
 
+def _half_kernel_applies(f: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether :func:`_affine_half_on_cpu` gives the mixed ``addcmul``'s values: contiguous
+    half-precision CPU features (torch's strided kernel rounds differently), float32 scale
+    (the kernel refuses other parameter dtypes) and a finite one (the kernel's shift is
+    ``shift - 0 * scale``: NaN for an infinite scale, from a zero variance with eps 0)."""
+    return (f.device.type == "cpu" and f.dtype in (torch.float16, torch.bfloat16)
+            and scale.dtype == torch.float32 and f.is_contiguous()
+            and bool(torch.isfinite(scale).all()))
+
+
 def _affine_half_on_cpu(f: torch.Tensor, scale: torch.Tensor,
                         shift: torch.Tensor) -> torch.Tensor:
-    """``f * scale + shift`` into ``f`` (half precision, CPU) with float32 ``scale`` and
-    ``shift``, rounded once.
+    """``f * scale + shift`` into ``f`` (contiguous half precision, CPU) with finite float32
+    ``scale`` and ``shift``: computed in float32, rounded once to the half dtype.
 
     A CPU elementwise op mixing the two dtypes runs unvectorized (a mixed ``addcmul``: 43 ms
     against 2.0 ms in one dtype for 65536 x 256 bfloat16 on an AMD EPYC). torch's batch-norm
-    kernel takes half-precision input with float32 parameters vectorized, and on contiguous
-    input rounds once: run it as ``x * scale + shift`` (mean 0, variance 1 and eps 0 make its
-    inverse std exactly 1) with the output aliased onto the input, which an eval batch norm,
-    elementwise, allows (the same bits as the mixed ``addcmul`` on torch 2.4.1, the oldest
-    supported, and 2.14.1). Figures: ``experiments.half_batch_norm``."""
-    if not f.is_contiguous():  # never a conv's output; torch's strided kernel rounds twice
-        return f.copy_(torch.addcmul(shift, f, scale))
+    kernel takes half-precision input with float32 parameters vectorized: run it as
+    ``x * scale + shift`` (mean 0, variance 1 and eps 0 make its inverse std exactly 1) with
+    the output aliased onto the input, which an eval batch norm, elementwise, allows (the
+    same bits as the mixed ``addcmul`` on torch 2.4.1, the oldest supported, and 2.14.1).
+    Figures: ``experiments.half_batch_norm``."""
     torch.ops.aten.native_batch_norm.out(
         f, scale, shift, torch.zeros_like(scale), torch.ones_like(scale), False, 0.0, 0.0,
         out=f, save_mean=scale.new_empty(0), save_invstd=scale.new_empty(0))

@@ -404,6 +404,31 @@ def test_batch_norm_in_place_half_precision_rounds_once(dtype, channels, layout)
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("case", ["float64 weight", "zero variance, eps 0"])
+def test_batch_norm_in_place_outside_the_half_kernel_matches_addcmul(case):
+    """Where torch's batch-norm kernel would not give the mixed ``addcmul``'s values, the
+    in-place route takes the ``addcmul``: float32 features with a float64 weight (the kernel
+    refuses the parameter dtype) and an infinite scale from a zero variance with eps 0 (the
+    kernel's shift, ``shift - 0 * inf``, makes the channel NaN)."""
+    x, _ = make_input(CASES[1], 1, 4, torch.float64, "cpu")
+    g = torch.Generator().manual_seed(5)
+    mean, var = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    weight, bias = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    if case == "float64 weight":
+        f, eps = x.features.float(), 1e-5
+        stats = (mean, var, weight.double(), bias.double())
+    else:
+        f, eps = x.features.to(torch.bfloat16), 0.0
+        var[1] = 0.0
+        stats = (mean, var, weight, bias)
+    scale, shift = CF.eval_scale_shift(*stats, eps=eps)
+    want = torch.addcmul(shift, f, scale, out=f.clone())
+    got = CF.batch_norm(x.replace_feature(f.clone()), *stats, eps=eps, inplace=True).features
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    if case != "float64 weight":
+        assert not got[:, 1].isnan().all()  # the kernel would make the channel NaN
+
+
 @pytest.mark.parametrize("stats_dtype", [torch.bfloat16, torch.float32])  # float32: autocast
 def test_batch_norm_in_place_half_precision_allocates_no_feature_copy(stats_dtype):
     """In place means no feature-sized temporary: half-precision features with float32 scale
