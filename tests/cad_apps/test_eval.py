@@ -765,7 +765,7 @@ def test_an_even_dilation_and_an_estimator_for_other_features_are_refused_before
     from cad_apps.eval.segmenter import Segmenter
     from cad_spconv.learned_mask import MaskEstimator
 
-    for mask in ("edge:0.35", "oracle", "none"):
+    for mask in ("edge:0.35", "inverted-edge:0.35", "shuffled-edge:0.35", "oracle"):
         with pytest.raises(ValueError, match=r"--dilation must be odd .* got 4: use 3 or 5"):
             EvalConfig(data_root="missing", out="x.json", mask=mask, dilation=4).check()
     path = tmp_path / "estimator_1024.pth"
@@ -777,6 +777,21 @@ def test_an_even_dilation_and_an_estimator_for_other_features_are_refused_before
                                          rf"takes 1024-channel features, and {MODEL} gives 512 "
                                          r"channels at --finest-stride 8.*trained for this model"):
         Segmenter(cfg, torch.device("cpu"))
+
+
+def test_an_even_dilation_is_kept_for_the_masks_that_do_not_dilate(fixture_root, checkpoint,
+                                                                    tmp_path):
+    """none / all / random / learned never read --dilation: an even value is not refused for
+    them, so results files written before the check with such a value still resume."""
+    for mask in ("none", "all", "random:0.5", "learned", "learned:est.pth"):
+        EvalConfig(data_root="missing", out="x.json", mask=mask, dilation=10).check()
+    EvalConfig(data_root="missing", out="x.json", dense=16).check()
+    first, _ = run(fixture_root, checkpoint, tmp_path, "none", name="r.json", limit=1,
+                   dilation=10)
+    assert first["config"]["dilation"] == 10
+    resumed, _ = run(fixture_root, checkpoint, tmp_path, "none", name="r.json", limit=2,
+                     dilation=10)
+    assert len(resumed["images"]) == 2
 
 
 def test_one_setting_written_two_ways_resumes(fixture_root, checkpoint, tmp_path, monkeypatch):
