@@ -27,6 +27,8 @@ DEFAULT_MODEL = "deeplabv3_resnet101"  # without --model and --checkpoint (rando
 _FINGERPRINT = ("model", "checkpoint", "split", "finest_stride", "coarsest_stride", "dense",
                 "semantics", "mask", "dilation", "sparse_head", "dtype", "seed", "files_sha256",
                 "mask_rule")
+# masks that read --dilation (the edge family, and the oracle)
+DILATED_MASKS = ("edge", "inverted-edge", "shuffled-edge", "oracle")
 # masks whose rule changed (2026-12-05): random draws per image from --seed and the frame id
 # (was one generator for the run), the inverse taken on the finest grid (was per pixel); files
 # written before, which lack "mask_rule", are refused for these masks and kept for the others
@@ -158,7 +160,9 @@ class EvalConfig:
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got "
                                  f"{getattr(self, name)}")
-        if self.dense is None and self.dilation % 2 == 0:  # not after the model is built
+        # not after the model is built; only for the masks that dilate (the others never read
+        # it, and results files written before the check may record an even value for them)
+        if kind in DILATED_MASKS and self.dilation % 2 == 0:
             raise ValueError(f"--dilation must be odd (a square window centred on each pixel; "
                              f"paper: 11), got {self.dilation}: use {self.dilation - 1} or "
                              f"{self.dilation + 1}")
@@ -223,7 +227,9 @@ def add_setting_arguments(p: argparse.ArgumentParser) -> None:
                         "2); reference: from their block's centre, and the edge mask's 4x4-block "
                         "rule, as the paper's code (to reproduce its published models)")
     p.add_argument("--dilation", type=int, default=11,
-                   help="square dilation of edge / oracle masks in pixels, odd (paper: 11)")
+                   help="square dilation in pixels of the edge masks (edge, inverted-edge, "
+                        "shuffled-edge) and the oracle mask, odd (paper: 11); the other masks "
+                        "ignore it")
     p.add_argument("--sparse-head", action="store_true",
                    help="convert the head too (default: the head runs densified at the finest "
                         "stride, as in the paper)")

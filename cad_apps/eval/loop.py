@@ -221,7 +221,9 @@ def claim_predictions(folder: str, out_path: str, results: dict, legacy: bool,
     folder of another run whose results file still holds it (its PNGs would be overwritten, and
     a resume of either would take the other's as its own), and a folder of PNGs that names no
     run, unless ``results`` is a file from before run ids (``legacy``), resumed as then. Images
-    done earlier are skipped, so their PNGs must be there."""
+    done earlier are skipped, so their PNGs must be there, written by this run: a folder left
+    by another run (no longer in its results file) is taken over only where none of its PNGs
+    would count as one of this run's done images."""
     fix = ("pass another --save-predictions folder, or --overwrite to replace them (which "
            "starts --out over too)")
     path = os.path.join(folder, MANIFEST)
@@ -240,6 +242,17 @@ def claim_predictions(folder: str, out_path: str, results: dict, legacy: bool,
         if found:
             raise ValueError(f"--save-predictions {folder} holds predictions that name no run "
                              f"(no {MANIFEST}; e.g. {found}); {fix}")
+    if not overwrite and owner is not None and owner.get("run") != results["run"]:
+        # a folder another run left (its results file no longer holds it): its PNGs are of that
+        # run's settings, so a resume must not take them for the images it did earlier
+        taken = [i for i in results["images"] if os.path.isfile(_prediction_path(folder, i))]
+        if taken:
+            raise ValueError(
+                f"--save-predictions {folder} holds the predictions of another run, "
+                f"{owner.get('out')} (no longer in its results file), and {len(taken)} images "
+                f"{out_path} did earlier have PNGs there that this run did not write (e.g. "
+                f"{taken[0]}): a resume would take them as its own; pass --overwrite to "
+                "evaluate everything again, or another --out")
     missing = [i for i in results["images"] if not os.path.isfile(_prediction_path(folder, i))]
     if missing:
         raise ValueError(

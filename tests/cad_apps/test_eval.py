@@ -670,6 +670,35 @@ def test_a_predictions_folder_belongs_to_one_run(fixture_root, checkpoint, tmp_p
     assert manifest["run"] == json.loads((tmp_path / "r2.json").read_text())["run"]
 
 
+def test_a_resume_does_not_take_the_pngs_of_a_run_that_left_its_folder(
+        fixture_root, checkpoint, tmp_path):
+    """Run 1 saves its predictions into P; --overwrite starts the same --out over without
+    --save-predictions (run 2); run 2's resume with --save-predictions P is refused: P names
+    run 1, whose results file no longer holds it, and its PNGs (mask none) would pass for run
+    2's (mask all). With --overwrite the folder is taken over and the PNGs are rewritten."""
+    preds = tmp_path / "preds"
+    run(fixture_root, checkpoint, tmp_path, "none", name="r.json", limit=1,
+        save_predictions=str(preds))
+    png = next(preds.rglob("*_pred_trainIds.png"))
+    before = png.read_bytes()
+    run(fixture_root, checkpoint, tmp_path, "all", name="r.json", limit=1, overwrite=True)
+    with pytest.raises(ValueError, match=rf"--save-predictions {preds} holds the predictions "
+                                         rf"of another run, {tmp_path / 'r.json'} \(no longer "
+                                         rf"in its results file\).*--overwrite"):
+        run(fixture_root, checkpoint, tmp_path, "all", name="r.json", limit=2,
+            save_predictions=str(preds))
+    assert png.read_bytes() == before
+    manifest = json.loads((preds / "cad-spconv-eval.json").read_text())
+    assert manifest["config"]["mask"] == "none"  # still run 1's
+    results, _ = run(fixture_root, checkpoint, tmp_path, "all", name="r.json", limit=2,
+                     save_predictions=str(preds), overwrite=True)
+    manifest = json.loads((preds / "cad-spconv-eval.json").read_text())
+    assert manifest["run"] == results["run"] and len(results["images"]) == 2
+    # and a legitimate resume of the run that now holds the folder goes on
+    assert len(run(fixture_root, checkpoint, tmp_path, "all", name="r.json",
+                   save_predictions=str(preds))[0]["images"]) == 3
+
+
 def test_torchrun_an_input_error_on_one_rank_stops_every_rank_with_its_message(
         fixture_root, checkpoint, tmp_path):
     """A corrupt image in rank 1's first step: both ranks print its one-line message and exit
@@ -736,7 +765,7 @@ def test_an_even_dilation_and_an_estimator_for_other_features_are_refused_before
     from cad_apps.eval.segmenter import Segmenter
     from cad_spconv.learned_mask import MaskEstimator
 
-    for mask in ("edge:0.35", "oracle", "none"):
+    for mask in ("edge:0.35", "inverted-edge:0.35", "shuffled-edge:0.35", "oracle"):
         with pytest.raises(ValueError, match=r"--dilation must be odd .* got 4: use 3 or 5"):
             EvalConfig(data_root="missing", out="x.json", mask=mask, dilation=4).check()
     path = tmp_path / "estimator_1024.pth"
@@ -748,6 +777,21 @@ def test_an_even_dilation_and_an_estimator_for_other_features_are_refused_before
                                          rf"takes 1024-channel features, and {MODEL} gives 512 "
                                          r"channels at --finest-stride 8.*trained for this model"):
         Segmenter(cfg, torch.device("cpu"))
+
+
+def test_an_even_dilation_is_kept_for_the_masks_that_do_not_dilate(fixture_root, checkpoint,
+                                                                    tmp_path):
+    """none / all / random / learned never read --dilation: an even value is not refused for
+    them, so results files written before the check with such a value still resume."""
+    for mask in ("none", "all", "random:0.5", "learned", "learned:est.pth"):
+        EvalConfig(data_root="missing", out="x.json", mask=mask, dilation=10).check()
+    EvalConfig(data_root="missing", out="x.json", dense=16).check()
+    first, _ = run(fixture_root, checkpoint, tmp_path, "none", name="r.json", limit=1,
+                   dilation=10)
+    assert first["config"]["dilation"] == 10
+    resumed, _ = run(fixture_root, checkpoint, tmp_path, "none", name="r.json", limit=2,
+                     dilation=10)
+    assert len(resumed["images"]) == 2
 
 
 def test_one_setting_written_two_ways_resumes(fixture_root, checkpoint, tmp_path, monkeypatch):
