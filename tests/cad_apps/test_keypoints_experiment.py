@@ -29,14 +29,21 @@ def test_settings_table_is_the_reference_sweep():
             check_dilations(dil, stride)
 
 
-def test_sweep_writes_json_and_png_and_resumes(tmp_path, monkeypatch, capsys):
+def _quick_sweep_data(tmp_path, monkeypatch):
+    """A one-scene synthetic HPatches folder and a quick sweep of thin random networks (a
+    negative seed reaches the network only if the sweep fails to refuse it)."""
     import cad_apps.keypoints.network as network
 
     monkeypatch.setattr(network, "random_features",
-                        lambda seed=0: thin_vgg(scale=32, seed=seed).float())
+                        lambda seed=0: thin_vgg(scale=32, seed=abs(seed)).float())
     monkeypatch.setattr(exp, "QUICK_SETTINGS", {4: [(11,)], 2: [(21, 21)], 1: [(9, 19, 35)]})
     data = tmp_path / "data"
     write_synthetic(str(data), [synthetic_scene((144, 192), 3)], image_size=(48, 64), kinds=("v",))
+    return data
+
+
+def test_sweep_writes_json_and_png_and_resumes(tmp_path, monkeypatch, capsys):
+    data = _quick_sweep_data(tmp_path, monkeypatch)
     out = tmp_path / "sweep"
     args = ["--data-root", str(data), "--random-weights", "--settings", "quick",
             "--num-keypoints", "16", "--no-progress", "--out", str(out)]
@@ -126,13 +133,7 @@ def test_sweep_reports_bad_weights_and_sizes_as_the_cli_does(tmp_path, capsys):
 def test_sweep_checks_every_settings_options_before_the_first(tmp_path, monkeypatch, capsys):
     """A negative --seed failed only at the first ablation setting, after every dense and
     adaptive one had run (hours on HPatches): refused before any work, naming --seed."""
-    import cad_apps.keypoints.network as network
-
-    monkeypatch.setattr(network, "random_features",
-                        lambda seed=0: thin_vgg(scale=32, seed=abs(seed)).float())
-    monkeypatch.setattr(exp, "QUICK_SETTINGS", {4: [(11,)], 2: [(21, 21)], 1: [(9, 19, 35)]})
-    data = tmp_path / "data"
-    write_synthetic(str(data), [synthetic_scene((144, 192), 3)], image_size=(48, 64), kinds=("v",))
+    data = _quick_sweep_data(tmp_path, monkeypatch)
     for extra in (["--data-root", str(data)], ["--synthetic"]):
         out = tmp_path / f"sweep{len(extra)}"
         assert exp.main([*extra, "--random-weights", "--seed", "-1", "--settings", "quick",
@@ -148,14 +149,9 @@ def test_a_folder_another_run_extracts_into_is_refused_before_any_setting(tmp_pa
     """A setting whose features folder another live process was extracting into was found at
     its turn, after the settings before it had run (hours, in the paper's sweep): refused before
     the first, naming the file and the fix."""
-    import cad_apps.keypoints.network as network
     from cad_apps.io import OutputLock
 
-    monkeypatch.setattr(network, "random_features",
-                        lambda seed=0: thin_vgg(scale=32, seed=seed).float())
-    monkeypatch.setattr(exp, "QUICK_SETTINGS", {4: [(11,)], 2: [(21, 21)], 1: [(9, 19, 35)]})
-    data = tmp_path / "data"
-    write_synthetic(str(data), [synthetic_scene((144, 192), 3)], image_size=(48, 64), kinds=("v",))
+    data = _quick_sweep_data(tmp_path, monkeypatch)
     out = tmp_path / "sweep"
     last = exp.settings("quick", ablation=True)[-1][0]
     busy = out / "features" / last / "summary.json"
