@@ -8,6 +8,7 @@ down however the run ends.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -84,17 +85,26 @@ class Dist:
                 error = error or e
         self.raise_first(error)
 
+    @contextlib.contextmanager
+    def errors_shared(self):
+        """Collective, on every rank: ``with dist.errors_shared():`` around a phase (setup, a
+        final write on rank 0) makes an error raised in it on any rank stop every rank with
+        that error at the end of the block (:meth:`raise_first`), instead of leaving the
+        others waiting in the next collective."""
+        error = None
+        try:
+            yield
+        except Exception as e:
+            error = e
+        self.raise_first(error)
+
     def on_main(self, fn: Callable[[], None]) -> None:
         """Collective: rank 0 runs ``fn`` (a final write); an error there stops every rank with
-        its message (:meth:`raise_first`), where a barrier after it would leave the others
-        failing in the backend once rank 0 exits."""
-        error = None
-        if self.main:
-            try:
+        its message, where a barrier after it would leave the others failing in the backend
+        once rank 0 exits."""
+        with self.errors_shared():
+            if self.main:
                 fn()
-            except Exception as e:
-                error = e
-        self.raise_first(error)
 
     def close(self) -> None:
         if self.active:
@@ -105,8 +115,9 @@ class Dist:
 
 
 def _portable(error: BaseException) -> BaseException:
-    """``error`` if it survives pickling (to reach the other ranks), else a ``RuntimeError``
-    with its class and message."""
+    """``error`` if it survives pickling (to reach the other ranks), else its nearest built-in
+    base class (a ``ValueError`` stays one: the commands print those in one line) with its
+    class and message."""
     import pickle
     try:
         copy = pickle.loads(pickle.dumps(error))
@@ -114,7 +125,11 @@ def _portable(error: BaseException) -> BaseException:
             return error
     except Exception:  # an exception whose arguments do not pickle back
         pass
-    return RuntimeError(f"{type(error).__name__}: {error}")
+    base = next(c for c in type(error).__mro__ if c.__module__ == "builtins")
+    try:
+        return base(f"{type(error).__name__}: {error}")
+    except Exception:  # a built-in base that needs other arguments (UnicodeDecodeError)
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def init_distributed(device_type: str) -> Dist:

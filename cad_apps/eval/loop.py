@@ -85,8 +85,8 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
                                    "--save-predictions") if cfg.save_predictions else None)
     try:
         # rank 0 locks and reads the file; everyone gets the same list of images still to do
-        results, error = None, None
-        try:
+        results = None
+        with dist.errors_shared():  # every rank stops, none is left waiting, each with the error
             dataset = CityscapesSegmentation(cfg.data_root, cfg.split, limit=cfg.limit,
                                              sha256=True)
             if dist.main:
@@ -104,15 +104,11 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
                     predictions_lock.__enter__()
                     claim_predictions(cfg.save_predictions, out_path, results, legacy,
                                       cfg.overwrite)
-        except Exception as e:  # every rank stops, none is left waiting, each with this error
-            error = e
-        dist.raise_first(error)
         done = dist.broadcast(set(results["images"]) if dist.main else None)
         todo = [i for i, name in enumerate(dataset.ids) if name not in done]
         shard = dist.shard(todo)
         steps = math.ceil(math.ceil(len(todo) / dist.world) / cfg.batch_size) if todo else 0
-        error = None
-        try:
+        with dist.errors_shared():
             seg = segmenter or Segmenter(cfg, run_device, model=model)
             if results is not None:
                 results["environment"] = _environment(seg, dist, run_device, cfg)
@@ -123,9 +119,6 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
                 shuffle=False, num_workers=cfg.num_workers if shard else 0, collate_fn=collate,
                 pin_memory=seg.device.type == "cuda")
             batches = iter(loader)
-        except Exception as e:
-            error = e
-        dist.raise_first(error)
         bar = None
         if cfg.progress and dist.main and todo:
             from tqdm import tqdm

@@ -405,10 +405,10 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
         device_name = f"cuda:{dist.local_rank}"
     out = os.path.abspath(cfg.out)
     summary_path = os.path.join(out, SUMMARY)
-    lock, summary, todo, error = None, None, None, None
+    lock, summary, todo = None, None, None
     try:
-        if dist.main:
-            try:
+        with dist.errors_shared():  # every rank stops, none is left waiting, each with the error
+            if dist.main:
                 check_output_path(out, "--out", folder=True)
                 lock = OutputLock(summary_path, "--out")
                 lock.__enter__()
@@ -423,18 +423,11 @@ def run_extract(cfg: ExtractConfig, stack=None) -> Optional[dict]:
                         for s in sequences]
                 todo = [t for t in todo if t[2]]
                 summary["num_images_requested"] = len(sequences) * len(hpatches.IMAGES)
-            except Exception as e:  # every rank stops, none is left waiting, each with this error
-                error = e
-        dist.raise_first(error)
         todo = dist.broadcast(todo)
-        error = None
-        try:
+        with dist.errors_shared():
             extractor = Extractor(cfg, stack, device_name)
             if dist.main:
                 summary["environment"] = _environment(extractor, dist, device_name)
-        except Exception as e:
-            error = e
-        dist.raise_first(error)
         _loop(cfg, out, dist, extractor, summary, todo, summary_path,
               timed_on(extractor.device, cfg.engine if cfg.adaptive else None, dist.world))
         dist.on_main(lambda: _write_summary(summary_path, summary))

@@ -721,16 +721,21 @@ def test_torchrun_an_input_error_on_one_rank_stops_every_rank_with_its_message(
     assert list(json.loads(out.read_text())["images"]) == [ds.ids[0]]
 
 
-def test_an_error_that_does_not_pickle_reaches_the_other_ranks_as_its_text():
+def test_an_error_that_does_not_pickle_reaches_the_other_ranks_as_its_built_in_base():
     from cad_apps.distributed import _portable
 
     class Odd(ValueError):  # a local class: not picklable
         pass
 
+    class OddDecode(UnicodeDecodeError):  # a built-in base that needs other arguments
+        pass
+
     plain = ValueError("bad input")
     assert _portable(plain) is plain
-    copy = _portable(Odd("bad input"))
-    assert type(copy) is RuntimeError and str(copy) == "Odd: bad input"
+    copy = _portable(Odd("bad input"))  # its built-in base: still a one-line input error
+    assert type(copy) is ValueError and str(copy) == "Odd: bad input"
+    copy = _portable(OddDecode("utf-8", b"\xff", 0, 1, "invalid start byte"))
+    assert type(copy) is RuntimeError and str(copy).startswith("OddDecode: 'utf-8' codec")
 
 
 def test_a_label_file_that_is_not_8_bit_label_ids_is_named(checkpoint, tmp_path, capsys):
