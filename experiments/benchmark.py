@@ -192,14 +192,9 @@ def _selected(args, chosen, frames):
 def _refuse_existing(parser, args, chosen, frames) -> None:
     """Refuse, before any run, result files that exist in ``--results`` (they may hold
     another machine's measurements, which a run would replace without a word)."""
-    import contextlib
-    import io
     import json
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the skip notes come with the run
-        paths = [os.path.join(args.results, f"{name}.json")
-                 for _, name, _ in _selected(args, chosen, frames)]
-    existing = [p for p in paths if os.path.exists(p)]
+    existing = [p for p in _result_paths(args, chosen, frames) if os.path.exists(p)]
     if not existing:
         return
     machines = set()
@@ -219,18 +214,23 @@ def _refuse_existing(parser, args, chosen, frames) -> None:
 def _refuse_busy(parser, args, chosen, frames) -> None:
     """Refuse, before any run, a result file that another run writes now (bench holds its
     ``--json``'s lock for the whole run): found at its turn, it would fail after hours."""
+    from cad_apps.io import OutputBusyError, check_not_busy
+
+    for path in _result_paths(args, chosen, frames):
+        try:
+            check_not_busy(path, "--results")
+        except OutputBusyError as e:
+            parser.error(str(e))
+
+
+def _result_paths(args, chosen, frames) -> list[str]:
+    """The result files the selected runs write, in ``--results``."""
     import contextlib
     import io
 
-    from cad_apps.io import OutputBusyError, check_not_busy
-
     with contextlib.redirect_stdout(io.StringIO()):  # the skip notes come with the run
-        selected = list(_selected(args, chosen, frames))
-    for _, name, _ in selected:
-        try:
-            check_not_busy(os.path.join(args.results, f"{name}.json"), "--results")
-        except OutputBusyError as e:
-            parser.error(str(e))
+        return [os.path.join(args.results, f"{name}.json")
+                for _, name, _ in _selected(args, chosen, frames)]
 
 
 def main(argv=None) -> int:

@@ -124,13 +124,16 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
             from tqdm import tqdm
             bar = tqdm(total=len(todo), desc=f"eval {seg.label}", unit="img", dynamic_ncols=True)
 
+        def save():  # rank 0: the summary of the records so far, written atomically
+            results["summary"] = summarize(results["images"])
+            results["complete"] = len(results["images"]) >= len(dataset)
+            write_json_atomic(out_path, results)
+
         def write(gathered):  # rank 0, after every step with new records
             for part in gathered:
                 for rec in part:
                     results["images"][rec["id"]] = rec
-            results["summary"] = summarize(results["images"])
-            results["complete"] = len(results["images"]) >= len(dataset)
-            write_json_atomic(out_path, results)
+            save()
             if bar is not None:
                 bar.update(sum(len(p) for p in gathered))
                 s = results["summary"]
@@ -153,13 +156,7 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
             dist.share_step(records, error, write)
         if bar is not None:
             bar.close()
-
-        def finish():
-            results["summary"] = summarize(results["images"])
-            results["complete"] = len(results["images"]) >= len(dataset)
-            write_json_atomic(out_path, results)
-
-        dist.on_main(finish)
+        dist.on_main(save)  # also where nothing was left to do (the environment, the summary)
     finally:
         if predictions_lock is not None:
             predictions_lock.__exit__(None, None, None)
