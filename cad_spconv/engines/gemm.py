@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["matmul_nk", "grouped_mm", "onednn_route", "CPU_AVX512"]
+__all__ = ["matmul_nk", "grouped_mm", "onednn_route", "CPU_AVX512", "CPU_AMX"]
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -14,6 +14,11 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 #: ``lattice.gather_cost``): AVX-512 (AMD EPYC measured; Intel AMX Xeons report it too) or not
 #: (AVX2-only EPYC measured). One flag, read at call time, so tests can set both kinds.
 CPU_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+#: Intel AMX (bfloat16 tiles; Sapphire Rapids and later Xeons): there ``torch.mm`` beats
+#: oneDNN's 1x1 conv on every bfloat16 GEMM shape of the engines (see ``onednn_route``). Read
+#: at call time like ``CPU_AVX512``; ``torch.cpu._is_amx_tile_supported`` is private, hence the
+#: fallback.
+CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
@@ -39,8 +44,11 @@ def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
     bfloat16: on an AVX512-BF16 EPYC oneDNN's 1x1 conv beat ``torch.mm`` on 6 of 9 of those
     shapes (``python -m experiments.gemm_routes --dtype bfloat16``) and took the backbone at
     edge 0.35 from 0.956 to 0.910 of dense (BENCHMARKS.md), though an earlier session's route
-    check had found ``torch.mm`` faster. Elsewhere (CUDA, float64) a GEMM straight into
-    ``out``."""
+    check had found ``torch.mm`` faster. On an Intel AMX Xeon the reverse (``CPU_AMX``):
+    ``torch.mm`` took 0.67-0.89 of oneDNN's 1x1 conv on all nine shapes and the backbone at
+    edge 0.35 0.928 of its time on the conv route, so bfloat16 goes to ``torch.mm`` there; its
+    float32 routes were even (0.76-1.10), so float32 keeps oneDNN. Elsewhere (CUDA, float64)
+    a GEMM straight into ``out``."""
     n, k = x.shape
     if n and onednn_route(x, chunk):
         y = F.conv2d(x.contiguous().view(1, n, 1, k).permute(0, 3, 1, 2),
@@ -57,6 +65,10 @@ def onednn_route(x: torch.Tensor, chunk: bool = False) -> bool:
     """Whether :func:`matmul_nk` runs ``x``'s GEMM as oneDNN's 1x1 conv, which needs the weight
     contiguous (elsewhere a column slice of it is read as a view)."""
     if not (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN):
+        return False
+    if x.dtype == torch.bfloat16 and CPU_AMX:
+        # Intel AMX Xeon, 2 threads: torch.mm took 0.67-0.89 of oneDNN's 1x1 conv on all nine
+        # layer shapes (python -m experiments.gemm_routes --dtype bfloat16; BENCHMARKS.md)
         return False
     # float32 chunks: oneDNN's 1x1 conv beat torch.mm 1.6-2.0x with AVX-512 and lost up to
     # 2.9x (the ASPP's 18432-element rows) on an AVX2-only EPYC; see matmul_nk

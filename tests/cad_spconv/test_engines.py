@@ -52,12 +52,14 @@ def test_gradients_match_dense_reference(engine, k, stride, groups, dtype, weigh
             torch.testing.assert_close(got.double(), want, **tol)
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_gemm_route(dtype, monkeypatch):
+def test_gemm_route(dtype, amx, monkeypatch):
     """``x @ w.T + b`` of the lattice engine's GEMMs: oneDNN's 1x1 conv on channels-last views
-    on CPU for float32, a GEMM otherwise (bfloat16: oneDNN's matmul behind torch.mm); same
-    values either way, into a given output too, and no rows at all."""
+    on CPU for float32, and for bfloat16 where the CPU has no AMX; a GEMM otherwise (torch.mm);
+    same values either way, into a given output too, and no rows at all."""
     import cad_spconv.engines.gemm as E
+    monkeypatch.setattr(E, "CPU_AMX", amx)
     calls = []
     real = E.F.conv2d
     monkeypatch.setattr(E.F, "conv2d", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -70,7 +72,8 @@ def test_gemm_route(dtype, monkeypatch):
     unbiased = R.conv_bound(size, want - b.double(), dtype, 20)
     into = torch.full((37, 9), float("nan"), dtype=dtype)
     given = E.matmul_nk(x, w, b, out=into)
-    onednn = dtype in E._ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+    onednn = (dtype in E._ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+              and not (amx and dtype == torch.bfloat16))
     assert (given is into) != onednn  # oneDNN returns its own result, never a copy
     for got in (E.matmul_nk(x, w, b), given):
         assert got.shape == (37, 9) and got.dtype == dtype
