@@ -149,8 +149,8 @@ def _split_layers(args) -> int:
                     dense8[c_in, c_out, d] = _dense_conv_ms(c_in, c_out, 2 * d, (H, W), dtype,
                                                             gen, args.reps)
                 book = conv_rulebook(plan, (3, 3), (d, d), 1, 1)
-                cost = rule(9, c_in, lattice.onednn_route(feats, chunk=True), False, dtype)
-                chosen = len(book.lattice(cost, lattice._reads_inside_rows(feats, 1)).phases)
+                chosen = len(book.lattice(rule(9, c_in, lattice.onednn_route(feats, chunk=True)),
+                                          lattice._reads_inside_rows(feats, 1)).phases)
                 print(f"| {kept:.2f} | {c_in} | {c_out} | {d} | {ms['gathered']:.1f} | "
                       f"{ms['dense']:.1f} | {ms['gathered'] / ms['dense']:.2f} | "
                       f"{ms['rule']:.1f} ({chosen}) | {dense8[c_in, c_out, d]:.1f} "

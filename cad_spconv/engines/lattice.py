@@ -35,10 +35,9 @@ __all__ = ["LatticeEngine", "gather_cost", "products_pay"]
 # (BENCHMARKS.md, chunk sweep); GPU: large, so that each GEMM fills the device.
 _GATHER_CHUNK_ELEMENTS = 4 << 20
 _GATHER_CHUNK_ELEMENTS_CUDA = 64 << 20
-# see gather_cost: on AVX-512 CPUs (and GPUs, not measured), on AVX2-only CPUs, for oneDNN's
-# chunks of fewer than 900 rows, and for bfloat16 on Intel AMX CPUs
+# see gather_cost: on AVX-512 CPUs (and GPUs, not measured), on AVX2-only CPUs, and for
+# oneDNN's chunks of fewer than 900 rows
 _GATHER_COST_AVX512, _GATHER_COST_AVX2, _GATHER_COST_FEW_ROWS = 1.2, 1.0, 1.5
-_GATHER_COST_AMX_BF16 = 2.0
 # see products_pay
 _PRODUCTS_MIN_WIDTH_RATIO = 4
 # the derived-format tag marking a rulebook whose layer this engine handed to products
@@ -90,8 +89,7 @@ class LatticeEngine(Engine):
             book.derived(_HANDED_OVER, lambda: True)
             return products_conv(features, weight, bias, book)
         split = book.lattice(gather_cost(book.num_taps, c_in // groups,
-                                         onednn_route(features, chunk=True), features.is_cuda,
-                                         features.dtype),
+                                         onednn_route(features, chunk=True), features.is_cuda),
                              _reads_inside_rows(features, groups))
         kh, kw = book.kernel_size
         dy, dx = book.dilation
@@ -150,8 +148,7 @@ def _phase_conv(features, weight, bias, part: PhaseConv, dilation, groups: int,
     out.index_copy_(0, part.out_rows, y.index_select(0, part.positions))
 
 
-def gather_cost(taps: int, c_in: int, onednn_chunks: bool = False, cuda: bool = False,
-                dtype: torch.dtype = torch.float32) -> float:
+def gather_cost(taps: int, c_in: int, onednn_chunks: bool = False, cuda: bool = False) -> float:
     """What a gathered multiply-add costs against a dense conv's, per gathered row of
     ``taps * c_in`` elements (decides which off-lattice phases run densely, see
     ``ConvRulebook.lattice``). Measured on CPU, 2 threads (``python -m experiments.dense_phases
@@ -159,13 +156,8 @@ def gather_cost(taps: int, c_in: int, onednn_chunks: bool = False, cuda: bool = 
     bfloat16), 1.0 on an AVX2-only one (float32: its dense convs ran at about the GEMMs' rate);
     1.5 where the im2col chunks go to oneDNN's 1x1 conv (``onednn_chunks``: float32 on AVX-512
     CPUs, see ``matmul_nk``) and hold fewer than 900 rows (the ASPP's 3x3 convs on 2048
-    channels, 227 rows), where each chunk pays oneDNN's weight reorder. 2.0 for bfloat16 on an
-    Intel AMX Xeon (``gemm.CPU_AMX``), whose AMX convs leave the gather further behind: in the
-    backbone at edge 0.35 (three frames, one process, in turn with the rule's 1.2) it took
-    0.86-0.96 of the time (3.0: the same as 2.0; edge 0.95: even, few phases that dense).
-    Not measured on GPUs: there every layer gets the AVX-512 figure."""
-    if not cuda and dtype == torch.bfloat16 and gemm.CPU_AMX:
-        return _GATHER_COST_AMX_BF16
+    channels, 227 rows), where each chunk pays oneDNN's weight reorder. Not measured on GPUs:
+    there every layer gets the AVX-512 figure."""
     if onednn_chunks and _GATHER_CHUNK_ELEMENTS // (taps * c_in) < 900:
         return _GATHER_COST_FEW_ROWS
     return _GATHER_COST_AVX512 if cuda or gemm.CPU_AVX512 else _GATHER_COST_AVX2

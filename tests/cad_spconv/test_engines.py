@@ -296,19 +296,11 @@ def test_dense_phase_rule(monkeypatch):
     # chunks on oneDNN's 1x1 conv (float32, AVX-512) pay its weight reorder per chunk: the
     # ASPP's (227 rows) more; chunks on torch.mm have no such cost: one figure per CPU kind
     import cad_spconv.engines.gemm as G
-    monkeypatch.setattr(G, "CPU_AMX", False)
     for avx512, cost in ((True, 1.2), (False, 1.0)):
         monkeypatch.setattr(G, "CPU_AVX512", avx512)
         assert gather_cost(9, 512, True) == cost and gather_cost(9, 2048, True) == 1.5
         assert gather_cost(9, 512) == cost and gather_cost(9, 2048) == cost
         assert gather_cost(9, 2048, cuda=True) == 1.2
-        assert gather_cost(9, 512, dtype=torch.bfloat16) == cost
-    # AMX: bfloat16 gathers cost more against its convs; float32 and CUDA as on AVX-512
-    monkeypatch.setattr(G, "CPU_AVX512", True)
-    monkeypatch.setattr(G, "CPU_AMX", True)
-    assert gather_cost(9, 256, dtype=torch.bfloat16) == 2.0
-    assert gather_cost(9, 256) == 1.2 and gather_cost(9, 2048, True) == 1.5
-    assert gather_cost(9, 256, cuda=True, dtype=torch.bfloat16) == 1.2
 
 
 def test_dense_phases_are_chosen_per_image():
