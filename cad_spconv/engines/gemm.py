@@ -66,9 +66,7 @@ def onednn_route(x: torch.Tensor, chunk: bool = False) -> bool:
     contiguous (elsewhere a column slice of it is read as a view)."""
     if not (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and _ONEDNN):
         return False
-    if x.dtype == torch.bfloat16 and CPU_AMX:
-        # Intel AMX Xeon, 2 threads: torch.mm took 0.67-0.89 of oneDNN's 1x1 conv on all nine
-        # layer shapes (python -m experiments.gemm_routes --dtype bfloat16; BENCHMARKS.md)
+    if x.dtype == torch.bfloat16 and CPU_AMX:  # torch.mm won every shape there; see matmul_nk
         return False
     # float32 chunks: oneDNN's 1x1 conv beat torch.mm 1.6-2.0x with AVX-512 and lost up to
     # 2.9x (the ASPP's 18432-element rows) on an AVX2-only EPYC; see matmul_nk
