@@ -335,3 +335,19 @@ def test_an_existing_json_is_read_and_parsed_once(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"bad.json exists and cannot be read \(Permission "
                                          r"denied\)" + fix):
         bench._check_replaceable(str(bad))
+
+
+def test_tensor_peak_sees_replaced_state_freed():
+    """State a run replaces was allocated by the run before: its free must count, or the peak
+    of every later moment of the run is too high by its size (a converted model's merge maps
+    at a dense head's peak)."""
+    from cad_apps.bench.measure import _tensor_peak
+
+    holder = {"state": torch.zeros(512)}  # allocated before any profile
+
+    def run():
+        holder["state"] = torch.zeros(512)  # 2048 bytes in, 2048 out
+        tmp = torch.empty(1 << 18)  # the run's peak: 1 MiB above the level before it
+        del tmp
+
+    assert _tensor_peak(run, ()) == 1 << 20
