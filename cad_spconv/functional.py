@@ -143,7 +143,8 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
     with the result (for features nobody else reads, such as a conv's fresh output: one
     feature matrix fewer at the memory peak); elsewhere it computes out of place as usual.
     ``scale_shift``: :func:`eval_scale_shift` of these arguments where the caller keeps it
-    (``CADBatchNorm2d`` does, per parameter version).
+    (``CADBatchNorm2d`` does, per parameter version), optionally with a third item: whether
+    the scale is all finite (saves a check and a device sync per call).
     """
     f = x.features
     if (inplace and not training and running_mean is not None and running_var is not None
@@ -151,26 +152,28 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
                                                    and running_mean.dtype == torch.float32))
             and not (torch.is_grad_enabled() and (f.requires_grad or any(
                 p is not None and p.requires_grad for p in (weight, bias))))):
-        scale, shift = scale_shift or eval_scale_shift(running_mean, running_var, weight, bias,
-                                                       eps)
+        kept = scale_shift or eval_scale_shift(running_mean, running_var, weight, bias, eps)
+        scale, shift = kept[:2]
         # one pass over the features, as the dense batch norm makes (mul_ then add_ made two);
         # half-precision features take float32 scale and shift and are rounded once (on CPU
         # through torch's batch-norm kernel: a mixed-dtype addcmul runs unvectorized there)
-        if _half_kernel_applies(f, scale):
+        if _half_kernel_applies(f, scale, kept[2] if len(kept) > 2 else None):
             return x.replace_feature(_affine_half_on_cpu(f, scale, shift))
         return x.replace_feature(torch.addcmul(shift, f, scale, out=f))
     out = F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
     return x.replace_feature(out)
 
 
-def _half_kernel_applies(f: torch.Tensor, scale: torch.Tensor) -> bool:
+def _half_kernel_applies(f: torch.Tensor, scale: torch.Tensor,
+                         finite: Optional[bool] = None) -> bool:
     """Whether :func:`_affine_half_on_cpu` gives the mixed ``addcmul``'s values: contiguous
     half-precision CPU features (torch's strided kernel rounds differently), float32 scale
     (the kernel refuses other parameter dtypes) and a finite one (the kernel's shift is
-    ``shift - 0 * scale``: NaN for an infinite scale, from a zero variance with eps 0)."""
+    ``shift - 0 * scale``: NaN for an infinite scale, from a zero variance with eps 0;
+    ``finite``: that, where the caller knows it)."""
     return (f.device.type == "cpu" and f.dtype in (torch.float16, torch.bfloat16)
             and scale.dtype == torch.float32 and f.is_contiguous()
-            and bool(torch.isfinite(scale).all()))
+            and (finite if finite is not None else bool(torch.isfinite(scale).all())))
 
 
 def _affine_half_on_cpu(f: torch.Tensor, scale: torch.Tensor,
@@ -185,10 +188,26 @@ def _affine_half_on_cpu(f: torch.Tensor, scale: torch.Tensor,
     the output aliased onto the input, which an eval batch norm, elementwise, allows (the
     same bits as the mixed ``addcmul`` on torch 2.4.1, the oldest supported, and 2.14.1).
     Figures: ``experiments.half_batch_norm``."""
-    torch.ops.aten.native_batch_norm.out(
-        f, scale, shift, torch.zeros_like(scale), torch.ones_like(scale), False, 0.0, 0.0,
-        out=f, save_mean=scale.new_empty(0), save_invstd=scale.new_empty(0))
+    zeros, ones, empty = _unit_statistics(scale)
+    torch.ops.aten.native_batch_norm.out(f, scale, shift, zeros, ones, False, 0.0, 0.0, out=f,
+                                         save_mean=empty, save_invstd=empty)
     return f
+
+
+_unit_stats: dict = {}
+
+
+def _unit_statistics(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean 0 and variance 1 like ``scale``, and an empty tensor for the kernel's unused
+    saved statistics: made once per size and device (small ops per call cost about as much as
+    a batch norm on a small map). Eval mode only reads them. Inference-mode tensors apart: one
+    cannot be an ``out=`` argument outside inference mode."""
+    key = (scale.shape[0], scale.dtype, scale.device, torch.is_inference_mode_enabled())
+    stats = _unit_stats.get(key)
+    if stats is None:
+        stats = _unit_stats[key] = (torch.zeros_like(scale), torch.ones_like(scale),
+                                    scale.new_empty(0))
+    return stats
 
 
 def eval_scale_shift(running_mean, running_var, weight=None, bias=None,

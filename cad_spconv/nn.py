@@ -149,7 +149,8 @@ class CADBatchNorm2d(nn.BatchNorm2d):
             scale_shift=self._scale_shift() if self.inplace and not use_batch else None)
 
     def _scale_shift(self):
-        """``CF.eval_scale_shift`` of the statistics and parameters, kept until one of them is
+        """``CF.eval_scale_shift`` of the statistics and parameters and whether the scale is
+        finite (``CF.batch_norm``'s ``scale_shift``), kept until one of them is
         replaced, moved or changed in place (a version counter or ``weights_epoch`` moves): its
         ~7 small ops cost more than the normalization itself on a small map. ``None`` where a
         tensor has no version counter (an inference tensor).
@@ -172,7 +173,8 @@ class CADBatchNorm2d(nn.BatchNorm2d):
         if (kept is not None and kept[1] == key
                 and all(a is b for a, b in zip(kept[0], tensors))):
             return kept[2]
-        value = CF.eval_scale_shift(*tensors, self.eps)
+        scale, shift = CF.eval_scale_shift(*tensors, self.eps)
+        value = (scale, shift, bool(torch.isfinite(scale).all()))
         self.__dict__["_kept_scale_shift"] = (tensors, key, value)
         return value
 

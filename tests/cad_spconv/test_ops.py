@@ -354,6 +354,29 @@ def test_batch_norm_in_place_follows_every_change_of_its_parameters(device):
         check(bn, x.features.float())
 
 
+def test_batch_norm_in_place_keeps_whether_its_scale_is_finite_with_the_scale():
+    """The kept scale comes with whether it is finite (the half-precision kernel's condition):
+    a variance set to 0 in place (eps 0, so an infinite scale) must send the next call to the
+    ``addcmul`` route, not leave the channel NaN through a stale flag."""
+    from cad_spconv.nn import CADBatchNorm2d
+    x, _ = make_input(CASES[1], 1, 4, torch.float64, "cpu")
+    bn = torch.nn.BatchNorm2d(4, eps=0.0).eval()
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    cbn = CADBatchNorm2d.from_module(bn, inplace=True).eval()
+    f = x.features.to(torch.bfloat16)
+    for zero_variance in (False, True):
+        if zero_variance:
+            with torch.no_grad():
+                bn.running_var[1] = 0.0
+        scale, shift = CF.eval_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                           eps=0.0)
+        want = torch.addcmul(shift, f, scale, out=f.clone())
+        with torch.no_grad():
+            got = cbn(x.replace_feature(f.clone())).features
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert not got[:, 1].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_batch_norm_in_place_in_half_precision_takes_float32_scale_and_shift(dtype, device):
     """Half-precision statistics: the in-place batch norm computes as torch's does, in
