@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from cad_spconv.engines import sparse_conv
+from cad_spconv.engines.lattice import lattice_conv
+from cad_spconv.engines.layouts import tracks_grad
 from cad_spconv.rulebook import ConvRulebook, conv_rulebook
 from experiments.common import ExperimentParser
 
@@ -76,16 +78,13 @@ def tile_phases(book: ConvRulebook, size: int) -> dict:
 
 def tiled_conv(features: torch.Tensor, weight: torch.Tensor, book: ConvRulebook,
                tiles: dict) -> torch.Tensor:
-    """The conv of ``book`` (3x3-style, no bias): the lattice as one dense conv, as the
-    lattice engine runs it, and the off-lattice sites through ``tiles`` (:func:`tile_phases`)."""
+    """The conv of ``book`` (3x3-style, no bias): the lattice as the lattice engine runs it
+    (:func:`~cad_spconv.engines.lattice.lattice_conv`), the off-lattice sites through
+    ``tiles`` (:func:`tile_phases`)."""
     c_in, c_out = features.shape[1], weight.shape[0]
     split = book.lattice(0.0)  # no phase dense: only its lattice part is read here
-    (kh, kw), (dy, dx) = book.kernel_size, book.dilation
-    lattice = features if split.in_rows is None else features.index_select(0, split.in_rows)
-    lattice = lattice.reshape(split.batch, *split.in_grid, c_in).permute(0, 3, 1, 2)
-    y = F.conv2d(lattice, weight, None, split.stride, (dy * (kh // 2), dx * (kw // 2)), (dy, dx))
-    out = features.new_empty(book.num_out, c_out)
-    out.index_copy_(0, split.out_rows, y.permute(0, 2, 3, 1).reshape(-1, c_out))
+    out = lattice_conv(features, weight, None, book, split, 1,
+                       scratch=not tracks_grad(features, weight, None))
     cells = features.index_select(0, tiles["index"])
     cells.index_fill_(0, tiles["outside"], 0)  # a fill: 0 * inf would be NaN
     cells = cells.view(*tiles["shape"], c_in).permute(0, 3, 1, 2)

@@ -28,7 +28,7 @@ from . import gemm
 from .gemm import grouped_mm, matmul_nk, onednn_route
 from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
 
-__all__ = ["LatticeEngine", "gather_cost", "products_pay"]
+__all__ = ["LatticeEngine", "gather_cost", "products_pay", "lattice_conv"]
 
 # Gathered elements per chunk of the gather + GEMM (so rows per GEMM do not depend on the
 # dtype; 16 MiB in float32). CPU: small enough that the GEMM reads its im2col block from cache
@@ -91,31 +91,43 @@ class LatticeEngine(Engine):
         split = book.lattice(gather_cost(book.num_taps, c_in // groups,
                                          onednn_route(features, chunk=True), features.is_cuda),
                              _reads_inside_rows(features, groups))
-        kh, kw = book.kernel_size
-        dy, dx = book.dilation
-        if split.finest:  # nothing merged: one dense conv on the finest grid, taps 2**t apart
-            dy, dx = dy * 2 ** book.step_in, dx * 2 ** book.step_in
         scratch = not tracks_grad(features, weight, bias)  # intermediates may be workspaces
-        x = features
-        if split.in_rows is not None:
-            x = (torch.index_select(features, 0, split.in_rows, out=workspace(
-                     features, split.in_rows.shape[0] * c_in, "lattice_in").view(-1, c_in))
-                 if scratch else features.index_select(0, split.in_rows))
-        # the feature matrix of lattice sites is an NHWC map: a channels-last NCHW view, no copy
-        x = x.reshape(split.batch, *split.in_grid, c_in).permute(0, 3, 1, 2)
-        y = F.conv2d(x, weight, bias, split.stride, (dy * (kh // 2), dx * (kw // 2)), (dy, dx),
-                     groups)
-        y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
-        if split.out_rows is None:  # step 0: every site is on the lattice
-            return y
-        out = y.new_empty(book.num_out, c_out)
-        out.index_copy_(0, split.out_rows, y)
-        del y
+        out = lattice_conv(features, weight, bias, book, split, groups, scratch)
+        if split.out_rows is None:  # step 0 or nothing merged: every site was on the lattice
+            return out
         for part in split.phases:
-            _phase_conv(features, weight, bias, part, (dy, dx), groups, out, scratch)
+            _phase_conv(features, weight, bias, part, book.dilation, groups, out, scratch)
         if split.num_rest:
             _gather_gemm(features, weight, bias, split, groups, out)
         return out
+
+
+def lattice_conv(features, weight, bias, book: ConvRulebook, split: LatticeSplit, groups: int,
+                 scratch: bool) -> torch.Tensor:
+    """The lattice part of ``split`` as one dense conv: the output rows ``[num_out, C_out]``
+    with the lattice sites written (every row where ``split.out_rows`` is ``None``; the others
+    are left for the phases and the gather). ``scratch``: no autograd, so the lattice input
+    may go into a workspace."""
+    c_in, c_out = features.shape[1], weight.shape[0]
+    kh, kw = book.kernel_size
+    dy, dx = book.dilation
+    if split.finest:  # nothing merged: one dense conv on the finest grid, taps 2**t apart
+        dy, dx = dy * 2 ** book.step_in, dx * 2 ** book.step_in
+    x = features
+    if split.in_rows is not None:
+        x = (torch.index_select(features, 0, split.in_rows, out=workspace(
+                 features, split.in_rows.shape[0] * c_in, "lattice_in").view(-1, c_in))
+             if scratch else features.index_select(0, split.in_rows))
+    # the feature matrix of lattice sites is an NHWC map: a channels-last NCHW view, no copy
+    x = x.reshape(split.batch, *split.in_grid, c_in).permute(0, 3, 1, 2)
+    y = F.conv2d(x, weight, bias, split.stride, (dy * (kh // 2), dx * (kw // 2)), (dy, dx),
+                 groups)
+    y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
+    if split.out_rows is None:
+        return y
+    out = y.new_empty(book.num_out, c_out)
+    out.index_copy_(0, split.out_rows, y)
+    return out
 
 
 def products_pay(c_in: int, c_out: int, groups: int, book: ConvRulebook) -> bool:
