@@ -749,3 +749,31 @@ def test_a_bias_of_the_wrong_shape_is_refused(engine, stride):
                  torch.zeros(3, 1, dtype=torch.float64)):
         with pytest.raises(ValueError, match=r"bias has shape .* need \(3,\)"):
             CF.conv2d(x, w, bias, stride, 1, 1, engine)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [8, 12, 5])
+def test_lattice_row_copy_is_index_copy_bit_for_bit(dtype, channels, device):
+    """The lattice engine's row scatter (8-byte words where rows split into them) writes the
+    same bits as ``index_copy_``: NaN payloads, -0.0 and infinities included; rows of odd
+    byte size, sources at an odd offset and autograd take ``index_copy_`` itself."""
+    from cad_spconv.engines.lattice import _copy_rows
+    gen = torch.Generator().manual_seed(channels)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16,
+            torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    info = torch.iinfo(bits)
+    raw = torch.randint(info.min, info.max, (9, channels), generator=gen, dtype=torch.int64)
+    src = raw.to(bits).view(dtype).to(device)  # every bit pattern: NaNs with payloads too
+    rows = torch.tensor([6, 0, 13, 2, 9, 11, 4, 1, 7], device=device)
+    for source in (src, torch.cat([src[:1, :1].flatten(), src.flatten()])[1:].view(9, -1)):
+        want = torch.zeros(14, channels, dtype=dtype, device=device)
+        want.index_copy_(0, rows, source)
+        got = torch.zeros(14, channels, dtype=dtype, device=device)
+        _copy_rows(got, rows, source)
+        assert torch.equal(got.view(bits), want.view(bits))
+    if dtype.is_floating_point and dtype != torch.float16:
+        src = torch.randn(9, channels, generator=gen).to(device, dtype).requires_grad_(True)
+        out = torch.zeros(14, channels, dtype=dtype, device=device)
+        _copy_rows(out, rows, src)
+        out.sum().backward()
+        assert torch.equal(src.grad, torch.ones_like(src))
