@@ -94,7 +94,9 @@ def tiled_conv(features: torch.Tensor, weight: torch.Tensor, book: ConvRulebook,
     return out
 
 
-def _plans(threshold: float):
+def edge_plans(threshold: float):
+    """``(file name, plan)`` of each frame in ``FRAMES``: its edge mask at ``threshold``
+    (reference detector, dilation 11) at 512x1024: kept cells at stride 8, the rest at 16."""
     from adapters.common import keep_to_grid
     from cad_apps.data import read_image
     from cad_spconv.images import normalize
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
     print("| frame | C | dilation | off-lattice sites | T | tiles | coverage | rows gathered "
           "per site | lattice engine [ms] | tiled / engine |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, plan in _plans(args.threshold):
+    for name, plan in edge_plans(args.threshold):
         for channels, dilation in LAYERS:
             book = conv_rulebook(plan, (3, 3), (dilation, dilation), 1, 1)
             f64 = torch.randn(plan.num_sites(1), channels, generator=gen, dtype=torch.float64)
