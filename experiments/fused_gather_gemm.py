@@ -32,7 +32,7 @@ import torch
 
 from cad_spconv.engines import lattice, sparse_conv
 from cad_spconv.rulebook import LatticeSplit, conv_rulebook
-from experiments.common import ExperimentParser
+from experiments.common import ExperimentParser, table_header
 from experiments.tiled_phases import FRAMES, LAYERS, edge_plans
 
 _SOURCE = r"""
@@ -177,8 +177,8 @@ def main(argv=None) -> int:
         parser.error("this CPU has no packed bfloat16 micro-kernel (AMX); nothing to measure")
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, bfloat16, edge "
-          f"{args.threshold}, {args.block_rows} rows per block")
+    print(table_header(args))
+    print(f"bfloat16, edge {args.threshold}, {args.block_rows} rows per block")
     print("| frame | C | dilation | off-lattice sites | lattice engine [ms] | fused / engine |")
     print("|---|---|---|---|---|---|")
     for name, plan in edge_plans(args.threshold):

@@ -33,7 +33,7 @@ from cad_spconv.engines import sparse_conv
 from cad_spconv.engines.lattice import lattice_conv
 from cad_spconv.engines.layouts import tracks_grad
 from cad_spconv.rulebook import ConvRulebook, conv_rulebook
-from experiments.common import ExperimentParser
+from experiments.common import ExperimentParser, table_header
 
 FRAMES = "../shared/data/cityscapes_frames/*.png"
 # (channels, dilation at the coarsest stride): the 3x3 convs of layer3 and layer4
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, edge "
-          f"{args.threshold}")
+    print(table_header(args))
+    print(f"{args.dtype}, edge {args.threshold}")
     print("| frame | C | dilation | off-lattice sites | T | tiles | coverage | rows gathered "
           "per site | lattice engine [ms] | tiled / engine |")
     print("|---|---|---|---|---|---|---|---|---|---|")

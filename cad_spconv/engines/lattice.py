@@ -238,8 +238,9 @@ def _copy_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None
     """``out[rows] = src`` for row-major feature matrices. PyTorch's CPU ``index_copy_``
     copies element by element, so where a row splits into 8-byte words (and no autograd
     records the copy) the rows go as ``int64`` views: a bitwise copy, the same result for
-    every dtype, in 0.43-0.48 of the time in bfloat16 and 0.90-0.96 in float32 (AMX Xeon,
-    2 threads, 1500-5738 rows of 256-2048 channels; BENCHMARKS.md)."""
+    every dtype, in 0.48-0.58 of the time in bfloat16 and 0.96-1.03 in float32 (AMX Xeon,
+    2 threads, 1500-5738 rows of 256-2048 channels, ``python -m experiments.row_moves
+    scatter``; BENCHMARKS.md)."""
     if (out.device.type == "cpu" and out.element_size() < 8 and _as_words(out)
             and _as_words(src)
             and not (torch.is_grad_enabled() and (out.requires_grad or src.requires_grad))):

@@ -311,7 +311,8 @@ def test_keypoints_synthetic_set_is_known_by_its_scenes_bytes(tmp_path):
 # --------------------------------------------------------------------------- timing tables
 @pytest.mark.parametrize("module, mode", [("gemm_routes", []), ("dense_phases", ["layers"]),
                                           ("products_first", ["layers"]),
-                                          ("half_batch_norm", []), ("half_batch_norm", ["--model"])])
+                                          ("half_batch_norm", []), ("half_batch_norm", ["--model"]),
+                                          ("row_moves", ["scatter"]), ("row_moves", ["gather"])])
 def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     import importlib
 
@@ -325,6 +326,7 @@ def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     ("gemm_routes", [], {"SHAPES": [(8, 16, 4)]}, "float32"),
     ("dense_phases", ["layers"], {"LAYERS": [(8, 8, 1)], "KEPT": (0.5,)}, "float32"),
     ("half_batch_norm", [], {"SHAPES": [(8, 4)]}, "bfloat16"),
+    ("row_moves", ["scatter"], {"SCATTER_SHAPES": [(8, 4, 4)]}, "bfloat16"),
 ])
 def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, dtype, monkeypatch,
                                                          capsys):
