@@ -1,7 +1,7 @@
 """A fused gather + GEMM for the lattice engine's off-lattice rows (BENCHMARKS.md, the AMX Xeon).
 
     python -m experiments.fused_gather_gemm [--threshold 0.35] [--reps 30] [--block-rows 64]
-        [--threads 2]
+        [--threads 2] [--backbone]
 
 The lattice engine gathers the im2col rows of the off-lattice sites of a 3x3 conv into chunks of
 4M elements (8 MiB in bfloat16, beyond a core's L2), multiplies each chunk with ``torch.mm``
@@ -20,6 +20,11 @@ and weights), the lattice engine as it runs against the same engine with its gat
 swapped for the kernel (same lattice and phase parts), the median of the paired ratios of
 ``--reps`` runs taking turns. Each result is first checked against the engine in float64 on the
 same bfloat16 inputs, within the rounding bound of a float32 sum rounded once to bfloat16.
+
+``--backbone``: the whole DeepLabV3-ResNet101 backbone instead (random weights, converted
+8 -> 16, bfloat16, channels-last, the output densified at stride 8 as the bench does), each
+frame's edge mask, the engine and the fused kernel taking turns (the first of each pair
+alternating): per frame the median of the paired ratios, and the ratio of the summed medians.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import contextlib
 import glob
 import statistics
 import time
+import weakref
 
 import torch
 
@@ -100,7 +106,7 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
 }
 """
 _module = None
-_indices: dict = {}  # id(split) -> (split, its fused index): built once, like the rulebooks
+_indices: dict = {}  # id(split) -> (weakref to split, its fused index), dropped with the split
 
 
 def kernel():
@@ -132,10 +138,12 @@ def fused_rest(block_rows: int):
     def gather_gemm(features, weight, bias, split, groups, out):
         if features.dtype != torch.bfloat16 or bias is not None or groups != 1:
             return original(features, weight, bias, split, groups, out)
-        if id(split) not in _indices:
-            _indices[id(split)] = (split, fused_index(split))
+        entry = _indices.get(id(split))
+        if entry is None or entry[0]() is not split:  # built once per split, like its rulebook
+            entry = _indices[id(split)] = (weakref.ref(split), fused_index(split))
+            weakref.finalize(split, _indices.pop, id(split), None)
         filters = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-        ext.gather_gemm(features, _indices[id(split)][1], ext.pack_filters(filters), out,
+        ext.gather_gemm(features, entry[1], ext.pack_filters(filters), out,
                         split.rest_rows.contiguous(), block_rows)
         written["rows"] += split.num_rest
 
@@ -168,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--block-rows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backbone", action="store_true",
+                        help="the whole backbone, engine against fused, instead of layers")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.block_rows < 1:
         parser.error("--reps and --block-rows must be >= 1")
@@ -176,9 +186,54 @@ def main(argv=None) -> int:
     if not kernel().could_pack():
         parser.error("this CPU has no packed bfloat16 micro-kernel (AMX); nothing to measure")
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
     print(table_header(args))
     print(f"bfloat16, edge {args.threshold}, {args.block_rows} rows per block")
+    return (_backbone if args.backbone else _layers)(args)
+
+
+def _backbone(args) -> int:
+    import torchvision
+
+    from adapters import convert_segmentation
+    from cad_apps.bench.variants import _tamed
+    from experiments.products_first import _frame
+
+    torch.manual_seed(0)
+    model = _tamed(torchvision.models.segmentation.deeplabv3_resnet101(  # the bench's model
+        weights=None, weights_backbone=None, num_classes=19, aux_loss=False), 0).eval()
+    cl = torch.channels_last
+    cad = convert_segmentation(model, 8, 16).eval().to(torch.bfloat16).to(memory_format=cl)
+    print("| frame | engine [ms] | fused [ms] | fused / engine, paired |")
+    print("|---|---|---|---|")
+    sums = {"engine": 0.0, "fused": 0.0}
+    for path in sorted(glob.glob(FRAMES)):
+        image, keep = _frame(path, ["--threshold", str(args.threshold),
+                                    "--size", "512", "1024"])
+        x = image.to(torch.bfloat16).contiguous(memory_format=cl)
+        samples = {"engine": [], "fused": []}
+        with torch.inference_mode():
+            for rep in range(args.reps + 1):
+                for k in (("engine", "fused") if rep % 2 else ("fused", "engine")):
+                    with fused_rest(args.block_rows) if k == "fused" else \
+                            contextlib.nullcontext():
+                        start = time.perf_counter()
+                        cad.forward_features(x, keep).dense()
+                        elapsed = time.perf_counter() - start
+                    if rep:
+                        samples[k].append(elapsed)
+        ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+        for k in sums:
+            sums[k] += ms[k]
+        ratio = statistics.median(a / b for a, b in zip(samples["fused"], samples["engine"]))
+        print(f"| {path.rsplit('/', 1)[-1]} | {ms['engine']:.0f} | {ms['fused']:.0f} | "
+              f"{ratio:.3f} |", flush=True)
+    print(f"| sum | {sums['engine']:.0f} | {sums['fused']:.0f} | "
+          f"{sums['fused'] / sums['engine']:.3f} (of the sums) |")
+    return 0
+
+
+def _layers(args) -> int:
+    gen = torch.Generator().manual_seed(0)
     print("| frame | C | dilation | off-lattice sites | lattice engine [ms] | fused / engine |")
     print("|---|---|---|---|---|---|")
     for name, plan in edge_plans(args.threshold):

@@ -1,13 +1,14 @@
 """What moving feature rows costs next to the dense conv (BENCHMARKS.md, the AMX Xeon).
 
     python -m experiments.row_moves gather [--channels 256] [--seconds 150] [--threads 2]
-        [--dtype bfloat16]
+        [--dtype bfloat16] [--chunk-rows N ...]
     python -m experiments.row_moves scatter [--reps 30] [--threads 2] [--dtype bfloat16]
 
 ``gather``: a 3x3 conv (dilation 2) on a 64x128 channels-last map, as the dense network runs
 it, against the lattice engine's route for the same outputs: ``torch.mm`` on the whole im2col
-matrix (no gather), the same in the engine's chunks (4M elements each), and the gather into
-those chunks by ``index_select`` (random rows, 9 per output) before each. The variants take
+matrix (no gather), the same in the engine's chunks (4M elements each) and in chunks of
+``--chunk-rows``, and the gather into the engine's chunks by ``index_select`` (random rows, 9
+per output) before each. The variants take
 turns, minimum of 4 calls each, in rounds for ``--seconds``; printed per round (this machine's
 speed changes within minutes, and not alike for all of them) and as medians of the ratios to
 the conv over all rounds and over the fast ones (conv within 1.5x of its fastest round).
@@ -25,12 +26,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cad_spconv.engines.lattice import _copy_rows
+from cad_spconv.engines.lattice import _GATHER_CHUNK_ELEMENTS as CHUNK_ELEMENTS, _copy_rows
 from experiments.common import ExperimentParser, table_header
 
 # (rows of the output matrix, rows written, channels): the backbone's step-1 layers and the ASPP
 SCATTER_SHAPES = [(8000, 5738, 256), (8000, 4000, 512), (2000, 1500, 2048), (8000, 1820, 256)]
-CHUNK_ELEMENTS = 4 << 20  # the lattice engine's gather chunk on CPU
 
 
 def _in_turns(fns: dict, reps: int, best: bool = False) -> dict:
@@ -58,10 +58,10 @@ def gather(args, dtype) -> None:
     index = torch.randint(0, m, (m, 9), generator=gen)
     cols = torch.randn(m, k, generator=gen).to(dtype)
     rows = max(1, CHUNK_ELEMENTS // k)
-    buf = torch.empty(rows * k, dtype=dtype)
+    buf = torch.empty(rows * k, dtype=dtype)  # the gather's chunks only
     res = torch.empty(m, c, dtype=dtype)
 
-    def chunks(gathered: bool):
+    def chunks(gathered: bool, rows: int = rows):
         for s in range(0, m, rows):
             e = min(m, s + rows)
             block = cols[s:e]
@@ -74,6 +74,8 @@ def gather(args, dtype) -> None:
            "mm, whole": lambda: torch.mm(cols, filters.t()),
            "mm, chunks": lambda: chunks(False),
            "gather + mm, chunks": lambda: chunks(True)}
+    for n in args.chunk_rows:  # the GEMM in chunks of other sizes
+        fns[f"mm, {n}-row chunks"] = (lambda n=n: chunks(False, n))
     _in_turns(fns, 2)
     print(f"3x3 conv, {c} channels, dilation 2, 64x128 ({m} outputs, {rows} rows per chunk); "
           "ms of each round, then x conv")
@@ -126,13 +128,15 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=150)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--chunk-rows", type=int, nargs="*", default=[],
+                        help="gather: also the GEMM in chunks of these many rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
-    if args.channels < 1 or args.seconds <= 0:
-        parser.error("--channels and --seconds must be positive")
+    if args.channels < 1 or args.seconds <= 0 or min(args.chunk_rows, default=1) < 1:
+        parser.error("--channels, --seconds and --chunk-rows must be positive")
     torch.set_num_threads(args.threads)
     print(table_header(args))
     (gather if args.mode == "gather" else scatter)(args, getattr(torch, args.dtype))
