@@ -1,18 +1,14 @@
-"""A fused gather + GEMM for the lattice engine's off-lattice rows (BENCHMARKS.md, the AMX Xeon).
+"""The fused gather + GEMM kernel against the lattice engine's own route (BENCHMARKS.md, AMX).
 
     python -m experiments.fused_gather_gemm [--threshold 0.35] [--reps 30] [--block-rows 64]
         [--threads 2] [--backbone]
 
 The lattice engine gathers the im2col rows of the off-lattice sites of a 3x3 conv into chunks of
 4M elements (8 MiB in bfloat16, beyond a core's L2), multiplies each chunk with ``torch.mm``
-(oneDNN's AMX matmul on Intel Xeons) and scatters the result rows into place. The kernel here
-does all three per block of ``--block-rows`` sites: it copies their ``9 x C_in`` input rows
-into a per-thread buffer that stays in cache, multiplies it with the filters through PyTorch's
-``at::native::cpublas::brgemm`` (oneDNN's AMX micro-kernel, the one PyTorch's CPU flash
-attention uses; filters packed once per call in 64-column blocks) with a float32 accumulator,
-and writes the bfloat16 rows straight to their output rows. It is compiled on first use with
-``torch.utils.cpp_extension`` (a C++ compiler with OpenMP needed) and only for bfloat16 on CPUs
-where oneDNN packs bfloat16 filters (``cpublas::could_pack``: AMX).
+(oneDNN's AMX matmul on Intel Xeons) and scatters the result rows into place. The optional
+kernel of :mod:`cad_spconv.engines.fused` does all three per block of ``--block-rows`` sites in
+cache (that module says how). This measures it, on for the runs marked "fused" and off for the
+others; it needs what the kernel needs (a C++ compiler, an AMX CPU), and says so otherwise.
 
 Measured like ``experiments.tiled_phases``: the 3x3 convs of DeepLabV3-ResNet101's layer3 and
 layer4 on the edge masks of the frames in ``../shared/data/cityscapes_frames/`` (random features
@@ -32,126 +28,26 @@ import contextlib
 import glob
 import statistics
 import time
-import weakref
 
 import torch
 
-from cad_spconv.engines import lattice, sparse_conv
-from cad_spconv.rulebook import LatticeSplit, conv_rulebook
+from cad_spconv.engines import fused, sparse_conv
+from cad_spconv.rulebook import conv_rulebook
 from experiments.common import ExperimentParser, table_header
 from experiments.tiled_phases import FRAMES, LAYERS, edge_plans
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/native/CPUBlas.h>
-#include <ATen/Parallel.h>
-#include <cstring>
-#include <vector>
-using at::BFloat16;
-constexpr int64_t NB = 64;  // filter columns per packed block (oneDNN's packing takes <= 64)
-
-bool could_pack() { return at::native::cpublas::could_pack(at::kBFloat16); }
-
-// w [N, K] -> [N / NB, K, NB]: B = w^T in 64-column blocks, each in oneDNN's VNNI layout
-torch::Tensor pack_filters(torch::Tensor w) {
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.size(0) % NB == 0
-              && w.size(1) % 2 == 0, "pack_filters: bfloat16 [N, K], N % 64 == 0, K even");
-  auto b = w.t().contiguous();
-  const int64_t K = b.size(0), N = b.size(1);
-  auto out = torch::empty({N / NB, K, NB}, b.options());
-  for (int64_t j = 0; j < N / NB; ++j)
-    at::native::cpublas::pack(K, NB, N, NB, at::kBFloat16, at::kBFloat16,
-                              b.data_ptr<BFloat16>() + j * NB, out.data_ptr<BFloat16>() + j * K * NB);
-  return out;
-}
-
-// out[rows[i]] = concat_t(features[index[i, t]] or 0 where index < 0) @ w^T, in blocks of mb
-void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor packed,
-                 torch::Tensor out, torch::Tensor rows, int64_t mb) {
-  TORCH_CHECK(features.is_contiguous() && index.is_contiguous() && out.is_contiguous()
-              && rows.is_contiguous() && features.scalar_type() == at::kBFloat16
-              && out.scalar_type() == at::kBFloat16, "gather_gemm: contiguous bfloat16");
-  const int64_t m = index.size(0), T = index.size(1), C = features.size(1), K = T * C;
-  const int64_t N = out.size(1);
-  TORCH_CHECK(packed.size(0) * NB == N && packed.size(1) == K, "gather_gemm: filter shape");
-  const BFloat16* F = features.data_ptr<BFloat16>();
-  const int64_t* I = index.data_ptr<int64_t>();
-  const BFloat16* B = packed.data_ptr<BFloat16>();
-  BFloat16* O = out.data_ptr<BFloat16>();
-  const int64_t* R = rows.data_ptr<int64_t>();
-  at::parallel_for(0, (m + mb - 1) / mb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<BFloat16> A(mb * K);
-    std::vector<float> acc(mb * NB);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t s = blk * mb, n = std::min(mb, m - s);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t src = I[(s + i) * T + t];
-          BFloat16* dst = A.data() + i * K + t * C;
-          if (src < 0) std::memset(dst, 0, C * sizeof(BFloat16));
-          else std::memcpy(dst, F + src * C, C * sizeof(BFloat16));
-        }
-      for (int64_t j = 0; j < N / NB; ++j) {
-        at::native::cpublas::brgemm(n, NB, K, K, NB, NB, false, A.data(), B + j * K * NB,
-                                    acc.data(), true);
-        for (int64_t i = 0; i < n; ++i) {
-          BFloat16* o = O + R[s + i] * N + j * NB;
-          const float* a = acc.data() + i * NB;
-          for (int64_t c = 0; c < NB; ++c) o[c] = BFloat16(a[c]);
-        }
-      }
-    }
-    at::native::cpublas::brgemm_release();
-  });
-}
-"""
-_module = None
-_indices: dict = {}  # id(split) -> (weakref to split, its fused index), dropped with the split
-
-
-def kernel():
-    """The compiled extension (built once per machine, kept in torch's extension cache)."""
-    global _module
-    if _module is None:
-        from torch.utils.cpp_extension import load_inline
-        _module = load_inline("cad_fused_gather_gemm", _SOURCE,
-                              functions=["could_pack", "pack_filters", "gather_gemm"],
-                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    return _module
-
-
-def fused_index(split: LatticeSplit) -> torch.Tensor:
-    """``split.rest_index`` with the border sites' out-of-grid taps as -1 (the kernel's zero)."""
-    index = split.rest_index.clone()
-    index[split.num_inside:].view(-1)[split.border_zeros] = -1
-    return index
-
-
 @contextlib.contextmanager
 def fused_rest(block_rows: int):
-    """Within the scope the lattice engine's gather + GEMM (its off-lattice rest) runs on the
-    fused kernel where it can run it (bfloat16, no bias, no groups; else as before). The filters are packed on every
-    call, as ``torch.mm`` packs them on every chunk (a kept packed copy would add a weight's
-    size to memory). Yields a count of the rows the kernel wrote."""
-    ext, original, written = kernel(), lattice._gather_gemm, {"rows": 0}
-
-    def gather_gemm(features, weight, bias, split, groups, out):
-        if features.dtype != torch.bfloat16 or bias is not None or groups != 1:
-            return original(features, weight, bias, split, groups, out)
-        entry = _indices.get(id(split))
-        if entry is None or entry[0]() is not split:  # built once per split, like its rulebook
-            entry = _indices[id(split)] = (weakref.ref(split), fused_index(split))
-            weakref.finalize(split, _indices.pop, id(split), None)
-        filters = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-        ext.gather_gemm(features, entry[1], ext.pack_filters(filters), out,
-                        split.rest_rows.contiguous(), block_rows)
-        written["rows"] += split.num_rest
-
-    lattice._gather_gemm = gather_gemm
+    """Within the scope the lattice engine runs its off-lattice rows on the library's fused
+    kernel (:mod:`cad_spconv.engines.fused`) where it applies, ``block_rows`` sites per block."""
+    was, rows = fused.enabled(), fused.BLOCK_ROWS
+    fused.enable(True)
+    fused.BLOCK_ROWS = block_rows
     try:
-        yield written
+        yield
     finally:
-        lattice._gather_gemm = original
+        fused.BLOCK_ROWS = rows
+        fused.enable(was)
 
 
 def check_within_rounding(got: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
@@ -183,8 +79,11 @@ def main(argv=None) -> int:
         parser.error("--reps and --block-rows must be >= 1")
     if not glob.glob(FRAMES):
         parser.error(f"needs the Cityscapes frames in {FRAMES}; none found")
-    if not kernel().could_pack():
-        parser.error("this CPU has no packed bfloat16 micro-kernel (AMX); nothing to measure")
+    try:
+        fused.enable(True)  # built here, before any frame is read
+    except fused.FusedKernelUnavailable as e:
+        parser.error(str(e))
+    fused.enable(False)
     torch.set_num_threads(args.threads)
     print(table_header(args))
     print(f"bfloat16, edge {args.threshold}, {args.block_rows} rows per block")

@@ -41,9 +41,10 @@ def cpu_flags() -> list[str]:
 # environment variables that change what a CPU run measures: the allocator, the thread
 # runtime, and the instruction sets PyTorch's kernels, oneDNN and MKL may use (setting
 # ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 runs an AVX-512
-# CPU on AVX2 code, which also switches the engines' AVX-512 choices off)
+# CPU on AVX2 code, which also switches the engines' AVX-512 choices off); CAD_SPCONV_ switches
+# the library's own options (CAD_SPCONV_FUSED_GATHER: the fused kernel of engines.fused)
 _TUNING_ENV_PREFIXES = ("MALLOC_", "ATEN_CPU_CAPABILITY", "ONEDNN_", "DNNL_", "MKL_", "OMP_",
-                        "KMP_")
+                        "KMP_", "CAD_SPCONV_")
 
 
 def tuning_env() -> dict:

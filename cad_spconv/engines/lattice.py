@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..rulebook import ConvRulebook, LatticeSplit, PhaseConv, Rulebook
 from .base import Engine, EngineUnsupported, register
-from . import gemm
+from . import fused, gemm
 from .gemm import grouped_mm, matmul_nk, onednn_route
 from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
 
@@ -201,7 +201,13 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
 
     Without autograd the im2col chunks and the GEMM results go into per-thread workspaces
     that live across calls (a fresh buffer per chunk costs page faults worth a third of the
-    gather, BENCHMARKS.md); oneDNN's GEMM returns a fresh result, copied into place directly."""
+    gather, BENCHMARKS.md); oneDNN's GEMM returns a fresh result, copied into place directly.
+
+    Where the optional fused kernel is on and applies (:mod:`.fused`: bfloat16 on AMX CPUs),
+    it does the gather, the GEMMs and the copies in one C++ kernel instead."""
+    if fused.applies(features, weight, bias, groups):
+        fused.gather_gemm(features, weight, split, out)
+        return
     c_in = features.shape[1]
     c_out, c_in_g, kh, kw = weight.shape
     k, g = kh * kw, groups

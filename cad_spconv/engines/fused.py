@@ -1,0 +1,172 @@
+"""Optional: the lattice engine's off-lattice gather + GEMM + scatter as one C++ kernel, for
+bfloat16 on CPUs with AMX.
+
+Off by default. :func:`enable` (or ``CAD_SPCONV_FUSED_GATHER=1`` in the environment, built at
+the first layer it applies to) compiles it with ``torch.utils.cpp_extension`` (a C++ compiler
+with OpenMP and PyTorch's headers; about 40 s the first time on 2 cores, then kept in torch's
+extension cache). From then on the lattice engine runs the off-lattice rows of a layer through
+it where it applies (:func:`applies`: bfloat16 on CPU, no autograd, no groups, no bias, ``C_out``
+a multiple of 64). Per block of 64 sites it copies their ``9 x C_in`` input rows into a
+per-thread buffer that stays in cache, multiplies them with the filters through PyTorch's
+``at::native::cpublas::brgemm`` (oneDNN's AMX micro-kernel; the filters packed per call in
+64-column blocks) into a float32 accumulator, and writes the rows, rounded once, straight to
+their output rows: no 8 MiB im2col chunk in memory and no separate scatter. Same rounding as the
+engine's ``torch.mm`` route (one float32 sum per output, rounded once).
+
+Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 02:50): 0.74-0.96 of the
+engine's 3x3 conv time, 4-9 % off the DeepLabV3-ResNet101 backbone at edge 0.35, even at edge
+0.95 (``python -m experiments.fused_gather_gemm``).
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+from .layouts import krsc_filters, tracks_grad
+
+__all__ = ["FusedKernelUnavailable", "enable", "enabled", "applies", "gather_gemm"]
+
+#: the environment variable that turns the kernel on for a process (``1``)
+ENV = "CAD_SPCONV_FUSED_GATHER"
+BLOCK_ROWS = 64  # sites per block: their im2col rows (9 x 512 channels: 590 KB) stay in L2
+_FILTER_BLOCK = 64  # filter columns per packed block (oneDNN packs at most 64)
+
+
+class FusedKernelUnavailable(RuntimeError):
+    """The fused kernel was asked for (:func:`enable`, ``CAD_SPCONV_FUSED_GATHER=1``) and cannot
+    run here: it does not build, or the CPU has no packed bfloat16 micro-kernel (AMX)."""
+
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+#include <vector>
+using at::BFloat16;
+constexpr int64_t NB = 64;  // filter columns per packed block (oneDNN's packing takes <= 64)
+
+bool could_pack() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+// w [N, K] -> [N / NB, K, NB]: B = w^T in 64-column blocks, each in oneDNN's VNNI layout
+torch::Tensor pack_filters(torch::Tensor w) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.size(0) % NB == 0
+              && w.size(1) % 2 == 0, "pack_filters: bfloat16 [N, K], N % 64 == 0, K even");
+  auto b = w.t().contiguous();
+  const int64_t K = b.size(0), N = b.size(1);
+  auto out = torch::empty({N / NB, K, NB}, b.options());
+  for (int64_t j = 0; j < N / NB; ++j)
+    at::native::cpublas::pack(K, NB, N, NB, at::kBFloat16, at::kBFloat16,
+                              b.data_ptr<BFloat16>() + j * NB, out.data_ptr<BFloat16>() + j * K * NB);
+  return out;
+}
+
+// out[rows[i]] = concat_t(features[index[i, t]] or 0 where index < 0) @ w^T, in blocks of mb
+void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor packed,
+                 torch::Tensor out, torch::Tensor rows, int64_t mb) {
+  TORCH_CHECK(features.is_contiguous() && index.is_contiguous() && out.is_contiguous()
+              && rows.is_contiguous() && features.scalar_type() == at::kBFloat16
+              && out.scalar_type() == at::kBFloat16, "gather_gemm: contiguous bfloat16");
+  const int64_t m = index.size(0), T = index.size(1), C = features.size(1), K = T * C;
+  const int64_t N = out.size(1);
+  TORCH_CHECK(packed.size(0) * NB == N && packed.size(1) == K, "gather_gemm: filter shape");
+  const BFloat16* F = features.data_ptr<BFloat16>();
+  const int64_t* I = index.data_ptr<int64_t>();
+  const BFloat16* B = packed.data_ptr<BFloat16>();
+  BFloat16* O = out.data_ptr<BFloat16>();
+  const int64_t* R = rows.data_ptr<int64_t>();
+  at::parallel_for(0, (m + mb - 1) / mb, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<BFloat16> A(mb * K);
+    std::vector<float> acc(mb * NB);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t s = blk * mb, n = std::min(mb, m - s);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t src = I[(s + i) * T + t];
+          BFloat16* dst = A.data() + i * K + t * C;
+          if (src < 0) std::memset(dst, 0, C * sizeof(BFloat16));
+          else std::memcpy(dst, F + src * C, C * sizeof(BFloat16));
+        }
+      for (int64_t j = 0; j < N / NB; ++j) {
+        at::native::cpublas::brgemm(n, NB, K, K, NB, NB, false, A.data(), B + j * K * NB,
+                                    acc.data(), true);
+        for (int64_t i = 0; i < n; ++i) {
+          BFloat16* o = O + R[s + i] * N + j * NB;
+          const float* a = acc.data() + i * NB;
+          for (int64_t c = 0; c < NB; ++c) o[c] = BFloat16(a[c]);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+}
+"""
+_state = {"enabled": os.environ.get(ENV) == "1", "module": None}
+_indices: dict = {}  # id(split) -> (weakref to split, its kernel index), dropped with the split
+
+
+def _module():
+    if _state["module"] is None:
+        leave_off = (f"leave it off (cad_spconv.engines.fused.enable(False), {ENV} unset): the "
+                     "lattice engine runs without it")
+        try:
+            from torch.utils.cpp_extension import load_inline
+            module = load_inline("cad_spconv_fused_gather_gemm", _SOURCE,
+                                 functions=["could_pack", "pack_filters", "gather_gemm"],
+                                 extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        except Exception as e:  # no compiler, no headers, a build error: one clear message
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise FusedKernelUnavailable(
+                f"the fused gather + GEMM kernel could not be built ({type(e).__name__}: "
+                f"{first}); it needs a C++ compiler with OpenMP and PyTorch's headers; install "
+                f"them, or {leave_off}") from None
+        if not module.could_pack():
+            raise FusedKernelUnavailable(
+                "the fused gather + GEMM kernel needs a CPU whose oneDNN packs bfloat16 filters "
+                f"(AMX: Intel Xeon 4th generation or later); this one does not; {leave_off}")
+        _state["module"] = module
+    return _state["module"]
+
+
+def enable(on: bool = True) -> None:
+    """Turn the kernel on (building it now: :class:`FusedKernelUnavailable` if it cannot run
+    here, and it stays off) or off, for this process."""
+    if on:
+        _module()
+    _state["enabled"] = bool(on)
+
+
+def enabled() -> bool:
+    """Whether the lattice engine sends the layers the kernel applies to through it."""
+    return _state["enabled"]
+
+
+def applies(features, weight, bias, groups: int) -> bool:
+    """Whether the off-lattice rows of this layer go through the kernel."""
+    return (_state["enabled"] and features.device.type == "cpu"
+            and features.dtype == weight.dtype == torch.bfloat16 and bias is None
+            and groups == 1 and weight.shape[0] % _FILTER_BLOCK == 0
+            and weight[0].numel() % 2 == 0 and not tracks_grad(features, weight, bias))
+
+
+def _kernel_index(split) -> torch.Tensor:
+    """``split.rest_index`` with the border sites' out-of-grid taps as -1 (the kernel's zero),
+    built once per split."""
+    entry = _indices.get(id(split))
+    if entry is None or entry[0]() is not split:
+        index = split.rest_index.clone()
+        index[split.num_inside:].view(-1)[split.border_zeros] = -1
+        entry = _indices[id(split)] = (weakref.ref(split), index)
+        weakref.finalize(split, _indices.pop, id(split), None)
+    return entry[1]
+
+
+def gather_gemm(features, weight, split, out: torch.Tensor) -> None:
+    """Write the off-lattice rows of ``split`` into ``out`` (where :func:`applies`)."""
+    module = _module()
+    filters = krsc_filters(weight, cache=True).reshape(weight.shape[0], -1)
+    module.gather_gemm(features.contiguous(), _kernel_index(split),
+                       module.pack_filters(filters), out, split.rest_rows.contiguous(),
+                       BLOCK_ROWS)

@@ -1,0 +1,100 @@
+"""The optional fused gather + GEMM kernel (``cad_spconv.engines.fused``): off unless asked for,
+a clear error where it cannot run, and, where it runs, the lattice engine's conv with it equals
+the dense reference on the same bfloat16 inputs within the route's rounding bound. The exactness
+tests are slow: the first one compiles the kernel (about a minute on 2 cores); they need a C++
+compiler and a CPU whose oneDNN packs bfloat16 filters (AMX)."""
+import shutil
+
+import pytest
+import torch
+
+from cad_spconv import CADTensor, functional as CF
+from cad_spconv.engines import fused
+from cad_spconv.plan import make_plan
+from tests.support import rounding as R
+from tests.support.emulation import mixed_masks
+
+
+@pytest.fixture
+def restore_fused():
+    was = dict(fused._state)
+    yield
+    fused._state.update(was)
+
+
+def _layer(grid=(13, 19), num_levels=1, step=1, c_out=64, dtype=torch.bfloat16, seed=0):
+    spec, levels = mixed_masks(seed=seed, batch=2, grid=grid, num_levels=num_levels)
+    plan = make_plan(spec, grid, num_levels)
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(plan.num_sites(step), 24, generator=gen).to(dtype)
+    weight = (torch.randn(c_out, 24, 3, 3, generator=gen) / 9).to(dtype)
+    return CADTensor(features, plan, step), levels, weight
+
+
+def test_fused_kernel_is_off_unless_asked_for(restore_fused, monkeypatch):
+    fused._state["enabled"] = False
+    x, _, w = _layer()
+    assert not fused.enabled() and not fused.applies(x.features, w, None, 1)
+    calls = []
+    monkeypatch.setattr(fused, "gather_gemm", lambda *a: calls.append(a))
+    with torch.inference_mode():
+        CF.conv2d(x, w, None, 1, 1, 1, "lattice")
+    assert not calls
+
+
+def test_fused_kernel_applies_to_bfloat16_without_autograd_groups_or_bias(restore_fused):
+    fused._state["enabled"] = True
+    x, _, w = _layer()
+    f = x.features
+    assert fused.applies(f, w, None, 1)
+    assert not fused.applies(f.float(), w.float(), None, 1)  # float32: the engine's own route
+    assert not fused.applies(f, w, torch.zeros(64, dtype=torch.bfloat16), 1)
+    assert not fused.applies(f, w[:48], None, 1)  # C_out not a multiple of 64
+    assert not fused.applies(f, w, None, 2)
+    assert not fused.applies(f.requires_grad_(True), w, None, 1)
+
+
+def test_a_kernel_that_cannot_build_is_a_clear_error_and_stays_off(restore_fused, monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(ext, "load_inline", no_compiler)
+    fused._state.update(enabled=False, module=None)
+    with pytest.raises(fused.FusedKernelUnavailable, match="C\\+\\+ compiler") as e:
+        fused.enable()
+    assert "command not found" in str(e.value) and "enable(False)" in str(e.value)
+    assert not fused.enabled()
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler to build the fused kernel")
+    try:
+        fused._module()
+    except fused.FusedKernelUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grid, num_levels, step, dilation, block_rows", [
+    ((13, 19), 1, 1, 1, 16),
+    ((17, 22), 2, 1, 2, 7),
+    ((17, 22), 2, 2, 1, 32),
+])
+def test_fused_rest_matches_the_dense_reference(kernel, restore_fused, monkeypatch, grid,
+                                                num_levels, step, dilation, block_rows):
+    x, levels, w = _layer(grid, num_levels, step, c_out=128, seed=step * 10 + dilation)
+    rows, run = [], fused.gather_gemm
+    monkeypatch.setattr(fused, "gather_gemm",
+                        lambda f, wt, split, out: (rows.append(split.num_rest),
+                                                   run(f, wt, split, out)))
+    monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
+    fused.enable()
+    with torch.inference_mode():
+        got = CF.conv2d(x, w, None, 1, dilation, 1, "lattice").features
+    assert sum(rows) > block_rows  # the kernel wrote the rest, in more than one block
+    R.assert_conv_within(got, x.features, levels, step, 1, w, None, dilation,
+                         engine="lattice", what="fused rest")
