@@ -13,6 +13,10 @@ users pass (``engine="..."``) are :data:`ENGINES`:
   (:mod:`.spconv_igemm`), ``"products"`` (:mod:`.products`). :func:`describe` lists them
   with what each supports.
 
+Optional and off by default: :mod:`.fused`, a C++ kernel for the lattice engine's off-lattice
+rows in bfloat16 on AMX CPUs (``fused.enable()`` or ``CAD_SPCONV_FUSED_GATHER=1``; compiled on
+first use).
+
 All engines compute the same values (one exactness test runs them all against a dense
 reference); they differ in speed and in what they support. Weights are in ``torch.nn.Conv2d``
 layout ``[C_out, C_in / groups, kh, kw]``.
