@@ -103,7 +103,18 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
   });
 }
 """
-_state = {"enabled": os.environ.get(ENV) == "1", "module": None}
+
+
+def _env_flag() -> bool:
+    """``CAD_SPCONV_FUSED_GATHER``: ``1`` on, ``0`` or unset off; anything else is refused
+    (a typo must not leave the kernel silently off)."""
+    value = os.environ.get(ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ENV}={value!r}: use 1 (the fused kernel on) or 0 / unset (off)")
+    return value == "1"
+
+
+_state = {"enabled": _env_flag(), "module": None}
 _indices: dict = {}  # id(split) -> (weakref to split, its kernel index), dropped with the split
 
 

@@ -54,6 +54,19 @@ def test_fused_kernel_applies_to_bfloat16_without_autograd_groups_or_bias(restor
     assert not fused.applies(f.requires_grad_(True), w, None, 1)
 
 
+@pytest.mark.parametrize("value, on", [("1", True), ("0", False), ("", False), (" 1 ", True)])
+def test_the_environment_variable_is_1_or_0(monkeypatch, value, on):
+    monkeypatch.setenv(fused.ENV, value)
+    assert fused._env_flag() is on
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "2"])
+def test_another_value_of_the_environment_variable_is_refused(monkeypatch, value):
+    monkeypatch.setenv(fused.ENV, value)
+    with pytest.raises(ValueError, match="use 1 .* or 0 / unset"):
+        fused._env_flag()
+
+
 def test_a_kernel_that_cannot_build_is_a_clear_error_and_stays_off(restore_fused, monkeypatch):
     import torch.utils.cpp_extension as ext
 
