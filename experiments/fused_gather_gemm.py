@@ -1,6 +1,6 @@
 """The fused gather + GEMM kernel against the lattice engine's own route (BENCHMARKS.md, AMX).
 
-    python -m experiments.fused_gather_gemm [--threshold 0.35] [--reps 30] [--block-rows 64]
+    python -m experiments.fused_gather_gemm [--threshold 0.35] [--reps 30] [--block-rows 96]
         [--threads 2] [--backbone]
 
 The lattice engine gathers the im2col rows of the off-lattice sites of a 3x3 conv into chunks of
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                               description=__doc__.split("\n\n")[0])
     parser.add_argument("--threshold", type=float, default=0.35)
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--block-rows", type=int, default=64)
+    parser.add_argument("--block-rows", type=int, default=fused.BLOCK_ROWS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backbone", action="store_true",
                         help="the whole backbone, engine against fused, instead of layers")

@@ -5,13 +5,13 @@ Off by default. :func:`enable` (or ``CAD_SPCONV_FUSED_GATHER=1`` in the environm
 the first layer it applies to) compiles it with ``torch.utils.cpp_extension`` (a C++ compiler
 with OpenMP and PyTorch's headers; about 40 s the first time on 2 cores, then kept in torch's
 extension cache). From then on the lattice engine runs the off-lattice rows of a layer through
-it where it applies (:func:`applies`: bfloat16 on CPU, no autograd, no groups, no bias, ``C_out``
-a multiple of 64). Per block of 64 sites it copies their ``9 x C_in`` input rows into a
-per-thread buffer that stays in cache, multiplies them with the filters through PyTorch's
-``at::native::cpublas::brgemm`` (oneDNN's AMX micro-kernel; the filters packed per call in
-64-column blocks) into a float32 accumulator, and writes the rows, rounded once, straight to
-their output rows: no 8 MiB im2col chunk in memory and no separate scatter. Same rounding as the
-engine's ``torch.mm`` route (one float32 sum per output, rounded once).
+it where it applies (:func:`applies`: bfloat16 on CPU, no autograd, no groups, no bias, ``C_in``
+even, ``C_out`` a multiple of 64). Per block of 96 sites it copies their ``9 x C_in`` input rows
+into a per-thread buffer that stays in cache, multiplies them with the filters through PyTorch's
+``at::native::cpublas::brgemm`` (oneDNN's AMX micro-kernel; one call per tap and 64 filter
+columns, :func:`packed_filters`) into a float32 accumulator, and writes the rows, rounded once,
+straight to their output rows: no 8 MiB im2col chunk in memory and no separate scatter. Same
+rounding as the engine's ``torch.mm`` route (one float32 sum per output, rounded once).
 
 Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 02:50): 0.74-0.96 of the
 engine's 3x3 conv time, 4-9 % off the DeepLabV3-ResNet101 backbone at edge 0.35, even at edge
@@ -26,11 +26,11 @@ import torch
 
 from .layouts import krsc_filters, tracks_grad
 
-__all__ = ["FusedKernelUnavailable", "enable", "enabled", "applies", "gather_gemm"]
+__all__ = ["FusedKernelUnavailable", "enable", "enabled", "applies", "packed_filters", "gather_gemm"]
 
 #: the environment variable that turns the kernel on for a process (``1``)
 ENV = "CAD_SPCONV_FUSED_GATHER"
-BLOCK_ROWS = 64  # sites per block: their im2col rows (9 x 512 channels: 590 KB) stay in L2
+BLOCK_ROWS = 96  # sites per block: their im2col rows (9 x 512 channels: 885 KB) stay in L2
 _FILTER_BLOCK = 64  # filter columns per packed block (oneDNN packs at most 64)
 
 
@@ -51,6 +51,7 @@ constexpr int64_t NB = 64;  // filter columns per packed block (oneDNN's packing
 bool could_pack() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
 // w [N, K] -> [N / NB, K, NB]: B = w^T in 64-column blocks, each in oneDNN's VNNI layout
+// (the tests' reference for packed_filters, which packs the same way without oneDNN)
 torch::Tensor pack_filters(torch::Tensor w) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.size(0) % NB == 0
               && w.size(1) % 2 == 0, "pack_filters: bfloat16 [N, K], N % 64 == 0, K even");
@@ -71,7 +72,8 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
               && out.scalar_type() == at::kBFloat16, "gather_gemm: contiguous bfloat16");
   const int64_t m = index.size(0), T = index.size(1), C = features.size(1), K = T * C;
   const int64_t N = out.size(1);
-  TORCH_CHECK(packed.size(0) * NB == N && packed.size(1) == K, "gather_gemm: filter shape");
+  TORCH_CHECK(packed.size(0) * NB == N && packed.size(1) == K && C % 2 == 0,
+              "gather_gemm: filter shape");
   const BFloat16* F = features.data_ptr<BFloat16>();
   const int64_t* I = index.data_ptr<int64_t>();
   const BFloat16* B = packed.data_ptr<BFloat16>();
@@ -90,8 +92,11 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
           else std::memcpy(dst, F + src * C, C * sizeof(BFloat16));
         }
       for (int64_t j = 0; j < N / NB; ++j) {
-        at::native::cpublas::brgemm(n, NB, K, K, NB, NB, false, A.data(), B + j * K * NB,
-                                    acc.data(), true);
+        // one call per tap (K = C, summed in the float32 accumulator): the tap's filter block
+        // stays in L1; one call over all 9 C was 10 % slower at 512 channels
+        for (int64_t t = 0; t < T; ++t)
+          at::native::cpublas::brgemm(n, NB, C, K, NB, NB, t > 0, A.data() + t * C,
+                                      B + (j * K + t * C) * NB, acc.data(), true);
         for (int64_t i = 0; i < n; ++i) {
           BFloat16* o = O + R[s + i] * N + j * NB;
           const float* a = acc.data() + i * NB;
@@ -159,7 +164,7 @@ def applies(features, weight, bias, groups: int) -> bool:
     return (_state["enabled"] and features.device.type == "cpu"
             and features.dtype == weight.dtype == torch.bfloat16 and bias is None
             and groups == 1 and weight.shape[0] % _FILTER_BLOCK == 0
-            and weight[0].numel() % 2 == 0 and not tracks_grad(features, weight, bias))
+            and weight.shape[1] % 2 == 0 and not tracks_grad(features, weight, bias))
 
 
 def _kernel_index(split) -> torch.Tensor:
@@ -174,10 +179,21 @@ def _kernel_index(split) -> torch.Tensor:
     return entry[1]
 
 
+def packed_filters(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's filters ``[C_out / 64, K, 64]``: ``B = W^T`` (``W`` the tap-major filters
+    ``[C_out, K]``) in blocks of 64 columns, each in oneDNN's VNNI layout for bfloat16, where
+    the two elements of a 32-bit word are rows ``k, k + 1`` of one column. Those are adjacent
+    in a row of ``W``, so the packing is a transpose of ``W`` read as 32-bit words: 0.15 ms at
+    256 channels and 0.73 at 512 on the AMX Xeon (2 threads), against 1.0 and 4.5 ms for
+    ``cpublas::pack``, whose result it equals (``tests/cad_spconv/test_fused.py``), and nothing
+    kept between calls."""
+    n = weight.shape[0]
+    words = krsc_filters(weight, cache=True).reshape(n, -1).view(torch.int32)
+    return (words.view(n // _FILTER_BLOCK, _FILTER_BLOCK, -1).transpose(1, 2).contiguous()
+            .view(torch.bfloat16).view(n // _FILTER_BLOCK, -1, _FILTER_BLOCK))
+
+
 def gather_gemm(features, weight, split, out: torch.Tensor) -> None:
     """Write the off-lattice rows of ``split`` into ``out`` (where :func:`applies`)."""
-    module = _module()
-    filters = krsc_filters(weight, cache=True).reshape(weight.shape[0], -1)
-    module.gather_gemm(features.contiguous(), _kernel_index(split),
-                       module.pack_filters(filters), out, split.rest_rows.contiguous(),
-                       BLOCK_ROWS)
+    _module().gather_gemm(features.contiguous(), _kernel_index(split), packed_filters(weight),
+                          out, split.rest_rows.contiguous(), BLOCK_ROWS)

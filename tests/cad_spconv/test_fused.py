@@ -50,6 +50,7 @@ def test_fused_kernel_applies_to_bfloat16_without_autograd_groups_or_bias(restor
     assert not fused.applies(f.float(), w.float(), None, 1)  # float32: the engine's own route
     assert not fused.applies(f, w, torch.zeros(64, dtype=torch.bfloat16), 1)
     assert not fused.applies(f, w[:48], None, 1)  # C_out not a multiple of 64
+    assert not fused.applies(f[:, :23], w[:, :23], None, 1)  # C_in odd: a tap splits a pair
     assert not fused.applies(f, w, None, 2)
     assert not fused.applies(f.requires_grad_(True), w, None, 1)
 
@@ -111,3 +112,17 @@ def test_fused_rest_matches_the_dense_reference(kernel, restore_fused, monkeypat
     assert sum(rows) > block_rows  # the kernel wrote the rest, in more than one block
     R.assert_conv_within(got, x.features, levels, step, 1, w, None, dilation,
                          engine="lattice", what="fused rest")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c_out, c_in, channels_last", [(64, 24, False), (128, 24, True),
+                                                        (192, 6, False)])
+def test_packed_filters_are_onednns_packing(kernel, c_out, c_in, channels_last):
+    gen = torch.Generator().manual_seed(c_out + c_in)
+    w = torch.randn(c_out, c_in, 3, 3, generator=gen).to(torch.bfloat16)
+    if channels_last:  # the KRSC filters are then a view
+        w = w.contiguous(memory_format=torch.channels_last)
+    want = fused._module().pack_filters(w.permute(0, 2, 3, 1).reshape(c_out, -1).contiguous())
+    got = fused.packed_filters(w)
+    assert got.shape == want.shape == (c_out // 64, 9 * c_in, 64)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
