@@ -88,6 +88,8 @@ def table_header(args, device="cpu") -> str:
         f"{env['cpu']} ({flags}; torch CPU capability {env['cpu_capability']}), "
         f"{env['threads']} threads")
     tuned = "".join(f", {k}={v}" for k, v in env["tuning_env"].items())
+    if env.get("fused_gather"):
+        tuned += f", fused kernel {env['fused_gather']}"
     return (f"command: {getattr(args, '_command', None) or '(not recorded)'}\n"
             f"machine: {where}, torch {env['torch']}{tuned}")
 

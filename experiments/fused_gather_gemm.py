@@ -37,17 +37,18 @@ from experiments.common import ExperimentParser, table_header
 from experiments.tiled_phases import FRAMES, LAYERS, edge_plans
 
 @contextlib.contextmanager
-def fused_rest(block_rows: int):
+def fused_rest(block_rows: int, on: bool = True):
     """Within the scope the lattice engine runs its off-lattice rows on the library's fused
-    kernel (:mod:`cad_spconv.engines.fused`) where it applies, ``block_rows`` sites per block."""
-    was, rows = fused.enabled(), fused.BLOCK_ROWS
-    fused.enable(True)
+    kernel (:mod:`cad_spconv.engines.fused`) where it applies, ``block_rows`` sites per block
+    (``on``), or on its own route (not ``on``; the kernel is on by default on AMX CPUs)."""
+    state, rows = dict(fused._state), fused.BLOCK_ROWS
+    fused.enable(on)
     fused.BLOCK_ROWS = block_rows
     try:
         yield
     finally:
         fused.BLOCK_ROWS = rows
-        fused.enable(was)
+        fused._state.update(state)
 
 
 def check_within_rounding(got: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
@@ -83,7 +84,6 @@ def main(argv=None) -> int:
         fused.enable(True)  # built here, before any frame is read
     except fused.FusedKernelUnavailable as e:
         parser.error(str(e))
-    fused.enable(False)
     torch.set_num_threads(args.threads)
     print(table_header(args))
     print(f"bfloat16, edge {args.threshold}, {args.block_rows} rows per block")
@@ -113,8 +113,7 @@ def _backbone(args) -> int:
         with torch.inference_mode():
             for rep in range(args.reps + 1):
                 for k in (("engine", "fused") if rep % 2 else ("fused", "engine")):
-                    with fused_rest(args.block_rows) if k == "fused" else \
-                            contextlib.nullcontext():
+                    with fused_rest(args.block_rows, on=k == "fused"):
                         start = time.perf_counter()
                         cad.forward_features(x, keep).dense()
                         elapsed = time.perf_counter() - start
@@ -144,14 +143,14 @@ def _layers(args) -> int:
                 torch.bfloat16).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 engine = lambda: sparse_conv(features, weight, None, book, 1, "lattice")
-                engine()  # the split the engine runs
+                with fused_rest(args.block_rows, on=False):
+                    engine()  # the split the engine runs
                 with fused_rest(args.block_rows):
                     check_within_rounding(engine(), features, weight, book)
                 samples = {"engine": [], "fused": []}
                 for rep in range(args.reps + 1):
                     for k in samples:
-                        with fused_rest(args.block_rows) if k == "fused" else \
-                                contextlib.nullcontext():
+                        with fused_rest(args.block_rows, on=k == "fused"):
                             start = time.perf_counter()
                             engine()
                             elapsed = time.perf_counter() - start

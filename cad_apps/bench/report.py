@@ -84,6 +84,9 @@ def environment(device, load_before) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["math_flags"] = math_flags()
+    from cad_spconv.engines import fused
+
+    env["fused_gather"] = fused.describe()  # the AMX kernel's mode (on by default there)
     try:
         from cad_spconv.backend import spconv_status
 

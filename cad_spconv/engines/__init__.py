@@ -13,9 +13,9 @@ users pass (``engine="..."``) are :data:`ENGINES`:
   (:mod:`.spconv_igemm`), ``"products"`` (:mod:`.products`). :func:`describe` lists them
   with what each supports.
 
-Optional and off by default: :mod:`.fused`, a C++ kernel for the lattice engine's off-lattice
-rows in bfloat16 on AMX CPUs (``fused.enable()`` or ``CAD_SPCONV_FUSED_GATHER=1``; compiled on
-first use).
+On CPUs with AMX, by default: :mod:`.fused`, a C++ kernel for the lattice engine's off-lattice
+rows in bfloat16 (compiled on first use; ``CAD_SPCONV_FUSED_GATHER=0`` or
+``fused.enable(False)`` turns it off, ``=1`` / ``fused.enable()`` makes it required).
 
 All engines compute the same values (one exactness test runs them all against a dense
 reference); they differ in speed and in what they support. Weights are in ``torch.nn.Conv2d``

@@ -1,10 +1,13 @@
-"""Optional: the lattice engine's off-lattice gather + GEMM + scatter as one C++ kernel, for
-bfloat16 on CPUs with AMX.
+"""The lattice engine's off-lattice gather + GEMM + scatter as one C++ kernel, for bfloat16 on
+CPUs with AMX.
 
-Off by default. :func:`enable` (or ``CAD_SPCONV_FUSED_GATHER=1`` in the environment, built at
-the first layer it applies to) compiles it with ``torch.utils.cpp_extension`` (a C++ compiler
-with OpenMP and PyTorch's headers; about 40 s the first time on 2 cores, then kept in torch's
-extension cache). From then on the lattice engine runs the off-lattice rows of a layer through
+On by default where the CPU has AMX (:data:`AUTO`): the first bfloat16 layer it applies to
+compiles it with ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and PyTorch's
+headers; about 40 s on 2 cores, logged, then kept in torch's extension cache). Where it does not
+build, one warning, and the engine keeps its own route. ``CAD_SPCONV_FUSED_GATHER=0`` (or
+:func:`enable` ``(False)``) turns it off; ``=1`` (or :func:`enable`) asks for it, and then a
+kernel that cannot run is an error (:class:`FusedKernelUnavailable`). Once built, the lattice
+engine runs the off-lattice rows of a layer through
 it where it applies (:func:`applies`: bfloat16 on CPU, no autograd, no groups, no bias, ``C_in``
 even, ``C_out`` a multiple of 64). Per block of 96 sites it copies their ``9 x C_in`` input rows
 into a per-thread buffer that stays in cache, multiplies them with the filters through PyTorch's
@@ -19,17 +22,23 @@ engine's 3x3 conv time, 4-9 % off the DeepLabV3-ResNet101 backbone at edge 0.35,
 """
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import warnings
 import weakref
 
 import torch
 
+from . import gemm
 from .layouts import krsc_filters, tracks_grad
 
-__all__ = ["FusedKernelUnavailable", "enable", "enabled", "applies", "packed_filters", "gather_gemm"]
+__all__ = ["FusedKernelUnavailable", "AUTO", "enable", "enabled", "describe", "applies",
+           "packed_filters", "gather_gemm"]
 
-#: the environment variable that turns the kernel on for a process (``1``)
+#: the environment variable that sets the kernel's mode for a process (``1`` on, ``0`` off)
 ENV = "CAD_SPCONV_FUSED_GATHER"
+_NAME = "cad_spconv_fused_gather_gemm"
 BLOCK_ROWS = 96  # sites per block: their im2col rows (9 x 512 channels: 885 KB) stay in L2
 _FILTER_BLOCK = 64  # filter columns per packed block (oneDNN packs at most 64)
 
@@ -110,26 +119,35 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
 """
 
 
-def _env_flag() -> bool:
-    """``CAD_SPCONV_FUSED_GATHER``: ``1`` on, ``0`` or unset off; anything else is refused
-    (a typo must not leave the kernel silently off)."""
+def _env_mode() -> str:
+    """``CAD_SPCONV_FUSED_GATHER``: ``1`` on, ``0`` off, unset :data:`AUTO`; anything else is
+    refused (a typo must not change the route silently)."""
     value = os.environ.get(ENV, "").strip()
     if value not in ("", "0", "1"):
-        raise ValueError(f"{ENV}={value!r}: use 1 (the fused kernel on) or 0 / unset (off)")
-    return value == "1"
+        raise ValueError(f"{ENV}={value!r}: use 1 (the fused kernel on), 0 (off), or leave it "
+                         "unset (on where the CPU has AMX and the kernel builds)")
+    return {"": AUTO, "0": "off", "1": "on"}[value]
 
 
-_state = {"enabled": _env_flag(), "module": None}
+#: the default mode: on where the CPU has AMX, built on first use; where the build fails, one
+#: warning and off (asked for with ``1`` / :func:`enable`, it raises instead)
+AUTO = "auto"
+_state = {"mode": _env_mode(), "module": None, "why_off": None}
 _indices: dict = {}  # id(split) -> (weakref to split, its kernel index), dropped with the split
+_log = logging.getLogger("cad_spconv")
 
 
 def _module():
     if _state["module"] is None:
-        leave_off = (f"leave it off (cad_spconv.engines.fused.enable(False), {ENV} unset): the "
+        leave_off = (f"leave it off (cad_spconv.engines.fused.enable(False), {ENV}=0): the "
                      "lattice engine runs without it")
         try:
             from torch.utils.cpp_extension import load_inline
-            module = load_inline("cad_spconv_fused_gather_gemm", _SOURCE,
+            if not _built():
+                _log.warning("cad_spconv: building the fused gather + GEMM kernel for this AMX "
+                             "CPU (about 40 s on 2 cores, once: kept in torch's extension "
+                             "cache; %s=0 skips it)", ENV)
+            module = load_inline(_NAME, _SOURCE,
                                  functions=["could_pack", "pack_filters", "gather_gemm"],
                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no headers, a build error: one clear message
@@ -146,25 +164,58 @@ def _module():
     return _state["module"]
 
 
+def _built() -> bool:
+    """Whether torch's extension cache holds a build of the kernel (then loading it takes a
+    second; it is rebuilt where the source changed)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        return bool(glob.glob(os.path.join(_get_build_directory(_NAME, False), _NAME + ".*")))
+    except Exception:  # a private helper: if it moves, say that a build may come
+        return False
+
+
 def enable(on: bool = True) -> None:
     """Turn the kernel on (building it now: :class:`FusedKernelUnavailable` if it cannot run
-    here, and it stays off) or off, for this process."""
+    here, and the mode stays as it was) or off, for this process."""
     if on:
         _module()
-    _state["enabled"] = bool(on)
+    _state.update(mode="on" if on else "off", why_off=None)
 
 
 def enabled() -> bool:
-    """Whether the lattice engine sends the layers the kernel applies to through it."""
-    return _state["enabled"]
+    """Whether the lattice engine sends the layers the kernel applies to through it: asked
+    for, or by default (:data:`AUTO`) on a CPU with AMX where it has not failed to build."""
+    mode = _state["mode"]
+    return mode == "on" or (mode == AUTO and gemm.CPU_AMX)
+
+
+def describe() -> str:
+    """The kernel's state, as benchmark reports record it: ``on``, ``off``, or ``auto: ...``."""
+    mode = _state["mode"]
+    if mode != AUTO:
+        return mode if _state["why_off"] is None else f"off ({_state['why_off']})"
+    if not gemm.CPU_AMX:
+        return "auto: off (no AMX)"
+    return "auto: on (AMX)" + (", built" if _state["module"] is not None else "")
 
 
 def applies(features, weight, bias, groups: int) -> bool:
-    """Whether the off-lattice rows of this layer go through the kernel."""
-    return (_state["enabled"] and features.device.type == "cpu"
+    """Whether the off-lattice rows of this layer go through the kernel (building it on first
+    use by default on AMX: where that fails, one warning, and it stays off)."""
+    if not (enabled() and features.device.type == "cpu"
             and features.dtype == weight.dtype == torch.bfloat16 and bias is None
             and groups == 1 and weight.shape[0] % _FILTER_BLOCK == 0
-            and weight.shape[1] % 2 == 0 and not tracks_grad(features, weight, bias))
+            and weight.shape[1] % 2 == 0 and not tracks_grad(features, weight, bias)):
+        return False
+    if _state["mode"] == AUTO and _state["module"] is None:
+        try:
+            _module()
+        except FusedKernelUnavailable as e:  # not asked for: the engine's own route, said once
+            _state.update(mode="off", why_off=str(e).split(";")[0])
+            warnings.warn(f"{e} (it is on by default on AMX CPUs; {ENV}=0 turns it off "
+                          "without this warning)", RuntimeWarning, stacklevel=2)
+            return False
+    return True
 
 
 def _kernel_index(split) -> torch.Tensor:

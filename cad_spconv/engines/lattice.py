@@ -203,7 +203,7 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     that live across calls (a fresh buffer per chunk costs page faults worth a third of the
     gather, BENCHMARKS.md); oneDNN's GEMM returns a fresh result, copied into place directly.
 
-    Where the optional fused kernel is on and applies (:mod:`.fused`: bfloat16 on AMX CPUs),
+    Where the fused kernel applies (:mod:`.fused`: bfloat16 on AMX CPUs, on by default there),
     it does the gather, the GEMMs and the copies in one C++ kernel instead."""
     if fused.applies(features, weight, bias, groups):
         fused.gather_gemm(features, weight, split, out)

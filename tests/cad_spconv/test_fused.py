@@ -1,15 +1,16 @@
-"""The optional fused gather + GEMM kernel (``cad_spconv.engines.fused``): off unless asked for,
-a clear error where it cannot run, and, where it runs, the lattice engine's conv with it equals
+"""The fused gather + GEMM kernel (``cad_spconv.engines.fused``): on by default only on AMX CPUs,
+off where turned off, a clear error where asked for and it cannot run (by default: one warning,
+and off), and, where it runs, the lattice engine's conv with it equals
 the dense reference on the same bfloat16 inputs within the route's rounding bound. The exactness
-tests are slow: the first one compiles the kernel (about a minute on 2 cores); they need a C++
-compiler and a CPU whose oneDNN packs bfloat16 filters (AMX)."""
+tests run where the kernel does (an AMX CPU and a C++ compiler; the first one builds it, about
+40 s on 2 cores, unless torch's extension cache holds it) and are skipped elsewhere."""
 import shutil
 
 import pytest
 import torch
 
 from cad_spconv import CADTensor, functional as CF
-from cad_spconv.engines import fused
+from cad_spconv.engines import fused, gemm
 from cad_spconv.plan import make_plan
 from tests.support import rounding as R
 from tests.support.emulation import mixed_masks
@@ -31,10 +32,11 @@ def _layer(grid=(13, 19), num_levels=1, step=1, c_out=64, dtype=torch.bfloat16, 
     return CADTensor(features, plan, step), levels, weight
 
 
-def test_fused_kernel_is_off_unless_asked_for(restore_fused, monkeypatch):
-    fused._state["enabled"] = False
+def test_fused_kernel_is_off_where_turned_off(restore_fused, monkeypatch):
+    fused.enable(False)
     x, _, w = _layer()
     assert not fused.enabled() and not fused.applies(x.features, w, None, 1)
+    assert fused.describe() == "off"
     calls = []
     monkeypatch.setattr(fused, "gather_gemm", lambda *a: calls.append(a))
     with torch.inference_mode():
@@ -42,8 +44,17 @@ def test_fused_kernel_is_off_unless_asked_for(restore_fused, monkeypatch):
     assert not calls
 
 
+def test_by_default_the_kernel_is_off_without_amx(restore_fused, monkeypatch):
+    monkeypatch.setattr(gemm, "CPU_AMX", False)
+    fused._state.update(mode=fused.AUTO, module=None, why_off=None)
+    x, _, w = _layer()
+    assert not fused.enabled() and not fused.applies(x.features, w, None, 1)
+    assert fused.describe() == "auto: off (no AMX)"
+    assert fused._state["module"] is None  # nothing was built
+
+
 def test_fused_kernel_applies_to_bfloat16_without_autograd_groups_or_bias(restore_fused):
-    fused._state["enabled"] = True
+    fused._state["mode"] = "on"
     x, _, w = _layer()
     f = x.features
     assert fused.applies(f, w, None, 1)
@@ -55,35 +66,74 @@ def test_fused_kernel_applies_to_bfloat16_without_autograd_groups_or_bias(restor
     assert not fused.applies(f.requires_grad_(True), w, None, 1)
 
 
-@pytest.mark.parametrize("value, on", [("1", True), ("0", False), ("", False), (" 1 ", True)])
-def test_the_environment_variable_is_1_or_0(monkeypatch, value, on):
+@pytest.mark.parametrize("value, mode", [("1", "on"), ("0", "off"), ("", "auto"), (" 1 ", "on")])
+def test_the_environment_variable_is_1_0_or_unset(monkeypatch, value, mode):
     monkeypatch.setenv(fused.ENV, value)
-    assert fused._env_flag() is on
+    assert fused._env_mode() == mode
 
 
-@pytest.mark.parametrize("value", ["yes", "true", "2"])
+@pytest.mark.parametrize("value", ["yes", "true", "2", "auto"])
 def test_another_value_of_the_environment_variable_is_refused(monkeypatch, value):
     monkeypatch.setenv(fused.ENV, value)
-    with pytest.raises(ValueError, match="use 1 .* or 0 / unset"):
-        fused._env_flag()
+    with pytest.raises(ValueError, match="use 1 .*, 0 .*, or leave it unset"):
+        fused._env_mode()
 
 
-def test_a_kernel_that_cannot_build_is_a_clear_error_and_stays_off(restore_fused, monkeypatch):
+def _no_compiler(*args, **kwargs):
+    raise RuntimeError("Error building extension: c++: command not found")
+
+
+def test_a_kernel_asked_for_that_cannot_build_is_a_clear_error(restore_fused, monkeypatch):
     import torch.utils.cpp_extension as ext
 
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension: c++: command not found")
-
-    monkeypatch.setattr(ext, "load_inline", no_compiler)
-    fused._state.update(enabled=False, module=None)
+    monkeypatch.setattr(ext, "load_inline", _no_compiler)
+    fused._state.update(mode="off", module=None, why_off=None)
     with pytest.raises(fused.FusedKernelUnavailable, match="C\\+\\+ compiler") as e:
         fused.enable()
     assert "command not found" in str(e.value) and "enable(False)" in str(e.value)
-    assert not fused.enabled()
+    assert not fused.enabled() and fused._state["mode"] == "off"  # as it was
+
+
+def test_by_default_a_kernel_that_cannot_build_warns_once_and_stays_off(restore_fused,
+                                                                          monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "load_inline", _no_compiler)
+    monkeypatch.setattr(gemm, "CPU_AMX", True)
+    fused._state.update(mode=fused.AUTO, module=None, why_off=None)
+    x, _, w = _layer()
+    assert fused.enabled()
+    with pytest.warns(RuntimeWarning, match="could not be built .* on by default on AMX") as rec:
+        with torch.inference_mode():
+            CF.conv2d(x, w, None, 1, 1, 1, "lattice")  # the engine's own route
+            CF.conv2d(x, w, None, 1, 1, 1, "lattice")
+    assert len(rec) == 1
+    assert not fused.enabled() and fused.describe().startswith("off (the fused gather")
+
+
+def test_by_default_the_first_build_is_announced(restore_fused, monkeypatch, caplog):
+    import torch.utils.cpp_extension as ext
+
+    class Built:
+        @staticmethod
+        def could_pack():
+            return True
+
+    monkeypatch.setattr(ext, "load_inline", lambda *a, **k: Built)
+    monkeypatch.setattr(fused, "_built", lambda: False)
+    monkeypatch.setattr(gemm, "CPU_AMX", True)
+    fused._state.update(mode=fused.AUTO, module=None, why_off=None)
+    x, _, w = _layer()
+    with caplog.at_level("WARNING", logger="cad_spconv"):
+        assert fused.applies(x.features, w, None, 1)
+    assert "building the fused gather + GEMM kernel" in caplog.text
+    assert fused.describe() == "auto: on (AMX), built"
 
 
 @pytest.fixture(scope="module")
 def kernel():
+    if not gemm.CPU_AMX:  # checked first: building it here would take a minute, then not run
+        pytest.skip("the fused kernel runs on CPUs with AMX only; this one has none")
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler to build the fused kernel")
     try:
@@ -92,7 +142,6 @@ def kernel():
         pytest.skip(str(e))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("grid, num_levels, step, dilation, block_rows", [
     ((13, 19), 1, 1, 1, 16),
     ((17, 22), 2, 1, 2, 7),
@@ -114,7 +163,6 @@ def test_fused_rest_matches_the_dense_reference(kernel, restore_fused, monkeypat
                          engine="lattice", what="fused rest")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("c_out, c_in, channels_last", [(64, 24, False), (128, 24, True),
                                                         (192, 6, False)])
 def test_packed_filters_are_onednns_packing(kernel, c_out, c_in, channels_last):
