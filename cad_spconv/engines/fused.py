@@ -186,7 +186,13 @@ def enabled() -> bool:
     """Whether the lattice engine sends the layers the kernel applies to through it: asked
     for, or by default (:data:`AUTO`) on a CPU with AMX where it has not failed to build."""
     mode = _state["mode"]
-    return mode == "on" or (mode == AUTO and gemm.CPU_AMX)
+    return mode == "on" or (mode == AUTO and _amx_code())
+
+
+def _amx_code() -> bool:
+    """Whether the CPU has AMX and PyTorch runs its AVX-512 code (not an ISA-limited run,
+    ``ATEN_CPU_CAPABILITY=avx2``)."""
+    return gemm.CPU_AMX and gemm.CPU_AVX512
 
 
 def describe() -> str:
@@ -194,9 +200,9 @@ def describe() -> str:
     mode = _state["mode"]
     if mode != AUTO:
         return mode if _state["why_off"] is None else f"off ({_state['why_off']})"
-    if not gemm.CPU_AMX:
-        return "auto: off (no AMX)"
-    return "auto: on (AMX)" + (", built" if _state["module"] is not None else "")
+    if not _amx_code():
+        return "auto: off (no AMX, or AVX2 code only)"
+    return "auto: on (AMX)"
 
 
 def applies(features, weight, bias, groups: int) -> bool:

@@ -132,7 +132,9 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
     table = benchmark.report(str(results))
     flags = ", ".join(bench_report.cpu_flags() or ["flags not recorded"])
     assert table.startswith(f"Measured on: {cpu_name()} ({flags})")
-    assert table.split("\n")[0].endswith("threads, ONEDNN_MAX_CPU_ISA=AVX2.")
+    from cad_spconv.engines import fused
+    assert table.split("\n")[0].endswith(  # and whether the AMX kernel could run
+        f"threads, ONEDNN_MAX_CPU_ISA=AVX2, fused kernel {fused.describe()}.")
     row = next(line for line in table.splitlines() if line.startswith("| cpu_float32_b1_edge0.35"))
     assert "| float32 | 1 | edge 0.35 |" in row
     assert benchmark.report(str(tmp_path / "empty")).startswith("no targets results")

@@ -124,7 +124,7 @@ def test_a_result_file_another_run_writes_is_refused_before_any_evaluation(root,
 def _has_provenance(report, name, *settings):
     assert report["command"].startswith(f"python -m experiments.{name} ")
     env = report["environment"]
-    assert env["cpu"] and env["torch"] and "cpu_flags" in env
+    assert env["cpu"] and env["torch"] and "cpu_flags" in env and env["fused_gather"]
     for key in settings:
         assert key in report["config"], key
 

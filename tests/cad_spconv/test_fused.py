@@ -44,12 +44,14 @@ def test_fused_kernel_is_off_where_turned_off(restore_fused, monkeypatch):
     assert not calls
 
 
-def test_by_default_the_kernel_is_off_without_amx(restore_fused, monkeypatch):
-    monkeypatch.setattr(gemm, "CPU_AMX", False)
+@pytest.mark.parametrize("amx, avx512", [(False, True), (True, False)])
+def test_by_default_the_kernel_is_off_without_amx_code(restore_fused, monkeypatch, amx, avx512):
+    monkeypatch.setattr(gemm, "CPU_AMX", amx)
+    monkeypatch.setattr(gemm, "CPU_AVX512", avx512)  # False: an ISA-limited run
     fused._state.update(mode=fused.AUTO, module=None, why_off=None)
     x, _, w = _layer()
     assert not fused.enabled() and not fused.applies(x.features, w, None, 1)
-    assert fused.describe() == "auto: off (no AMX)"
+    assert fused.describe() == "auto: off (no AMX, or AVX2 code only)"
     assert fused._state["module"] is None  # nothing was built
 
 
@@ -100,6 +102,7 @@ def test_by_default_a_kernel_that_cannot_build_warns_once_and_stays_off(restore_
 
     monkeypatch.setattr(ext, "load_inline", _no_compiler)
     monkeypatch.setattr(gemm, "CPU_AMX", True)
+    monkeypatch.setattr(gemm, "CPU_AVX512", True)
     fused._state.update(mode=fused.AUTO, module=None, why_off=None)
     x, _, w = _layer()
     assert fused.enabled()
@@ -122,12 +125,13 @@ def test_by_default_the_first_build_is_announced(restore_fused, monkeypatch, cap
     monkeypatch.setattr(ext, "load_inline", lambda *a, **k: Built)
     monkeypatch.setattr(fused, "_built", lambda: False)
     monkeypatch.setattr(gemm, "CPU_AMX", True)
+    monkeypatch.setattr(gemm, "CPU_AVX512", True)
     fused._state.update(mode=fused.AUTO, module=None, why_off=None)
     x, _, w = _layer()
     with caplog.at_level("WARNING", logger="cad_spconv"):
         assert fused.applies(x.features, w, None, 1)
     assert "building the fused gather + GEMM kernel" in caplog.text
-    assert fused.describe() == "auto: on (AMX), built"
+    assert fused.describe() == "auto: on (AMX)" and fused._state["module"] is Built
 
 
 @pytest.fixture(scope="module")
