@@ -16,9 +16,9 @@ columns, :func:`packed_filters`) into a float32 accumulator, and writes the rows
 straight to their output rows: no 8 MiB im2col chunk in memory and no separate scatter. Same
 rounding as the engine's ``torch.mm`` route (one float32 sum per output, rounded once).
 
-Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 02:50): 0.74-0.96 of the
-engine's 3x3 conv time, 4-9 % off the DeepLabV3-ResNet101 backbone at edge 0.35, even at edge
-0.95 (``python -m experiments.fused_gather_gemm``).
+Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 05:41): the
+DeepLabV3-ResNet101 backbone in 0.929-0.952 of the engine's time at edges 0.15, 0.35 and 0.95
+(``python -m experiments.fused_gather_gemm --backbone``).
 """
 from __future__ import annotations
 
