@@ -135,12 +135,9 @@ def report(results_dir: str) -> str:
             r = json.load(f)
         cfg, s = r["config"], r["summary"]
         env = r["environment"]
-        tuned = bench_report.recorded_tuning_env(env)
         machines.add(f"{env['cpu']} ({', '.join(env.get('cpu_flags') or ['flags not recorded'])}"
                      f"), torch {env['torch']}, {env['threads']} threads"
-                     + "".join(f", {k}={v}" for k, v in tuned.items())
-                     + (f", fused kernel {env['fused_gather']}" if env.get("fused_gather")
-                        else ""))
+                     + bench_report.recorded_settings(env))
         c = next(iter(s["cad"].values()))
         per = r["inputs"]
         if os.path.exists(path[:-5] + "_memory.json"):  # the memory pass, if it ran

@@ -81,17 +81,17 @@ def provenance(args, device=None) -> dict:
 def table_header(args, device="cpu") -> str:
     """The lines heading a printed timing table (the tables go into BENCHMARKS.md): the command
     and the machine, from :func:`provenance` (CPU model and instruction-set flags, torch, threads,
-    the GPU where ``device`` is one, the tuning environment variables that were set)."""
+    the GPU where ``device`` is one, the tuning environment variables that were set, the fused
+    kernel's mode)."""
+    from cad_apps.bench.report import recorded_settings
+
     env = provenance(args, device)["environment"]
     flags = ", ".join(env["cpu_flags"]) or "flags not recorded"
     where = (f"{env['gpu']}, " if env.get("gpu") else "") + (
         f"{env['cpu']} ({flags}; torch CPU capability {env['cpu_capability']}), "
         f"{env['threads']} threads")
-    tuned = "".join(f", {k}={v}" for k, v in env["tuning_env"].items())
-    if env.get("fused_gather"):
-        tuned += f", fused kernel {env['fused_gather']}"
     return (f"command: {getattr(args, '_command', None) or '(not recorded)'}\n"
-            f"machine: {where}, torch {env['torch']}{tuned}")
+            f"machine: {where}, torch {env['torch']}{recorded_settings(env)}")
 
 
 def mask_value(kind: str):

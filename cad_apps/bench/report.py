@@ -58,6 +58,13 @@ def recorded_tuning_env(env: dict) -> dict:
     return env.get("tuning_env", env.get("malloc_env")) or {}
 
 
+def recorded_settings(env: dict) -> str:
+    """A run's settings as machine lines print them: ``, NAME=value`` per tuning variable that
+    was set, then the fused kernel's mode where the report recorded it."""
+    text = "".join(f", {k}={v}" for k, v in recorded_tuning_env(env).items())
+    return text + (f", fused kernel {env['fused_gather']}" if env.get("fused_gather") else "")
+
+
 def native_bfloat16() -> bool:
     """Whether the CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX); without,
     oneDNN emulates them and bfloat16 is no speed setting."""
