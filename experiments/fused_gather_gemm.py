@@ -1,6 +1,6 @@
 """The fused gather + GEMM kernel against the lattice engine's own route (BENCHMARKS.md, AMX).
 
-    python -m experiments.fused_gather_gemm [--threshold 0.35] [--reps 30] [--block-rows 96]
+    python -m experiments.fused_gather_gemm [--threshold 0.35] [--reps 30] [--block-rows 64]
         [--threads 2] [--backbone]
 
 The lattice engine gathers the im2col rows of the off-lattice sites of a 3x3 conv into chunks of
@@ -76,8 +76,11 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", action="store_true",
                         help="the whole backbone, engine against fused, instead of layers")
     args = parser.parse_args(argv)
-    if args.reps < 1 or args.block_rows < 1:
-        parser.error("--reps and --block-rows must be >= 1")
+    if args.reps < 1:
+        parser.error("--reps must be >= 1")
+    if args.block_rows < 32 or args.block_rows % 32:
+        parser.error(f"--block-rows {args.block_rows}: the kernel takes sites 32 at a time "
+                     "(two AMX tiles); give a multiple of 32")
     if not glob.glob(FRAMES):
         parser.error(f"needs the Cityscapes frames in {FRAMES}; none found")
     try:

@@ -7,14 +7,16 @@ headers; about 40 s on 2 cores, logged, then kept in torch's extension cache). W
 build, one warning, and the engine keeps its own route. ``CAD_SPCONV_FUSED_GATHER=0`` (or
 :func:`enable` ``(False)``) turns it off; ``=1`` (or :func:`enable`) asks for it, and then a
 kernel that cannot run is an error (:class:`FusedKernelUnavailable`). Once built, the lattice
-engine runs the off-lattice rows of a layer through
-it where it applies (:func:`applies`: bfloat16 on CPU, no autograd, no groups, no bias, ``C_in``
-even, ``C_out`` a multiple of 64). Per block of 96 sites it copies their ``9 x C_in`` input rows
-into a per-thread buffer that stays in cache, multiplies them with the filters through PyTorch's
-``at::native::cpublas::brgemm`` (oneDNN's AMX micro-kernel; one call per tap and 64 filter
-columns, :func:`packed_filters`) into a float32 accumulator, and writes the rows, rounded once,
-straight to their output rows: no 8 MiB im2col chunk in memory and no separate scatter. Same
-rounding as the engine's ``torch.mm`` route (one float32 sum per output, rounded once).
+engine runs the off-lattice rows of a layer through it where it applies (:func:`applies`:
+bfloat16 on CPU, no autograd, no groups, no bias, ``C_in`` and ``C_out`` multiples of 32).
+
+Per block of 64 sites it copies their ``9 x C_in`` input rows into a per-thread buffer that stays
+in cache, laid out as AMX tiles read it (per 32 sites and 32 values, one 2 KB block), multiplies
+them with the filters (:func:`packed_filters`) on AMX tiles of its own, 32 sites x 32 filter
+columns at a time with all ``9 C_in`` products summed in float32 inside the tiles, and writes the
+sums, rounded once to bfloat16, straight to their output rows: no 8 MiB im2col chunk in memory,
+no separate scatter, and no per-tap call into a library micro-kernel. Same rounding as the
+engine's ``torch.mm`` route (one float32 sum per output, rounded once to nearest even).
 
 Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 05:41): the
 DeepLabV3-ResNet101 backbone in 0.929-0.952 of the engine's time at edges 0.15, 0.35 and 0.95
@@ -39,8 +41,10 @@ __all__ = ["FusedKernelUnavailable", "AUTO", "enable", "enabled", "describe", "a
 #: the environment variable that sets the kernel's mode for a process (``1`` on, ``0`` off)
 ENV = "CAD_SPCONV_FUSED_GATHER"
 _NAME = "cad_spconv_fused_gather_gemm"
-BLOCK_ROWS = 96  # sites per block: their im2col rows (9 x 512 channels: 885 KB) stay in L2
-_FILTER_BLOCK = 64  # filter columns per packed block (oneDNN packs at most 64)
+#: sites per block, a multiple of 32: their im2col rows (9 x 512 channels: 590 KB) stay in L2
+BLOCK_ROWS = 64
+_TILE = 32  # values per tile row (bfloat16), sites and filter columns per tile pair
+_FILTER_BLOCK = 16  # filter columns per packed block: one tile's width in float32 sums
 
 
 class FusedKernelUnavailable(RuntimeError):
@@ -52,68 +56,110 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <cstring>
 #include <vector>
 using at::BFloat16;
-constexpr int64_t NB = 64;  // filter columns per packed block (oneDNN's packing takes <= 64)
 
-bool could_pack() { return at::native::cpublas::could_pack(at::kBFloat16); }
+// Linux gives a process AMX tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA); oneDNN asks as well, and asking twice is harmless.
+bool amx_ready() { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
 
-// w [N, K] -> [N / NB, K, NB]: B = w^T in 64-column blocks, each in oneDNN's VNNI layout
-// (the tests' reference for packed_filters, which packs the same way without oneDNN)
-torch::Tensor pack_filters(torch::Tensor w) {
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.size(0) % NB == 0
-              && w.size(1) % 2 == 0, "pack_filters: bfloat16 [N, K], N % 64 == 0, K even");
-  auto b = w.t().contiguous();
-  const int64_t K = b.size(0), N = b.size(1);
-  auto out = torch::empty({N / NB, K, NB}, b.options());
-  for (int64_t j = 0; j < N / NB; ++j)
-    at::native::cpublas::pack(K, NB, N, NB, at::kBFloat16, at::kBFloat16,
-                              b.data_ptr<BFloat16>() + j * NB, out.data_ptr<BFloat16>() + j * K * NB);
-  return out;
+struct TileConfig { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+
+// Every tile 16 rows x 64 bytes. 0-3: float32 sums of 32 sites x 32 filter columns (2 x 2
+// tiles of 16 x 16); 4, 5: 16 sites x 32 values each; 6, 7: 32 values x 16 columns each.
+__attribute__((target("amx-tile"))) static void configure_tiles() {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  // GCC's _tile_loadconfig tells the compiler it reads 8 bytes; without this barrier the
+  // stores above are dropped as dead and ldtilecfg faults on a half-written configuration
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
 }
 
-// out[rows[i]] = concat_t(features[index[i, t]] or 0 where index < 0) @ w^T, in blocks of mb
+__attribute__((target("amx-tile"))) static void release_tiles() { _tile_release(); }
+
+// sums [32 x 32] = A (32 sites, K values each, stored per step of 32 values as a 32 x 32 block,
+// so every tile load reads 1 KB in a row) @ the filters' two 16-column blocks b0, b1
+// ([K / 2][16][2], VNNI). All K summed in the tiles, then stored once.
+__attribute__((target("amx-tile,amx-bf16")))
+static void tile_gemm(const BFloat16* a, const BFloat16* b0, const BFloat16* b1, int64_t K,
+                      float* sums) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t k = 0; k < K; k += 32) {
+    _tile_loadd(4, a + k * 32, 64);
+    _tile_loadd(6, b0 + k * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1 + k * 16, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a + k * 32 + 512, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, sums, 128); _tile_stored(1, sums + 16, 128);
+  _tile_stored(2, sums + 512, 128); _tile_stored(3, sums + 528, 128);
+}
+
+// out[rows[i], :32] = sums[i] rounded to bfloat16 (to nearest even, as c10 rounds)
+__attribute__((target("avx512f,avx512bf16")))
+static void write_rows(const float* sums, int64_t n, BFloat16* out, const int64_t* rows,
+                       int64_t ld) {
+  for (int64_t i = 0; i < n; ++i) {
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(sums + i * 32 + 16),
+                                     _mm512_loadu_ps(sums + i * 32));
+    _mm512_storeu_si512(out + rows[i] * ld, (__m512i)v);
+  }
+}
+
+// out[rows[i]] = concat_t(features[index[i, t]], or 0 where index < 0) @ W^T, mb sites a block
 void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor packed,
                  torch::Tensor out, torch::Tensor rows, int64_t mb) {
   TORCH_CHECK(features.is_contiguous() && index.is_contiguous() && out.is_contiguous()
-              && rows.is_contiguous() && features.scalar_type() == at::kBFloat16
-              && out.scalar_type() == at::kBFloat16, "gather_gemm: contiguous bfloat16");
+              && rows.is_contiguous() && packed.is_contiguous()
+              && features.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16
+              && packed.scalar_type() == at::kBFloat16, "gather_gemm: contiguous bfloat16");
   const int64_t m = index.size(0), T = index.size(1), C = features.size(1), K = T * C;
-  const int64_t N = out.size(1);
-  TORCH_CHECK(packed.size(0) * NB == N && packed.size(1) == K && C % 2 == 0,
-              "gather_gemm: filter shape");
+  const int64_t N = out.size(1), steps = C / 32;
+  TORCH_CHECK(C % 32 == 0 && N % 32 == 0 && mb % 32 == 0 && packed.numel() == N * K,
+              "gather_gemm: C_in, C_out and the block a multiple of 32; filters [C_out, 9 C_in]");
   const BFloat16* F = features.data_ptr<BFloat16>();
   const int64_t* I = index.data_ptr<int64_t>();
-  const BFloat16* B = packed.data_ptr<BFloat16>();
+  const BFloat16* P = packed.data_ptr<BFloat16>();
   BFloat16* O = out.data_ptr<BFloat16>();
   const int64_t* R = rows.data_ptr<int64_t>();
   at::parallel_for(0, (m + mb - 1) / mb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<BFloat16> A(mb * K);
-    std::vector<float> acc(mb * NB);
+    // PyTorch's oneDNN micro-kernel wrapper remembers the tile configuration it set last in
+    // this thread; forget it, so that it configures afresh after this kernel's own
+    at::native::cpublas::brgemm_release();
+    configure_tiles();
+    std::vector<BFloat16> A(mb * K);  // groups of 32 sites, blocked as tile_gemm reads them
+    std::vector<float> sums(mb * 32);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t s = blk * mb, n = std::min(mb, m - s);
-      for (int64_t i = 0; i < n; ++i)
+      for (int64_t i = 0; i < n; ++i) {
+        BFloat16* site = A.data() + (i / 32) * 32 * K + (i % 32) * 32;
         for (int64_t t = 0; t < T; ++t) {
           const int64_t src = I[(s + i) * T + t];
-          BFloat16* dst = A.data() + i * K + t * C;
-          if (src < 0) std::memset(dst, 0, C * sizeof(BFloat16));
-          else std::memcpy(dst, F + src * C, C * sizeof(BFloat16));
-        }
-      for (int64_t j = 0; j < N / NB; ++j) {
-        // one call per tap (K = C, summed in the float32 accumulator): the tap's filter block
-        // stays in L1; one call over all 9 C was 10 % slower at 512 channels
-        for (int64_t t = 0; t < T; ++t)
-          at::native::cpublas::brgemm(n, NB, C, K, NB, NB, t > 0, A.data() + t * C,
-                                      B + (j * K + t * C) * NB, acc.data(), true);
-        for (int64_t i = 0; i < n; ++i) {
-          BFloat16* o = O + R[s + i] * N + j * NB;
-          const float* a = acc.data() + i * NB;
-          for (int64_t c = 0; c < NB; ++c) o[c] = BFloat16(a[c]);
+          for (int64_t c = 0; c < steps; ++c) {
+            BFloat16* dst = site + (t * steps + c) * 1024;
+            if (src < 0) std::memset(dst, 0, 64);
+            else std::memcpy(dst, F + src * C + c * 32, 64);
+          }
         }
       }
+      // a last group of fewer than 32 sites computes stale rows too; they are not written
+      for (int64_t j = 0; j < N / 32; ++j) {
+        for (int64_t g = 0; g * 32 < n; ++g)
+          tile_gemm(A.data() + g * 32 * K, P + j * 32 * K, P + j * 32 * K + 16 * K, K,
+                    sums.data() + g * 1024);
+        write_rows(sums.data(), n, O + j * 32, R + s, N);
+      }
     }
-    at::native::cpublas::brgemm_release();
+    release_tiles();
   });
 }
 """
@@ -141,14 +187,17 @@ def _module():
     if _state["module"] is None:
         leave_off = (f"leave it off (cad_spconv.engines.fused.enable(False), {ENV}=0): the "
                      "lattice engine runs without it")
+        if not gemm.CPU_AMX:  # checked first: a build takes a minute, then could not run
+            raise FusedKernelUnavailable(
+                "the fused gather + GEMM kernel runs on AMX tiles (Intel Xeon 4th generation or "
+                f"later); this CPU has none; {leave_off}")
         try:
             from torch.utils.cpp_extension import load_inline
             if not _built():
                 _log.warning("cad_spconv: building the fused gather + GEMM kernel for this AMX "
                              "CPU (about 40 s on 2 cores, once: kept in torch's extension "
                              "cache; %s=0 skips it)", ENV)
-            module = load_inline(_NAME, _SOURCE,
-                                 functions=["could_pack", "pack_filters", "gather_gemm"],
+            module = load_inline(_NAME, _SOURCE, functions=["amx_ready", "gather_gemm"],
                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no headers, a build error: one clear message
             first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -156,10 +205,10 @@ def _module():
                 f"the fused gather + GEMM kernel could not be built ({type(e).__name__}: "
                 f"{first}); it needs a C++ compiler with OpenMP and PyTorch's headers; install "
                 f"them, or {leave_off}") from None
-        if not module.could_pack():
+        if not module.amx_ready():
             raise FusedKernelUnavailable(
-                "the fused gather + GEMM kernel needs a CPU whose oneDNN packs bfloat16 filters "
-                f"(AMX: Intel Xeon 4th generation or later); this one does not; {leave_off}")
+                "the fused gather + GEMM kernel: Linux did not give this process AMX tile state "
+                f"(arch_prctl ARCH_REQ_XCOMP_PERM; a kernel before 5.16?); {leave_off}")
         _state["module"] = module
     return _state["module"]
 
@@ -210,8 +259,8 @@ def applies(features, weight, bias, groups: int) -> bool:
     use by default on AMX: where that fails, one warning, and it stays off)."""
     if not (enabled() and features.device.type == "cpu"
             and features.dtype == weight.dtype == torch.bfloat16 and bias is None
-            and groups == 1 and weight.shape[0] % _FILTER_BLOCK == 0
-            and weight.shape[1] % 2 == 0 and not tracks_grad(features, weight, bias)):
+            and groups == 1 and weight.shape[0] % _TILE == 0 and weight.shape[1] % _TILE == 0
+            and not tracks_grad(features, weight, bias)):
         return False
     if _state["mode"] == AUTO and _state["module"] is None:
         try:
@@ -237,13 +286,12 @@ def _kernel_index(split) -> torch.Tensor:
 
 
 def packed_filters(weight: torch.Tensor) -> torch.Tensor:
-    """The kernel's filters ``[C_out / 64, K, 64]``: ``B = W^T`` (``W`` the tap-major filters
-    ``[C_out, K]``) in blocks of 64 columns, each in oneDNN's VNNI layout for bfloat16, where
-    the two elements of a 32-bit word are rows ``k, k + 1`` of one column. Those are adjacent
-    in a row of ``W``, so the packing is a transpose of ``W`` read as 32-bit words: 0.15 ms at
-    256 channels and 0.73 at 512 on the AMX Xeon (2 threads), against 1.0 and 4.5 ms for
-    ``cpublas::pack``, whose result it equals (``tests/cad_spconv/test_fused.py``), and nothing
-    kept between calls."""
+    """The kernel's filters ``[C_out / 16, K, 16]``: ``B = W^T`` (``W`` the tap-major filters
+    ``[C_out, K]``) in blocks of 16 columns (one tile of float32 sums wide), each in the VNNI
+    layout that AMX's bfloat16 dot product reads: the two elements of a 32-bit word are rows
+    ``k, k + 1`` of one column. Those are adjacent in a row of ``W``, so the packing is a
+    transpose of ``W`` read as 32-bit words, redone per call (a cache would hold a second copy
+    of every filter, against the memory target)."""
     n = weight.shape[0]
     words = krsc_filters(weight, cache=True).reshape(n, -1).view(torch.int32)
     return (words.view(n // _FILTER_BLOCK, _FILTER_BLOCK, -1).transpose(1, 2).contiguous()

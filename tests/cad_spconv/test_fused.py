@@ -23,12 +23,13 @@ def restore_fused():
     fused._state.update(was)
 
 
-def _layer(grid=(13, 19), num_levels=1, step=1, c_out=64, dtype=torch.bfloat16, seed=0):
+def _layer(grid=(13, 19), num_levels=1, step=1, c_out=64, c_in=32, dtype=torch.bfloat16,
+           seed=0):
     spec, levels = mixed_masks(seed=seed, batch=2, grid=grid, num_levels=num_levels)
     plan = make_plan(spec, grid, num_levels)
     gen = torch.Generator().manual_seed(seed)
-    features = torch.randn(plan.num_sites(step), 24, generator=gen).to(dtype)
-    weight = (torch.randn(c_out, 24, 3, 3, generator=gen) / 9).to(dtype)
+    features = torch.randn(plan.num_sites(step), c_in, generator=gen).to(dtype)
+    weight = (torch.randn(c_out, c_in, 3, 3, generator=gen) / 9).to(dtype)
     return CADTensor(features, plan, step), levels, weight
 
 
@@ -62,8 +63,8 @@ def test_fused_kernel_applies_to_bfloat16_without_autograd_groups_or_bias(restor
     assert fused.applies(f, w, None, 1)
     assert not fused.applies(f.float(), w.float(), None, 1)  # float32: the engine's own route
     assert not fused.applies(f, w, torch.zeros(64, dtype=torch.bfloat16), 1)
-    assert not fused.applies(f, w[:48], None, 1)  # C_out not a multiple of 64
-    assert not fused.applies(f[:, :23], w[:, :23], None, 1)  # C_in odd: a tap splits a pair
+    assert not fused.applies(f, w[:48], None, 1)  # C_out not a multiple of 32
+    assert not fused.applies(f[:, :24], w[:, :24], None, 1)  # C_in not a multiple of 32
     assert not fused.applies(f, w, None, 2)
     assert not fused.applies(f.requires_grad_(True), w, None, 1)
 
@@ -89,6 +90,7 @@ def test_a_kernel_asked_for_that_cannot_build_is_a_clear_error(restore_fused, mo
     import torch.utils.cpp_extension as ext
 
     monkeypatch.setattr(ext, "load_inline", _no_compiler)
+    monkeypatch.setattr(gemm, "CPU_AMX", True)
     fused._state.update(mode="off", module=None, why_off=None)
     with pytest.raises(fused.FusedKernelUnavailable, match="C\\+\\+ compiler") as e:
         fused.enable()
@@ -119,7 +121,7 @@ def test_by_default_the_first_build_is_announced(restore_fused, monkeypatch, cap
 
     class Built:
         @staticmethod
-        def could_pack():
+        def amx_ready():
             return True
 
     monkeypatch.setattr(ext, "load_inline", lambda *a, **k: Built)
@@ -146,14 +148,15 @@ def kernel():
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("grid, num_levels, step, dilation, block_rows", [
-    ((13, 19), 1, 1, 1, 16),
-    ((17, 22), 2, 1, 2, 7),
-    ((17, 22), 2, 2, 1, 32),
+@pytest.mark.parametrize("grid, num_levels, step, dilation, block_rows, c_in, c_out", [
+    ((13, 19), 1, 1, 1, 32, 32, 128),
+    ((17, 22), 2, 1, 2, 32, 64, 96),
+    ((17, 22), 2, 2, 1, 64, 96, 32),
 ])
 def test_fused_rest_matches_the_dense_reference(kernel, restore_fused, monkeypatch, grid,
-                                                num_levels, step, dilation, block_rows):
-    x, levels, w = _layer(grid, num_levels, step, c_out=128, seed=step * 10 + dilation)
+                                                num_levels, step, dilation, block_rows, c_in,
+                                                c_out):
+    x, levels, w = _layer(grid, num_levels, step, c_out, c_in, seed=step * 10 + dilation)
     rows, run = [], fused.gather_gemm
     monkeypatch.setattr(fused, "gather_gemm",
                         lambda f, wt, split, out: (rows.append(split.num_rest),
@@ -167,14 +170,31 @@ def test_fused_rest_matches_the_dense_reference(kernel, restore_fused, monkeypat
                          engine="lattice", what="fused rest")
 
 
-@pytest.mark.parametrize("c_out, c_in, channels_last", [(64, 24, False), (128, 24, True),
-                                                        (192, 6, False)])
-def test_packed_filters_are_onednns_packing(kernel, c_out, c_in, channels_last):
+def test_a_cpu_without_amx_is_refused_before_a_build(restore_fused, monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "load_inline", _no_compiler)  # a build would fail differently
+    monkeypatch.setattr(gemm, "CPU_AMX", False)
+    fused._state.update(mode="off", module=None, why_off=None)
+    with pytest.raises(fused.FusedKernelUnavailable, match="AMX tiles .* this CPU has none"):
+        fused.enable()
+
+
+@pytest.mark.parametrize("c_out, c_in, channels_last", [(32, 32, False), (64, 96, True),
+                                                        (96, 6, False)])
+def test_packed_filters_are_vnni_blocks_of_16_columns(c_out, c_in, channels_last):
+    """Element ``(k, n)`` of ``B = W^T`` sits at ``[n // 16, k // 2 * 2 + k % 2, n % 16]`` read
+    as ``[n // 16][k // 2][n % 16][k % 2]``, ``W`` the tap-major filters: built here element by
+    element from that formula."""
     gen = torch.Generator().manual_seed(c_out + c_in)
     w = torch.randn(c_out, c_in, 3, 3, generator=gen).to(torch.bfloat16)
     if channels_last:  # the KRSC filters are then a view
         w = w.contiguous(memory_format=torch.channels_last)
-    want = fused._module().pack_filters(w.permute(0, 2, 3, 1).reshape(c_out, -1).contiguous())
+    k = 9 * c_in
+    tap_major = w.permute(0, 2, 3, 1).reshape(c_out, k)
+    block, pair, col, half = torch.meshgrid(torch.arange(c_out // 16), torch.arange(k // 2),
+                                            torch.arange(16), torch.arange(2), indexing="ij")
+    want = tap_major[block * 16 + col, pair * 2 + half]
     got = fused.packed_filters(w)
-    assert got.shape == want.shape == (c_out // 64, 9 * c_in, 64)
-    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert got.shape == (c_out // 16, k, 16)
+    assert torch.equal(got.view(c_out // 16, k // 2, 16, 2), want)
