@@ -18,9 +18,10 @@ sums, rounded once to bfloat16, straight to their output rows: no 8 MiB im2col c
 no separate scatter, and no per-tap call into a library micro-kernel. Same rounding as the
 engine's ``torch.mm`` route (one float32 sum per output, rounded once to nearest even).
 
-Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 05:41): the
-DeepLabV3-ResNet101 backbone in 0.929-0.952 of the engine's time at edges 0.15, 0.35 and 0.95
-(``python -m experiments.fused_gather_gemm --backbone``).
+Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 08:31): the
+DeepLabV3-ResNet101 backbone at edge 0.35 in 0.895 of the engine's time, 0.924 of the time of
+this kernel's previous form (one oneDNN ``brgemm`` call per tap); per off-lattice site about
+1.0-1.2x the dense conv's time per cell (``python -m experiments.fused_gather_gemm --backbone``).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ _FILTER_BLOCK = 16  # filter columns per packed block: one tile's width in float
 
 class FusedKernelUnavailable(RuntimeError):
     """The fused kernel was asked for (:func:`enable`, ``CAD_SPCONV_FUSED_GATHER=1``) and cannot
-    run here: it does not build, or the CPU has no packed bfloat16 micro-kernel (AMX)."""
+    run here: it does not build, the CPU has no AMX tiles, or Linux does not let the process
+    use them."""
 
 
 _SOURCE = r"""
