@@ -2,9 +2,10 @@
 CPUs with AMX.
 
 On by default where the CPU has AMX (:data:`AUTO`): the first bfloat16 layer it applies to
-compiles it with ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and PyTorch's
-headers; about 40 s on 2 cores, logged, then kept in torch's extension cache). Where it does not
-build, one warning, and the engine keeps its own route. ``CAD_SPCONV_FUSED_GATHER=0`` (or
+compiles it with ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and AMX intrinsics,
+GCC 11 or Clang 12 and later, and PyTorch's headers; about 40 s on 2 cores, logged, then kept
+in torch's extension cache). Where it does not build, one warning, and the engine keeps its own
+route. ``CAD_SPCONV_FUSED_GATHER=0`` (or
 :func:`enable` ``(False)``) turns it off; ``=1`` (or :func:`enable`) asks for it, and then a
 kernel that cannot run is an error (:class:`FusedKernelUnavailable`). Once built, the lattice
 engine runs the off-lattice rows of a layer through it where it applies (:func:`applies`:
@@ -16,12 +17,13 @@ them with the filters (:func:`packed_filters`) on AMX tiles of its own, 32 sites
 columns at a time with all ``9 C_in`` products summed in float32 inside the tiles, and writes the
 sums, rounded once to bfloat16, straight to their output rows: no 8 MiB im2col chunk in memory,
 no separate scatter, and no per-tap call into a library micro-kernel. Same rounding as the
-engine's ``torch.mm`` route (one float32 sum per output, rounded once to nearest even).
+engine's ``torch.mm`` route (one float32 sum per output, rounded once to nearest even; below
+``2^-126`` both flush to zero).
 
 Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 08:31): the
 DeepLabV3-ResNet101 backbone at edge 0.35 in 0.895 of the engine's time, 0.924 of the time of
 this kernel's previous form (one oneDNN ``brgemm`` call per tap); per off-lattice site about
-1.0-1.2x the dense conv's time per cell (``python -m experiments.fused_gather_gemm --backbone``).
+1.0-1.3x the dense conv's time per cell (``python -m experiments.fused_gather_gemm --backbone``).
 """
 from __future__ import annotations
 
@@ -106,7 +108,8 @@ static void tile_gemm(const BFloat16* a, const BFloat16* b0, const BFloat16* b1,
   _tile_stored(2, sums + 512, 128); _tile_stored(3, sums + 528, 128);
 }
 
-// out[rows[i], :32] = sums[i] rounded to bfloat16 (to nearest even, as c10 rounds)
+// out[rows[i], :32] = sums[i] rounded to bfloat16 (to nearest even, as c10 rounds; sums below
+// 2^-126 flush to zero, as the tiles and oneDNN's AMX matmul flush them)
 __attribute__((target("avx512f,avx512bf16")))
 static void write_rows(const float* sums, int64_t n, BFloat16* out, const int64_t* rows,
                        int64_t ld) {
@@ -126,8 +129,8 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
               && packed.scalar_type() == at::kBFloat16, "gather_gemm: contiguous bfloat16");
   const int64_t m = index.size(0), T = index.size(1), C = features.size(1), K = T * C;
   const int64_t N = out.size(1), steps = C / 32;
-  TORCH_CHECK(C % 32 == 0 && N % 32 == 0 && mb % 32 == 0 && packed.numel() == N * K,
-              "gather_gemm: C_in, C_out and the block a multiple of 32; filters [C_out, 9 C_in]");
+  TORCH_CHECK(C % 32 == 0 && N % 32 == 0 && mb > 0 && mb % 32 == 0 && packed.numel() == N * K,
+              "gather_gemm: C_in, C_out and the block (> 0) multiples of 32; filters [C_out, 9 C_in]");
   const BFloat16* F = features.data_ptr<BFloat16>();
   const int64_t* I = index.data_ptr<int64_t>();
   const BFloat16* P = packed.data_ptr<BFloat16>();
@@ -205,12 +208,14 @@ def _module():
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise FusedKernelUnavailable(
                 f"the fused gather + GEMM kernel could not be built ({type(e).__name__}: "
-                f"{first}); it needs a C++ compiler with OpenMP and PyTorch's headers; install "
+                f"{first}); it needs a C++ compiler with OpenMP and AMX intrinsics (GCC 11 or "
+                f"Clang 12 and later) and PyTorch's headers; install "
                 f"them, or {leave_off}") from None
         if not module.amx_ready():
             raise FusedKernelUnavailable(
                 "the fused gather + GEMM kernel: Linux did not give this process AMX tile state "
-                f"(arch_prctl ARCH_REQ_XCOMP_PERM; a kernel before 5.16?); {leave_off}")
+                "(arch_prctl ARCH_REQ_XCOMP_PERM refused: a kernel before 5.16, a seccomp "
+                f"filter, or a too small signal stack); {leave_off}")
         _state["module"] = module
     return _state["module"]
 

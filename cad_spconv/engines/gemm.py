@@ -17,8 +17,10 @@ CPU_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 #: Intel AMX (bfloat16 tiles; Sapphire Rapids and later Xeons): there ``torch.mm`` beats
 #: oneDNN's 1x1 conv on every bfloat16 GEMM shape of the engines (see ``onednn_route``). Read
 #: at call time like ``CPU_AVX512``; ``torch.cpu._is_amx_tile_supported`` is private, hence the
-#: fallback.
-CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+#: fallback. AVX512-BF16 too, which every AMX CPU has and the fused kernel uses (a VM that hides
+#: it must not get the kernel).
+CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+               and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def matmul_nk(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],

@@ -151,7 +151,7 @@ def kernel():
 @pytest.mark.parametrize("grid, num_levels, step, dilation, block_rows, c_in, c_out", [
     ((13, 19), 1, 1, 1, 32, 32, 128),
     ((17, 22), 2, 1, 2, 32, 64, 96),
-    ((17, 22), 2, 2, 1, 64, 96, 32),
+    ((17, 22), 2, 2, 1, 64, 96, 128),
 ])
 def test_fused_rest_matches_the_dense_reference(kernel, restore_fused, monkeypatch, grid,
                                                 num_levels, step, dilation, block_rows, c_in,
@@ -166,8 +166,19 @@ def test_fused_rest_matches_the_dense_reference(kernel, restore_fused, monkeypat
     with torch.inference_mode():
         got = CF.conv2d(x, w, None, 1, dilation, 1, "lattice").features
     assert sum(rows) > block_rows  # the kernel wrote the rest, in more than one block
+    assert any(r % 32 for r in rows)  # and a last group of fewer than 32 sites
     R.assert_conv_within(got, x.features, levels, step, 1, w, None, dilation,
                          engine="lattice", what="fused rest")
+
+
+@pytest.mark.parametrize("block_rows", [0, -32, 48])
+def test_a_block_that_is_not_a_positive_multiple_of_32_is_refused(kernel, restore_fused,
+                                                                   monkeypatch, block_rows):
+    x, _, w = _layer()
+    monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)  # -32 once wrote nothing, silently
+    fused.enable()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"block \(> 0\) multiples"):
+        CF.conv2d(x, w, None, 1, 1, 1, "lattice")
 
 
 def test_a_cpu_without_amx_is_refused_before_a_build(restore_fused, monkeypatch):
