@@ -17,8 +17,8 @@ them with the filters (:func:`packed_filters`) on AMX tiles of its own, 32 sites
 columns at a time with all ``9 C_in`` products summed in float32 inside the tiles, and writes the
 sums, rounded once to bfloat16, straight to their output rows: no 8 MiB im2col chunk in memory,
 no separate scatter, and no per-tap call into a library micro-kernel. Same rounding as the
-engine's ``torch.mm`` route (one float32 sum per output, rounded once to nearest even; below
-``2^-126`` both flush to zero).
+engine's ``torch.mm`` route (one float32 sum per output, rounded once to nearest even; sums
+below ``2^-126`` flush to zero, as AMX's dot products flush them).
 
 Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 08:31): the
 DeepLabV3-ResNet101 backbone at edge 0.35 in 0.895 of the engine's time, 0.924 of the time of
@@ -109,7 +109,7 @@ static void tile_gemm(const BFloat16* a, const BFloat16* b0, const BFloat16* b1,
 }
 
 // out[rows[i], :32] = sums[i] rounded to bfloat16 (to nearest even, as c10 rounds; sums below
-// 2^-126 flush to zero, as the tiles and oneDNN's AMX matmul flush them)
+// 2^-126 flush to zero, as AMX's dot products flush them)
 __attribute__((target("avx512f,avx512bf16")))
 static void write_rows(const float* sums, int64_t n, BFloat16* out, const int64_t* rows,
                        int64_t ld) {

@@ -194,9 +194,9 @@ def test_a_cpu_without_amx_is_refused_before_a_build(restore_fused, monkeypatch)
 @pytest.mark.parametrize("c_out, c_in, channels_last", [(32, 32, False), (64, 96, True),
                                                         (96, 6, False)])
 def test_packed_filters_are_vnni_blocks_of_16_columns(c_out, c_in, channels_last):
-    """Element ``(k, n)`` of ``B = W^T`` sits at ``[n // 16, k // 2 * 2 + k % 2, n % 16]`` read
-    as ``[n // 16][k // 2][n % 16][k % 2]``, ``W`` the tap-major filters: built here element by
-    element from that formula."""
+    """Element ``(k, n)`` of ``B = W^T`` (``W`` the tap-major filters) sits at ``[n // 16][k //
+    2][n % 16][k % 2]`` of the packed filters viewed as ``[C_out / 16, K / 2, 16, 2]``: built
+    here element by element from that formula."""
     gen = torch.Generator().manual_seed(c_out + c_in)
     w = torch.randn(c_out, c_in, 3, 3, generator=gen).to(torch.bfloat16)
     if channels_last:  # the KRSC filters are then a view
