@@ -23,6 +23,7 @@ frames in ``../shared/data/cityscapes_frames`` (``--frames DIR`` to use others).
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import os
 import shlex
@@ -122,7 +123,7 @@ def report(results_dir: str) -> str:
 
     from cad_apps.bench import report as bench_report
 
-    machines = set()
+    machines, commits = set(), collections.Counter()
     rows = ["| result | dtype | batch | setting | MAC fraction | dense 8 best [ms] | CAD [ms] | "
             "CAD / dense 8 | eff | vs dense 16 | peak MiB dense 8 / CAD, resident set (live "
             "tensors) | target |",
@@ -138,6 +139,9 @@ def report(results_dir: str) -> str:
         machines.add(f"{env['cpu']} ({', '.join(env.get('cpu_flags') or ['flags not recorded'])}"
                      f"), torch {env['torch']}, {env['threads']} threads"
                      + bench_report.recorded_settings(env))
+        source = env.get("source")  # recorded from 2026-12-06 12:50
+        commits[(source["commit"][:7] + (" with uncommitted changes" if source["modified"]
+                                         else "")) if source else "commit not recorded"] += 1
         c = next(iter(s["cad"].values()))
         per = r["inputs"]
         if os.path.exists(path[:-5] + "_memory.json"):  # the memory pass, if it ran
@@ -167,7 +171,9 @@ def report(results_dir: str) -> str:
                     f"{'met' if ok else 'missed'}{'' if memory_ok else ', memory missed'} |")
     if not paths:
         return f"no targets results in {results_dir}"
-    return "\n".join([f"Measured on: {'; '.join(sorted(machines))}.", "", *rows])
+    code = ", ".join(f"{name} ({n} result{'s' if n > 1 else ''})" for name, n in commits.items())
+    return "\n".join([f"Measured on: {'; '.join(sorted(machines))}.", f"Code: {code}.", "",
+                      *rows])
 
 
 def _selected(args, chosen, frames):

@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import platform
 import time
+from typing import Optional
 
 from ..distributed import cpu_name
 from .measure import math_flags
 
-__all__ = ["environment", "cpu_flags", "native_bfloat16", "loadavg", "summary", "markdown",
+__all__ = ["environment", "source_revision", "cpu_flags", "native_bfloat16", "loadavg", "summary", "markdown",
            "print_report", "profile_table", "HEADER"]
 
 
@@ -38,13 +39,15 @@ def cpu_flags() -> list[str]:
     return []
 
 
-# environment variables that change what a CPU run measures: the allocator, the thread
-# runtime, and the instruction sets PyTorch's kernels, oneDNN and MKL may use (setting
-# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 runs an AVX-512
-# CPU on AVX2 code, which also switches the engines' AVX-512 choices off); CAD_SPCONV_ switches
-# the library's own options (CAD_SPCONV_FUSED_GATHER: the fused kernel of engines.fused)
-_TUNING_ENV_PREFIXES = ("MALLOC_", "ATEN_CPU_CAPABILITY", "ONEDNN_", "DNNL_", "MKL_", "OMP_",
-                        "KMP_", "CAD_SPCONV_")
+# environment variables that change what a CPU run measures: the allocator (glibc's MALLOC_
+# tunables; PyTorch's THP_MEM_ALLOC_ENABLE=1 puts tensors of 2 MiB and up on huge pages, which
+# makes the first touch of a fresh large tensor cheaper), the thread runtime, and the
+# instruction sets PyTorch's kernels, oneDNN and MKL may use (setting ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 runs an AVX-512 CPU on AVX2 code, which
+# also switches the engines' AVX-512 choices off); CAD_SPCONV_ switches the library's own
+# options (CAD_SPCONV_FUSED_GATHER: the fused kernel of engines.fused)
+_TUNING_ENV_PREFIXES = ("MALLOC_", "THP_MEM_ALLOC_ENABLE", "ATEN_CPU_CAPABILITY", "ONEDNN_",
+                        "DNNL_", "MKL_", "OMP_", "KMP_", "CAD_SPCONV_")
 
 
 def tuning_env() -> dict:
@@ -71,6 +74,27 @@ def native_bfloat16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
 
 
+def source_revision() -> Optional[dict]:
+    """The commit of the checkout this package runs from, and whether its tracked files differ
+    from it (``{"commit": sha, "modified": bool}``), so that every result names the code that
+    produced it; ``None`` outside a git checkout (an installed wheel) or without ``git``."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "modified": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment(device, load_before) -> dict:
     import torch
 
@@ -87,6 +111,7 @@ def environment(device, load_before) -> dict:
         "loadavg_after": loadavg(),
         "tuning_env": tuning_env(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "source": source_revision(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

@@ -135,6 +135,11 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
     from cad_spconv.engines import fused
     assert table.split("\n")[0].endswith(  # and whether the AMX kernel could run
         f"threads, ONEDNN_MAX_CPU_ISA=AVX2, fused kernel {fused.describe()}.")
+    source = bench_report.source_revision()  # the code that ran, second line
+    assert table.split("\n")[1] == ("Code: commit not recorded (1 result)." if source is None else
+                                    f"Code: {source['commit'][:7]}"
+                                    f"{' with uncommitted changes' if source['modified'] else ''}"
+                                    " (1 result).")
     row = next(line for line in table.splitlines() if line.startswith("| cpu_float32_b1_edge0.35"))
     assert "| float32 | 1 | edge 0.35 |" in row
     assert benchmark.report(str(tmp_path / "empty")).startswith("no targets results")
@@ -150,6 +155,31 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
     assert f"--json {results}/cpu_float32_b1_edge0.15.json" in out
     assert "skipping cpu_bfloat16_b1_edge0.15: this CPU has no native bfloat16" in out
     assert "--dtype bfloat16" not in out
+
+
+def test_the_source_revision_is_this_checkouts_commit_or_none(monkeypatch):
+    """Every bench result records the commit it ran at; without git (or outside a checkout)
+    the record says nothing rather than failing the run."""
+    import re
+    import subprocess
+
+    from cad_apps.bench import report as bench_report
+
+    source = bench_report.source_revision()
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.exists(os.path.join(here, ".git")):
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert source["commit"] == head and re.fullmatch("[0-9a-f]{40}", head)
+        assert isinstance(source["modified"], bool)
+    else:
+        assert source is None
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert bench_report.source_revision() is None
 
 
 @pytest.mark.parametrize("cfg,cad,peaks,want", [

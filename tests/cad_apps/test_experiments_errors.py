@@ -125,6 +125,7 @@ def _has_provenance(report, name, *settings):
     assert report["command"].startswith(f"python -m experiments.{name} ")
     env = report["environment"]
     assert env["cpu"] and env["torch"] and "cpu_flags" in env and env["fused_gather"]
+    assert "source" in env  # the commit it ran at (None outside a git checkout)
     for key in settings:
         assert key in report["config"], key
 
