@@ -139,7 +139,7 @@ def report(results_dir: str) -> str:
         machines.add(f"{env['cpu']} ({', '.join(env.get('cpu_flags') or ['flags not recorded'])}"
                      f"), torch {env['torch']}, {env['threads']} threads"
                      + bench_report.recorded_settings(env))
-        source = env.get("source")  # recorded from 2026-12-06 12:50
+        source = env.get("source")  # recorded from 2026-12-06 12:36
         commits[(source["commit"][:7] + (" with uncommitted changes" if source["modified"]
                                          else "")) if source else "commit not recorded"] += 1
         c = next(iter(s["cad"].values()))
