@@ -20,6 +20,8 @@ IntPair = Union[int, tuple[int, int]]
 
 
 def _pair(v: IntPair, what: str) -> tuple[int, int]:
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v  # what modules pass, on every call
     if isinstance(v, int):
         return v, v
     if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
@@ -63,12 +65,13 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
         raise ValueError("weight must be a conv weight [C_out, C_in / groups, kh, kw], got "
                          + (f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
                             else type(weight).__name__))
-    if min(_pair(dilation, "dilation")) < 1:
+    dil = _pair(dilation, "dilation")
+    if min(dil) < 1:
         raise ValueError(f"dilation must be >= 1, got {dilation}")
     check_bias(bias, weight.shape[0])
     levels = _grid_levels(x, weight, bias, stride, groups, engine)
     if levels is not None:
-        return _grid_conv(x, weight, bias, levels, dilation, groups)
+        return _grid_conv(x, weight, bias, levels, dil, groups)
     book = conv_book(x, weight.shape[-2:], dilation, stride)
     out = sparse_conv(x.features, weight, bias, book, groups, engine)
     return x.replace_feature(out, book.step_out)
@@ -89,15 +92,16 @@ def _grid_levels(x: CADTensor, weight, bias, stride, groups, engine):
     return None if c_in is None or c_out is None else (c_in, c_out, step_out)
 
 
-def _grid_conv(x: CADTensor, weight, bias, levels, dilation, groups) -> CADTensor:
+def _grid_conv(x: CADTensor, weight, bias, levels, dilation: tuple[int, int],
+               groups) -> CADTensor:
     """:func:`conv2d` where the input sites are the cells of the ``2**c_in`` grid and the
     output sites those of the ``2**c_out`` grid: stride 2 if the grid coarsens, taps
     ``dilation * 2**(step - c_in)`` cells apart."""
-    (H, W), (c_in, c_out, step_out), ch = x.plan.grid, levels, x.num_channels
+    (H, W), (c_in, c_out, step_out), f = x.plan.grid, levels, x.features
     cell = 2 ** c_in
-    grid = x.features.reshape(x.batch_size, -(-H // cell), -(-W // cell), ch).permute(0, 3, 1, 2)
+    grid = f.reshape(x.batch_size, -(-H // cell), -(-W // cell), f.shape[1]).permute(0, 3, 1, 2)
     kh, kw = weight.shape[-2:]
-    dy, dx = (d * 2 ** (x.step - c_in) for d in _pair(dilation, "dilation"))
+    dy, dx = (d * 2 ** (x.step - c_in) for d in dilation)
     y = F.conv2d(grid, weight, bias, 1 + (c_out > c_in), (dy * (kh // 2), dx * (kw // 2)),
                  (dy, dx), groups)
     # a channels-last output is the next feature matrix as it is; reshape copies otherwise

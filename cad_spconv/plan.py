@@ -295,9 +295,12 @@ class LevelPlan:
         else ``None``. That holds up to step ``min level`` (``c = step``: nothing kept up to
         here) and at every step when all cells share one level (``c = min(level, step)``:
         everything kept, for instance)."""
-        self._check_step(step)
-        low, high = self.level_range
-        return min(low, step) if low >= step or low == high else None
+        known = self.__dict__.setdefault("_grid_level", {})  # asked by every conv and densify
+        if step not in known:
+            self._check_step(step)
+            low, high = self.level_range
+            known[step] = min(low, step) if low >= step or low == high else None
+        return known[step]
 
     def to(self, device) -> "LevelPlan":
         device = torch.device(device)
@@ -316,9 +319,9 @@ class LevelPlan:
 
     def geometry(self, step: int) -> StepGeometry:
         """Active sites, owner map and areas at ``step`` (cached)."""
-        self._check_step(step)
         geo = self._geometry.get(step)
         if geo is None:
+            self._check_step(step)
             geo = self._build_geometry(step)
             self._geometry[step] = geo
         return geo

@@ -135,6 +135,9 @@ def conv_dtype(features: torch.Tensor, weight: torch.Tensor,
     features' device, as ``F.conv2d`` and :func:`sparse_conv` cast), or ``None`` where the
     inputs do not agree on one (:func:`sparse_conv` refuses them)."""
     cast = _autocast_dtype(features.device)
+    if cast is None:  # the common case, on every conv call: no set to build
+        dtype = features.dtype
+        return dtype if weight.dtype == dtype and (bias is None or bias.dtype == dtype) else None
     dtypes = {_after_autocast(t.dtype, cast) for t in (features, weight, bias) if t is not None}
     return dtypes.pop() if len(dtypes) == 1 else None
 
