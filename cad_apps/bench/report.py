@@ -9,8 +9,8 @@ from typing import Optional
 from ..distributed import cpu_name
 from .measure import math_flags
 
-__all__ = ["environment", "source_revision", "cpu_flags", "native_bfloat16", "loadavg", "summary", "markdown",
-           "print_report", "profile_table", "HEADER"]
+__all__ = ["environment", "source_revision", "cpu_flags", "native_bfloat16", "loadavg", "summary",
+           "markdown", "print_report", "profile_table", "HEADER"]
 
 
 def loadavg():
