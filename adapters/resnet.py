@@ -23,7 +23,9 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from cad_spconv.engines import workspace_scope
-from cad_spconv.nn import CADAdaptiveAvgPool2d, CADBatchNorm2d, CADPointwise
+from cad_spconv import functional as CF
+from cad_spconv.nn import (CADAdaptiveAvgPool2d, CADBatchNorm2d, CADPointwise, GridBlock,
+                            block_on_grid, on_grid)
 from cad_spconv.tensor import CADTensor
 
 from .common import (CADModel, UnsupportedModelError, cad_conv, check_plain_conv, check_strides,
@@ -55,6 +57,9 @@ class CADBottleneck(nn.Module):
         self.downsample = _cad_shortcut(block, stride, engine, path)
 
     def forward(self, x: CADTensor) -> CADTensor:
+        grid = block_on_grid(x, self.conv2.stride[0], _block_layers(self))
+        if grid is not None:
+            return self._forward_on_grid(x, grid)
         # one op per statement, as torchvision: each input is released before the next output
         # is allocated (nested calls kept the conv2 path's features alive through bn3)
         out = self.conv1(x)
@@ -68,6 +73,21 @@ class CADBottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out += identity  # in place, as torchvision: no extra feature matrix
         return self.relu(out)
+
+    def _forward_on_grid(self, x: CADTensor, grid: GridBlock) -> CADTensor:
+        """:meth:`forward` as the dense block on the grid's map (:func:`block_on_grid`)."""
+        y, down = grid.map, grid.down
+        out = on_grid(self.conv1, y, grid.scale_in)
+        out = on_grid(self.bn1, out)
+        out = on_grid(self.relu, out)
+        out = on_grid(self.conv2, out, grid.scale_in, down)
+        out = on_grid(self.bn2, out)
+        out = on_grid(self.relu, out)
+        out = on_grid(self.conv3, out, grid.scale_out)
+        out = on_grid(self.bn3, out)
+        out += y if self.downsample is None else _shortcut_on_grid(self.downsample, grid)
+        out = on_grid(self.relu, out)
+        return CF.from_grid_map(x, out, grid.step_out)
 
 
 class CADBasicBlock(nn.Module):
@@ -85,6 +105,9 @@ class CADBasicBlock(nn.Module):
         self.downsample = _cad_shortcut(block, stride, engine, path)
 
     def forward(self, x: CADTensor) -> CADTensor:
+        grid = block_on_grid(x, self.conv1.stride[0], _block_layers(self))
+        if grid is not None:
+            return self._forward_on_grid(x, grid)
         out = self.conv1(x)  # one op per statement: see CADBottleneck.forward
         out = self.bn1(out)
         out = self.relu(out)
@@ -93,6 +116,35 @@ class CADBasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out += identity  # in place, as torchvision: no extra feature matrix
         return self.relu(out)
+
+    def _forward_on_grid(self, x: CADTensor, grid: GridBlock) -> CADTensor:
+        """:meth:`forward` as the dense block on the grid's map (:func:`block_on_grid`)."""
+        y = grid.map
+        out = on_grid(self.conv1, y, grid.scale_in, grid.down)
+        out = on_grid(self.bn1, out)
+        out = on_grid(self.relu, out)
+        out = on_grid(self.conv2, out, grid.scale_out)
+        out = on_grid(self.bn2, out)
+        out += y if self.downsample is None else _shortcut_on_grid(self.downsample, grid)
+        out = on_grid(self.relu, out)
+        return CF.from_grid_map(x, out, grid.step_out)
+
+
+def _block_layers(block) -> Optional[tuple]:
+    """The layers of a converted block, the conv that reads its input first (for
+    :func:`block_on_grid`); ``None`` where the shortcut is not the converted conv + norm."""
+    names = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu")
+    layers = tuple(block._modules[n] for n in names if n in block._modules)
+    ds = block.downsample
+    if ds is None:
+        return layers
+    if type(ds) is not nn.Sequential or len(ds) != 2:
+        return None
+    return layers + (ds, ds[0], ds[1])
+
+
+def _shortcut_on_grid(ds: nn.Sequential, grid: GridBlock):
+    return on_grid(ds[1], on_grid(ds[0], grid.map, grid.scale_in, grid.down))
 
 
 def _cad_shortcut(block, stride: int, engine: str, path: str) -> Optional[nn.Sequential]:

@@ -13,8 +13,9 @@ from .engines import check_bias, conv_dtype, sparse_conv, sparse_max
 from .rulebook import ConvKey, Pool2Key, Rulebook
 from .tensor import CADTensor
 
-__all__ = ["conv2d", "max_pool2d", "batch_norm", "eval_scale_shift", "pointwise",
-           "global_avg_pool", "conv_book"]
+__all__ = ["conv2d", "max_pool2d", "batch_norm", "batch_norm_features", "eval_scale_shift",
+           "pointwise", "global_avg_pool", "conv_book", "grid_levels", "to_grid_map",
+           "from_grid_map", "grid_conv2d"]
 
 IntPair = Union[int, tuple[int, int]]
 
@@ -81,31 +82,63 @@ def _grid_levels(x: CADTensor, weight, bias, stride, groups, engine):
     """``(c_in, c_out, step_out)``, the grid levels of the input and output sites and the
     output step, where :func:`conv2d` runs as a dense conv; else ``None`` (so is input that the
     rulebook path refuses with a clear error)."""
-    plan, f = x.plan, x.features
-    if not (engine == "auto" and plan.semantics == "paper" and f.shape[0] > 0
-            and weight.dim() == 4 and weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1
-            and weight.shape[1] * groups == f.shape[1] and weight.device == f.device
+    f = x.features
+    if not (engine == "auto" and weight.dim() == 4 and weight.shape[-2] % 2 == 1
+            and weight.shape[-1] % 2 == 1 and weight.shape[1] * groups == f.shape[1]
+            and weight.device == f.device
             and conv_dtype(f, weight, bias) is not None):  # under autocast F.conv2d casts
         return None
     step_out = _step_out(x, stride)
+    levels = grid_levels(x, step_out)
+    return None if levels is None else levels + (step_out,)
+
+
+def grid_levels(x: CADTensor, step_out: int) -> Optional[tuple[int, int]]:
+    """``(c_in, c_out)`` where ``x``'s sites are all the cells of the ``2**c_in`` grid and the
+    sites at ``step_out`` all those of the ``2**c_out`` grid (nothing kept up to there, or
+    everything kept: :meth:`~cad_spconv.plan.LevelPlan.grid_level`), so that the ops between
+    them are dense ops on NHWC maps (:func:`to_grid_map`); else ``None``."""
+    plan = x.plan
+    if plan.semantics != "paper" or x.features.shape[0] == 0:
+        return None
     c_in, c_out = plan.grid_level(x.step), plan.grid_level(step_out)
-    return None if c_in is None or c_out is None else (c_in, c_out, step_out)
+    return None if c_in is None or c_out is None else (c_in, c_out)
+
+
+def to_grid_map(x: CADTensor, c: int) -> torch.Tensor:
+    """``x``'s features, the cells of the ``2**c`` grid in raster order (:func:`grid_levels`),
+    as an NCHW map: a view, with channels-last strides."""
+    (H, W), f, cell = x.plan.grid, x.features, 2 ** c
+    return f.reshape(x.batch_size, -(-H // cell), -(-W // cell), f.shape[1]).permute(0, 3, 1, 2)
+
+
+def from_grid_map(x: CADTensor, y: torch.Tensor, step: int) -> CADTensor:
+    """The tensor at ``step`` (on ``x``'s plan) whose features are the cells of the NCHW map
+    ``y`` (the grid of that step: :func:`grid_levels`)."""
+    # a channels-last map is the feature matrix as it is; reshape copies otherwise
+    return x.replace_feature(y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]), step)
+
+
+def grid_conv2d(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                dilation: tuple[int, int], groups: int, scale: int,
+                down: bool) -> torch.Tensor:
+    """:func:`conv2d` on an NCHW map whose cells are the input sites (:func:`to_grid_map`):
+    taps ``dilation * scale`` cells apart (``scale = 2**(step - c_in)``), stride 2 where the
+    output grid is the next coarser one (``down``)."""
+    kh, kw = weight.shape[-2:]
+    dy, dx = dilation[0] * scale, dilation[1] * scale
+    return F.conv2d(y, weight, bias, 1 + down, (dy * (kh // 2), dx * (kw // 2)), (dy, dx),
+                    groups)
 
 
 def _grid_conv(x: CADTensor, weight, bias, levels, dilation: tuple[int, int],
                groups) -> CADTensor:
     """:func:`conv2d` where the input sites are the cells of the ``2**c_in`` grid and the
-    output sites those of the ``2**c_out`` grid: stride 2 if the grid coarsens, taps
-    ``dilation * 2**(step - c_in)`` cells apart."""
-    (H, W), (c_in, c_out, step_out), f = x.plan.grid, levels, x.features
-    cell = 2 ** c_in
-    grid = f.reshape(x.batch_size, -(-H // cell), -(-W // cell), f.shape[1]).permute(0, 3, 1, 2)
-    kh, kw = weight.shape[-2:]
-    dy, dx = (d * 2 ** (x.step - c_in) for d in dilation)
-    y = F.conv2d(grid, weight, bias, 1 + (c_out > c_in), (dy * (kh // 2), dx * (kw // 2)),
-                 (dy, dx), groups)
-    # a channels-last output is the next feature matrix as it is; reshape copies otherwise
-    return x.replace_feature(y.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]), step_out)
+    output sites those of the ``2**c_out`` grid."""
+    c_in, c_out, step_out = levels
+    y = grid_conv2d(to_grid_map(x, c_in), weight, bias, dilation, groups,
+                    2 ** (x.step - c_in), c_out > c_in)
+    return from_grid_map(x, y, step_out)
 
 
 def max_pool2d(x: CADTensor, kernel_size: IntPair, stride: IntPair, padding: IntPair = 0,
@@ -150,7 +183,16 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
     (``CADBatchNorm2d`` does, per parameter version), optionally with a third item: whether
     the scale is all finite (saves a check and a device sync per call).
     """
-    f = x.features
+    return x.replace_feature(batch_norm_features(x.features, running_mean, running_var, weight,
+                                                 bias, training, momentum, eps, inplace,
+                                                 scale_shift))
+
+
+def batch_norm_features(f: torch.Tensor, running_mean, running_var, weight=None, bias=None,
+                        training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                        inplace: bool = False, scale_shift=None) -> torch.Tensor:
+    """:func:`batch_norm` on a feature matrix ``[sites, C]``: the normalized features (with
+    ``inplace``, possibly ``f`` itself)."""
     if (inplace and not training and running_mean is not None and running_var is not None
             and (f.dtype == running_mean.dtype or (f.dtype in (torch.float16, torch.bfloat16)
                                                    and running_mean.dtype == torch.float32))
@@ -162,10 +204,9 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
         # half-precision features take float32 scale and shift and are rounded once (on CPU
         # through torch's batch-norm kernel: a mixed-dtype addcmul runs unvectorized there)
         if _half_kernel_applies(f, scale, kept[2] if len(kept) > 2 else None):
-            return x.replace_feature(_affine_half_on_cpu(f, scale, shift))
-        return x.replace_feature(torch.addcmul(shift, f, scale, out=f))
-    out = F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
-    return x.replace_feature(out)
+            return _affine_half_on_cpu(f, scale, shift)
+        return torch.addcmul(shift, f, scale, out=f)
+    return F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 def _half_kernel_applies(f: torch.Tensor, scale: torch.Tensor,
@@ -193,8 +234,8 @@ def _affine_half_on_cpu(f: torch.Tensor, scale: torch.Tensor,
     same bits as the mixed ``addcmul`` on torch 2.4.1, the oldest supported, and 2.14.1).
     Figures: ``experiments.half_batch_norm``."""
     zeros, ones, empty = _unit_statistics(scale)
-    torch.ops.aten.native_batch_norm.out(f, scale, shift, zeros, ones, False, 0.0, 0.0, out=f,
-                                         save_mean=empty, save_invstd=empty)
+    # the binding, not torch.ops: the same kernel, 9 instead of 15 us a call
+    torch.native_batch_norm(f, scale, shift, zeros, ones, False, 0.0, 0.0, out=(f, empty, empty))
     return f
 
 

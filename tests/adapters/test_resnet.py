@@ -349,3 +349,104 @@ def test_return_layers_fold_and_count():
     macs = count_macs(cad, x, spec)
     assert set(macs["parts"]) == {"dense", "sparse"} and macs["total"] > 0
     assert len(set(macs["per_image"])) == 2  # the images' masks differ
+
+
+# ---------------------------------------------------------------------- blocks on grid maps
+def _op_by_op(run):
+    """``run()`` with a no-op global module hook: every block goes op by op
+    (``block_on_grid`` leaves hooked layers to their own calls)."""
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        return run()
+    finally:
+        handle.remove()
+
+
+def _plan(levels):
+    """(the plan of a level map, the map for the emulation)."""
+    return LevelPlan.from_level_map(levels, 2), levels.numpy()
+
+
+def _levels_at_least_one(batch, grid, seed):
+    """Level maps without a kept cell (every level >= 1) that mix levels 1 and 2, different
+    per image: sites are grid cells up to step 1 only."""
+    gen = torch.Generator().manual_seed(seed)
+    H, W = grid
+    top = torch.rand(batch, -(-H // 4), -(-W // 4), generator=gen) < torch.tensor([[[0.3]], [[0.7]]])
+    levels = 1 + top.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, :H, :W].long()
+    assert all(len(levels[b].unique()) == 2 for b in range(batch)) and not torch.equal(*levels)
+    return levels
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_blocks_on_a_grid_run_as_dense_blocks(arch, monkeypatch):
+    """Where a block's input and output sites are all the cells of one grid each, it runs on
+    the NHWC map (``block_on_grid``): same features as op by op (float64) and as the
+    emulation, for nothing kept, everything kept, levels 1 and 2 only (layer3's blocks on the
+    map, layer4's op by op) and a fully mixed batch (op by op); with folded batch norms too.
+    Train mode and hooked layers go op by op."""
+    import adapters.resnet as R
+    from adapters import fold_batchnorm
+    from cad_spconv.macs import MacCounter
+
+    used = []
+
+    def spy(x, stride, layers):
+        grid = real(x, stride, layers)
+        used.append(grid is not None)
+        return grid
+
+    real = R.block_on_grid
+    monkeypatch.setattr(R, "block_on_grid", spy)
+    base = model(arch)
+    layers = {"layer3": "feat3", "layer4": "out"}
+    cad = convert_resnet(base, 8, 32, return_layers=layers)
+    n3, n4 = len(base.layer3), len(base.layer4)
+    x = images(MIXED)
+    cases = {"none kept": (_plan(torch.full((2, *GRID8), 2)), [True] * (n3 + n4)),
+             "all kept": (_plan(torch.zeros(2, *GRID8, dtype=torch.long)), [True] * (n3 + n4)),
+             "levels 1, 2": (_plan(_levels_at_least_one(2, GRID8, 3)), [True] * n3 + [False] * n4),
+             "mixed": (emu.mixed_masks(9, 2, GRID8, 2, "keep"), [False] * (n3 + n4))}
+    folded = fold_batchnorm(cad)
+    for name, ((spec, levels), expected) in cases.items():
+        with torch.no_grad():
+            used.clear()
+            out = cad(x, spec)
+            assert used == expected, name
+            used.clear()
+            slow = _op_by_op(lambda: cad(x, spec))
+            assert not any(used), name
+            _, want = emu.resnet_trunk(dict(base.named_children()), x, levels, 8, 32,
+                                       tuple(layers))
+            for stage, key in layers.items():
+                assert torch.equal(out[key], slow[key]), (name, stage)
+                emu.assert_rel(out[key], want[stage].dense())
+            used.clear()
+            emu.assert_rel(folded(x, spec)["out"], out["out"])
+            assert used == expected, f"{name}, folded"
+    spec = cases["none kept"][0][0]
+    with torch.no_grad():
+        used.clear()
+        with MacCounter(cad, 2) as counter:
+            cad(x, spec)
+        assert not any(used) and counter.result()["total"] > 0
+        train = copy.deepcopy(cad).train()
+        used.clear()
+        train(x, spec)
+        assert not any(used)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_on_a_grid_give_the_bits_of_op_by_op(dtype):
+    """On the map or op by op (as under a hook), the same ops on the same values: a MAC count
+    or a debugging hook never changes a result (float32 and bfloat16, channels-last)."""
+    base = copy.deepcopy(model("resnet50")).to(dtype).to(memory_format=torch.channels_last)
+    cad = convert_resnet(base, 8, 32, return_layers={"layer4": "out"})
+    x = images(MIXED).to(dtype).contiguous(memory_format=torch.channels_last)
+    for levels in (torch.full((2, *GRID8), 2), torch.zeros(2, *GRID8, dtype=torch.long),
+                   _levels_at_least_one(2, GRID8, 5)):
+        plan = LevelPlan.from_level_map(levels, 2)
+        with torch.no_grad():
+            fast = cad(x, plan)["out"]
+            slow = _op_by_op(lambda: cad(x, plan)["out"])
+        assert fast.dtype == dtype and torch.equal(fast, slow)
