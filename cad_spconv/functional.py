@@ -179,9 +179,12 @@ def batch_norm(x: CADTensor, running_mean, running_var, weight=None, bias=None,
     result keeps the features' dtype as torch's batch norm does), overwrite ``x``'s features
     with the result (for features nobody else reads, such as a conv's fresh output: one
     feature matrix fewer at the memory peak); elsewhere it computes out of place as usual.
+    On CPU with statistics of the features' dtype that is torch's batch-norm kernel, written
+    into the features; elsewhere ``features * scale + shift``.
     ``scale_shift``: :func:`eval_scale_shift` of these arguments where the caller keeps it
     (``CADBatchNorm2d`` does, per parameter version), optionally with a third item: whether
-    the scale is all finite (saves a check and a device sync per call).
+    the scale is all finite (saves a check and a device sync per call); or a function that
+    returns that, called only where the scale and shift are used.
     """
     return x.replace_feature(batch_norm_features(x.features, running_mean, running_var, weight,
                                                  bias, training, momentum, eps, inplace,
@@ -198,6 +201,16 @@ def batch_norm_features(f: torch.Tensor, running_mean, running_var, weight=None,
                                                    and running_mean.dtype == torch.float32))
             and not (torch.is_grad_enabled() and (f.requires_grad or any(
                 p is not None and p.requires_grad for p in (weight, bias))))):
+        if _kernel_applies(f, running_mean, running_var, weight, bias):
+            # torch's eval kernel with the statistics themselves, its output aliased onto the
+            # features (elementwise, so safe): the dense batch norm's values, and no scale and
+            # shift to look up (their cache key alone cost about as much as this call)
+            empty = _unit_statistics(running_mean)[2]
+            torch.native_batch_norm(f, weight, bias, running_mean, running_var, False, 0.0, eps,
+                                    out=(f, empty, empty))
+            return f
+        if callable(scale_shift):
+            scale_shift = scale_shift()
         kept = scale_shift or eval_scale_shift(running_mean, running_var, weight, bias, eps)
         scale, shift = kept[:2]
         # one pass over the features, as the dense batch norm makes (mul_ then add_ made two);
@@ -207,6 +220,19 @@ def batch_norm_features(f: torch.Tensor, running_mean, running_var, weight=None,
             return _affine_half_on_cpu(f, scale, shift)
         return torch.addcmul(shift, f, scale, out=f)
     return F.batch_norm(f, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _kernel_applies(f: torch.Tensor, *stats: Optional[torch.Tensor]) -> bool:
+    """Whether torch's eval batch-norm kernel normalizes ``f`` in place with these statistics
+    and parameters: contiguous CPU features (its strided kernel rounds differently) of float32,
+    float64 or bfloat16, and every statistic and parameter of the features' dtype (half
+    features with float32 statistics, as under autocast, take :func:`_affine_half_on_cpu`)."""
+    dtype = f.dtype
+    return (f.device.type == "cpu" and dtype in _KERNEL_DTYPES and f.is_contiguous()
+            and all(t is None or (t.dtype == dtype and t.device.type == "cpu") for t in stats))
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _half_kernel_applies(f: torch.Tensor, scale: torch.Tensor,

@@ -161,8 +161,8 @@ class CADBatchNorm2d(nn.BatchNorm2d):
         weight, bias = params.get("weight"), params.get("bias")
         return CF.batch_norm_features(
             f, mean, var, weight, bias, use_batch, factor, self.eps, inplace=self.inplace,
-            scale_shift=(self._scale_shift(mean, var, weight, bias, counted)
-                         if self.inplace and not use_batch else None))
+            scale_shift=(lambda: self._scale_shift(mean, var, weight, bias, counted))
+            if self.inplace and not use_batch else None)
 
     def _scale_shift(self, mean, var, weight, bias, counted):
         """``CF.eval_scale_shift`` of the statistics and parameters and whether the scale is

@@ -30,6 +30,11 @@ float32 and runs the forward under ``torch.autocast``, as ``cad-spconv eval --dt
 the batch norms' statistics are float32 there, and the in-place routes are compared with
 torch's out-of-place batch norm (what the converted network ran before the in-place route
 took autocast features). Median of ``--reps`` after one warm-up each.
+
+Since the blocks-on-grid change, a batch norm whose statistics have the features' dtype (the
+bfloat16 weights of ``--model`` without ``--autocast``) runs torch's kernel with the statistics
+themselves, in place, and none of the routes above: ``--model`` compares them under
+``--autocast`` only (float32 statistics).
 """
 from __future__ import annotations
 

@@ -660,3 +660,30 @@ def test_reference_semantics_refuses_the_lattice_engine():
     with pytest.raises(ValueError, match="Guarantee 2"):
         CF.conv2d(x, torch.randn(3, 3, 3, 3, dtype=torch.float64), engine="lattice")
     CF.conv2d(x, torch.randn(3, 3, 1, 1, dtype=torch.float64), engine="lattice")  # 1x1: no taps
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_eval_batch_norm_in_place_is_torchs_kernel(dtype):
+    """On CPU, with statistics and parameters of the features' dtype, the in-place eval batch
+    norm is torch's own kernel written into the features: ``F.batch_norm``'s bits (what the
+    dense network computes). With autograd recording, out of place, same values."""
+    from cad_spconv.nn import CADBatchNorm2d
+
+    gen = torch.Generator().manual_seed(3)
+    bn = torch.nn.BatchNorm2d(12).eval()
+    with torch.no_grad():
+        for t, (lo, hi) in ((bn.running_mean, (-3, 3)), (bn.running_var, (0.1, 4)),
+                            (bn.weight, (-2, 2)), (bn.bias, (-1, 1))):
+            t.copy_(torch.rand(12, generator=gen) * (hi - lo) + lo)
+    bn = bn.to(dtype)
+    cbn = CADBatchNorm2d.from_module(bn, inplace=True).eval()
+    f = (torch.randn(37, 12, generator=gen) * 3).to(dtype)
+    want = torch.nn.functional.batch_norm(f, bn.running_mean, bn.running_var, bn.weight,
+                                          bn.bias, False, 0.0, bn.eps)
+    with torch.no_grad():
+        g = f.clone()
+        out = cbn.normalize(g)
+    assert out.data_ptr() == g.data_ptr() and torch.equal(out, want)
+    out = cbn.normalize(f)  # the parameters require grad: recorded, out of place
+    assert out.requires_grad and out.data_ptr() != f.data_ptr()
+    torch.testing.assert_close(out.detach(), want, rtol=0, atol=0)
