@@ -314,6 +314,8 @@ def on_grid(layer: nn.Module, y: torch.Tensor, scale: int = 1, down: bool = Fals
     if kind is CADBatchNorm2d:  # on the feature matrix, as op by op: the same bits
         n, c, h, w = y.shape
         f = layer.normalize(y.permute(0, 2, 3, 1).reshape(-1, c))
+        if f.data_ptr() == y.data_ptr():  # normalized in place, through a view of y
+            return y
         return f.reshape(n, h, w, c).permute(0, 3, 1, 2)
     if kind is CADPointwise:
         return layer._modules["module"].forward(y)
