@@ -228,8 +228,12 @@ def _kernel_applies(f: torch.Tensor, *stats: Optional[torch.Tensor]) -> bool:
     float64 or bfloat16, and every statistic and parameter of the features' dtype (half
     features with float32 statistics, as under autocast, take :func:`_affine_half_on_cpu`)."""
     dtype = f.dtype
-    return (f.device.type == "cpu" and dtype in _KERNEL_DTYPES and f.is_contiguous()
-            and all(t is None or (t.dtype == dtype and t.device.type == "cpu") for t in stats))
+    if f.device.type != "cpu" or dtype not in _KERNEL_DTYPES or not f.is_contiguous():
+        return False
+    for t in stats:  # a loop, not all(<generator>): called by every batch norm of a forward
+        if t is not None and (t.dtype != dtype or t.device.type != "cpu"):
+            return False
+    return True
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)

@@ -318,9 +318,10 @@ def on_grid(layer: nn.Module, y: torch.Tensor, scale: int = 1, down: bool = Fals
             return y
         return f.reshape(n, h, w, c).permute(0, 3, 1, 2)
     if kind is CADPointwise:
-        return layer._modules["module"].forward(y)
-    if kind is nn.ReLU:
-        return layer.forward(y)
+        layer = layer._modules["module"]
+        kind = type(layer)
+    if kind is nn.ReLU:  # nn.ReLU.forward, two Python frames less
+        return torch.relu_(y) if layer.inplace else torch.relu(y)
     if kind is nn.Identity:
         return y
     raise TypeError(f"on_grid: {kind.__name__} is not a layer block_on_grid accepts")
