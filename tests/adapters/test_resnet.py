@@ -372,7 +372,8 @@ def _levels_at_least_one(batch, grid, seed):
     per image: sites are grid cells up to step 1 only."""
     gen = torch.Generator().manual_seed(seed)
     H, W = grid
-    top = torch.rand(batch, -(-H // 4), -(-W // 4), generator=gen) < torch.tensor([[[0.3]], [[0.7]]])
+    density = torch.tensor([[[0.3]], [[0.7]]])  # of level-2 blocks, per image
+    top = torch.rand(batch, -(-H // 4), -(-W // 4), generator=gen) < density
     levels = 1 + top.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, :H, :W].long()
     assert all(len(levels[b].unique()) == 2 for b in range(batch)) and not torch.equal(*levels)
     return levels
