@@ -224,8 +224,8 @@ def batch_norm_features(f: torch.Tensor, running_mean, running_var, weight=None,
 
 def _kernel_applies(f: torch.Tensor, *stats: Optional[torch.Tensor]) -> bool:
     """Whether torch's eval batch-norm kernel normalizes ``f`` in place with these statistics
-    and parameters: contiguous CPU features (its strided kernel rounds differently) of float32,
-    float64 or bfloat16, and every statistic and parameter of the features' dtype (half
+    and parameters: contiguous CPU features (what the tests cover) of float32, float64 or
+    bfloat16, and every statistic and parameter of the features' dtype (half
     features with float32 statistics, as under autocast, take :func:`_affine_half_on_cpu`)."""
     dtype = f.dtype
     if f.device.type != "cpu" or dtype not in _KERNEL_DTYPES or not f.is_contiguous():
