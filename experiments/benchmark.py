@@ -15,7 +15,8 @@
 Each suite runs ``cad-spconv bench`` (``cad_apps/bench``) in a fresh process per result with
 the settings below, writes JSON under ``experiments/results/`` and appends a table headed by the exact
 command to ``BENCHMARKS.md``. Pass ``--no-markdown`` to leave BENCHMARKS.md alone and
-``--reps N`` to change the number of timed runs. A result file that exists in ``--results``
+``--reps N`` to change the number of timed runs per frame (the nothing / everything kept
+results time one frame N times per frame given). A result file that exists in ``--results``
 is not replaced (it may hold another machine's numbers): the suite refuses before any run;
 give each machine a folder of its own or pass ``--overwrite``. Frames: the three Cityscapes
 frames in ``../shared/data/cityscapes_frames`` (``--frames DIR`` to use others).
@@ -53,17 +54,20 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
         "targets": [],
         "gpu": [],
     }
-    one = ["--images", frames[0]]  # nothing / everything kept: the mask does not matter
+    # nothing / everything kept: one frame (the mask does not matter), timed as often as the
+    # other settings' frames together, so that its median rests on as many runs
+    one = ["--images", frames[0], "--reps", str(reps * len(frames)), "--warmup", "1"]
     for dtype in ("float32", "bfloat16"):
         d = ["--dtype", dtype]
-        run = ["--model", "deeplabv3_resnet101", "--size", "512", "1024", *cpu, *d, *common]
+        net = ["--model", "deeplabv3_resnet101", "--size", "512", "1024", *cpu, *d]
+        run = [*net, *common]
         for thr in ("0.15", "0.35", "0.95"):
             out["targets"].append((f"cpu_{dtype}_b1_edge{thr}",
                                    [*run, "--images", *frames, "--threshold", thr]))
         out["targets"].append((f"cpu_{dtype}_b4_edge0.35",
                                [*run, "--images", *frames, "--threshold", "0.35", "--batch", "4"]))
         for keep in ("none", "all"):
-            out["targets"].append((f"cpu_{dtype}_b1_keep_{keep}", [*run, *one, "--keep", keep]))
+            out["targets"].append((f"cpu_{dtype}_b1_keep_{keep}", [*net, *one, "--keep", keep]))
         out["targets"].append((f"cpu_{dtype}_b1_model_edge0.35",
                                [*run, *edge, "--scope", "model"]))
         out["targets"].append((f"cpu_{dtype}_b1_model_sparse_head_edge0.35",
@@ -126,8 +130,8 @@ def report(results_dir: str) -> str:
     machines, commits = set(), collections.Counter()
     rows = ["| result | dtype | batch | setting | MAC fraction | dense 8 best [ms] | CAD [ms] | "
             "CAD / dense 8 | eff | vs dense 16 | peak MiB dense 8 / CAD, resident set (live "
-            "tensors) | target |",
-            "|" + "---|" * 12]
+            "tensors) | runs' spread | target |",
+            "|" + "---|" * 13]
     paths = [p for dtype in ("float32", "bfloat16")
              for p in sorted(glob.glob(os.path.join(results_dir, f"cpu_{dtype}_b*_*.json")))
              if not p.endswith("_memory.json")]
@@ -164,10 +168,15 @@ def report(results_dir: str) -> str:
                                                for a, b in tensors) + ")"
         name = os.path.basename(path)[:-5]
         setting, ok, memory_ok = verdict(cfg, c, tensors or rss)
+        # the largest max / min of one variant's timed runs: above NOISY_SPREAD the machine
+        # was busy and the verdict may flip in a rerun
+        spread = bench_report.timing_spread(r["inputs"])
+        spread = "n/a" if spread is None else f"{spread[0]:.2f}" + (
+            " (noisy)" if spread[0] > bench_report.NOISY_SPREAD else "")
         rows.append(f"| {name} | {cfg['dtype']} | {cfg['batch']} | {setting} | "
                     f"{c['mac_fraction']:.3f} | {1e3 * s['dense_fine_seconds']:.0f} | "
                     f"{1e3 * c['seconds']:.0f} | {c['vs_dense_fine']:.3f} | {c['eff']:.2f} | "
-                    f"{c['vs_dense_coarse']:.3f} | {peak or 'n/a'} | "
+                    f"{c['vs_dense_coarse']:.3f} | {peak or 'n/a'} | {spread} | "
                     f"{'met' if ok else 'missed'}{'' if memory_ok else ', memory missed'} |")
     if not paths:
         return f"no targets results in {results_dir}"

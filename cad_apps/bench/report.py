@@ -10,7 +10,7 @@ from ..distributed import cpu_name
 from .measure import math_flags
 
 __all__ = ["environment", "source_revision", "cpu_flags", "native_bfloat16", "loadavg", "summary",
-           "markdown", "print_report", "profile_table", "HEADER"]
+           "timing_spread", "noise_note", "markdown", "print_report", "profile_table", "HEADER"]
 
 
 def loadavg():
@@ -166,12 +166,49 @@ def _input_summary(res: dict, engines) -> dict:
     return out
 
 
+#: a ratio is flagged when one of its variants' runs span more than this (max / min): the
+#: machine was busy meanwhile. On the shared 2-core dev VMs one variant's five runs spanned up to
+#: 4x, and a median of five then moved by several per cent from run to run.
+NOISY_SPREAD = 1.5
+
+
+def timing_spread(inputs) -> Optional[tuple[float, str]]:
+    """``(max / min, "input: variant")`` of the variant whose timed runs spread most, among
+    those the ratios use (the faster dense network of each stride and every CAD engine);
+    ``None`` with fewer than two runs each."""
+    worst = None
+    for r in inputs:
+        v = r["variants"]
+        names = [_best(v, "dense_coarse")[0], _best(v, "dense_fine")[0],
+                 *(n for n, e in v.items() if e["kind"] == "cad")]
+        for n in names:
+            runs = v[n].get("samples") or []
+            if len(runs) > 1 and min(runs) > 0:
+                spread = max(runs) / min(runs)
+                if worst is None or spread > worst[0]:
+                    worst = (spread, f"{r['input']}: {n}" if r.get("input") else n)
+    return worst
+
+
+def noise_note(report) -> Optional[str]:
+    """A sentence on a run whose timings spread past :data:`NOISY_SPREAD`, else ``None``."""
+    worst = timing_spread(report["inputs"])
+    if worst is None or worst[0] <= NOISY_SPREAD:
+        return None
+    return (f"Noisy timings: the runs of {worst[1]} span {worst[0]:.2f}x (max / min); the "
+            "machine was busy meanwhile and the ratios may be off by several per cent: rerun "
+            "on an idle machine or with more --reps.")
+
+
 def summary(results, engines) -> dict:
-    """Per engine over all inputs: sums of the median times, and ratios of the sums."""
+    """Per engine over all inputs: sums of the median times, and ratios of the sums; the
+    largest spread of the runs behind them (:func:`timing_spread`)."""
     per = [_input_summary(r, engines) for r in results]
     fine = sum(p["dense_fine_seconds"] for p in per)
     coarse = sum(p["dense_coarse_seconds"] for p in per)
-    out = {"dense_fine_seconds": fine, "dense_coarse_seconds": coarse, "cad": {}}
+    spread = timing_spread(results)
+    out = {"dense_fine_seconds": fine, "dense_coarse_seconds": coarse, "cad": {},
+           "timing_spread": None if spread is None else spread[0]}
     for e in engines:
         if any(e not in p["cad"] for p in per):
             continue  # failed on some input: no total
@@ -272,6 +309,8 @@ def markdown(report) -> str:
                      for name, why in r.get("failed", {}).items()})
     if failed:
         lines += ["", "Left out (failed): " + "; ".join(failed)]
+    if noise_note(report):
+        lines += ["", noise_note(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +322,8 @@ def print_report(report):
     for r in report["inputs"]:
         times = ", ".join(f"{n} {_ms(e['seconds'])}" for n, e in r["variants"].items())
         print(f"  {r['input']}: {times} ms")
+    if noise_note(report):
+        print(noise_note(report))
     for r in report["inputs"]:
         profiles = {n: e["profile_ms"] for n, e in r["variants"].items() if "profile_ms" in e}
         if profiles:

@@ -142,6 +142,7 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
                                     " (1 result).")
     row = next(line for line in table.splitlines() if line.startswith("| cpu_float32_b1_edge0.35"))
     assert "| float32 | 1 | edge 0.35 |" in row
+    assert "| n/a | m" in row  # one run per variant: no spread
     assert benchmark.report(str(tmp_path / "empty")).startswith("no targets results")
 
     monkeypatch.setattr(bench_report, "native_bfloat16", lambda: False)
@@ -149,9 +150,15 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
     frames = tmp_path / "frames"
     frames.mkdir()
     (frames / "a.png").write_bytes(b"")
+    (frames / "b.png").write_bytes(b"")
     assert benchmark.main(["targets", "--dry-run", "--no-markdown", "--frames", str(frames),
-                           "--results", str(results)]) == 0
+                           "--results", str(results), "--reps", "3"]) == 0
     out = capsys.readouterr().out
+    commands = {line.split("--label ")[-1]: line for line in out.splitlines() if "--label" in line}
+    assert "--reps 3 " in commands["cpu_float32_b1_edge0.15"]
+    # nothing kept times one frame as often as the edge settings time their frames together
+    assert "--reps 6 " in commands["cpu_float32_b1_keep_none"]
+    assert "b.png" not in commands["cpu_float32_b1_keep_none"]
     assert f"--json {results}/cpu_float32_b1_edge0.15.json" in out
     assert "skipping cpu_bfloat16_b1_edge0.15: this CPU has no native bfloat16" in out
     assert "--dtype bfloat16" not in out
@@ -207,6 +214,34 @@ def test_target_rules_at_their_bounds(cfg, cad, peaks, want):
     from experiments import benchmark
     _, ok, memory_ok = benchmark.verdict(cfg, cad, peaks)
     assert (ok, memory_ok) == want
+
+
+def test_noisy_timings_are_flagged_by_the_variants_the_ratios_use():
+    """A run whose timings spread past ``NOISY_SPREAD`` (max / min of one variant's runs) gets a
+    note in the printed and markdown reports; the slower dense format does not count."""
+    from cad_apps.bench import report as bench_report
+
+    def result(cad_runs, nchw_runs):
+        return {"input": "frame.png", "variants": {
+            "dense16[nchw]": {"kind": "dense_coarse", "seconds": 0.5, "samples": nchw_runs},
+            "dense16[channels_last]": {"kind": "dense_coarse", "seconds": 0.4,
+                                       "samples": [0.4, 0.41, 0.42]},
+            "dense8[channels_last]": {"kind": "dense_fine", "seconds": 1.6,
+                                      "samples": [1.5, 1.6, 1.7]},
+            "cad[auto]": {"kind": "cad", "seconds": 1.0, "samples": cad_runs}}}
+
+    steady = {"inputs": [result([0.9, 1.0, 1.1], [0.5, 0.5, 2.0])]}
+    assert bench_report.timing_spread(steady["inputs"]) == (
+        pytest.approx(1.1 / 0.9), "frame.png: cad[auto]")
+    assert bench_report.noise_note(steady) is None
+    busy = {"inputs": [result([0.9, 1.0, 1.9], [0.5, 0.5, 0.5])]}
+    spread, name = bench_report.timing_spread(busy["inputs"])
+    assert spread == pytest.approx(1.9 / 0.9) and name == "frame.png: cad[auto]"
+    assert "the runs of frame.png: cad[auto] span 2.11x" in bench_report.noise_note(busy)
+    assert bench_report.timing_spread([result([1.0], [0.5])]) is not None  # dense: 3 runs
+    one_run = {"input": "f", "variants": {
+        n: dict(e, samples=[e["seconds"]]) for n, e in result([1.0], [0.5])["variants"].items()}}
+    assert bench_report.timing_spread([one_run]) is None
 
 
 def test_ratios_are_against_the_fastest_dense_variant_of_the_dtype():
