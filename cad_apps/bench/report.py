@@ -40,14 +40,17 @@ def cpu_flags() -> list[str]:
 
 
 # environment variables that change what a CPU run measures: the allocator (glibc's MALLOC_
-# tunables; PyTorch's THP_MEM_ALLOC_ENABLE=1 puts tensors of 2 MiB and up on huge pages, which
-# makes the first touch of a fresh large tensor cheaper), the thread runtime, and the
+# and GLIBC_TUNABLES; an allocator preloaded with LD_PRELOAD, such as tcmalloc or jemalloc, with
+# their TCMALLOC_ and MALLOC_CONF settings; PyTorch's THP_MEM_ALLOC_ENABLE=1 puts tensors of
+# 2 MiB and up on huge pages, which makes the first touch of a fresh large tensor cheaper), the
+# thread runtime, and the
 # instruction sets PyTorch's kernels, oneDNN and MKL may use (setting ATEN_CPU_CAPABILITY=avx2
 # ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 runs an AVX-512 CPU on AVX2 code, which
 # also switches the engines' AVX-512 choices off); CAD_SPCONV_ switches the library's own
 # options (CAD_SPCONV_FUSED_GATHER: the fused kernel of engines.fused)
-_TUNING_ENV_PREFIXES = ("MALLOC_", "THP_MEM_ALLOC_ENABLE", "ATEN_CPU_CAPABILITY", "ONEDNN_",
-                        "DNNL_", "MKL_", "OMP_", "KMP_", "CAD_SPCONV_")
+_TUNING_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "TCMALLOC_",
+                        "THP_MEM_ALLOC_ENABLE", "ATEN_CPU_CAPABILITY", "ONEDNN_", "DNNL_", "MKL_",
+                        "OMP_", "KMP_", "CAD_SPCONV_")
 
 
 def tuning_env() -> dict:

@@ -216,6 +216,23 @@ def test_target_rules_at_their_bounds(cfg, cad, peaks, want):
     assert (ok, memory_ok) == want
 
 
+def test_the_allocator_settings_are_recorded(monkeypatch):
+    """A preloaded allocator (tcmalloc, jemalloc) and glibc's tunables change what a CPU run
+    measures: each result records them with the other tuning variables."""
+    from cad_apps.bench import report as bench_report
+
+    for name in list(os.environ):
+        if name.startswith(bench_report._TUNING_ENV_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("LD_PRELOAD", "libtcmalloc_minimal.so.4")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    monkeypatch.setenv("MALLOC_CONF", "dirty_decay_ms:-1")
+    monkeypatch.setenv("PATH_UNRELATED", "1")
+    assert bench_report.tuning_env() == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0",
+                                         "LD_PRELOAD": "libtcmalloc_minimal.so.4",
+                                         "MALLOC_CONF": "dirty_decay_ms:-1"}
+
+
 def test_noisy_timings_are_flagged_by_the_variants_the_ratios_use():
     """A run whose timings spread past ``NOISY_SPREAD`` (max / min of one variant's runs) gets a
     note in the printed and markdown reports; the slower dense format does not count."""
