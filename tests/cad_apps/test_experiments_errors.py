@@ -313,7 +313,8 @@ def test_keypoints_synthetic_set_is_known_by_its_scenes_bytes(tmp_path):
 @pytest.mark.parametrize("module, mode", [("gemm_routes", []), ("dense_phases", ["layers"]),
                                           ("products_first", ["layers"]),
                                           ("half_batch_norm", []), ("half_batch_norm", ["--model"]),
-                                          ("row_moves", ["scatter"]), ("row_moves", ["gather"])])
+                                          ("row_moves", ["scatter"]), ("row_moves", ["gather"]),
+                                          ("fresh_memory", [])])
 def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     import importlib
 
@@ -328,6 +329,7 @@ def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     ("dense_phases", ["layers"], {"LAYERS": [(8, 8, 1)], "KEPT": (0.5,)}, "float32"),
     ("half_batch_norm", [], {"SHAPES": [(8, 4)]}, "bfloat16"),
     ("row_moves", ["scatter"], {"SCATTER_SHAPES": [(8, 4, 4)]}, "bfloat16"),
+    ("fresh_memory", [], {"SHAPE": (1, 4, 3, 5)}, "bfloat16"),
 ])
 def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, dtype, monkeypatch,
                                                          capsys):
@@ -455,3 +457,34 @@ def test_options_valid_for_every_setting_are_not_refused_by_the_default_mask(roo
                                                          "--thresholds", "0.35"]) == 2
     _one_line_error(capsys, "--semantics reference")
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("keep", ["none", "all"])
+def test_paired_times_cad_against_the_dense_network_it_equals(keep, capsys):
+    """``experiments.paired`` on a tiny odd-sized input: one table row, headed by the command
+    and the machine, and the stride of the dense network the keep setting equals."""
+    import torch
+
+    from experiments import paired
+
+    threads = torch.get_num_threads()
+    try:
+        assert paired.main(["--keep", keep, "--size", "33", "47", "--pairs", "2",
+                            "--threads", "1", "--dtype", "float32"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("command: python -m experiments.paired --keep")
+    assert lines[2] == (f"float32, {'nothing' if keep == 'none' else 'everything'} kept, 33x47, "
+                        f"2 pairs; dense: stride {16 if keep == 'none' else 8}")
+    assert len(lines) == 6 and lines[-1].count("|") == 6
+
+
+@pytest.mark.parametrize("argv, message", [(["--pairs", "0"], "--pairs must be >= 1, got 0"),
+                                           (["--size", "8", "64"], "--size must be at least")])
+def test_paired_refuses_what_it_cannot_time(argv, message, capsys):
+    from experiments import paired
+
+    with pytest.raises(SystemExit) as e:
+        paired.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

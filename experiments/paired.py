@@ -1,0 +1,90 @@
+"""CAD against the dense network it equals, in strictly alternating pairs (BENCHMARKS.md).
+
+    python -m experiments.paired [--keep none|all] [--dtype bfloat16] [--pairs 60]
+
+With nothing kept the converted DeepLabV3-ResNet101 backbone (8->16, densified at stride 8)
+equals dense stride 16, with everything kept dense stride 8 (both channels-last, random weights
+with tamed statistics as ``cad-spconv bench``, 512x1024). ``cad-spconv bench`` times five or
+six variants in rotation, so a CAD run and the dense run it is compared with lie seconds apart;
+on a busy shared host one variant's runs then spanned 2-8x and a ratio of medians moved by
+several per cent between runs. Here the two run back to back, in turns, and the table gives the
+median of the per-pair ratios next to the ratio of the medians: a slow drift of the host's
+speed cancels in a pair.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from experiments.common import ExperimentParser, table_header
+
+
+def _models(args, dtype):
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from adapters import convert
+    from adapters.builders import classifier_model, segmentation_model
+    from cad_apps.bench.variants import _tamed
+
+    cl = torch.channels_last
+    source = _tamed(segmentation_model("deeplabv3_resnet101", output_stride=8), args.seed)
+    dense = IntermediateLayerGetter(
+        classifier_model("resnet101", output_stride=16 if args.keep == "none" else 8),
+        {"layer4": "out"})
+    dense.load_state_dict(source.backbone.state_dict())
+    dense = dense.eval().to(dtype).to(memory_format=cl)
+    cad = convert(source, 8, 16).eval().to(dtype).to(memory_format=cl)
+    return dense, cad
+
+
+def main(argv=None) -> int:
+    parser = ExperimentParser(prog="python -m experiments.paired",
+                              description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", default="none", choices=("none", "all"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--pairs", type=int, default=60)
+    parser.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error(f"--pairs must be >= 1, got {args.pairs}")
+    if min(args.size) < 16:
+        parser.error(f"--size must be at least 16x16 (the coarsest stride), got {args.size}")
+    torch.set_num_threads(args.threads)
+    print(table_header(args))
+
+    from cad_apps.bench.measure import _time_once
+
+    dtype = getattr(torch, args.dtype)
+    dense, cad = _models(args, dtype)
+    x = torch.randn(1, 3, *args.size).to(dtype).contiguous(memory_format=torch.channels_last)
+    keep = torch.full((1, 1, *args.size), args.keep == "all", dtype=torch.bool)
+    runs = {"dense": lambda: dense(x)["out"],
+            "cad": lambda: cad.forward_features(x, keep).dense()}
+    cpu = torch.device("cpu")
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for fn in runs.values():  # warm-up: rulebooks, weight layouts, the fused kernel
+            fn()
+        for i in range(args.pairs):
+            for name in (("dense", "cad") if i % 2 else ("cad", "dense")):  # either goes first
+                times[name].append(_time_once(runs[name], (), cpu))
+    ratios = [c / d for c, d in zip(times["cad"], times["dense"])]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    median = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    stride = 16 if args.keep == "none" else 8
+    print(f"{args.dtype}, {'nothing' if args.keep == 'none' else 'everything'} kept, "
+          f"{args.size[0]}x{args.size[1]}, {args.pairs} pairs; dense: stride {stride}")
+    print("| dense median [ms] | CAD median [ms] | ratio of medians | median of pair ratios "
+          "(quartiles) | dense runs' spread (max / min) |")
+    print("|---|---|---|---|---|")
+    print(f"| {median['dense']:.0f} | {median['cad']:.0f} | {median['cad'] / median['dense']:.3f}"
+          f" | {statistics.median(ratios):.3f} ({q[0]:.3f}-{q[2]:.3f}) | "
+          f"{max(times['dense']) / min(times['dense']):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
