@@ -312,8 +312,9 @@ def markdown(report) -> str:
                      for name, why in r.get("failed", {}).items()})
     if failed:
         lines += ["", "Left out (failed): " + "; ".join(failed)]
-    if noise_note(report):
-        lines += ["", noise_note(report)]
+    note = noise_note(report)
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -325,8 +326,9 @@ def print_report(report):
     for r in report["inputs"]:
         times = ", ".join(f"{n} {_ms(e['seconds'])}" for n, e in r["variants"].items())
         print(f"  {r['input']}: {times} ms")
-    if noise_note(report):
-        print(noise_note(report))
+    note = noise_note(report)
+    if note:
+        print(note)
     for r in report["inputs"]:
         profiles = {n: e["profile_ms"] for n, e in r["variants"].items() if "profile_ms" in e}
         if profiles:
