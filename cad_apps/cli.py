@@ -11,7 +11,6 @@ import importlib
 import os
 import shlex
 import sys
-import time
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -65,13 +64,13 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    started = time.time()
+    before = _file_state(_resume_file(args))
     try:
         return int(args._main(args) or 0)
     except KeyboardInterrupt:  # results are written atomically: nothing half-written to report
         name = args.command + (f" {args.keypoints_command}" if args.command == "keypoints"
                                and getattr(args, "keypoints_command", None) else "")
-        advice = _resume_advice(args, argv, started)
+        advice = _resume_advice(args, argv, before)
         print(f"cad-spconv {name}: interrupted; files written so far are complete"
               + (f"; {advice}" if advice else ""), file=sys.stderr)
         return 130
@@ -82,21 +81,50 @@ def _is_overwrite(arg: str) -> bool:
     return len(arg) > 3 and "--overwrite".startswith(arg)
 
 
-def _saved_since(path: str, started: float) -> bool:
-    """Whether the run that began at ``started`` wrote ``path`` (an older file there is an
-    earlier run's)."""
-    return os.path.isfile(path) and os.path.getmtime(path) >= started
+def _resumes_from_out(args) -> bool:
+    return args.command == "eval" or (args.command == "keypoints"
+                                      and getattr(args, "keypoints_command", None) == "extract")
 
 
-def _resume_advice(args, argv, started: float) -> str:
+def _resume_file(args):
+    """The file an interrupted run resumes from (None for commands that do not resume)."""
+    if _resumes_from_out(args):
+        return args.out
+    if args.command == "train-mask":
+        return os.path.join(args.out, "last.pt")
+    return None
+
+
+def _file_state(path):
+    """What identifies one version of ``path``: a save (written atomically: a new inode) or any
+    rewrite changes it. Not a clock comparison: a file's mtime comes from the kernel's coarse
+    clock, which can read a few ms behind ``time.time()`` taken before the write."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _saved_by_this_run(path, before) -> bool:
+    """Whether the run wrote ``path`` (``before``: its state when the run began; a file that is
+    unchanged is an earlier run's)."""
+    now = _file_state(path)
+    return now is not None and now != before and os.path.isfile(path)
+
+
+def _resume_advice(args, argv, before) -> str:
     """How to continue an interrupted run, from its own arguments: re-running a command with
     --overwrite would discard what was saved, and train-mask resumes only with --resume (which
-    --overwrite excludes); both resume only from a save of this run (``started``: when it
-    began). '' for commands that do not resume (bench, demo, keypoints evaluate)."""
-    if args.command == "eval" or (args.command == "keypoints"
-                                  and getattr(args, "keypoints_command", None) == "extract"):
+    --overwrite excludes); both resume only from a save of this run (``before``: the state of
+    the file it resumes from when it began). '' for commands that do not resume (bench, demo,
+    keypoints evaluate)."""
+    saved = _saved_by_this_run(_resume_file(args), before)
+    if _resumes_from_out(args):
         if getattr(args, "overwrite", False):
-            if not _saved_since(args.out, started):
+            if not saved:
                 # the file there is still the earlier run's (--overwrite replaces it at the
                 # first write), whose settings a resume would refuse
                 return "nothing of this run was saved yet: run the same command again"
@@ -105,7 +133,7 @@ def _resume_advice(args, argv, started: float) -> str:
                     f"cad-spconv {shlex.join(again)}")
         return "resume with the same command"
     if args.command == "train-mask":
-        if not args.resume and not _saved_since(os.path.join(args.out, "last.pt"), started):
+        if not args.resume and not saved:
             # a checkpoint there is an earlier run's (--overwrite replaces it at the first save)
             return ("nothing of this run was saved yet (a save comes every --save-every "
                     "iterations): run the same command again")

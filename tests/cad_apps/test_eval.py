@@ -486,7 +486,8 @@ def test_interrupt_advice_never_discards_the_saved_work(tmp_path, monkeypatch, c
     discards the saved work) and "plus --resume" for train-mask --overwrite (which --resume
     excludes): it is built from the run's own arguments. Both resume only from a save of the
     interrupted run (an earlier run's file is not one: eval --overwrite replaces it only at its
-    first write, and resuming it would be refused for its other settings)."""
+    first write, and resuming it would be refused for its other settings). A save is told from
+    an earlier run's file by the file's identity, not by clocks."""
     import cad_apps.eval as ev
     import cad_apps.train_mask as tm
     from cad_apps import cli
@@ -495,8 +496,13 @@ def test_interrupt_advice_never_discards_the_saved_work(tmp_path, monkeypatch, c
 
     def interrupted(args=None, *a, **k):
         saved = saves.pop() if saves else None
-        if saved:  # this run saved before the interruption
-            saved.write_bytes(b"saved")
+        if saved:  # this run saved before the interruption, atomically as the apps do
+            tmp = saved.with_name(saved.name + ".tmp")
+            tmp.write_bytes(b"saved")
+            # a file's mtime comes from the kernel's coarse clock, which can read a few ms
+            # before the run's start by time.time() (CI once failed so): never compare them
+            os.utime(tmp, (1, 1))
+            os.replace(tmp, saved)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ev, "evaluate", interrupted)
