@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from typing import Optional
 
@@ -10,7 +11,8 @@ from ..distributed import cpu_name
 from .measure import math_flags
 
 __all__ = ["environment", "source_revision", "cpu_flags", "native_bfloat16", "loadavg", "summary",
-           "timing_spread", "noise_note", "markdown", "print_report", "profile_table", "HEADER"]
+           "timing_spread", "noise_note", "paired_ratios", "markdown", "print_report",
+           "profile_table", "HEADER"]
 
 
 def loadavg():
@@ -165,6 +167,7 @@ def _input_summary(res: dict, engines) -> dict:
         }
         if nchw32 is not None:
             out["cad"][e]["vs_dense_fine_nchw_float32"] = t / nchw32["seconds"]
+        out["cad"][e]["paired"] = paired_ratios([res], e)
     res["summary"] = out
     return out
 
@@ -203,6 +206,38 @@ def noise_note(report) -> Optional[str]:
             "on an idle machine or with more --reps.")
 
 
+def paired_ratios(inputs, engine: str) -> Optional[dict]:
+    """CAD's time over the dense networks' (those the ratios use), paired by round: in round
+    ``i`` every variant ran once, back to back (:func:`~cad_apps.bench.measure.bench_input`),
+    so CAD's i-th runs (summed over the inputs) over dense's i-th runs share that round's
+    machine state; the median of those ratios over the rounds. On a busy machine this holds
+    where the ratio of medians drifts (a slow spell that hit one variant's runs more often).
+    ``{"vs_dense_fine", "vs_dense_coarse"}``; ``None`` when a variant lacks per-run samples or
+    the inputs' run counts differ."""
+    def rounds(kind):
+        runs = []
+        for r in inputs:
+            v = r["variants"]
+            name = f"cad[{engine}]" if kind == "cad" else _best(v, kind)[0]
+            if name not in v or not v[name].get("samples"):
+                return None
+            runs.append(v[name]["samples"])
+        if len({len(x) for x in runs}) != 1:
+            return None
+        return [sum(x) for x in zip(*runs)]
+
+    cad = rounds("cad")
+    if cad is None:
+        return None
+    out = {}
+    for key, kind in (("vs_dense_fine", "dense_fine"), ("vs_dense_coarse", "dense_coarse")):
+        dense = rounds(kind)
+        if dense is None or len(dense) != len(cad) or min(dense) <= 0:
+            return None
+        out[key] = statistics.median([c / d for c, d in zip(cad, dense)])
+    return out
+
+
 def summary(results, engines) -> dict:
     """Per engine over all inputs: sums of the median times, and ratios of the sums; the
     largest spread of the runs behind them (:func:`timing_spread`)."""
@@ -224,7 +259,7 @@ def summary(results, engines) -> dict:
         frac = cad_macs / fine_macs
         out["cad"][e] = {"seconds": t, "mac_fraction": frac, "vs_dense_fine": t / fine,
                          "vs_dense_coarse": t / coarse, "eff": fine * frac / t,
-                         "geometry_share": geo / t}
+                         "geometry_share": geo / t, "paired": paired_ratios(results, e)}
     return out
 
 
@@ -260,7 +295,8 @@ def _rows(report):
             rows.append([r["input"], e, f"{kept:.1%}", f"{c['mac_fraction']:.3f}",
                          _ms(s["dense_coarse_seconds"]),
                          f"{_ms(s['dense_fine_seconds'])} ({s['dense_fine_format']})",
-                         _ms(c["seconds"]), f"{c['vs_dense_fine']:.3f}", f"{c['eff']:.2f}",
+                         _ms(c["seconds"]), f"{c['vs_dense_fine']:.3f}", _paired(c),
+                         f"{c['eff']:.2f}",
                          f"{c['geometry_share']:.1%}",
                          f"{_mib(v[fine_name].get('peak_bytes'))} / {_mib(cad.get('peak_bytes'))}",
                          # n/a for whole models: the heads run at different strides
@@ -270,14 +306,19 @@ def _rows(report):
         c = t["cad"][e]
         rows.append(["**all**", e, "", f"{c['mac_fraction']:.3f}", _ms(t["dense_coarse_seconds"]),
                      _ms(t["dense_fine_seconds"]), _ms(c["seconds"]),
-                     f"**{c['vs_dense_fine']:.3f}**", f"**{c['eff']:.2f}**",
+                     f"**{c['vs_dense_fine']:.3f}**", _paired(c), f"**{c['eff']:.2f}**",
                      f"{c['geometry_share']:.1%}", "", ""])
     return rows
 
 
+def _paired(cad) -> str:
+    p = cad.get("paired")  # absent from results written before 2026-12-06 19:50
+    return "n/a" if not p else f"{p['vs_dense_fine']:.3f} / {p['vs_dense_coarse']:.3f}"
+
+
 HEADER = ["input", "engine", "kept cells", "MAC fraction", "dense c [ms]", "dense f [ms]",
-          "CAD [ms]", "CAD / dense f", "eff", "geometry", "peak MiB dense f / CAD",
-          "Guar. 2 err"]
+          "CAD [ms]", "CAD / dense f", "paired: / dense f, / dense c", "eff", "geometry",
+          "peak MiB dense f / CAD", "Guar. 2 err"]
 
 
 def markdown(report) -> str:
@@ -302,7 +343,8 @@ def markdown(report) -> str:
         f"{cfg['warmup']} warm-up, variants alternating"
         + (", CPU seconds of the process (--clock process), not wall clock"
            if cfg.get("clock") == "process" and env["device"] == "cpu" else "")
-        + ". eff = t_dense_f x MAC fraction / t_CAD; "
+        + ". Paired: the median over rounds of CAD's run over the dense network's in the same "
+        "round (robust to a busy machine). eff = t_dense_f x MAC fraction / t_CAD; "
         "geometry = plan + rulebooks share of the CAD time.\n",
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join("---" for _ in HEADER) + "|",

@@ -2,6 +2,8 @@
 writes JSON and markdown. No timing is asserted (timings belong in BENCHMARKS.md)."""
 import json
 import os
+import re
+import statistics
 
 import pytest
 import torch
@@ -142,7 +144,8 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
                                     " (1 result).")
     row = next(line for line in table.splitlines() if line.startswith("| cpu_float32_b1_edge0.35"))
     assert "| float32 | 1 | edge 0.35 |" in row
-    assert "| n/a | m" in row  # one run per variant: no spread
+    # one run per variant: no spread; the paired ratio is that one round's
+    assert re.search(r"\| n/a \| \d+\.\d{3} \| (met|missed)", row), row
     assert benchmark.report(str(tmp_path / "empty")).startswith("no targets results")
 
     monkeypatch.setattr(bench_report, "native_bfloat16", lambda: False)
@@ -259,6 +262,69 @@ def test_noisy_timings_are_flagged_by_the_variants_the_ratios_use():
     one_run = {"input": "f", "variants": {
         n: dict(e, samples=[e["seconds"]]) for n, e in result([1.0], [0.5])["variants"].items()}}
     assert bench_report.timing_spread([one_run]) is None
+
+
+def _paired_result(name, cad_runs, dense16_runs, dense8_runs, mac_fraction=0.7):
+    med = statistics.median
+    return {"input": name, "variants": {
+        "dense16[nchw]": {"kind": "dense_coarse", "seconds": 9.0, "samples": [9.0] * 5,
+                          "macs": 300},
+        "dense16[channels_last]": {"kind": "dense_coarse", "seconds": med(dense16_runs),
+                                   "samples": dense16_runs, "macs": 300},
+        "dense8[channels_last]": {"kind": "dense_fine", "seconds": med(dense8_runs),
+                                  "samples": dense8_runs, "macs": 1000},
+        "cad[auto]": {"kind": "cad", "seconds": med(cad_runs), "samples": cad_runs,
+                      "macs": int(1000 * mac_fraction)}}}
+
+
+def test_paired_ratios_pair_each_round_and_sum_the_inputs():
+    """Round i's runs of CAD and of the dense network the ratio uses (the faster format) ran
+    back to back: their ratio, summed over the inputs, and the median over rounds. A slow
+    spell over rounds 0-1 that hit both, and dense 16's run in round 2, moves the ratio of
+    medians to 0.5; the paired median stays at 1.0."""
+    from cad_apps.bench import report as bench_report
+
+    busy = _paired_result("a", [2.0, 2.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 1.0, 1.0],
+                          [3.0] * 5)
+    s = bench_report.summary([busy], ["auto"])["cad"]["auto"]
+    assert s["vs_dense_coarse"] == 0.5
+    assert s["paired"] == {"vs_dense_coarse": 1.0, "vs_dense_fine": pytest.approx(1 / 3)}
+    assert busy["summary"]["cad"]["auto"]["paired"] == s["paired"]  # per input too
+    # two inputs: round i's sums, (1 + 3) / (2 + 2) in every round
+    two = bench_report.paired_ratios([
+        _paired_result("a", [1.0] * 5, [2.0, 2.0, 2.0, 2.0, 1.0], [3.0] * 5),
+        _paired_result("b", [3.0] * 5, [2.0, 2.0, 2.0, 2.0, 3.0], [6.0] * 5)], "auto")
+    assert two["vs_dense_coarse"] == 1.0 and two["vs_dense_fine"] == pytest.approx(4 / 9)
+    # nothing to pair: runs not recorded, run counts that differ between inputs, no such engine
+    bare = {"input": "c", "variants": {n: {k: x for k, x in e.items() if k != "samples"}
+                                       for n, e in busy["variants"].items()}}
+    assert bench_report.paired_ratios([bare], "auto") is None
+    short = _paired_result("d", [1.0] * 3, [1.0] * 3, [1.0] * 3)
+    assert bench_report.paired_ratios([busy, short], "auto") is None
+    assert bench_report.paired_ratios([busy], "lattice") is None
+
+
+def test_the_targets_report_shows_the_paired_ratio_and_a_verdict_it_flips(tmp_path):
+    """The targets table has the setting's ratio paired by round, and says so where the paired
+    ratio and the ratio of medians give different verdicts."""
+    from cad_apps.bench import report as bench_report
+    from experiments import benchmark
+
+    for name, keep, inp in (
+            # by medians 1.0 / 1.0 (met); paired 2, 2, 0.5, 0.5, 1.11: 1.11 (missed)
+            ("cpu_float32_b1_keep_none", "none", _paired_result(
+                "a", [2.0, 2.0, 1.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0, 0.9], [3.0] * 5)),
+            ("cpu_float32_b1_keep_all", "all", _paired_result(
+                "a", [3.0] * 3, [1.0] * 3, [3.0] * 3))):
+        summary = bench_report.summary([inp], ["auto"])
+        (tmp_path / f"{name}.json").write_text(json.dumps({
+            "config": {"keep": keep, "dtype": "float32", "batch": 1},
+            "environment": {"cpu": "cpu", "torch": "2", "threads": 2},
+            "inputs": [inp], "summary": summary}))
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")
+            for line in benchmark.report(str(tmp_path)).splitlines()[3:]}
+    assert rows["cpu_float32_b1_keep_none"][-2:] == ["1.111", "met (paired: missed) |"]
+    assert rows["cpu_float32_b1_keep_all"][-2:] == ["1.000", "met |"]
 
 
 def test_ratios_are_against_the_fastest_dense_variant_of_the_dtype():
