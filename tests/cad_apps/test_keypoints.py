@@ -19,7 +19,7 @@ from cad_apps.keypoints.extract import (ExtractConfig, feature_file_problem, run
 from cad_apps.keypoints.hpatches import IMAGES
 from tests.support.hpatches import make_hpatches
 from tests.support.hpatches import one_torch_thread  # noqa: F401 (autouse fixture)
-from tests.support.inputs import REPO
+from tests.support.inputs import REPO, file_version
 
 SIZE = (48, 64)
 
@@ -303,12 +303,12 @@ def test_extract_is_deterministic_and_resumes(data_root, extracted, tmp_path):
     summary = json.load(open(out / "summary.json"))
     del summary["images"]["i_synth0/2"]
     (out / "summary.json").write_text(json.dumps(summary))
-    before = {p: os.stat(out / "v_synth0" / f"{p}.npz").st_mtime_ns for p in (1, 2)}
+    before = {p: file_version(out / "v_synth0" / f"{p}.npz") for p in (1, 2)}
     old_i2 = np.load(out / "i_synth0" / "2.npz")["descriptors"]
     assert cli(args) == 0
     after = json.load(open(out / "summary.json"))
     assert after["complete"] and len(after["images"]) == 12
-    assert {p: os.stat(out / "v_synth0" / f"{p}.npz").st_mtime_ns for p in (1, 2)} == before
+    assert {p: file_version(out / "v_synth0" / f"{p}.npz") for p in (1, 2)} == before
     np.testing.assert_array_equal(np.load(out / "v_synth0" / "5.npz")["descriptors"],
                                   np.load(extracted / "a4" / "v_synth0" / "5.npz")["descriptors"])
     np.testing.assert_array_equal(np.load(out / "i_synth0" / "2.npz")["descriptors"], old_i2)
@@ -649,7 +649,7 @@ def test_extract_resume_redoes_damaged_files(data_root, extracted, tmp_path, cap
                ("v_synth0", 6): "no descriptors"}
     for (seq, k), how in damaged.items():
         _damage(out / seq / f"{k}.npz", how)
-    kept = {(seq, k): os.stat(out / seq / f"{k}.npz").st_mtime_ns
+    kept = {(seq, k): file_version(out / seq / f"{k}.npz")
             for seq in ("i_synth0", "v_synth0") for k in IMAGES if (seq, k) not in damaged}
     assert cli(["keypoints", "extract", "--data-root", data_root, "--random-weights", "--seed",
                 "1", "--finest-stride", "8", "--no-progress", "--out", str(out)]) == 0
@@ -657,7 +657,7 @@ def test_extract_resume_redoes_damaged_files(data_root, extracted, tmp_path, cap
     assert "3 damaged features file(s) will be extracted again" in err
     assert f"{out / 'v_synth0' / '1.npz'} (" in err
     for seq, k in kept:
-        assert os.stat(out / seq / f"{k}.npz").st_mtime_ns == kept[(seq, k)]
+        assert file_version(out / seq / f"{k}.npz") == kept[(seq, k)]
     for seq, k in damaged:
         assert feature_file_problem(str(out / seq / f"{k}.npz")) is None
         with np.load(out / seq / f"{k}.npz") as a, \

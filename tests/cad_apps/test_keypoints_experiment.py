@@ -11,6 +11,7 @@ from cad_apps.keypoints.hpatches import synthetic_scene, write_synthetic
 from experiments import keypoints as exp
 from tests.support.hpatches import thin_vgg
 from tests.support.hpatches import one_torch_thread  # noqa: F401 (autouse fixture)
+from tests.support.inputs import file_version
 
 
 def test_settings_table_is_the_reference_sweep():
@@ -59,9 +60,9 @@ def test_sweep_writes_json_and_png_and_resumes(tmp_path, monkeypatch, capsys):
         assert macs[f"{mask}_os1_9_19_35"] == macs["adaptive_os1_9_19_35"]
     assert feats["random_os1_9_19_35"]["group"] == "random 1->8"
     assert feats["adaptive_os2_21_21"]["group"] == "adaptive 2->8"
-    stamp = os.stat(out / "features" / "dense_os1" / "v_synth0" / "2.npz").st_mtime_ns
+    stamp = file_version(out / "features" / "dense_os1" / "v_synth0" / "2.npz")
     assert exp.main(args) == 0  # resumes: nothing recomputed
-    assert os.stat(out / "features" / "dense_os1" / "v_synth0" / "2.npz").st_mtime_ns == stamp
+    assert file_version(out / "features" / "dense_os1" / "v_synth0" / "2.npz") == stamp
     # evaluate's notes are printed as by `cad-spconv keypoints evaluate` (they were not): here
     # a folder whose records name two setups, as after a resume on another device
     summary = out / "features" / "dense_os8" / "summary.json"
@@ -80,9 +81,9 @@ def test_synthetic_option_writes_an_hpatches_set_once(tmp_path):
                                           "48", "64", "--random-weights", "--out", str(tmp_path / "o")])
     root = exp.synthetic_root(args)
     assert sorted(os.listdir(root)) == ["i_synth0", "v_synth0"]
-    stamp = os.stat(os.path.join(root, "v_synth0", "3.ppm")).st_mtime_ns
+    stamp = file_version(os.path.join(root, "v_synth0", "3.ppm"))
     assert exp.synthetic_root(args) == root
-    assert os.stat(os.path.join(root, "v_synth0", "3.ppm")).st_mtime_ns == stamp
+    assert file_version(os.path.join(root, "v_synth0", "3.ppm")) == stamp
 
 
 def test_sweep_needs_data(tmp_path, capsys):

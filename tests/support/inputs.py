@@ -110,3 +110,11 @@ def synthetic_items(n, size=(40, 56), seed=0):
 def tol(dtype):
     """Tolerances of a sparse op against the dense reference in ``dtype``."""
     return dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+
+
+def file_version(path):
+    """What changes whenever ``path`` is written: its inode (our files are replaced atomically),
+    mtime and size. The mtime alone can miss a rewrite within one tick of the kernel's coarse
+    clock."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
