@@ -314,7 +314,7 @@ def test_keypoints_synthetic_set_is_known_by_its_scenes_bytes(tmp_path):
                                           ("products_first", ["layers"]),
                                           ("half_batch_norm", []), ("half_batch_norm", ["--model"]),
                                           ("row_moves", ["scatter"]), ("row_moves", ["gather"]),
-                                          ("fresh_memory", [])])
+                                          ("fresh_memory", []), ("host_noise", [])])
 def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     import importlib
 
@@ -354,6 +354,34 @@ def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, dt
     assert lines[1].startswith(f"machine: {cpu_name()} (")
     assert ", ".join(cpu_flags()) in lines[1] and f"torch {torch.__version__}" in lines[1]
     assert "1 threads" in lines[1]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_host_noise_prints_each_cpu_and_flags_a_busy_one(monkeypatch, capsys):
+    """``experiments.host_noise``: one row per CPU of the process, headed by the command and the
+    machine; with ``--max-ratio`` status 1 where a CPU's median / minimum exceeds it; the
+    process's CPUs and thread count restored after."""
+    import torch
+
+    from experiments import host_noise
+
+    monkeypatch.setattr(host_noise, "SHAPE", (8, 16, 4))
+    cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    assert host_noise.main(["--reps", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "command: python -m experiments.host_noise --reps 3"
+    assert out[1].startswith("machine: ")
+    rows = [line.split("|") for line in out if line[:2] == "| " and line[2].isdigit()]
+    assert [int(r[1]) for r in rows] == sorted(cpus)
+    assert all(1 <= float(r[5]) for r in rows)
+    assert os.sched_getaffinity(0) == cpus and torch.get_num_threads() == threads
+    monkeypatch.setattr(host_noise, "_pinned_times", lambda cpu, a, b, reps: [1.0, 2.0, 2.0])
+    assert host_noise.main(["--reps", "3", "--max-ratio", "1.5"]) == 1  # median 2x the min
+    assert "busy: a CPU's median / min is 2.00, above --max-ratio 1.5" in capsys.readouterr().out
+    assert host_noise.main(["--reps", "3", "--max-ratio", "2.5"]) == 0
+    with pytest.raises(SystemExit) as e:
+        host_noise.main(["--max-ratio", "0.5"])
+    assert e.value.code == 2 and "--max-ratio must be >= 1" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- smaller scripts
