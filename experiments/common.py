@@ -78,6 +78,19 @@ def provenance(args, device=None) -> dict:
             "environment": environment(torch.device(device), getattr(args, "_load_before", None))}
 
 
+def timed_ms(fn, reps: int, warmup: int = 3) -> list[float]:
+    """ms of ``reps`` calls of ``fn`` on the CPU after ``warmup`` untimed ones, by the bench's
+    timer (each result released before the next call)."""
+    import torch
+
+    from cad_apps.bench.measure import _time_once
+
+    for _ in range(warmup):
+        fn()
+    cpu = torch.device("cpu")
+    return [1e3 * _time_once(fn, (), cpu) for _ in range(reps)]
+
+
 def table_header(args, device="cpu") -> str:
     """The lines heading a printed timing table (the tables go into BENCHMARKS.md): the command
     and the machine, from :func:`provenance` (CPU model and instruction-set flags, torch, threads,

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from experiments.common import ExperimentParser, table_header
+from cad_apps.bench.measure import _median
+from experiments.common import ExperimentParser, table_header, timed_ms
 
 # the nothing-kept tensor at the backbone's end: batch, channels, stride-16 grid (512x1024)
 SHAPE = (1, 2048, 32, 64)
@@ -30,12 +31,7 @@ SHAPE = (1, 2048, 32, 64)
 
 def _times(fn, reps: int) -> tuple[float, float]:
     """(median, min) ms of ``reps`` calls after 3 warm-ups, each result released at once."""
-    from cad_apps.bench.measure import _median, _time_once
-
-    for _ in range(3):
-        fn()
-    cpu = torch.device("cpu")
-    t = [1e3 * _time_once(fn, (), cpu) for _ in range(reps)]
+    t = timed_ms(fn, reps)
     return _median(t), min(t)
 
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cad_apps.bench.measure import _median, _time_once
-from experiments.common import ExperimentParser, table_header
+from cad_apps.bench.measure import _median
+from experiments.common import ExperimentParser, table_header, timed_ms
 
 # (M, K, N): 1x1 reduce / expand / square of layer3 and layer4, 3x3 im2col rests
 SHAPES = [(5700, 1024, 256), (5700, 256, 1024), (5700, 256, 256), (5700, 2048, 512),
@@ -36,11 +36,8 @@ SHAPES = [(5700, 1024, 256), (5700, 256, 1024), (5700, 256, 256), (5700, 2048, 5
 
 
 def median_ms(fn, reps: int) -> float:
-    """Median ms of ``reps`` calls of ``fn`` after 3 warm-ups (the bench's timer and median)."""
-    for _ in range(3):
-        fn()
-    cpu = torch.device("cpu")
-    return 1e3 * _median([_time_once(fn, (), cpu) for _ in range(reps)])
+    """Median ms of ``reps`` calls of ``fn`` after 3 warm-ups (the bench's timer)."""
+    return _median(timed_ms(fn, reps))
 
 
 def main(argv=None) -> int:

@@ -13,11 +13,11 @@ median / minimum exceeds R (for a script that waits for a quiet spell); without 
 from __future__ import annotations
 
 import os
-import statistics
 
 import torch
 
-from experiments.common import ExperimentParser, table_header
+from cad_apps.bench.measure import _median
+from experiments.common import ExperimentParser, table_header, timed_ms
 
 #: the GEMM: (M, K, N)
 SHAPE = (512, 1024, 2048)
@@ -25,12 +25,8 @@ SHAPE = (512, 1024, 2048)
 
 def _pinned_times(cpu, a, b, reps: int) -> list[float]:
     """ms of ``reps`` products ``a @ b`` on ``cpu`` alone, after 3 warm-ups."""
-    from cad_apps.bench.measure import _time_once
-
     os.sched_setaffinity(0, {cpu})
-    for _ in range(3):
-        a @ b
-    return [1e3 * _time_once(torch.mm, (a, b), torch.device("cpu")) for _ in range(reps)]
+    return timed_ms(lambda: torch.mm(a, b), reps)
 
 
 def main(argv=None) -> int:
@@ -65,9 +61,10 @@ def main(argv=None) -> int:
     try:
         for cpu in cpus:
             t = _pinned_times(cpu, a, b, args.reps)
-            ratio = statistics.median(t) / min(t)
+            median = _median(t)
+            ratio = median / min(t)
             worst = max(worst, ratio)
-            print(f"| {cpu} | {min(t):.2f} | {statistics.median(t):.2f} | {max(t):.2f} | "
+            print(f"| {cpu} | {min(t):.2f} | {median:.2f} | {max(t):.2f} | "
                   f"{ratio:.2f} |")
     finally:
         os.sched_setaffinity(0, cpus)

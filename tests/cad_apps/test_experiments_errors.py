@@ -452,19 +452,26 @@ def test_semantics_checks_its_images_before_building_models(tmp_path, monkeypatc
 
 
 # --------------------------------------------------------------------------- one definition
-def test_timing_scripts_use_the_bench_timer_and_median():
-    """gemm_routes and products_first' layers time single calls with the bench's timer, and
-    they and dense_phases take the bench's median (cad_apps.bench.measure); overlays takes
+def test_timing_scripts_use_the_bench_timer_and_median(monkeypatch):
+    """gemm_routes, fresh_memory, host_noise (through experiments.common.timed_ms) and
+    products_first' layers time single calls with the bench's timer, and they and dense_phases
+    take the bench's median (cad_apps.bench.measure); overlays takes
     level fractions from the plan (LevelPlan.level_fractions): no copies to drift apart.
     (dense_phases and products_first' batch / head keep their own perf_counter loops, CPU
     only.)"""
     from cad_apps.bench import measure
-    from experiments import dense_phases, gemm_routes, overlays, products_first
+    from experiments import (common, dense_phases, fresh_memory, gemm_routes, host_noise,
+                             overlays, products_first)
 
-    for script in (gemm_routes, dense_phases, products_first):
+    for script in (gemm_routes, dense_phases, products_first, fresh_memory, host_noise):
         assert script._median is measure._median and not hasattr(script, "statistics")
-    for script in (gemm_routes, products_first):
-        assert script._time_once is measure._time_once
+    for script in (gemm_routes, fresh_memory, host_noise):
+        assert script.timed_ms is common.timed_ms
+    assert products_first._time_once is measure._time_once
+    timer = []  # common.timed_ms reads measure's timer at call time
+    monkeypatch.setattr(measure, "_time_once", lambda fn, args, device: timer.append(1) or 0.0)
+    assert common.timed_ms(lambda: None, 4) == [0.0] * 4 and len(timer) == 4
+    monkeypatch.undo()
     assert not hasattr(products_first, "_timed") and not hasattr(overlays, "_fractions")
     calls = []
     assert gemm_routes.median_ms(lambda: calls.append(1), 5) >= 0 and len(calls) == 3 + 5
