@@ -76,7 +76,7 @@ class CADTensor(SparseConvTensor):
         return cls(features, plan, 0)
 
     def dense(self, channels_first: bool = True, *, fill: str = "owner",
-              grid: str = "finest") -> torch.Tensor:
+              grid: str = "finest", out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Densify: ``[B, C, H, W]`` (``[B, H, W, C]`` with ``channels_first=False``).
 
         ``fill="owner"`` (default, ``SEMANTICS.md``): every finest cell takes its owner site's
@@ -87,42 +87,68 @@ class CADTensor(SparseConvTensor):
 
         Owner fill is a view where the sites are the cells of one grid (``plan.grid_level``:
         the features are its NHWC map), a nearest upsampling of that map onto the finest grid
-        where the cells are blocks, and a gather through the owner map otherwise."""
+        where the cells are blocks, and a gather through the owner map otherwise.
+
+        ``out``: a tensor of the result's shape, dtype and device to write into and return
+        (any strides; channels-last is the fast one). A caller that densifies maps of one size
+        again and again (a video loop, a benchmark) keeps one: a fresh result of tens of MiB
+        costs more in new pages than in copying (``BENCHMARKS.md``)."""
         if not isinstance(channels_first, bool):  # e.g. dense("step"): grid is keyword-only
             raise TypeError(f"channels_first must be a bool, got {channels_first!r}; the grid "
                             "is chosen by keyword: x.dense(grid='step')")
-        geo = self.plan.geometry(self.step)
         if grid not in ("finest", "step"):
             raise ValueError(f"grid must be 'finest' or 'step', got {grid!r}")
-        if fill == "owner":
-            B, (H, W), C = self.batch_size, self.plan.grid, self.features.shape[1]
-            c = self.plan.grid_level(self.step)
-            if c is not None and (grid == "step" or c == 0 or self.features.is_floating_point()):
-                cell = 2 ** c
-                cells = self.features.reshape(B, -(-H // cell), -(-W // cell), C)
-                if grid == "step":  # every 2**step-th finest cell: every 2**(step-c)-th cell
-                    k = 2 ** (self.step - c)
-                    out = cells[:, ::k, ::k]
-                elif c == 0:
-                    out = cells
-                else:
-                    out = torch.nn.functional.interpolate(
-                        cells.permute(0, 3, 1, 2), scale_factor=cell, mode="nearest")
-                    out = out[:, :, :H, :W].permute(0, 2, 3, 1)
-            else:
-                s = 2 ** self.step if grid == "step" else 1
-                owner = geo.owner[:, ::s, ::s]
-                # index_select, not advanced indexing: 0.77x the time (2048 channels, 64x128)
-                out = self.features.index_select(0, owner.reshape(-1)).reshape(*owner.shape, C)
-        elif fill == "scatter":
-            B, (H, W), s = self.batch_size, self.plan.grid, 2 ** self.step if grid == "step" else 1
-            out = self.features.new_zeros(B, H, W, self.features.shape[1])
-            c = geo.coords
-            out[c[:, 0], c[:, 1], c[:, 2]] = self.features
-            out = out[:, ::s, ::s]
-        else:
+        if fill not in ("owner", "scatter"):
             raise ValueError(f"fill must be 'owner' or 'scatter', got {fill!r}")
-        return out.permute(0, 3, 1, 2) if channels_first else out
+        B, (H, W), C = self.batch_size, self.plan.grid, self.features.shape[1]
+        s = 2 ** self.step if grid == "step" else 1
+        shape = (B, -(-H // s), -(-W // s), C)  # NHWC
+        dst = None if out is None else self._out_nhwc(out, shape, channels_first)
+        c = self.plan.grid_level(self.step) if fill == "owner" else None
+        if c is not None and (grid == "step" or c == 0):  # a view of the features
+            cell = 2 ** c
+            res = self.features.reshape(B, -(-H // cell), -(-W // cell), C)
+            if grid == "step":  # every 2**step-th finest cell: every 2**(step-c)-th cell
+                res = res[:, ::2 ** (self.step - c), ::2 ** (self.step - c)]
+            if dst is not None:
+                res = dst.copy_(res)
+        elif c is not None:  # the cells are 2**c blocks: nearest upsampling
+            res = _nearest_into(self.features.new_empty(shape) if dst is None else dst,
+                                self.features.reshape(B, -(-H // 2 ** c), -(-W // 2 ** c), C),
+                                2 ** c)
+        elif fill == "owner":
+            owner = self.plan.geometry(self.step).owner[:, ::s, ::s].reshape(-1)
+            if dst is not None and dst.is_contiguous():
+                torch.index_select(self.features, 0, owner, out=dst.view(-1, C))
+                res = dst
+            else:  # index_select, not advanced indexing: 0.77x the time (2048 channels, 64x128)
+                res = self.features.index_select(0, owner).reshape(shape)
+                res = res if dst is None else dst.copy_(res)
+        else:
+            res = self.features.new_zeros(B, H, W, C)
+            sites = self.plan.geometry(self.step).coords
+            res[sites[:, 0], sites[:, 1], sites[:, 2]] = self.features
+            res = res[:, ::s, ::s]
+            res = res if dst is None else dst.copy_(res)
+        if out is not None:
+            return out
+        return res.permute(0, 3, 1, 2) if channels_first else res
+
+    def _out_nhwc(self, out, shape, channels_first: bool) -> torch.Tensor:
+        """``out`` checked against the result (``shape``: NHWC), as an NHWC view."""
+        want = (shape[0], shape[3], shape[1], shape[2]) if channels_first else shape
+        f = self.features
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+        if tuple(out.shape) != want or out.dtype != f.dtype or out.device != f.device:
+            raise ValueError(
+                f"out must be a {list(want)} {f.dtype} tensor on {f.device} (the densified "
+                f"map), got {list(out.shape)} {out.dtype} on {out.device}; pass back an earlier "
+                "result of the same call, or allocate one of that shape")
+        if out.numel() and out.untyped_storage().data_ptr() == f.untyped_storage().data_ptr():
+            raise ValueError("out shares memory with the features it would be filled from; "
+                             "pass a separate buffer")
+        return out.permute(0, 2, 3, 1) if channels_first else out
 
     # ------------------------------------------------------------------ derived tensors
     def replace_feature(self, feature: torch.Tensor, step: Optional[int] = None) -> "CADTensor":
@@ -195,3 +221,19 @@ class CADTensor(SparseConvTensor):
         return (f"CADTensor(sites={self.num_sites}, channels={self.num_channels}, step={self.step}"
                 f"/{self.plan.num_levels}, grid={H}x{W}, batch={self.batch_size}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+def _nearest_into(dst: torch.Tensor, cells: torch.Tensor, cell: int) -> torch.Tensor:
+    """Nearest upsampling of the NHWC map ``cells`` by ``cell`` into the NHWC ``dst`` (cropped
+    to its size): one broadcast copy per part (full blocks, the last partial block row and
+    column, their corner), no intermediate."""
+    B, H, W, C = dst.shape
+    rows = [(0, H // cell, cell)] + ([(H // cell, 1, H % cell)] if H % cell else [])
+    cols = [(0, W // cell, cell)] + ([(W // cell, 1, W % cell)] if W % cell else [])
+    for i, n, h in rows:  # (first cell, cells, rows per cell)
+        for j, m, w in cols:
+            if n and m:
+                part = dst[:, i * cell:i * cell + n * h, j * cell:j * cell + m * w]
+                part.unflatten(1, (n, h)).unflatten(3, (m, w)).copy_(
+                    cells[:, i:i + n, None, j:j + m, None].expand(B, n, h, m, w, C))
+    return dst

@@ -116,6 +116,8 @@ def verdict(cfg: dict, cad: dict, peaks: list) -> tuple[str, bool, bool]:
         setting = f"edge {cfg['threshold']:g}" + (
             "" if cfg.get("scope") != "model" else
             (", whole model, sparse head" if cfg.get("sparse_head") else ", whole model"))
+    if cfg.get("reuse_output"):  # not the default run: say so wherever the verdict shows
+        setting += ", output buffer reused"
     return setting, speed_met(cfg, cad), all(c <= d for d, c in peaks)
 
 

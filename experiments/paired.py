@@ -1,6 +1,7 @@
 """CAD against the dense network it equals, in strictly alternating pairs (BENCHMARKS.md).
 
     python -m experiments.paired [--keep none|all] [--dtype bfloat16] [--pairs 60]
+                                 [--reuse-output]
 
 With nothing kept the converted DeepLabV3-ResNet101 backbone (8->16, densified at stride 8)
 equals dense stride 16, with everything kept dense stride 8 (both channels-last, random weights
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-output", action="store_true",
+                        help="CAD densifies into one buffer kept across runs (as cad-spconv "
+                             "bench --reuse-output)")
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error(f"--pairs must be >= 1, got {args.pairs}")
@@ -56,13 +60,15 @@ def main(argv=None) -> int:
     print(table_header(args))
 
     from cad_apps.bench.measure import _time_once
+    from cad_apps.bench.variants import Variant
 
     dtype = getattr(torch, args.dtype)
     dense, cad = _models(args, dtype)
     x = torch.randn(1, 3, *args.size).to(dtype).contiguous(memory_format=torch.channels_last)
     keep = torch.full((1, 1, *args.size), args.keep == "all", dtype=torch.bool)
+    densify = Variant("cad", "cad", None, None, None, reuse_output=args.reuse_output).densify
     runs = {"dense": lambda: dense(x)["out"],
-            "cad": lambda: cad.forward_features(x, keep).dense()}
+            "cad": lambda: densify(cad.forward_features(x, keep))}
     cpu = torch.device("cpu")
     times = {name: [] for name in runs}
     with torch.inference_mode():
@@ -76,7 +82,8 @@ def main(argv=None) -> int:
     median = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     stride = 16 if args.keep == "none" else 8
     print(f"{args.dtype}, {'nothing' if args.keep == 'none' else 'everything'} kept, "
-          f"{args.size[0]}x{args.size[1]}, {args.pairs} pairs; dense: stride {stride}")
+          f"{args.size[0]}x{args.size[1]}, {args.pairs} pairs; dense: stride {stride}"
+          + ("; CAD's output buffer reused" if args.reuse_output else ""))
     print("| dense median [ms] | CAD median [ms] | ratio of medians | median of pair ratios "
           "(quartiles) | dense runs' spread (max / min) |")
     print("|---|---|---|---|---|")

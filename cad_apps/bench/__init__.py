@@ -91,6 +91,11 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--fold-bn", action="store_true",
                         help="fold eval batch norms into the convs (adapters.fold_batchnorm) in "
                              "every variant, dense and CAD alike")
+    parser.add_argument("--reuse-output", action="store_true",
+                        help="backbone scope: CAD densifies into one buffer kept across runs "
+                             "(x.dense(out=...), as a video loop would; its bytes count in "
+                             "CAD's peak memory); the dense networks allocate their outputs as "
+                             "always")
     parser.add_argument("--dense-format", default="both", choices=("both",) + FORMATS,
                         help="memory format of the dense models; 'both' times both and takes the "
                              "faster as the reference (default)")
@@ -253,6 +258,11 @@ def _check_args(args) -> dict:
         if given:
             raise SystemExit(f"bench: --model conv3x3 is one conv (no head, no batch norm): "
                              f"leave out {', '.join(given)}")
+    if args.reuse_output and (args.scope == "model" or args.model == "conv3x3"):
+        raise SystemExit("bench: --reuse-output keeps the buffer CAD's backbone densifies into; "
+                         "a whole model densifies inside its forward and conv3x3 returns the "
+                         "multi-resolution tensor: leave it out with "
+                         + ("--scope model" if args.scope == "model" else "--model conv3x3"))
     if args.sparse_head and args.scope != "model":
         raise SystemExit("bench: --sparse-head runs the whole model's head sparsely; add "
                          "--scope model (the default scope times the backbones only)")

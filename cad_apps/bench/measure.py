@@ -262,9 +262,13 @@ def bench_input(args, bench, images, keep, device, dtype) -> dict:
                 # a workspace scope, as op-level runs): part of what a CAD forward needs, so
                 # counted in its peak (all CAD variants' together)
                 entry["engine_cache_bytes"] = cached_bytes(device)
-                entry["peak_bytes"] += entry["engine_cache_bytes"]
+                kept = entry["engine_cache_bytes"]
+                if v.kept_outputs is not None:  # --reuse-output: the buffer is its output
+                    entry["output_buffer_bytes"] = v.kept_output_bytes()
+                    kept += entry["output_buffer_bytes"]
+                entry["peak_bytes"] += kept
                 if "peak_tensor_bytes" in entry:
-                    entry["peak_tensor_bytes"] += entry["engine_cache_bytes"]
+                    entry["peak_tensor_bytes"] += kept
     # geometry share, per CAD variant: replay exactly what its last timed forward built
     for v in variants:
         v.capture = True

@@ -15,15 +15,36 @@ class Variant:
     ``capture`` is on (the memory passes turn it off: a forward frees its geometry with its
     tensors, and holding it would add it to the measured peak). ``plans``: whether ``run``
     builds the level plan and its step geometry (models) or gets them from ``setup`` (the
-    one-conv model), which decides what the geometry share replays."""
+    one-conv model), which decides what the geometry share replays. ``reuse_output``: CAD
+    densifies into buffers it keeps (:meth:`densify`)."""
 
-    def __init__(self, name, kind, setup, run, macs, engine=None, fmt=None, plans=True):
+    def __init__(self, name, kind, setup, run, macs, engine=None, fmt=None, plans=True,
+                 reuse_output=False):
         self.name, self.kind = name, kind
         self.setup, self.run, self.macs = setup, run, macs
         self.engine, self.fmt = engine, fmt
         self.plans = plans
         self.last = None
         self.capture = True
+        self.kept_outputs = {} if reuse_output else None
+
+    def densify(self, tensor):
+        """``tensor.dense()``; with ``reuse_output`` into one kept buffer per shape and dtype
+        (``dense(out=...)``, as a video loop would): the first result that is not a view of the
+        features becomes the buffer."""
+        if self.kept_outputs is None:
+            return tensor.dense()
+        f = tensor.features
+        key = (tensor.batch_size, tuple(tensor.plan.grid), f.shape[1], f.dtype, f.device)
+        buf = self.kept_outputs.get(key)
+        out = tensor.dense(out=buf)
+        if buf is None and out.untyped_storage().data_ptr() != f.untyped_storage().data_ptr():
+            self.kept_outputs[key] = out
+        return out
+
+    def kept_output_bytes(self) -> int:
+        """Bytes of the kept output buffers (part of CAD's peak memory)."""
+        return sum(t.untyped_storage().nbytes() for t in (self.kept_outputs or {}).values())
 
     def keep_geometry(self, tensor):
         if self.capture:
@@ -153,14 +174,14 @@ def build_variants(args, device, dtype) -> dict:
                     lambda images, keep: (to_format(images.to(dtype), "channels_last"), keep),
                     None, (lambda m: lambda images, keep: _count(m, images.to(dtype), keep,
                                                                  whole))(m),
-                    engine=e)
+                    engine=e, reuse_output=args.reuse_output)
         if whole:
             _capture_geometry(m, v)
             v.run = (lambda m: lambda x, keep: (m(x, keep)["out"] if segmentation
                                                 else m(x, keep)))(m)
         else:
-            v.run = (lambda m, v: lambda x, keep: v.keep_geometry(
-                m.forward_features(x, keep)).dense())(m, v)
+            v.run = (lambda m, v: lambda x, keep: v.densify(v.keep_geometry(
+                m.forward_features(x, keep))))(m, v)
         variants.append(v)
     return {"variants": variants, "engines": args.engines}
 

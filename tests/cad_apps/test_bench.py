@@ -67,6 +67,55 @@ def test_resnet_backbone_runs_and_matches_mac_counter(tmp_path, extra):
         assert report["tuned"] and all(c["engine"] in c["seconds"] for c in report["tuned"])
 
 
+def test_reused_output_buffers_are_counted_and_checked(tmp_path, monkeypatch):
+    """--reuse-output: CAD densifies into one kept buffer (Guarantee 2 still checked on it), and
+    the buffer's bytes count in CAD's peak memory; a whole model cannot take it."""
+    import cad_spconv.engines
+    from cad_apps.bench import measure
+
+    # what a run allocates, fixed: the peaks then show exactly what is added to CAD's
+    monkeypatch.setattr(measure, "_tensor_peak", lambda fn, args: 1000)
+    monkeypatch.setattr(measure, "_peak_memory", lambda fn, args, device: 2000)
+    monkeypatch.setattr(cad_spconv.engines, "cached_bytes", lambda device: 30)
+    out = tmp_path / "r.json"
+    args = build_parser("bench").parse_args([
+        "bench", "--reps", "1", "--threads", "1", "--json", str(out), "--model", "resnet18",
+        "--size", "64", "48", "--dense-format", "channels_last", "--reuse-output"])
+    assert bench.main(args) == 0  # with the memory passes
+    for res in json.loads(out.read_text())["inputs"]:
+        cad = res["variants"]["cad[auto]"]
+        buffer = 512 * 8 * 6 * 4  # resnet18's layer4 at stride 8, float32
+        assert cad["output_buffer_bytes"] == buffer
+        assert (cad["peak_tensor_bytes"], cad["peak_bytes"]) == (1030 + buffer, 2030 + buffer)
+        assert res["variants"]["dense8[channels_last]"]["peak_tensor_bytes"] == 1000
+        assert res["guarantee2_rel_error"] < 1e-5
+    args = build_parser("bench").parse_args(["bench", "--model", "resnet18", "--scope", "model",
+                                             "--reuse-output"])
+    with pytest.raises(SystemExit, match="leave it out with --scope model"):
+        bench.main(args)
+
+
+def test_a_variant_densifies_into_its_kept_buffer():
+    """The first densified result that is not a view of the features becomes the buffer; every
+    later result of that shape is that buffer, filled anew; a view is never kept."""
+    from cad_apps.bench.variants import Variant
+    from cad_spconv import CADTensor, LevelPlan
+
+    v = Variant("cad", "cad", None, None, None, reuse_output=True)
+    levels = torch.ones(2, 9, 7, dtype=torch.long)
+    levels[1, :4] = 0  # the images of the batch differ: a gather, not an upsampling
+    plan = LevelPlan.from_level_map(levels, 1)
+    first = CADTensor(torch.randn(plan.num_sites(1), 3), plan, 1)
+    kept = v.densify(first)
+    assert v.kept_output_bytes() == kept.numel() * 4
+    second = CADTensor(torch.randn(plan.num_sites(1), 3), plan, 1)
+    assert v.densify(second) is kept
+    torch.testing.assert_close(kept, second.dense(), rtol=0, atol=0)
+    flat = LevelPlan.from_level_map(torch.zeros(1, 5, 6, dtype=torch.long), 1)
+    view = v.densify(CADTensor(torch.randn(30, 3), flat, 1))  # the features' own NHWC map
+    assert v.kept_output_bytes() == kept.numel() * 4 and view.shape == (1, 3, 5, 6)
+
+
 def test_profile_reports_ops_per_variant(tmp_path, capsys):
     """--profile N: one profiled forward per variant, its N most expensive ops by self time, the
     rest and the total, in the JSON and as a table."""
@@ -95,6 +144,7 @@ def test_profile_reports_ops_per_variant(tmp_path, capsys):
     (["--scope", "model", "--fold-bn"], "leave out --scope model, --fold-bn"),
     (["--engine", "torch,lattice,torch"], "names torch more than once"),
     (["--warmup", "0"], "--warmup must be >= 1"),
+    (["--reuse-output"], "leave it out with --model conv3x3"),
     (["--images", "/no/such.png", "--threshold", "nan"], "threshold must be finite"),
     (["--images", "/no/such.png", "--dilation", "4"], "dilation must be an odd"),
     (["--json", "{tmp}", "--reps", "1"], "--json .* is a directory"),

@@ -494,8 +494,8 @@ def test_options_valid_for_every_setting_are_not_refused_by_the_default_mask(roo
     assert not (tmp_path / "t").exists()
 
 
-@pytest.mark.parametrize("keep", ["none", "all"])
-def test_paired_times_cad_against_the_dense_network_it_equals(keep, capsys):
+@pytest.mark.parametrize("keep, reuse", [("none", []), ("all", []), ("none", ["--reuse-output"])])
+def test_paired_times_cad_against_the_dense_network_it_equals(keep, reuse, capsys):
     """``experiments.paired`` on a tiny odd-sized input: one table row, headed by the command
     and the machine, and the stride of the dense network the keep setting equals."""
     import torch
@@ -505,13 +505,14 @@ def test_paired_times_cad_against_the_dense_network_it_equals(keep, capsys):
     threads = torch.get_num_threads()
     try:
         assert paired.main(["--keep", keep, "--size", "33", "47", "--pairs", "2",
-                            "--threads", "1", "--dtype", "float32"]) == 0
+                            "--threads", "1", "--dtype", "float32", *reuse]) == 0
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("command: python -m experiments.paired --keep")
     assert lines[2] == (f"float32, {'nothing' if keep == 'none' else 'everything'} kept, 33x47, "
-                        f"2 pairs; dense: stride {16 if keep == 'none' else 8}")
+                        f"2 pairs; dense: stride {16 if keep == 'none' else 8}"
+                        + ("; CAD's output buffer reused" if reuse else ""))
     assert len(lines) == 6 and lines[-1].count("|") == 6
 
 

@@ -98,6 +98,52 @@ def test_owner_fill_on_every_kind_of_plan(levels, dtype):
                                    rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("levels", ["0 or 1 or 2", "all 0", "all 1", "all 2"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_dense_into_a_kept_buffer(levels, layout):
+    """``dense(out=...)`` writes every cell of the buffer, whichever shortcut applies (a view, an
+    upsampling, a gather, the scatter), on odd sizes and a batch of different masks, and returns
+    the buffer itself; the buffer's old contents never leak through."""
+    rng = np.random.default_rng(9)
+    grid, L = (13, 11), 2
+    if levels.startswith("all"):
+        level_map = np.full((3, *grid), int(levels[-1]))
+    else:
+        level_map = ref.levels_from_masks([rng.uniform(size=(3, *grid)) < 0.05
+                                           for _ in range(L)], L)
+    plan = LevelPlan.from_level_map(torch.from_numpy(level_map), L)
+    for step in range(L + 1):
+        x = CADTensor(torch.randn(plan.num_sites(step), 5, dtype=torch.float64), plan, step)
+        for kwargs in ({}, {"grid": "step"}, {"fill": "scatter"}, {"channels_first": False}):
+            want = x.dense(**kwargs)
+            shape = want.shape
+            if layout == "strided":  # every other column of a wider buffer
+                buf = torch.full((*shape[:-1], 2 * shape[-1]), float("nan"),
+                                 dtype=want.dtype)[..., ::2]
+            else:
+                buf = torch.full(shape, float("nan"), dtype=want.dtype)
+                if layout == "channels_last" and len(shape) == 4:
+                    buf = buf.contiguous(memory_format=torch.channels_last)
+            got = x.dense(**kwargs, out=buf)
+            assert got is buf
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_dense_refuses_a_buffer_that_does_not_fit():
+    x, _ = make_input(((9, 10), 2, "keep"), 2, 3, torch.float64, "cpu", seed=5)
+    want = x.dense()
+    B, C, H, W = want.shape
+    with pytest.raises(ValueError, match=rf"out must be a \[{B}, {C}, {H}, {W}\] torch.float64"):
+        x.dense(out=torch.empty(B, H, W, C, dtype=torch.float64))  # NHWC for channels-first
+    with pytest.raises(ValueError, match="got .* torch.float32"):
+        x.dense(out=torch.empty(want.shape))
+    with pytest.raises(TypeError, match="out must be a tensor"):
+        x.dense(out=want.numpy())
+    with pytest.raises(ValueError, match="shares memory with the features"):
+        x.dense(grid="step", out=x.features.view(-1)[:want[:, :, ::4, ::4].numel()].view(
+            want[:, :, ::4, ::4].shape))
+
+
 def test_replace_feature_keeps_plan_and_refuses_a_wrong_row_count():
     x, _ = make_input(((8, 8), 1, "keep"), 0, 2, torch.float32, "cpu", seed=6)
     y = x.replace_feature(x.features * 2)
