@@ -68,6 +68,10 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                                [*run, "--images", *frames, "--threshold", "0.35", "--batch", "4"]))
         for keep in ("none", "all"):
             out["targets"].append((f"cpu_{dtype}_b1_keep_{keep}", [*net, *one, "--keep", keep]))
+        # nothing kept with CAD's densified output in a kept buffer, as a video loop would:
+        # fresh pages for it under glibc are 2-4 % of dense 16 (BENCHMARKS.md)
+        out["targets"].append((f"cpu_{dtype}_b1_keep_none_reuse_output",
+                               [*net, *one, "--keep", "none", "--reuse-output"]))
         out["targets"].append((f"cpu_{dtype}_b1_model_edge0.35",
                                [*run, *edge, "--scope", "model"]))
         out["targets"].append((f"cpu_{dtype}_b1_model_sparse_head_edge0.35",

@@ -212,6 +212,12 @@ def test_benchmark_suite_report_and_machine_folders(tmp_path, monkeypatch, capsy
     # nothing kept times one frame as often as the edge settings time their frames together
     assert "--reps 6 " in commands["cpu_float32_b1_keep_none"]
     assert "b.png" not in commands["cpu_float32_b1_keep_none"]
+    assert "--reuse-output" not in commands["cpu_float32_b1_keep_none"]
+    assert commands["cpu_float32_b1_keep_none_reuse_output"].replace(" --reuse-output", "") == (
+        commands["cpu_float32_b1_keep_none"].replace("keep_none", "keep_none_reuse_output"))
+    setting, _, _ = benchmark.verdict({"keep": "none", "reuse_output": True},
+                                      {"vs_dense_coarse": 1.0}, [])
+    assert setting == "nothing kept, output buffer reused"
     assert f"--json {results}/cpu_float32_b1_edge0.15.json" in out
     assert "skipping cpu_bfloat16_b1_edge0.15: this CPU has no native bfloat16" in out
     assert "--dtype bfloat16" not in out
