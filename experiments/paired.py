@@ -4,8 +4,9 @@
                                  [--reuse-output]
 
 With nothing kept the converted DeepLabV3-ResNet101 backbone (8->16, densified at stride 8)
-equals dense stride 16, with everything kept dense stride 8 (both channels-last, random weights
-with tamed statistics as ``cad-spconv bench``, 512x1024). ``cad-spconv bench`` times five or
+equals dense stride 16, with everything kept dense stride 8 (both channels-last, 512x1024;
+the bench's own variants: ``cad_apps.bench.variants.build_variants``, random weights with
+tamed statistics). ``cad-spconv bench`` times five or
 six variants in rotation, so a CAD run and the dense run it is compared with lie seconds apart;
 on a busy shared host one variant's runs then spanned 2-8x and a ratio of medians moved by
 several per cent between runs. Here the two run back to back, in turns, and the table gives the
@@ -21,22 +22,24 @@ import torch
 from experiments.common import ExperimentParser, table_header
 
 
-def _models(args, dtype):
-    from torchvision.models._utils import IntermediateLayerGetter
+def _variants(args):
+    """The bench's own dense variant (channels-last, at the stride the keep setting equals) and
+    CAD variant, built as ``cad-spconv bench`` builds them (one set of tamed random weights)."""
+    import argparse
 
-    from adapters import convert
-    from adapters.builders import classifier_model, segmentation_model
-    from cad_apps.bench.variants import _tamed
+    from cad_apps.bench import _check_args, configure
+    from cad_apps.bench.variants import build_variants
 
-    cl = torch.channels_last
-    source = _tamed(segmentation_model("deeplabv3_resnet101", output_stride=8), args.seed)
-    dense = IntermediateLayerGetter(
-        classifier_model("resnet101", output_stride=16 if args.keep == "none" else 8),
-        {"layer4": "out"})
-    dense.load_state_dict(source.backbone.state_dict())
-    dense = dense.eval().to(dtype).to(memory_format=cl)
-    cad = convert(source, 8, 16).eval().to(dtype).to(memory_format=cl)
-    return dense, cad
+    bench = argparse.ArgumentParser()
+    configure(bench)
+    b = bench.parse_args(["--model", "deeplabv3_resnet101", "--dtype", args.dtype, "--engine",
+                          "auto", "--dense-format", "channels_last", "--no-float32-baseline",
+                          "--seed", str(args.seed), "--size", *map(str, args.size)]
+                         + (["--reuse-output"] if args.reuse_output else []))
+    cfg = _check_args(b)
+    variants = {v.name: v for v in build_variants(b, cfg["device"], cfg["dtype"])["variants"]}
+    stride = 16 if args.keep == "none" else 8
+    return variants[f"dense{stride}[channels_last]"], variants["cad[auto]"]
 
 
 def main(argv=None) -> int:
@@ -60,15 +63,13 @@ def main(argv=None) -> int:
     print(table_header(args))
 
     from cad_apps.bench.measure import _time_once
-    from cad_apps.bench.variants import Variant
 
-    dtype = getattr(torch, args.dtype)
-    dense, cad = _models(args, dtype)
-    x = torch.randn(1, 3, *args.size).to(dtype).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(1, 3, *args.size)
     keep = torch.full((1, 1, *args.size), args.keep == "all", dtype=torch.bool)
-    densify = Variant("cad", "cad", None, None, None, reuse_output=args.reuse_output).densify
-    runs = {"dense": lambda: dense(x)["out"],
-            "cad": lambda: densify(cad.forward_features(x, keep))}
+    runs = {}
+    for name, v in zip(("dense", "cad"), _variants(args)):
+        v.capture = False  # no geometry replay here: hold no plan between runs
+        runs[name] = (lambda v, state: lambda: v.run(*state))(v, v.setup(images, keep))
     cpu = torch.device("cpu")
     times = {name: [] for name in runs}
     with torch.inference_mode():
