@@ -24,7 +24,7 @@ __all__ = ["base_parser", "run_setting", "run_points", "Setting", "baselines", "
            "write_report", "plot_tradeoff", "setting_label", "learned_labels",
            "lattice_split_only", "ExperimentError", "ExperimentParser", "reports_errors",
            "check_settings", "check_mask", "provenance", "table_header", "mask_value",
-           "INPUT_ERRORS", "POINTS_EPILOG"]
+           "bench_variants", "timed_ms", "INPUT_ERRORS", "POINTS_EPILOG"]
 
 
 class ExperimentError(Exception):
@@ -76,6 +76,24 @@ def provenance(args, device=None) -> dict:
     return {"command": getattr(args, "_command", None),
             "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "environment": environment(torch.device(device), getattr(args, "_load_before", None))}
+
+
+def bench_variants(argv: Sequence[str]):
+    """What ``cad-spconv bench`` with arguments ``argv`` would time, built as it builds them:
+    (its parsed arguments, its device / dtype config, variant name -> ``Variant``), the random
+    weights drawn after ``torch.manual_seed(--seed)`` as the bench draws them."""
+    import torch
+
+    from cad_apps.bench import _check_args, configure
+    from cad_apps.bench.variants import build_variants
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(list(argv))
+    cfg = _check_args(args)
+    torch.manual_seed(args.seed)
+    variants = build_variants(args, cfg["device"], cfg["dtype"])["variants"]
+    return args, cfg, {v.name: v for v in variants}
 
 
 def timed_ms(fn, reps: int, warmup: int = 3) -> list[float]:

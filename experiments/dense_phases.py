@@ -27,7 +27,6 @@ column: ``lattice.products_pay``).
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import time
 
@@ -161,21 +160,17 @@ def _split_layers(args) -> int:
 
 
 def _network(args) -> int:
-    from cad_apps.bench import _check_args, _inputs, _masks, configure
-    from cad_apps.bench.variants import build_variants
+    from cad_apps.bench import _inputs, _masks
+    from experiments.common import bench_variants
 
     frames = sorted(glob.glob(FRAMES))
-    bench = argparse.ArgumentParser()
-    configure(bench)
     scope = ["--scope", "model", "--sparse-head"] if args.sparse_head else ["--scope", "backbone"]
-    b = bench.parse_args(["--dtype", args.dtype, "--threads", str(args.threads), "--threshold",
-                          str(args.threshold), "--engine", "lattice", "--dense-format",
-                          "channels_last", *scope, "--images", *frames])
-    cfg = _check_args(b)
-    torch.manual_seed(0)
+    b, cfg, variants = bench_variants(
+        ["--dtype", args.dtype, "--threads", str(args.threads), "--threshold",
+         str(args.threshold), "--engine", "lattice", "--dense-format", "channels_last", *scope,
+         "--images", *frames])
     batches, names = _inputs(b)
     keeps, _ = _masks(b, batches, cfg["device"])
-    variants = {v.name: v for v in build_variants(b, cfg["device"], cfg["dtype"])["variants"]}
     lattice, rule, costs = _rules()
     runs = {"dense 8": (variants["dense8[channels_last]"], rule),
             "CAD, phases gathered": (variants["cad[lattice]"], costs["gathered"]),

@@ -25,19 +25,12 @@ from experiments.common import ExperimentParser, table_header
 def _variants(args):
     """The bench's own dense variant (channels-last, at the stride the keep setting equals) and
     CAD variant, built as ``cad-spconv bench`` builds them (one set of tamed random weights)."""
-    import argparse
+    from experiments.common import bench_variants
 
-    from cad_apps.bench import _check_args, configure
-    from cad_apps.bench.variants import build_variants
-
-    bench = argparse.ArgumentParser()
-    configure(bench)
-    b = bench.parse_args(["--model", "deeplabv3_resnet101", "--dtype", args.dtype, "--engine",
-                          "auto", "--dense-format", "channels_last", "--no-float32-baseline",
-                          "--seed", str(args.seed), "--size", *map(str, args.size)]
-                         + (["--reuse-output"] if args.reuse_output else []))
-    cfg = _check_args(b)
-    variants = {v.name: v for v in build_variants(b, cfg["device"], cfg["dtype"])["variants"]}
+    _, _, variants = bench_variants(
+        ["--model", "deeplabv3_resnet101", "--dtype", args.dtype, "--engine", "auto",
+         "--dense-format", "channels_last", "--no-float32-baseline", "--seed", str(args.seed),
+         "--size", *map(str, args.size)] + (["--reuse-output"] if args.reuse_output else []))
     stride = 16 if args.keep == "none" else 8
     return variants[f"dense{stride}[channels_last]"], variants["cad[auto]"]
 
