@@ -21,6 +21,7 @@ from torchvision.models.segmentation.fcn import FCN
 from torchvision.models.vgg import VGG
 
 from .deeplabv3plus import DeepLabV3Plus
+from .dilated import Im2colConv2d, im2col_dilated_convs
 from .fold import fold_batchnorm
 from cad_spconv.engines import check_engine
 from cad_spconv.plan import SEMANTICS
@@ -34,7 +35,7 @@ __all__ = ["convert", "CADModel", "CADResNet", "CADResNetFeatures", "CADSegmenta
            "CADVGGFeatures",
            "CADBottleneck", "CADBasicBlock", "CADASPP", "CADASPPPooling", "convert_resnet",
            "convert_segmentation", "convert_vgg_features", "UnsupportedModelError", "SUPPORTED",
-           "fold_batchnorm", "DeepLabV3Plus"]
+           "fold_batchnorm", "im2col_dilated_convs", "Im2colConv2d", "DeepLabV3Plus"]
 
 
 def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,

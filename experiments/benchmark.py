@@ -76,6 +76,14 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                                [*run, *edge, "--scope", "model"]))
         out["targets"].append((f"cpu_{dtype}_b1_model_sparse_head_edge0.35",
                                [*run, *edge, "--scope", "model", "--sparse-head"]))
+        if dtype == "bfloat16":  # oneDNN's bfloat16 ASPP convs slowed 4-15x with their
+            # dilation (adapters/dilated.py): the whole models again with both sides' dense
+            # dilated convs as im2col GEMMs, the faster dense configuration
+            for head in ([], ["--sparse-head"]):
+                name = "model_sparse_head" if head else "model"
+                out["targets"].append((f"cpu_{dtype}_b1_{name}_edge0.35_im2col_dilated",
+                                       [*run, *edge, "--scope", "model", *head,
+                                        "--im2col-dilated"]))
     # batch 1: every engine ("auto" is "torch" on CUDA); batch 4: auto, tuned and spconv's
     # implicit GEMM (lattice and spconv ran 1.8-3x slower than torch at batch 1, BENCHMARKS.md).
     # float32 with TF32 (the cuDNN default) and without, after the three dtypes
@@ -122,6 +130,8 @@ def verdict(cfg: dict, cad: dict, peaks: list) -> tuple[str, bool, bool]:
             (", whole model, sparse head" if cfg.get("sparse_head") else ", whole model"))
     if cfg.get("reuse_output"):  # not the default run: say so wherever the verdict shows
         setting += ", output buffer reused"
+    if cfg.get("im2col_dilated"):
+        setting += ", dilated convs as im2col GEMMs"
     return setting, speed_met(cfg, cad), all(c <= d for d, c in peaks)
 
 

@@ -91,6 +91,11 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--fold-bn", action="store_true",
                         help="fold eval batch norms into the convs (adapters.fold_batchnorm) in "
                              "every variant, dense and CAD alike")
+    parser.add_argument("--im2col-dilated", action="store_true",
+                        help="run the dense convs with dilation >= 6 (DeepLabV3's ASPP) as "
+                             "im2col GEMMs (adapters.im2col_dilated_convs) in every variant, "
+                             "dense and CAD alike: oneDNN's bfloat16 convs slowed 4-15x at "
+                             "those dilations on an AMX Xeon")
     parser.add_argument("--reuse-output", action="store_true",
                         help="backbone scope: CAD densifies into one buffer kept across runs "
                              "(x.dense(out=...), as a video loop would; its bytes count in "
@@ -254,9 +259,11 @@ def _check_args(args) -> dict:
     if args.model == "conv3x3":  # one conv: no model, head or batch norm to apply these to
         given = [flag for flag, on in (("--scope model", args.scope == "model"),
                                        ("--sparse-head", args.sparse_head),
-                                       ("--fold-bn", args.fold_bn)) if on]
+                                       ("--fold-bn", args.fold_bn),
+                                       ("--im2col-dilated", args.im2col_dilated)) if on]
         if given:
-            raise SystemExit(f"bench: --model conv3x3 is one conv (no head, no batch norm): "
+            raise SystemExit(f"bench: --model conv3x3 is one conv (no head, no batch norm, no "
+                             f"dense dilated conv): "
                              f"leave out {', '.join(given)}")
     if args.reuse_output and (args.scope == "model" or args.model == "conv3x3"):
         raise SystemExit("bench: --reuse-output keeps the buffer CAD's backbone densifies into; "

@@ -142,6 +142,7 @@ def test_profile_reports_ops_per_variant(tmp_path, capsys):
     (["--sparse-head"], "leave out --sparse-head"),
     (["--model", "resnet18", "--sparse-head"], "add --scope model"),
     (["--scope", "model", "--fold-bn"], "leave out --scope model, --fold-bn"),
+    (["--im2col-dilated"], "leave out --im2col-dilated"),
     (["--engine", "torch,lattice,torch"], "names torch more than once"),
     (["--warmup", "0"], "--warmup must be >= 1"),
     (["--reuse-output"], "leave it out with --model conv3x3"),
@@ -428,6 +429,26 @@ def test_a_whole_classifier_is_timed_and_written(tmp_path):
                           "64")
     for res in report["inputs"]:
         assert "guarantee2_rel_error" not in res and res["failed"] == {}
+
+
+def test_im2col_dilated_runs_in_every_variant(tmp_path, monkeypatch):
+    """--im2col-dilated: the dense networks and CAD's dense head alike run their ASPP convs as
+    im2col GEMMs (DeepLabV3: rates 12 / 24 / 36), the setting recorded with the result."""
+    import adapters.dilated
+
+    calls = []
+    real = adapters.dilated.im2col_conv2d
+    monkeypatch.setattr(adapters.dilated, "im2col_conv2d",
+                        lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    report, _ = run_bench(tmp_path, "--model", "deeplabv3_resnet50", "--scope", "model",
+                          "--size", "64", "64", "--dense-format", "channels_last",
+                          "--im2col-dilated")
+    assert report["config"]["im2col_dilated"] is True
+    # dense 8 (8x8 map), dense 16 (4x4) and CAD's head at stride 8, three convs each
+    assert {s[-2:] for s in calls} == {(8, 8), (4, 4)}
+    assert len(calls) % 3 == 0 and len(calls) >= 9
+    for res in report["inputs"]:
+        assert res["failed"] == {}
 
 
 def test_a_failed_result_does_not_stop_the_suite(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,165 @@
+"""Dense convs with large dilations as im2col GEMMs, for inference on CPU.
+
+oneDNN's bfloat16 convolution (PyTorch 2.14.1 on an Intel Xeon with AMX) slows down with the
+dilation where the input has many channels: the 3x3 convs of DeepLabV3's ASPP head (2048 -> 256
+channels on the 64x128 map of a 512x1024 image) took 31 ms at dilation 1 and 193 / 393 / 464 ms
+at the head's rates 12 / 24 / 36 (2 threads), while 512 -> 512 convs at dilation 4 took 7 % more
+than at 1 and float32 convs no more at all. Gathering the taps of a band of output rows into one
+buffer (im2col) and multiplying it by the weight in one GEMM costs the same at every dilation:
+80-90 ms for those three convs. Each output is still one sum over all ``k*k*C_in`` products,
+rounded once, as in the direct conv (figures: BENCHMARKS.md).
+
+:func:`im2col_dilated_convs` puts :class:`Im2colConv2d` in place of such convs in a model (a
+dense network, or the dense head of a converted one); ``cad-spconv bench --im2col-dilated``
+does it in every variant alike.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["im2col_conv2d", "Im2colConv2d", "im2col_dilated_convs"]
+
+#: output pixels per GEMM (the band's rows times the width) and the buffer's largest size: a
+#: 512-row GEMM ran as fast as larger ones on the AMX Xeon, with a buffer that stays in cache
+BAND_PIXELS, MAX_BUFFER_BYTES = 512, 32 << 20
+
+
+def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  dilation=(1, 1), band_rows: Optional[int] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, 1, padding, dilation)`` with the padding that keeps the size
+    (``dilation * (k // 2)``, zeros), an odd kernel and one group, as one GEMM per band of
+    ``band_rows`` output rows (default: about 512 output pixels) over a buffer of the band's
+    taps (zero where a tap falls outside the map). ``x``: NCHW in any memory format; the result
+    is channels-last. Channels-last weights are read in place; others are copied each call.
+    Without autograd: use ``F.conv2d`` where gradients are needed."""
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"im2col_conv2d: expected a 4-d input and weight, got {x.dim()}-d and "
+                         f"{weight.dim()}-d")
+    N, C, H, W = x.shape
+    O, Cw, kh, kw = weight.shape
+    if Cw != C:
+        raise ValueError(f"im2col_conv2d: the weight takes {Cw} input channels, the input has "
+                         f"{C} (grouped convs are not supported: use F.conv2d)")
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"im2col_conv2d: the kernel must be odd for same padding, got "
+                         f"{kh}x{kw}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"im2col_conv2d: input, weight and bias must share one dtype, got "
+                        f"{x.dtype}, {weight.dtype}"
+                        + ("" if bias is None else f", {bias.dtype}"))
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    if band_rows is not None and band_rows < 1:
+        raise ValueError(f"im2col_conv2d: band_rows must be >= 1, got {band_rows}")
+    K = kh * kw * C
+    row_bytes = max(1, W * K * x.element_size())
+    rows = band_rows or max(1, min(-(-BAND_PIXELS // max(W, 1)), MAX_BUFFER_BYTES // row_bytes))
+    rows = min(rows, max(H, 1))
+    # the weight as a (tap row, tap column, channel) x out matrix: a view of channels-last
+    # weights (their memory order is O, kh, kw, C)
+    wm = weight.permute(0, 2, 3, 1).reshape(O, K).t()
+    xn = x.permute(0, 2, 3, 1)
+    out = x.new_empty(N, H, W, O)
+    if out.numel() == 0:
+        return out.permute(0, 3, 1, 2)
+    buf = x.new_empty(rows, W, kh, kw, C)
+    for n in range(N):
+        for y0 in range(0, H, rows):
+            y1 = min(H, y0 + rows)
+            band = buf[:y1 - y0]
+            for i in range(kh):
+                for j in range(kw):
+                    _gather_tap(band[:, :, i, j], xn[n], y0, y1, (i - kh // 2) * dh,
+                                (j - kw // 2) * dw)
+            cols = band.view((y1 - y0) * W, K)
+            o = out[n, y0:y1].view((y1 - y0) * W, O)
+            if bias is None:
+                torch.mm(cols, wm, out=o)
+            else:
+                torch.addmm(bias, cols, wm, out=o)
+    return out.permute(0, 3, 1, 2)
+
+
+def _gather_tap(tap: torch.Tensor, xn: torch.Tensor, y0: int, y1: int, dy: int, dx: int):
+    """Fill ``tap`` ([rows, W, C]: output rows ``y0..y1`` of one image) with the input pixels
+    ``(dy, dx)`` away (``xn``: the image, HWC), zeros where they fall outside."""
+    H, W = xn.shape[:2]
+    ya, yb = max(y0, -dy), min(y1, H - dy)  # output rows whose tap lies inside the map
+    xa, xb = max(0, -dx), min(W, W - dx)
+    if ya >= yb or xa >= xb:
+        tap.zero_()
+        return
+    # zero only the strips outside: the buffer holds the previous band's taps
+    tap[:ya - y0].zero_()
+    tap[yb - y0:].zero_()
+    inner = tap[ya - y0:yb - y0]
+    inner[:, :xa].zero_()
+    inner[:, xb:].zero_()
+    inner[:, xa:xb].copy_(xn[ya + dy:yb + dy, xa + dx:xb + dx])
+
+
+class Im2colConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameters and state dict) whose forward runs
+    :func:`im2col_conv2d` where that computes it: on CPU, without autograd or autocast
+    recording anything, input and parameters of one dtype. Elsewhere ``nn.Conv2d.forward``.
+    Made by :meth:`from_conv` or :func:`im2col_dilated_convs` from a conv that
+    :func:`fits` accepts."""
+
+    @staticmethod
+    def fits(conv: nn.Module, min_dilation: int = 2) -> bool:
+        """Whether ``conv`` is a plain ``nn.Conv2d`` this module computes: stride 1, one group,
+        an odd kernel larger than 1x1, zero padding that keeps the size, and a dilation of at
+        least ``min_dilation`` along one axis."""
+        if type(conv) is not nn.Conv2d:
+            return False
+        (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+        same = (dh * (kh // 2), dw * (kw // 2))
+        return (conv.stride == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+                and kh % 2 == 1 and kw % 2 == 1 and (kh, kw) != (1, 1)
+                and (conv.padding == same or conv.padding == "same")
+                and max(dh, dw) >= min_dilation)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "Im2colConv2d":
+        """The module computing ``conv``, sharing its parameters (and hooks)."""
+        if not cls.fits(conv, min_dilation=1):
+            raise ValueError(f"Im2colConv2d computes stride-1 single-group nn.Conv2d with an odd "
+                             f"kernel larger than 1x1 and same zero padding, got {conv}")
+        new = cls.__new__(cls)
+        new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v)
+                             for k, v in conv.__dict__.items()})
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or w.dtype != x.dtype
+                or w.device != x.device
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                 or (b is not None and b.requires_grad)))):
+            return super().forward(x)
+        return im2col_conv2d(x, w, b, self.dilation)
+
+
+def im2col_dilated_convs(model: nn.Module, min_dilation: int = 6,
+                         inplace: bool = False) -> nn.Module:
+    """``model`` with every ``nn.Conv2d`` that :meth:`Im2colConv2d.fits` (dilation at least
+    ``min_dilation``; default 6, where the measured slowdown began) replaced by an
+    :class:`Im2colConv2d` with the same parameters. ``inplace=False`` (default) works on a deep
+    copy; a converted model shares its dense modules with its source. ``result.im2col_convs``
+    counts the replaced convs. Meant for inference in bfloat16 / float16 on CPU (see the
+    module's docstring); CAD layers are left alone."""
+    if min_dilation < 1:
+        raise ValueError(f"im2col_dilated_convs: min_dilation must be >= 1, got {min_dilation}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    count = 0
+    for owner in list(model.modules()):
+        for name, child in list(owner._modules.items()):
+            if Im2colConv2d.fits(child, min_dilation):
+                owner._modules[name] = Im2colConv2d.from_conv(child)
+                count += 1
+    model.im2col_convs = getattr(model, "im2col_convs", 0) + count
+    return model
