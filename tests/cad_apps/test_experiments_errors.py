@@ -314,7 +314,8 @@ def test_keypoints_synthetic_set_is_known_by_its_scenes_bytes(tmp_path):
                                           ("products_first", ["layers"]),
                                           ("half_batch_norm", []), ("half_batch_norm", ["--model"]),
                                           ("row_moves", ["scatter"]), ("row_moves", ["gather"]),
-                                          ("fresh_memory", []), ("host_noise", [])])
+                                          ("fresh_memory", []), ("host_noise", []),
+                                          ("dilated_convs", [])])
 def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     import importlib
 
@@ -330,6 +331,7 @@ def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     ("half_batch_norm", [], {"SHAPES": [(8, 4)]}, "bfloat16"),
     ("row_moves", ["scatter"], {"SCATTER_SHAPES": [(8, 4, 4)]}, "bfloat16"),
     ("fresh_memory", [], {"SHAPE": (1, 4, 3, 5)}, "bfloat16"),
+    ("dilated_convs", ["--pairs", "0", "--size", "24", "40"], {"CHANNELS": (8, 4)}, "bfloat16"),
 ])
 def test_timing_tables_are_headed_by_command_and_machine(module, mode, small, dtype, monkeypatch,
                                                          capsys):
