@@ -51,6 +51,11 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise TypeError(f"im2col_conv2d: input, weight and bias must share one dtype, got "
                         f"{x.dtype}, {weight.dtype}"
                         + ("" if bias is None else f", {bias.dtype}"))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias)):
+        raise ValueError("im2col_conv2d computes without autograd (its GEMMs write into a "
+                         "buffer); use F.conv2d where gradients are needed, or run it under "
+                         "torch.no_grad() (Im2colConv2d falls back to F.conv2d by itself)")
     dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     if band_rows is not None and band_rows < 1:
         raise ValueError(f"im2col_conv2d: band_rows must be >= 1, got {band_rows}")

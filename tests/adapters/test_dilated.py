@@ -78,6 +78,8 @@ def test_refusals():
         im2col_conv2d(x, _random((4, 4, 3, 3), 1).float(), None, (2, 2))
     with pytest.raises(ValueError, match="band_rows"):
         im2col_conv2d(x, _random((4, 4, 3, 3), 1), None, (2, 2), band_rows=0)
+    with pytest.raises(ValueError, match="without autograd"):
+        im2col_conv2d(x, _random((4, 4, 3, 3), 1).requires_grad_(), None, (2, 2))
 
 
 @pytest.mark.parametrize("conv, fits", [
