@@ -2,12 +2,13 @@
 
 oneDNN's bfloat16 convolution (PyTorch 2.14.1 on an Intel Xeon with AMX) slows down with the
 dilation where the input has many channels: the 3x3 convs of DeepLabV3's ASPP head (2048 -> 256
-channels on the 64x128 map of a 512x1024 image) took 31 ms at dilation 1 and 193 / 393 / 464 ms
-at the head's rates 12 / 24 / 36 (2 threads), while 512 -> 512 convs at dilation 4 took 7 % more
-than at 1 and float32 convs no more at all. Gathering the taps of a band of output rows into one
-buffer (im2col) and multiplying it by the weight in one GEMM costs the same at every dilation:
-80-90 ms for those three convs. Each output is still one sum over all ``k*k*C_in`` products,
-rounded once, as in the direct conv (figures: BENCHMARKS.md).
+channels on the 64x128 map of a 512x1024 image) took 34 ms at dilation 1 and 203 / 412 / 485 ms
+at the head's rates 12 / 24 / 36 (2 threads), while float32 convs did not slow down. Gathering
+the taps of a band of output rows into one buffer (im2col) and multiplying it by the weight in
+one GEMM costs the same at every dilation: 65-71 ms for each of those convs (twice oneDNN's
+time at dilation 1 and 2, so only large dilations gain). Each output is still one sum over all
+``k*k*C_in`` products, rounded once, as in the direct conv (``python -m
+experiments.dilated_convs``; BENCHMARKS.md). float16 was not measured.
 
 :func:`im2col_dilated_convs` puts :class:`Im2colConv2d` in place of such convs in a model (a
 dense network, or the dense head of a converted one); ``cad-spconv bench --im2col-dilated``
@@ -21,10 +22,16 @@ from typing import Optional
 import torch
 from torch import nn
 
+from cad_spconv.engines.layouts import krsc_filters
+from cad_spconv.nn import same_padding
+
+from .common import shell
+
 __all__ = ["im2col_conv2d", "Im2colConv2d", "im2col_dilated_convs"]
 
-#: output pixels per GEMM (the band's rows times the width) and the buffer's largest size: a
-#: 512-row GEMM ran as fast as larger ones on the AMX Xeon, with a buffer that stays in cache
+#: output pixels per GEMM (the band's rows times the width) and the buffer's largest size: bands
+#: of 4 rows (512 pixels, an 18 MiB bfloat16 buffer for the ASPP) ran 80 ms on the AMX Xeon
+#: where 8 rows took 82 and 16 rows 102 (an ad-hoc probe at dilations 12 and 36)
 BAND_PIXELS, MAX_BUFFER_BYTES = 512, 32 << 20
 
 
@@ -34,8 +41,9 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     (``dilation * (k // 2)``, zeros), an odd kernel and one group, as one GEMM per band of
     ``band_rows`` output rows (default: about 512 output pixels) over a buffer of the band's
     taps (zero where a tap falls outside the map). ``x``: NCHW in any memory format; the result
-    is channels-last. Channels-last weights are read in place; others are copied each call.
-    Without autograd: use ``F.conv2d`` where gradients are needed."""
+    has its memory format. Channels-last weights are read in place; of others a copy is kept
+    per weight (:func:`~cad_spconv.engines.layouts.krsc_filters`). Without autograd: use
+    ``F.conv2d`` where gradients are needed."""
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"im2col_conv2d: expected a 4-d input and weight, got {x.dim()}-d and "
                          f"{weight.dim()}-d")
@@ -63,13 +71,15 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     row_bytes = max(1, W * K * x.element_size())
     rows = band_rows or max(1, min(-(-BAND_PIXELS // max(W, 1)), MAX_BUFFER_BYTES // row_bytes))
     rows = min(rows, max(H, 1))
-    # the weight as a (tap row, tap column, channel) x out matrix: a view of channels-last
-    # weights (their memory order is O, kh, kw, C)
-    wm = weight.permute(0, 2, 3, 1).reshape(O, K).t()
+    # the weight as a (tap row, tap column, channel) x out matrix, the buffer's column order
+    wm = krsc_filters(weight, cache=True).reshape(O, K).t()
     xn = x.permute(0, 2, 3, 1)
     out = x.new_empty(N, H, W, O)
+    # the input's memory format (channels-last where only that layout is dense), as F.conv2d
+    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+           and not x.is_contiguous() else torch.contiguous_format)
     if out.numel() == 0:
-        return out.permute(0, 3, 1, 2)
+        return out.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
     buf = x.new_empty(rows, W, kh, kw, C)
     for n in range(N):
         for y0 in range(0, H, rows):
@@ -85,7 +95,7 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                 torch.mm(cols, wm, out=o)
             else:
                 torch.addmm(bias, cols, wm, out=o)
-    return out.permute(0, 3, 1, 2)
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
 
 
 def _gather_tap(tap: torch.Tensor, xn: torch.Tensor, y0: int, y1: int, dy: int, dx: int):
@@ -117,34 +127,35 @@ class Im2colConv2d(nn.Conv2d):
     def fits(conv: nn.Module, min_dilation: int = 2) -> bool:
         """Whether ``conv`` is a plain ``nn.Conv2d`` this module computes: stride 1, one group,
         an odd kernel larger than 1x1, zero padding that keeps the size, and a dilation of at
-        least ``min_dilation`` along one axis."""
+        least ``min_dilation`` along an axis where the kernel is larger than 1."""
         if type(conv) is not nn.Conv2d:
             return False
         (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
-        same = (dh * (kh // 2), dw * (kw // 2))
         return (conv.stride == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
                 and kh % 2 == 1 and kw % 2 == 1 and (kh, kw) != (1, 1)
-                and (conv.padding == same or conv.padding == "same")
-                and max(dh, dw) >= min_dilation)
+                and conv.padding in (same_padding((kh, kw), (dh, dw)), "same")
+                and max(d for k, d in ((kh, dh), (kw, dw)) if k > 1) >= min_dilation)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "Im2colConv2d":
-        """The module computing ``conv``, sharing its parameters (and hooks)."""
+        """The module computing ``conv``: its parameter objects, and a copy of its hooks (handles
+        taken before act on ``conv``)."""
         if not cls.fits(conv, min_dilation=1):
             raise ValueError(f"Im2colConv2d computes stride-1 single-group nn.Conv2d with an odd "
                              f"kernel larger than 1x1 and same zero padding, got {conv}")
-        new = cls.__new__(cls)
-        new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v)
-                             for k, v in conv.__dict__.items()})
+        new = shell(conv, {})
+        new._non_persistent_buffers_set = set(conv._non_persistent_buffers_set)
+        new.__class__ = cls
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or w.dtype != x.dtype
-                or w.device != x.device
-                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                                 or (b is not None and b.requires_grad)))):
-            return super().forward(x)
+        params = (w,) if b is None else (w, b)
+        if (x.device.type != "cpu" or x.dim() != 4 or torch.is_autocast_enabled("cpu")
+                or any(p.dtype != x.dtype or p.device != x.device for p in params)
+                or (torch.is_grad_enabled()
+                    and any(t.requires_grad for t in (x,) + params))):
+            return super().forward(x)  # torch's conv, its errors and its gradients
         return im2col_conv2d(x, w, b, self.dilation)
 
 
@@ -154,7 +165,8 @@ def im2col_dilated_convs(model: nn.Module, min_dilation: int = 6,
     ``min_dilation``; default 6, where the measured slowdown began) replaced by an
     :class:`Im2colConv2d` with the same parameters. ``inplace=False`` (default) works on a deep
     copy; a converted model shares its dense modules with its source. ``result.im2col_convs``
-    counts the replaced convs. Meant for inference in bfloat16 / float16 on CPU (see the
+    counts the replaced convs (a model that is itself such a conv is not replaced: swap it
+    with :meth:`Im2colConv2d.from_conv`). Meant for inference in bfloat16 on CPU (see the
     module's docstring); CAD layers are left alone."""
     if min_dilation < 1:
         raise ValueError(f"im2col_dilated_convs: min_dilation must be >= 1, got {min_dilation}")

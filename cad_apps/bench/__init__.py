@@ -242,6 +242,7 @@ def _command_line() -> str:
 def _check_args(args) -> dict:
     import torch
 
+    from adapters.builders import SEGMENTATION_MODELS
     from cad_spconv.engines import engine_names
 
     if args.reps < 1 or args.warmup < 1:
@@ -270,6 +271,11 @@ def _check_args(args) -> dict:
                          "a whole model densifies inside its forward and conv3x3 returns the "
                          "multi-resolution tensor: leave it out with "
                          + ("--scope model" if args.scope == "model" else "--model conv3x3"))
+    if args.im2col_dilated and args.model != "conv3x3" and (
+            args.scope != "model" or args.model not in SEGMENTATION_MODELS):
+        raise SystemExit("bench: --im2col-dilated swaps the dense dilated convs of a "
+                         "segmentation head (dilation >= 6; the backbones' are at most 4): use "
+                         "it with --scope model and a segmentation --model")
     if args.sparse_head and args.scope != "model":
         raise SystemExit("bench: --sparse-head runs the whole model's head sparsely; add "
                          "--scope model (the default scope times the backbones only)")

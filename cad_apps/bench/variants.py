@@ -139,14 +139,15 @@ def build_variants(args, device, dtype) -> dict:
 
         dense = {s: fold_batchnorm(m.eval()) for s, m in dense.items()}
         cads = {e: fold_batchnorm(m.eval()) for e, m in cads.items()}
-    if args.im2col_dilated:  # every variant alike, after the fold (each swap copies its model)
+    reference = None
+    if dtype != torch.float32 and not args.no_float32_baseline:  # the usual baseline, reported
+        reference = copy.deepcopy(dense[f]).eval().to(device=device)
+    if args.im2col_dilated:  # the timed variants alike, after the fold (each swap copies its
+        # model); not the float32 reference, where oneDNN's dilated convs are the faster route
         from adapters import im2col_dilated_convs
 
         dense = {s: im2col_dilated_convs(m) for s, m in dense.items()}
         cads = {e: im2col_dilated_convs(m) for e, m in cads.items()}
-    reference = None
-    if dtype != torch.float32 and not args.no_float32_baseline:  # the usual baseline, reported
-        reference = copy.deepcopy(dense[f]).eval().to(device=device)
     for m in list(dense.values()) + list(cads.values()):
         m.eval().to(device=device, dtype=dtype)
     # channels-last runs get channels-last weights too, as PyTorch recommends (model.to(

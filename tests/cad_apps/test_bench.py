@@ -143,6 +143,8 @@ def test_profile_reports_ops_per_variant(tmp_path, capsys):
     (["--model", "resnet18", "--sparse-head"], "add --scope model"),
     (["--scope", "model", "--fold-bn"], "leave out --scope model, --fold-bn"),
     (["--im2col-dilated"], "leave out --im2col-dilated"),
+    (["--model", "deeplabv3_resnet50", "--im2col-dilated"], "--scope model and a segmentation"),
+    (["--model", "resnet18", "--scope", "model", "--im2col-dilated"], "a segmentation --model"),
     (["--engine", "torch,lattice,torch"], "names torch more than once"),
     (["--warmup", "0"], "--warmup must be >= 1"),
     (["--reuse-output"], "leave it out with --model conv3x3"),
@@ -434,16 +436,24 @@ def test_a_whole_classifier_is_timed_and_written(tmp_path):
 def test_im2col_dilated_runs_in_every_variant(tmp_path, monkeypatch):
     """--im2col-dilated: the dense networks and CAD's dense head alike run their ASPP convs as
     im2col GEMMs (DeepLabV3: rates 12 / 24 / 36), the setting recorded with the result."""
+    import adapters
     import adapters.dilated
 
-    calls = []
-    real = adapters.dilated.im2col_conv2d
+    calls, swapped = [], []
+    real, swap = adapters.dilated.im2col_conv2d, adapters.im2col_dilated_convs
     monkeypatch.setattr(adapters.dilated, "im2col_conv2d",
                         lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    monkeypatch.setattr(adapters, "im2col_dilated_convs",
+                        lambda m, *a, **k: swapped.append(swap(m, *a, **k)) or swapped[-1])
     report, _ = run_bench(tmp_path, "--model", "deeplabv3_resnet50", "--scope", "model",
                           "--size", "64", "64", "--dense-format", "channels_last",
                           "--im2col-dilated")
     assert report["config"]["im2col_dilated"] is True
+    # dense 8, dense 16 and CAD, three ASPP convs each; the bfloat16 runs' float32 reference
+    # (not here: float32) would stay on oneDNN
+    assert sorted(type(m).__name__ for m in swapped) == ["CADSegmentation", "DeepLabV3",
+                                                          "DeepLabV3"]
+    assert all(m.im2col_convs == 3 for m in swapped)
     # dense 8 (8x8 map), dense 16 (4x4) and CAD's head at stride 8, three convs each
     assert {s[-2:] for s in calls} == {(8, 8), (4, 4)}
     assert len(calls) % 3 == 0 and len(calls) >= 9
