@@ -76,7 +76,7 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                                [*run, *edge, "--scope", "model"]))
         out["targets"].append((f"cpu_{dtype}_b1_model_sparse_head_edge0.35",
                                [*run, *edge, "--scope", "model", "--sparse-head"]))
-        if dtype == "bfloat16":  # oneDNN's bfloat16 ASPP convs slowed 4-15x with their
+        if dtype == "bfloat16":  # oneDNN's bfloat16 ASPP convs slowed 4-14x with their
             # dilation (adapters/dilated.py): the whole models again with both sides' dense
             # dilated convs as im2col GEMMs, the faster dense configuration
             for head in ([], ["--sparse-head"]):

@@ -94,8 +94,9 @@ def configure(parser: argparse.ArgumentParser):
     parser.add_argument("--im2col-dilated", action="store_true",
                         help="run the dense convs with dilation >= 6 (DeepLabV3's ASPP) as "
                              "im2col GEMMs (adapters.im2col_dilated_convs) in every variant, "
-                             "dense and CAD alike: oneDNN's bfloat16 convs slowed 4-15x at "
-                             "those dilations on an AMX Xeon")
+                             "dense and CAD alike (with --scope model and a segmentation "
+                             "model): oneDNN's bfloat16 convs slowed 4-14x at dilations 6-36 "
+                             "on an AMX Xeon")
     parser.add_argument("--reuse-output", action="store_true",
                         help="backbone scope: CAD densifies into one buffer kept across runs "
                              "(x.dense(out=...), as a video loop would; its bytes count in "
