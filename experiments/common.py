@@ -96,6 +96,26 @@ def bench_variants(argv: Sequence[str]):
     return args, cfg, {v.name: v for v in variants}
 
 
+def paired_ms(first, second, pairs: int) -> tuple[list[float], list[float]]:
+    """ms of ``pairs`` rounds of two CPU runs back to back, in turns (``second`` leads the even
+    rounds, ``first`` the odd ones), after one untimed run of each (rulebooks, weight layouts,
+    the fused kernel), under ``torch.inference_mode``: a slow drift of the host's speed cancels
+    in a round's ratio. Returns (``first``'s times, ``second``'s times)."""
+    import torch
+
+    from cad_apps.bench.measure import _time_once
+
+    cpu = torch.device("cpu")
+    times = ([], [])
+    with torch.inference_mode():
+        first()
+        second()
+        for i in range(pairs):
+            for k in ((0, 1) if i % 2 else (1, 0)):
+                times[k].append(1e3 * _time_once((first, second)[k], (), cpu))
+    return times
+
+
 def timed_ms(fn, reps: int, warmup: int = 3) -> list[float]:
     """ms of ``reps`` calls of ``fn`` on the CPU after ``warmup`` untimed ones, by the bench's
     timer (each result released before the next call)."""

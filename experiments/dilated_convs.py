@@ -50,8 +50,7 @@ def _conv_table(args, dtype):
 
 
 def _whole_model(args):
-    from cad_apps.bench.measure import _time_once
-    from experiments.common import bench_variants
+    from experiments.common import bench_variants, paired_ms
 
     base = ["--model", "deeplabv3_resnet101", "--scope", "model", "--dtype", args.dtype,
             "--dense-format", "channels_last", "--no-float32-baseline", "--seed", str(args.seed),
@@ -62,14 +61,7 @@ def _whole_model(args):
         _, _, variants = bench_variants(base + extra)
         v = variants["dense8[channels_last]"]
         runs[name] = (lambda v, state: lambda: v.run(*state))(v, v.setup(images, None))
-    cpu = torch.device("cpu")
-    times = {name: [] for name in runs}
-    with torch.inference_mode():
-        for fn in runs.values():
-            fn()
-        for i in range(args.pairs):
-            for name in (("oneDNN", "im2col") if i % 2 else ("im2col", "oneDNN")):
-                times[name].append(1e3 * _time_once(runs[name], (), cpu))
+    times = dict(zip(runs, paired_ms(runs["oneDNN"], runs["im2col"], args.pairs)))
     ratios = [a / b for a, b in zip(times["im2col"], times["oneDNN"])]
     print(f"\n2. Dense DeepLabV3-ResNet101 at stride 8, whole model, {args.size[0]}x"
           f"{args.size[1]}, {args.dtype}, channels-last, {args.pairs} pairs [ms]")

@@ -19,7 +19,7 @@ import statistics
 
 import torch
 
-from experiments.common import ExperimentParser, table_header
+from experiments.common import ExperimentParser, paired_ms, table_header
 
 
 def _variants(args):
@@ -55,25 +55,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(table_header(args))
 
-    from cad_apps.bench.measure import _time_once
-
     images = torch.randn(1, 3, *args.size)
     keep = torch.full((1, 1, *args.size), args.keep == "all", dtype=torch.bool)
     runs = {}
     for name, v in zip(("dense", "cad"), _variants(args)):
         v.capture = False  # no geometry replay here: hold no plan between runs
         runs[name] = (lambda v, state: lambda: v.run(*state))(v, v.setup(images, keep))
-    cpu = torch.device("cpu")
-    times = {name: [] for name in runs}
-    with torch.inference_mode():
-        for fn in runs.values():  # warm-up: rulebooks, weight layouts, the fused kernel
-            fn()
-        for i in range(args.pairs):
-            for name in (("dense", "cad") if i % 2 else ("cad", "dense")):  # either goes first
-                times[name].append(_time_once(runs[name], (), cpu))
+    times = dict(zip(("dense", "cad"), paired_ms(runs["dense"], runs["cad"], args.pairs)))
     ratios = [c / d for c, d in zip(times["cad"], times["dense"])]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    median = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    median = {k: statistics.median(v) for k, v in times.items()}
     stride = 16 if args.keep == "none" else 8
     print(f"{args.dtype}, {'nothing' if args.keep == 'none' else 'everything'} kept, "
           f"{args.size[0]}x{args.size[1]}, {args.pairs} pairs; dense: stride {stride}"
