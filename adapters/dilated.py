@@ -40,7 +40,8 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """``F.conv2d(x, weight, bias, 1, padding, dilation)`` with the padding that keeps the size
     (``dilation * (k // 2)``, zeros), an odd kernel and one group, as one GEMM per band of
     ``band_rows`` output rows (default: about 512 output pixels) over a buffer of the band's
-    taps (zero where a tap falls outside the map). ``x``: NCHW in any memory format; the result
+    taps (zero where a tap falls outside the map; a tap row or column outside for the whole
+    band is left out). ``x``: NCHW in any memory format; the result
     has its memory format. Channels-last weights are read in place; of others a copy is kept
     per weight (:func:`~cad_spconv.engines.layouts.krsc_filters`). Without autograd: use
     ``F.conv2d`` where gradients are needed."""
@@ -67,12 +68,17 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     if band_rows is not None and band_rows < 1:
         raise ValueError(f"im2col_conv2d: band_rows must be >= 1, got {band_rows}")
-    K = kh * kw * C
-    row_bytes = max(1, W * K * x.element_size())
+    # taps outside the map for every output pixel add nothing, and are left out of the GEMM:
+    # the tap columns once per call, the tap rows per band (both contiguous ranges)
+    j_lo, j_hi = _taps_inside(kw, dw, 0, W, W)
+    n_j = j_hi - j_lo
+    filters = krsc_filters(weight, cache=True)  # [O, kh, kw, C], the buffer's column order
+    if n_j < kw:
+        filters = filters[:, :, j_lo:j_hi]
+    wm = filters.reshape(O, kh * n_j * C)  # a view where every tap column is kept
+    row_bytes = max(1, W * kh * n_j * C * x.element_size())
     rows = band_rows or max(1, min(-(-BAND_PIXELS // max(W, 1)), MAX_BUFFER_BYTES // row_bytes))
     rows = min(rows, max(H, 1))
-    # the weight as a (tap row, tap column, channel) x out matrix, the buffer's column order
-    wm = krsc_filters(weight, cache=True).reshape(O, K).t()
     xn = x.permute(0, 2, 3, 1)
     out = x.new_empty(N, H, W, O)
     # the input's memory format (channels-last where only that layout is dense), as F.conv2d
@@ -80,22 +86,32 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
            and not x.is_contiguous() else torch.contiguous_format)
     if out.numel() == 0:
         return out.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
-    buf = x.new_empty(rows, W, kh, kw, C)
+    buf = x.new_empty(rows * W * kh * n_j * C)
     for n in range(N):
         for y0 in range(0, H, rows):
             y1 = min(H, y0 + rows)
-            band = buf[:y1 - y0]
-            for i in range(kh):
-                for j in range(kw):
-                    _gather_tap(band[:, :, i, j], xn[n], y0, y1, (i - kh // 2) * dh,
+            i_lo, i_hi = _taps_inside(kh, dh, y0, y1, H)
+            k = (i_hi - i_lo) * n_j * C
+            band = buf[:(y1 - y0) * W * k].view(y1 - y0, W, i_hi - i_lo, n_j, C)
+            for a, i in enumerate(range(i_lo, i_hi)):
+                for b, j in enumerate(range(j_lo, j_hi)):
+                    _gather_tap(band[:, :, a, b], xn[n], y0, y1, (i - kh // 2) * dh,
                                 (j - kw // 2) * dw)
-            cols = band.view((y1 - y0) * W, K)
+            cols = band.view((y1 - y0) * W, k)
+            wk = wm[:, i_lo * n_j * C:i_hi * n_j * C].t()
             o = out[n, y0:y1].view((y1 - y0) * W, O)
             if bias is None:
-                torch.mm(cols, wm, out=o)
+                torch.mm(cols, wk, out=o)
             else:
-                torch.addmm(bias, cols, wm, out=o)
+                torch.addmm(bias, cols, wk, out=o)
     return out.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+
+
+def _taps_inside(k: int, d: int, y0: int, y1: int, size: int) -> tuple[int, int]:
+    """``[lo, hi)``: the taps of a ``k``-wide kernel, ``d`` apart and centred, that fall inside
+    ``[0, size)`` for at least one output position in ``[y0, y1)`` (the centre always does)."""
+    inside = [i for i in range(k) if -y1 < (i - k // 2) * d < size - y0]
+    return inside[0], inside[-1] + 1
 
 
 def _gather_tap(tap: torch.Tensor, xn: torch.Tensor, y0: int, y1: int, dy: int, dx: int):
