@@ -31,7 +31,8 @@ __all__ = ["im2col_conv2d", "Im2colConv2d", "im2col_dilated_convs"]
 
 #: output pixels per GEMM (the band's rows times the width) and the buffer's largest size: bands
 #: of 4 rows (512 pixels, an 18 MiB bfloat16 buffer for the ASPP) ran 80 ms on the AMX Xeon
-#: where 8 rows took 82 and 16 rows 102 (an ad-hoc probe at dilations 12 and 36)
+#: where 8 rows took 82 and 16 rows 102 (an ad-hoc probe of a padded first version of this
+#: gather, at dilations 12 and 36)
 BAND_PIXELS, MAX_BUFFER_BYTES = 512, 32 << 20
 
 

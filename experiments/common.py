@@ -24,7 +24,7 @@ __all__ = ["base_parser", "run_setting", "run_points", "Setting", "baselines", "
            "write_report", "plot_tradeoff", "setting_label", "learned_labels",
            "lattice_split_only", "ExperimentError", "ExperimentParser", "reports_errors",
            "check_settings", "check_mask", "provenance", "table_header", "mask_value",
-           "bench_variants", "timed_ms", "INPUT_ERRORS", "POINTS_EPILOG"]
+           "bench_variants", "paired_ms", "timed_ms", "INPUT_ERRORS", "POINTS_EPILOG"]
 
 
 class ExperimentError(Exception):
