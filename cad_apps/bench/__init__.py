@@ -14,7 +14,8 @@ densified at the finest stride, as the paper's head reads it) at the same masks,
 - Guarantee 2 as a sanity check: the CAD output at the coarse sites equals the dense
   coarsest-stride output.
 
-CPU times are wall clock (median of ``--reps`` after ``--warmup``); CUDA times use events
+CPU times are wall clock (median of ``--reps`` rounds after ``--warmup``; every round runs
+each variant once, in a seeded random order); CUDA times use events
 around a synchronised run. Dense models run in NCHW and channels-last and the faster one is the
 reference. Results go to JSON and, with ``--markdown``, to a table headed by the exact command.
 

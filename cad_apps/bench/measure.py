@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-__all__ = ["math_flags", "set_math_flags", "sync", "bench_input"]
+__all__ = ["math_flags", "set_math_flags", "sync", "bench_input", "round_orders"]
 
 
 def math_flags() -> dict:
@@ -233,8 +233,7 @@ def bench_input(args, bench, images, keep, device, dtype) -> dict:
     outputs.clear()
     del coarse_out
     samples = {v.name: [] for v in variants}
-    for r in range(args.reps):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate
+    for order in round_orders(variants, args.reps):
         for v in order:
             samples[v.name].append(_time_once(v.run, states[v.name], device, clock))
     res = {"variants": {}, "failed": failed}
@@ -295,6 +294,18 @@ def bench_input(args, bench, images, keep, device, dtype) -> dict:
         res["guarantee2_rel_error"] = None if None in checked else max(checked)
     del torch
     return res
+
+
+def round_orders(variants, rounds: int, seed: int = 0) -> list:
+    """The order of the variants in each timing round: a fresh random one every round (seeded,
+    so every run times the same orders). A run slows the one after it (a 3 s float32 dense
+    stride-8 run took about 4 % off the next run's speed on the AMX Xeon, BENCHMARKS.md); in a
+    fixed cycle each variant would always follow the same one, and the ratios would carry that
+    neighbour's cost instead of averaging over all of them."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.sample(list(variants), len(variants)) for _ in range(rounds)]
 
 
 def _guarantee2_error(cad_out, coarse_out, step: int, cad_tensor):

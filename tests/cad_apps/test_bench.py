@@ -619,3 +619,23 @@ def test_tensor_peak_sees_replaced_state_freed():
         del tmp
 
     assert _tensor_peak(run, ()) == 1 << 20
+
+
+def test_every_round_runs_each_variant_once_in_a_new_order():
+    """A run slows the next one: in a fixed cycle one variant would always follow the 3 s
+    float32 reference and carry its cost. Every round is a permutation of all variants, a
+    variant's predecessors vary over the rounds, and a run times the same orders again."""
+    from cad_apps.bench.measure import round_orders
+
+    names = ["dense16[nchw]", "dense16[channels_last]", "dense8[nchw]",
+             "dense8[channels_last]", "dense8[nchw,float32]", "cad[auto]"]
+    orders = round_orders(names, 15)
+    assert len(orders) == 15
+    for order in orders:
+        assert sorted(order) == sorted(names)
+    stream = [v for order in orders for v in order]
+    before = {n: {stream[i - 1] for i in range(1, len(stream)) if stream[i] == n} for n in names}
+    assert all(len(p) >= 3 for p in before.values()), before
+    assert len({tuple(o) for o in orders}) > 1
+    assert round_orders(names, 15) == orders
+    assert round_orders(names, 0) == []
