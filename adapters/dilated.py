@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from cad_spconv.engines.layouts import krsc_filters
+from cad_spconv.engines.layouts import krsc_filters, weight_layout
 from cad_spconv.nn import same_padding
 
 from .common import shell
@@ -49,8 +49,8 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"im2col_conv2d: expected a 4-d input and weight, got {x.dim()}-d and "
                          f"{weight.dim()}-d")
-    N, C, H, W = x.shape
-    O, Cw, kh, kw = weight.shape
+    C = x.shape[1]
+    Cw, kh, kw = weight.shape[1:]
     if Cw != C:
         raise ValueError(f"im2col_conv2d: the weight takes {Cw} input channels, the input has "
                          f"{C} (grouped convs are not supported: use F.conv2d)")
@@ -66,14 +66,22 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError("im2col_conv2d computes without autograd (its GEMMs write into a "
                          "buffer); use F.conv2d where gradients are needed, or run it under "
                          "torch.no_grad() (Im2colConv2d falls back to F.conv2d by itself)")
-    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     if band_rows is not None and band_rows < 1:
         raise ValueError(f"im2col_conv2d: band_rows must be >= 1, got {band_rows}")
+    # [O, kh, kw, C], the buffer's column order
+    return _im2col(x, krsc_filters(weight, cache=True), bias, dilation, band_rows)
+
+
+def _im2col(x: torch.Tensor, filters: torch.Tensor, bias: Optional[torch.Tensor], dilation,
+            band_rows: Optional[int]) -> torch.Tensor:
+    """:func:`im2col_conv2d` on checked arguments, the weight as ``[O, kh, kw, C]`` filters."""
+    N, C, H, W = x.shape
+    O, kh, kw = filters.shape[:3]
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     # taps outside the map for every output pixel add nothing, and are left out of the GEMM:
     # the tap columns once per call, the tap rows per band (both contiguous ranges)
     j_lo, j_hi = _taps_inside(kw, dw, 0, W, W)
     n_j = j_hi - j_lo
-    filters = krsc_filters(weight, cache=True)  # [O, kh, kw, C], the buffer's column order
     if n_j < kw:
         filters = filters[:, :, j_lo:j_hi]
     wm = filters.reshape(O, kh * n_j * C)  # a view where every tap column is kept
@@ -135,8 +143,10 @@ def _gather_tap(tap: torch.Tensor, xn: torch.Tensor, y0: int, y1: int, dy: int, 
 
 class Im2colConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (same parameters and state dict) whose forward runs
-    :func:`im2col_conv2d` where that computes it: on CPU, without autograd or autocast
-    recording anything, input and parameters of one dtype. Elsewhere ``nn.Conv2d.forward``.
+    :func:`im2col_conv2d` where that computes it: on CPU, without autograd recording
+    anything, input and parameters of one dtype, or under CPU autocast (all cast to its dtype,
+    as autocast casts a conv's tensors; the cast weight kept). Elsewhere
+    ``nn.Conv2d.forward``.
     Made by :meth:`from_conv` or :func:`im2col_dilated_convs` from a conv that
     :func:`fits` accepts."""
 
@@ -168,12 +178,39 @@ class Im2colConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         params = (w,) if b is None else (w, b)
-        if (x.device.type != "cpu" or x.dim() != 4 or torch.is_autocast_enabled("cpu")
-                or any(p.dtype != x.dtype or p.device != x.device for p in params)
+        if (x.device.type != "cpu" or x.dim() != 4
+                or any(p.device != x.device for p in params)
                 or (torch.is_grad_enabled()
                     and any(t.requires_grad for t in (x,) + params))):
             return super().forward(x)  # torch's conv, its errors and its gradients
+        if torch.is_autocast_enabled("cpu"):
+            # what autocast does with a conv: every float32 / half tensor cast to its dtype,
+            # the result in that dtype (float64 ones keep torch's conv and its dtype rules)
+            low = _autocast_dtype()
+            if any(t.dtype not in _AUTOCAST_CASTS for t in (x,) + params):
+                return super().forward(x)
+            return _im2col(x.to(low), _filters_in(w, low), None if b is None else b.to(low),
+                           self.dilation, None)
+        if any(p.dtype != x.dtype for p in params):
+            return super().forward(x)
         return im2col_conv2d(x, w, b, self.dilation)
+
+
+#: the dtypes autocast casts to its own (every floating dtype but float64)
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype() -> torch.dtype:
+    get = getattr(torch, "get_autocast_dtype", None)
+    return get("cpu") if get is not None else torch.get_autocast_cpu_dtype()
+
+
+def _filters_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` as ``[O, kh, kw, C]`` filters of ``dtype``, the cast kept per weight until it
+    changes (autocast itself casts a weight again at every call outside autograd)."""
+    if weight.dtype == dtype:
+        return krsc_filters(weight, cache=True)
+    return weight_layout(weight, ("krsc", dtype), lambda w: krsc_filters(w.to(dtype)).contiguous())
 
 
 def im2col_dilated_convs(model: nn.Module, min_dilation: int = 6,

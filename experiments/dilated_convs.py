@@ -2,6 +2,7 @@
 (BENCHMARKS.md; ``adapters/dilated.py``).
 
     python -m experiments.dilated_convs [--dtype bfloat16] [--threads 2] [--pairs 8]
+                                        [--autocast]
 
 1. One 3x3 conv of DeepLabV3's ASPP head (2048 -> 256 channels on the stride-8 map of a
    512x1024 image, channels-last, random weights) at dilations 1-36: ``F.conv2d`` (oneDNN)
@@ -9,7 +10,9 @@
    error of each against the float64 conv of the same values.
 2. The dense DeepLabV3-ResNet101 at stride 8 (the bench's own variant, ``--scope model``)
    as built, and with its dilated convs as im2col GEMMs (``--im2col-dilated``), in strictly
-   alternating pairs on one random image: the median of the per-pair ratios.
+   alternating pairs on one random image: the median of the per-pair ratios. With
+   ``--autocast`` the model keeps float32 weights and runs under bfloat16 autocast, as
+   ``cad-spconv eval --dtype bfloat16 [--im2col-dilated]`` runs it.
 """
 from __future__ import annotations
 
@@ -52,19 +55,31 @@ def _conv_table(args, dtype):
 def _whole_model(args):
     from experiments.common import bench_variants, paired_ms
 
-    base = ["--model", "deeplabv3_resnet101", "--scope", "model", "--dtype", args.dtype,
+    weights = "float32" if args.autocast else args.dtype  # autocast: float32 weights, as eval
+    base = ["--model", "deeplabv3_resnet101", "--scope", "model", "--dtype", weights,
             "--dense-format", "channels_last", "--no-float32-baseline", "--seed", str(args.seed),
             "--size", *map(str, args.size)]
     runs = {}
     images = torch.randn(1, 3, *args.size, generator=torch.Generator().manual_seed(args.seed))
+
+    def run(v, state):
+        if not args.autocast:
+            return lambda: v.run(*state)
+
+        def under_autocast():
+            with torch.autocast("cpu", dtype=getattr(torch, args.dtype)):
+                return v.run(*state)
+        return under_autocast
+
     for name, extra in (("oneDNN", []), ("im2col", ["--im2col-dilated"])):
         _, _, variants = bench_variants(base + extra)
         v = variants["dense8[channels_last]"]
-        runs[name] = (lambda v, state: lambda: v.run(*state))(v, v.setup(images, None))
+        runs[name] = run(v, v.setup(images, None))
     times = dict(zip(runs, paired_ms(runs["oneDNN"], runs["im2col"], args.pairs)))
     ratios = [a / b for a, b in zip(times["im2col"], times["oneDNN"])]
+    how = (f"float32 weights under {args.dtype} autocast" if args.autocast else args.dtype)
     print(f"\n2. Dense DeepLabV3-ResNet101 at stride 8, whole model, {args.size[0]}x"
-          f"{args.size[1]}, {args.dtype}, channels-last, {args.pairs} pairs [ms]")
+          f"{args.size[1]}, {how}, channels-last, {args.pairs} pairs [ms]")
     print("| dilated convs | median | min |")
     print("|---|---|---|")
     for name, t in times.items():
@@ -81,7 +96,12 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=8, help="whole-model pairs (0: skip)")
     parser.add_argument("--size", type=int, nargs=2, default=(512, 1024), metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autocast", action="store_true",
+                        help="part 2 with float32 weights under --dtype's autocast (as "
+                             "cad-spconv eval runs bfloat16)")
     args = parser.parse_args(argv)
+    if args.autocast and args.dtype == "float32":
+        parser.error("--autocast runs part 2 under bfloat16 autocast: give --dtype bfloat16")
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
     if args.pairs < 0:

@@ -25,8 +25,8 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEFAULT_MODEL = "deeplabv3_resnet101"  # without --model and --checkpoint (random weights)
 # settings that change the results; a resumed run must match them
 _FINGERPRINT = ("model", "checkpoint", "split", "finest_stride", "coarsest_stride", "dense",
-                "semantics", "mask", "dilation", "sparse_head", "dtype", "seed", "files_sha256",
-                "mask_rule")
+                "semantics", "mask", "dilation", "sparse_head", "dtype", "im2col_dilated", "seed",
+                "files_sha256", "mask_rule")
 # masks that read --dilation (the edge family, and the oracle)
 DILATED_MASKS = ("edge", "inverted-edge", "shuffled-edge", "oracle")
 # masks whose rule changed (2026-12-05): random draws per image from --seed and the frame id
@@ -112,6 +112,7 @@ class EvalConfig:
     sparse_head: bool = False
     device: Optional[str] = None
     dtype: str = "float32"
+    im2col_dilated: bool = False
     batch_size: int = 1
     num_workers: int = 2
     limit: Optional[int] = None
@@ -237,6 +238,11 @@ def add_setting_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="float32 / float64: weights and features; float16 / bfloat16: "
                         "torch.autocast (weights float32, convs in that dtype)")
+    p.add_argument("--im2col-dilated", action="store_true",
+                   help="CPU: compute the dense convs with dilation >= 6 (DeepLabV3's ASPP) as "
+                        "im2col GEMMs (adapters.im2col_dilated_convs): in bfloat16 oneDNN's "
+                        "dilated convs are slow on some CPUs (BENCHMARKS.md); also under "
+                        "--dtype bfloat16's autocast")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")

@@ -23,6 +23,7 @@ def load_results(path: str, cfg: EvalConfig) -> dict:
         # written before the mask rules were recorded: the old rules (None), which differ from
         # the current ones only for the masks that have one (config.MASK_RULES)
         old["config"].setdefault("mask_rule", None)
+        old["config"].setdefault("im2col_dilated", False)  # written before the option
         theirs = {k: v for k, v in old["config"].items() if k not in RECORDED}
         # one setting, two spellings: a learned:PATH's path as typed (files written before it
         # was made absolute), the model named or read from the checkpoint (or the default)

@@ -83,6 +83,9 @@ class Segmenter:
         self.cfg = cfg.check()
         self.mask = None if cfg.dense is not None else parse_mask(cfg.mask_text)
         self.device = torch.device(device)
+        if cfg.im2col_dilated and self.device.type != "cpu":  # before building anything
+            raise ValueError(f"--im2col-dilated computes dilated convs as GEMMs on the CPU; on "
+                             f"{self.device} they stay torch's convs: drop --im2col-dilated")
         low = cfg.dtype in ("float16", "bfloat16")
         self.autocast = getattr(torch, cfg.dtype) if low else None
         self.dtype = torch.float32 if low else getattr(torch, cfg.dtype)
@@ -114,8 +117,23 @@ class Segmenter:
             self.cad = convert(self.model, finest_stride=cfg.finest_stride,
                                coarsest_stride=cfg.coarsest_stride, sparse_head=cfg.sparse_head,
                                semantics=cfg.semantics).eval()
+        if cfg.im2col_dilated:
+            self._im2col_dilated()
         self.estimator = None if estimator is None else estimator.to(self.device, self.dtype)
         self._dense: dict = {}
+
+    def _im2col_dilated(self):
+        """``--im2col-dilated``: the network's dense dilated convs as im2col GEMMs, in place
+        (a converted model's dense modules are its source's). Refused where it would change
+        nothing: a network without such a conv (the head converted by --sparse-head; the
+        device is checked first)."""
+        from adapters import im2col_dilated_convs
+
+        if im2col_dilated_convs(self.network, inplace=True).im2col_convs == 0:
+            raise ValueError(f"--im2col-dilated: {self.model_name} has no dense conv with "
+                             "dilation >= 6 to compute as GEMMs"
+                             + (" (--sparse-head converts the head)" if self.cfg.sparse_head
+                                else "") + ": drop --im2col-dilated")
 
     def _estimator(self, info, model):
         """The learned mask estimator, checked against ``model`` (still on the CPU) before any

@@ -36,11 +36,11 @@ def nan_filled_empty():
 
 @pytest.fixture
 def im2col_calls(monkeypatch):
-    """The calls that reach :func:`im2col_conv2d` through the modules (their input shapes)."""
+    """The calls that reach the GEMMs (their input shapes)."""
     import adapters.dilated
 
-    calls, real = [], adapters.dilated.im2col_conv2d
-    monkeypatch.setattr(adapters.dilated, "im2col_conv2d",
+    calls, real = [], adapters.dilated._im2col  # where every route to the GEMMs passes
+    monkeypatch.setattr(adapters.dilated, "_im2col",
                         lambda x, *a, **k: calls.append(tuple(x.shape)) or real(x, *a, **k))
     return calls
 
@@ -131,7 +131,8 @@ def test_which_convs_fit(conv, fits):
 
 
 def test_module_falls_back_where_it_does_not_compute():
-    """Autograd and autocast take nn.Conv2d's forward: the gradients are the conv's."""
+    """Autograd (also under autocast) takes nn.Conv2d's forward: the gradients are the
+    conv's."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=6, dilation=6).double()
     fast = Im2colConv2d.from_conv(conv)
@@ -147,6 +148,61 @@ def test_module_falls_back_where_it_does_not_compute():
         assert torch.equal(Im2colConv2d.from_conv(single)(y), single(y))
     with torch.no_grad():  # unbatched input, as nn.Conv2d takes it
         assert torch.equal(fast(x[0]), conv(x[0]))
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_autocast_casts_as_it_casts_a_conv(low, im2col_calls):
+    """Under CPU autocast, without autograd, input, weight and bias are cast to autocast's dtype
+    and go through the GEMMs: the result has the autocast conv's dtype, and its error against
+    the float64 conv of the cast values is within 1.25x of the autocast conv's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 16, 3, padding=12, dilation=12)
+    fast = Im2colConv2d.from_conv(conv)
+    x = _random((2, 64, 19, 23), 10, torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=low):
+        got, want = fast(x), conv(x)
+    assert im2col_calls == [(2, 64, 19, 23)]
+    assert got.dtype == want.dtype == low
+    exact = _reference(*(t.to(low).double() for t in (x, conv.weight, conv.bias)), (12, 12))
+    direct = (want.double() - exact).abs().max()
+    ours = (got.double() - exact).abs().max()
+    assert 0 < ours <= 1.25 * direct, (float(ours), float(direct))
+
+
+def test_autocast_keeps_the_cast_weight_until_it_changes(im2col_calls):
+    from adapters.dilated import _filters_in
+
+    torch.manual_seed(0)
+    fast = Im2colConv2d.from_conv(nn.Conv2d(8, 4, 3, padding=6, dilation=6, bias=False))
+    x = _random((1, 8, 9, 10), 11, torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = fast(x)
+        kept = _filters_in(fast.weight, torch.bfloat16)
+        assert _filters_in(fast.weight, torch.bfloat16) is kept  # cast once, not per call
+        fast.weight.mul_(2)
+        doubled = fast(x)
+    assert _filters_in(fast.weight, torch.bfloat16) is not kept
+    assert torch.equal(doubled, 2 * first)  # the new weight's cast (x2 is exact in bfloat16)
+    assert len(im2col_calls) == 2
+
+
+def test_autocast_with_other_dtypes(im2col_calls):
+    """Half-precision parameters are used as they are (the input cast to them); float64 keeps
+    torch's conv and its dtype, as autocast leaves float64 alone."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=6, dilation=6)
+    x = _random((2, 6, 11, 9), 12, torch.float32)
+    half = Im2colConv2d.from_conv(copy.deepcopy(conv).bfloat16())
+    double = Im2colConv2d.from_conv(copy.deepcopy(conv).double())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = half(x)
+        assert torch.equal(got, im2col_conv2d(x.bfloat16(), half.weight, half.bias, (6, 6)))
+        assert len(im2col_calls) == 2
+        wide = double(x.double())
+        assert len(im2col_calls) == 2  # the fallback
+        assert wide.dtype == torch.float64
+    with torch.no_grad():
+        emu.assert_rel(wide, _reference(x.double(), double.weight, double.bias, (6, 6)))
 
 
 def _deeplab():

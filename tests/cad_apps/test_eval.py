@@ -347,6 +347,39 @@ def test_cli_reports_clear_errors(fixture_root, tmp_path, capsys):
     assert rc == 2 and "needs a number" in capsys.readouterr().err
 
 
+def test_im2col_dilated_computes_the_aspp_as_gemms(fixture_root, checkpoint, tmp_path,
+                                                    edge_fresh, monkeypatch):
+    """``--im2col-dilated``: the ASPP's three dilated convs run as GEMMs (in float64 the same
+    predictions and counts as the run without), also under bfloat16 autocast; a resume
+    without the option is refused; where it would change nothing it is refused."""
+    import adapters.dilated
+
+    calls, real = [], adapters.dilated._im2col
+    monkeypatch.setattr(adapters.dilated, "_im2col",
+                        lambda x, *a, **k: calls.append(x.dtype) or real(x, *a, **k))
+    result, _ = run(fixture_root, checkpoint, tmp_path, "edge:0.35", im2col_dilated=True)
+    assert calls == [torch.float64] * 3 * 3  # 3 convs, 3 images (untimed: one pass each)
+    assert result["config"]["im2col_dilated"] is True
+    for k, rec in edge_fresh["images"].items():
+        assert result["images"][k]["confusion"] == rec["confusion"]
+        assert result["images"][k]["macs"] == rec["macs"]
+    with pytest.raises(ValueError, match=r"im2col_dilated: True in the file vs False now"):
+        run(fixture_root, checkpoint, tmp_path, "edge:0.35")
+    calls.clear()
+    low, _ = run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="bf16.json",
+                 dtype="bfloat16", im2col_dilated=True, limit=1)
+    assert calls == [torch.bfloat16] * 3 and len(low["images"]) == 1
+    with pytest.raises(ValueError, match=r"no dense conv with dilation >= 6 .*--sparse-head"):
+        run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="s.json", sparse_head=True,
+            im2col_dilated=True)
+    from cad_apps.eval.segmenter import Segmenter
+
+    cfg = EvalConfig(data_root=fixture_root, out=str(tmp_path / "c.json"), model=MODEL,
+                     im2col_dilated=True)
+    with pytest.raises(ValueError, match="on cuda they stay torch's convs"):
+        Segmenter(cfg, "cuda")
+
+
 def torchrun_eval(data_root, checkpoint, out, mask):
     """``cad-spconv eval`` under ``torchrun --nproc_per_node=2`` on CPU (gloo)."""
     import subprocess
@@ -574,7 +607,7 @@ def test_a_batch_time_is_shared_by_its_images(fixture_root, checkpoint, tmp_path
     ("model", "fcn_resnet50"), ("checkpoint", "other.pth"), ("split", "test"),
     ("finest_stride", 4), ("coarsest_stride", 32), ("dense", 8), ("semantics", "reference"),
     ("mask", "edge:0.95"), ("dilation", 5), ("sparse_head", True), ("dtype", "float64"),
-    ("seed", 1)])
+    ("im2col_dilated", True), ("seed", 1)])
 def test_every_setting_that_changes_results_is_in_the_resume_fingerprint(field, other):
     """A resume compares fingerprints: each setting that changes an image's result must be in
     it (one left out would let a resume mix two settings in one summary)."""

@@ -325,6 +325,14 @@ def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     assert e.value.code == 2 and "--reps must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_dilated_convs_refuses_autocast_in_float32(capsys):
+    from experiments import dilated_convs
+
+    with pytest.raises(SystemExit) as e:
+        dilated_convs.main(["--autocast", "--dtype", "float32"])
+    assert e.value.code == 2 and "give --dtype bfloat16" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("module, mode, small, dtype", [
     ("gemm_routes", [], {"SHAPES": [(8, 16, 4)]}, "float32"),
     ("dense_phases", ["layers"], {"LAYERS": [(8, 8, 1)], "KEPT": (0.5,)}, "float32"),
