@@ -11,8 +11,10 @@ time at dilation 1 and 2, so only large dilations gain). Each output is still on
 experiments.dilated_convs``; BENCHMARKS.md). float16 was not measured.
 
 :func:`im2col_dilated_convs` puts :class:`Im2colConv2d` in place of such convs in a model (a
-dense network, or the dense head of a converted one); ``cad-spconv bench --im2col-dilated``
-does it in every variant alike.
+dense network, or the dense head of a converted one), which computes through the GEMMs also
+under CPU autocast; ``cad-spconv bench --im2col-dilated`` does it in every variant alike,
+``cad-spconv eval --im2col-dilated`` in the evaluated network (also under ``--dtype
+bfloat16``'s autocast).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from cad_spconv.engines import conv_dtype
 from cad_spconv.engines.layouts import krsc_filters, weight_layout
 from cad_spconv.nn import same_padding
 
@@ -144,8 +147,8 @@ def _gather_tap(tap: torch.Tensor, xn: torch.Tensor, y0: int, y1: int, dy: int, 
 class Im2colConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (same parameters and state dict) whose forward runs
     :func:`im2col_conv2d` where that computes it: on CPU, without autograd recording
-    anything, input and parameters of one dtype, or under CPU autocast (all cast to its dtype,
-    as autocast casts a conv's tensors; the cast weight kept). Elsewhere
+    anything, input and parameters of one dtype, or under CPU autocast, which casts them to
+    its dtype as it casts a conv's (the cast parameters kept until they change). Elsewhere
     ``nn.Conv2d.forward``.
     Made by :meth:`from_conv` or :func:`im2col_dilated_convs` from a conv that
     :func:`fits` accepts."""
@@ -178,39 +181,30 @@ class Im2colConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         params = (w,) if b is None else (w, b)
-        if (x.device.type != "cpu" or x.dim() != 4
+        # the dtype the conv computes in: autocast's where it is on (every float32 / half
+        # tensor cast to it, as autocast casts a conv's; float64 left alone), else the one
+        # dtype of input and parameters
+        dtype = conv_dtype(x, w, b) if x.device.type == "cpu" else None
+        if (dtype is None or x.dim() != 4 or x.shape[1] != w.shape[1]
                 or any(p.device != x.device for p in params)
                 or (torch.is_grad_enabled()
                     and any(t.requires_grad for t in (x,) + params))):
             return super().forward(x)  # torch's conv, its errors and its gradients
-        if torch.is_autocast_enabled("cpu"):
-            # what autocast does with a conv: every float32 / half tensor cast to its dtype,
-            # the result in that dtype (float64 ones keep torch's conv and its dtype rules)
-            low = _autocast_dtype()
-            if any(t.dtype not in _AUTOCAST_CASTS for t in (x,) + params):
-                return super().forward(x)
-            return _im2col(x.to(low), _filters_in(w, low), None if b is None else b.to(low),
-                           self.dilation, None)
-        if any(p.dtype != x.dtype for p in params):
-            return super().forward(x)
-        return im2col_conv2d(x, w, b, self.dilation)
+        return _im2col(x.to(dtype), _filters(w, dtype), None if b is None else _cast(b, dtype),
+                       self.dilation, None)
 
 
-#: the dtypes autocast casts to its own (every floating dtype but float64)
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _autocast_dtype() -> torch.dtype:
-    get = getattr(torch, "get_autocast_dtype", None)
-    return get("cpu") if get is not None else torch.get_autocast_cpu_dtype()
-
-
-def _filters_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight`` as ``[O, kh, kw, C]`` filters of ``dtype``, the cast kept per weight until it
-    changes (autocast itself casts a weight again at every call outside autograd)."""
+def _filters(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` as ``[O, kh, kw, C]`` filters of ``dtype``, kept per weight until it changes
+    (autocast casts a weight again in every autocast region)."""
     if weight.dtype == dtype:
         return krsc_filters(weight, cache=True)
-    return weight_layout(weight, ("krsc", dtype), lambda w: krsc_filters(w.to(dtype)).contiguous())
+    return weight_layout(weight, ("krsc", dtype), lambda w: krsc_filters(w.to(dtype)))
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, the cast kept per tensor until it changes (a bias)."""
+    return t if t.dtype == dtype else weight_layout(t, ("cast", dtype), lambda v: v.to(dtype))
 
 
 def im2col_dilated_convs(model: nn.Module, min_dilation: int = 6,

@@ -1,7 +1,8 @@
 """oneDNN's dilated convs against im2col GEMMs, and what that makes of the dense whole model
 (BENCHMARKS.md; ``adapters/dilated.py``).
 
-    python -m experiments.dilated_convs [--dtype bfloat16] [--threads 2] [--pairs 8]
+    python -m experiments.dilated_convs [--dtype bfloat16|float16|float32] [--threads 2]
+                                        [--pairs 8]
                                         [--autocast]
 
 1. One 3x3 conv of DeepLabV3's ASPP head (2048 -> 256 channels on the stride-8 map of a
@@ -11,8 +12,8 @@
 2. The dense DeepLabV3-ResNet101 at stride 8 (the bench's own variant, ``--scope model``)
    as built, and with its dilated convs as im2col GEMMs (``--im2col-dilated``), in strictly
    alternating pairs on one random image: the median of the per-pair ratios. With
-   ``--autocast`` the model keeps float32 weights and runs under bfloat16 autocast, as
-   ``cad-spconv eval --dtype bfloat16 [--im2col-dilated]`` runs it.
+   ``--autocast`` the model keeps float32 weights and runs under ``--dtype``'s autocast, as
+   ``cad-spconv eval --dtype bfloat16|float16 [--im2col-dilated]`` runs it.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def _whole_model(args):
 def main(argv=None) -> int:
     parser = ExperimentParser(prog="python -m experiments.dilated_convs",
                               description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=8, help="whole-model pairs (0: skip)")
@@ -98,10 +99,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--autocast", action="store_true",
                         help="part 2 with float32 weights under --dtype's autocast (as "
-                             "cad-spconv eval runs bfloat16)")
+                             "cad-spconv eval runs bfloat16 and float16)")
     args = parser.parse_args(argv)
     if args.autocast and args.dtype == "float32":
-        parser.error("--autocast runs part 2 under bfloat16 autocast: give --dtype bfloat16")
+        parser.error("--autocast runs part 2 under --dtype's autocast: give --dtype bfloat16 "
+                     "or float16")
+    if args.autocast and not args.pairs:
+        parser.error("--autocast sets how part 2 runs, and --pairs 0 skips it: drop one")
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
     if args.pairs < 0:

@@ -188,7 +188,7 @@ def _run(args, cfg, command) -> int:
         for i, (images, keep) in enumerate(zip(batches, keeps)):
             images = images.to(device)
             print(f"[{i + 1}/{len(batches)}] {names[i]}", file=sys.stderr, flush=True)
-            res = bench_input(args, bench, images, keep, device, dtype)
+            res = bench_input(args, bench, images, keep, device, dtype, order_seed=i)
             res["input"] = names[i]
             res["mask_seconds"] = mask_seconds[i]
             results.append(res)

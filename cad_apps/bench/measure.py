@@ -204,18 +204,26 @@ def _plan_seconds(keep, grid, num_levels, device):
     return lambda: make_plan(keep, grid, num_levels, device=device)
 
 
-def bench_input(args, bench, images, keep, device, dtype) -> dict:
+def bench_input(args, bench, images, keep, device, dtype, order_seed: int = 0) -> dict:
     import torch
 
+    from cad_spconv.engines import cached_bytes
     from cad_spconv.tensor import CADTensor
 
     clock = time.process_time if args.clock == "process" else time.perf_counter
     states = {v.name: v.setup(images, keep) for v in bench["variants"]}
     outputs, failed = {}, {}
+    # what each variant's warm-ups left in the engines' caches (weight layouts; workspaces of
+    # runs outside a workspace scope), over the inputs so far (kept from the first on): part of
+    # what its forward needs, charged to it alone
+    kept_bytes = bench.setdefault("kept_cache_bytes", {})
     for v in bench["variants"]:
         try:
+            before = cached_bytes(device)
             for _ in range(args.warmup):
                 outputs[v.name] = v.run(*states[v.name])
+            kept_bytes[v.name] = (kept_bytes.get(v.name, 0)
+                                  + max(0, cached_bytes(device) - before))
         except Exception as exc:  # e.g. an engine without this dtype: report, go on
             if v.kind != "cad":
                 raise
@@ -233,7 +241,7 @@ def bench_input(args, bench, images, keep, device, dtype) -> dict:
     outputs.clear()
     del coarse_out
     samples = {v.name: [] for v in variants}
-    for order in round_orders(variants, args.reps):
+    for order in round_orders(variants, args.reps, order_seed):  # other orders per input
         for v in order:
             samples[v.name].append(_time_once(v.run, states[v.name], device, clock))
     res = {"variants": {}, "failed": failed}
@@ -248,26 +256,22 @@ def bench_input(args, bench, images, keep, device, dtype) -> dict:
             entry["guarantee2_rel_error"] = guarantee2[v.name]
         res["variants"][v.name] = entry
     if not args.no_memory:
-        from cad_spconv.engines import cached_bytes
-
         for v in variants:
             entry = res["variants"][v.name]
             v.capture = False  # the geometry of the timed runs stays in v.last for the replay
             entry["peak_bytes"] = _peak_memory(v.run, states[v.name], device)
             if device.type == "cpu":
                 entry["peak_tensor_bytes"] = _tensor_peak(v.run, states[v.name])
-            if v.kind == "cad" and entry["peak_bytes"] is not None:
-                # allocated in the warm-up and kept (weight layouts; workspaces of runs outside
-                # a workspace scope, as op-level runs): part of what a CAD forward needs, so
-                # counted in its peak (all CAD variants' together)
-                entry["engine_cache_bytes"] = cached_bytes(device)
-                kept = entry["engine_cache_bytes"]
-                if v.kept_outputs is not None:  # --reuse-output: the buffer is its output
-                    entry["output_buffer_bytes"] = v.kept_output_bytes()
-                    kept += entry["output_buffer_bytes"]
-                entry["peak_bytes"] += kept
-                if "peak_tensor_bytes" in entry:
-                    entry["peak_tensor_bytes"] += kept
+            kept = kept_bytes.get(v.name, 0)
+            if entry["peak_bytes"] is None or not (kept or v.kind == "cad"):
+                continue
+            entry["engine_cache_bytes"] = kept  # the caches its warm-up left
+            if v.kept_outputs is not None:  # --reuse-output: the buffer is CAD's output
+                entry["output_buffer_bytes"] = v.kept_output_bytes()
+                kept += entry["output_buffer_bytes"]
+            entry["peak_bytes"] += kept
+            if "peak_tensor_bytes" in entry:
+                entry["peak_tensor_bytes"] += kept
     # geometry share, per CAD variant: replay exactly what its last timed forward built
     for v in variants:
         v.capture = True
@@ -297,9 +301,10 @@ def bench_input(args, bench, images, keep, device, dtype) -> dict:
 
 
 def round_orders(variants, rounds: int, seed: int = 0) -> list:
-    """The order of the variants in each timing round: a fresh random one every round (seeded,
-    so every run times the same orders). A run slows the one after it (a 3 s float32 dense
-    stride-8 run took about 4 % off the next run's speed on the AMX Xeon, BENCHMARKS.md); in a
+    """The order of the variants in each timing round: a fresh random one every round, from
+    ``seed`` (the bench passes the input's index: each input its own orders, every run the
+    same ones). A run slows the one after it (a heavy run, as the 3 s float32 dense stride-8
+    one, took 3-5 % off the next run's speed on the AMX Xeon, BENCHMARKS.md); in a
     fixed cycle each variant would always follow the same one, and the ratios would carry that
     neighbour's cost instead of averaging over all of them."""
     import random

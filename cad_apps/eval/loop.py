@@ -11,7 +11,7 @@ from ..io import (OutputLock, check_output_path, read_json, settings_difference,
                   write_json_atomic)
 from .config import EvalConfig
 from .results import finite, load_results, summarize
-from .segmenter import Segmenter
+from .segmenter import Segmenter, check_im2col_device
 
 __all__ = ["evaluate", "LimitLoweredError", "check_images", "check_inputs",
            "claim_predictions", "MANIFEST"]
@@ -74,6 +74,7 @@ def evaluate(cfg: EvalConfig, segmenter: Segmenter | None = None,
 
     cfg.check()
     run_device = resolve_device(cfg.device)
+    check_im2col_device(cfg, run_device)  # not after hashing the data
     out_path = check_output_path(cfg.out)
     if cfg.save_predictions:
         check_output_path(cfg.save_predictions, "--save-predictions", folder=True)

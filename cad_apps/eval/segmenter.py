@@ -8,7 +8,8 @@ import torch
 
 from .config import DEFAULT_MODEL, EvalConfig, parse_mask
 
-__all__ = ["Segmenter", "dense_macs", "load_mask_estimator", "estimator_from_state", "num_classes_of"]
+__all__ = ["Segmenter", "check_im2col_device", "dense_macs", "load_mask_estimator",
+           "estimator_from_state", "num_classes_of"]
 
 
 def dense_macs(model, output_stride: int, size, num_classes: int = 19) -> dict:
@@ -72,6 +73,16 @@ def estimator_from_state(state: dict, downsample: int, source: str):
     return estimator.eval()
 
 
+def check_im2col_device(cfg: EvalConfig, device) -> None:
+    """``--im2col-dilated`` computes on the CPU only: refused elsewhere, where it would change
+    nothing."""
+    device = torch.device(device)
+    if cfg.im2col_dilated and device.type != "cpu":
+        raise ValueError(f"--im2col-dilated computes dilated convs as GEMMs on the CPU; on "
+                         f"{device} they stay torch's convs: drop --im2col-dilated or pass "
+                         "--device cpu")
+
+
 class Segmenter:
     """A segmentation model and one setting: the converted network with a mask, or (``--dense
     S``) the plain network. :meth:`predict` runs a batch, :meth:`dense_macs` gives the dense
@@ -83,9 +94,7 @@ class Segmenter:
         self.cfg = cfg.check()
         self.mask = None if cfg.dense is not None else parse_mask(cfg.mask_text)
         self.device = torch.device(device)
-        if cfg.im2col_dilated and self.device.type != "cpu":  # before building anything
-            raise ValueError(f"--im2col-dilated computes dilated convs as GEMMs on the CPU; on "
-                             f"{self.device} they stay torch's convs: drop --im2col-dilated")
+        check_im2col_device(cfg, self.device)  # before building anything
         low = cfg.dtype in ("float16", "bfloat16")
         self.autocast = getattr(torch, cfg.dtype) if low else None
         self.dtype = torch.float32 if low else getattr(torch, cfg.dtype)
@@ -127,9 +136,12 @@ class Segmenter:
         (a converted model's dense modules are its source's). Refused where it would change
         nothing: a network without such a conv (the head converted by --sparse-head; the
         device is checked first)."""
-        from adapters import im2col_dilated_convs
+        from adapters import Im2colConv2d, im2col_dilated_convs
 
-        if im2col_dilated_convs(self.network, inplace=True).im2col_convs == 0:
+        im2col_dilated_convs(self.network, inplace=True)
+        # a model handed in may be swapped already (overlays passes one model to a Segmenter
+        # per mask, and a converted model's dense head is its source's)
+        if not any(isinstance(m, Im2colConv2d) for m in self.network.modules()):
             raise ValueError(f"--im2col-dilated: {self.model_name} has no dense conv with "
                              "dilation >= 6 to compute as GEMMs"
                              + (" (--sparse-head converts the head)" if self.cfg.sparse_head

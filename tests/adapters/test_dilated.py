@@ -130,7 +130,7 @@ def test_which_convs_fit(conv, fits):
             Im2colConv2d.from_conv(conv)
 
 
-def test_module_falls_back_where_it_does_not_compute():
+def test_module_falls_back_where_it_does_not_compute(im2col_calls):
     """Autograd (also under autocast) takes nn.Conv2d's forward: the gradients are the
     conv's."""
     torch.manual_seed(0)
@@ -148,61 +148,89 @@ def test_module_falls_back_where_it_does_not_compute():
         assert torch.equal(Im2colConv2d.from_conv(single)(y), single(y))
     with torch.no_grad():  # unbatched input, as nn.Conv2d takes it
         assert torch.equal(fast(x[0]), conv(x[0]))
+        with pytest.raises(RuntimeError) as theirs:  # other channels: torch's error
+            conv(x[:, :2])
+        with pytest.raises(RuntimeError) as ours:
+            fast(x[:, :2])
+        assert str(ours.value) == str(theirs.value)
+    assert not im2col_calls
 
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-def test_autocast_casts_as_it_casts_a_conv(low, im2col_calls):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_autocast_casts_as_it_casts_a_conv(low, layout, im2col_calls):
     """Under CPU autocast, without autograd, input, weight and bias are cast to autocast's dtype
     and go through the GEMMs: the result has the autocast conv's dtype, and its error against
     the float64 conv of the cast values is within 1.25x of the autocast conv's."""
+    fmt = getattr(torch, f"{layout}_format" if layout == "contiguous" else layout)
     torch.manual_seed(0)
-    conv = nn.Conv2d(64, 16, 3, padding=12, dilation=12)
+    conv = nn.Conv2d(64, 16, 3, padding=12, dilation=12).to(memory_format=fmt)
     fast = Im2colConv2d.from_conv(conv)
-    x = _random((2, 64, 19, 23), 10, torch.float32)
+    x = _random((2, 64, 19, 23), 10, torch.float32).contiguous(memory_format=fmt)
     with torch.no_grad(), torch.autocast("cpu", dtype=low):
         got, want = fast(x), conv(x)
     assert im2col_calls == [(2, 64, 19, 23)]
     assert got.dtype == want.dtype == low
-    exact = _reference(*(t.to(low).double() for t in (x, conv.weight, conv.bias)), (12, 12))
+    with torch.no_grad():
+        exact = _reference(*(t.to(low).double() for t in (x, conv.weight, conv.bias)), (12, 12))
     direct = (want.double() - exact).abs().max()
     ours = (got.double() - exact).abs().max()
     assert 0 < ours <= 1.25 * direct, (float(ours), float(direct))
 
 
-def test_autocast_keeps_the_cast_weight_until_it_changes(im2col_calls):
-    from adapters.dilated import _filters_in
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_autocast_keeps_the_cast_weight_until_it_changes(mode, im2col_calls, monkeypatch):
+    """The weight is cast and reordered once, not in every forward, and again after it
+    changes (eval runs under no_grad, the bench under inference mode)."""
+    import adapters.dilated
 
+    builds, real = [], adapters.dilated.krsc_filters
+    monkeypatch.setattr(adapters.dilated, "krsc_filters",
+                        lambda w, *a, **k: builds.append(w.dtype) or real(w, *a, **k))
     torch.manual_seed(0)
     fast = Im2colConv2d.from_conv(nn.Conv2d(8, 4, 3, padding=6, dilation=6, bias=False))
     x = _random((1, 8, 9, 10), 11, torch.float32)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         first = fast(x)
-        kept = _filters_in(fast.weight, torch.bfloat16)
-        assert _filters_in(fast.weight, torch.bfloat16) is kept  # cast once, not per call
+        again = fast(x)
+        assert builds == [torch.bfloat16]  # the first forward's, kept for the second
+    with torch.no_grad():
         fast.weight.mul_(2)
+    with mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         doubled = fast(x)
-    assert _filters_in(fast.weight, torch.bfloat16) is not kept
+    assert builds == [torch.bfloat16] * 2
+    assert torch.equal(again, first)
     assert torch.equal(doubled, 2 * first)  # the new weight's cast (x2 is exact in bfloat16)
-    assert len(im2col_calls) == 2
+    assert len(im2col_calls) == 3
 
 
 def test_autocast_with_other_dtypes(im2col_calls):
-    """Half-precision parameters are used as they are (the input cast to them); float64 keeps
-    torch's conv and its dtype, as autocast leaves float64 alone."""
+    """Under bfloat16 autocast: float16 parameters are cast to bfloat16 as well, bfloat16 ones
+    used as they are; all-float64 tensors, which autocast leaves alone, are computed in
+    float64; a float64 input with float32 parameters fails as the autocast conv fails."""
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 5, 3, padding=6, dilation=6)
     x = _random((2, 6, 11, 9), 12, torch.float32)
-    half = Im2colConv2d.from_conv(copy.deepcopy(conv).bfloat16())
+    half = Im2colConv2d.from_conv(copy.deepcopy(conv).half())
+    brain = Im2colConv2d.from_conv(copy.deepcopy(conv).bfloat16())
     double = Im2colConv2d.from_conv(copy.deepcopy(conv).double())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = half(x)
-        assert torch.equal(got, im2col_conv2d(x.bfloat16(), half.weight, half.bias, (6, 6)))
-        assert len(im2col_calls) == 2
+        assert torch.equal(got, im2col_conv2d(x.bfloat16(), half.weight.bfloat16(),
+                                              half.bias.bfloat16(), (6, 6)))
+        got = brain(x)
+        assert torch.equal(got, im2col_conv2d(x.bfloat16(), brain.weight, brain.bias, (6, 6)))
         wide = double(x.double())
-        assert len(im2col_calls) == 2  # the fallback
         assert wide.dtype == torch.float64
-    with torch.no_grad():
+        assert len(im2col_calls) == 3 + 2  # the two im2col_conv2d calls above included
         emu.assert_rel(wide, _reference(x.double(), double.weight, double.bias, (6, 6)))
+        single = Im2colConv2d.from_conv(copy.deepcopy(conv))
+        with pytest.raises(RuntimeError) as theirs:
+            conv(x.double())
+        with pytest.raises(RuntimeError) as ours:
+            single(x.double())
+        assert str(ours.value) == str(theirs.value)
+    assert len(im2col_calls) == 5
 
 
 def _deeplab():

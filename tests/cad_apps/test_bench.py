@@ -76,18 +76,21 @@ def test_reused_output_buffers_are_counted_and_checked(tmp_path, monkeypatch):
     # what a run allocates, fixed: the peaks then show exactly what is added to CAD's
     monkeypatch.setattr(measure, "_tensor_peak", lambda fn, args: 1000)
     monkeypatch.setattr(measure, "_peak_memory", lambda fn, args, device: 2000)
-    monkeypatch.setattr(cad_spconv.engines, "cached_bytes", lambda device: 30)
+    calls = iter(range(10 ** 6))  # the caches grow by 30 bytes over each variant's warm-up
+    monkeypatch.setattr(cad_spconv.engines, "cached_bytes", lambda device: 30 * next(calls))
     out = tmp_path / "r.json"
     args = build_parser("bench").parse_args([
         "bench", "--reps", "1", "--threads", "1", "--json", str(out), "--model", "resnet18",
         "--size", "64", "48", "--dense-format", "channels_last", "--reuse-output"])
     assert bench.main(args) == 0  # with the memory passes
-    for res in json.loads(out.read_text())["inputs"]:
+    for i, res in enumerate(json.loads(out.read_text())["inputs"]):
         cad = res["variants"]["cad[auto]"]
         buffer = 512 * 8 * 6 * 4  # resnet18's layer4 at stride 8, float32
-        assert cad["output_buffer_bytes"] == buffer
-        assert (cad["peak_tensor_bytes"], cad["peak_bytes"]) == (1030 + buffer, 2030 + buffer)
-        assert res["variants"]["dense8[channels_last]"]["peak_tensor_bytes"] == 1000
+        kept = 30 * (i + 1)  # what its warm-ups of this input and the ones before left
+        assert cad["output_buffer_bytes"] == buffer and cad["engine_cache_bytes"] == kept
+        assert (cad["peak_tensor_bytes"], cad["peak_bytes"]) == (1000 + kept + buffer,
+                                                                 2000 + kept + buffer)
+        assert res["variants"]["dense8[channels_last]"]["peak_tensor_bytes"] == 1000 + kept
         assert res["guarantee2_rel_error"] < 1e-5
     args = build_parser("bench").parse_args(["bench", "--model", "resnet18", "--scope", "model",
                                              "--reuse-output"])
@@ -440,8 +443,8 @@ def test_im2col_dilated_runs_in_every_variant(tmp_path, monkeypatch):
     import adapters.dilated
 
     calls, swapped = [], []
-    real, swap = adapters.dilated.im2col_conv2d, adapters.im2col_dilated_convs
-    monkeypatch.setattr(adapters.dilated, "im2col_conv2d",
+    real, swap = adapters.dilated._im2col, adapters.im2col_dilated_convs
+    monkeypatch.setattr(adapters.dilated, "_im2col",
                         lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
     monkeypatch.setattr(adapters, "im2col_dilated_convs",
                         lambda m, *a, **k: swapped.append(swap(m, *a, **k)) or swapped[-1])
@@ -459,6 +462,30 @@ def test_im2col_dilated_runs_in_every_variant(tmp_path, monkeypatch):
     assert len(calls) % 3 == 0 and len(calls) >= 9
     for res in report["inputs"]:
         assert res["failed"] == {}
+
+
+def test_kept_engine_caches_are_charged_to_the_variant_that_keeps_them(tmp_path, monkeypatch):
+    """With --im2col-dilated the NCHW dense networks keep a reordered copy of each ASPP weight
+    (channels-last ones are read in place): those bytes count in their peaks, not in CAD's."""
+    from cad_apps.bench import measure
+
+    monkeypatch.setattr(measure, "_tensor_peak", lambda fn, args: 1000)
+    monkeypatch.setattr(measure, "_peak_memory", lambda fn, args, device: 2000)
+    out = tmp_path / "r.json"
+    args = build_parser("bench").parse_args([
+        "bench", "--reps", "1", "--threads", "1", "--json", str(out), "--model",
+        "deeplabv3_resnet50", "--scope", "model", "--size", "32", "32", "--im2col-dilated"])
+    assert bench.main(args) == 0
+    aspp = 3 * 256 * 2048 * 9 * 4  # three 3x3 convs, 2048 -> 256 channels, float32
+    for res in json.loads(out.read_text())["inputs"]:
+        v = res["variants"]
+        for name in ("dense8[nchw]", "dense16[nchw]"):
+            assert v[name]["engine_cache_bytes"] == aspp
+            assert v[name]["peak_tensor_bytes"] == 1000 + aspp
+        for name in ("dense8[channels_last]", "dense16[channels_last]"):
+            assert "engine_cache_bytes" not in v[name] and v[name]["peak_tensor_bytes"] == 1000
+        assert v["cad[auto]"]["engine_cache_bytes"] == 0
+        assert v["cad[auto]"]["peak_tensor_bytes"] == 1000
 
 
 def test_a_failed_result_does_not_stop_the_suite(tmp_path, monkeypatch, capsys):
@@ -638,4 +665,5 @@ def test_every_round_runs_each_variant_once_in_a_new_order():
     assert all(len(p) >= 3 for p in before.values()), before
     assert len({tuple(o) for o in orders}) > 1
     assert round_orders(names, 15) == orders
+    assert round_orders(names, 15, seed=1) != orders  # each input of a run its own orders
     assert round_orders(names, 0) == []

@@ -378,6 +378,33 @@ def test_im2col_dilated_computes_the_aspp_as_gemms(fixture_root, checkpoint, tmp
                      im2col_dilated=True)
     with pytest.raises(ValueError, match="on cuda they stay torch's convs"):
         Segmenter(cfg, "cuda")
+    import cad_apps.eval.loop
+
+    monkeypatch.setattr(cad_apps.eval.loop, "resolve_device", lambda device: "cuda")
+    with pytest.raises(ValueError, match="on cuda they stay torch's convs.*--device cpu"):
+        evaluate(dataclasses.replace(cfg, device="cuda"))  # before the data is read
+    assert not os.path.exists(cfg.out)
+    # one model for several settings (experiments.overlays): swapped once, found swapped after
+    model = get_model(MODEL, weights=None, weights_backbone=None, num_classes=19,
+                      aux_loss=False)
+    for mask in ("edge:0.35", "none"):
+        Segmenter(dataclasses.replace(cfg, mask=mask), "cpu", model=model)
+
+
+def test_results_from_before_im2col_dilated_resume_as_without_it(fixture_root, checkpoint,
+                                                                  tmp_path):
+    """Files written before the option record no ``im2col_dilated``: they were computed
+    without it, resume so and are refused with it."""
+    run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="old.json", limit=1)
+    path = tmp_path / "old.json"
+    old = json.loads(path.read_text())
+    del old["config"]["im2col_dilated"]
+    write_json_atomic(str(path), old)
+    resumed, _ = run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="old.json", limit=1)
+    assert resumed["images"] == old["images"]
+    with pytest.raises(ValueError, match=r"im2col_dilated: False in the file vs True now"):
+        run(fixture_root, checkpoint, tmp_path, "edge:0.35", name="old.json", limit=1,
+            im2col_dilated=True)
 
 
 def torchrun_eval(data_root, checkpoint, out, mask):

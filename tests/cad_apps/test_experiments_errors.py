@@ -325,12 +325,15 @@ def test_timing_scripts_refuse_zero_reps(module, mode, capsys):
     assert e.value.code == 2 and "--reps must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_dilated_convs_refuses_autocast_in_float32(capsys):
+def test_dilated_convs_refuses_autocast_where_it_changes_nothing(capsys):
     from experiments import dilated_convs
 
     with pytest.raises(SystemExit) as e:
         dilated_convs.main(["--autocast", "--dtype", "float32"])
-    assert e.value.code == 2 and "give --dtype bfloat16" in capsys.readouterr().err
+    assert e.value.code == 2 and "give --dtype bfloat16 or float16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        dilated_convs.main(["--autocast", "--pairs", "0"])
+    assert e.value.code == 2 and "--pairs 0 skips it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module, mode, small, dtype", [
