@@ -8,7 +8,9 @@ the taps of a band of output rows into one buffer (im2col) and multiplying it by
 one GEMM costs the same at every dilation: 65-71 ms for each of those convs (twice oneDNN's
 time at dilation 1 and 2, so only large dilations gain). Each output is still one sum over all
 ``k*k*C_in`` products, rounded once, as in the direct conv (``python -m
-experiments.dilated_convs``; BENCHMARKS.md). float16 was not measured.
+experiments.dilated_convs``; BENCHMARKS.md). In float16 (that Xeon has no AMX for it) oneDNN
+did not slow down either, and the GEMMs took 0.77-0.88 of its time at every dilation, both
+4-11x bfloat16's.
 
 :func:`im2col_dilated_convs` puts :class:`Im2colConv2d` in place of such convs in a model (a
 dense network, or the dense head of a converted one), which computes through the GEMMs also

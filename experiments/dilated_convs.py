@@ -104,6 +104,10 @@ def main(argv=None) -> int:
     if args.autocast and args.dtype == "float32":
         parser.error("--autocast runs part 2 under --dtype's autocast: give --dtype bfloat16 "
                      "or float16")
+    if args.dtype == "float16" and args.pairs and not args.autocast:
+        parser.error("part 2 runs the bench's float16 model, which it refuses on CPU (no fast "
+                     "float16 convs): add --pairs 0, or --autocast for float32 weights under "
+                     "float16 autocast")
     if args.autocast and not args.pairs:
         parser.error("--autocast sets how part 2 runs, and --pairs 0 skips it: drop one")
     if args.reps < 1:

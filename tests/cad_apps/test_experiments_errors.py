@@ -334,6 +334,9 @@ def test_dilated_convs_refuses_autocast_where_it_changes_nothing(capsys):
     with pytest.raises(SystemExit) as e:
         dilated_convs.main(["--autocast", "--pairs", "0"])
     assert e.value.code == 2 and "--pairs 0 skips it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        dilated_convs.main(["--dtype", "float16"])
+    assert e.value.code == 2 and "add --pairs 0, or --autocast" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module, mode, small, dtype", [
