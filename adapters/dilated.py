@@ -16,7 +16,7 @@ did not slow down either, and the GEMMs took 0.77-0.88 of its time at every dila
 dense network, or the dense head of a converted one), which computes through the GEMMs also
 under CPU autocast; ``cad-spconv bench --im2col-dilated`` does it in every variant alike,
 ``cad-spconv eval --im2col-dilated`` in the evaluated network (also under ``--dtype
-bfloat16``'s autocast).
+bfloat16|float16``'s autocast).
 """
 from __future__ import annotations
 

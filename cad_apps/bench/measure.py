@@ -207,23 +207,22 @@ def _plan_seconds(keep, grid, num_levels, device):
 def bench_input(args, bench, images, keep, device, dtype, order_seed: int = 0) -> dict:
     import torch
 
-    from cad_spconv.engines import cached_bytes
+    from cad_spconv.engines import cache_use, held_bytes
     from cad_spconv.tensor import CADTensor
 
     clock = time.process_time if args.clock == "process" else time.perf_counter
     states = {v.name: v.setup(images, keep) for v in bench["variants"]}
     outputs, failed = {}, {}
-    # what each variant's warm-ups left in the engines' caches (weight layouts; workspaces of
-    # runs outside a workspace scope), over the inputs so far (kept from the first on): part of
-    # what its forward needs, charged to it alone
-    kept_bytes = bench.setdefault("kept_cache_bytes", {})
+    # the engines' kept entries (weight layouts; workspaces of runs outside a workspace scope)
+    # each variant's warm-ups read or built, over the inputs so far: what they hold is part of
+    # what its forward needs, charged to it (an entry two variants use, to both)
+    used = bench.setdefault("cache_use", {})
     for v in bench["variants"]:
         try:
-            before = cached_bytes(device)
-            for _ in range(args.warmup):
-                outputs[v.name] = v.run(*states[v.name])
-            kept_bytes[v.name] = (kept_bytes.get(v.name, 0)
-                                  + max(0, cached_bytes(device) - before))
+            with cache_use() as keys:
+                for _ in range(args.warmup):
+                    outputs[v.name] = v.run(*states[v.name])
+            used.setdefault(v.name, set()).update(keys)
         except Exception as exc:  # e.g. an engine without this dtype: report, go on
             if v.kind != "cad":
                 raise
@@ -262,10 +261,10 @@ def bench_input(args, bench, images, keep, device, dtype, order_seed: int = 0) -
             entry["peak_bytes"] = _peak_memory(v.run, states[v.name], device)
             if device.type == "cpu":
                 entry["peak_tensor_bytes"] = _tensor_peak(v.run, states[v.name])
-            kept = kept_bytes.get(v.name, 0)
+            kept = held_bytes(used.get(v.name, ()), device)
             if entry["peak_bytes"] is None or not (kept or v.kind == "cad"):
                 continue
-            entry["engine_cache_bytes"] = kept  # the caches its warm-up left
+            entry["engine_cache_bytes"] = kept  # the kept caches its runs use
             if v.kept_outputs is not None:  # --reuse-output: the buffer is CAD's output
                 entry["output_buffer_bytes"] = v.kept_output_bytes()
                 kept += entry["output_buffer_bytes"]

@@ -7,7 +7,9 @@
 - :func:`workspace`: per-thread scratch buffers reused across calls (a fresh buffer per call
   costs page faults worth a third of a gather on CPU, BENCHMARKS.md), held until the outermost
   :func:`workspace_scope` exits (converted models run their sparse part in one), else kept.
-- :func:`cached_bytes`: how much of both is held, so that benchmarks count it in peak memory.
+- :func:`cached_bytes`: how much of both is held, so that benchmarks count it in peak memory;
+  :func:`cache_use` and :func:`held_bytes`: which entries some calls read or built, and what
+  those hold (a benchmark charges each variant the caches its own runs need).
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["weight_layout", "krsc_filters", "gemm_weight", "workspace", "workspace_scope",
-           "cached_bytes", "tracks_grad", "clear_caches", "weights_epoch"]
+           "cached_bytes", "cache_use", "held_bytes", "tracks_grad", "clear_caches",
+           "weights_epoch"]
 
 _layouts: dict = {}
 _workspaces = threading.local()
 _epoch = 0
+_used = threading.local()  # .keys: the entries read or built inside cache_use(), else absent
 
 
 def weights_epoch() -> int:
@@ -59,6 +63,7 @@ def weight_layout(weight: torch.Tensor, tag, build) -> torch.Tensor:
     stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device,
              torch.is_inference_mode_enabled(), _epoch)
     key = (id(weight), tag)
+    _note_use("layout", key)
     entry = _layouts.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == stamp:
         return entry[2]
@@ -101,6 +106,7 @@ def workspace(like: torch.Tensor, numel: int, slot: str) -> torch.Tensor:
         store = _workspaces.buffers = {}
     # an inference-mode tensor cannot be written outside inference mode: separate buffers
     key = (slot, like.device, like.dtype, torch.is_inference_mode_enabled())
+    _note_use("workspace", key)
     buf = store.get(key)
     if buf is None or buf.numel() < numel:
         buf = store[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
@@ -127,12 +133,49 @@ def workspace_scope():
 def cached_bytes(device=None) -> int:
     """Bytes this thread's engines keep between calls (workspaces, weight layouts), on
     ``device`` (all devices if ``None``): memory a forward's peak does not show once warm."""
-    device = None if device is None else torch.device(device)
     tensors = list(getattr(_workspaces, "buffers", {}).values())
-    tensors += [entry[2] for entry in list(_layouts.values())]
+    return _bytes_on(tensors + [entry[2] for entry in list(_layouts.values())], device)
+
+
+def _bytes_on(tensors, device) -> int:
+    device = None if device is None else torch.device(device)
     return sum(t.numel() * t.element_size() for t in tensors
                if device is None or (t.device.type == device.type
                                      and (device.index is None or t.device == device)))
+
+
+def _note_use(kind: str, key) -> None:
+    keys = getattr(_used, "keys", None)
+    if keys is not None:
+        keys.add((kind, key))
+
+
+@contextlib.contextmanager
+def cache_use():
+    """Within: the set (yielded) of the kept entries that this thread's calls read or build
+    (weight layouts and workspaces), for :func:`held_bytes`. Nested uses see their own calls
+    only."""
+    outer = getattr(_used, "keys", None)
+    _used.keys = keys = set()
+    try:
+        yield keys
+    finally:
+        _used.keys = outer
+        if outer is not None:
+            outer |= keys
+
+
+def held_bytes(keys, device=None) -> int:
+    """Bytes the entries ``keys`` (from :func:`cache_use`) hold now, on ``device`` (all devices
+    if ``None``): a released workspace or a dropped layout holds nothing. Entries shared by
+    several users count for each of them."""
+    buffers = getattr(_workspaces, "buffers", {})
+    tensors = []
+    for kind, key in keys:
+        entry = _layouts.get(key) if kind == "layout" else buffers.get(key)
+        if entry is not None:
+            tensors.append(entry[2] if kind == "layout" else entry)
+    return _bytes_on(tensors, device)
 
 
 def clear_caches() -> None:

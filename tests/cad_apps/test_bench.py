@@ -76,21 +76,19 @@ def test_reused_output_buffers_are_counted_and_checked(tmp_path, monkeypatch):
     # what a run allocates, fixed: the peaks then show exactly what is added to CAD's
     monkeypatch.setattr(measure, "_tensor_peak", lambda fn, args: 1000)
     monkeypatch.setattr(measure, "_peak_memory", lambda fn, args, device: 2000)
-    calls = iter(range(10 ** 6))  # the caches grow by 30 bytes over each variant's warm-up
-    monkeypatch.setattr(cad_spconv.engines, "cached_bytes", lambda device: 30 * next(calls))
+    # CAD's runs use kept caches (the dense ones none): 30 bytes of them
+    monkeypatch.setattr(cad_spconv.engines, "held_bytes", lambda keys, device: 30 if keys else 0)
     out = tmp_path / "r.json"
     args = build_parser("bench").parse_args([
         "bench", "--reps", "1", "--threads", "1", "--json", str(out), "--model", "resnet18",
         "--size", "64", "48", "--dense-format", "channels_last", "--reuse-output"])
     assert bench.main(args) == 0  # with the memory passes
-    for i, res in enumerate(json.loads(out.read_text())["inputs"]):
+    for res in json.loads(out.read_text())["inputs"]:
         cad = res["variants"]["cad[auto]"]
         buffer = 512 * 8 * 6 * 4  # resnet18's layer4 at stride 8, float32
-        kept = 30 * (i + 1)  # what its warm-ups of this input and the ones before left
-        assert cad["output_buffer_bytes"] == buffer and cad["engine_cache_bytes"] == kept
-        assert (cad["peak_tensor_bytes"], cad["peak_bytes"]) == (1000 + kept + buffer,
-                                                                 2000 + kept + buffer)
-        assert res["variants"]["dense8[channels_last]"]["peak_tensor_bytes"] == 1000 + kept
+        assert cad["output_buffer_bytes"] == buffer and cad["engine_cache_bytes"] == 30
+        assert (cad["peak_tensor_bytes"], cad["peak_bytes"]) == (1030 + buffer, 2030 + buffer)
+        assert res["variants"]["dense8[channels_last]"]["peak_tensor_bytes"] == 1000
         assert res["guarantee2_rel_error"] < 1e-5
     args = build_parser("bench").parse_args(["bench", "--model", "resnet18", "--scope", "model",
                                              "--reuse-output"])
@@ -389,6 +387,31 @@ def test_the_targets_report_shows_the_paired_ratio_and_a_verdict_it_flips(tmp_pa
     assert rows["cpu_float32_b1_keep_all"][-2:] == ["1.000", "met |"]
 
 
+def test_memory_pass_peaks_compare_with_the_timed_runs_dense_pick(tmp_path):
+    """The memory columns from a memory pass (one run a variant) compare CAD with the dense
+    format the full run found fastest, not the one its single run happened to favour."""
+    from cad_apps.bench import report as bench_report
+    from experiments import benchmark
+
+    inp = _paired_result("a", [2.0] * 5, [1.0] * 5, [3.0] * 5)  # channels-last dense 8: 3 s
+    inp["variants"]["dense8[nchw]"] = {"kind": "dense_fine", "seconds": 4.0,
+                                       "samples": [4.0] * 5, "macs": 1000}
+    (tmp_path / "cpu_float32_b1_edge0.35.json").write_text(json.dumps({
+        "config": {"keep": None, "dtype": "float32", "batch": 1, "threshold": 0.35},
+        "environment": {"cpu": "cpu", "torch": "2", "threads": 2},
+        "inputs": [inp], "summary": bench_report.summary([inp], ["auto"])}))
+    memory = json.loads(json.dumps(inp))
+    memory["variants"]["dense8[nchw]"]["seconds"] = 2.5  # faster in the one run of the pass
+    for name, mib in (("dense8[channels_last]", 100), ("dense8[nchw]", 300), ("cad[auto]", 200)):
+        memory["variants"][name]["peak_tensor_bytes"] = mib << 20
+        memory["variants"][name]["peak_bytes"] = mib << 20
+    (tmp_path / "cpu_float32_b1_edge0.35_memory.json").write_text(json.dumps(
+        {"inputs": [memory]}))
+    row = next(line for line in benchmark.report(str(tmp_path)).splitlines()
+               if line.startswith("| cpu_float32_b1_edge0.35 "))
+    assert "(tensors 100 / 200)" in row and "memory missed" in row
+
+
 def test_ratios_are_against_the_fastest_dense_variant_of_the_dtype():
     """The summary's dense stride 8 / 16 are the faster memory format of each; eff and the
     ratios use them, not the NCHW float32 network (reported beside them)."""
@@ -486,6 +509,27 @@ def test_kept_engine_caches_are_charged_to_the_variant_that_keeps_them(tmp_path,
             assert "engine_cache_bytes" not in v[name] and v[name]["peak_tensor_bytes"] == 1000
         assert v["cad[auto]"]["engine_cache_bytes"] == 0
         assert v["cad[auto]"]["peak_tensor_bytes"] == 1000
+
+
+def test_a_kept_cache_two_variants_use_is_charged_to_both(tmp_path, monkeypatch):
+    """Op level, the CAD variants of two engines convolve one NCHW weight and read one kept
+    reordered copy of it: each is charged it, not only the one warmed up first."""
+    from cad_apps.bench import measure
+
+    monkeypatch.setattr(measure, "_tensor_peak", lambda fn, args: 1000)
+    monkeypatch.setattr(measure, "_peak_memory", lambda fn, args, device: 2000)
+    out = tmp_path / "r.json"
+    args = build_parser("bench").parse_args([
+        "bench", "--reps", "1", "--threads", "1", "--json", str(out), "--model", "conv3x3",
+        "--channels", "8", "--size", "48", "40", "--engine", "lattice,products",
+        "--random-keep", "0.4"])
+    assert bench.main(args) == 0
+    krsc = 8 * 8 * 9 * 4  # the [C_out, kh, kw, C_in] copy, float32
+    for res in json.loads(out.read_text())["inputs"]:
+        v = res["variants"]
+        for e in ("lattice", "products"):
+            assert v[f"cad[{e}]"]["engine_cache_bytes"] >= krsc
+        assert all("engine_cache_bytes" not in v[n] for n in v if n.startswith("dense"))
 
 
 def test_a_failed_result_does_not_stop_the_suite(tmp_path, monkeypatch, capsys):

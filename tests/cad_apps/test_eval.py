@@ -378,11 +378,17 @@ def test_im2col_dilated_computes_the_aspp_as_gemms(fixture_root, checkpoint, tmp
                      im2col_dilated=True)
     with pytest.raises(ValueError, match="on cuda they stay torch's convs"):
         Segmenter(cfg, "cuda")
+    import cad_apps.data
     import cad_apps.eval.loop
 
-    monkeypatch.setattr(cad_apps.eval.loop, "resolve_device", lambda device: "cuda")
-    with pytest.raises(ValueError, match="on cuda they stay torch's convs.*--device cpu"):
-        evaluate(dataclasses.replace(cfg, device="cuda"))  # before the data is read
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read (hashed) before the refusal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cad_apps.eval.loop, "resolve_device", lambda device: "cuda")
+        patch.setattr(cad_apps.data, "CityscapesSegmentation", unread)
+        with pytest.raises(ValueError, match="on cuda they stay torch's convs.*--device cpu"):
+            evaluate(dataclasses.replace(cfg, device="cuda"))
     assert not os.path.exists(cfg.out)
     # one model for several settings (experiments.overlays): swapped once, found swapped after
     model = get_model(MODEL, weights=None, weights_backbone=None, num_classes=19,

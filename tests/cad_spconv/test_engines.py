@@ -632,6 +632,38 @@ def test_engine_caches_are_reported():
         assert E.cached_bytes("cuda") == 0
 
 
+def test_cache_use_names_the_entries_a_call_reads_and_what_they_hold():
+    """``cache_use`` collects the kept entries that the calls inside read or build (also one
+    built before: a second user of a shared layout sees it); ``held_bytes`` sums what they
+    hold now, so a workspace released by its scope counts nothing; nested uses count for the
+    outer one too."""
+    import cad_spconv.engines as E
+    from cad_spconv.engines.layouts import clear_caches
+    x, _ = make_input(((40, 37), 1, "keep"), 1, 8, torch.float32, "cpu", seed=3)
+    w = torch.randn(16, 8, 3, 3)
+    layout = w.numel() * 4
+    clear_caches()
+    with torch.no_grad():
+        with E.cache_use() as first:
+            CF.conv2d(x, w, engine="lattice")
+        with E.cache_use() as outer:
+            with E.cache_use() as again:  # built before: read, and named all the same
+                CF.conv2d(x, w, engine="lattice")
+        assert first == again == outer and first
+        # the layout and workspaces kept outside a scope
+        assert E.held_bytes(first, "cpu") == E.cached_bytes("cpu") > layout
+        with E.cache_use() as scoped:
+            with E.workspace_scope():
+                CF.conv2d(x, w, engine="lattice")
+    assert scoped == first
+    assert E.held_bytes(scoped, "cpu") == layout  # the scope's end released its workspaces
+    with E.cache_use() as nothing:
+        pass
+    assert E.held_bytes(nothing) == 0 and E.held_bytes(first, "cuda") == 0
+    clear_caches()
+    assert E.held_bytes(first) == 0
+
+
 def test_workspace_scope_releases_workspaces_when_the_outermost_scope_exits():
     """Inside a scope workspaces are reused (nested scopes included); when the outermost scope
     exits they are gone (weight layouts stay), and the results stay exact."""
