@@ -2,8 +2,7 @@
 (BENCHMARKS.md; ``adapters/dilated.py``).
 
     python -m experiments.dilated_convs [--dtype bfloat16|float16|float32] [--threads 2]
-                                        [--pairs 8]
-                                        [--autocast]
+                                        [--pairs 8] [--autocast]
 
 1. One 3x3 conv of DeepLabV3's ASPP head (2048 -> 256 channels on the stride-8 map of a
    512x1024 image, channels-last, random weights) at dilations 1-36: ``F.conv2d`` (oneDNN)

@@ -242,7 +242,7 @@ def add_setting_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU: compute the dense convs with dilation >= 6 (DeepLabV3's ASPP) as "
                         "im2col GEMMs (adapters.im2col_dilated_convs): in bfloat16 oneDNN's "
                         "dilated convs are slow on some CPUs (BENCHMARKS.md); also under "
-                        "--dtype bfloat16's autocast")
+                        "the autocast of --dtype bfloat16 / float16")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=2, help="data loading processes")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")

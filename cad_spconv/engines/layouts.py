@@ -153,8 +153,8 @@ def _note_use(kind: str, key) -> None:
 @contextlib.contextmanager
 def cache_use():
     """Within: the set (yielded) of the kept entries that this thread's calls read or build
-    (weight layouts and workspaces), for :func:`held_bytes`. Nested uses see their own calls
-    only."""
+    (weight layouts and workspaces), for :func:`held_bytes`. A nested use sees its own calls;
+    the use around it sees them too."""
     outer = getattr(_used, "keys", None)
     _used.keys = keys = set()
     try:
