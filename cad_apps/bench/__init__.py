@@ -98,6 +98,11 @@ def configure(parser: argparse.ArgumentParser):
                              "dense and CAD alike (with --scope model and a segmentation "
                              "model): oneDNN's bfloat16 convs slowed 4-14x at dilations 6-36 "
                              "on an AMX Xeon")
+    parser.add_argument("--compile-dense", action="store_true",
+                        help="also time the channels-last dense networks under torch.compile "
+                             "(inductor, weights frozen: batch norm folded, activations fused "
+                             "into the convs), one more candidate for the fastest dense "
+                             "configuration; the compile happens in the warm-up")
     parser.add_argument("--reuse-output", action="store_true",
                         help="backbone scope: CAD densifies into one buffer kept across runs "
                              "(x.dense(out=...), as a video loop would; its bytes count in "
@@ -263,10 +268,11 @@ def _check_args(args) -> dict:
         given = [flag for flag, on in (("--scope model", args.scope == "model"),
                                        ("--sparse-head", args.sparse_head),
                                        ("--fold-bn", args.fold_bn),
-                                       ("--im2col-dilated", args.im2col_dilated)) if on]
+                                       ("--im2col-dilated", args.im2col_dilated),
+                                       ("--compile-dense", args.compile_dense)) if on]
         if given:
             raise SystemExit(f"bench: --model conv3x3 is one conv (no head, no batch norm, no "
-                             f"dense dilated conv): "
+                             f"dense dilated conv, no network to compile): "
                              f"leave out {', '.join(given)}")
     if args.reuse_output and (args.scope == "model" or args.model == "conv3x3"):
         raise SystemExit("bench: --reuse-output keeps the buffer CAD's backbone densifies into; "

@@ -67,6 +67,40 @@ def test_resnet_backbone_runs_and_matches_mac_counter(tmp_path, extra):
         assert report["tuned"] and all(c["engine"] in c["seconds"] for c in report["tuned"])
 
 
+def test_compiled_for_inference_freezes_weights_and_keeps_the_values():
+    """The compiled dense candidate: the eager values (float32, batch norm folded by inductor's
+    freezing), the weights frozen at the first call, and the process's inductor settings
+    untouched."""
+    import torch._inductor.config as inductor_config
+    from torch import nn
+
+    from cad_apps.bench.variants import compiled_for_inference
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 11, 13).contiguous(memory_format=torch.channels_last)
+    run = compiled_for_inference(net)
+    with torch.no_grad():
+        eager = net(x)
+        assert torch.allclose(run(x), eager, rtol=1e-4, atol=1e-5)
+        net[0].weight.zero_()  # frozen: the compiled copy keeps the weights of its first call
+        assert torch.allclose(run(x), eager, rtol=1e-4, atol=1e-5)
+    assert inductor_config.freezing is False
+
+
+@pytest.mark.slow
+def test_compiled_dense_variants_run_in_the_bench(tmp_path):
+    report, md = run_bench(tmp_path, "--model", "resnet18", "--size", "64", "48",
+                           "--dense-format", "channels_last", "--compile-dense")
+    v = report["inputs"][0]["variants"]
+    for s in (8, 16):
+        eager, compiled = v[f"dense{s}[channels_last]"], v[f"dense{s}[channels_last,compiled]"]
+        assert compiled["kind"] == eager["kind"] and compiled["macs"] == eager["macs"]
+        assert compiled["format"] == "channels_last, torch.compile"
+    assert report["config"]["compile_dense"] is True
+
+
 def test_reused_output_buffers_are_counted_and_checked(tmp_path, monkeypatch):
     """--reuse-output: CAD densifies into one kept buffer (Guarantee 2 still checked on it), and
     the buffer's bytes count in CAD's peak memory; a whole model cannot take it."""
@@ -149,6 +183,7 @@ def test_profile_reports_ops_per_variant(tmp_path, capsys):
     (["--engine", "torch,lattice,torch"], "names torch more than once"),
     (["--warmup", "0"], "--warmup must be >= 1"),
     (["--reuse-output"], "leave it out with --model conv3x3"),
+    (["--compile-dense"], "leave out --compile-dense"),
     (["--images", "/no/such.png", "--threshold", "nan"], "threshold must be finite"),
     (["--images", "/no/such.png", "--dilation", "4"], "dilation must be an odd"),
     (["--json", "{tmp}", "--reps", "1"], "--json .* is a directory"),

@@ -339,6 +339,17 @@ def test_dilated_convs_refuses_autocast_where_it_changes_nothing(capsys):
     assert e.value.code == 2 and "add --pairs 0, or --autocast" in capsys.readouterr().err
 
 
+def test_compiled_dense_refuses_bad_pairs_and_sizes(capsys):
+    from experiments import compiled_dense
+
+    with pytest.raises(SystemExit) as e:
+        compiled_dense.main(["--pairs", "0"])
+    assert e.value.code == 2 and "--pairs must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        compiled_dense.main(["--size", "16", "64"])
+    assert e.value.code == 2 and "--size must be at least 32x32" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("module, mode, small, dtype", [
     ("gemm_routes", [], {"SHAPES": [(8, 16, 4)]}, "float32"),
     ("dense_phases", ["layers"], {"LAYERS": [(8, 8, 1)], "KEPT": (0.5,)}, "float32"),
