@@ -284,6 +284,10 @@ def _check_args(args) -> dict:
         raise SystemExit("bench: --im2col-dilated swaps the dense dilated convs of a "
                          "segmentation head (dilation >= 6; the backbones' are at most 4): use "
                          "it with --scope model and a segmentation --model")
+    if args.compile_dense and args.im2col_dilated:
+        raise SystemExit("bench: --compile-dense and --im2col-dilated are two routes for the "
+                         "dense networks' convs (inductor picks its own for the dilated ones): "
+                         "give one of them")
     if args.sparse_head and args.scope != "model":
         raise SystemExit("bench: --sparse-head runs the whole model's head sparsely; add "
                          "--scope model (the default scope times the backbones only)")

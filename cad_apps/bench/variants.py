@@ -207,15 +207,18 @@ def build_variants(args, device, dtype) -> dict:
 def compiled_for_inference(fn):
     """``torch.compile(fn)`` as PyTorch recommends it for CPU inference: inductor with the
     weights frozen into constants (batch norm folded into the convs, their weights prepacked
-    for oneDNN, activations and residual adds fused into them). It compiles on the first call
-    (the bench's warm-up); the frozen weights are copies, so changing the module's weights
-    afterwards does not reach it."""
+    for oneDNN, activations and residual adds fused into them), the whole function as one
+    graph. It compiles on the first call (the bench's warm-up); the frozen weights are copies,
+    so changing the module's weights afterwards does not reach it."""
     import functools
 
     import torch
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(fn)
+    # fullgraph: a dense network traces whole; a graph break, or dynamo's limit of compiled
+    # versions per code object (past it, it runs the function eagerly), is an error instead
+    # of a silently slower baseline
+    compiled = torch.compile(fn, fullgraph=True)
 
     @functools.wraps(fn)
     def run(*args):

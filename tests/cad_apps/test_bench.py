@@ -184,6 +184,8 @@ def test_profile_reports_ops_per_variant(tmp_path, capsys):
     (["--warmup", "0"], "--warmup must be >= 1"),
     (["--reuse-output"], "leave it out with --model conv3x3"),
     (["--compile-dense"], "leave out --compile-dense"),
+    (["--model", "deeplabv3_resnet50", "--scope", "model", "--im2col-dilated", "--compile-dense"],
+     "give one of them"),
     (["--images", "/no/such.png", "--threshold", "nan"], "threshold must be finite"),
     (["--images", "/no/such.png", "--dilation", "4"], "dilation must be an odd"),
     (["--json", "{tmp}", "--reps", "1"], "--json .* is a directory"),
