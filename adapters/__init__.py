@@ -23,6 +23,7 @@ from torchvision.models.vgg import VGG
 from .deeplabv3plus import DeepLabV3Plus
 from .dilated import Im2colConv2d, im2col_dilated_convs
 from .fold import fold_batchnorm
+from .inference import compiled_for_inference, optimize_for_inference
 from cad_spconv.engines import check_engine
 from cad_spconv.plan import SEMANTICS
 
@@ -35,7 +36,8 @@ __all__ = ["convert", "CADModel", "CADResNet", "CADResNetFeatures", "CADSegmenta
            "CADVGGFeatures",
            "CADBottleneck", "CADBasicBlock", "CADASPP", "CADASPPPooling", "convert_resnet",
            "convert_segmentation", "convert_vgg_features", "UnsupportedModelError", "SUPPORTED",
-           "fold_batchnorm", "im2col_dilated_convs", "Im2colConv2d", "DeepLabV3Plus"]
+           "fold_batchnorm", "im2col_dilated_convs", "Im2colConv2d", "DeepLabV3Plus",
+           "optimize_for_inference", "compiled_for_inference"]
 
 
 def convert(model: nn.Module, finest_stride: int = 8, coarsest_stride: int = 16,

@@ -25,7 +25,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from cad_spconv.engines import workspace_scope
 from cad_spconv import functional as CF
 from cad_spconv.nn import (CADAdaptiveAvgPool2d, CADBatchNorm2d, CADPointwise, GridBlock,
-                            block_on_grid, on_grid)
+                            block_on_grid, hooked, on_grid)
 from cad_spconv.tensor import CADTensor
 
 from .common import (CADModel, UnsupportedModelError, cad_conv, check_plain_conv, check_strides,
@@ -60,6 +60,11 @@ class CADBottleneck(nn.Module):
         grid = block_on_grid(x, self.conv2.stride[0], _block_layers(self))
         if grid is not None:
             return self._forward_on_grid(x, grid)
+        if _folded(self):  # ReLUs and the residual add in the convs' epilogues
+            out = self.conv1(x, relu=True)
+            out = self.conv2(out, relu=True)
+            identity = x if self.downsample is None else self.downsample[0](x)
+            return self.conv3(out, relu=True, residual=identity)
         # one op per statement, as torchvision: each input is released before the next output
         # is allocated (nested calls kept the conv2 path's features alive through bn3)
         out = self.conv1(x)
@@ -77,6 +82,13 @@ class CADBottleneck(nn.Module):
     def _forward_on_grid(self, x: CADTensor, grid: GridBlock) -> CADTensor:
         """:meth:`forward` as the dense block on the grid's map (:func:`block_on_grid`)."""
         y, down = grid.map, grid.down
+        if _folded(self):
+            out = on_grid(self.conv1, y, grid.scale_in, relu=True)
+            out = on_grid(self.conv2, out, grid.scale_in, down, relu=True)
+            identity = y if self.downsample is None else on_grid(self.downsample[0], y,
+                                                                 grid.scale_in, down)
+            out = on_grid(self.conv3, out, grid.scale_out, relu=True, residual=identity)
+            return CF.from_grid_map(x, out, grid.step_out)
         out = on_grid(self.conv1, y, grid.scale_in)
         out = on_grid(self.bn1, out)
         out = on_grid(self.relu, out)
@@ -108,6 +120,10 @@ class CADBasicBlock(nn.Module):
         grid = block_on_grid(x, self.conv1.stride[0], _block_layers(self))
         if grid is not None:
             return self._forward_on_grid(x, grid)
+        if _folded(self):  # see CADBottleneck.forward
+            out = self.conv1(x, relu=True)
+            identity = x if self.downsample is None else self.downsample[0](x)
+            return self.conv2(out, relu=True, residual=identity)
         out = self.conv1(x)  # one op per statement: see CADBottleneck.forward
         out = self.bn1(out)
         out = self.relu(out)
@@ -120,6 +136,12 @@ class CADBasicBlock(nn.Module):
     def _forward_on_grid(self, x: CADTensor, grid: GridBlock) -> CADTensor:
         """:meth:`forward` as the dense block on the grid's map (:func:`block_on_grid`)."""
         y = grid.map
+        if _folded(self):
+            out = on_grid(self.conv1, y, grid.scale_in, grid.down, relu=True)
+            identity = y if self.downsample is None else on_grid(self.downsample[0], y,
+                                                                 grid.scale_in, grid.down)
+            out = on_grid(self.conv2, out, grid.scale_out, relu=True, residual=identity)
+            return CF.from_grid_map(x, out, grid.step_out)
         out = on_grid(self.conv1, y, grid.scale_in, grid.down)
         out = on_grid(self.bn1, out)
         out = on_grid(self.relu, out)
@@ -128,6 +150,26 @@ class CADBasicBlock(nn.Module):
         out += y if self.downsample is None else _shortcut_on_grid(self.downsample, grid)
         out = on_grid(self.relu, out)
         return CF.from_grid_map(x, out, grid.step_out)
+
+
+def _folded(block) -> bool:
+    """Whether ``block``'s batch norms are folded into its convs (``nn.Identity``,
+    :func:`adapters.fold_batchnorm`) and its activation is a ReLU: then each ReLU and the
+    residual add go into the epilogue of the conv before them
+    (:meth:`~cad_spconv.nn.CADConv2d.forward`'s ``relu`` and ``residual``; fused by oneDNN on
+    CPU in float32 / bfloat16 inference). Not where a layer is hooked (a MAC count, a debugging
+    hook): each layer's call is seen as usual, op by op (in bfloat16 the epilogue is then
+    rounded twice, not once)."""
+    layers = _block_layers(block)
+    relu = block.relu
+    if (layers is None or type(relu) is not CADPointwise
+            or type(relu._modules["module"]) is not nn.ReLU):
+        return False
+    norms = [block._modules[n] for n in ("bn1", "bn2", "bn3") if n in block._modules]
+    if block.downsample is not None:
+        norms.append(block.downsample[1])
+    return (all(type(m) is nn.Identity for m in norms)
+            and not any(hooked(m) for m in layers + (relu._modules["module"],)))
 
 
 def _block_layers(block) -> Optional[tuple]:
@@ -311,6 +353,9 @@ class _ResNetTrunk:
                                             d_in if first else d_out, d_out, engine, path))
         return nn.Sequential(*blocks)
 
+    #: run the dense stages as one compiled graph (``adapters.optimize_for_inference``)
+    compile_dense = False
+
     @workspace_scope()
     def _run_trunk(self, images: torch.Tensor, enter: Callable, capture=()):
         """Run the stem and stages; ``enter(dense, images)`` makes the step-0 tensor. Returns
@@ -318,16 +363,31 @@ class _ResNetTrunk:
         engines' workspaces are released at the end (a dense head after it runs without)."""
         captured = {}
         x = images
-        for name in self.dense_names:
-            x = getattr(self, name)(x)
-            if name in capture:
-                captured[name] = x
+        if self.compile_dense and not any(n in capture for n in self.dense_names):
+            x = self._compiled_dense_stages()(x)
+        else:
+            for name in self.dense_names:
+                x = getattr(self, name)(x)
+                if name in capture:
+                    captured[name] = x
         x = enter(x, images)
         for name in self.sparse_names:
             x = getattr(self, name)(x)
             if name in capture:
                 captured[name] = x
         return x, captured
+
+    def _compiled_dense_stages(self):
+        """The dense stages as one function under ``compiled_for_inference``, made on first
+        use and kept for this module (a deep copy makes its own: the kept one runs the
+        original's stages)."""
+        kept = self.__dict__.get("_compiled_dense")
+        if kept is None or kept[0] != id(self):  # an id: a deep copy would map self to itself
+            from .inference import compiled_for_inference
+
+            stages = nn.Sequential(OrderedDict((n, getattr(self, n)) for n in self.dense_names))
+            kept = self.__dict__["_compiled_dense"] = (id(self), compiled_for_inference(stages))
+        return kept[1]
 
     def _trunk_parts(self) -> dict[str, nn.Module]:
         return {"dense": nn.ModuleList(getattr(self, n) for n in self.dense_names),

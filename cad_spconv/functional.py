@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .engines import check_bias, conv_dtype, sparse_conv, sparse_max
+from .engines import check_bias, conv_dtype, epilogue, sparse_conv, sparse_max
 from .rulebook import ConvKey, Pool2Key, Rulebook
 from .tensor import CADTensor
 
@@ -51,7 +51,8 @@ def conv_book(x: CADTensor, kernel_size: IntPair, dilation: IntPair, stride: Int
 
 def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            stride: IntPair = 1, dilation: IntPair = 1, groups: int = 1,
-           engine: str = "auto") -> CADTensor:
+           engine: str = "auto", *, relu: bool = False,
+           residual: Optional[CADTensor] = None) -> CADTensor:
     """Conv with same padding. ``dilation`` is the layer's dilation in the coarsest-stride
     network; on the finest grid its taps are ``dilation * 2**step`` apart. Stride 2 is an
     adaptive downsampling step.
@@ -61,7 +62,13 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
     of an all-coarse batch, or everything kept), the features are NHWC maps and the conv is the
     dense conv of those grids (the "none kept" and "all kept" guarantees, layer by layer): with
     ``engine="auto"`` it runs as that, on channels-last views, without a rulebook (what the
-    lattice engine computes, minus its per-call work)."""
+    lattice engine computes, minus its per-call work).
+
+    ``relu`` / ``residual`` (a tensor at the output's step, ``C_out`` channels): return
+    ``relu(conv(x) + residual)`` instead, the end of a ResNet block whose batch norms are
+    folded into its convs. On CPU in float32 / bfloat16 without autograd, oneDNN applies them
+    in the conv's epilogue where the conv runs as one oneDNN conv (grid convs, 1x1 convs);
+    elsewhere they follow the conv in place (:mod:`cad_spconv.engines.epilogue`)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError("weight must be a conv weight [C_out, C_in / groups, kh, kw], got "
                          + (f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
@@ -70,12 +77,30 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
     if min(dil) < 1:
         raise ValueError(f"dilation must be >= 1, got {dilation}")
     check_bias(bias, weight.shape[0])
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {relu!r}")
+    if residual is not None:
+        _check_residual(x, residual, weight.shape[0], _step_out(x, stride))
     levels = _grid_levels(x, weight, bias, stride, groups, engine)
     if levels is not None:
-        return _grid_conv(x, weight, bias, levels, dil, groups)
+        return _grid_conv(x, weight, bias, levels, dil, groups, relu, residual)
     book = conv_book(x, weight.shape[-2:], dilation, stride)
-    out = sparse_conv(x.features, weight, bias, book, groups, engine)
+    out = sparse_conv(x.features, weight, bias, book, groups, engine, relu=relu,
+                      residual=None if residual is None else residual.features)
     return x.replace_feature(out, book.step_out)
+
+
+def _check_residual(x: CADTensor, residual, c_out: int, step_out: int) -> None:
+    if not isinstance(residual, CADTensor):
+        raise TypeError(f"residual must be a CADTensor, got {type(residual).__name__}")
+    if residual.plan is not x.plan or residual.step != step_out:
+        raise ValueError(f"residual must be a tensor of the input's plan at the output's step "
+                         f"{step_out} (the block's shortcut), got "
+                         + ("another plan" if residual.plan is not x.plan
+                            else f"step {residual.step}"))
+    if residual.num_channels != c_out:
+        raise ValueError(f"residual has {residual.num_channels} channels, the conv outputs "
+                         f"{c_out}")
 
 
 def _grid_levels(x: CADTensor, weight, bias, stride, groups, engine):
@@ -121,23 +146,28 @@ def from_grid_map(x: CADTensor, y: torch.Tensor, step: int) -> CADTensor:
 
 def grid_conv2d(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 dilation: tuple[int, int], groups: int, scale: int,
-                down: bool) -> torch.Tensor:
+                down: bool, relu: bool = False,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`conv2d` on an NCHW map whose cells are the input sites (:func:`to_grid_map`):
     taps ``dilation * scale`` cells apart (``scale = 2**(step - c_in)``), stride 2 where the
-    output grid is the next coarser one (``down``)."""
+    output grid is the next coarser one (``down``); ``relu`` / ``residual`` (a map shaped like
+    the output) as :func:`conv2d`'s."""
     kh, kw = weight.shape[-2:]
     dy, dx = dilation[0] * scale, dilation[1] * scale
-    return F.conv2d(y, weight, bias, 1 + down, (dy * (kh // 2), dx * (kw // 2)), (dy, dx),
-                    groups)
+    pad = (dy * (kh // 2), dx * (kw // 2))
+    if not relu and residual is None:
+        return F.conv2d(y, weight, bias, 1 + down, pad, (dy, dx), groups)
+    return epilogue.conv_map(y, weight, bias, 1 + down, pad, (dy, dx), groups, relu, residual)
 
 
 def _grid_conv(x: CADTensor, weight, bias, levels, dilation: tuple[int, int],
-               groups) -> CADTensor:
+               groups, relu: bool = False, residual: Optional[CADTensor] = None) -> CADTensor:
     """:func:`conv2d` where the input sites are the cells of the ``2**c_in`` grid and the
     output sites those of the ``2**c_out`` grid."""
     c_in, c_out, step_out = levels
     y = grid_conv2d(to_grid_map(x, c_in), weight, bias, dilation, groups,
-                    2 ** (x.step - c_in), c_out > c_in)
+                    2 ** (x.step - c_in), c_out > c_in, relu,
+                    None if residual is None else to_grid_map(residual, c_out))
     return from_grid_map(x, y, step_out)
 
 

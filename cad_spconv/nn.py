@@ -19,7 +19,7 @@ from .tensor import CADTensor
 
 __all__ = ["CADConv2d", "CADBatchNorm2d", "CADPointwise", "CADMaxPool2d",
            "CADAdaptiveAvgPool2d", "Densify", "same_padding", "GridBlock", "block_on_grid",
-           "on_grid"]
+           "on_grid", "hooked"]
 
 
 def _expect_cad(x, module: nn.Module):
@@ -98,10 +98,13 @@ class CADConv2d(nn.Conv2d):
         kh, kw = self.kernel_size
         return kh * kw * (self.in_channels // self.groups) * self.out_channels
 
-    def forward(self, x: CADTensor) -> CADTensor:
+    def forward(self, x: CADTensor, *, relu: bool = False,
+                residual: Optional[CADTensor] = None) -> CADTensor:
+        """The conv; with ``relu`` / ``residual``, ``relu(conv(x) + residual)``, fused into
+        the conv where oneDNN can (:func:`cad_spconv.functional.conv2d`)."""
         _expect_cad(x, self)
         return CF.conv2d(x, self.weight, self.bias, self.stride, self.dilation, self.groups,
-                         self.engine)
+                         self.engine, relu=relu, residual=residual)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", engine={self.engine!r}"
@@ -302,15 +305,17 @@ def block_on_grid(x: CADTensor, stride: int,
                      c_out > c_in, step_out)
 
 
-def on_grid(layer: nn.Module, y: torch.Tensor, scale: int = 1, down: bool = False) -> torch.Tensor:
+def on_grid(layer: nn.Module, y: torch.Tensor, scale: int = 1, down: bool = False, *,
+            relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``layer`` (accepted by :func:`block_on_grid`) on the map ``y`` of its sites: a conv's
-    taps ``scale`` times its dilation apart, stride 2 where ``down``."""
+    taps ``scale`` times its dilation apart, stride 2 where ``down``; a conv's ``relu`` /
+    ``residual`` (a map) as :meth:`CADConv2d.forward`'s."""
     kind = type(layer)
     # parameters and buffers read from their tables: Module.__getattr__ costs ~1 us a name
     if kind is CADConv2d:
         p = layer._parameters
         return CF.grid_conv2d(y, p["weight"], p["bias"], layer.dilation, layer.groups, scale,
-                              down)
+                              down, relu, residual)
     if kind is CADBatchNorm2d:  # on the feature matrix, as op by op: the same bits
         n, c, h, w = y.shape
         f = layer.normalize(y.permute(0, 2, 3, 1).reshape(-1, c))
@@ -332,7 +337,7 @@ def _run_on_grid(layers: Sequence[nn.Module], f: torch.Tensor) -> bool:
     dtype, device = f.dtype, f.device
     cast = torch.is_autocast_enabled(device.type)
     for i, m in enumerate(layers):
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if _own_hooks(m):
             return False
         kind = type(m)
         if kind is CADConv2d:
@@ -354,6 +359,17 @@ def _run_on_grid(layers: Sequence[nn.Module], f: torch.Tensor) -> bool:
         elif kind is not nn.ReLU and kind is not nn.Identity and kind is not nn.Sequential:
             return False
     return True
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own, or torch's global ones): a block
+    that skips a layer's call (a fused or grid path) must not skip those."""
+    return _own_hooks(module) or _global_hooks()
+
+
+def _own_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
 
 
 def _global_hooks() -> bool:

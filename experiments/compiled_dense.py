@@ -5,7 +5,7 @@
 
 The targets compare CAD with the fastest dense configuration a user would run. A user can also
 hand the dense backbone to ``torch.compile`` (inductor, with ``freezing`` on, as PyTorch
-recommends for CPU inference: ``cad_apps.bench.variants.compiled_for_inference``, as
+recommends for CPU inference: ``adapters.compiled_for_inference``, as
 ``cad-spconv bench --compile-dense`` times it). Per stride, the bench's dense
 DeepLabV3-ResNet101 backbone (``dense<s>[channels_last]``, random weights, channels-last) is
 timed eager, eager with batch norm folded (``--fold-bn``) and compiled, in strictly

@@ -102,7 +102,10 @@ def configure(parser: argparse.ArgumentParser):
                         help="also time the channels-last dense networks under torch.compile "
                              "(inductor, weights frozen: batch norm folded, activations fused "
                              "into the convs), one more candidate for the fastest dense "
-                             "configuration; the compile happens in the warm-up")
+                             "configuration, and CAD alike per engine (cad[ENGINE,compiled]: "
+                             "batch norms folded, its dense stages compiled, "
+                             "adapters.optimize_for_inference); the compile happens in the "
+                             "warm-up")
     parser.add_argument("--reuse-output", action="store_true",
                         help="backbone scope: CAD densifies into one buffer kept across runs "
                              "(x.dense(out=...), as a video loop would; its bytes count in "

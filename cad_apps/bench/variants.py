@@ -2,8 +2,7 @@
 model per engine, all on one set of random weights."""
 from __future__ import annotations
 
-__all__ = ["Variant", "build_variants", "FORMATS", "OP_MODEL", "to_format",
-           "compiled_for_inference"]
+__all__ = ["Variant", "build_variants", "FORMATS", "OP_MODEL", "to_format"]
 
 OP_MODEL = "conv3x3"  # one 3x3 conv after the adaptive step (op-level timing)
 FORMATS = ("nchw", "channels_last")
@@ -98,8 +97,10 @@ def build_variants(args, device, dtype) -> dict:
     the finest stride); ``"model"`` the whole models (segmentation: the plain networks with
     their heads at their stride, CAD with the head densified at the finest stride or, with
     ``args.sparse_head``, on the multi-resolution tensor). ``args.compile_dense``: the
-    channels-last dense networks also under :func:`compiled_for_inference`, of the same kinds
-    (the report's fastest dense configuration is chosen among them all)."""
+    channels-last dense networks also under ``adapters.compiled_for_inference``, of the same
+    kinds (the report's fastest dense configuration is chosen among them all), and per engine
+    ``e`` a CAD variant ``cad[e,compiled]`` with its batch norms folded and its dense stages
+    compiled alike (``adapters.optimize_for_inference``); ``engines`` lists them all."""
     if args.model == OP_MODEL:
         return _build_conv(args, device, dtype)
     import copy
@@ -159,6 +160,12 @@ def build_variants(args, device, dtype) -> dict:
     models = {(s, fmt): (m if fmt == "nchw" else copy.deepcopy(m).to(memory_format=cl))
               for s, m in dense.items() for fmt in _formats(args)}
     cads = {e: m.to(memory_format=cl) for e, m in cads.items()}
+    if args.compile_dense:  # CAD's dense stages compiled alike, its batch norms folded (as
+        # inductor's freezing folds the dense networks'): one more CAD variant per engine
+        from adapters import optimize_for_inference
+
+        cads.update({f"{e},compiled": optimize_for_inference(m, compile_dense=True)
+                     for e, m in list(cads.items())})
 
     def call(m):
         return (lambda x: m(x)["out"]) if segmentation else m
@@ -173,6 +180,8 @@ def build_variants(args, device, dtype) -> dict:
                 call(m), (lambda m: lambda images, keep: _count(m, images.to(dtype)))(m),
                 fmt=fmt))
     if args.compile_dense:  # one more candidate for the fastest dense configuration
+        from adapters import compiled_for_inference
+
         for s, kind in ((c, "dense_coarse"), (f, "dense_fine")):
             m = models.get((s, "channels_last")) or copy.deepcopy(dense[s]).to(memory_format=cl)
             variants.append(Variant(
@@ -187,12 +196,12 @@ def build_variants(args, device, dtype) -> dict:
             lambda images, keep: (images.to(torch.float32).contiguous(),), call(reference),
             (lambda m: lambda images, keep: _count(m, images.to(torch.float32)))(reference),
             fmt="nchw"))
-    for e, m in cads.items():
+    for e, m in cads.items():  # e: an engine, or "<engine>,compiled"
         v = Variant(f"cad[{e}]", "cad",
                     lambda images, keep: (to_format(images.to(dtype), "channels_last"), keep),
                     None, (lambda m: lambda images, keep: _count(m, images.to(dtype), keep,
                                                                  whole))(m),
-                    engine=e, reuse_output=args.reuse_output)
+                    engine=e.split(",")[0], reuse_output=args.reuse_output)
         if whole:
             _capture_geometry(m, v)
             v.run = (lambda m: lambda x, keep: (m(x, keep)["out"] if segmentation
@@ -201,32 +210,7 @@ def build_variants(args, device, dtype) -> dict:
             v.run = (lambda m, v: lambda x, keep: v.densify(v.keep_geometry(
                 m.forward_features(x, keep))))(m, v)
         variants.append(v)
-    return {"variants": variants, "engines": args.engines}
-
-
-def compiled_for_inference(fn):
-    """``torch.compile(fn)`` as PyTorch recommends it for CPU inference: inductor with the
-    weights frozen into constants (batch norm folded into the convs, their weights prepacked
-    for oneDNN, activations and residual adds fused into them), the whole function as one
-    graph. It compiles on the first call (the bench's warm-up); the frozen weights are copies,
-    so changing the module's weights afterwards does not reach it."""
-    import functools
-
-    import torch
-    import torch._inductor.config as inductor_config
-
-    # fullgraph: a dense network traces whole; a graph break, or dynamo's limit of compiled
-    # versions per code object (past it, it runs the function eagerly), is an error instead
-    # of a silently slower baseline
-    compiled = torch.compile(fn, fullgraph=True)
-
-    @functools.wraps(fn)
-    def run(*args):
-        # inductor reads the setting when it compiles (the first call, and any recompile);
-        # torch.compile(options={"freezing": True}) did not reach it (1.7x the time, measured)
-        with inductor_config.patch(freezing=True):
-            return compiled(*args)
-    return run
+    return {"variants": variants, "engines": list(cads)}
 
 
 def _capture_geometry(model, variant):

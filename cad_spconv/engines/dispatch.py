@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ..rulebook import ConvRulebook, Rulebook
+from . import epilogue
 from .base import check_bias, get_engine, registered
 from .layouts import tracks_grad, weight_layout
 from .tuned import tuned_conv, tuned_engines
@@ -63,8 +64,12 @@ def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1,
 
 
 def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                book: Rulebook, groups: int = 1, engine: str = "auto") -> torch.Tensor:
-    """Output features ``[N_out, C_out]`` of a conv described by ``book``."""
+                book: Rulebook, groups: int = 1, engine: str = "auto", *, relu: bool = False,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Output features ``[N_out, C_out]`` of a conv described by ``book``; with ``relu`` /
+    ``residual`` (``[N_out, C_out]``) its epilogue too, ``relu(conv + residual)``: fused into
+    the conv by engines that can (:attr:`~.base.Engine.fuses_epilogue`, see :mod:`.epilogue`),
+    else applied to the output in place."""
     check_engine(engine)
     n_in, c_in = features.shape
     c_out, c_in_g, kh, kw = weight.shape
@@ -74,6 +79,11 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         raise ValueError(f"features have {c_in} channels, the weight expects {c_in_g * groups} "
                          f"({c_in_g} x {groups} groups)")
     check_bias(bias, c_out)
+    if residual is not None and (not isinstance(residual, torch.Tensor)
+                                 or residual.shape != (book.num_out, c_out)):
+        raise ValueError(f"residual must be the output's shape [{book.num_out}, {c_out}], got "
+                         + (f"{tuple(residual.shape)}" if isinstance(residual, torch.Tensor)
+                            else type(residual).__name__))
     if (kh, kw) != book.kernel_size:
         raise ValueError(f"weight kernel {kh}x{kw} does not match the rulebook's "
                          f"{book.kernel_size[0]}x{book.kernel_size[1]}")
@@ -90,10 +100,14 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if impl is not None:
         impl.check(features, weight, groups, book)
     if book.num_out == 0:  # nothing to compute (an empty batch): no engine is asked
-        return empty_conv(features, weight, bias)
-    if impl is None:
-        return tuned_conv(features, weight, bias, book, groups)
-    return impl.conv(features, weight, bias, book, groups)
+        out = empty_conv(features, weight, bias)
+    elif impl is None:
+        out = tuned_conv(features, weight, bias, book, groups)
+    elif impl.fuses_epilogue and (relu or residual is not None):
+        return impl.conv(features, weight, bias, book, groups, relu=relu, residual=residual)
+    else:
+        out = impl.conv(features, weight, bias, book, groups)
+    return epilogue.apply(out, relu, residual)
 
 
 def empty_conv(features: torch.Tensor, weight: torch.Tensor,

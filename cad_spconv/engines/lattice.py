@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..rulebook import ConvRulebook, LatticeSplit, PhaseConv, Rulebook
 from .base import Engine, EngineUnsupported, register
-from . import fused, gemm
+from . import epilogue, fused, gemm
 from .gemm import grouped_mm, matmul_nk, onednn_route
 from .layouts import gemm_weight, krsc_filters, tracks_grad, workspace
 
@@ -77,9 +77,15 @@ class LatticeEngine(Engine):
         for cost, inside_rows in built:
             book.lattice(cost, inside_rows)
 
-    def conv(self, features, weight, bias, book: ConvRulebook, groups: int) -> torch.Tensor:
+    fuses_epilogue = True
+
+    def conv(self, features, weight, bias, book: ConvRulebook, groups: int, relu: bool = False,
+             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if book.num_taps == 1:
-            return _pointwise_conv(features, weight, bias, book, groups)
+            return _pointwise_conv(features, weight, bias, book, groups, relu, residual)
+        return epilogue.apply(self._conv(features, weight, bias, book, groups), relu, residual)
+
+    def _conv(self, features, weight, bias, book: ConvRulebook, groups: int) -> torch.Tensor:
         c_in, c_out = features.shape[1], weight.shape[0]
         if products_pay(c_in, c_out, groups, book):
             # imported here so that "lattice" registers before "products" (ENGINES' order)
@@ -175,18 +181,26 @@ def gather_cost(taps: int, c_in: int, onednn_chunks: bool = False, cuda: bool = 
     return _GATHER_COST_AVX512 if cuda or gemm.CPU_AVX512 else _GATHER_COST_AVX2
 
 
-def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int) -> torch.Tensor:
-    """1x1 conv: one GEMM on the feature matrix (rows picked first for a stride-2 step)."""
+def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int, relu: bool = False,
+                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1x1 conv: one GEMM on the feature matrix (rows picked first for a stride-2 step); its
+    epilogue (``relu(conv + residual)``) fused where oneDNN can (:mod:`.epilogue`)."""
     x = (features if book.is_identity or book.rows_in_order()
          else features.index_select(0, book.rows()))
+    if relu or residual is not None:
+        out = epilogue.fused_rows(x, weight, bias, groups, relu, residual)
+        if out is not None:
+            return out
     c_out = weight.shape[0]
     if groups == 1:
-        return matmul_nk(x, weight.reshape(c_out, -1), bias)
-    g, c_in_g = groups, weight.shape[1]
-    cols = x.reshape(-1, g, c_in_g).transpose(0, 1)
-    w = weight.reshape(g, c_out // g, c_in_g).transpose(1, 2)
-    out = grouped_mm(cols, w)
-    return out if bias is None else out + bias
+        out = matmul_nk(x, weight.reshape(c_out, -1), bias)
+    else:
+        g, c_in_g = groups, weight.shape[1]
+        cols = x.reshape(-1, g, c_in_g).transpose(0, 1)
+        w = weight.reshape(g, c_out // g, c_in_g).transpose(1, 2)
+        out = grouped_mm(cols, w)
+        out = out if bias is None else out + bias
+    return epilogue.apply(out, relu, residual)
 
 
 def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,

@@ -123,3 +123,113 @@ def test_converting_a_folded_model_names_the_order():
         folded = fold_batchnorm(tvm.resnet18(num_classes=3).eval())
     with pytest.raises(TypeError, match=r"bn1 .*Identity.*convert the model first, then fold"):
         convert(folded, 8, 16)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_folded_blocks_fuse_their_epilogues(arch, monkeypatch):
+    """A folded block's ReLUs and residual add go into its convs' epilogues (oneDNN post-ops
+    in float32 and bfloat16, channels-last): float32 within the float32 tolerance of the
+    float64 model that was not folded, for nothing kept (blocks on grid maps), everything kept
+    and mixed masks (gathered sites: the 1x1 convs fuse, the 3x3 ones apply it afterwards); a
+    MAC count (hooked layers) runs op by op and counts the same."""
+    import copy
+
+    from cad_spconv.engines import epilogue
+    from cad_spconv.macs import MacCounter
+
+    torch.manual_seed(0)
+    source = emu.prepare(getattr(tvm, arch)(num_classes=10))
+    cad = convert(source, 8, 32, return_layers={"layer4": "out"})
+    x = images()
+    specs = {"none": torch.zeros(2, 1, *MIXED, dtype=torch.bool),
+             "all": torch.ones(2, 1, *MIXED, dtype=torch.bool),
+             "mixed": emu.mixed_masks(3, 2, (7, 9), cad.num_levels, "levels")[0]}
+    answers, real = [], epilogue.fuses
+
+    def spy(*args):
+        answers.append(real(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(epilogue, "fuses", spy)
+    dtypes = [torch.float32] + [torch.bfloat16] * (torch.bfloat16 in epilogue._FUSED_DTYPES)
+    for dtype in dtypes:
+        folded = fold_batchnorm(copy.deepcopy(cad)).to(dtype).to(memory_format=torch.channels_last)
+        xd = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        for name, spec in specs.items():
+            with torch.inference_mode():
+                want = cad(x, spec)["out"]
+                answers.clear()
+                got = folded(xd, spec)["out"]
+                # 3x3 convs on gathered sites (all of a BasicBlock's) apply it afterwards
+                least = 0 if arch == "resnet18" and name == "mixed" else 2 * len(cad.layer4)
+                assert sum(answers) >= least, (name, dtype)
+                if dtype == torch.float32:
+                    emu.assert_rel(got, want, torch.float32)
+                answers.clear()
+                with MacCounter(folded, 2) as counter:
+                    counted = folded(xd, spec)["out"]
+                assert not any(answers), name  # hooked: op by op
+                with MacCounter(cad, 2) as reference:
+                    cad(x, spec)
+                assert counter.result()["total"] == reference.result()["total"]
+                if dtype == torch.float32:
+                    emu.assert_rel(counted, got, torch.float32)
+
+
+def test_optimize_for_inference_compiles_the_dense_stages(monkeypatch):
+    """``optimize_for_inference(compile_dense=True)``: batch norms folded, the dense stages
+    (stem, layer1, layer2 at finest stride 8) run as one compiled graph, with the eager
+    model's values (float32 tolerance, a batch of 2 with mixed masks); a forward that returns a
+    dense stage's own output runs them eagerly; a deep copy compiles its own; the source is
+    untouched."""
+    import copy
+
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from adapters import optimize_for_inference
+    from adapters.resnet import _ResNetTrunk
+
+    torch.manual_seed(0)
+    source = emu.prepare(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10))
+    cad = convert(source, 8, 16, return_layers={"layer2": "mid", "layer4": "out"}).float()
+    x = images().float().contiguous(memory_format=torch.channels_last)
+    spec = emu.mixed_masks(3, 2, (7, 9), cad.num_levels, "levels")[0]
+    compiled = []
+    real = _ResNetTrunk._compiled_dense_stages
+    monkeypatch.setattr(_ResNetTrunk, "_compiled_dense_stages",
+                        lambda self: compiled.append(self) or real(self))
+    fast = optimize_for_inference(cad, compile_dense=True)
+    assert batchnorms(fast) == 0 and batchnorms(cad) > 0 and not cad.compile_dense
+    with torch.inference_mode():
+        want = cad(x, spec)
+        got = fast(x, spec)  # layer2 is returned: the dense stages run eagerly
+        assert not compiled
+        for key in want:
+            emu.assert_rel(got[key], want[key], torch.float32)
+        fast.return_layers = {"layer4": "out"}
+        got = fast(x, spec)
+        assert compiled == [fast]
+        emu.assert_rel(got["out"], want["out"], torch.float32)
+        twin = copy.deepcopy(fast)
+        emu.assert_rel(twin(x, spec)["out"], want["out"], torch.float32)
+    kept = fast.__dict__["_compiled_dense"]
+    assert twin.__dict__["_compiled_dense"][1] is not kept[1]
+
+
+def test_optimize_for_inference_refusals():
+    from adapters import optimize_for_inference
+
+    cad = convert(emu.prepare(tvm.resnet18(num_classes=3)), 8, 16)
+    with pytest.raises(TypeError, match="compile_dense must be a bool"):
+        optimize_for_inference(cad, compile_dense=1)
+    with pytest.raises(ValueError, match="model.eval"):
+        optimize_for_inference(copy_train(cad))
+    vgg = convert(emu.prepare(tvm.vgg11().features[:8]), 2, 4)
+    with pytest.raises(ValueError, match="no converted ResNet trunk"):
+        optimize_for_inference(vgg, compile_dense=True)
+
+
+def copy_train(model):
+    import copy
+
+    return copy.deepcopy(model).train()

@@ -74,7 +74,7 @@ def test_compiled_for_inference_freezes_weights_and_keeps_the_values():
     import torch._inductor.config as inductor_config
     from torch import nn
 
-    from cad_apps.bench.variants import compiled_for_inference
+    from adapters import compiled_for_inference
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
@@ -99,6 +99,10 @@ def test_compiled_dense_variants_run_in_the_bench(tmp_path):
         eager, compiled = v[f"dense{s}[channels_last]"], v[f"dense{s}[channels_last,compiled]"]
         assert compiled["kind"] == eager["kind"] and compiled["macs"] == eager["macs"]
         assert compiled["format"] == "channels_last, torch.compile"
+    # CAD with its dense stages compiled (batch norms folded): the same MACs, reported as an
+    # engine of its own
+    assert v["cad[auto,compiled]"]["macs"] == v["cad[auto]"]["macs"]
+    assert "auto,compiled" in report["summary"]["cad"]
     assert report["config"]["compile_dense"] is True
 
 

@@ -551,3 +551,35 @@ def test_paired_refuses_what_it_cannot_time(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         paired.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_epilogue_experiment_times_both_routes(capsys, monkeypatch):
+    """``experiments.epilogue model`` on a tiny input with random-block masks: one row per
+    frame, fused against unfused; ``ops`` one row per shape (shapes made small here)."""
+    import torch
+
+    from experiments import epilogue
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(epilogue, "OP_SHAPES", ((40, 16, 8), (40, 8, 16)))
+    try:
+        assert epilogue.main(["model", "--size", "33", "47", "--pairs", "1", "--threads", "1",
+                              "--dtype", "float32"]) == 0
+        model = capsys.readouterr().out.splitlines()
+        assert epilogue.main(["ops", "--reps", "1", "--threads", "1", "--dtype", "float32"]) == 0
+        ops = capsys.readouterr().out.splitlines()
+    finally:
+        torch.set_num_threads(threads)
+    assert model[0].startswith("command: python -m experiments.epilogue model")
+    assert len(model) == 2 + 2 + 3 and all(row.count("|") == 7 for row in model[-3:])
+    assert len(ops) == 2 + 2 + 2 and all(row.count("|") == 8 for row in ops[-2:])
+
+
+def test_epilogue_experiment_refuses_what_it_cannot_time(capsys):
+    from experiments import epilogue
+
+    for argv, message in ((["ops", "--reps", "0"], "--pairs and --reps must be >= 1"),
+                          (["model", "--size", "8", "64"], "--size must be at least")):
+        with pytest.raises(SystemExit) as e:
+            epilogue.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,74 @@
+"""A converted model in its inference form: batch norms folded, dense stages compiled.
+
+    fast = adapters.optimize_for_inference(cad, compile_dense=True)
+    with torch.inference_mode():
+        out = fast(images, keep)
+
+:func:`optimize_for_inference` folds every batch norm into the conv before it
+(:func:`adapters.fold_batchnorm`), so that a ResNet block's ReLUs and residual add run in its
+convs' epilogues (oneDNN post-ops on CPU, :mod:`cad_spconv.engines.epilogue`). With
+``compile_dense`` it also hands the dense stages before the first adaptive step (the ResNet
+stem and the stages up to the finest stride) to ``torch.compile`` as one graph, the way
+PyTorch recommends for CPU inference (:func:`compiled_for_inference`): the dense network a user
+compares CAD with can be compiled too, and CAD's dense prefix is the same network. The
+adaptive stages stay eager: their site counts change with every mask, and their rulebook caches
+and data-dependent ops break graphs (BENCHMARKS.md, issue 14).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from .fold import fold_batchnorm
+
+__all__ = ["optimize_for_inference", "compiled_for_inference"]
+
+
+def compiled_for_inference(fn):
+    """``torch.compile(fn)`` as PyTorch recommends it for CPU inference: inductor with the
+    weights frozen into constants (batch norm folded into the convs, their weights prepacked
+    for oneDNN, activations and residual adds fused into them), the whole function as one
+    graph. It compiles on the first call, and again for a new input shape or dtype; the frozen
+    weights are copies, so changing the module's weights afterwards does not reach it.
+    Freezing applies without autograd (``torch.inference_mode()`` or ``torch.no_grad()``)."""
+    import torch._inductor.config as inductor_config
+
+    # fullgraph: a dense network traces whole; a graph break, or dynamo's limit of compiled
+    # versions per code object (past it, it runs the function eagerly), is an error instead
+    # of a silently slower network
+    compiled = torch.compile(fn, fullgraph=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        # inductor reads the setting when it compiles (the first call, and any recompile);
+        # torch.compile(options={"freezing": True}) did not reach it (1.7x the time, measured)
+        with inductor_config.patch(freezing=True):
+            return compiled(*args)
+    return run
+
+
+def optimize_for_inference(model: nn.Module, compile_dense: bool = False,
+                           inplace: bool = False) -> nn.Module:
+    """``model`` (a converted model in eval mode, or any model :func:`fold_batchnorm` takes)
+    with its batch norms folded and, with ``compile_dense``, the dense stages of its ResNet
+    trunks compiled (:func:`compiled_for_inference`; the first forward compiles, minutes on
+    a 2-core CPU, and so does the first at a new image size or dtype). Call it after
+    ``model.to(device, dtype, memory_format)``: the compiled stages keep the weights they were
+    compiled with. A forward that returns a dense stage's own output (``return_layers``) runs
+    those stages eagerly. ``inplace=False`` (default) works on a deep copy."""
+    if not isinstance(compile_dense, bool):
+        raise TypeError(f"compile_dense must be a bool, got {compile_dense!r}")
+    model = fold_batchnorm(model, inplace=inplace)
+    if compile_dense:
+        from .resnet import _ResNetTrunk
+
+        trunks = [m for m in model.modules() if isinstance(m, _ResNetTrunk)]
+        if not trunks:
+            raise ValueError(f"compile_dense: {type(model).__name__} has no converted ResNet "
+                             "trunk whose dense stages could be compiled; use "
+                             "compiled_for_inference on a dense model")
+        for trunk in trunks:
+            trunk.compile_dense = True
+    return model

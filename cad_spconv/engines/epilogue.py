@@ -1,0 +1,102 @@
+"""A conv's epilogue: ``relu(conv(x) + residual)``, fused into the conv where oneDNN can.
+
+In a ResNet block whose batch norms are folded into its convs (``adapters.fold_batchnorm``)
+every conv is followed by a ReLU, and the last by the residual add and a ReLU. Op by op those
+are passes over a fresh feature matrix, memory-bound; with AMX the bfloat16 GEMMs are so fast
+that they cost about as much as the GEMMs (Intel AMX Xeon, 2 threads, 20000 x 256 -> 1024:
+GEMM 13 ms, ``relu_`` of its output 10 ms). oneDNN applies them as post-ops of the conv
+(``torch.ops.mkldnn._convolution_pointwise``, the op inductor's frozen graphs call): on that
+Xeon ``relu(conv(x) + residual)`` of a bottleneck's last 1x1 conv took 0.47-0.62 of
+``addmm`` + ``add_`` + ``relu_`` in bfloat16 (``python -m experiments.epilogue``). That op has
+no autograd formula and no float64, so it runs only where :func:`fuses` says; elsewhere the
+epilogue follows the conv in place (:func:`apply`), the values of the unfused ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fuses", "apply", "conv_map", "fused_rows"]
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _dtypes() -> tuple:
+    bf16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+_FUSED_DTYPES = _dtypes()
+
+
+def fuses(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+          residual: Optional[torch.Tensor] = None, groups: int = 1) -> bool:
+    """Whether oneDNN runs the conv ``x`` (an NCHW map) with its epilogue: CPU tensors of one
+    dtype, float32 (or bfloat16 where oneDNN has it), no autograd recording, no autocast (its
+    casts belong to ``F.conv2d``). With a residual also no groups and an input that is
+    channels-last and not also NCHW-contiguous (a map of one cell per image is both): else
+    torch fuses nothing and adds in a fallback that has no bfloat16 (an internal assert in
+    torch 2.14.1)."""
+    if residual is not None and (groups != 1 or x.is_contiguous()
+                                 or not x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    dtype = x.dtype
+    if not (_ONEDNN and x.device.type == "cpu" and dtype in _FUSED_DTYPES
+            and weight.dtype == dtype and weight.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")):
+        return False
+    if bias is not None and (bias.dtype != dtype or bias.device.type != "cpu"):
+        return False
+    if residual is not None and (residual.dtype != dtype or residual.device.type != "cpu"):
+        return False
+    return not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual)))
+
+
+def apply(out: torch.Tensor, relu: bool, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The epilogue after an unfused conv, in place on its fresh output (as torchvision's
+    ``out += identity; relu(out)``; autograd allows both on a conv's output)."""
+    if residual is not None:
+        out += residual
+    return torch.relu_(out) if relu else out
+
+
+def conv_map(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             stride: int, padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+             relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``relu(F.conv2d(x, ...) + residual)`` on NCHW maps (``residual`` shaped like the
+    output; ``relu`` and ``residual`` optional)."""
+    if not fuses(x, weight, bias, residual, groups):
+        return apply(F.conv2d(x, weight, bias, stride, padding, dilation, groups), relu,
+                     residual)
+    unary = "relu" if relu else "none"
+    pad, dil, step = list(padding), list(dilation), [stride, stride]
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, pad, step, dil, groups,
+                                                       unary, [], "")
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, residual, weight, bias, pad, step, dil, groups, "add", 1.0,
+        unary if relu else None, [], "")
+
+
+def fused_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               groups: int, relu: bool = False,
+               residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """A 1x1 conv on a feature matrix ``x [N, C_in]`` with its epilogue (``residual
+    [N, C_out]``) as oneDNN's 1x1 conv with post-ops, on channels-last views (no copies):
+    ``[N, C_out]``; ``None`` where oneDNN would not fuse them (:func:`fuses`), for the
+    caller's own GEMM route."""
+    n = x.shape[0]
+    xm = _as_map(x)
+    rm = None if residual is None else _as_map(residual)
+    if not fuses(xm, weight, bias, rm, groups):
+        return None
+    y = conv_map(xm, weight, bias, 1, (0, 0), (1, 1), groups, relu, rm)
+    return y.permute(0, 2, 3, 1).reshape(n, -1)
+
+
+def _as_map(rows: torch.Tensor) -> torch.Tensor:
+    """A row-major ``[N, C]`` matrix as the channels-last map ``[1, C, N, 1]`` (a view)."""
+    return rows.contiguous().view(1, rows.shape[0], 1, rows.shape[1]).permute(0, 3, 1, 2)
