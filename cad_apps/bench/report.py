@@ -282,7 +282,9 @@ def _mib(b) -> str:
 
 def _rows(report):
     """Table rows (one per input and engine, then the totals)."""
+    # the engines asked for, then variants of them the bench added (e.g. "auto,compiled")
     engines = list(report["config"]["engines"])
+    engines += [e for e in report["summary"]["cad"] if e not in engines]
     rows = []
     for r in report["inputs"]:
         s = r["summary"]

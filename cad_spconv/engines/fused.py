@@ -9,7 +9,8 @@ route. ``CAD_SPCONV_FUSED_GATHER=0`` (or
 :func:`enable` ``(False)``) turns it off; ``=1`` (or :func:`enable`) asks for it, and then a
 kernel that cannot run is an error (:class:`FusedKernelUnavailable`). Once built, the lattice
 engine runs the off-lattice rows of a layer through it where it applies (:func:`applies`:
-bfloat16 on CPU, no autograd, no groups, no bias, ``C_in`` and ``C_out`` multiples of 32).
+bfloat16 on CPU, no autograd, no groups, a bfloat16 bias or none, ``C_in`` and ``C_out``
+multiples of 32); it adds the bias and applies a ReLU (the conv's epilogue) before rounding.
 
 Per block of 64 sites it copies their ``9 x C_in`` input rows into a per-thread buffer that stays
 in cache, laid out as AMX tiles read it (per 32 sites and 32 values, one 2 KB block), multiplies
@@ -108,21 +109,29 @@ static void tile_gemm(const BFloat16* a, const BFloat16* b0, const BFloat16* b1,
   _tile_stored(2, sums + 512, 128); _tile_stored(3, sums + 528, 128);
 }
 
-// out[rows[i], :32] = sums[i] rounded to bfloat16 (to nearest even, as c10 rounds; sums below
-// 2^-126 flush to zero, as AMX's dot products flush them)
+// out[rows[i], :32] = sums[i] (+ bias, then max(0, .) with relu) rounded to bfloat16 (to
+// nearest even, as c10 rounds; sums below 2^-126 flush to zero, as AMX's dot products flush
+// them); bias: 32 float32 values or null. max_ps(0, x) returns x where x is NaN (the second
+// operand), as torch.relu keeps NaN.
 __attribute__((target("avx512f,avx512bf16")))
 static void write_rows(const float* sums, int64_t n, BFloat16* out, const int64_t* rows,
-                       int64_t ld) {
+                       int64_t ld, const float* bias, bool relu) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 b0 = bias ? _mm512_loadu_ps(bias) : zero;
+  const __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : zero;
   for (int64_t i = 0; i < n; ++i) {
-    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(sums + i * 32 + 16),
-                                     _mm512_loadu_ps(sums + i * 32));
-    _mm512_storeu_si512(out + rows[i] * ld, (__m512i)v);
+    __m512 lo = _mm512_loadu_ps(sums + i * 32), hi = _mm512_loadu_ps(sums + i * 32 + 16);
+    if (bias) { lo = _mm512_add_ps(lo, b0); hi = _mm512_add_ps(hi, b1); }
+    if (relu) { lo = _mm512_max_ps(zero, lo); hi = _mm512_max_ps(zero, hi); }
+    _mm512_storeu_si512(out + rows[i] * ld, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
 }
 
-// out[rows[i]] = concat_t(features[index[i, t]], or 0 where index < 0) @ W^T, mb sites a block
+// out[rows[i]] = concat_t(features[index[i, t]], or 0 where index < 0) @ W^T (+ bias, relu),
+// mb sites a block; bias: float32 [C_out], or empty for none
 void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor packed,
-                 torch::Tensor out, torch::Tensor rows, int64_t mb) {
+                 torch::Tensor out, torch::Tensor rows, int64_t mb, torch::Tensor bias,
+                 bool relu) {
   TORCH_CHECK(features.is_contiguous() && index.is_contiguous() && out.is_contiguous()
               && rows.is_contiguous() && packed.is_contiguous()
               && features.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16
@@ -131,6 +140,9 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
   const int64_t N = out.size(1), steps = C / 32;
   TORCH_CHECK(C % 32 == 0 && N % 32 == 0 && mb > 0 && mb % 32 == 0 && packed.numel() == N * K,
               "gather_gemm: C_in, C_out and the block (> 0) multiples of 32; filters [C_out, 9 C_in]");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous()
+                                    && bias.numel() == N), "gather_gemm: float32 bias [C_out]");
+  const float* B = bias.numel() ? bias.data_ptr<float>() : nullptr;
   const BFloat16* F = features.data_ptr<BFloat16>();
   const int64_t* I = index.data_ptr<int64_t>();
   const BFloat16* P = packed.data_ptr<BFloat16>();
@@ -161,7 +173,7 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
         for (int64_t g = 0; g * 32 < n; ++g)
           tile_gemm(A.data() + g * 32 * K, P + j * 32 * K, P + j * 32 * K + 16 * K, K,
                     sums.data() + g * 1024);
-        write_rows(sums.data(), n, O + j * 32, R + s, N);
+        write_rows(sums.data(), n, O + j * 32, R + s, N, B ? B + j * 32 : nullptr, relu);
       }
     }
     release_tiles();
@@ -265,8 +277,8 @@ def applies(features, weight, bias, groups: int) -> bool:
     """Whether the off-lattice rows of this layer go through the kernel (building it on first
     use by default on AMX: where that fails, one warning, and it stays off)."""
     if not (enabled() and features.device.type == "cpu"
-            and features.dtype == weight.dtype == torch.bfloat16 and bias is None
-            and groups == 1 and weight.shape[0] % _TILE == 0 and weight.shape[1] % _TILE == 0
+            and features.dtype == weight.dtype == torch.bfloat16
+            and (bias is None or bias.dtype == torch.bfloat16) and groups == 1 and weight.shape[0] % _TILE == 0 and weight.shape[1] % _TILE == 0
             and not tracks_grad(features, weight, bias)):
         return False
     if _state["mode"] == AUTO and _state["module"] is None:
@@ -305,14 +317,19 @@ def packed_filters(weight: torch.Tensor) -> torch.Tensor:
             .view(torch.bfloat16).view(n // _FILTER_BLOCK, -1, _FILTER_BLOCK))
 
 
+_NO_BIAS = torch.empty(0)
 #: the kernel's name in torch's profiler
 PROFILER_NAME = "cad_spconv::fused_gather_gemm"
 
 
-def gather_gemm(features, weight, split, out: torch.Tensor) -> None:
-    """Write the off-lattice rows of ``split`` into ``out`` (where :func:`applies`)."""
+def gather_gemm(features, weight, split, out: torch.Tensor, bias=None,
+                relu: bool = False) -> None:
+    """Write the off-lattice rows of ``split`` into ``out`` (where :func:`applies`), the
+    ``bias`` (bfloat16) added to the float32 sums and, with ``relu``, ``max(0, .)`` taken
+    before the one rounding (as oneDNN's conv with a bias and a ReLU post-op)."""
+    b = _NO_BIAS if bias is None else bias.float().contiguous()
     args = (features.contiguous(), _kernel_index(split), packed_filters(weight), out,
-            split.rest_rows.contiguous(), BLOCK_ROWS)
+            split.rest_rows.contiguous(), BLOCK_ROWS, b, bool(relu))
     if torch.autograd._profiler_enabled():
         # a pybind call is no op the profiler sees: without this range its time would be
         # missing from `cad-spconv bench --profile` (0.04 us to check when no profiler runs)

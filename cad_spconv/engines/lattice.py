@@ -83,9 +83,15 @@ class LatticeEngine(Engine):
              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if book.num_taps == 1:
             return _pointwise_conv(features, weight, bias, book, groups, relu, residual)
-        return epilogue.apply(self._conv(features, weight, bias, book, groups), relu, residual)
+        if residual is not None:  # added before the ReLU: both follow the conv
+            return epilogue.apply(self._conv(features, weight, bias, book, groups), relu,
+                                  residual)
+        return self._conv(features, weight, bias, book, groups, relu)
 
-    def _conv(self, features, weight, bias, book: ConvRulebook, groups: int) -> torch.Tensor:
+    def _conv(self, features, weight, bias, book: ConvRulebook, groups: int,
+              relu: bool = False) -> torch.Tensor:
+        """The conv, ``relu`` applied by each part to its own rows (as oneDNN's post-op, in
+        the fused kernel, or in place on a chunk while it is in cache)."""
         c_in, c_out = features.shape[1], weight.shape[0]
         if products_pay(c_in, c_out, groups, book):
             # imported here so that "lattice" registers before "products" (ENGINES' order)
@@ -93,27 +99,28 @@ class LatticeEngine(Engine):
             # marked, so that prepare(like=book) builds the products only where this engine
             # used them (a tuned run trying the products engine builds them too)
             book.derived(_HANDED_OVER, lambda: True)
-            return products_conv(features, weight, bias, book)
+            return epilogue.apply(products_conv(features, weight, bias, book), relu, None)
         split = book.lattice(gather_cost(book.num_taps, c_in // groups,
                                          onednn_route(features, chunk=True), features.is_cuda),
                              _reads_inside_rows(features, groups))
         scratch = not tracks_grad(features, weight, bias)  # intermediates may be workspaces
-        out = lattice_conv(features, weight, bias, book, split, groups, scratch)
+        out = lattice_conv(features, weight, bias, book, split, groups, scratch, relu)
         if split.out_rows is None:  # step 0 or nothing merged: every site was on the lattice
             return out
         for part in split.phases:
-            _phase_conv(features, weight, bias, part, book.dilation, groups, out, scratch)
+            _phase_conv(features, weight, bias, part, book.dilation, groups, out, scratch,
+                        relu)
         if split.num_rest:
-            _gather_gemm(features, weight, bias, split, groups, out)
+            _gather_gemm(features, weight, bias, split, groups, out, relu)
         return out
 
 
 def lattice_conv(features, weight, bias, book: ConvRulebook, split: LatticeSplit, groups: int,
-                 scratch: bool) -> torch.Tensor:
+                 scratch: bool, relu: bool = False) -> torch.Tensor:
     """The lattice part of ``split`` as one dense conv: the output rows ``[num_out, C_out]``
     with the lattice sites written (every row where ``split.out_rows`` is ``None``; the others
     are left for the phases and the gather). ``scratch``: no autograd, so the lattice input
-    may go into a workspace."""
+    may go into a workspace; ``relu``: with a ReLU (:func:`.epilogue.conv_map`)."""
     c_in, c_out = features.shape[1], weight.shape[0]
     kh, kw = book.kernel_size
     dy, dx = book.dilation
@@ -126,14 +133,20 @@ def lattice_conv(features, weight, bias, book: ConvRulebook, split: LatticeSplit
              if scratch else features.index_select(0, split.in_rows))
     # the feature matrix of lattice sites is an NHWC map: a channels-last NCHW view, no copy
     x = x.reshape(split.batch, *split.in_grid, c_in).permute(0, 3, 1, 2)
-    y = F.conv2d(x, weight, bias, split.stride, (dy * (kh // 2), dx * (kw // 2)), (dy, dx),
-                 groups)
+    y = _dense_conv(x, weight, bias, split.stride, (dy * (kh // 2), dx * (kw // 2)), (dy, dx),
+                    groups, relu)
     y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
     if split.out_rows is None:
         return y
     out = y.new_empty(book.num_out, c_out)
     _copy_rows(out, split.out_rows, y)
     return out
+
+
+def _dense_conv(x, weight, bias, stride, padding, dilation, groups, relu: bool):
+    if relu:
+        return epilogue.conv_map(x, weight, bias, stride, padding, dilation, groups, relu=True)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def products_pay(c_in: int, c_out: int, groups: int, book: ConvRulebook) -> bool:
@@ -150,7 +163,7 @@ def products_pay(c_in: int, c_out: int, groups: int, book: ConvRulebook) -> bool
 
 
 def _phase_conv(features, weight, bias, part: PhaseConv, dilation, groups: int,
-                out: torch.Tensor, scratch: bool) -> None:
+                out: torch.Tensor, scratch: bool, relu: bool = False) -> None:
     """Write the sites of an off-lattice phase into ``out``: a dense conv on the phase grid
     filled through the owner map, read at the sites' positions."""
     c_in, c_out = features.shape[1], weight.shape[0]
@@ -161,7 +174,8 @@ def _phase_conv(features, weight, bias, part: PhaseConv, dilation, groups: int,
                             out=workspace(features, n * c_in, "lattice_in").view(-1, c_in))
          if scratch else features.index_select(0, part.in_rows))
     x = x.reshape(-1, *part.grid, c_in).permute(0, 3, 1, 2)
-    y = F.conv2d(x, weight, bias, 1, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups)
+    y = _dense_conv(x, weight, bias, 1, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups,
+                    relu)
     y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
     _copy_rows(out, part.out_rows, y.index_select(0, part.positions))
 
@@ -204,7 +218,7 @@ def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int, relu: b
 
 
 def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
-                 out: torch.Tensor) -> None:
+                 out: torch.Tensor, relu: bool = False) -> None:
     """Write the off-lattice output rows (``split.rest_rows``) into ``out``: im2col by
     ``index_select`` in cache-sized chunks, one GEMM per chunk, its rows copied into place.
 
@@ -218,9 +232,10 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     gather, BENCHMARKS.md); oneDNN's GEMM returns a fresh result, copied into place directly.
 
     Where the fused kernel applies (:mod:`.fused`: bfloat16 on AMX CPUs, on by default there),
-    it does the gather, the GEMMs and the copies in one C++ kernel instead."""
+    it does the gather, the GEMMs and the copies in one C++ kernel instead. ``relu``: on each
+    chunk's rows while they are in cache (in the fused kernel, before its rounding)."""
     if fused.applies(features, weight, bias, groups):
-        fused.gather_gemm(features, weight, split, out)
+        fused.gather_gemm(features, weight, split, out, bias, relu)
         return
     c_in = features.shape[1]
     c_out, c_in_g, kh, kw = weight.shape
@@ -243,7 +258,7 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     if track:
         rest = torch.cat([_im2col_block(features, w, bias, split, s, e, taps, g, None, None)
                           for s, e, taps in bounds])
-        _copy_rows(out, split.rest_rows, rest)
+        _copy_rows(out, split.rest_rows, torch.relu(rest) if relu else rest)
         return
     chunk = min(rows, split.num_rest)
     buf = workspace(features, chunk * k * c_in, "im2col").view(-1, c_in)
@@ -251,7 +266,7 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     for s, e, taps in bounds:
         n = (e - s) * (k if taps is None else taps[1] - taps[0])
         y = _im2col_block(features, w, bias, split, s, e, taps, g, buf[:n], res[:e - s])
-        _copy_rows(out, split.rest_rows[s:e], y)
+        _copy_rows(out, split.rest_rows[s:e], torch.relu_(y) if relu else y)
 
 
 def _copy_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:

@@ -43,12 +43,15 @@ def _fused_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,stride,groups", [(1, 1, 1), (1, 2, 1), (3, 1, 1), (3, 2, 1),
                                              (1, 1, 2), (3, 2, 2)])
-def test_epilogue_matches_dense_reference(case, engine, dtype, k, stride, groups, monkeypatch):
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_epilogue_matches_dense_reference(case, engine, dtype, k, stride, groups, with_residual,
+                                          monkeypatch):
     """Every output site within the rounding bound of the float64 ``relu(conv + residual)``
     on the same rounded inputs (the residual one term more, its add one rounding more than
     the conv's route where it is not fused); fused by oneDNN exactly where the conv runs as
     one oneDNN conv (1x1 convs of the lattice engine, grid convs of ``"auto"``) in float32 and
-    bfloat16, without groups."""
+    bfloat16 (with a residual: without groups); with a ReLU alone, the 3x3 convs of the
+    lattice engine apply it part by part (their dense parts as oneDNN post-ops)."""
     L = case[1]
     gen = torch.Generator().manual_seed(3)
     answers = _fused_calls(monkeypatch)
@@ -61,20 +64,27 @@ def test_epilogue_matches_dense_reference(case, engine, dtype, k, stride, groups
         b = torch.randn(12, generator=gen).to(dtype)
         step_out = step + (stride == 2)
         res = _residual(x, step_out, 12, dtype, step)
+        if not with_residual:  # a ReLU alone: the residual's part below is zero
+            res = res.replace_feature(torch.zeros_like(res.features))
         answers.clear()
         with torch.no_grad():
-            y = CF.conv2d(x, w, b, stride, 1, groups, engine, relu=True, residual=res)
+            y = CF.conv2d(x, w, b, stride, 1, groups, engine, relu=True,
+                          residual=res if with_residual else None)
         assert y.step == step_out and y.features.dtype == dtype
         grid = engine == "auto" and CF.grid_levels(x, step_out) is not None
         one_conv = grid or (k == 1 and engine in ("auto", "lattice"))
-        fusable = dtype in epilogue._FUSED_DTYPES and groups == 1  # a residual: no groups
-        assert any(answers) == (one_conv and fusable), (step, answers)
+        # a residual fuses without groups only
+        fusable = dtype in epilogue._FUSED_DTYPES and (groups == 1 or not with_residual)
+        # a ReLU alone: the 3x3 convs' dense lattice part takes it as a post-op too
+        parts = engine in ("auto", "lattice") and not with_residual
+        assert any(answers) == ((one_conv or parts) and fusable), (step, answers)
         pre = ref.conv(x.features.double(), levels, step, stride, w.double(), b.double(), 1,
                        groups) + res.features.double()
         size = R.conv_size(x.features, levels, step, stride, w, b, 1, groups) + \
             res.features.double().abs()
         route = R.engine_route(engine, dtype, True)
-        roundings = 1 if any(answers) else route["roundings"] + 1
+        # one oneDNN op (conv, bias and add) rounds once
+        roundings = 1 if one_conv and any(answers) else route["roundings"] + with_residual
         bound = R.conv_bound(size, pre, dtype, w[0].numel() + 2, roundings=roundings,
                              accumulate=route["accumulate"])
         R.assert_within(y.features, torch.relu(pre), bound, f"{engine} step {step}")

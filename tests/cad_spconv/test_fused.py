@@ -56,13 +56,14 @@ def test_by_default_the_kernel_is_off_without_amx_code(restore_fused, monkeypatc
     assert fused._state["module"] is None  # nothing was built
 
 
-def test_fused_kernel_applies_to_bfloat16_without_autograd_groups_or_bias(restore_fused):
+def test_fused_kernel_applies_to_bfloat16_without_autograd_or_groups(restore_fused):
     fused._state["mode"] = "on"
     x, _, w = _layer()
     f = x.features
     assert fused.applies(f, w, None, 1)
+    assert fused.applies(f, w, torch.zeros(64, dtype=torch.bfloat16), 1)  # a folded conv's
     assert not fused.applies(f.float(), w.float(), None, 1)  # float32: the engine's own route
-    assert not fused.applies(f, w, torch.zeros(64, dtype=torch.bfloat16), 1)
+    assert not fused.applies(f, w, torch.zeros(64), 1)  # a float32 bias: F.conv2d would refuse
     assert not fused.applies(f, w[:48], None, 1)  # C_out not a multiple of 32
     assert not fused.applies(f[:, :24], w[:, :24], None, 1)  # C_in not a multiple of 32
     assert not fused.applies(f, w, None, 2)
@@ -153,22 +154,37 @@ def kernel():
     ((17, 22), 2, 1, 2, 32, 64, 96),
     ((17, 22), 2, 2, 1, 64, 96, 128),
 ])
+@pytest.mark.parametrize("bias, relu", [(False, False), (True, False), (True, True)])
 def test_fused_rest_matches_the_dense_reference(kernel, restore_fused, monkeypatch, grid,
                                                 num_levels, step, dilation, block_rows, c_in,
-                                                c_out):
+                                                c_out, bias, relu):
+    """With a bias (a folded batch norm's) and a ReLU too: ``relu(conv + bias)`` of the float64
+    reference within the route's bound (the ReLU moves no value further from it)."""
     x, levels, w = _layer(grid, num_levels, step, c_out, c_in, seed=step * 10 + dilation)
+    b = (torch.randn(c_out, generator=torch.Generator().manual_seed(step)) if bias
+         else None)
+    b = None if b is None else b.to(torch.bfloat16)
     rows, run = [], fused.gather_gemm
     monkeypatch.setattr(fused, "gather_gemm",
-                        lambda f, wt, split, out: (rows.append(split.num_rest),
-                                                   run(f, wt, split, out)))
+                        lambda f, wt, split, out, *a: (rows.append(split.num_rest),
+                                                       run(f, wt, split, out, *a)))
     monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
     fused.enable()
     with torch.inference_mode():
-        got = CF.conv2d(x, w, None, 1, dilation, 1, "lattice").features
+        got = CF.conv2d(x, w, b, 1, dilation, 1, "lattice", relu=relu).features
     assert sum(rows) > block_rows  # the kernel wrote the rest, in more than one block
     assert any(r % 32 for r in rows)  # and a last group of fewer than 32 sites
-    R.assert_conv_within(got, x.features, levels, step, 1, w, None, dilation,
-                         engine="lattice", what="fused rest")
+    if relu:
+        assert bool((got >= 0).all()) and bool((got == 0).any())
+        want = R.ref.conv(x.features.double(), levels, step, 1, w.double(),
+                          None if b is None else b.double(), dilation)
+        size = R.conv_size(x.features, levels, step, 1, w, b, dilation)
+        bound = R.conv_bound(size, want, torch.bfloat16, w[0].numel() + bias,
+                             **R.engine_route("lattice", torch.bfloat16, bias))
+        R.assert_within(got, torch.relu(want), bound, "fused rest, relu")
+    else:
+        R.assert_conv_within(got, x.features, levels, step, 1, w, b, dilation,
+                             engine="lattice", what="fused rest")
 
 
 @pytest.mark.parametrize("block_rows", [0, -32, 48])
