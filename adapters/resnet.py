@@ -15,6 +15,7 @@ too (torchvision's BasicBlock refuses dilation, so no convention exists there).
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Callable, Mapping, Optional, Union
 
@@ -63,8 +64,8 @@ class CADBottleneck(nn.Module):
         if _folded(self):  # ReLUs and the residual add in the convs' epilogues
             out = self.conv1(x, relu=True)
             out = self.conv2(out, relu=True)
-            identity = x if self.downsample is None else self.downsample[0](x)
-            return self.conv3(out, relu=True, residual=identity)
+            identity, own = _shortcut(self, x)
+            return self.conv3(out, relu=True, residual=identity, residual_inplace=own)
         # one op per statement, as torchvision: each input is released before the next output
         # is allocated (nested calls kept the conv2 path's features alive through bn3)
         out = self.conv1(x)
@@ -85,9 +86,9 @@ class CADBottleneck(nn.Module):
         if _folded(self):
             out = on_grid(self.conv1, y, grid.scale_in, relu=True)
             out = on_grid(self.conv2, out, grid.scale_in, down, relu=True)
-            identity = y if self.downsample is None else on_grid(self.downsample[0], y,
-                                                                 grid.scale_in, down)
-            out = on_grid(self.conv3, out, grid.scale_out, relu=True, residual=identity)
+            identity, own = _shortcut_map(self, x, grid)
+            out = on_grid(self.conv3, out, grid.scale_out, relu=True, residual=identity,
+                          residual_inplace=own)
             return CF.from_grid_map(x, out, grid.step_out)
         out = on_grid(self.conv1, y, grid.scale_in)
         out = on_grid(self.bn1, out)
@@ -122,8 +123,8 @@ class CADBasicBlock(nn.Module):
             return self._forward_on_grid(x, grid)
         if _folded(self):  # see CADBottleneck.forward
             out = self.conv1(x, relu=True)
-            identity = x if self.downsample is None else self.downsample[0](x)
-            return self.conv2(out, relu=True, residual=identity)
+            identity, own = _shortcut(self, x)
+            return self.conv2(out, relu=True, residual=identity, residual_inplace=own)
         out = self.conv1(x)  # one op per statement: see CADBottleneck.forward
         out = self.bn1(out)
         out = self.relu(out)
@@ -138,9 +139,9 @@ class CADBasicBlock(nn.Module):
         y = grid.map
         if _folded(self):
             out = on_grid(self.conv1, y, grid.scale_in, grid.down, relu=True)
-            identity = y if self.downsample is None else on_grid(self.downsample[0], y,
-                                                                 grid.scale_in, grid.down)
-            out = on_grid(self.conv2, out, grid.scale_out, relu=True, residual=identity)
+            identity, own = _shortcut_map(self, x, grid)
+            out = on_grid(self.conv2, out, grid.scale_out, relu=True, residual=identity,
+                          residual_inplace=own)
             return CF.from_grid_map(x, out, grid.step_out)
         out = on_grid(self.conv1, y, grid.scale_in, grid.down)
         out = on_grid(self.bn1, out)
@@ -170,6 +171,48 @@ def _folded(block) -> bool:
         norms.append(block.downsample[1])
     return (all(type(m) is nn.Identity for m in norms)
             and not any(hooked(m) for m in layers + (relu._modules["module"],)))
+
+
+def _shortcut(block, x: CADTensor) -> tuple[CADTensor, bool]:
+    """A folded block's shortcut and whether its last conv may write its result into it:
+    the downsample's fresh output, or the input where the caller handed it over
+    (:func:`_hand_over`)."""
+    if block.downsample is None:
+        return x, x in _handed_over
+    return block.downsample[0](x), True
+
+
+def _shortcut_map(block, x: CADTensor, grid: GridBlock) -> tuple[torch.Tensor, bool]:
+    """:func:`_shortcut` on the grid's map."""
+    if block.downsample is None:
+        return grid.map, x in _handed_over
+    return on_grid(block.downsample[0], grid.map, grid.scale_in, grid.down), True
+
+
+# the tensors handed over (by identity: an attribute would pass on to every tensor derived
+# from one, replace_feature copies them)
+_handed_over: "weakref.WeakSet[CADTensor]" = weakref.WeakSet()
+
+
+def _hand_over(x: CADTensor) -> CADTensor:
+    """Mark ``x`` as the next block's own: nothing else reads it afterwards, so the block may
+    write its result into its features (its last conv's ``residual_inplace``)."""
+    _handed_over.add(x)
+    return x
+
+
+def _run_blocks(stage: nn.Module, x):
+    """``stage(x)``; for an ``nn.Sequential`` of blocks without hooks, block by block, each
+    block's output handed over to the next one (:func:`_hand_over`): only this loop holds it,
+    unless a hook in the block that made it could have kept it."""
+    if type(stage) is not nn.Sequential or hooked(stage):
+        return stage(x)
+    previous = None
+    for block in stage:
+        if previous is not None and not any(hooked(m) for m in previous.modules()):
+            x = _hand_over(x)
+        x, previous = block(x), block
+    return x
 
 
 def _block_layers(block) -> Optional[tuple]:
@@ -372,7 +415,7 @@ class _ResNetTrunk:
                     captured[name] = x
         x = enter(x, images)
         for name in self.sparse_names:
-            x = getattr(self, name)(x)
+            x = _run_blocks(getattr(self, name), x)
             if name in capture:
                 captured[name] = x
         return x, captured

@@ -52,7 +52,7 @@ def conv_book(x: CADTensor, kernel_size: IntPair, dilation: IntPair, stride: Int
 def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            stride: IntPair = 1, dilation: IntPair = 1, groups: int = 1,
            engine: str = "auto", *, relu: bool = False,
-           residual: Optional[CADTensor] = None) -> CADTensor:
+           residual: Optional[CADTensor] = None, residual_inplace: bool = False) -> CADTensor:
     """Conv with same padding. ``dilation`` is the layer's dilation in the coarsest-stride
     network; on the finest grid its taps are ``dilation * 2**step`` apart. Stride 2 is an
     adaptive downsampling step.
@@ -68,7 +68,9 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
     ``relu(conv(x) + residual)`` instead, the end of a ResNet block whose batch norms are
     folded into its convs. On CPU in float32 / bfloat16 without autograd, oneDNN applies them
     in the conv's epilogue where the conv runs as one oneDNN conv (grid convs, 1x1 convs);
-    elsewhere they follow the conv in place (:mod:`cad_spconv.engines.epilogue`)."""
+    elsewhere they follow the conv in place (:mod:`cad_spconv.engines.epilogue`).
+    ``residual_inplace``: where fused, the result may be written into ``residual``'s features
+    (a block's own shortcut that nothing else reads: no fresh output to allocate)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError("weight must be a conv weight [C_out, C_in / groups, kh, kw], got "
                          + (f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
@@ -83,10 +85,12 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
         _check_residual(x, residual, weight.shape[0], _step_out(x, stride))
     levels = _grid_levels(x, weight, bias, stride, groups, engine)
     if levels is not None:
-        return _grid_conv(x, weight, bias, levels, dil, groups, relu, residual)
+        return _grid_conv(x, weight, bias, levels, dil, groups, relu, residual,
+                          residual_inplace)
     book = conv_book(x, weight.shape[-2:], dilation, stride)
     out = sparse_conv(x.features, weight, bias, book, groups, engine, relu=relu,
-                      residual=None if residual is None else residual.features)
+                      residual=None if residual is None else residual.features,
+                      residual_inplace=residual_inplace)
     return x.replace_feature(out, book.step_out)
 
 
@@ -146,8 +150,8 @@ def from_grid_map(x: CADTensor, y: torch.Tensor, step: int) -> CADTensor:
 
 def grid_conv2d(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 dilation: tuple[int, int], groups: int, scale: int,
-                down: bool, relu: bool = False,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                down: bool, relu: bool = False, residual: Optional[torch.Tensor] = None,
+                residual_inplace: bool = False) -> torch.Tensor:
     """:func:`conv2d` on an NCHW map whose cells are the input sites (:func:`to_grid_map`):
     taps ``dilation * scale`` cells apart (``scale = 2**(step - c_in)``), stride 2 where the
     output grid is the next coarser one (``down``); ``relu`` / ``residual`` (a map shaped like
@@ -155,19 +159,22 @@ def grid_conv2d(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     kh, kw = weight.shape[-2:]
     dy, dx = dilation[0] * scale, dilation[1] * scale
     pad = (dy * (kh // 2), dx * (kw // 2))
-    if not relu and residual is None:
-        return F.conv2d(y, weight, bias, 1 + down, pad, (dy, dx), groups)
-    return epilogue.conv_map(y, weight, bias, 1 + down, pad, (dy, dx), groups, relu, residual)
+    # on CPU without autograd oneDNN's conv, its weight prepacked for the grid (its shape
+    # comes back with every image of this size), with the epilogue fused
+    return epilogue.conv_map(y, weight, bias, 1 + down, pad, (dy, dx), groups, relu, residual,
+                             residual_inplace)
 
 
 def _grid_conv(x: CADTensor, weight, bias, levels, dilation: tuple[int, int],
-               groups, relu: bool = False, residual: Optional[CADTensor] = None) -> CADTensor:
+               groups, relu: bool = False, residual: Optional[CADTensor] = None,
+               residual_inplace: bool = False) -> CADTensor:
     """:func:`conv2d` where the input sites are the cells of the ``2**c_in`` grid and the
     output sites those of the ``2**c_out`` grid."""
     c_in, c_out, step_out = levels
     y = grid_conv2d(to_grid_map(x, c_in), weight, bias, dilation, groups,
                     2 ** (x.step - c_in), c_out > c_in, relu,
-                    None if residual is None else to_grid_map(residual, c_out))
+                    None if residual is None else to_grid_map(residual, c_out),
+                    residual_inplace)
     return from_grid_map(x, y, step_out)
 
 

@@ -99,12 +99,15 @@ class CADConv2d(nn.Conv2d):
         return kh * kw * (self.in_channels // self.groups) * self.out_channels
 
     def forward(self, x: CADTensor, *, relu: bool = False,
-                residual: Optional[CADTensor] = None) -> CADTensor:
+                residual: Optional[CADTensor] = None,
+                residual_inplace: bool = False) -> CADTensor:
         """The conv; with ``relu`` / ``residual``, ``relu(conv(x) + residual)``, fused into
-        the conv where oneDNN can (:func:`cad_spconv.functional.conv2d`)."""
+        the conv where oneDNN can (:func:`cad_spconv.functional.conv2d`, also for
+        ``residual_inplace``)."""
         _expect_cad(x, self)
         return CF.conv2d(x, self.weight, self.bias, self.stride, self.dilation, self.groups,
-                         self.engine, relu=relu, residual=residual)
+                         self.engine, relu=relu, residual=residual,
+                         residual_inplace=residual_inplace)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", engine={self.engine!r}"
@@ -306,16 +309,17 @@ def block_on_grid(x: CADTensor, stride: int,
 
 
 def on_grid(layer: nn.Module, y: torch.Tensor, scale: int = 1, down: bool = False, *,
-            relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+            relu: bool = False, residual: Optional[torch.Tensor] = None,
+            residual_inplace: bool = False) -> torch.Tensor:
     """``layer`` (accepted by :func:`block_on_grid`) on the map ``y`` of its sites: a conv's
     taps ``scale`` times its dilation apart, stride 2 where ``down``; a conv's ``relu`` /
-    ``residual`` (a map) as :meth:`CADConv2d.forward`'s."""
+    ``residual`` (a map) / ``residual_inplace`` as :meth:`CADConv2d.forward`'s."""
     kind = type(layer)
     # parameters and buffers read from their tables: Module.__getattr__ costs ~1 us a name
     if kind is CADConv2d:
         p = layer._parameters
         return CF.grid_conv2d(y, p["weight"], p["bias"], layer.dilation, layer.groups, scale,
-                              down, relu, residual)
+                              down, relu, residual, residual_inplace)
     if kind is CADBatchNorm2d:  # on the feature matrix, as op by op: the same bits
         n, c, h, w = y.shape
         f = layer.normalize(y.permute(0, 2, 3, 1).reshape(-1, c))

@@ -40,8 +40,9 @@ class Engine:
     #: results are less accurate than the others', so ``"tuned"`` leaves these engines out of
     #: half-precision layers
     sums_half_in_dtype: bool = False
-    #: whether :meth:`conv` takes ``relu=`` and ``residual=`` and may fuse them into the conv
-    #: (:mod:`.epilogue`); other engines' outputs get them applied afterwards
+    #: whether :meth:`conv` takes ``relu=``, ``residual=`` and ``residual_inplace=`` and may
+    #: fuse them into the conv (:mod:`.epilogue`); other engines' outputs get them applied
+    #: afterwards
     fuses_epilogue: bool = False
 
     def check(self, features: torch.Tensor, weight: torch.Tensor, groups: int,

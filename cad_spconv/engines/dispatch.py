@@ -65,11 +65,13 @@ def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1,
 
 def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 book: Rulebook, groups: int = 1, engine: str = "auto", *, relu: bool = False,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None,
+                residual_inplace: bool = False) -> torch.Tensor:
     """Output features ``[N_out, C_out]`` of a conv described by ``book``; with ``relu`` /
     ``residual`` (``[N_out, C_out]``) its epilogue too, ``relu(conv + residual)``: fused into
     the conv by engines that can (:attr:`~.base.Engine.fuses_epilogue`, see :mod:`.epilogue`),
-    else applied to the output in place."""
+    else applied to the output in place. ``residual_inplace``: the result may be written into
+    ``residual`` (where fused: :func:`.epilogue.conv_map`)."""
     check_engine(engine)
     n_in, c_in = features.shape
     c_out, c_in_g, kh, kw = weight.shape
@@ -104,7 +106,8 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     elif impl is None:
         out = tuned_conv(features, weight, bias, book, groups)
     elif impl.fuses_epilogue and (relu or residual is not None):
-        return impl.conv(features, weight, bias, book, groups, relu=relu, residual=residual)
+        return impl.conv(features, weight, bias, book, groups, relu=relu, residual=residual,
+                         residual_inplace=residual_inplace)
     else:
         out = impl.conv(features, weight, bias, book, groups)
     return epilogue.apply(out, relu, residual)

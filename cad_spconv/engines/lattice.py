@@ -80,9 +80,11 @@ class LatticeEngine(Engine):
     fuses_epilogue = True
 
     def conv(self, features, weight, bias, book: ConvRulebook, groups: int, relu: bool = False,
-             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+             residual: Optional[torch.Tensor] = None,
+             residual_inplace: bool = False) -> torch.Tensor:
         if book.num_taps == 1:
-            return _pointwise_conv(features, weight, bias, book, groups, relu, residual)
+            return _pointwise_conv(features, weight, bias, book, groups, relu, residual,
+                                   residual_inplace)
         if residual is not None:  # added before the ReLU: both follow the conv
             return epilogue.apply(self._conv(features, weight, bias, book, groups), relu,
                                   residual)
@@ -144,9 +146,10 @@ def lattice_conv(features, weight, bias, book: ConvRulebook, split: LatticeSplit
 
 
 def _dense_conv(x, weight, bias, stride, padding, dilation, groups, relu: bool):
-    if relu:
-        return epilogue.conv_map(x, weight, bias, stride, padding, dilation, groups, relu=True)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    """``F.conv2d`` (with a ReLU); on CPU without autograd as oneDNN's conv with the weight
+    prepacked for the lattice or phase grid, whose shape each forward of a plan repeats
+    (:func:`.epilogue.conv_map`)."""
+    return epilogue.conv_map(x, weight, bias, stride, padding, dilation, groups, relu=relu)
 
 
 def products_pay(c_in: int, c_out: int, groups: int, book: ConvRulebook) -> bool:
@@ -196,13 +199,14 @@ def gather_cost(taps: int, c_in: int, onednn_chunks: bool = False, cuda: bool = 
 
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int, relu: bool = False,
-                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    residual: Optional[torch.Tensor] = None,
+                    residual_inplace: bool = False) -> torch.Tensor:
     """1x1 conv: one GEMM on the feature matrix (rows picked first for a stride-2 step); its
     epilogue (``relu(conv + residual)``) fused where oneDNN can (:mod:`.epilogue`)."""
     x = (features if book.is_identity or book.rows_in_order()
          else features.index_select(0, book.rows()))
     if relu or residual is not None:
-        out = epilogue.fused_rows(x, weight, bias, groups, relu, residual)
+        out = epilogue.fused_rows(x, weight, bias, groups, relu, residual, residual_inplace)
         if out is not None:
             return out
     c_out = weight.shape[0]

@@ -7,6 +7,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from tests.support import emulation as emu
+from tests.support.epilogue import fused_epilogues
 from adapters import convert, fold_batchnorm
 
 MIXED = (49, 67)  # finest grid 7x9 at stride 8
@@ -144,13 +145,7 @@ def test_folded_blocks_fuse_their_epilogues(arch, monkeypatch):
     specs = {"none": torch.zeros(2, 1, *MIXED, dtype=torch.bool),
              "all": torch.ones(2, 1, *MIXED, dtype=torch.bool),
              "mixed": emu.mixed_masks(3, 2, (7, 9), cad.num_levels, "levels")[0]}
-    answers, real = [], epilogue.fuses
-
-    def spy(*args):
-        answers.append(real(*args))
-        return answers[-1]
-
-    monkeypatch.setattr(epilogue, "fuses", spy)
+    answers = fused_epilogues(monkeypatch)
     dtypes = [torch.float32] + [torch.bfloat16] * (torch.bfloat16 in epilogue._FUSED_DTYPES)
     for dtype in dtypes:
         folded = fold_batchnorm(copy.deepcopy(cad)).to(dtype).to(memory_format=torch.channels_last)
@@ -233,3 +228,42 @@ def copy_train(model):
     import copy
 
     return copy.deepcopy(model).train()
+
+
+def test_blocks_hand_their_outputs_over_only_where_nothing_else_keeps_them(monkeypatch):
+    """In a folded stage each block's output becomes the next block's own (its last conv
+    writes into it: ``residual_inplace``), except where a hook could have kept it: a hooked
+    block's output, and the stage outputs a model returns, keep their values."""
+    from cad_spconv.engines import epilogue
+
+    torch.manual_seed(0)
+    source = emu.prepare(tvm.resnet50(num_classes=10))
+    cad = convert(source, 8, 32, return_layers={"layer3": "mid", "layer4": "out"})
+    folded = fold_batchnorm(cad).float().to(memory_format=torch.channels_last)
+    x = images().float().contiguous(memory_format=torch.channels_last)
+    inplace, real = [], epilogue.conv_map
+
+    def spy(*args, **kwargs):
+        inplace.append(args[9] if len(args) > 9 else kwargs.get("residual_inplace", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(epilogue, "conv_map", spy)
+    kept = {}
+    folded.layer3[2].register_forward_hook(
+        lambda m, i, o: kept.update(tensor=o, values=o.features.clone()))
+    for spec in (torch.zeros(2, 1, *MIXED, dtype=torch.bool),
+                 emu.mixed_masks(3, 2, (7, 9), cad.num_levels, "levels")[0]):
+        inplace.clear()
+        with torch.inference_mode():
+            got = folded(x, spec)
+            mid = got["mid"].clone()
+        # layer3: blocks 1, 2 and 4, 5 take over their input (3 follows the hooked block 2),
+        # layer4: blocks 1, 2
+        assert sum(inplace) >= 6, inplace
+        assert torch.equal(kept["tensor"].features, kept["values"])  # not written into
+        assert torch.equal(got["mid"], mid)
+    cad_f = cad.float()
+    with torch.inference_mode():
+        ref = cad_f(x, spec)
+    for key in ref:
+        emu.assert_rel(got[key], ref[key], torch.float32)

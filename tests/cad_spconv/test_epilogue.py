@@ -10,6 +10,7 @@ from cad_spconv import CADTensor, functional as CF
 from cad_spconv.engines import epilogue, sparse_conv
 from tests.support import dense_reference as ref
 from tests.support import rounding as R
+from tests.support.epilogue import fused_epilogues
 from tests.support.inputs import make_input
 
 CASES = [  # (grid, num_levels, mask kind)
@@ -24,18 +25,6 @@ def _residual(x: CADTensor, step: int, channels: int, dtype, seed: int) -> CADTe
     gen = torch.Generator().manual_seed(100 + seed)
     f = torch.randn(x.plan.num_sites(step), channels, generator=gen).to(dtype)
     return CADTensor(f, x.plan, step)
-
-
-def _fused_calls(monkeypatch) -> list:
-    """The answers of ``epilogue.fuses`` from here on (True: oneDNN ran the epilogue)."""
-    answers, real = [], epilogue.fuses
-
-    def spy(*args):
-        answers.append(real(*args))
-        return answers[-1]
-
-    monkeypatch.setattr(epilogue, "fuses", spy)
-    return answers
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -54,7 +43,7 @@ def test_epilogue_matches_dense_reference(case, engine, dtype, k, stride, groups
     lattice engine apply it part by part (their dense parts as oneDNN post-ops)."""
     L = case[1]
     gen = torch.Generator().manual_seed(3)
-    answers = _fused_calls(monkeypatch)
+    answers = fused_epilogues(monkeypatch)
     for step in range(L + (stride == 1)):
         if stride == 2 and step == L:
             continue
@@ -194,3 +183,50 @@ def test_degenerate_maps_take_the_unfused_route(dtype, n, c):
         R.assert_within(got, want, R.conv_bound(
             (x.double().abs() @ w.double().abs().view(3, c).t() + b.double().abs()
              + res.double().abs()), want, dtype, c + 2), f"{n} x {c}")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_residual_inplace_writes_into_the_residual_only_where_fused(case, k, dtype):
+    """``residual_inplace``: where oneDNN fuses (1x1 convs, grid convs; float32 / bfloat16)
+    the result is the residual's own features, overwritten; elsewhere the residual is left as
+    it was. The values are those of the out-of-place call."""
+    x, _ = make_input(case, 0, 32, torch.float32, CPU, seed=1)
+    x = x.replace_feature(x.features.to(dtype))
+    gen = torch.Generator().manual_seed(6)
+    w = (torch.randn(32, 32, k, k, generator=gen) / (4 * k)).to(dtype)
+    b = torch.randn(32, generator=gen).to(dtype)
+    res = _residual(x, 0, 32, dtype, 2)
+    kept = res.features.clone()
+    with torch.no_grad():
+        want = CF.conv2d(x, w, b, relu=True, residual=res).features
+        assert torch.equal(res.features, kept)
+        got = CF.conv2d(x, w, b, relu=True, residual=res, residual_inplace=True).features
+    assert torch.equal(got, want)
+    fused = (dtype in epilogue._FUSED_DTYPES
+             and (k == 1 or CF.grid_levels(x, 0) is not None))
+    assert (got.data_ptr() == res.features.data_ptr()) == fused
+    assert torch.equal(res.features, want if fused else kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_weights_follow_changes_of_the_weight(dtype):
+    """oneDNN convs on maps read their weight prepacked and kept per input shape: a weight
+    changed in place, or another input shape, gets a layout of its own (the values of
+    ``F.conv2d`` on the current weight)."""
+    if dtype not in epilogue._FUSED_DTYPES:
+        pytest.skip(f"oneDNN has no {dtype} convs on this CPU")
+    gen = torch.Generator().manual_seed(7)
+    w = (torch.randn(16, 8, 3, 3, generator=gen) / 8).to(dtype)
+    b = torch.randn(16, generator=gen).to(dtype)
+    for shape in ((1, 8, 9, 11), (2, 8, 5, 7)):
+        x = torch.randn(*shape, generator=gen).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        for _ in range(2):
+            with torch.no_grad():
+                got = epilogue.conv_map(x, w, b, 1, (2, 2), (2, 2), 1, relu=True)
+                want = torch.relu(torch.nn.functional.conv2d(x, w, b, 1, 2, 2))
+            assert torch.equal(got, want)  # oneDNN's conv either way
+            with torch.no_grad():
+                w.mul_(-1)  # a changed weight: a new layout
