@@ -4,6 +4,9 @@
     python -m experiments.benchmark targets   # the CPU targets: float32 / bfloat16, thresholds
                                               # 0.15 / 0.35 / 0.95, batch 1 and 4, nothing /
                                               # everything kept, whole models (dense / sparse head)
+    python -m experiments.benchmark compiled  # the targets against compiled dense networks
+                                              # (--compile-dense: CAD folded, dense stages
+                                              # compiled, as cad[auto,compiled])
     python -m experiments.benchmark ops       # one 3x3 conv after the adaptive step, per engine
     python -m experiments.benchmark gpu       # 1024x2048, batch 1 and 4, fp32 (TF32 on / off)
                                               # / fp16 / bf16, every engine
@@ -52,6 +55,7 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                  ["--model", "conv3x3", "--channels", "512", "--size", "512", "1024", *edge, *cpu,
                   "--engine", "lattice,torch", *common])],
         "targets": [],
+        "compiled": [],
         "gpu": [],
     }
     # nothing / everything kept: one frame (the mask does not matter), timed as often as the
@@ -84,6 +88,24 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                 out["targets"].append((f"cpu_{dtype}_b1_{name}_edge0.35_im2col_dilated",
                                        [*run, *edge, "--scope", "model", *head,
                                         "--im2col-dilated"]))
+    # the targets against the dense networks compiled (torch.compile, weights frozen), CAD
+    # alike (batch norms folded, its dense stages compiled: cad[auto,compiled]); the fastest
+    # dense configuration is always a compiled channels-last one, so NCHW is left out
+    compiled = ["--compile-dense", "--fold-bn", "--dense-format", "channels_last"]
+    for dtype in ("bfloat16", "float32"):
+        net = ["--model", "deeplabv3_resnet101", "--size", "512", "1024", *cpu, "--dtype", dtype,
+               *compiled]
+        for thr in ("0.15", "0.35", "0.95"):
+            out["compiled"].append((f"cpu_{dtype}_b1_edge{thr}_compiled",
+                                    [*net, *common, "--images", *frames, "--threshold", thr]))
+        out["compiled"].append((f"cpu_{dtype}_b4_edge0.35_compiled",
+                                [*net, *common, "--images", *frames, "--threshold", "0.35",
+                                 "--batch", "4"]))
+        for keep in ("none", "all"):
+            out["compiled"].append((f"cpu_{dtype}_b1_keep_{keep}_compiled",
+                                    [*net, *one, "--keep", keep]))
+        out["compiled"].append((f"cpu_{dtype}_b1_keep_none_reuse_output_compiled",
+                                [*net, *one, "--keep", "none", "--reuse-output"]))
     # batch 1: every engine ("auto" is "torch" on CUDA); batch 4: auto, tuned and spconv's
     # implicit GEMM (lattice and spconv ran 1.8-3x slower than torch at batch 1, BENCHMARKS.md).
     # float32 with TF32 (the cuDNN default) and without, after the three dtypes
@@ -132,7 +154,19 @@ def verdict(cfg: dict, cad: dict, peaks: list) -> tuple[str, bool, bool]:
         setting += ", output buffer reused"
     if cfg.get("im2col_dilated"):
         setting += ", dilated convs as im2col GEMMs"
+    if cfg.get("compile_dense"):
+        setting += ", compiled (CAD: batch norms folded, dense stages compiled)"
     return setting, speed_met(cfg, cad), all(c <= d for d, c in peaks)
+
+
+def compared_engine(cfg: dict, summary: dict) -> str:
+    """The CAD engine a result's verdict is about: its first engine, or where the dense
+    networks were also compiled (``--compile-dense``) its compiled form (``<engine>,compiled``,
+    the configuration comparable with them)."""
+    engines = list(summary["cad"])
+    if cfg.get("compile_dense"):
+        return next((e for e in engines if e.endswith(",compiled")), engines[0])
+    return engines[0]
 
 
 def target_ratio(cfg: dict, ratios: dict) -> float:
@@ -178,7 +212,8 @@ def report(results_dir: str) -> str:
         source = env.get("source")  # recorded from 2026-12-06 12:36
         commits[(source["commit"][:7] + (" with uncommitted changes" if source["modified"]
                                          else "")) if source else "commit not recorded"] += 1
-        c = next(iter(s["cad"].values()))
+        engine = compared_engine(cfg, s)
+        c = s["cad"][engine]
         per = r["inputs"]
         if os.path.exists(path[:-5] + "_memory.json"):  # the memory pass, if it ran
             with open(path[:-5] + "_memory.json") as f:
@@ -194,7 +229,8 @@ def report(results_dir: str) -> str:
                 dense = v["variants"][fastest[k]] if len(per) == len(fastest) else min(
                     (e for e in v["variants"].values() if e["kind"] == "dense_fine"),
                     key=lambda e: e["seconds"])
-                cad = next(e for e in v["variants"].values() if e["kind"] == "cad")
+                cad = v["variants"].get(f"cad[{engine}]") or next(
+                    e for e in v["variants"].values() if e["kind"] == "cad")
                 if dense.get(key) and cad.get(key):
                     out.append((dense[key], cad[key]))
             return out
@@ -211,7 +247,7 @@ def report(results_dir: str) -> str:
         spread = "n/a" if spread is None else f"{spread[0]:.2f}" + (
             " (noisy)" if spread[0] > bench_report.NOISY_SPREAD else "")
         # the same ratio, paired by round (recomputed: results before 2026-12-06 19:50 lack it)
-        paired = bench_report.paired_ratios(r["inputs"], next(iter(s["cad"])))
+        paired = bench_report.paired_ratios(r["inputs"], engine)
         target = "met" if ok else "missed"
         if paired is None:
             paired_cell = "n/a"
@@ -297,7 +333,8 @@ def _result_paths(args, chosen, frames) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("suite", choices=("cpu", "targets", "ops", "gpu", "all", "report"))
+    parser.add_argument("suite", choices=("cpu", "targets", "compiled", "ops", "gpu", "all",
+                                          "report"))
     parser.add_argument("--only", default=None, help="run only the results whose name "
                         "contains this text")
     parser.add_argument("--memory-pass", action="store_true",

@@ -583,3 +583,27 @@ def test_epilogue_experiment_refuses_what_it_cannot_time(capsys):
         with pytest.raises(SystemExit) as e:
             epilogue.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_compiled_suite_compares_cad_compiled_with_compiled_dense_networks(suite, capsys):
+    """``experiments.benchmark compiled``: every target setting with ``--compile-dense
+    --fold-bn`` (channels-last dense only), named ``..._compiled``; its verdicts are about
+    CAD's compiled form, ``cad[auto,compiled]``."""
+    from experiments import benchmark
+
+    argv, _, calls = suite
+    assert benchmark.main(["compiled", *argv, "--only", "float32"]) == 0
+    names = [c[c.index("--label") + 1] for c in calls]
+    assert names == ["cpu_float32_b1_edge0.15_compiled", "cpu_float32_b1_edge0.35_compiled",
+                     "cpu_float32_b1_edge0.95_compiled", "cpu_float32_b4_edge0.35_compiled",
+                     "cpu_float32_b1_keep_none_compiled", "cpu_float32_b1_keep_all_compiled",
+                     "cpu_float32_b1_keep_none_reuse_output_compiled"]
+    for c in calls:
+        assert c[c.index("--dense-format") + 1] == "channels_last"
+        assert "--compile-dense" in c and "--fold-bn" in c
+    summary = {"cad": {"auto": {}, "auto,compiled": {}}}
+    assert benchmark.compared_engine({"compile_dense": True}, summary) == "auto,compiled"
+    assert benchmark.compared_engine({"compile_dense": False}, summary) == "auto"
+    setting, _, _ = benchmark.verdict({"keep": "all", "compile_dense": True},
+                                      {"vs_dense_fine": 1.0}, [])
+    assert setting == "all kept, compiled (CAD: batch norms folded, dense stages compiled)"
