@@ -10,8 +10,10 @@ unfused route on an AMX Xeon) against oneDNN's conv with the epilogue as post-op
 (``cad_spconv.engines.epilogue.fused_rows``): medians in ms.
 
 ``model``: the bench's CAD DeepLabV3-ResNet101 backbone (8->16, random weights) with its batch
-norms folded (``--fold-bn``), run with the epilogues fused (the library's default) and with
-``cad_spconv.engines.epilogue.fuses`` patched to refuse, in strictly alternating pairs, per
+norms folded (``--fold-bn``), run as the library runs it (epilogues fused, each block's result
+written into its shortcut, the grid convs' weights prepacked) and with
+``cad_spconv.engines.epilogue.fuses`` patched to refuse (all three off: the separate ops of
+PyTorch's own routes), in strictly alternating pairs, per
 frame (the bench's inputs and masks: edge masks of ``--images`` at ``--threshold``, random
 blocks without images, or nothing / everything kept): the median of the per-pair ratios
 fused / unfused.

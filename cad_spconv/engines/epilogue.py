@@ -71,9 +71,9 @@ def conv_map(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
              residual_inplace: bool = False, prepack: bool = True) -> torch.Tensor:
     """``relu(F.conv2d(x, ...) + residual)`` on NCHW maps (``residual`` shaped like the
     output; ``relu`` and ``residual`` optional). ``prepack``: where oneDNN runs it, with the
-    weight in oneDNN's own layout for this input shape, kept (:func:`prepacked`); for maps
-    whose shape comes back (grids, phase grids; not the feature matrices of
-    :func:`fused_rows`, a shape per mask). ``residual_inplace``: where oneDNN fuses,
+    weight in oneDNN's own layout, kept (:func:`prepacked`); for maps (grids, phase grids),
+    not the feature matrices of :func:`fused_rows` (packed for a number of rows, slower at
+    other numbers in float32). ``residual_inplace``: where oneDNN fuses,
     the result is written into ``residual`` itself (returned), as inductor's frozen graphs
     do: no fresh output to allocate (page faults: a fresh 13 MB output took the fused conv
     from 2.3 to 5.0 ms on an AMX Xeon) nor to write besides the residual; elsewhere the
@@ -120,14 +120,16 @@ def fused_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 def prepacked(weight: torch.Tensor, padding: list, stride: list, dilation: list, groups: int,
               input_shape: list) -> torch.Tensor:
-    """``weight`` reordered into the blocked layout oneDNN's conv reads for this geometry
-    and input shape (``torch.ops.mkldnn._reorder_convolution_weight``, as inductor's frozen
-    graphs prepack theirs), kept per weight and shape until the weight changes
-    (:func:`~.layouts.weight_layout`): unpacked, every call reorders it (a 3x3 256 -> 256
-    conv on a 32 x 64 lattice in bfloat16 took 1.73 ms unpacked, 0.83 ms prepacked, on an AMX
-    Xeon, 2 threads). Only for :func:`conv_map`'s oneDNN op: the result is no NCHW weight."""
-    tag = ("onednn-conv", tuple(padding), tuple(stride), tuple(dilation), groups,
-           tuple(input_shape))
+    """``weight`` reordered into the blocked layout oneDNN's conv reads
+    (``torch.ops.mkldnn._reorder_convolution_weight``, as inductor's frozen graphs prepack
+    theirs), kept per weight until it changes (:func:`~.layouts.weight_layout`): unpacked,
+    every call reorders it (a 3x3 256 -> 256 conv on a 32 x 64 lattice in bfloat16 took 1.73 ms
+    unpacked, 0.83 ms prepacked, on an AMX Xeon, 2 threads). One copy per weight and stride,
+    built for the first input shape and dilation it meets: packed for a 32 x 64 map, a
+    64 x 128 one ran in 3.40 ms (3.17 packed for it, 3.75 unpacked), the same values (a
+    layout oneDNN's kernel does not take, it reorders itself). Only for :func:`conv_map`'s
+    oneDNN op: the result is no NCHW weight."""
+    tag = ("onednn-conv", tuple(stride), groups)
     return weight_layout(weight, tag, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
         w, padding, stride, dilation, groups, input_shape))
 

@@ -212,9 +212,9 @@ def test_residual_inplace_writes_into_the_residual_only_where_fused(case, k, dty
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepacked_weights_follow_changes_of_the_weight(dtype):
-    """oneDNN convs on maps read their weight prepacked and kept per input shape: a weight
-    changed in place, or another input shape, gets a layout of its own (the values of
-    ``F.conv2d`` on the current weight)."""
+    """oneDNN convs on maps read their weight prepacked and kept: a weight changed in place
+    gets a new layout, and another input shape reads the kept one (the values of ``F.conv2d``
+    on the current weight)."""
     if dtype not in epilogue._FUSED_DTYPES:
         pytest.skip(f"oneDNN has no {dtype} convs on this CPU")
     gen = torch.Generator().manual_seed(7)
