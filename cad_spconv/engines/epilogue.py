@@ -70,8 +70,9 @@ def conv_map(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
              relu: bool = False, residual: Optional[torch.Tensor] = None,
              residual_inplace: bool = False, prepack: bool = True) -> torch.Tensor:
     """``relu(F.conv2d(x, ...) + residual)`` on NCHW maps (``residual`` shaped like the
-    output; ``relu`` and ``residual`` optional). ``prepack``: where oneDNN runs it, with the
-    weight in oneDNN's own layout, kept (:func:`prepacked`); for maps (grids, phase grids),
+    output; ``relu`` and ``residual`` optional). ``prepack``: where oneDNN runs it in
+    bfloat16, with the weight in oneDNN's own layout, kept (:func:`prepacked`); for maps (grids,
+    phase grids),
     not the feature matrices of :func:`fused_rows` (packed for a number of rows, slower at
     other numbers in float32). ``residual_inplace``: where oneDNN fuses,
     the result is written into ``residual`` itself (returned), as inductor's frozen graphs
@@ -83,7 +84,7 @@ def conv_map(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                      residual)
     unary = "relu" if relu else "none"
     pad, dil, step = list(padding), list(dilation), [stride, stride]
-    if prepack:
+    if prepack and x.dtype == torch.bfloat16:  # see prepacked: not float32
         weight = prepacked(weight, pad, step, dil, groups, list(x.shape))
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, pad, step, dil, groups,
@@ -127,8 +128,11 @@ def prepacked(weight: torch.Tensor, padding: list, stride: list, dilation: list,
     unpacked, 0.83 ms prepacked, on an AMX Xeon, 2 threads). One copy per weight and stride,
     built for the first input shape and dilation it meets: packed for a 32 x 64 map, a
     64 x 128 one ran in 3.40 ms (3.17 packed for it, 3.75 unpacked), the same values (a
-    layout oneDNN's kernel does not take, it reorders itself). Only for :func:`conv_map`'s
-    oneDNN op: the result is no NCHW weight."""
+    layout oneDNN's kernel does not take, it reorders itself). bfloat16 only: in float32 the
+    convs are 5-8x slower and the reorder a small part of them (the 32 x 64 conv 7.13 against
+    6.67 ms, 64 x 128 29.0 against 28.6), while the copy costs as much memory as every weight
+    it packs (a DeepLabV3-ResNet101 backbone's live tensors went from 112 to 206-285 MiB).
+    Only for :func:`conv_map`'s oneDNN op: the result is no NCHW weight."""
     tag = ("onednn-conv", tuple(stride), groups)
     return weight_layout(weight, tag, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
         w, padding, stride, dilation, groups, input_shape))

@@ -531,17 +531,9 @@ def test_im2col_dilated_runs_in_every_variant(tmp_path, monkeypatch):
 
 def test_kept_engine_caches_are_charged_to_the_variant_that_keeps_them(tmp_path, monkeypatch):
     """With --im2col-dilated the NCHW dense networks keep a reordered copy of each ASPP weight
-    (channels-last ones are read in place): those bytes count in their peaks, not in CAD's;
-    CAD is charged its own kept layouts (oneDNN's prepacked copies of the weights of its convs
-    on grid maps: one per conv and stride it runs at, float32)."""
-    from adapters import convert
-    from adapters.builders import segmentation_model
+    (channels-last ones are read in place): those bytes count in their peaks, not in CAD's
+    (float32: CAD keeps none; bfloat16 prepacked weights, ``test_epilogue.py``)."""
     from cad_apps.bench import measure
-    from cad_spconv.nn import CADConv2d
-
-    with torch.device("meta"):
-        cad = convert(segmentation_model("deeplabv3_resnet50", output_stride=8), 8, 16)
-    cad_weights = sum(4 * m.weight.numel() for m in cad.modules() if type(m) is CADConv2d)
 
     monkeypatch.setattr(measure, "_tensor_peak", lambda fn, args: 1000)
     monkeypatch.setattr(measure, "_peak_memory", lambda fn, args, device: 2000)
@@ -558,9 +550,8 @@ def test_kept_engine_caches_are_charged_to_the_variant_that_keeps_them(tmp_path,
             assert v[name]["peak_tensor_bytes"] == 1000 + aspp
         for name in ("dense8[channels_last]", "dense16[channels_last]"):
             assert "engine_cache_bytes" not in v[name] and v[name]["peak_tensor_bytes"] == 1000
-        kept = v["cad[auto]"]["engine_cache_bytes"]
-        assert 0 < kept <= 2 * cad_weights  # an adaptive step's convs: strides 1 and 2
-        assert v["cad[auto]"]["peak_tensor_bytes"] == 1000 + kept
+        assert v["cad[auto]"]["engine_cache_bytes"] == 0
+        assert v["cad[auto]"]["peak_tensor_bytes"] == 1000
 
 
 def test_a_kept_cache_two_variants_use_is_charged_to_both(tmp_path, monkeypatch):

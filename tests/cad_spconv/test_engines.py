@@ -641,8 +641,7 @@ def test_cache_use_names_the_entries_a_call_reads_and_what_they_hold():
     from cad_spconv.engines.layouts import clear_caches
     x, _ = make_input(((40, 37), 1, "keep"), 1, 8, torch.float32, "cpu", seed=3)
     w = torch.randn(16, 8, 3, 3)
-    # the gather's [C_out, kh, kw, C_in] copy and the lattice conv's prepacked one
-    layout = 2 * w.numel() * 4
+    layout = w.numel() * 4  # the gather's [C_out, kh, kw, C_in] copy (float32: no prepacking)
     clear_caches()
     with torch.no_grad():
         with E.cache_use() as first:

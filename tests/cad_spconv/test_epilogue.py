@@ -212,9 +212,11 @@ def test_residual_inplace_writes_into_the_residual_only_where_fused(case, k, dty
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepacked_weights_follow_changes_of_the_weight(dtype):
-    """oneDNN convs on maps read their weight prepacked and kept: a weight changed in place
-    gets a new layout, and another input shape reads the kept one (the values of ``F.conv2d``
-    on the current weight)."""
+    """oneDNN convs on maps read their weight prepacked and kept in bfloat16 (not in
+    float32): a weight changed in place gets a new layout, and another input shape reads the
+    kept one (the values of ``F.conv2d`` on the current weight)."""
+    import cad_spconv.engines as E
+
     if dtype not in epilogue._FUSED_DTYPES:
         pytest.skip(f"oneDNN has no {dtype} convs on this CPU")
     gen = torch.Generator().manual_seed(7)
@@ -224,9 +226,12 @@ def test_prepacked_weights_follow_changes_of_the_weight(dtype):
         x = torch.randn(*shape, generator=gen).to(dtype).contiguous(
             memory_format=torch.channels_last)
         for _ in range(2):
-            with torch.no_grad():
+            with torch.no_grad(), E.cache_use() as kept:
                 got = epilogue.conv_map(x, w, b, 1, (2, 2), (2, 2), 1, relu=True)
                 want = torch.relu(torch.nn.functional.conv2d(x, w, b, 1, 2, 2))
             assert torch.equal(got, want)  # oneDNN's conv either way
+            packed = [key for kind, key in kept
+                      if kind == "layout" and key[1][0] == "onednn-conv"]
+            assert len(packed) == (dtype == torch.bfloat16)
             with torch.no_grad():
                 w.mul_(-1)  # a changed weight: a new layout
