@@ -116,6 +116,14 @@ def paired_ms(first, second, pairs: int) -> tuple[list[float], list[float]]:
     return times
 
 
+def paired_ratio(first_ms, second_ms) -> float:
+    """The median of the per-pair ratios ``first / second`` of two runs timed in pairs
+    (:func:`paired_ms`): a slow drift of the host's speed cancels in each pair."""
+    import statistics
+
+    return statistics.median(a / b for a, b in zip(first_ms, second_ms))
+
+
 def timed_ms(fn, reps: int, warmup: int = 3) -> list[float]:
     """ms of ``reps`` calls of ``fn`` on the CPU after ``warmup`` untimed ones, by the bench's
     timer (each result released before the next call)."""

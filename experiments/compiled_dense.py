@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from experiments.common import ExperimentParser, table_header
+from experiments.common import ExperimentParser, paired_ratio, table_header
 
 
 def _stride(args, stride: int):
@@ -53,7 +53,7 @@ def _stride(args, stride: int):
     print("|---|---|---|---|")
     for label, eager in runs.items():
         eager_ms, compiled_ms = paired_ms(eager, compiled, args.pairs)
-        ratio = statistics.median(c / e for c, e in zip(compiled_ms, eager_ms))
+        ratio = paired_ratio(compiled_ms, eager_ms)
         print(f"| {label} | {statistics.median(eager_ms):.0f} | "
               f"{statistics.median(compiled_ms):.0f} | {ratio:.3f} |")
 

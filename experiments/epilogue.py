@@ -24,7 +24,7 @@ import statistics
 
 import torch
 
-from experiments.common import ExperimentParser, table_header, timed_ms
+from experiments.common import ExperimentParser, paired_ratio, table_header, timed_ms
 
 #: (rows, C_in, C_out): conv1 and conv3 of layer3's and layer4's bottlenecks at the site counts
 #: of a 512x1024 frame's edge mask (about 6000 sites at step 0, 1500 at step 1) and of all kept
@@ -94,7 +94,7 @@ def _model(args):
             a, b = fused().double(), unfused().double()
             err = float((a - b).abs().max() / b.abs().max())
         fused_ms, unfused_ms = paired_ms(fused, unfused, args.pairs)
-        ratio = statistics.median(f / u for f, u in zip(fused_ms, unfused_ms))
+        ratio = paired_ratio(fused_ms, unfused_ms)
         print(f"| {name} | {float(keep.float().mean()):.2f} | {statistics.median(fused_ms):.0f} | "
               f"{statistics.median(unfused_ms):.0f} | {ratio:.3f} | {err:.2g} |")
 

@@ -33,7 +33,7 @@ import torch
 
 from cad_spconv.engines import fused, sparse_conv
 from cad_spconv.rulebook import conv_rulebook
-from experiments.common import ExperimentParser, table_header
+from experiments.common import ExperimentParser, paired_ratio, table_header
 from experiments.tiled_phases import FRAMES, LAYERS, edge_plans
 
 @contextlib.contextmanager
@@ -125,7 +125,7 @@ def _backbone(args) -> int:
         ms = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
         for k in sums:
             sums[k] += ms[k]
-        ratio = statistics.median(a / b for a, b in zip(samples["fused"], samples["engine"]))
+        ratio = paired_ratio(samples["fused"], samples["engine"])
         print(f"| {path.rsplit('/', 1)[-1]} | {ms['engine']:.0f} | {ms['fused']:.0f} | "
               f"{ratio:.3f} |", flush=True)
     print(f"| sum | {sums['engine']:.0f} | {sums['fused']:.0f} | "
@@ -160,7 +160,7 @@ def _layers(args) -> int:
                         if rep:
                             samples[k].append(elapsed)
             split = book.lattice(*book.lattice_args()[-1])
-            ratio = statistics.median(a / b for a, b in zip(samples["fused"], samples["engine"]))
+            ratio = paired_ratio(samples["fused"], samples["engine"])
             print(f"| {name} | {channels} | {dilation} | {split.num_rest} | "
                   f"{1e3 * statistics.median(samples['engine']):.1f} | {ratio:.3f} |", flush=True)
     return 0
