@@ -202,14 +202,16 @@ def _hand_over(x: CADTensor) -> CADTensor:
 
 
 def _run_blocks(stage: nn.Module, x):
-    """``stage(x)``; for an ``nn.Sequential`` of blocks without hooks, block by block, each
-    block's output handed over to the next one (:func:`_hand_over`): only this loop holds it,
-    unless a hook in the block that made it could have kept it."""
+    """``stage(x)``; for an ``nn.Sequential`` without hooks, block by block, the output of
+    each converted block handed over to the next one (:func:`_hand_over`): only this loop
+    holds it (a converted block's output is never its input; another module's may be), unless
+    a hook in the block that made it could have kept it."""
     if type(stage) is not nn.Sequential or hooked(stage):
         return stage(x)
     previous = None
     for block in stage:
-        if previous is not None and not any(hooked(m) for m in previous.modules()):
+        if (type(previous) in (CADBottleneck, CADBasicBlock)
+                and not any(hooked(m) for m in previous.modules())):
             x = _hand_over(x)
         x, previous = block(x), block
     return x
