@@ -58,10 +58,12 @@ class CADBottleneck(nn.Module):
         self.downsample = _cad_shortcut(block, stride, engine, path)
 
     def forward(self, x: CADTensor) -> CADTensor:
-        grid = block_on_grid(x, self.conv2.stride[0], _block_layers(self))
+        layers = _block_layers(self)
+        grid = block_on_grid(x, self.conv2.stride[0], layers)
+        folded = _folded(self, layers)
         if grid is not None:
-            return self._forward_on_grid(x, grid)
-        if _folded(self):  # ReLUs and the residual add in the convs' epilogues
+            return self._forward_on_grid(x, grid, folded)
+        if folded:  # ReLUs and the residual add in the convs' epilogues
             out = self.conv1(x, relu=True)
             out = self.conv2(out, relu=True)
             identity, own = _shortcut(self, x)
@@ -80,10 +82,10 @@ class CADBottleneck(nn.Module):
         out += identity  # in place, as torchvision: no extra feature matrix
         return self.relu(out)
 
-    def _forward_on_grid(self, x: CADTensor, grid: GridBlock) -> CADTensor:
+    def _forward_on_grid(self, x: CADTensor, grid: GridBlock, folded: bool) -> CADTensor:
         """:meth:`forward` as the dense block on the grid's map (:func:`block_on_grid`)."""
         y, down = grid.map, grid.down
-        if _folded(self):
+        if folded:
             out = on_grid(self.conv1, y, grid.scale_in, relu=True)
             out = on_grid(self.conv2, out, grid.scale_in, down, relu=True)
             identity, own = _shortcut_map(self, x, grid)
@@ -118,10 +120,12 @@ class CADBasicBlock(nn.Module):
         self.downsample = _cad_shortcut(block, stride, engine, path)
 
     def forward(self, x: CADTensor) -> CADTensor:
-        grid = block_on_grid(x, self.conv1.stride[0], _block_layers(self))
+        layers = _block_layers(self)
+        grid = block_on_grid(x, self.conv1.stride[0], layers)
+        folded = _folded(self, layers)
         if grid is not None:
-            return self._forward_on_grid(x, grid)
-        if _folded(self):  # see CADBottleneck.forward
+            return self._forward_on_grid(x, grid, folded)
+        if folded:  # see CADBottleneck.forward
             out = self.conv1(x, relu=True)
             identity, own = _shortcut(self, x)
             return self.conv2(out, relu=True, residual=identity, residual_inplace=own)
@@ -134,10 +138,10 @@ class CADBasicBlock(nn.Module):
         out += identity  # in place, as torchvision: no extra feature matrix
         return self.relu(out)
 
-    def _forward_on_grid(self, x: CADTensor, grid: GridBlock) -> CADTensor:
+    def _forward_on_grid(self, x: CADTensor, grid: GridBlock, folded: bool) -> CADTensor:
         """:meth:`forward` as the dense block on the grid's map (:func:`block_on_grid`)."""
         y = grid.map
-        if _folded(self):
+        if folded:
             out = on_grid(self.conv1, y, grid.scale_in, grid.down, relu=True)
             identity, own = _shortcut_map(self, x, grid)
             out = on_grid(self.conv2, out, grid.scale_out, relu=True, residual=identity,
@@ -153,15 +157,14 @@ class CADBasicBlock(nn.Module):
         return CF.from_grid_map(x, out, grid.step_out)
 
 
-def _folded(block) -> bool:
-    """Whether ``block``'s batch norms are folded into its convs (``nn.Identity``,
+def _folded(block, layers: Optional[tuple]) -> bool:
+    """Whether ``block`` (its :func:`_block_layers` ``layers``) has its batch norms are folded into its convs (``nn.Identity``,
     :func:`adapters.fold_batchnorm`) and its activation is a ReLU: then each ReLU and the
     residual add go into the epilogue of the conv before them
     (:meth:`~cad_spconv.nn.CADConv2d.forward`'s ``relu`` and ``residual``; fused by oneDNN on
     CPU in float32 / bfloat16 inference). Not where a layer is hooked (a MAC count, a debugging
     hook): each layer's call is seen as usual, op by op (in bfloat16 the epilogue is then
     rounded twice, not once)."""
-    layers = _block_layers(block)
     relu = block.relu
     if (layers is None or type(relu) is not CADPointwise
             or type(relu._modules["module"]) is not nn.ReLU):

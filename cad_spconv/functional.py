@@ -159,8 +159,8 @@ def grid_conv2d(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     kh, kw = weight.shape[-2:]
     dy, dx = dilation[0] * scale, dilation[1] * scale
     pad = (dy * (kh // 2), dx * (kw // 2))
-    # on CPU without autograd oneDNN's conv, its weight prepacked for the grid (its shape
-    # comes back with every image of this size), with the epilogue fused
+    # F.conv2d, or on CPU without autograd oneDNN's conv (the epilogue fused, bfloat16
+    # weights prepacked)
     return epilogue.conv_map(y, weight, bias, 1 + down, pad, (dy, dx), groups, relu, residual,
                              residual_inplace)
 

@@ -6,8 +6,9 @@ are passes over a fresh feature matrix, memory-bound; with AMX the bfloat16 GEMM
 that they cost about as much as the GEMMs (Intel AMX Xeon, 2 threads, 20000 x 256 -> 1024:
 GEMM 13 ms, ``relu_`` of its output 10 ms). oneDNN applies them as post-ops of the conv
 (``torch.ops.mkldnn._convolution_pointwise``, the op inductor's frozen graphs call): on that
-Xeon ``relu(conv(x) + residual)`` of a bottleneck's last 1x1 conv took 0.47-0.62 of
-``addmm`` + ``add_`` + ``relu_`` in bfloat16 (``python -m experiments.epilogue``). That op has
+Xeon ``relu(conv(x) + residual)`` of a 1x1 conv took 0.36-0.87 of ``addmm`` + ``add_`` +
+``relu_`` in bfloat16 on five of six layer shapes, 1.16 on 1500 x 2048 -> 512
+(``python -m experiments.epilogue ops``, BENCHMARKS.md). That op has
 no autograd formula and no float64, so it runs only where :func:`fuses` says; elsewhere the
 epilogue follows the conv in place (:func:`apply`), the values of the unfused ops.
 """
@@ -71,14 +72,12 @@ def conv_map(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
              residual_inplace: bool = False, prepack: bool = True) -> torch.Tensor:
     """``relu(F.conv2d(x, ...) + residual)`` on NCHW maps (``residual`` shaped like the
     output; ``relu`` and ``residual`` optional). ``prepack``: where oneDNN runs it in
-    bfloat16, with the weight in oneDNN's own layout, kept (:func:`prepacked`); for maps (grids,
-    phase grids),
-    not the feature matrices of :func:`fused_rows` (packed for a number of rows, slower at
-    other numbers in float32). ``residual_inplace``: where oneDNN fuses,
-    the result is written into ``residual`` itself (returned), as inductor's frozen graphs
-    do: no fresh output to allocate (page faults: a fresh 13 MB output took the fused conv
-    from 2.3 to 5.0 ms on an AMX Xeon) nor to write besides the residual; elsewhere the
-    residual is left as it is."""
+    bfloat16, with the weight in oneDNN's own layout, kept (:func:`prepacked`); for maps
+    (grids, phase grids), not the feature matrices of :func:`fused_rows` (a number of rows
+    per mask). ``residual_inplace``: where oneDNN fuses, the result is written into
+    ``residual`` itself (returned), as inductor's frozen graphs do: no fresh output to
+    allocate (page faults: a fresh 13 MB output took the fused conv from 2.3 to 5.0 ms on an
+    AMX Xeon) nor to write besides the residual; elsewhere the residual is left as it is."""
     if not fuses(x, weight, bias, residual, groups):
         return apply(F.conv2d(x, weight, bias, stride, padding, dilation, groups), relu,
                      residual)

@@ -135,21 +135,16 @@ def lattice_conv(features, weight, bias, book: ConvRulebook, split: LatticeSplit
              if scratch else features.index_select(0, split.in_rows))
     # the feature matrix of lattice sites is an NHWC map: a channels-last NCHW view, no copy
     x = x.reshape(split.batch, *split.in_grid, c_in).permute(0, 3, 1, 2)
-    y = _dense_conv(x, weight, bias, split.stride, (dy * (kh // 2), dx * (kw // 2)), (dy, dx),
-                    groups, relu)
+    # F.conv2d, or on CPU without autograd oneDNN's conv (the ReLU fused, bfloat16 weights
+    # prepacked)
+    y = epilogue.conv_map(x, weight, bias, split.stride, (dy * (kh // 2), dx * (kw // 2)),
+                          (dy, dx), groups, relu)
     y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
     if split.out_rows is None:
         return y
     out = y.new_empty(book.num_out, c_out)
     _copy_rows(out, split.out_rows, y)
     return out
-
-
-def _dense_conv(x, weight, bias, stride, padding, dilation, groups, relu: bool):
-    """``F.conv2d`` (with a ReLU); on CPU without autograd as oneDNN's conv with the weight
-    prepacked for the lattice or phase grid, whose shape each forward of a plan repeats
-    (:func:`.epilogue.conv_map`)."""
-    return epilogue.conv_map(x, weight, bias, stride, padding, dilation, groups, relu=relu)
 
 
 def products_pay(c_in: int, c_out: int, groups: int, book: ConvRulebook) -> bool:
@@ -177,8 +172,8 @@ def _phase_conv(features, weight, bias, part: PhaseConv, dilation, groups: int,
                             out=workspace(features, n * c_in, "lattice_in").view(-1, c_in))
          if scratch else features.index_select(0, part.in_rows))
     x = x.reshape(-1, *part.grid, c_in).permute(0, 3, 1, 2)
-    y = _dense_conv(x, weight, bias, 1, (dy * (kh // 2), dx * (kw // 2)), (dy, dx), groups,
-                    relu)
+    y = epilogue.conv_map(x, weight, bias, 1, (dy * (kh // 2), dx * (kw // 2)), (dy, dx),
+                          groups, relu)  # as lattice_conv's
     y = y.permute(0, 2, 3, 1).reshape(-1, c_out)
     _copy_rows(out, part.out_rows, y.index_select(0, part.positions))
 
