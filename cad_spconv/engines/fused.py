@@ -64,7 +64,6 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <cstring>
 #include <vector>
 using at::BFloat16;
 
@@ -127,6 +126,40 @@ static void write_rows(const float* sums, int64_t n, BFloat16* out, const int64_
   }
 }
 
+// A (the block's im2col rows, 64-byte aligned) <- the rows of features F read through the
+// index I ([n, T], -1 for a zero tap), blocked as tile_gemm reads them: per group of 32 sites
+// and step of 32 values one 2 KB block (site-major). Filled per tap, site after site, each
+// 64-byte piece of the source row to its own block: every store then fills a whole aligned
+// cache line, and each block fills in order (the former fill, site by site with memcpy into
+// an unaligned buffer, took the kernel 1/0.65 of this time at 256 channels, 1/0.82 at 512).
+__attribute__((target("avx512f")))
+static void gather_block(const BFloat16* F, const int64_t* I, int64_t n, int64_t T, int64_t C,
+                         int64_t K, BFloat16* A) {
+  const int64_t steps = C / 32;
+  for (int64_t g = 0; g * 32 < n; ++g) {
+    BFloat16* group = A + g * 32 * K;
+    for (int64_t t = 0; t < T; ++t) {
+      BFloat16* tap = group + t * steps * 1024;
+      for (int64_t i = 0; i < 32 && g * 32 + i < n; ++i) {
+        const int64_t src = I[(g * 32 + i) * T + t];
+        BFloat16* dst = tap + i * 32;
+        if (src < 0) {
+          for (int64_t c = 0; c < steps; ++c)
+            _mm512_store_si512(dst + c * 1024, _mm512_setzero_si512());
+        } else {
+          const BFloat16* row = F + src * C;
+          for (int64_t c = 0; c < steps; ++c)
+            _mm512_store_si512(dst + c * 1024, _mm512_loadu_si512(row + c * 32));
+        }
+      }
+    }
+  }
+}
+
+template <typename T> static T* aligned64(std::vector<T>& v) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+}
+
 // out[rows[i]] = concat_t(features[index[i, t]], or 0 where index < 0) @ W^T (+ bias, relu),
 // mb sites a block; bias: float32 [C_out], or empty for none
 void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor packed,
@@ -137,7 +170,7 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
               && features.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16
               && packed.scalar_type() == at::kBFloat16, "gather_gemm: contiguous bfloat16");
   const int64_t m = index.size(0), T = index.size(1), C = features.size(1), K = T * C;
-  const int64_t N = out.size(1), steps = C / 32;
+  const int64_t N = out.size(1);
   TORCH_CHECK(C % 32 == 0 && N % 32 == 0 && mb > 0 && mb % 32 == 0 && packed.numel() == N * K,
               "gather_gemm: C_in, C_out and the block (> 0) multiples of 32; filters [C_out, 9 C_in]");
   TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous()
@@ -153,27 +186,18 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
     // this thread; forget it, so that it configures afresh after this kernel's own
     at::native::cpublas::brgemm_release();
     configure_tiles();
-    std::vector<BFloat16> A(mb * K);  // groups of 32 sites, blocked as tile_gemm reads them
-    std::vector<float> sums(mb * 32);
+    std::vector<BFloat16> a_store(mb * K + 32);  // + 64 bytes to align the start
+    std::vector<float> sums_store(mb * 32 + 16);
+    BFloat16* A = aligned64(a_store);
+    float* sums = aligned64(sums_store);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t s = blk * mb, n = std::min(mb, m - s);
-      for (int64_t i = 0; i < n; ++i) {
-        BFloat16* site = A.data() + (i / 32) * 32 * K + (i % 32) * 32;
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t src = I[(s + i) * T + t];
-          for (int64_t c = 0; c < steps; ++c) {
-            BFloat16* dst = site + (t * steps + c) * 1024;
-            if (src < 0) std::memset(dst, 0, 64);
-            else std::memcpy(dst, F + src * C + c * 32, 64);
-          }
-        }
-      }
+      gather_block(F, I + s * T, n, T, C, K, A);
       // a last group of fewer than 32 sites computes stale rows too; they are not written
       for (int64_t j = 0; j < N / 32; ++j) {
         for (int64_t g = 0; g * 32 < n; ++g)
-          tile_gemm(A.data() + g * 32 * K, P + j * 32 * K, P + j * 32 * K + 16 * K, K,
-                    sums.data() + g * 1024);
-        write_rows(sums.data(), n, O + j * 32, R + s, N, B ? B + j * 32 : nullptr, relu);
+          tile_gemm(A + g * 32 * K, P + j * 32 * K, P + j * 32 * K + 16 * K, K, sums + g * 1024);
+        write_rows(sums, n, O + j * 32, R + s, N, B ? B + j * 32 : nullptr, relu);
       }
     }
     release_tiles();
