@@ -1,16 +1,16 @@
-"""The lattice engine's off-lattice gather + GEMM + scatter as one C++ kernel, for bfloat16 on
-CPUs with AMX.
+"""The lattice engine's gather + GEMM + scatter as one C++ kernel, for bfloat16 on CPUs with
+AMX.
 
 On by default where the CPU has AMX (:data:`AUTO`): the first bfloat16 layer it applies to
 compiles it with ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and AMX intrinsics,
 GCC 11 or Clang 12 and later, and PyTorch's headers; about 40 s on 2 cores, logged, then kept
 in torch's extension cache). Where it does not build, one warning, and the engine keeps its own
-route. ``CAD_SPCONV_FUSED_GATHER=0`` (or
-:func:`enable` ``(False)``) turns it off; ``=1`` (or :func:`enable`) asks for it, and then a
+route. ``CAD_SPCONV_FUSED_GATHER=0`` (or :func:`enable` ``(False)``) turns it off; ``=1`` (or :func:`enable`) asks for it, and then a
 kernel that cannot run is an error (:class:`FusedKernelUnavailable`). Once built, the lattice
-engine runs the off-lattice rows of a layer through it where it applies (:func:`applies`:
-bfloat16 on CPU, no autograd, no groups, a bfloat16 bias or none, ``C_in`` and ``C_out``
-multiples of 32); it adds the bias and applies a ReLU (the conv's epilogue) before rounding.
+engine runs every site of a layer on mixed levels through it (:func:`sites_conv`; with
+``lattice.FUSED_SITES`` off, only the off-lattice rows, :func:`gather_gemm`) where it applies
+(:func:`applies`: bfloat16 on CPU, no autograd, no groups, a bfloat16 bias or none, ``C_in``
+and ``C_out`` multiples of 32); it adds the bias and applies a ReLU (the conv's epilogue) before rounding.
 
 Per block of 64 sites it copies their ``9 x C_in`` input rows into a per-thread buffer that stays
 in cache, laid out as AMX tiles read it (per 32 sites and 32 values, one 2 KB block), multiplies
@@ -25,6 +25,8 @@ Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 08:31): the
 DeepLabV3-ResNet101 backbone at edge 0.35 in 0.895 of the engine's time, 0.924 of the time of
 this kernel's previous form (one oneDNN ``brgemm`` call per tap); per off-lattice site about
 1.0-1.3x the dense conv's time per cell (``python -m experiments.fused_gather_gemm --backbone``).
+Since 2026-12-07 its gather stores whole aligned cache lines, block by block (0.65x the
+kernel's time at 256 channels, 0.82x at 512), and every site of a layer goes through it.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from . import gemm
 from .layouts import krsc_filters, tracks_grad
 
 __all__ = ["FusedKernelUnavailable", "AUTO", "enable", "enabled", "describe", "applies",
-           "packed_filters", "gather_gemm"]
+           "packed_filters", "gather_gemm", "sites_conv"]
 
 #: the environment variable that sets the kernel's mode for a process (``1`` on, ``0`` off)
 ENV = "CAD_SPCONV_FUSED_GATHER"
@@ -351,9 +353,25 @@ def gather_gemm(features, weight, split, out: torch.Tensor, bias=None,
     """Write the off-lattice rows of ``split`` into ``out`` (where :func:`applies`), the
     ``bias`` (bfloat16) added to the float32 sums and, with ``relu``, ``max(0, .)`` taken
     before the one rounding (as oneDNN's conv with a bias and a ReLU post-op)."""
+    _run(features, _kernel_index(split), split.rest_rows.contiguous(), weight, out, bias, relu)
+
+
+def sites_conv(features, weight, book, bias=None, relu: bool = False) -> torch.Tensor:
+    """The conv of rulebook ``book`` at every output site (where :func:`applies`), read
+    through its gather table (an out-of-grid tap, -1 there, is the kernel's zero): no dense
+    lattice conv, hence no prepacked copy of the filters kept for it (see
+    ``LatticeEngine``), and no copies of the lattice rows in and out. ``bias`` and ``relu``
+    as in :func:`gather_gemm`."""
+    out = features.new_empty(book.num_out, weight.shape[0])
+    rows = torch.arange(book.num_out, device=features.device)
+    _run(features, book.gather, rows, weight, out, bias, relu)
+    return out
+
+
+def _run(features, index, rows, weight, out, bias, relu) -> None:
     b = _NO_BIAS if bias is None else bias.float().contiguous()
-    args = (features.contiguous(), _kernel_index(split), packed_filters(weight), out,
-            split.rest_rows.contiguous(), BLOCK_ROWS, b, bool(relu))
+    args = (features.contiguous(), index.contiguous(), packed_filters(weight), out, rows,
+            BLOCK_ROWS, b, bool(relu))
     if torch.autograd._profiler_enabled():
         # a pybind call is no op the profiler sees: without this range its time would be
         # missing from `cad-spconv bench --profile` (0.04 us to check when no profiler runs)

@@ -14,6 +14,13 @@ it also computes cells that are not sites, which the CAD count does not include.
 one GEMM on the feature matrix. A stride-1 conv whose input is at least 4x as wide as its
 output (the ASPP's 3x3 convs, 2048 -> 256) runs on the products engine instead
 (:func:`products_pay`): its gather would copy ``C_in``-wide rows per tap. Groups and autograd.
+
+Where the fused AMX kernel applies (:mod:`.fused`: bfloat16 on CPUs with AMX, no autograd),
+a conv whose output sites are not one grid skips the split: the kernel computes every site,
+the lattice ones too (:data:`FUSED_SITES`). Measured on the DeepLabV3-ResNet101 backbone
+(AMX Xeon, 2 threads, edge masks 0.15-0.95): 0.92-0.945 of the split's time, and none of the
+prepacked bfloat16 filters that the lattice conv keeps (40 MiB for layer3 and layer4);
+BENCHMARKS.md, 2026-12-07 11:31.
 """
 from __future__ import annotations
 
@@ -42,6 +49,11 @@ _GATHER_COST_AVX512, _GATHER_COST_AVX2, _GATHER_COST_FEW_ROWS = 1.2, 1.0, 1.5
 _PRODUCTS_MIN_WIDTH_RATIO = 4
 # the derived-format tag marking a rulebook whose layer this engine handed to products
 _HANDED_OVER = "lattice-handed-to-products"
+# the tag marking a rulebook whose layer ran every site on the fused kernel
+_FUSED_SITES = "lattice-fused-sites"
+#: where the fused kernel applies (:mod:`.fused`), whether it computes every site of a layer
+#: whose output sites are not one grid, the lattice sites too
+FUSED_SITES = True
 
 
 #: why the lattice engine refuses ``semantics="reference"`` (also said by ``adapters.convert``)
@@ -66,6 +78,8 @@ class LatticeEngine(Engine):
     def prepare(self, book: Rulebook, like: Optional[Rulebook] = None) -> None:
         if isinstance(like, ConvRulebook) and like.has_derived(_HANDED_OVER):
             book.products()  # this engine handed a layer of the forwards to products
+        if isinstance(like, ConvRulebook) and like.has_derived(_FUSED_SITES):
+            book.gather  # a layer of the forwards ran every site on the fused kernel
         if book.num_taps == 1:
             if not book.is_identity:
                 book.rows()
@@ -102,6 +116,9 @@ class LatticeEngine(Engine):
             # used them (a tuned run trying the products engine builds them too)
             book.derived(_HANDED_OVER, lambda: True)
             return epilogue.apply(products_conv(features, weight, bias, book), relu, None)
+        if FUSED_SITES and fused.applies(features, weight, bias, groups) and _has_rest(book):
+            book.derived(_FUSED_SITES, lambda: True)  # prepare(like=book) builds the gather
+            return fused.sites_conv(features, weight, book, bias, relu)
         split = book.lattice(gather_cost(book.num_taps, c_in // groups,
                                          onednn_route(features, chunk=True), features.is_cuda),
                              _reads_inside_rows(features, groups))
@@ -145,6 +162,12 @@ def lattice_conv(features, weight, bias, book: ConvRulebook, split: LatticeSplit
     out = y.new_empty(book.num_out, c_out)
     _copy_rows(out, split.out_rows, y)
     return out
+
+
+def _has_rest(book: ConvRulebook) -> bool:
+    """Whether the output sites are not one grid (there is a rest off the lattice); else
+    the layer is one dense conv on that grid."""
+    return book.plan.grid_level(book.step_out) is None
 
 
 def products_pay(c_in: int, c_out: int, groups: int, book: ConvRulebook) -> bool:

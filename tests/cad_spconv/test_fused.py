@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cad_spconv import CADTensor, functional as CF
-from cad_spconv.engines import fused, gemm
+from cad_spconv.engines import fused, gemm, lattice
 from cad_spconv.plan import make_plan
 from tests.support import rounding as R
 from tests.support.emulation import mixed_masks
@@ -149,42 +149,52 @@ def kernel():
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("grid, num_levels, step, dilation, block_rows, c_in, c_out", [
-    ((13, 19), 1, 1, 1, 32, 32, 128),
-    ((17, 22), 2, 1, 2, 32, 64, 96),
-    ((17, 22), 2, 2, 1, 64, 96, 128),
+@pytest.mark.parametrize("grid, num_levels, step, stride, dilation, block_rows, c_in, c_out", [
+    ((13, 19), 1, 1, 1, 1, 32, 32, 128),
+    ((17, 22), 2, 1, 1, 2, 32, 64, 96),
+    ((17, 22), 2, 2, 1, 1, 64, 96, 128),
+    ((17, 22), 2, 0, 2, 1, 32, 64, 64),  # an adaptive step (step 0 -> 1)
 ])
 @pytest.mark.parametrize("bias, relu", [(False, False), (True, False), (True, True)])
-def test_fused_rest_matches_the_dense_reference(kernel, restore_fused, monkeypatch, grid,
-                                                num_levels, step, dilation, block_rows, c_in,
-                                                c_out, bias, relu):
-    """With a bias (a folded batch norm's) and a ReLU too: ``relu(conv + bias)`` of the float64
-    reference within the route's bound (the ReLU moves no value further from it)."""
+@pytest.mark.parametrize("every_site", [True, False])
+def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeypatch, grid,
+                                                  num_levels, step, stride, dilation,
+                                                  block_rows, c_in, c_out, bias, relu,
+                                                  every_site):
+    """Both routes of the lattice engine through the kernel: every output site
+    (``every_site``, :func:`fused.sites_conv`), or only the rest off the lattice
+    (:func:`fused.gather_gemm`, the lattice sites on a dense conv). With a bias (a folded batch
+    norm's) and a ReLU too: ``relu(conv + bias)`` of the float64 reference within the route's
+    bound (the ReLU moves no value further from it)."""
     x, levels, w = _layer(grid, num_levels, step, c_out, c_in, seed=step * 10 + dilation)
     b = (torch.randn(c_out, generator=torch.Generator().manual_seed(step)) if bias
          else None)
     b = None if b is None else b.to(torch.bfloat16)
-    rows, run = [], fused.gather_gemm
-    monkeypatch.setattr(fused, "gather_gemm",
-                        lambda f, wt, split, out, *a: (rows.append(split.num_rest),
-                                                       run(f, wt, split, out, *a)))
+    rows, run = [], fused._run
+    monkeypatch.setattr(fused, "_run",
+                        lambda f, index, out_rows, *a: (rows.append(out_rows.numel()),
+                                                        run(f, index, out_rows, *a)))
     monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(lattice, "FUSED_SITES", every_site)
     fused.enable()
     with torch.inference_mode():
-        got = CF.conv2d(x, w, b, 1, dilation, 1, "lattice", relu=relu).features
-    assert sum(rows) > block_rows  # the kernel wrote the rest, in more than one block
+        got = CF.conv2d(x, w, b, stride, dilation, 1, "lattice", relu=relu)
+    num_out = got.features.shape[0]
+    assert sum(rows) > block_rows  # the kernel wrote rows, in more than one block
     assert any(r % 32 for r in rows)  # and a last group of fewer than 32 sites
+    assert (sum(rows) == num_out) == every_site  # all rows, or the rest only
+    got = got.features
     if relu:
         assert bool((got >= 0).all()) and bool((got == 0).any())
-        want = R.ref.conv(x.features.double(), levels, step, 1, w.double(),
+        want = R.ref.conv(x.features.double(), levels, step, stride, w.double(),
                           None if b is None else b.double(), dilation)
-        size = R.conv_size(x.features, levels, step, 1, w, b, dilation)
+        size = R.conv_size(x.features, levels, step, stride, w, b, dilation)
         bound = R.conv_bound(size, want, torch.bfloat16, w[0].numel() + bias,
                              **R.engine_route("lattice", torch.bfloat16, bias))
-        R.assert_within(got, torch.relu(want), bound, "fused rest, relu")
+        R.assert_within(got, torch.relu(want), bound, "fused kernel, relu")
     else:
-        R.assert_conv_within(got, x.features, levels, step, 1, w, b, dilation,
-                             engine="lattice", what="fused rest")
+        R.assert_conv_within(got, x.features, levels, step, stride, w, b, dilation,
+                             engine="lattice", what="fused kernel")
 
 
 @pytest.mark.parametrize("block_rows", [0, -32, 48])
