@@ -3,14 +3,15 @@ AMX.
 
 On by default where the CPU has AMX (:data:`AUTO`): the first bfloat16 layer it applies to
 compiles it with ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and AMX intrinsics,
-GCC 11 or Clang 12 and later, and PyTorch's headers; about 40 s on 2 cores, logged, then kept
-in torch's extension cache). Where it does not build, one warning, and the engine keeps its own
-route. ``CAD_SPCONV_FUSED_GATHER=0`` (or :func:`enable` ``(False)``) turns it off; ``=1`` (or :func:`enable`) asks for it, and then a
-kernel that cannot run is an error (:class:`FusedKernelUnavailable`). Once built, the lattice
-engine runs every site of a layer on mixed levels through it (:func:`sites_conv`; with
-``lattice.FUSED_SITES`` off, only the off-lattice rows, :func:`gather_gemm`) where it applies
-(:func:`applies`: bfloat16 on CPU, no autograd, no groups, a bfloat16 bias or none, ``C_in``
-and ``C_out`` multiples of 32); it adds the bias and applies a ReLU (the conv's epilogue) before rounding.
+GCC 11 or Clang 12 and later, and PyTorch's headers; about 40 s on 2 cores, logged, then kept in
+torch's extension cache). Where it does not build, one warning, and the engine keeps its own
+route. ``CAD_SPCONV_FUSED_GATHER=0`` (or :func:`enable` ``(False)``) turns it off; ``=1`` (or
+:func:`enable`) asks for it, and then a kernel that cannot run is an error
+(:class:`FusedKernelUnavailable`). Once built, the lattice engine runs every site of a layer on
+mixed levels through it (:func:`sites_conv`; with ``lattice.FUSED_SITES`` off, only the
+off-lattice rows, :func:`gather_gemm`) where it applies (:func:`applies`: bfloat16 on CPU, no
+autograd, no groups, a bfloat16 bias or none, ``C_in`` and ``C_out`` multiples of 32); it adds
+the bias and applies a ReLU (the conv's epilogue) before rounding.
 
 Per block of 64 sites it copies their ``9 x C_in`` input rows into a per-thread buffer that stays
 in cache, laid out as AMX tiles read it (per 32 sites and 32 values, one 2 KB block), multiplies
@@ -73,7 +74,11 @@ using at::BFloat16;
 // XFEATURE_XTILEDATA); oneDNN asks as well, and asking twice is harmless.
 bool amx_ready() { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
 
-struct TileConfig { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
 
 // Every tile 16 rows x 64 bytes. 0-3: float32 sums of 32 sites x 32 filter columns (2 x 2
 // tiles of 16 x 16); 4, 5: 16 sites x 32 values each; 6, 7: 32 values x 16 columns each.
@@ -174,7 +179,8 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
   const int64_t m = index.size(0), T = index.size(1), C = features.size(1), K = T * C;
   const int64_t N = out.size(1);
   TORCH_CHECK(C % 32 == 0 && N % 32 == 0 && mb > 0 && mb % 32 == 0 && packed.numel() == N * K,
-              "gather_gemm: C_in, C_out and the block (> 0) multiples of 32; filters [C_out, 9 C_in]");
+              "gather_gemm: C_in, C_out and the block (> 0) multiples of 32; "
+              "filters [C_out, 9 C_in]");
   TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous()
                                     && bias.numel() == N), "gather_gemm: float32 bias [C_out]");
   const float* B = bias.numel() ? bias.data_ptr<float>() : nullptr;
@@ -304,7 +310,8 @@ def applies(features, weight, bias, groups: int) -> bool:
     use by default on AMX: where that fails, one warning, and it stays off)."""
     if not (enabled() and features.device.type == "cpu"
             and features.dtype == weight.dtype == torch.bfloat16
-            and (bias is None or bias.dtype == torch.bfloat16) and groups == 1 and weight.shape[0] % _TILE == 0 and weight.shape[1] % _TILE == 0
+            and (bias is None or bias.dtype == torch.bfloat16) and groups == 1
+            and weight.shape[0] % _TILE == 0 and weight.shape[1] % _TILE == 0
             and not tracks_grad(features, weight, bias)):
         return False
     if _state["mode"] == AUTO and _state["module"] is None:
