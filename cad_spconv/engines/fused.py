@@ -13,14 +13,16 @@ off-lattice rows, :func:`gather_gemm`) where it applies (:func:`applies`: bfloat
 autograd, no groups, a bfloat16 bias or none, ``C_in`` and ``C_out`` multiples of 32); it adds
 the bias and applies a ReLU (the conv's epilogue) before rounding.
 
-Per block of 64 sites it copies their ``9 x C_in`` input rows into a per-thread buffer that stays
-in cache, laid out as AMX tiles read it (per 32 sites and 32 values, one 2 KB block), multiplies
-them with the filters (:func:`packed_filters`) on AMX tiles of its own, 32 sites x 32 filter
-columns at a time with all ``9 C_in`` products summed in float32 inside the tiles, and writes the
-sums, rounded once to bfloat16, straight to their output rows: no 8 MiB im2col chunk in memory,
-no separate scatter, and no per-tap call into a library micro-kernel. Same rounding as the
-engine's ``torch.mm`` route (one float32 sum per output, rounded once to nearest even; sums
-below ``2^-126`` flush to zero, as AMX's dot products flush them).
+Per block of 64 sites it copies their ``9 x C_in`` input rows (but where 16 sites read 16
+consecutive rows at a tap, a run in a row of one level: those the tiles read in place) into a
+per-thread buffer that stays in cache, laid out as AMX tiles read it (per 32 sites and 32
+values, one 2 KB block), multiplies them with the filters (:func:`packed_filters`) on AMX tiles
+of its own, 32 sites x 32 filter columns at a time with all ``9 C_in`` products summed in
+float32 inside the tiles, and writes the sums, rounded once to bfloat16, straight to their
+output rows: no 8 MiB im2col chunk in memory, no separate scatter, and no per-tap call into a
+library micro-kernel. Same rounding as the engine's ``torch.mm`` route (one float32 sum per
+output, rounded once to nearest even; sums below ``2^-126`` flush to zero, as AMX's dot products
+flush them).
 
 Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 08:31): the
 DeepLabV3-ResNet101 backbone at edge 0.35 in 0.895 of the engine's time, 0.924 of the time of
@@ -94,22 +96,31 @@ __attribute__((target("amx-tile"))) static void configure_tiles() {
 
 __attribute__((target("amx-tile"))) static void release_tiles() { _tile_release(); }
 
-// sums [32 x 32] = A (32 sites, K values each, stored per step of 32 values as a 32 x 32 block,
-// so every tile load reads 1 KB in a row) @ the filters' two 16-column blocks b0, b1
+// Where the tile of 16 sites (half a group) reads a tap's values (plan_pieces): base, then
+// + step per 32 values, rows stride bytes apart; direct: from the features, not from A.
+struct Piece { const BFloat16* base; int64_t step, stride; bool direct; };
+
+// sums [32 x 32] = the im2col rows of a group of 32 sites (two tiles of 16, read through
+// their pieces, T taps of 32 * steps values) @ the filters' two 16-column blocks b0, b1
 // ([K / 2][16][2], VNNI). All K summed in the tiles, then stored once.
+
 __attribute__((target("amx-tile,amx-bf16")))
-static void tile_gemm(const BFloat16* a, const BFloat16* b0, const BFloat16* b1, int64_t K,
-                      float* sums) {
+static void tile_gemm(const Piece* pieces, int64_t T, int64_t steps, const BFloat16* b0,
+                      const BFloat16* b1, float* sums) {
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  for (int64_t k = 0; k < K; k += 32) {
-    _tile_loadd(4, a + k * 32, 64);
-    _tile_loadd(6, b0 + k * 16, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(7, b1 + k * 16, 64);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(5, a + k * 32 + 512, 64);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+  for (int64_t t = 0; t < T; ++t) {
+    const Piece p0 = pieces[t], p1 = pieces[T + t];
+    for (int64_t c = 0; c < steps; ++c) {
+      const int64_t k = (t * steps + c) * 32;
+      _tile_loadd(4, p0.base + c * p0.step, p0.stride);
+      _tile_loadd(6, b0 + k * 16, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, b1 + k * 16, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(5, p1.base + c * p1.step, p1.stride);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, sums, 128); _tile_stored(1, sums + 16, 128);
   _tile_stored(2, sums + 512, 128); _tile_stored(3, sums + 528, 128);
@@ -133,21 +144,42 @@ static void write_rows(const float* sums, int64_t n, BFloat16* out, const int64_
   }
 }
 
-// A (the block's im2col rows, 64-byte aligned) <- the rows of features F read through the
-// index I ([n, T], -1 for a zero tap), blocked as tile_gemm reads them: per group of 32 sites
-// and step of 32 values one 2 KB block (site-major). Filled per tap, site after site, each
-// 64-byte piece of the source row to its own block: every store then fills a whole aligned
-// cache line, and each block fills in order (the former fill, site by site with memcpy into
-// an unaligned buffer, took the kernel 1/0.65 of this time at 256 channels, 1/0.82 at 512).
+// The pieces of a block of n sites (index I [n, T], -1 for a zero tap): per group of 32
+// sites, half (16 sites) and tap, where its tile reads. A full half whose sites read 16
+// consecutive input rows at the tap (a run of sites in a row of one level) reads them from the
+// features; the others from A (the block's im2col rows, 64-byte aligned, per group of 32 sites
+// and step of 32 values one 2 KB block, site-major). Measured on the edge masks' layer3 and
+// layer4 convs: 32-74 % of the pieces are runs, and reading them directly took the kernel
+// 0.94x its time at 256 channels, 0.97x at 512.
+static void plan_pieces(const BFloat16* F, const int64_t* I, int64_t n, int64_t T, int64_t C,
+                        int64_t K, BFloat16* A, Piece* pieces) {
+  const int64_t steps = C / 32;
+  for (int64_t h = 0; h < (n + 31) / 32 * 2; ++h)  // both halves of every group tile_gemm reads
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t first = h * 16, r0 = I[first * T + t];
+      bool direct = first + 16 <= n && r0 >= 0;
+      for (int64_t i = 1; direct && i < 16; ++i) direct = I[(first + i) * T + t] == r0 + i;
+      pieces[(h / 2) * 2 * T + (h % 2) * T + t] = direct
+          ? Piece{F + r0 * C, 32, C * 2, true}
+          : Piece{A + (h / 2) * 32 * K + t * steps * 1024 + (h % 2) * 512, 1024, 64, false};
+    }
+}
+
+// A <- the rows of the features F that the pieces not read directly need. Filled per tap,
+// site after site, each 64-byte piece of the source row to its own block: every store then
+// fills a whole aligned cache line, and each block fills in order (the former fill, site by
+// site with memcpy into an unaligned buffer, took the kernel 1/0.65 of this time at 256
+// channels, 1/0.82 at 512).
 __attribute__((target("avx512f")))
 static void gather_block(const BFloat16* F, const int64_t* I, int64_t n, int64_t T, int64_t C,
-                         int64_t K, BFloat16* A) {
+                         int64_t K, BFloat16* A, const Piece* pieces) {
   const int64_t steps = C / 32;
   for (int64_t g = 0; g * 32 < n; ++g) {
     BFloat16* group = A + g * 32 * K;
     for (int64_t t = 0; t < T; ++t) {
       BFloat16* tap = group + t * steps * 1024;
       for (int64_t i = 0; i < 32 && g * 32 + i < n; ++i) {
+        if (pieces[g * 2 * T + (i / 16) * T + t].direct) continue;
         const int64_t src = I[(g * 32 + i) * T + t];
         BFloat16* dst = tap + i * 32;
         if (src < 0) {
@@ -198,13 +230,16 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
     std::vector<float> sums_store(mb * 32 + 16);
     BFloat16* A = aligned64(a_store);
     float* sums = aligned64(sums_store);
+    std::vector<Piece> pieces(mb / 16 * T);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t s = blk * mb, n = std::min(mb, m - s);
-      gather_block(F, I + s * T, n, T, C, K, A);
+      plan_pieces(F, I + s * T, n, T, C, K, A, pieces.data());
+      gather_block(F, I + s * T, n, T, C, K, A, pieces.data());
       // a last group of fewer than 32 sites computes stale rows too; they are not written
       for (int64_t j = 0; j < N / 32; ++j) {
         for (int64_t g = 0; g * 32 < n; ++g)
-          tile_gemm(A + g * 32 * K, P + j * 32 * K, P + j * 32 * K + 16 * K, K, sums + g * 1024);
+          tile_gemm(pieces.data() + g * 2 * T, T, C / 32, P + j * 32 * K,
+                    P + j * 32 * K + 16 * K, sums + g * 1024);
         write_rows(sums, n, O + j * 32, R + s, N, B ? B + j * 32 : nullptr, relu);
       }
     }

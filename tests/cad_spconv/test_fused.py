@@ -149,6 +149,15 @@ def kernel():
         pytest.skip(str(e))
 
 
+def _runs_of_16(index: torch.Tensor) -> int:
+    """The (16 sites, tap) tiles of the kernel (sites from 0 in 16s) whose input rows are 16
+    consecutive rows: it reads those from the features, not from its gathered block."""
+    n = index.shape[0] // 16 * 16
+    tiles = index[:n].view(-1, 16, index.shape[1])
+    run = (tiles - tiles[:, :1]) == torch.arange(16)[None, :, None]
+    return int((run.all(1) & (tiles[:, 0] >= 0)).sum())
+
+
 @pytest.mark.parametrize("grid, num_levels, step, stride, dilation, block_rows, c_in, c_out", [
     ((13, 19), 1, 1, 1, 1, 32, 32, 128),
     ((17, 22), 2, 1, 1, 2, 32, 64, 96),
@@ -170,9 +179,10 @@ def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeyp
     b = (torch.randn(c_out, generator=torch.Generator().manual_seed(step)) if bias
          else None)
     b = None if b is None else b.to(torch.bfloat16)
-    rows, run = [], fused._run
+    rows, runs, run = [], [], fused._run
     monkeypatch.setattr(fused, "_run",
                         lambda f, index, out_rows, *a: (rows.append(out_rows.numel()),
+                                                        runs.append(_runs_of_16(index)),
                                                         run(f, index, out_rows, *a)))
     monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
     monkeypatch.setattr(lattice, "FUSED_SITES", every_site)
@@ -183,6 +193,8 @@ def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeyp
     assert sum(rows) > block_rows  # the kernel wrote rows, in more than one block
     assert any(r % 32 for r in rows)  # and a last group of fewer than 32 sites
     assert (sum(rows) == num_out) == every_site  # all rows, or the rest only
+    if every_site and stride == 1:  # some tiles read their rows from the features directly
+        assert sum(runs) > 0
     got = got.features
     if relu:
         assert bool((got >= 0).all()) and bool((got == 0).any())
