@@ -106,6 +106,10 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                                     [*net, *one, "--keep", keep]))
         out["compiled"].append((f"cpu_{dtype}_b1_keep_none_reuse_output_compiled",
                                 [*net, *one, "--keep", "none", "--reuse-output"]))
+        for head in ([], ["--sparse-head"]):  # the whole models (dense head at stride 8)
+            name = "model_sparse_head" if head else "model"
+            out["compiled"].append((f"cpu_{dtype}_b1_{name}_edge0.35_compiled",
+                                    [*net, *common, *edge, "--scope", "model", *head]))
     # batch 1: every engine ("auto" is "torch" on CUDA); batch 4: auto, tuned and spconv's
     # implicit GEMM (lattice and spconv ran 1.8-3x slower than torch at batch 1, BENCHMARKS.md).
     # float32 with TF32 (the cuDNN default) and without, after the three dtypes

@@ -597,10 +597,15 @@ def test_the_compiled_suite_compares_cad_compiled_with_compiled_dense_networks(s
     assert names == ["cpu_float32_b1_edge0.15_compiled", "cpu_float32_b1_edge0.35_compiled",
                      "cpu_float32_b1_edge0.95_compiled", "cpu_float32_b4_edge0.35_compiled",
                      "cpu_float32_b1_keep_none_compiled", "cpu_float32_b1_keep_all_compiled",
-                     "cpu_float32_b1_keep_none_reuse_output_compiled"]
+                     "cpu_float32_b1_keep_none_reuse_output_compiled",
+                     "cpu_float32_b1_model_edge0.35_compiled",
+                     "cpu_float32_b1_model_sparse_head_edge0.35_compiled"]
     for c in calls:
         assert c[c.index("--dense-format") + 1] == "channels_last"
         assert "--compile-dense" in c and "--fold-bn" in c
+    whole = [c for c in calls if "model" in c[c.index("--label") + 1]]
+    assert all(c[c.index("--scope") + 1] == "model" for c in whole)
+    assert ["--sparse-head" in c for c in whole] == [False, True]
     summary = {"cad": {"auto": {}, "auto,compiled": {}}}
     assert benchmark.compared_engine({"compile_dense": True}, summary) == "auto,compiled"
     assert benchmark.compared_engine({"compile_dense": False}, summary) == "auto"
