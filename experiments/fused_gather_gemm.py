@@ -21,6 +21,9 @@ same bfloat16 inputs, within the rounding bound of a float32 sum rounded once to
 8 -> 16, bfloat16, channels-last, the output densified at stride 8 as the bench does), each
 frame's edge mask, the engine and the fused kernel taking turns (the first of each pair
 alternating): per frame the median of the paired ratios, and the ratio of the summed medians.
+``--backbone --sites``: the kernel on both sides, computing every site of a mixed-level conv
+(``lattice.FUSED_SITES``, the default) against the rest only, the lattice sites on a dense
+conv ("engine" in the table is then the latter).
 """
 from __future__ import annotations
 
@@ -75,9 +78,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backbone", action="store_true",
                         help="the whole backbone, engine against fused, instead of layers")
+    parser.add_argument("--sites", action="store_true",
+                        help="with --backbone: the kernel at every site against the rest only")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be >= 1")
+    if args.sites and not args.backbone:
+        parser.error("--sites compares two routes of the whole backbone: give --backbone too")
     if args.block_rows < 32 or args.block_rows % 32:
         parser.error(f"--block-rows {args.block_rows}: the kernel takes sites 32 at a time "
                      "(two AMX tiles); give a multiple of 32")
@@ -116,7 +123,7 @@ def _backbone(args) -> int:
         with torch.inference_mode():
             for rep in range(args.reps + 1):
                 for k in (("engine", "fused") if rep % 2 else ("fused", "engine")):
-                    with fused_rest(args.block_rows, on=k == "fused"):
+                    with _route(args, k == "fused"):
                         start = time.perf_counter()
                         cad.forward_features(x, keep).dense()
                         elapsed = time.perf_counter() - start
@@ -131,6 +138,21 @@ def _backbone(args) -> int:
     print(f"| sum | {sums['engine']:.0f} | {sums['fused']:.0f} | "
           f"{sums['fused'] / sums['engine']:.3f} (of the sums) |")
     return 0
+
+
+@contextlib.contextmanager
+def _route(args, fused_side: bool):
+    """The scope of one side of ``--backbone``: the fused kernel on or off or, with
+    ``--sites``, on at every site or for the rest only."""
+    from cad_spconv.engines import lattice
+
+    was = lattice.FUSED_SITES
+    lattice.FUSED_SITES = fused_side if args.sites else was
+    try:
+        with fused_rest(args.block_rows, on=fused_side or args.sites):
+            yield
+    finally:
+        lattice.FUSED_SITES = was
 
 
 def _layers(args) -> int:

@@ -339,6 +339,15 @@ def test_dilated_convs_refuses_autocast_where_it_changes_nothing(capsys):
     assert e.value.code == 2 and "add --pairs 0, or --autocast" in capsys.readouterr().err
 
 
+def test_fused_gather_gemm_refuses_sites_without_the_backbone(capsys):
+    """``--sites`` compares two routes of the whole backbone; alone it would be ignored."""
+    from experiments import fused_gather_gemm
+
+    with pytest.raises(SystemExit) as e:
+        fused_gather_gemm.main(["--sites"])
+    assert e.value.code == 2 and "give --backbone too" in capsys.readouterr().err
+
+
 def test_compiled_dense_refuses_bad_pairs_and_sizes(capsys):
     from experiments import compiled_dense
 
