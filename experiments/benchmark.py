@@ -16,8 +16,8 @@
                                               # results of one machine in a folder of their own
 
 Each suite runs ``cad-spconv bench`` (``cad_apps/bench``) in a fresh process per result with
-the settings below, writes JSON under ``experiments/results/`` and appends a table headed by the exact
-command to ``BENCHMARKS.md``. Pass ``--no-markdown`` to leave BENCHMARKS.md alone and
+the settings below, writes JSON under ``experiments/results/`` and appends a table headed by
+the exact command to ``BENCHMARKS.md``. Pass ``--no-markdown`` to leave BENCHMARKS.md alone and
 ``--reps N`` to change the number of timed runs per frame (the nothing / everything kept
 results time one frame N times per frame given). A result file that exists in ``--results``
 is not replaced (it may hold another machine's numbers): the suite refuses before any run;
@@ -110,6 +110,11 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
             name = "model_sparse_head" if head else "model"
             out["compiled"].append((f"cpu_{dtype}_b1_{name}_edge0.35_compiled",
                                     [*net, *common, *edge, "--scope", "model", *head]))
+            if dtype == "bfloat16":  # both sides' dilated convs as im2col GEMMs, as in
+                # "targets": oneDNN's bfloat16 dilated convs are slow, compiled too
+                out["compiled"].append((f"cpu_{dtype}_b1_{name}_edge0.35_im2col_dilated_compiled",
+                                        [*net, *common, *edge, "--scope", "model", *head,
+                                         "--im2col-dilated"]))
     # batch 1: every engine ("auto" is "torch" on CUDA); batch 4: auto, tuned and spconv's
     # implicit GEMM (lattice and spconv ran 1.8-3x slower than torch at batch 1, BENCHMARKS.md).
     # float32 with TF32 (the cuDNN default) and without, after the three dtypes
