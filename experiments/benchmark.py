@@ -106,15 +106,12 @@ def suites(frames: list[str], reps: int) -> dict[str, list[tuple[str, list[str]]
                                     [*net, *one, "--keep", keep]))
         out["compiled"].append((f"cpu_{dtype}_b1_keep_none_reuse_output_compiled",
                                 [*net, *one, "--keep", "none", "--reuse-output"]))
-        for head in ([], ["--sparse-head"]):  # the whole models (dense head at stride 8)
+        # the whole models (dense head at stride 8); not with --im2col-dilated, which the bench
+        # refuses with --compile-dense (inductor picks its own route for the dilated convs)
+        for head in ([], ["--sparse-head"]):
             name = "model_sparse_head" if head else "model"
             out["compiled"].append((f"cpu_{dtype}_b1_{name}_edge0.35_compiled",
                                     [*net, *common, *edge, "--scope", "model", *head]))
-            if dtype == "bfloat16":  # both sides' dilated convs as im2col GEMMs, as in
-                # "targets": oneDNN's bfloat16 dilated convs are slow, compiled too
-                out["compiled"].append((f"cpu_{dtype}_b1_{name}_edge0.35_im2col_dilated_compiled",
-                                        [*net, *common, *edge, "--scope", "model", *head,
-                                         "--im2col-dilated"]))
     # batch 1: every engine ("auto" is "torch" on CUDA); batch 4: auto, tuned and spconv's
     # implicit GEMM (lattice and spconv ran 1.8-3x slower than torch at batch 1, BENCHMARKS.md).
     # float32 with TF32 (the cuDNN default) and without, after the three dtypes
