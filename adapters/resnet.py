@@ -158,13 +158,13 @@ class CADBasicBlock(nn.Module):
 
 
 def _folded(block, layers: Optional[tuple]) -> bool:
-    """Whether ``block`` (its :func:`_block_layers` ``layers``) has its batch norms are folded into its convs (``nn.Identity``,
-    :func:`adapters.fold_batchnorm`) and its activation is a ReLU: then each ReLU and the
-    residual add go into the epilogue of the conv before them
-    (:meth:`~cad_spconv.nn.CADConv2d.forward`'s ``relu`` and ``residual``; fused by oneDNN on
-    CPU in float32 / bfloat16 inference). Not where a layer is hooked (a MAC count, a debugging
-    hook): each layer's call is seen as usual, op by op (in bfloat16 the epilogue is then
-    rounded twice, not once)."""
+    """Whether ``block`` (its :func:`_block_layers` are ``layers``) has its batch norms
+    folded into its convs (``nn.Identity``, :func:`adapters.fold_batchnorm`) and a ReLU as its
+    activation: then each ReLU and the residual add go into the epilogue of the conv before
+    them (:meth:`~cad_spconv.nn.CADConv2d.forward`'s ``relu`` and ``residual``; fused by
+    oneDNN on CPU in float32 / bfloat16 inference). Not where a layer is hooked (a MAC count,
+    a debugging hook): each layer's call is seen as usual, op by op (in bfloat16 the epilogue
+    is then rounded twice, not once)."""
     relu = block.relu
     if (layers is None or type(relu) is not CADPointwise
             or type(relu._modules["module"]) is not nn.ReLU):
