@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from cad_spconv.engines import workspace_scope
+from cad_spconv.engines import conv_dtype, workspace_scope
 from cad_spconv import functional as CF
 from cad_spconv.nn import (CADAdaptiveAvgPool2d, CADBatchNorm2d, CADPointwise, GridBlock,
                             block_on_grid, hooked, on_grid)
-from cad_spconv.tensor import CADTensor
+from cad_spconv.tensor import CADTensor, features_with_room
 
 from .common import (CADModel, UnsupportedModelError, cad_conv, check_plain_conv, check_strides,
                      dense_conv, expect_type, follow_mode, shell)
@@ -178,11 +178,17 @@ def _folded(block, layers: Optional[tuple]) -> bool:
 
 def _shortcut(block, x: CADTensor) -> tuple[CADTensor, bool]:
     """A folded block's shortcut and whether its last conv may write its result into it:
-    the downsample's fresh output, or the input where the caller handed it over
-    (:func:`_hand_over`)."""
+    the downsample's fresh output (with room for the densified map where the caller asked,
+    :func:`_run_blocks`), or the input where the caller handed it over (:func:`_hand_over`)."""
     if block.downsample is None:
         return x, x in _handed_over
-    return block.downsample[0](x), True
+    conv = block.downsample[0]
+    dtype = conv_dtype(x.features, conv.weight, conv.bias)
+    room = None
+    if x in _room_asked and dtype is not None:
+        room = features_with_room(x.plan, x.step + (conv.stride[0] == 2), conv.out_channels,
+                                  dtype, x.features.device)
+    return conv(x, out=room), True
 
 
 def _shortcut_map(block, x: CADTensor, grid: GridBlock) -> tuple[torch.Tensor, bool]:
@@ -204,11 +210,23 @@ def _hand_over(x: CADTensor) -> CADTensor:
     return x
 
 
-def _run_blocks(stage: nn.Module, x):
-    """``stage(x)``; for an ``nn.Sequential`` without hooks, block by block, the output of
-    each converted block handed over to the next one (:func:`_hand_over`): only this loop
-    holds it (a converted block's output is never its input; another module's may be), unless
-    a hook in the block that made it could have kept it."""
+# the stage inputs whose first block is asked to put its output's features in a buffer with
+# room for their densified map (by identity, as _handed_over)
+_room_asked: "weakref.WeakSet[CADTensor]" = weakref.WeakSet()
+
+
+def _run_blocks(stage: nn.Module, held: list, room: bool = False):
+    """``stage(x)`` for ``x = held.pop()`` (so that the caller holds no reference to the input
+    while the stage runs: a finished stage input is freed as soon as the stage's first block
+    lets it go, not after the stage). For an ``nn.Sequential`` without hooks, block by block,
+    the output of each converted block handed over to the next one (:func:`_hand_over`): only
+    this loop holds it (a converted block's output is never its input; another module's may
+    be), unless a hook in the block that made it could have kept it.
+
+    ``room``: the output will be densified (``dense(consume=True)``): a folded first block
+    writes its shortcut, whose buffer the later blocks write their results into, into
+    features with room for the map (:func:`~cad_spconv.tensor.features_with_room`)."""
+    x = held.pop()
     if type(stage) is not nn.Sequential or hooked(stage):
         return stage(x)
     previous = None
@@ -216,7 +234,13 @@ def _run_blocks(stage: nn.Module, x):
         if (type(previous) in (CADBottleneck, CADBasicBlock)
                 and not any(hooked(m) for m in previous.modules())):
             x = _hand_over(x)
-        x, previous = block(x), block
+        asked = room and previous is None
+        if asked:
+            _room_asked.add(x)
+        y = block(x)
+        if asked:
+            _room_asked.discard(x)
+        x, previous = y, block
     return x
 
 
@@ -405,10 +429,13 @@ class _ResNetTrunk:
     compile_dense = False
 
     @workspace_scope()
-    def _run_trunk(self, images: torch.Tensor, enter: Callable, capture=()):
+    def _run_trunk(self, images: torch.Tensor, enter: Callable, capture=(),
+                   room_for_dense: bool = False):
         """Run the stem and stages; ``enter(dense, images)`` makes the step-0 tensor. Returns
         the last stage's output and the outputs of the stages named in ``capture``. The
-        engines' workspaces are released at the end (a dense head after it runs without)."""
+        engines' workspaces are released at the end (a dense head after it runs without).
+        ``room_for_dense``: the last stage's output comes in a buffer with room for its
+        densified map (:func:`_run_blocks`)."""
         captured = {}
         x = images
         if self.compile_dense and not any(n in capture for n in self.dense_names):
@@ -420,7 +447,10 @@ class _ResNetTrunk:
                     captured[name] = x
         x = enter(x, images)
         for name in self.sparse_names:
-            x = _run_blocks(getattr(self, name), x)
+            held = [x]
+            del x  # the stage input is freed when its first block lets it go
+            x = _run_blocks(getattr(self, name), held,
+                            room_for_dense and name == self.sparse_names[-1])
             if name in capture:
                 captured[name] = x
         return x, captured
@@ -487,9 +517,15 @@ class CADResNet(_ResNetTrunk, CADModel):
         self.avgpool = CADAdaptiveAvgPool2d(1)
         self.fc = children["fc"]
 
-    def forward_features(self, images: torch.Tensor, keep) -> CADTensor:
+    def forward_features(self, images: torch.Tensor, keep, *,
+                         room_for_dense: bool = False) -> CADTensor:
+        """The last stage's output. ``room_for_dense``: its features come in a buffer with
+        room for its densified map, so that ``dense(consume=True)`` builds the map in place
+        (a folded model, :func:`adapters.fold_batchnorm`: its last stage's blocks write into
+        the first block's shortcut; else the map is a fresh one)."""
         self._check_images(images)
-        return self._run_trunk(images, lambda x, img: self._enter(x, keep, img))[0]
+        return self._run_trunk(images, lambda x, img: self._enter(x, keep, img),
+                               room_for_dense=room_for_dense)[0]
 
     def forward(self, images: torch.Tensor, keep) -> torch.Tensor:
         x = self.forward_features(images, keep)
@@ -555,12 +591,14 @@ class CADResNetFeatures(_ResNetTrunk, CADModel):
 
     def forward(self, images: torch.Tensor, keep) -> "OrderedDict[str, Features]":
         self._check_images(images)
+        # densified: the last stage's map built in its own buffer (dense(consume=True))
         _, captured = self._run_trunk(images, lambda x, img: self._enter(x, keep, img),
-                                      capture=tuple(self.return_layers))
+                                      capture=tuple(self.return_layers),
+                                      room_for_dense=self.dense)
         out = OrderedDict()
         for name, key in self.return_layers.items():
-            x = captured[name]
-            out[key] = x.dense() if self.dense and isinstance(x, CADTensor) else x
+            x = captured.pop(name)
+            out[key] = x.dense(consume=True) if self.dense and isinstance(x, CADTensor) else x
         return out
 
     def parts(self) -> dict[str, nn.Module]:
@@ -583,8 +621,8 @@ class CADResNetBackbone(_ResNetTrunk, nn.Module):
         nn.Module.__init__(self)
         self._build_trunk(children, finest_stride, coarsest_stride, engine, prefix)
 
-    def run(self, images, enter, capture=()):
-        return self._run_trunk(images, enter, capture)
+    def run(self, images, enter, capture=(), room_for_dense: bool = False):
+        return self._run_trunk(images, enter, capture, room_for_dense)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("CADResNetBackbone is run by its CADSegmentation model")

@@ -251,23 +251,29 @@ class CADSegmentation(CADModel):
         return _dense_head(head, scale, path)
 
     # ------------------------------------------------------------------ forward
-    def _backbone(self, images, keep):
+    def _backbone(self, images, keep, room_for_dense: bool = False):
         self._check_images(images)
         capture = tuple(n for n in (self.aux_layer, self.low_layer) if n is not None)
-        return self.backbone.run(images, lambda x, img: self._enter(x, keep, img), capture)
+        return self.backbone.run(images, lambda x, img: self._enter(x, keep, img), capture,
+                                 room_for_dense)
 
-    def forward_features(self, images: torch.Tensor, keep) -> CADTensor:
-        return self._backbone(images, keep)[0]
+    def forward_features(self, images: torch.Tensor, keep, *,
+                         room_for_dense: bool = False) -> CADTensor:
+        """The backbone's output (``room_for_dense``: as
+        :meth:`adapters.resnet.CADResNet.forward_features`)."""
+        return self._backbone(images, keep, room_for_dense)[0]
 
     def forward_logits(self, images: torch.Tensor, keep) -> "OrderedDict[str, Features]":
         """Head outputs before upsampling: a CADTensor for a sparse head, else a dense map at
         the finest stride (DeepLabV3+: always dense, on the ``layer1`` grid)."""
-        out, captured = self._backbone(images, keep)
+        # a dense head reads the backbone output's map, built in its own buffer
+        dense_head = not self._head_is_sparse(self.out_layer)
+        out, captured = self._backbone(images, keep, room_for_dense=dense_head)
         if self.low_layer is not None:
             low = captured[self.low_layer]
-            if self._head_is_sparse(self.out_layer):
+            if not dense_head:
                 return OrderedDict(out=self._run_head(self.classifier, low, out))
-            out = out.dense()
+            out = out.dense(consume=True)
             return OrderedDict(out=self.classifier({"low_level": low, "out": out}))
         # rebinding ``out`` to the densified map frees the sparse features before the head
         # runs: at the head's peak CAD then holds one map of the backbone output, as the dense
@@ -282,7 +288,9 @@ class CADSegmentation(CADModel):
 
     def _head_input(self, layer: str, x: Features) -> Features:
         if isinstance(x, CADTensor) and not self._head_is_sparse(layer):
-            return x.dense()  # the paper's setup: densify at the finest stride
+            # the paper's setup: densify at the finest stride (the sparse features are not
+            # read again: the map may take their buffer)
+            return x.dense(consume=True)
         return x
 
     @staticmethod

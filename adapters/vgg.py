@@ -78,7 +78,12 @@ class CADVGGFeatures(CADModel):
                             else cad_layer(m, name, engine))
 
     @workspace_scope()  # the engines' workspaces are released at the end
-    def forward_features(self, images: torch.Tensor, keep) -> CADTensor:
+    def forward_features(self, images: torch.Tensor, keep, *,
+                         room_for_dense: bool = False) -> CADTensor:
+        """The last layer's output. ``room_for_dense`` is taken for the interface the
+        converted ResNets share; here it changes nothing (the last layer allocates its own
+        output, so ``dense(consume=True)`` builds a fresh map)."""
+        del room_for_dense
         self._check_images(images)
         x = images
         for name in self.dense_names:

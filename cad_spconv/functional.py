@@ -52,7 +52,8 @@ def conv_book(x: CADTensor, kernel_size: IntPair, dilation: IntPair, stride: Int
 def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            stride: IntPair = 1, dilation: IntPair = 1, groups: int = 1,
            engine: str = "auto", *, relu: bool = False,
-           residual: Optional[CADTensor] = None, residual_inplace: bool = False) -> CADTensor:
+           residual: Optional[CADTensor] = None, residual_inplace: bool = False,
+           out: Optional[torch.Tensor] = None) -> CADTensor:
     """Conv with same padding. ``dilation`` is the layer's dilation in the coarsest-stride
     network; on the finest grid its taps are ``dilation * 2**step`` apart. Stride 2 is an
     adaptive downsampling step.
@@ -69,8 +70,14 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
     folded into its convs. On CPU in float32 / bfloat16 without autograd, oneDNN applies them
     in the conv's epilogue where the conv runs as one oneDNN conv (grid convs, 1x1 convs);
     elsewhere they follow the conv in place (:mod:`cad_spconv.engines.epilogue`).
-    ``residual_inplace``: where fused, the result may be written into ``residual``'s features
-    (a block's own shortcut that nothing else reads: no fresh output to allocate)."""
+    ``residual_inplace``: the result may be written into ``residual``'s features (a block's
+    own shortcut that nothing else reads): where fused by the conv (no fresh output to
+    allocate), elsewhere without autograd by the add after it (the block's result stays in its
+    shortcut's buffer).
+
+    ``out``: an ``[N_out, C_out]`` tensor of the conv's dtype and device that becomes the
+    result's features (e.g. :func:`~cad_spconv.tensor.features_with_room`): written directly
+    by the 1x1 convs of the ``"lattice"`` engine without autograd, elsewhere copied into."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError("weight must be a conv weight [C_out, C_in / groups, kh, kw], got "
                          + (f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
@@ -83,15 +90,29 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
         raise TypeError(f"relu must be a bool, got {relu!r}")
     if residual is not None:
         _check_residual(x, residual, weight.shape[0], _step_out(x, stride))
+    if out is not None:
+        _check_out(x, out, weight, bias, _step_out(x, stride))
     levels = _grid_levels(x, weight, bias, stride, groups, engine)
     if levels is not None:
-        return _grid_conv(x, weight, bias, levels, dil, groups, relu, residual,
-                          residual_inplace)
+        y = _grid_conv(x, weight, bias, levels, dil, groups, relu, residual, residual_inplace)
+        return y if out is None else y.replace_feature(out.copy_(y.features))
     book = conv_book(x, weight.shape[-2:], dilation, stride)
-    out = sparse_conv(x.features, weight, bias, book, groups, engine, relu=relu,
-                      residual=None if residual is None else residual.features,
-                      residual_inplace=residual_inplace)
-    return x.replace_feature(out, book.step_out)
+    y = sparse_conv(x.features, weight, bias, book, groups, engine, relu=relu,
+                    residual=None if residual is None else residual.features,
+                    residual_inplace=residual_inplace, out=out)
+    return x.replace_feature(y, book.step_out)
+
+
+def _check_out(x: CADTensor, out, weight, bias, step_out: int) -> None:
+    want = (x.plan.num_sites(step_out), weight.shape[0])
+    dtype = conv_dtype(x.features, weight, bias)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    if tuple(out.shape) != want or (dtype is not None and out.dtype != dtype) \
+            or out.device != x.features.device:
+        raise ValueError(f"out must be a {list(want)} {dtype} tensor on {x.features.device} "
+                         f"(the output's features), got {list(out.shape)} {out.dtype} on "
+                         f"{out.device}")
 
 
 def _check_residual(x: CADTensor, residual, c_out: int, step_out: int) -> None:

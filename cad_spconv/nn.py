@@ -99,15 +99,15 @@ class CADConv2d(nn.Conv2d):
         return kh * kw * (self.in_channels // self.groups) * self.out_channels
 
     def forward(self, x: CADTensor, *, relu: bool = False,
-                residual: Optional[CADTensor] = None,
-                residual_inplace: bool = False) -> CADTensor:
+                residual: Optional[CADTensor] = None, residual_inplace: bool = False,
+                out: Optional[torch.Tensor] = None) -> CADTensor:
         """The conv; with ``relu`` / ``residual``, ``relu(conv(x) + residual)``, fused into
         the conv where oneDNN can (:func:`cad_spconv.functional.conv2d`, also for
-        ``residual_inplace``)."""
+        ``residual_inplace`` and ``out``)."""
         _expect_cad(x, self)
         return CF.conv2d(x, self.weight, self.bias, self.stride, self.dilation, self.groups,
                          self.engine, relu=relu, residual=residual,
-                         residual_inplace=residual_inplace)
+                         residual_inplace=residual_inplace, out=out)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", engine={self.engine!r}"

@@ -13,6 +13,7 @@ pair format (:meth:`~cad_spconv.rulebook.Rulebook.spconv_pairs`).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Optional
 
 import torch
@@ -21,7 +22,7 @@ from .backend import import_spconv
 from .plan import LevelPlan, PlanSpec, make_plan, same_device
 from .rulebook import RulebookCache
 
-__all__ = ["CADTensor"]
+__all__ = ["CADTensor", "features_with_room"]
 
 SparseConvTensor = import_spconv().SparseConvTensor
 # spconv's tensor class uses torch.fx's ProxyableClassMeta, whose first instantiation logs a
@@ -76,7 +77,8 @@ class CADTensor(SparseConvTensor):
         return cls(features, plan, 0)
 
     def dense(self, channels_first: bool = True, *, fill: str = "owner",
-              grid: str = "finest", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              grid: str = "finest", out: Optional[torch.Tensor] = None,
+              consume: bool = False) -> torch.Tensor:
         """Densify: ``[B, C, H, W]`` (``[B, H, W, C]`` with ``channels_first=False``).
 
         ``fill="owner"`` (default, ``SEMANTICS.md``): every finest cell takes its owner site's
@@ -92,7 +94,14 @@ class CADTensor(SparseConvTensor):
         ``out``: a tensor of the result's shape, dtype and device to write into and return
         (any strides; channels-last is the fast one). A caller that densifies maps of one size
         again and again (a video loop, a benchmark) keeps one: a fresh result of tens of MiB
-        costs more in new pages than in copying (``BENCHMARKS.md``)."""
+        costs more in new pages than in copying (``BENCHMARKS.md``).
+
+        ``consume``: this tensor is not used again (its features raise afterwards), so the map
+        may be built in place, in the features' own buffer: with owner fill on the finest grid,
+        where the features are the first rows of a buffer with room for the map
+        (:func:`features_with_room`, ``forward_features(..., room_for_dense=True)`` of the
+        converted ResNets) and nothing else holds them. Then the peak is the map alone, not
+        the map beside the features. Elsewhere the result is a fresh map, the same values."""
         if not isinstance(channels_first, bool):  # e.g. dense("step"): grid is keyword-only
             raise TypeError(f"channels_first must be a bool, got {channels_first!r}; the grid "
                             "is chosen by keyword: x.dense(grid='step')")
@@ -100,6 +109,17 @@ class CADTensor(SparseConvTensor):
             raise ValueError(f"grid must be 'finest' or 'step', got {grid!r}")
         if fill not in ("owner", "scatter"):
             raise ValueError(f"fill must be 'owner' or 'scatter', got {fill!r}")
+        if not isinstance(consume, bool):
+            raise TypeError(f"consume must be a bool, got {consume!r}")
+        if consume:
+            res = (self._dense_in_place() if fill == "owner" and grid == "finest" and out is None
+                   and self.plan.grid_level(self.step) != 0 else None)
+            if res is None:
+                res = self.dense(channels_first, fill=fill, grid=grid, out=out)
+            elif channels_first:
+                res = res.permute(0, 3, 1, 2)
+            self._features = None  # see the features property
+            return res
         B, (H, W), C = self.batch_size, self.plan.grid, self.features.shape[1]
         s = 2 ** self.step if grid == "step" else 1
         shape = (B, -(-H // s), -(-W // s), C)  # NHWC
@@ -133,6 +153,33 @@ class CADTensor(SparseConvTensor):
         if out is not None:
             return out
         return res.permute(0, 3, 1, 2) if channels_first else res
+
+    def _dense_in_place(self) -> Optional[torch.Tensor]:
+        """The owner-filled NHWC map on the finest grid, written over the features' own buffer
+        (:meth:`dense` with ``consume``), or ``None`` where it is not this tensor's alone or
+        has no room for the map. Cell ``p``'s owner site comes at or before ``p`` in raster
+        order (a site's anchor is the top-left cell of the block it owns), so filling cells
+        from the last to the first reads every row before it is overwritten: chunk by chunk,
+        each chunk's rows gathered before they are written."""
+        f = self._features
+        B, (H, W), C = self.batch_size, self.plan.grid, f.shape[1]
+        rows = B * H * W
+        storage = f.untyped_storage()
+        # Python references: the attribute, ``f`` and getrefcount's argument; tensors on the
+        # storage: ``f`` and the storage object above (another view would be a third)
+        if (f.requires_grad or f.grad_fn is not None or not f.is_contiguous()
+                or f.storage_offset() != 0 or storage.nbytes() < rows * C * f.element_size()
+                or sys.getrefcount(f) != 3 or _storage_users(storage) != 2):
+            return None
+        owner = self.plan.geometry(self.step).owner.reshape(-1)
+        buf = torch.empty(0, dtype=f.dtype, device=f.device).set_(storage, 0, (rows, C))
+        chunk = max(1, _IN_PLACE_CHUNK_BYTES // max(1, C * f.element_size()))
+        tmp = f.new_empty(min(chunk, rows), C)
+        for stop in range(rows, 0, -chunk):
+            start = max(0, stop - chunk)
+            part = torch.index_select(f, 0, owner[start:stop], out=tmp[:stop - start])
+            buf[start:stop].copy_(part)
+        return buf.view(B, H, W, C)
 
     def _out_nhwc(self, out, shape, channels_first: bool) -> torch.Tensor:
         """``out`` checked against the result (``shape``: NHWC), as an NHWC view."""
@@ -201,6 +248,19 @@ class CADTensor(SparseConvTensor):
 
     # ------------------------------------------------------------------ properties
     @property
+    def features(self) -> torch.Tensor:
+        f = self._features
+        if f is None:
+            raise RuntimeError("this CADTensor was densified with dense(consume=True), which "
+                               "may overwrite its features: use the map it returned, or "
+                               "densify without consume to keep the tensor")
+        return f
+
+    @features.setter
+    def features(self, value: torch.Tensor) -> None:
+        self._features = value
+
+    @property
     def num_sites(self) -> int:
         return self.features.shape[0]
 
@@ -221,6 +281,32 @@ class CADTensor(SparseConvTensor):
         return (f"CADTensor(sites={self.num_sites}, channels={self.num_channels}, step={self.step}"
                 f"/{self.plan.num_levels}, grid={H}x{W}, batch={self.batch_size}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+# rows per chunk of the in-place densification: this many bytes (a scratch chunk in cache)
+_IN_PLACE_CHUNK_BYTES = 1 << 20
+
+
+def _storage_users(storage) -> Optional[int]:
+    """How many tensors and storage objects hold ``storage`` (``None`` where this torch does
+    not say)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(storage._cdata)
+
+
+def features_with_room(plan: LevelPlan, step: int, channels: int, dtype: torch.dtype,
+                       device=None) -> torch.Tensor:
+    """An uninitialized ``[N, channels]`` feature matrix for the sites of ``plan`` at ``step``,
+    the first rows of a buffer with room for their densified map on the finest grid: a
+    tensor whose features are written into it can be densified in place
+    (:meth:`CADTensor.dense` with ``consume``)."""
+    B, (H, W) = plan.batch_size, plan.grid
+    n = plan.num_sites(step)
+    device = plan.device if device is None else device
+    buffer = torch.empty(max(n, B * H * W), channels, dtype=dtype, device=device)
+    # set_, not a slice: a slice would keep the whole tensor alive as its base (autograd's
+    # view tracking), a second holder of the buffer
+    return buffer.new_empty(0).set_(buffer.untyped_storage(), 0, (n, channels))
 
 
 def _nearest_into(dst: torch.Tensor, cells: torch.Tensor, cell: int) -> torch.Tensor:

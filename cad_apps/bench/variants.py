@@ -29,11 +29,12 @@ class Variant:
         self.kept_outputs = {} if reuse_output else None
 
     def densify(self, tensor):
-        """``tensor.dense()``; with ``reuse_output`` into one kept buffer per shape and dtype
-        (``dense(out=...)``, as a video loop would): the first result that is not a view of the
-        features becomes the buffer."""
-        if self.kept_outputs is None:
-            return tensor.dense()
+        """``tensor.dense(consume=True)`` (the map in the features' own buffer, where
+        ``forward_features(..., room_for_dense=True)`` gave it room); with ``reuse_output``
+        into one kept buffer per shape and dtype (``dense(out=...)``, as a video loop would):
+        the first result that is not a view of the features becomes the buffer."""
+        if self.kept_outputs is None:  # in the features' buffer where it has room
+            return tensor.dense(consume=True)
         f = tensor.features
         key = (tensor.batch_size, tuple(tensor.plan.grid), f.shape[1], f.dtype, f.device)
         buf = self.kept_outputs.get(key)
@@ -208,7 +209,7 @@ def build_variants(args, device, dtype) -> dict:
                                                 else m(x, keep)))(m)
         else:
             v.run = (lambda m, v: lambda x, keep: v.densify(v.keep_geometry(
-                m.forward_features(x, keep))))(m, v)
+                m.forward_features(x, keep, room_for_dense=v.kept_outputs is None))))(m, v)
         variants.append(v)
     return {"variants": variants, "engines": list(cads)}
 

@@ -44,6 +44,9 @@ class Engine:
     #: fuse them into the conv (:mod:`.epilogue`); other engines' outputs get them applied
     #: afterwards
     fuses_epilogue: bool = False
+    #: whether :meth:`conv` takes ``out=`` (a ``[N_out, C_out]`` tensor) and returns it with
+    #: the result written where it can (else it returns a fresh result, copied into ``out``)
+    writes_out: bool = False
 
     def check(self, features: torch.Tensor, weight: torch.Tensor, groups: int,
               book: Rulebook) -> None:

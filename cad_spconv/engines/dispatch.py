@@ -66,12 +66,15 @@ def prepare(book: Rulebook, engine: str = "auto", device=None, groups: int = 1,
 def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 book: Rulebook, groups: int = 1, engine: str = "auto", *, relu: bool = False,
                 residual: Optional[torch.Tensor] = None,
-                residual_inplace: bool = False) -> torch.Tensor:
+                residual_inplace: bool = False,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Output features ``[N_out, C_out]`` of a conv described by ``book``; with ``relu`` /
     ``residual`` (``[N_out, C_out]``) its epilogue too, ``relu(conv + residual)``: fused into
     the conv by engines that can (:attr:`~.base.Engine.fuses_epilogue`, see :mod:`.epilogue`),
     else applied to the output in place. ``residual_inplace``: the result may be written into
-    ``residual`` (where fused: :func:`.epilogue.conv_map`)."""
+    ``residual`` (fused: :func:`.epilogue.conv_map`; else :func:`.epilogue.apply`). ``out`` (``[N_out, C_out]``): the
+    tensor to return the result in, written by engines that can
+    (:attr:`~.base.Engine.writes_out`), else copied into."""
     check_engine(engine)
     n_in, c_in = features.shape
     c_out, c_in_g, kh, kw = weight.shape
@@ -102,15 +105,19 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if impl is not None:
         impl.check(features, weight, groups, book)
     if book.num_out == 0:  # nothing to compute (an empty batch): no engine is asked
-        out = empty_conv(features, weight, bias)
+        y = epilogue.apply(empty_conv(features, weight, bias), relu, residual)
     elif impl is None:
-        out = tuned_conv(features, weight, bias, book, groups)
+        y = epilogue.apply(tuned_conv(features, weight, bias, book, groups), relu, residual,
+                           residual_inplace)
     elif impl.fuses_epilogue and (relu or residual is not None):
-        return impl.conv(features, weight, bias, book, groups, relu=relu, residual=residual,
-                         residual_inplace=residual_inplace)
+        y = impl.conv(features, weight, bias, book, groups, relu=relu, residual=residual,
+                      residual_inplace=residual_inplace)
+    elif out is not None and impl.writes_out:
+        y = impl.conv(features, weight, bias, book, groups, out=out)
     else:
-        out = impl.conv(features, weight, bias, book, groups)
-    return epilogue.apply(out, relu, residual)
+        y = epilogue.apply(impl.conv(features, weight, bias, book, groups), relu, residual,
+                           residual_inplace)
+    return y if out is None or y is out else out.copy_(y)
 
 
 def empty_conv(features: torch.Tensor, weight: torch.Tensor,

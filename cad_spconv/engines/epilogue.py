@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .layouts import weight_layout
+from .layouts import tracks_grad, weight_layout
 
 __all__ = ["fuses", "apply", "conv_map", "fused_rows", "prepacked"]
 
@@ -58,11 +58,20 @@ def fuses(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         t is not None and t.requires_grad for t in (x, weight, bias, residual)))
 
 
-def apply(out: torch.Tensor, relu: bool, residual: Optional[torch.Tensor]) -> torch.Tensor:
+def apply(out: torch.Tensor, relu: bool, residual: Optional[torch.Tensor],
+          residual_inplace: bool = False) -> torch.Tensor:
     """The epilogue after an unfused conv, in place on its fresh output (as torchvision's
-    ``out += identity; relu(out)``; autograd allows both on a conv's output)."""
+    ``out += identity; relu(out)``; autograd allows both on a conv's output).
+    ``residual_inplace`` (the caller's residual, read by nothing else): without autograd the
+    sum goes into ``residual`` instead (returned; the same values, the add commutes), so that
+    a block's result stays in its shortcut's buffer as where the conv fuses it
+    (:func:`conv_map`): a buffer given room for the densified map keeps it."""
     if residual is not None:
-        out += residual
+        if residual_inplace and not tracks_grad(out, residual, None):
+            residual += out
+            out = residual
+        else:
+            out += residual
     return torch.relu_(out) if relu else out
 
 
@@ -77,10 +86,11 @@ def conv_map(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     per mask). ``residual_inplace``: where oneDNN fuses, the result is written into
     ``residual`` itself (returned), as inductor's frozen graphs do: no fresh output to
     allocate (page faults: a fresh 13 MB output took the fused conv from 2.3 to 5.0 ms on an
-    AMX Xeon) nor to write besides the residual; elsewhere the residual is left as it is."""
+    AMX Xeon) nor to write besides the residual; elsewhere, without autograd, the sum is
+    added into ``residual`` after the conv (:func:`apply`)."""
     if not fuses(x, weight, bias, residual, groups):
         return apply(F.conv2d(x, weight, bias, stride, padding, dilation, groups), relu,
-                     residual)
+                     residual, residual_inplace)
     unary = "relu" if relu else "none"
     pad, dil, step = list(padding), list(dilation), [stride, stride]
     if prepack and x.dtype == torch.bfloat16:  # see prepacked: not float32

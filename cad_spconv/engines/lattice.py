@@ -92,16 +92,17 @@ class LatticeEngine(Engine):
             book.lattice(cost, inside_rows)
 
     fuses_epilogue = True
+    writes_out = True  # the 1x1 convs without an epilogue
 
     def conv(self, features, weight, bias, book: ConvRulebook, groups: int, relu: bool = False,
-             residual: Optional[torch.Tensor] = None,
-             residual_inplace: bool = False) -> torch.Tensor:
+             residual: Optional[torch.Tensor] = None, residual_inplace: bool = False,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
         if book.num_taps == 1:
             return _pointwise_conv(features, weight, bias, book, groups, relu, residual,
-                                   residual_inplace)
+                                   residual_inplace, out)
         if residual is not None:  # added before the ReLU: both follow the conv
             return epilogue.apply(self._conv(features, weight, bias, book, groups), relu,
-                                  residual)
+                                  residual, residual_inplace)
         return self._conv(features, weight, bias, book, groups, relu)
 
     def _conv(self, features, weight, bias, book: ConvRulebook, groups: int,
@@ -217,17 +218,21 @@ def gather_cost(taps: int, c_in: int, onednn_chunks: bool = False, cuda: bool = 
 
 
 def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int, relu: bool = False,
-                    residual: Optional[torch.Tensor] = None,
-                    residual_inplace: bool = False) -> torch.Tensor:
+                    residual: Optional[torch.Tensor] = None, residual_inplace: bool = False,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """1x1 conv: one GEMM on the feature matrix (rows picked first for a stride-2 step); its
-    epilogue (``relu(conv + residual)``) fused where oneDNN can (:mod:`.epilogue`)."""
+    epilogue (``relu(conv + residual)``) fused where oneDNN can (:mod:`.epilogue`). ``out``
+    (no epilogue): written by the GEMM where it can (see :func:`_matmul_into`)."""
     x = (features if book.is_identity or book.rows_in_order()
          else features.index_select(0, book.rows()))
     if relu or residual is not None:
-        out = epilogue.fused_rows(x, weight, bias, groups, relu, residual, residual_inplace)
-        if out is not None:
-            return out
+        y = epilogue.fused_rows(x, weight, bias, groups, relu, residual, residual_inplace)
+        if y is not None:
+            return y
     c_out = weight.shape[0]
+    if groups == 1 and out is not None and not (relu or residual is not None
+                                                or tracks_grad(x, weight, bias)):
+        return _matmul_into(x, weight, bias, out)
     if groups == 1:
         out = matmul_nk(x, weight.reshape(c_out, -1), bias)
     else:
@@ -236,7 +241,22 @@ def _pointwise_conv(features, weight, bias, book: Rulebook, groups: int, relu: b
         w = weight.reshape(g, c_out // g, c_in_g).transpose(1, 2)
         out = grouped_mm(cols, w)
         out = out if bias is None else out + bias
-    return epilogue.apply(out, relu, residual)
+    return epilogue.apply(out, relu, residual, residual_inplace)
+
+
+def _matmul_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 out: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv's GEMM written into ``out`` (returned; a fresh result where neither route
+    below can write it). Where :func:`matmul_nk` takes oneDNN's 1x1 conv, which returns a
+    fresh map, that conv adds its result into ``out`` zeroed first (its fused residual add,
+    in place): no second output beside ``out``."""
+    if onednn_route(x) and out.is_contiguous():
+        y = epilogue.fused_rows(x, weight, bias, 1, residual=out.zero_(),
+                                residual_inplace=True)
+        if y is not None:
+            return y
+    return matmul_nk(x, weight.reshape(weight.shape[0], -1), bias,
+                     out if out.is_contiguous() else None)
 
 
 def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,

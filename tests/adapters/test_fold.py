@@ -9,6 +9,7 @@ from torch import nn
 from tests.support import emulation as emu
 from tests.support.epilogue import fused_epilogues
 from adapters import convert, fold_batchnorm
+from cad_spconv import LevelPlan
 
 MIXED = (49, 67)  # finest grid 7x9 at stride 8
 
@@ -48,6 +49,32 @@ def test_resnet_classifier(arch):
     x = images()
     check_folded(cad, lambda m: m(x, spec))
     check_folded(source, lambda m: m(x))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("kind", ["levels", "keep", "all kept", "none kept"])
+def test_room_for_dense_builds_the_map_in_the_last_stage_buffer(arch, kind):
+    """A folded model asked for ``room_for_dense``: its last stage's output, densified with
+    ``consume``, is the map of the plain forward, bit for bit, built in the features' own
+    buffer where the sites are not one grid (else a view of them, or a fresh upsampling); the
+    kinds of masks give both."""
+    torch.manual_seed(0)
+    cad = fold_batchnorm(convert(emu.prepare(getattr(tvm, arch)(num_classes=10)), 8, 32))
+    if kind.endswith("kept"):  # the sites are one grid's cells: a view, an upsampling
+        level = 0 if kind == "all kept" else cad.num_levels
+        spec = LevelPlan.from_level_map(torch.full((2, 7, 9), level), cad.num_levels)
+    else:
+        spec, _ = emu.mixed_masks(3, 2, (7, 9), cad.num_levels, kind)
+    x = images()
+    for inference in (False, True):
+        with torch.inference_mode(inference), torch.no_grad():
+            want = cad.forward_features(x, spec).dense()
+            y = cad.forward_features(x, spec, room_for_dense=True)
+            ptr, grid = y.features.data_ptr(), y.plan.grid_level(y.step)
+            got = y.dense(consume=True)
+        assert torch.equal(got, want)
+        # in place (mixed levels) or a view (the finest grid's cells); an upsampling is fresh
+        assert (got.data_ptr() == ptr) == (grid in (None, 0)), (kind, grid)
 
 
 def test_a_returned_stem_conv_is_not_folded():

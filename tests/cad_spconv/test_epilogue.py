@@ -188,26 +188,27 @@ def test_degenerate_maps_take_the_unfused_route(dtype, n, c):
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_residual_inplace_writes_into_the_residual_only_where_fused(case, k, dtype):
-    """``residual_inplace``: where oneDNN fuses (1x1 convs, grid convs; float32 / bfloat16)
-    the result is the residual's own features, overwritten; elsewhere the residual is left as
-    it was. The values are those of the out-of-place call."""
+def test_residual_inplace_writes_into_the_residual_without_autograd(case, k, dtype):
+    """``residual_inplace``: without autograd the result is the residual's own features,
+    overwritten, on every route (oneDNN's fused conv: 1x1 and grid convs in float32 /
+    bfloat16; elsewhere the add after the conv); where autograd records, the residual is left
+    as it was. The values are those of the out-of-place call."""
     x, _ = make_input(case, 0, 32, torch.float32, CPU, seed=1)
     x = x.replace_feature(x.features.to(dtype))
     gen = torch.Generator().manual_seed(6)
     w = (torch.randn(32, 32, k, k, generator=gen) / (4 * k)).to(dtype)
     b = torch.randn(32, generator=gen).to(dtype)
-    res = _residual(x, 0, 32, dtype, 2)
-    kept = res.features.clone()
-    with torch.no_grad():
-        want = CF.conv2d(x, w, b, relu=True, residual=res).features
-        assert torch.equal(res.features, kept)
-        got = CF.conv2d(x, w, b, relu=True, residual=res, residual_inplace=True).features
-    assert torch.equal(got, want)
-    fused = (dtype in epilogue._FUSED_DTYPES
-             and (k == 1 or CF.grid_levels(x, 0) is not None))
-    assert (got.data_ptr() == res.features.data_ptr()) == fused
-    assert torch.equal(res.features, want if fused else kept)
+    for grad in (False, True):
+        res = _residual(x, 0, 32, dtype, 2)
+        kept = res.features.clone()
+        with torch.set_grad_enabled(grad):
+            wg = w.clone().requires_grad_(grad)
+            want = CF.conv2d(x, wg, b, relu=True, residual=res).features
+            assert torch.equal(res.features, kept)
+            got = CF.conv2d(x, wg, b, relu=True, residual=res, residual_inplace=True).features
+        assert torch.equal(got, want)
+        assert (got.data_ptr() == res.features.data_ptr()) == (not grad)
+        assert torch.equal(res.features, kept if grad else want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

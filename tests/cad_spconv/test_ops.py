@@ -85,6 +85,41 @@ def test_conv_matches_dense_reference(case, engine, dtype, k, dilation, stride, 
                              groups, engine=engine, what=f"{engine} step {step}")
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[5]])
+@pytest.mark.parametrize("engine", ["lattice", "torch", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,stride,bias", [(1, 1, True), (1, 2, False), (3, 1, True)])
+def test_conv_into_a_given_output(case, engine, dtype, k, stride, bias):
+    """``conv2d(..., out=...)``: the result's features are ``out`` itself (on every route: the
+    GEMM writing into it, oneDNN adding into it, or a copy), within the float64 dense
+    reference's bound, at every step of random multi-level masks and on one-grid plans;
+    with autograd too. A wrong ``out`` is refused by name."""
+    L = case[1]
+    gen = torch.Generator().manual_seed(3)
+    for step in range(L + (stride == 1)):
+        if stride == 2 and step == L:
+            continue
+        x, levels = make_input(case, step, 8, torch.float32, "cpu", seed=step)
+        x = x.replace_feature(x.features.to(dtype))
+        w = (torch.randn(12, 8, k, k, generator=gen) / (3 * k)).to(dtype)
+        b = torch.randn(12, generator=gen).to(dtype) if bias else None
+        n_out = x.plan.num_sites(step + (stride == 2))
+        for grad in (False, True):
+            out = torch.full((n_out, 12), float("nan"), dtype=dtype)
+            with torch.set_grad_enabled(grad):
+                y = CF.conv2d(x, w.requires_grad_(grad and dtype != torch.bfloat16), b, stride,
+                              1, 1, engine, out=out)
+            assert y.features.data_ptr() == out.data_ptr() and y.features.shape == out.shape
+            R.assert_conv_within(out.detach(), x.features, levels, step, stride, w.detach(), b,
+                                 1, engine=engine, what=f"{engine} step {step} into out")
+    with pytest.raises(ValueError, match=r"out must be a \[\d+, 12\] "):
+        CF.conv2d(x, w.detach(), b, 1, out=torch.empty(1, 12, dtype=dtype))
+    with pytest.raises(ValueError, match="out must be"):
+        CF.conv2d(x, w.detach(), b, 1, out=torch.empty(x.num_sites, 12, dtype=torch.int32))
+    with pytest.raises(TypeError, match="out must be a tensor"):
+        CF.conv2d(x, w.detach(), b, 1, out=[0.0])
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -156,6 +156,83 @@ def test_dense_refuses_a_buffer_that_does_not_fit():
             want[:, :, ::4, ::4].shape))
 
 
+@pytest.mark.parametrize("levels", ["0 or 1 or 2", "1 or 2", "all 0", "all 2"])
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("chunk_rows", [3, None])
+def test_dense_consume_builds_the_map_in_the_features_buffer(levels, inference, chunk_rows,
+                                                             monkeypatch):
+    """``dense(consume=True)`` in a buffer with room (``features_with_room``): the owner fill
+    of the emulation, at every step of random multi-level masks that differ per image on an
+    odd grid, in the features' own buffer where it is not one grid's map already (then a
+    view), in chunks of a few rows too; every other kwarg as ``dense``; the consumed tensor's
+    features raise afterwards."""
+    from cad_spconv import tensor
+    from cad_spconv.tensor import features_with_room
+    if chunk_rows is not None:
+        monkeypatch.setattr(tensor, "_IN_PLACE_CHUNK_BYTES", chunk_rows * 5 * 8)
+    rng = np.random.default_rng(12)
+    grid, L = (13, 11), 2
+    if levels.startswith("all"):
+        level_map = np.full((3, *grid), int(levels[-1]))
+    else:
+        masks = [rng.uniform(size=(3, *grid)) < 0.05 for _ in range(L)]
+        if levels == "1 or 2":
+            masks[0][:] = False
+        level_map = ref.levels_from_masks(masks, L)
+    plan = LevelPlan.from_level_map(torch.from_numpy(level_map), L)
+    for step in range(L + 1):
+        for kwargs in ({}, {"channels_first": False}, {"grid": "step"}, {"fill": "scatter"}):
+            with torch.inference_mode(inference):
+                feats = torch.randn(plan.num_sites(step), 5, dtype=torch.float64)
+                x = CADTensor(feats, plan, step)
+                want = x.dense(**kwargs)
+                room = features_with_room(plan, step, 5, torch.float64)
+                room.copy_(feats)
+                x = x.replace_feature(room)
+                ptr = room.data_ptr()
+                del room
+                got = x.dense(**kwargs, consume=True)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            if not kwargs or kwargs == {"channels_first": False}:  # in place, or a view
+                assert got.data_ptr() == ptr
+            with pytest.raises(RuntimeError, match="consume=True"):
+                x.features
+
+
+def test_dense_consume_leaves_shared_features_alone():
+    """Where anything else holds the features (another tensor on them, a view, autograd),
+    ``dense(consume=True)`` builds a fresh map and the other holder's values stay as they
+    were; without room it is a fresh map too."""
+    from cad_spconv.tensor import features_with_room
+    x, _ = make_input(((9, 10), 2, "keep"), 1, 3, torch.float64, "cpu", seed=7)
+    want = x.dense()
+
+    def fresh():
+        f = features_with_room(x.plan, 1, 3, torch.float64)
+        return x.replace_feature(f.copy_(x.features))
+
+    y = fresh()
+    other = y.shadow_copy()  # a second tensor on the same feature matrix
+    kept = other.features.clone()
+    torch.testing.assert_close(y.dense(consume=True), want, rtol=0, atol=0)
+    assert torch.equal(other.features, kept)
+    for inference in (False, True):  # a view of the features (without autograd's base too)
+        with torch.inference_mode(inference):
+            y = fresh()
+            view = y.features[1:]
+            kept = view.clone()
+            torch.testing.assert_close(y.dense(consume=True), want, rtol=0, atol=0)
+            assert torch.equal(view, kept)
+    y = fresh()
+    y = y.replace_feature(y.features.requires_grad_())
+    got = y.dense(consume=True)
+    assert got.requires_grad and got.data_ptr() != want.data_ptr()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(x.dense(consume=True), want, rtol=0, atol=0)  # no room
+    with pytest.raises(TypeError, match="consume must be a bool"):
+        make_input(((9, 10), 2, "keep"), 1, 3, torch.float64, "cpu")[0].dense(consume=1)
+
+
 def test_replace_feature_keeps_plan_and_refuses_a_wrong_row_count():
     x, _ = make_input(((8, 8), 1, "keep"), 0, 2, torch.float32, "cpu", seed=6)
     y = x.replace_feature(x.features * 2)
