@@ -31,6 +31,7 @@ import contextlib
 import glob
 import statistics
 import time
+from typing import Optional
 
 import torch
 
@@ -40,10 +41,11 @@ from experiments.common import ExperimentParser, paired_ratio, table_header
 from experiments.tiled_phases import FRAMES, LAYERS, edge_plans
 
 @contextlib.contextmanager
-def fused_rest(block_rows: int, on: bool = True):
+def fused_rest(block_rows: Optional[int], on: bool = True):
     """Within the scope the lattice engine runs its off-lattice rows on the library's fused
     kernel (:mod:`cad_spconv.engines.fused`) where it applies, ``block_rows`` sites per block
-    (``on``), or on its own route (not ``on``; the kernel is on by default on AMX CPUs)."""
+    (``None``: the library's choice per layer; ``on``), or on its own route (not ``on``; the
+    kernel is on by default on AMX CPUs)."""
     state, rows = dict(fused._state), fused.BLOCK_ROWS
     fused.enable(on)
     fused.BLOCK_ROWS = block_rows
@@ -74,7 +76,9 @@ def main(argv=None) -> int:
                               description=__doc__.split("\n\n")[0])
     parser.add_argument("--threshold", type=float, default=0.35)
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--block-rows", type=int, default=fused.BLOCK_ROWS)
+    parser.add_argument("--block-rows", type=int, default=None,
+                        help="sites per block of the kernel (a multiple of 32); default: the "
+                             "library's choice per layer, fused.block_rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backbone", action="store_true",
                         help="the whole backbone, engine against fused, instead of layers")
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
         parser.error("--reps must be >= 1")
     if args.sites and not args.backbone:
         parser.error("--sites compares two routes of the whole backbone: give --backbone too")
-    if args.block_rows < 32 or args.block_rows % 32:
+    if args.block_rows is not None and (args.block_rows < 32 or args.block_rows % 32):
         parser.error(f"--block-rows {args.block_rows}: the kernel takes sites 32 at a time "
                      "(two AMX tiles); give a multiple of 32")
     if not glob.glob(FRAMES):
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
         parser.error(str(e))
     torch.set_num_threads(args.threads)
     print(table_header(args))
-    print(f"bfloat16, edge {args.threshold}, {args.block_rows} rows per block")
+    rows = "per layer (fused.block_rows)" if args.block_rows is None else args.block_rows
+    print(f"bfloat16, edge {args.threshold}, {rows} rows per block")
     return (_backbone if args.backbone else _layers)(args)
 
 

@@ -13,9 +13,9 @@ off-lattice rows, :func:`gather_gemm`) where it applies (:func:`applies`: bfloat
 autograd, no groups, a bfloat16 bias or none, ``C_in`` and ``C_out`` multiples of 32); it adds
 the bias and applies a ReLU (the conv's epilogue) before rounding.
 
-Per block of 64 sites it copies their ``9 x C_in`` input rows (but where 16 sites read 16
-consecutive rows at a tap, a run in a row of one level: those the tiles read in place) into a
-per-thread buffer that stays in cache, laid out as AMX tiles read it (per 32 sites and 32
+Per block of 64 sites (128 for filters beyond L2, :func:`block_rows`) it copies their
+``9 x C_in`` input rows (but where 16 sites read 16 consecutive rows at a tap, a run in a row
+of one level: those the tiles read in place) into a per-thread buffer that stays in cache, laid out as AMX tiles read it (per 32 sites and 32
 values, one 2 KB block), multiplies them with the filters (:func:`packed_filters`) on AMX tiles
 of its own, 32 sites x 32 filter columns at a time with all ``9 C_in`` products summed in
 float32 inside the tiles, and writes the sums, rounded once to bfloat16, straight to their
@@ -38,6 +38,7 @@ import logging
 import os
 import warnings
 import weakref
+from typing import Optional
 
 import torch
 
@@ -45,13 +46,14 @@ from . import gemm
 from .layouts import krsc_filters, tracks_grad
 
 __all__ = ["FusedKernelUnavailable", "AUTO", "enable", "enabled", "describe", "applies",
-           "packed_filters", "gather_gemm", "sites_conv"]
+           "packed_filters", "block_rows", "gather_gemm", "sites_conv"]
 
 #: the environment variable that sets the kernel's mode for a process (``1`` on, ``0`` off)
 ENV = "CAD_SPCONV_FUSED_GATHER"
 _NAME = "cad_spconv_fused_gather_gemm"
-#: sites per block, a multiple of 32: their im2col rows (9 x 512 channels: 590 KB) stay in L2
-BLOCK_ROWS = 64
+#: sites per block, a multiple of 32, for every layer; ``None`` (default): per layer,
+#: :func:`block_rows`
+BLOCK_ROWS: Optional[int] = None
 _TILE = 32  # values per tile row (bfloat16), sites and filter columns per tile pair
 _FILTER_BLOCK = 16  # filter columns per packed block: one tile's width in float32 sums
 
@@ -410,10 +412,25 @@ def sites_conv(features, weight, book, bias=None, relu: bool = False) -> torch.T
     return out
 
 
+def block_rows(c_out: int, k: int) -> int:
+    """Sites per block of a layer with ``k`` products per output (``9 C_in``) and ``c_out``
+    filters: 64, their im2col rows in L2 beside a 32-column slice of the filters; 128 where
+    the filters outgrow L2 (2 MiB on these Xeons), so that each pass over them from L3
+    serves twice the sites, while the rows stay within 1.5 MiB. Measured on the edge masks'
+    rulebooks (AMX Xeon, 2 threads, interleaved): at 512 channels (4.5 MiB of filters) 128
+    sites took 0.90-0.93 of 64's time (96: 0.92-0.94, 160: about 1.0); at 256 (1.1 MiB) 32
+    to 128 were within 3 % of each other."""
+    if BLOCK_ROWS is not None:
+        return BLOCK_ROWS
+    fits = 128 * k * 2 <= 3 << 19
+    return 128 if c_out * k * 2 > 2 << 20 and fits else 64
+
+
 def _run(features, index, rows, weight, out, bias, relu) -> None:
     b = _NO_BIAS if bias is None else bias.float().contiguous()
-    args = (features.contiguous(), index.contiguous(), packed_filters(weight), out, rows,
-            BLOCK_ROWS, b, bool(relu))
+    packed = packed_filters(weight)
+    args = (features.contiguous(), index.contiguous(), packed, out, rows,
+            block_rows(weight.shape[0], packed.shape[1]), b, bool(relu))
     if torch.autograd._profiler_enabled():
         # a pybind call is no op the profiler sees: without this range its time would be
         # missing from `cad-spconv bench --profile` (0.04 us to check when no profiler runs)

@@ -163,6 +163,7 @@ def _runs_of_16(index: torch.Tensor) -> int:
     ((17, 22), 2, 1, 1, 2, 32, 64, 96),
     ((17, 22), 2, 2, 1, 1, 64, 96, 128),
     ((17, 22), 2, 0, 2, 1, 32, 64, 64),  # an adaptive step (step 0 -> 1)
+    ((37, 41), 2, 1, 1, 1, 128, 32, 64),  # the blocks of layers with large filters
 ])
 @pytest.mark.parametrize("bias, relu", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("every_site", [True, False])
@@ -207,6 +208,16 @@ def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeyp
     else:
         R.assert_conv_within(got, x.features, levels, step, stride, w, b, dilation,
                              engine="lattice", what="fused kernel")
+
+
+def test_block_rows_grow_where_the_filters_outgrow_l2(monkeypatch):
+    """64 sites a block; 128 where the filters pass 2 MiB (3x3, 512 channels) and 128 sites'
+    rows fit in 1.5 MiB (not 3x3 on 1024 channels); ``BLOCK_ROWS`` overrides."""
+    assert fused.block_rows(256, 9 * 256) == 64
+    assert fused.block_rows(512, 9 * 512) == 128
+    assert fused.block_rows(1024, 9 * 1024) == 64
+    monkeypatch.setattr(fused, "BLOCK_ROWS", 96)
+    assert fused.block_rows(512, 9 * 512) == 96
 
 
 @pytest.mark.parametrize("block_rows", [0, -32, 48])
