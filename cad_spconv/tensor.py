@@ -118,7 +118,7 @@ class CADTensor(SparseConvTensor):
                 res = self.dense(channels_first, fill=fill, grid=grid, out=out)
             elif channels_first:
                 res = res.permute(0, 3, 1, 2)
-            self._features = None  # see the features property
+            self.release()
             return res
         B, (H, W), C = self.batch_size, self.plan.grid, self.features.shape[1]
         s = 2 ** self.step if grid == "step" else 1
@@ -251,10 +251,16 @@ class CADTensor(SparseConvTensor):
     def features(self) -> torch.Tensor:
         f = self._features
         if f is None:
-            raise RuntimeError("this CADTensor was densified with dense(consume=True), which "
-                               "may overwrite its features: use the map it returned, or "
-                               "densify without consume to keep the tensor")
+            raise RuntimeError("this CADTensor's features were released (by dense(consume=True), "
+                               "which may overwrite them, or by release()): use what took them "
+                               "(dense's map), or densify without consume to keep the tensor")
         return f
+
+    def release(self) -> None:
+        """Drop this tensor's reference to its features, for a caller that owns the tensor
+        and is done with it (their memory is freed once nothing else holds them); reading
+        them afterwards raises."""
+        self._features = None
 
     @features.setter
     def features(self, value: torch.Tensor) -> None:

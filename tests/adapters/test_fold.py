@@ -77,6 +77,32 @@ def test_room_for_dense_builds_the_map_in_the_last_stage_buffer(arch, kind):
         assert (got.data_ptr() == ptr) == (grid in (None, 0)), (kind, grid)
 
 
+def test_a_stage_input_is_released_after_its_shortcut_unless_returned(monkeypatch):
+    """A folded stage's first block releases its input's features once its downsample has
+    read them (nothing reads them after), but not a returned stage's output: with layer3
+    returned, layer4's first block leaves it alone and the returned map is right."""
+    from cad_spconv import CADTensor
+    torch.manual_seed(0)
+    source = emu.prepare(tvm.resnet18(num_classes=10))
+    spec, _ = emu.mixed_masks(3, 2, (7, 9), 2, "levels")
+    x = images()
+    released = []
+    release = CADTensor.release
+    monkeypatch.setattr(CADTensor, "release",
+                        lambda t: (released.append(t.step), release(t)))
+    # the stages' inputs: layer3's the entered tensor (step 0), layer4's layer3's output
+    for returns, want in (({"layer4": "out"}, [0, 1]), ({"layer3": "f3", "layer4": "out"},
+                                                          [0])):
+        cad = convert(source, 8, 32, return_layers=returns, dense=False)
+        with torch.no_grad():
+            plain = {k: v.dense() for k, v in cad(x, spec).items()}
+            released.clear()
+            got = {k: v.dense() for k, v in fold_batchnorm(cad)(x, spec).items()}
+        assert released == want
+        for key in plain:
+            emu.assert_rel(got[key], plain[key])
+
+
 def test_a_returned_stem_conv_is_not_folded():
     """A feature extractor that returns ``conv1``'s own output keeps its stem batch norm: the
     fold would change that output."""

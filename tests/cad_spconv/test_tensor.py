@@ -195,7 +195,7 @@ def test_dense_consume_builds_the_map_in_the_features_buffer(levels, inference, 
             torch.testing.assert_close(got, want, rtol=0, atol=0)
             if not kwargs or kwargs == {"channels_first": False}:  # in place, or a view
                 assert got.data_ptr() == ptr
-            with pytest.raises(RuntimeError, match="consume=True"):
+            with pytest.raises(RuntimeError, match="features were released"):
                 x.features
 
 
