@@ -9,9 +9,10 @@
 convs' epilogues (oneDNN post-ops on CPU, :mod:`cad_spconv.engines.epilogue`). With
 ``compile_dense`` it also hands the dense stages before the first adaptive step (the ResNet
 stem and the stages up to the finest stride) to ``torch.compile`` as one graph, the way
-PyTorch recommends for CPU inference (:func:`compiled_for_inference`): the dense network a user
-compares CAD with can be compiled too, and CAD's dense prefix is the same network. The
-adaptive stages stay eager: their site counts change with every mask, and their rulebook caches
+PyTorch recommends for CPU inference (:func:`compiled_for_inference`), and a segmentation
+model's dense heads (on the densified map) each as one graph too: the dense network a user
+compares CAD with can be compiled too, and CAD's dense prefix and dense heads are the same
+network. The adaptive stages stay eager: their site counts change with every mask, and their rulebook caches
 and data-dependent ops break graphs (BENCHMARKS.md, issue 14).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from .fold import fold_batchnorm
 
-__all__ = ["optimize_for_inference", "compiled_for_inference"]
+__all__ = ["optimize_for_inference", "compiled_for_inference", "kept_compiled"]
 
 
 def compiled_for_inference(fn):
@@ -49,11 +50,22 @@ def compiled_for_inference(fn):
     return run
 
 
+def kept_compiled(owner: nn.Module, key: str, make):
+    """``compiled_for_inference(make())``, made on first use and kept in ``owner`` under
+    ``key`` (a deep copy of ``owner`` makes its own: the kept one runs the original's
+    modules)."""
+    kept = owner.__dict__.get(key)
+    if kept is None or kept[0] != id(owner):  # an id: a deep copy would map owner to itself
+        kept = owner.__dict__[key] = (id(owner), compiled_for_inference(make()))
+    return kept[1]
+
+
 def optimize_for_inference(model: nn.Module, compile_dense: bool = False,
                            inplace: bool = False) -> nn.Module:
     """``model`` (a converted model in eval mode, or any model :func:`fold_batchnorm` takes)
     with its batch norms folded and, with ``compile_dense``, the dense stages of its ResNet
-    trunks compiled (:func:`compiled_for_inference`; the first forward compiles, minutes on
+    trunks and a segmentation model's dense heads compiled (:func:`compiled_for_inference`,
+    each head one graph; the first forward compiles, minutes on
     a 2-core CPU, and so does the first at a new image size or dtype). Call it after
     ``model.to(device, dtype, memory_format)``: the compiled stages keep the weights they were
     compiled with. A forward that returns a dense stage's own output (``return_layers``) runs
@@ -63,8 +75,9 @@ def optimize_for_inference(model: nn.Module, compile_dense: bool = False,
     model = fold_batchnorm(model, inplace=inplace)
     if compile_dense:
         from .resnet import _ResNetTrunk
+        from .segmentation import CADSegmentation
 
-        trunks = [m for m in model.modules() if isinstance(m, _ResNetTrunk)]
+        trunks = [m for m in model.modules() if isinstance(m, (_ResNetTrunk, CADSegmentation))]
         if not trunks:
             raise ValueError(f"compile_dense: {type(model).__name__} has no converted ResNet "
                              "trunk whose dense stages could be compiled; use "

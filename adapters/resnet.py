@@ -244,9 +244,11 @@ def _run_blocks(stage: nn.Module, held: list, room: bool = False, owned: bool = 
         return stage(x)
     previous = None
     for block in stage:
-        if (type(previous) in (CADBottleneck, CADBasicBlock)
-                and not any(hooked(m) for m in previous.modules())
-                or previous is None and owned and isinstance(x, CADTensor)):
+        made_here = (type(previous) in (CADBottleneck, CADBasicBlock)
+                     and not any(hooked(m) for m in previous.modules()))
+        # (a hook on the block itself would be given the input it may overwrite)
+        if (made_here or previous is None and owned and isinstance(x, CADTensor)) \
+                and not hooked(block):
             x = _hand_over(x)
         asked = room and previous is None
         if asked:
@@ -474,15 +476,11 @@ class _ResNetTrunk:
 
     def _compiled_dense_stages(self):
         """The dense stages as one function under ``compiled_for_inference``, made on first
-        use and kept for this module (a deep copy makes its own: the kept one runs the
-        original's stages)."""
-        kept = self.__dict__.get("_compiled_dense")
-        if kept is None or kept[0] != id(self):  # an id: a deep copy would map self to itself
-            from .inference import compiled_for_inference
+        use and kept for this module (:func:`~adapters.inference.kept_compiled`)."""
+        from .inference import kept_compiled
 
-            stages = nn.Sequential(OrderedDict((n, getattr(self, n)) for n in self.dense_names))
-            kept = self.__dict__["_compiled_dense"] = (id(self), compiled_for_inference(stages))
-        return kept[1]
+        return kept_compiled(self, "_compiled_dense", lambda: nn.Sequential(
+            OrderedDict((n, getattr(self, n)) for n in self.dense_names)))
 
     def _trunk_parts(self) -> dict[str, nn.Module]:
         return {"dense": nn.ModuleList(getattr(self, n) for n in self.dense_names),

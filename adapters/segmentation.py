@@ -274,7 +274,8 @@ class CADSegmentation(CADModel):
             if not dense_head:
                 return OrderedDict(out=self._run_head(self.classifier, low, out))
             out = out.dense(consume=True)
-            return OrderedDict(out=self.classifier({"low_level": low, "out": out}))
+            return OrderedDict(out=self._run_head(self.classifier, {"low_level": low,
+                                                                    "out": out}))
         # rebinding ``out`` to the densified map frees the sparse features before the head
         # runs: at the head's peak CAD then holds one map of the backbone output, as the dense
         # model does
@@ -293,11 +294,18 @@ class CADSegmentation(CADModel):
             return x.dense(consume=True)
         return x
 
-    @staticmethod
-    def _run_head(head: nn.Module, *inputs) -> Features:
+    #: run the dense heads compiled (``adapters.optimize_for_inference``)
+    compile_dense = False
+
+    def _run_head(self, head: nn.Module, *inputs) -> Features:
         if any(isinstance(x, CADTensor) for x in inputs):  # sparse: release its workspaces
             with workspace_scope():
                 return head(*inputs)
+        if self.compile_dense:  # a dense head on a dense map: one graph, as the dense model's
+            from .inference import kept_compiled
+
+            name = next(n for n, m in self.named_children() if m is head)
+            return kept_compiled(self, f"_compiled_{name}", lambda: head)(*inputs)
         return head(*inputs)
 
     def forward(self, images: torch.Tensor, keep) -> "OrderedDict[str, torch.Tensor]":

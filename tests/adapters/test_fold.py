@@ -264,6 +264,31 @@ def test_optimize_for_inference_compiles_the_dense_stages(monkeypatch):
     assert twin.__dict__["_compiled_dense"][1] is not kept[1]
 
 
+def test_optimize_for_inference_compiles_a_dense_head():
+    """A segmentation model's dense head (on the densified map) runs compiled too, with the
+    eager model's values (float32 tolerance, a batch of 2 with mixed masks); a sparse head
+    stays eager."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.resnet import BasicBlock, ResNet
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+
+    from adapters import optimize_for_inference
+
+    torch.manual_seed(0)
+    backbone = IntermediateLayerGetter(ResNet(BasicBlock, [1, 1, 1, 1]), {"layer4": "out"})
+    source = emu.prepare(DeepLabV3(backbone, DeepLabHead(512, 5)))
+    x = images().float().contiguous(memory_format=torch.channels_last)
+    for sparse_head in (False, True):
+        cad = convert(source, 8, 16, sparse_head=sparse_head).float()
+        spec = emu.mixed_masks(3, 2, (7, 9), cad.num_levels, "levels")[0]
+        fast = optimize_for_inference(cad, compile_dense=True)
+        with torch.inference_mode():
+            want = cad(x, spec)["out"]
+            got = fast(x, spec)["out"]
+        emu.assert_rel(got, want, torch.float32)
+        assert ("_compiled_classifier" in fast.__dict__) == (not sparse_head)
+
+
 def test_optimize_for_inference_refusals():
     from adapters import optimize_for_inference
 
