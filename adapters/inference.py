@@ -69,7 +69,8 @@ def optimize_for_inference(model: nn.Module, compile_dense: bool = False,
     a 2-core CPU, and so does the first at a new image size or dtype). Call it after
     ``model.to(device, dtype, memory_format)``: the compiled stages keep the weights they were
     compiled with. A forward that returns a dense stage's own output (``return_layers``) runs
-    those stages eagerly. ``inplace=False`` (default) works on a deep copy."""
+    those stages eagerly, and so does one where a layer of them is hooked (a MAC count: a
+    compiled graph calls no hooks). ``inplace=False`` (default) works on a deep copy."""
     if not isinstance(compile_dense, bool):
         raise TypeError(f"compile_dense must be a bool, got {compile_dense!r}")
     model = fold_batchnorm(model, inplace=inplace)

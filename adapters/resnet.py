@@ -454,7 +454,9 @@ class _ResNetTrunk:
         densified map (:func:`_run_blocks`)."""
         captured = {}
         x = images
-        if self.compile_dense and not any(n in capture for n in self.dense_names):
+        if (self.compile_dense and not any(n in capture for n in self.dense_names)
+                and not any(hooked(m) for n in self.dense_names
+                            for m in getattr(self, n).modules())):  # hooks: see _run_head
             x = self._compiled_dense_stages()(x)
         else:
             for name in self.dense_names:

@@ -31,7 +31,7 @@ from torchvision.models.segmentation.deeplabv3 import (ASPP, ASPPConv, ASPPPooli
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 from cad_spconv.engines import workspace_scope
-from cad_spconv.nn import CADAdaptiveAvgPool2d
+from cad_spconv.nn import CADAdaptiveAvgPool2d, hooked
 from cad_spconv.tensor import CADTensor
 
 from .common import (POINTWISE, CADModel, UnsupportedModelError, cad_conv, cad_layer,
@@ -301,7 +301,9 @@ class CADSegmentation(CADModel):
         if any(isinstance(x, CADTensor) for x in inputs):  # sparse: release its workspaces
             with workspace_scope():
                 return head(*inputs)
-        if self.compile_dense:  # a dense head on a dense map: one graph, as the dense model's
+        # a dense head on a dense map: one graph, as the dense model's (eager where a layer is
+        # hooked, a MAC count: a compiled graph calls no hooks)
+        if self.compile_dense and not any(hooked(m) for m in head.modules()):
             from .inference import kept_compiled
 
             name = next(n for n, m in self.named_children() if m is head)

@@ -266,8 +266,9 @@ def test_optimize_for_inference_compiles_the_dense_stages(monkeypatch):
 
 def test_optimize_for_inference_compiles_a_dense_head():
     """A segmentation model's dense head (on the densified map) runs compiled too, with the
-    eager model's values (float32 tolerance, a batch of 2 with mixed masks); a sparse head
-    stays eager."""
+    eager model's values (float32 tolerance, a batch of 2 with mixed masks), and eagerly
+    where hooked, so that a MAC count sees its layers; a sparse head stays eager."""
+    from cad_spconv import count_macs
     from torchvision.models._utils import IntermediateLayerGetter
     from torchvision.models.resnet import BasicBlock, ResNet
     from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
@@ -282,9 +283,15 @@ def test_optimize_for_inference_compiles_a_dense_head():
         cad = convert(source, 8, 16, sparse_head=sparse_head).float()
         spec = emu.mixed_masks(3, 2, (7, 9), cad.num_levels, "levels")[0]
         fast = optimize_for_inference(cad, compile_dense=True)
+        want_macs = count_macs(cad, x, spec)["total"]
+        # counted before and after the first forward (which compiles), twice: a graph compiled
+        # under the counter's hooks, or one that ran hooked layers, would miss them
+        assert count_macs(fast, x, spec)["total"] == want_macs
         with torch.inference_mode():
             want = cad(x, spec)["out"]
             got = fast(x, spec)["out"]
+            for _ in range(2):  # as the bench counts: in inference mode too
+                assert count_macs(fast, x, spec)["total"] == want_macs
         emu.assert_rel(got, want, torch.float32)
         assert ("_compiled_classifier" in fast.__dict__) == (not sparse_head)
 
