@@ -38,8 +38,12 @@ def compiled_for_inference(fn):
 
     # fullgraph: a dense network traces whole; a graph break, or dynamo's limit of compiled
     # versions per code object (past it, it runs the function eagerly), is an error instead
-    # of a silently slower network
-    compiled = torch.compile(fn, fullgraph=True)
+    # of a silently slower network. dynamic=False: every input shape gets a graph of its own.
+    # Dynamo's automatic dynamic shapes would compile the second shape a code object meets
+    # with symbolic sizes, and there freezing prepacks no conv weight: a converted model's
+    # dense head (nn.Sequential.forward, the code of its dense stages too) then reordered
+    # each weight on every call (a whole DeepLabV3-ResNet101 in bfloat16: BENCHMARKS.md)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
 
     @functools.wraps(fn)
     def run(*args):
