@@ -72,13 +72,10 @@ def test_dense_owner_fill_and_spconv_scatter():
         x.dense("step")
 
 
-@pytest.mark.parametrize("levels", ["0 or 1 or 2", "1 or 2", "all 0", "all 1", "all 2"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
-def test_owner_fill_on_every_kind_of_plan(levels, dtype):
-    """Owner fill and the step's grid at every step, whichever shortcut applies (sites all
-    the cells of one grid, or not), against the emulation's fill; integer features too."""
-    rng = np.random.default_rng(8)
-    grid, L = (13, 11), 2
+def _plan_of_kind(levels: str, rng, grid=(13, 11), L=2):
+    """(level map, plan) of 3 images on an odd grid: ``"all l"`` every cell at level l (the
+    sites one grid's cells), else random multi-level masks that differ per image (``"1 or
+    2"``: nothing kept at level 0)."""
     if levels.startswith("all"):
         level_map = np.full((3, *grid), int(levels[-1]))
     else:
@@ -86,7 +83,17 @@ def test_owner_fill_on_every_kind_of_plan(levels, dtype):
         if levels == "1 or 2":
             masks[0][:] = False
         level_map = ref.levels_from_masks(masks, L)
-    plan = LevelPlan.from_level_map(torch.from_numpy(level_map), L)
+    return level_map, LevelPlan.from_level_map(torch.from_numpy(level_map), L)
+
+
+@pytest.mark.parametrize("levels", ["0 or 1 or 2", "1 or 2", "all 0", "all 1", "all 2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
+def test_owner_fill_on_every_kind_of_plan(levels, dtype):
+    """Owner fill and the step's grid at every step, whichever shortcut applies (sites all
+    the cells of one grid, or not), against the emulation's fill; integer features too."""
+    rng = np.random.default_rng(8)
+    level_map, plan = _plan_of_kind(levels, rng)
+    L = plan.num_levels
     for step in range(L + 1):
         feats = torch.from_numpy(rng.integers(-99, 99, (plan.num_sites(step), 5))).to(dtype)
         x = CADTensor(feats, plan, step)
@@ -170,16 +177,8 @@ def test_dense_consume_builds_the_map_in_the_features_buffer(levels, inference, 
     from cad_spconv.tensor import features_with_room
     if chunk_rows is not None:
         monkeypatch.setattr(tensor, "_IN_PLACE_CHUNK_BYTES", chunk_rows * 5 * 8)
-    rng = np.random.default_rng(12)
-    grid, L = (13, 11), 2
-    if levels.startswith("all"):
-        level_map = np.full((3, *grid), int(levels[-1]))
-    else:
-        masks = [rng.uniform(size=(3, *grid)) < 0.05 for _ in range(L)]
-        if levels == "1 or 2":
-            masks[0][:] = False
-        level_map = ref.levels_from_masks(masks, L)
-    plan = LevelPlan.from_level_map(torch.from_numpy(level_map), L)
+    plan = _plan_of_kind(levels, np.random.default_rng(12))[1]
+    L = plan.num_levels
     for step in range(L + 1):
         for kwargs in ({}, {"channels_first": False}, {"grid": "step"}, {"fill": "scatter"}):
             with torch.inference_mode(inference):
