@@ -12,15 +12,17 @@ stem and the stages up to the finest stride) to ``torch.compile`` as one graph, 
 PyTorch recommends for CPU inference (:func:`compiled_for_inference`), and a segmentation
 model's dense heads (on the densified map) each as one graph too: the dense network a user
 compares CAD with can be compiled too, and CAD's dense prefix and dense heads are the same
-network. The adaptive stages stay eager: their site counts change with every mask, and their rulebook caches
-and data-dependent ops break graphs (BENCHMARKS.md, issue 14).
+network. The adaptive stages stay eager: their site counts change with every mask, and their
+rulebook caches and data-dependent ops break graphs (BENCHMARKS.md, issue 14).
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
 from .fold import fold_batchnorm
 
@@ -31,37 +33,54 @@ def compiled_for_inference(fn):
     """``torch.compile(fn)`` as PyTorch recommends it for CPU inference: inductor with the
     weights frozen into constants (batch norm folded into the convs, their weights prepacked
     for oneDNN, activations and residual adds fused into them), the whole function as one
-    graph. It compiles on the first call, and again for a new input shape or dtype; the frozen
+    graph. It compiles on the first call, and again for a new input shape or dtype (static
+    shapes; past dynamo's recompile limit it runs eagerly, with a warning); the frozen
     weights are copies, so changing the module's weights afterwards does not reach it.
     Freezing applies without autograd (``torch.inference_mode()`` or ``torch.no_grad()``)."""
     import torch._inductor.config as inductor_config
 
-    # fullgraph: a dense network traces whole; a graph break, or dynamo's limit of compiled
-    # versions per code object (past it, it runs the function eagerly), is an error instead
-    # of a silently slower network. dynamic=False: every input shape gets a graph of its own.
+    # fullgraph: a dense network traces whole; a graph break is an error instead of a
+    # silently slower network (past dynamo's limit of graphs per code object: eager, with a
+    # warning, below). dynamic=False: every input shape gets a graph of its own.
     # Dynamo's automatic dynamic shapes would compile the second shape a code object meets
     # with symbolic sizes, and there freezing prepacks no conv weight: a converted model's
     # dense head (nn.Sequential.forward, the code of its dense stages too) then reordered
     # each weight on every call (a whole DeepLabV3-ResNet101 in bfloat16: BENCHMARKS.md)
     compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    eager = []  # set once dynamo's recompile limit is hit
 
     @functools.wraps(fn)
     def run(*args):
+        if eager:
+            return fn(*args)
         # inductor reads the setting when it compiles (the first call, and any recompile);
         # torch.compile(options={"freezing": True}) did not reach it (1.7x the time, measured)
-        with inductor_config.patch(freezing=True):
-            return compiled(*args)
+        try:
+            with inductor_config.patch(freezing=True):
+                return compiled(*args)
+        except FailOnRecompileLimitHit:
+            # one static graph per input shape, each with its own prepacked weights: past
+            # dynamo's limit of graphs per code object (nn.Sequential.forward is shared by
+            # every compiled stage and head), eager from here on, said once
+            warnings.warn(f"compiled_for_inference: {type(fn).__name__} met more input shapes "
+                          "than dynamo compiles graphs for (torch._dynamo.config."
+                          "recompile_limit); it runs eagerly from now on", RuntimeWarning,
+                          stacklevel=2)
+            eager.append(True)
+            return fn(*args)
     return run
 
 
-def kept_compiled(owner: nn.Module, key: str, make):
+def kept_compiled(owner: nn.Module, key: str, make, source=None):
     """``compiled_for_inference(make())``, made on first use and kept in ``owner`` under
     ``key`` (a deep copy of ``owner`` makes its own: the kept one runs the original's
-    modules)."""
+    modules), and made anew where ``source`` (the module it compiles) is no longer the one
+    it was made from (a replaced head)."""
     kept = owner.__dict__.get(key)
-    if kept is None or kept[0] != id(owner):  # an id: a deep copy would map owner to itself
-        kept = owner.__dict__[key] = (id(owner), compiled_for_inference(make()))
-    return kept[1]
+    # an id: a deep copy would map owner to itself
+    if kept is None or kept[0] != id(owner) or kept[1] is not source:
+        kept = owner.__dict__[key] = (id(owner), source, compiled_for_inference(make()))
+    return kept[2]
 
 
 def optimize_for_inference(model: nn.Module, compile_dense: bool = False,

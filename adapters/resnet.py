@@ -468,9 +468,11 @@ class _ResNetTrunk:
         for name in self.sparse_names:
             held = [x]
             del x  # the stage input is freed when its first block lets it go
+            # owned: neither returned nor seen by a hook of the stage that made it
+            owned = previous not in capture and not any(
+                hooked(m) for m in getattr(self, previous).modules())
             x = _run_blocks(getattr(self, name), held,
-                            room_for_dense and name == self.sparse_names[-1],
-                            owned=previous not in capture)
+                            room_for_dense and name == self.sparse_names[-1], owned)
             if name in capture:
                 captured[name] = x
             previous = name

@@ -307,7 +307,7 @@ class CADSegmentation(CADModel):
             from .inference import kept_compiled
 
             name = next(n for n, m in self.named_children() if m is head)
-            return kept_compiled(self, f"_compiled_{name}", lambda: head)(*inputs)
+            return kept_compiled(self, f"_compiled_{name}", lambda: head, head)(*inputs)
         return head(*inputs)
 
     def forward(self, images: torch.Tensor, keep) -> "OrderedDict[str, torch.Tensor]":

@@ -91,7 +91,7 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
     if residual is not None:
         _check_residual(x, residual, weight.shape[0], _step_out(x, stride))
     if out is not None:
-        _check_out(x, out, weight, bias, _step_out(x, stride))
+        _check_out(x, out, weight, bias, _step_out(x, stride), residual)
     levels = _grid_levels(x, weight, bias, stride, groups, engine)
     if levels is not None:
         y = _grid_conv(x, weight, bias, levels, dil, groups, relu, residual, residual_inplace)
@@ -103,7 +103,7 @@ def conv2d(x: CADTensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = No
     return x.replace_feature(y, book.step_out)
 
 
-def _check_out(x: CADTensor, out, weight, bias, step_out: int) -> None:
+def _check_out(x: CADTensor, out, weight, bias, step_out: int, residual) -> None:
     want = (x.plan.num_sites(step_out), weight.shape[0])
     dtype = conv_dtype(x.features, weight, bias)
     if not isinstance(out, torch.Tensor):
@@ -113,6 +113,12 @@ def _check_out(x: CADTensor, out, weight, bias, step_out: int) -> None:
         raise ValueError(f"out must be a {list(want)} {dtype} tensor on {x.features.device} "
                          f"(the output's features), got {list(out.shape)} {out.dtype} on "
                          f"{out.device}")
+    if out.numel():
+        ptr = out.untyped_storage().data_ptr()
+        for name, t in (("input", x), ("residual", residual)):
+            if t is not None and t.features.untyped_storage().data_ptr() == ptr:
+                raise ValueError(f"out shares memory with the {name}'s features, which the conv "
+                                 "reads; pass a separate buffer")
 
 
 def _check_residual(x: CADTensor, residual, c_out: int, step_out: int) -> None:

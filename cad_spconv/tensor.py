@@ -111,6 +111,7 @@ class CADTensor(SparseConvTensor):
             raise ValueError(f"fill must be 'owner' or 'scatter', got {fill!r}")
         if not isinstance(consume, bool):
             raise TypeError(f"consume must be a bool, got {consume!r}")
+        self.features  # a released tensor: the clear error, not a failure further down
         if consume:
             res = (self._dense_in_place() if fill == "owner" and grid == "finest" and out is None
                    and self.plan.grid_level(self.step) != 0 else None)
@@ -165,11 +166,12 @@ class CADTensor(SparseConvTensor):
         B, (H, W), C = self.batch_size, self.plan.grid, f.shape[1]
         rows = B * H * W
         storage = f.untyped_storage()
-        # Python references: the attribute, ``f`` and getrefcount's argument; tensors on the
-        # storage: ``f`` and the storage object above (another view would be a third)
+        # Python references: the attribute and ``f`` (as _REFS_WHEN_EXCLUSIVE counted them on
+        # this interpreter); tensors on the storage: ``f`` and the storage object above
+        # (another view would be a third)
         if (f.requires_grad or f.grad_fn is not None or not f.is_contiguous()
                 or f.storage_offset() != 0 or storage.nbytes() < rows * C * f.element_size()
-                or sys.getrefcount(f) != 3 or _storage_users(storage) != 2):
+                or sys.getrefcount(f) != _REFS_WHEN_EXCLUSIVE or _storage_users(storage) != 2):
             return None
         owner = self.plan.geometry(self.step).owner.reshape(-1)
         buf = torch.empty(0, dtype=f.dtype, device=f.device).set_(storage, 0, (rows, C))
@@ -203,7 +205,7 @@ class CADTensor(SparseConvTensor):
         the step of the new features, default this one's). spconv's modules call it with one
         argument."""
         step = self.step if step is None else step
-        if (type(feature) is not torch.Tensor or feature.dim() != 2
+        if (type(feature) is not torch.Tensor or feature.dim() != 2 or self._features is None
                 or feature.device != self._features.device):
             return CADTensor(feature, self.plan, step, self.cache)  # full checks, clear errors
         # every op derives a tensor: built without the constructor (spconv's fx metaclass call,
@@ -284,6 +286,9 @@ class CADTensor(SparseConvTensor):
 
     def __repr__(self) -> str:
         H, W = self.plan.grid
+        if self._features is None:
+            return (f"CADTensor(released, step={self.step}/{self.plan.num_levels}, grid={H}x{W}, "
+                    f"batch={self.batch_size})")
         return (f"CADTensor(sites={self.num_sites}, channels={self.num_channels}, step={self.step}"
                 f"/{self.plan.num_levels}, grid={H}x{W}, batch={self.batch_size}, "
                 f"dtype={self.dtype}, device={self.device})")
@@ -291,6 +296,23 @@ class CADTensor(SparseConvTensor):
 
 # rows per chunk of the in-place densification: this many bytes (a scratch chunk in cache)
 _IN_PLACE_CHUNK_BYTES = 1 << 20
+
+
+class _Holder:
+    _features = None
+
+
+def _refs_when_exclusive() -> int:
+    """``sys.getrefcount`` of a tensor held by one attribute and read into a local, as
+    :meth:`CADTensor._dense_in_place` reads it (interpreters count borrowed references
+    differently)."""
+    holder = _Holder()
+    holder._features = torch.empty(0)
+    f = holder._features
+    return sys.getrefcount(f)
+
+
+_REFS_WHEN_EXCLUSIVE = _refs_when_exclusive()
 
 
 def _storage_users(storage) -> Optional[int]:

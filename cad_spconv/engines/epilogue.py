@@ -67,7 +67,8 @@ def apply(out: torch.Tensor, relu: bool, residual: Optional[torch.Tensor],
     a block's result stays in its shortcut's buffer as where the conv fuses it
     (:func:`conv_map`): a buffer given room for the densified map keeps it."""
     if residual is not None:
-        if residual_inplace and not tracks_grad(out, residual, None):
+        if (residual_inplace and residual.dtype == out.dtype
+                and not tracks_grad(out, residual, None)):
             residual += out
             out = residual
         else:

@@ -15,10 +15,10 @@ the bias and applies a ReLU (the conv's epilogue) before rounding.
 
 Per block of 64 sites (128 for filters beyond L2, :func:`block_rows`) it copies their
 ``9 x C_in`` input rows (but where 16 sites read 16 consecutive rows at a tap, a run in a row
-of one level: those the tiles read in place) into a per-thread buffer that stays in cache, laid out as AMX tiles read it (per 32 sites and 32
-values, one 2 KB block), multiplies them with the filters (:func:`packed_filters`) on AMX tiles
-of its own, 32 sites x 32 filter columns at a time with all ``9 C_in`` products summed in
-float32 inside the tiles, and writes the sums, rounded once to bfloat16, straight to their
+of one level: those the tiles read in place) into a per-thread buffer that stays in cache,
+laid out as AMX tiles read it (per 32 sites and 32 values, one 2 KB block), multiplies them
+with the filters (:func:`packed_filters`) on AMX tiles of its own, 32 sites x 32 filter
+columns at a time with all ``9 C_in`` products summed in float32 inside the tiles, and writes the sums, rounded once to bfloat16, straight to their
 output rows: no 8 MiB im2col chunk in memory, no separate scatter, and no per-tap call into a
 library micro-kernel. Same rounding as the engine's ``torch.mm`` route (one float32 sum per
 output, rounded once to nearest even; sums below ``2^-126`` flush to zero, as AMX's dot products

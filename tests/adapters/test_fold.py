@@ -101,6 +101,14 @@ def test_a_stage_input_is_released_after_its_shortcut_unless_returned(monkeypatc
         assert released == want
         for key in plain:
             emu.assert_rel(got[key], plain[key])
+    # a hook that keeps a stage's output (on its last block): the next stage leaves it alone
+    folded = fold_batchnorm(convert(source, 8, 32))
+    kept = []
+    folded.layer3[-1].register_forward_hook(lambda m, i, o: kept.append(o))
+    released.clear()
+    with torch.no_grad():
+        folded(x, spec)
+    assert released == [0] and kept[0].features.shape[0] > 0
 
 
 def test_a_returned_stem_conv_is_not_folded():
@@ -261,7 +269,7 @@ def test_optimize_for_inference_compiles_the_dense_stages(monkeypatch):
         twin = copy.deepcopy(fast)
         emu.assert_rel(twin(x, spec)["out"], want["out"], torch.float32)
     kept = fast.__dict__["_compiled_dense"]
-    assert twin.__dict__["_compiled_dense"][1] is not kept[1]
+    assert twin.__dict__["_compiled_dense"][2] is not kept[2]
 
 
 def test_optimize_for_inference_compiles_a_dense_head():
@@ -294,6 +302,26 @@ def test_optimize_for_inference_compiles_a_dense_head():
                 assert count_macs(fast, x, spec)["total"] == want_macs
         emu.assert_rel(got, want, torch.float32)
         assert ("_compiled_classifier" in fast.__dict__) == (not sparse_head)
+
+
+def test_compiled_for_inference_runs_eagerly_past_the_recompile_limit(monkeypatch):
+    """One static graph per input shape; past dynamo's recompile limit the function runs
+    eagerly, with one warning, and gives the same values."""
+    import torch._dynamo.config as dynamo_config
+
+    from adapters import compiled_for_inference
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
+    conv = nn.Conv2d(3, 4, 3, padding=1).eval()
+    run = compiled_for_inference(conv)
+    with torch.inference_mode():
+        a, b = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 6, 10)
+        torch.testing.assert_close(run(a), conv(a))
+        with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
+            torch.testing.assert_close(run(b), conv(b))
+        torch.testing.assert_close(run(a), conv(a))
+    torch._dynamo.reset()
 
 
 def test_optimize_for_inference_refusals():

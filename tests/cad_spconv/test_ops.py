@@ -118,6 +118,10 @@ def test_conv_into_a_given_output(case, engine, dtype, k, stride, bias):
         CF.conv2d(x, w.detach(), b, 1, out=torch.empty(x.num_sites, 12, dtype=torch.int32))
     with pytest.raises(TypeError, match="out must be a tensor"):
         CF.conv2d(x, w.detach(), b, 1, out=[0.0])
+    if k == 1 and stride == 1:  # C -> C: the input's own features would fit
+        w8 = torch.randn(8, 8, 1, 1, generator=gen).to(dtype)
+        with pytest.raises(ValueError, match="shares memory with the input"):
+            CF.conv2d(x, w8, None, 1, out=x.features)
 
 
 @pytest.mark.parametrize("case", CASES)

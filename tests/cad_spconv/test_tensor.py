@@ -228,6 +228,11 @@ def test_dense_consume_leaves_shared_features_alone():
     assert got.requires_grad and got.data_ptr() != want.data_ptr()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(x.dense(consume=True), want, rtol=0, atol=0)  # no room
+    with pytest.raises(RuntimeError, match="features were released"):  # consumed twice
+        x.dense(consume=True)
+    assert "released" in repr(x)
+    again = x.replace_feature(torch.zeros(x.plan.num_sites(1), 3, dtype=torch.float64))
+    assert again.num_sites == x.plan.num_sites(1)  # a released tensor still makes new ones
     with pytest.raises(TypeError, match="consume must be a bool"):
         make_input(((9, 10), 2, "keep"), 1, 3, torch.float64, "cpu")[0].dense(consume=1)
 
