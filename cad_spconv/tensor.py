@@ -174,6 +174,8 @@ class CADTensor(SparseConvTensor):
                 or sys.getrefcount(f) != _REFS_WHEN_EXCLUSIVE or _storage_users(storage) != 2):
             return None
         owner = self.plan.geometry(self.step).owner.reshape(-1)
+        if bool((owner > torch.arange(rows, device=owner.device)).any()):
+            return None  # a site order other than the plan's raster order: not safe in place
         buf = torch.empty(0, dtype=f.dtype, device=f.device).set_(storage, 0, (rows, C))
         chunk = max(1, _IN_PLACE_CHUNK_BYTES // max(1, C * f.element_size()))
         tmp = f.new_empty(min(chunk, rows), C)

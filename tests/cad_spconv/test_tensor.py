@@ -198,6 +198,27 @@ def test_dense_consume_builds_the_map_in_the_features_buffer(levels, inference, 
                 x.features
 
 
+def test_dense_consume_in_place_needs_owners_in_raster_order():
+    """The in-place fill relies on each cell's owner coming at or before it: with an owner map
+    that breaks this (as another site order would), the map is a fresh one, and right."""
+    import dataclasses
+
+    from cad_spconv.tensor import features_with_room
+    plan = _plan_of_kind("0 or 1 or 2", np.random.default_rng(3))[1]
+    geo = plan.geometry(1)
+    owner = geo.owner.clone()
+    owner[0, 0, 0] = geo.num_sites - 1  # the first cell owned by the last site
+    plan._geometry[1] = dataclasses.replace(geo, owner=owner)
+    feats = torch.randn(plan.num_sites(1), 5, dtype=torch.float64)
+    want = CADTensor(feats, plan, 1).dense()
+    room = features_with_room(plan, 1, 5, torch.float64).copy_(feats)
+    x, ptr = CADTensor(room, plan, 1), room.data_ptr()
+    del room
+    got = x.dense(consume=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.data_ptr() != ptr
+
+
 def test_dense_consume_leaves_shared_features_alone():
     """Where anything else holds the features (another tensor on them, a view, autograd),
     ``dense(consume=True)`` builds a fresh map and the other holder's values stay as they
