@@ -18,6 +18,7 @@ rulebook caches and data-dependent ops break graphs (BENCHMARKS.md, issue 14).
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 
 import torch
@@ -41,12 +42,12 @@ def compiled_for_inference(fn):
 
     # fullgraph: a dense network traces whole; a graph break is an error instead of a
     # silently slower network (past dynamo's limit of graphs per code object: eager, with a
-    # warning, below). dynamic=False: every input shape gets a graph of its own.
-    # Dynamo's automatic dynamic shapes would compile the second shape a code object meets
-    # with symbolic sizes, and there freezing prepacks no conv weight: a converted model's
-    # dense head (nn.Sequential.forward, the code of its dense stages too) then reordered
-    # each weight on every call (a whole DeepLabV3-ResNet101 in bfloat16: BENCHMARKS.md)
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    # warning, below). dynamic=False: every input shape gets a graph of its own. Dynamo's
+    # automatic dynamic shapes would compile the second shape a code object meets with
+    # symbolic sizes, and there freezing prepacks no conv weight: a converted model's dense
+    # head, compiled as nn.Sequential.forward like its dense stages before it, reordered each
+    # weight on every call (a whole DeepLabV3-ResNet101 in bfloat16: BENCHMARKS.md)
+    compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False)
     eager = []  # set once dynamo's recompile limit is hit
 
     @functools.wraps(fn)
@@ -69,6 +70,19 @@ def compiled_for_inference(fn):
             eager.append(True)
             return fn(*args)
     return run
+
+
+def _own_code(fn):
+    """``fn`` called through a function with a code object of its own. Dynamo keys its
+    graphs, its recompile limit and its automatic dynamic shapes by code object: compiled
+    directly, every ``nn.Sequential`` (a converted model's dense stages and heads, any
+    other in the process) would share ``Sequential.forward``'s, and so its limit and the
+    shapes the others met."""
+    def call(*args):
+        return fn(*args)
+
+    return types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__,
+                              call.__defaults__, call.__closure__)
 
 
 def kept_compiled(owner: nn.Module, key: str, make, source=None):

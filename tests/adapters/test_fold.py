@@ -304,23 +304,32 @@ def test_optimize_for_inference_compiles_a_dense_head():
         assert ("_compiled_classifier" in fast.__dict__) == (not sparse_head)
 
 
-def test_compiled_for_inference_runs_eagerly_past_the_recompile_limit(monkeypatch):
+def test_compiled_for_inference_runs_eagerly_past_the_recompile_limit():
     """One static graph per input shape; past dynamo's recompile limit the function runs
     eagerly, with one warning, and gives the same values."""
+    import warnings
+
     import torch._dynamo.config as dynamo_config
 
     from adapters import compiled_for_inference
 
     torch._dynamo.reset()
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
     conv = nn.Conv2d(3, 4, 3, padding=1).eval()
     run = compiled_for_inference(conv)
-    with torch.inference_mode():
+    with torch.inference_mode(), dynamo_config.patch(recompile_limit=1):
         a, b = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 6, 10)
         torch.testing.assert_close(run(a), conv(a))
         with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
             torch.testing.assert_close(run(b), conv(b))
         torch.testing.assert_close(run(a), conv(a))
+    # each compiled function has its own limit: three nn.Sequential (one forward code) under a
+    # limit of two compile without a warning
+    with torch.inference_mode(), dynamo_config.patch(recompile_limit=2), \
+            warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(3):
+            seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).eval()
+            torch.testing.assert_close(compiled_for_inference(seq)(a), seq(a))
     torch._dynamo.reset()
 
 
