@@ -260,15 +260,15 @@ class CADTensor(SparseConvTensor):
                                "(dense's map), or densify without consume to keep the tensor")
         return f
 
+    @features.setter
+    def features(self, value: torch.Tensor) -> None:
+        self._features = value
+
     def release(self) -> None:
         """Drop this tensor's reference to its features, for a caller that owns the tensor
         and is done with it (their memory is freed once nothing else holds them); reading
         them afterwards raises."""
         self._features = None
-
-    @features.setter
-    def features(self, value: torch.Tensor) -> None:
-        self._features = value
 
     @property
     def num_sites(self) -> int:

@@ -72,8 +72,8 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     ``residual`` (``[N_out, C_out]``) its epilogue too, ``relu(conv + residual)``: fused into
     the conv by engines that can (:attr:`~.base.Engine.fuses_epilogue`, see :mod:`.epilogue`),
     else applied to the output in place. ``residual_inplace``: the result may be written into
-    ``residual`` (fused: :func:`.epilogue.conv_map`; else :func:`.epilogue.apply`). ``out`` (``[N_out, C_out]``): the
-    tensor to return the result in, written by engines that can
+    ``residual`` (fused: :func:`.epilogue.conv_map`; else :func:`.epilogue.apply`). ``out``
+    (``[N_out, C_out]``): the tensor to return the result in, written by engines that can
     (:attr:`~.base.Engine.writes_out`), else copied into."""
     check_engine(engine)
     n_in, c_in = features.shape

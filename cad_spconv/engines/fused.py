@@ -18,11 +18,11 @@ Per block of 64 sites (128 for filters beyond L2, :func:`block_rows`) it copies 
 of one level: those the tiles read in place) into a per-thread buffer that stays in cache,
 laid out as AMX tiles read it (per 32 sites and 32 values, one 2 KB block), multiplies them
 with the filters (:func:`packed_filters`) on AMX tiles of its own, 32 sites x 32 filter
-columns at a time with all ``9 C_in`` products summed in float32 inside the tiles, and writes the sums, rounded once to bfloat16, straight to their
-output rows: no 8 MiB im2col chunk in memory, no separate scatter, and no per-tap call into a
-library micro-kernel. Same rounding as the engine's ``torch.mm`` route (one float32 sum per
-output, rounded once to nearest even; sums below ``2^-126`` flush to zero, as AMX's dot products
-flush them).
+columns at a time with all ``9 C_in`` products summed in float32 inside the tiles, and writes
+the sums, rounded once to bfloat16, straight to their output rows: no 8 MiB im2col chunk in
+memory, no separate scatter, and no per-tap call into a library micro-kernel. Same rounding
+as the engine's ``torch.mm`` route (one float32 sum per output, rounded once to nearest even;
+sums below ``2^-126`` flush to zero, as AMX's dot products flush them).
 
 Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 08:31): the
 DeepLabV3-ResNet101 backbone at edge 0.35 in 0.895 of the engine's time, 0.924 of the time of
@@ -418,8 +418,8 @@ def block_rows(c_out: int, k: int) -> int:
     the filters outgrow L2 (2 MiB on these Xeons), so that each pass over them from L3
     serves twice the sites, while the rows stay within 1.5 MiB. Measured on the edge masks'
     rulebooks (AMX Xeon, 2 threads, interleaved): at 512 channels (4.5 MiB of filters) 128
-    sites took 0.90-0.93 of 64's time (96: 0.92-0.94, 160: about 1.0); at 256 (1.1 MiB) 32
-    to 128 were within 3 % of each other."""
+    sites took 0.90-0.93 of 64's time (96: 0.92-0.94, 160: about 1.0); at 256 (1.1 MiB) 96
+    and 128 were within 2 % of 64 (32: 0.94-1.0 of it, not tried in the network)."""
     if BLOCK_ROWS is not None:
         return BLOCK_ROWS
     fits = 128 * k * 2 <= 3 << 19
