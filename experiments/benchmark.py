@@ -229,7 +229,9 @@ def report(results_dir: str) -> str:
         fastest = [min((n for n, e in v["variants"].items() if e["kind"] == "dense_fine"),
                        key=lambda n, v=v: v["variants"][n]["seconds"]) for v in r["inputs"]]
 
-        def peaks(key):
+        def peaks(key, *more):
+            """(dense, CAD) per input: ``key``, or with ``more`` the sum of those keys, where
+            either side has it"""
             out = []
             for k, v in enumerate(per):
                 dense = v["variants"][fastest[k]] if len(per) == len(fastest) else min(
@@ -237,14 +239,24 @@ def report(results_dir: str) -> str:
                     key=lambda e: e["seconds"])
                 cad = v["variants"].get(f"cad[{engine}]") or next(
                     e for e in v["variants"].values() if e["kind"] == "cad")
-                if dense.get(key) and cad.get(key):
+                if more:
+                    both = [sum(e.get(k, 0) for k in (key, *more)) for e in (dense, cad)]
+                    if any(both):
+                        out.append(tuple(both))
+                elif dense.get(key) and cad.get(key):
                     out.append((dense[key], cad[key]))
             return out
         rss, tensors = peaks("peak_bytes"), peaks("peak_tensor_bytes")
+        # what each side holds between runs (in both peaks): a compiled graph's frozen
+        # weights, the engines' caches, a reused output buffer
+        kept = peaks("kept_state_bytes", "engine_cache_bytes", "output_buffer_bytes")
         peak = " ; ".join(f"{a / 2 ** 20:.0f} / {b / 2 ** 20:.0f}" for a, b in rss)
         if tensors:
             peak += " (tensors " + " ; ".join(f"{a / 2 ** 20:.0f} / {b / 2 ** 20:.0f}"
                                                for a, b in tensors) + ")"
+        if kept:
+            peak += ", of which held between runs " + " ; ".join(
+                f"{a / 2 ** 20:.0f} / {b / 2 ** 20:.0f}" for a, b in kept)
         name = os.path.basename(path)[:-5]
         setting, ok, memory_ok = verdict(cfg, c, tensors or rss)
         # the largest max / min of one variant's timed runs: above NOISY_SPREAD the machine

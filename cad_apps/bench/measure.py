@@ -140,6 +140,53 @@ def _peak_memory(fn, args, device):
     return sampler.delta
 
 
+def _held_tensors() -> dict:
+    """The CPU tensor storages Python objects hold now, found through the garbage collector
+    (which tracks every tensor object): ``{(data_ptr, bytes): weak reference to a tensor on
+    it}``. A compiled graph's frozen weights are Python attributes of its modules, so they
+    show; fake and meta tensors (a compiler's) have no storage here and do not."""
+    import gc
+    import weakref
+
+    import torch
+
+    gc.collect()
+    held = {}
+    for obj in gc.get_objects():
+        # type(), not isinstance: that reads __class__, which deprecated objects warn on
+        if not issubclass(type(obj), torch.Tensor) or obj.device.type != "cpu":
+            continue
+        try:
+            if obj.layout == torch._mkldnn:  # an opaque oneDNN tensor: no storage to share
+                key = ("mkldnn", id(obj), obj.numel() * obj.element_size())
+            else:
+                s = obj.untyped_storage()
+                if s.device.type != "cpu" or not s.data_ptr():
+                    continue
+                key = (s.data_ptr(), s.nbytes())
+            held.setdefault(key, weakref.ref(obj))
+        except (RuntimeError, NotImplementedError, TypeError):  # no storage (wrapper tensors)
+            continue
+    return held
+
+
+def _kept_state_bytes(refs: dict, exclude) -> int:
+    """Bytes of the storages among ``refs`` (new entries of :func:`_held_tensors`) that are
+    still held, but those whose ``data_ptr`` is in ``exclude`` (charged elsewhere)."""
+    seen = {}
+    for key, ref in refs.items():
+        t = ref()
+        if t is None:
+            continue
+        if key[0] == "mkldnn":
+            seen[key] = key[2]
+            continue
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
 def _tensor_peak(fn, args) -> int:
     """CPU: the peak of the bytes held by live tensors during one run, above the level before
     it, from the profiler's allocation events (what the allocator was asked for, free of the
@@ -175,6 +222,22 @@ def _tensor_peak(fn, args) -> int:
 
 
 _MEASURED_RUN = "cad_bench.measured_run"
+
+
+def _state_held(variant, refs: dict) -> int:
+    """Bytes of the tensors ``variant``'s warm-ups left held (``refs``) that it still holds:
+    not the geometry the bench itself keeps for the replay (``variant.last``), not what is
+    charged on its own: the engines' kept caches (``held_bytes``) and the output buffers of
+    ``--reuse-output``."""
+    from cad_spconv.engines import kept_tensors
+
+    last, variant.last = variant.last, None
+    try:
+        charged = kept_tensors() + list((variant.kept_outputs or {}).values())
+        exclude = {t.untyped_storage().data_ptr() for t in charged}
+        return _kept_state_bytes(refs, exclude)
+    finally:
+        variant.last = last
 
 
 def _replay_geometry(plan, books, engine, device, plans: bool = True):
@@ -217,12 +280,20 @@ def bench_input(args, bench, images, keep, device, dtype, order_seed: int = 0) -
     # each variant's warm-ups read or built, over the inputs so far: what they hold is part of
     # what its forward needs, charged to it (an entry two variants use, to both)
     used = bench.setdefault("cache_use", {})
+    # and the other tensors its warm-ups left held (a compiled graph's frozen, prepacked
+    # weights: the dense networks' too), charged to it the same way, where still held
+    state = bench.setdefault("kept_state", {})
+    cpu_state = device.type == "cpu" and not args.no_memory
     for v in bench["variants"]:
         try:
+            before = _held_tensors() if cpu_state else {}
             with cache_use() as keys:
                 for _ in range(args.warmup):
                     outputs[v.name] = v.run(*states[v.name])
             used.setdefault(v.name, set()).update(keys)
+            if cpu_state:
+                state.setdefault(v.name, {}).update(
+                    (k, ref) for k, ref in _held_tensors().items() if k not in before)
         except Exception as exc:  # e.g. an engine without this dtype: report, go on
             if v.kind != "cad":
                 raise
@@ -261,6 +332,12 @@ def bench_input(args, bench, images, keep, device, dtype, order_seed: int = 0) -
             entry["peak_bytes"] = _peak_memory(v.run, states[v.name], device)
             if device.type == "cpu":
                 entry["peak_tensor_bytes"] = _tensor_peak(v.run, states[v.name])
+            held = _state_held(v, state.get(v.name, {})) if cpu_state else 0
+            if held and entry["peak_bytes"] is not None:
+                entry["kept_state_bytes"] = held
+                entry["peak_bytes"] += held
+                if "peak_tensor_bytes" in entry:
+                    entry["peak_tensor_bytes"] += held
             kept = held_bytes(used.get(v.name, ()), device)
             if entry["peak_bytes"] is None or not (kept or v.kind == "cad"):
                 continue

@@ -32,14 +32,15 @@ from . import products  # noqa: F401  isort:skip
 from .base import Engine, EngineUnsupported, check_bias, get_engine, register, registered
 from .dispatch import (check_engine, conv_dtype, engine_names, prepare,
                        select_engine, sparse_conv, sparse_max)
-from .layouts import (cache_use, cached_bytes, clear_caches, held_bytes, krsc_filters,
-                      weight_layout, weights_epoch, workspace_scope)
+from .layouts import (cache_use, cached_bytes, clear_caches, held_bytes, kept_tensors,
+                      krsc_filters, weight_layout, weights_epoch, workspace_scope)
 from .tuned import clear_tuned, tuned_choices, tuned_engines
 
 __all__ = ["ENGINES", "Engine", "EngineUnsupported", "register", "registered", "get_engine",
            "engine_names", "check_engine", "check_bias", "select_engine", "prepare", "sparse_conv",
            "conv_dtype", "sparse_max", "describe", "tuned_choices", "tuned_engines", "clear_tuned",
-           "weight_layout", "krsc_filters", "cached_bytes", "cache_use", "held_bytes",
+           "weight_layout", "krsc_filters", "cached_bytes", "kept_tensors", "cache_use",
+           "held_bytes",
            "workspace_scope", "clear_caches", "weights_epoch"]
 
 #: every valid ``engine=`` value (engines registered later show up in :func:`engine_names`)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import gemm
 from .layouts import tracks_grad, weight_layout
 
 __all__ = ["fuses", "apply", "conv_map", "fused_rows", "prepacked"]
@@ -82,7 +83,8 @@ def conv_map(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
              residual_inplace: bool = False, prepack: bool = True) -> torch.Tensor:
     """``relu(F.conv2d(x, ...) + residual)`` on NCHW maps (``residual`` shaped like the
     output; ``relu`` and ``residual`` optional). ``prepack``: where oneDNN runs it in
-    bfloat16, with the weight in oneDNN's own layout, kept (:func:`prepacked`); for maps
+    bfloat16 on a CPU with AMX, with the weight in oneDNN's own layout, kept
+    (:func:`prepacked`); for maps
     (grids, phase grids), not the feature matrices of :func:`fused_rows` (a number of rows
     per mask). ``residual_inplace``: where oneDNN fuses, the result is written into
     ``residual`` itself (returned), as inductor's frozen graphs do: no fresh output to
@@ -94,7 +96,7 @@ def conv_map(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                      residual, residual_inplace)
     unary = "relu" if relu else "none"
     pad, dil, step = list(padding), list(dilation), [stride, stride]
-    if prepack and x.dtype == torch.bfloat16:  # see prepacked: not float32
+    if prepack and x.dtype == torch.bfloat16 and gemm.CPU_AMX:  # see prepacked
         weight = prepacked(weight, pad, step, dil, groups, list(x.shape))
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, pad, step, dil, groups,
@@ -142,6 +144,10 @@ def prepacked(weight: torch.Tensor, padding: list, stride: list, dilation: list,
     convs are 5-8x slower and the reorder a small part of them (the 32 x 64 conv 7.13 against
     6.67 ms, 64 x 128 29.0 against 28.6), while the copy costs as much memory as every weight
     it packs (a DeepLabV3-ResNet101 backbone's live tensors went from 112 to 206-285 MiB).
+    AMX only (``gemm.CPU_AMX``): on an AMD EPYC with AVX512-BF16 the bfloat16 convs took the
+    same time either way (3x3, 2 threads: 256 -> 256 on 32 x 64 and 64 x 128 maps 5.6 and
+    21.5 ms unpacked, 1.00 and 0.98 of the prepacked time; 512 -> 512 at dilation 2, 0.99;
+    BENCHMARKS.md, 2026-12-07 17:24), and the copies were 40 MiB of the backbone's memory.
     Only for :func:`conv_map`'s oneDNN op: the result is no NCHW weight."""
     tag = ("onednn-conv", tuple(stride), groups)
     return weight_layout(weight, tag, lambda w: torch.ops.mkldnn._reorder_convolution_weight(

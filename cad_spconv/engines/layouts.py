@@ -7,9 +7,10 @@
 - :func:`workspace`: per-thread scratch buffers reused across calls (a fresh buffer per call
   costs page faults worth a third of a gather on CPU, BENCHMARKS.md), held until the outermost
   :func:`workspace_scope` exits (converted models run their sparse part in one), else kept.
-- :func:`cached_bytes`: how much of both is held, so that benchmarks count it in peak memory;
-  :func:`cache_use` and :func:`held_bytes`: which entries some calls read or built, and what
-  those hold (a benchmark charges each variant the caches its own runs need).
+- :func:`cached_bytes` (:func:`kept_tensors`): how much of both is held, so that benchmarks
+  count it in peak memory; :func:`cache_use` and :func:`held_bytes`: which entries some calls
+  read or built, and what those hold (a benchmark charges each variant the caches its own
+  runs need).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["weight_layout", "krsc_filters", "gemm_weight", "workspace", "workspace_scope",
-           "cached_bytes", "cache_use", "held_bytes", "tracks_grad", "clear_caches",
+           "cached_bytes", "kept_tensors", "cache_use", "held_bytes", "tracks_grad", "clear_caches",
            "weights_epoch"]
 
 _layouts: dict = {}
@@ -130,11 +131,16 @@ def workspace_scope():
             getattr(_workspaces, "buffers", {}).clear()
 
 
+def kept_tensors() -> list:
+    """What this thread's engines keep between calls: its workspaces and the weight layouts."""
+    return (list(getattr(_workspaces, "buffers", {}).values())
+            + [entry[2] for entry in list(_layouts.values())])
+
+
 def cached_bytes(device=None) -> int:
     """Bytes this thread's engines keep between calls (workspaces, weight layouts), on
     ``device`` (all devices if ``None``): memory a forward's peak does not show once warm."""
-    tensors = list(getattr(_workspaces, "buffers", {}).values())
-    return _bytes_on(tensors + [entry[2] for entry in list(_layouts.values())], device)
+    return _bytes_on(kept_tensors(), device)
 
 
 def _bytes_on(tensors, device) -> int:

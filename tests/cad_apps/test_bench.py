@@ -135,6 +135,32 @@ def test_reused_output_buffers_are_counted_and_checked(tmp_path, monkeypatch):
         bench.main(args)
 
 
+def test_tensors_a_warm_up_leaves_held_are_found_and_charged_once():
+    """What a variant's warm-ups leave held (a compiled graph's frozen, prepacked weights) is
+    found through the garbage collector and charged once per storage, while still held; what
+    is charged elsewhere (an engine's kept cache) is left out."""
+    from cad_apps.bench import measure
+
+    before = measure._held_tensors()
+    kept = torch.ones(1000, dtype=torch.float64)
+    view = kept[10:]  # the same storage: counted once
+    dropped = torch.ones(500)
+    other = torch.ones(3, dtype=torch.bfloat16)
+    new = {k: r for k, r in measure._held_tensors().items() if k not in before}
+    assert (kept.data_ptr(), 8000) in new and (dropped.data_ptr(), 2000) in new
+    del dropped
+    assert measure._kept_state_bytes(new, exclude=set()) == 8000 + 6
+    assert measure._kept_state_bytes(new, exclude={other.data_ptr()}) == 8000
+    del kept
+    assert view.untyped_storage().nbytes() == 8000  # the view holds it
+    assert measure._kept_state_bytes(new, exclude=set()) == 8000 + 6
+    del view
+    assert measure._kept_state_bytes(new, exclude=set()) == 6
+    # meta tensors (a compiler's fake ones) hold no memory
+    meta = torch.empty(1 << 20, device="meta")
+    assert not any(k[1] == meta.nbytes for k in measure._held_tensors() if k not in before)
+
+
 def test_a_variant_densifies_into_its_kept_buffer():
     """The first densified result that is not a view of the features becomes the buffer; every
     later result of that shape is that buffer, filled anew; a view is never kept."""
@@ -447,11 +473,17 @@ def test_memory_pass_peaks_compare_with_the_timed_runs_dense_pick(tmp_path):
     for name, mib in (("dense8[channels_last]", 100), ("dense8[nchw]", 300), ("cad[auto]", 200)):
         memory["variants"][name]["peak_tensor_bytes"] = mib << 20
         memory["variants"][name]["peak_bytes"] = mib << 20
+    # what each side held between runs, part of those peaks: a compiled graph's frozen
+    # weights, CAD's engine caches
+    memory["variants"]["dense8[channels_last]"]["kept_state_bytes"] = 60 << 20
+    memory["variants"]["dense8[nchw]"]["kept_state_bytes"] = 70 << 20
+    memory["variants"]["cad[auto]"]["engine_cache_bytes"] = 30 << 20
     (tmp_path / "cpu_float32_b1_edge0.35_memory.json").write_text(json.dumps(
         {"inputs": [memory]}))
     row = next(line for line in benchmark.report(str(tmp_path)).splitlines()
                if line.startswith("| cpu_float32_b1_edge0.35 "))
-    assert "(tensors 100 / 200)" in row and "memory missed" in row
+    assert "(tensors 100 / 200), of which held between runs 60 / 30 |" in row
+    assert "memory missed" in row
 
 
 def test_ratios_are_against_the_fastest_dense_variant_of_the_dtype():

@@ -211,12 +211,17 @@ def test_residual_inplace_writes_into_the_residual_without_autograd(case, k, dty
         assert torch.equal(res.features, kept if grad else want)
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepacked_weights_follow_changes_of_the_weight(dtype):
-    """oneDNN convs on maps read their weight prepacked and kept in bfloat16 (not in
-    float32): a weight changed in place gets a new layout, and another input shape reads the
-    kept one (the values of ``F.conv2d`` on the current weight)."""
+def test_prepacked_weights_follow_changes_of_the_weight(dtype, amx, monkeypatch):
+    """oneDNN convs on maps read their weight prepacked and kept in bfloat16 on AMX CPUs (not
+    in float32, nor without AMX, where it gained nothing): a weight changed in place gets a new
+    layout, and another input shape reads the kept one (the values of ``F.conv2d`` on the
+    current weight)."""
     import cad_spconv.engines as E
+    from cad_spconv.engines import gemm
+
+    monkeypatch.setattr(gemm, "CPU_AMX", amx)
 
     if dtype not in epilogue._FUSED_DTYPES:
         pytest.skip(f"oneDNN has no {dtype} convs on this CPU")
@@ -233,6 +238,6 @@ def test_prepacked_weights_follow_changes_of_the_weight(dtype):
             assert torch.equal(got, want)  # oneDNN's conv either way
             packed = [key for kind, key in kept
                       if kind == "layout" and key[1][0] == "onednn-conv"]
-            assert len(packed) == (dtype == torch.bfloat16)
+            assert len(packed) == (dtype == torch.bfloat16 and amx)
             with torch.no_grad():
                 w.mul_(-1)  # a changed weight: a new layout
