@@ -142,8 +142,8 @@ def _peak_memory(fn, args, device):
 
 def _held_tensors() -> dict:
     """The CPU tensor storages Python objects hold now, found through the garbage collector
-    (which tracks every tensor object): ``{(data_ptr, bytes): weak reference to a tensor on
-    it}``. A compiled graph's frozen weights are Python attributes of its modules, so they
+    (which tracks every tensor object): ``{(data_ptr, bytes): weak references to the tensors
+    on it}``. A compiled graph's frozen weights are Python attributes of its modules, so they
     show; fake and meta tensors (a compiler's) have no storage here and do not."""
     import gc
     import weakref
@@ -164,7 +164,7 @@ def _held_tensors() -> dict:
                 if s.device.type != "cpu" or not s.data_ptr():
                     continue
                 key = (s.data_ptr(), s.nbytes())
-            held.setdefault(key, weakref.ref(obj))
+            held.setdefault(key, []).append(weakref.ref(obj))
         except (RuntimeError, NotImplementedError, TypeError):  # no storage (wrapper tensors)
             continue
     return held
@@ -174,8 +174,8 @@ def _kept_state_bytes(refs: dict, exclude) -> int:
     """Bytes of the storages among ``refs`` (new entries of :func:`_held_tensors`) that are
     still held, but those whose ``data_ptr`` is in ``exclude`` (charged elsewhere)."""
     seen = {}
-    for key, ref in refs.items():
-        t = ref()
+    for key, tensors in refs.items():
+        t = next((t for t in (ref() for ref in tensors) if t is not None), None)
         if t is None:
             continue
         if key[0] == "mkldnn":

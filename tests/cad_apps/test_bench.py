@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 import torch
+import torchvision
 
 from cad_apps import bench
 from cad_apps.cli import build_parser
@@ -104,6 +105,34 @@ def test_compiled_dense_variants_run_in_the_bench(tmp_path):
     assert v["cad[auto,compiled]"]["macs"] == v["cad[auto]"]["macs"]
     assert "auto,compiled" in report["summary"]["cad"]
     assert report["config"]["compile_dense"] is True
+
+
+@pytest.mark.slow
+def test_a_compiled_networks_frozen_weights_count_in_its_peak(tmp_path, monkeypatch):
+    """A compiled dense network keeps its weights frozen and prepacked beside the module's
+    own: that copy is charged to it (about its weights' bytes), the eager networks and eager
+    CAD hold nothing between runs, and CAD with its dense stages compiled holds theirs."""
+    from cad_apps.bench import measure
+
+    monkeypatch.setattr(measure, "_tensor_peak", lambda fn, args: 1000)
+    monkeypatch.setattr(measure, "_peak_memory", lambda fn, args, device: 2000)
+    out = tmp_path / "r.json"
+    args = build_parser("bench").parse_args([
+        "bench", "--reps", "1", "--threads", "1", "--json", str(out), "--model", "resnet18",
+        "--size", "64", "48", "--dense-format", "channels_last", "--compile-dense",
+        "--no-float32-baseline"])
+    assert bench.main(args) == 0
+    weights = sum(p.numel() * 4 for p in torchvision.models.resnet18().parameters())
+    fc = 512 * 1000 * 4 + 1000 * 4  # the bench's networks end at layer4
+    for res in json.loads(out.read_text())["inputs"]:
+        v = res["variants"]
+        for s in (8, 16):
+            assert "kept_state_bytes" not in v[f"dense{s}[channels_last]"]
+            held = v[f"dense{s}[channels_last,compiled]"]["kept_state_bytes"]
+            assert 0.9 * (weights - fc) < held < 1.3 * (weights - fc)
+            assert v[f"dense{s}[channels_last,compiled]"]["peak_tensor_bytes"] == 1000 + held
+        assert "kept_state_bytes" not in v["cad[auto]"]
+        assert 0 < v["cad[auto,compiled]"]["kept_state_bytes"] < 0.1 * weights
 
 
 def test_reused_output_buffers_are_counted_and_checked(tmp_path, monkeypatch):
