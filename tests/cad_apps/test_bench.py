@@ -110,8 +110,9 @@ def test_compiled_dense_variants_run_in_the_bench(tmp_path):
 @pytest.mark.slow
 def test_a_compiled_networks_frozen_weights_count_in_its_peak(tmp_path, monkeypatch):
     """A compiled dense network keeps its weights frozen and prepacked beside the module's
-    own: that copy is charged to it (about its weights' bytes), the eager networks and eager
-    CAD hold nothing between runs, and CAD with its dense stages compiled holds theirs."""
+    own: that copy is charged to it (about its weights' bytes), the eager networks hold
+    nothing between runs, eager CAD next to nothing, and CAD with its dense stages compiled
+    holds theirs."""
     from cad_apps.bench import measure
 
     monkeypatch.setattr(measure, "_tensor_peak", lambda fn, args: 1000)
@@ -131,7 +132,8 @@ def test_a_compiled_networks_frozen_weights_count_in_its_peak(tmp_path, monkeypa
             held = v[f"dense{s}[channels_last,compiled]"]["kept_state_bytes"]
             assert 0.9 * (weights - fc) < held < 1.3 * (weights - fc)
             assert v[f"dense{s}[channels_last,compiled]"]["peak_tensor_bytes"] == 1000 + held
-        assert "kept_state_bytes" not in v["cad[auto]"]
+        # eager CAD: only its batch norms' kept scale and shift (a few KiB)
+        assert v["cad[auto]"].get("kept_state_bytes", 0) < 1e-3 * weights
         assert 0 < v["cad[auto,compiled]"]["kept_state_bytes"] < 0.1 * weights
 
 
