@@ -110,8 +110,9 @@ def _chunks(args, dtype, gen) -> int:
 
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; ms per layer, "
           f"chunks of {_GATHER_CHUNK_ELEMENTS} elements")
-    print("| rows | K | N | rows per chunk | torch.mm | oneDNN 1x1 conv | torch.mm / oneDNN |")
-    print("|---|---|---|---|---|---|---|")
+    print("| rows | K | N | rows per chunk | torch.mm | oneDNN 1x1 conv | torch.mm / oneDNN | "
+          "oneDNN 1x1 conv, prepacked weight | oneDNN linear, prepacked weight |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m, k, n in CHUNKED:
         rows = max(1, _GATHER_CHUNK_ELEMENTS // k)
         x = torch.randn(m, k, generator=gen).to(dtype)
@@ -128,8 +129,40 @@ def _chunks(args, dtype, gen) -> int:
                 F.conv2d(x[s:e].view(1, e - s, 1, k).permute(0, 3, 1, 2), w.view(n, k, 1, 1))
 
         a, b = median_ms(mm, args.reps), median_ms(onednn, args.reps)
-        print(f"| {m} | {k} | {n} | {rows} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+        conv, linear = _prepacked_chunks_ms(x, w, bounds, rows, args.reps)
+        print(f"| {m} | {k} | {n} | {rows} | {a:.1f} | {b:.1f} | {a / b:.2f} | {conv} | "
+              f"{linear} |")
     return 0
+
+
+def _prepacked_chunks_ms(x, w, bounds, rows: int, reps: int) -> tuple[str, str]:
+    """ms of the chunks on oneDNN's 1x1 conv and linear with the weight reordered once (the
+    private ops inductor uses), as table cells; "n/a" where this torch lacks them."""
+    n, k = w.shape
+    out = []
+    try:
+        conv = torch.ops.mkldnn._convolution_pointwise
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            w.view(n, k, 1, 1), [0, 0], [1, 1], [1, 1], 1, [1, k, rows, 1])
+
+        def run_conv():
+            for s, e in bounds:
+                conv(x[s:e].view(1, e - s, 1, k).permute(0, 3, 1, 2), packed, None, [0, 0],
+                     [1, 1], [1, 1], 1, "none", [], "")
+        out.append(f"{median_ms(run_conv, reps):.1f}")
+    except (AttributeError, RuntimeError):
+        out.append("n/a")
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+        packed_l = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+
+        def run_linear():
+            for s, e in bounds:
+                linear(x[s:e], packed_l, None, "none", [], "")
+        out.append(f"{median_ms(run_linear, reps):.1f}")
+    except (AttributeError, RuntimeError):
+        out.append("n/a")
+    return out[0], out[1]
 
 
 if __name__ == "__main__":
