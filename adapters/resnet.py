@@ -64,10 +64,19 @@ class CADBottleneck(nn.Module):
         if grid is not None:
             return self._forward_on_grid(x, grid, folded)
         if folded:  # ReLUs and the residual add in the convs' epilogues
-            out = self.conv1(x, relu=True)
-            out = self.conv2(out, relu=True)
-            identity, own = _shortcut(self, x)
-            _release_after_shortcut(x, identity)
+            if self.downsample is not None and x in _handed_over:
+                # the input is read only by conv1 and the downsample: both first, so that it
+                # goes before conv2 (at layer4's first block of a DeepLabV3-ResNet101 the
+                # peak held it, conv2's output and the downsample's transients at once)
+                identity, own = _shortcut(self, x)
+                out = self.conv1(x, relu=True)
+                _release_after_shortcut(x, identity)
+                out = self.conv2(out, relu=True)
+            else:
+                out = self.conv1(x, relu=True)
+                out = self.conv2(out, relu=True)
+                identity, own = _shortcut(self, x)
+                _release_after_shortcut(x, identity)
             return self.conv3(out, relu=True, residual=identity, residual_inplace=own)
         # one op per statement, as torchvision: each input is released before the next output
         # is allocated (nested calls kept the conv2 path's features alive through bn3)
@@ -127,8 +136,12 @@ class CADBasicBlock(nn.Module):
         if grid is not None:
             return self._forward_on_grid(x, grid, folded)
         if folded:  # see CADBottleneck.forward
-            out = self.conv1(x, relu=True)
-            identity, own = _shortcut(self, x)
+            if self.downsample is not None and x in _handed_over:
+                identity, own = _shortcut(self, x)
+                out = self.conv1(x, relu=True)
+            else:
+                out = self.conv1(x, relu=True)
+                identity, own = _shortcut(self, x)
             _release_after_shortcut(x, identity)
             return self.conv2(out, relu=True, residual=identity, residual_inplace=own)
         out = self.conv1(x)  # one op per statement: see CADBottleneck.forward

@@ -111,6 +111,37 @@ def test_a_stage_input_is_released_after_its_shortcut_unless_returned(monkeypatc
     assert released == [0] and kept[0].features.shape[0] > 0
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_a_handed_over_input_goes_before_the_next_conv_of_its_block(arch, monkeypatch):
+    """A folded stage's first block runs its downsample and conv1 first, the two readers of
+    its input, and releases the input before the conv after them (so that it is not held with
+    that conv's output and the downsample's transients at once); the same values."""
+    from cad_spconv import CADTensor
+    torch.manual_seed(0)
+    source = emu.prepare(getattr(tvm, arch)(num_classes=10))
+    spec, _ = emu.mixed_masks(3, 2, (7, 9), 2, "levels")
+    x = images()
+    cad = convert(source, 8, 32, return_layers={"layer4": "out"}, dense=False)
+    with torch.no_grad():
+        plain = cad(x, spec)["out"].dense()
+    folded = fold_batchnorm(cad)
+    log = []
+    release = CADTensor.release
+    monkeypatch.setattr(CADTensor, "release", lambda t: (log.append("release"), release(t)))
+    names = ["downsample.0", "conv1", "conv2"] + (["conv3"] if arch == "resnet50" else [])
+    for stage in (folded.layer3, folded.layer4):
+        for name in names:
+            # an instance attribute, not a hook: a hooked block is never handed its input
+            module = stage[0].get_submodule(name)
+            module.forward = (lambda f, tag: lambda *a, **k: (log.append(tag), f(*a, **k))[1])(
+                module.forward, name)
+    with torch.no_grad():
+        got = folded(x, spec)["out"].dense()
+    emu.assert_rel(got, plain)
+    want = ["downsample.0", "conv1", "release", *names[2:]]
+    assert log == want * 2, log
+
+
 def test_a_returned_stem_conv_is_not_folded():
     """A feature extractor that returns ``conv1``'s own output keeps its stem batch norm: the
     fold would change that output."""
