@@ -220,9 +220,10 @@ _handed_over: "weakref.WeakSet[CADTensor]" = weakref.WeakSet()
 
 def _release_after_shortcut(x: CADTensor, identity: CADTensor) -> None:
     """A folded block's input handed over to it (:func:`_hand_over`) whose shortcut is its
-    downsample's output is read by nothing after the shortcut: its features are released
-    before the last conv, not when the block returns (at layer4's first block of a
-    DeepLabV3-ResNet101 in bfloat16, the 14 MiB feature matrix of layer3's output)."""
+    downsample's output is read by nothing after the shortcut and conv1 (the block runs those
+    two first): its features are released then, not when the block returns (at layer4's first
+    block of a DeepLabV3-ResNet101 in bfloat16, the 12.5-14 MiB feature matrix of layer3's
+    output)."""
     if identity is not x and x in _handed_over:
         x.release()
 
