@@ -64,19 +64,15 @@ class CADBottleneck(nn.Module):
         if grid is not None:
             return self._forward_on_grid(x, grid, folded)
         if folded:  # ReLUs and the residual add in the convs' epilogues
-            if self.downsample is not None and x in _handed_over:
-                # the input is read only by conv1 and the downsample: both first, so that it
-                # goes before conv2 (at layer4's first block of a DeepLabV3-ResNet101 the
-                # peak held it, conv2's output and the downsample's transients at once)
+            if _goes_early(self, x):
                 identity, own = _shortcut(self, x)
                 out = self.conv1(x, relu=True)
-                _release_after_shortcut(x, identity)
+                x.release()
                 out = self.conv2(out, relu=True)
             else:
                 out = self.conv1(x, relu=True)
                 out = self.conv2(out, relu=True)
                 identity, own = _shortcut(self, x)
-                _release_after_shortcut(x, identity)
             return self.conv3(out, relu=True, residual=identity, residual_inplace=own)
         # one op per statement, as torchvision: each input is released before the next output
         # is allocated (nested calls kept the conv2 path's features alive through bn3)
@@ -136,13 +132,13 @@ class CADBasicBlock(nn.Module):
         if grid is not None:
             return self._forward_on_grid(x, grid, folded)
         if folded:  # see CADBottleneck.forward
-            if self.downsample is not None and x in _handed_over:
+            if _goes_early(self, x):
                 identity, own = _shortcut(self, x)
                 out = self.conv1(x, relu=True)
+                x.release()
             else:
                 out = self.conv1(x, relu=True)
                 identity, own = _shortcut(self, x)
-            _release_after_shortcut(x, identity)
             return self.conv2(out, relu=True, residual=identity, residual_inplace=own)
         out = self.conv1(x)  # one op per statement: see CADBottleneck.forward
         out = self.bn1(out)
@@ -218,14 +214,13 @@ def _shortcut_map(block, x: CADTensor, grid: GridBlock) -> tuple[torch.Tensor, b
 _handed_over: "weakref.WeakSet[CADTensor]" = weakref.WeakSet()
 
 
-def _release_after_shortcut(x: CADTensor, identity: CADTensor) -> None:
-    """A folded block's input handed over to it (:func:`_hand_over`) whose shortcut is its
-    downsample's output is read by nothing after the shortcut and conv1 (the block runs those
-    two first): its features are released then, not when the block returns (at layer4's first
-    block of a DeepLabV3-ResNet101 in bfloat16, the 12.5-14 MiB feature matrix of layer3's
-    output)."""
-    if identity is not x and x in _handed_over:
-        x.release()
+def _goes_early(block, x: CADTensor) -> bool:
+    """Whether a folded block's input goes before the block's second conv: handed over to it
+    (:func:`_hand_over`) and read only by its downsample and conv1, which then run first, the
+    input released right after them, not when the block returns (at layer4's first block of
+    a DeepLabV3-ResNet101 in bfloat16 the peak held the 12.5-14 MiB feature matrix of layer3's
+    output, conv2's output and the downsample's transients at once)."""
+    return block.downsample is not None and x in _handed_over
 
 
 def _hand_over(x: CADTensor) -> CADTensor:

@@ -88,17 +88,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def _packed_linear_ms(x, w, reps: int):
+def _packed_linear_ms(x, w, reps: int, bounds=None):
     """oneDNN's linear with the weight reordered once for ``x``'s row count (the private op
     PyTorch's inductor uses; the engines do not: a packed copy of every weight costs memory),
-    or ``None`` where this torch lacks it."""
+    or ``None`` where this torch lacks it. ``bounds``: the row ranges of chunks, one call each,
+    the weight reordered for the first chunk's rows."""
+    bounds = bounds or [(0, x.shape[0])]
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, x.shape[0])
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, bounds[0][1] - bounds[0][0])
         run = torch.ops.mkldnn._linear_pointwise
-        run(x, packed, None, "none", [], "")
+        run(x[:1], packed, None, "none", [], "")
     except (AttributeError, RuntimeError):
         return None
-    return median_ms(lambda: run(x, packed, None, "none", [], ""), reps)
+
+    def chunks():
+        for s, e in bounds:
+            run(x[s:e], packed, None, "none", [], "")
+    return median_ms(chunks, reps)
 
 
 # (rows, K, N): the im2col rests of layer3 / layer4 3x3 convs and of an ASPP 3x3 conv
@@ -129,40 +135,30 @@ def _chunks(args, dtype, gen) -> int:
                 F.conv2d(x[s:e].view(1, e - s, 1, k).permute(0, 3, 1, 2), w.view(n, k, 1, 1))
 
         a, b = median_ms(mm, args.reps), median_ms(onednn, args.reps)
-        conv, linear = _prepacked_chunks_ms(x, w, bounds, rows, args.reps)
-        print(f"| {m} | {k} | {n} | {rows} | {a:.1f} | {b:.1f} | {a / b:.2f} | {conv} | "
-              f"{linear} |")
+        conv, linear = (_prepacked_conv_chunks_ms(x, w, bounds, args.reps),
+                        _packed_linear_ms(x, w, args.reps, bounds))
+        cells = " | ".join("n/a" if t is None else f"{t:.1f}" for t in (conv, linear))
+        print(f"| {m} | {k} | {n} | {rows} | {a:.1f} | {b:.1f} | {a / b:.2f} | {cells} |")
     return 0
 
 
-def _prepacked_chunks_ms(x, w, bounds, rows: int, reps: int) -> tuple[str, str]:
-    """ms of the chunks on oneDNN's 1x1 conv and linear with the weight reordered once (the
-    private ops inductor uses), as table cells; "n/a" where this torch lacks them."""
+def _prepacked_conv_chunks_ms(x, w, bounds, reps: int):
+    """ms of the chunks on oneDNN's 1x1 conv with the weight reordered once, for the first
+    chunk's rows (the private ops inductor uses), or ``None`` where this torch lacks them."""
     n, k = w.shape
-    out = []
+    rows = bounds[0][1] - bounds[0][0]
     try:
         conv = torch.ops.mkldnn._convolution_pointwise
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             w.view(n, k, 1, 1), [0, 0], [1, 1], [1, 1], 1, [1, k, rows, 1])
-
-        def run_conv():
-            for s, e in bounds:
-                conv(x[s:e].view(1, e - s, 1, k).permute(0, 3, 1, 2), packed, None, [0, 0],
-                     [1, 1], [1, 1], 1, "none", [], "")
-        out.append(f"{median_ms(run_conv, reps):.1f}")
     except (AttributeError, RuntimeError):
-        out.append("n/a")
-    try:
-        linear = torch.ops.mkldnn._linear_pointwise
-        packed_l = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        return None
 
-        def run_linear():
-            for s, e in bounds:
-                linear(x[s:e], packed_l, None, "none", [], "")
-        out.append(f"{median_ms(run_linear, reps):.1f}")
-    except (AttributeError, RuntimeError):
-        out.append("n/a")
-    return out[0], out[1]
+    def chunks():
+        for s, e in bounds:
+            conv(x[s:e].view(1, e - s, 1, k).permute(0, 3, 1, 2), packed, None, [0, 0],
+                 [1, 1], [1, 1], 1, "none", [], "")
+    return median_ms(chunks, reps)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,7 @@ __all__ = ["ENGINES", "Engine", "EngineUnsupported", "register", "registered", "
            "engine_names", "check_engine", "check_bias", "select_engine", "prepare", "sparse_conv",
            "conv_dtype", "sparse_max", "describe", "tuned_choices", "tuned_engines", "clear_tuned",
            "weight_layout", "krsc_filters", "cached_bytes", "kept_tensors", "cache_use",
-           "held_bytes",
-           "workspace_scope", "clear_caches", "weights_epoch"]
+           "held_bytes", "workspace_scope", "clear_caches", "weights_epoch"]
 
 #: every valid ``engine=`` value (engines registered later show up in :func:`engine_names`)
 ENGINES = engine_names()
