@@ -19,6 +19,7 @@ CPU_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 #: at call time like ``CPU_AVX512``; ``torch.cpu._is_amx_tile_supported`` is private, hence the
 #: fallback. AVX512-BF16 too, which every AMX CPU has and the fused kernel uses (a VM that hides
 #: it must not get the kernel).
+CPU_AVX512_BF16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
                and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 

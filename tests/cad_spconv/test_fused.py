@@ -1,9 +1,10 @@
-"""The fused gather + GEMM kernel (``cad_spconv.engines.fused``): on by default only on AMX CPUs,
-off where turned off, a clear error where asked for and it cannot run (by default: one warning,
-and off), and, where it runs, the lattice engine's conv with it equals
-the dense reference on the same bfloat16 inputs within the route's rounding bound. The exactness
-tests run where the kernel does (an AMX CPU and a C++ compiler; the first one builds it, about
-40 s on 2 cores, unless torch's extension cache holds it) and are skipped elsewhere."""
+"""The fused gather + GEMM kernel (``cad_spconv.engines.fused``): on by default only on CPUs with
+AMX or AVX512-BF16, off where turned off, a clear error where asked for and it cannot run (by
+default: one warning, and off), and, where it runs, the lattice engine's conv with it equals the
+dense reference on the same bfloat16 inputs within the route's rounding bound, on AMX tiles and
+in AVX512-BF16 registers. The exactness tests run where the kernel does (a C++ compiler, and
+AVX512-BF16 for the registers' GEMM, AMX for the tiles'; the first one builds it, about 40 s on
+2 cores, unless torch's extension cache holds it) and are skipped elsewhere."""
 import shutil
 
 import pytest
@@ -45,14 +46,15 @@ def test_fused_kernel_is_off_where_turned_off(restore_fused, monkeypatch):
     assert not calls
 
 
-@pytest.mark.parametrize("amx, avx512", [(False, True), (True, False)])
-def test_by_default_the_kernel_is_off_without_amx_code(restore_fused, monkeypatch, amx, avx512):
-    monkeypatch.setattr(gemm, "CPU_AMX", amx)
+@pytest.mark.parametrize("bf16, avx512", [(False, True), (True, False)])
+def test_by_default_the_kernel_is_off_without_bf16_code(restore_fused, monkeypatch, bf16, avx512):
+    monkeypatch.setattr(gemm, "CPU_AMX", False)
+    monkeypatch.setattr(gemm, "CPU_AVX512_BF16", bf16)
     monkeypatch.setattr(gemm, "CPU_AVX512", avx512)  # False: an ISA-limited run
     fused._state.update(mode=fused.AUTO, module=None, why_off=None)
     x, _, w = _layer()
     assert not fused.enabled() and not fused.applies(x.features, w, None, 1)
-    assert fused.describe() == "auto: off (no AMX, or AVX2 code only)"
+    assert fused.describe() == "auto: off (no AVX512-BF16 or AMX, or AVX2 code only)"
     assert fused._state["module"] is None  # nothing was built
 
 
@@ -91,7 +93,7 @@ def test_a_kernel_asked_for_that_cannot_build_is_a_clear_error(restore_fused, mo
     import torch.utils.cpp_extension as ext
 
     monkeypatch.setattr(ext, "load_inline", _no_compiler)
-    monkeypatch.setattr(gemm, "CPU_AMX", True)
+    monkeypatch.setattr(gemm, "CPU_AVX512_BF16", True)
     fused._state.update(mode="off", module=None, why_off=None)
     with pytest.raises(fused.FusedKernelUnavailable, match="C\\+\\+ compiler") as e:
         fused.enable()
@@ -104,12 +106,13 @@ def test_by_default_a_kernel_that_cannot_build_warns_once_and_stays_off(restore_
     import torch.utils.cpp_extension as ext
 
     monkeypatch.setattr(ext, "load_inline", _no_compiler)
-    monkeypatch.setattr(gemm, "CPU_AMX", True)
+    monkeypatch.setattr(gemm, "CPU_AVX512_BF16", True)
     monkeypatch.setattr(gemm, "CPU_AVX512", True)
     fused._state.update(mode=fused.AUTO, module=None, why_off=None)
     x, _, w = _layer()
     assert fused.enabled()
-    with pytest.warns(RuntimeWarning, match="could not be built .* on by default on AMX") as rec:
+    with pytest.warns(RuntimeWarning, match="could not be built .* on by default on CPUs with "
+                      "AMX or AVX512-BF16") as rec:
         with torch.inference_mode():
             CF.conv2d(x, w, None, 1, 1, 1, "lattice")  # the engine's own route
             CF.conv2d(x, w, None, 1, 1, 1, "lattice")
@@ -117,30 +120,53 @@ def test_by_default_a_kernel_that_cannot_build_warns_once_and_stays_off(restore_
     assert not fused.enabled() and fused.describe().startswith("off (the fused gather")
 
 
-def test_by_default_the_first_build_is_announced(restore_fused, monkeypatch, caplog):
+@pytest.mark.parametrize("amx, isa", [(True, "AMX"), (False, "AVX512-BF16")])
+def test_by_default_the_first_build_is_announced(restore_fused, monkeypatch, caplog, amx, isa):
     import torch.utils.cpp_extension as ext
+
+    asked = []
 
     class Built:
         @staticmethod
-        def amx_ready():
+        def amx_ready():  # Linux's AMX permission, asked for on AMX CPUs only
+            asked.append(True)
             return True
 
     monkeypatch.setattr(ext, "load_inline", lambda *a, **k: Built)
     monkeypatch.setattr(fused, "_built", lambda: False)
-    monkeypatch.setattr(gemm, "CPU_AMX", True)
+    monkeypatch.setattr(gemm, "CPU_AMX", amx)
+    monkeypatch.setattr(gemm, "CPU_AVX512_BF16", True)
     monkeypatch.setattr(gemm, "CPU_AVX512", True)
     fused._state.update(mode=fused.AUTO, module=None, why_off=None)
     x, _, w = _layer()
     with caplog.at_level("WARNING", logger="cad_spconv"):
         assert fused.applies(x.features, w, None, 1)
-    assert "building the fused gather + GEMM kernel" in caplog.text
-    assert fused.describe() == "auto: on (AMX)" and fused._state["module"] is Built
+    assert f"building the fused gather + GEMM kernel for this CPU's {isa}" in caplog.text
+    assert fused.describe() == f"auto: on ({isa})" and fused._state["module"] is Built
+    assert bool(asked) == amx
+
+
+def test_amx_tiles_that_linux_does_not_give_are_a_clear_error(restore_fused, monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    class Built:
+        @staticmethod
+        def amx_ready():
+            return False
+
+    monkeypatch.setattr(ext, "load_inline", lambda *a, **k: Built)
+    monkeypatch.setattr(gemm, "CPU_AMX", True)
+    monkeypatch.setattr(gemm, "CPU_AVX512_BF16", True)
+    fused._state.update(mode="off", module=None, why_off=None)
+    with pytest.raises(fused.FusedKernelUnavailable, match="did not give this process AMX"):
+        fused.enable()
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not gemm.CPU_AMX:  # checked first: building it here would take a minute, then not run
-        pytest.skip("the fused kernel runs on CPUs with AMX only; this one has none")
+    if not gemm.CPU_AVX512_BF16:  # checked first: a build here would take a minute, not to run
+        pytest.skip("the fused kernel runs on CPUs with AVX512-BF16 (or AMX); this one has "
+                    "neither")
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler to build the fused kernel")
     try:
@@ -167,15 +193,20 @@ def _runs_of_16(index: torch.Tensor) -> int:
 ])
 @pytest.mark.parametrize("bias, relu", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("every_site", [True, False])
+@pytest.mark.parametrize("tiles", [True, False], ids=["amx", "avx512_bf16"])
 def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeypatch, grid,
                                                   num_levels, step, stride, dilation,
                                                   block_rows, c_in, c_out, bias, relu,
-                                                  every_site):
-    """Both routes of the lattice engine through the kernel: every output site
+                                                  every_site, tiles):
+    """The kernel's GEMM on AMX tiles (``tiles``; on AMX CPUs) and in AVX512-BF16 registers
+    (on AMX CPUs too). Both routes of the lattice engine through it: every output site
     (``every_site``, :func:`fused.sites_conv`), or only the rest off the lattice
     (:func:`fused.gather_gemm`, the lattice sites on a dense conv). With a bias (a folded batch
     norm's) and a ReLU too: ``relu(conv + bias)`` of the float64 reference within the route's
     bound (the ReLU moves no value further from it)."""
+    if tiles and not gemm.CPU_AMX:
+        pytest.skip("the kernel's AMX tiles: this CPU has none")
+    monkeypatch.setattr(gemm, "CPU_AMX", tiles)  # the kernel's ISA, passed at each call
     x, levels, w = _layer(grid, num_levels, step, c_out, c_in, seed=step * 10 + dilation)
     b = (torch.randn(c_out, generator=torch.Generator().manual_seed(step)) if bias
          else None)
@@ -211,8 +242,11 @@ def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeyp
 
 
 def test_block_rows_grow_where_the_filters_outgrow_l2(monkeypatch):
-    """64 sites a block; 128 where the filters pass 2 MiB (3x3, 512 channels) and 128 sites'
-    rows fit in 1.5 MiB (not 3x3 on 1024 channels); ``BLOCK_ROWS`` overrides."""
+    """64 sites a block; on AMX tiles 128 where the filters pass 2 MiB (3x3, 512 channels) and
+    128 sites' rows fit in 1.5 MiB (not 3x3 on 1024 channels); ``BLOCK_ROWS`` overrides."""
+    monkeypatch.setattr(gemm, "CPU_AMX", False)  # AVX512-BF16's registers: 64 at every size
+    assert [fused.block_rows(c, 9 * c) for c in (256, 512, 1024)] == [64, 64, 64]
+    monkeypatch.setattr(gemm, "CPU_AMX", True)
     assert fused.block_rows(256, 9 * 256) == 64
     assert fused.block_rows(512, 9 * 512) == 128
     assert fused.block_rows(1024, 9 * 1024) == 64
@@ -230,13 +264,15 @@ def test_a_block_that_is_not_a_positive_multiple_of_32_is_refused(kernel, restor
         CF.conv2d(x, w, None, 1, 1, 1, "lattice")
 
 
-def test_a_cpu_without_amx_is_refused_before_a_build(restore_fused, monkeypatch):
+def test_a_cpu_without_bf16_dot_products_is_refused_before_a_build(restore_fused, monkeypatch):
     import torch.utils.cpp_extension as ext
 
     monkeypatch.setattr(ext, "load_inline", _no_compiler)  # a build would fail differently
     monkeypatch.setattr(gemm, "CPU_AMX", False)
+    monkeypatch.setattr(gemm, "CPU_AVX512_BF16", False)
     fused._state.update(mode="off", module=None, why_off=None)
-    with pytest.raises(fused.FusedKernelUnavailable, match="AMX tiles .* this CPU has none"):
+    with pytest.raises(fused.FusedKernelUnavailable,
+                       match="AMX tiles .* or AVX512-BF16 .* this CPU has neither"):
         fused.enable()
 
 
