@@ -1,4 +1,5 @@
-"""The fused gather + GEMM kernel against the lattice engine's own route (BENCHMARKS.md, AMX).
+"""The fused gather + GEMM kernel against the lattice engine's own route (BENCHMARKS.md; AMX
+and AVX512-BF16).
 
     python -m experiments.fused_gather_gemm [--threshold 0.35] [--reps 30] [--block-rows 64]
         [--threads 2] [--backbone]
@@ -8,7 +9,9 @@ The lattice engine gathers the im2col rows of the off-lattice sites of a 3x3 con
 (oneDNN's AMX matmul on Intel Xeons) and scatters the result rows into place. The optional
 kernel of :mod:`cad_spconv.engines.fused` does all three per block of ``--block-rows`` sites in
 cache (that module says how). This measures it, on for the runs marked "fused" and off for the
-others; it needs what the kernel needs (a C++ compiler, an AMX CPU), and says so otherwise.
+others; it needs what the kernel needs (a C++ compiler, a CPU with AMX or AVX512-BF16), and
+says so otherwise. The kernel's GEMM runs on AMX tiles where the CPU has them, else in
+AVX512-BF16 registers.
 
 Measured like ``experiments.tiled_phases``: the 3x3 convs of DeepLabV3-ResNet101's layer3 and
 layer4 on the edge masks of the frames in ``../shared/data/cityscapes_frames/`` (random features
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
         parser.error("--sites compares two routes of the whole backbone: give --backbone too")
     if args.block_rows is not None and (args.block_rows < 32 or args.block_rows % 32):
         parser.error(f"--block-rows {args.block_rows}: the kernel takes sites 32 at a time "
-                     "(two AMX tiles); give a multiple of 32")
+                     "(two tiles of 16 on AMX); give a multiple of 32")
     if not glob.glob(FRAMES):
         parser.error(f"needs the Cityscapes frames in {FRAMES}; none found")
     try:

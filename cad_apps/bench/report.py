@@ -123,7 +123,7 @@ def environment(device, load_before) -> dict:
         env["math_flags"] = math_flags()
     from cad_spconv.engines import fused
 
-    env["fused_gather"] = fused.describe()  # the AMX kernel's mode (on by default there)
+    env["fused_gather"] = fused.describe()  # the fused kernel's mode and ISA
     try:
         from cad_spconv.backend import spconv_status
 

@@ -20,11 +20,13 @@ Per block of 64 sites (128 for filters beyond L2, :func:`block_rows`) it copies 
 of one level: those the tiles read in place) into a per-thread buffer that stays in cache,
 laid out as AMX tiles read it (per 32 sites and 32 values, one 2 KB block), multiplies them
 with the filters (:func:`packed_filters`) on AMX tiles of its own, 32 sites x 32 filter
-columns at a time with all ``9 C_in`` products summed in float32 inside the tiles, and writes
-the sums, rounded once to bfloat16, straight to their output rows: no 8 MiB im2col chunk in
-memory, no separate scatter, and no per-tap call into a library micro-kernel. Same rounding
-as the engine's ``torch.mm`` route (one float32 sum per output, rounded once to nearest even;
-sums below ``2^-126`` flush to zero, as AMX's dot products flush them).
+columns at a time with all ``9 C_in`` products summed in float32 inside the tiles (without
+AMX: in zmm registers, 8 sites x 32 filter columns per pass, with AVX512-BF16's dot product
+of pairs of values), and writes the sums, rounded once to bfloat16, straight to their output
+rows: no 8 MiB im2col chunk in memory, no separate scatter, and no per-tap call into a
+library micro-kernel. Same rounding as the engine's ``torch.mm`` route (one float32 sum per
+output, rounded once to nearest even; sums below ``2^-126`` flush to zero, as the bfloat16
+dot products of AMX and AVX512-BF16 flush them).
 
 Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 08:31): the
 DeepLabV3-ResNet101 backbone at edge 0.35 in 0.895 of the engine's time, 0.924 of the time of
@@ -32,6 +34,9 @@ this kernel's previous form (one oneDNN ``brgemm`` call per tap); per off-lattic
 1.0-1.3x the dense conv's time per cell (``python -m experiments.fused_gather_gemm --backbone``).
 Since 2026-12-07 its gather stores whole aligned cache lines, block by block (0.65x the
 kernel's time at 256 channels, 0.82x at 512), and every site of a layer goes through it.
+On an AMD EPYC Zen 4 (AVX512-BF16, no AMX; 2 threads, 2026-12-07 20:30): 3x3 convs of 256
+and 512 channels on a 64 x 64 grid at 0.96-0.98 of oneDNN's dense conv rate (450 against 460
+GFLOP/s), the backbone at edge 0.35 in 0.950 of the engine's time (eager; per frame 0.952).
 """
 from __future__ import annotations
 
