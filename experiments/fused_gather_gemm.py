@@ -2,7 +2,7 @@
 and AVX512-BF16).
 
     python -m experiments.fused_gather_gemm [--threshold 0.35] [--reps 30] [--block-rows 64]
-        [--threads 2] [--backbone]
+        [--threads 2] [--backbone | --grid]
 
 The lattice engine gathers the im2col rows of the off-lattice sites of a 3x3 conv into chunks of
 4M elements (8 MiB in bfloat16, beyond a core's L2), multiplies each chunk with ``torch.mm``
@@ -27,6 +27,12 @@ alternating): per frame the median of the paired ratios, and the ratio of the su
 ``--backbone --sites``: the kernel on both sides, computing every site of a mixed-level conv
 (``lattice.FUSED_SITES``, the default) against the rest only, the lattice sites on a dense
 conv ("engine" in the table is then the latter).
+``--grid``: the kernel's own rate, where no engine runs: a 3x3 conv (zero padding) computed at
+every cell of a 64 x 64 grid, 256 and 512 channels, through the kernel against oneDNN's dense
+conv of the same channels-last map (``F.conv2d``), both in turns (:func:`paired_ms`), with
+GFLOP/s. Where 16 sites read 16 consecutive rows the kernel reads them in place, so this is
+its GEMM with the least gathering: the rate an off-lattice site cannot beat. Timed as the
+engine calls it, the filters repacked on each call (:func:`fused.packed_filters`).
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ import torch
 
 from cad_spconv.engines import fused, sparse_conv
 from cad_spconv.rulebook import conv_rulebook
-from experiments.common import ExperimentParser, paired_ratio, table_header
+from experiments.common import ExperimentParser, paired_ms, paired_ratio, table_header
 from experiments.tiled_phases import FRAMES, LAYERS, edge_plans
 
 @contextlib.contextmanager
@@ -48,7 +54,7 @@ def fused_rest(block_rows: Optional[int], on: bool = True):
     """Within the scope the lattice engine runs its off-lattice rows on the library's fused
     kernel (:mod:`cad_spconv.engines.fused`) where it applies, ``block_rows`` sites per block
     (``None``: the library's choice per layer; ``on``), or on its own route (not ``on``; the
-    kernel is on by default on AMX CPUs)."""
+    kernel is on by default on CPUs with AMX or AVX512-BF16)."""
     state, rows = dict(fused._state), fused.BLOCK_ROWS
     fused.enable(on)
     fused.BLOCK_ROWS = block_rows
@@ -64,9 +70,14 @@ def check_within_rounding(got: torch.Tensor, features: torch.Tensor, weight: tor
     """``got`` (bfloat16) against the engine in float64 on the same inputs: within one
     bfloat16 rounding of the result plus a float32 sum's error over the ``9 C`` products."""
     f, w = features.double(), weight.double()
-    want = sparse_conv(f, w, None, book, 1, "lattice")
-    mass = sparse_conv(f.abs(), w.abs(), None, book, 1, "lattice")
-    terms = w[0].numel()
+    _assert_rounded(got, sparse_conv(f, w, None, book, 1, "lattice"),
+                    sparse_conv(f.abs(), w.abs(), None, book, 1, "lattice"), w[0].numel())
+
+
+def _assert_rounded(got: torch.Tensor, want: torch.Tensor, mass: torch.Tensor,
+                    terms: int) -> None:
+    """``got`` within one bfloat16 rounding of ``want`` plus a float32 sum's error over
+    ``terms`` products whose magnitudes sum to ``mass``."""
     bound = 2.0 ** -8 * want.abs() + terms * 2.0 ** -24 * mass * 1.01 + 1e-30
     err = (got.double() - want).abs()
     if not bool((err <= bound).all()):
@@ -87,15 +98,19 @@ def main(argv=None) -> int:
                         help="the whole backbone, engine against fused, instead of layers")
     parser.add_argument("--sites", action="store_true",
                         help="with --backbone: the kernel at every site against the rest only")
+    parser.add_argument("--grid", action="store_true",
+                        help="the kernel at every cell of a dense grid against oneDNN's conv")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be >= 1")
     if args.sites and not args.backbone:
         parser.error("--sites compares two routes of the whole backbone: give --backbone too")
+    if args.grid and args.backbone:
+        parser.error("--grid and --backbone are two different measurements: give one")
     if args.block_rows is not None and (args.block_rows < 32 or args.block_rows % 32):
         parser.error(f"--block-rows {args.block_rows}: the kernel takes sites 32 at a time "
                      "(two tiles of 16 on AMX); give a multiple of 32")
-    if not glob.glob(FRAMES):
+    if not args.grid and not glob.glob(FRAMES):
         parser.error(f"needs the Cityscapes frames in {FRAMES}; none found")
     try:
         fused.enable(True)  # built here, before any frame is read
@@ -104,8 +119,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(table_header(args))
     rows = "per layer (fused.block_rows)" if args.block_rows is None else args.block_rows
-    print(f"bfloat16, edge {args.threshold}, {rows} rows per block")
-    return (_backbone if args.backbone else _layers)(args)
+    print(f"bfloat16, {'a dense grid' if args.grid else f'edge {args.threshold}'}, {rows} "
+          "rows per block")
+    return (_backbone if args.backbone else _grid if args.grid else _layers)(args)
 
 
 def _backbone(args) -> int:
@@ -161,6 +177,51 @@ def _route(args, fused_side: bool):
             yield
     finally:
         lattice.FUSED_SITES = was
+
+
+def _grid(args, size: int = 64) -> int:
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    # the 3x3 taps' rows of every cell of a size x size grid, -1 (the kernel's zero) outside
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    taps = [(y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    index = torch.stack([torch.where((ty >= 0) & (ty < size) & (tx >= 0) & (tx < size),
+                                     ty * size + tx, -1).flatten() for ty, tx in taps], 1)
+    rows = torch.arange(size * size)
+    print("| C | oneDNN conv [ms] | GFLOP/s | kernel [ms] | GFLOP/s | kernel / conv, paired |")
+    print("|---|---|---|---|---|---|")
+    for channels in (256, 512):
+        image = torch.randn(1, channels, size, size, generator=gen).to(torch.bfloat16)
+        image = image.contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(channels, channels, 3, 3, generator=gen) / (3 * channels ** 0.5)
+                  ).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        features = image.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: channels-last
+        out = torch.empty(size * size, channels, dtype=torch.bfloat16)
+        kernel = lambda: fused._run(features, index, rows, weight, out, None, False)
+        conv = lambda: F.conv2d(image, weight, None, 1, 1)
+        with torch.inference_mode(), fused_rest(args.block_rows):
+            kernel()
+            check_within_rounding_dense(out, image, weight)
+            ms_kernel, ms_conv = paired_ms(kernel, conv, args.reps)
+        flop = 2 * size * size * 9 * channels * channels
+        med = {k: statistics.median(v) for k, v in (("kernel", ms_kernel), ("conv", ms_conv))}
+        print(f"| {channels} | {med['conv']:.2f} | {flop / med['conv'] / 1e6:.0f} | "
+              f"{med['kernel']:.2f} | {flop / med['kernel'] / 1e6:.0f} | "
+              f"{paired_ratio(ms_kernel, ms_conv):.3f} |", flush=True)
+    return 0
+
+
+def check_within_rounding_dense(got: torch.Tensor, image: torch.Tensor,
+                                weight: torch.Tensor) -> None:
+    """``got`` (the grid's cells' rows) against the float64 conv of the same bfloat16 map, as
+    :func:`check_within_rounding`."""
+    import torch.nn.functional as F
+
+    i, w = image.double(), weight.double()
+    rows = lambda y: y.permute(0, 2, 3, 1).reshape(got.shape)
+    _assert_rounded(got, rows(F.conv2d(i, w, None, 1, 1)),
+                    rows(F.conv2d(i.abs(), w.abs(), None, 1, 1)), w[0].numel())
 
 
 def _layers(args) -> int:

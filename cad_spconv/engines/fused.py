@@ -6,9 +6,10 @@ tiles (Intel Xeon 4th generation and later) or, without tiles, with AVX512-BF16'
 in zmm registers (AMD EPYC Zen 4 and later). The first bfloat16 layer it applies to compiles it
 with ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and AMX and AVX512-BF16
 intrinsics, GCC 11 or Clang 12 and later, and PyTorch's headers; about 40 s on 2 cores, logged,
-then kept in torch's extension cache). Where it does not build, one warning, and the engine keeps its own
-route. ``CAD_SPCONV_FUSED_GATHER=0`` (or :func:`enable` ``(False)``) turns it off; ``=1`` (or
-:func:`enable`) asks for it, and then a kernel that cannot run is an error
+then kept in torch's extension cache). Where it does not build, one warning, and the engine
+keeps its own route; where Linux refuses the process AMX tile state, one warning, and the
+registers' GEMM. ``CAD_SPCONV_FUSED_GATHER=0`` (or :func:`enable` ``(False)``) turns it off;
+``=1`` (or :func:`enable`) asks for it, and then a kernel that cannot run is an error
 (:class:`FusedKernelUnavailable`). Once built, the lattice engine runs every site of a layer on
 mixed levels through it (:func:`sites_conv`; with ``lattice.FUSED_SITES`` off, only the
 off-lattice rows, :func:`gather_gemm`) where it applies (:func:`applies`: bfloat16 on CPU, no
@@ -52,8 +53,8 @@ import torch
 from . import gemm
 from .layouts import krsc_filters, tracks_grad
 
-__all__ = ["FusedKernelUnavailable", "AUTO", "enable", "enabled", "describe", "applies",
-           "packed_filters", "block_rows", "gather_gemm", "sites_conv"]
+__all__ = ["FusedKernelUnavailable", "AUTO", "enable", "enabled", "tiles", "describe",
+           "applies", "packed_filters", "block_rows", "gather_gemm", "sites_conv"]
 
 #: the environment variable that sets the kernel's mode for a process (``1`` on, ``0`` off)
 ENV = "CAD_SPCONV_FUSED_GATHER"
@@ -67,8 +68,9 @@ _FILTER_BLOCK = 16  # filter columns per packed block: one tile's width in float
 
 class FusedKernelUnavailable(RuntimeError):
     """The fused kernel was asked for (:func:`enable`, ``CAD_SPCONV_FUSED_GATHER=1``) and cannot
-    run here: it does not build, the CPU has neither AMX tiles nor AVX512-BF16, or Linux does
-    not let the process use the AMX tiles it has."""
+    run here: it does not build, or the CPU has neither AMX tiles nor AVX512-BF16. (Where
+    Linux does not let the process use the AMX tiles it has, the kernel runs in AVX512-BF16
+    registers.)"""
 
 
 _SOURCE = r"""
@@ -208,8 +210,9 @@ static void plan_pieces(const BFloat16* F, const int64_t* I, int64_t n, int64_t 
   const int64_t steps = C / 32;
   for (int64_t h = 0; h < (n + 31) / 32 * 2; ++h)  // both halves of every group tile_gemm reads
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t first = h * 16, r0 = I[first * T + t];
-      bool direct = first + 16 <= n && r0 >= 0;
+      // a half past the block's last site reads no index (past the last block's: none)
+      const int64_t first = h * 16, r0 = first + 16 <= n ? I[first * T + t] : -1;
+      bool direct = r0 >= 0;
       for (int64_t i = 1; direct && i < 16; ++i) direct = I[(first + i) * T + t] == r0 + i;
       pieces[(h / 2) * 2 * T + (h % 2) * T + t] = direct
           ? Piece{F + r0 * C, 32, C * 2, true}
@@ -317,7 +320,9 @@ def _env_mode() -> str:
 #: the default mode: on where the CPU has AMX or AVX512-BF16, built on first use; where the
 #: build fails, one warning and off (asked for with ``1`` / :func:`enable`, it raises instead)
 AUTO = "auto"
-_state = {"mode": _env_mode(), "module": None, "why_off": None}
+#: tiles: whether the built kernel runs on AMX tiles (``None`` before the build; ``False`` on
+#: an AMX CPU whose tile state Linux refused: the kernel then runs in AVX512-BF16 registers)
+_state = {"mode": _env_mode(), "module": None, "why_off": None, "tiles": None}
 _indices: dict = {}  # id(split) -> (weakref to split, its kernel index), dropped with the split
 _log = logging.getLogger("cad_spconv")
 
@@ -346,12 +351,13 @@ def _module():
                 f"{first}); it needs a C++ compiler with OpenMP and AMX and AVX512-BF16 "
                 f"intrinsics (GCC 11 or Clang 12 and later) and PyTorch's headers; install "
                 f"them, or {leave_off}") from None
-        if gemm.CPU_AMX and not module.amx_ready():
-            raise FusedKernelUnavailable(
-                "the fused gather + GEMM kernel: Linux did not give this process AMX tile state "
-                "(arch_prctl ARCH_REQ_XCOMP_PERM refused: a kernel before 5.16, a seccomp "
-                f"filter, or a too small signal stack); {leave_off}")
-        _state["module"] = module
+        granted = gemm.CPU_AMX and bool(module.amx_ready())
+        if gemm.CPU_AMX and not granted:  # the registers' GEMM needs no permission
+            _log.warning("cad_spconv: Linux did not give this process AMX tile state "
+                         "(arch_prctl ARCH_REQ_XCOMP_PERM refused: a kernel before 5.16, a "
+                         "seccomp filter, or a too small signal stack); the fused kernel runs "
+                         "its GEMM in AVX512-BF16 registers instead")
+        _state.update(module=module, tiles=granted)
     return _state["module"]
 
 
@@ -387,14 +393,24 @@ def _bf16_code() -> bool:
     return gemm.CPU_AVX512_BF16 and gemm.CPU_AVX512
 
 
+def tiles() -> bool:
+    """Whether the kernel's GEMM runs on AMX tiles: the CPU has them (``gemm.CPU_AMX``, read
+    at call time) and Linux gave the process their state (asked at the build); else in
+    AVX512-BF16 registers."""
+    return gemm.CPU_AMX and _state["tiles"] is not False
+
+
 def _isa() -> str:
     """What the kernel's GEMM runs on here: ``AMX`` tiles or ``AVX512-BF16`` registers."""
-    return "AMX" if gemm.CPU_AMX else "AVX512-BF16"
+    return "AMX" if tiles() else "AVX512-BF16"
 
 
 def describe() -> str:
-    """The kernel's state, as benchmark reports record it: ``on``, ``off``, or ``auto: ...``."""
+    """The kernel's state, as benchmark reports record it: ``on (AMX)`` (or ``AVX512-BF16``:
+    where its GEMM runs), ``off``, or ``auto: ...``."""
     mode = _state["mode"]
+    if mode == "on":
+        return f"on ({_isa()})"
     if mode != AUTO:
         return mode if _state["why_off"] is None else f"off ({_state['why_off']})"
     if not _bf16_code():
@@ -486,14 +502,14 @@ def block_rows(c_out: int, k: int) -> int:
     if BLOCK_ROWS is not None:
         return BLOCK_ROWS
     fits = 128 * k * 2 <= 3 << 19
-    return 128 if gemm.CPU_AMX and c_out * k * 2 > 2 << 20 and fits else 64
+    return 128 if tiles() and c_out * k * 2 > 2 << 20 and fits else 64
 
 
 def _run(features, index, rows, weight, out, bias, relu) -> None:
     b = _NO_BIAS if bias is None else bias.float().contiguous()
     packed = packed_filters(weight)
     args = (features.contiguous(), index.contiguous(), packed, out, rows,
-            block_rows(weight.shape[0], packed.shape[1]), b, bool(relu), gemm.CPU_AMX)
+            block_rows(weight.shape[0], packed.shape[1]), b, bool(relu), tiles())
     if torch.autograd._profiler_enabled():
         # a pybind call is no op the profiler sees: without this range its time would be
         # missing from `cad-spconv bench --profile` (0.04 us to check when no profiler runs)

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["matmul_nk", "grouped_mm", "onednn_route", "CPU_AVX512", "CPU_AMX"]
+__all__ = ["matmul_nk", "grouped_mm", "onednn_route", "CPU_AVX512", "CPU_AVX512_BF16",
+           "CPU_AMX"]
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -18,7 +19,8 @@ CPU_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 #: oneDNN's 1x1 conv on every bfloat16 GEMM shape of the engines (see ``onednn_route``). Read
 #: at call time like ``CPU_AVX512``; ``torch.cpu._is_amx_tile_supported`` is private, hence the
 #: fallback. AVX512-BF16 too, which every AMX CPU has and the fused kernel uses (a VM that hides
-#: it must not get the kernel).
+#: it must not get the kernel). ``CPU_AVX512_BF16``: the bfloat16 dot product in AVX-512
+#: registers (AMD EPYC Zen 4 and later, AMX Xeons), which the fused kernel's register GEMM runs.
 CPU_AVX512_BF16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
                and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
