@@ -85,11 +85,11 @@ def conv_map(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     output; ``relu`` and ``residual`` optional). ``prepack``: where oneDNN runs it in
     bfloat16 on a CPU with AMX, with the weight in oneDNN's own layout, kept
     (:func:`prepacked`); for maps (grids, phase grids), not the feature matrices of
-    :func:`fused_rows` (a number of rows per mask). ``residual_inplace``: where oneDNN fuses, the result is written into
-    ``residual`` itself (returned), as inductor's frozen graphs do: no fresh output to
-    allocate (page faults: a fresh 13 MB output took the fused conv from 2.3 to 5.0 ms on an
-    AMX Xeon) nor to write besides the residual; elsewhere, without autograd, the sum is
-    added into ``residual`` after the conv (:func:`apply`)."""
+    :func:`fused_rows` (a number of rows per mask). ``residual_inplace``: where oneDNN fuses,
+    the result is written into ``residual`` itself (returned), as inductor's frozen graphs do:
+    no fresh output to allocate (page faults: a fresh 13 MB output took the fused conv from
+    2.3 to 5.0 ms on an AMX Xeon) nor to write besides the residual; elsewhere, without
+    autograd, the sum is added into ``residual`` after the conv (:func:`apply`)."""
     if not fuses(x, weight, bias, residual, groups):
         return apply(F.conv2d(x, weight, bias, stride, padding, dilation, groups), relu,
                      residual, residual_inplace)

@@ -36,8 +36,9 @@ this kernel's previous form (one oneDNN ``brgemm`` call per tap); per off-lattic
 Since 2026-12-07 its gather stores whole aligned cache lines, block by block (0.65x the
 kernel's time at 256 channels, 0.82x at 512), and every site of a layer goes through it.
 On an AMD EPYC Zen 4 (AVX512-BF16, no AMX; 2 threads, 2026-12-07 20:30): 3x3 convs of 256
-and 512 channels on a 64 x 64 grid at 0.96-0.98 of oneDNN's dense conv rate (450 against 460
-GFLOP/s), the backbone at edge 0.35 in 0.950 of the engine's time (eager; per frame 0.952).
+and 512 channels on a 64 x 64 grid at 0.95-1.0 of oneDNN's dense conv rate in two runs (450
+against 460 GFLOP/s, then 388-402 against 410-403; ``--grid``), the backbone at edge 0.35 in
+0.950 of the engine's time (eager; per frame 0.952).
 """
 from __future__ import annotations
 
