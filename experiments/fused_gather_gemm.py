@@ -2,7 +2,7 @@
 and AVX512-BF16).
 
     python -m experiments.fused_gather_gemm [--threshold 0.35] [--reps 30] [--block-rows 64]
-        [--threads 2] [--backbone | --grid]
+        [--threads 2] [--dtype bfloat16|float32] [--backbone | --grid]
 
 The lattice engine gathers the im2col rows of the off-lattice sites of a 3x3 conv into chunks of
 4M elements (8 MiB in bfloat16, beyond a core's L2), multiplies each chunk with ``torch.mm``
@@ -18,7 +18,9 @@ layer4 on the edge masks of the frames in ``../shared/data/cityscapes_frames/`` 
 and weights), the lattice engine as it runs against the same engine with its gather + GEMM
 swapped for the kernel (same lattice and phase parts), the median of the paired ratios of
 ``--reps`` runs taking turns. Each result is first checked against the engine in float64 on the
-same bfloat16 inputs, within the rounding bound of a float32 sum rounded once to bfloat16.
+same inputs, within the rounding bound of a float32 sum (rounded once to bfloat16 there).
+``--dtype float32``: the kernel's float32 form (AVX-512 FMAs) against the engine's float32
+route.
 
 ``--backbone``: the whole DeepLabV3-ResNet101 backbone instead (random weights, converted
 8 -> 16, bfloat16, channels-last, the output densified at stride 8 as the bench does), each
@@ -67,8 +69,9 @@ def fused_rest(block_rows: Optional[int], on: bool = True):
 
 def check_within_rounding(got: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
                           book) -> None:
-    """``got`` (bfloat16) against the engine in float64 on the same inputs: within one
-    bfloat16 rounding of the result plus a float32 sum's error over the ``9 C`` products."""
+    """``got`` (bfloat16 or float32) against the engine in float64 on the same inputs: within
+    one rounding of the result to its type plus a float32 sum's error over the ``9 C``
+    products."""
     f, w = features.double(), weight.double()
     _assert_rounded(got, sparse_conv(f, w, None, book, 1, "lattice"),
                     sparse_conv(f.abs(), w.abs(), None, book, 1, "lattice"), w[0].numel())
@@ -76,9 +79,10 @@ def check_within_rounding(got: torch.Tensor, features: torch.Tensor, weight: tor
 
 def _assert_rounded(got: torch.Tensor, want: torch.Tensor, mass: torch.Tensor,
                     terms: int) -> None:
-    """``got`` within one bfloat16 rounding of ``want`` plus a float32 sum's error over
-    ``terms`` products whose magnitudes sum to ``mass``."""
-    bound = 2.0 ** -8 * want.abs() + terms * 2.0 ** -24 * mass * 1.01 + 1e-30
+    """``got`` within one rounding of ``want`` to ``got``'s type plus a float32 sum's error
+    over ``terms`` products whose magnitudes sum to ``mass``."""
+    unit = 2.0 ** -8 if got.dtype == torch.bfloat16 else 2.0 ** -24
+    bound = unit * want.abs() + terms * 2.0 ** -24 * mass * 1.01 + 1e-30
     err = (got.double() - want).abs()
     if not bool((err <= bound).all()):
         raise AssertionError(f"fused kernel off by {float((err / bound).max()):.2f}x the "
@@ -88,12 +92,16 @@ def _assert_rounded(got: torch.Tensor, want: torch.Tensor, mass: torch.Tensor,
 def main(argv=None) -> int:
     parser = ExperimentParser(prog="python -m experiments.fused_gather_gemm",
                               description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threshold", type=float, default=0.35)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="the edge masks' threshold (default 0.35); not with --grid")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--block-rows", type=int, default=None,
                         help="sites per block of the kernel (a multiple of 32); default: the "
                              "library's choice per layer, fused.block_rows")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the features' and filters' type (float32: the kernel's AVX-512 "
+                             "FMA form)")
     parser.add_argument("--backbone", action="store_true",
                         help="the whole backbone, engine against fused, instead of layers")
     parser.add_argument("--sites", action="store_true",
@@ -107,6 +115,9 @@ def main(argv=None) -> int:
         parser.error("--sites compares two routes of the whole backbone: give --backbone too")
     if args.grid and args.backbone:
         parser.error("--grid and --backbone are two different measurements: give one")
+    if args.grid and args.threshold is not None:
+        parser.error("--grid computes every cell of a grid, no mask: leave out --threshold")
+    args.threshold = 0.35 if args.threshold is None else args.threshold
     if args.block_rows is not None and (args.block_rows < 32 or args.block_rows % 32):
         parser.error(f"--block-rows {args.block_rows}: the kernel takes sites 32 at a time "
                      "(two tiles of 16 on AMX); give a multiple of 32")
@@ -119,8 +130,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(table_header(args))
     rows = "per layer (fused.block_rows)" if args.block_rows is None else args.block_rows
-    print(f"bfloat16, {'a dense grid' if args.grid else f'edge {args.threshold}'}, {rows} "
-          "rows per block")
+    where = "a dense grid" if args.grid else f"edge {args.threshold}"
+    print(f"{args.dtype}, {where}, {rows} rows per block")
+    args.dtype = getattr(torch, args.dtype)
     return (_backbone if args.backbone else _grid if args.grid else _layers)(args)
 
 
@@ -135,14 +147,14 @@ def _backbone(args) -> int:
     model = _tamed(torchvision.models.segmentation.deeplabv3_resnet101(  # the bench's model
         weights=None, weights_backbone=None, num_classes=19, aux_loss=False), 0).eval()
     cl = torch.channels_last
-    cad = convert_segmentation(model, 8, 16).eval().to(torch.bfloat16).to(memory_format=cl)
+    cad = convert_segmentation(model, 8, 16).eval().to(args.dtype).to(memory_format=cl)
     print("| frame | engine [ms] | fused [ms] | fused / engine, paired |")
     print("|---|---|---|---|")
     sums = {"engine": 0.0, "fused": 0.0}
     for path in sorted(glob.glob(FRAMES)):
         image, keep = _frame(path, ["--threshold", str(args.threshold),
                                     "--size", "512", "1024"])
-        x = image.to(torch.bfloat16).contiguous(memory_format=cl)
+        x = image.to(args.dtype).contiguous(memory_format=cl)
         samples = {"engine": [], "fused": []}
         with torch.inference_mode():
             for rep in range(args.reps + 1):
@@ -192,12 +204,12 @@ def _grid(args, size: int = 64) -> int:
     print("| C | oneDNN conv [ms] | GFLOP/s | kernel [ms] | GFLOP/s | kernel / conv, paired |")
     print("|---|---|---|---|---|---|")
     for channels in (256, 512):
-        image = torch.randn(1, channels, size, size, generator=gen).to(torch.bfloat16)
+        image = torch.randn(1, channels, size, size, generator=gen).to(args.dtype)
         image = image.contiguous(memory_format=torch.channels_last)
         weight = (torch.randn(channels, channels, 3, 3, generator=gen) / (3 * channels ** 0.5)
-                  ).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+                  ).to(args.dtype).contiguous(memory_format=torch.channels_last)
         features = image.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: channels-last
-        out = torch.empty(size * size, channels, dtype=torch.bfloat16)
+        out = torch.empty(size * size, channels, dtype=args.dtype)
         kernel = lambda: fused._run(features, index, rows, weight, out, None, False)
         conv = lambda: F.conv2d(image, weight, None, 1, 1)
         with torch.inference_mode(), fused_rest(args.block_rows):
@@ -214,7 +226,7 @@ def _grid(args, size: int = 64) -> int:
 
 def check_within_rounding_dense(got: torch.Tensor, image: torch.Tensor,
                                 weight: torch.Tensor) -> None:
-    """``got`` (the grid's cells' rows) against the float64 conv of the same bfloat16 map, as
+    """``got`` (the grid's cells' rows) against the float64 conv of the same map, as
     :func:`check_within_rounding`."""
     import torch.nn.functional as F
 
@@ -232,9 +244,9 @@ def _layers(args) -> int:
         for channels, dilation in LAYERS:
             book = conv_rulebook(plan, (3, 3), (dilation, dilation), 1, 1)
             features = (torch.randn(plan.num_sites(1), channels, generator=gen)
-                        / channels ** 0.5).to(torch.bfloat16)
+                        / channels ** 0.5).to(args.dtype)
             weight = torch.randn(channels, channels, 3, 3, generator=gen).to(
-                torch.bfloat16).contiguous(memory_format=torch.channels_last)
+                args.dtype).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 engine = lambda: sparse_conv(features, weight, None, book, 1, "lattice")
                 with fused_rest(args.block_rows, on=False):

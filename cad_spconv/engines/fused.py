@@ -1,9 +1,9 @@
-"""The lattice engine's gather + GEMM + scatter as one C++ kernel, for bfloat16 on CPUs with
-AMX or AVX512-BF16.
+"""The lattice engine's gather + GEMM + scatter as one C++ kernel, for bfloat16 and float32 on
+CPUs with AMX or AVX512-BF16.
 
 On by default where the CPU computes bfloat16 dot products natively (:data:`AUTO`): on AMX
 tiles (Intel Xeon 4th generation and later) or, without tiles, with AVX512-BF16's dot product
-in zmm registers (AMD EPYC Zen 4 and later). The first bfloat16 layer it applies to compiles it
+in zmm registers (AMD EPYC Zen 4 and later). The first layer it applies to compiles it
 with ``torch.utils.cpp_extension`` (a C++ compiler with OpenMP and AMX and AVX512-BF16
 intrinsics, GCC 11 or Clang 12 and later, and PyTorch's headers; about 40 s on 2 cores, logged,
 then kept in torch's extension cache). Where it does not build, one warning, and the engine
@@ -12,9 +12,9 @@ registers' GEMM. ``CAD_SPCONV_FUSED_GATHER=0`` (or :func:`enable` ``(False)``) t
 ``=1`` (or :func:`enable`) asks for it, and then a kernel that cannot run is an error
 (:class:`FusedKernelUnavailable`). Once built, the lattice engine runs every site of a layer on
 mixed levels through it (:func:`sites_conv`; with ``lattice.FUSED_SITES`` off, only the
-off-lattice rows, :func:`gather_gemm`) where it applies (:func:`applies`: bfloat16 on CPU, no
-autograd, no groups, a bfloat16 bias or none, ``C_in`` and ``C_out`` multiples of 32); it adds
-the bias and applies a ReLU (the conv's epilogue) before rounding.
+off-lattice rows, :func:`gather_gemm`) where it applies (:func:`applies`: bfloat16 or float32
+on CPU, no autograd, no groups, a bias of the same type or none, ``C_in`` and ``C_out``
+multiples of 32); it adds the bias and applies a ReLU (the conv's epilogue) before rounding.
 
 Per block of 64 sites (128 for filters beyond L2, :func:`block_rows`) it copies their
 ``9 x C_in`` input rows (but where 16 sites read 16 consecutive rows at a tap, a run in a row
@@ -28,6 +28,16 @@ rows: no 8 MiB im2col chunk in memory, no separate scatter, and no per-tap call 
 library micro-kernel. Same rounding as the engine's ``torch.mm`` route (one float32 sum per
 output, rounded once to nearest even; sums below ``2^-126`` flush to zero, as the bfloat16
 dot products of AMX and AVX512-BF16 flush them).
+
+In float32 the same kernel (same blocks, gather and writes) computes its GEMM with AVX-512
+fused multiply-adds in zmm registers, 8 sites x 32 filter columns per pass, each input value
+broadcast against 16 filter values (filters packed 16 columns wide, without pairs); the ``9
+C_in`` products of each output summed in float32 in tap order. It runs wherever the kernel
+does (a CPU with AVX512-BF16; a CPU with AVX-512 but not BF16 could run this form but is not
+offered it: not measured). On an AMD EPYC Zen 4 (2 threads, 2026-12-07 23:10): 3x3 convs of 256
+and 512 channels on a 64 x 64 grid at 0.96-0.99 of oneDNN's dense float32 conv rate (215-219
+against 223-225 GFLOP/s), the layer3 and layer4 convs' off-lattice rows in 0.84-0.99 of the
+engine's split route, the backbone at edge 0.35 in 0.955 of the engine's time.
 
 Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 08:31): the
 DeepLabV3-ResNet101 backbone at edge 0.35 in 0.895 of the engine's time, 0.924 of the time of
@@ -71,7 +81,7 @@ class FusedKernelUnavailable(RuntimeError):
     """The fused kernel was asked for (:func:`enable`, ``CAD_SPCONV_FUSED_GATHER=1``) and cannot
     run here: it does not build, or the CPU has neither AMX tiles nor AVX512-BF16. (Where
     Linux does not let the process use the AMX tiles it has, the kernel runs in AVX512-BF16
-    registers.)"""
+    registers; float32 always runs in registers.)"""
 
 
 _SOURCE = r"""
@@ -110,8 +120,8 @@ __attribute__((target("amx-tile"))) static void configure_tiles() {
 __attribute__((target("amx-tile"))) static void release_tiles() { _tile_release(); }
 
 // Where the tile of 16 sites (half a group) reads a tap's values (plan_pieces): base, then
-// + step per 32 values, rows stride bytes apart; direct: from the features, not from A.
-struct Piece { const BFloat16* base; int64_t step, stride; bool direct; };
+// + step bytes per 32 values, rows stride bytes apart; direct: from the features, not from A.
+struct Piece { const char* base; int64_t step, stride; bool direct; };
 
 // sums [32 x 32] = the im2col rows of a group of 32 sites (two tiles of 16, read through
 // their pieces, T taps of 32 * steps values) @ the filters' two 16-column blocks b0, b1
@@ -155,7 +165,8 @@ static void zmm_gemm(const Piece* pieces, int64_t T, int64_t steps, const BFloat
       const Piece p = pieces[(q / 2) * T + t];
       const int64_t ld = p.stride / 2;  // values between two sites' rows
       for (int64_t c = 0; c < steps; ++c) {
-        const BFloat16* a = p.base + c * p.step + (q % 2) * 8 * ld;
+        const BFloat16* a =
+            reinterpret_cast<const BFloat16*>(p.base + c * p.step) + (q % 2) * 8 * ld;
         const BFloat16* w0 = b0 + (t * steps + c) * 32 * 16;
         const BFloat16* w1 = b1 + (t * steps + c) * 32 * 16;
 #pragma GCC unroll 4
@@ -181,13 +192,62 @@ static void zmm_gemm(const Piece* pieces, int64_t T, int64_t steps, const BFloat
   }
 }
 
-// out[rows[i], :32] = sums[i] (+ bias, then max(0, .) with relu) rounded to bfloat16 (to
-// nearest even, as c10 rounds; sums below 2^-126 flush to zero, as AMX's dot products flush
-// them); bias: 32 float32 values or null. max_ps(0, x) returns x where x is NaN (the second
-// operand), as torch.relu keeps NaN.
+// The float32 form: the same 32 sites x 32 filter columns, per 8 sites 8 x 2 sums of 16
+// columns, each input value broadcast against a row of 16 filters (the blocks b0, b1 are
+// [K][16]) in one fused multiply-add: one rounding per product and sum, the K products summed
+// in order (tap, channel).
+__attribute__((target("avx512f")))
+static void zmm_gemm_f32(const Piece* pieces, int64_t T, int64_t steps, const float* b0,
+                         const float* b1, float* sums) {
+  for (int64_t q = 0; q < 4; ++q) {  // as zmm_gemm
+    __m512 acc[8][2];
+    for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; ++t) {
+      const Piece p = pieces[(q / 2) * T + t];
+      const int64_t ld = p.stride / 4;
+      for (int64_t c = 0; c < steps; ++c) {
+        const float* a = reinterpret_cast<const float*>(p.base + c * p.step) + (q % 2) * 8 * ld;
+        const float* w0 = b0 + (t * steps + c) * 32 * 16;
+        const float* w1 = b1 + (t * steps + c) * 32 * 16;
+#pragma GCC unroll 4
+        for (int64_t k = 0; k < 32; ++k) {
+          const __m512 f0 = _mm512_loadu_ps(w0 + k * 16), f1 = _mm512_loadu_ps(w1 + k * 16);
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i) {
+            const __m512 x = _mm512_set1_ps(a[i * ld + k]);
+            acc[i][0] = _mm512_fmadd_ps(x, f0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(x, f1, acc[i][1]);
+          }
+        }
+      }
+    }
+    float* s = sums + q * 8 * 32;
+    for (int i = 0; i < 8; ++i) {
+      _mm512_storeu_ps(s + i * 32, acc[i][0]);
+      _mm512_storeu_ps(s + i * 32 + 16, acc[i][1]);
+    }
+  }
+}
+
+// out[rows[i], :32] = sums[i] (+ bias, then max(0, .) with relu), in bfloat16 rounded to
+// nearest even (as c10 rounds; sums below 2^-126 flush to zero, as AMX's dot products flush
+// them) or in float32; bias: 32 float32 values or null. max_ps(0, x) returns x where x is NaN
+// (the second operand), as torch.relu keeps NaN.
 __attribute__((target("avx512f,avx512bf16")))
-static void write_rows(const float* sums, int64_t n, BFloat16* out, const int64_t* rows,
-                       int64_t ld, const float* bias, bool relu) {
+static void store_row(BFloat16* dst, __m512 lo, __m512 hi) {
+  _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+__attribute__((target("avx512f")))
+static void store_row(float* dst, __m512 lo, __m512 hi) {
+  _mm512_storeu_ps(dst, lo);
+  _mm512_storeu_ps(dst + 16, hi);
+}
+
+template <typename E>
+__attribute__((target("avx512f")))
+static void write_rows(const float* sums, int64_t n, E* out, const int64_t* rows, int64_t ld,
+                       const float* bias, bool relu) {
   const __m512 zero = _mm512_setzero_ps();
   const __m512 b0 = bias ? _mm512_loadu_ps(bias) : zero;
   const __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : zero;
@@ -195,7 +255,7 @@ static void write_rows(const float* sums, int64_t n, BFloat16* out, const int64_
     __m512 lo = _mm512_loadu_ps(sums + i * 32), hi = _mm512_loadu_ps(sums + i * 32 + 16);
     if (bias) { lo = _mm512_add_ps(lo, b0); hi = _mm512_add_ps(hi, b1); }
     if (relu) { lo = _mm512_max_ps(zero, lo); hi = _mm512_max_ps(zero, hi); }
-    _mm512_storeu_si512(out + rows[i] * ld, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    store_row(out + rows[i] * ld, lo, hi);
   }
 }
 
@@ -203,21 +263,24 @@ static void write_rows(const float* sums, int64_t n, BFloat16* out, const int64_
 // sites, half (16 sites) and tap, where its tile reads. A full half whose sites read 16
 // consecutive input rows at the tap (a run of sites in a row of one level) reads them from the
 // features; the others from A (the block's im2col rows, 64-byte aligned, per group of 32 sites
-// and step of 32 values one 2 KB block, site-major). Measured on the edge masks' layer3 and
-// layer4 convs: 32-74 % of the pieces are runs, and reading them directly took the kernel
-// 0.94x its time at 256 channels, 0.97x at 512.
-static void plan_pieces(const BFloat16* F, const int64_t* I, int64_t n, int64_t T, int64_t C,
-                        int64_t K, BFloat16* A, Piece* pieces) {
-  const int64_t steps = C / 32;
-  for (int64_t h = 0; h < (n + 31) / 32 * 2; ++h)  // both halves of every group tile_gemm reads
+// and step of 32 values one block of 1024 values, site-major). Measured on the edge masks'
+// layer3 and layer4 convs in bfloat16: 32-74 % of the pieces are runs, and reading them
+// directly took the kernel 0.94x its time at 256 channels, 0.97x at 512.
+template <typename E>
+static void plan_pieces(const E* F, const int64_t* I, int64_t n, int64_t T, int64_t C,
+                        int64_t K, E* A, Piece* pieces) {
+  const int64_t steps = C / 32, size = sizeof(E);
+  for (int64_t h = 0; h < (n + 31) / 32 * 2; ++h)  // both halves of every group the GEMM reads
     for (int64_t t = 0; t < T; ++t) {
       // a half past the block's last site reads no index (past the last block's: none)
       const int64_t first = h * 16, r0 = first + 16 <= n ? I[first * T + t] : -1;
       bool direct = r0 >= 0;
       for (int64_t i = 1; direct && i < 16; ++i) direct = I[(first + i) * T + t] == r0 + i;
-      pieces[(h / 2) * 2 * T + (h % 2) * T + t] = direct
-          ? Piece{F + r0 * C, 32, C * 2, true}
-          : Piece{A + (h / 2) * 32 * K + t * steps * 1024 + (h % 2) * 512, 1024, 64, false};
+      const E* from = direct ? F + r0 * C
+                             : A + (h / 2) * 32 * K + t * steps * 1024 + (h % 2) * 512;
+      pieces[(h / 2) * 2 * T + (h % 2) * T + t] =
+          direct ? Piece{reinterpret_cast<const char*>(from), 32 * size, C * size, true}
+                 : Piece{reinterpret_cast<const char*>(from), 1024 * size, 32 * size, false};
     }
 }
 
@@ -225,27 +288,25 @@ static void plan_pieces(const BFloat16* F, const int64_t* I, int64_t n, int64_t 
 // site after site, each 64-byte piece of the source row to its own block: every store then
 // fills a whole aligned cache line, and each block fills in order (the former fill, site by
 // site with memcpy into an unaligned buffer, took the kernel 1/0.65 of this time at 256
-// channels, 1/0.82 at 512).
+// channels, 1/0.82 at 512, in bfloat16).
+template <typename E>
 __attribute__((target("avx512f")))
-static void gather_block(const BFloat16* F, const int64_t* I, int64_t n, int64_t T, int64_t C,
-                         int64_t K, BFloat16* A, const Piece* pieces) {
-  const int64_t steps = C / 32;
+static void gather_block(const E* F, const int64_t* I, int64_t n, int64_t T, int64_t C,
+                         int64_t K, E* A, const Piece* pieces) {
+  const int64_t steps = C / 32, lanes = 64 / sizeof(E);  // values per 64-byte vector
   for (int64_t g = 0; g * 32 < n; ++g) {
-    BFloat16* group = A + g * 32 * K;
+    E* group = A + g * 32 * K;
     for (int64_t t = 0; t < T; ++t) {
-      BFloat16* tap = group + t * steps * 1024;
+      E* tap = group + t * steps * 1024;
       for (int64_t i = 0; i < 32 && g * 32 + i < n; ++i) {
         if (pieces[g * 2 * T + (i / 16) * T + t].direct) continue;
         const int64_t src = I[(g * 32 + i) * T + t];
-        BFloat16* dst = tap + i * 32;
-        if (src < 0) {
-          for (int64_t c = 0; c < steps; ++c)
-            _mm512_store_si512(dst + c * 1024, _mm512_setzero_si512());
-        } else {
-          const BFloat16* row = F + src * C;
-          for (int64_t c = 0; c < steps; ++c)
-            _mm512_store_si512(dst + c * 1024, _mm512_loadu_si512(row + c * 32));
-        }
+        E* dst = tap + i * 32;
+        for (int64_t c = 0; c < steps; ++c)
+          for (int64_t v = 0; v < 32; v += lanes)
+            _mm512_store_si512(dst + c * 1024 + v, src < 0 ? _mm512_setzero_si512()
+                                                           : _mm512_loadu_si512(F + src * C
+                                                                                + c * 32 + v));
       }
     }
   }
@@ -255,29 +316,13 @@ template <typename T> static T* aligned64(std::vector<T>& v) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
 }
 
-// out[rows[i]] = concat_t(features[index[i, t]], or 0 where index < 0) @ W^T (+ bias, relu),
-// mb sites a block; bias: float32 [C_out], or empty for none
-// amx: on AMX tiles (tile_gemm), else in zmm registers (zmm_gemm, AVX512-BF16)
-void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor packed,
-                 torch::Tensor out, torch::Tensor rows, int64_t mb, torch::Tensor bias,
-                 bool relu, bool amx) {
-  TORCH_CHECK(features.is_contiguous() && index.is_contiguous() && out.is_contiguous()
-              && rows.is_contiguous() && packed.is_contiguous()
-              && features.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16
-              && packed.scalar_type() == at::kBFloat16, "gather_gemm: contiguous bfloat16");
-  const int64_t m = index.size(0), T = index.size(1), C = features.size(1), K = T * C;
-  const int64_t N = out.size(1);
-  TORCH_CHECK(C % 32 == 0 && N % 32 == 0 && mb > 0 && mb % 32 == 0 && packed.numel() == N * K,
-              "gather_gemm: C_in, C_out and the block (> 0) multiples of 32; "
-              "filters [C_out, 9 C_in]");
-  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous()
-                                    && bias.numel() == N), "gather_gemm: float32 bias [C_out]");
-  const float* B = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  const BFloat16* F = features.data_ptr<BFloat16>();
-  const int64_t* I = index.data_ptr<int64_t>();
-  const BFloat16* P = packed.data_ptr<BFloat16>();
-  BFloat16* O = out.data_ptr<BFloat16>();
-  const int64_t* R = rows.data_ptr<int64_t>();
+// out[rows[i]] = concat_t(F[I[i, t]], or 0 where I < 0) @ W^T (+ bias, relu) through the GEMM
+// gemm (of 32 sites x 32 columns), mb sites a block, each thread a run of blocks
+template <typename E, typename Gemm>
+static void run_blocks(const E* F, const int64_t* I, const E* P, E* O, const int64_t* R,
+                       int64_t m, int64_t T, int64_t C, int64_t N, int64_t mb, const float* B,
+                       bool relu, bool amx, Gemm gemm) {
+  const int64_t K = T * C;
   at::parallel_for(0, (m + mb - 1) / mb, 1, [&](int64_t b0, int64_t b1) {
     // PyTorch's oneDNN micro-kernel wrapper remembers the tile configuration it set last in
     // this thread; forget it, so that it configures afresh after this kernel's own
@@ -285,9 +330,9 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
       at::native::cpublas::brgemm_release();
       configure_tiles();
     }
-    std::vector<BFloat16> a_store(mb * K + 32);  // + 64 bytes to align the start
+    std::vector<E> a_store(mb * K + 64 / sizeof(E));  // + 64 bytes to align the start
     std::vector<float> sums_store(mb * 32 + 16);
-    BFloat16* A = aligned64(a_store);
+    E* A = aligned64(a_store);
     float* sums = aligned64(sums_store);
     std::vector<Piece> pieces(mb / 16 * T);
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -297,13 +342,47 @@ void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor pack
       // a last group of fewer than 32 sites computes stale rows too; they are not written
       for (int64_t j = 0; j < N / 32; ++j) {
         for (int64_t g = 0; g * 32 < n; ++g)
-          (amx ? tile_gemm : zmm_gemm)(pieces.data() + g * 2 * T, T, C / 32, P + j * 32 * K,
-                                       P + j * 32 * K + 16 * K, sums + g * 1024);
+          gemm(pieces.data() + g * 2 * T, T, C / 32, P + j * 32 * K, P + j * 32 * K + 16 * K,
+               sums + g * 1024);
         write_rows(sums, n, O + j * 32, R + s, N, B ? B + j * 32 : nullptr, relu);
       }
     }
     if (amx) release_tiles();
   });
+}
+
+// out[rows[i]] = concat_t(features[index[i, t]], or 0 where index < 0) @ W^T (+ bias, relu),
+// mb sites a block; bias: float32 [C_out], or empty for none. bfloat16 on AMX tiles (amx,
+// tile_gemm) or in zmm registers (zmm_gemm, AVX512-BF16); float32 in zmm registers
+// (zmm_gemm_f32, AVX-512)
+void gather_gemm(torch::Tensor features, torch::Tensor index, torch::Tensor packed,
+                 torch::Tensor out, torch::Tensor rows, int64_t mb, torch::Tensor bias,
+                 bool relu, bool amx) {
+  const auto type = features.scalar_type();
+  TORCH_CHECK(features.is_contiguous() && index.is_contiguous() && out.is_contiguous()
+              && rows.is_contiguous() && packed.is_contiguous()
+              && (type == at::kBFloat16 || type == at::kFloat) && out.scalar_type() == type
+              && packed.scalar_type() == type && !(amx && type == at::kFloat),
+              "gather_gemm: contiguous features, filters and out of one type, bfloat16 or "
+              "float32 (AMX tiles for bfloat16 only)");
+  const int64_t m = index.size(0), T = index.size(1), C = features.size(1), K = T * C;
+  const int64_t N = out.size(1);
+  TORCH_CHECK(C % 32 == 0 && N % 32 == 0 && mb > 0 && mb % 32 == 0 && packed.numel() == N * K,
+              "gather_gemm: C_in, C_out and the block (> 0) multiples of 32; "
+              "filters [C_out, 9 C_in]");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous()
+                                    && bias.numel() == N), "gather_gemm: float32 bias [C_out]");
+  const float* B = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  const int64_t* I = index.data_ptr<int64_t>();
+  const int64_t* R = rows.data_ptr<int64_t>();
+  if (type == at::kFloat) {
+    run_blocks(features.data_ptr<float>(), I, packed.data_ptr<float>(), out.data_ptr<float>(),
+               R, m, T, C, N, mb, B, relu, false, zmm_gemm_f32);
+  } else {
+    run_blocks(features.data_ptr<BFloat16>(), I, packed.data_ptr<BFloat16>(),
+               out.data_ptr<BFloat16>(), R, m, T, C, N, mb, B, relu, amx,
+               amx ? tile_gemm : zmm_gemm);
+  }
 }
 """
 
@@ -408,7 +487,8 @@ def _isa() -> str:
 
 def describe() -> str:
     """The kernel's state, as benchmark reports record it: ``on (AMX)`` (or ``AVX512-BF16``:
-    where its GEMM runs), ``off``, or ``auto: ...``."""
+    where its bfloat16 GEMM runs; float32's runs in AVX-512 registers), ``off``, or
+    ``auto: ...``."""
     mode = _state["mode"]
     if mode == "on":
         return f"on ({_isa()})"
@@ -421,10 +501,11 @@ def describe() -> str:
 
 def applies(features, weight, bias, groups: int) -> bool:
     """Whether the off-lattice rows of this layer go through the kernel (building it on first
-    use by default: where that fails, one warning, and it stays off)."""
+    use by default: where that fails, one warning, and it stays off): bfloat16 or float32
+    features and filters, a bias of their type or none (as ``F.conv2d`` takes it)."""
     if not (enabled() and features.device.type == "cpu"
-            and features.dtype == weight.dtype == torch.bfloat16
-            and (bias is None or bias.dtype == torch.bfloat16) and groups == 1
+            and features.dtype == weight.dtype in (torch.bfloat16, torch.float32)
+            and (bias is None or bias.dtype == weight.dtype) and groups == 1
             and weight.shape[0] % _TILE == 0 and weight.shape[1] % _TILE == 0
             and not tracks_grad(features, weight, bias)):
         return False
@@ -453,13 +534,17 @@ def _kernel_index(split) -> torch.Tensor:
 
 def packed_filters(weight: torch.Tensor) -> torch.Tensor:
     """The kernel's filters ``[C_out / 16, K, 16]``: ``B = W^T`` (``W`` the tap-major filters
-    ``[C_out, K]``) in blocks of 16 columns (one tile of float32 sums wide), each in the VNNI
-    layout that AMX's bfloat16 dot product reads: the two elements of a 32-bit word are rows
-    ``k, k + 1`` of one column. Those are adjacent in a row of ``W``, so the packing is a
-    transpose of ``W`` read as 32-bit words, redone per call (a cache would hold a second copy
-    of every filter, against the memory target)."""
+    ``[C_out, K]``) in blocks of 16 columns (one tile of float32 sums wide), in bfloat16 each in
+    the VNNI layout that AMX's bfloat16 dot product reads: the two elements of a 32-bit word
+    are rows ``k, k + 1`` of one column. Those are adjacent in a row of ``W``, so the packing is
+    a transpose of ``W`` read as 32-bit words (in float32 of ``W`` itself: ``[k][n % 16]``),
+    redone per call (a cache would hold a second copy of every filter, against the memory
+    target)."""
     n = weight.shape[0]
-    words = krsc_filters(weight, cache=True).reshape(n, -1).view(torch.int32)
+    rows = krsc_filters(weight, cache=True).reshape(n, -1)
+    if weight.dtype == torch.float32:  # one value per element: blocks of W^T as they are
+        return rows.view(n // _FILTER_BLOCK, _FILTER_BLOCK, -1).transpose(1, 2).contiguous()
+    words = rows.view(torch.int32)
     return (words.view(n // _FILTER_BLOCK, _FILTER_BLOCK, -1).transpose(1, 2).contiguous()
             .view(torch.bfloat16).view(n // _FILTER_BLOCK, -1, _FILTER_BLOCK))
 
@@ -472,7 +557,7 @@ PROFILER_NAME = "cad_spconv::fused_gather_gemm"
 def gather_gemm(features, weight, split, out: torch.Tensor, bias=None,
                 relu: bool = False) -> None:
     """Write the off-lattice rows of ``split`` into ``out`` (where :func:`applies`), the
-    ``bias`` (bfloat16) added to the float32 sums and, with ``relu``, ``max(0, .)`` taken
+    ``bias`` added to the float32 sums and, with ``relu``, ``max(0, .)`` taken
     before the one rounding (as oneDNN's conv with a bias and a ReLU post-op)."""
     _run(features, _kernel_index(split), split.rest_rows.contiguous(), weight, out, bias, relu)
 
@@ -489,28 +574,33 @@ def sites_conv(features, weight, book, bias=None, relu: bool = False) -> torch.T
     return out
 
 
-def block_rows(c_out: int, k: int) -> int:
+def block_rows(c_out: int, k: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Sites per block of a layer with ``k`` products per output (``9 C_in``) and ``c_out``
-    filters: 64, their im2col rows in L2 beside a 32-column slice of the filters; on AMX
-    tiles 128 where the filters outgrow L2 (2 MiB on these Xeons), so that each pass over them
-    from L3 serves twice the sites, while the rows stay within 1.5 MiB. Measured on the edge
-    masks' rulebooks (2 threads, interleaved): on an AMX Xeon at 512 channels (4.5 MiB of
-    filters) 128 sites took 0.90-0.93 of 64's time (96: 0.92-0.94, 160: about 1.0); at 256
-    (1.1 MiB) 96 and 128 were within 2 % of 64 (32: 0.94-1.0 of it, not tried in the network).
-    On AVX512-BF16 (AMD EPYC Zen 4, 1 MiB of L2) 128 sites took the kernel from 0.84-0.86 of
-    the engine's time to 0.93-0.95 at 256 channels and from 0.93-0.95 to 1.00-1.03 at 512
-    (one run each); 32 and 64 were within the runs' noise (0.84-1.00) over four runs."""
+    filters of ``dtype``: 64, their im2col rows in L2 beside a 32-column slice of the filters;
+    in bfloat16 on AMX tiles 128 where the filters outgrow L2 (2 MiB on these Xeons), so that
+    each pass over them from L3 serves twice the sites, while the rows stay within 1.5 MiB.
+    Measured on the edge masks' rulebooks (2 threads, interleaved): on an AMX Xeon at 512
+    channels (4.5 MiB of filters) 128 sites took 0.90-0.93 of 64's time (96: 0.92-0.94, 160:
+    about 1.0); at 256 (1.1 MiB) 96 and 128 were within 2 % of 64 (32: 0.94-1.0 of it, not
+    tried in the network). On AVX512-BF16 (AMD EPYC Zen 4, 1 MiB of L2) 128 sites took the
+    kernel from 0.84-0.86 of the engine's time to 0.93-0.95 at 256 channels and from 0.93-0.95
+    to 1.00-1.03 at 512 (one run each); 32 and 64 were within the runs' noise (0.84-1.00) over
+    four runs. In float32 on that EPYC (one run each): at 256 channels 64 sites took
+    0.84-0.89 of the engine's time, 32 sites 0.89-0.90; at 512 64 took 0.95-0.99, 32
+    0.95-0.97 (its rows then fill L2 at 64: 1.2 MiB)."""
     if BLOCK_ROWS is not None:
         return BLOCK_ROWS
     fits = 128 * k * 2 <= 3 << 19
-    return 128 if tiles() and c_out * k * 2 > 2 << 20 and fits else 64
+    on_tiles = tiles() and dtype == torch.bfloat16
+    return 128 if on_tiles and c_out * k * 2 > 2 << 20 and fits else 64
 
 
 def _run(features, index, rows, weight, out, bias, relu) -> None:
     b = _NO_BIAS if bias is None else bias.float().contiguous()
     packed = packed_filters(weight)
     args = (features.contiguous(), index.contiguous(), packed, out, rows,
-            block_rows(weight.shape[0], packed.shape[1]), b, bool(relu), tiles())
+            block_rows(weight.shape[0], packed.shape[1], weight.dtype), b, bool(relu),
+            tiles() and weight.dtype == torch.bfloat16)  # float32: in registers everywhere
     if torch.autograd._profiler_enabled():
         # a pybind call is no op the profiler sees: without this range its time would be
         # missing from `cad-spconv bench --profile` (0.04 us to check when no profiler runs)

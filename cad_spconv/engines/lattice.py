@@ -15,8 +15,8 @@ one GEMM on the feature matrix. A stride-1 conv whose input is at least 4x as wi
 output (the ASPP's 3x3 convs, 2048 -> 256) runs on the products engine instead
 (:func:`products_pay`): its gather would copy ``C_in``-wide rows per tap. Groups and autograd.
 
-Where the fused kernel applies (:mod:`.fused`: bfloat16 on CPUs with AMX or AVX512-BF16, no
-autograd), a conv whose output sites are not one grid skips the split: the kernel computes
+Where the fused kernel applies (:mod:`.fused`: bfloat16 or float32 on CPUs with AMX or
+AVX512-BF16, no autograd), a conv whose output sites are not one grid skips the split: the kernel computes
 every site, the lattice ones too (:data:`FUSED_SITES`). Measured on the DeepLabV3-ResNet101
 backbone (2 threads): on an AMX Xeon (edge masks 0.15-0.95) 0.92-0.945 of the split's time,
 and none of the prepacked bfloat16 filters that the lattice conv keeps (40 MiB for layer3 and
@@ -274,8 +274,8 @@ def _gather_gemm(features, weight, bias, split: LatticeSplit, groups: int,
     that live across calls (a fresh buffer per chunk costs page faults worth a third of the
     gather, BENCHMARKS.md); oneDNN's GEMM returns a fresh result, copied into place directly.
 
-    Where the fused kernel applies (:mod:`.fused`: bfloat16 on CPUs with AMX or AVX512-BF16,
-    on by default there),
+    Where the fused kernel applies (:mod:`.fused`: bfloat16 or float32 on CPUs with AMX or
+    AVX512-BF16, on by default there),
     it does the gather, the GEMMs and the copies in one C++ kernel instead. ``relu``: on each
     chunk's rows while they are in cache (in the fused kernel, before its rounding)."""
     if fused.applies(features, weight, bias, groups):

@@ -341,7 +341,7 @@ def test_dilated_convs_refuses_autocast_where_it_changes_nothing(capsys):
 
 def test_fused_gather_gemm_refuses_sites_without_the_backbone(capsys):
     """``--sites`` compares two routes of the whole backbone; alone it would be ignored; and
-    ``--grid`` is not the backbone."""
+    ``--grid`` is not the backbone and has no mask."""
     from experiments import fused_gather_gemm
 
     with pytest.raises(SystemExit) as e:
@@ -350,6 +350,9 @@ def test_fused_gather_gemm_refuses_sites_without_the_backbone(capsys):
     with pytest.raises(SystemExit) as e:  # two measurements: one would be dropped silently
         fused_gather_gemm.main(["--grid", "--backbone"])
     assert e.value.code == 2 and "two different measurements" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the grid has no mask: a threshold would be unused
+        fused_gather_gemm.main(["--grid", "--threshold", "0.15"])
+    assert e.value.code == 2 and "leave out --threshold" in capsys.readouterr().err
 
 
 def test_compiled_dense_refuses_bad_pairs_and_sizes(capsys):

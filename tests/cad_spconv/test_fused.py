@@ -58,13 +58,17 @@ def test_by_default_the_kernel_is_off_without_bf16_code(restore_fused, monkeypat
     assert fused._state["module"] is None  # nothing was built
 
 
-def test_fused_kernel_applies_to_bfloat16_without_autograd_or_groups(restore_fused):
+def test_fused_kernel_applies_to_bfloat16_and_float32_without_autograd_or_groups(
+        restore_fused):
     fused._state["mode"] = "on"
     x, _, w = _layer()
     f = x.features
     assert fused.applies(f, w, None, 1)
     assert fused.applies(f, w, torch.zeros(64, dtype=torch.bfloat16), 1)  # a folded conv's
-    assert not fused.applies(f.float(), w.float(), None, 1)  # float32: the engine's own route
+    assert fused.applies(f.float(), w.float(), torch.zeros(64), 1)  # its float32 form
+    assert not fused.applies(f.half(), w.half(), None, 1)  # float16: the engine's own route
+    assert not fused.applies(f.double(), w.double(), None, 1)
+    assert not fused.applies(f.float(), w, None, 1)  # mixed types: F.conv2d would refuse
     assert not fused.applies(f, w, torch.zeros(64), 1)  # a float32 bias: F.conv2d would refuse
     assert not fused.applies(f, w[:48], None, 1)  # C_out not a multiple of 32
     assert not fused.applies(f[:, :24], w[:, :24], None, 1)  # C_in not a multiple of 32
@@ -202,13 +206,15 @@ def _runs_of_16(index: torch.Tensor) -> int:
 ])
 @pytest.mark.parametrize("bias, relu", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("every_site", [True, False])
-@pytest.mark.parametrize("tiles", [True, False], ids=["amx", "avx512_bf16"])
+@pytest.mark.parametrize("tiles, dtype", [(True, torch.bfloat16), (False, torch.bfloat16),
+                                          (False, torch.float32)],
+                         ids=["amx", "avx512_bf16", "float32"])
 def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeypatch, grid,
                                                   num_levels, step, stride, dilation,
                                                   block_rows, c_in, c_out, bias, relu,
-                                                  every_site, tiles):
-    """The kernel's GEMM on AMX tiles (``tiles``; on AMX CPUs) and in AVX512-BF16 registers
-    (on AMX CPUs too). Both routes of the lattice engine through it: every output site
+                                                  every_site, tiles, dtype):
+    """The kernel's bfloat16 GEMM on AMX tiles (``tiles``; on AMX CPUs) and in AVX512-BF16
+    registers (on AMX CPUs too), and its float32 GEMM (AVX-512 FMAs). Both routes of the lattice engine through it: every output site
     (``every_site``, :func:`fused.sites_conv`), or only the rest off the lattice
     (:func:`fused.gather_gemm`, the lattice sites on a dense conv). With a bias (a folded batch
     norm's) and a ReLU too: ``relu(conv + bias)`` of the float64 reference within the route's
@@ -217,10 +223,11 @@ def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeyp
         pytest.skip("the kernel's AMX tiles: this CPU has none, or Linux refused their state")
     monkeypatch.setattr(gemm, "CPU_AMX", tiles)  # the kernel's ISA, passed at each call
     assert fused.tiles() == tiles
-    x, levels, w = _layer(grid, num_levels, step, c_out, c_in, seed=step * 10 + dilation)
+    x, levels, w = _layer(grid, num_levels, step, c_out, c_in, dtype,
+                          seed=step * 10 + dilation)
     b = (torch.randn(c_out, generator=torch.Generator().manual_seed(step)) if bias
          else None)
-    b = None if b is None else b.to(torch.bfloat16)
+    b = None if b is None else b.to(dtype)
     rows, runs, run = [], [], fused._run
     monkeypatch.setattr(fused, "_run",
                         lambda f, index, out_rows, *a: (rows.append(out_rows.numel()),
@@ -243,8 +250,8 @@ def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeyp
         want = R.ref.conv(x.features.double(), levels, step, stride, w.double(),
                           None if b is None else b.double(), dilation)
         size = R.conv_size(x.features, levels, step, stride, w, b, dilation)
-        bound = R.conv_bound(size, want, torch.bfloat16, w[0].numel() + bias,
-                             **R.engine_route("lattice", torch.bfloat16, bias))
+        bound = R.conv_bound(size, want, dtype, w[0].numel() + bias,
+                             **R.engine_route("lattice", dtype, bias))
         R.assert_within(got, torch.relu(want), bound, "fused kernel, relu")
     else:
         R.assert_conv_within(got, x.features, levels, step, stride, w, b, dilation,
@@ -252,7 +259,7 @@ def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeyp
 
 
 def test_block_rows_grow_where_the_filters_outgrow_l2(restore_fused, monkeypatch):
-    """64 sites a block; on AMX tiles 128 where the filters pass 2 MiB (3x3, 512 channels) and
+    """64 sites a block; in bfloat16 on AMX tiles 128 where the filters pass 2 MiB (3x3, 512 channels) and
     128 sites' rows fit in 1.5 MiB (not 3x3 on 1024 channels); ``BLOCK_ROWS`` overrides."""
     monkeypatch.setattr(gemm, "CPU_AMX", False)  # AVX512-BF16's registers: 64 at every size
     assert [fused.block_rows(c, 9 * c) for c in (256, 512, 1024)] == [64, 64, 64]
@@ -261,6 +268,7 @@ def test_block_rows_grow_where_the_filters_outgrow_l2(restore_fused, monkeypatch
     assert fused.block_rows(256, 9 * 256) == 64
     assert fused.block_rows(512, 9 * 512) == 128
     assert fused.block_rows(1024, 9 * 1024) == 64
+    assert fused.block_rows(512, 9 * 512, torch.float32) == 64  # float32 runs in registers
     monkeypatch.setattr(fused, "BLOCK_ROWS", 96)
     assert fused.block_rows(512, 9 * 512) == 96
 
@@ -305,3 +313,19 @@ def test_packed_filters_are_vnni_blocks_of_16_columns(c_out, c_in, channels_last
     got = fused.packed_filters(w)
     assert got.shape == (c_out // 16, k, 16)
     assert torch.equal(got.view(c_out // 16, k // 2, 16, 2), want)
+
+
+@pytest.mark.parametrize("c_out, c_in, channels_last", [(32, 32, False), (64, 96, True)])
+def test_float32_packed_filters_are_blocks_of_16_columns(c_out, c_in, channels_last):
+    """In float32 (no pairs): element ``(k, n)`` of ``B = W^T`` at ``[n // 16][k][n % 16]``."""
+    gen = torch.Generator().manual_seed(c_out + c_in)
+    w = torch.randn(c_out, c_in, 3, 3, generator=gen)
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    k = 9 * c_in
+    tap_major = w.permute(0, 2, 3, 1).reshape(c_out, k)
+    block, row, col = torch.meshgrid(torch.arange(c_out // 16), torch.arange(k),
+                                     torch.arange(16), indexing="ij")
+    got = fused.packed_filters(w)
+    assert got.dtype == torch.float32 and got.shape == (c_out // 16, k, 16)
+    assert torch.equal(got, tap_major[block * 16 + col, row])
