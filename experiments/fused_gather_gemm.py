@@ -10,8 +10,8 @@ The lattice engine gathers the im2col rows of the off-lattice sites of a 3x3 con
 kernel of :mod:`cad_spconv.engines.fused` does all three per block of ``--block-rows`` sites in
 cache (that module says how). This measures it, on for the runs marked "fused" and off for the
 others; it needs what the kernel needs (a C++ compiler, a CPU with AMX or AVX512-BF16), and
-says so otherwise. The kernel's GEMM runs on AMX tiles where the CPU has them, else in
-AVX512-BF16 registers.
+says so otherwise. The kernel's bfloat16 GEMM runs on AMX tiles where the CPU has them, else
+in AVX512-BF16 registers; its float32 GEMM (``--dtype float32``) in AVX-512 registers.
 
 Measured like ``experiments.tiled_phases``: the 3x3 convs of DeepLabV3-ResNet101's layer3 and
 layer4 on the edge masks of the frames in ``../shared/data/cityscapes_frames/`` (random features
@@ -23,7 +23,7 @@ same inputs, within the rounding bound of a float32 sum (rounded once to bfloat1
 route.
 
 ``--backbone``: the whole DeepLabV3-ResNet101 backbone instead (random weights, converted
-8 -> 16, bfloat16, channels-last, the output densified at stride 8 as the bench does), each
+8 -> 16, ``--dtype``, channels-last, the output densified at stride 8 as the bench does), each
 frame's edge mask, the engine and the fused kernel taking turns (the first of each pair
 alternating): per frame the median of the paired ratios, and the ratio of the summed medians.
 ``--backbone --sites``: the kernel on both sides, computing every site of a mixed-level conv

@@ -14,8 +14,9 @@ users pass (``engine="..."``) are :data:`ENGINES`:
   with what each supports.
 
 On CPUs with AMX or AVX512-BF16, by default: :mod:`.fused`, a C++ kernel for the lattice
-engine's mixed-level 3x3 convs in bfloat16 (compiled on first use; ``CAD_SPCONV_FUSED_GATHER=0`` or
-``fused.enable(False)`` turns it off, ``=1`` / ``fused.enable()`` makes it required).
+engine's mixed-level 3x3 convs in bfloat16 and float32 (compiled on first use;
+``CAD_SPCONV_FUSED_GATHER=0`` or ``fused.enable(False)`` turns it off, ``=1`` /
+``fused.enable()`` makes it required).
 
 All engines compute the same values (one exactness test runs them all against a dense
 reference); they differ in speed and in what they support. Weights are in ``torch.nn.Conv2d``

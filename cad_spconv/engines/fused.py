@@ -16,28 +16,29 @@ off-lattice rows, :func:`gather_gemm`) where it applies (:func:`applies`: bfloat
 on CPU, no autograd, no groups, a bias of the same type or none, ``C_in`` and ``C_out``
 multiples of 32); it adds the bias and applies a ReLU (the conv's epilogue) before rounding.
 
-Per block of 64 sites (128 for filters beyond L2, :func:`block_rows`) it copies their
-``9 x C_in`` input rows (but where 16 sites read 16 consecutive rows at a tap, a run in a row
-of one level: those the tiles read in place) into a per-thread buffer that stays in cache,
-laid out as AMX tiles read it (per 32 sites and 32 values, one 2 KB block), multiplies them
-with the filters (:func:`packed_filters`) on AMX tiles of its own, 32 sites x 32 filter
-columns at a time with all ``9 C_in`` products summed in float32 inside the tiles (without
-AMX: in zmm registers, 8 sites x 32 filter columns per pass, with AVX512-BF16's dot product
-of pairs of values), and writes the sums, rounded once to bfloat16, straight to their output
-rows: no 8 MiB im2col chunk in memory, no separate scatter, and no per-tap call into a
-library micro-kernel. Same rounding as the engine's ``torch.mm`` route (one float32 sum per
-output, rounded once to nearest even; sums below ``2^-126`` flush to zero, as the bfloat16
-dot products of AMX and AVX512-BF16 flush them).
+Per block of 64 sites (128 for filters beyond L2, :func:`block_rows`) it copies their ``9 x C_in``
+input rows (but where 16 sites read 16 consecutive rows at a tap, a run in a row of one level: those
+the tiles read in place) into a per-thread buffer that stays in cache, laid out as AMX tiles read it
+(per 32 sites and 32 values, one block: 2 KB in bfloat16), multiplies them with the filters
+(:func:`packed_filters`) on AMX tiles of its own, 32 sites x 32 filter columns at a time with all
+``9 C_in`` products summed in float32 inside the tiles (without AMX: in zmm registers, 8 sites x 32
+filter columns per pass, with AVX512-BF16's dot product of pairs of values), and writes the sums, in
+bfloat16 rounded once, straight to their output rows: no 8 MiB im2col chunk in memory, no separate
+scatter, and no per-tap call into a library micro-kernel. Same rounding as the engine's ``torch.mm``
+route (one float32 sum per output, rounded once to nearest even; sums below ``2^-126`` flush to
+zero, as the bfloat16 dot products of AMX and AVX512-BF16 flush them).
 
-In float32 the same kernel (same blocks, gather and writes) computes its GEMM with AVX-512
-fused multiply-adds in zmm registers, 8 sites x 32 filter columns per pass, each input value
-broadcast against 16 filter values (filters packed 16 columns wide, without pairs); the ``9
-C_in`` products of each output summed in float32 in tap order. It runs wherever the kernel
-does (a CPU with AVX512-BF16; a CPU with AVX-512 but not BF16 could run this form but is not
-offered it: not measured). On an AMD EPYC Zen 4 (2 threads, 2026-12-07 23:10): 3x3 convs of 256
-and 512 channels on a 64 x 64 grid at 0.96-0.99 of oneDNN's dense float32 conv rate (215-219
-against 223-225 GFLOP/s), the layer3 and layer4 convs' off-lattice rows in 0.84-0.99 of the
-engine's split route, the backbone at edge 0.35 in 0.955 of the engine's time.
+In float32 the same kernel (same blocks, gather and writes) computes its GEMM with AVX-512 fused
+multiply-adds in zmm registers, 8 sites x 32 filter columns per pass, each input value broadcast
+against 16 filter values (filters packed 16 columns wide, without pairs); the ``9 C_in`` products of
+each output summed in float32 in tap order. It runs wherever the kernel does (a CPU with
+AVX512-BF16, AMX Xeons included, where it is not yet measured; a CPU with AVX-512 but not BF16 could
+run this form but is not offered it). On an AMD EPYC Zen 4 (2 threads, 2026-12-07 23:10): 3x3 convs
+of 256 and 512 channels on a 64 x 64 grid at 0.96-0.99 of oneDNN's dense float32 conv rate (215-219
+against 223-225 GFLOP/s), the layer3 and layer4 convs' off-lattice rows in 0.84-0.99 of the engine's
+split route, the backbone at edge 0.35 in 0.955 of the engine's time; against the compiled dense
+stride-8 network float32 edge 0.35 went from 0.901 to 0.852 of its time (eff 0.87 -> 0.92;
+BENCHMARKS.md, 2026-12-07 23:03).
 
 Measured on an Intel AMX Xeon, 2 threads (BENCHMARKS.md, 2026-12-06 08:31): the
 DeepLabV3-ResNet101 backbone at edge 0.35 in 0.895 of the engine's time, 0.924 of the time of
@@ -244,8 +245,8 @@ static void store_row(float* dst, __m512 lo, __m512 hi) {
   _mm512_storeu_ps(dst + 16, hi);
 }
 
-template <typename E>
-__attribute__((target("avx512f")))
+template <typename E>  // bfloat16's store_row inlined: the kernel runs on AVX512-BF16 CPUs only
+__attribute__((target("avx512f,avx512bf16")))
 static void write_rows(const float* sums, int64_t n, E* out, const int64_t* rows, int64_t ld,
                        const float* bias, bool relu) {
   const __m512 zero = _mm512_setzero_ps();
@@ -486,17 +487,17 @@ def _isa() -> str:
 
 
 def describe() -> str:
-    """The kernel's state, as benchmark reports record it: ``on (AMX)`` (or ``AVX512-BF16``:
-    where its bfloat16 GEMM runs; float32's runs in AVX-512 registers), ``off``, or
-    ``auto: ...``."""
+    """The kernel's state, as benchmark reports record it: ``on (AMX; float32: AVX-512)`` (or
+    ``AVX512-BF16``: where its bfloat16 GEMM runs; float32's runs in AVX-512 registers
+    everywhere), ``off``, or ``auto: ...``."""
     mode = _state["mode"]
     if mode == "on":
-        return f"on ({_isa()})"
+        return f"on ({_isa()}; float32: AVX-512)"
     if mode != AUTO:
         return mode if _state["why_off"] is None else f"off ({_state['why_off']})"
     if not _bf16_code():
         return "auto: off (no AVX512-BF16 or AMX, or AVX2 code only)"
-    return f"auto: on ({_isa()})"
+    return f"auto: on ({_isa()}; float32: AVX-512)"
 
 
 def applies(features, weight, bias, groups: int) -> bool:

@@ -15,13 +15,13 @@ one GEMM on the feature matrix. A stride-1 conv whose input is at least 4x as wi
 output (the ASPP's 3x3 convs, 2048 -> 256) runs on the products engine instead
 (:func:`products_pay`): its gather would copy ``C_in``-wide rows per tap. Groups and autograd.
 
-Where the fused kernel applies (:mod:`.fused`: bfloat16 or float32 on CPUs with AMX or
-AVX512-BF16, no autograd), a conv whose output sites are not one grid skips the split: the kernel computes
-every site, the lattice ones too (:data:`FUSED_SITES`). Measured on the DeepLabV3-ResNet101
-backbone (2 threads): on an AMX Xeon (edge masks 0.15-0.95) 0.92-0.945 of the split's time,
-and none of the prepacked bfloat16 filters that the lattice conv keeps (40 MiB for layer3 and
-layer4), BENCHMARKS.md, 2026-12-07 11:31; on an AMD EPYC Zen 4 (AVX512-BF16 registers, edge
-0.35) 0.985-0.994 per frame (``python -m experiments.fused_gather_gemm --backbone --sites``).
+Where the fused kernel applies (:mod:`.fused`: bfloat16 or float32 on CPUs with AMX or AVX512-BF16,
+no autograd), a conv whose output sites are not one grid skips the split: the kernel computes every
+site, the lattice ones too (:data:`FUSED_SITES`). Measured on the DeepLabV3-ResNet101 backbone (2
+threads): on an AMX Xeon (edge masks 0.15-0.95) 0.92-0.945 of the split's time, and none of the
+prepacked bfloat16 filters that the lattice conv keeps (40 MiB for layer3 and layer4),
+BENCHMARKS.md, 2026-12-07 11:31; on an AMD EPYC Zen 4 (AVX512-BF16 registers, edge 0.35) 0.985-0.994
+per frame (``python -m experiments.fused_gather_gemm --backbone --sites``).
 """
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ class LatticeEngine(Engine):
         if book.num_taps == 1:
             if not book.is_identity:
                 book.rows()
+            return
+        if like is None and fused.enabled():  # what a layer of 32s of channels reads there
+            book.gather
             return
         # the splits the forwards built (none where all its layers ran on products), else the
         # split of a float32 layer on this CPU (the channel count is not known here)

@@ -1,10 +1,11 @@
 """The fused gather + GEMM kernel (``cad_spconv.engines.fused``): on by default only on CPUs with
 AMX or AVX512-BF16, off where turned off, a clear error where asked for and it cannot run (by
 default: one warning, and off), and, where it runs, the lattice engine's conv with it equals the
-dense reference on the same bfloat16 inputs within the route's rounding bound, on AMX tiles and
-in AVX512-BF16 registers. The exactness tests run where the kernel does (a C++ compiler, and
-AVX512-BF16 for the registers' GEMM, AMX for the tiles'; the first one builds it, about 40 s on
-2 cores, unless torch's extension cache holds it) and are skipped elsewhere."""
+dense reference on the same bfloat16 or float32 inputs within the route's rounding bound, on AMX
+tiles and in AVX512-BF16 registers (bfloat16), and with AVX-512 FMAs (float32). The exactness tests
+run where the kernel does (a C++ compiler, and AVX512-BF16 for the registers' GEMM, AMX for the
+tiles'; the first one builds it, about 40 s on 2 cores, unless torch's extension cache holds it) and
+are skipped elsewhere."""
 import shutil
 
 import pytest
@@ -146,7 +147,8 @@ def test_by_default_the_first_build_is_announced(restore_fused, monkeypatch, cap
     with caplog.at_level("WARNING", logger="cad_spconv"):
         assert fused.applies(x.features, w, None, 1)
     assert f"building the fused gather + GEMM kernel for this CPU's {isa}" in caplog.text
-    assert fused.describe() == f"auto: on ({isa})" and fused._state["module"] is Built
+    assert fused.describe() == f"auto: on ({isa}; float32: AVX-512)"
+    assert fused._state["module"] is Built
     assert bool(asked) == amx
 
 
@@ -171,7 +173,7 @@ def test_amx_tiles_that_linux_does_not_give_leave_the_registers(restore_fused, m
     assert "did not give this process AMX tile state" in caplog.text
     assert "AVX512-BF16 registers instead" in caplog.text
     assert fused.enabled() and not fused.tiles()
-    assert fused.describe() == "on (AVX512-BF16)"
+    assert fused.describe() == "on (AVX512-BF16; float32: AVX-512)"
     assert fused.block_rows(512, 9 * 512) == 64
 
 
@@ -207,14 +209,15 @@ def _runs_of_16(index: torch.Tensor) -> int:
 @pytest.mark.parametrize("bias, relu", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("every_site", [True, False])
 @pytest.mark.parametrize("tiles, dtype", [(True, torch.bfloat16), (False, torch.bfloat16),
-                                          (False, torch.float32)],
-                         ids=["amx", "avx512_bf16", "float32"])
+                                          (False, torch.float32), (True, torch.float32)],
+                         ids=["amx", "avx512_bf16", "float32", "float32_on_amx_cpu"])
 def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeypatch, grid,
                                                   num_levels, step, stride, dilation,
                                                   block_rows, c_in, c_out, bias, relu,
                                                   every_site, tiles, dtype):
     """The kernel's bfloat16 GEMM on AMX tiles (``tiles``; on AMX CPUs) and in AVX512-BF16
-    registers (on AMX CPUs too), and its float32 GEMM (AVX-512 FMAs). Both routes of the lattice engine through it: every output site
+    registers (on AMX CPUs too), and its float32 GEMM (AVX-512 FMAs; on AMX CPUs with the
+    tiles on, in registers too). Both routes of the lattice engine through it: every output site
     (``every_site``, :func:`fused.sites_conv`), or only the rest off the lattice
     (:func:`fused.gather_gemm`, the lattice sites on a dense conv). With a bias (a folded batch
     norm's) and a ReLU too: ``relu(conv + bias)`` of the float64 reference within the route's
@@ -259,8 +262,9 @@ def test_fused_kernel_matches_the_dense_reference(kernel, restore_fused, monkeyp
 
 
 def test_block_rows_grow_where_the_filters_outgrow_l2(restore_fused, monkeypatch):
-    """64 sites a block; in bfloat16 on AMX tiles 128 where the filters pass 2 MiB (3x3, 512 channels) and
-    128 sites' rows fit in 1.5 MiB (not 3x3 on 1024 channels); ``BLOCK_ROWS`` overrides."""
+    """64 sites a block; in bfloat16 on AMX tiles 128 where the filters pass 2 MiB (3x3, 512
+    channels) and 128 sites' rows fit in 1.5 MiB (not 3x3 on 1024 channels); ``BLOCK_ROWS``
+    overrides."""
     monkeypatch.setattr(gemm, "CPU_AMX", False)  # AVX512-BF16's registers: 64 at every size
     assert [fused.block_rows(c, 9 * c) for c in (256, 512, 1024)] == [64, 64, 64]
     monkeypatch.setattr(gemm, "CPU_AMX", True)
