@@ -333,3 +333,19 @@ def test_float32_packed_filters_are_blocks_of_16_columns(c_out, c_in, channels_l
     got = fused.packed_filters(w)
     assert got.dtype == torch.float32 and got.shape == (c_out // 16, k, 16)
     assert torch.equal(got, tap_major[block * 16 + col, row])
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_prepare_without_a_forward_builds_what_the_kernel_reads(restore_fused, on):
+    """``prepare(book, "lattice")`` with no rulebook of a forward to follow: where the kernel is
+    on, the gather table it reads (every layer of the ResNets has 32s of channels), no split;
+    where it is off, the split of the engine's own route, no gather table."""
+    from cad_spconv.engines import prepare
+    from cad_spconv.rulebook import conv_rulebook
+
+    fused._state["mode"] = "on" if on else "off"
+    x, _, _ = _layer((17, 22), num_levels=2, seed=3)
+    book = conv_rulebook(x.plan, (3, 3), (1, 1), 1, 1)
+    assert prepare(book, "lattice") == "lattice"
+    assert book.has_derived("gather") == on
+    assert bool(book.lattice_args()) != on
